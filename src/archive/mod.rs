@@ -1,0 +1,82 @@
+//! The archive: where completed WAL segments, timeline history files and (later) base backups
+//! live. One [`Store`] trait with a local-filesystem backend (and S3 to come), one object
+//! layout ([`layout`]) shared by every backend, and zstd compression ([`compress`]).
+
+pub mod compress;
+pub mod layout;
+pub mod local;
+pub mod meta;
+
+use std::path::Path;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+pub use compress::Compression;
+pub use local::LocalStore;
+pub use meta::ArchiveMeta;
+
+/// What to do when the key already exists.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PutMode {
+    /// Never overwrite: identical existing content is success, different content is
+    /// [`StoreError::Conflict`]. Used for completed segments and history files.
+    NoOverwrite,
+    /// Replace whatever is there (partial segments, metadata that grows).
+    Replace,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectInfo {
+    /// Key relative to the archive root, e.g. `wal/000000010000000000000003.zst`.
+    pub key: String,
+    pub size: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("archive object {key} already exists with different content; refusing to overwrite it (another cluster or agent writing to the same archive?)")]
+    Conflict { key: String },
+    #[error("archive object {key} is corrupt: {detail}")]
+    Corrupt { key: String, detail: String },
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl StoreError {
+    pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
+        StoreError::Io { context: context.into(), source }
+    }
+}
+
+/// A place that keeps archive objects durably. Every method returns only once the effect is
+/// durable (for the local backend: file and directory fsynced).
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Where this store is, for messages: a path or `s3://bucket/prefix`.
+    fn location(&self) -> String;
+
+    /// Stores the content of the local file `src` under `key`. The store may move `src` instead of
+    /// copying it; after success the caller removes `src` if it still exists.
+    async fn put_file(&self, key: &str, src: &Path, mode: PutMode) -> Result<(), StoreError>;
+
+    /// Stores a small object held in memory.
+    async fn put_bytes(&self, key: &str, data: Bytes, mode: PutMode) -> Result<(), StoreError>;
+
+    /// Reads a small object whole; `None` when absent.
+    async fn get_bytes(&self, key: &str) -> Result<Option<Bytes>, StoreError>;
+
+    /// Copies the stored bytes of `key` into the local file `dest` (created or truncated; not
+    /// fsynced, not renamed). Returns false when the key is absent.
+    async fn get_to_file(&self, key: &str, dest: &Path) -> Result<bool, StoreError>;
+
+    /// Objects whose key starts with `prefix`, in no particular order.
+    async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>, StoreError>;
+
+    /// Removes `key`; absent is fine.
+    async fn delete(&self, key: &str) -> Result<(), StoreError>;
+}

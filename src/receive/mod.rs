@@ -1,0 +1,1 @@
+//! The streaming loop. Stub: being written.

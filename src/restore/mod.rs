@@ -1,0 +1,2 @@
+//! Restoring from the archive: wal-fetch (serving restore_command).
+pub mod wal_fetch;

@@ -1,0 +1,18 @@
+//! WAL facts that need no server: positions, segment names, timeline history files, and the
+//! page-header and record checks applied to WAL as it arrives.
+//!
+//! Layouts follow `src/include/access/xlog_internal.h` and `xlogrecord.h`; see
+//! `proto-notes/wal-format.md`.
+
+pub mod history;
+pub mod lsn;
+pub mod segment;
+pub mod verify;
+
+pub use history::{HistoryEntry, TimelineHistory};
+pub use lsn::Lsn;
+pub use segment::{history_file_name, parse_history_file_name, SegmentId, SegmentSize};
+pub use verify::{VerifyError, VerifyParams, WalVerifier};
+
+/// XLOG_BLCKSZ: the WAL page size. Fixed at 8 KiB in every build walagent supports.
+pub const WAL_PAGE_SIZE: u32 = 8192;
