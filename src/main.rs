@@ -1,3 +1,119 @@
-fn main() {
-    println!("walagent: not yet");
+//! walagent: argument parsing and dispatch. The work lives in the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Parser;
+use tokio::sync::watch;
+
+use walagent::archive::{LocalStore, Store};
+use walagent::cli::{Cli, Command, StreamArgs, WalFetchArgs};
+use walagent::protocol::conninfo::{mask_password, ConnInfo};
+use walagent::receive::{self, Finished, StreamOptions};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().max_blocking_threads(8).build() {
+        Ok(r) => r,
+        Err(e) => return fail(&format!("cannot start the async runtime: {e}"), None, 2),
+    };
+    match cli.command {
+        Command::Stream(args) => runtime.block_on(stream(args)),
+        Command::WalFetch(args) => runtime.block_on(fetch(args)),
+    }
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("WALAGENT_LOG")
+        .or_else(|_| tracing_subscriber::EnvFilter::try_from_default_env())
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::env::var_os("NO_COLOR").is_none() && std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_target(false)
+        .init();
+}
+
+/// Prints one line naming the cause (and the fix when known) and returns the exit code.
+fn fail(cause: &str, hint: Option<String>, code: u8) -> ExitCode {
+    match hint {
+        Some(h) => eprintln!("walagent: error: {cause}; hint: {h}"),
+        None => eprintln!("walagent: error: {cause}"),
+    }
+    ExitCode::from(code)
+}
+
+fn open_archive(spec: &str) -> Result<Arc<dyn Store>, String> {
+    if spec.starts_with("s3://") {
+        return Err(format!("{spec}: S3 archives are not supported by this build yet; use a local directory"));
+    }
+    LocalStore::open(std::path::Path::new(spec))
+        .map(|s| Arc::new(s) as Arc<dyn Store>)
+        .map_err(|e| format!("cannot open archive {spec}: {e}"))
+}
+
+async fn stream(args: StreamArgs) -> ExitCode {
+    let conninfo = match ConnInfo::parse(&args.source) {
+        Ok(c) => c,
+        Err(e) => return fail(&format!("--source {}: {e}", mask_password(&args.source)), None, 2),
+    };
+    let store = match open_archive(&args.archive) {
+        Ok(s) => s,
+        Err(e) => return fail(&e, None, 2),
+    };
+    let spool_dir = args.spool.clone().unwrap_or_else(|| PathBuf::from(&args.archive).join("spool"));
+    tracing::info!(source = %conninfo.display_safe(), archive = %store.location(), slot = %args.slot, "walagent stream");
+    let opts = StreamOptions {
+        conninfo,
+        store,
+        spool_dir,
+        slot: args.slot,
+        create_slot: args.create_slot,
+        endpos: args.endpos,
+        no_loop: args.no_loop,
+        synchronous: args.synchronous,
+        compression: args.compress,
+        status_interval: Duration::from_secs(args.status_interval.max(1)),
+        archive_queue: 4,
+    };
+    let (tx, rx) = watch::channel(false);
+    tokio::spawn(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+            return;
+        };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        let _ = tx.send(true);
+    });
+    match receive::run(opts, rx).await {
+        Ok(Finished::EndPos(lsn)) => {
+            tracing::info!(%lsn, "stopped at --endpos");
+            ExitCode::SUCCESS
+        }
+        Ok(Finished::Signal(lsn)) => {
+            tracing::info!(%lsn, "stopped on signal");
+            ExitCode::SUCCESS
+        }
+        Ok(Finished::Disconnected(lsn)) => {
+            fail(&format!("the server ended the stream at {lsn} and --no-loop was given"), None, 1)
+        }
+        Err(e) => fail(&e.to_string(), e.hint(), 1),
+    }
+}
+
+async fn fetch(args: WalFetchArgs) -> ExitCode {
+    let store = match open_archive(&args.archive) {
+        Ok(s) => s,
+        Err(e) => return fail(&e, None, 2),
+    };
+    // TEMP until restore::wal_fetch lands
+    let _ = (store, args);
+    fail("wal-fetch is not built yet", None, 2)
 }

@@ -1,2 +1,297 @@
-//! Stub: being written.
-pub struct ArchiveMeta;
+//! `walagent.json`: what the archive holds, so that WAL of two clusters never mixes.
+//!
+//! ```json
+//! {
+//!   "format": 1,
+//!   "system_identifier": "7311234567890123456",
+//!   "wal_segment_size": 16777216,
+//!   "server_version_num": 150018,
+//!   "created_at": "2024-05-01T12:34:56Z"
+//! }
+//! ```
+//!
+//! The system identifier is a string: it is a u64, beyond JSON's safe integer range.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use super::layout::META_KEY;
+use super::{PutMode, Store, StoreError};
+use crate::wal::SegmentSize;
+
+/// The `format` this walagent writes and understands.
+pub const FORMAT: u32 = 1;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ArchiveMeta {
+    pub format: u32,
+    #[serde(serialize_with = "ser_u64_string", deserialize_with = "de_u64_string")]
+    pub system_identifier: u64,
+    #[serde(serialize_with = "ser_seg_size", deserialize_with = "de_seg_size")]
+    pub wal_segment_size: SegmentSize,
+    /// `server_version_num` of the server when the archive was created (information only).
+    pub server_version_num: u32,
+    /// RFC 3339, UTC, e.g. `2024-05-01T12:34:56Z`.
+    pub created_at: String,
+    /// Where it was loaded from, for messages; not stored.
+    #[serde(skip)]
+    pub location: String,
+}
+
+/// Equality of the stored fields (`location` is ignored).
+impl PartialEq for ArchiveMeta {
+    fn eq(&self, o: &Self) -> bool {
+        self.format == o.format
+            && self.system_identifier == o.system_identifier
+            && self.wal_segment_size == o.wal_segment_size
+            && self.server_version_num == o.server_version_num
+            && self.created_at == o.created_at
+    }
+}
+impl Eq for ArchiveMeta {}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MetaError {
+    #[error("cannot access the archive metadata: {0}")]
+    Store(#[from] StoreError),
+    #[error("archive {archive} has an unreadable {META_KEY} ({detail}); restore that file from a copy or recreate it by hand for the cluster whose WAL the archive holds")]
+    Invalid { archive: String, detail: String },
+    #[error("archive {archive} has {META_KEY} format {found}, but this walagent understands format {FORMAT} only; use a newer walagent")]
+    UnsupportedFormat { archive: String, found: u64 },
+    #[error("archive {archive} holds WAL of system {archive_system} but the server is system {server_system}; use a separate archive for each cluster")]
+    SystemMismatch { archive: String, archive_system: u64, server_system: u64 },
+    #[error("archive {archive} holds WAL with {archive_size} segments but the server uses {server_size} segments; use a separate archive for each cluster")]
+    SegmentSizeMismatch { archive: String, archive_size: SegmentSize, server_size: SegmentSize },
+}
+
+impl ArchiveMeta {
+    /// Metadata for a new archive, created now.
+    pub fn new(system_identifier: u64, wal_segment_size: SegmentSize, server_version_num: u32) -> Self {
+        ArchiveMeta {
+            format: FORMAT,
+            system_identifier,
+            wal_segment_size,
+            server_version_num,
+            created_at: rfc3339_utc(SystemTime::now()),
+            location: String::new(),
+        }
+    }
+
+    /// Reads `walagent.json`; `None` when the archive has none yet (a new archive).
+    pub async fn load(store: &dyn Store) -> Result<Option<ArchiveMeta>, MetaError> {
+        let Some(bytes) = store.get_bytes(META_KEY).await? else {
+            return Ok(None);
+        };
+        Self::parse(&bytes, &store.location()).map(Some)
+    }
+
+    /// Parses the content of `walagent.json`; `archive` names the archive in errors.
+    pub fn parse(bytes: &[u8], archive: &str) -> Result<ArchiveMeta, MetaError> {
+        let invalid = |detail: String| MetaError::Invalid { archive: archive.to_string(), detail };
+        let value: serde_json::Value =
+            serde_json::from_slice(bytes).map_err(|e| invalid(format!("not JSON: {e}")))?;
+        // Check the format first: a later format may change the other fields.
+        match value.get("format").and_then(|f| f.as_u64()) {
+            Some(f) if f == u64::from(FORMAT) => {}
+            Some(found) => return Err(MetaError::UnsupportedFormat { archive: archive.to_string(), found }),
+            None => return Err(invalid("no numeric \"format\" field".to_string())),
+        }
+        let mut meta: ArchiveMeta = serde_json::from_value(value).map_err(|e| invalid(e.to_string()))?;
+        meta.location = archive.to_string();
+        Ok(meta)
+    }
+
+    /// The JSON stored in `walagent.json` (pretty, newline-terminated).
+    pub fn to_json(&self) -> Vec<u8> {
+        // Serializing this struct cannot fail (string keys, plain values).
+        let mut v = serde_json::to_vec_pretty(self).unwrap_or_default();
+        v.push(b'\n');
+        v
+    }
+
+    /// Stores this metadata in a new archive. If another agent created `walagent.json` meanwhile,
+    /// that is fine as long as it describes the same cluster ([`ArchiveMeta::check_matches`]).
+    pub async fn save(&self, store: &dyn Store) -> Result<(), MetaError> {
+        match store.put_bytes(META_KEY, Bytes::from(self.to_json()), PutMode::NoOverwrite).await {
+            Ok(()) => Ok(()),
+            Err(StoreError::Conflict { .. }) => match Self::load(store).await? {
+                Some(existing) => existing.check_matches(self.system_identifier, self.wal_segment_size),
+                None => Err(MetaError::Invalid {
+                    archive: store.location(),
+                    detail: format!("{META_KEY} conflicted on write but is now absent"),
+                }),
+            },
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Overwrites `walagent.json` unconditionally (for later format upgrades).
+    pub async fn replace(&self, store: &dyn Store) -> Result<(), MetaError> {
+        store.put_bytes(META_KEY, Bytes::from(self.to_json()), PutMode::Replace).await?;
+        Ok(())
+    }
+
+    /// Whether the archive may take WAL of this server.
+    pub fn check_matches(&self, system_identifier: u64, seg_size: SegmentSize) -> Result<(), MetaError> {
+        let archive = if self.location.is_empty() { "(this archive)".to_string() } else { self.location.clone() };
+        if self.system_identifier != system_identifier {
+            return Err(MetaError::SystemMismatch {
+                archive,
+                archive_system: self.system_identifier,
+                server_system: system_identifier,
+            });
+        }
+        if self.wal_segment_size != seg_size {
+            return Err(MetaError::SegmentSizeMismatch {
+                archive,
+                archive_size: self.wal_segment_size,
+                server_size: seg_size,
+            });
+        }
+        Ok(())
+    }
+}
+
+fn ser_u64_string<S: Serializer>(v: &u64, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&v.to_string())
+}
+
+fn de_u64_string<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum StrOrNum {
+        Str(String),
+        Num(u64),
+    }
+    match StrOrNum::deserialize(d)? {
+        StrOrNum::Num(n) => Ok(n),
+        StrOrNum::Str(s) => s.trim().parse().map_err(|_| {
+            serde::de::Error::custom(format!("system_identifier {s:?} is not an unsigned 64-bit number"))
+        }),
+    }
+}
+
+fn ser_seg_size<S: Serializer>(v: &SegmentSize, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_u32(v.bytes())
+}
+
+fn de_seg_size<'de, D: Deserializer<'de>>(d: D) -> Result<SegmentSize, D::Error> {
+    let n = u64::deserialize(d)?;
+    SegmentSize::new(n).map_err(serde::de::Error::custom)
+}
+
+/// `YYYY-MM-DDTHH:MM:SSZ` for `t` (times before 1970 print as the epoch).
+pub fn rfc3339_utc(t: SystemTime) -> String {
+    let secs = t.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let (y, m, d) = civil_from_days((secs / 86_400) as i64);
+    let rem = secs % 86_400;
+    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
+}
+
+/// Days since 1970-01-01 to a proleptic Gregorian (year, month, day) (H. Hinnant's algorithm).
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (yoe + era * 400 + i64::from(m <= 2), m, d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::archive::LocalStore;
+    use std::time::Duration;
+
+    const SYS: u64 = 7_311_234_567_890_123_456; // > 2^53
+
+    #[test]
+    fn timestamps() {
+        let at = |s: u64| rfc3339_utc(UNIX_EPOCH + Duration::from_secs(s));
+        assert_eq!(at(0), "1970-01-01T00:00:00Z");
+        assert_eq!(at(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(at(1_700_000_000), "2023-11-14T22:13:20Z");
+        assert_eq!(at(4_107_542_399), "2100-02-28T23:59:59Z");
+        assert_eq!(at(4_107_542_400), "2100-03-01T00:00:00Z");
+        assert_eq!(rfc3339_utc(UNIX_EPOCH - Duration::from_secs(5)), "1970-01-01T00:00:00Z");
+    }
+
+    #[test]
+    fn json_shape() {
+        let mut m = ArchiveMeta::new(SYS, SegmentSize::DEFAULT, 150018);
+        m.created_at = "2024-05-01T12:34:56Z".into();
+        let v: serde_json::Value = serde_json::from_slice(&m.to_json()).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({
+                "format": 1,
+                "system_identifier": "7311234567890123456",
+                "wal_segment_size": 16777216,
+                "server_version_num": 150018,
+                "created_at": "2024-05-01T12:34:56Z"
+            })
+        );
+        assert_eq!(ArchiveMeta::parse(&m.to_json(), "/x").unwrap(), m);
+        // A numeric system id and unknown extra fields are accepted.
+        let lenient = br#"{"format":1,"system_identifier":42,"wal_segment_size":1048576,"server_version_num":1,"created_at":"","future":true}"#;
+        let p = ArchiveMeta::parse(lenient, "/x").unwrap();
+        assert_eq!((p.system_identifier, p.wal_segment_size.bytes()), (42, 1 << 20));
+    }
+
+    #[test]
+    fn bad_files() {
+        let cases: [(&[u8], &str); 6] = [
+            (b"not json", "not JSON"),
+            (br#"{"system_identifier":"1"}"#, "no numeric \"format\""),
+            (br#"{"format":2}"#, "format 2, but this walagent understands format 1 only"),
+            (br#"{"format":1,"system_identifier":"x1","wal_segment_size":16777216,"server_version_num":1,"created_at":""}"#, "not an unsigned 64-bit number"),
+            (br#"{"format":1,"system_identifier":"1","wal_segment_size":1000,"server_version_num":1,"created_at":""}"#, "invalid wal_segment_size"),
+            (br#"{"format":1,"system_identifier":"1"}"#, "missing field"),
+        ];
+        for (bytes, want) in cases {
+            let e = ArchiveMeta::parse(bytes, "/arch").unwrap_err().to_string();
+            assert!(e.contains(want) && e.contains("/arch") && !e.contains('\n'), "{e}");
+        }
+    }
+
+    #[test]
+    fn mismatches_explain_themselves() {
+        let mut m = ArchiveMeta::new(7311, SegmentSize::DEFAULT, 150018);
+        m.location = "/x".into();
+        m.check_matches(7311, SegmentSize::DEFAULT).unwrap();
+        let e = m.check_matches(7412, SegmentSize::DEFAULT).unwrap_err().to_string();
+        assert_eq!(e, "archive /x holds WAL of system 7311 but the server is system 7412; use a separate archive for each cluster");
+        let e = m.check_matches(7311, SegmentSize::new(64 << 20).unwrap()).unwrap_err().to_string();
+        assert_eq!(e, "archive /x holds WAL with 16MB segments but the server uses 64MB segments; use a separate archive for each cluster");
+    }
+
+    #[tokio::test]
+    async fn load_save_through_store() {
+        let t = tempfile::tempdir().unwrap();
+        let store = LocalStore::open(t.path()).unwrap();
+        assert!(ArchiveMeta::load(&store).await.unwrap().is_none());
+        let m = ArchiveMeta::new(SYS, SegmentSize::DEFAULT, 150018);
+        m.save(&store).await.unwrap();
+        let loaded = ArchiveMeta::load(&store).await.unwrap().unwrap();
+        assert_eq!(loaded, m);
+        assert_eq!(loaded.location, t.path().display().to_string());
+        // A second agent of the same cluster racing to create it: fine.
+        let again = ArchiveMeta::new(SYS, SegmentSize::DEFAULT, 150019);
+        again.save(&store).await.unwrap();
+        assert_eq!(ArchiveMeta::load(&store).await.unwrap().unwrap(), m, "first one kept");
+        // Another cluster: refused, and the file is unchanged.
+        let other = ArchiveMeta::new(SYS + 1, SegmentSize::DEFAULT, 150018);
+        let e = other.save(&store).await.unwrap_err();
+        assert!(matches!(e, MetaError::SystemMismatch { .. }), "{e}");
+        assert_eq!(ArchiveMeta::load(&store).await.unwrap().unwrap(), m);
+        // replace() overwrites.
+        other.replace(&store).await.unwrap();
+        assert_eq!(ArchiveMeta::load(&store).await.unwrap().unwrap(), other);
+    }
+}

@@ -1,1 +1,709 @@
-//! The streaming loop. Stub: being written.
+//! The streaming loop of `walagent stream`: resume point, `.partial` segments in the spool,
+//! verification, fsync and feedback, reconnects and timeline switches.
+//!
+//! Durability rule: the flush position sent to the server never exceeds the end of the WAL
+//! prefix that is durable, meaning complete segments stored in the archive (or, with
+//! `--synchronous`, fsynced in the spool) followed by the fsynced part of the current partial.
+//! See `proto-notes/durability.md`.
+
+pub mod archiver;
+pub mod resume;
+pub mod spool;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use crate::archive::{layout, ArchiveMeta, Compression, PutMode, Store, StoreError};
+use crate::protocol::codec::{pg_now, StatusUpdate};
+use crate::protocol::{ConnInfo, Connection, ProtocolError, StartOutcome, StreamEnd, StreamEvent, TimelineSwitch};
+use crate::wal::verify::{verify_segment, VerifyError, VerifyParams, WalVerifier};
+use crate::wal::{history_file_name, Lsn, SegmentId, SegmentSize};
+use archiver::{Archiver, ArchiverError, Job};
+use resume::Found;
+use spool::{PartialSegment, Spool};
+
+/// Everything `walagent stream` was asked to do.
+#[derive(Clone)]
+pub struct StreamOptions {
+    pub conninfo: ConnInfo,
+    pub store: Arc<dyn Store>,
+    pub spool_dir: PathBuf,
+    pub slot: String,
+    pub create_slot: bool,
+    pub endpos: Option<Lsn>,
+    pub no_loop: bool,
+    pub synchronous: bool,
+    pub compression: Compression,
+    pub status_interval: Duration,
+    /// Segments the archiver may have queued before the receiver waits.
+    pub archive_queue: usize,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReceiveError {
+    #[error("{0}")]
+    Protocol(#[from] ProtocolError),
+    #[error("WAL verification failed, refusing to archive it: {0}")]
+    Verify(#[from] VerifyError),
+    #[error(transparent)]
+    Archiver(#[from] ArchiverError),
+    #[error("archive {location}: {source}")]
+    Store {
+        location: String,
+        #[source]
+        source: StoreError,
+    },
+    #[error("{0}")]
+    Archive(String),
+    #[error("spool {path}: {source}")]
+    Spool {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("replication slot {slot:?} does not exist on {target}")]
+    SlotMissing { slot: String, target: String },
+    #[error("replication slot {slot:?} on {target} is a {kind} slot; walagent needs a physical slot")]
+    SlotNotPhysical { slot: String, target: String, kind: String },
+    #[error("server {target} runs PostgreSQL {version}; walagent needs PostgreSQL 15 or newer")]
+    ServerTooOld { target: String, version: u32 },
+    #[error("server sent WAL starting at {got}, expected {expected}")]
+    OutOfOrder { got: Lsn, expected: Lsn },
+    #[error("the archive continues timeline {archive_tli} but the server is on timeline {server_tli}; is this archive from another server?")]
+    TimelineAhead { archive_tli: u32, server_tli: u32 },
+    #[error("server announced timeline {next} starting at {start} after timeline {current} ended at {end}, which is not a valid switch")]
+    BadSwitch { current: u32, end: Lsn, next: u32, start: Lsn },
+    #[error("the server at {target} is now system {now}, not {before}; refusing to mix WAL from two clusters")]
+    SystemChanged { target: String, before: u64, now: u64 },
+}
+
+impl ReceiveError {
+    /// The fix, where one is known.
+    pub fn hint(&self) -> Option<String> {
+        match self {
+            ReceiveError::Protocol(p) => p.hint(),
+            ReceiveError::SlotMissing { slot, .. } => Some(format!(
+                "create it with --create-slot, or run SELECT pg_create_physical_replication_slot('{slot}', true) on the server"
+            )),
+            ReceiveError::Verify(_) => Some(
+                "the WAL received does not match its checksums or page headers; check the server and network, \
+                 the archive was left as it was"
+                    .into(),
+            ),
+            ReceiveError::Store { source: StoreError::Conflict { .. }, .. } => {
+                Some("use a separate archive for each cluster and run one agent per archive".into())
+            }
+            _ => None,
+        }
+    }
+
+    /// Errors a reconnect may cure.
+    fn is_transient(&self) -> bool {
+        match self {
+            ReceiveError::Protocol(p) => p.is_transient() || p.sqlstate() == Some("55006"),
+            ReceiveError::OutOfOrder { .. } => true,
+            _ => false,
+        }
+    }
+}
+
+/// How `run` ended without error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Finished {
+    /// Reached `--endpos`.
+    EndPos(Lsn),
+    /// Stopped by SIGTERM/SIGINT.
+    Signal(Lsn),
+    /// The server went away and `--no-loop` was given.
+    Disconnected(Lsn),
+}
+
+/// Why one replication stream ended.
+enum StreamOutcome {
+    Switch(TimelineSwitch),
+    Stopped,
+    ServerGone,
+}
+
+/// State that lives across reconnects.
+struct Receiver {
+    opts: StreamOptions,
+    shutdown: watch::Receiver<bool>,
+    seg_size: SegmentSize,
+    system_id: u64,
+    spool: Spool,
+    archiver: Archiver,
+    /// Next stream start: a segment start on a timeline.
+    timeline: u32,
+    start: Lsn,
+    /// End of the last segment completed in this process (or the resume point).
+    completed_upto: Lsn,
+    /// Last status sent, to avoid repeating identical updates.
+    last_sent: (Lsn, Lsn),
+}
+
+/// Runs `walagent stream` until endpos, a signal, or (with `--no-loop`) a disconnect.
+/// `shutdown` turns true on SIGTERM/SIGINT.
+pub async fn run(opts: StreamOptions, mut shutdown: watch::Receiver<bool>) -> Result<Finished, ReceiveError> {
+    let mut backoff = Backoff::new();
+    let mut receiver: Option<Receiver> = None;
+    loop {
+        let attempt = async {
+            let conn = Connection::connect(&opts.conninfo).await?;
+            tracing::info!(server = conn.target(), tls = conn.is_tls(), "connected");
+            Ok::<_, ReceiveError>(conn)
+        };
+        let conn = tokio::select! {
+            c = attempt => c,
+            _ = wait_true(&mut shutdown) => return Ok(Finished::Signal(receiver.map(|r| r.start).unwrap_or_default())),
+        };
+        let result = match conn {
+            Ok(mut conn) => {
+                let r = match receiver.take() {
+                    Some(r) => r.reconnected(&mut conn).await.map(|_| r),
+                    None => Receiver::first_connect(&opts, &mut conn, shutdown.clone()).await,
+                };
+                match r {
+                    Ok(mut r) => {
+                        let out = r.stream_loop(&mut conn, &mut backoff).await;
+                        receiver = Some(r);
+                        out
+                    }
+                    Err(e) => Err(e),
+                }
+            }
+            Err(e) => Err(e),
+        };
+        let pos = receiver.as_ref().map(|r| r.start).unwrap_or_default();
+        match result {
+            Ok(Some(done)) => {
+                if let Some(r) = receiver.take() {
+                    r.archiver.finish().await?;
+                }
+                return Ok(done);
+            }
+            Ok(None) if opts.no_loop => {
+                if let Some(r) = receiver.take() {
+                    r.archiver.finish().await?;
+                }
+                return Ok(Finished::Disconnected(pos));
+            }
+            Ok(None) => tracing::warn!("server closed the stream; reconnecting"),
+            Err(e) if e.is_transient() && !opts.no_loop => {
+                let hint = e.hint().map(|h| format!(" (hint: {h})")).unwrap_or_default();
+                tracing::warn!("{e}{hint}; retrying in {:?}", backoff.peek());
+            }
+            Err(e) => {
+                if let Some(r) = receiver.take() {
+                    // Keep what was received safe before reporting the error.
+                    if let Err(ae) = r.archiver.finish().await {
+                        tracing::error!("{ae}");
+                    }
+                }
+                return Err(e);
+            }
+        }
+        let delay = backoff.next_delay();
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = wait_true(&mut shutdown) => {
+                if let Some(r) = receiver.take() {
+                    r.archiver.finish().await?;
+                }
+                return Ok(Finished::Signal(pos));
+            }
+        }
+    }
+}
+
+async fn wait_true(rx: &mut watch::Receiver<bool>) {
+    while !*rx.borrow_and_update() {
+        if rx.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+struct Backoff {
+    next: Duration,
+}
+
+impl Backoff {
+    const MIN: Duration = Duration::from_secs(1);
+    const MAX: Duration = Duration::from_secs(30);
+
+    fn new() -> Self {
+        Backoff { next: Self::MIN }
+    }
+    fn peek(&self) -> Duration {
+        self.next
+    }
+    fn next_delay(&mut self) -> Duration {
+        let d = self.next;
+        self.next = (self.next * 2).min(Self::MAX);
+        d
+    }
+    fn reset(&mut self) {
+        self.next = Self::MIN;
+    }
+}
+
+fn spool_err(spool: &Spool, source: std::io::Error) -> ReceiveError {
+    ReceiveError::Spool { path: spool.dir().display().to_string(), source }
+}
+
+impl Receiver {
+    async fn first_connect(
+        opts: &StreamOptions,
+        conn: &mut Connection,
+        shutdown: watch::Receiver<bool>,
+    ) -> Result<Receiver, ReceiveError> {
+        let store = opts.store.clone();
+        let store_err = |source| ReceiveError::Store { location: store.location(), source };
+        let version = conn.server_version_num().await?;
+        if version < 150000 {
+            return Err(ReceiveError::ServerTooOld { target: conn.target().to_string(), version });
+        }
+        let sys = conn.identify_system().await?;
+        let seg_size = conn.wal_segment_size().await?;
+        tracing::info!(
+            system = sys.system_identifier,
+            timeline = sys.timeline,
+            position = %sys.xlogpos,
+            segment_size = %seg_size,
+            "server identified"
+        );
+
+        match ArchiveMeta::load(store.as_ref()).await.map_err(|e| ReceiveError::Archive(e.to_string()))? {
+            Some(meta) => meta
+                .check_matches(sys.system_identifier, seg_size)
+                .map_err(|e| ReceiveError::Archive(e.to_string()))?,
+            None => ArchiveMeta::new(sys.system_identifier, seg_size, version)
+                .save(store.as_ref())
+                .await
+                .map_err(|e| ReceiveError::Archive(e.to_string()))?,
+        }
+
+        Self::ensure_slot(opts, conn).await?;
+
+        let spool = Spool::open(&opts.spool_dir, seg_size)
+            .map_err(|source| ReceiveError::Spool { path: opts.spool_dir.display().to_string(), source })?;
+        let contents = spool.scan().map_err(|e| spool_err(&spool, e))?;
+        let objects = store.list(layout::WAL_PREFIX).await.map_err(store_err)?;
+        let mut archived_complete = std::collections::HashSet::new();
+        let mut candidates = Vec::new();
+        for o in &objects {
+            if let Some(layout::WalObject::Segment { id, partial, .. }) = layout::parse_wal_key(&o.key, seg_size) {
+                if partial {
+                    candidates.push((id, Found::ArchivedPartial));
+                } else {
+                    archived_complete.insert(id);
+                    candidates.push((id, Found::ArchivedComplete));
+                }
+            }
+        }
+
+        // Ready spool files must verify before they count; a damaged one (say, after a power
+        // loss before the archive had it) is streamed again from there.
+        let params = |tli| VerifyParams { system_identifier: sys.system_identifier, segment_size: seg_size, timeline: tli };
+        let mut ready = Vec::new();
+        let mut damaged: Option<SegmentId> = None;
+        for &id in &contents.ready {
+            if archived_complete.contains(&id) {
+                ready.push(id);
+                continue;
+            }
+            if damaged.is_some() {
+                let _ = std::fs::remove_file(spool.ready_path(id));
+                continue;
+            }
+            let path = spool.ready_path(id);
+            let ok = match std::fs::read(&path) {
+                Ok(bytes) => match verify_segment(params(id.timeline), id.start_lsn(seg_size), &bytes) {
+                    Ok(()) => true,
+                    Err(e) => {
+                        tracing::warn!(file = %path.display(), "spooled segment failed verification, streaming it again: {e}");
+                        false
+                    }
+                },
+                Err(e) => return Err(spool_err(&spool, e)),
+            };
+            if ok {
+                ready.push(id);
+                candidates.push((id, Found::SpoolReady));
+            } else {
+                let _ = std::fs::remove_file(&path);
+                damaged = Some(id);
+            }
+        }
+        let mut partials = contents.partials.clone();
+        if let Some(d) = damaged {
+            partials.retain(|p| {
+                let keep = p.segno < d.segno;
+                if !keep {
+                    let _ = std::fs::remove_file(spool.partial_path(*p));
+                }
+                keep
+            });
+            candidates.retain(|(id, _)| id.segno < d.segno);
+            candidates.push((d, Found::SpoolPartial));
+        }
+        candidates.extend(partials.iter().map(|&id| (id, Found::SpoolPartial)));
+
+        let start = match resume::choose_start(&candidates) {
+            Some(s) => {
+                tracing::info!(segment = %s.file_name(seg_size), "resuming from the archive and spool");
+                s
+            }
+            None => {
+                let slot = conn.read_replication_slot(&opts.slot).await?;
+                match slot.and_then(|s| Some((s.restart_timeline?, s.restart_lsn?))) {
+                    Some((tli, lsn)) => {
+                        tracing::info!(%lsn, timeline = tli, "empty archive: starting at the slot's restart_lsn");
+                        SegmentId::containing(tli, lsn, seg_size)
+                    }
+                    None => {
+                        tracing::info!(lsn = %sys.xlogpos, "empty archive: starting at the server's current position");
+                        SegmentId::containing(sys.timeline, sys.xlogpos, seg_size)
+                    }
+                }
+            }
+        };
+        if start.timeline > sys.timeline {
+            return Err(ReceiveError::TimelineAhead { archive_tli: start.timeline, server_tli: sys.timeline });
+        }
+
+        let plan = resume::plan_spool(start, &ready, &partials, &|id| archived_complete.contains(&id));
+        for id in &plan.remove_ready {
+            let _ = std::fs::remove_file(spool.ready_path(*id));
+        }
+        for id in &plan.remove_partial {
+            let _ = std::fs::remove_file(spool.partial_path(*id));
+        }
+        let start_lsn = start.start_lsn(seg_size);
+        let initial = plan.requeue.first().map(|id| id.start_lsn(seg_size)).unwrap_or(start_lsn);
+        let mut archiver = Archiver::start(
+            store.clone(),
+            seg_size,
+            opts.compression,
+            spool.dir().to_path_buf(),
+            initial,
+            opts.archive_queue,
+        );
+        for id in plan.requeue {
+            archiver.submit(Job::Segment { id, path: spool.ready_path(id) }).await?;
+        }
+        for id in plan.finished_partials {
+            archiver.submit(Job::FinalPartial { id, path: spool.partial_path(id) }).await?;
+        }
+
+        let receiver = Receiver {
+            opts: opts.clone(),
+            shutdown,
+            seg_size,
+            system_id: sys.system_identifier,
+            spool,
+            archiver,
+            timeline: start.timeline,
+            start: start_lsn,
+            completed_upto: start_lsn,
+            last_sent: (Lsn(0), Lsn(0)),
+        };
+        receiver.archive_histories(conn, sys.timeline).await?;
+        Ok(receiver)
+    }
+
+    async fn ensure_slot(opts: &StreamOptions, conn: &mut Connection) -> Result<(), ReceiveError> {
+        match conn.read_replication_slot(&opts.slot).await? {
+            Some(s) if s.slot_type != "physical" => Err(ReceiveError::SlotNotPhysical {
+                slot: opts.slot.clone(),
+                target: conn.target().to_string(),
+                kind: s.slot_type,
+            }),
+            Some(_) => Ok(()),
+            None if opts.create_slot => {
+                if conn.create_physical_slot(&opts.slot).await? {
+                    tracing::info!(slot = %opts.slot, "created replication slot");
+                }
+                Ok(())
+            }
+            None => Err(ReceiveError::SlotMissing { slot: opts.slot.clone(), target: conn.target().to_string() }),
+        }
+    }
+
+    async fn reconnected(&self, conn: &mut Connection) -> Result<(), ReceiveError> {
+        let sys = conn.identify_system().await?;
+        if sys.system_identifier != self.system_id {
+            return Err(ReceiveError::SystemChanged {
+                target: conn.target().to_string(),
+                before: self.system_id,
+                now: sys.system_identifier,
+            });
+        }
+        Self::ensure_slot(&self.opts, conn).await?;
+        self.archive_histories(conn, sys.timeline).await
+    }
+
+    /// Stores the history files of timelines 2..=`upto` that the archive lacks.
+    async fn archive_histories(&self, conn: &mut Connection, upto: u32) -> Result<(), ReceiveError> {
+        let store = &self.opts.store;
+        for tli in 2..=upto {
+            let key = layout::history_key(tli);
+            let exists = store
+                .get_bytes(&key)
+                .await
+                .map_err(|source| ReceiveError::Store { location: store.location(), source })?
+                .is_some();
+            if exists {
+                continue;
+            }
+            match conn.timeline_history(tli).await {
+                Ok((_, content)) => {
+                    store
+                        .put_bytes(&key, content, PutMode::NoOverwrite)
+                        .await
+                        .map_err(|source| ReceiveError::Store { location: store.location(), source })?;
+                    tracing::info!(file = %history_file_name(tli), "archived timeline history");
+                }
+                // A timeline the server never had (e.g. skipped numbers) has no file.
+                Err(ProtocolError::Server(n)) if n.code == "58P01" => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    }
+
+    /// Streams until a stop (returns the reason) or an error. Follows timeline switches on the
+    /// same connection.
+    async fn stream_loop(
+        &mut self,
+        conn: &mut Connection,
+        backoff: &mut Backoff,
+    ) -> Result<Option<Finished>, ReceiveError> {
+        loop {
+            if let Some(end) = self.opts.endpos {
+                if self.start >= end && self.archiver.is_idle() {
+                    tracing::info!(endpos = %end, "the archive already reaches --endpos");
+                    return Ok(Some(Finished::EndPos(end)));
+                }
+            }
+            match self.stream_once(conn, backoff).await? {
+                StreamOutcome::Switch(sw) => {
+                    if sw.next_timeline <= self.timeline {
+                        return Err(ReceiveError::BadSwitch {
+                            current: self.timeline,
+                            end: self.start,
+                            next: sw.next_timeline,
+                            start: sw.next_start,
+                        });
+                    }
+                    tracing::info!(
+                        from = self.timeline,
+                        to = sw.next_timeline,
+                        at = %sw.next_start,
+                        "timeline switch"
+                    );
+                    self.archive_histories(conn, sw.next_timeline).await?;
+                    self.timeline = sw.next_timeline;
+                    self.start = sw.next_start.segment_start(self.seg_size.bytes());
+                    self.completed_upto = self.completed_upto.min(self.start);
+                }
+                StreamOutcome::Stopped => {
+                    let pos = self.start;
+                    let stopped_by_signal = *self.shutdown.borrow();
+                    return Ok(Some(match self.opts.endpos {
+                        Some(end) if !stopped_by_signal && pos >= end => Finished::EndPos(end),
+                        _ => Finished::Signal(pos),
+                    }));
+                }
+                StreamOutcome::ServerGone => return Ok(None),
+            }
+        }
+    }
+
+    /// The flush position that is honest to report (see the module docs).
+    fn flush_lsn(&self, partial: Option<&PartialSegment>) -> Lsn {
+        let archived = self.archiver.progress().archived_upto;
+        let prefix = if self.opts.synchronous {
+            self.completed_upto
+        } else {
+            archived.min(self.completed_upto)
+        };
+        match partial {
+            Some(p) if prefix >= p.start_lsn() => p.synced_lsn().max(prefix),
+            _ => prefix,
+        }
+    }
+
+    async fn send_status(
+        &mut self,
+        conn: &mut Connection,
+        partial: Option<&PartialSegment>,
+        write: Lsn,
+        force: bool,
+    ) -> Result<(), ReceiveError> {
+        let flush = self.flush_lsn(partial);
+        if !force && (write, flush) == self.last_sent {
+            return Ok(());
+        }
+        conn.send_status(StatusUpdate { write, flush, apply: Lsn(0), send_time: pg_now(), reply_requested: false })
+            .await?;
+        tracing::trace!(%write, %flush, "status sent");
+        self.last_sent = (write, flush);
+        Ok(())
+    }
+
+    /// Makes everything received durable: waits for the archiver, fsyncs the partial.
+    async fn make_durable(&mut self, partial: Option<&mut PartialSegment>) -> Result<(), ReceiveError> {
+        self.archiver.drain().await?;
+        if let Some(p) = partial {
+            p.sync().map_err(|e| spool_err(&self.spool, e))?;
+        }
+        Ok(())
+    }
+
+    async fn stream_once(&mut self, conn: &mut Connection, backoff: &mut Backoff) -> Result<StreamOutcome, ReceiveError> {
+        let tli = self.timeline;
+        match conn.start_replication(Some(&self.opts.slot), self.start, tli).await? {
+            StartOutcome::TimelineEnded(sw) => return Ok(StreamOutcome::Switch(sw)),
+            StartOutcome::Streaming => {}
+        }
+        tracing::info!(start = %self.start, timeline = tli, "streaming");
+        let params = VerifyParams { system_identifier: self.system_id, segment_size: self.seg_size, timeline: tli };
+        let mut verifier = WalVerifier::new(params, self.start);
+        let mut write_pos = self.start;
+        let mut partial: Option<PartialSegment> = None;
+        let mut stopping = false;
+        let mut ticker = tokio::time::interval(self.opts.status_interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let seg_bytes = u64::from(self.seg_size.bytes());
+
+        let outcome = loop {
+            let event = tokio::select! {
+                ev = conn.next_event() => ev?,
+                _ = ticker.tick() => {
+                    self.send_status(conn, partial.as_ref(), write_pos, true).await?;
+                    continue;
+                }
+                _ = wait_true(&mut self.shutdown), if !stopping => {
+                    tracing::info!("stop requested; finishing");
+                    self.make_durable(partial.as_mut()).await?;
+                    self.send_status(conn, partial.as_ref(), write_pos, true).await?;
+                    conn.request_stop().await?;
+                    stopping = true;
+                    continue;
+                }
+                p = self.archiver.changed() => {
+                    p?;
+                    if self.opts.synchronous {
+                        self.send_status(conn, partial.as_ref(), write_pos, false).await?;
+                    }
+                    continue;
+                }
+            };
+            match event {
+                StreamEvent::XLogData { wal_start, data, .. } => {
+                    if stopping {
+                        continue;
+                    }
+                    if wal_start != write_pos {
+                        return Err(ReceiveError::OutOfOrder { got: wal_start, expected: write_pos });
+                    }
+                    let mut data = data;
+                    let mut reached_end = false;
+                    if let Some(end) = self.opts.endpos {
+                        let room = end.0.saturating_sub(write_pos.0);
+                        if data.len() as u64 >= room {
+                            data.truncate(room as usize);
+                            reached_end = true;
+                        }
+                    }
+                    verifier.feed(&data)?;
+                    backoff.reset();
+                    let mut rest = &data[..];
+                    while !rest.is_empty() {
+                        let p = match partial.as_mut() {
+                            Some(p) => p,
+                            None => {
+                                let id = SegmentId::containing(tli, write_pos, self.seg_size);
+                                let p = self.spool.open_partial(id).map_err(|e| spool_err(&self.spool, e))?;
+                                partial.insert(p)
+                            }
+                        };
+                        let seg_end = (write_pos.0 / seg_bytes + 1) * seg_bytes;
+                        let n = rest.len().min((seg_end - write_pos.0) as usize);
+                        p.append(&rest[..n]).map_err(|e| spool_err(&self.spool, e))?;
+                        rest = &rest[n..];
+                        write_pos = Lsn(write_pos.0 + n as u64);
+                        if write_pos.0 == seg_end {
+                            let done = partial.take().expect("partial exists");
+                            let id = done.id;
+                            let ready = done
+                                .complete(&self.spool, self.opts.synchronous)
+                                .map_err(|e| spool_err(&self.spool, e))?;
+                            self.completed_upto = write_pos;
+                            self.start = write_pos;
+                            self.archiver.submit(Job::Segment { id, path: ready }).await?;
+                        }
+                    }
+                    if self.opts.synchronous {
+                        if let Some(p) = partial.as_mut() {
+                            p.sync().map_err(|e| spool_err(&self.spool, e))?;
+                        }
+                        self.send_status(conn, partial.as_ref(), write_pos, false).await?;
+                    }
+                    if reached_end {
+                        tracing::info!(endpos = %write_pos, "reached --endpos");
+                        self.make_durable(partial.as_mut()).await?;
+                        self.send_status(conn, partial.as_ref(), write_pos, true).await?;
+                        conn.request_stop().await?;
+                        stopping = true;
+                        self.start = write_pos;
+                    }
+                }
+                StreamEvent::Keepalive { wal_end, reply_requested } => {
+                    if reply_requested {
+                        // The server waits for our flush to reach what it sent (e.g. at shutdown).
+                        if wal_end <= write_pos {
+                            self.make_durable(partial.as_mut()).await?;
+                        }
+                        self.send_status(conn, partial.as_ref(), write_pos, true).await?;
+                    }
+                }
+                StreamEvent::End(StreamEnd::Timeline(sw)) => {
+                    if sw.next_start > write_pos {
+                        return Err(ReceiveError::BadSwitch {
+                            current: tli,
+                            end: write_pos,
+                            next: sw.next_timeline,
+                            start: sw.next_start,
+                        });
+                    }
+                    // The rest of this segment belongs to the new timeline: keep the old
+                    // timeline's piece as a finished partial.
+                    if let Some(p) = partial.take() {
+                        let id = p.id;
+                        let path = p.finish_short(&self.spool).map_err(|e| spool_err(&self.spool, e))?;
+                        self.archiver.submit(Job::FinalPartial { id, path }).await?;
+                    }
+                    break StreamOutcome::Switch(sw);
+                }
+                StreamEvent::End(StreamEnd::Stopped) => break StreamOutcome::Stopped,
+                StreamEvent::End(StreamEnd::ServerShutdown) => {
+                    tracing::info!("server shut down the stream");
+                    break StreamOutcome::ServerGone;
+                }
+            }
+        };
+        // self.start already holds the current partial's segment start (set when the previous
+        // segment completed): a reconnect re-streams that segment. After a requested stop it
+        // reports how far the stream got.
+        if stopping {
+            self.start = write_pos;
+        }
+        Ok(outcome)
+    }
+}

@@ -1,0 +1,135 @@
+#!/usr/bin/env bash
+# e2e_catchup.sh: catch-up throughput of `walagent stream --endpos` against `pg_receivewal --endpos`
+# on the same WAL, kept on the server by one replication slot per run.
+#
+# Usage: benches/e2e_catchup.sh [WAL_MB] [RUNS]        (defaults: 1024 MiB, 3 runs of each tool)
+# Env:   BENCH_DIR (default /tmp/walagent-bench), BENCH_PORT (5461), PG_BIN, WALAGENT (binary path;
+#        default target/release/walagent, built if missing), WALAGENT_ARGS (extra stream flags),
+#        BENCH_LOAD_MODE (insert|setlogged|pgbench; default insert: hex payload, compresses ~2x).
+# Runs alternate (pg_receivewal, walagent, pg_receivewal, ...), each waits for a quiet machine and
+# writes into an empty directory. Output: one TSV line per run and a summary with medians.
+# Works as root (PostgreSQL then runs as the `postgres` OS user) and as a normal user.
+set -euo pipefail
+
+WAL_MB=${1:-1024}
+RUNS=${2:-3}
+DIR=${BENCH_DIR:-/tmp/walagent-bench}
+PORT=${BENCH_PORT:-5461}
+PG_BIN=${PG_BIN:-/usr/lib/postgresql/15/bin}
+MODE=${BENCH_LOAD_MODE:-insert}
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+WALAGENT=${WALAGENT:-$ROOT/target/release/walagent}
+
+log() { echo "e2e: $*" >&2; }
+as_pg() { if [[ $(id -u) == 0 ]]; then (cd / && runuser -u postgres -- "$@"); else "$@"; fi; }
+
+if [[ ! -x $WALAGENT ]]; then
+  log "building walagent (release)"
+  (cd "$ROOT" && cargo build --release --locked --quiet)
+fi
+
+rm -rf "$DIR"; mkdir -p "$DIR"
+[[ $(id -u) == 0 ]] && chown postgres: "$DIR"
+PGDATA=$DIR/data
+as_pg "$PG_BIN/initdb" -D "$PGDATA" -U postgres -A trust --data-checksums >/dev/null
+cat >>"$PGDATA/postgresql.conf" <<EOF
+listen_addresses = '127.0.0.1'
+port = $PORT
+unix_socket_directories = '$DIR'
+wal_level = replica
+max_wal_senders = 10
+max_replication_slots = 20
+shared_buffers = 256MB
+max_wal_size = 4GB
+checkpoint_timeout = 30min
+EOF
+echo "host replication all 127.0.0.1/32 trust" >>"$PGDATA/pg_hba.conf"
+as_pg "$PG_BIN/pg_ctl" -D "$PGDATA" -l "$DIR/postgres.log" -w start >/dev/null
+trap 'as_pg "$PG_BIN/pg_ctl" -D "$PGDATA" -m immediate stop >/dev/null 2>&1 || true' EXIT
+PSQL=("$PG_BIN/psql" -X -q -At -v ON_ERROR_STOP=1 -h "$DIR" -p "$PORT" -U postgres -d postgres)
+q() { "${PSQL[@]}" -c "$1"; }
+URI="postgresql://postgres@127.0.0.1:$PORT/postgres?sslmode=disable"
+
+for i in $(seq 1 "$RUNS"); do
+  q "SELECT pg_create_physical_replication_slot('recv_$i', true)" >/dev/null
+  q "SELECT pg_create_physical_replication_slot('agent_$i', true)" >/dev/null
+done
+
+log "generating ${WAL_MB} MiB of WAL ($MODE)"
+START=$(q "SELECT pg_current_wal_insert_lsn()")
+TARGET=$((WAL_MB * 1048576))
+case $MODE in
+  insert)
+    q "CREATE TABLE load (id bigint, payload text) WITH (autovacuum_enabled = off)"
+    q "DO \$\$
+       DECLARE base bigint := 0; start pg_lsn := '$START';
+       BEGIN
+         LOOP
+           EXIT WHEN pg_wal_lsn_diff(pg_current_wal_insert_lsn(), start) >= $TARGET;
+           INSERT INTO load SELECT g, encode(sha512(g::text::bytea), 'hex') || encode(sha512((-g)::text::bytea), 'hex')
+             || encode(sha512((g || 'a')::bytea), 'hex') || encode(sha512((g || 'b')::bytea), 'hex')
+           FROM generate_series(base, base + 9999) g;
+           base := base + 10000;
+           COMMIT;
+         END LOOP;
+       END \$\$" ;;
+  setlogged)
+    q "CREATE UNLOGGED TABLE load WITH (autovacuum_enabled = off) AS SELECT g AS id, repeat(md5(g::text), 16) AS payload FROM generate_series(1, $((WAL_MB * 128 * 14))) g"
+    q "ALTER TABLE load SET LOGGED" ;;
+  pgbench)
+    as_pg "$PG_BIN/pgbench" -q -i -s $(((WAL_MB + 12) / 13)) -h "$DIR" -p "$PORT" -U postgres postgres >/dev/null 2>&1 ;;
+esac
+END=$(q "SELECT pg_current_wal_flush_lsn()")
+BYTES=$(q "SELECT pg_wal_lsn_diff('$END', '$START')::bigint")
+log "WAL from $START to $END: $BYTES bytes"
+
+wait_quiet() { # wait until the machine is mostly idle (max 60 s)
+  local i a b
+  for i in $(seq 1 30); do
+    read -r _ a b _ < <(head -1 /proc/stat | awk '{print $1, $2+$3+$4+$7+$8, $5+$6}')
+    sleep 2
+    read -r _ c d _ < <(head -1 /proc/stat | awk '{print $1, $2+$3+$4+$7+$8, $5+$6}')
+    (( (c - a) * 100 <= (c - a + d - b) * 15 )) && return 0
+  done
+}
+
+measure() { # tool run -> prints "tool run wall_s cpu_s rss_kb bytes_out"
+  local tool=$1 i=$2 out=$DIR/out_${tool}_$i tf=$DIR/time_${tool}_$i
+  rm -rf "$out"; mkdir -p "$out"
+  sync; wait_quiet
+  if [[ $tool == pg_receivewal ]]; then
+    /usr/bin/time -f "%e %U %S %M" -o "$tf" "$PG_BIN/pg_receivewal" -D "$out" --slot="recv_$i" \
+      --endpos="$END" --no-loop -d "$URI" 2>"$DIR/log_${tool}_$i"
+  else
+    # shellcheck disable=SC2086
+    /usr/bin/time -f "%e %U %S %M" -o "$tf" "$WALAGENT" stream --source "$URI" --archive "$out" \
+      --slot "agent_$i" --endpos "$END" --no-loop ${WALAGENT_ARGS:-} 2>"$DIR/log_${tool}_$i"
+  fi
+  read -r wall user sys rss <"$tf"
+  local size; size=$(du -sb "$out" | cut -f1)
+  echo "$tool $i $wall $(awk -v u="$user" -v s="$sys" 'BEGIN{printf "%.2f", u+s}') $rss $size"
+  rm -rf "$out"
+}
+
+printf 'tool\trun\twall_s\tMiB/s\tcpu_s\tpeak_rss_MB\tbytes_on_disk\n'
+results=()
+for i in $(seq 1 "$RUNS"); do
+  for tool in pg_receivewal walagent; do
+    read -r t r wall cpu rss size < <(measure "$tool" "$i")
+    mibs=$(awk -v b="$BYTES" -v w="$wall" 'BEGIN{printf "%.0f", b/1048576/w}')
+    printf '%s\t%s\t%s\t%s\t%s\t%.1f\t%s\n' "$t" "$r" "$wall" "$mibs" "$cpu" "$(awk -v k="$rss" 'BEGIN{print k/1024}')" "$size"
+    results+=("$t $wall $cpu $rss")
+  done
+done
+
+median() { sort -n | awk '{a[NR]=$1} END{print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
+for tool in pg_receivewal walagent; do
+  w=$(printf '%s\n' "${results[@]}" | awk -v t="$tool" '$1==t{print $2}' | median)
+  c=$(printf '%s\n' "${results[@]}" | awk -v t="$tool" '$1==t{print $3}' | median)
+  m=$(printf '%s\n' "${results[@]}" | awk -v t="$tool" '$1==t{print $4}' | median)
+  printf '# %s: median wall %.2f s (%.0f MiB/s), CPU %.2f s, peak RSS %.1f MB\n' "$tool" "$w" \
+    "$(awk -v b="$BYTES" -v w="$w" 'BEGIN{print b/1048576/w}')" "$c" "$(awk -v k="$m" 'BEGIN{print k/1024}')"
+  eval "med_${tool}=$w"
+done
+# shellcheck disable=SC2154
+printf '# speed ratio walagent/pg_receivewal (median wall): %.2f\n' "$(awk -v a="$med_pg_receivewal" -v b="$med_walagent" 'BEGIN{print a/b}')"

@@ -1,0 +1,214 @@
+//! The spool: a local directory where the receiver writes WAL before it is archived.
+//!
+//! Files in the spool:
+//! - `<segment>.partial`: the segment being received. Written in place at its segment offset
+//!   (re-streaming a segment after a restart overwrites it with the same bytes).
+//! - `<segment>`: a complete segment waiting for the archiver ("ready").
+//! - `*.tmp`: compression output in flight; removed on startup.
+//!
+//! Durability: a `.partial` is fsynced when the receiver needs to report it as flushed
+//! (`--synchronous`, a reply request, a clean stop). A ready segment is fsynced before its
+//! rename only in synchronous mode; otherwise the archive copy is what makes it durable, and the
+//! flush position reported to the server waits for the archiver.
+
+use std::fs::{self, File, OpenOptions};
+use std::io;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use crate::wal::{Lsn, SegmentId, SegmentSize};
+
+pub const PARTIAL_SUFFIX: &str = ".partial";
+
+/// A spool directory.
+#[derive(Debug, Clone)]
+pub struct Spool {
+    dir: PathBuf,
+    seg_size: SegmentSize,
+}
+
+/// What a spool directory holds, as found on startup.
+#[derive(Debug, Default)]
+pub struct SpoolContents {
+    pub partials: Vec<SegmentId>,
+    pub ready: Vec<SegmentId>,
+}
+
+impl Spool {
+    pub fn open(dir: &Path, seg_size: SegmentSize) -> io::Result<Spool> {
+        fs::create_dir_all(dir)?;
+        set_mode(dir, 0o700)?;
+        Ok(Spool { dir: dir.to_path_buf(), seg_size })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn partial_path(&self, id: SegmentId) -> PathBuf {
+        self.dir.join(format!("{}{PARTIAL_SUFFIX}", id.file_name(self.seg_size)))
+    }
+
+    pub fn ready_path(&self, id: SegmentId) -> PathBuf {
+        self.dir.join(id.file_name(self.seg_size))
+    }
+
+    /// Lists partial and ready segments (sorted) and removes leftover temp files.
+    pub fn scan(&self) -> io::Result<SpoolContents> {
+        let mut out = SpoolContents::default();
+        for entry in fs::read_dir(&self.dir)? {
+            let entry = entry?;
+            let name = entry.file_name();
+            let Some(name) = name.to_str() else { continue };
+            if name.ends_with(".tmp") {
+                let _ = fs::remove_file(entry.path());
+            } else if let Some(base) = name.strip_suffix(PARTIAL_SUFFIX) {
+                if let Some(id) = SegmentId::parse_file_name(base, self.seg_size) {
+                    out.partials.push(id);
+                }
+            } else if let Some(id) = SegmentId::parse_file_name(name, self.seg_size) {
+                out.ready.push(id);
+            }
+        }
+        out.partials.sort();
+        out.ready.sort_by_key(|id| (id.segno, id.timeline));
+        Ok(out)
+    }
+
+    /// Opens (or creates) the partial file of `id` for writing in place.
+    pub fn open_partial(&self, id: SegmentId) -> io::Result<PartialSegment> {
+        let path = self.partial_path(id);
+        let file = OpenOptions::new().write(true).create(true).truncate(false).mode(0o600).open(&path)?;
+        Ok(PartialSegment { id, path, file, start: id.start_lsn(self.seg_size), written: 0, synced: 0 })
+    }
+
+    /// fsync of the spool directory, making renames and creations durable.
+    pub fn sync_dir(&self) -> io::Result<()> {
+        sync_dir(&self.dir)
+    }
+}
+
+/// The segment currently being received.
+#[derive(Debug)]
+pub struct PartialSegment {
+    pub id: SegmentId,
+    path: PathBuf,
+    file: File,
+    start: Lsn,
+    /// Bytes written from the segment start in this session.
+    written: u32,
+    /// Bytes known durable (fsynced) from the segment start.
+    synced: u32,
+}
+
+impl PartialSegment {
+    /// Writes `data` at the current end. The caller never crosses the segment end.
+    pub fn append(&mut self, data: &[u8]) -> io::Result<()> {
+        self.file.write_all_at(data, u64::from(self.written))?;
+        self.written += data.len() as u32;
+        Ok(())
+    }
+
+    pub fn end_lsn(&self) -> Lsn {
+        Lsn(self.start.0 + u64::from(self.written))
+    }
+
+    pub fn synced_lsn(&self) -> Lsn {
+        Lsn(self.start.0 + u64::from(self.synced))
+    }
+
+    pub fn start_lsn(&self) -> Lsn {
+        self.start
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// fdatasync when there is anything new to make durable.
+    pub fn sync(&mut self) -> io::Result<()> {
+        if self.synced < self.written {
+            self.file.sync_data()?;
+            self.synced = self.written;
+        }
+        Ok(())
+    }
+
+    /// Completes a full segment: renames `<name>.partial` to `<name>` (the ready state). With
+    /// `durable`, the data is fsynced first and the directory after.
+    pub fn complete(mut self, spool: &Spool, durable: bool) -> io::Result<PathBuf> {
+        if durable {
+            self.sync()?;
+        }
+        let ready = spool.ready_path(self.id);
+        fs::rename(&self.path, &ready)?;
+        if durable {
+            spool.sync_dir()?;
+        }
+        Ok(ready)
+    }
+
+    /// Ends the segment at what was written in this session (dropping any longer tail an
+    /// earlier session left) and makes it durable; used when a timeline ends inside it.
+    pub fn finish_short(self, spool: &Spool) -> io::Result<PathBuf> {
+        self.file.set_len(u64::from(self.written))?;
+        self.file.sync_all()?;
+        spool.sync_dir()?;
+        Ok(self.path)
+    }
+}
+
+pub fn set_mode(path: &Path, mode: u32) -> io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(path, fs::Permissions::from_mode(mode))
+}
+
+pub fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn partial_to_ready_and_scan() {
+        let tmp = tempfile::tempdir().unwrap();
+        let size = SegmentSize::new(1 << 20).unwrap();
+        let spool = Spool::open(tmp.path(), size).unwrap();
+        let id = SegmentId::new(1, 3);
+        let mut p = spool.open_partial(id).unwrap();
+        p.append(&[1u8; 4096]).unwrap();
+        assert_eq!(p.end_lsn(), Lsn(3 << 20) .checked_add(4096).unwrap());
+        assert_eq!(p.synced_lsn(), Lsn(3 << 20));
+        p.sync().unwrap();
+        assert_eq!(p.synced_lsn(), p.end_lsn());
+        fs::write(tmp.path().join("junk.tmp"), b"x").unwrap();
+        let c = spool.scan().unwrap();
+        assert_eq!(c.partials, vec![id]);
+        assert!(c.ready.is_empty());
+        assert!(!tmp.path().join("junk.tmp").exists());
+        p.append(&vec![2u8; (1 << 20) - 4096]).unwrap();
+        let ready = p.complete(&spool, true).unwrap();
+        assert_eq!(fs::read(&ready).unwrap().len(), 1 << 20);
+        let c = spool.scan().unwrap();
+        assert_eq!(c.ready, vec![id]);
+        assert!(c.partials.is_empty());
+    }
+
+    #[test]
+    fn rewriting_a_partial_keeps_it_in_place_and_finish_short_truncates() {
+        let tmp = tempfile::tempdir().unwrap();
+        let size = SegmentSize::new(1 << 20).unwrap();
+        let spool = Spool::open(tmp.path(), size).unwrap();
+        let id = SegmentId::new(2, 7);
+        let mut p = spool.open_partial(id).unwrap();
+        p.append(&[7u8; 10000]).unwrap();
+        drop(p);
+        let mut p = spool.open_partial(id).unwrap();
+        p.append(&[7u8; 100]).unwrap();
+        assert_eq!(fs::metadata(p.path()).unwrap().len(), 10000, "reopen must not truncate");
+        let path = p.finish_short(&spool).unwrap();
+        assert_eq!(fs::read(path).unwrap(), vec![7u8; 100]);
+    }
+}
