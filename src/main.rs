@@ -12,6 +12,7 @@ use walagent::archive::{LocalStore, Store};
 use walagent::cli::{Cli, Command, StreamArgs, WalFetchArgs};
 use walagent::protocol::conninfo::{mask_password, ConnInfo};
 use walagent::receive::{self, Finished, StreamOptions};
+use walagent::restore::wal_fetch;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -113,7 +114,8 @@ async fn fetch(args: WalFetchArgs) -> ExitCode {
         Ok(s) => s,
         Err(e) => return fail(&e, None, 2),
     };
-    // TEMP until restore::wal_fetch lands
-    let _ = (store, args);
-    fail("wal-fetch is not built yet", None, 2)
+    match wal_fetch::fetch(store.as_ref(), &args.walfile, &args.dest, args.allow_partial).await {
+        Ok(_) => ExitCode::SUCCESS,
+        Err(e) => fail(&e.to_string(), None, e.exit_code().clamp(1, 255) as u8),
+    }
 }

@@ -152,6 +152,13 @@ fn archives_segments_byte_identical_to_pg_wal() {
     let restart = pg.psql(&format!("SELECT restart_lsn FROM pg_replication_slots WHERE slot_name = '{SLOT}'"));
     assert_eq!(restart, end, "slot restart_lsn should reach the archived end");
 
+    // A segment the archive does not have: exit 1 (restore_command's "not available"), no DEST.
+    let dest = archive.path().join("RECOVERYXLOG");
+    let out = fetch(archive.path(), "0000000100000000000000FE", &dest);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(error_line(&out).contains("0000000100000000000000FE"), "{}", error_line(&out));
+    assert!(!dest.exists());
+
     // A second run with the same endpos has nothing to do and exits 0.
     let again = run(&stream_args(&pg.repl_uri(), &a, &["--endpos", &end, "--no-loop"]));
     assert_ok(&again);
@@ -407,13 +414,14 @@ fn wal_already_removed_is_a_clear_error() {
 }
 
 #[test]
-fn wal_fetch_missing_segment_exits_1_without_dest() {
+fn wal_fetch_refuses_bad_names_and_uninitialised_archives() {
     let archive = support::tempdir();
     std::fs::create_dir_all(archive.path().join("wal")).unwrap();
     let dest: PathBuf = archive.path().join("RECOVERYXLOG");
+    // No walagent.json: a wrong --archive, reported as an error (exit 2), not as "not found".
     let out = fetch(archive.path(), "000000010000000000000042", &dest);
-    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
-    assert!(error_line(&out).contains("000000010000000000000042"));
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(error_line(&out).contains("walagent.json"), "{}", error_line(&out));
     assert!(!dest.exists());
     let out = fetch(archive.path(), "../../etc/passwd", &dest);
     assert!(!out.status.success());

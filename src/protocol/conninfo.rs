@@ -633,17 +633,16 @@ fn uri_layout(s: &str, prefix_len: usize) -> UriLayout {
 
 fn parse_uri(s: &str, prefix_len: usize, raw: &mut RawOptions) -> Result<(), ConnInfoError> {
     let layout = uri_layout(s, prefix_len);
-    if layout.userinfo.is_none() {
-        // libpq would take "u:pa/ss@h" as host "u", port "pa", dbname "ss@h", leaking part of
-        // the password into logs; an '@' there almost always means an unencoded '/'.
-        let end = s[prefix_len..]
-            .find('?')
-            .map_or(s.len(), |q| prefix_len + q);
-        if s[prefix_len..end].contains('@') {
-            return Err(ConnInfoError::InvalidUri {
-                reason: "\"@\" after the host part; percent-encode \"/\" in the user name or password as %2F (and \"@\" as %40)".into(),
-            });
-        }
+    // Deviation from libpq: a second '@' (or one after an unencoded '/') is refused. libpq would
+    // read "u:p@ss@h" as host "ss@h" and "u:pa/ss@h" as host "u", port "pa", dbname "ss@h",
+    // putting part of the password into logs and error messages.
+    let end = s[layout.netloc_start..]
+        .find('?')
+        .map_or(s.len(), |q| layout.netloc_start + q);
+    if s[layout.netloc_start..end].contains('@') {
+        return Err(ConnInfoError::InvalidUri {
+            reason: "unexpected \"@\" after the user name and password; percent-encode \"@\" as %40 and \"/\" as %2F in them".into(),
+        });
     }
     if let Some((user, password)) = &layout.userinfo {
         let u = &s[user.clone()];
@@ -2055,9 +2054,18 @@ weird\\:host:1:*:rep:pw\\:with\\\\escapes:ignored
         let c = parse("postgresql://u:pa?ss@h/db").unwrap();
         assert_eq!(c.password.as_deref(), Some("pa?ss"));
         assert_eq!(c.hosts, vec![tcp("h", 5432)]);
-        assert_eq!(mask_password("postgresql://u:pa?ss@h/db"), "postgresql://u:********@h/db");
-        assert_eq!(mask_password("postgresql://u:pa/ss@h/db?x=1"), "postgresql://u:********@h/db?x=1");
-        assert_eq!(mask_password("postgresql://h/db?password=a@b"), "postgresql://h/db?password=********");
+        assert_eq!(
+            mask_password("postgresql://u:pa?ss@h/db"),
+            "postgresql://u:********@h/db"
+        );
+        assert_eq!(
+            mask_password("postgresql://u:pa/ss@h/db?x=1"),
+            "postgresql://u:********@h/db?x=1"
+        );
+        assert_eq!(
+            mask_password("postgresql://h/db?password=a@b"),
+            "postgresql://h/db?password=********"
+        );
     }
 
     #[test]
@@ -2114,7 +2122,7 @@ weird\\:host:1:*:rep:pw\\:with\\\\escapes:ignored
             format!("postgresql://u:{secret}/{secret}@h/db"),
             format!("postgresql://u:{secret}:{secret}/x@h"),
             format!("postgresql://u:1234/{secret}@h/db"),
-            format!("postgresql://{secret}:{secret}x/y@h"),
+            format!("postgresql://u:{secret}@{secret}@h/db"),
         ];
         for s in &cases {
             let err = parse(s).unwrap_err();

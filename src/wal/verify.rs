@@ -89,12 +89,16 @@ pub enum VerifyError {
     SegmentSize { lsn: Lsn, expected: u32, found: u32 },
     #[error("WAL segment at {lsn}: expected xlp_xlog_blcksz {expected}, found {found}")]
     BlockSize { lsn: Lsn, expected: u32, found: u32 },
+    /// `record` is the record's LSN, or the stream start for a record begun before it.
     #[error("WAL page at {lsn}: expected XLP_FIRST_IS_CONTRECORD with {expected} bytes of the record at {record} still to come, found xlp_info {info:#06X}")]
     MissingContinuation { lsn: Lsn, record: Lsn, expected: u32, info: u16 },
     #[error("WAL page at {lsn}: expected no continued record (the previous record ended before this page), found XLP_FIRST_IS_CONTRECORD with xlp_rem_len {rem_len}")]
     UnexpectedContinuation { lsn: Lsn, rem_len: u32 },
+    /// `record` is the record's LSN, or the stream start for a record begun before it.
     #[error("WAL page at {lsn}: expected xlp_rem_len {expected} (rest of the record at {record}), found {found}")]
     ContinuationLength { lsn: Lsn, record: Lsn, expected: u32, found: u32 },
+    #[error("WAL page at {lsn}: expected xlp_rem_len between 1 and 1073741823 for the record continued from before the stream start, found {found}")]
+    StartContinuationLength { lsn: Lsn, found: u32 },
     #[error("WAL page at {lsn}: expected xlp_rem_len 0 without XLP_FIRST_IS_CONTRECORD, found {found}")]
     StrayRemainingLength { lsn: Lsn, found: u32 },
     #[error("WAL page at {lsn}: expected XLP_FIRST_IS_OVERWRITE_CONTRECORD only on a page where a record was cut short, found it (xlp_info {info:#06X}) with no record in progress")]
@@ -137,6 +141,7 @@ impl VerifyError {
             | MissingContinuation { lsn, .. }
             | UnexpectedContinuation { lsn, .. }
             | ContinuationLength { lsn, .. }
+            | StartContinuationLength { lsn, .. }
             | StrayRemainingLength { lsn, .. }
             | UnexpectedOverwrite { lsn, .. }
             | ConflictingContinuationFlags { lsn, .. }
@@ -158,14 +163,14 @@ enum Body {
     Start,
     /// Between records: the next record starts at the next MAXALIGN boundary.
     Idle,
-    /// Skipping the rest of a record whose beginning was before the stream start;
+    /// Skipping the rest of a record whose beginning was before the stream start (`since`);
     /// `remaining` bytes of it are still to come.
-    Skip { remaining: u32 },
+    Skip { remaining: u32, since: u64 },
     /// Inside the record described by the `rec_*` fields.
     Record,
     /// After an XLOG_SWITCH record (starting at `switch`): zero bytes, page headers included,
-    /// until the segment end.
-    SwitchTail { switch: u64 },
+    /// up to `until` (the end of the segment the record ends in).
+    SwitchTail { switch: u64, until: u64 },
 }
 
 /// Streaming WAL checker; see the module documentation.
@@ -266,8 +271,8 @@ impl WalVerifier {
     /// page boundary, so `self.pos` tells where each consumed byte sits.
     #[inline]
     fn step(&mut self, data: &[u8]) -> Result<usize, VerifyError> {
-        if let Body::SwitchTail { switch } = self.body {
-            return self.step_switch_tail(data, switch);
+        if let Body::SwitchTail { switch, until } = self.body {
+            return self.step_switch_tail(data, switch, until);
         }
         let page_off = (self.pos % PAGE) as usize;
         let hdr_size = if (self.pos - page_off as u64) % self.seg_size == 0 { LONG_PHD } else { SHORT_PHD };
@@ -296,10 +301,10 @@ impl WalVerifier {
                 self.step_record(data, page_left)
             }
             Body::Record => self.step_record(data, page_left),
-            Body::Skip { remaining } => {
+            Body::Skip { remaining, since } => {
                 let n = (remaining as usize).min(page_left).min(data.len());
                 let remaining = remaining - n as u32;
-                self.body = if remaining == 0 { Body::Idle } else { Body::Skip { remaining } };
+                self.body = if remaining == 0 { Body::Idle } else { Body::Skip { remaining, since } };
                 Ok(n)
             }
             Body::SwitchTail { .. } => Ok(0), // handled above
@@ -329,7 +334,7 @@ impl WalVerifier {
             if self.rec_hdr_len == REC_HDR {
                 self.check_record_header()?;
                 if self.rec_remaining == 0 {
-                    self.finish_record()?;
+                    self.finish_record(self.pos + n as u64)?;
                 }
             }
             return Ok(n);
@@ -338,14 +343,14 @@ impl WalVerifier {
         self.rec_crc = crc32c::crc32c_append(self.rec_crc, &data[..n]);
         self.rec_remaining -= n as u32;
         if self.rec_remaining == 0 {
-            self.finish_record()?;
+            self.finish_record(self.pos + n as u64)?;
         }
         Ok(n)
     }
 
-    fn step_switch_tail(&mut self, data: &[u8], switch: u64) -> Result<usize, VerifyError> {
-        let to_seg_end = self.seg_size - self.pos % self.seg_size;
-        let n = (to_seg_end.min(data.len() as u64)) as usize;
+    fn step_switch_tail(&mut self, data: &[u8], switch: u64, until: u64) -> Result<usize, VerifyError> {
+        let to_end = until - self.pos;
+        let n = (to_end.min(data.len() as u64)) as usize;
         if let Some(off) = first_nonzero(&data[..n]) {
             return Err(VerifyError::NonZeroAfterSwitch {
                 lsn: Lsn(self.pos + off as u64),
@@ -353,7 +358,7 @@ impl WalVerifier {
                 found: data[off],
             });
         }
-        if n as u64 == to_seg_end {
+        if n as u64 == to_end {
             self.body = Body::Idle;
         }
         Ok(n)
@@ -375,7 +380,8 @@ impl WalVerifier {
         }
     }
 
-    fn finish_record(&mut self) -> Result<(), VerifyError> {
+    /// `end` is the stream position just past the record's last byte.
+    fn finish_record(&mut self, end: u64) -> Result<(), VerifyError> {
         let h = self.rec_hdr;
         let computed = crc32c::crc32c_append(self.rec_crc, &h[..REC_CRC_OFF]);
         let stored = u32::from_le_bytes([h[20], h[21], h[22], h[23]]);
@@ -385,11 +391,12 @@ impl WalVerifier {
         self.records += 1;
         self.prev = Some(self.rec_start);
         let (info, rmid) = (h[16], h[17]);
-        self.body = if rmid == RM_XLOG_ID && info & XLR_RMGR_INFO_MASK == XLOG_SWITCH {
-            // Everything after the switch record up to the segment end is zero (xlog.c zeroes
-            // even the page headers there). When the record ends exactly at the segment end the
-            // tail is empty and step_switch_tail moves straight on to Idle.
-            Body::SwitchTail { switch: self.rec_start }
+        let is_switch = rmid == RM_XLOG_ID && info & XLR_RMGR_INFO_MASK == XLOG_SWITCH;
+        self.body = if is_switch && end % self.seg_size != 0 {
+            // Everything after the switch record up to the end of its segment is zero (xlog.c
+            // zeroes even the page headers there). A switch ending exactly at a segment end has
+            // no tail.
+            Body::SwitchTail { switch: self.rec_start, until: (end - end % self.seg_size).saturating_add(self.seg_size) }
         } else {
             Body::Idle
         };
@@ -471,18 +478,18 @@ impl WalVerifier {
             Body::Start => {
                 // Nothing known about the previous segment: follow the header.
                 if cont {
-                    if rem_len == 0 {
-                        return Err(VerifyError::ContinuationLength { lsn, record: Lsn(page), expected: 1, found: 0 });
+                    if rem_len == 0 || rem_len >= MAX_TOT_LEN {
+                        return Err(VerifyError::StartContinuationLength { lsn, found: rem_len });
                     }
-                    self.body = Body::Skip { remaining: rem_len };
+                    self.body = Body::Skip { remaining: rem_len, since: page };
                 } else {
                     self.body = Body::Idle;
                 }
                 return Ok(());
             }
             Body::Idle => None,
-            Body::Skip { remaining } => Some((None, remaining)),
-            Body::Record => Some((Some(self.rec_start), self.rec_remaining)),
+            Body::Skip { remaining, since } => Some((since, remaining)),
+            Body::Record => Some((self.rec_start, self.rec_remaining)),
             Body::SwitchTail { .. } => None, // zero headers are handled by step_switch_tail
         };
         match in_progress {
@@ -501,7 +508,7 @@ impl WalVerifier {
                 self.body = Body::Idle;
             }
             Some((record, expected)) => {
-                let record = Lsn(record.unwrap_or(page));
+                let record = Lsn(record);
                 if !cont {
                     return Err(VerifyError::MissingContinuation { lsn, record, expected, info });
                 }
@@ -1113,6 +1120,36 @@ mod tests {
     }
 
     #[test]
+    fn continuation_skipped_at_stream_start_is_still_checked() {
+        // Segment A starts with the last 12278 bytes of a record begun in segment 9.
+        let a = fixture("00000001000000000000000A");
+        let mut bad = a.clone();
+        bad[16..20].copy_from_slice(&[0; 4]);
+        assert_eq!(
+            feed_chunked(params(1), lsn("0/A00000"), &bad, 100).unwrap_err(),
+            VerifyError::StartContinuationLength { lsn: lsn("0/A00000"), found: 0 }
+        );
+        // Its second page must carry the remaining 12278 - (8192 - 40) bytes.
+        assert_eq!(u32::from_le_bytes([a[8192 + 16], a[8192 + 17], a[8192 + 18], a[8192 + 19]]), 4126);
+        let mut bad = a.clone();
+        bad[8192 + 16] ^= 0x10;
+        assert_eq!(
+            feed_chunked(params(1), lsn("0/A00000"), &bad, 100).unwrap_err(),
+            VerifyError::ContinuationLength {
+                lsn: lsn("0/A02000"),
+                record: lsn("0/A00000"),
+                expected: 4126,
+                found: 4126 ^ 0x10
+            }
+        );
+        // Records after the skipped part are checked: the first one is at 0/A03038.
+        let mut bad = a;
+        bad[0x3038 + 24] ^= 0x01;
+        let err = feed_chunked(params(1), lsn("0/A00000"), &bad, 100).unwrap_err();
+        assert!(matches!(err, VerifyError::Crc { lsn: l, .. } if l == lsn("0/A03038")), "{err}");
+    }
+
+    #[test]
     fn overwrite_contrecord_from_a_crash() {
         // E ends inside the record at 0/EFC688, cut short by an immediate shutdown; F's first
         // page has XLP_FIRST_IS_OVERWRITE_CONTRECORD and its first record links to 0/EFC660.
@@ -1207,11 +1244,9 @@ mod tests {
                 let mut b = WalBuilder::new(SYSID, seg1m(), 1, lsn("0/100000"));
                 b.push(1, 0, 1, &[7; 50]);
                 let target = 8192 - slot_from_end;
-                let cur = b.position().0 % 8192;
-                let filler = (target - cur - 24) as usize;
-                let first = b.push(2, 0, 2, &vec![9; filler]);
+                fill_until(&mut b, 0x100000 + target);
                 let rec = b.push(3, 0, 3, &vec![1; tail_len]);
-                assert_eq!(rec.0 % 8192, target, "layout: first at {first}");
+                assert_eq!(rec.0 % 8192, target, "layout");
                 b.push(4, 0, 4, &[2; 30]);
                 let p = VerifyParams { system_identifier: SYSID, segment_size: seg1m(), timeline: 1 };
                 for size in [1, 5, 8, 8192, 100_000] {
