@@ -8,7 +8,17 @@ use std::time::{Duration, Instant};
 use support::*;
 use tokio_postgres::NoTls;
 
-async fn query_one(uri: &str, sql: &str) -> Result<String, tokio_postgres::Error> {
+/// Connects, runs a query returning one text value; errors carry the server's message.
+async fn query_one(uri: &str, sql: &str) -> Result<String, String> {
+    query_one_inner(uri, sql)
+        .await
+        .map_err(|e| match e.as_db_error() {
+            Some(db) => format!("{e}: {}: {}", db.code().code(), db.message()),
+            None => format!("{e:?}"),
+        })
+}
+
+async fn query_one_inner(uri: &str, sql: &str) -> Result<String, tokio_postgres::Error> {
     let (client, conn) = tokio_postgres::connect(uri, NoTls).await?;
     let h = tokio::spawn(async move {
         let _ = conn.await;
@@ -36,7 +46,10 @@ fn cluster_basics() {
     assert_eq!(pg.psql("SHOW wal_keep_size"), "0");
     assert_eq!(pg.psql("SHOW log_replication_commands"), "on");
     // multi-row, multi-column output
-    assert_eq!(pg.psql("SELECT g, g * 2 FROM generate_series(1, 2) g"), "1|2\n2|4");
+    assert_eq!(
+        pg.psql("SELECT g, g * 2 FROM generate_series(1, 2) g"),
+        "1|2\n2|4"
+    );
     let err = pg.try_psql("SELECT * FROM no_such_table").unwrap_err();
     assert!(err.contains("no_such_table"), "{err}");
     // roles
@@ -44,9 +57,18 @@ fn cluster_basics() {
         pg.psql("SELECT string_agg(rolname, ',' ORDER BY rolname) FROM pg_roles WHERE rolreplication AND NOT rolsuper"),
         "md5_user,replicator,scram_user,ssl_user,trust_user"
     );
-    assert_eq!(pg.psql("SELECT pg_has_role('replicator', 'pg_monitor', 'member')"), "t");
-    assert_eq!(pg.psql("SELECT left(rolpassword, 3) FROM pg_authid WHERE rolname = 'md5_user'"), "md5");
-    assert_eq!(pg.psql("SELECT left(rolpassword, 13) FROM pg_authid WHERE rolname = 'scram_user'"), "SCRAM-SHA-256");
+    assert_eq!(
+        pg.psql("SELECT pg_has_role('replicator', 'pg_monitor', 'member')"),
+        "t"
+    );
+    assert_eq!(
+        pg.psql("SELECT left(rolpassword, 3) FROM pg_authid WHERE rolname = 'md5_user'"),
+        "md5"
+    );
+    assert_eq!(
+        pg.psql("SELECT left(rolpassword, 13) FROM pg_authid WHERE rolname = 'scram_user'"),
+        "SCRAM-SHA-256"
+    );
 
     // every cluster has its own system identifier, although they come from one template
     let other = PgCluster::start(PgOptions::default());
@@ -74,10 +96,23 @@ async fn tcp_auth_methods() {
     let pg = PgCluster::start(PgOptions::default());
     assert_eq!(
         pg.repl_uri(),
-        format!("postgresql://replicator:replicator-secret@127.0.0.1:{}/postgres?sslmode=disable", pg.port())
+        format!(
+            "postgresql://replicator:replicator-secret@127.0.0.1:{}/postgres?sslmode=disable",
+            pg.port()
+        )
     );
-    assert_eq!(query_one(&pg.repl_uri(), "SELECT current_user::text").await.unwrap(), "replicator");
-    assert_eq!(query_one(&pg.super_uri(), "SELECT current_user::text").await.unwrap(), "postgres");
+    assert_eq!(
+        query_one(&pg.repl_uri(), "SELECT current_user::text")
+            .await
+            .unwrap(),
+        "replicator"
+    );
+    assert_eq!(
+        query_one(&pg.super_uri(), "SELECT current_user::text")
+            .await
+            .unwrap(),
+        "postgres"
+    );
     for user in [MD5_USER, SCRAM_USER, TRUST_USER, NOREPL_USER] {
         let uri = pg.uri_for(user, Some(&password_for(user)), "disable");
         let who = query_one(&uri, "SELECT current_user::text").await;
@@ -85,7 +120,10 @@ async fn tcp_auth_methods() {
     }
     // trust needs no password
     let uri = pg.uri_for(TRUST_USER, None, "disable");
-    assert_eq!(query_one(&uri, "SELECT current_user::text").await.unwrap(), TRUST_USER);
+    assert_eq!(
+        query_one(&uri, "SELECT current_user::text").await.unwrap(),
+        TRUST_USER
+    );
     // the methods really are what the names say
     let methods = pg.psql(
         "SELECT string_agg(DISTINCT user_name[1] || '=' || auth_method, ',') FROM pg_hba_file_rules \
@@ -100,17 +138,23 @@ async fn tcp_auth_methods() {
     for user in [MD5_USER, SCRAM_USER, REPL_USER] {
         let uri = pg.uri_for(user, Some("wrong"), "disable");
         let err = query_one(&uri, "SELECT 'x'").await.unwrap_err();
-        assert!(err.to_string().contains("password authentication failed"), "{user}: {err}");
+        assert!(
+            err.contains("password authentication failed"),
+            "{user}: {err}"
+        );
     }
     // ssl_user is hostssl-only
     let uri = pg.uri_for(SSL_USER, Some(&password_for(SSL_USER)), "disable");
     let err = query_one(&uri, "SELECT 'x'").await.unwrap_err();
-    assert!(err.to_string().contains("no pg_hba.conf entry"), "{err}");
+    assert!(err.contains("no pg_hba.conf entry"), "{err}");
 }
 
 #[test]
 fn tls_cluster_verify_full() {
-    let pg = PgCluster::start(PgOptions { tls: true, ..Default::default() });
+    let pg = PgCluster::start(PgOptions {
+        tls: true,
+        ..Default::default()
+    });
     let ca = pg.ca_cert_path().expect("ca cert");
     assert!(ca.exists());
     assert_eq!(pg.psql("SHOW ssl"), "on");
@@ -131,10 +175,17 @@ fn tls_cluster_verify_full() {
         }
     }
     // the same works as a URI
-    let out = psql_conninfo(&pg.tls_uri_for(SCRAM_USER, Some("scram_user-secret"), "verify-full"), None, "SELECT 1");
+    let out = psql_conninfo(
+        &pg.tls_uri_for(SCRAM_USER, Some("scram_user-secret"), "verify-full"),
+        None,
+        "SELECT 1",
+    );
     assert_eq!(out.unwrap(), "1");
     // a CA that did not sign the server certificate is refused
-    let other = PgCluster::start(PgOptions { tls: true, ..Default::default() });
+    let other = PgCluster::start(PgOptions {
+        tls: true,
+        ..Default::default()
+    });
     let conninfo = format!(
         "host=127.0.0.1 port={} dbname=postgres user=scram_user sslmode=verify-ca sslrootcert={}",
         pg.port(),
@@ -160,9 +211,11 @@ fn standby_and_promote() {
     assert_eq!(standby.system_identifier(), primary.system_identifier());
     assert_eq!(standby.psql("SELECT count(*) FROM t"), "100");
     primary.psql("INSERT INTO t SELECT generate_series(101, 150)");
-    wait_until(Duration::from_secs(30), "standby replays the new rows", || {
-        standby.try_psql("SELECT count(*) FROM t").as_deref() == Ok("150")
-    });
+    wait_until(
+        Duration::from_secs(30),
+        "standby replays the new rows",
+        || standby.try_psql("SELECT count(*) FROM t").as_deref() == Ok("150"),
+    );
     assert_eq!(
         primary.psql("SELECT count(*) FROM pg_stat_replication WHERE state = 'streaming'"),
         "1"
@@ -206,7 +259,10 @@ fn generate_wal_32mb() {
     eprintln!("generate_wal(32) took {:?}: {r:?}", t0.elapsed());
     assert!(r.bytes >= 32 << 20, "{r:?}");
     assert!(r.bytes < 40 << 20, "{r:?}");
-    let diff = pg.psql(&format!("SELECT pg_wal_lsn_diff('{}', '{}')::bigint", r.end_lsn, r.start_lsn));
+    let diff = pg.psql(&format!(
+        "SELECT pg_wal_lsn_diff('{}', '{}')::bigint",
+        r.end_lsn, r.start_lsn
+    ));
     assert_eq!(diff, r.bytes.to_string());
     assert_eq!(pg.current_lsn(), r.end_lsn);
 }
@@ -227,9 +283,13 @@ fn small_segments_and_wal_files() {
     assert_eq!(pg.walfile_name(&switched), name);
     let bytes = pg.read_wal_file(&name);
     assert_eq!(bytes.len(), 1 << 20);
-    // long page header: magic 0xD110 (PG 15), info has XLP_LONG_HEADER; then sysid at 8..16
+    // long page header: magic 0xD110 (PG 15), XLP_LONG_HEADER (2) in info, sysid at 24..32
     assert_eq!(u16::from_le_bytes([bytes[0], bytes[1]]), 0xD110);
-    assert_eq!(u64::from_le_bytes(bytes[8..16].try_into().unwrap()), pg.system_identifier());
+    assert_eq!(bytes[2] & 2, 2);
+    assert_eq!(
+        u64::from_le_bytes(bytes[24..32].try_into().unwrap()),
+        pg.system_identifier()
+    );
     assert!(pg.wal_file_path(&name).exists());
 }
 

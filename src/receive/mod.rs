@@ -19,7 +19,7 @@ use tokio::sync::watch;
 use crate::archive::{layout, ArchiveMeta, Compression, PutMode, Store, StoreError};
 use crate::protocol::codec::{pg_now, StatusUpdate};
 use crate::protocol::{ConnInfo, Connection, ProtocolError, StartOutcome, StreamEnd, StreamEvent, TimelineSwitch};
-use crate::wal::verify::{verify_segment, VerifyError, VerifyParams, WalVerifier};
+use crate::wal::verify::{check_segment, VerifyError, VerifyParams, WalVerifier};
 use crate::wal::{history_file_name, Lsn, SegmentId, SegmentSize};
 use archiver::{Archiver, ArchiverError, Job};
 use resume::Found;
@@ -158,7 +158,7 @@ pub async fn run(opts: StreamOptions, mut shutdown: watch::Receiver<bool>) -> Re
         };
         let conn = tokio::select! {
             c = attempt => c,
-            _ = wait_true(&mut shutdown) => return Ok(Finished::Signal(receiver.map(|r| r.start).unwrap_or_default())),
+            _ = wait_true(&mut shutdown) => return finish(receiver, Finished::Signal).await,
         };
         let result = match conn {
             Ok(mut conn) => {
@@ -177,20 +177,9 @@ pub async fn run(opts: StreamOptions, mut shutdown: watch::Receiver<bool>) -> Re
             }
             Err(e) => Err(e),
         };
-        let pos = receiver.as_ref().map(|r| r.start).unwrap_or_default();
         match result {
-            Ok(Some(done)) => {
-                if let Some(r) = receiver.take() {
-                    r.archiver.finish().await?;
-                }
-                return Ok(done);
-            }
-            Ok(None) if opts.no_loop => {
-                if let Some(r) = receiver.take() {
-                    r.archiver.finish().await?;
-                }
-                return Ok(Finished::Disconnected(pos));
-            }
+            Ok(Some(done)) => return finish(receiver, |_| done).await,
+            Ok(None) if opts.no_loop => return finish(receiver, Finished::Disconnected).await,
             Ok(None) => tracing::warn!("server closed the stream; reconnecting"),
             Err(e) if e.is_transient() && !opts.no_loop => {
                 let hint = e.hint().map(|h| format!(" (hint: {h})")).unwrap_or_default();
@@ -209,14 +198,18 @@ pub async fn run(opts: StreamOptions, mut shutdown: watch::Receiver<bool>) -> Re
         let delay = backoff.next_delay();
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
-            _ = wait_true(&mut shutdown) => {
-                if let Some(r) = receiver.take() {
-                    r.archiver.finish().await?;
-                }
-                return Ok(Finished::Signal(pos));
-            }
+            _ = wait_true(&mut shutdown) => return finish(receiver, Finished::Signal).await,
         }
     }
+}
+
+/// Lets the archiver store what is queued, then reports how the run ended.
+async fn finish(receiver: Option<Receiver>, how: impl FnOnce(Lsn) -> Finished) -> Result<Finished, ReceiveError> {
+    let pos = receiver.as_ref().map(|r| r.start).unwrap_or_default();
+    if let Some(r) = receiver {
+        r.archiver.finish().await?;
+    }
+    Ok(how(pos))
 }
 
 async fn wait_true(rx: &mut watch::Receiver<bool>) {
@@ -322,8 +315,14 @@ impl Receiver {
             }
             let path = spool.ready_path(id);
             let ok = match std::fs::read(&path) {
-                Ok(bytes) => match verify_segment(params(id.timeline), id.start_lsn(seg_size), &bytes) {
-                    Ok(()) => true,
+                // A ready file must be whole: a zeroed tail (lost before it reached the disk)
+                // is incomplete even though every byte before it verifies.
+                Ok(bytes) => match check_segment(params(id.timeline), id.start_lsn(seg_size), &bytes) {
+                    Ok(c) if c.complete => true,
+                    Ok(c) => {
+                        tracing::warn!(file = %path.display(), data_end = %c.data_end, "spooled segment is incomplete, streaming it again");
+                        false
+                    }
                     Err(e) => {
                         tracing::warn!(file = %path.display(), "spooled segment failed verification, streaming it again: {e}");
                         false

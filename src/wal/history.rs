@@ -29,13 +29,19 @@ pub struct TimelineHistory {
 pub enum HistoryError {
     #[error("timeline history line {line}: expected a numeric parent timeline ID (1..=4294967295), found {found:?}")]
     BadTimeline { line: usize, found: String },
-    #[error("timeline history line {line}: expected a switch LSN like 0/4000128 after the timeline ID, found {found:?}")]
+    #[error(
+        "timeline history line {line}: expected a switch LSN like 0/4000128 after the timeline ID, found {found:?}"
+    )]
     BadLsn { line: usize, found: String },
     #[error("timeline history line {line}: expected timeline IDs in increasing order, found {found} after {previous}")]
     TimelineNotIncreasing { line: usize, previous: u32, found: u32 },
-    #[error("timeline history line {line}: expected switch LSNs in non-decreasing order, found {found} after {previous}")]
+    #[error(
+        "timeline history line {line}: expected switch LSNs in non-decreasing order, found {found} after {previous}"
+    )]
     LsnDecreasing { line: usize, previous: Lsn, found: Lsn },
-    #[error("timeline history of timeline {child}: expected every parent timeline to be lower than {child}, found {found}")]
+    #[error(
+        "timeline history of timeline {child}: expected every parent timeline to be lower than {child}, found {found}"
+    )]
     ParentNotOlder { child: u32, found: u32 },
 }
 
@@ -85,13 +91,9 @@ impl TimelineHistory {
                     found: String::from_utf8_lossy(tli_tok).into_owned(),
                 })?;
             let (lsn_tok, rest) = next_token(rest);
-            let lsn = std::str::from_utf8(lsn_tok)
-                .ok()
-                .and_then(|s| s.parse::<Lsn>().ok())
-                .ok_or_else(|| HistoryError::BadLsn {
-                    line: line_no,
-                    found: String::from_utf8_lossy(lsn_tok).into_owned(),
-                })?;
+            let lsn = std::str::from_utf8(lsn_tok).ok().and_then(|s| s.parse::<Lsn>().ok()).ok_or_else(|| {
+                HistoryError::BadLsn { line: line_no, found: String::from_utf8_lossy(lsn_tok).into_owned() }
+            })?;
             if let Some(prev) = entries.last() {
                 if tli <= prev.parent_timeline {
                     return Err(HistoryError::TimelineNotIncreasing {
@@ -101,11 +103,7 @@ impl TimelineHistory {
                     });
                 }
                 if lsn < prev.switch_lsn {
-                    return Err(HistoryError::LsnDecreasing {
-                        line: line_no,
-                        previous: prev.switch_lsn,
-                        found: lsn,
-                    });
+                    return Err(HistoryError::LsnDecreasing { line: line_no, previous: prev.switch_lsn, found: lsn });
                 }
             }
             let reason = String::from_utf8_lossy(trim_blanks(rest)).into_owned();
@@ -147,10 +145,7 @@ impl TimelineHistory {
     /// `[switch_lsn of entry i-1, switch_lsn of entry i)`; a switch point itself already belongs
     /// to the next timeline; everything at or after the last switch point is `current_timeline`.
     pub fn timeline_of(&self, lsn: Lsn, current_timeline: u32) -> u32 {
-        self.entries
-            .iter()
-            .find(|e| lsn < e.switch_lsn)
-            .map_or(current_timeline, |e| e.parent_timeline)
+        self.entries.iter().find(|e| lsn < e.switch_lsn).map_or(current_timeline, |e| e.parent_timeline)
     }
 
     /// The LSN at which timeline `tli` ended (PostgreSQL's tliSwitchPoint). `None` when `tli` is
@@ -265,18 +260,9 @@ mod tests {
             (b"1\n", HistoryError::BadLsn { line: 1, found: "".into() }),
             (b"1\t0-1\treason\n", HistoryError::BadLsn { line: 1, found: "0-1".into() }),
             (b"1\t123456789/0\n", HistoryError::BadLsn { line: 1, found: "123456789/0".into() }),
-            (
-                b"2\t0/10\n# c\n2\t0/20\n",
-                HistoryError::TimelineNotIncreasing { line: 3, previous: 2, found: 2 },
-            ),
-            (
-                b"2\t0/10\n1\t0/20\n",
-                HistoryError::TimelineNotIncreasing { line: 2, previous: 2, found: 1 },
-            ),
-            (
-                b"1\t0/20\n2\t0/10\n",
-                HistoryError::LsnDecreasing { line: 2, previous: Lsn(0x20), found: Lsn(0x10) },
-            ),
+            (b"2\t0/10\n# c\n2\t0/20\n", HistoryError::TimelineNotIncreasing { line: 3, previous: 2, found: 2 }),
+            (b"2\t0/10\n1\t0/20\n", HistoryError::TimelineNotIncreasing { line: 2, previous: 2, found: 1 }),
+            (b"1\t0/20\n2\t0/10\n", HistoryError::LsnDecreasing { line: 2, previous: Lsn(0x20), found: Lsn(0x10) }),
         ];
         for (input, want) in cases {
             let got = TimelineHistory::parse(input).unwrap_err();
@@ -284,10 +270,7 @@ mod tests {
             assert!(got.to_string().contains("line"), "{got}");
         }
         // Non-UTF-8 in the numeric fields is a typed error, not a panic.
-        assert!(matches!(
-            TimelineHistory::parse(b"\xff\t0/1\n"),
-            Err(HistoryError::BadTimeline { line: 1, .. })
-        ));
+        assert!(matches!(TimelineHistory::parse(b"\xff\t0/1\n"), Err(HistoryError::BadTimeline { line: 1, .. })));
         // Non-UTF-8 in the reason is accepted (lossy).
         let h = TimelineHistory::parse(b"1\t0/1\tr\xffx\n").unwrap();
         assert_eq!(h.entries[0].reason, "r\u{fffd}x");

@@ -69,7 +69,9 @@ pub enum VerifyError {
     PositionOverflow { lsn: Lsn, len: u64 },
     #[error("WAL segment at {lsn}: expected exactly {expected} bytes, found {found}")]
     SegmentLength { lsn: Lsn, expected: u64, found: u64 },
-    #[error("WAL page at {lsn}: expected xlp_magic 0xD110/0xD113/0xD116/0xD118 (PostgreSQL 15-18), found {found:#06X}")]
+    #[error(
+        "WAL page at {lsn}: expected xlp_magic 0xD110/0xD113/0xD116/0xD118 (PostgreSQL 15-18), found {found:#06X}"
+    )]
     UnknownMagic { lsn: Lsn, found: u16 },
     #[error("WAL page at {lsn}: expected xlp_magic {expected:#06X} as on the earlier pages, found {found:#06X}")]
     MagicChanged { lsn: Lsn, expected: u16, found: u16 },
@@ -113,7 +115,9 @@ pub enum VerifyError {
     PrevLink { lsn: Lsn, expected: Lsn, found: Lsn },
     #[error("WAL record at {lsn}: expected xl_prev before the record itself, found {found}")]
     PrevLinkNotBefore { lsn: Lsn, found: Lsn },
-    #[error("WAL record at {lsn}: expected CRC-32C {expected:#010X} (computed over the record), found xl_crc {found:#010X}")]
+    #[error(
+        "WAL record at {lsn}: expected CRC-32C {expected:#010X} (computed over the record), found xl_crc {found:#010X}"
+    )]
     Crc { lsn: Lsn, expected: u32, found: u32 },
     #[error("WAL at {lsn}: expected only zero bytes from the XLOG_SWITCH record at {switch} to the segment end, found byte {found:#04X}")]
     NonZeroAfterSwitch { lsn: Lsn, switch: Lsn, found: u8 },
@@ -368,11 +372,9 @@ impl WalVerifier {
         let h = &self.rec_hdr;
         let xl_prev = u64::from_le_bytes([h[8], h[9], h[10], h[11], h[12], h[13], h[14], h[15]]);
         match self.prev {
-            Some(prev) if xl_prev != prev => Err(VerifyError::PrevLink {
-                lsn: Lsn(self.rec_start),
-                expected: Lsn(prev),
-                found: Lsn(xl_prev),
-            }),
+            Some(prev) if xl_prev != prev => {
+                Err(VerifyError::PrevLink { lsn: Lsn(self.rec_start), expected: Lsn(prev), found: Lsn(xl_prev) })
+            }
             None if xl_prev >= self.rec_start => {
                 Err(VerifyError::PrevLinkNotBefore { lsn: Lsn(self.rec_start), found: Lsn(xl_prev) })
             }
@@ -396,7 +398,10 @@ impl WalVerifier {
             // Everything after the switch record up to the end of its segment is zero (xlog.c
             // zeroes even the page headers there). A switch ending exactly at a segment end has
             // no tail.
-            Body::SwitchTail { switch: self.rec_start, until: (end - end % self.seg_size).saturating_add(self.seg_size) }
+            Body::SwitchTail {
+                switch: self.rec_start,
+                until: (end - end % self.seg_size).saturating_add(self.seg_size),
+            }
         } else {
             Body::Idle
         };
@@ -994,20 +999,11 @@ mod tests {
             e1
         };
         assert_eq!(check(&|b| b[page] = 0x11), VerifyError::UnknownMagic { lsn: at, found: 0xD111 });
-        assert_eq!(
-            check(&|b| b[page] = 0x16),
-            VerifyError::MagicChanged { lsn: at, expected: 0xD110, found: 0xD116 }
-        );
+        assert_eq!(check(&|b| b[page] = 0x16), VerifyError::MagicChanged { lsn: at, expected: 0xD110, found: 0xD116 });
         let info = u16::from_le_bytes([seg[page + 2], seg[page + 3]]);
         assert_eq!(check(&|b| b[page + 2] |= 0x10), VerifyError::InfoBits { lsn: at, found: info | 0x10 });
-        assert_eq!(
-            check(&|b| b[page + 2] |= 0x02),
-            VerifyError::UnexpectedLongHeader { lsn: at, info: info | 0x02 }
-        );
-        assert_eq!(
-            check(&|b| b[page + 9] ^= 0x40),
-            VerifyError::PageAddress { lsn: at, found: lsn("0/90E000") }
-        );
+        assert_eq!(check(&|b| b[page + 2] |= 0x02), VerifyError::UnexpectedLongHeader { lsn: at, info: info | 0x02 });
+        assert_eq!(check(&|b| b[page + 9] ^= 0x40), VerifyError::PageAddress { lsn: at, found: lsn("0/90E000") });
         assert_eq!(check(&|b| b[page + 4] = 0), VerifyError::Timeline { lsn: at, min: 1, max: 1, found: 0 });
         // This page continues a record: drop the flag, or change the remaining length.
         assert_eq!(info & XLP_FIRST_IS_CONTRECORD, XLP_FIRST_IS_CONTRECORD, "fixture layout changed");
@@ -1018,10 +1014,16 @@ mod tests {
             b[page + 2] &= !0x01;
             b[page + 16..page + 20].copy_from_slice(&[0; 4]);
         });
-        assert!(matches!(e, VerifyError::MissingContinuation { lsn: l, expected, .. } if l == at && expected == rem), "{e}");
+        assert!(
+            matches!(e, VerifyError::MissingContinuation { lsn: l, expected, .. } if l == at && expected == rem),
+            "{e}"
+        );
         let e = check(&|b| b[page + 16] ^= 0x04);
-        assert!(matches!(e, VerifyError::ContinuationLength { lsn: l, expected, found, .. }
-            if l == at && expected == rem && found == rem ^ 0x04), "{e}");
+        assert!(
+            matches!(e, VerifyError::ContinuationLength { lsn: l, expected, found, .. }
+            if l == at && expected == rem && found == rem ^ 0x04),
+            "{e}"
+        );
         let e = check(&|b| b[page + 2] |= 0x08);
         assert_eq!(e, VerifyError::ConflictingContinuationFlags { lsn: at, info: info | 0x08 });
         // First page: long header fields.
@@ -1038,11 +1040,7 @@ mod tests {
         p.system_identifier += 1;
         assert_eq!(
             verify_segment(p, lsn("0/900000"), &seg).unwrap_err(),
-            VerifyError::SystemIdentifier {
-                lsn: lsn("0/900000"),
-                expected: FIXTURE_SYSID + 1,
-                found: FIXTURE_SYSID
-            }
+            VerifyError::SystemIdentifier { lsn: lsn("0/900000"), expected: FIXTURE_SYSID + 1, found: FIXTURE_SYSID }
         );
         // Timeline 3's segment streamed as timeline 2: the first TL3 page is too new.
         let c = fixture("00000003000000000000000C");
@@ -1078,10 +1076,7 @@ mod tests {
             let off = (lsn(at).0 - 0xA00000) as usize;
             bad[off] = 0x5A;
             let err = feed_chunked(params(1), lsn("0/A00000"), &bad, 4096).unwrap_err();
-            assert_eq!(
-                err,
-                VerifyError::NonZeroAfterSwitch { lsn: lsn(at), switch: lsn("0/AABC90"), found: 0x5A }
-            );
+            assert_eq!(err, VerifyError::NonZeroAfterSwitch { lsn: lsn(at), switch: lsn("0/AABC90"), found: 0x5A });
             // As a file, the non-zero byte makes the tail not WAL: a prefix followed by garbage.
             let err = verify_segment(params(1), lsn("0/A00000"), &bad).unwrap_err();
             assert_eq!(err.lsn(), lsn(at));
@@ -1162,8 +1157,11 @@ mod tests {
         let mut bad = ef.clone();
         bad[MB as usize + 2] &= !0x08;
         let err = feed_chunked(params(3), lsn("0/E00000"), &bad, 8192).unwrap_err();
-        assert!(matches!(err, VerifyError::MissingContinuation { lsn: l, record, .. }
-            if l == lsn("0/F00000") && record == lsn("0/EFC688")), "{err}");
+        assert!(
+            matches!(err, VerifyError::MissingContinuation { lsn: l, record, .. }
+            if l == lsn("0/F00000") && record == lsn("0/EFC688")),
+            "{err}"
+        );
     }
 
     // ---- synthetic WAL ----
@@ -1256,7 +1254,8 @@ mod tests {
                 // Corrupting the second half of the split header is a CRC/prev error at `rec`.
                 let mut bad = b.bytes().to_vec();
                 let idx = (rec.0 - b.start().0) as usize;
-                let hdr_byte_on_next_page = if slot_from_end < 24 { idx + slot_from_end as usize + 24 } else { idx + 17 };
+                let hdr_byte_on_next_page =
+                    if slot_from_end < 24 { idx + slot_from_end as usize + 24 } else { idx + 17 };
                 bad[hdr_byte_on_next_page] ^= 0x20;
                 let err = feed_chunked(p, b.start(), &bad, 7).unwrap_err();
                 assert_eq!(err.lsn(), rec, "{err}");
@@ -1296,10 +1295,8 @@ mod tests {
         // across the segment boundary (its zero fill is then the whole next segment).
         for off in [40, 3 * PAGE + 24, 5000, 5 * PAGE + 8176, 6 * PAGE + 8184, MB - 24, MB - 8] {
             let mut b = WalBuilder::new(SYSID, seg1m(), 1, Lsn(seg));
-            b.push(5, 0, 1, &[1; 3]);
-            if off == 40 {
-                b = WalBuilder::new(SYSID, seg1m(), 1, Lsn(seg));
-            } else {
+            if off != 40 {
+                b.push(5, 0, 1, &[1; 3]);
                 fill_until(&mut b, seg + off);
             }
             let sw = b.push_switch();
@@ -1332,13 +1329,21 @@ mod tests {
         let p = VerifyParams { system_identifier: SYSID, segment_size: seg1m(), timeline: 1 };
         let mut b = WalBuilder::new(SYSID, seg1m(), 1, lsn("0/100000"));
         let last_good = b.push(1, 0, 1, &[1; 3000]);
-        b.push_aborted(1, 0, 2, &[2; 30_000]).unwrap();
+        let aborted = b.push_aborted(1, 0, 2, &[2; 30_000]).unwrap();
+        assert_eq!(b.position(), lsn("0/102000"));
+        // The record that replaces the lost continuation links to the last complete record.
+        let mut linked_to_aborted = b.clone();
         let next = b.push(0, 0xD0, 0, &[3; 16]);
         assert_eq!(next, lsn("0/102018"));
         b.push(1, 0, 3, &[4; 100]);
         let v = feed_chunked(p, b.start(), b.bytes(), 1).unwrap();
         assert_eq!(v.records_verified(), 3);
-        let _ = last_good;
+        linked_to_aborted.set_prev(aborted);
+        linked_to_aborted.push(0, 0xD0, 0, &[3; 16]);
+        assert_eq!(
+            feed_chunked(p, b.start(), linked_to_aborted.bytes(), 100).unwrap_err(),
+            VerifyError::PrevLink { lsn: next, expected: last_good, found: aborted }
+        );
         // The overwrite flag where no record is in progress: the first record fills page 1
         // exactly, so page 2 starts clean.
         let mut b = WalBuilder::new(SYSID, seg1m(), 1, lsn("0/100000"));

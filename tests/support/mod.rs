@@ -5,8 +5,11 @@
 //! and from `#[tokio::test]`s alike.
 //!
 //! # Layout
-//! All files live under one test root: `$WALAGENT_TEST_ROOT`, else `/tmp/walagent-tests` when
-//! running as root, else `$TMPDIR/walagent-tests-<uid>`. Each cluster gets its own directory
+//! All files live under one test root: `$WALAGENT_TEST_ROOT` if set; else
+//! `/dev/shm/walagent-tests` when /dev/shm is a tmpfs with at least 4 GiB available (clusters
+//! on disk are several times slower to create and to crash-recover when many tests fsync in
+//! parallel); else `/tmp/walagent-tests`. Non-root users get `walagent-tests-<uid>` (the
+//! fallback then under $TMPDIR). Each cluster gets its own directory
 //! `<root>/w<pid>-<starttime>-<seq>-<kind>`:
 //!
 //! ```text
@@ -39,8 +42,10 @@
 //! # Environment
 //! - `WALAGENT_PG_BIN`: PostgreSQL bin directory (default /usr/lib/postgresql/15/bin, else
 //!   `pg_config --bindir`).
-//! - `WALAGENT_TEST_ROOT`: the test root (see above). Its path must be short (the unix socket
-//!   path has to stay below 108 bytes) and, as root, traversable by `postgres`.
+//! - `WALAGENT_TEST_ROOT`: the test root (see above), e.g. `/tmp/walagent-tests` to keep the
+//!   clusters on disk. Its path must be short (the unix socket path has to stay below 108
+//!   bytes) and, as root, traversable by `postgres`.
+//! - `WALAGENT_TEST_TIMING`: print how long each step of a cluster start took.
 //! - `WALAGENT_KEEP_TEST_DIRS`: keep cluster and temp directories (servers are still stopped).
 #![allow(dead_code)]
 
@@ -72,8 +77,8 @@ pub const MD5_USER: &str = "md5_user";
 pub const SCRAM_USER: &str = "scram_user";
 /// REPLICATION LOGIN, `trust` in pg_hba.conf (any or no password is accepted).
 pub const TRUST_USER: &str = "trust_user";
-/// REPLICATION LOGIN, scram-sha-256, only matched by `hostssl` lines: non-SSL connections
-/// are rejected ("no pg_hba.conf entry").
+/// REPLICATION LOGIN, scram-sha-256, only matched by `hostssl` lines (present when tls):
+/// non-SSL connections are rejected ("no pg_hba.conf entry").
 pub const SSL_USER: &str = "ssl_user";
 /// LOGIN without REPLICATION (scram-sha-256): replication connections fail with
 /// "must be superuser or replication role".
@@ -85,7 +90,7 @@ pub fn password_for(user: &str) -> String {
 }
 
 /// Bump when the template contents (roles, initdb options, included config) change.
-const TEMPLATE_FORMAT: u32 = 1;
+const TEMPLATE_FORMAT: u32 = 2;
 const CONF_FILE: &str = "walagent-test.conf";
 const START_TIMEOUT_SECS: u32 = 60;
 
@@ -137,17 +142,33 @@ impl PgCluster {
             seg_mb.is_power_of_two() && (1..=1024).contains(&seg_mb),
             "wal_segment_size_mb must be a power of two in 1..=1024, got {seg_mb}"
         );
+        let t = Timer::new("start");
         let template = template_dir(seg_mb);
+        t.step("template");
         let dir = new_unique_dir("pg", 0o700, true);
-        let cluster = PgCluster { dir, port: AtomicU16::new(0), opts, seg_mb };
+        let cluster = PgCluster {
+            dir,
+            port: AtomicU16::new(0),
+            opts,
+            seg_mb,
+        };
         let pgdata = cluster.pgdata();
         run_ok(
-            Command::new("cp").arg("-a").arg(template.join("data")).arg(&pgdata),
+            Command::new("cp")
+                .arg("-a")
+                .arg(template.join("data"))
+                .arg(&pgdata),
             "copy the template data directory",
         );
+        t.step("cp -a");
         set_new_system_identifier(&pgdata);
-        run_ok(&mut pg_cmd("pg_resetwal").arg("-D").arg(&pgdata), "pg_resetwal (new system identifier)");
+        run_ok(
+            pg_cmd("pg_resetwal").arg("-D").arg(&pgdata),
+            "pg_resetwal (new system identifier)",
+        );
+        t.step("pg_resetwal");
         cluster.launch();
+        t.step("launch");
         cluster
     }
 
@@ -156,18 +177,21 @@ impl PgCluster {
     /// and `extra_hba` apply to the standby.
     pub fn create_standby(&self, opts: PgOptions) -> PgCluster {
         let dir = new_unique_dir("standby", 0o700, true);
-        let standby = PgCluster { dir, port: AtomicU16::new(0), opts, seg_mb: self.seg_mb };
-        let out = run(
-            pg_cmd("pg_basebackup")
-                .arg("-D")
-                .arg(standby.pgdata())
-                .args(["-X", "stream", "-R", "-c", "fast", "--no-sync"])
-                .arg("-h")
-                .arg(self.socket_dir())
-                .arg("-p")
-                .arg(self.port().to_string())
-                .args(["-U", SUPERUSER]),
-        );
+        let standby = PgCluster {
+            dir,
+            port: AtomicU16::new(0),
+            opts,
+            seg_mb: self.seg_mb,
+        };
+        let out = run(pg_cmd("pg_basebackup")
+            .arg("-D")
+            .arg(standby.pgdata())
+            .args(["-X", "stream", "-R", "-c", "fast", "--no-sync"])
+            .arg("-h")
+            .arg(self.socket_dir())
+            .arg("-p")
+            .arg(self.port().to_string())
+            .args(["-U", SUPERUSER]));
         if !out.status.success() {
             panic!(
                 "pg_basebackup from {} failed: {}\n{}\n--- primary log tail ---\n{}",
@@ -224,13 +248,23 @@ impl PgCluster {
             s.push(':');
             s.push_str(&pct(p));
         }
-        s.push_str(&format!("@127.0.0.1:{}/postgres?sslmode={}", self.port(), pct(sslmode)));
+        s.push_str(&format!(
+            "@127.0.0.1:{}/postgres?sslmode={}",
+            self.port(),
+            pct(sslmode)
+        ));
         s
     }
     /// Like [`uri_for`](Self::uri_for) plus `&sslrootcert=<ca.crt>` (panics unless tls).
     pub fn tls_uri_for(&self, user: &str, password: Option<&str>, sslmode: &str) -> String {
-        let ca = self.ca_cert_path().expect("tls_uri_for needs a cluster started with tls: true");
-        format!("{}&sslrootcert={}", self.uri_for(user, password, sslmode), pct(&ca.to_string_lossy()))
+        let ca = self
+            .ca_cert_path()
+            .expect("tls_uri_for needs a cluster started with tls: true");
+        format!(
+            "{}&sslrootcert={}",
+            self.uri_for(user, password, sslmode),
+            pct(&ca.to_string_lossy())
+        )
     }
     /// When started with `tls: true`: the CA certificate (PEM) that signed the server
     /// certificate, usable as `sslrootcert`.
@@ -257,12 +291,10 @@ impl PgCluster {
     }
     /// `pg_ctl stop -m MODE -w` (smart|fast|immediate).
     pub fn stop(&self, mode: &str) {
-        let out = run(
-            pg_cmd("pg_ctl")
-                .arg("-D")
-                .arg(self.pgdata())
-                .args(["-m", mode, "-w", "-t", "60", "stop"]),
-        );
+        let out = run(pg_cmd("pg_ctl")
+            .arg("-D")
+            .arg(self.pgdata())
+            .args(["-m", mode, "-w", "-t", "60", "stop"]));
         if !out.status.success() {
             panic!(
                 "pg_ctl stop -m {mode} failed: {}\n{}{}\n--- log tail ---\n{}",
@@ -305,7 +337,12 @@ impl PgCluster {
     pub fn kill9(&self) {
         let pid = read_postmaster_pid(&self.pgdata())
             .filter(|&p| pid_alive(p))
-            .unwrap_or_else(|| panic!("kill9: no running postmaster in {}", self.pgdata().display()));
+            .unwrap_or_else(|| {
+                panic!(
+                    "kill9: no running postmaster in {}",
+                    self.pgdata().display()
+                )
+            });
         kill_tree(pid);
         clear_stale_locks(&self.pgdata(), &self.socket_dir(), self.port());
     }
@@ -317,12 +354,18 @@ impl PgCluster {
 
     /// `pg_ctl reload`.
     pub fn reload(&self) {
-        run_ok(pg_cmd("pg_ctl").arg("-D").arg(self.pgdata()).arg("reload"), "pg_ctl reload");
+        run_ok(
+            pg_cmd("pg_ctl").arg("-D").arg(self.pgdata()).arg("reload"),
+            "pg_ctl reload",
+        );
     }
 
     /// `pg_ctl promote -w`, then waits until `pg_is_in_recovery()` is false.
     pub fn promote(&self) {
-        let out = run(pg_cmd("pg_ctl").arg("-D").arg(self.pgdata()).args(["-w", "-t", "60", "promote"]));
+        let out = run(pg_cmd("pg_ctl")
+            .arg("-D")
+            .arg(self.pgdata())
+            .args(["-w", "-t", "60", "promote"]));
         if !out.status.success() {
             panic!(
                 "pg_ctl promote failed: {}\n{}{}\n--- log tail ---\n{}",
@@ -332,9 +375,15 @@ impl PgCluster {
                 self.log_tail(30)
             );
         }
-        wait_until(Duration::from_secs(60), "standby leaves recovery after promote", || {
-            self.try_psql("SELECT pg_is_in_recovery()").map(|s| s == "f").unwrap_or(false)
-        });
+        wait_until(
+            Duration::from_secs(60),
+            "standby leaves recovery after promote",
+            || {
+                self.try_psql("SELECT pg_is_in_recovery()")
+                    .map(|s| s == "f")
+                    .unwrap_or(false)
+            },
+        );
     }
 
     /// `pg_switch_wal()` (the LSN where the switched-out segment ends; no switch happens if
@@ -356,7 +405,8 @@ impl PgCluster {
     /// `pg_control_system().system_identifier`.
     pub fn system_identifier(&self) -> u64 {
         let s = self.psql("SELECT system_identifier FROM pg_control_system()");
-        s.parse().unwrap_or_else(|_| panic!("bad system_identifier {s:?}"))
+        s.parse()
+            .unwrap_or_else(|_| panic!("bad system_identifier {s:?}"))
     }
     /// The timeline of the current WAL insert position (primary only).
     pub fn timeline(&self) -> u32 {
@@ -393,10 +443,16 @@ $walload$"#
         ));
         let end_lsn = self.psql("SELECT pg_current_wal_flush_lsn()");
         let bytes = self
-            .psql(&format!("SELECT pg_wal_lsn_diff('{end_lsn}', '{start_lsn}')::bigint"))
+            .psql(&format!(
+                "SELECT pg_wal_lsn_diff('{end_lsn}', '{start_lsn}')::bigint"
+            ))
             .parse()
             .unwrap();
-        WalRange { start_lsn, end_lsn, bytes }
+        WalRange {
+            start_lsn,
+            end_lsn,
+            bytes,
+        }
     }
 
     /// `PGDATA/pg_wal/<name>`.
@@ -413,15 +469,19 @@ $walload$"#
     /// Writes config (+ TLS files) and starts the server on a free port, retrying with
     /// another port when the chosen one was taken in the meantime.
     fn launch(&self) {
+        let t = Timer::new("launch");
         if self.opts.tls {
             write_tls_files(&self.dir, &self.pgdata());
+            t.step("tls files");
         }
         self.write_hba();
         let mut last = String::new();
         for _ in 0..10 {
             self.port.store(free_port(), Ordering::SeqCst);
             self.write_conf();
-            match self.pg_ctl_start() {
+            let r = self.pg_ctl_start();
+            t.step("pg_ctl start");
+            match r {
                 Ok(()) => return,
                 Err((true, e)) => last = e,
                 Err((false, e)) => panic!("{e}"),
@@ -434,14 +494,12 @@ $walload$"#
     fn pg_ctl_start(&self) -> Result<(), (bool, String)> {
         let log = self.log_path();
         let log_start = fs::metadata(&log).map(|m| m.len()).unwrap_or(0);
-        let out = run(
-            pg_cmd("pg_ctl")
-                .arg("-D")
-                .arg(self.pgdata())
-                .arg("-l")
-                .arg(&log)
-                .args(["-w", "-t", &START_TIMEOUT_SECS.to_string(), "start"]),
-        );
+        let out = run(pg_cmd("pg_ctl")
+            .arg("-D")
+            .arg(self.pgdata())
+            .arg("-l")
+            .arg(&log)
+            .args(["-w", "-t", &START_TIMEOUT_SECS.to_string(), "start"]));
         if out.status.success() {
             return Ok(());
         }
@@ -517,7 +575,7 @@ $walload$"#
             h.push_str(line);
             h.push('\n');
         }
-        h.push_str(&hba_lines());
+        h.push_str(&hba_lines(self.opts.tls));
         write_pg_file(&self.pgdata().join("pg_hba.conf"), h.as_bytes(), 0o600);
     }
 }
@@ -574,7 +632,13 @@ impl TestDir {
     /// (no-op otherwise), e.g. for a directory the server itself has to write into.
     pub fn give_to_postgres(&self) {
         if is_root() {
-            run_ok(Command::new("chown").arg("-R").arg("postgres:").arg(&self.path), "chown -R postgres");
+            run_ok(
+                Command::new("chown")
+                    .arg("-R")
+                    .arg("postgres:")
+                    .arg(&self.path),
+                "chown -R postgres",
+            );
         }
     }
 }
@@ -599,7 +663,9 @@ impl Drop for TestDir {
 }
 
 pub fn tempdir() -> TestDir {
-    TestDir { path: new_unique_dir("tmp", 0o755, false) }
+    TestDir {
+        path: new_unique_dir("tmp", 0o755, false),
+    }
 }
 
 /// `Command` for the walagent binary, with `RUST_LOG` defaulting to `walagent=debug` and
@@ -623,13 +689,19 @@ pub fn walagent_path_for_postgres() -> PathBuf {
         if !is_root() {
             return bin;
         }
-        let ok = as_postgres("test").arg("-x").arg(&bin).status().map(|s| s.success()).unwrap_or(false);
+        let ok = as_postgres("test")
+            .arg("-x")
+            .arg(&bin)
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
         if ok {
             return bin;
         }
         let dir = new_unique_dir("bin", 0o755, false);
         let dst = dir.join("walagent");
-        fs::copy(&bin, &dst).unwrap_or_else(|e| panic!("copy {} to {}: {e}", bin.display(), dst.display()));
+        fs::copy(&bin, &dst)
+            .unwrap_or_else(|e| panic!("copy {} to {}: {e}", bin.display(), dst.display()));
         fs::set_permissions(&dst, fs::Permissions::from_mode(0o755)).unwrap();
         dst
     })
@@ -641,7 +713,17 @@ pub fn walagent_path_for_postgres() -> PathBuf {
 /// stdout or psql's stderr.
 pub fn psql_conninfo(conninfo: &str, password: Option<&str>, sql: &str) -> Result<String, String> {
     let mut cmd = plain_cmd(pg_bin().join("psql"));
-    cmd.args(["-X", "-At", "-q", "-v", "ON_ERROR_STOP=1", "-d", conninfo, "-c", sql]);
+    cmd.args([
+        "-X",
+        "-At",
+        "-q",
+        "-v",
+        "ON_ERROR_STOP=1",
+        "-d",
+        conninfo,
+        "-c",
+        sql,
+    ]);
     if let Some(p) = password {
         cmd.env("PGPASSWORD", p);
     }
@@ -689,6 +771,39 @@ pub fn pg_bin() -> &'static Path {
     })
 }
 
+/// Step timings on stderr when `WALAGENT_TEST_TIMING` is set.
+struct Timer {
+    what: &'static str,
+    t0: Instant,
+    last: std::cell::Cell<Instant>,
+    on: bool,
+}
+
+impl Timer {
+    fn new(what: &'static str) -> Timer {
+        let now = Instant::now();
+        let on = std::env::var_os("WALAGENT_TEST_TIMING").is_some();
+        Timer {
+            what,
+            t0: now,
+            last: std::cell::Cell::new(now),
+            on,
+        }
+    }
+    fn step(&self, step: &str) {
+        if self.on {
+            let now = Instant::now();
+            eprintln!(
+                "[timing] {} {step}: {:?} (total {:?})",
+                self.what,
+                now - self.last.get(),
+                now - self.t0
+            );
+            self.last.set(now);
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Internals: commands
 // ---------------------------------------------------------------------------------------------
@@ -734,7 +849,8 @@ fn pg_cmd(tool: &str) -> Command {
 }
 
 fn run(cmd: &mut Command) -> Output {
-    cmd.output().unwrap_or_else(|e| panic!("failed to run {cmd:?}: {e}"))
+    cmd.output()
+        .unwrap_or_else(|e| panic!("failed to run {cmd:?}: {e}"))
 }
 
 fn run_ok(cmd: &mut Command, what: &str) -> Output {
@@ -754,7 +870,11 @@ fn psql_result(out: Output) -> Result<String, String> {
     if out.status.success() {
         Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
     } else {
-        Err(format!("{}: {}", out.status, String::from_utf8_lossy(&out.stderr).trim()))
+        Err(format!(
+            "{}: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
     }
 }
 
@@ -795,7 +915,13 @@ fn chown_postgres(path: &Path) {
     let (uid, gid) = postgres_ids();
     let c = CString::new(path.as_os_str().as_bytes()).unwrap();
     let rc = unsafe { libc::chown(c.as_ptr(), uid, gid) };
-    assert_eq!(rc, 0, "chown {}: {}", path.display(), std::io::Error::last_os_error());
+    assert_eq!(
+        rc,
+        0,
+        "chown {}: {}",
+        path.display(),
+        std::io::Error::last_os_error()
+    );
 }
 
 /// Writes a file the server reads: given mode, owned by postgres when root.
@@ -817,9 +943,8 @@ fn test_root() -> &'static Path {
     static ROOT: OnceLock<PathBuf> = OnceLock::new();
     ROOT.get_or_init(|| {
         let root = match std::env::var_os("WALAGENT_TEST_ROOT") {
-            Some(r) => PathBuf::from(r),
-            None if is_root() => PathBuf::from("/tmp/walagent-tests"),
-            None => std::env::temp_dir().join(format!("walagent-tests-{}", unsafe { libc::geteuid() })),
+            Some(r) if !r.is_empty() => PathBuf::from(r),
+            _ => default_root(),
         };
         fs::create_dir_all(&root).unwrap_or_else(|e| panic!("create test root {}: {e}", root.display()));
         let root = root.canonicalize().unwrap();
@@ -839,6 +964,39 @@ fn test_root() -> &'static Path {
         sweep_stale(&root);
         root
     })
+}
+
+/// `/dev/shm/walagent-tests` when /dev/shm is a tmpfs with at least 4 GiB available (much
+/// faster: no journal or fsync contention between parallel clusters), else
+/// `/tmp/walagent-tests`; non-root users get `...-<uid>` (under $TMPDIR for the fallback).
+fn default_root() -> PathBuf {
+    let name = if is_root() {
+        "walagent-tests".to_string()
+    } else {
+        format!("walagent-tests-{}", unsafe { libc::geteuid() })
+    };
+    if tmpfs_with_space(Path::new("/dev/shm"), 4 << 30) {
+        return Path::new("/dev/shm").join(name);
+    }
+    if is_root() {
+        Path::new("/tmp").join(name)
+    } else {
+        std::env::temp_dir().join(name)
+    }
+}
+
+fn tmpfs_with_space(path: &Path, min_bytes: u64) -> bool {
+    const TMPFS_MAGIC: i64 = 0x0102_1994;
+    let Ok(c) = CString::new(path.as_os_str().as_bytes()) else {
+        return false;
+    };
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
+        return false;
+    }
+    #[allow(clippy::unnecessary_cast)]
+    let (ftype, avail) = (st.f_type as i64, st.f_bavail as u64 * st.f_bsize as u64);
+    ftype == TMPFS_MAGIC && avail >= min_bytes
 }
 
 fn keep_dirs() -> bool {
@@ -885,14 +1043,22 @@ fn self_identity() -> (u32, u64) {
 
 /// Removes directories of test processes that no longer exist (stopping servers they left).
 fn sweep_stale(root: &Path) {
-    let Ok(entries) = fs::read_dir(root) else { return };
+    let Ok(entries) = fs::read_dir(root) else {
+        return;
+    };
     for e in entries.flatten() {
         let name = e.file_name();
         let name = name.to_string_lossy();
-        let Some(rest) = name.strip_prefix('w') else { continue };
+        let Some(rest) = name.strip_prefix('w') else {
+            continue;
+        };
         let mut parts = rest.splitn(3, '-');
-        let (Some(pid), Some(start)) = (parts.next(), parts.next()) else { continue };
-        let (Ok(pid), Ok(start)) = (pid.parse::<i32>(), start.parse::<u64>()) else { continue };
+        let (Some(pid), Some(start)) = (parts.next(), parts.next()) else {
+            continue;
+        };
+        let (Ok(pid), Ok(start)) = (pid.parse::<i32>(), start.parse::<u64>()) else {
+            continue;
+        };
         if proc_start_time(pid) == Some(start) && pid_alive(pid) {
             continue; // owner still running
         }
@@ -940,7 +1106,9 @@ fn proc_stat_fields(pid: i32) -> Option<Vec<String>> {
 }
 
 fn proc_comm(pid: i32) -> Option<String> {
-    fs::read_to_string(format!("/proc/{pid}/comm")).ok().map(|s| s.trim().to_string())
+    fs::read_to_string(format!("/proc/{pid}/comm"))
+        .ok()
+        .map(|s| s.trim().to_string())
 }
 
 fn proc_start_time(pid: i32) -> Option<u64> {
@@ -983,8 +1151,14 @@ fn kill_tree(pm: i32) {
         unsafe { libc::kill(k, libc::SIGKILL) };
     }
     let deadline = Instant::now() + Duration::from_secs(20);
-    while std::iter::once(pm).chain(kids.iter().copied()).any(pid_alive) {
-        assert!(Instant::now() < deadline, "processes of postmaster {pm} did not die after SIGKILL");
+    while std::iter::once(pm)
+        .chain(kids.iter().copied())
+        .any(pid_alive)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "processes of postmaster {pm} did not die after SIGKILL"
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
 }
@@ -996,9 +1170,20 @@ fn read_postmaster_pid(pgdata: &Path) -> Option<i32> {
 
 /// Removes postmaster.pid and the socket lock file if their process is gone.
 fn clear_stale_locks(pgdata: &Path, socket_dir: &Path, port: u16) {
-    for f in [pgdata.join("postmaster.pid"), socket_dir.join(format!(".s.PGSQL.{port}.lock"))] {
-        let Ok(s) = fs::read_to_string(&f) else { continue };
-        let pid = s.lines().next().unwrap_or("").trim().trim_start_matches('-').parse::<i32>();
+    for f in [
+        pgdata.join("postmaster.pid"),
+        socket_dir.join(format!(".s.PGSQL.{port}.lock")),
+    ] {
+        let Ok(s) = fs::read_to_string(&f) else {
+            continue;
+        };
+        let pid = s
+            .lines()
+            .next()
+            .unwrap_or("")
+            .trim()
+            .trim_start_matches('-')
+            .parse::<i32>();
         if pid.map(|p| !pid_alive(p)).unwrap_or(true) {
             let _ = fs::remove_file(&f);
         }
@@ -1009,11 +1194,15 @@ fn clear_stale_locks(pgdata: &Path, socket_dir: &Path, port: u16) {
 // Internals: template, system identifier, TLS, pg_hba
 // ---------------------------------------------------------------------------------------------
 
-fn hba_lines() -> String {
+fn hba_lines(tls: bool) -> String {
     let mut h = String::new();
     h.push_str("# TYPE     DATABASE     USER          ADDRESS        METHOD\n");
-    h.push_str(&format!("local      all          {SUPERUSER}                      trust\n"));
-    h.push_str(&format!("local      replication  {SUPERUSER}                      trust\n"));
+    h.push_str(&format!(
+        "local      all          {SUPERUSER}                      trust\n"
+    ));
+    h.push_str(&format!(
+        "local      replication  {SUPERUSER}                      trust\n"
+    ));
     for (typ, user, method) in [
         ("host", REPL_USER, "scram-sha-256"),
         ("host", MD5_USER, "md5"),
@@ -1023,8 +1212,13 @@ fn hba_lines() -> String {
         ("host", SUPERUSER, "scram-sha-256"),
         ("hostssl", SSL_USER, "scram-sha-256"),
     ] {
+        if typ == "hostssl" && !tls {
+            continue; // "hostssl record cannot match because SSL is disabled"
+        }
         for db in ["replication", "all"] {
-            h.push_str(&format!("{typ:<10} {db:<12} {user:<13} 127.0.0.1/32   {method}\n"));
+            h.push_str(&format!(
+                "{typ:<10} {db:<12} {user:<13} 127.0.0.1/32   {method}\n"
+            ));
         }
     }
     h
@@ -1032,15 +1226,28 @@ fn hba_lines() -> String {
 
 fn roles_sql() -> String {
     let mut s = String::from("SET client_min_messages = warning;\n");
-    s.push_str(&format!("ALTER ROLE {SUPERUSER} PASSWORD '{SUPER_PASSWORD}';\n"));
-    s.push_str(&format!("CREATE ROLE {REPL_USER} REPLICATION LOGIN PASSWORD '{REPL_PASSWORD}';\n"));
+    s.push_str(&format!(
+        "ALTER ROLE {SUPERUSER} PASSWORD '{SUPER_PASSWORD}';\n"
+    ));
+    s.push_str(&format!(
+        "CREATE ROLE {REPL_USER} REPLICATION LOGIN PASSWORD '{REPL_PASSWORD}';\n"
+    ));
     s.push_str(&format!("GRANT pg_monitor TO {REPL_USER};\n"));
     for u in [SCRAM_USER, TRUST_USER, SSL_USER] {
-        s.push_str(&format!("CREATE ROLE {u} REPLICATION LOGIN PASSWORD '{}';\n", password_for(u)));
+        s.push_str(&format!(
+            "CREATE ROLE {u} REPLICATION LOGIN PASSWORD '{}';\n",
+            password_for(u)
+        ));
     }
-    s.push_str(&format!("CREATE ROLE {NOREPL_USER} LOGIN PASSWORD '{}';\n", password_for(NOREPL_USER)));
+    s.push_str(&format!(
+        "CREATE ROLE {NOREPL_USER} LOGIN PASSWORD '{}';\n",
+        password_for(NOREPL_USER)
+    ));
     s.push_str("SET password_encryption = 'md5';\n");
-    s.push_str(&format!("CREATE ROLE {MD5_USER} REPLICATION LOGIN PASSWORD '{}';\n", password_for(MD5_USER)));
+    s.push_str(&format!(
+        "CREATE ROLE {MD5_USER} REPLICATION LOGIN PASSWORD '{}';\n",
+        password_for(MD5_USER)
+    ));
     s
 }
 
@@ -1049,23 +1256,46 @@ fn roles_sql() -> String {
 fn template_dir(seg_mb: u32) -> PathBuf {
     static IN_PROCESS: Mutex<()> = Mutex::new(());
     let root = test_root();
+    let initdb_args = [
+        "--data-checksums",
+        "-U",
+        SUPERUSER,
+        "--auth-local=trust",
+        "--auth-host=reject",
+        "--encoding=UTF8",
+        "--locale=C",
+        "--no-sync",
+        "--no-instructions",
+    ];
     let key = {
-        // tie the template to the binaries it was made with
+        // Tie the template to the binaries and to what goes into it (FNV-1a), so that a
+        // change here never reuses a stale cached template.
         let mut h: u64 = 0xcbf29ce484222325;
-        for b in pg_bin().as_os_str().as_bytes() {
-            h = (h ^ *b as u64).wrapping_mul(0x100000001b3);
-        }
+        let mut feed = |bytes: &[u8]| {
+            for b in bytes.iter().chain(b"\0") {
+                h = (h ^ *b as u64).wrapping_mul(0x100000001b3);
+            }
+        };
+        feed(pg_bin().as_os_str().as_bytes());
+        feed(roles_sql().as_bytes());
+        feed(hba_lines(false).as_bytes());
+        initdb_args.iter().for_each(|a| feed(a.as_bytes()));
         format!("tpl-v{TEMPLATE_FORMAT}-{:08x}-seg{seg_mb}", h as u32)
     };
     let final_dir = root.join(&key);
-    let ready = |d: &Path| d.join("data").join("PG_VERSION").exists() && d.join("complete").exists();
+    let ready =
+        |d: &Path| d.join("data").join("PG_VERSION").exists() && d.join("complete").exists();
     if ready(&final_dir) {
         return final_dir;
     }
     let _g = IN_PROCESS.lock().unwrap_or_else(|e| e.into_inner());
     // Cross-process lock (nextest runs tests in separate processes).
     let lock_path = root.join(format!("{key}.lock"));
-    let lock = fs::OpenOptions::new().create(true).append(true).open(&lock_path).unwrap();
+    let lock = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&lock_path)
+        .unwrap();
     {
         use std::os::fd::AsRawFd;
         let rc = unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) };
@@ -1078,17 +1308,20 @@ fn template_dir(seg_mb: u32) -> PathBuf {
     let build = new_unique_dir("tplbuild", 0o700, true);
     let data = build.join("data");
     let mut initdb = pg_cmd("initdb");
-    initdb
-        .arg("-D")
-        .arg(&data)
-        .args(["--data-checksums", "-U", SUPERUSER, "--auth-local=trust", "--auth-host=reject"])
-        .args(["--encoding=UTF8", "--locale=C", "--no-sync", "--no-instructions"]);
+    initdb.arg("-D").arg(&data).args(initdb_args);
     if seg_mb != 16 {
         initdb.arg(format!("--wal-segsize={seg_mb}"));
     }
     run_ok(&mut initdb, "initdb");
-    let mut conf = fs::OpenOptions::new().append(true).open(data.join("postgresql.conf")).unwrap();
-    writeln!(conf, "\n# added by tests/support\ninclude_if_exists = '{CONF_FILE}'").unwrap();
+    let mut conf = fs::OpenOptions::new()
+        .append(true)
+        .open(data.join("postgresql.conf"))
+        .unwrap();
+    writeln!(
+        conf,
+        "\n# added by tests/support\ninclude_if_exists = '{CONF_FILE}'"
+    )
+    .unwrap();
     drop(conf);
     // Socket-only server to create the roles.
     write_pg_file(
@@ -1100,22 +1333,56 @@ fn template_dir(seg_mb: u32) -> PathBuf {
         .as_bytes(),
         0o600,
     );
-    write_pg_file(&data.join("pg_hba.conf"), hba_lines().as_bytes(), 0o600);
+    write_pg_file(
+        &data.join("pg_hba.conf"),
+        hba_lines(false).as_bytes(),
+        0o600,
+    );
     let log = build.join("template.log");
-    let out = run(pg_cmd("pg_ctl").arg("-D").arg(&data).arg("-l").arg(&log).args(["-w", "-t", "60", "start"]));
+    let out = run(pg_cmd("pg_ctl")
+        .arg("-D")
+        .arg(&data)
+        .arg("-l")
+        .arg(&log)
+        .args(["-w", "-t", "60", "start"]));
     if !out.status.success() {
-        panic!("starting the template server failed:\n{}", tail_lines(&log, 40));
+        panic!(
+            "starting the template server failed:\n{}",
+            tail_lines(&log, 40)
+        );
     }
     let mut psql = plain_cmd(pg_bin().join("psql"));
     psql.args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-h"])
         .arg(&build)
-        .args(["-p", "5432", "-U", SUPERUSER, "-d", "postgres", "-c", &roles_sql()]);
+        .args([
+            "-p",
+            "5432",
+            "-U",
+            SUPERUSER,
+            "-d",
+            "postgres",
+            "-c",
+            &roles_sql(),
+        ]);
     let res = psql_result(run(&mut psql));
-    run_ok(pg_cmd("pg_ctl").arg("-D").arg(&data).args(["-m", "fast", "-w", "-t", "60", "stop"]), "stop template");
+    run_ok(
+        pg_cmd("pg_ctl")
+            .arg("-D")
+            .arg(&data)
+            .args(["-m", "fast", "-w", "-t", "60", "stop"]),
+        "stop template",
+    );
     if let Err(e) = res {
         panic!("creating roles in the template failed: {e}");
     }
     let _ = fs::remove_file(data.join("postmaster.opts"));
+    // Every copy gets its WAL rewritten by pg_resetwal, so the template needs none (saves
+    // copying a whole segment per cluster).
+    for e in fs::read_dir(data.join("pg_wal")).unwrap().flatten() {
+        if e.file_type().map(|t| t.is_file()).unwrap_or(false) {
+            fs::remove_file(e.path()).unwrap();
+        }
+    }
     fs::write(build.join("complete"), b"").unwrap();
     fs::set_permissions(&build, fs::Permissions::from_mode(0o755)).unwrap();
     fs::rename(&build, &final_dir)
@@ -1133,10 +1400,16 @@ fn set_new_system_identifier(pgdata: &Path) {
     // ControlFileData: system_identifier (u64) first, crc (u32) last; find the crc offset.
     let crc_off = (8..buf.len().min(1024) - 4)
         .step_by(4)
-        .find(|&off| u32::from_le_bytes(buf[off..off + 4].try_into().unwrap()) == crc32c::crc32c(&buf[..off]))
+        .find(|&off| {
+            u32::from_le_bytes(buf[off..off + 4].try_into().unwrap()) == crc32c::crc32c(&buf[..off])
+        })
         .unwrap_or_else(|| panic!("cannot find the CRC in {}", path.display()));
     let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap();
-    let mut x = now.as_nanos() as u64 ^ ((std::process::id() as u64) << 40) ^ SEQ.fetch_add(1, Ordering::SeqCst).wrapping_mul(0x9E3779B97F4A7C15);
+    let mut x = now.as_nanos() as u64
+        ^ ((std::process::id() as u64) << 40)
+        ^ SEQ
+            .fetch_add(1, Ordering::SeqCst)
+            .wrapping_mul(0x9E3779B97F4A7C15);
     // splitmix64
     x = x.wrapping_add(0x9E3779B97F4A7C15);
     x = (x ^ (x >> 30)).wrapping_mul(0xBF58476D1CE4E5B9);
@@ -1154,19 +1427,30 @@ fn set_new_system_identifier(pgdata: &Path) {
 /// (`PGDATA/server.crt`, `PGDATA/server.key` 0600 owned by postgres).
 fn write_tls_files(dir: &Path, pgdata: &Path) {
     use rcgen::{
-        BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-        KeyPair, KeyUsagePurpose,
+        BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose,
+        IsCa, KeyPair, KeyUsagePurpose,
     };
     let ca_key = KeyPair::generate().unwrap();
     let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
     ca.distinguished_name = DistinguishedName::new();
-    ca.distinguished_name.push(DnType::CommonName, "walagent test CA");
+    // a unique name per CA: OpenSSL matches issuers by name
+    let name = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    ca.distinguished_name
+        .push(DnType::CommonName, format!("walagent test CA {name}"));
     ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+    ca.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
     let ca_cert = ca.self_signed(&ca_key).unwrap();
 
     let key = KeyPair::generate().unwrap();
-    let mut p = CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
+    let mut p =
+        CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
     p.distinguished_name = DistinguishedName::new();
     p.distinguished_name.push(DnType::CommonName, "localhost");
     p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
@@ -1174,7 +1458,11 @@ fn write_tls_files(dir: &Path, pgdata: &Path) {
     let cert = p.signed_by(&key, &ca_cert, &ca_key).unwrap();
 
     write_pg_file(&pgdata.join("server.crt"), cert.pem().as_bytes(), 0o644);
-    write_pg_file(&pgdata.join("server.key"), key.serialize_pem().as_bytes(), 0o600);
+    write_pg_file(
+        &pgdata.join("server.key"),
+        key.serialize_pem().as_bytes(),
+        0o600,
+    );
     let ca_path = dir.join("ca.crt");
     let _ = fs::remove_file(&ca_path);
     fs::write(&ca_path, ca_cert.pem()).unwrap();

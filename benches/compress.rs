@@ -1,0 +1,129 @@
+//! Compression throughput on one 16 MiB WAL segment.
+//!
+//! Input: the segment file named by `WALAGENT_BENCH_SEGMENT` (e.g. a real PostgreSQL segment
+//! copied out of pg_wal), plus always a synthetic one (half random bytes, half zeros, in 256-byte
+//! runs: compresses about 2x). Run: `cargo bench --bench compress` (add `-- --quick` for a fast
+//! pass). The compression ratio of each level is printed once before the measurements.
+//!
+//! Groups:
+//! - `compress/<input>/bulk/L`: `zstd::bulk` on the whole buffer (what `compress_file` does for
+//!   inputs up to `BULK_MAX`), levels -1, 1, 3;
+//! - `compress/<input>/stream/1`: the streaming encoder (the path for larger inputs), to compare;
+//! - `compress_file/<input>/L`: the real `compress_file`, file to file (page cache), levels -1, 1,
+//!   and `compress_file/<input>/stream/1`: the same through the streaming encoder;
+//! - `decompress/<input>/L`: `decompress_stream` from memory into a sink.
+
+use std::hint::black_box;
+use std::io;
+use std::time::Duration;
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use walagent::archive::compress::{compress_bulk, compress_file, compress_streaming, decompress_stream};
+use walagent::archive::Compression;
+
+const SEG: usize = 16 << 20;
+const LEVELS: [i32; 3] = [-1, 1, 3];
+
+fn synthetic() -> Vec<u8> {
+    let mut x: u64 = 0x2545_F491_4F6C_DD1D;
+    let mut v = vec![0u8; SEG];
+    for (i, run) in v.chunks_mut(256).enumerate() {
+        if i % 2 == 0 {
+            for b in run {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                *b = (x >> 24) as u8;
+            }
+        }
+    }
+    v
+}
+
+fn inputs() -> Vec<(String, Vec<u8>)> {
+    let mut v = Vec::new();
+    if let Ok(path) = std::env::var("WALAGENT_BENCH_SEGMENT") {
+        match std::fs::read(&path) {
+            Ok(data) if !data.is_empty() => v.push(("pgwal".to_string(), data)),
+            Ok(_) => eprintln!("WALAGENT_BENCH_SEGMENT={path} is empty; skipping it"),
+            Err(e) => eprintln!("cannot read WALAGENT_BENCH_SEGMENT={path}: {e}; skipping it"),
+        }
+    }
+    v.push(("synthetic".to_string(), synthetic()));
+    v
+}
+
+fn bench(c: &mut Criterion) {
+    let inputs = inputs();
+    let dir = tempfile::tempdir().expect("temp dir for compress_file");
+
+    for (name, data) in &inputs {
+        for level in LEVELS {
+            let z = compress_bulk(data, level).expect("compress");
+            eprintln!(
+                "{name} zstd:{level}: {} -> {} bytes, ratio {:.2}",
+                data.len(),
+                z.len(),
+                data.len() as f64 / z.len() as f64
+            );
+        }
+    }
+
+    let mut g = c.benchmark_group("compress");
+    g.sample_size(10).measurement_time(Duration::from_secs(4));
+    for (name, data) in &inputs {
+        g.throughput(Throughput::Bytes(data.len() as u64));
+        for level in LEVELS {
+            g.bench_with_input(BenchmarkId::new(format!("{name}/bulk"), level), data, |b, d| {
+                b.iter(|| compress_bulk(black_box(d), level).expect("compress"))
+            });
+        }
+        g.bench_with_input(BenchmarkId::new(format!("{name}/stream"), 1), data, |b, d| {
+            b.iter(|| {
+                let mut out = Vec::with_capacity(d.len());
+                compress_streaming(&mut &d[..], d.len() as u64, &mut out, 1).expect("compress");
+                out
+            })
+        });
+    }
+    g.finish();
+
+    let mut g = c.benchmark_group("compress_file");
+    g.sample_size(10).measurement_time(Duration::from_secs(4));
+    for (name, data) in &inputs {
+        let src = dir.path().join(format!("{name}.seg"));
+        std::fs::write(&src, data).expect("write input");
+        let dst = dir.path().join(format!("{name}.zst"));
+        g.throughput(Throughput::Bytes(data.len() as u64));
+        for level in [-1, 1] {
+            g.bench_function(BenchmarkId::new(name.as_str(), level), |b| {
+                b.iter(|| compress_file(&src, &dst, Compression::Zstd { level }).expect("compress_file"))
+            });
+        }
+        // The same file-to-file job through the streaming encoder, to justify BULK_MAX.
+        g.bench_function(BenchmarkId::new(format!("{name}/stream"), 1), |b| {
+            b.iter(|| {
+                let mut input = std::fs::File::open(&src).expect("open");
+                let mut output = std::fs::File::create(&dst).expect("create");
+                compress_streaming(&mut input, data.len() as u64, &mut output, 1).expect("compress")
+            })
+        });
+    }
+    g.finish();
+
+    let mut g = c.benchmark_group("decompress");
+    g.sample_size(10).measurement_time(Duration::from_secs(4));
+    for (name, data) in &inputs {
+        g.throughput(Throughput::Bytes(data.len() as u64));
+        for level in [1, 3] {
+            let z = compress_bulk(data, level).expect("compress");
+            g.bench_with_input(BenchmarkId::new(name.as_str(), level), &z, |b, z| {
+                b.iter(|| decompress_stream(black_box(&z[..]), io::sink(), true).expect("decompress"))
+            });
+        }
+    }
+    g.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
