@@ -80,6 +80,7 @@ async fn stream(args: StreamArgs) -> ExitCode {
         compression: args.compress,
         status_interval: Duration::from_secs(args.status_interval.max(1)),
         archive_queue: 4,
+        archive_workers: std::thread::available_parallelism().map_or(2, |n| n.get().clamp(1, 4)),
     };
     let (tx, rx) = watch::channel(false);
     tokio::spawn(async move {

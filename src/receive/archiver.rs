@@ -6,13 +6,14 @@
 //! Progress is published on a watch channel: `archived_upto` is the end of the contiguous WAL
 //! that is durable in the archive, which bounds the flush position the receiver may report.
 
+use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
-use crate::archive::{layout, Compression, PutMode, Store, StoreError};
+use crate::archive::{compress, layout, Compression, PutMode, Store, StoreError};
 use crate::wal::{Lsn, SegmentId, SegmentSize};
 
 /// One unit of work for the archiver.
@@ -58,7 +59,8 @@ pub struct Archiver {
 }
 
 impl Archiver {
-    /// Starts the archiver. `initial` is the position already covered by the archive.
+    /// Starts the archiver. `initial` is the position already covered by the archive; `queue`
+    /// bounds the jobs waiting, `workers` the jobs compressed and stored at once.
     pub fn start(
         store: Arc<dyn Store>,
         seg_size: SegmentSize,
@@ -66,10 +68,11 @@ impl Archiver {
         spool_dir: PathBuf,
         initial: Lsn,
         queue: usize,
+        workers: usize,
     ) -> Archiver {
         let (tx, rx) = mpsc::channel(queue.max(1));
         let (ptx, progress) = watch::channel(Progress { archived_upto: initial, done: 0 });
-        let task = tokio::spawn(run(store, seg_size, compression, spool_dir, rx, ptx));
+        let task = tokio::spawn(run(store, seg_size, compression, spool_dir, workers.max(1), rx, ptx));
         Archiver { tx, progress, submitted: 0, task }
     }
 
@@ -125,52 +128,100 @@ impl Archiver {
     }
 }
 
+/// A finished job: the segment and whether it was a timeline's final partial.
+type Done = (SegmentId, bool);
+
 async fn run(
     store: Arc<dyn Store>,
     seg_size: SegmentSize,
     compression: Compression,
     spool_dir: PathBuf,
+    workers: usize,
     mut rx: mpsc::Receiver<Job>,
     progress: watch::Sender<Progress>,
 ) -> Result<(), ArchiverError> {
-    while let Some(job) = rx.recv().await {
-        let (id, path, partial) = match job {
-            Job::Segment { id, path } => (id, path, false),
-            Job::FinalPartial { id, path } => (id, path, true),
-        };
-        let key = layout::segment_key(id, seg_size, compression, partial);
-        let name = key.rsplit('/').next().unwrap_or(&key).to_string();
-        let started = std::time::Instant::now();
-        let upload_src = match compression {
-            Compression::None => path.clone(),
-            c => {
-                let tmp = spool_dir.join(format!("{name}.tmp"));
-                let (src, dst) = (path.clone(), tmp.clone());
-                tokio::task::spawn_blocking(move || crate::archive::compress::compress_file(&src, &dst, c))
-                    .await
-                    .map_err(|e| ArchiverError::Crashed(e.to_string()))?
-                    .map_err(|source| ArchiverError::Compress { path: path.display().to_string(), source })?;
-                tmp
+    // Up to `workers` segments are compressed and stored at once; results are taken in
+    // submission order so that `archived_upto` only ever covers a contiguous prefix.
+    let mut inflight: VecDeque<JoinHandle<Result<Done, ArchiverError>>> = VecDeque::new();
+    let mut closed = false;
+    while !(closed && inflight.is_empty()) {
+        tokio::select! {
+            biased;
+            r = async { inflight.front_mut().expect("guarded by the precondition").await }, if !inflight.is_empty() => {
+                inflight.pop_front();
+                let (id, partial) = r.map_err(|e| ArchiverError::Crashed(e.to_string()))??;
+                progress.send_modify(|p| {
+                    if !partial {
+                        p.archived_upto = p.archived_upto.max(id.end_lsn(seg_size));
+                    }
+                    p.done += 1;
+                });
             }
-        };
-        store
-            .put_file(&key, &upload_src, if partial { PutMode::Replace } else { PutMode::NoOverwrite })
-            .await
-            .map_err(|source| ArchiverError::Store { name: name.clone(), source })?;
-        for p in [&upload_src, &path] {
-            match std::fs::remove_file(p) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => tracing::warn!(path = %p.display(), error = %e, "could not remove spooled file"),
-            }
+            job = rx.recv(), if !closed && inflight.len() < workers => match job {
+                Some(job) => inflight.push_back(tokio::spawn(archive_one(
+                    store.clone(),
+                    seg_size,
+                    compression,
+                    spool_dir.clone(),
+                    job,
+                ))),
+                None => closed = true,
+            },
         }
-        tracing::debug!(object = %key, ms = started.elapsed().as_millis() as u64, "archived");
-        progress.send_modify(|p| {
-            if !partial {
-                p.archived_upto = p.archived_upto.max(id.end_lsn(seg_size));
-            }
-            p.done += 1;
-        });
     }
     Ok(())
+}
+
+/// Compresses one spooled segment (streaming, on a blocking thread), stores it durably, and
+/// removes the spool copies.
+async fn archive_one(
+    store: Arc<dyn Store>,
+    seg_size: SegmentSize,
+    compression: Compression,
+    spool_dir: PathBuf,
+    job: Job,
+) -> Result<Done, ArchiverError> {
+    let (id, path, partial) = match job {
+        Job::Segment { id, path } => (id, path, false),
+        Job::FinalPartial { id, path } => (id, path, true),
+    };
+    let key = layout::segment_key(id, seg_size, compression, partial);
+    let name = key.rsplit('/').next().unwrap_or(&key).to_string();
+    let started = std::time::Instant::now();
+    let upload_src = match compression {
+        Compression::None => path.clone(),
+        Compression::Zstd { level } => {
+            let tmp = spool_dir.join(format!("{name}.tmp"));
+            let (src, dst) = (path.clone(), tmp.clone());
+            tokio::task::spawn_blocking(move || compress_segment(&src, &dst, level))
+                .await
+                .map_err(|e| ArchiverError::Crashed(e.to_string()))?
+                .map_err(|source| ArchiverError::Compress { path: path.display().to_string(), source })?;
+            tmp
+        }
+    };
+    // A finished partial may be stored again with more bytes (after a crash): replace it.
+    let mode = if partial { PutMode::Replace } else { PutMode::NoOverwrite };
+    store
+        .put_file(&key, &upload_src, mode)
+        .await
+        .map_err(|source| ArchiverError::Store { name: name.clone(), source })?;
+    for p in [&upload_src, &path] {
+        match std::fs::remove_file(p) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => tracing::warn!(path = %p.display(), error = %e, "could not remove spooled file"),
+        }
+    }
+    tracing::debug!(object = %key, ms = started.elapsed().as_millis() as u64, "archived");
+    Ok((id, partial))
+}
+
+/// Streams `src` through zstd into the new file `dst`. Streaming keeps memory to the encoder's
+/// window and two small buffers, whatever the segment size.
+fn compress_segment(src: &std::path::Path, dst: &std::path::Path, level: i32) -> std::io::Result<u64> {
+    let mut input = std::fs::File::open(src)?;
+    let len = input.metadata()?.len();
+    let mut output = compress::create_private(dst)?;
+    compress::compress_streaming(&mut input, len, &mut output, level)
 }

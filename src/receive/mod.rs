@@ -40,6 +40,8 @@ pub struct StreamOptions {
     pub status_interval: Duration,
     /// Segments the archiver may have queued before the receiver waits.
     pub archive_queue: usize,
+    /// Segments compressed and stored at once.
+    pub archive_workers: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -391,6 +393,7 @@ impl Receiver {
             spool.dir().to_path_buf(),
             initial,
             opts.archive_queue,
+            opts.archive_workers,
         );
         for id in plan.requeue {
             archiver.submit(Job::Segment { id, path: spool.ready_path(id) }).await?;
