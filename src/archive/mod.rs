@@ -45,11 +45,29 @@ pub enum StoreError {
         #[source]
         source: std::io::Error,
     },
+    /// The store could not be reached or answered with a retryable failure (network error,
+    /// timeout, HTTP 5xx, throttling). Retrying later may succeed.
+    #[error("{context}: {detail}")]
+    Unavailable { context: String, detail: String },
+    /// The store refused the credentials or the request (HTTP 403, bad signature, unknown key).
+    #[error("{context}: access denied ({detail}); check AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY (or the profile) and the bucket policy")]
+    AccessDenied { context: String, detail: String },
+    /// The bucket does not exist.
+    #[error("bucket {bucket:?} does not exist at {endpoint}; create it or fix the s3:// URL (and AWS_ENDPOINT_URL / AWS_REGION)")]
+    NoSuchBucket { bucket: String, endpoint: String },
+    /// Any other failure the store reported; not retried.
+    #[error("{context}: {detail}")]
+    Remote { context: String, detail: String },
 }
 
 impl StoreError {
     pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
         StoreError::Io { context: context.into(), source }
+    }
+
+    /// Failures that a retry after a pause may cure.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, StoreError::Unavailable { .. })
     }
 }
 
