@@ -18,7 +18,9 @@ use std::io;
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use walagent::archive::compress::{compress_bulk, compress_file, compress_streaming, decompress_stream};
+use walagent::archive::compress::{
+    compress_bulk, compress_file, compress_streaming, decompress_stream,
+};
 use walagent::archive::Compression;
 
 const SEG: usize = 16 << 20;
@@ -74,17 +76,23 @@ fn bench(c: &mut Criterion) {
     for (name, data) in &inputs {
         g.throughput(Throughput::Bytes(data.len() as u64));
         for level in LEVELS {
-            g.bench_with_input(BenchmarkId::new(format!("{name}/bulk"), level), data, |b, d| {
-                b.iter(|| compress_bulk(black_box(d), level).expect("compress"))
-            });
+            g.bench_with_input(
+                BenchmarkId::new(format!("{name}/bulk"), level),
+                data,
+                |b, d| b.iter(|| compress_bulk(black_box(d), level).expect("compress")),
+            );
         }
-        g.bench_with_input(BenchmarkId::new(format!("{name}/stream"), 1), data, |b, d| {
-            b.iter(|| {
-                let mut out = Vec::with_capacity(d.len());
-                compress_streaming(&mut &d[..], d.len() as u64, &mut out, 1).expect("compress");
-                out
-            })
-        });
+        g.bench_with_input(
+            BenchmarkId::new(format!("{name}/stream"), 1),
+            data,
+            |b, d| {
+                b.iter(|| {
+                    let mut out = Vec::with_capacity(d.len());
+                    compress_streaming(&mut &d[..], d.len() as u64, &mut out, 1).expect("compress");
+                    out
+                })
+            },
+        );
     }
     g.finish();
 
@@ -97,7 +105,9 @@ fn bench(c: &mut Criterion) {
         g.throughput(Throughput::Bytes(data.len() as u64));
         for level in [-1, 1] {
             g.bench_function(BenchmarkId::new(name.as_str(), level), |b| {
-                b.iter(|| compress_file(&src, &dst, Compression::Zstd { level }).expect("compress_file"))
+                b.iter(|| {
+                    compress_file(&src, &dst, Compression::Zstd { level }).expect("compress_file")
+                })
             });
         }
         // The same file-to-file job through the streaming encoder, to justify BULK_MAX.
@@ -118,7 +128,9 @@ fn bench(c: &mut Criterion) {
         for level in [1, 3] {
             let z = compress_bulk(data, level).expect("compress");
             g.bench_with_input(BenchmarkId::new(name.as_str(), level), &z, |b, z| {
-                b.iter(|| decompress_stream(black_box(&z[..]), io::sink(), true).expect("decompress"))
+                b.iter(|| {
+                    decompress_stream(black_box(&z[..]), io::sink(), true).expect("decompress")
+                })
             });
         }
     }

@@ -16,7 +16,10 @@ use walagent::wal::verify::synth::WalBuilder;
 use walagent::wal::verify::{check_segment, VerifyParams, WalVerifier};
 use walagent::wal::{Lsn, SegmentSize, WAL_PAGE_SIZE};
 
-const FIXTURE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/wal/000000010000000000000009.zst");
+const FIXTURE: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/tests/fixtures/wal/000000010000000000000009.zst"
+);
 const FIXTURE_SEG: usize = 1 << 20;
 const SEG: u64 = 16 << 20;
 const CHUNK: usize = 128 << 10;
@@ -37,7 +40,12 @@ fn fixture_records() -> Vec<Vec<u8>> {
     let mut out = Vec::new();
     let mut off = 0;
     while off + 4 <= stream.len() {
-        let tot = u32::from_le_bytes([stream[off], stream[off + 1], stream[off + 2], stream[off + 3]]) as usize;
+        let tot = u32::from_le_bytes([
+            stream[off],
+            stream[off + 1],
+            stream[off + 2],
+            stream[off + 3],
+        ]) as usize;
         if tot == 0 || off + tot > stream.len() {
             break; // the last record continues into the next segment
         }
@@ -58,12 +66,21 @@ fn build_segment() -> (VerifyParams, Lsn, Vec<u8>) {
             if b.position().0 >= start.0 + SEG {
                 break 'fill;
             }
-            b.push(r[17], r[16], u32::from_le_bytes([r[4], r[5], r[6], r[7]]), &r[24..]);
+            b.push(
+                r[17],
+                r[16],
+                u32::from_le_bytes([r[4], r[5], r[6], r[7]]),
+                &r[24..],
+            );
         }
     }
     let mut bytes = b.into_bytes();
     bytes.truncate(SEG as usize);
-    let params = VerifyParams { system_identifier: SYSID, segment_size: size, timeline: 1 };
+    let params = VerifyParams {
+        system_identifier: SYSID,
+        segment_size: size,
+        timeline: 1,
+    };
     (params, start, bytes)
 }
 
@@ -94,10 +111,16 @@ fn bench(c: &mut Criterion) {
         })
     });
     g.bench_function("check_segment_16MiB", |b| {
-        b.iter(|| check_segment(params, start, black_box(&seg)).expect("verifies").records)
+        b.iter(|| {
+            check_segment(params, start, black_box(&seg))
+                .expect("verifies")
+                .records
+        })
     });
     // The ceiling: CRC-32C alone over the same bytes.
-    g.bench_function("crc32c_only_16MiB", |b| b.iter(|| crc32c::crc32c(black_box(&seg))));
+    g.bench_function("crc32c_only_16MiB", |b| {
+        b.iter(|| crc32c::crc32c(black_box(&seg)))
+    });
     g.finish();
 }
 

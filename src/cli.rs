@@ -53,7 +53,12 @@ pub enum Command {
 pub struct StreamArgs {
     /// Server to stream from: a libpq URI (postgresql://user:pw@host:port/db?sslmode=...) or key=value
     /// string. PGHOST, PGPORT, PGUSER, PGPASSWORD, PGSSLMODE... and ~/.pgpass fill the gaps.
-    #[arg(long, env = "WALAGENT_SOURCE", value_name = "CONNINFO", hide_env_values = true)]
+    #[arg(
+        long,
+        env = "WALAGENT_SOURCE",
+        value_name = "CONNINFO",
+        hide_env_values = true
+    )]
     pub source: String,
 
     /// Archive directory (created when missing).
@@ -115,8 +120,16 @@ pub struct WalFetchArgs {
 }
 
 fn parse_slot_name(s: &str) -> Result<String, String> {
-    if s.is_empty() || s.len() > 63 || !s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_') {
-        return Err("slot names use only lower-case letters, digits and underscores, at most 63 characters".into());
+    if s.is_empty()
+        || s.len() > 63
+        || !s
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+    {
+        return Err(
+            "slot names use only lower-case letters, digits and underscores, at most 63 characters"
+                .into(),
+        );
     }
     Ok(s.to_string())
 }
@@ -134,14 +147,37 @@ mod tests {
     #[test]
     fn stream_arguments() {
         let cli = Cli::try_parse_from([
-            "walagent", "stream", "--source", "host=x", "--archive", "/a", "--slot", "s1", "--endpos", "0/5000000",
-            "--compress", "none", "--no-loop",
+            "walagent",
+            "stream",
+            "--source",
+            "host=x",
+            "--archive",
+            "/a",
+            "--slot",
+            "s1",
+            "--endpos",
+            "0/5000000",
+            "--compress",
+            "none",
+            "--no-loop",
         ])
         .unwrap();
-        let Command::Stream(a) = cli.command else { panic!() };
+        let Command::Stream(a) = cli.command else {
+            panic!()
+        };
         assert_eq!(a.endpos, Some(Lsn(0x500_0000)));
         assert_eq!(a.compress, Compression::None);
         assert!(a.no_loop && !a.synchronous);
-        assert!(Cli::try_parse_from(["walagent", "stream", "--source", "x", "--archive", "/a", "--slot", "Bad-Name"]).is_err());
+        assert!(Cli::try_parse_from([
+            "walagent",
+            "stream",
+            "--source",
+            "x",
+            "--archive",
+            "/a",
+            "--slot",
+            "Bad-Name"
+        ])
+        .is_err());
     }
 }

@@ -17,7 +17,11 @@ use walagent::restore::wal_fetch;
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging();
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().max_blocking_threads(8).build() {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .max_blocking_threads(8)
+        .build()
+    {
         Ok(r) => r,
         Err(e) => return fail(&format!("cannot start the async runtime: {e}"), None, 2),
     };
@@ -34,7 +38,10 @@ fn init_logging() {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .with_ansi(std::env::var_os("NO_COLOR").is_none() && std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_ansi(
+            std::env::var_os("NO_COLOR").is_none()
+                && std::io::IsTerminal::is_terminal(&std::io::stderr()),
+        )
         .with_target(false)
         .init();
 }
@@ -50,7 +57,9 @@ fn fail(cause: &str, hint: Option<String>, code: u8) -> ExitCode {
 
 fn open_archive(spec: &str) -> Result<Arc<dyn Store>, String> {
     if spec.starts_with("s3://") {
-        return Err(format!("{spec}: S3 archives are not supported by this build yet; use a local directory"));
+        return Err(format!(
+            "{spec}: S3 archives are not supported by this build yet; use a local directory"
+        ));
     }
     LocalStore::open(std::path::Path::new(spec))
         .map(|s| Arc::new(s) as Arc<dyn Store>)
@@ -60,13 +69,22 @@ fn open_archive(spec: &str) -> Result<Arc<dyn Store>, String> {
 async fn stream(args: StreamArgs) -> ExitCode {
     let conninfo = match ConnInfo::parse(&args.source) {
         Ok(c) => c,
-        Err(e) => return fail(&format!("--source {}: {e}", mask_password(&args.source)), None, 2),
+        Err(e) => {
+            return fail(
+                &format!("--source {}: {e}", mask_password(&args.source)),
+                None,
+                2,
+            )
+        }
     };
     let store = match open_archive(&args.archive) {
         Ok(s) => s,
         Err(e) => return fail(&e, None, 2),
     };
-    let spool_dir = args.spool.clone().unwrap_or_else(|| PathBuf::from(&args.archive).join("spool"));
+    let spool_dir = args
+        .spool
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(&args.archive).join("spool"));
     tracing::info!(source = %conninfo.display_safe(), archive = %store.location(), slot = %args.slot, "walagent stream");
     let opts = StreamOptions {
         conninfo,
@@ -85,7 +103,10 @@ async fn stream(args: StreamArgs) -> ExitCode {
     let (tx, rx) = watch::channel(false);
     tokio::spawn(async move {
         use tokio::signal::unix::{signal, SignalKind};
-        let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        let (Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
             return;
         };
         tokio::select! {
@@ -103,9 +124,11 @@ async fn stream(args: StreamArgs) -> ExitCode {
             tracing::info!(%lsn, "stopped on signal");
             ExitCode::SUCCESS
         }
-        Ok(Finished::Disconnected(lsn)) => {
-            fail(&format!("the server ended the stream at {lsn} and --no-loop was given"), None, 1)
-        }
+        Ok(Finished::Disconnected(lsn)) => fail(
+            &format!("the server ended the stream at {lsn} and --no-loop was given"),
+            None,
+            1,
+        ),
         Err(e) => fail(&e.to_string(), e.hint(), 1),
     }
 }
@@ -115,7 +138,14 @@ async fn fetch(args: WalFetchArgs) -> ExitCode {
         Ok(s) => s,
         Err(e) => return fail(&e, None, 2),
     };
-    match wal_fetch::fetch(store.as_ref(), &args.walfile, &args.dest, args.allow_partial).await {
+    match wal_fetch::fetch(
+        store.as_ref(),
+        &args.walfile,
+        &args.dest,
+        args.allow_partial,
+    )
+    .await
+    {
         Ok(_) => ExitCode::SUCCESS,
         Err(e) => fail(&e.to_string(), None, e.exit_code().clamp(1, 255) as u8),
     }

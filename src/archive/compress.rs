@@ -104,7 +104,12 @@ const IO_BUF: usize = 1 << 20;
 
 /// Creates (or truncates) `path` for writing with mode 0600.
 pub(crate) fn create_private(path: &Path) -> io::Result<File> {
-    let f = OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path)?;
+    let f = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
     // An existing file keeps its mode on open; force 0600 either way.
     let perm = f.metadata()?.permissions();
     if perm.mode() & 0o777 != 0o600 {
@@ -122,7 +127,10 @@ fn with_path(e: io::Error, what: &str, path: &Path) -> io::Error {
 /// the content checksum and the content size. Returns the number of bytes written to `dst`.
 pub fn compress_file(src: &Path, dst: &Path, c: Compression) -> io::Result<u64> {
     let mut input = File::open(src).map_err(|e| with_path(e, "cannot open", src))?;
-    let len = input.metadata().map_err(|e| with_path(e, "cannot stat", src))?.len();
+    let len = input
+        .metadata()
+        .map_err(|e| with_path(e, "cannot stat", src))?
+        .len();
     let mut output = create_private(dst).map_err(|e| with_path(e, "cannot create", dst))?;
     let level = match c {
         Compression::None => {
@@ -134,9 +142,13 @@ pub fn compress_file(src: &Path, dst: &Path, c: Compression) -> io::Result<u64> 
     };
     if len <= BULK_MAX {
         let mut data = Vec::with_capacity(len as usize + 1);
-        input.read_to_end(&mut data).map_err(|e| with_path(e, "cannot read", src))?;
+        input
+            .read_to_end(&mut data)
+            .map_err(|e| with_path(e, "cannot read", src))?;
         let compressed = compress_bulk(&data, level)?;
-        output.write_all(&compressed).map_err(|e| with_path(e, "cannot write", dst))?;
+        output
+            .write_all(&compressed)
+            .map_err(|e| with_path(e, "cannot write", dst))?;
         Ok(compressed.len() as u64)
     } else {
         compress_streaming(&mut input, len, &mut output, level)
@@ -160,7 +172,10 @@ pub fn compress_streaming(
     output: &mut impl Write,
     level: i32,
 ) -> io::Result<u64> {
-    let mut counting = CountingWriter { inner: output, n: 0 };
+    let mut counting = CountingWriter {
+        inner: output,
+        n: 0,
+    };
     let mut enc = zstd::stream::write::Encoder::new(&mut counting, level)?;
     enc.include_checksum(true)?;
     enc.include_contentsize(true)?;
@@ -216,7 +231,11 @@ fn corrupt(msg: String) -> io::Error {
 /// bytes written. Concatenated zstd frames are accepted. A corrupt zstd stream (bad data, checksum
 /// or content-size mismatch) or a truncated/empty one is an `InvalidData` error for which
 /// [`is_corrupt`] is true; read and write errors pass through unchanged.
-pub fn decompress_stream(mut src: impl Read, mut dst: impl Write, compressed: bool) -> io::Result<u64> {
+pub fn decompress_stream(
+    mut src: impl Read,
+    mut dst: impl Write,
+    compressed: bool,
+) -> io::Result<u64> {
     if !compressed {
         return io::copy(&mut src, &mut dst);
     }
@@ -240,7 +259,9 @@ pub fn decompress_stream(mut src: impl Read, mut dst: impl Write, compressed: bo
             let mut output = OutBuffer::around(&mut outbuf[..]);
             let before = input.pos();
             let h = dec.run(&mut input, &mut output).map_err(|e| {
-                corrupt(format!("corrupt zstd data near compressed byte {total_in}: {e}"))
+                corrupt(format!(
+                    "corrupt zstd data near compressed byte {total_in}: {e}"
+                ))
             })?;
             let produced = output.pos();
             // A call that made no progress reports the next frame's header size even when the
@@ -259,7 +280,9 @@ pub fn decompress_stream(mut src: impl Read, mut dst: impl Write, compressed: bo
         }
     }
     if total_in == 0 {
-        return Err(corrupt("zstd stream is empty (truncated object?)".to_string()));
+        return Err(corrupt(
+            "zstd stream is empty (truncated object?)".to_string(),
+        ));
     }
     if hint != 0 {
         return Err(corrupt(format!(
@@ -294,16 +317,34 @@ mod tests {
     #[test]
     fn parse_and_display() {
         assert_eq!("none".parse::<Compression>().unwrap(), Compression::None);
-        assert_eq!("zstd".parse::<Compression>().unwrap(), Compression::Zstd { level: 1 });
-        assert_eq!("zstd:3".parse::<Compression>().unwrap(), Compression::Zstd { level: 3 });
-        assert_eq!("zstd:-5".parse::<Compression>().unwrap(), Compression::Zstd { level: -5 });
-        assert_eq!("zstd:22".parse::<Compression>().unwrap(), Compression::Zstd { level: 22 });
-        for bad in ["", "gzip", "zstd:", "zstd:23", "zstd:x", "lz4:1", "zstd:1:2", "none:1"] {
+        assert_eq!(
+            "zstd".parse::<Compression>().unwrap(),
+            Compression::Zstd { level: 1 }
+        );
+        assert_eq!(
+            "zstd:3".parse::<Compression>().unwrap(),
+            Compression::Zstd { level: 3 }
+        );
+        assert_eq!(
+            "zstd:-5".parse::<Compression>().unwrap(),
+            Compression::Zstd { level: -5 }
+        );
+        assert_eq!(
+            "zstd:22".parse::<Compression>().unwrap(),
+            Compression::Zstd { level: 22 }
+        );
+        for bad in [
+            "", "gzip", "zstd:", "zstd:23", "zstd:x", "lz4:1", "zstd:1:2", "none:1",
+        ] {
             let e = bad.parse::<Compression>().unwrap_err().to_string();
             assert!(e.contains("expected none, zstd"), "{bad}: {e}");
             assert!(!e.contains('\n'));
         }
-        for c in [Compression::None, Compression::Zstd { level: 7 }, Compression::Zstd { level: -1 }] {
+        for c in [
+            Compression::None,
+            Compression::Zstd { level: 7 },
+            Compression::Zstd { level: -1 },
+        ] {
             assert_eq!(c.to_string().parse::<Compression>().unwrap(), c);
         }
         assert_eq!(Compression::None.suffix(), "");
@@ -317,7 +358,11 @@ mod tests {
         let data = wal_like(3 << 20);
         let src = dir.path().join("seg");
         std::fs::write(&src, &data).unwrap();
-        for c in [Compression::None, Compression::Zstd { level: 1 }, Compression::Zstd { level: -1 }] {
+        for c in [
+            Compression::None,
+            Compression::Zstd { level: 1 },
+            Compression::Zstd { level: -1 },
+        ] {
             let dst = dir.path().join(format!("out{}", c.suffix()));
             std::fs::write(&dst, b"old content that must be truncated away............").unwrap();
             std::fs::set_permissions(&dst, std::fs::Permissions::from_mode(0o644)).unwrap();
@@ -326,7 +371,8 @@ mod tests {
             assert_eq!(meta.len(), n);
             assert_eq!(meta.permissions().mode() & 0o777, 0o600);
             let mut out = Vec::new();
-            let m = decompress_stream(File::open(&dst).unwrap(), &mut out, c.is_compressed()).unwrap();
+            let m =
+                decompress_stream(File::open(&dst).unwrap(), &mut out, c.is_compressed()).unwrap();
             assert_eq!(m, data.len() as u64);
             assert!(out == data);
             if c.is_compressed() {
@@ -347,7 +393,10 @@ mod tests {
         let mut out = Vec::new();
         let n = compress_streaming(&mut &data[..], data.len() as u64, &mut out, 1).unwrap();
         assert_eq!(n, out.len() as u64);
-        assert_eq!(zstd::zstd_safe::get_frame_content_size(&out).unwrap(), Some(data.len() as u64));
+        assert_eq!(
+            zstd::zstd_safe::get_frame_content_size(&out).unwrap(),
+            Some(data.len() as u64)
+        );
         let mut back = Vec::new();
         decompress_stream(&out[..], &mut back, true).unwrap();
         assert!(back == data);
@@ -386,7 +435,10 @@ mod tests {
         let mut two = z.clone();
         two.extend_from_slice(&z);
         let mut out = Vec::new();
-        assert_eq!(decompress_stream(&two[..], &mut out, true).unwrap(), 2 * data.len() as u64);
+        assert_eq!(
+            decompress_stream(&two[..], &mut out, true).unwrap(),
+            2 * data.len() as u64
+        );
     }
 
     #[test]

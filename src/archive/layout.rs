@@ -48,7 +48,11 @@ pub fn history_key(tli: u32) -> String {
 /// What a key under [`WAL_PREFIX`] holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WalObject {
-    Segment { id: SegmentId, partial: bool, compressed: bool },
+    Segment {
+        id: SegmentId,
+        partial: bool,
+        compressed: bool,
+    },
     History(u32),
 }
 
@@ -68,7 +72,11 @@ pub fn parse_wal_key(key: &str, size: SegmentSize) -> Option<WalObject> {
         None => (rest, false),
     };
     let id = SegmentId::parse_file_name(base, size)?;
-    (id.file_name(size) == base).then_some(WalObject::Segment { id, partial, compressed })
+    (id.file_name(size) == base).then_some(WalObject::Segment {
+        id,
+        partial,
+        compressed,
+    })
 }
 
 /// The newest segment in `objects`, by pg_receivewal's rule (`FindStreamingStart`): highest
@@ -81,7 +89,12 @@ pub fn parse_wal_key(key: &str, size: SegmentSize) -> Option<WalObject> {
 pub fn latest_segment(objects: &[ObjectInfo], size: SegmentSize) -> Option<(SegmentId, bool)> {
     let mut best: Option<(SegmentId, bool)> = None;
     for o in objects {
-        let Some(WalObject::Segment { id, partial, compressed }) = parse_wal_key(&o.key, size) else {
+        let Some(WalObject::Segment {
+            id,
+            partial,
+            compressed,
+        }) = parse_wal_key(&o.key, size)
+        else {
             continue;
         };
         if !partial && !compressed && o.size != u64::from(size.bytes()) {
@@ -110,15 +123,27 @@ mod tests {
     const Z: Compression = Compression::DEFAULT;
 
     fn obj(key: &str, size: u64) -> ObjectInfo {
-        ObjectInfo { key: key.to_string(), size }
+        ObjectInfo {
+            key: key.to_string(),
+            size,
+        }
     }
 
     #[test]
     fn keys() {
         let id = SegmentId::new(1, 3);
-        assert_eq!(segment_key(id, S16, Z, false), "wal/000000010000000000000003.zst");
-        assert_eq!(segment_key(id, S16, Compression::None, false), "wal/000000010000000000000003");
-        assert_eq!(segment_key(id, S16, Z, true), "wal/000000010000000000000003.partial.zst");
+        assert_eq!(
+            segment_key(id, S16, Z, false),
+            "wal/000000010000000000000003.zst"
+        );
+        assert_eq!(
+            segment_key(id, S16, Compression::None, false),
+            "wal/000000010000000000000003"
+        );
+        assert_eq!(
+            segment_key(id, S16, Z, true),
+            "wal/000000010000000000000003.partial.zst"
+        );
         assert_eq!(
             segment_key(id, S16, Compression::None, true),
             "wal/000000010000000000000003.partial"
@@ -132,20 +157,31 @@ mod tests {
     fn parse_round_trips() {
         let g = SegmentSize::new(1 << 30).unwrap();
         for size in [S16, g] {
-            for id in [SegmentId::new(1, 0), SegmentId::new(3, 0x1FF), SegmentId::new(0xAB, 7)] {
+            for id in [
+                SegmentId::new(1, 0),
+                SegmentId::new(3, 0x1FF),
+                SegmentId::new(0xAB, 7),
+            ] {
                 for c in [Compression::None, Z] {
                     for partial in [false, true] {
                         let key = segment_key(id, size, c, partial);
                         assert_eq!(
                             parse_wal_key(&key, size),
-                            Some(WalObject::Segment { id, partial, compressed: c.is_compressed() }),
+                            Some(WalObject::Segment {
+                                id,
+                                partial,
+                                compressed: c.is_compressed()
+                            }),
                             "{key}"
                         );
                     }
                 }
             }
         }
-        assert_eq!(parse_wal_key("wal/00000002.history", S16), Some(WalObject::History(2)));
+        assert_eq!(
+            parse_wal_key("wal/00000002.history", S16),
+            Some(WalObject::History(2))
+        );
     }
 
     #[test]
@@ -177,7 +213,13 @@ mod tests {
     fn latest_follows_pg_receivewal() {
         let full = u64::from(S16.bytes());
         assert_eq!(latest_segment(&[], S16), None);
-        assert_eq!(latest_segment(&[obj("walagent.json", 10), obj("wal/00000002.history", 40)], S16), None);
+        assert_eq!(
+            latest_segment(
+                &[obj("walagent.json", 10), obj("wal/00000002.history", 40)],
+                S16
+            ),
+            None
+        );
 
         // Highest segno wins regardless of timeline.
         let objs = [
@@ -185,21 +227,36 @@ mod tests {
             obj("wal/000000020000000000000004.zst", 100),
             obj("wal/00000002.history", 40),
         ];
-        assert_eq!(latest_segment(&objs, S16), Some((SegmentId::new(1, 5), false)));
+        assert_eq!(
+            latest_segment(&objs, S16),
+            Some((SegmentId::new(1, 5), false))
+        );
 
         // Same segno: higher timeline wins, even when partial.
         let objs = [
             obj("wal/000000010000000000000005.zst", 100),
             obj("wal/000000020000000000000005.partial.zst", 100),
         ];
-        assert_eq!(latest_segment(&objs, S16), Some((SegmentId::new(2, 5), true)));
+        assert_eq!(
+            latest_segment(&objs, S16),
+            Some((SegmentId::new(2, 5), true))
+        );
 
         // Same segment: complete preferred over partial, in either order.
         for objs in [
-            [obj("wal/000000010000000000000005.partial.zst", 10), obj("wal/000000010000000000000005.zst", 10)],
-            [obj("wal/000000010000000000000005.zst", 10), obj("wal/000000010000000000000005.partial", 10)],
+            [
+                obj("wal/000000010000000000000005.partial.zst", 10),
+                obj("wal/000000010000000000000005.zst", 10),
+            ],
+            [
+                obj("wal/000000010000000000000005.zst", 10),
+                obj("wal/000000010000000000000005.partial", 10),
+            ],
         ] {
-            assert_eq!(latest_segment(&objs, S16), Some((SegmentId::new(1, 5), false)));
+            assert_eq!(
+                latest_segment(&objs, S16),
+                Some((SegmentId::new(1, 5), false))
+            );
         }
 
         // Partial alone at the top.
@@ -207,7 +264,10 @@ mod tests {
             obj("wal/000000010000000000000005", full),
             obj("wal/000000010000000000000006.partial", 300),
         ];
-        assert_eq!(latest_segment(&objs, S16), Some((SegmentId::new(1, 6), true)));
+        assert_eq!(
+            latest_segment(&objs, S16),
+            Some((SegmentId::new(1, 6), true))
+        );
 
         // A raw complete segment of the wrong size is skipped; other keys are ignored.
         let objs = [
@@ -216,13 +276,19 @@ mod tests {
             obj("wal/.000000010000000000000007.tmp.1.0", full),
             obj("wal/000000010000000000000008.gz", 10),
         ];
-        assert_eq!(latest_segment(&objs, S16), Some((SegmentId::new(1, 5), false)));
+        assert_eq!(
+            latest_segment(&objs, S16),
+            Some((SegmentId::new(1, 5), false))
+        );
 
         // Crossing an xlogid boundary: 0/FF < 1/00.
         let objs = [
             obj("wal/0000000100000000000000FF.zst", 1),
             obj("wal/000000010000000100000000.zst", 1),
         ];
-        assert_eq!(latest_segment(&objs, S16), Some((SegmentId::new(1, 0x100), false)));
+        assert_eq!(
+            latest_segment(&objs, S16),
+            Some((SegmentId::new(1, 0x100), false))
+        );
     }
 }

@@ -32,22 +32,36 @@ impl LocalStore {
     /// Opens the archive at `root` for writing: creates `root` and `root/wal` (mode 0700) when
     /// missing, and removes temp files left by puts of crashed processes.
     pub fn open(root: &Path) -> Result<LocalStore, StoreError> {
-        let store = LocalStore { root: root.to_path_buf() };
+        let store = LocalStore {
+            root: root.to_path_buf(),
+        };
         create_dir_0700(root).map_err(|e| {
-            StoreError::io(format!("cannot create archive directory {}", root.display()), e)
+            StoreError::io(
+                format!("cannot create archive directory {}", root.display()),
+                e,
+            )
         })?;
         let md = fs::metadata(root).map_err(|e| {
-            StoreError::io(format!("cannot access archive directory {}", root.display()), e)
+            StoreError::io(
+                format!("cannot access archive directory {}", root.display()),
+                e,
+            )
         })?;
         if !md.is_dir() {
             return Err(StoreError::io(
                 format!("archive path {} is not a directory", root.display()),
-                io::Error::new(io::ErrorKind::InvalidInput, "choose a directory for --archive"),
+                io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    "choose a directory for --archive",
+                ),
             ));
         }
         let wal = root.join(WAL_PREFIX.trim_end_matches('/'));
         if create_dir_0700(&wal).map_err(|e| {
-            StoreError::io(format!("cannot create archive directory {}", wal.display()), e)
+            StoreError::io(
+                format!("cannot create archive directory {}", wal.display()),
+                e,
+            )
         })? {
             fsync_dir(root)?;
         }
@@ -59,7 +73,9 @@ impl LocalStore {
     /// it never disturbs a writer working on the same archive.
     pub fn open_existing(root: &Path) -> Result<LocalStore, StoreError> {
         match fs::metadata(root) {
-            Ok(md) if md.is_dir() => Ok(LocalStore { root: root.to_path_buf() }),
+            Ok(md) if md.is_dir() => Ok(LocalStore {
+                root: root.to_path_buf(),
+            }),
             Ok(_) => Err(StoreError::io(
                 format!("archive path {} is not a directory", root.display()),
                 io::Error::new(io::ErrorKind::InvalidInput, "check --archive"),
@@ -86,14 +102,21 @@ impl LocalStore {
             Ok(e) => e,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
             Err(e) => {
-                return Err(StoreError::io(format!("cannot read archive directory {}", dir.display()), e))
+                return Err(StoreError::io(
+                    format!("cannot read archive directory {}", dir.display()),
+                    e,
+                ))
             }
         };
         let me = std::process::id();
         let mut removed = false;
         for entry in entries {
-            let entry = entry
-                .map_err(|e| StoreError::io(format!("cannot read archive directory {}", dir.display()), e))?;
+            let entry = entry.map_err(|e| {
+                StoreError::io(
+                    format!("cannot read archive directory {}", dir.display()),
+                    e,
+                )
+            })?;
             let name = entry.file_name();
             let Some(name) = name.to_str() else { continue };
             let Ok(ft) = entry.file_type() else { continue };
@@ -104,8 +127,17 @@ impl LocalStore {
                 }
                 continue;
             }
-            let Some(pid) = parse_temp_name(name) else { continue };
-            let stale = if pid == me { !in_flight().lock().map(|s| s.contains(&path)).unwrap_or(true) } else { !pid_alive(pid) };
+            let Some(pid) = parse_temp_name(name) else {
+                continue;
+            };
+            let stale = if pid == me {
+                !in_flight()
+                    .lock()
+                    .map(|s| s.contains(&path))
+                    .unwrap_or(true)
+            } else {
+                !pid_alive(pid)
+            };
             if stale {
                 match fs::remove_file(&path) {
                     Ok(()) => removed = true,
@@ -130,7 +162,13 @@ impl LocalStore {
         let dir = self.ensure_parent(&path)?;
         if mode == PutMode::NoOverwrite {
             if let Some(same) = same_as_bytes(&path, data)? {
-                return if same { Ok(()) } else { Err(StoreError::Conflict { key: key.to_string() }) };
+                return if same {
+                    Ok(())
+                } else {
+                    Err(StoreError::Conflict {
+                        key: key.to_string(),
+                    })
+                };
             }
         }
         let tmp = TempFile::create(&path)?;
@@ -149,12 +187,17 @@ impl LocalStore {
         let path = self.path_of(key)?;
         let dir = self.ensure_parent(&path)?;
         let read_err = |e: io::Error| {
-            StoreError::io(format!("cannot read {} to archive it as {key}", src.display()), e)
+            StoreError::io(
+                format!("cannot read {} to archive it as {key}", src.display()),
+                e,
+            )
         };
         if mode == PutMode::NoOverwrite && exists(&path)? {
             return match same_files(src, &path).map_err(read_err)? {
                 true => Ok(()),
-                false => Err(StoreError::Conflict { key: key.to_string() }),
+                false => Err(StoreError::Conflict {
+                    key: key.to_string(),
+                }),
             };
         }
         // Fast path: src is on this filesystem. Make it 0600 and durable, then rename it into
@@ -165,11 +208,13 @@ impl LocalStore {
             _ => f.set_permissions(fs::Permissions::from_mode(0o600)).is_ok(),
         };
         if private {
-            f.sync_all().map_err(|e| StoreError::io(format!("cannot fsync {}", src.display()), e))?;
+            f.sync_all()
+                .map_err(|e| StoreError::io(format!("cannot fsync {}", src.display()), e))?;
             drop(f);
             match install(src, &path, key, mode) {
                 Ok(()) => return fsync_dir(&dir),
-                Err(StoreError::Io { source, .. }) if source.raw_os_error() == Some(libc::EXDEV) => {}
+                Err(StoreError::Io { source, .. })
+                    if source.raw_os_error() == Some(libc::EXDEV) => {}
                 Err(e) => return Err(e),
             }
         } else {
@@ -199,7 +244,14 @@ impl LocalStore {
         let mut out = create_private(dest)
             .map_err(|e| StoreError::io(format!("cannot create {}", dest.display()), e))?;
         io::copy(&mut input, &mut out).map_err(|e| {
-            StoreError::io(format!("cannot copy archive object {} to {}", path.display(), dest.display()), e)
+            StoreError::io(
+                format!(
+                    "cannot copy archive object {} to {}",
+                    path.display(),
+                    dest.display()
+                ),
+                e,
+            )
         })?;
         Ok(true)
     }
@@ -217,7 +269,11 @@ impl LocalStore {
             self.root.join(dir_part)
         };
         let mut out = Vec::new();
-        let base = if dir_part.is_empty() { String::new() } else { format!("{dir_part}/") };
+        let base = if dir_part.is_empty() {
+            String::new()
+        } else {
+            format!("{dir_part}/")
+        };
         walk(&start, &base, prefix, &mut out)?;
         Ok(out)
     }
@@ -227,7 +283,10 @@ impl LocalStore {
         match fs::remove_file(&path) {
             Ok(()) => fsync_dir(path.parent().unwrap_or(&self.root)),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(StoreError::io(format!("cannot delete archive object {}", path.display()), e)),
+            Err(e) => Err(StoreError::io(
+                format!("cannot delete archive object {}", path.display()),
+                e,
+            )),
         }
     }
 
@@ -243,7 +302,10 @@ impl LocalStore {
         for comp in rel.components() {
             let next = cur.join(comp);
             let created = create_dir_0700(&next).map_err(|e| {
-                StoreError::io(format!("cannot create archive directory {}", next.display()), e)
+                StoreError::io(
+                    format!("cannot create archive directory {}", next.display()),
+                    e,
+                )
             })?;
             if created {
                 fsync_dir(&cur)?;
@@ -301,7 +363,10 @@ async fn blocking<T: Send + 'static>(
 ) -> Result<T, StoreError> {
     match tokio::task::spawn_blocking(f).await {
         Ok(r) => r,
-        Err(e) => Err(StoreError::io("archive I/O task failed", io::Error::other(e.to_string()))),
+        Err(e) => Err(StoreError::io(
+            "archive I/O task failed",
+            io::Error::other(e.to_string()),
+        )),
     }
 }
 
@@ -310,7 +375,9 @@ async fn blocking<T: Send + 'static>(
 fn validate_key(key: &str) -> Result<(), StoreError> {
     let ok = !key.is_empty()
         && !key.contains(['\\', '\0'])
-        && key.split('/').all(|part| !part.is_empty() && !part.starts_with('.'));
+        && key
+            .split('/')
+            .all(|part| !part.is_empty() && !part.starts_with('.'));
     if ok {
         Ok(())
     } else {
@@ -347,9 +414,12 @@ fn create_dir_0700(dir: &Path) -> io::Result<bool> {
 }
 
 fn fsync_dir(dir: &Path) -> Result<(), StoreError> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| StoreError::io(format!("cannot fsync archive directory {}", dir.display()), e))
+    File::open(dir).and_then(|d| d.sync_all()).map_err(|e| {
+        StoreError::io(
+            format!("cannot fsync archive directory {}", dir.display()),
+            e,
+        )
+    })
 }
 
 fn exists(path: &Path) -> Result<bool, StoreError> {
@@ -365,7 +435,10 @@ fn exists(path: &Path) -> Result<bool, StoreError> {
 /// `from` in place; different: Conflict).
 fn install(from: &Path, to: &Path, key: &str, mode: PutMode) -> Result<(), StoreError> {
     let rename_err = |e: io::Error| {
-        StoreError::io(format!("cannot rename {} to {}", from.display(), to.display()), e)
+        StoreError::io(
+            format!("cannot rename {} to {}", from.display(), to.display()),
+            e,
+        )
     };
     if mode == PutMode::Replace {
         return fs::rename(from, to).map_err(rename_err);
@@ -375,7 +448,9 @@ fn install(from: &Path, to: &Path, key: &str, mode: PutMode) -> Result<(), Store
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
             match same_files(from, to).map_err(|e| read_obj_err(to, e))? {
                 true => Ok(()),
-                false => Err(StoreError::Conflict { key: key.to_string() }),
+                false => Err(StoreError::Conflict {
+                    key: key.to_string(),
+                }),
             }
         }
         Err(e) if is_unsupported(&e) => {
@@ -384,7 +459,9 @@ fn install(from: &Path, to: &Path, key: &str, mode: PutMode) -> Result<(), Store
             if exists(to)? {
                 return match same_files(from, to).map_err(|e| read_obj_err(to, e))? {
                     true => Ok(()),
-                    false => Err(StoreError::Conflict { key: key.to_string() }),
+                    false => Err(StoreError::Conflict {
+                        key: key.to_string(),
+                    }),
                 };
             }
             fs::rename(from, to).map_err(rename_err)
@@ -394,8 +471,10 @@ fn install(from: &Path, to: &Path, key: &str, mode: PutMode) -> Result<(), Store
 }
 
 fn is_unsupported(e: &io::Error) -> bool {
-    matches!(e.raw_os_error(), Some(libc::EINVAL) | Some(libc::ENOSYS) | Some(libc::EOPNOTSUPP))
-        || e.kind() == io::ErrorKind::Unsupported
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EINVAL) | Some(libc::ENOSYS) | Some(libc::EOPNOTSUPP)
+    ) || e.kind() == io::ErrorKind::Unsupported
 }
 
 #[cfg(target_os = "linux")]
@@ -427,7 +506,10 @@ fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
 
 #[cfg(not(target_os = "linux"))]
 fn rename_noreplace(_from: &Path, _to: &Path) -> io::Result<()> {
-    Err(io::Error::new(io::ErrorKind::Unsupported, "no atomic no-replace rename on this platform"))
+    Err(io::Error::new(
+        io::ErrorKind::Unsupported,
+        "no atomic no-replace rename on this platform",
+    ))
 }
 
 /// Fills `buf` as far as the reader allows; returns the count (short only at EOF).
@@ -495,14 +577,28 @@ fn same_as_bytes(path: &Path, data: &[u8]) -> Result<Option<bool>, StoreError> {
 fn walk(dir: &Path, base: &str, prefix: &str, out: &mut Vec<ObjectInfo>) -> Result<(), StoreError> {
     let entries = match fs::read_dir(dir) {
         Ok(e) => e,
-        Err(e) if matches!(e.kind(), io::ErrorKind::NotFound | io::ErrorKind::NotADirectory) => {
+        Err(e)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::NotFound | io::ErrorKind::NotADirectory
+            ) =>
+        {
             return Ok(())
         }
-        Err(e) => return Err(StoreError::io(format!("cannot list archive directory {}", dir.display()), e)),
+        Err(e) => {
+            return Err(StoreError::io(
+                format!("cannot list archive directory {}", dir.display()),
+                e,
+            ))
+        }
     };
     for entry in entries {
-        let entry = entry
-            .map_err(|e| StoreError::io(format!("cannot list archive directory {}", dir.display()), e))?;
+        let entry = entry.map_err(|e| {
+            StoreError::io(
+                format!("cannot list archive directory {}", dir.display()),
+                e,
+            )
+        })?;
         let name = entry.file_name();
         let Some(name) = name.to_str() else { continue };
         if name.starts_with('.') {
@@ -527,7 +623,10 @@ fn walk(dir: &Path, base: &str, prefix: &str, out: &mut Vec<ObjectInfo>) -> Resu
         }
         // Follow symlinks to files; skip anything that is not a regular file.
         match fs::metadata(entry.path()) {
-            Ok(md) if md.is_file() => out.push(ObjectInfo { key, size: md.len() }),
+            Ok(md) if md.is_file() => out.push(ObjectInfo {
+                key,
+                size: md.len(),
+            }),
             Ok(_) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(read_obj_err(&entry.path(), e)),
@@ -548,7 +647,10 @@ fn in_flight() -> &'static Mutex<HashSet<PathBuf>> {
 
 /// `.<name>.tmp.<pid>.<n>` next to the target.
 fn temp_path_for(target: &Path) -> PathBuf {
-    let name = target.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = target
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let n = TEMP_SEQ.fetch_add(1, Ordering::Relaxed);
     target.with_file_name(format!(".{name}.tmp.{}.{n}", std::process::id()))
 }
@@ -560,14 +662,20 @@ fn parse_temp_name(name: &str) -> Option<u32> {
     let seq = it.next()?;
     let pid = it.next()?;
     let stem = it.next()?;
-    if seq.is_empty() || !seq.bytes().all(|b| b.is_ascii_digit()) || !stem.ends_with(".tmp") || stem.len() <= 4 {
+    if seq.is_empty()
+        || !seq.bytes().all(|b| b.is_ascii_digit())
+        || !stem.ends_with(".tmp")
+        || stem.len() <= 4
+    {
         return None;
     }
     pid.parse().ok()
 }
 
 fn pid_alive(pid: u32) -> bool {
-    let Ok(p) = libc::pid_t::try_from(pid) else { return false };
+    let Ok(p) = libc::pid_t::try_from(pid) else {
+        return false;
+    };
     if p <= 0 {
         return false;
     }
@@ -588,13 +696,21 @@ impl TempFile {
         if let Ok(mut set) = in_flight().lock() {
             set.insert(path.clone());
         }
-        match OpenOptions::new().write(true).create_new(true).mode(0o600).open(&path) {
+        match OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+        {
             Ok(file) => Ok(TempFile { path, file }),
             Err(e) => {
                 if let Ok(mut set) = in_flight().lock() {
                     set.remove(&path);
                 }
-                Err(StoreError::io(format!("cannot create temp file {}", path.display()), e))
+                Err(StoreError::io(
+                    format!("cannot create temp file {}", path.display()),
+                    e,
+                ))
             }
         }
     }
@@ -625,8 +741,10 @@ mod tests {
     }
 
     fn visible_files(dir: &Path) -> Vec<String> {
-        let mut v: Vec<String> =
-            fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        let mut v: Vec<String> = fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
         v.sort();
         v
     }
@@ -647,8 +765,14 @@ mod tests {
         let f = t.path().join("file");
         fs::write(&f, b"x").unwrap();
         let e = LocalStore::open(&f).unwrap_err().to_string();
-        assert!(e.contains("not a directory") || e.contains("cannot create"), "{e}");
-        assert!(LocalStore::open_existing(&t.path().join("missing")).unwrap_err().to_string().contains("check --archive"));
+        assert!(
+            e.contains("not a directory") || e.contains("cannot create"),
+            "{e}"
+        );
+        assert!(LocalStore::open_existing(&t.path().join("missing"))
+            .unwrap_err()
+            .to_string()
+            .contains("check --archive"));
     }
 
     #[tokio::test]
@@ -656,18 +780,37 @@ mod tests {
         let t = tempfile::tempdir().unwrap();
         let s = LocalStore::open(t.path()).unwrap();
         assert_eq!(s.get_bytes("walagent.json").await.unwrap(), None);
-        s.put_bytes("walagent.json", Bytes::from_static(b"{\"format\":1}"), PutMode::Replace).await.unwrap();
-        assert_eq!(s.get_bytes("walagent.json").await.unwrap().unwrap(), &b"{\"format\":1}"[..]);
+        s.put_bytes(
+            "walagent.json",
+            Bytes::from_static(b"{\"format\":1}"),
+            PutMode::Replace,
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            s.get_bytes("walagent.json").await.unwrap().unwrap(),
+            &b"{\"format\":1}"[..]
+        );
         assert_eq!(mode(&t.path().join("walagent.json")), 0o600);
-        s.put_bytes("walagent.json", Bytes::from_static(b"v2"), PutMode::Replace).await.unwrap();
-        assert_eq!(s.get_bytes("walagent.json").await.unwrap().unwrap(), &b"v2"[..]);
+        s.put_bytes("walagent.json", Bytes::from_static(b"v2"), PutMode::Replace)
+            .await
+            .unwrap();
+        assert_eq!(
+            s.get_bytes("walagent.json").await.unwrap().unwrap(),
+            &b"v2"[..]
+        );
         // New subdirectories are created 0700.
-        s.put_bytes("base/x/obj", Bytes::from_static(b"o"), PutMode::NoOverwrite).await.unwrap();
+        s.put_bytes("base/x/obj", Bytes::from_static(b"o"), PutMode::NoOverwrite)
+            .await
+            .unwrap();
         assert_eq!(mode(&t.path().join("base")), 0o700);
         assert_eq!(mode(&t.path().join("base/x")), 0o700);
         assert_eq!(mode(&t.path().join("base/x/obj")), 0o600);
         // No temp files left behind.
-        assert_eq!(visible_files(t.path()), vec!["base", "wal", "walagent.json"]);
+        assert_eq!(
+            visible_files(t.path()),
+            vec!["base", "wal", "walagent.json"]
+        );
     }
 
     #[tokio::test]
@@ -689,9 +832,18 @@ mod tests {
         assert!(s.get_to_file(key, &dest).await.unwrap());
         assert!(fs::read(&dest).unwrap() == data);
         assert_eq!(mode(&dest), 0o600);
-        assert!(!s.get_to_file("wal/000000010000000000000004.zst", &dest.with_extension("x")).await.unwrap());
+        assert!(!s
+            .get_to_file(
+                "wal/000000010000000000000004.zst",
+                &dest.with_extension("x")
+            )
+            .await
+            .unwrap());
         assert!(!dest.with_extension("x").exists());
-        assert_eq!(visible_files(&t.path().join("arch/wal")), vec!["000000010000000000000003.zst"]);
+        assert_eq!(
+            visible_files(&t.path().join("arch/wal")),
+            vec!["000000010000000000000003.zst"]
+        );
     }
 
     #[tokio::test]
@@ -712,23 +864,47 @@ mod tests {
         let mut other = vec![7u8; 100_000];
         other[99_999] = 8;
         fs::write(&src, &other).unwrap();
-        let e = s.put_file(key, &src, PutMode::NoOverwrite).await.unwrap_err();
-        assert!(matches!(&e, StoreError::Conflict { key: k } if k == key), "{e}");
-        assert!(e.to_string().contains("already exists with different content"));
+        let e = s
+            .put_file(key, &src, PutMode::NoOverwrite)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&e, StoreError::Conflict { key: k } if k == key),
+            "{e}"
+        );
+        assert!(e
+            .to_string()
+            .contains("already exists with different content"));
         assert!(src.exists());
         fs::write(&src, b"short").unwrap();
-        assert!(matches!(s.put_file(key, &src, PutMode::NoOverwrite).await, Err(StoreError::Conflict { .. })));
+        assert!(matches!(
+            s.put_file(key, &src, PutMode::NoOverwrite).await,
+            Err(StoreError::Conflict { .. })
+        ));
         assert!(fs::read(s.path_of(key).unwrap()).unwrap() == vec![7u8; 100_000]);
 
         // Same rules for put_bytes.
-        s.put_bytes("wal/00000002.history", Bytes::from_static(b"1\t0/3000000\tno recovery target\n"), PutMode::NoOverwrite)
-            .await
-            .unwrap();
-        s.put_bytes("wal/00000002.history", Bytes::from_static(b"1\t0/3000000\tno recovery target\n"), PutMode::NoOverwrite)
-            .await
-            .unwrap();
+        s.put_bytes(
+            "wal/00000002.history",
+            Bytes::from_static(b"1\t0/3000000\tno recovery target\n"),
+            PutMode::NoOverwrite,
+        )
+        .await
+        .unwrap();
+        s.put_bytes(
+            "wal/00000002.history",
+            Bytes::from_static(b"1\t0/3000000\tno recovery target\n"),
+            PutMode::NoOverwrite,
+        )
+        .await
+        .unwrap();
         assert!(matches!(
-            s.put_bytes("wal/00000002.history", Bytes::from_static(b"1\t0/4000000\tx\n"), PutMode::NoOverwrite).await,
+            s.put_bytes(
+                "wal/00000002.history",
+                Bytes::from_static(b"1\t0/4000000\tx\n"),
+                PutMode::NoOverwrite
+            )
+            .await,
             Err(StoreError::Conflict { .. })
         ));
 
@@ -736,7 +912,10 @@ mod tests {
         fs::write(&src, b"partial v2").unwrap();
         s.put_file(key, &src, PutMode::Replace).await.unwrap();
         assert_eq!(fs::read(s.path_of(key).unwrap()).unwrap(), b"partial v2");
-        assert_eq!(visible_files(&t.path().join("arch/wal")), vec!["000000010000000000000003", "00000002.history"]);
+        assert_eq!(
+            visible_files(&t.path().join("arch/wal")),
+            vec!["000000010000000000000003", "00000002.history"]
+        );
     }
 
     #[tokio::test]
@@ -747,7 +926,10 @@ mod tests {
         let b = t.path().join("b");
         fs::write(&a, b"new").unwrap();
         fs::write(&b, b"old").unwrap();
-        assert!(matches!(install(&a, &b, "k", PutMode::NoOverwrite), Err(StoreError::Conflict { .. })));
+        assert!(matches!(
+            install(&a, &b, "k", PutMode::NoOverwrite),
+            Err(StoreError::Conflict { .. })
+        ));
         assert_eq!(fs::read(&b).unwrap(), b"old");
         fs::write(&a, b"old").unwrap();
         install(&a, &b, "k", PutMode::NoOverwrite).unwrap();
@@ -759,7 +941,9 @@ mod tests {
         // /dev/shm is tmpfs on Linux: renaming from there into the temp dir is EXDEV.
         let shm = Path::new("/dev/shm");
         let t = tempfile::tempdir().unwrap();
-        if !shm.is_dir() || fs::metadata(shm).unwrap().dev() == fs::metadata(t.path()).unwrap().dev() {
+        if !shm.is_dir()
+            || fs::metadata(shm).unwrap().dev() == fs::metadata(t.path()).unwrap().dev()
+        {
             eprintln!("skipped: no second filesystem");
             return;
         }
@@ -767,29 +951,55 @@ mod tests {
         let src = src_dir.path().join("seg");
         fs::write(&src, b"across").unwrap();
         let s = LocalStore::open(t.path()).unwrap();
-        s.put_file("wal/000000010000000000000009", &src, PutMode::NoOverwrite).await.unwrap();
+        s.put_file("wal/000000010000000000000009", &src, PutMode::NoOverwrite)
+            .await
+            .unwrap();
         assert!(src.exists(), "copied, not moved");
-        assert_eq!(fs::read(t.path().join("wal/000000010000000000000009")).unwrap(), b"across");
+        assert_eq!(
+            fs::read(t.path().join("wal/000000010000000000000009")).unwrap(),
+            b"across"
+        );
         assert_eq!(mode(&t.path().join("wal/000000010000000000000009")), 0o600);
-        assert_eq!(visible_files(&t.path().join("wal")), vec!["000000010000000000000009"]);
+        assert_eq!(
+            visible_files(&t.path().join("wal")),
+            vec!["000000010000000000000009"]
+        );
     }
 
     #[tokio::test]
     async fn list_and_delete() {
         let t = tempfile::tempdir().unwrap();
         let s = LocalStore::open(t.path()).unwrap();
-        for k in ["wal/000000010000000000000001.zst", "wal/000000010000000000000002.zst", "wal/00000002.history", "walagent.json", "base/b1/data"] {
-            s.put_bytes(k, Bytes::from(k.as_bytes().to_vec()), PutMode::NoOverwrite).await.unwrap();
+        for k in [
+            "wal/000000010000000000000001.zst",
+            "wal/000000010000000000000002.zst",
+            "wal/00000002.history",
+            "walagent.json",
+            "base/b1/data",
+        ] {
+            s.put_bytes(k, Bytes::from(k.as_bytes().to_vec()), PutMode::NoOverwrite)
+                .await
+                .unwrap();
         }
         let wal = s.list("wal/").await.unwrap();
         assert_eq!(
             keys(wal.clone()),
-            vec!["wal/000000010000000000000001.zst", "wal/000000010000000000000002.zst", "wal/00000002.history"]
+            vec![
+                "wal/000000010000000000000001.zst",
+                "wal/000000010000000000000002.zst",
+                "wal/00000002.history"
+            ]
         );
         assert!(wal.iter().all(|o| o.size == o.key.len() as u64));
-        assert_eq!(keys(s.list("wal/000000010000000000000002").await.unwrap()), vec!["wal/000000010000000000000002.zst"]);
+        assert_eq!(
+            keys(s.list("wal/000000010000000000000002").await.unwrap()),
+            vec!["wal/000000010000000000000002.zst"]
+        );
         assert_eq!(keys(s.list("base/").await.unwrap()), vec!["base/b1/data"]);
-        assert_eq!(keys(s.list("walagent").await.unwrap()), vec!["walagent.json"]);
+        assert_eq!(
+            keys(s.list("walagent").await.unwrap()),
+            vec!["walagent.json"]
+        );
         assert_eq!(s.list("").await.unwrap().len(), 5);
         assert!(s.list("nothing/here/").await.unwrap().is_empty());
 
@@ -802,8 +1012,21 @@ mod tests {
     async fn bad_keys_are_errors() {
         let t = tempfile::tempdir().unwrap();
         let s = LocalStore::open(t.path()).unwrap();
-        for k in ["", "/etc/passwd", "../x", "wal/../../x", "wal//x", "wal/.hidden", "wal/", "a\\b"] {
-            let e = s.put_bytes(k, Bytes::new(), PutMode::Replace).await.unwrap_err().to_string();
+        for k in [
+            "",
+            "/etc/passwd",
+            "../x",
+            "wal/../../x",
+            "wal//x",
+            "wal/.hidden",
+            "wal/",
+            "a\\b",
+        ] {
+            let e = s
+                .put_bytes(k, Bytes::new(), PutMode::Replace)
+                .await
+                .unwrap_err()
+                .to_string();
             assert!(e.starts_with("invalid archive key"), "{k}: {e}");
             assert!(s.get_bytes(k).await.is_err(), "{k}");
         }
@@ -815,8 +1038,12 @@ mod tests {
         let s = LocalStore::open(t.path()).unwrap();
         // What a crash between writing the temp and renaming it leaves behind (a dead pid's temp,
         // and one of an earlier process that had our pid).
-        let dead = t.path().join(format!("wal/.000000010000000000000003.zst.tmp.{DEAD_PID}.0"));
-        let mine = t.path().join(format!(".walagent.json.tmp.{}.77", std::process::id()));
+        let dead = t.path().join(format!(
+            "wal/.000000010000000000000003.zst.tmp.{DEAD_PID}.0"
+        ));
+        let mine = t
+            .path()
+            .join(format!(".walagent.json.tmp.{}.77", std::process::id()));
         fs::write(&dead, b"half a segment").unwrap();
         fs::write(&mine, b"{").unwrap();
         // A live process's temp (pid 1 always exists) must survive: it may be mid-put.
@@ -827,7 +1054,10 @@ mod tests {
 
         assert!(s.list("").await.unwrap().is_empty());
         assert_eq!(s.get_bytes("walagent.json").await.unwrap(), None);
-        assert!(!s.get_to_file("wal/000000010000000000000003.zst", &t.path().join("d")).await.unwrap());
+        assert!(!s
+            .get_to_file("wal/000000010000000000000003.zst", &t.path().join("d"))
+            .await
+            .unwrap());
 
         LocalStore::open(t.path()).unwrap();
         assert!(!dead.exists() && !mine.exists());
@@ -842,10 +1072,21 @@ mod tests {
     fn temp_names() {
         let p = temp_path_for(Path::new("/a/wal/000000010000000000000003.zst"));
         let name = p.file_name().unwrap().to_str().unwrap();
-        assert!(name.starts_with(".000000010000000000000003.zst.tmp."), "{name}");
+        assert!(
+            name.starts_with(".000000010000000000000003.zst.tmp."),
+            "{name}"
+        );
         assert_eq!(parse_temp_name(name), Some(std::process::id()));
         assert_eq!(p.parent().unwrap(), Path::new("/a/wal"));
-        for bad in [".x.tmp.12", "x.tmp.1.2", ".tmp.1.2", ".x.tmp.a.2", ".x.tmpx.1.2", ".x.tmp.1.", ".keepme"] {
+        for bad in [
+            ".x.tmp.12",
+            "x.tmp.1.2",
+            ".tmp.1.2",
+            ".x.tmp.a.2",
+            ".x.tmpx.1.2",
+            ".x.tmp.1.",
+            ".keepme",
+        ] {
             assert_eq!(parse_temp_name(bad), None, "{bad}");
         }
         assert!(!pid_alive(DEAD_PID));

@@ -61,14 +61,26 @@ pub enum MetaError {
     #[error("archive {archive} has {META_KEY} format {found}, but this walagent understands format {FORMAT} only; use a newer walagent")]
     UnsupportedFormat { archive: String, found: u64 },
     #[error("archive {archive} holds WAL of system {archive_system} but the server is system {server_system}; use a separate archive for each cluster")]
-    SystemMismatch { archive: String, archive_system: u64, server_system: u64 },
+    SystemMismatch {
+        archive: String,
+        archive_system: u64,
+        server_system: u64,
+    },
     #[error("archive {archive} holds WAL with {archive_size} segments but the server uses {server_size} segments; use a separate archive for each cluster")]
-    SegmentSizeMismatch { archive: String, archive_size: SegmentSize, server_size: SegmentSize },
+    SegmentSizeMismatch {
+        archive: String,
+        archive_size: SegmentSize,
+        server_size: SegmentSize,
+    },
 }
 
 impl ArchiveMeta {
     /// Metadata for a new archive, created now.
-    pub fn new(system_identifier: u64, wal_segment_size: SegmentSize, server_version_num: u32) -> Self {
+    pub fn new(
+        system_identifier: u64,
+        wal_segment_size: SegmentSize,
+        server_version_num: u32,
+    ) -> Self {
         ArchiveMeta {
             format: FORMAT,
             system_identifier,
@@ -89,16 +101,25 @@ impl ArchiveMeta {
 
     /// Parses the content of `walagent.json`; `archive` names the archive in errors.
     pub fn parse(bytes: &[u8], archive: &str) -> Result<ArchiveMeta, MetaError> {
-        let invalid = |detail: String| MetaError::Invalid { archive: archive.to_string(), detail };
+        let invalid = |detail: String| MetaError::Invalid {
+            archive: archive.to_string(),
+            detail,
+        };
         let value: serde_json::Value =
             serde_json::from_slice(bytes).map_err(|e| invalid(format!("not JSON: {e}")))?;
         // Check the format first: a later format may change the other fields.
         match value.get("format").and_then(|f| f.as_u64()) {
             Some(f) if f == u64::from(FORMAT) => {}
-            Some(found) => return Err(MetaError::UnsupportedFormat { archive: archive.to_string(), found }),
+            Some(found) => {
+                return Err(MetaError::UnsupportedFormat {
+                    archive: archive.to_string(),
+                    found,
+                })
+            }
             None => return Err(invalid("no numeric \"format\" field".to_string())),
         }
-        let mut meta: ArchiveMeta = serde_json::from_value(value).map_err(|e| invalid(e.to_string()))?;
+        let mut meta: ArchiveMeta =
+            serde_json::from_value(value).map_err(|e| invalid(e.to_string()))?;
         meta.location = archive.to_string();
         Ok(meta)
     }
@@ -114,10 +135,15 @@ impl ArchiveMeta {
     /// Stores this metadata in a new archive. If another agent created `walagent.json` meanwhile,
     /// that is fine as long as it describes the same cluster ([`ArchiveMeta::check_matches`]).
     pub async fn save(&self, store: &dyn Store) -> Result<(), MetaError> {
-        match store.put_bytes(META_KEY, Bytes::from(self.to_json()), PutMode::NoOverwrite).await {
+        match store
+            .put_bytes(META_KEY, Bytes::from(self.to_json()), PutMode::NoOverwrite)
+            .await
+        {
             Ok(()) => Ok(()),
             Err(StoreError::Conflict { .. }) => match Self::load(store).await? {
-                Some(existing) => existing.check_matches(self.system_identifier, self.wal_segment_size),
+                Some(existing) => {
+                    existing.check_matches(self.system_identifier, self.wal_segment_size)
+                }
                 None => Err(MetaError::Invalid {
                     archive: store.location(),
                     detail: format!("{META_KEY} conflicted on write but is now absent"),
@@ -129,13 +155,23 @@ impl ArchiveMeta {
 
     /// Overwrites `walagent.json` unconditionally (for later format upgrades).
     pub async fn replace(&self, store: &dyn Store) -> Result<(), MetaError> {
-        store.put_bytes(META_KEY, Bytes::from(self.to_json()), PutMode::Replace).await?;
+        store
+            .put_bytes(META_KEY, Bytes::from(self.to_json()), PutMode::Replace)
+            .await?;
         Ok(())
     }
 
     /// Whether the archive may take WAL of this server.
-    pub fn check_matches(&self, system_identifier: u64, seg_size: SegmentSize) -> Result<(), MetaError> {
-        let archive = if self.location.is_empty() { "(this archive)".to_string() } else { self.location.clone() };
+    pub fn check_matches(
+        &self,
+        system_identifier: u64,
+        seg_size: SegmentSize,
+    ) -> Result<(), MetaError> {
+        let archive = if self.location.is_empty() {
+            "(this archive)".to_string()
+        } else {
+            self.location.clone()
+        };
         if self.system_identifier != system_identifier {
             return Err(MetaError::SystemMismatch {
                 archive,
@@ -168,7 +204,9 @@ fn de_u64_string<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
     match StrOrNum::deserialize(d)? {
         StrOrNum::Num(n) => Ok(n),
         StrOrNum::Str(s) => s.trim().parse().map_err(|_| {
-            serde::de::Error::custom(format!("system_identifier {s:?} is not an unsigned 64-bit number"))
+            serde::de::Error::custom(format!(
+                "system_identifier {s:?} is not an unsigned 64-bit number"
+            ))
         }),
     }
 }
@@ -184,10 +222,18 @@ fn de_seg_size<'de, D: Deserializer<'de>>(d: D) -> Result<SegmentSize, D::Error>
 
 /// `YYYY-MM-DDTHH:MM:SSZ` for `t` (times before 1970 print as the epoch).
 pub fn rfc3339_utc(t: SystemTime) -> String {
-    let secs = t.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let secs = t
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
     let (y, m, d) = civil_from_days((secs / 86_400) as i64);
     let rem = secs % 86_400;
-    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
 }
 
 /// Days since 1970-01-01 to a proleptic Gregorian (year, month, day) (H. Hinnant's algorithm).
@@ -219,7 +265,10 @@ mod tests {
         assert_eq!(at(1_700_000_000), "2023-11-14T22:13:20Z");
         assert_eq!(at(4_107_542_399), "2100-02-28T23:59:59Z");
         assert_eq!(at(4_107_542_400), "2100-03-01T00:00:00Z");
-        assert_eq!(rfc3339_utc(UNIX_EPOCH - Duration::from_secs(5)), "1970-01-01T00:00:00Z");
+        assert_eq!(
+            rfc3339_utc(UNIX_EPOCH - Duration::from_secs(5)),
+            "1970-01-01T00:00:00Z"
+        );
     }
 
     #[test]
@@ -241,7 +290,10 @@ mod tests {
         // A numeric system id and unknown extra fields are accepted.
         let lenient = br#"{"format":1,"system_identifier":42,"wal_segment_size":1048576,"server_version_num":1,"created_at":"","future":true}"#;
         let p = ArchiveMeta::parse(lenient, "/x").unwrap();
-        assert_eq!((p.system_identifier, p.wal_segment_size.bytes()), (42, 1 << 20));
+        assert_eq!(
+            (p.system_identifier, p.wal_segment_size.bytes()),
+            (42, 1 << 20)
+        );
     }
 
     #[test]
@@ -256,7 +308,10 @@ mod tests {
         ];
         for (bytes, want) in cases {
             let e = ArchiveMeta::parse(bytes, "/arch").unwrap_err().to_string();
-            assert!(e.contains(want) && e.contains("/arch") && !e.contains('\n'), "{e}");
+            assert!(
+                e.contains(want) && e.contains("/arch") && !e.contains('\n'),
+                "{e}"
+            );
         }
     }
 
@@ -265,9 +320,15 @@ mod tests {
         let mut m = ArchiveMeta::new(7311, SegmentSize::DEFAULT, 150018);
         m.location = "/x".into();
         m.check_matches(7311, SegmentSize::DEFAULT).unwrap();
-        let e = m.check_matches(7412, SegmentSize::DEFAULT).unwrap_err().to_string();
+        let e = m
+            .check_matches(7412, SegmentSize::DEFAULT)
+            .unwrap_err()
+            .to_string();
         assert_eq!(e, "archive /x holds WAL of system 7311 but the server is system 7412; use a separate archive for each cluster");
-        let e = m.check_matches(7311, SegmentSize::new(64 << 20).unwrap()).unwrap_err().to_string();
+        let e = m
+            .check_matches(7311, SegmentSize::new(64 << 20).unwrap())
+            .unwrap_err()
+            .to_string();
         assert_eq!(e, "archive /x holds WAL with 16MB segments but the server uses 64MB segments; use a separate archive for each cluster");
     }
 
@@ -284,7 +345,11 @@ mod tests {
         // A second agent of the same cluster racing to create it: fine.
         let again = ArchiveMeta::new(SYS, SegmentSize::DEFAULT, 150019);
         again.save(&store).await.unwrap();
-        assert_eq!(ArchiveMeta::load(&store).await.unwrap().unwrap(), m, "first one kept");
+        assert_eq!(
+            ArchiveMeta::load(&store).await.unwrap().unwrap(),
+            m,
+            "first one kept"
+        );
         // Another cluster: refused, and the file is unchanged.
         let other = ArchiveMeta::new(SYS + 1, SegmentSize::DEFAULT, 150018);
         let e = other.save(&store).await.unwrap_err();

@@ -26,7 +26,10 @@ pub enum CodecError {
 }
 
 fn malformed(what: &'static str, detail: impl Into<String>) -> CodecError {
-    CodecError::Malformed { what, detail: detail.into() }
+    CodecError::Malformed {
+        what,
+        detail: detail.into(),
+    }
 }
 
 /// Authentication requests (`R`).
@@ -34,8 +37,12 @@ fn malformed(what: &'static str, detail: impl Into<String>) -> CodecError {
 pub enum AuthRequest {
     Ok,
     CleartextPassword,
-    Md5Password { salt: [u8; 4] },
-    Sasl { mechanisms: Vec<String> },
+    Md5Password {
+        salt: [u8; 4],
+    },
+    Sasl {
+        mechanisms: Vec<String>,
+    },
     SaslContinue(Bytes),
     SaslFinal(Bytes),
     /// Kerberos, GSS, SSPI and others walagent does not speak.
@@ -66,8 +73,14 @@ impl fmt::Display for ServerNotice {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BackendMessage {
     Authentication(AuthRequest),
-    ParameterStatus { name: String, value: String },
-    BackendKeyData { pid: i32, key: i32 },
+    ParameterStatus {
+        name: String,
+        value: String,
+    },
+    BackendKeyData {
+        pid: i32,
+        key: i32,
+    },
     ReadyForQuery(u8),
     RowDescription(Vec<String>),
     DataRow(Vec<Option<Bytes>>),
@@ -95,7 +108,10 @@ pub fn decode_frame(buf: &mut BytesMut) -> Result<Option<BackendMessage>, CodecE
         return Err(malformed("frame", format!("length {len} below 4")));
     }
     if len > MAX_FRAME {
-        return Err(CodecError::FrameTooLarge { tag: tag as char, len });
+        return Err(CodecError::FrameTooLarge {
+            tag: tag as char,
+            len,
+        });
     }
     if buf.len() < len + 1 {
         buf.reserve(len + 1 - buf.len());
@@ -118,7 +134,10 @@ fn decode_body(tag: u8, mut body: Bytes) -> Result<BackendMessage, CodecError> {
         }
         b'K' => {
             need(&body, 8, "BackendKeyData")?;
-            BackendMessage::BackendKeyData { pid: body.get_i32(), key: body.get_i32() }
+            BackendMessage::BackendKeyData {
+                pid: body.get_i32(),
+                key: body.get_i32(),
+            }
         }
         b'Z' => {
             need(&body, 1, "ReadyForQuery")?;
@@ -166,7 +185,10 @@ fn decode_body(tag: u8, mut body: Bytes) -> Result<BackendMessage, CodecError> {
 
 fn need(body: &Bytes, n: usize, what: &'static str) -> Result<(), CodecError> {
     if body.remaining() < n {
-        Err(malformed(what, format!("needs {n} more bytes, has {}", body.remaining())))
+        Err(malformed(
+            what,
+            format!("needs {n} more bytes, has {}", body.remaining()),
+        ))
     } else {
         Ok(())
     }
@@ -240,9 +262,18 @@ fn decode_notice(body: &mut Bytes) -> Result<ServerNotice, CodecError> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ReplicationMessage {
     /// `w`: WAL bytes starting at `wal_start`.
-    XLogData { wal_start: Lsn, wal_end: Lsn, send_time: i64, data: Bytes },
+    XLogData {
+        wal_start: Lsn,
+        wal_end: Lsn,
+        send_time: i64,
+        data: Bytes,
+    },
     /// `k`: keepalive; `reply_requested` asks for an immediate status update.
-    Keepalive { wal_end: Lsn, send_time: i64, reply_requested: bool },
+    Keepalive {
+        wal_end: Lsn,
+        send_time: i64,
+        reply_requested: bool,
+    },
 }
 
 impl ReplicationMessage {
@@ -255,16 +286,28 @@ impl ReplicationMessage {
                 let wal_start = Lsn(payload.get_u64());
                 let wal_end = Lsn(payload.get_u64());
                 let send_time = payload.get_i64();
-                Ok(ReplicationMessage::XLogData { wal_start, wal_end, send_time, data: payload })
+                Ok(ReplicationMessage::XLogData {
+                    wal_start,
+                    wal_end,
+                    send_time,
+                    data: payload,
+                })
             }
             b'k' => {
                 need(&payload, 17, "PrimaryKeepalive")?;
                 let wal_end = Lsn(payload.get_u64());
                 let send_time = payload.get_i64();
                 let reply_requested = payload.get_u8() != 0;
-                Ok(ReplicationMessage::Keepalive { wal_end, send_time, reply_requested })
+                Ok(ReplicationMessage::Keepalive {
+                    wal_end,
+                    send_time,
+                    reply_requested,
+                })
             }
-            other => Err(malformed("CopyData", format!("unknown replication message kind {:?}", other as char))),
+            other => Err(malformed(
+                "CopyData",
+                format!("unknown replication message kind {:?}", other as char),
+            )),
         }
     }
 }
@@ -334,7 +377,10 @@ mod tests {
             assert_eq!(decode_frame(&mut buf).unwrap(), None, "cut {cut}");
         }
         let mut buf = BytesMut::from(&whole[..]);
-        assert_eq!(decode_frame(&mut buf).unwrap(), Some(BackendMessage::ReadyForQuery(b'I')));
+        assert_eq!(
+            decode_frame(&mut buf).unwrap(),
+            Some(BackendMessage::ReadyForQuery(b'I'))
+        );
         assert!(buf.is_empty());
     }
 
@@ -342,7 +388,10 @@ mod tests {
     fn copy_both_response_is_decoded() {
         // Seen on 15.18: 'W', length 7, format 0, zero columns.
         let mut buf = BytesMut::from(&[b'W', 0, 0, 0, 7, 0, 0, 0][..]);
-        assert_eq!(decode_frame(&mut buf).unwrap(), Some(BackendMessage::CopyBothResponse));
+        assert_eq!(
+            decode_frame(&mut buf).unwrap(),
+            Some(BackendMessage::CopyBothResponse)
+        );
     }
 
     #[test]
@@ -362,11 +411,17 @@ mod tests {
         buf.extend_from_slice(&frame(b'D', &row));
         assert_eq!(
             decode_frame(&mut buf).unwrap(),
-            Some(BackendMessage::RowDescription(vec!["slot_type".into(), "restart_lsn".into()]))
+            Some(BackendMessage::RowDescription(vec![
+                "slot_type".into(),
+                "restart_lsn".into()
+            ]))
         );
         assert_eq!(
             decode_frame(&mut buf).unwrap(),
-            Some(BackendMessage::DataRow(vec![Some(Bytes::from_static(b"physical")), None]))
+            Some(BackendMessage::DataRow(vec![
+                Some(Bytes::from_static(b"physical")),
+                None
+            ]))
         );
     }
 
@@ -374,10 +429,15 @@ mod tests {
     fn error_response_fields() {
         let body = b"SFATAL\0VFATAL\0C28P01\0Mpassword authentication failed for user \"x\"\0\0";
         let mut buf = BytesMut::from(&frame(b'E', body)[..]);
-        let Some(BackendMessage::Error(n)) = decode_frame(&mut buf).unwrap() else { panic!() };
+        let Some(BackendMessage::Error(n)) = decode_frame(&mut buf).unwrap() else {
+            panic!()
+        };
         assert_eq!(n.code, "28P01");
         assert_eq!(n.severity, "FATAL");
-        assert_eq!(n.to_string(), "FATAL: password authentication failed for user \"x\" [SQLSTATE 28P01]");
+        assert_eq!(
+            n.to_string(),
+            "FATAL: password authentication failed for user \"x\" [SQLSTATE 28P01]"
+        );
     }
 
     #[test]
@@ -395,7 +455,10 @@ mod tests {
     #[test]
     fn oversized_and_short_frames_are_errors() {
         let mut buf = BytesMut::from(&[b'd', 0x7f, 0xff, 0xff, 0xff][..]);
-        assert!(matches!(decode_frame(&mut buf), Err(CodecError::FrameTooLarge { .. })));
+        assert!(matches!(
+            decode_frame(&mut buf),
+            Err(CodecError::FrameTooLarge { .. })
+        ));
         let mut buf = BytesMut::from(&[b'd', 0, 0, 0, 3][..]);
         assert!(decode_frame(&mut buf).is_err());
         let mut buf = BytesMut::from(&frame(b'K', &[0, 0, 0])[..]);
@@ -425,7 +488,11 @@ mod tests {
         k.push(1);
         assert_eq!(
             ReplicationMessage::decode(Bytes::from(k)).unwrap(),
-            ReplicationMessage::Keepalive { wal_end: Lsn(7), send_time: 9, reply_requested: true }
+            ReplicationMessage::Keepalive {
+                wal_end: Lsn(7),
+                send_time: 9,
+                reply_requested: true
+            }
         );
         assert!(ReplicationMessage::decode(Bytes::from_static(b"w123")).is_err());
         assert!(ReplicationMessage::decode(Bytes::from_static(b"z")).is_err());
@@ -434,8 +501,14 @@ mod tests {
     #[test]
     fn status_update_layout() {
         let mut out = BytesMut::new();
-        StatusUpdate { write: Lsn(1), flush: Lsn(2), apply: Lsn(0), send_time: 3, reply_requested: false }
-            .encode(&mut out);
+        StatusUpdate {
+            write: Lsn(1),
+            flush: Lsn(2),
+            apply: Lsn(0),
+            send_time: 3,
+            reply_requested: false,
+        }
+        .encode(&mut out);
         assert_eq!(out.len(), 1 + 4 + 34);
         assert_eq!(&out[..6], &[b'd', 0, 0, 0, 38, b'r']);
         assert_eq!(&out[6..14], &1u64.to_be_bytes());
@@ -449,5 +522,36 @@ mod tests {
     fn identifiers_are_quoted() {
         assert_eq!(quote_ident("slot_1"), "\"slot_1\"");
         assert_eq!(quote_ident("a\"b"), "\"a\"\"b\"");
+    }
+
+    /// Random and truncated input must give errors or `None`, never a panic (a light stand-in
+    /// for fuzzing: every tag, every length, many random bodies).
+    #[test]
+    fn arbitrary_bytes_never_panic() {
+        let mut state = 0x9E37_79B9_7F4A_7C15u64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        for round in 0..20_000 {
+            let len = (next() % 64) as usize;
+            let mut body: Vec<u8> = (0..len).map(|_| next() as u8).collect();
+            let tag = if round % 2 == 0 {
+                b"RSKZTDCIENWHGdcv"[(next() % 16) as usize]
+            } else {
+                next() as u8
+            };
+            let mut frame = vec![tag];
+            frame.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
+            frame.append(&mut body);
+            let mut buf = BytesMut::from(&frame[..]);
+            let _ = decode_frame(&mut buf);
+            let cut = (next() as usize) % (frame.len() + 1);
+            let mut buf = BytesMut::from(&frame[..cut]);
+            let _ = decode_frame(&mut buf);
+            let _ = ReplicationMessage::decode(Bytes::copy_from_slice(&frame[5..]));
+        }
     }
 }

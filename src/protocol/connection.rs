@@ -67,7 +67,8 @@ impl Connection {
                 Host::Unix(dir) => format!("{}/.s.PGSQL.{port}", dir.display()),
             };
             let timeout = info.connect_timeout.unwrap_or(DEFAULT_CONNECT_TIMEOUT);
-            let attempt = tokio::time::timeout(timeout, Self::connect_one(info, host, *port, &target)).await;
+            let attempt =
+                tokio::time::timeout(timeout, Self::connect_one(info, host, *port, &target)).await;
             match attempt {
                 Ok(Ok(c)) => return Ok(c),
                 Ok(Err(e)) => {
@@ -91,8 +92,16 @@ impl Connection {
         Err(last.unwrap_or_else(|| ProtocolError::Unexpected("no host to connect to".into())))
     }
 
-    async fn connect_one(info: &ConnInfo, host: &Host, port: u16, target: &str) -> Result<Connection, ProtocolError> {
-        let connect_err = |source| ProtocolError::Connect { target: target.to_string(), source };
+    async fn connect_one(
+        info: &ConnInfo,
+        host: &Host,
+        port: u16,
+        target: &str,
+    ) -> Result<Connection, ProtocolError> {
+        let connect_err = |source| ProtocolError::Connect {
+            target: target.to_string(),
+            source,
+        };
         let (io, tls_cert): (Box<dyn Transport>, Option<Vec<u8>>) = match host {
             Host::Unix(dir) => {
                 let path = dir.join(format!(".s.PGSQL.{port}"));
@@ -100,7 +109,9 @@ impl Connection {
                 (Box::new(s), None)
             }
             Host::Tcp(h) => {
-                let mut s = TcpStream::connect((h.as_str(), port)).await.map_err(connect_err)?;
+                let mut s = TcpStream::connect((h.as_str(), port))
+                    .await
+                    .map_err(connect_err)?;
                 s.set_nodelay(true).ok();
                 match info.sslmode {
                     SslMode::Disable | SslMode::Allow => (Box::new(s), None),
@@ -164,7 +175,10 @@ impl Connection {
         port: u16,
         tls_cert: Option<Vec<u8>>,
     ) -> Result<(), ProtocolError> {
-        let dbname = info.dbname.clone().unwrap_or_else(|| "replication".to_string());
+        let dbname = info
+            .dbname
+            .clone()
+            .unwrap_or_else(|| "replication".to_string());
         let mut params: Vec<(&str, &str)> = vec![
             ("user", info.user.as_str()),
             ("database", dbname.as_str()),
@@ -174,10 +188,15 @@ impl Connection {
         if let Some(o) = &info.options {
             params.push(("options", o.as_str()));
         }
-        frontend::startup_message(params, &mut self.wbuf).map_err(|e| self.io_err("encoding the startup packet", e))?;
+        frontend::startup_message(params, &mut self.wbuf)
+            .map_err(|e| self.io_err("encoding the startup packet", e))?;
         self.flush().await?;
 
-        let password = || info.password.clone().or_else(|| info.password_for(host, port));
+        let password = || {
+            info.password
+                .clone()
+                .or_else(|| info.password_for(host, port))
+        };
         let no_password = || {
             ProtocolError::Auth(format!(
                 "the server asks user {:?} for a password but none was given: set it in the connection string, \
@@ -277,7 +296,11 @@ impl Connection {
                 BackendMessage::ReadyForQuery(_) => return Ok(()),
                 BackendMessage::BackendKeyData { .. } => {}
                 BackendMessage::Error(n) => return Err(ProtocolError::Server(n)),
-                other => return Err(ProtocolError::Unexpected(format!("{other:?} after authentication"))),
+                other => {
+                    return Err(ProtocolError::Unexpected(format!(
+                        "{other:?} after authentication"
+                    )))
+                }
             }
         }
     }
@@ -297,7 +320,10 @@ impl Connection {
     }
 
     fn io_err(&self, context: &str, source: std::io::Error) -> ProtocolError {
-        ProtocolError::Io { context: format!("{context} ({})", self.target), source }
+        ProtocolError::Io {
+            context: format!("{context} ({})", self.target),
+            source,
+        }
     }
 
     /// Writes out everything queued in the write buffer.
@@ -307,7 +333,10 @@ impl Connection {
             self.wbuf.clear();
             r.map_err(|e| self.io_err("writing to the server", e))?;
         }
-        self.io.flush().await.map_err(|e| self.io_err("writing to the server", e))
+        self.io
+            .flush()
+            .await
+            .map_err(|e| self.io_err("writing to the server", e))
     }
 
     /// The write buffer, for encoders; call [`Connection::flush`] afterwards.
@@ -338,7 +367,9 @@ impl Connection {
                 .await
                 .map_err(|e| self.io_err("reading from the server", e))?;
             if n == 0 {
-                return Err(ProtocolError::Closed { context: format!("({})", self.target) });
+                return Err(ProtocolError::Closed {
+                    context: format!("({})", self.target),
+                });
             }
         }
     }
@@ -352,11 +383,19 @@ impl Connection {
     }
 
     /// Reads result sets until ReadyForQuery, starting from `current`.
-    pub(crate) async fn collect_results(&mut self, mut current: QueryResult) -> Result<QueryResult, ProtocolError> {
+    pub(crate) async fn collect_results(
+        &mut self,
+        mut current: QueryResult,
+    ) -> Result<QueryResult, ProtocolError> {
         let mut error = None;
         loop {
             match self.read_message().await? {
-                BackendMessage::RowDescription(cols) => current = QueryResult { columns: cols, ..Default::default() },
+                BackendMessage::RowDescription(cols) => {
+                    current = QueryResult {
+                        columns: cols,
+                        ..Default::default()
+                    }
+                }
                 BackendMessage::DataRow(row) => current.rows.push(row),
                 BackendMessage::CommandComplete(tag) => current.tag = tag,
                 BackendMessage::EmptyQueryResponse => {}
@@ -368,8 +407,13 @@ impl Connection {
                     }
                 }
                 // COPY started by a command we did not expect to copy: leave it.
-                BackendMessage::CopyOutResponse | BackendMessage::CopyInResponse | BackendMessage::CopyBothResponse => {
-                    return Err(ProtocolError::Unexpected(format!("COPY started in reply to a query ({})", self.target)))
+                BackendMessage::CopyOutResponse
+                | BackendMessage::CopyInResponse
+                | BackendMessage::CopyBothResponse => {
+                    return Err(ProtocolError::Unexpected(format!(
+                        "COPY started in reply to a query ({})",
+                        self.target
+                    )))
                 }
                 other => {
                     tracing::debug!(?other, "ignoring message while collecting results");

@@ -63,7 +63,8 @@ impl ProtocolError {
             // 57P01 admin_shutdown, 57P02 crash_shutdown, 57P03 cannot_connect_now,
             // 53300 too_many_connections, 08xxx connection exceptions
             ProtocolError::Server(n) => {
-                matches!(n.code.as_str(), "57P01" | "57P02" | "57P03" | "53300") || n.code.starts_with("08")
+                matches!(n.code.as_str(), "57P01" | "57P02" | "57P03" | "53300")
+                    || n.code.starts_with("08")
             }
             _ => false,
         }

@@ -58,8 +58,15 @@ pub enum StreamEnd {
 /// One event from a CopyBoth stream.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StreamEvent {
-    XLogData { wal_start: Lsn, wal_end: Lsn, data: Bytes },
-    Keepalive { wal_end: Lsn, reply_requested: bool },
+    XLogData {
+        wal_start: Lsn,
+        wal_end: Lsn,
+        data: Bytes,
+    },
+    Keepalive {
+        wal_end: Lsn,
+        reply_requested: bool,
+    },
     End(StreamEnd),
 }
 
@@ -67,14 +74,22 @@ fn parse_lsn(r: &QueryResult, row: usize, col: usize, what: &str) -> Result<Lsn,
     let t = r
         .text(row, col)
         .ok_or_else(|| ProtocolError::Unexpected(format!("{what}: missing value")))?;
-    t.parse().map_err(|_| ProtocolError::Unexpected(format!("{what}: bad LSN {t:?}")))
+    t.parse()
+        .map_err(|_| ProtocolError::Unexpected(format!("{what}: bad LSN {t:?}")))
 }
 
-fn parse_num<T: std::str::FromStr>(r: &QueryResult, row: usize, col: usize, what: &str) -> Result<T, ProtocolError> {
+fn parse_num<T: std::str::FromStr>(
+    r: &QueryResult,
+    row: usize,
+    col: usize,
+    what: &str,
+) -> Result<T, ProtocolError> {
     let t = r
         .text(row, col)
         .ok_or_else(|| ProtocolError::Unexpected(format!("{what}: missing value")))?;
-    t.trim().parse().map_err(|_| ProtocolError::Unexpected(format!("{what}: bad number {t:?}")))
+    t.trim()
+        .parse()
+        .map_err(|_| ProtocolError::Unexpected(format!("{what}: bad number {t:?}")))
 }
 
 fn parse_switch(r: &QueryResult) -> Result<TimelineSwitch, ProtocolError> {
@@ -95,7 +110,9 @@ impl Connection {
     pub async fn identify_system(&mut self) -> Result<SystemInfo, ProtocolError> {
         let r = self.simple_query("IDENTIFY_SYSTEM").await?;
         if r.rows.len() != 1 || r.columns.len() < 3 {
-            return Err(ProtocolError::Unexpected("IDENTIFY_SYSTEM returned no row".into()));
+            return Err(ProtocolError::Unexpected(
+                "IDENTIFY_SYSTEM returned no row".into(),
+            ));
         }
         Ok(SystemInfo {
             system_identifier: parse_num(&r, 0, 0, "IDENTIFY_SYSTEM systemid")?,
@@ -107,7 +124,8 @@ impl Connection {
 
     pub async fn show(&mut self, setting: &str) -> Result<String, ProtocolError> {
         let r = self.simple_query(&format!("SHOW {setting}")).await?;
-        r.text(0, 0).ok_or_else(|| ProtocolError::Unexpected(format!("SHOW {setting} returned nothing")))
+        r.text(0, 0)
+            .ok_or_else(|| ProtocolError::Unexpected(format!("SHOW {setting} returned nothing")))
     }
 
     pub async fn wal_segment_size(&mut self) -> Result<SegmentSize, ProtocolError> {
@@ -126,19 +144,26 @@ impl Connection {
     /// TIMELINE_HISTORY: the file name and raw content of timeline `tli`'s history file
     /// (timeline 1 has none).
     pub async fn timeline_history(&mut self, tli: u32) -> Result<(String, Bytes), ProtocolError> {
-        let r = self.simple_query(&format!("TIMELINE_HISTORY {tli}")).await?;
+        let r = self
+            .simple_query(&format!("TIMELINE_HISTORY {tli}"))
+            .await?;
         let name = r.text(0, 0);
         let content = r.rows.first().and_then(|row| row.get(1)).cloned().flatten();
         match (name, content) {
             (Some(n), Some(c)) => Ok((n, c)),
-            _ => Err(ProtocolError::Unexpected(format!("TIMELINE_HISTORY {tli} returned no file"))),
+            _ => Err(ProtocolError::Unexpected(format!(
+                "TIMELINE_HISTORY {tli} returned no file"
+            ))),
         }
     }
 
     /// CREATE_REPLICATION_SLOT ... PHYSICAL (RESERVE_WAL). Returns false when the slot already
     /// existed (SQLSTATE 42710), true when it was created.
     pub async fn create_physical_slot(&mut self, name: &str) -> Result<bool, ProtocolError> {
-        let sql = format!("CREATE_REPLICATION_SLOT {} PHYSICAL (RESERVE_WAL)", quote_ident(name));
+        let sql = format!(
+            "CREATE_REPLICATION_SLOT {} PHYSICAL (RESERVE_WAL)",
+            quote_ident(name)
+        );
         match self.simple_query(&sql).await {
             Ok(_) => Ok(true),
             Err(e) if e.sqlstate() == Some("42710") => Ok(false),
@@ -147,8 +172,13 @@ impl Connection {
     }
 
     /// READ_REPLICATION_SLOT (PostgreSQL 15+). `None` when the slot does not exist.
-    pub async fn read_replication_slot(&mut self, name: &str) -> Result<Option<SlotInfo>, ProtocolError> {
-        let r = self.simple_query(&format!("READ_REPLICATION_SLOT {}", quote_ident(name))).await?;
+    pub async fn read_replication_slot(
+        &mut self,
+        name: &str,
+    ) -> Result<Option<SlotInfo>, ProtocolError> {
+        let r = self
+            .simple_query(&format!("READ_REPLICATION_SLOT {}", quote_ident(name)))
+            .await?;
         let Some(slot_type) = r.text(0, 0) else {
             return Ok(None);
         };
@@ -160,7 +190,11 @@ impl Connection {
             Some(_) => Some(parse_num(&r, 0, 2, "READ_REPLICATION_SLOT restart_tli")?),
             None => None,
         };
-        Ok(Some(SlotInfo { slot_type, restart_lsn, restart_timeline }))
+        Ok(Some(SlotInfo {
+            slot_type,
+            restart_lsn,
+            restart_timeline,
+        }))
     }
 
     /// START_REPLICATION [SLOT s] PHYSICAL start TIMELINE tli.
@@ -170,7 +204,9 @@ impl Connection {
         start: Lsn,
         timeline: u32,
     ) -> Result<StartOutcome, ProtocolError> {
-        let slot = slot.map(|s| format!("SLOT {} ", quote_ident(s))).unwrap_or_default();
+        let slot = slot
+            .map(|s| format!("SLOT {} ", quote_ident(s)))
+            .unwrap_or_default();
         let sql = format!("START_REPLICATION {slot}PHYSICAL {start} TIMELINE {timeline}");
         tracing::debug!(%sql, "starting replication");
         postgres_protocol::message::frontend::query(&sql, self.write_buf())
@@ -179,7 +215,12 @@ impl Connection {
         match self.read_message().await? {
             BackendMessage::CopyBothResponse => Ok(StartOutcome::Streaming),
             BackendMessage::RowDescription(columns) => {
-                let r = self.collect_results(QueryResult { columns, ..Default::default() }).await?;
+                let r = self
+                    .collect_results(QueryResult {
+                        columns,
+                        ..Default::default()
+                    })
+                    .await?;
                 Ok(StartOutcome::TimelineEnded(parse_switch(&r)?))
             }
             BackendMessage::Error(n) => {
@@ -187,7 +228,9 @@ impl Connection {
                 let _ = self.collect_results(QueryResult::default()).await;
                 Err(ProtocolError::Server(n))
             }
-            other => Err(ProtocolError::Unexpected(format!("{other:?} in reply to START_REPLICATION"))),
+            other => Err(ProtocolError::Unexpected(format!(
+                "{other:?} in reply to START_REPLICATION"
+            ))),
         }
     }
 
@@ -196,12 +239,24 @@ impl Connection {
     pub async fn next_event(&mut self) -> Result<StreamEvent, ProtocolError> {
         match self.read_message().await? {
             BackendMessage::CopyData(payload) => Ok(match ReplicationMessage::decode(payload)? {
-                ReplicationMessage::XLogData { wal_start, wal_end, data, .. } => {
-                    StreamEvent::XLogData { wal_start, wal_end, data }
-                }
-                ReplicationMessage::Keepalive { wal_end, reply_requested, .. } => {
-                    StreamEvent::Keepalive { wal_end, reply_requested }
-                }
+                ReplicationMessage::XLogData {
+                    wal_start,
+                    wal_end,
+                    data,
+                    ..
+                } => StreamEvent::XLogData {
+                    wal_start,
+                    wal_end,
+                    data,
+                },
+                ReplicationMessage::Keepalive {
+                    wal_end,
+                    reply_requested,
+                    ..
+                } => StreamEvent::Keepalive {
+                    wal_end,
+                    reply_requested,
+                },
             }),
             BackendMessage::CopyDone => {
                 // Either the end of a historic timeline (server first) or the answer to our CopyDone.
@@ -221,7 +276,9 @@ impl Connection {
             // Shutdown: `COPY 0` without CopyDone, then the server closes the socket.
             BackendMessage::CommandComplete(_) => Ok(StreamEvent::End(StreamEnd::ServerShutdown)),
             BackendMessage::Error(n) => Err(ProtocolError::Server(n)),
-            other => Err(ProtocolError::Unexpected(format!("{other:?} during streaming"))),
+            other => Err(ProtocolError::Unexpected(format!(
+                "{other:?} during streaming"
+            ))),
         }
     }
 

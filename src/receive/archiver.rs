@@ -71,9 +71,25 @@ impl Archiver {
         workers: usize,
     ) -> Archiver {
         let (tx, rx) = mpsc::channel(queue.max(1));
-        let (ptx, progress) = watch::channel(Progress { archived_upto: initial, done: 0 });
-        let task = tokio::spawn(run(store, seg_size, compression, spool_dir, workers.max(1), rx, ptx));
-        Archiver { tx, progress, submitted: 0, task }
+        let (ptx, progress) = watch::channel(Progress {
+            archived_upto: initial,
+            done: 0,
+        });
+        let task = tokio::spawn(run(
+            store,
+            seg_size,
+            compression,
+            spool_dir,
+            workers.max(1),
+            rx,
+            ptx,
+        ));
+        Archiver {
+            tx,
+            progress,
+            submitted: 0,
+            task,
+        }
     }
 
     /// Queues a job; waits when the queue is full (back-pressure on the receiver).
@@ -196,21 +212,33 @@ async fn archive_one(
             tokio::task::spawn_blocking(move || compress_segment(&src, &dst, level))
                 .await
                 .map_err(|e| ArchiverError::Crashed(e.to_string()))?
-                .map_err(|source| ArchiverError::Compress { path: path.display().to_string(), source })?;
+                .map_err(|source| ArchiverError::Compress {
+                    path: path.display().to_string(),
+                    source,
+                })?;
             tmp
         }
     };
     // A finished partial may be stored again with more bytes (after a crash): replace it.
-    let mode = if partial { PutMode::Replace } else { PutMode::NoOverwrite };
+    let mode = if partial {
+        PutMode::Replace
+    } else {
+        PutMode::NoOverwrite
+    };
     store
         .put_file(&key, &upload_src, mode)
         .await
-        .map_err(|source| ArchiverError::Store { name: name.clone(), source })?;
+        .map_err(|source| ArchiverError::Store {
+            name: name.clone(),
+            source,
+        })?;
     for p in [&upload_src, &path] {
         match std::fs::remove_file(p) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => tracing::warn!(path = %p.display(), error = %e, "could not remove spooled file"),
+            Err(e) => {
+                tracing::warn!(path = %p.display(), error = %e, "could not remove spooled file")
+            }
         }
     }
     tracing::debug!(object = %key, ms = started.elapsed().as_millis() as u64, "archived");
@@ -219,7 +247,11 @@ async fn archive_one(
 
 /// Streams `src` through zstd into the new file `dst`. Streaming keeps memory to the encoder's
 /// window and two small buffers, whatever the segment size.
-fn compress_segment(src: &std::path::Path, dst: &std::path::Path, level: i32) -> std::io::Result<u64> {
+fn compress_segment(
+    src: &std::path::Path,
+    dst: &std::path::Path,
+    level: i32,
+) -> std::io::Result<u64> {
     let mut input = std::fs::File::open(src)?;
     let len = input.metadata()?.len();
     let mut output = compress::create_private(dst)?;

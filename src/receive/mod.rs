@@ -18,7 +18,9 @@ use tokio::sync::watch;
 
 use crate::archive::{layout, ArchiveMeta, Compression, PutMode, Store, StoreError};
 use crate::protocol::codec::{pg_now, StatusUpdate};
-use crate::protocol::{ConnInfo, Connection, ProtocolError, StartOutcome, StreamEnd, StreamEvent, TimelineSwitch};
+use crate::protocol::{
+    ConnInfo, Connection, ProtocolError, StartOutcome, StreamEnd, StreamEvent, TimelineSwitch,
+};
 use crate::wal::verify::{check_segment, VerifyError, VerifyParams, WalVerifier};
 use crate::wal::{history_file_name, Lsn, SegmentId, SegmentSize};
 use archiver::{Archiver, ArchiverError, Job};
@@ -68,8 +70,14 @@ pub enum ReceiveError {
     },
     #[error("replication slot {slot:?} does not exist on {target}")]
     SlotMissing { slot: String, target: String },
-    #[error("replication slot {slot:?} on {target} is a {kind} slot; walagent needs a physical slot")]
-    SlotNotPhysical { slot: String, target: String, kind: String },
+    #[error(
+        "replication slot {slot:?} on {target} is a {kind} slot; walagent needs a physical slot"
+    )]
+    SlotNotPhysical {
+        slot: String,
+        target: String,
+        kind: String,
+    },
     #[error("server {target} runs PostgreSQL {version}; walagent needs PostgreSQL 15 or newer")]
     ServerTooOld { target: String, version: u32 },
     #[error("server sent WAL starting at {got}, expected {expected}")]
@@ -77,9 +85,18 @@ pub enum ReceiveError {
     #[error("the archive continues timeline {archive_tli} but the server is on timeline {server_tli}; is this archive from another server?")]
     TimelineAhead { archive_tli: u32, server_tli: u32 },
     #[error("server announced timeline {next} starting at {start} after timeline {current} ended at {end}, which is not a valid switch")]
-    BadSwitch { current: u32, end: Lsn, next: u32, start: Lsn },
+    BadSwitch {
+        current: u32,
+        end: Lsn,
+        next: u32,
+        start: Lsn,
+    },
     #[error("the server at {target} is now system {now}, not {before}; refusing to mix WAL from two clusters")]
-    SystemChanged { target: String, before: u64, now: u64 },
+    SystemChanged {
+        target: String,
+        before: u64,
+        now: u64,
+    },
 }
 
 impl ReceiveError {
@@ -149,7 +166,10 @@ struct Receiver {
 
 /// Runs `walagent stream` until endpos, a signal, or (with `--no-loop`) a disconnect.
 /// `shutdown` turns true on SIGTERM/SIGINT.
-pub async fn run(opts: StreamOptions, mut shutdown: watch::Receiver<bool>) -> Result<Finished, ReceiveError> {
+pub async fn run(
+    opts: StreamOptions,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<Finished, ReceiveError> {
     let mut backoff = Backoff::new();
     let mut receiver: Option<Receiver> = None;
     loop {
@@ -184,7 +204,10 @@ pub async fn run(opts: StreamOptions, mut shutdown: watch::Receiver<bool>) -> Re
             Ok(None) if opts.no_loop => return finish(receiver, Finished::Disconnected).await,
             Ok(None) => tracing::warn!("server closed the stream; reconnecting"),
             Err(e) if e.is_transient() && !opts.no_loop => {
-                let hint = e.hint().map(|h| format!(" (hint: {h})")).unwrap_or_default();
+                let hint = e
+                    .hint()
+                    .map(|h| format!(" (hint: {h})"))
+                    .unwrap_or_default();
                 tracing::warn!("{e}{hint}; retrying in {:?}", backoff.peek());
             }
             Err(e) => {
@@ -206,7 +229,10 @@ pub async fn run(opts: StreamOptions, mut shutdown: watch::Receiver<bool>) -> Re
 }
 
 /// Lets the archiver store what is queued, then reports how the run ended.
-async fn finish(receiver: Option<Receiver>, how: impl FnOnce(Lsn) -> Finished) -> Result<Finished, ReceiveError> {
+async fn finish(
+    receiver: Option<Receiver>,
+    how: impl FnOnce(Lsn) -> Finished,
+) -> Result<Finished, ReceiveError> {
     let pos = receiver.as_ref().map(|r| r.start).unwrap_or_default();
     if let Some(r) = receiver {
         r.archiver.finish().await?;
@@ -247,7 +273,10 @@ impl Backoff {
 }
 
 fn spool_err(spool: &Spool, source: std::io::Error) -> ReceiveError {
-    ReceiveError::Spool { path: spool.dir().display().to_string(), source }
+    ReceiveError::Spool {
+        path: spool.dir().display().to_string(),
+        source,
+    }
 }
 
 impl Receiver {
@@ -257,10 +286,16 @@ impl Receiver {
         shutdown: watch::Receiver<bool>,
     ) -> Result<Receiver, ReceiveError> {
         let store = opts.store.clone();
-        let store_err = |source| ReceiveError::Store { location: store.location(), source };
+        let store_err = |source| ReceiveError::Store {
+            location: store.location(),
+            source,
+        };
         let version = conn.server_version_num().await?;
         if version < 150000 {
-            return Err(ReceiveError::ServerTooOld { target: conn.target().to_string(), version });
+            return Err(ReceiveError::ServerTooOld {
+                target: conn.target().to_string(),
+                version,
+            });
         }
         let sys = conn.identify_system().await?;
         let seg_size = conn.wal_segment_size().await?;
@@ -272,7 +307,10 @@ impl Receiver {
             "server identified"
         );
 
-        match ArchiveMeta::load(store.as_ref()).await.map_err(|e| ReceiveError::Archive(e.to_string()))? {
+        match ArchiveMeta::load(store.as_ref())
+            .await
+            .map_err(|e| ReceiveError::Archive(e.to_string()))?
+        {
             Some(meta) => meta
                 .check_matches(sys.system_identifier, seg_size)
                 .map_err(|e| ReceiveError::Archive(e.to_string()))?,
@@ -284,14 +322,19 @@ impl Receiver {
 
         Self::ensure_slot(opts, conn).await?;
 
-        let spool = Spool::open(&opts.spool_dir, seg_size)
-            .map_err(|source| ReceiveError::Spool { path: opts.spool_dir.display().to_string(), source })?;
+        let spool =
+            Spool::open(&opts.spool_dir, seg_size).map_err(|source| ReceiveError::Spool {
+                path: opts.spool_dir.display().to_string(),
+                source,
+            })?;
         let contents = spool.scan().map_err(|e| spool_err(&spool, e))?;
         let objects = store.list(layout::WAL_PREFIX).await.map_err(store_err)?;
         let mut archived_complete = std::collections::HashSet::new();
         let mut candidates = Vec::new();
         for o in &objects {
-            if let Some(layout::WalObject::Segment { id, partial, .. }) = layout::parse_wal_key(&o.key, seg_size) {
+            if let Some(layout::WalObject::Segment { id, partial, .. }) =
+                layout::parse_wal_key(&o.key, seg_size)
+            {
                 if partial {
                     candidates.push((id, Found::ArchivedPartial));
                 } else {
@@ -303,7 +346,11 @@ impl Receiver {
 
         // Ready spool files must verify before they count; a damaged one (say, after a power
         // loss before the archive had it) is streamed again from there.
-        let params = |tli| VerifyParams { system_identifier: sys.system_identifier, segment_size: seg_size, timeline: tli };
+        let params = |tli| VerifyParams {
+            system_identifier: sys.system_identifier,
+            segment_size: seg_size,
+            timeline: tli,
+        };
         let mut ready = Vec::new();
         let mut damaged: Option<SegmentId> = None;
         for &id in &contents.ready {
@@ -319,17 +366,19 @@ impl Receiver {
             let ok = match std::fs::read(&path) {
                 // A ready file must be whole: a zeroed tail (lost before it reached the disk)
                 // is incomplete even though every byte before it verifies.
-                Ok(bytes) => match check_segment(params(id.timeline), id.start_lsn(seg_size), &bytes) {
-                    Ok(c) if c.complete => true,
-                    Ok(c) => {
-                        tracing::warn!(file = %path.display(), data_end = %c.data_end, "spooled segment is incomplete, streaming it again");
-                        false
+                Ok(bytes) => {
+                    match check_segment(params(id.timeline), id.start_lsn(seg_size), &bytes) {
+                        Ok(c) if c.complete => true,
+                        Ok(c) => {
+                            tracing::warn!(file = %path.display(), data_end = %c.data_end, "spooled segment is incomplete, streaming it again");
+                            false
+                        }
+                        Err(e) => {
+                            tracing::warn!(file = %path.display(), "spooled segment failed verification, streaming it again: {e}");
+                            false
+                        }
                     }
-                    Err(e) => {
-                        tracing::warn!(file = %path.display(), "spooled segment failed verification, streaming it again: {e}");
-                        false
-                    }
-                },
+                }
                 Err(e) => return Err(spool_err(&spool, e)),
             };
             if ok {
@@ -374,10 +423,15 @@ impl Receiver {
             }
         };
         if start.timeline > sys.timeline {
-            return Err(ReceiveError::TimelineAhead { archive_tli: start.timeline, server_tli: sys.timeline });
+            return Err(ReceiveError::TimelineAhead {
+                archive_tli: start.timeline,
+                server_tli: sys.timeline,
+            });
         }
 
-        let plan = resume::plan_spool(start, &ready, &partials, &|id| archived_complete.contains(&id));
+        let plan = resume::plan_spool(start, &ready, &partials, &|id| {
+            archived_complete.contains(&id)
+        });
         for id in &plan.remove_ready {
             let _ = std::fs::remove_file(spool.ready_path(*id));
         }
@@ -385,7 +439,11 @@ impl Receiver {
             let _ = std::fs::remove_file(spool.partial_path(*id));
         }
         let start_lsn = start.start_lsn(seg_size);
-        let initial = plan.requeue.first().map(|id| id.start_lsn(seg_size)).unwrap_or(start_lsn);
+        let initial = plan
+            .requeue
+            .first()
+            .map(|id| id.start_lsn(seg_size))
+            .unwrap_or(start_lsn);
         let mut archiver = Archiver::start(
             store.clone(),
             seg_size,
@@ -396,10 +454,20 @@ impl Receiver {
             opts.archive_workers,
         );
         for id in plan.requeue {
-            archiver.submit(Job::Segment { id, path: spool.ready_path(id) }).await?;
+            archiver
+                .submit(Job::Segment {
+                    id,
+                    path: spool.ready_path(id),
+                })
+                .await?;
         }
         for id in plan.finished_partials {
-            archiver.submit(Job::FinalPartial { id, path: spool.partial_path(id) }).await?;
+            archiver
+                .submit(Job::FinalPartial {
+                    id,
+                    path: spool.partial_path(id),
+                })
+                .await?;
         }
 
         let receiver = Receiver {
@@ -432,7 +500,10 @@ impl Receiver {
                 }
                 Ok(())
             }
-            None => Err(ReceiveError::SlotMissing { slot: opts.slot.clone(), target: conn.target().to_string() }),
+            None => Err(ReceiveError::SlotMissing {
+                slot: opts.slot.clone(),
+                target: conn.target().to_string(),
+            }),
         }
     }
 
@@ -450,14 +521,21 @@ impl Receiver {
     }
 
     /// Stores the history files of timelines 2..=`upto` that the archive lacks.
-    async fn archive_histories(&self, conn: &mut Connection, upto: u32) -> Result<(), ReceiveError> {
+    async fn archive_histories(
+        &self,
+        conn: &mut Connection,
+        upto: u32,
+    ) -> Result<(), ReceiveError> {
         let store = &self.opts.store;
         for tli in 2..=upto {
             let key = layout::history_key(tli);
             let exists = store
                 .get_bytes(&key)
                 .await
-                .map_err(|source| ReceiveError::Store { location: store.location(), source })?
+                .map_err(|source| ReceiveError::Store {
+                    location: store.location(),
+                    source,
+                })?
                 .is_some();
             if exists {
                 continue;
@@ -467,7 +545,10 @@ impl Receiver {
                     store
                         .put_bytes(&key, content, PutMode::NoOverwrite)
                         .await
-                        .map_err(|source| ReceiveError::Store { location: store.location(), source })?;
+                        .map_err(|source| ReceiveError::Store {
+                            location: store.location(),
+                            source,
+                        })?;
                     tracing::info!(file = %history_file_name(tli), "archived timeline history");
                 }
                 // A timeline the server never had (e.g. skipped numbers) has no file.
@@ -551,15 +632,24 @@ impl Receiver {
         if !force && (write, flush) == self.last_sent {
             return Ok(());
         }
-        conn.send_status(StatusUpdate { write, flush, apply: Lsn(0), send_time: pg_now(), reply_requested: false })
-            .await?;
+        conn.send_status(StatusUpdate {
+            write,
+            flush,
+            apply: Lsn(0),
+            send_time: pg_now(),
+            reply_requested: false,
+        })
+        .await?;
         tracing::trace!(%write, %flush, "status sent");
         self.last_sent = (write, flush);
         Ok(())
     }
 
     /// Makes everything received durable: waits for the archiver, fsyncs the partial.
-    async fn make_durable(&mut self, partial: Option<&mut PartialSegment>) -> Result<(), ReceiveError> {
+    async fn make_durable(
+        &mut self,
+        partial: Option<&mut PartialSegment>,
+    ) -> Result<(), ReceiveError> {
         self.archiver.drain().await?;
         if let Some(p) = partial {
             p.sync().map_err(|e| spool_err(&self.spool, e))?;
@@ -567,14 +657,25 @@ impl Receiver {
         Ok(())
     }
 
-    async fn stream_once(&mut self, conn: &mut Connection, backoff: &mut Backoff) -> Result<StreamOutcome, ReceiveError> {
+    async fn stream_once(
+        &mut self,
+        conn: &mut Connection,
+        backoff: &mut Backoff,
+    ) -> Result<StreamOutcome, ReceiveError> {
         let tli = self.timeline;
-        match conn.start_replication(Some(&self.opts.slot), self.start, tli).await? {
+        match conn
+            .start_replication(Some(&self.opts.slot), self.start, tli)
+            .await?
+        {
             StartOutcome::TimelineEnded(sw) => return Ok(StreamOutcome::Switch(sw)),
             StartOutcome::Streaming => {}
         }
         tracing::info!(start = %self.start, timeline = tli, "streaming");
-        let params = VerifyParams { system_identifier: self.system_id, segment_size: self.seg_size, timeline: tli };
+        let params = VerifyParams {
+            system_identifier: self.system_id,
+            segment_size: self.seg_size,
+            timeline: tli,
+        };
         let mut verifier = WalVerifier::new(params, self.start);
         let mut write_pos = self.start;
         let mut partial: Option<PartialSegment> = None;
@@ -607,12 +708,17 @@ impl Receiver {
                 }
             };
             match event {
-                StreamEvent::XLogData { wal_start, data, .. } => {
+                StreamEvent::XLogData {
+                    wal_start, data, ..
+                } => {
                     if stopping {
                         continue;
                     }
                     if wal_start != write_pos {
-                        return Err(ReceiveError::OutOfOrder { got: wal_start, expected: write_pos });
+                        return Err(ReceiveError::OutOfOrder {
+                            got: wal_start,
+                            expected: write_pos,
+                        });
                     }
                     let mut data = data;
                     let mut reached_end = false;
@@ -631,13 +737,17 @@ impl Receiver {
                             Some(p) => p,
                             None => {
                                 let id = SegmentId::containing(tli, write_pos, self.seg_size);
-                                let p = self.spool.open_partial(id).map_err(|e| spool_err(&self.spool, e))?;
+                                let p = self
+                                    .spool
+                                    .open_partial(id)
+                                    .map_err(|e| spool_err(&self.spool, e))?;
                                 partial.insert(p)
                             }
                         };
                         let seg_end = (write_pos.0 / seg_bytes + 1) * seg_bytes;
                         let n = rest.len().min((seg_end - write_pos.0) as usize);
-                        p.append(&rest[..n]).map_err(|e| spool_err(&self.spool, e))?;
+                        p.append(&rest[..n])
+                            .map_err(|e| spool_err(&self.spool, e))?;
                         rest = &rest[n..];
                         write_pos = Lsn(write_pos.0 + n as u64);
                         if write_pos.0 == seg_end {
@@ -648,31 +758,39 @@ impl Receiver {
                                 .map_err(|e| spool_err(&self.spool, e))?;
                             self.completed_upto = write_pos;
                             self.start = write_pos;
-                            self.archiver.submit(Job::Segment { id, path: ready }).await?;
+                            self.archiver
+                                .submit(Job::Segment { id, path: ready })
+                                .await?;
                         }
                     }
                     if self.opts.synchronous {
                         if let Some(p) = partial.as_mut() {
                             p.sync().map_err(|e| spool_err(&self.spool, e))?;
                         }
-                        self.send_status(conn, partial.as_ref(), write_pos, false).await?;
+                        self.send_status(conn, partial.as_ref(), write_pos, false)
+                            .await?;
                     }
                     if reached_end {
                         tracing::info!(endpos = %write_pos, "reached --endpos");
                         self.make_durable(partial.as_mut()).await?;
-                        self.send_status(conn, partial.as_ref(), write_pos, true).await?;
+                        self.send_status(conn, partial.as_ref(), write_pos, true)
+                            .await?;
                         conn.request_stop().await?;
                         stopping = true;
                         self.start = write_pos;
                     }
                 }
-                StreamEvent::Keepalive { wal_end, reply_requested } => {
+                StreamEvent::Keepalive {
+                    wal_end,
+                    reply_requested,
+                } => {
                     if reply_requested {
                         // The server waits for our flush to reach what it sent (e.g. at shutdown).
                         if wal_end <= write_pos {
                             self.make_durable(partial.as_mut()).await?;
                         }
-                        self.send_status(conn, partial.as_ref(), write_pos, true).await?;
+                        self.send_status(conn, partial.as_ref(), write_pos, true)
+                            .await?;
                     }
                 }
                 StreamEvent::End(StreamEnd::Timeline(sw)) => {
@@ -688,7 +806,9 @@ impl Receiver {
                     // timeline's piece as a finished partial.
                     if let Some(p) = partial.take() {
                         let id = p.id;
-                        let path = p.finish_short(&self.spool).map_err(|e| spool_err(&self.spool, e))?;
+                        let path = p
+                            .finish_short(&self.spool)
+                            .map_err(|e| spool_err(&self.spool, e))?;
                         self.archiver.submit(Job::FinalPartial { id, path }).await?;
                     }
                     break StreamOutcome::Switch(sw);

@@ -85,20 +85,29 @@ mod tests {
 
     #[test]
     fn complete_beats_partial_of_same_segment() {
-        let c = [(s(1, 5), Found::SpoolPartial), (s(1, 5), Found::ArchivedComplete)];
+        let c = [
+            (s(1, 5), Found::SpoolPartial),
+            (s(1, 5), Found::ArchivedComplete),
+        ];
         assert_eq!(choose_start(&c), Some(s(1, 6)));
     }
 
     #[test]
     fn partial_restreams_its_segment() {
-        let c = [(s(1, 4), Found::ArchivedComplete), (s(1, 5), Found::SpoolPartial)];
+        let c = [
+            (s(1, 4), Found::ArchivedComplete),
+            (s(1, 5), Found::SpoolPartial),
+        ];
         assert_eq!(choose_start(&c), Some(s(1, 5)));
     }
 
     #[test]
     fn higher_timeline_wins_at_same_start() {
         // TL1 partial at 6 (left before a switch) vs TL2 complete 5: resume TL2 at 6.
-        let c = [(s(1, 6), Found::SpoolPartial), (s(2, 5), Found::ArchivedComplete)];
+        let c = [
+            (s(1, 6), Found::SpoolPartial),
+            (s(2, 5), Found::ArchivedComplete),
+        ];
         assert_eq!(choose_start(&c), Some(s(2, 6)));
         assert_eq!(choose_start(&[]), None);
     }
@@ -106,7 +115,12 @@ mod tests {
     #[test]
     fn spool_plan_requeues_and_cleans() {
         let archived = |id: SegmentId| id == s(1, 2);
-        let plan = plan_spool(s(1, 5), &[s(1, 2), s(1, 3), s(1, 4)], &[s(1, 5), s(1, 3)], &archived);
+        let plan = plan_spool(
+            s(1, 5),
+            &[s(1, 2), s(1, 3), s(1, 4)],
+            &[s(1, 5), s(1, 3)],
+            &archived,
+        );
         assert_eq!(plan.requeue, vec![s(1, 3), s(1, 4)]);
         assert_eq!(plan.remove_ready, vec![s(1, 2)]);
         assert_eq!(plan.remove_partial, vec![s(1, 3)]);

@@ -38,7 +38,10 @@ impl Spool {
     pub fn open(dir: &Path, seg_size: SegmentSize) -> io::Result<Spool> {
         fs::create_dir_all(dir)?;
         set_mode(dir, 0o700)?;
-        Ok(Spool { dir: dir.to_path_buf(), seg_size })
+        Ok(Spool {
+            dir: dir.to_path_buf(),
+            seg_size,
+        })
     }
 
     pub fn dir(&self) -> &Path {
@@ -46,7 +49,8 @@ impl Spool {
     }
 
     pub fn partial_path(&self, id: SegmentId) -> PathBuf {
-        self.dir.join(format!("{}{PARTIAL_SUFFIX}", id.file_name(self.seg_size)))
+        self.dir
+            .join(format!("{}{PARTIAL_SUFFIX}", id.file_name(self.seg_size)))
     }
 
     pub fn ready_path(&self, id: SegmentId) -> PathBuf {
@@ -78,8 +82,20 @@ impl Spool {
     /// Opens (or creates) the partial file of `id` for writing in place.
     pub fn open_partial(&self, id: SegmentId) -> io::Result<PartialSegment> {
         let path = self.partial_path(id);
-        let file = OpenOptions::new().write(true).create(true).truncate(false).mode(0o600).open(&path)?;
-        Ok(PartialSegment { id, path, file, start: id.start_lsn(self.seg_size), written: 0, synced: 0 })
+        let file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&path)?;
+        Ok(PartialSegment {
+            id,
+            path,
+            file,
+            start: id.start_lsn(self.seg_size),
+            written: 0,
+            synced: 0,
+        })
     }
 
     /// fsync of the spool directory, making renames and creations durable.
@@ -179,7 +195,7 @@ mod tests {
         let id = SegmentId::new(1, 3);
         let mut p = spool.open_partial(id).unwrap();
         p.append(&[1u8; 4096]).unwrap();
-        assert_eq!(p.end_lsn(), Lsn(3 << 20) .checked_add(4096).unwrap());
+        assert_eq!(p.end_lsn(), Lsn(3 << 20).checked_add(4096).unwrap());
         assert_eq!(p.synced_lsn(), Lsn(3 << 20));
         p.sync().unwrap();
         assert_eq!(p.synced_lsn(), p.end_lsn());
@@ -207,7 +223,11 @@ mod tests {
         drop(p);
         let mut p = spool.open_partial(id).unwrap();
         p.append(&[7u8; 100]).unwrap();
-        assert_eq!(fs::metadata(p.path()).unwrap().len(), 10000, "reopen must not truncate");
+        assert_eq!(
+            fs::metadata(p.path()).unwrap().len(),
+            10000,
+            "reopen must not truncate"
+        );
         let path = p.finish_short(&spool).unwrap();
         assert_eq!(fs::read(path).unwrap(), vec![7u8; 100]);
     }

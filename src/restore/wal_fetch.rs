@@ -31,7 +31,11 @@ pub enum FetchError {
     #[error("{0}")]
     Meta(#[from] MetaError),
     #[error("archive object {key} in {archive} is corrupt ({detail}); restore it from another copy of the archive or remove it")]
-    Corrupt { key: String, archive: String, detail: String },
+    Corrupt {
+        key: String,
+        archive: String,
+        detail: String,
+    },
     #[error("{0}")]
     Store(#[from] StoreError),
     #[error("{context}: {source}")]
@@ -53,7 +57,10 @@ impl FetchError {
     }
 
     fn io(context: impl Into<String>, source: io::Error) -> Self {
-        FetchError::Io { context: context.into(), source }
+        FetchError::Io {
+            context: context.into(),
+            source,
+        }
     }
 }
 
@@ -72,7 +79,10 @@ pub struct FetchOutcome {
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Request {
     /// 24 hex digits (not yet checked against the segment size); `partial` for `<name>.partial`.
-    Segment { name: String, partial: bool },
+    Segment {
+        name: String,
+        partial: bool,
+    },
     History(u32),
     /// `<segment>.<offset>.backup`: a valid PostgreSQL name that walagent never archives.
     BackupHistory,
@@ -95,7 +105,10 @@ fn parse_request(name: &str) -> Result<Request, FetchError> {
         if base[..8].bytes().all(|b| b == b'0') {
             return Err(bad()); // timeline 0 does not exist
         }
-        return Ok(Request::Segment { name: base.to_ascii_uppercase(), partial });
+        return Ok(Request::Segment {
+            name: base.to_ascii_uppercase(),
+            partial,
+        });
     }
     if let Some(stem) = name.strip_suffix(".backup") {
         if let Some((seg, off)) = stem.split_once('.') {
@@ -124,16 +137,29 @@ pub async fn fetch(
     allow_partial: bool,
 ) -> Result<FetchOutcome, FetchError> {
     let archive = store.location();
-    let not_found = || FetchError::NotFound { name: name.to_string(), archive: archive.clone() };
+    let not_found = || FetchError::NotFound {
+        name: name.to_string(),
+        archive: archive.clone(),
+    };
     let (candidates, seg_size) = match parse_request(name)? {
         Request::BackupHistory => return Err(not_found()),
-        Request::History(tli) => {
-            (vec![Candidate { key: history_key(tli), compressed: false, partial: false }], None)
-        }
-        Request::Segment { name: seg_name, partial } => {
+        Request::History(tli) => (
+            vec![Candidate {
+                key: history_key(tli),
+                compressed: false,
+                partial: false,
+            }],
+            None,
+        ),
+        Request::Segment {
+            name: seg_name,
+            partial,
+        } => {
             let meta = ArchiveMeta::load(store)
                 .await?
-                .ok_or_else(|| FetchError::NoMeta { archive: archive.clone() })?;
+                .ok_or_else(|| FetchError::NoMeta {
+                    archive: archive.clone(),
+                })?;
             let size = meta.wal_segment_size;
             if SegmentId::parse_file_name(&seg_name, size).is_none() {
                 return Err(FetchError::BadName(name.to_string()));
@@ -141,12 +167,20 @@ pub async fn fetch(
             let mut c = Vec::new();
             if !partial {
                 for compressed in [true, false] {
-                    c.push(Candidate { key: segment_key_by_name(&seg_name, compressed, false), compressed, partial: false });
+                    c.push(Candidate {
+                        key: segment_key_by_name(&seg_name, compressed, false),
+                        compressed,
+                        partial: false,
+                    });
                 }
             }
             if partial || allow_partial {
                 for compressed in [true, false] {
-                    c.push(Candidate { key: segment_key_by_name(&seg_name, compressed, true), compressed, partial: true });
+                    c.push(Candidate {
+                        key: segment_key_by_name(&seg_name, compressed, true),
+                        compressed,
+                        partial: true,
+                    });
                 }
             }
             (c, Some(size))
@@ -177,13 +211,22 @@ pub async fn fetch(
             finish_file(&src, &dst, compressed, partial, seg_size, &key, &archive2)
         })
         .await
-        .map_err(|e| FetchError::io("wal-fetch I/O task failed", io::Error::other(e.to_string())))??;
+        .map_err(|e| {
+            FetchError::io("wal-fetch I/O task failed", io::Error::other(e.to_string()))
+        })??;
         download.remove();
         fs::rename(&out.0, dest).map_err(|e| {
-            FetchError::io(format!("cannot rename {} to {}", out.0.display(), dest.display()), e)
+            FetchError::io(
+                format!("cannot rename {} to {}", out.0.display(), dest.display()),
+                e,
+            )
         })?;
         out.disarm();
-        return Ok(FetchOutcome { key: cand.key, bytes, from_partial: cand.partial });
+        return Ok(FetchOutcome {
+            key: cand.key,
+            bytes,
+            from_partial: cand.partial,
+        });
     }
     Err(not_found())
 }
@@ -214,9 +257,15 @@ fn finish_file(
         let n = match decompress_stream(BufReader::with_capacity(1 << 20, input), &mut w, true) {
             Ok(n) => n,
             Err(e) if is_corrupt(&e) => return Err(corrupt(e.to_string())),
-            Err(e) => return Err(FetchError::io(format!("cannot decompress {key} into {}", dst.display()), e)),
+            Err(e) => {
+                return Err(FetchError::io(
+                    format!("cannot decompress {key} into {}", dst.display()),
+                    e,
+                ))
+            }
         };
-        w.flush().map_err(|e| FetchError::io(format!("cannot write {}", dst.display()), e))?;
+        w.flush()
+            .map_err(|e| FetchError::io(format!("cannot write {}", dst.display()), e))?;
         n
     } else {
         fs::metadata(dst)
@@ -227,7 +276,9 @@ fn finish_file(
     let want = u64::from(size.bytes());
     if partial {
         if len > want {
-            return Err(corrupt(format!("partial segment holds {len} bytes, more than the segment size {want}")));
+            return Err(corrupt(format!(
+                "partial segment holds {len} bytes, more than the segment size {want}"
+            )));
         }
         if len < want {
             let mut f = OpenOptions::new()
@@ -243,7 +294,9 @@ fn finish_file(
             }
         }
     } else if len != want {
-        return Err(corrupt(format!("segment holds {len} bytes, expected {want}")));
+        return Err(corrupt(format!(
+            "segment holds {len} bytes, expected {want}"
+        )));
     }
     Ok(len)
 }
@@ -285,7 +338,15 @@ mod tests {
     }
 
     fn segment_bytes(seed: u8) -> Vec<u8> {
-        (0..(1u32 << 20)).map(|i| if i % 512 < 256 { (i as u8).wrapping_mul(31) ^ seed } else { 0 }).collect()
+        (0..(1u32 << 20))
+            .map(|i| {
+                if i % 512 < 256 {
+                    (i as u8).wrapping_mul(31) ^ seed
+                } else {
+                    0
+                }
+            })
+            .collect()
     }
 
     struct Fixture {
@@ -298,16 +359,26 @@ mod tests {
         let t = tempfile::tempdir().unwrap();
         let store = LocalStore::open(&t.path().join("archive")).unwrap();
         if with_meta {
-            ArchiveMeta::new(7311, seg_size(), 150018).save(&store).await.unwrap();
+            ArchiveMeta::new(7311, seg_size(), 150018)
+                .save(&store)
+                .await
+                .unwrap();
         }
         let pg_wal = t.path().join("pg_wal");
         fs::create_dir(&pg_wal).unwrap();
-        Fixture { _t: t, store, pg_wal }
+        Fixture {
+            _t: t,
+            store,
+            pg_wal,
+        }
     }
 
     impl Fixture {
         async fn put(&self, key: &str, data: Vec<u8>) {
-            self.store.put_bytes(key, Bytes::from(data), PutMode::Replace).await.unwrap();
+            self.store
+                .put_bytes(key, Bytes::from(data), PutMode::Replace)
+                .await
+                .unwrap();
         }
         fn dest(&self) -> PathBuf {
             self.pg_wal.join("RECOVERYXLOG")
@@ -327,9 +398,17 @@ mod tests {
     async fn compressed_segment_byte_identical() {
         let f = fixture(true).await;
         let data = segment_bytes(1);
-        f.put(&format!("wal/{SEG}.zst"), compress_bulk(&data, 1).unwrap()).await;
+        f.put(&format!("wal/{SEG}.zst"), compress_bulk(&data, 1).unwrap())
+            .await;
         let o = fetch(&f.store, SEG, &f.dest(), false).await.unwrap();
-        assert_eq!(o, FetchOutcome { key: format!("wal/{SEG}.zst"), bytes: 1 << 20, from_partial: false });
+        assert_eq!(
+            o,
+            FetchOutcome {
+                key: format!("wal/{SEG}.zst"),
+                bytes: 1 << 20,
+                from_partial: false
+            }
+        );
         assert!(fs::read(f.dest()).unwrap() == data);
         assert_eq!(f.leftovers(), vec!["RECOVERYXLOG"]);
     }
@@ -345,7 +424,8 @@ mod tests {
 
         // With both forms present the .zst one is used; DEST is replaced.
         let z = segment_bytes(3);
-        f.put(&format!("wal/{SEG}.zst"), compress_bulk(&z, 1).unwrap()).await;
+        f.put(&format!("wal/{SEG}.zst"), compress_bulk(&z, 1).unwrap())
+            .await;
         let o = fetch(&f.store, SEG, &f.dest(), false).await.unwrap();
         assert_eq!(o.key, format!("wal/{SEG}.zst"));
         assert!(fs::read(f.dest()).unwrap() == z);
@@ -359,10 +439,17 @@ mod tests {
         let h = b"1\t0/3000158\tno recovery target specified\n".to_vec();
         f.put("wal/00000002.history", h.clone()).await;
         let dest = f.pg_wal.join("RECOVERYHISTORY");
-        let o = fetch(&f.store, "00000002.history", &dest, false).await.unwrap();
-        assert_eq!((o.key.as_str(), o.bytes), ("wal/00000002.history", h.len() as u64));
+        let o = fetch(&f.store, "00000002.history", &dest, false)
+            .await
+            .unwrap();
+        assert_eq!(
+            (o.key.as_str(), o.bytes),
+            ("wal/00000002.history", h.len() as u64)
+        );
         assert_eq!(fs::read(&dest).unwrap(), h);
-        let e = fetch(&f.store, "00000003.history", &dest, false).await.unwrap_err();
+        let e = fetch(&f.store, "00000003.history", &dest, false)
+            .await
+            .unwrap_err();
         assert!(matches!(e, FetchError::NotFound { .. }), "{e}");
         assert_eq!(f.leftovers(), vec!["RECOVERYHISTORY"]);
     }
@@ -374,10 +461,20 @@ mod tests {
         assert!(matches!(e, FetchError::NotFound { .. }));
         assert_eq!(e.exit_code(), 1);
         let msg = e.to_string();
-        assert!(msg.starts_with(&format!("{SEG} not found in archive ")) && !msg.contains('\n'), "{msg}");
+        assert!(
+            msg.starts_with(&format!("{SEG} not found in archive ")) && !msg.contains('\n'),
+            "{msg}"
+        );
         assert!(f.leftovers().is_empty());
         // Backup history files are valid names that walagent never archives.
-        let e = fetch(&f.store, "000000010000000000000002.00000028.backup", &f.dest(), false).await.unwrap_err();
+        let e = fetch(
+            &f.store,
+            "000000010000000000000002.00000028.backup",
+            &f.dest(),
+            false,
+        )
+        .await
+        .unwrap_err();
         assert_eq!(e.exit_code(), 1, "{e}");
     }
 
@@ -391,7 +488,10 @@ mod tests {
         let e = fetch(&f.store, SEG, &f.dest(), false).await.unwrap_err();
         assert!(matches!(e, FetchError::Corrupt { .. }), "{e}");
         assert_eq!(e.exit_code(), 2);
-        assert!(e.to_string().contains("is corrupt") && !e.to_string().contains('\n'), "{e}");
+        assert!(
+            e.to_string().contains("is corrupt") && !e.to_string().contains('\n'),
+            "{e}"
+        );
         assert!(f.leftovers().is_empty(), "{:?}", f.leftovers());
     }
 
@@ -399,7 +499,8 @@ mod tests {
     async fn truncated_zst_leaves_nothing() {
         let f = fixture(true).await;
         let z = compress_bulk(&segment_bytes(5), 1).unwrap();
-        f.put(&format!("wal/{SEG}.zst"), z[..z.len() * 2 / 3].to_vec()).await;
+        f.put(&format!("wal/{SEG}.zst"), z[..z.len() * 2 / 3].to_vec())
+            .await;
         let e = fetch(&f.store, SEG, &f.dest(), false).await.unwrap_err();
         assert!(matches!(e, FetchError::Corrupt { .. }), "{e}");
         assert!(e.to_string().contains("truncated"), "{e}");
@@ -410,9 +511,17 @@ mod tests {
     async fn wrong_size_segment_is_corrupt() {
         let f = fixture(true).await;
         // Valid zstd, wrong content size.
-        f.put(&format!("wal/{SEG}.zst"), compress_bulk(&[1u8; 1000], 1).unwrap()).await;
+        f.put(
+            &format!("wal/{SEG}.zst"),
+            compress_bulk(&[1u8; 1000], 1).unwrap(),
+        )
+        .await;
         let e = fetch(&f.store, SEG, &f.dest(), false).await.unwrap_err();
-        assert!(e.to_string().contains("segment holds 1000 bytes, expected 1048576"), "{e}");
+        assert!(
+            e.to_string()
+                .contains("segment holds 1000 bytes, expected 1048576"),
+            "{e}"
+        );
         f.store.delete(&format!("wal/{SEG}.zst")).await.unwrap();
         // Raw, too short.
         f.put(&format!("wal/{SEG}"), vec![0u8; 4096]).await;
@@ -425,7 +534,11 @@ mod tests {
     async fn partial_served_only_when_allowed() {
         let f = fixture(true).await;
         let head: Vec<u8> = (0..300_000u32).map(|i| (i % 97) as u8 + 1).collect();
-        f.put(&format!("wal/{SEG}.partial.zst"), compress_bulk(&head, 1).unwrap()).await;
+        f.put(
+            &format!("wal/{SEG}.partial.zst"),
+            compress_bulk(&head, 1).unwrap(),
+        )
+        .await;
         let e = fetch(&f.store, SEG, &f.dest(), false).await.unwrap_err();
         assert!(matches!(e, FetchError::NotFound { .. }), "{e}");
 
@@ -445,12 +558,20 @@ mod tests {
 
         // Asking for the .partial name by hand serves the partial object.
         let dest = f.pg_wal.join(format!("{SEG}.partial"));
-        let o = fetch(&f.store, &format!("{SEG}.partial"), &dest, false).await.unwrap();
+        let o = fetch(&f.store, &format!("{SEG}.partial"), &dest, false)
+            .await
+            .unwrap();
         assert!(o.from_partial && o.key.ends_with(".partial.zst"));
 
         // An oversized partial is corrupt.
-        f.put(&format!("wal/{SEG}.partial.zst"), compress_bulk(&vec![1u8; (1 << 20) + 1], 1).unwrap()).await;
-        let e = fetch(&f.store, &format!("{SEG}.partial"), &dest, false).await.unwrap_err();
+        f.put(
+            &format!("wal/{SEG}.partial.zst"),
+            compress_bulk(&vec![1u8; (1 << 20) + 1], 1).unwrap(),
+        )
+        .await;
+        let e = fetch(&f.store, &format!("{SEG}.partial"), &dest, false)
+            .await
+            .unwrap_err();
         assert!(matches!(e, FetchError::Corrupt { .. }), "{e}");
     }
 
@@ -491,9 +612,18 @@ mod tests {
     async fn lowercase_name() {
         let f = fixture(true).await;
         let data = segment_bytes(7);
-        f.put(&format!("wal/{SEG}.zst"), compress_bulk(&data, 1).unwrap()).await;
-        let o = fetch(&f.store, &SEG.to_ascii_lowercase(), &f.dest(), false).await.unwrap();
+        f.put(&format!("wal/{SEG}.zst"), compress_bulk(&data, 1).unwrap())
+            .await;
+        let o = fetch(&f.store, &SEG.to_ascii_lowercase(), &f.dest(), false)
+            .await
+            .unwrap();
         assert_eq!(o.key, format!("wal/{SEG}.zst"));
-        assert_eq!(parse_request("000000010000000000000003").unwrap(), Request::Segment { name: SEG.into(), partial: false });
+        assert_eq!(
+            parse_request("000000010000000000000003").unwrap(),
+            Request::Segment {
+                name: SEG.into(),
+                partial: false
+            }
+        );
     }
 }

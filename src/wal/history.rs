@@ -34,11 +34,19 @@ pub enum HistoryError {
     )]
     BadLsn { line: usize, found: String },
     #[error("timeline history line {line}: expected timeline IDs in increasing order, found {found} after {previous}")]
-    TimelineNotIncreasing { line: usize, previous: u32, found: u32 },
+    TimelineNotIncreasing {
+        line: usize,
+        previous: u32,
+        found: u32,
+    },
     #[error(
         "timeline history line {line}: expected switch LSNs in non-decreasing order, found {found} after {previous}"
     )]
-    LsnDecreasing { line: usize, previous: Lsn, found: Lsn },
+    LsnDecreasing {
+        line: usize,
+        previous: Lsn,
+        found: Lsn,
+    },
     #[error(
         "timeline history of timeline {child}: expected every parent timeline to be lower than {child}, found {found}"
     )]
@@ -59,7 +67,10 @@ fn next_token(s: &[u8]) -> (&[u8], &[u8]) {
 
 fn trim_blanks(s: &[u8]) -> &[u8] {
     let start = s.iter().position(|&b| !is_blank(b)).unwrap_or(s.len());
-    let end = s.iter().rposition(|&b| !is_blank(b)).map_or(start, |p| p + 1);
+    let end = s
+        .iter()
+        .rposition(|&b| !is_blank(b))
+        .map_or(start, |p| p + 1);
     &s[start..end]
 }
 
@@ -91,9 +102,13 @@ impl TimelineHistory {
                     found: String::from_utf8_lossy(tli_tok).into_owned(),
                 })?;
             let (lsn_tok, rest) = next_token(rest);
-            let lsn = std::str::from_utf8(lsn_tok).ok().and_then(|s| s.parse::<Lsn>().ok()).ok_or_else(|| {
-                HistoryError::BadLsn { line: line_no, found: String::from_utf8_lossy(lsn_tok).into_owned() }
-            })?;
+            let lsn = std::str::from_utf8(lsn_tok)
+                .ok()
+                .and_then(|s| s.parse::<Lsn>().ok())
+                .ok_or_else(|| HistoryError::BadLsn {
+                    line: line_no,
+                    found: String::from_utf8_lossy(lsn_tok).into_owned(),
+                })?;
             if let Some(prev) = entries.last() {
                 if tli <= prev.parent_timeline {
                     return Err(HistoryError::TimelineNotIncreasing {
@@ -103,11 +118,19 @@ impl TimelineHistory {
                     });
                 }
                 if lsn < prev.switch_lsn {
-                    return Err(HistoryError::LsnDecreasing { line: line_no, previous: prev.switch_lsn, found: lsn });
+                    return Err(HistoryError::LsnDecreasing {
+                        line: line_no,
+                        previous: prev.switch_lsn,
+                        found: lsn,
+                    });
                 }
             }
             let reason = String::from_utf8_lossy(trim_blanks(rest)).into_owned();
-            entries.push(HistoryEntry { parent_timeline: tli, switch_lsn: lsn, reason });
+            entries.push(HistoryEntry {
+                parent_timeline: tli,
+                switch_lsn: lsn,
+                reason,
+            });
         }
         Ok(TimelineHistory { entries })
     }
@@ -116,9 +139,10 @@ impl TimelineHistory {
     /// (PostgreSQL: "Timeline IDs must be less than child timeline's ID").
     pub fn check_child(&self, child: u32) -> Result<(), HistoryError> {
         match self.entries.last() {
-            Some(e) if e.parent_timeline >= child => {
-                Err(HistoryError::ParentNotOlder { child, found: e.parent_timeline })
-            }
+            Some(e) if e.parent_timeline >= child => Err(HistoryError::ParentNotOlder {
+                child,
+                found: e.parent_timeline,
+            }),
             _ => Ok(()),
         }
     }
@@ -145,13 +169,19 @@ impl TimelineHistory {
     /// `[switch_lsn of entry i-1, switch_lsn of entry i)`; a switch point itself already belongs
     /// to the next timeline; everything at or after the last switch point is `current_timeline`.
     pub fn timeline_of(&self, lsn: Lsn, current_timeline: u32) -> u32 {
-        self.entries.iter().find(|e| lsn < e.switch_lsn).map_or(current_timeline, |e| e.parent_timeline)
+        self.entries
+            .iter()
+            .find(|e| lsn < e.switch_lsn)
+            .map_or(current_timeline, |e| e.parent_timeline)
     }
 
     /// The LSN at which timeline `tli` ended (PostgreSQL's tliSwitchPoint). `None` when `tli` is
     /// not a parent in this history, which includes the current timeline.
     pub fn switch_point(&self, tli: u32) -> Option<Lsn> {
-        self.entries.iter().find(|e| e.parent_timeline == tli).map(|e| e.switch_lsn)
+        self.entries
+            .iter()
+            .find(|e| e.parent_timeline == tli)
+            .map(|e| e.switch_lsn)
     }
 }
 
@@ -176,14 +206,20 @@ mod tests {
                 reason: "no recovery target specified".into()
             }]
         );
-        assert_eq!(h.to_bytes(), b"1\t0/4000128\tno recovery target specified\n");
+        assert_eq!(
+            h.to_bytes(),
+            b"1\t0/4000128\tno recovery target specified\n"
+        );
         assert_eq!(h.timeline_of(lsn("0/4000127"), 2), 1);
         assert_eq!(h.timeline_of(lsn("0/4000128"), 2), 2);
         assert_eq!(h.timeline_of(Lsn(0), 2), 1);
         assert_eq!(h.switch_point(1), Some(lsn("0/4000128")));
         assert_eq!(h.switch_point(2), None);
         assert!(h.check_child(2).is_ok());
-        assert_eq!(h.check_child(1), Err(HistoryError::ParentNotOlder { child: 1, found: 1 }));
+        assert_eq!(
+            h.check_child(1),
+            Err(HistoryError::ParentNotOlder { child: 1, found: 1 })
+        );
     }
 
     #[test]
@@ -253,16 +289,79 @@ mod tests {
     #[test]
     fn rejects_garbage_with_line_numbers() {
         let cases: &[(&[u8], HistoryError)] = &[
-            (b"x\t0/1\tr\n", HistoryError::BadTimeline { line: 1, found: "x".into() }),
-            (b"\n\n0\t0/1\n", HistoryError::BadTimeline { line: 3, found: "0".into() }),
-            (b"-1\t0/1\n", HistoryError::BadTimeline { line: 1, found: "-1".into() }),
-            (b"4294967296\t0/1\n", HistoryError::BadTimeline { line: 1, found: "4294967296".into() }),
-            (b"1\n", HistoryError::BadLsn { line: 1, found: "".into() }),
-            (b"1\t0-1\treason\n", HistoryError::BadLsn { line: 1, found: "0-1".into() }),
-            (b"1\t123456789/0\n", HistoryError::BadLsn { line: 1, found: "123456789/0".into() }),
-            (b"2\t0/10\n# c\n2\t0/20\n", HistoryError::TimelineNotIncreasing { line: 3, previous: 2, found: 2 }),
-            (b"2\t0/10\n1\t0/20\n", HistoryError::TimelineNotIncreasing { line: 2, previous: 2, found: 1 }),
-            (b"1\t0/20\n2\t0/10\n", HistoryError::LsnDecreasing { line: 2, previous: Lsn(0x20), found: Lsn(0x10) }),
+            (
+                b"x\t0/1\tr\n",
+                HistoryError::BadTimeline {
+                    line: 1,
+                    found: "x".into(),
+                },
+            ),
+            (
+                b"\n\n0\t0/1\n",
+                HistoryError::BadTimeline {
+                    line: 3,
+                    found: "0".into(),
+                },
+            ),
+            (
+                b"-1\t0/1\n",
+                HistoryError::BadTimeline {
+                    line: 1,
+                    found: "-1".into(),
+                },
+            ),
+            (
+                b"4294967296\t0/1\n",
+                HistoryError::BadTimeline {
+                    line: 1,
+                    found: "4294967296".into(),
+                },
+            ),
+            (
+                b"1\n",
+                HistoryError::BadLsn {
+                    line: 1,
+                    found: "".into(),
+                },
+            ),
+            (
+                b"1\t0-1\treason\n",
+                HistoryError::BadLsn {
+                    line: 1,
+                    found: "0-1".into(),
+                },
+            ),
+            (
+                b"1\t123456789/0\n",
+                HistoryError::BadLsn {
+                    line: 1,
+                    found: "123456789/0".into(),
+                },
+            ),
+            (
+                b"2\t0/10\n# c\n2\t0/20\n",
+                HistoryError::TimelineNotIncreasing {
+                    line: 3,
+                    previous: 2,
+                    found: 2,
+                },
+            ),
+            (
+                b"2\t0/10\n1\t0/20\n",
+                HistoryError::TimelineNotIncreasing {
+                    line: 2,
+                    previous: 2,
+                    found: 1,
+                },
+            ),
+            (
+                b"1\t0/20\n2\t0/10\n",
+                HistoryError::LsnDecreasing {
+                    line: 2,
+                    previous: Lsn(0x20),
+                    found: Lsn(0x10),
+                },
+            ),
         ];
         for (input, want) in cases {
             let got = TimelineHistory::parse(input).unwrap_err();
@@ -270,7 +369,10 @@ mod tests {
             assert!(got.to_string().contains("line"), "{got}");
         }
         // Non-UTF-8 in the numeric fields is a typed error, not a panic.
-        assert!(matches!(TimelineHistory::parse(b"\xff\t0/1\n"), Err(HistoryError::BadTimeline { line: 1, .. })));
+        assert!(matches!(
+            TimelineHistory::parse(b"\xff\t0/1\n"),
+            Err(HistoryError::BadTimeline { line: 1, .. })
+        ));
         // Non-UTF-8 in the reason is accepted (lossy).
         let h = TimelineHistory::parse(b"1\t0/1\tr\xffx\n").unwrap();
         assert_eq!(h.entries[0].reason, "r\u{fffd}x");

@@ -73,7 +73,10 @@ impl SegmentId {
 
     /// The segment holding `lsn` on `timeline`.
     pub fn containing(timeline: u32, lsn: Lsn, size: SegmentSize) -> Self {
-        SegmentId { timeline, segno: lsn.segno(size.bytes()) }
+        SegmentId {
+            timeline,
+            segno: lsn.segno(size.bytes()),
+        }
     }
 
     pub fn start_lsn(self, size: SegmentSize) -> Lsn {
@@ -85,13 +88,21 @@ impl SegmentId {
     }
 
     pub fn next(self) -> Self {
-        SegmentId { timeline: self.timeline, segno: self.segno + 1 }
+        SegmentId {
+            timeline: self.timeline,
+            segno: self.segno + 1,
+        }
     }
 
     /// The 24-hex-digit file name, e.g. `000000010000000000000003`.
     pub fn file_name(self, size: SegmentSize) -> String {
         let per = size.segments_per_xlogid();
-        format!("{:08X}{:08X}{:08X}", self.timeline, self.segno / per, self.segno % per)
+        format!(
+            "{:08X}{:08X}{:08X}",
+            self.timeline,
+            self.segno / per,
+            self.segno % per
+        )
     }
 
     /// Parses a 24-hex-digit segment file name (no suffix).
@@ -106,7 +117,10 @@ impl SegmentId {
         if tli == 0 || seg >= per {
             return None;
         }
-        Some(SegmentId { timeline: tli, segno: log * per + seg })
+        Some(SegmentId {
+            timeline: tli,
+            segno: log * per + seg,
+        })
     }
 }
 
@@ -148,14 +162,26 @@ mod tests {
         assert_eq!(id.file_name(s16), "000000010000000000000004");
         let id = SegmentId::containing(2, Lsn(0x1_FF00_0000), s16);
         assert_eq!(id.file_name(s16), "0000000200000001000000FF");
-        assert_eq!(SegmentId::parse_file_name("0000000200000001000000FF", s16), Some(id));
+        assert_eq!(
+            SegmentId::parse_file_name("0000000200000001000000FF", s16),
+            Some(id)
+        );
         // 1 GB segments: 4 per xlogid
         let g = SegmentSize::new(1 << 30).unwrap();
         let id = SegmentId::containing(1, Lsn(0x2_C000_0000), g);
         assert_eq!(id.file_name(g), "000000010000000200000003");
-        assert_eq!(SegmentId::parse_file_name("000000010000000200000004", g), None);
-        assert_eq!(SegmentId::parse_file_name("00000001000000000000000", s16), None);
-        assert_eq!(SegmentId::parse_file_name("00000000000000000000000A", s16), None);
+        assert_eq!(
+            SegmentId::parse_file_name("000000010000000200000004", g),
+            None
+        );
+        assert_eq!(
+            SegmentId::parse_file_name("00000001000000000000000", s16),
+            None
+        );
+        assert_eq!(
+            SegmentId::parse_file_name("00000000000000000000000A", s16),
+            None
+        );
     }
 
     #[test]

@@ -64,7 +64,11 @@ pub struct VerifyParams {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum VerifyError {
     #[error("WAL at {lsn}: expected the stream to start at a segment boundary ({segment_size} segments), found offset {offset:#X} into the segment")]
-    StartNotSegmentAligned { lsn: Lsn, segment_size: SegmentSize, offset: u32 },
+    StartNotSegmentAligned {
+        lsn: Lsn,
+        segment_size: SegmentSize,
+        offset: u32,
+    },
     #[error("WAL at {lsn}: expected positions below 2^64, found {len} more bytes")]
     PositionOverflow { lsn: Lsn, len: u64 },
     #[error("WAL segment at {lsn}: expected exactly {expected} bytes, found {found}")]
@@ -84,7 +88,12 @@ pub enum VerifyError {
     #[error("WAL page at {lsn}: expected xlp_pageaddr {lsn}, found {found}")]
     PageAddress { lsn: Lsn, found: Lsn },
     #[error("WAL page at {lsn}: expected xlp_tli between {min} and {max}, found {found}")]
-    Timeline { lsn: Lsn, min: u32, max: u32, found: u32 },
+    Timeline {
+        lsn: Lsn,
+        min: u32,
+        max: u32,
+        found: u32,
+    },
     #[error("WAL segment at {lsn}: expected system identifier {expected}, found {found}")]
     SystemIdentifier { lsn: Lsn, expected: u64, found: u64 },
     #[error("WAL segment at {lsn}: expected xlp_seg_size {expected}, found {found}")]
@@ -93,15 +102,27 @@ pub enum VerifyError {
     BlockSize { lsn: Lsn, expected: u32, found: u32 },
     /// `record` is the record's LSN, or the stream start for a record begun before it.
     #[error("WAL page at {lsn}: expected XLP_FIRST_IS_CONTRECORD with {expected} bytes of the record at {record} still to come, found xlp_info {info:#06X}")]
-    MissingContinuation { lsn: Lsn, record: Lsn, expected: u32, info: u16 },
+    MissingContinuation {
+        lsn: Lsn,
+        record: Lsn,
+        expected: u32,
+        info: u16,
+    },
     #[error("WAL page at {lsn}: expected no continued record (the previous record ended before this page), found XLP_FIRST_IS_CONTRECORD with xlp_rem_len {rem_len}")]
     UnexpectedContinuation { lsn: Lsn, rem_len: u32 },
     /// `record` is the record's LSN, or the stream start for a record begun before it.
     #[error("WAL page at {lsn}: expected xlp_rem_len {expected} (rest of the record at {record}), found {found}")]
-    ContinuationLength { lsn: Lsn, record: Lsn, expected: u32, found: u32 },
+    ContinuationLength {
+        lsn: Lsn,
+        record: Lsn,
+        expected: u32,
+        found: u32,
+    },
     #[error("WAL page at {lsn}: expected xlp_rem_len between 1 and 1073741823 for the record continued from before the stream start, found {found}")]
     StartContinuationLength { lsn: Lsn, found: u32 },
-    #[error("WAL page at {lsn}: expected xlp_rem_len 0 without XLP_FIRST_IS_CONTRECORD, found {found}")]
+    #[error(
+        "WAL page at {lsn}: expected xlp_rem_len 0 without XLP_FIRST_IS_CONTRECORD, found {found}"
+    )]
     StrayRemainingLength { lsn: Lsn, found: u32 },
     #[error("WAL page at {lsn}: expected XLP_FIRST_IS_OVERWRITE_CONTRECORD only on a page where a record was cut short, found it (xlp_info {info:#06X}) with no record in progress")]
     UnexpectedOverwrite { lsn: Lsn, info: u16 },
@@ -111,7 +132,9 @@ pub enum VerifyError {
     RecordTooShort { lsn: Lsn, found: u32 },
     #[error("WAL record at {lsn}: expected xl_tot_len below 1 GiB, found {found}")]
     RecordTooLong { lsn: Lsn, found: u32 },
-    #[error("WAL record at {lsn}: expected xl_prev {expected} (the previous record), found {found}")]
+    #[error(
+        "WAL record at {lsn}: expected xl_prev {expected} (the previous record), found {found}"
+    )]
     PrevLink { lsn: Lsn, expected: Lsn, found: Lsn },
     #[error("WAL record at {lsn}: expected xl_prev before the record itself, found {found}")]
     PrevLinkNotBefore { lsn: Lsn, found: Lsn },
@@ -260,7 +283,10 @@ impl WalVerifier {
             });
         }
         if self.pos.checked_add(data.len() as u64).is_none() {
-            return Err(VerifyError::PositionOverflow { lsn: Lsn(self.pos), len: data.len() as u64 });
+            return Err(VerifyError::PositionOverflow {
+                lsn: Lsn(self.pos),
+                len: data.len() as u64,
+            });
         }
         let mut data = data;
         while !data.is_empty() {
@@ -279,7 +305,11 @@ impl WalVerifier {
             return self.step_switch_tail(data, switch, until);
         }
         let page_off = (self.pos % PAGE) as usize;
-        let hdr_size = if (self.pos - page_off as u64) % self.seg_size == 0 { LONG_PHD } else { SHORT_PHD };
+        let hdr_size = if (self.pos - page_off as u64) % self.seg_size == 0 {
+            LONG_PHD
+        } else {
+            SHORT_PHD
+        };
         if page_off < hdr_size {
             let n = (hdr_size - page_off).min(data.len());
             self.phdr[page_off..page_off + n].copy_from_slice(&data[..n]);
@@ -308,7 +338,11 @@ impl WalVerifier {
             Body::Skip { remaining, since } => {
                 let n = (remaining as usize).min(page_left).min(data.len());
                 let remaining = remaining - n as u32;
-                self.body = if remaining == 0 { Body::Idle } else { Body::Skip { remaining, since } };
+                self.body = if remaining == 0 {
+                    Body::Idle
+                } else {
+                    Body::Skip { remaining, since }
+                };
                 Ok(n)
             }
             Body::SwitchTail { .. } => Ok(0), // handled above
@@ -323,12 +357,23 @@ impl WalVerifier {
             self.rec_hdr[have..have + n].copy_from_slice(&data[..n]);
             self.rec_hdr_len = have + n;
             if self.rec_tot_len == 0 && self.rec_hdr_len >= 4 {
-                let tot = u32::from_le_bytes([self.rec_hdr[0], self.rec_hdr[1], self.rec_hdr[2], self.rec_hdr[3]]);
+                let tot = u32::from_le_bytes([
+                    self.rec_hdr[0],
+                    self.rec_hdr[1],
+                    self.rec_hdr[2],
+                    self.rec_hdr[3],
+                ]);
                 if (tot as usize) < REC_HDR {
-                    return Err(VerifyError::RecordTooShort { lsn: Lsn(self.rec_start), found: tot });
+                    return Err(VerifyError::RecordTooShort {
+                        lsn: Lsn(self.rec_start),
+                        found: tot,
+                    });
                 }
                 if tot >= MAX_TOT_LEN {
-                    return Err(VerifyError::RecordTooLong { lsn: Lsn(self.rec_start), found: tot });
+                    return Err(VerifyError::RecordTooLong {
+                        lsn: Lsn(self.rec_start),
+                        found: tot,
+                    });
                 }
                 self.rec_tot_len = tot;
                 self.rec_remaining = tot - self.rec_hdr_len as u32;
@@ -352,7 +397,12 @@ impl WalVerifier {
         Ok(n)
     }
 
-    fn step_switch_tail(&mut self, data: &[u8], switch: u64, until: u64) -> Result<usize, VerifyError> {
+    fn step_switch_tail(
+        &mut self,
+        data: &[u8],
+        switch: u64,
+        until: u64,
+    ) -> Result<usize, VerifyError> {
         let to_end = until - self.pos;
         let n = (to_end.min(data.len() as u64)) as usize;
         if let Some(off) = first_nonzero(&data[..n]) {
@@ -372,12 +422,15 @@ impl WalVerifier {
         let h = &self.rec_hdr;
         let xl_prev = u64::from_le_bytes([h[8], h[9], h[10], h[11], h[12], h[13], h[14], h[15]]);
         match self.prev {
-            Some(prev) if xl_prev != prev => {
-                Err(VerifyError::PrevLink { lsn: Lsn(self.rec_start), expected: Lsn(prev), found: Lsn(xl_prev) })
-            }
-            None if xl_prev >= self.rec_start => {
-                Err(VerifyError::PrevLinkNotBefore { lsn: Lsn(self.rec_start), found: Lsn(xl_prev) })
-            }
+            Some(prev) if xl_prev != prev => Err(VerifyError::PrevLink {
+                lsn: Lsn(self.rec_start),
+                expected: Lsn(prev),
+                found: Lsn(xl_prev),
+            }),
+            None if xl_prev >= self.rec_start => Err(VerifyError::PrevLinkNotBefore {
+                lsn: Lsn(self.rec_start),
+                found: Lsn(xl_prev),
+            }),
             _ => Ok(()),
         }
     }
@@ -388,7 +441,11 @@ impl WalVerifier {
         let computed = crc32c::crc32c_append(self.rec_crc, &h[..REC_CRC_OFF]);
         let stored = u32::from_le_bytes([h[20], h[21], h[22], h[23]]);
         if computed != stored {
-            return Err(VerifyError::Crc { lsn: Lsn(self.rec_start), expected: computed, found: stored });
+            return Err(VerifyError::Crc {
+                lsn: Lsn(self.rec_start),
+                expected: computed,
+                found: stored,
+            });
         }
         self.records += 1;
         self.prev = Some(self.rec_start);
@@ -420,7 +477,11 @@ impl WalVerifier {
         match self.magic {
             Some(m) if m != magic => {
                 return Err(if major_of_magic(magic).is_some() {
-                    VerifyError::MagicChanged { lsn, expected: m, found: magic }
+                    VerifyError::MagicChanged {
+                        lsn,
+                        expected: m,
+                        found: magic,
+                    }
                 } else {
                     VerifyError::UnknownMagic { lsn, found: magic }
                 })
@@ -444,15 +505,24 @@ impl WalVerifier {
             return Err(VerifyError::UnexpectedLongHeader { lsn, info });
         }
         if pageaddr != page {
-            return Err(VerifyError::PageAddress { lsn, found: Lsn(pageaddr) });
+            return Err(VerifyError::PageAddress {
+                lsn,
+                found: Lsn(pageaddr),
+            });
         }
         let min_tli = self.last_tli.max(1);
         if tli < min_tli || tli > self.params.timeline {
-            return Err(VerifyError::Timeline { lsn, min: min_tli, max: self.params.timeline, found: tli });
+            return Err(VerifyError::Timeline {
+                lsn,
+                min: min_tli,
+                max: self.params.timeline,
+                found: tli,
+            });
         }
         self.last_tli = tli;
         if first_of_segment {
-            let sysid = u64::from_le_bytes([h[24], h[25], h[26], h[27], h[28], h[29], h[30], h[31]]);
+            let sysid =
+                u64::from_le_bytes([h[24], h[25], h[26], h[27], h[28], h[29], h[30], h[31]]);
             let seg_size = u32::from_le_bytes([h[32], h[33], h[34], h[35]]);
             let blcksz = u32::from_le_bytes([h[36], h[37], h[38], h[39]]);
             if sysid != self.params.system_identifier {
@@ -463,10 +533,18 @@ impl WalVerifier {
                 });
             }
             if u64::from(seg_size) != self.seg_size {
-                return Err(VerifyError::SegmentSize { lsn, expected: self.seg_size as u32, found: seg_size });
+                return Err(VerifyError::SegmentSize {
+                    lsn,
+                    expected: self.seg_size as u32,
+                    found: seg_size,
+                });
             }
             if blcksz != WAL_PAGE_SIZE {
-                return Err(VerifyError::BlockSize { lsn, expected: WAL_PAGE_SIZE, found: blcksz });
+                return Err(VerifyError::BlockSize {
+                    lsn,
+                    expected: WAL_PAGE_SIZE,
+                    found: blcksz,
+                });
             }
         }
 
@@ -476,7 +554,10 @@ impl WalVerifier {
             return Err(VerifyError::ConflictingContinuationFlags { lsn, info });
         }
         if !cont && rem_len != 0 {
-            return Err(VerifyError::StrayRemainingLength { lsn, found: rem_len });
+            return Err(VerifyError::StrayRemainingLength {
+                lsn,
+                found: rem_len,
+            });
         }
         // What is in progress at this page boundary, as (record start if known, bytes to come).
         let in_progress = match self.body {
@@ -484,9 +565,15 @@ impl WalVerifier {
                 // Nothing known about the previous segment: follow the header.
                 if cont {
                     if rem_len == 0 || rem_len >= MAX_TOT_LEN {
-                        return Err(VerifyError::StartContinuationLength { lsn, found: rem_len });
+                        return Err(VerifyError::StartContinuationLength {
+                            lsn,
+                            found: rem_len,
+                        });
                     }
-                    self.body = Body::Skip { remaining: rem_len, since: page };
+                    self.body = Body::Skip {
+                        remaining: rem_len,
+                        since: page,
+                    };
                 } else {
                     self.body = Body::Idle;
                 }
@@ -515,10 +602,20 @@ impl WalVerifier {
             Some((record, expected)) => {
                 let record = Lsn(record);
                 if !cont {
-                    return Err(VerifyError::MissingContinuation { lsn, record, expected, info });
+                    return Err(VerifyError::MissingContinuation {
+                        lsn,
+                        record,
+                        expected,
+                        info,
+                    });
                 }
                 if rem_len != expected {
-                    return Err(VerifyError::ContinuationLength { lsn, record, expected, found: rem_len });
+                    return Err(VerifyError::ContinuationLength {
+                        lsn,
+                        record,
+                        expected,
+                        found: rem_len,
+                    });
                 }
             }
         }
@@ -545,7 +642,10 @@ fn len_without_zero_tail(buf: &[u8]) -> usize {
         let start = end.saturating_sub(4096);
         let chunk = &buf[start..end];
         if chunk.iter().fold(0u8, |acc, &b| acc | b) != 0 {
-            return chunk.iter().rposition(|&b| b != 0).map_or(start, |p| start + p + 1);
+            return chunk
+                .iter()
+                .rposition(|&b| b != 0)
+                .map_or(start, |p| start + p + 1);
         }
         end = start;
     }
@@ -574,10 +674,18 @@ pub struct SegmentCheck {
 /// `.partial` files): the part before them must be a valid prefix of WAL, and
 /// [`SegmentCheck::complete`] says whether the file also holds the full segment. Use this where
 /// a file must be complete (a finished segment) and [`verify_segment`] where a prefix is fine.
-pub fn check_segment(params: VerifyParams, start: Lsn, bytes: &[u8]) -> Result<SegmentCheck, VerifyError> {
+pub fn check_segment(
+    params: VerifyParams,
+    start: Lsn,
+    bytes: &[u8],
+) -> Result<SegmentCheck, VerifyError> {
     let expected = u64::from(params.segment_size.bytes());
     if bytes.len() as u64 != expected {
-        return Err(VerifyError::SegmentLength { lsn: start, expected, found: bytes.len() as u64 });
+        return Err(VerifyError::SegmentLength {
+            lsn: start,
+            expected,
+            found: bytes.len() as u64,
+        });
     }
     let data_len = len_without_zero_tail(bytes);
     let mut v = WalVerifier::new(params, start);
@@ -587,7 +695,12 @@ pub fn check_segment(params: VerifyParams, start: Lsn, bytes: &[u8]) -> Result<S
     // The zeros complete the segment only if a stream could carry them: record padding, the
     // end of a record body, or the fill after an XLOG_SWITCH record.
     let complete = v.feed(&bytes[data_len..]).is_ok();
-    Ok(SegmentCheck { data_end: Lsn(start.0 + data_len as u64), complete, records, server_major })
+    Ok(SegmentCheck {
+        data_end: Lsn(start.0 + data_len as u64),
+        complete,
+        records,
+        server_major,
+    })
 }
 
 /// Checks a whole segment file's content (used on startup for spooled files); `bytes.len()`
@@ -618,7 +731,12 @@ pub mod synth {
     impl WalBuilder {
         /// WAL starting at `start` (rounded down to its segment start), PostgreSQL 15 magic.
         /// The first record's xl_prev is 0 unless [`set_prev`](Self::set_prev) says otherwise.
-        pub fn new(system_identifier: u64, segment_size: SegmentSize, timeline: u32, start: Lsn) -> Self {
+        pub fn new(
+            system_identifier: u64,
+            segment_size: SegmentSize,
+            timeline: u32,
+            start: Lsn,
+        ) -> Self {
             let seg = u64::from(segment_size.bytes());
             WalBuilder {
                 sysid: system_identifier,
@@ -695,7 +813,8 @@ pub mod synth {
             self.buf.extend_from_slice(&[0; 4]);
             if long {
                 self.buf.extend_from_slice(&self.sysid.to_le_bytes());
-                self.buf.extend_from_slice(&(self.seg_size as u32).to_le_bytes());
+                self.buf
+                    .extend_from_slice(&(self.seg_size as u32).to_le_bytes());
                 self.buf.extend_from_slice(&WAL_PAGE_SIZE.to_le_bytes());
             }
         }
@@ -767,12 +886,22 @@ pub mod synth {
         /// XLP_FIRST_IS_OVERWRITE_CONTRECORD and the next record links back to the record
         /// before this one. Returns the aborted record's LSN, or `None` (writing nothing) when
         /// the record would fit on the current page.
-        pub fn push_aborted(&mut self, rmid: u8, info: u8, xid: u32, payload: &[u8]) -> Option<Lsn> {
+        pub fn push_aborted(
+            &mut self,
+            rmid: u8,
+            info: u8,
+            xid: u32,
+            payload: &[u8],
+        ) -> Option<Lsn> {
             let image = self.record_image(rmid, info, xid, payload);
             let mut probe = self.pos();
             probe += (8 - probe % 8) % 8;
             if probe % PAGE == 0 {
-                probe += if probe % self.seg_size == 0 { LONG_PHD as u64 } else { SHORT_PHD as u64 };
+                probe += if probe % self.seg_size == 0 {
+                    LONG_PHD as u64
+                } else {
+                    SHORT_PHD as u64
+                };
             }
             let room = (PAGE - probe % PAGE) as usize;
             if image.len() <= room {
@@ -815,7 +944,11 @@ mod tests {
     }
 
     fn params(tli: u32) -> VerifyParams {
-        VerifyParams { system_identifier: FIXTURE_SYSID, segment_size: seg1m(), timeline: tli }
+        VerifyParams {
+            system_identifier: FIXTURE_SYSID,
+            segment_size: seg1m(),
+            timeline: tli,
+        }
     }
 
     fn lsn(s: &str) -> Lsn {
@@ -837,7 +970,12 @@ mod tests {
     }
 
     /// Feeds `data` in chunks of `size` bytes; returns the verifier.
-    fn feed_chunked(p: VerifyParams, start: Lsn, data: &[u8], size: usize) -> Result<WalVerifier, VerifyError> {
+    fn feed_chunked(
+        p: VerifyParams,
+        start: Lsn,
+        data: &[u8],
+        size: usize,
+    ) -> Result<WalVerifier, VerifyError> {
         let mut v = WalVerifier::new(p, start);
         for chunk in data.chunks(size) {
             v.feed(chunk)?;
@@ -846,13 +984,23 @@ mod tests {
         Ok(v)
     }
 
-    fn feed_random(p: VerifyParams, start: Lsn, data: &[u8], seed: u64, max: u64) -> Result<WalVerifier, VerifyError> {
+    fn feed_random(
+        p: VerifyParams,
+        start: Lsn,
+        data: &[u8],
+        seed: u64,
+        max: u64,
+    ) -> Result<WalVerifier, VerifyError> {
         let mut rng = Rng(seed);
         let mut v = WalVerifier::new(p, start);
         let mut rest = data;
         while !rest.is_empty() {
             // Mix tiny chunks (header splits) with large ones.
-            let n = if rng.below(4) == 0 { 1 + rng.below(40) } else { 1 + rng.below(max) };
+            let n = if rng.below(4) == 0 {
+                1 + rng.below(40)
+            } else {
+                1 + rng.below(max)
+            };
             let n = (n as usize).min(rest.len());
             v.feed(&rest[..n])?;
             rest = &rest[n..];
@@ -873,9 +1021,21 @@ mod tests {
 
     const REAL: &[RealCase] = &[
         // Segment 9 starts right after a switch; its last record continues into A.
-        RealCase { name: "seg 9", files: &["000000010000000000000009"], start: "0/900000", tli: 1, records: 2326 },
+        RealCase {
+            name: "seg 9",
+            files: &["000000010000000000000009"],
+            start: "0/900000",
+            tli: 1,
+            records: 2326,
+        },
         // A opens with 12278 bytes of that record (skipped), ends with XLOG_SWITCH + zeros.
-        RealCase { name: "seg A", files: &["00000001000000000000000A"], start: "0/A00000", tli: 1, records: 202 },
+        RealCase {
+            name: "seg A",
+            files: &["00000001000000000000000A"],
+            start: "0/A00000",
+            tli: 1,
+            records: 202,
+        },
         RealCase {
             name: "seg 9+A",
             files: &["000000010000000000000009", "00000001000000000000000A"],
@@ -884,12 +1044,36 @@ mod tests {
             records: 2529,
         },
         // TL2 segment: first page from TL1 (xlp_tli 1), then TL2 pages, switch, zeros.
-        RealCase { name: "TL2 seg B", files: &["00000002000000000000000B"], start: "0/B00000", tli: 2, records: 207 },
+        RealCase {
+            name: "TL2 seg B",
+            files: &["00000002000000000000000B"],
+            start: "0/B00000",
+            tli: 2,
+            records: 207,
+        },
         // TL3 segment: first page xlp_tli 2, then 3, switch, zeros.
-        RealCase { name: "TL3 seg C", files: &["00000003000000000000000C"], start: "0/C00000", tli: 3, records: 106 },
+        RealCase {
+            name: "TL3 seg C",
+            files: &["00000003000000000000000C"],
+            start: "0/C00000",
+            tli: 3,
+            records: 106,
+        },
         // E ends with a record cut short by a crash; F starts with XLP_FIRST_IS_OVERWRITE_CONTRECORD.
-        RealCase { name: "TL3 seg E", files: &["00000003000000000000000E"], start: "0/E00000", tli: 3, records: 0 },
-        RealCase { name: "TL3 seg F", files: &["00000003000000000000000F"], start: "0/F00000", tli: 3, records: 3 },
+        RealCase {
+            name: "TL3 seg E",
+            files: &["00000003000000000000000E"],
+            start: "0/E00000",
+            tli: 3,
+            records: 0,
+        },
+        RealCase {
+            name: "TL3 seg F",
+            files: &["00000003000000000000000F"],
+            start: "0/F00000",
+            tli: 3,
+            records: 3,
+        },
         RealCase {
             name: "TL3 seg E+F",
             files: &["00000003000000000000000E", "00000003000000000000000F"],
@@ -918,12 +1102,22 @@ mod tests {
             for size in CHUNK_SIZES {
                 let v = feed_chunked(params(case.tli), start, &data, size)
                     .unwrap_or_else(|e| panic!("{} in {size}-byte chunks: {e}", case.name));
-                assert_eq!(v.records_verified(), whole_records, "{} chunk {size}", case.name);
+                assert_eq!(
+                    v.records_verified(),
+                    whole_records,
+                    "{} chunk {size}",
+                    case.name
+                );
             }
             for seed in 1..=4 {
                 let v = feed_random(params(case.tli), start, &data, seed, 140_000)
                     .unwrap_or_else(|e| panic!("{} random seed {seed}: {e}", case.name));
-                assert_eq!(v.records_verified(), whole_records, "{} seed {seed}", case.name);
+                assert_eq!(
+                    v.records_verified(),
+                    whole_records,
+                    "{} seed {seed}",
+                    case.name
+                );
             }
         }
     }
@@ -954,7 +1148,10 @@ mod tests {
         data[in_a] ^= 0x01;
         for size in [1, 8192, 131072] {
             let err = feed_chunked(params(1), lsn("0/900000"), &data, size).unwrap_err();
-            assert!(matches!(err, VerifyError::Crc { lsn: l, .. } if l == lsn("0/9EDE28")), "{err}");
+            assert!(
+                matches!(err, VerifyError::Crc { lsn: l, .. } if l == lsn("0/9EDE28")),
+                "{err}"
+            );
         }
     }
 
@@ -966,7 +1163,10 @@ mod tests {
         bad[0xEDE00 + 30] ^= 0x80;
         for size in [1, 8192, seg.len()] {
             let err = feed_chunked(params(1), lsn("0/900000"), &bad, size).unwrap_err();
-            assert!(matches!(err, VerifyError::Crc { lsn: l, .. } if l == lsn("0/9EDE00")), "{err}");
+            assert!(
+                matches!(err, VerifyError::Crc { lsn: l, .. } if l == lsn("0/9EDE00")),
+                "{err}"
+            );
         }
         let err = verify_segment(params(1), lsn("0/900000"), &bad).unwrap_err();
         assert_eq!(err.lsn(), lsn("0/9EDE00"));
@@ -974,14 +1174,21 @@ mod tests {
         let mut bad = seg.clone();
         bad[0xEDE00 + 20] ^= 0x01;
         let err = verify_segment(params(1), lsn("0/900000"), &bad).unwrap_err();
-        assert!(matches!(err, VerifyError::Crc { lsn: l, .. } if l == lsn("0/9EDE00")), "{err}");
+        assert!(
+            matches!(err, VerifyError::Crc { lsn: l, .. } if l == lsn("0/9EDE00")),
+            "{err}"
+        );
         // A flipped xl_prev is caught before the CRC.
         let mut bad = seg;
         bad[0xEDE00 + 8] ^= 0x08;
         let err = verify_segment(params(1), lsn("0/900000"), &bad).unwrap_err();
         assert_eq!(
             err,
-            VerifyError::PrevLink { lsn: lsn("0/9EDE00"), expected: lsn("0/9EDC68"), found: lsn("0/9EDC60") }
+            VerifyError::PrevLink {
+                lsn: lsn("0/9EDE00"),
+                expected: lsn("0/9EDC68"),
+                found: lsn("0/9EDC60")
+            }
         );
     }
 
@@ -998,18 +1205,69 @@ mod tests {
             assert_eq!(e1, e2);
             e1
         };
-        assert_eq!(check(&|b| b[page] = 0x11), VerifyError::UnknownMagic { lsn: at, found: 0xD111 });
-        assert_eq!(check(&|b| b[page] = 0x16), VerifyError::MagicChanged { lsn: at, expected: 0xD110, found: 0xD116 });
+        assert_eq!(
+            check(&|b| b[page] = 0x11),
+            VerifyError::UnknownMagic {
+                lsn: at,
+                found: 0xD111
+            }
+        );
+        assert_eq!(
+            check(&|b| b[page] = 0x16),
+            VerifyError::MagicChanged {
+                lsn: at,
+                expected: 0xD110,
+                found: 0xD116
+            }
+        );
         let info = u16::from_le_bytes([seg[page + 2], seg[page + 3]]);
-        assert_eq!(check(&|b| b[page + 2] |= 0x10), VerifyError::InfoBits { lsn: at, found: info | 0x10 });
-        assert_eq!(check(&|b| b[page + 2] |= 0x02), VerifyError::UnexpectedLongHeader { lsn: at, info: info | 0x02 });
-        assert_eq!(check(&|b| b[page + 9] ^= 0x40), VerifyError::PageAddress { lsn: at, found: lsn("0/90E000") });
-        assert_eq!(check(&|b| b[page + 4] = 0), VerifyError::Timeline { lsn: at, min: 1, max: 1, found: 0 });
+        assert_eq!(
+            check(&|b| b[page + 2] |= 0x10),
+            VerifyError::InfoBits {
+                lsn: at,
+                found: info | 0x10
+            }
+        );
+        assert_eq!(
+            check(&|b| b[page + 2] |= 0x02),
+            VerifyError::UnexpectedLongHeader {
+                lsn: at,
+                info: info | 0x02
+            }
+        );
+        assert_eq!(
+            check(&|b| b[page + 9] ^= 0x40),
+            VerifyError::PageAddress {
+                lsn: at,
+                found: lsn("0/90E000")
+            }
+        );
+        assert_eq!(
+            check(&|b| b[page + 4] = 0),
+            VerifyError::Timeline {
+                lsn: at,
+                min: 1,
+                max: 1,
+                found: 0
+            }
+        );
         // This page continues a record: drop the flag, or change the remaining length.
-        assert_eq!(info & XLP_FIRST_IS_CONTRECORD, XLP_FIRST_IS_CONTRECORD, "fixture layout changed");
-        let rem = u32::from_le_bytes([seg[page + 16], seg[page + 17], seg[page + 18], seg[page + 19]]);
+        assert_eq!(
+            info & XLP_FIRST_IS_CONTRECORD,
+            XLP_FIRST_IS_CONTRECORD,
+            "fixture layout changed"
+        );
+        let rem = u32::from_le_bytes([
+            seg[page + 16],
+            seg[page + 17],
+            seg[page + 18],
+            seg[page + 19],
+        ]);
         let e = check(&|b| b[page + 2] &= !0x01);
-        assert!(matches!(e, VerifyError::StrayRemainingLength { lsn: l, found } if l == at && found == rem), "{e}");
+        assert!(
+            matches!(e, VerifyError::StrayRemainingLength { lsn: l, found } if l == at && found == rem),
+            "{e}"
+        );
         let e = check(&|b| {
             b[page + 2] &= !0x01;
             b[page + 16..page + 20].copy_from_slice(&[0; 4]);
@@ -1025,12 +1283,31 @@ mod tests {
             "{e}"
         );
         let e = check(&|b| b[page + 2] |= 0x08);
-        assert_eq!(e, VerifyError::ConflictingContinuationFlags { lsn: at, info: info | 0x08 });
+        assert_eq!(
+            e,
+            VerifyError::ConflictingContinuationFlags {
+                lsn: at,
+                info: info | 0x08
+            }
+        );
         // First page: long header fields.
         let e = check(&|b| b[2] &= !0x02);
-        assert_eq!(e, VerifyError::MissingLongHeader { lsn: lsn("0/900000"), info: 0x0004 });
+        assert_eq!(
+            e,
+            VerifyError::MissingLongHeader {
+                lsn: lsn("0/900000"),
+                info: 0x0004
+            }
+        );
         let e = check(&|b| b[36] = 0x10);
-        assert_eq!(e, VerifyError::BlockSize { lsn: lsn("0/900000"), expected: 8192, found: 0x2010 });
+        assert_eq!(
+            e,
+            VerifyError::BlockSize {
+                lsn: lsn("0/900000"),
+                expected: 8192,
+                found: 0x2010
+            }
+        );
     }
 
     #[test]
@@ -1040,30 +1317,54 @@ mod tests {
         p.system_identifier += 1;
         assert_eq!(
             verify_segment(p, lsn("0/900000"), &seg).unwrap_err(),
-            VerifyError::SystemIdentifier { lsn: lsn("0/900000"), expected: FIXTURE_SYSID + 1, found: FIXTURE_SYSID }
+            VerifyError::SystemIdentifier {
+                lsn: lsn("0/900000"),
+                expected: FIXTURE_SYSID + 1,
+                found: FIXTURE_SYSID
+            }
         );
         // Timeline 3's segment streamed as timeline 2: the first TL3 page is too new.
         let c = fixture("00000003000000000000000C");
         assert_eq!(
             feed_chunked(params(2), lsn("0/C00000"), &c, 1000).unwrap_err(),
-            VerifyError::Timeline { lsn: lsn("0/C02000"), min: 2, max: 2, found: 3 }
+            VerifyError::Timeline {
+                lsn: lsn("0/C02000"),
+                min: 2,
+                max: 2,
+                found: 3
+            }
         );
         // A 2 MiB-segment stream at 0/A00000 (a 2 MiB boundary) given 1 MiB segments.
         let a = fixture("00000001000000000000000A");
-        let p2 = VerifyParams { segment_size: SegmentSize::new(2 * MB).unwrap(), ..params(1) };
+        let p2 = VerifyParams {
+            segment_size: SegmentSize::new(2 * MB).unwrap(),
+            ..params(1)
+        };
         assert_eq!(
             feed_chunked(p2, lsn("0/A00000"), &a, 8192).unwrap_err(),
-            VerifyError::SegmentSize { lsn: lsn("0/A00000"), expected: 2 << 20, found: 1 << 20 }
+            VerifyError::SegmentSize {
+                lsn: lsn("0/A00000"),
+                expected: 2 << 20,
+                found: 1 << 20
+            }
         );
         assert_eq!(
             verify_segment(p2, lsn("0/A00000"), &a).unwrap_err(),
-            VerifyError::SegmentLength { lsn: lsn("0/A00000"), expected: 2 << 20, found: 1 << 20 }
+            VerifyError::SegmentLength {
+                lsn: lsn("0/A00000"),
+                expected: 2 << 20,
+                found: 1 << 20
+            }
         );
         // Not a segment start.
         let mut v = WalVerifier::new(params(1), lsn("0/902000"));
         assert_eq!(
             v.feed(&seg[0x2000..0x3000]).unwrap_err(),
-            VerifyError::StartNotSegmentAligned { lsn: lsn("0/902000"), segment_size: seg1m(), offset: 0x2000 }
+            VerifyError::StartNotSegmentAligned {
+                lsn: lsn("0/902000"),
+                segment_size: seg1m(),
+                offset: 0x2000
+            }
         );
     }
 
@@ -1076,7 +1377,14 @@ mod tests {
             let off = (lsn(at).0 - 0xA00000) as usize;
             bad[off] = 0x5A;
             let err = feed_chunked(params(1), lsn("0/A00000"), &bad, 4096).unwrap_err();
-            assert_eq!(err, VerifyError::NonZeroAfterSwitch { lsn: lsn(at), switch: lsn("0/AABC90"), found: 0x5A });
+            assert_eq!(
+                err,
+                VerifyError::NonZeroAfterSwitch {
+                    lsn: lsn(at),
+                    switch: lsn("0/AABC90"),
+                    found: 0x5A
+                }
+            );
             // As a file, the non-zero byte makes the tail not WAL: a prefix followed by garbage.
             let err = verify_segment(params(1), lsn("0/A00000"), &bad).unwrap_err();
             assert_eq!(err.lsn(), lsn(at));
@@ -1106,12 +1414,26 @@ mod tests {
         // All zeros: an empty partial.
         let zero = vec![0; MB as usize];
         let c = check_segment(params(1), lsn("0/900000"), &zero).unwrap();
-        assert_eq!(c, SegmentCheck { data_end: lsn("0/900000"), complete: false, records: 0, server_major: None });
+        assert_eq!(
+            c,
+            SegmentCheck {
+                data_end: lsn("0/900000"),
+                complete: false,
+                records: 0,
+                server_major: None
+            }
+        );
         // A zero tot_len at a record start in a stream.
         let mut partial = seg.clone();
         partial[0xEDE00..].fill(0);
         let err = feed_chunked(params(1), lsn("0/900000"), &partial, 8192).unwrap_err();
-        assert_eq!(err, VerifyError::RecordTooShort { lsn: lsn("0/9EDE00"), found: 0 });
+        assert_eq!(
+            err,
+            VerifyError::RecordTooShort {
+                lsn: lsn("0/9EDE00"),
+                found: 0
+            }
+        );
     }
 
     #[test]
@@ -1122,10 +1444,16 @@ mod tests {
         bad[16..20].copy_from_slice(&[0; 4]);
         assert_eq!(
             feed_chunked(params(1), lsn("0/A00000"), &bad, 100).unwrap_err(),
-            VerifyError::StartContinuationLength { lsn: lsn("0/A00000"), found: 0 }
+            VerifyError::StartContinuationLength {
+                lsn: lsn("0/A00000"),
+                found: 0
+            }
         );
         // Its second page must carry the remaining 12278 - (8192 - 40) bytes.
-        assert_eq!(u32::from_le_bytes([a[8192 + 16], a[8192 + 17], a[8192 + 18], a[8192 + 19]]), 4126);
+        assert_eq!(
+            u32::from_le_bytes([a[8192 + 16], a[8192 + 17], a[8192 + 18], a[8192 + 19]]),
+            4126
+        );
         let mut bad = a.clone();
         bad[8192 + 16] ^= 0x10;
         assert_eq!(
@@ -1141,7 +1469,10 @@ mod tests {
         let mut bad = a;
         bad[0x3038 + 24] ^= 0x01;
         let err = feed_chunked(params(1), lsn("0/A00000"), &bad, 100).unwrap_err();
-        assert!(matches!(err, VerifyError::Crc { lsn: l, .. } if l == lsn("0/A03038")), "{err}");
+        assert!(
+            matches!(err, VerifyError::Crc { lsn: l, .. } if l == lsn("0/A03038")),
+            "{err}"
+        );
     }
 
     #[test]
@@ -1188,7 +1519,12 @@ mod tests {
                 3 => 20_000 + rng.below(20_000) as usize,
                 _ => 10 + rng.below(400) as usize,
             };
-            b.push(rng.below(22) as u8, ((rng.below(4) as u8) << 4) & 0x30, n as u32, &payload(&mut rng, len));
+            b.push(
+                rng.below(22) as u8,
+                ((rng.below(4) as u8) << 4) & 0x30,
+                n as u32,
+                &payload(&mut rng, len),
+            );
             let end = b.position().0;
             padding.extend(end..(end + 7) & !7);
             n += 1;
@@ -1200,7 +1536,11 @@ mod tests {
     fn synthetic_stream_in_random_chunks() {
         for seed in 1..=6 {
             let (b, n, padding) = build_mixed(seed, 3);
-            let p = VerifyParams { system_identifier: SYSID, segment_size: seg1m(), timeline: 1 };
+            let p = VerifyParams {
+                system_identifier: SYSID,
+                segment_size: seg1m(),
+                timeline: 1,
+            };
             let v = feed_chunked(p, b.start(), b.bytes(), b.bytes().len()).unwrap();
             assert_eq!(v.records_verified(), n);
             for size in CHUNK_SIZES {
@@ -1218,7 +1558,10 @@ mod tests {
                 let bit = rng.below(8) as u8;
                 let at = b.start().0 + off as u64;
                 let page_off = at % PAGE;
-                if padding.contains(&at) || (20..24).contains(&page_off) || (page_off == 2 && bit == 2) {
+                if padding.contains(&at)
+                    || (20..24).contains(&page_off)
+                    || (page_off == 2 && bit == 2)
+                {
                     continue;
                 }
                 tried += 1;
@@ -1246,7 +1589,11 @@ mod tests {
                 let rec = b.push(3, 0, 3, &vec![1; tail_len]);
                 assert_eq!(rec.0 % 8192, target, "layout");
                 b.push(4, 0, 4, &[2; 30]);
-                let p = VerifyParams { system_identifier: SYSID, segment_size: seg1m(), timeline: 1 };
+                let p = VerifyParams {
+                    system_identifier: SYSID,
+                    segment_size: seg1m(),
+                    timeline: 1,
+                };
                 for size in [1, 5, 8, 8192, 100_000] {
                     let v = feed_chunked(p, b.start(), b.bytes(), size).unwrap();
                     assert_eq!(v.records_verified(), 4);
@@ -1254,8 +1601,11 @@ mod tests {
                 // Corrupting the second half of the split header is a CRC/prev error at `rec`.
                 let mut bad = b.bytes().to_vec();
                 let idx = (rec.0 - b.start().0) as usize;
-                let hdr_byte_on_next_page =
-                    if slot_from_end < 24 { idx + slot_from_end as usize + 24 } else { idx + 17 };
+                let hdr_byte_on_next_page = if slot_from_end < 24 {
+                    idx + slot_from_end as usize + 24
+                } else {
+                    idx + 17
+                };
                 bad[hdr_byte_on_next_page] ^= 0x20;
                 let err = feed_chunked(p, b.start(), &bad, 7).unwrap_err();
                 assert_eq!(err.lsn(), rec, "{err}");
@@ -1288,12 +1638,24 @@ mod tests {
 
     #[test]
     fn switch_records_anywhere() {
-        let p = VerifyParams { system_identifier: SYSID, segment_size: seg1m(), timeline: 1 };
+        let p = VerifyParams {
+            system_identifier: SYSID,
+            segment_size: seg1m(),
+            timeline: 1,
+        };
         let seg = lsn("0/300000").0;
         // Switch right after the long header, first on a page, mid-page, with its header split
         // across a page boundary (8176, 8184), ending exactly at the segment end, and split
         // across the segment boundary (its zero fill is then the whole next segment).
-        for off in [40, 3 * PAGE + 24, 5000, 5 * PAGE + 8176, 6 * PAGE + 8184, MB - 24, MB - 8] {
+        for off in [
+            40,
+            3 * PAGE + 24,
+            5000,
+            5 * PAGE + 8176,
+            6 * PAGE + 8184,
+            MB - 24,
+            MB - 8,
+        ] {
             let mut b = WalBuilder::new(SYSID, seg1m(), 1, Lsn(seg));
             if off != 40 {
                 b.push(5, 0, 1, &[1; 3]);
@@ -1301,12 +1663,17 @@ mod tests {
             }
             let sw = b.push_switch();
             assert_eq!(sw.0, seg + off);
-            let fill_end = if off == MB - 8 { seg + 2 * MB } else { seg + MB };
+            let fill_end = if off == MB - 8 {
+                seg + 2 * MB
+            } else {
+                seg + MB
+            };
             assert_eq!(b.position().0, fill_end);
             b.push(1, 0, 9, &[1; 10]);
             b.push(1, 0, 9, &[1; 9000]);
             for size in [1, 24, 8192, 131072] {
-                let v = feed_chunked(p, b.start(), b.bytes(), size).unwrap_or_else(|e| panic!("switch at {sw}: {e}"));
+                let v = feed_chunked(p, b.start(), b.bytes(), size)
+                    .unwrap_or_else(|e| panic!("switch at {sw}: {e}"));
                 assert!(v.records_verified() >= 3);
             }
             // A stray byte in the zero fill.
@@ -1315,7 +1682,14 @@ mod tests {
                 let last = (fill_end - 1 - seg) as usize;
                 bad[last] = 1;
                 let err = feed_chunked(p, b.start(), &bad, 8192).unwrap_err();
-                assert_eq!(err, VerifyError::NonZeroAfterSwitch { lsn: Lsn(fill_end - 1), switch: sw, found: 1 });
+                assert_eq!(
+                    err,
+                    VerifyError::NonZeroAfterSwitch {
+                        lsn: Lsn(fill_end - 1),
+                        switch: sw,
+                        found: 1
+                    }
+                );
             }
             // The whole-segment check of the switched segment.
             let first = &b.bytes()[..MB as usize];
@@ -1326,7 +1700,11 @@ mod tests {
 
     #[test]
     fn synthetic_overwrite_contrecord() {
-        let p = VerifyParams { system_identifier: SYSID, segment_size: seg1m(), timeline: 1 };
+        let p = VerifyParams {
+            system_identifier: SYSID,
+            segment_size: seg1m(),
+            timeline: 1,
+        };
         let mut b = WalBuilder::new(SYSID, seg1m(), 1, lsn("0/100000"));
         let last_good = b.push(1, 0, 1, &[1; 3000]);
         let aborted = b.push_aborted(1, 0, 2, &[2; 30_000]).unwrap();
@@ -1342,7 +1720,11 @@ mod tests {
         linked_to_aborted.push(0, 0xD0, 0, &[3; 16]);
         assert_eq!(
             feed_chunked(p, b.start(), linked_to_aborted.bytes(), 100).unwrap_err(),
-            VerifyError::PrevLink { lsn: next, expected: last_good, found: aborted }
+            VerifyError::PrevLink {
+                lsn: next,
+                expected: last_good,
+                found: aborted
+            }
         );
         // The overwrite flag where no record is in progress: the first record fills page 1
         // exactly, so page 2 starts clean.
@@ -1354,7 +1736,10 @@ mod tests {
         bytes[8192 + 2] |= 0x08;
         assert_eq!(
             feed_chunked(p, lsn("0/100000"), &bytes, 8192).unwrap_err(),
-            VerifyError::UnexpectedOverwrite { lsn: lsn("0/102000"), info: 0x000C }
+            VerifyError::UnexpectedOverwrite {
+                lsn: lsn("0/102000"),
+                info: 0x000C
+            }
         );
     }
 
@@ -1364,7 +1749,11 @@ mod tests {
             let mut b = WalBuilder::new(SYSID, seg1m(), 7, lsn("0/100000"));
             b.set_magic(magic);
             b.push(1, 0, 1, &[0; 20_000]);
-            let p = VerifyParams { system_identifier: SYSID, segment_size: seg1m(), timeline: 7 };
+            let p = VerifyParams {
+                system_identifier: SYSID,
+                segment_size: seg1m(),
+                timeline: 7,
+            };
             let v = feed_chunked(p, b.start(), b.bytes(), 999).unwrap();
             assert_eq!(v.server_major(), Some(major));
             assert_eq!(page_magic_for(major), Some(magic));
@@ -1372,33 +1761,57 @@ mod tests {
         let mut b = WalBuilder::new(SYSID, seg1m(), 1, lsn("0/100000"));
         b.set_magic(0xD10D); // PostgreSQL 14
         b.push(1, 0, 1, &[0; 10]);
-        let p = VerifyParams { system_identifier: SYSID, segment_size: seg1m(), timeline: 1 };
+        let p = VerifyParams {
+            system_identifier: SYSID,
+            segment_size: seg1m(),
+            timeline: 1,
+        };
         assert_eq!(
             feed_chunked(p, b.start(), b.bytes(), 99).unwrap_err(),
-            VerifyError::UnknownMagic { lsn: lsn("0/100000"), found: 0xD10D }
+            VerifyError::UnknownMagic {
+                lsn: lsn("0/100000"),
+                found: 0xD10D
+            }
         );
         // Timeline going backwards between pages.
         let mut b = WalBuilder::new(SYSID, seg1m(), 3, lsn("0/100000"));
         b.push(1, 0, 1, &[0; 100]);
         b.set_timeline(2);
         b.push(1, 0, 1, &[0; 10_000]);
-        let p = VerifyParams { system_identifier: SYSID, segment_size: seg1m(), timeline: 3 };
+        let p = VerifyParams {
+            system_identifier: SYSID,
+            segment_size: seg1m(),
+            timeline: 3,
+        };
         assert_eq!(
             feed_chunked(p, b.start(), b.bytes(), 99).unwrap_err(),
-            VerifyError::Timeline { lsn: lsn("0/102000"), min: 3, max: 3, found: 2 }
+            VerifyError::Timeline {
+                lsn: lsn("0/102000"),
+                min: 3,
+                max: 3,
+                found: 2
+            }
         );
     }
 
     #[test]
     fn prev_links_and_lengths() {
-        let p = VerifyParams { system_identifier: SYSID, segment_size: seg1m(), timeline: 1 };
+        let p = VerifyParams {
+            system_identifier: SYSID,
+            segment_size: seg1m(),
+            timeline: 1,
+        };
         let mut b = WalBuilder::new(SYSID, seg1m(), 1, lsn("0/100000"));
         let first = b.push(1, 0, 1, &[0; 100]);
         b.set_prev(lsn("0/100010"));
         let second = b.push(1, 0, 1, &[0; 100]);
         assert_eq!(
             feed_chunked(p, b.start(), b.bytes(), 10).unwrap_err(),
-            VerifyError::PrevLink { lsn: second, expected: first, found: lsn("0/100010") }
+            VerifyError::PrevLink {
+                lsn: second,
+                expected: first,
+                found: lsn("0/100010")
+            }
         );
         // The first record of a stream must point backwards.
         let mut b = WalBuilder::new(SYSID, seg1m(), 1, lsn("0/100000"));
@@ -1406,7 +1819,10 @@ mod tests {
         b.push(1, 0, 1, &[0; 100]);
         assert_eq!(
             feed_chunked(p, b.start(), b.bytes(), 10).unwrap_err(),
-            VerifyError::PrevLinkNotBefore { lsn: lsn("0/100028"), found: lsn("0/100028") }
+            VerifyError::PrevLinkNotBefore {
+                lsn: lsn("0/100028"),
+                found: lsn("0/100028")
+            }
         );
         // Lengths.
         let mut b = WalBuilder::new(SYSID, seg1m(), 1, lsn("0/100000"));
@@ -1415,22 +1831,46 @@ mod tests {
         bytes[0x28..0x2C].copy_from_slice(&23u32.to_le_bytes());
         assert_eq!(
             feed_chunked(p, b.start(), &bytes, 1).unwrap_err(),
-            VerifyError::RecordTooShort { lsn: lsn("0/100028"), found: 23 }
+            VerifyError::RecordTooShort {
+                lsn: lsn("0/100028"),
+                found: 23
+            }
         );
         bytes[0x28..0x2C].copy_from_slice(&(1u32 << 30).to_le_bytes());
         assert_eq!(
             feed_chunked(p, b.start(), &bytes, 3).unwrap_err(),
-            VerifyError::RecordTooLong { lsn: lsn("0/100028"), found: 1 << 30 }
+            VerifyError::RecordTooLong {
+                lsn: lsn("0/100028"),
+                found: 1 << 30
+            }
         );
     }
 
     #[test]
     fn errors_render_on_one_line_with_the_lsn() {
         let errs = [
-            VerifyError::Crc { lsn: lsn("0/9EDE00"), expected: 1, found: 2 },
-            VerifyError::Timeline { lsn: lsn("0/C02000"), min: 2, max: 2, found: 3 },
-            VerifyError::MissingContinuation { lsn: lsn("0/F00000"), record: lsn("0/EFC688"), expected: 5, info: 6 },
-            VerifyError::NonZeroAfterSwitch { lsn: lsn("0/AFFFFF"), switch: lsn("0/AABC90"), found: 1 },
+            VerifyError::Crc {
+                lsn: lsn("0/9EDE00"),
+                expected: 1,
+                found: 2,
+            },
+            VerifyError::Timeline {
+                lsn: lsn("0/C02000"),
+                min: 2,
+                max: 2,
+                found: 3,
+            },
+            VerifyError::MissingContinuation {
+                lsn: lsn("0/F00000"),
+                record: lsn("0/EFC688"),
+                expected: 5,
+                info: 6,
+            },
+            VerifyError::NonZeroAfterSwitch {
+                lsn: lsn("0/AFFFFF"),
+                switch: lsn("0/AABC90"),
+                found: 1,
+            },
         ];
         for e in errs {
             let s = e.to_string();
