@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 
 use crate::archive::Compression;
+use crate::receive::AckMode;
 use crate::wal::Lsn;
 
 #[derive(Debug, Parser)]
@@ -61,8 +62,11 @@ pub struct StreamArgs {
     )]
     pub source: String,
 
-    /// Archive directory (created when missing).
-    #[arg(long, env = "WALAGENT_ARCHIVE", value_name = "PATH")]
+    /// Archive: a directory (created when missing) or s3://BUCKET/PREFIX. S3 settings come from
+    /// the AWS variables and profiles (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION,
+    /// AWS_ENDPOINT_URL, AWS_PROFILE), plus AWS_S3_FORCE_PATH_STYLE=true for S3-compatible
+    /// servers and WALAGENT_S3_CHECKSUM=when_required for servers that reject SDK checksums.
+    #[arg(long, env = "WALAGENT_ARCHIVE", value_name = "PATH|s3://BUCKET/PREFIX")]
     pub archive: String,
 
     /// Physical replication slot that keeps WAL on the server until it is archived.
@@ -94,15 +98,36 @@ pub struct StreamArgs {
     #[arg(long, value_name = "SECS", default_value_t = 10)]
     pub status_interval: u64,
 
-    /// Spool directory for segments being received (default: <archive>/spool).
+    /// Spool directory for segments being received and waiting for the archive
+    /// (default: <archive>/spool for a local archive, ./walagent-spool for S3).
     #[arg(long, value_name = "DIR")]
     pub spool: Option<PathBuf>,
+
+    /// Most complete segments' bytes kept in the spool while the archive is slow or away; when
+    /// full, walagent stops reading and the replication slot holds the WAL on the server.
+    #[arg(long, value_name = "SIZE", default_value = "1GB", value_parser = parse_size)]
+    pub spool_max_size: u64,
+
+    /// What the flush position reported to the server means: `archived` (durable in the
+    /// archive) or `fsync` (fsynced in the local spool; faster to advance, weaker).
+    /// --synchronous implies fsync.
+    #[arg(long, value_name = "MODE", default_value = "archived")]
+    pub ack: AckMode,
+
+    /// Seconds between uploads of the unfinished segment as <segment>.partial, bounding what a
+    /// lost host loses (default: 10 for S3, 0 = only when stopping, for a local archive).
+    #[arg(long, value_name = "SECS")]
+    pub partial_interval: Option<u64>,
+
+    /// Segments compressed and stored at once (default: number of CPUs, at most 4).
+    #[arg(long, value_name = "N", hide = true)]
+    pub archive_workers: Option<usize>,
 }
 
 #[derive(Debug, Args)]
 pub struct WalFetchArgs {
-    /// Archive directory.
-    #[arg(long, env = "WALAGENT_ARCHIVE", value_name = "PATH")]
+    /// Archive: a directory or s3://BUCKET/PREFIX (same settings as for stream).
+    #[arg(long, env = "WALAGENT_ARCHIVE", value_name = "PATH|s3://BUCKET/PREFIX")]
     pub archive: String,
 
     /// Serve the newest partial segment under the full name when the complete one is missing
@@ -117,6 +142,29 @@ pub struct WalFetchArgs {
     /// Where to put it (%p).
     #[arg(value_name = "DEST")]
     pub dest: PathBuf,
+}
+
+/// Sizes like `1GB`, `512MB`, `64kB` or a number of bytes.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let n: u64 = t[..split]
+        .parse()
+        .map_err(|_| format!("invalid size {s:?}: use a number with kB, MB or GB"))?;
+    let mult = match t[split..].trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" => 1 << 10,
+        "m" | "mb" => 1 << 20,
+        "g" | "gb" => 1 << 30,
+        "t" | "tb" => 1 << 40,
+        _ => {
+            return Err(format!(
+                "invalid size {s:?}: use a number with kB, MB or GB"
+            ))
+        }
+    };
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("size {s:?} is too large"))
 }
 
 fn parse_slot_name(s: &str) -> Result<String, String> {
@@ -138,6 +186,16 @@ fn parse_slot_name(s: &str) -> Result<String, String> {
 mod tests {
     use super::*;
     use clap::CommandFactory;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("1GB"), Ok(1 << 30));
+        assert_eq!(parse_size("512MB"), Ok(512 << 20));
+        assert_eq!(parse_size("64kB"), Ok(64 << 10));
+        assert_eq!(parse_size("1000"), Ok(1000));
+        assert!(parse_size("1.5GB").is_err());
+        assert!(parse_size("GB").is_err());
+    }
 
     #[test]
     fn cli_is_consistent() {

@@ -2,16 +2,15 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
 use tokio::sync::watch;
 
-use walagent::archive::{LocalStore, Store};
+use walagent::archive;
 use walagent::cli::{Cli, Command, StreamArgs, WalFetchArgs};
 use walagent::protocol::conninfo::{mask_password, ConnInfo};
-use walagent::receive::{self, Finished, StreamOptions};
+use walagent::receive::{self, AckMode, Finished, StreamOptions};
 use walagent::restore::wal_fetch;
 
 fn main() -> ExitCode {
@@ -55,17 +54,6 @@ fn fail(cause: &str, hint: Option<String>, code: u8) -> ExitCode {
     ExitCode::from(code)
 }
 
-fn open_archive(spec: &str) -> Result<Arc<dyn Store>, String> {
-    if spec.starts_with("s3://") {
-        return Err(format!(
-            "{spec}: S3 archives are not supported by this build yet; use a local directory"
-        ));
-    }
-    LocalStore::open(std::path::Path::new(spec))
-        .map(|s| Arc::new(s) as Arc<dyn Store>)
-        .map_err(|e| format!("cannot open archive {spec}: {e}"))
-}
-
 async fn stream(args: StreamArgs) -> ExitCode {
     let conninfo = match ConnInfo::parse(&args.source) {
         Ok(c) => c,
@@ -77,14 +65,22 @@ async fn stream(args: StreamArgs) -> ExitCode {
             )
         }
     };
-    let store = match open_archive(&args.archive) {
+    let remote = archive::is_remote(&args.archive);
+    let store = match archive::open(&args.archive, true).await {
         Ok(s) => s,
         Err(e) => return fail(&e, None, 2),
     };
-    let spool_dir = args
-        .spool
-        .clone()
-        .unwrap_or_else(|| PathBuf::from(&args.archive).join("spool"));
+    let spool_dir = args.spool.clone().unwrap_or_else(|| {
+        if remote {
+            PathBuf::from("walagent-spool")
+        } else {
+            PathBuf::from(&args.archive).join("spool")
+        }
+    });
+    let partial_interval = match args.partial_interval.unwrap_or(if remote { 10 } else { 0 }) {
+        0 => None,
+        secs => Some(Duration::from_secs(secs)),
+    };
     tracing::info!(source = %conninfo.display_safe(), archive = %store.location(), slot = %args.slot, "walagent stream");
     let opts = StreamOptions {
         conninfo,
@@ -97,8 +93,16 @@ async fn stream(args: StreamArgs) -> ExitCode {
         synchronous: args.synchronous,
         compression: args.compress,
         status_interval: Duration::from_secs(args.status_interval.max(1)),
-        archive_queue: 4,
-        archive_workers: std::thread::available_parallelism().map_or(2, |n| n.get().clamp(1, 4)),
+        ack: if args.synchronous {
+            AckMode::Fsync
+        } else {
+            args.ack
+        },
+        partial_interval,
+        spool_max_bytes: args.spool_max_size,
+        archive_workers: args.archive_workers.unwrap_or_else(|| {
+            std::thread::available_parallelism().map_or(2, |n| n.get().clamp(1, 4))
+        }),
     };
     let (tx, rx) = watch::channel(false);
     tokio::spawn(async move {
@@ -134,7 +138,7 @@ async fn stream(args: StreamArgs) -> ExitCode {
 }
 
 async fn fetch(args: WalFetchArgs) -> ExitCode {
-    let store = match open_archive(&args.archive) {
+    let store = match archive::open(&args.archive, false).await {
         Ok(s) => s,
         Err(e) => return fail(&e, None, 2),
     };

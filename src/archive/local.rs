@@ -35,12 +35,19 @@ impl LocalStore {
         let store = LocalStore {
             root: root.to_path_buf(),
         };
-        create_dir_0700(root).map_err(|e| {
+        let created = create_dir_0700(root).map_err(|e| {
             StoreError::io(
                 format!("cannot create archive directory {}", root.display()),
                 e,
             )
         })?;
+        if created {
+            // Make the new directory's entry durable too.
+            match root.parent() {
+                Some(p) if !p.as_os_str().is_empty() => fsync_dir(p)?,
+                _ => fsync_dir(Path::new("."))?,
+            }
+        }
         let md = fs::metadata(root).map_err(|e| {
             StoreError::io(
                 format!("cannot access archive directory {}", root.display()),
@@ -934,6 +941,32 @@ mod tests {
         fs::write(&a, b"old").unwrap();
         install(&a, &b, "k", PutMode::NoOverwrite).unwrap();
         assert!(a.exists(), "identical: nothing moved");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn racing_no_overwrite_puts_never_clobber() {
+        let t = tempfile::tempdir().unwrap();
+        let s = LocalStore::open(t.path()).unwrap();
+        for i in 0..30 {
+            let key = format!("wal/0000000100000000000000{i:02X}");
+            let (a, b) = (
+                Bytes::from(vec![1u8; 200_000]),
+                Bytes::from(vec![2u8; 200_000]),
+            );
+            let (ra, rb) = tokio::join!(
+                s.put_bytes(&key, a.clone(), PutMode::NoOverwrite),
+                s.put_bytes(&key, b.clone(), PutMode::NoOverwrite)
+            );
+            let stored = s.get_bytes(&key).await.unwrap().unwrap();
+            match (ra, rb) {
+                (Ok(()), Err(StoreError::Conflict { .. })) => assert!(stored == a),
+                (Err(StoreError::Conflict { .. }), Ok(())) => assert!(stored == b),
+                other => panic!("{key}: expected one winner and one conflict, got {other:?}"),
+            }
+        }
+        assert!(visible_files(&t.path().join("wal"))
+            .iter()
+            .all(|n| !n.starts_with('.')));
     }
 
     #[tokio::test]

@@ -6,6 +6,7 @@ pub mod compress;
 pub mod layout;
 pub mod local;
 pub mod meta;
+pub mod s3;
 
 use std::path::Path;
 
@@ -100,4 +101,36 @@ pub trait Store: Send + Sync + 'static {
 
     /// Removes `key`; absent is fine.
     async fn delete(&self, key: &str) -> Result<(), StoreError>;
+}
+
+/// Is this `--archive` value an object-store URL rather than a directory?
+pub fn is_remote(spec: &str) -> bool {
+    spec.get(..5)
+        .is_some_and(|p| p.eq_ignore_ascii_case("s3://"))
+}
+
+/// Opens the archive named on the command line: `s3://BUCKET/PREFIX` (settings from the AWS
+/// environment; the bucket is checked) or a local directory. A writer's directory is created when
+/// missing; a reader's must exist and is left untouched.
+pub async fn open(spec: &str, write: bool) -> Result<std::sync::Arc<dyn Store>, String> {
+    if is_remote(spec) {
+        let location: s3::S3Location = spec
+            .parse()
+            .map_err(|e: s3::S3LocationError| e.to_string())?;
+        let store = s3::S3Store::open(location, s3::S3Options::default())
+            .await
+            .map_err(|e| e.to_string())?;
+        store.check().await.map_err(|e| e.to_string())?;
+        Ok(std::sync::Arc::new(store))
+    } else {
+        let path = Path::new(spec);
+        let store = if write {
+            LocalStore::open(path)
+        } else {
+            LocalStore::open_existing(path)
+        };
+        store
+            .map(|s| std::sync::Arc::new(s) as std::sync::Arc<dyn Store>)
+            .map_err(|e| format!("cannot open archive {spec}: {e}"))
+    }
 }

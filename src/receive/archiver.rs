@@ -1,14 +1,19 @@
-//! The archiver: takes complete (and timeline-final partial) segments from the spool,
-//! compresses them on a blocking thread and puts them into the [`Store`], in order. It runs
-//! beside the receive loop, so compression and the archive's fsyncs overlap with receiving
-//! the next segment.
+//! The archiver: takes complete segments, timeline-final partials and snapshots of the segment
+//! being received from the spool, compresses them on blocking threads and puts them into the
+//! [`Store`]. It runs beside the receive loop, so compression and uploads overlap with receiving.
 //!
-//! Progress is published on a watch channel: `archived_upto` is the end of the contiguous WAL
-//! that is durable in the archive, which bounds the flush position the receiver may report.
+//! Up to `workers` jobs run at once; results are taken in submission order, so `archived_upto`
+//! (published on a watch channel) is always the end of a contiguous prefix of complete segments
+//! durable in the archive. That bounds the flush position the receiver may report.
+//!
+//! A store that is unavailable (network down, HTTP 5xx) is retried with backoff for as long as
+//! it takes; meanwhile the queue fills, the receiver stops reading, and the replication slot holds
+//! the WAL on the server. Any other store error stops the archiver.
 
-use std::collections::VecDeque;
-use std::path::PathBuf;
+use std::collections::{HashSet, VecDeque};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
@@ -23,12 +28,21 @@ pub enum Job {
     Segment { id: SegmentId, path: PathBuf },
     /// The last, incomplete segment of a timeline that ended; archived as `<name>.partial`.
     FinalPartial { id: SegmentId, path: PathBuf },
+    /// A copy of the segment being received, taken at `end`; archived as `<name>.partial`
+    /// (replacing an older snapshot) so that losing the host loses little WAL.
+    Snapshot {
+        id: SegmentId,
+        path: PathBuf,
+        end: Lsn,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Progress {
-    /// End of the last complete segment archived.
+    /// End of the last complete segment archived (a contiguous prefix).
     pub archived_upto: Lsn,
+    /// The newest partial snapshot stored: its segment and how far it reaches.
+    pub snapshot: Option<(SegmentId, Lsn)>,
     /// Jobs finished so far (compare with the number submitted to know when it is idle).
     pub done: u64,
 }
@@ -51,6 +65,26 @@ pub enum ArchiverError {
     Crashed(String),
 }
 
+impl ArchiverError {
+    pub fn hint(&self) -> Option<String> {
+        match self {
+            ArchiverError::Store {
+                source: StoreError::Conflict { .. },
+                ..
+            } => {
+                Some("use a separate archive for each cluster and run one agent per archive".into())
+            }
+            ArchiverError::Store {
+                source: StoreError::Io { .. },
+                ..
+            } => {
+                Some("check free space and permissions of the archive and spool directories".into())
+            }
+            _ => None,
+        }
+    }
+}
+
 pub struct Archiver {
     tx: mpsc::Sender<Job>,
     progress: watch::Receiver<Progress>,
@@ -58,32 +92,28 @@ pub struct Archiver {
     task: JoinHandle<Result<(), ArchiverError>>,
 }
 
+/// Where the archiver does its work.
+pub struct ArchiverConfig {
+    pub store: Arc<dyn Store>,
+    pub seg_size: SegmentSize,
+    pub compression: Compression,
+    pub spool_dir: PathBuf,
+    /// Jobs waiting before [`Archiver::reserve`] waits (bounds the spool).
+    pub queue: usize,
+    /// Jobs compressed and stored at once.
+    pub workers: usize,
+}
+
 impl Archiver {
-    /// Starts the archiver. `initial` is the position already covered by the archive; `queue`
-    /// bounds the jobs waiting, `workers` the jobs compressed and stored at once.
-    pub fn start(
-        store: Arc<dyn Store>,
-        seg_size: SegmentSize,
-        compression: Compression,
-        spool_dir: PathBuf,
-        initial: Lsn,
-        queue: usize,
-        workers: usize,
-    ) -> Archiver {
-        let (tx, rx) = mpsc::channel(queue.max(1));
+    /// Starts the archiver. `initial` is the position already covered by the archive.
+    pub fn start(config: ArchiverConfig, initial: Lsn) -> Archiver {
+        let (tx, rx) = mpsc::channel(config.queue.max(1));
         let (ptx, progress) = watch::channel(Progress {
             archived_upto: initial,
+            snapshot: None,
             done: 0,
         });
-        let task = tokio::spawn(run(
-            store,
-            seg_size,
-            compression,
-            spool_dir,
-            workers.max(1),
-            rx,
-            ptx,
-        ));
+        let task = tokio::spawn(run(config, rx, ptx));
         Archiver {
             tx,
             progress,
@@ -92,13 +122,26 @@ impl Archiver {
         }
     }
 
-    /// Queues a job; waits when the queue is full (back-pressure on the receiver).
+    /// Queues a job; waits while the queue is full (back-pressure on the receiver).
     pub async fn submit(&mut self, job: Job) -> Result<(), ArchiverError> {
-        self.submitted += 1;
-        if self.tx.send(job).await.is_err() {
-            return Err(self.failure().await);
-        }
+        let permit = self.reserve().await?;
+        self.send(permit, job);
         Ok(())
+    }
+
+    /// Waits for room in the queue. Cancel-safe, so the receiver can keep sending status updates
+    /// to the server while it waits.
+    pub async fn reserve(&mut self) -> Result<mpsc::OwnedPermit<Job>, ArchiverError> {
+        match self.tx.clone().reserve_owned().await {
+            Ok(p) => Ok(p),
+            Err(_) => Err(self.failure().await),
+        }
+    }
+
+    /// Queues a job in a slot obtained from [`Archiver::reserve`].
+    pub fn send(&mut self, permit: mpsc::OwnedPermit<Job>, job: Job) {
+        self.submitted += 1;
+        permit.send(job);
     }
 
     pub fn progress(&self) -> Progress {
@@ -144,43 +187,57 @@ impl Archiver {
     }
 }
 
-/// A finished job: the segment and whether it was a timeline's final partial.
-type Done = (SegmentId, bool);
+/// What a finished job reports back, in submission order.
+enum Done {
+    Segment(SegmentId),
+    FinalPartial,
+    Snapshot(SegmentId, Lsn),
+}
 
 async fn run(
-    store: Arc<dyn Store>,
-    seg_size: SegmentSize,
-    compression: Compression,
-    spool_dir: PathBuf,
-    workers: usize,
+    config: ArchiverConfig,
     mut rx: mpsc::Receiver<Job>,
     progress: watch::Sender<Progress>,
 ) -> Result<(), ArchiverError> {
-    // Up to `workers` segments are compressed and stored at once; results are taken in
-    // submission order so that `archived_upto` only ever covers a contiguous prefix.
+    let config = Arc::new(config);
     let mut inflight: VecDeque<JoinHandle<Result<Done, ArchiverError>>> = VecDeque::new();
+    // Segments with a partial snapshot in the archive, to delete once the complete one is there.
+    let mut snapshotted: HashSet<SegmentId> = HashSet::new();
     let mut closed = false;
+    let mut seq = 0u64;
     while !(closed && inflight.is_empty()) {
         tokio::select! {
             biased;
             r = async { inflight.front_mut().expect("guarded by the precondition").await }, if !inflight.is_empty() => {
                 inflight.pop_front();
-                let (id, partial) = r.map_err(|e| ArchiverError::Crashed(e.to_string()))??;
-                progress.send_modify(|p| {
-                    if !partial {
-                        p.archived_upto = p.archived_upto.max(id.end_lsn(seg_size));
+                match r.map_err(|e| ArchiverError::Crashed(e.to_string()))?? {
+                    Done::Segment(id) => {
+                        if snapshotted.remove(&id) {
+                            let key = layout::segment_key(id, config.seg_size, config.compression, true);
+                            if let Err(e) = config.store.delete(&key).await {
+                                tracing::warn!(object = %key, "could not remove the superseded partial: {e}");
+                            }
+                        }
+                        progress.send_modify(|p| {
+                            p.archived_upto = p.archived_upto.max(id.end_lsn(config.seg_size));
+                            p.done += 1;
+                        });
                     }
-                    p.done += 1;
-                });
+                    Done::FinalPartial => progress.send_modify(|p| p.done += 1),
+                    Done::Snapshot(id, end) => {
+                        snapshotted.insert(id);
+                        progress.send_modify(|p| {
+                            p.snapshot = Some((id, end));
+                            p.done += 1;
+                        });
+                    }
+                }
             }
-            job = rx.recv(), if !closed && inflight.len() < workers => match job {
-                Some(job) => inflight.push_back(tokio::spawn(archive_one(
-                    store.clone(),
-                    seg_size,
-                    compression,
-                    spool_dir.clone(),
-                    job,
-                ))),
+            job = rx.recv(), if !closed && inflight.len() < config.workers.max(1) => match job {
+                Some(job) => {
+                    seq += 1;
+                    inflight.push_back(tokio::spawn(archive_one(config.clone(), job, seq)));
+                }
                 None => closed = true,
             },
         }
@@ -188,26 +245,25 @@ async fn run(
     Ok(())
 }
 
-/// Compresses one spooled segment (streaming, on a blocking thread), stores it durably, and
-/// removes the spool copies.
+/// Compresses one spooled file (streaming, on a blocking thread), stores it durably (retrying
+/// while the store is unavailable), and removes the spool copies.
 async fn archive_one(
-    store: Arc<dyn Store>,
-    seg_size: SegmentSize,
-    compression: Compression,
-    spool_dir: PathBuf,
+    config: Arc<ArchiverConfig>,
     job: Job,
+    seq: u64,
 ) -> Result<Done, ArchiverError> {
-    let (id, path, partial) = match job {
-        Job::Segment { id, path } => (id, path, false),
-        Job::FinalPartial { id, path } => (id, path, true),
+    let (id, path, partial, done) = match job {
+        Job::Segment { id, path } => (id, path, false, Done::Segment(id)),
+        Job::FinalPartial { id, path } => (id, path, true, Done::FinalPartial),
+        Job::Snapshot { id, path, end } => (id, path, true, Done::Snapshot(id, end)),
     };
-    let key = layout::segment_key(id, seg_size, compression, partial);
+    let key = layout::segment_key(id, config.seg_size, config.compression, partial);
     let name = key.rsplit('/').next().unwrap_or(&key).to_string();
     let started = std::time::Instant::now();
-    let upload_src = match compression {
+    let upload_src = match config.compression {
         Compression::None => path.clone(),
         Compression::Zstd { level } => {
-            let tmp = spool_dir.join(format!("{name}.tmp"));
+            let tmp = config.spool_dir.join(format!("{name}.{seq}.tmp"));
             let (src, dst) = (path.clone(), tmp.clone());
             tokio::task::spawn_blocking(move || compress_segment(&src, &dst, level))
                 .await
@@ -219,19 +275,24 @@ async fn archive_one(
             tmp
         }
     };
-    // A finished partial may be stored again with more bytes (after a crash): replace it.
+    // A partial may be stored again with more bytes: replace it. Complete segments never change.
     let mode = if partial {
         PutMode::Replace
     } else {
         PutMode::NoOverwrite
     };
-    store
-        .put_file(&key, &upload_src, mode)
-        .await
-        .map_err(|source| ArchiverError::Store {
-            name: name.clone(),
-            source,
-        })?;
+    let mut delay = Duration::from_secs(1);
+    loop {
+        match config.store.put_file(&key, &upload_src, mode).await {
+            Ok(()) => break,
+            Err(e) if e.is_transient() => {
+                tracing::warn!(object = %key, "archive unavailable, retrying in {delay:?}: {e}");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(30));
+            }
+            Err(source) => return Err(ArchiverError::Store { name, source }),
+        }
+    }
     for p in [&upload_src, &path] {
         match std::fs::remove_file(p) {
             Ok(()) => {}
@@ -242,16 +303,12 @@ async fn archive_one(
         }
     }
     tracing::debug!(object = %key, ms = started.elapsed().as_millis() as u64, "archived");
-    Ok((id, partial))
+    Ok(done)
 }
 
 /// Streams `src` through zstd into the new file `dst`. Streaming keeps memory to the encoder's
 /// window and two small buffers, whatever the segment size.
-fn compress_segment(
-    src: &std::path::Path,
-    dst: &std::path::Path,
-    level: i32,
-) -> std::io::Result<u64> {
+fn compress_segment(src: &Path, dst: &Path, level: i32) -> std::io::Result<u64> {
     let mut input = std::fs::File::open(src)?;
     let len = input.metadata()?.len();
     let mut output = compress::create_private(dst)?;

@@ -23,7 +23,7 @@ use crate::protocol::{
 };
 use crate::wal::verify::{check_segment, VerifyError, VerifyParams, WalVerifier};
 use crate::wal::{history_file_name, Lsn, SegmentId, SegmentSize};
-use archiver::{Archiver, ArchiverError, Job};
+use archiver::{Archiver, ArchiverConfig, ArchiverError, Job};
 use resume::Found;
 use spool::{PartialSegment, Spool};
 
@@ -40,10 +40,34 @@ pub struct StreamOptions {
     pub synchronous: bool,
     pub compression: Compression,
     pub status_interval: Duration,
-    /// Segments the archiver may have queued before the receiver waits.
-    pub archive_queue: usize,
+    /// What the flush position reported to the server means.
+    pub ack: AckMode,
+    /// Upload the segment being received as `<name>.partial` this often (None: only on stop).
+    pub partial_interval: Option<Duration>,
+    /// Most bytes of complete segments waiting in the spool before the receiver stops reading.
+    pub spool_max_bytes: u64,
     /// Segments compressed and stored at once.
     pub archive_workers: usize,
+}
+
+/// What "flushed" means in the status updates sent to the server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AckMode {
+    /// Durable in the archive: complete segments stored there, then the newest partial upload.
+    Archived,
+    /// Fsynced in the local spool (segments are fsynced when they complete).
+    Fsync,
+}
+
+impl std::str::FromStr for AckMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "archived" => Ok(AckMode::Archived),
+            "fsync" => Ok(AckMode::Fsync),
+            _ => Err(format!("unknown ack mode {s:?}: use archived or fsync")),
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -107,6 +131,7 @@ impl ReceiveError {
             ReceiveError::SlotMissing { slot, .. } => Some(format!(
                 "create it with --create-slot, or run SELECT pg_create_physical_replication_slot('{slot}', true) on the server"
             )),
+            ReceiveError::Archiver(a) => a.hint(),
             ReceiveError::Verify(_) => Some(
                 "the WAL received does not match its checksums or page headers; check the server and network, \
                  the archive was left as it was"
@@ -162,6 +187,9 @@ struct Receiver {
     completed_upto: Lsn,
     /// Last status sent, to avoid repeating identical updates.
     last_sent: (Lsn, Lsn),
+    /// End of the last partial snapshot queued, and a counter for their temp names.
+    last_snapshot: Lsn,
+    snapshot_seq: u64,
 }
 
 /// Runs `walagent stream` until endpos, a signal, or (with `--no-loop`) a disconnect.
@@ -444,14 +472,17 @@ impl Receiver {
             .first()
             .map(|id| id.start_lsn(seg_size))
             .unwrap_or(start_lsn);
+        let queue = (opts.spool_max_bytes / u64::from(seg_size.bytes())).max(1) as usize;
         let mut archiver = Archiver::start(
-            store.clone(),
-            seg_size,
-            opts.compression,
-            spool.dir().to_path_buf(),
+            ArchiverConfig {
+                store: store.clone(),
+                seg_size,
+                compression: opts.compression,
+                spool_dir: spool.dir().to_path_buf(),
+                queue,
+                workers: opts.archive_workers,
+            },
             initial,
-            opts.archive_queue,
-            opts.archive_workers,
         );
         for id in plan.requeue {
             archiver
@@ -481,6 +512,8 @@ impl Receiver {
             start: start_lsn,
             completed_upto: start_lsn,
             last_sent: (Lsn(0), Lsn(0)),
+            last_snapshot: Lsn(0),
+            snapshot_seq: 0,
         };
         receiver.archive_histories(conn, sys.timeline).await?;
         Ok(receiver)
@@ -607,16 +640,32 @@ impl Receiver {
         }
     }
 
+    /// Whether WAL fsynced in the spool counts as flushed.
+    fn local_ack(&self) -> bool {
+        self.opts.synchronous || self.opts.ack == AckMode::Fsync
+    }
+
     /// The flush position that is honest to report (see the module docs).
     fn flush_lsn(&self, partial: Option<&PartialSegment>) -> Lsn {
-        let archived = self.archiver.progress().archived_upto;
-        let prefix = if self.opts.synchronous {
+        let progress = self.archiver.progress();
+        let prefix = if self.local_ack() {
+            // Complete segments were fsynced before their rename.
             self.completed_upto
         } else {
-            archived.min(self.completed_upto)
+            progress.archived_upto.min(self.completed_upto)
         };
         match partial {
-            Some(p) if prefix >= p.start_lsn() => p.synced_lsn().max(prefix),
+            Some(p) if prefix >= p.start_lsn() => {
+                let tail = if self.local_ack() {
+                    p.synced_lsn()
+                } else {
+                    match progress.snapshot {
+                        Some((id, end)) if id == p.id => end.min(p.end_lsn()),
+                        _ => prefix,
+                    }
+                };
+                tail.max(prefix)
+            }
             _ => prefix,
         }
     }
@@ -645,7 +694,8 @@ impl Receiver {
         Ok(())
     }
 
-    /// Makes everything received durable: waits for the archiver, fsyncs the partial.
+    /// Makes everything received durable: waits for the archiver, fsyncs the partial and, unless
+    /// the spool is what counts, stores a copy of it in the archive.
     async fn make_durable(
         &mut self,
         partial: Option<&mut PartialSegment>,
@@ -653,6 +703,57 @@ impl Receiver {
         self.archiver.drain().await?;
         if let Some(p) = partial {
             p.sync().map_err(|e| spool_err(&self.spool, e))?;
+            if !self.local_ack() && self.flush_lsn(Some(p)) < p.end_lsn() {
+                self.snapshot(p).await?;
+                self.archiver.drain().await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Queues an upload of what the partial holds so far; waits for room in the queue.
+    async fn snapshot(&mut self, p: &PartialSegment) -> Result<(), ReceiveError> {
+        self.snapshot_seq += 1;
+        let path = p
+            .snapshot(&self.spool, self.snapshot_seq)
+            .map_err(|e| spool_err(&self.spool, e))?;
+        self.last_snapshot = p.end_lsn();
+        self.archiver
+            .submit(Job::Snapshot {
+                id: p.id,
+                path,
+                end: p.end_lsn(),
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// Queues a job for the archiver. While the queue is full (the archive is slow or away), the
+    /// receiver stops reading but keeps sending status updates, so the server keeps the
+    /// connection and the slot keeps the WAL.
+    async fn submit(
+        &mut self,
+        conn: &mut Connection,
+        job: Job,
+        partial: Option<&PartialSegment>,
+        write: Lsn,
+    ) -> Result<(), ReceiveError> {
+        let mut waited = false;
+        let permit = loop {
+            tokio::select! {
+                p = self.archiver.reserve() => break p?,
+                _ = tokio::time::sleep(self.opts.status_interval) => {
+                    if !waited {
+                        tracing::warn!("the archive is behind and the spool is full: pausing the stream until it catches up");
+                        waited = true;
+                    }
+                    self.send_status(conn, partial, write, true).await?;
+                }
+            }
+        };
+        self.archiver.send(permit, job);
+        if waited {
+            tracing::info!("the archive caught up: streaming again");
         }
         Ok(())
     }
@@ -682,6 +783,13 @@ impl Receiver {
         let mut stopping = false;
         let mut ticker = tokio::time::interval(self.opts.status_interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut snapshot_ticker = tokio::time::interval(
+            self.opts
+                .partial_interval
+                .unwrap_or(Duration::from_secs(3600)),
+        );
+        snapshot_ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        snapshot_ticker.tick().await;
         let seg_bytes = u64::from(self.seg_size.bytes());
 
         let outcome = loop {
@@ -689,6 +797,14 @@ impl Receiver {
                 ev = conn.next_event() => ev?,
                 _ = ticker.tick() => {
                     self.send_status(conn, partial.as_ref(), write_pos, true).await?;
+                    continue;
+                }
+                _ = snapshot_ticker.tick(), if self.opts.partial_interval.is_some() && !stopping => {
+                    if let Some(p) = partial.as_ref() {
+                        if p.end_lsn() > self.last_snapshot.max(p.start_lsn()) {
+                            self.snapshot(p).await?;
+                        }
+                    }
                     continue;
                 }
                 _ = wait_true(&mut self.shutdown), if !stopping => {
@@ -754,12 +870,11 @@ impl Receiver {
                             let done = partial.take().expect("partial exists");
                             let id = done.id;
                             let ready = done
-                                .complete(&self.spool, self.opts.synchronous)
+                                .complete(&self.spool, self.local_ack())
                                 .map_err(|e| spool_err(&self.spool, e))?;
                             self.completed_upto = write_pos;
                             self.start = write_pos;
-                            self.archiver
-                                .submit(Job::Segment { id, path: ready })
+                            self.submit(conn, Job::Segment { id, path: ready }, None, write_pos)
                                 .await?;
                         }
                     }

@@ -141,6 +141,24 @@ impl PartialSegment {
         &self.path
     }
 
+    /// Copies what was written so far to a new temp file in the spool (for a partial upload).
+    pub fn snapshot(&self, spool: &Spool, seq: u64) -> io::Result<PathBuf> {
+        use std::io::Read;
+        let dst = spool.dir.join(format!(
+            "{}.snap{seq}.tmp",
+            self.id.file_name(spool.seg_size)
+        ));
+        let mut src = File::open(&self.path)?.take(u64::from(self.written));
+        let mut out = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&dst)?;
+        io::copy(&mut src, &mut out)?;
+        Ok(dst)
+    }
+
     /// fdatasync when there is anything new to make durable.
     pub fn sync(&mut self) -> io::Result<()> {
         if self.synced < self.written {
