@@ -138,6 +138,11 @@ impl Archiver {
         }
     }
 
+    /// A slot in the queue if one is free right now.
+    pub fn try_reserve(&self) -> Option<mpsc::OwnedPermit<Job>> {
+        self.tx.clone().try_reserve_owned().ok()
+    }
+
     /// Queues a job in a slot obtained from [`Archiver::reserve`].
     pub fn send(&mut self, permit: mpsc::OwnedPermit<Job>, job: Job) {
         self.submitted += 1;

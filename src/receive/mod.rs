@@ -711,20 +711,20 @@ impl Receiver {
         Ok(())
     }
 
-    /// Queues an upload of what the partial holds so far; waits for room in the queue.
-    async fn snapshot(&mut self, p: &PartialSegment) -> Result<(), ReceiveError> {
+    /// Copies what the partial holds so far into an upload job.
+    fn snapshot_job(&mut self, p: &PartialSegment) -> Result<Job, ReceiveError> {
         self.snapshot_seq += 1;
         let path = p
             .snapshot(&self.spool, self.snapshot_seq)
             .map_err(|e| spool_err(&self.spool, e))?;
         self.last_snapshot = p.end_lsn();
-        self.archiver
-            .submit(Job::Snapshot {
-                id: p.id,
-                path,
-                end: p.end_lsn(),
-            })
-            .await?;
+        Ok(Job::Snapshot { id: p.id, path, end: p.end_lsn() })
+    }
+
+    /// Queues an upload of what the partial holds so far; waits for room in the queue.
+    async fn snapshot(&mut self, p: &PartialSegment) -> Result<(), ReceiveError> {
+        let job = self.snapshot_job(p)?;
+        self.archiver.submit(job).await?;
         Ok(())
     }
 
@@ -800,9 +800,13 @@ impl Receiver {
                     continue;
                 }
                 _ = snapshot_ticker.tick(), if self.opts.partial_interval.is_some() && !stopping => {
+                    // Only when the queue has room: a periodic upload never holds up the stream.
                     if let Some(p) = partial.as_ref() {
                         if p.end_lsn() > self.last_snapshot.max(p.start_lsn()) {
-                            self.snapshot(p).await?;
+                            if let Some(permit) = self.archiver.try_reserve() {
+                                let job = self.snapshot_job(p)?;
+                                self.archiver.send(permit, job);
+                            }
                         }
                     }
                     continue;
@@ -900,8 +904,11 @@ impl Receiver {
                     reply_requested,
                 } => {
                     if reply_requested {
-                        // The server waits for our flush to reach what it sent (e.g. at shutdown).
-                        if wal_end <= write_pos {
+                        // The server waits for our flush to reach what it sent (e.g. at
+                        // shutdown). Catch up when that is quick; with uploads still pending
+                        // (say, the archive is away) answer with what is durable now: the
+                        // server asks again.
+                        if wal_end <= write_pos && self.archiver.is_idle() {
                             self.make_durable(partial.as_mut()).await?;
                         }
                         self.send_status(conn, partial.as_ref(), write_pos, true)
