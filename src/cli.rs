@@ -45,7 +45,9 @@ pub enum Command {
             Meant as PostgreSQL's restore_command:\n  \
             restore_command = 'walagent wal-fetch --archive /backup/wal %f %p'\n\
             DEST appears atomically (never half written). Exit status: 0 when copied, 1 when the archive does \
-            not have the file (PostgreSQL then tries elsewhere or ends recovery), 2 on any other error."
+            not have the file (PostgreSQL then tries elsewhere or ends recovery), 126 on any other error \
+            (a corrupt object, an unreachable archive), which makes PostgreSQL stop recovery instead of \
+            ending it early."
     )]
     WalFetch(WalFetchArgs),
 }
@@ -142,6 +144,26 @@ pub struct WalFetchArgs {
     /// Where to put it (%p).
     #[arg(value_name = "DEST")]
     pub dest: PathBuf,
+
+    /// Segments to download ahead of WALFILE, in parallel and in the background, so that the
+    /// next calls are served from a local cache by a rename (default: 8 for s3:// archives,
+    /// 0 = off for a directory). Only plain segment names use it, never history or .partial.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(0..=256))]
+    pub prefetch: Option<u32>,
+
+    /// The prefetch cache (default: <DEST's directory>/.walagent-prefetch, i.e. inside pg_wal,
+    /// on DEST's filesystem so that serving is a rename).
+    #[arg(long, value_name = "DIR")]
+    pub prefetch_dir: Option<PathBuf>,
+
+    /// Prefetch downloads at once (default: N, at most 4).
+    #[arg(long, value_name = "J", hide = true, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub prefetch_jobs: Option<u32>,
+
+    /// Internal: run as the detached background prefetch worker (WALFILE: the segment just
+    /// served; DEST is not touched).
+    #[arg(long, hide = true)]
+    pub prefetch_worker: bool,
 }
 
 /// Sizes like `1GB`, `512MB`, `64kB` or a number of bytes.

@@ -138,6 +138,27 @@ async fn stream(args: StreamArgs) -> ExitCode {
 }
 
 async fn fetch(args: WalFetchArgs) -> ExitCode {
+    use walagent::restore::prefetch::{self, PrefetchConfig, Prefetcher};
+    let cfg = PrefetchConfig::new(
+        &args.archive,
+        &args.dest,
+        args.prefetch,
+        args.prefetch_dir.clone(),
+        args.prefetch_jobs,
+    );
+    if args.prefetch_worker {
+        // Detached background downloader started by an earlier call: silent, always exit 0.
+        prefetch::run_worker(&cfg, &args.walfile).await;
+        return ExitCode::SUCCESS;
+    }
+    // A cached segment is served without opening the archive at all.
+    let cache = Prefetcher::for_request(&cfg, &args.walfile);
+    if let Some(c) = &cache {
+        if c.serve(&args.dest).await {
+            c.after_serve(&args.dest);
+            return ExitCode::SUCCESS;
+        }
+    }
     let store = match archive::open(&args.archive, false).await {
         Ok(s) => s,
         Err(e) => return fail(&e, None, 2),
@@ -150,7 +171,13 @@ async fn fetch(args: WalFetchArgs) -> ExitCode {
     )
     .await
     {
-        Ok(_) => ExitCode::SUCCESS,
+        Ok(outcome) => {
+            // A partial segment is the end of its timeline: nothing to prefetch after it.
+            if let (Some(c), false) = (&cache, outcome.from_partial) {
+                c.after_serve(&args.dest);
+            }
+            ExitCode::SUCCESS
+        }
         Err(e) => fail(&e.to_string(), None, e.exit_code().clamp(1, 255) as u8),
     }
 }

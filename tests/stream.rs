@@ -567,9 +567,10 @@ fn wal_fetch_refuses_bad_names_and_uninitialised_archives() {
     let archive = support::tempdir();
     std::fs::create_dir_all(archive.path().join("wal")).unwrap();
     let dest: PathBuf = archive.path().join("RECOVERYXLOG");
-    // No walagent.json: a wrong --archive, reported as an error (exit 2), not as "not found".
+    // No walagent.json: a wrong --archive, reported as an error that stops recovery (exit 126),
+    // not as "not found".
     let out = fetch(archive.path(), "000000010000000000000042", &dest);
-    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert_eq!(out.status.code(), Some(126), "{}", stderr(&out));
     assert!(
         error_line(&out).contains("walagent.json"),
         "{}",

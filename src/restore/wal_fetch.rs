@@ -7,7 +7,8 @@
 //!
 //! The file appears at DEST atomically (temp file in DEST's directory, then rename); on any error
 //! neither DEST nor a temp file is left. A segment must decompress to exactly the segment size.
-//! Exit codes: not found → 1 (PostgreSQL: "not in the archive"), anything else → 2.
+//! Exit codes: not found → 1 (PostgreSQL: "not in the archive"), anything else → 126, which
+//! makes PostgreSQL stop recovery rather than end it early (see [`EXIT_FATAL`]).
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufReader, Write};
@@ -19,6 +20,13 @@ use crate::archive::layout::{history_key, segment_key_by_name, META_KEY};
 use crate::archive::meta::MetaError;
 use crate::archive::{ArchiveMeta, Store, StoreError};
 use crate::wal::{parse_history_file_name, SegmentId, SegmentSize};
+
+/// Exit status for a corrupt object, an unreachable archive or any other failure. PostgreSQL
+/// reads 1..=125 from restore_command as "file not available", which would let a recovery end
+/// early at a damaged or unreachable segment and promote there; an exit status above 125 makes it
+/// stop recovery with an error instead (xlogarchive.c RestoreArchivedFile,
+/// `wait_result_is_any_signal`), so the operator can fix the archive and start again.
+pub const EXIT_FATAL: i32 = 126;
 
 #[derive(Debug, thiserror::Error)]
 pub enum FetchError {
@@ -48,11 +56,12 @@ pub enum FetchError {
 
 impl FetchError {
     /// Process exit status for `wal-fetch`: 1 when the file is not in the archive (routine for
-    /// restore_command: PostgreSQL then tries streaming or ends recovery), 2 for everything else.
+    /// restore_command: PostgreSQL then tries streaming or ends recovery), [`EXIT_FATAL`] for
+    /// everything else.
     pub fn exit_code(&self) -> i32 {
         match self {
             FetchError::NotFound { .. } => 1,
-            _ => 2,
+            _ => EXIT_FATAL,
         }
     }
 
@@ -487,7 +496,7 @@ mod tests {
         f.put(&format!("wal/{SEG}.zst"), z).await;
         let e = fetch(&f.store, SEG, &f.dest(), false).await.unwrap_err();
         assert!(matches!(e, FetchError::Corrupt { .. }), "{e}");
-        assert_eq!(e.exit_code(), 2);
+        assert_eq!(e.exit_code(), EXIT_FATAL);
         assert!(
             e.to_string().contains("is corrupt") && !e.to_string().contains('\n'),
             "{e}"
@@ -594,7 +603,7 @@ mod tests {
         ] {
             let e = fetch(&f.store, name, &f.dest(), true).await.unwrap_err();
             assert!(matches!(e, FetchError::BadName(_)), "{name}: {e}");
-            assert_eq!(e.exit_code(), 2);
+            assert_eq!(e.exit_code(), EXIT_FATAL);
             assert!(!e.to_string().contains('\n'));
         }
         assert!(f.leftovers().is_empty());
@@ -605,7 +614,7 @@ mod tests {
         let f = fixture(false).await;
         let e = fetch(&f.store, SEG, &f.dest(), false).await.unwrap_err();
         assert!(matches!(e, FetchError::NoMeta { .. }), "{e}");
-        assert_eq!(e.exit_code(), 2);
+        assert_eq!(e.exit_code(), EXIT_FATAL);
     }
 
     #[tokio::test]

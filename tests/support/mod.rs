@@ -48,6 +48,7 @@
 //! - `WALAGENT_TEST_TIMING`: print how long each step of a cluster start took.
 //! - `WALAGENT_KEEP_TEST_DIRS`: keep cluster and temp directories (servers are still stopped).
 #![allow(dead_code)]
+pub mod s3;
 
 use std::ffi::{CString, OsString};
 use std::fs;

@@ -1,0 +1,1126 @@
+//! WAL prefetch for `wal-fetch` (restore_command): while PostgreSQL replays segment X, the next N
+//! segments of the same timeline are downloaded in parallel into a local cache directory, so that
+//! the following restore_command calls are served by a rename instead of a GET each.
+//!
+//! ```text
+//! <pg_wal>/.walagent-prefetch/            the cache (default; --prefetch-dir)
+//!     000000010000000000000005            complete, verified segment (final name only after rename)
+//!     000000010000000000000006.inprogress marker: "<pid>\n", created with O_EXCL by the downloader
+//!     .walagent-fetch.<name>.<pid>.tmp     download in progress (wal_fetch's temp files)
+//!     .served                             name of the segment served last (the worker's position)
+//!     .archive                            the --archive value the cache was filled from
+//!     .worker.lock                        flock()ed by the one live background worker
+//!     prefetch.log                        what the background worker has to say (errors, summary)
+//! ```
+//!
+//! Foreground (the restore_command process), for a plain segment name X only (never history
+//! files, `.partial` or `.backup` names):
+//! 1. `<cache>/X` exists: rename it to DEST (atomic) and exit 0; the archive is not even opened.
+//! 2. `<cache>/X.inprogress` names a live process: poll for `<cache>/X` (bounded wait), then 1.
+//! 3. Otherwise fetch X from the archive directly (`wal_fetch::fetch`).
+//!
+//! Then, once DEST is in place: record X in `.served`, clean the cache (segments at or below X on
+//! X's timeline and on older timelines, stale markers and temp files of dead processes, anything
+//! beyond N+2 segment files), and start the background worker unless one is alive: the same
+//! executable, `wal-fetch --prefetch-worker`, detached (`setsid`, stdio on /dev/null).
+//!
+//! The worker downloads the missing ones of X+1..X+N with at most J at once, follows `.served` as
+//! PostgreSQL moves on (a sliding window), stops extending the window at the first segment the
+//! archive does not have, and exits after [`IDLE_EXIT`] without a new request, when the cache
+//! directory disappears, or after repeated errors. Its failures never reach PostgreSQL: it logs to
+//! `prefetch.log` and the foreground simply fetches what is not cached.
+//!
+//! See `proto-notes/prefetch.md`.
+
+use std::collections::HashSet;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::io::AsRawFd;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+use crate::archive::layout::META_KEY;
+use crate::archive::meta::rfc3339_utc;
+use crate::archive::{self, ArchiveMeta, ObjectInfo, PutMode, Store, StoreError};
+use crate::restore::wal_fetch::{self, FetchError};
+use crate::wal::{SegmentId, SegmentSize};
+
+/// `--prefetch` default for `s3://` archives (a local directory gets 0: a rename-free copy is
+/// already as fast as the cache would be).
+pub const DEFAULT_S3_DEPTH: u32 = 8;
+/// Downloads at once by default: `min(N, DEFAULT_JOBS)`.
+pub const DEFAULT_JOBS: u32 = 4;
+/// Name of the default cache directory, inside DEST's directory (pg_wal).
+pub const CACHE_DIR_NAME: &str = ".walagent-prefetch";
+/// How long a request waits for a segment another process is downloading before it fetches the
+/// segment itself.
+pub const WAIT_IN_PROGRESS: Duration = Duration::from_secs(60);
+/// The worker exits after this long without a new request (nothing left to do meanwhile).
+pub const IDLE_EXIT: Duration = Duration::from_secs(60);
+/// The worker gives up after this many failed downloads in a row (not counting "not found").
+const MAX_CONSECUTIVE_ERRORS: u32 = 3;
+/// How often the worker looks at `.served` and a waiting request at the cache.
+const POLL: Duration = Duration::from_millis(20);
+/// `prefetch.log` is started afresh beyond this size (the old one is kept as `prefetch.log.old`).
+const LOG_MAX_BYTES: u64 = 256 << 10;
+/// Marker files without a readable pid are treated as stale after this long.
+const UNREADABLE_MARKER_STALE: Duration = Duration::from_secs(10);
+
+pub const LOG_FILE: &str = "prefetch.log";
+const SERVED_FILE: &str = ".served";
+const ARCHIVE_FILE: &str = ".archive";
+const LOCK_FILE: &str = ".worker.lock";
+const MARKER_SUFFIX: &str = ".inprogress";
+
+/// Prefetch settings of one `wal-fetch` call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PrefetchConfig {
+    /// The `--archive` value, as given (passed on to the worker, stamped into `.archive`).
+    pub archive: String,
+    /// Segments kept ready ahead of the one requested (`--prefetch`); 0 = off.
+    pub depth: u32,
+    /// Downloads at once.
+    pub jobs: u32,
+    /// The cache directory.
+    pub dir: PathBuf,
+}
+
+impl PrefetchConfig {
+    /// Settings from the command line: `depth` defaults to [`default_depth`], `dir` to
+    /// [`default_dir`], `jobs` to `min(depth, DEFAULT_JOBS)`.
+    pub fn new(
+        archive: &str,
+        dest: &Path,
+        depth: Option<u32>,
+        dir: Option<PathBuf>,
+        jobs: Option<u32>,
+    ) -> Self {
+        let depth = depth.unwrap_or_else(|| default_depth(archive));
+        PrefetchConfig {
+            archive: archive.to_string(),
+            depth,
+            jobs: jobs.unwrap_or(DEFAULT_JOBS).clamp(1, depth.max(1)),
+            dir: dir.unwrap_or_else(|| default_dir(dest)),
+        }
+    }
+}
+
+/// [`DEFAULT_S3_DEPTH`] for `s3://` archives, 0 for local directories.
+pub fn default_depth(archive: &str) -> u32 {
+    if archive::is_remote(archive) {
+        DEFAULT_S3_DEPTH
+    } else {
+        0
+    }
+}
+
+/// `<DEST's directory>/.walagent-prefetch`: inside pg_wal, on DEST's filesystem.
+pub fn default_dir(dest: &Path) -> PathBuf {
+    match dest.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.join(CACHE_DIR_NAME),
+        _ => PathBuf::from(CACHE_DIR_NAME),
+    }
+}
+
+/// The canonical (upper-case) name when `walfile` is a plain segment name (24 hex digits, timeline
+/// not 0): the only requests that use the cache. History files, `.partial` and `.backup` names
+/// give `None`.
+pub fn cacheable_name(walfile: &str) -> Option<String> {
+    let ok = walfile.len() == 24
+        && walfile.bytes().all(|b| b.is_ascii_hexdigit())
+        && !walfile[..8].bytes().all(|b| b == b'0');
+    ok.then(|| walfile.to_ascii_uppercase())
+}
+
+/// Timeline of a canonical segment name.
+fn timeline_of(name: &str) -> u32 {
+    u32::from_str_radix(&name[..8], 16).unwrap_or(0)
+}
+
+/// Is `name` a canonical segment name (upper-case hex), i.e. a cached segment?
+fn is_segment_file_name(name: &str) -> bool {
+    name.len() == 24
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'A'..=b'F').contains(&b))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Foreground
+// ---------------------------------------------------------------------------------------------
+
+/// The cache as seen by one request for the plain segment `name`.
+#[derive(Debug)]
+pub struct Prefetcher {
+    cfg: PrefetchConfig,
+    name: String,
+}
+
+impl Prefetcher {
+    /// `None` when prefetch is off (`depth` 0), `walfile` is not a plain segment name, or the cache
+    /// directory cannot be created (then the request is simply served from the archive).
+    pub fn for_request(cfg: &PrefetchConfig, walfile: &str) -> Option<Prefetcher> {
+        if cfg.depth == 0 {
+            return None;
+        }
+        let name = cacheable_name(walfile)?;
+        if let Err(e) = fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&cfg.dir)
+        {
+            tracing::warn!(
+                "prefetch disabled for this call: cannot create {} ({e}); fix its permissions or pass --prefetch-dir",
+                cfg.dir.display()
+            );
+            return None;
+        }
+        Some(Prefetcher {
+            cfg: cfg.clone(),
+            name,
+        })
+    }
+
+    /// The canonical segment name requested.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Serves the request from the cache when it can: the cached file is renamed to `dest`
+    /// (waiting, bounded, for a download in progress). Returns false when the caller has to fetch
+    /// from the archive; never fails (a cache problem only means a miss).
+    pub async fn serve(&self, dest: &Path) -> bool {
+        let dir = &self.cfg.dir;
+        if !self.archive_matches() {
+            // Filled from another archive: never serve from it; start over.
+            // A worker still filling it for the other archive sees the new stamp and stops.
+            tracing::debug!(cache = %dir.display(), "prefetch cache holds segments of another archive; emptying it");
+            let _ = write_small_file(dir, ARCHIVE_FILE, &format!("{}\n", self.cfg.archive));
+            purge_segments(dir);
+            return false;
+        }
+        let cached = dir.join(&self.name);
+        let marker = marker_path(dir, &self.name);
+        let deadline = Instant::now() + WAIT_IN_PROGRESS;
+        let mut waited = false;
+        loop {
+            match take_cached(&cached, dest) {
+                Ok(true) => {
+                    tracing::debug!(segment = %self.name, waited, "served from the prefetch cache");
+                    return true;
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::debug!(segment = %self.name, "prefetch cache not used: {e}");
+                    return false;
+                }
+            }
+            match marker_state(&marker) {
+                MarkerState::Alive(pid) => {
+                    if Instant::now() >= deadline {
+                        tracing::warn!(
+                            segment = %self.name,
+                            "process {pid} has been downloading this segment for over {} s; fetching it directly",
+                            WAIT_IN_PROGRESS.as_secs()
+                        );
+                        return false;
+                    }
+                    waited = true;
+                    tokio::time::sleep(POLL).await;
+                }
+                state => {
+                    if state == MarkerState::Stale {
+                        let _ = fs::remove_file(&marker);
+                    }
+                    // The download may have finished between the two looks.
+                    return matches!(take_cached(&cached, dest), Ok(true));
+                }
+            }
+        }
+    }
+
+    /// After DEST holds the segment (from the cache or the archive): records the position, cleans
+    /// the cache and starts the background worker unless one is running. Never fails.
+    pub fn after_serve(&self, dest: &Path) {
+        let dir = &self.cfg.dir;
+        if let Err(e) = write_small_file(dir, SERVED_FILE, &format!("{}\n", self.name)) {
+            tracing::debug!("cannot record the position in {}: {e}", dir.display());
+        }
+        cleanup(dir, &self.name, self.cfg.depth);
+        if worker_running(dir) {
+            return;
+        }
+        match spawn_worker(&self.cfg, &self.name, dest) {
+            Ok(pid) => tracing::debug!(pid, depth = self.cfg.depth, "started the prefetch worker"),
+            Err(e) => tracing::debug!("cannot start the prefetch worker: {e}"),
+        }
+    }
+
+    /// True unless `.archive` names a different archive than this call's `--archive`.
+    fn archive_matches(&self) -> bool {
+        match fs::read_to_string(self.cfg.dir.join(ARCHIVE_FILE)) {
+            Ok(s) => s.trim_end_matches('\n') == self.cfg.archive,
+            Err(_) => true,
+        }
+    }
+}
+
+/// Renames the cached file to `dest`. Ok(false) when there is no cached file. A file whose size
+/// is no valid segment size is removed (never served).
+fn take_cached(cached: &Path, dest: &Path) -> io::Result<bool> {
+    match fs::symlink_metadata(cached) {
+        Ok(m) if m.is_file() && SegmentSize::new(m.len()).is_ok() => {}
+        Ok(_) => {
+            let _ = fs::remove_file(cached);
+            return Ok(false);
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(e),
+    }
+    match fs::rename(cached, dest) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false), // taken by a concurrent call
+        Err(e) if e.raw_os_error() == Some(libc::EXDEV) => copy_then_rename(cached, dest),
+        Err(e) => Err(io::Error::new(
+            e.kind(),
+            format!(
+                "cannot rename {} to {}: {e}",
+                cached.display(),
+                dest.display()
+            ),
+        )),
+    }
+}
+
+/// --prefetch-dir on another filesystem than DEST: copy into a temp file next to DEST, rename.
+fn copy_then_rename(cached: &Path, dest: &Path) -> io::Result<bool> {
+    let dir = match dest.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let name = cached
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = dir.join(format!(".walagent-fetch.{name}.{}.tmp", std::process::id()));
+    let res = (|| {
+        let mut src = match File::open(cached) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+            Err(e) => return Err(e),
+        };
+        let mut out = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        io::copy(&mut src, &mut out)?;
+        drop(out);
+        fs::rename(&tmp, dest)?;
+        let _ = fs::remove_file(cached);
+        Ok(true)
+    })();
+    if !matches!(res, Ok(true)) {
+        let _ = fs::remove_file(&tmp);
+    }
+    res
+}
+
+// ---------------------------------------------------------------------------------------------
+// Markers, pids, the worker lock
+// ---------------------------------------------------------------------------------------------
+
+fn marker_path(dir: &Path, name: &str) -> PathBuf {
+    dir.join(format!("{name}{MARKER_SUFFIX}"))
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum MarkerState {
+    Absent,
+    /// A live process is downloading the segment.
+    Alive(i32),
+    /// Left by a dead process (or unreadable for too long).
+    Stale,
+}
+
+fn marker_state(marker: &Path) -> MarkerState {
+    let mut s = String::new();
+    match File::open(marker).and_then(|mut f| f.read_to_string(&mut s)) {
+        Ok(_) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return MarkerState::Absent,
+        Err(_) => return MarkerState::Stale,
+    }
+    match s.trim().parse::<i32>() {
+        Ok(pid) if pid_alive(pid) => MarkerState::Alive(pid),
+        Ok(_) => MarkerState::Stale,
+        // Just created, pid not written yet; stale if that lasts.
+        Err(_) => {
+            let young = fs::metadata(marker)
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| SystemTime::now().duration_since(t).ok())
+                .is_some_and(|age| age < UNREADABLE_MARKER_STALE);
+            if young {
+                MarkerState::Alive(0)
+            } else {
+                MarkerState::Stale
+            }
+        }
+    }
+}
+
+/// Whether process `pid` exists and is not a zombie.
+pub fn pid_alive(pid: i32) -> bool {
+    if pid <= 0 {
+        return false;
+    }
+    // SAFETY: kill with signal 0 only checks for the process; no signal is sent.
+    let r = unsafe { libc::kill(pid, 0) };
+    if r != 0 && io::Error::last_os_error().raw_os_error() != Some(libc::EPERM) {
+        return false;
+    }
+    match fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => {
+            let state = stat
+                .rfind(')')
+                .and_then(|i| stat[i + 1..].trim_start().chars().next());
+            !matches!(state, Some('Z') | Some('X'))
+        }
+        Err(_) => true,
+    }
+}
+
+/// A segment download of this process, announced by `<name>.inprogress`; removed on drop.
+struct Marker(PathBuf);
+
+impl Marker {
+    /// Creates the marker with O_EXCL. `None` when another live process holds it (or it cannot be
+    /// created). A stale one (dead pid) is replaced.
+    fn create(dir: &Path, name: &str) -> Option<Marker> {
+        let path = marker_path(dir, name);
+        for _ in 0..2 {
+            match OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&path)
+            {
+                Ok(mut f) => {
+                    let marker = Marker(path);
+                    f.write_all(format!("{}\n", std::process::id()).as_bytes())
+                        .ok()?;
+                    return Some(marker);
+                }
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                    if marker_state(&path) == MarkerState::Stale {
+                        let _ = fs::remove_file(&path);
+                        continue;
+                    }
+                    return None;
+                }
+                Err(_) => return None,
+            }
+        }
+        None
+    }
+}
+
+impl Drop for Marker {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.0);
+    }
+}
+
+/// The exclusive flock on `.worker.lock`, held by the live worker for its whole life (released by
+/// the kernel when it dies, so it can never go stale). The file holds the worker's pid (for
+/// people; the lock is what counts).
+struct WorkerLock(#[allow(dead_code)] File);
+
+fn open_lock_file(dir: &Path) -> io::Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(dir.join(LOCK_FILE))
+}
+
+fn try_flock(f: &File) -> io::Result<bool> {
+    // SAFETY: flock on a file descriptor we own.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+        return Ok(true);
+    }
+    let e = io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+        Ok(false)
+    } else {
+        Err(e)
+    }
+}
+
+impl WorkerLock {
+    fn try_acquire(dir: &Path) -> Option<WorkerLock> {
+        let f = open_lock_file(dir).ok()?;
+        match try_flock(&f) {
+            Ok(true) => {
+                let mut f = f;
+                let _ = f.set_len(0);
+                let _ = f.write_all(format!("{}\n", std::process::id()).as_bytes());
+                Some(WorkerLock(f))
+            }
+            _ => None,
+        }
+    }
+}
+
+/// Whether a worker holds the lock of `dir` (also true when that cannot be told: no second worker
+/// is started then).
+fn worker_running(dir: &Path) -> bool {
+    let Ok(f) = open_lock_file(dir) else {
+        return true;
+    };
+    // Probing takes the lock for an instant; closing the file releases it.
+    !matches!(try_flock(&f), Ok(true))
+}
+
+/// Starts `<this executable> wal-fetch --prefetch-worker ...` in a new session, stdio on
+/// /dev/null, environment inherited (AWS_* settings), not waited for.
+fn spawn_worker(cfg: &PrefetchConfig, name: &str, dest: &Path) -> io::Result<u32> {
+    let exe = std::env::current_exe()?;
+    let dir = fs::canonicalize(&cfg.dir).unwrap_or_else(|_| cfg.dir.clone());
+    let mut cmd = Command::new(exe);
+    cmd.arg("wal-fetch")
+        .arg("--archive")
+        .arg(&cfg.archive)
+        .arg("--prefetch")
+        .arg(cfg.depth.to_string())
+        .arg("--prefetch-jobs")
+        .arg(cfg.jobs.to_string())
+        .arg("--prefetch-dir")
+        .arg(&dir)
+        .arg("--prefetch-worker")
+        .arg("--")
+        .arg(name)
+        .arg(dest)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    // SAFETY: setsid is async-signal-safe; nothing else runs between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::setsid() == -1 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = cmd.spawn()?;
+    Ok(child.id())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Cache maintenance
+// ---------------------------------------------------------------------------------------------
+
+/// Writes `dir/file` atomically (temp file + rename; not fsynced: the cache is disposable).
+fn write_small_file(dir: &Path, file: &str, content: &str) -> io::Result<()> {
+    let tmp = dir.join(format!("{file}.{}.tmp", std::process::id()));
+    let res = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .and_then(|mut f| f.write_all(content.as_bytes()))
+        .and_then(|()| fs::rename(&tmp, dir.join(file)));
+    if res.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    res
+}
+
+/// The pid in a temp file name: the last all-digit dot-separated component
+/// (`.walagent-fetch.<name>.<pid>.zst.tmp`, `.served.<pid>.tmp`).
+fn temp_file_pid(name: &str) -> Option<i32> {
+    name.strip_suffix(".tmp")?
+        .rsplit('.')
+        .find(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))?
+        .parse()
+        .ok()
+}
+
+/// Removes every cached segment (the markers and temp files of live downloads stay).
+fn purge_segments(dir: &Path) {
+    let _ = fs::remove_file(dir.join(SERVED_FILE));
+    if let Ok(rd) = fs::read_dir(dir) {
+        for e in rd.flatten() {
+            if is_segment_file_name(&e.file_name().to_string_lossy()) {
+                let _ = fs::remove_file(e.path());
+            }
+        }
+    }
+}
+
+/// Cleans the cache once `served` (a canonical segment name) has been served, for a prefetch
+/// depth of `depth`:
+/// - cached segments of `served`'s timeline at or below it, and of older timelines, are removed;
+/// - markers and temp files of dead processes are removed;
+/// - at most `depth + 2` segment files are kept: first the ones just after `served` on its
+///   timeline, in order; the rest go.
+///
+/// Returns the names of the removed segment files.
+pub fn cleanup(dir: &Path, served: &str, depth: u32) -> Vec<String> {
+    let Ok(rd) = fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let tli = timeline_of(served);
+    let mut removed = Vec::new();
+    let mut kept = Vec::new();
+    for e in rd.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if is_segment_file_name(&name) {
+            let t = timeline_of(&name);
+            if t < tli || (t == tli && name.as_str() <= served) {
+                if fs::remove_file(e.path()).is_ok() {
+                    removed.push(name);
+                }
+            } else {
+                kept.push(name);
+            }
+        } else if let Some(seg) = name.strip_suffix(MARKER_SUFFIX) {
+            if is_segment_file_name(seg) && marker_state(&e.path()) == MarkerState::Stale {
+                let _ = fs::remove_file(e.path());
+            }
+        } else if name.starts_with('.') && name.ends_with(".tmp") {
+            if let Some(pid) = temp_file_pid(&name) {
+                if !pid_alive(pid) {
+                    let _ = fs::remove_file(e.path());
+                }
+            }
+        }
+    }
+    // Closest ahead on the same timeline first.
+    kept.sort_by(|a, b| {
+        let ka = (timeline_of(a) != tli, a.as_str());
+        let kb = (timeline_of(b) != tli, b.as_str());
+        ka.cmp(&kb)
+    });
+    let cap = depth as usize + 2;
+    for name in kept.into_iter().skip(cap) {
+        if fs::remove_file(dir.join(&name)).is_ok() {
+            removed.push(name);
+        }
+    }
+    removed
+}
+
+// ---------------------------------------------------------------------------------------------
+// The background worker
+// ---------------------------------------------------------------------------------------------
+
+/// `prefetch.log` in the cache directory: the worker's only voice.
+struct WorkerLog {
+    path: PathBuf,
+}
+
+impl WorkerLog {
+    fn open(dir: &Path) -> WorkerLog {
+        let path = dir.join(LOG_FILE);
+        if fs::metadata(&path).is_ok_and(|m| m.len() > LOG_MAX_BYTES) {
+            let _ = fs::rename(&path, dir.join(format!("{LOG_FILE}.old")));
+        }
+        WorkerLog { path }
+    }
+
+    fn line(&self, level: &str, msg: &str) {
+        let text = format!(
+            "{} pid {} {level}: {msg}\n",
+            rfc3339_utc(SystemTime::now()),
+            std::process::id()
+        );
+        if let Ok(mut f) = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(&self.path)
+        {
+            let _ = f.write_all(text.as_bytes());
+        }
+    }
+
+    fn info(&self, msg: &str) {
+        self.line("info", msg);
+    }
+
+    fn error(&self, msg: &str) {
+        self.line("error", msg);
+    }
+}
+
+/// A store whose `walagent.json` is read once: every `wal_fetch::fetch` loads it, and the worker
+/// fetches many segments.
+struct MetaCachedStore {
+    inner: Arc<dyn Store>,
+    meta: Bytes,
+}
+
+#[async_trait]
+impl Store for MetaCachedStore {
+    fn location(&self) -> String {
+        self.inner.location()
+    }
+    async fn put_file(&self, key: &str, src: &Path, mode: PutMode) -> Result<(), StoreError> {
+        self.inner.put_file(key, src, mode).await
+    }
+    async fn put_bytes(&self, key: &str, data: Bytes, mode: PutMode) -> Result<(), StoreError> {
+        self.inner.put_bytes(key, data, mode).await
+    }
+    async fn get_bytes(&self, key: &str) -> Result<Option<Bytes>, StoreError> {
+        if key == META_KEY {
+            return Ok(Some(self.meta.clone()));
+        }
+        self.inner.get_bytes(key).await
+    }
+    async fn get_to_file(&self, key: &str, dest: &Path) -> Result<bool, StoreError> {
+        self.inner.get_to_file(key, dest).await
+    }
+    async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>, StoreError> {
+        self.inner.list(prefix).await
+    }
+    async fn delete(&self, key: &str) -> Result<(), StoreError> {
+        self.inner.delete(key).await
+    }
+}
+
+/// Whether `.archive` in `dir` names `archive`.
+fn stamp_is(dir: &Path, archive: &str) -> bool {
+    fs::read_to_string(dir.join(ARCHIVE_FILE)).is_ok_and(|s| s.trim_end_matches('\n') == archive)
+}
+
+/// Runs the background worker (`wal-fetch --prefetch-worker`): `start` is the segment just served.
+/// Returns when done; everything it has to say goes to `prefetch.log`.
+pub async fn run_worker(cfg: &PrefetchConfig, start: &str) {
+    let dir = &cfg.dir;
+    if cfg.depth == 0 {
+        return;
+    }
+    let Some(_lock) = WorkerLock::try_acquire(dir) else {
+        return; // another worker is alive: it follows .served
+    };
+    let log = WorkerLog::open(dir);
+    if let Err(e) = write_small_file(dir, ARCHIVE_FILE, &format!("{}\n", cfg.archive)) {
+        log.error(&format!(
+            "cannot write {}: {e}; fix the permissions of the prefetch directory",
+            dir.join(ARCHIVE_FILE).display()
+        ));
+        return;
+    }
+    match worker(cfg, start, &log).await {
+        Ok(summary) => log.info(&summary),
+        Err(e) => log.error(&e),
+    }
+}
+
+/// The worker's state for the timeline it follows.
+struct Window {
+    /// The segment served last.
+    pos: SegmentId,
+    /// Lowest segno found missing from the archive on `pos`'s timeline (end of the archive).
+    end: Option<u64>,
+    /// Segnos whose download failed since the last move.
+    failed: HashSet<u64>,
+}
+
+impl Window {
+    fn new(pos: SegmentId) -> Self {
+        Window {
+            pos,
+            end: None,
+            failed: HashSet::new(),
+        }
+    }
+}
+
+async fn worker(cfg: &PrefetchConfig, start: &str, log: &WorkerLog) -> Result<String, String> {
+    let dir = &cfg.dir;
+    let store = archive::open(&cfg.archive, false).await?;
+    let meta_bytes = store
+        .get_bytes(META_KEY)
+        .await
+        .map_err(|e| e.to_string())?
+        .ok_or_else(|| {
+            format!(
+                "archive {} has no {META_KEY}; nothing to prefetch",
+                store.location()
+            )
+        })?;
+    let meta = ArchiveMeta::parse(&meta_bytes, &store.location()).map_err(|e| e.to_string())?;
+    let size = meta.wal_segment_size;
+    let start_id = SegmentId::parse_file_name(start, size).ok_or_else(|| {
+        format!("{start:?} is no segment name for {size} segments; nothing to prefetch")
+    })?;
+    let store: Arc<dyn Store> = Arc::new(MetaCachedStore {
+        inner: store,
+        meta: meta_bytes,
+    });
+    log.info(&format!(
+        "prefetching {} segments after {start} from {} ({} at once)",
+        cfg.depth,
+        store.location(),
+        cfg.jobs
+    ));
+
+    let mut w = Window::new(start_id);
+    let mut served_text = String::new();
+    let mut last_move = Instant::now();
+    let mut inflight: tokio::task::JoinSet<(u64, String, Result<(), FetchError>)> =
+        tokio::task::JoinSet::new();
+    let mut inflight_segnos: HashSet<u64> = HashSet::new();
+    let mut downloaded = 0u64;
+    let mut consecutive_errors = 0u32;
+    let mut end_logged: Option<String> = None;
+    let reason = loop {
+        if !dir.is_dir() {
+            break "the prefetch directory is gone".to_string();
+        }
+        if !stamp_is(dir, &cfg.archive) {
+            break "the prefetch directory is now used for another archive".to_string();
+        }
+        // Follow PostgreSQL.
+        if let Ok(s) = fs::read_to_string(dir.join(SERVED_FILE)) {
+            if s != served_text {
+                if let Some(id) = SegmentId::parse_file_name(s.trim(), size) {
+                    if id != w.pos {
+                        w = Window::new(id);
+                        last_move = Instant::now();
+                    }
+                }
+                served_text = s;
+            }
+        }
+        // Fill the window.
+        if consecutive_errors < MAX_CONSECUTIVE_ERRORS {
+            let first = w.pos.segno + 1;
+            let last = w.pos.segno.saturating_add(u64::from(cfg.depth));
+            for segno in first..=last {
+                if inflight.len() >= cfg.jobs as usize {
+                    break;
+                }
+                if w.end.is_some_and(|e| segno >= e) {
+                    break;
+                }
+                if inflight_segnos.contains(&segno) || w.failed.contains(&segno) {
+                    continue;
+                }
+                let id = SegmentId::new(w.pos.timeline, segno);
+                let name = id.file_name(size);
+                if SegmentId::parse_file_name(&name, size) != Some(id) {
+                    break; // beyond the last possible segment
+                }
+                let target = dir.join(&name);
+                if target.exists() {
+                    continue;
+                }
+                let Some(marker) = Marker::create(dir, &name) else {
+                    continue; // another process is on it
+                };
+                inflight_segnos.insert(segno);
+                let store = store.clone();
+                inflight.spawn(async move {
+                    let r = wal_fetch::fetch(store.as_ref(), &name, &target, false)
+                        .await
+                        .map(|_| ());
+                    drop(marker); // after the rename: a waiting request sees the file first
+                    (segno, name, r)
+                });
+            }
+        }
+        if inflight.is_empty() {
+            if consecutive_errors >= MAX_CONSECUTIVE_ERRORS {
+                break format!("giving up after {consecutive_errors} failed downloads in a row");
+            }
+            if last_move.elapsed() >= IDLE_EXIT {
+                break format!("no request for {} s", IDLE_EXIT.as_secs());
+            }
+        }
+        let done = tokio::select! {
+            r = inflight.join_next(), if !inflight.is_empty() => r,
+            _ = tokio::time::sleep(POLL) => None,
+        };
+        let Some(joined) = done else { continue };
+        let (segno, name, r) = match joined {
+            Ok(v) => v,
+            Err(e) => {
+                // A panicked or cancelled task: its marker was dropped with it.
+                log.error(&format!("download task failed: {e}"));
+                consecutive_errors += 1;
+                continue;
+            }
+        };
+        inflight_segnos.remove(&segno);
+        let same_timeline = name.get(..8) == Some(&w.pos.file_name(size)[..8]);
+        match r {
+            Ok(()) => {
+                if !stamp_is(dir, &cfg.archive) {
+                    // Re-stamped for another archive while this one was downloading.
+                    let _ = fs::remove_file(dir.join(&name));
+                    continue;
+                }
+                downloaded += 1;
+                consecutive_errors = 0;
+                cleanup(dir, &w.pos.file_name(size), cfg.depth);
+            }
+            Err(FetchError::NotFound { .. }) => {
+                if same_timeline && w.end.is_none_or(|e| segno < e) {
+                    w.end = Some(segno);
+                }
+                // Said once per end (retried after each request, not logged again).
+                if same_timeline && w.end == Some(segno) && end_logged.as_ref() != Some(&name) {
+                    log.info(&format!(
+                        "{name} is not in the archive (yet): the prefetch window ends there"
+                    ));
+                    end_logged = Some(name);
+                }
+            }
+            Err(e) => {
+                consecutive_errors += 1;
+                if same_timeline {
+                    w.failed.insert(segno);
+                }
+                log.error(&format!("cannot prefetch {name}: {e}"));
+            }
+        }
+    };
+    // Dropping the JoinSet aborts what is still running; wal_fetch removes its temp files and the
+    // markers go with the tasks.
+    inflight.shutdown().await;
+    Ok(format!(
+        "worker done: {downloaded} segments downloaded; stopped: {reason}"
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn touch(dir: &Path, name: &str, len: usize) {
+        fs::write(dir.join(name), vec![0u8; len]).unwrap();
+    }
+
+    fn names(dir: &Path) -> Vec<String> {
+        let mut v: Vec<String> = fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// A pid that is certainly dead: a child that has exited and been reaped.
+    fn dead_pid() -> i32 {
+        let mut c = Command::new("true").spawn().unwrap();
+        let pid = c.id() as i32;
+        c.wait().unwrap();
+        pid
+    }
+
+    #[test]
+    fn only_plain_segments_are_cacheable() {
+        assert_eq!(
+            cacheable_name("00000001000000000000000a").as_deref(),
+            Some("00000001000000000000000A")
+        );
+        assert_eq!(cacheable_name("00000002.history"), None);
+        assert_eq!(cacheable_name("000000010000000000000003.partial"), None);
+        assert_eq!(
+            cacheable_name("000000010000000000000003.00000028.backup"),
+            None
+        );
+        assert_eq!(cacheable_name("000000000000000000000003"), None);
+        assert_eq!(cacheable_name("RECOVERYHISTORY"), None);
+    }
+
+    #[test]
+    fn defaults() {
+        assert_eq!(default_depth("s3://b/p"), DEFAULT_S3_DEPTH);
+        assert_eq!(default_depth("S3://b"), DEFAULT_S3_DEPTH);
+        assert_eq!(default_depth("/backup/wal"), 0);
+        assert_eq!(
+            default_dir(Path::new("pg_wal/RECOVERYXLOG")),
+            PathBuf::from("pg_wal/.walagent-prefetch")
+        );
+        assert_eq!(
+            default_dir(Path::new("RECOVERYXLOG")),
+            PathBuf::from(".walagent-prefetch")
+        );
+        let c = PrefetchConfig::new("s3://b/p", Path::new("/x/pg_wal/D"), None, None, None);
+        assert_eq!((c.depth, c.jobs), (8, 4));
+        assert_eq!(c.dir, PathBuf::from("/x/pg_wal/.walagent-prefetch"));
+        let c = PrefetchConfig::new("/a", Path::new("D"), Some(2), Some("/c".into()), None);
+        assert_eq!((c.depth, c.jobs, c.dir), (2, 2, PathBuf::from("/c")));
+        let c = PrefetchConfig::new("/a", Path::new("D"), Some(16), None, Some(9));
+        assert_eq!(c.jobs, 9);
+    }
+
+    #[test]
+    fn temp_pids() {
+        assert_eq!(
+            temp_file_pid(".walagent-fetch.000000010000000000000003.123.tmp"),
+            Some(123)
+        );
+        assert_eq!(
+            temp_file_pid(".walagent-fetch.000000010000000000000003.77.zst.tmp"),
+            Some(77)
+        );
+        assert_eq!(temp_file_pid(".served.9.tmp"), Some(9));
+        assert_eq!(temp_file_pid(".served"), None);
+    }
+
+    #[test]
+    fn pids() {
+        assert!(pid_alive(std::process::id() as i32));
+        assert!(!pid_alive(dead_pid()));
+        assert!(!pid_alive(0));
+        assert!(!pid_alive(-1));
+    }
+
+    #[test]
+    fn cleanup_rules() {
+        let t = tempfile::tempdir().unwrap();
+        let d = t.path();
+        let seg = 1 << 20;
+        // older on the same timeline, the served one, older timeline: removed
+        touch(d, "000000020000000000000003", seg);
+        touch(d, "000000020000000000000005", seg);
+        touch(d, "000000010000000000000009", seg);
+        // ahead: kept up to depth + 2 = 4, closest first, other (newer) timelines last
+        for n in [6, 7, 8, 9, 0x20] {
+            touch(d, &format!("0000000200000000000000{n:02X}"), seg);
+        }
+        touch(d, "000000030000000000000001", seg);
+        // markers: dead pid removed, live pid kept
+        fs::write(
+            d.join("000000020000000000000006.inprogress"),
+            format!("{}\n", dead_pid()),
+        )
+        .unwrap();
+        fs::write(
+            d.join("000000020000000000000007.inprogress"),
+            format!("{}\n", std::process::id()),
+        )
+        .unwrap();
+        // temp files of dead / live processes
+        let dead = dead_pid();
+        touch(
+            d,
+            &format!(".walagent-fetch.000000020000000000000008.{dead}.zst.tmp"),
+            10,
+        );
+        let me = std::process::id();
+        touch(
+            d,
+            &format!(".walagent-fetch.000000020000000000000009.{me}.tmp"),
+            10,
+        );
+        touch(d, LOG_FILE, 10);
+        let mut removed = cleanup(d, "000000020000000000000005", 2);
+        removed.sort();
+        assert_eq!(
+            removed,
+            vec![
+                "000000010000000000000009",
+                "000000020000000000000003",
+                "000000020000000000000005",
+                "000000020000000000000020",
+                "000000030000000000000001",
+            ]
+        );
+        assert_eq!(
+            names(d),
+            vec![
+                format!(".walagent-fetch.000000020000000000000009.{me}.tmp"),
+                "000000020000000000000006".to_string(),
+                "000000020000000000000007".to_string(),
+                "000000020000000000000007.inprogress".to_string(),
+                "000000020000000000000008".to_string(),
+                "000000020000000000000009".to_string(),
+                LOG_FILE.to_string(),
+            ]
+        );
+    }
+
+    #[test]
+    fn markers_are_exclusive_and_stale_ones_replaced() {
+        let t = tempfile::tempdir().unwrap();
+        let d = t.path();
+        let n = "000000010000000000000004";
+        let m = Marker::create(d, n).unwrap();
+        assert_eq!(
+            marker_state(&marker_path(d, n)),
+            MarkerState::Alive(std::process::id() as i32)
+        );
+        assert!(Marker::create(d, n).is_none(), "second marker while alive");
+        drop(m);
+        assert_eq!(marker_state(&marker_path(d, n)), MarkerState::Absent);
+        fs::write(marker_path(d, n), format!("{}\n", dead_pid())).unwrap();
+        assert_eq!(marker_state(&marker_path(d, n)), MarkerState::Stale);
+        let m = Marker::create(d, n).expect("stale marker replaced");
+        drop(m);
+        // empty (pid not written yet) and young: alive
+        fs::write(marker_path(d, n), "").unwrap();
+        assert_eq!(marker_state(&marker_path(d, n)), MarkerState::Alive(0));
+    }
+
+    #[test]
+    fn worker_lock_is_exclusive() {
+        let t = tempfile::tempdir().unwrap();
+        let d = t.path();
+        assert!(!worker_running(d));
+        let l = WorkerLock::try_acquire(d).unwrap();
+        assert!(worker_running(d));
+        assert!(WorkerLock::try_acquire(d).is_none());
+        drop(l);
+        assert!(!worker_running(d));
+    }
+
+    #[tokio::test]
+    async fn serve_renames_and_rejects_odd_files() {
+        let t = tempfile::tempdir().unwrap();
+        let pg_wal = t.path();
+        let dest = pg_wal.join("RECOVERYXLOG");
+        let cfg = PrefetchConfig::new("/arch", &dest, Some(2), None, None);
+        let p = Prefetcher::for_request(&cfg, "00000001000000000000000a").unwrap();
+        assert_eq!(p.name(), "00000001000000000000000A");
+        assert!(Prefetcher::for_request(&cfg, "00000001.history").is_none());
+        let cache = pg_wal.join(CACHE_DIR_NAME);
+        assert!(cache.is_dir());
+        // a miss
+        assert!(!p.serve(&dest).await);
+        // a file of no segment size is never served
+        touch(&cache, p.name(), 1000);
+        assert!(!p.serve(&dest).await);
+        assert!(!cache.join(p.name()).exists());
+        // a hit
+        fs::write(cache.join(p.name()), vec![7u8; 1 << 20]).unwrap();
+        assert!(p.serve(&dest).await);
+        assert_eq!(fs::read(&dest).unwrap(), vec![7u8; 1 << 20]);
+        assert!(!cache.join(p.name()).exists());
+        // filled from another archive: emptied, not served
+        fs::write(cache.join(ARCHIVE_FILE), "/other\n").unwrap();
+        fs::write(cache.join(p.name()), vec![8u8; 1 << 20]).unwrap();
+        assert!(!p.serve(&dest).await);
+        assert!(!cache.join(p.name()).exists());
+        // off
+        let off = PrefetchConfig::new("/arch", &dest, Some(0), None, None);
+        assert!(Prefetcher::for_request(&off, "00000001000000000000000A").is_none());
+    }
+}

@@ -1,0 +1,641 @@
+//! `walagent wal-fetch --prefetch N`: segments after the one requested are downloaded in the
+//! background into `<DEST's dir>/.walagent-prefetch` and later requests are served from there.
+//!
+//! One real archive (1 MB segments, `walagent stream --endpos --no-loop` from a PostgreSQL 15
+//! cluster) is built once per test process; each test works on its own copy of it.
+
+mod support;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use support::{walagent, PgCluster, PgOptions, TestDir};
+
+const SLOT: &str = "prefetch_test";
+const CACHE: &str = ".walagent-prefetch";
+
+// ---------------------------------------------------------------------------------------------
+// The archive, built once
+// ---------------------------------------------------------------------------------------------
+
+struct Source {
+    /// Holds `archive/` (as written by walagent stream) and `expected/<segment>` (pg_wal's copy).
+    dir: TestDir,
+    /// Complete segments in the archive, in order.
+    segments: Vec<String>,
+}
+
+fn source() -> &'static Source {
+    static SRC: OnceLock<Source> = OnceLock::new();
+    SRC.get_or_init(|| {
+        let pg = PgCluster::start(PgOptions {
+            wal_segment_size_mb: Some(1),
+            ..Default::default()
+        });
+        pg.psql(&format!(
+            "SELECT pg_create_physical_replication_slot('{SLOT}', true)"
+        ));
+        pg.generate_wal(10);
+        pg.switch_wal();
+        let end = pg.current_lsn();
+        let dir = support::tempdir();
+        let archive = dir.join("archive");
+        let out = run(
+            &[
+                "stream",
+                "--source",
+                &pg.repl_uri(),
+                "--archive",
+                archive.to_str().unwrap(),
+                "--slot",
+                SLOT,
+                "--endpos",
+                &end,
+                "--no-loop",
+            ],
+            &[],
+        );
+        assert_ok(&out);
+        let segments = archived_segments(&archive);
+        assert!(
+            segments.len() >= 10,
+            "expected at least 10 archived segments, got {segments:?}"
+        );
+        for w in segments.windows(2) {
+            assert_eq!(seg_no(&w[1]), seg_no(&w[0]) + 1, "gap: {segments:?}");
+        }
+        let expected = dir.join("expected");
+        fs::create_dir(&expected).unwrap();
+        for s in &segments {
+            fs::write(expected.join(s), pg.read_wal_file(s)).unwrap();
+        }
+        Source { dir, segments }
+    })
+}
+
+/// Complete segment names in a local archive, sorted.
+fn archived_segments(archive: &Path) -> Vec<String> {
+    let mut v: Vec<String> = fs::read_dir(archive.join("wal"))
+        .unwrap()
+        .filter_map(|e| {
+            let n = e.ok()?.file_name().into_string().ok()?;
+            let base = n.strip_suffix(".zst").unwrap_or(&n).to_string();
+            is_segment_name(&base).then_some(base)
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+fn is_segment_name(n: &str) -> bool {
+    n.len() == 24 && n.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+fn seg_no(name: &str) -> u64 {
+    u64::from_str_radix(&name[8..], 16).unwrap()
+}
+
+/// The name `k` segments after `name` (1 MB segments: 4096 per xlogid).
+fn seg_after(name: &str, k: u64) -> String {
+    let n = u64::from_str_radix(&name[8..16], 16).unwrap() * 4096
+        + u64::from_str_radix(&name[16..], 16).unwrap()
+        + k;
+    format!("{}{:08X}{:08X}", &name[..8], n / 4096, n % 4096)
+}
+
+// ---------------------------------------------------------------------------------------------
+// One test's world: a copy of the archive and a pg_wal directory
+// ---------------------------------------------------------------------------------------------
+
+struct World {
+    dir: TestDir,
+    segs: Vec<String>,
+}
+
+impl World {
+    fn new() -> World {
+        let src = source();
+        let dir = support::tempdir();
+        let status = std::process::Command::new("cp")
+            .arg("-a")
+            .arg(src.dir.join("archive"))
+            .arg(dir.join("archive"))
+            .status()
+            .unwrap();
+        assert!(status.success(), "cp -a archive");
+        fs::create_dir(dir.join("pg_wal")).unwrap();
+        World {
+            dir,
+            segs: src.segments.clone(),
+        }
+    }
+    fn archive(&self) -> String {
+        self.dir.join("archive").to_str().unwrap().to_string()
+    }
+    fn pg_wal(&self) -> PathBuf {
+        self.dir.join("pg_wal")
+    }
+    fn dest(&self) -> PathBuf {
+        self.pg_wal().join("RECOVERYXLOG")
+    }
+    fn cache(&self) -> PathBuf {
+        self.pg_wal().join(CACHE)
+    }
+    fn expected(&self, name: &str) -> Vec<u8> {
+        fs::read(source().dir.join("expected").join(name)).unwrap()
+    }
+    /// Removes a segment from the archive (to prove that a later call did not read it there).
+    fn remove_from_archive(&self, name: &str) {
+        fs::remove_file(self.dir.join("archive/wal").join(format!("{name}.zst"))).unwrap();
+    }
+    fn fetch_cmd(&self, name: &str, dest: &Path, extra: &[&str]) -> std::process::Command {
+        let mut c = walagent();
+        c.args(["wal-fetch", "--archive", &self.archive()])
+            .args(extra)
+            .arg(name)
+            .arg(dest);
+        c
+    }
+    fn fetch(&self, name: &str, extra: &[&str]) -> Output {
+        self.fetch_to(name, &self.dest(), extra)
+    }
+    fn fetch_to(&self, name: &str, dest: &Path, extra: &[&str]) -> Output {
+        let child = self
+            .fetch_cmd(name, dest, extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        wait_output(child, Duration::from_secs(120))
+    }
+    fn assert_dest_is(&self, name: &str) {
+        assert!(
+            fs::read(self.dest()).unwrap() == self.expected(name),
+            "DEST differs from pg_wal's {name}"
+        );
+    }
+    fn cached(&self) -> Vec<String> {
+        cached_segments(&self.cache())
+    }
+    fn log(&self) -> String {
+        fs::read_to_string(self.cache().join("prefetch.log")).unwrap_or_default()
+    }
+    /// Everything in the cache except the segments and the worker's bookkeeping files.
+    fn cache_debris(&self) -> Vec<String> {
+        names_in(&self.cache())
+            .into_iter()
+            .filter(|n| {
+                !is_segment_name(n)
+                    && ![".archive", ".served", ".worker.lock", "prefetch.log"]
+                        .contains(&n.as_str())
+            })
+            .collect()
+    }
+}
+
+impl Drop for World {
+    fn drop(&mut self) {
+        stop_worker(&self.cache());
+    }
+}
+
+fn names_in(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = fs::read_dir(dir)
+        .map(|rd| {
+            rd.filter_map(|e| e.ok()?.file_name().into_string().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+fn cached_segments(cache: &Path) -> Vec<String> {
+    names_in(cache)
+        .into_iter()
+        .filter(|n| is_segment_name(n))
+        .collect()
+}
+
+fn pid_alive(pid: i32) -> bool {
+    if unsafe { libc::kill(pid, 0) } != 0 {
+        return false;
+    }
+    // a zombie (not reaped yet) counts as gone
+    fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| {
+            let state = s
+                .rfind(')')
+                .and_then(|i| s[i + 1..].trim_start().chars().next());
+            state != Some('Z')
+        })
+        .unwrap_or(false)
+}
+
+fn worker_pid(cache: &Path) -> Option<i32> {
+    fs::read_to_string(cache.join(".worker.lock"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+        .filter(|&p| pid_alive(p))
+}
+
+/// Kills the background worker of `cache`, if any, and waits until it is gone.
+fn stop_worker(cache: &Path) {
+    if let Some(pid) = worker_pid(cache) {
+        unsafe {
+            libc::kill(pid, libc::SIGKILL);
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while pid_alive(pid) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// A pid that is certainly not running.
+fn dead_pid() -> i32 {
+    let mut c = std::process::Command::new("true").spawn().unwrap();
+    let pid = c.id() as i32;
+    c.wait().unwrap();
+    pid
+}
+
+// ---------------------------------------------------------------------------------------------
+// Process helpers
+// ---------------------------------------------------------------------------------------------
+
+fn run(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let child = walagent()
+        .args(args)
+        .envs(env.iter().copied())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_output(child, Duration::from_secs(120))
+}
+
+fn wait_output(mut child: Child, timeout: Duration) -> Output {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if child.try_wait().unwrap().is_some() {
+            return child.wait_with_output().unwrap();
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "walagent did not finish in {timeout:?}; stderr:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn assert_ok(o: &Output) {
+    assert!(
+        o.status.success(),
+        "walagent failed ({:?}):\n{}",
+        o.status,
+        stderr(o)
+    );
+}
+
+fn served_from_cache(o: &Output) -> bool {
+    stderr(o).contains("served from the prefetch cache")
+}
+
+const WAIT: Duration = Duration::from_secs(60);
+
+// ---------------------------------------------------------------------------------------------
+// Tests
+// ---------------------------------------------------------------------------------------------
+
+/// The first call places DEST and leaves 4 prefetched segments; every later call is served from
+/// the cache (the archive object is deleted before each call), byte-identical to pg_wal, while
+/// the window slides along.
+#[test]
+fn prefetch_fills_the_cache_and_later_calls_are_served_from_it() {
+    let w = World::new();
+    let segs = &w.segs;
+    let o = w.fetch(&segs[0], &["--prefetch", "4"]);
+    assert_ok(&o);
+    assert!(!served_from_cache(&o));
+    w.assert_dest_is(&segs[0]);
+    support::wait_until(WAIT, "4 prefetched segments", || {
+        w.cached() == segs[1..5].to_vec() && w.cache_debris().is_empty()
+    });
+    for (i, name) in segs.iter().enumerate().skip(1) {
+        support::wait_until(WAIT, &format!("{name} prefetched"), || {
+            w.cache().join(name).exists()
+        });
+        w.remove_from_archive(name);
+        let o = w.fetch(name, &["--prefetch", "4"]);
+        assert_ok(&o);
+        assert!(
+            served_from_cache(&o),
+            "{name} not served from the cache:\n{}",
+            stderr(&o)
+        );
+        w.assert_dest_is(name);
+        let cached = w.cached();
+        assert!(!cached.contains(name), "{name} still cached: {cached:?}");
+        assert!(cached.len() <= 6, "cache over N+2 files: {cached:?}");
+        assert!(
+            cached
+                .iter()
+                .all(|c| c.as_str() > name.as_str() && seg_no(c) <= seg_no(name) + 4),
+            "cache outside the window after {name}: {cached:?}"
+        );
+        if i + 4 < segs.len() {
+            // the window slides: the segment 4 ahead arrives
+            support::wait_until(WAIT, "the window slides", || {
+                w.cache().join(&segs[i + 4]).exists()
+            });
+        }
+    }
+    // After the last segment: not found, as without prefetch.
+    let next = seg_after(segs.last().unwrap(), 1);
+    let o = w.fetch(&next, &["--prefetch", "4"]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(!w.log().contains(" error: "), "prefetch.log:\n{}", w.log());
+}
+
+/// Asking near the end of the archive: the window stops at the first missing segment, quietly.
+#[test]
+fn end_of_archive_stops_the_window_without_errors() {
+    let w = World::new();
+    let n = w.segs.len();
+    let o = w.fetch(&w.segs[n - 3], &["--prefetch", "4"]);
+    assert_ok(&o);
+    support::wait_until(WAIT, "the end of the archive is noticed", || {
+        w.log().contains("the prefetch window ends there")
+    });
+    support::wait_until(WAIT, "the last two segments prefetched", || {
+        w.cached() == w.segs[n - 2..].to_vec() && w.cache_debris().is_empty()
+    });
+    let end = seg_after(&w.segs[n - 1], 1);
+    assert!(
+        w.log().contains(&format!("{end} is not in the archive")),
+        "{}",
+        w.log()
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        w.cached(),
+        w.segs[n - 2..].to_vec(),
+        "nothing beyond the end"
+    );
+    assert!(w.cache_debris().is_empty(), "{:?}", w.cache_debris());
+    for name in &w.segs[n - 2..] {
+        let o = w.fetch(name, &["--prefetch", "4"]);
+        assert_ok(&o);
+        assert!(served_from_cache(&o));
+        w.assert_dest_is(name);
+    }
+    let o = w.fetch(&end, &["--prefetch", "4"]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("not found in archive"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(!w.log().contains(" error: "), "prefetch.log:\n{}", w.log());
+    assert!(w.cached().is_empty());
+}
+
+/// Many restore_command calls at once, for the same and for different segments, some served from
+/// the cache, some waiting for a download, some going to the archive: every DEST is complete.
+#[test]
+fn concurrent_calls_never_produce_a_corrupt_dest() {
+    let w = World::new();
+    let segs = &w.segs;
+    let other = w.pg_wal().join("OTHER");
+    for round in 0..3 {
+        let base = round * 3;
+        let mut children = Vec::new();
+        for k in 0..8 {
+            let (name, dest) = if k % 2 == 0 {
+                (&segs[base], w.dest())
+            } else {
+                (&segs[base + 1 + k % 3], other.clone())
+            };
+            let c = w
+                .fetch_cmd(name, &dest, &["--prefetch", "4"])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap();
+            children.push((name.clone(), dest, c));
+        }
+        let mut other_names = Vec::new();
+        for (name, dest, c) in children {
+            let o = wait_output(c, Duration::from_secs(120));
+            assert_ok(&o);
+            if dest == other {
+                other_names.push(name);
+            }
+        }
+        w.assert_dest_is(&segs[base]);
+        let got = fs::read(&other).unwrap();
+        assert!(
+            other_names.iter().any(|n| got == w.expected(n)),
+            "OTHER is none of the segments asked for"
+        );
+        // Only DEST, OTHER and the cache directory in pg_wal: no temp files.
+        assert_eq!(
+            names_in(&w.pg_wal()),
+            vec![
+                CACHE.to_string(),
+                "OTHER".to_string(),
+                "RECOVERYXLOG".to_string()
+            ]
+        );
+        // Let the worker settle before the next round.
+        support::wait_until(WAIT, "no download in progress", || {
+            w.cache_debris().is_empty()
+        });
+    }
+    assert!(!w.log().contains(" error: "), "prefetch.log:\n{}", w.log());
+}
+
+/// History files and .partial names never use the cache and start no prefetch.
+#[test]
+fn history_and_partial_requests_never_use_the_cache() {
+    let w = World::new();
+    let cache = w.cache();
+    fs::create_dir(&cache).unwrap();
+    let history = b"1\t0/3000158\tno recovery target specified\n";
+    fs::write(w.dir.join("archive/wal/00000002.history"), history).unwrap();
+    fs::write(cache.join("00000002.history"), b"from the cache, wrong\n").unwrap();
+    let x = &w.segs[3];
+    fs::write(cache.join(x), w.expected(x)).unwrap();
+    fs::write(cache.join(format!("{x}.partial")), w.expected(x)).unwrap();
+    let before = names_in(&cache);
+
+    let o = w.fetch("00000002.history", &["--prefetch", "4"]);
+    assert_ok(&o);
+    assert_eq!(fs::read(w.dest()).unwrap(), history);
+
+    // The archive has no .partial for a middle segment: not found, though the cache has both.
+    let dest2 = w.pg_wal().join("PARTIAL");
+    let o = w.fetch_to(&format!("{x}.partial"), &dest2, &["--prefetch", "4"]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(!dest2.exists());
+
+    // Nothing touched, no worker started, no position recorded.
+    assert_eq!(names_in(&cache), before);
+    assert_eq!(fs::read(cache.join(x)).unwrap(), w.expected(x));
+}
+
+/// Serving X cleans the cache: older segments (and older timelines) go, stale markers and temp
+/// files of dead processes go, and at most N+2 segment files stay, the closest ones.
+#[test]
+fn cleanup_removes_old_segments_stale_markers_and_caps_the_cache() {
+    let w = World::new();
+    let cache = w.cache();
+    fs::create_dir(&cache).unwrap();
+    let segs = &w.segs;
+    let x = &segs[2];
+    // older ones (older timelines: see the end)
+    fs::write(cache.join(&segs[0]), w.expected(&segs[0])).unwrap();
+    fs::write(cache.join(&segs[1]), w.expected(&segs[1])).unwrap();
+    // far ahead (beyond the archive's end): 5 of them, more than N+2 = 4 with N = 2
+    let far: Vec<String> = (0x40..0x45).map(|k| seg_after(x, k)).collect();
+    for f in &far {
+        fs::write(cache.join(f), vec![0u8; 1 << 20]).unwrap();
+    }
+    // stale marker and temp file of a dead process, live marker of ours
+    let dead = dead_pid();
+    let stale_marker = format!("{}.inprogress", seg_after(x, 0x30));
+    fs::write(cache.join(&stale_marker), format!("{dead}\n")).unwrap();
+    let stale_tmp = format!(".walagent-fetch.{}.{dead}.zst.tmp", seg_after(x, 0x31));
+    fs::write(cache.join(&stale_tmp), b"junk").unwrap();
+
+    let o = w.fetch(x, &["--prefetch", "2"]);
+    assert_ok(&o);
+    assert!(!served_from_cache(&o));
+    w.assert_dest_is(x);
+    let names = names_in(&cache);
+    for gone in [&segs[0], &segs[1], &stale_marker, &stale_tmp, &far[4]] {
+        assert!(!names.contains(gone), "{gone} not cleaned: {names:?}");
+    }
+    assert!(w.cached().len() <= 4, "{:?}", w.cached());
+    // The worker adds X+1, X+2; the farthest of the far ones make room.
+    let want = vec![
+        segs[3].clone(),
+        segs[4].clone(),
+        far[0].clone(),
+        far[1].clone(),
+    ];
+    support::wait_until(WAIT, "X+1, X+2 and the two closest far ones", || {
+        w.cached() == want && w.cache_debris().is_empty()
+    });
+
+    // A newer timeline: everything of timeline 1 is dropped when a timeline-2 segment is served
+    // (it is not in the archive: exit 1, and nothing is cleaned for a request that failed).
+    let tli2 = format!("00000002{}", &x[8..]);
+    let o = w.fetch(&tli2, &["--prefetch", "2"]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert_eq!(w.cached(), want);
+    // Served from the cache (a copy of X planted under the timeline-2 name): timeline 1 goes.
+    stop_worker(&cache);
+    fs::write(cache.join(&tli2), w.expected(x)).unwrap();
+    let o = w.fetch(&tli2, &["--prefetch", "2"]);
+    assert_ok(&o);
+    assert!(served_from_cache(&o));
+    assert!(
+        w.cached().iter().all(|c| !c.starts_with("00000001")),
+        "timeline 1 left: {:?}",
+        w.cached()
+    );
+}
+
+/// A request for a segment that another process is downloading waits for it; a marker left by a
+/// dead process is ignored.
+#[test]
+fn waits_for_a_download_in_progress_and_ignores_dead_markers() {
+    let w = World::new();
+    let cache = w.cache();
+    fs::create_dir(&cache).unwrap();
+    let x = &w.segs[5];
+    // "Downloading" by this (live) test process; the archive no longer has it.
+    let marker = cache.join(format!("{x}.inprogress"));
+    fs::write(&marker, format!("{}\n", std::process::id())).unwrap();
+    w.remove_from_archive(x);
+    let mut child = w
+        .fetch_cmd(x, &w.dest(), &["--prefetch", "2"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "did not wait for the download"
+    );
+    assert!(!w.dest().exists());
+    let tmp = cache.join(format!(".walagent-fetch.{x}.{}.tmp", std::process::id()));
+    fs::write(&tmp, w.expected(x)).unwrap();
+    fs::rename(&tmp, cache.join(x)).unwrap();
+    fs::remove_file(&marker).unwrap();
+    let o = wait_output(child, Duration::from_secs(60));
+    assert_ok(&o);
+    assert!(stderr(&o).contains("waited=true"), "{}", stderr(&o));
+    w.assert_dest_is(x);
+    stop_worker(&cache);
+
+    // A marker of a dead process: fetched directly, at once, and the marker is cleaned up.
+    let y = &w.segs[1];
+    let marker = cache.join(format!("{y}.inprogress"));
+    fs::write(&marker, format!("{}\n", dead_pid())).unwrap();
+    let t0 = Instant::now();
+    let o = w.fetch(y, &["--prefetch", "2"]);
+    assert_ok(&o);
+    assert!(
+        t0.elapsed() < Duration::from_secs(20),
+        "waited for a dead process"
+    );
+    assert!(!served_from_cache(&o));
+    w.assert_dest_is(y);
+    assert!(!marker.exists(), "stale marker left");
+}
+
+/// A local archive prefetches nothing unless asked; --prefetch-dir puts the cache elsewhere
+/// (possibly on another filesystem: then serving copies instead of renaming).
+#[test]
+fn local_default_is_off_and_prefetch_dir_is_honoured() {
+    let w = World::new();
+    let o = w.fetch(&w.segs[0], &[]);
+    assert_ok(&o);
+    let o = w.fetch(&w.segs[1], &["--prefetch", "0"]);
+    assert_ok(&o);
+    w.assert_dest_is(&w.segs[1]);
+    assert_eq!(names_in(&w.pg_wal()), vec!["RECOVERYXLOG".to_string()]);
+
+    let elsewhere = tempfile::tempdir().unwrap();
+    let cache = elsewhere.path().join("cache");
+    let c = cache.to_str().unwrap();
+    let o = w.fetch(&w.segs[2], &["--prefetch", "2", "--prefetch-dir", c]);
+    assert_ok(&o);
+    support::wait_until(WAIT, "prefetch into --prefetch-dir", || {
+        cached_segments(&cache) == w.segs[3..5].to_vec()
+    });
+    w.remove_from_archive(&w.segs[3]);
+    let o = w.fetch(&w.segs[3], &["--prefetch", "2", "--prefetch-dir", c]);
+    assert_ok(&o);
+    assert!(served_from_cache(&o));
+    w.assert_dest_is(&w.segs[3]);
+    assert_eq!(names_in(&w.pg_wal()), vec!["RECOVERYXLOG".to_string()]);
+    stop_worker(&cache);
+}
