@@ -161,7 +161,8 @@ async fn fetch(args: WalFetchArgs) -> ExitCode {
     }
     let store = match archive::open(&args.archive, false).await {
         Ok(s) => s,
-        Err(e) => return fail(&e, None, 2),
+        // Not "not found": an unreachable archive must stop recovery, not end it.
+        Err(e) => return fail(&e, None, wal_fetch::EXIT_FATAL as u8),
     };
     match wal_fetch::fetch(
         store.as_ref(),

@@ -12,6 +12,7 @@ use std::process::{Child, Output, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+use support::s3::S3Server;
 use support::{walagent, PgCluster, PgOptions, TestDir};
 
 const SLOT: &str = "prefetch_test";
@@ -113,9 +114,15 @@ fn seg_after(name: &str, k: u64) -> String {
 struct World {
     dir: TestDir,
     segs: Vec<String>,
+    /// `--archive`: the local copy, or an s3:// URL.
+    archive: String,
+    /// Where the archive's objects live as files (local copy, or under the S3 server's root).
+    objects: PathBuf,
+    env: Vec<(String, String)>,
 }
 
 impl World {
+    /// A copy of the archive in a local directory.
     fn new() -> World {
         let src = source();
         let dir = support::tempdir();
@@ -127,13 +134,59 @@ impl World {
             .unwrap();
         assert!(status.success(), "cp -a archive");
         fs::create_dir(dir.join("pg_wal")).unwrap();
+        let objects = dir.join("archive");
         World {
+            archive: objects.to_str().unwrap().to_string(),
+            objects,
             dir,
             segs: src.segments.clone(),
+            env: Vec::new(),
         }
     }
+
+    /// The archive uploaded to `s3://wal/cluster` on `s3` (through the S3 store, so objects
+    /// carry their checksums like ones walagent stream wrote); walagent runs with the server's
+    /// AWS_* environment only.
+    fn on_s3(s3: &S3Server) -> World {
+        const PREFIX: &str = "cluster";
+        let src = source();
+        let dir = support::tempdir();
+        fs::create_dir(dir.join("pg_wal")).unwrap();
+        let local = src.dir.join("archive");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            use walagent::archive::s3::{S3Options, S3Store};
+            use walagent::archive::{PutMode, Store};
+            let store =
+                S3Store::open_with(s3.location(PREFIX), S3Options::default(), s3.settings())
+                    .await
+                    .unwrap();
+            let mut keys = vec!["walagent.json".to_string()];
+            for e in fs::read_dir(local.join("wal")).unwrap() {
+                let n = e.unwrap().file_name().into_string().unwrap();
+                keys.push(format!("wal/{n}"));
+            }
+            for k in keys {
+                store
+                    .put_file(&k, &local.join(&k), PutMode::NoOverwrite)
+                    .await
+                    .unwrap_or_else(|e| panic!("upload {k}: {e}"));
+            }
+        });
+        World {
+            archive: s3.url(PREFIX),
+            objects: s3.object_path(PREFIX),
+            dir,
+            segs: src.segments.clone(),
+            env: s3.env(),
+        }
+    }
+
     fn archive(&self) -> String {
-        self.dir.join("archive").to_str().unwrap().to_string()
+        self.archive.clone()
     }
     fn pg_wal(&self) -> PathBuf {
         self.dir.join("pg_wal")
@@ -149,10 +202,11 @@ impl World {
     }
     /// Removes a segment from the archive (to prove that a later call did not read it there).
     fn remove_from_archive(&self, name: &str) {
-        fs::remove_file(self.dir.join("archive/wal").join(format!("{name}.zst"))).unwrap();
+        fs::remove_file(self.objects.join("wal").join(format!("{name}.zst"))).unwrap();
     }
     fn fetch_cmd(&self, name: &str, dest: &Path, extra: &[&str]) -> std::process::Command {
         let mut c = walagent();
+        c.envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
         c.args(["wal-fetch", "--archive", &self.archive()])
             .args(extra)
             .arg(name)
@@ -476,7 +530,7 @@ fn history_and_partial_requests_never_use_the_cache() {
     let cache = w.cache();
     fs::create_dir(&cache).unwrap();
     let history = b"1\t0/3000158\tno recovery target specified\n";
-    fs::write(w.dir.join("archive/wal/00000002.history"), history).unwrap();
+    fs::write(w.objects.join("wal/00000002.history"), history).unwrap();
     fs::write(cache.join("00000002.history"), b"from the cache, wrong\n").unwrap();
     let x = &w.segs[3];
     fs::write(cache.join(x), w.expected(x)).unwrap();
@@ -638,4 +692,81 @@ fn local_default_is_off_and_prefetch_dir_is_honoured() {
     w.assert_dest_is(&w.segs[3]);
     assert_eq!(names_in(&w.pg_wal()), vec!["RECOVERYXLOG".to_string()]);
     stop_worker(&cache);
+}
+
+/// An s3:// archive prefetches by default (8 ahead); the background worker gets the AWS settings
+/// from the environment it inherits; later calls never reach S3.
+#[test]
+fn s3_archive_prefetches_by_default_and_serves_from_the_cache() {
+    let s3 = S3Server::start();
+    let w = World::on_s3(&s3);
+    let segs = &w.segs;
+    let o = w.fetch(&segs[0], &[]);
+    assert_ok(&o);
+    w.assert_dest_is(&segs[0]);
+    support::wait_until(WAIT, "8 prefetched segments", || {
+        w.cached() == segs[1..9].to_vec() && w.cache_debris().is_empty()
+    });
+    for name in &segs[1..] {
+        support::wait_until(WAIT, &format!("{name} prefetched"), || {
+            w.cache().join(name).exists()
+        });
+        w.remove_from_archive(name);
+        let o = w.fetch(name, &[]);
+        assert_ok(&o);
+        assert!(
+            served_from_cache(&o),
+            "{name} not served from the cache:\n{}",
+            stderr(&o)
+        );
+        w.assert_dest_is(name);
+        assert!(w.cached().len() <= 10, "{:?}", w.cached());
+    }
+    let o = w.fetch(&seg_after(segs.last().unwrap(), 1), &[]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(!w.log().contains(" error: "), "prefetch.log:\n{}", w.log());
+    // --prefetch 0 turns it off for S3 too.
+    let other = w.pg_wal().join("OFF");
+    let dir = w.dir.join("off-cache");
+    let o = w.fetch_to(
+        &segs[0],
+        &other,
+        &["--prefetch", "0", "--prefetch-dir", dir.to_str().unwrap()],
+    );
+    assert_ok(&o);
+    assert!(!dir.exists());
+}
+
+/// S3 goes away during recovery: what is cached is still served, the worker fails quietly (into
+/// prefetch.log only), and an uncached segment fails the call with exit 126 and one line.
+#[test]
+fn s3_outage_serves_the_cache_and_fails_uncached_segments_loudly() {
+    let s3 = S3Server::start();
+    let w = World::on_s3(&s3);
+    let segs = &w.segs;
+    assert_ok(&w.fetch(&segs[0], &["--prefetch", "3"]));
+    support::wait_until(WAIT, "3 prefetched segments", || {
+        w.cached() == segs[1..4].to_vec() && w.cache_debris().is_empty()
+    });
+    stop_worker(&w.cache());
+    s3.stop();
+    for name in &segs[1..4] {
+        let o = w.fetch(name, &["--prefetch", "3"]);
+        assert_ok(&o);
+        assert!(served_from_cache(&o));
+        w.assert_dest_is(name);
+    }
+    let o = w.fetch(&segs[4], &["--prefetch", "3"]);
+    assert_eq!(o.status.code(), Some(126), "{}", stderr(&o));
+    let last = stderr(&o)
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or_default()
+        .to_string();
+    assert!(last.starts_with("walagent: error: "), "{last}");
+    support::wait_until(WAIT, "the worker's failure in prefetch.log", || {
+        w.log().contains(" error: ")
+    });
+    assert!(!w.dest().exists() || fs::read(w.dest()).unwrap() == w.expected(&segs[3]));
 }

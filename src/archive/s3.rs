@@ -576,8 +576,19 @@ impl S3Store {
                         context,
                         detail: format!("cannot connect: {cause}; check the endpoint URL and that the server is up"),
                     }
-                } else if cause.to_ascii_lowercase().contains("credential") {
-                    StoreError::AccessDenied { context, detail: format!("no usable credentials: {cause}") }
+                } else if is_credentials_failure(&cause) {
+                    if looks_transient(&cause) {
+                        // e.g. instance metadata or STS slow or unreachable.
+                        StoreError::Unavailable {
+                            context,
+                            detail: format!("cannot load credentials yet: {cause}"),
+                        }
+                    } else {
+                        StoreError::AccessDenied {
+                            context,
+                            detail: format!("no usable credentials: {cause}"),
+                        }
+                    }
                 } else if d.is_user() {
                     StoreError::Remote { context, detail: format!("request could not be sent: {cause}") }
                 } else {
@@ -748,7 +759,7 @@ impl S3Store {
                     let cause = error_chain(&e);
                     if cause.contains("checksum mismatch") {
                         return Err(corrupt(format!(
-                            "the server's checksum does not match the bytes received: {cause}"
+                            "the server's checksum does not match the {got} bytes received: {cause}"
                         )));
                     }
                     return Err(StoreError::Unavailable {
@@ -1152,6 +1163,32 @@ fn is_not_implemented<E: ProvideErrorMetadata>(e: &SdkError<E>) -> bool {
     status_of(e) == Some(501) || is_code(e, "NotImplemented")
 }
 
+/// The credentials chain failed (no provider, bad profile, provider error).
+fn is_credentials_failure(cause: &str) -> bool {
+    let c = cause.to_ascii_lowercase();
+    c.contains("credential") || c.contains("access token provider")
+}
+
+/// A credentials failure caused by transport trouble (a retry may cure it). `cause` is the
+/// whole chain, which starts with "dispatch failure: other: " for any credentials failure: only
+/// what follows counts.
+fn looks_transient(cause: &str) -> bool {
+    let c = cause.to_ascii_lowercase();
+    let c = c.strip_prefix("dispatch failure: ").unwrap_or(&c);
+    let c = c.strip_prefix("other: ").unwrap_or(c);
+    [
+        "timed out",
+        "timeout",
+        "io error",
+        "connection refused",
+        "connection reset",
+        "tcp connect error",
+        "dns error",
+    ]
+    .iter()
+    .any(|w| c.contains(w))
+}
+
 /// `err` and its sources, joined with ": " (duplicates of the previous text skipped).
 fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
     let mut out = err.to_string();
@@ -1164,7 +1201,7 @@ fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
         }
         cur = e.source();
     }
-    out.replace(['\n', '\r'], " ")
+    out.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
 /// Our CRC metadata: None when absent, Err(raw) when malformed.
@@ -1513,6 +1550,19 @@ mod tests {
         assert_eq!(meta_crc(Some(&m)), Some(Ok(c)));
         m.insert("Walagent-CRC32".to_string(), "xyz".to_string());
         assert_eq!(meta_crc(Some(&m)), Some(Err("xyz".to_string())));
+    }
+
+    #[test]
+    fn credentials_failures() {
+        let none = "dispatch failure: other: the credential provider was not enabled: no providers in chain provided credentials";
+        assert!(is_credentials_failure(none) && !looks_transient(none));
+        let slow = "dispatch failure: other: credentials provider timed out after 5 seconds";
+        assert!(is_credentials_failure(slow) && looks_transient(slow));
+        let imds = "dispatch failure: other: an error occurred while loading credentials: failed to load IMDS token: dispatch failure: io error: tcp connect error";
+        assert!(is_credentials_failure(imds) && looks_transient(imds));
+        let sts = "dispatch failure: other: an error occurred while loading credentials: service error: AccessDenied";
+        assert!(is_credentials_failure(sts) && !looks_transient(sts));
+        assert!(!is_credentials_failure("io error: connection refused"));
     }
 
     #[test]

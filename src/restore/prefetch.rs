@@ -574,8 +574,10 @@ fn purge_segments(dir: &Path) {
 /// depth of `depth`:
 /// - cached segments of `served`'s timeline at or below it, and of older timelines, are removed;
 /// - markers and temp files of dead processes are removed;
-/// - at most `depth + 2` segment files are kept: first the ones just after `served` on its
-///   timeline, in order; the rest go.
+/// - at most `depth + 2` segment files, counting the downloads in progress (live markers), are
+///   kept: first the ones just after `served` on its timeline, in order; the rest go. The worker
+///   calls this after creating a marker and before downloading, so the cap holds at all times;
+///   the prefetch window (at most `depth` segments, cached or in flight) is never cut.
 ///
 /// Returns the names of the removed segment files.
 pub fn cleanup(dir: &Path, served: &str, depth: u32) -> Vec<String> {
@@ -585,6 +587,7 @@ pub fn cleanup(dir: &Path, served: &str, depth: u32) -> Vec<String> {
     let tli = timeline_of(served);
     let mut removed = Vec::new();
     let mut kept = Vec::new();
+    let mut in_flight = 0usize;
     for e in rd.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
         if is_segment_file_name(&name) {
@@ -597,8 +600,14 @@ pub fn cleanup(dir: &Path, served: &str, depth: u32) -> Vec<String> {
                 kept.push(name);
             }
         } else if let Some(seg) = name.strip_suffix(MARKER_SUFFIX) {
-            if is_segment_file_name(seg) && marker_state(&e.path()) == MarkerState::Stale {
-                let _ = fs::remove_file(e.path());
+            if is_segment_file_name(seg) {
+                match marker_state(&e.path()) {
+                    MarkerState::Stale => {
+                        let _ = fs::remove_file(e.path());
+                    }
+                    MarkerState::Alive(_) => in_flight += 1,
+                    MarkerState::Absent => {}
+                }
             }
         } else if name.starts_with('.') && name.ends_with(".tmp") {
             if let Some(pid) = temp_file_pid(&name) {
@@ -614,7 +623,7 @@ pub fn cleanup(dir: &Path, served: &str, depth: u32) -> Vec<String> {
         let kb = (timeline_of(b) != tli, b.as_str());
         ka.cmp(&kb)
     });
-    let cap = depth as usize + 2;
+    let cap = (depth as usize + 2).saturating_sub(in_flight);
     for name in kept.into_iter().skip(cap) {
         if fs::remove_file(dir.join(&name)).is_ok() {
             removed.push(name);
@@ -833,6 +842,8 @@ async fn worker(cfg: &PrefetchConfig, start: &str, log: &WorkerLog) -> Result<St
                 let Some(marker) = Marker::create(dir, &name) else {
                     continue; // another process is on it
                 };
+                // Make room first: with this marker counted, the cap holds once it lands.
+                cleanup(dir, &w.pos.file_name(size), cfg.depth);
                 inflight_segnos.insert(segno);
                 let store = store.clone();
                 inflight.spawn(async move {
@@ -1002,7 +1013,8 @@ mod tests {
         touch(d, "000000020000000000000003", seg);
         touch(d, "000000020000000000000005", seg);
         touch(d, "000000010000000000000009", seg);
-        // ahead: kept up to depth + 2 = 4, closest first, other (newer) timelines last
+        // ahead: kept up to depth + 2 = 4 minus 1 in flight (the live marker below), closest
+        // first, other (newer) timelines last
         for n in [6, 7, 8, 9, 0x20] {
             touch(d, &format!("0000000200000000000000{n:02X}"), seg);
         }
@@ -1040,6 +1052,7 @@ mod tests {
                 "000000010000000000000009",
                 "000000020000000000000003",
                 "000000020000000000000005",
+                "000000020000000000000009",
                 "000000020000000000000020",
                 "000000030000000000000001",
             ]
@@ -1052,7 +1065,6 @@ mod tests {
                 "000000020000000000000007".to_string(),
                 "000000020000000000000007.inprogress".to_string(),
                 "000000020000000000000008".to_string(),
-                "000000020000000000000009".to_string(),
                 LOG_FILE.to_string(),
             ]
         );

@@ -41,7 +41,11 @@ const INSTALL_HINT: &str =
 pub fn s3s_fs_bin() -> PathBuf {
     if let Some(p) = std::env::var_os("WALAGENT_S3S_FS_BIN").filter(|p| !p.is_empty()) {
         let p = PathBuf::from(p);
-        assert!(is_executable(&p), "WALAGENT_S3S_FS_BIN={} is not an executable file", p.display());
+        assert!(
+            is_executable(&p),
+            "WALAGENT_S3S_FS_BIN={} is not an executable file",
+            p.display()
+        );
         return p;
     }
     let mut candidates = Vec::new();
@@ -89,7 +93,11 @@ impl S3Server {
         for b in buckets {
             fs::create_dir(data.join(b)).unwrap_or_else(|e| panic!("create bucket dir {b}: {e}"));
         }
-        let server = S3Server { dir, port: Mutex::new(0), child: Mutex::new(None) };
+        let server = S3Server {
+            dir,
+            port: Mutex::new(0),
+            child: Mutex::new(None),
+        };
         // The port is picked free, but someone may grab it before s3s-fs binds: retry.
         let mut last = String::new();
         for _ in 0..5 {
@@ -171,7 +179,10 @@ impl S3Server {
 
     /// `s3://wal/<prefix>` (no prefix when empty).
     pub fn location(&self, prefix: &str) -> S3Location {
-        S3Location { bucket: BUCKET.to_string(), prefix: prefix.trim_matches('/').to_string() }
+        S3Location {
+            bucket: BUCKET.to_string(),
+            prefix: prefix.trim_matches('/').to_string(),
+        }
     }
 
     /// `s3://wal/<prefix>` as a string.
@@ -204,7 +215,11 @@ impl S3Server {
     }
 
     pub fn is_running(&self) -> bool {
-        self.child.lock().unwrap().as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+        self.child
+            .lock()
+            .unwrap()
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
     }
 
     /// Spawns s3s-fs and waits until it accepts connections.
@@ -222,7 +237,10 @@ impl S3Server {
         cmd.args(["--host", "127.0.0.1", "--port", &port.to_string()])
             .args(["--access-key", ACCESS_KEY, "--secret-key", SECRET_KEY])
             .arg(self.data_dir())
-            .env("RUST_LOG", std::env::var("WALAGENT_S3S_FS_LOG").unwrap_or_else(|_| "warn".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("WALAGENT_S3S_FS_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(log)
@@ -240,12 +258,17 @@ impl S3Server {
                 Ok(())
             });
         }
-        let mut child = cmd.spawn().map_err(|e| format!("spawn {}: {e}", s3s_fs_bin().display()))?;
+        let mut child = cmd
+            .spawn()
+            .map_err(|e| format!("spawn {}: {e}", s3s_fs_bin().display()))?;
         let addr: SocketAddr = ([127, 0, 0, 1], port).into();
         let deadline = Instant::now() + timeout;
         loop {
             if let Ok(Some(status)) = child.try_wait() {
-                return Err(format!("s3s-fs exited with {status} on port {port}: {}", self.log_since(log_start)));
+                return Err(format!(
+                    "s3s-fs exited with {status} on port {port}: {}",
+                    self.log_since(log_start)
+                ));
             }
             if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
                 break;
@@ -253,7 +276,10 @@ impl S3Server {
             if Instant::now() >= deadline {
                 let _ = child.kill();
                 let _ = child.wait();
-                return Err(format!("s3s-fs did not open port {port} within {timeout:?}: {}", self.log_since(log_start)));
+                return Err(format!(
+                    "s3s-fs did not open port {port} within {timeout:?}: {}",
+                    self.log_since(log_start)
+                ));
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -277,7 +303,11 @@ impl Drop for S3Server {
         if std::thread::panicking() {
             let log = self.log();
             if !log.trim().is_empty() {
-                eprintln!("--- s3s-fs log ({}) ---\n{}", self.log_path().display(), tail(&log, 40));
+                eprintln!(
+                    "--- s3s-fs log ({}) ---\n{}",
+                    self.log_path().display(),
+                    tail(&log, 40)
+                );
             }
         }
         self.stop();
