@@ -4,9 +4,11 @@ mod support;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use support::{walagent, PgCluster, PgOptions};
+use support::{
+    assert_ok, error_line, sigterm, stderr_of, wait_output, walagent, PgCluster, PgOptions,
+};
 use walagent::protocol::conninfo::mask_password;
 
 const SLOT: &str = "walagent_test";
@@ -37,47 +39,6 @@ fn run(args: &[&str]) -> Output {
     wait_output(child, Duration::from_secs(120))
 }
 
-fn wait_output(mut child: Child, timeout: Duration) -> Output {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if child.try_wait().unwrap().is_some() {
-            return child.wait_with_output().unwrap();
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let out = child.wait_with_output().unwrap();
-            panic!(
-                "walagent did not finish in {timeout:?}; stderr:\n{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-fn assert_ok(o: &Output) {
-    assert!(
-        o.status.success(),
-        "walagent failed ({:?}):\n{}",
-        o.status,
-        stderr(o)
-    );
-}
-
-/// The last line walagent printed: the one-line error.
-fn error_line(o: &Output) -> String {
-    stderr(o)
-        .lines()
-        .rev()
-        .find(|l| !l.trim().is_empty())
-        .unwrap_or_default()
-        .to_string()
-}
-
 fn stream_args<'a>(source: &'a str, archive: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
     let mut v = vec![
         "stream",
@@ -99,12 +60,6 @@ fn spawn_stream(source: &str, archive: &str, extra: &[&str]) -> Child {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap()
-}
-
-fn sigterm(child: &Child) {
-    unsafe {
-        libc::kill(child.id() as i32, libc::SIGTERM);
-    }
 }
 
 /// Names of complete segments in the archive (`wal/<name>.zst` or raw), sorted.
@@ -221,7 +176,7 @@ fn archives_segments_byte_identical_to_pg_wal() {
     // A segment the archive does not have: exit 1 (restore_command's "not available"), no DEST.
     let dest = archive.path().join("RECOVERYXLOG");
     let out = fetch(archive.path(), "0000000100000000000000FE", &dest);
-    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert_eq!(out.status.code(), Some(1), "{}", stderr_of(&out));
     assert!(
         error_line(&out).contains("0000000100000000000000FE"),
         "{}",
@@ -442,7 +397,7 @@ fn auth_methods_and_tls() {
             out.status.success(),
             "{}: {}",
             mask_password(&uri),
-            stderr(&out)
+            stderr_of(&out)
         );
     }
     // verify-full without the CA certificate says which file is missing.
@@ -477,9 +432,9 @@ fn clear_errors_for_bad_setups() {
         "{line}"
     );
     assert!(
-        !stderr(&out).contains("not-the-Secret-42"),
+        !stderr_of(&out).contains("not-the-Secret-42"),
         "password leaked: {}",
-        stderr(&out)
+        stderr_of(&out)
     );
 
     // Unreachable host.
@@ -527,7 +482,11 @@ fn clear_errors_for_bad_setups() {
     // Not a number where an LSN belongs: a usage error before connecting.
     let out = run(&stream_args(&pg.repl_uri(), &a, &["--endpos", "12345"]));
     assert!(!out.status.success());
-    assert!(stderr(&out).contains("invalid LSN"), "{}", stderr(&out));
+    assert!(
+        stderr_of(&out).contains("invalid LSN"),
+        "{}",
+        stderr_of(&out)
+    );
 }
 
 #[test]
@@ -570,7 +529,7 @@ fn wal_fetch_refuses_bad_names_and_uninitialised_archives() {
     // No walagent.json: a wrong --archive, reported as an error that stops recovery (exit 126),
     // not as "not found".
     let out = fetch(archive.path(), "000000010000000000000042", &dest);
-    assert_eq!(out.status.code(), Some(126), "{}", stderr(&out));
+    assert_eq!(out.status.code(), Some(126), "{}", stderr_of(&out));
     assert!(
         error_line(&out).contains("walagent.json"),
         "{}",

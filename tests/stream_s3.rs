@@ -4,18 +4,25 @@
 mod support;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use support::s3::S3Server;
-use support::{walagent, PgCluster, PgOptions};
+use support::{
+    assert_ok, error_line, sigterm, stderr_of, wait_output, walagent, PgCluster, PgOptions,
+};
 
 const SLOT: &str = "walagent_s3";
 const PREFIX: &str = "cluster1";
 
 fn pg() -> PgCluster {
-    let pg = PgCluster::start(PgOptions { wal_segment_size_mb: Some(1), ..Default::default() });
-    pg.psql(&format!("SELECT pg_create_physical_replication_slot('{SLOT}', true)"));
+    let pg = PgCluster::start(PgOptions {
+        wal_segment_size_mb: Some(1),
+        ..Default::default()
+    });
+    pg.psql(&format!(
+        "SELECT pg_create_physical_replication_slot('{SLOT}', true)"
+    ));
     pg
 }
 
@@ -29,50 +36,20 @@ fn archive_url(s3: &S3Server) -> String {
     format!("s3://{}/{PREFIX}", s3.bucket())
 }
 
-fn wait_output(mut child: Child, timeout: Duration) -> Output {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if child.try_wait().unwrap().is_some() {
-            return child.wait_with_output().unwrap();
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let out = child.wait_with_output().unwrap();
-            panic!("walagent did not finish in {timeout:?}; stderr:\n{}", String::from_utf8_lossy(&out.stderr));
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-fn run(mut cmd: Command) -> Output {
-    let child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
-    wait_output(child, Duration::from_secs(180))
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-fn error_line(o: &Output) -> String {
-    stderr(o).lines().rev().find(|l| !l.trim().is_empty()).unwrap_or_default().to_string()
-}
-
-fn assert_ok(o: &Output) {
-    assert!(o.status.success(), "walagent failed ({:?}):\n{}", o.status, stderr(o));
-}
-
 fn stream_cmd(s3: &S3Server, pg: &PgCluster, spool: &Path, extra: &[&str]) -> Command {
     let mut c = agent(s3);
-    c.args(["stream", "--source", &pg.repl_uri(), "--archive", &archive_url(s3), "--slot", SLOT]);
+    c.args([
+        "stream",
+        "--source",
+        &pg.repl_uri(),
+        "--archive",
+        &archive_url(s3),
+        "--slot",
+        SLOT,
+    ]);
     c.arg("--spool").arg(spool);
     c.args(extra);
     c
-}
-
-fn sigterm(child: &Child) {
-    unsafe {
-        libc::kill(child.id() as i32, libc::SIGTERM);
-    }
 }
 
 /// Complete segment names stored in the bucket, sorted.
@@ -94,8 +71,11 @@ fn archived(s3: &S3Server) -> Vec<String> {
 
 fn fetch(s3: &S3Server, name: &str, dest: &Path, extra: &[&str]) -> Output {
     let mut c = agent(s3);
-    c.args(["wal-fetch", "--archive", &archive_url(s3)]).args(extra).arg(name).arg(dest);
-    run(c)
+    c.args(["wal-fetch", "--archive", &archive_url(s3)])
+        .args(extra)
+        .arg(name)
+        .arg(dest);
+    support::run_command(c)
 }
 
 fn assert_identical(pg: &PgCluster, s3: &S3Server, names: &[String]) {
@@ -103,19 +83,30 @@ fn assert_identical(pg: &PgCluster, s3: &S3Server, names: &[String]) {
     for name in names {
         let dest = work.path().join(name);
         assert_ok(&fetch(s3, name, &dest, &[]));
-        assert!(std::fs::read(&dest).unwrap() == pg.read_wal_file(name), "segment {name} differs from pg_wal");
+        assert!(
+            std::fs::read(&dest).unwrap() == pg.read_wal_file(name),
+            "segment {name} differs from pg_wal"
+        );
     }
 }
 
 fn assert_contiguous(names: &[String]) {
-    let nums: Vec<u64> = names.iter().map(|n| u64::from_str_radix(&n[8..], 16).unwrap()).collect();
+    let nums: Vec<u64> = names
+        .iter()
+        .map(|n| u64::from_str_radix(&n[8..], 16).unwrap())
+        .collect();
     for w in nums.windows(2) {
-        assert!(w[1] == w[0] + 1 || (w[0] & 0xFF) == 0xFF, "gap in the archive: {names:?}");
+        assert!(
+            w[1] == w[0] + 1 || (w[0] & 0xFF) == 0xFF,
+            "gap in the archive: {names:?}"
+        );
     }
 }
 
 fn slot_restart_lsn(pg: &PgCluster) -> String {
-    pg.psql(&format!("SELECT restart_lsn FROM pg_replication_slots WHERE slot_name = '{SLOT}'"))
+    pg.psql(&format!(
+        "SELECT restart_lsn FROM pg_replication_slots WHERE slot_name = '{SLOT}'"
+    ))
 }
 
 #[test]
@@ -126,17 +117,34 @@ fn streams_into_s3_and_fetches_back_identical_segments() {
     pg.generate_wal(5);
     pg.switch_wal();
     let end = pg.current_lsn();
-    assert_ok(&run(stream_cmd(&s3, &pg, spool.path(), &["--endpos", &end, "--no-loop"])));
+    assert_ok(&support::run_command(stream_cmd(
+        &s3,
+        &pg,
+        spool.path(),
+        &["--endpos", &end, "--no-loop"],
+    )));
     let names = archived(&s3);
     assert!(names.len() >= 5, "{names:?}");
     assert_contiguous(&names);
     assert_identical(&pg, &s3, &names);
-    assert_eq!(slot_restart_lsn(&pg), end, "the slot advances to what is in the bucket");
+    assert_eq!(
+        slot_restart_lsn(&pg),
+        end,
+        "the slot advances to what is in the bucket"
+    );
     // Nothing left behind in the spool once everything is in the bucket.
-    let left: Vec<_> = std::fs::read_dir(spool.path()).unwrap().filter_map(|e| e.ok()).collect();
+    let left: Vec<_> = std::fs::read_dir(spool.path())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .collect();
     assert!(left.is_empty(), "spool not empty: {left:?}");
     // History, metadata and prefetching wal-fetch.
-    assert!(s3.data_dir().join(s3.bucket()).join(PREFIX).join("walagent.json").exists());
+    assert!(s3
+        .data_dir()
+        .join(s3.bucket())
+        .join(PREFIX)
+        .join("walagent.json")
+        .exists());
 }
 
 #[test]
@@ -146,19 +154,33 @@ fn endpos_inside_a_segment_is_durable_in_the_bucket() {
     let spool = support::tempdir();
     pg.generate_wal(2);
     let mid = pg.current_lsn();
-    assert_ok(&run(stream_cmd(&s3, &pg, spool.path(), &["--endpos", &mid, "--no-loop"])));
+    assert_ok(&support::run_command(stream_cmd(
+        &s3,
+        &pg,
+        spool.path(),
+        &["--endpos", &mid, "--no-loop"],
+    )));
     // The unfinished segment is in the bucket as a partial, and the slot covers exactly it.
     assert_eq!(slot_restart_lsn(&pg), mid);
     let name = pg.walfile_name(&mid);
     let dest = spool.path().join("fetched");
     let out = fetch(&s3, &name, &dest, &[]);
-    assert_eq!(out.status.code(), Some(1), "only a partial exists: {}", stderr(&out));
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "only a partial exists: {}",
+        stderr_of(&out)
+    );
     assert_ok(&fetch(&s3, &name, &dest, &["--allow-partial"]));
     let ours = std::fs::read(&dest).unwrap();
     let theirs = pg.read_wal_file(&name);
-    let upto = (u64::from_str_radix(mid.split('/').nth(1).unwrap(), 16).unwrap() % (1 << 20)) as usize;
+    let upto =
+        (u64::from_str_radix(mid.split('/').nth(1).unwrap(), 16).unwrap() % (1 << 20)) as usize;
     assert_eq!(ours.len(), theirs.len());
-    assert!(ours[..upto] == theirs[..upto], "partial content differs from pg_wal");
+    assert!(
+        ours[..upto] == theirs[..upto],
+        "partial content differs from pg_wal"
+    );
 }
 
 #[test]
@@ -166,13 +188,22 @@ fn s3_outage_under_load_loses_nothing() {
     let s3 = S3Server::start();
     let pg = pg();
     let spool = support::tempdir();
-    let agent = stream_cmd(&s3, &pg, spool.path(), &["--status-interval", "1", "--partial-interval", "1"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let agent = stream_cmd(
+        &s3,
+        &pg,
+        spool.path(),
+        &["--status-interval", "1", "--partial-interval", "1"],
+    )
+    .stdout(Stdio::null())
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
     pg.generate_wal(3);
-    support::wait_until(Duration::from_secs(60), "first segments in the bucket", || archived(&s3).len() >= 2);
+    support::wait_until(
+        Duration::from_secs(60),
+        "first segments in the bucket",
+        || archived(&s3).len() >= 2,
+    );
     s3.stop();
     let before = archived(&s3);
     pg.generate_wal(6);
@@ -183,7 +214,9 @@ fn s3_outage_under_load_loses_nothing() {
     let segno = u64::from_str_radix(&last_in_bucket[8..], 16).unwrap();
     let bucket_end = format!("{:X}/{:X}", (segno + 1) >> 12, ((segno + 1) & 0xFFF) << 20);
     assert_eq!(
-        pg.psql(&format!("SELECT '{restart}'::pg_lsn <= '{bucket_end}'::pg_lsn")),
+        pg.psql(&format!(
+            "SELECT '{restart}'::pg_lsn <= '{bucket_end}'::pg_lsn"
+        )),
         "t",
         "slot at {restart} passed the bucket's end {bucket_end} during the outage"
     );
@@ -191,7 +224,9 @@ fn s3_outage_under_load_loses_nothing() {
     pg.switch_wal();
     let end = pg.current_lsn();
     let last = pg.psql(&format!("SELECT pg_walfile_name('{end}'::pg_lsn - 1)"));
-    support::wait_until(Duration::from_secs(120), "the archive catches up", || archived(&s3).contains(&last));
+    support::wait_until(Duration::from_secs(120), "the archive catches up", || {
+        archived(&s3).contains(&last)
+    });
     sigterm(&agent);
     assert_ok(&wait_output(agent, Duration::from_secs(60)));
     let names = archived(&s3);
@@ -210,7 +245,9 @@ fn kill9_with_uploads_in_flight_resumes_without_damage() {
         .spawn()
         .unwrap();
     pg.generate_wal(3);
-    support::wait_until(Duration::from_secs(60), "uploads started", || !archived(&s3).is_empty());
+    support::wait_until(Duration::from_secs(60), "uploads started", || {
+        !archived(&s3).is_empty()
+    });
     std::thread::scope(|sc| {
         sc.spawn(|| pg.generate_wal(6));
         std::thread::sleep(Duration::from_millis(400));
@@ -219,7 +256,12 @@ fn kill9_with_uploads_in_flight_resumes_without_damage() {
     });
     pg.switch_wal();
     let end = pg.current_lsn();
-    assert_ok(&run(stream_cmd(&s3, &pg, spool.path(), &["--endpos", &end, "--no-loop"])));
+    assert_ok(&support::run_command(stream_cmd(
+        &s3,
+        &pg,
+        spool.path(),
+        &["--endpos", &end, "--no-loop"],
+    )));
     let names = archived(&s3);
     assert!(names.len() >= 9, "{names:?}");
     assert_contiguous(&names);
@@ -234,9 +276,19 @@ fn corrupt_object_is_refused_by_wal_fetch() {
     pg.generate_wal(2);
     pg.switch_wal();
     let end = pg.current_lsn();
-    assert_ok(&run(stream_cmd(&s3, &pg, spool.path(), &["--endpos", &end, "--no-loop"])));
+    assert_ok(&support::run_command(stream_cmd(
+        &s3,
+        &pg,
+        spool.path(),
+        &["--endpos", &end, "--no-loop"],
+    )));
     let name = archived(&s3).last().unwrap().clone();
-    let object: PathBuf = s3.data_dir().join(s3.bucket()).join(PREFIX).join("wal").join(format!("{name}.zst"));
+    let object: PathBuf = s3
+        .data_dir()
+        .join(s3.bucket())
+        .join(PREFIX)
+        .join("wal")
+        .join(format!("{name}.zst"));
     let mut bytes = std::fs::read(&object).unwrap();
     let mid = bytes.len() / 2;
     bytes[mid] ^= 0x40;
@@ -244,13 +296,21 @@ fn corrupt_object_is_refused_by_wal_fetch() {
     let dest = spool.path().join("RECOVERYXLOG");
     let out = fetch(&s3, &name, &dest, &[]);
     assert!(!out.status.success());
-    assert_ne!(out.status.code(), Some(1), "corruption is an error, not 'not found'");
+    assert_ne!(
+        out.status.code(),
+        Some(1),
+        "corruption is an error, not 'not found'"
+    );
     assert!(error_line(&out).contains("corrupt"), "{}", error_line(&out));
     assert!(!dest.exists());
     // Truncated object: the same.
     std::fs::write(&object, &bytes[..mid]).unwrap();
     let out = fetch(&s3, &name, &dest, &[]);
-    assert!(!out.status.success() && error_line(&out).contains("corrupt"), "{}", error_line(&out));
+    assert!(
+        !out.status.success() && error_line(&out).contains("corrupt"),
+        "{}",
+        error_line(&out)
+    );
     assert!(!dest.exists());
 }
 
@@ -262,26 +322,55 @@ fn bad_s3_settings_are_clear_errors() {
     // Wrong secret key.
     let mut c = stream_cmd(&s3, &pg, spool.path(), &["--no-loop"]);
     c.env("AWS_SECRET_ACCESS_KEY", "wrong-Secret-777");
-    let out = run(c);
+    let out = support::run_command(c);
     assert!(!out.status.success());
     let line = error_line(&out);
-    assert!(line.contains("AWS_SECRET_ACCESS_KEY") || line.contains("credentials"), "{line}");
-    assert!(!stderr(&out).contains("wrong-Secret-777"), "secret leaked");
+    assert!(
+        line.contains("AWS_SECRET_ACCESS_KEY") || line.contains("credentials"),
+        "{line}"
+    );
+    assert!(
+        !stderr_of(&out).contains("wrong-Secret-777"),
+        "secret leaked"
+    );
     // Missing bucket.
     let mut c = agent(&s3);
-    c.args(["stream", "--source", &pg.repl_uri(), "--archive", "s3://no-such-bucket/x", "--slot", SLOT]);
+    c.args([
+        "stream",
+        "--source",
+        &pg.repl_uri(),
+        "--archive",
+        "s3://no-such-bucket/x",
+        "--slot",
+        SLOT,
+    ]);
     c.arg("--spool").arg(spool.path()).arg("--no-loop");
-    let out = run(c);
+    let out = support::run_command(c);
     assert!(!out.status.success());
-    assert!(error_line(&out).contains("no-such-bucket"), "{}", error_line(&out));
+    assert!(
+        error_line(&out).contains("no-such-bucket"),
+        "{}",
+        error_line(&out)
+    );
     // Unreachable endpoint.
-    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let mut c = stream_cmd(&s3, &pg, spool.path(), &["--no-loop"]);
     c.env("AWS_ENDPOINT_URL", format!("http://127.0.0.1:{closed}"));
     let started = Instant::now();
-    let out = run(c);
+    let out = support::run_command(c);
     assert!(!out.status.success());
-    assert!(started.elapsed() < Duration::from_secs(90), "took {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(90),
+        "took {:?}",
+        started.elapsed()
+    );
     let line = error_line(&out);
-    assert!(line.contains(&closed.to_string()) || line.to_lowercase().contains("connect"), "{line}");
+    assert!(
+        line.contains(&closed.to_string()) || line.to_lowercase().contains("connect"),
+        "{line}"
+    );
 }

@@ -1469,3 +1469,67 @@ fn write_tls_files(dir: &Path, pgdata: &Path) {
     fs::write(&ca_path, ca_cert.pem()).unwrap();
     fs::set_permissions(&ca_path, fs::Permissions::from_mode(0o644)).unwrap();
 }
+
+// ---------------------------------------------------------------------------------------------
+// Running walagent
+// ---------------------------------------------------------------------------------------------
+
+/// Waits for a walagent process, killing it after `timeout`, and returns its output.
+pub fn wait_output(mut child: std::process::Child, timeout: Duration) -> std::process::Output {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if child.try_wait().unwrap().is_some() {
+            return child.wait_with_output().unwrap();
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "walagent did not finish in {timeout:?}; stderr:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Runs a prepared walagent command to completion (3 minutes at most).
+pub fn run_command(mut cmd: Command) -> std::process::Output {
+    let child = cmd
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_output(child, Duration::from_secs(180))
+}
+
+pub fn stderr_of(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// The last line walagent printed: its one-line error.
+pub fn error_line(o: &std::process::Output) -> String {
+    stderr_of(o)
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or_default()
+        .to_string()
+}
+
+pub fn assert_ok(o: &std::process::Output) {
+    assert!(
+        o.status.success(),
+        "walagent failed ({:?}):\n{}",
+        o.status,
+        stderr_of(o)
+    );
+}
+
+/// Asks a process to stop as an operator would.
+pub fn sigterm(child: &std::process::Child) {
+    // SAFETY: kill(2) on a pid we own; no memory is involved.
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGTERM);
+    }
+}
