@@ -718,7 +718,11 @@ impl Receiver {
             .snapshot(&self.spool, self.snapshot_seq)
             .map_err(|e| spool_err(&self.spool, e))?;
         self.last_snapshot = p.end_lsn();
-        Ok(Job::Snapshot { id: p.id, path, end: p.end_lsn() })
+        Ok(Job::Snapshot {
+            id: p.id,
+            path,
+            end: p.end_lsn(),
+        })
     }
 
     /// Queues an upload of what the partial holds so far; waits for room in the queue.
