@@ -8,10 +8,15 @@
 #     for seg in SEGMENTS: walagent wal-fetch --archive A --prefetch P SEG OUT/SEG
 # (DEST is OUT/SEG rather than OUT/RECOVERYXLOG only to keep every segment for the check.)
 # for P = 0 (no prefetch) and each of PREFETCH_LIST, and reports segments/s and the ratio to P = 0.
+# Columns: s3srv_cpu_s is the CPU s3s-fs used during the run (on real S3 that is not yours),
+# busy_cpu_s the whole machine's busy CPU (walagent processes + s3s-fs + whatever else runs).
 # Every run starts with an empty pg_wal stand-in (so an empty cache), and every run's output is
 # checked (sha256) against the P = 0 run from the local directory. Runs alternate between modes.
 # There is no replay between calls (set BENCH_REPLAY_MS to add a sleep per segment): the worst
 # case for prefetch, which then has no head start.
+#
+# Caveat: s3s-fs on loopback stalls about 41 ms per GET (Nagle meets delayed ACK), which inflates
+# the serial baseline (two GETs per call); see proto-notes/prefetch.md for measured figures.
 #
 # Usage: benches/wal_fetch.sh [NSEG] [RUNS]         (defaults: 64 segments, 3 runs of each mode)
 # Needs: PostgreSQL server binaries (PG_BIN), s3s-fs (S3S_FS; `cargo install s3s-fs --version
@@ -76,7 +81,7 @@ stop_workers() { # kill prefetch workers left by a run (they would linger up to 
     [[ -f $f ]] || continue
     pid=$(cat "$f" 2>/dev/null || true)
     # the pid in the lock file may be stale: only a walagent prefetch worker is killed
-    [[ $pid =~ ^[0-9]+$ ]] && tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q -- '--prefetch-worker' \
+    [[ $pid =~ ^[0-9]+$ ]] && tr '\0' ' ' 2>/dev/null <"/proc/$pid/cmdline" | grep -q -- '--prefetch-worker' \
       && kill "$pid" 2>/dev/null
   done
   return 0
@@ -173,11 +178,15 @@ wait_quiet() { # until the machine is at least 85 % idle over 2 s (at most BENCH
 }
 
 REPLAY_S=$(awk -v m="$REPLAY_MS" 'BEGIN{printf "%.3f", m/1000}')
-one_run() { # archive prefetch -> prints wall seconds; leaves the segments in $DIR/out
-  local archive=$1 p=$2 t0 t1 s
+TICK=$(getconf CLK_TCK)
+busy_ticks() { head -1 /proc/stat | awk '{print $2+$3+$4+$7+$8}'; }
+s3_ticks() { awk '{print $14+$15}' "/proc/$S3_PID/stat"; }
+one_run() { # archive prefetch -> prints "wall_s s3srv_cpu_s busy_cpu_s"; leaves the segments in $DIR/out
+  local archive=$1 p=$2 t0 t1 s b0 b1 c0 c1
   stop_workers
   rm -rf "$DIR/out"; mkdir -p "$DIR/out"
   sync; wait_quiet
+  b0=$(busy_ticks); c0=$(s3_ticks)
   t0=$(date +%s.%N)
   for s in "${SEGS[@]}"; do
     "$WALAGENT" wal-fetch --archive "$archive" --prefetch "$p" "$s" "$DIR/out/$s" \
@@ -185,15 +194,17 @@ one_run() { # archive prefetch -> prints wall seconds; leaves the segments in $D
     [[ $REPLAY_MS == 0 ]] || sleep "$REPLAY_S"
   done
   t1=$(date +%s.%N)
+  b1=$(busy_ticks); c1=$(s3_ticks)
   stop_workers
-  awk -v a="$t0" -v b="$t1" 'BEGIN{printf "%.3f", b-a}'
+  awk -v a="$t0" -v b="$t1" -v c=$((c1 - c0)) -v d=$((b1 - b0)) -v t="$TICK" \
+    'BEGIN{printf "%.3f %.2f %.2f\n", b-a, c/t, d/t}'
 }
 
 checksums() { (cd "$DIR/out" && sha256sum "${SEGS[@]}"); }
 
 declare -A WALLS=()
 REF=''
-printf 'mode\tprefetch\trun\twall_s\tsegments/s\tMiB/s\tload_avg\n'
+printf 'mode\tprefetch\trun\twall_s\tsegments/s\tMiB/s\ts3srv_cpu_s\tbusy_cpu_s\tload_avg\n'
 for run in $(seq 1 "$RUNS"); do
   for mode in $MODES; do
     case $mode in
@@ -203,13 +214,13 @@ for run in $(seq 1 "$RUNS"); do
     esac
     for p in 0 $PREFETCH_LIST; do
       la=$(loadavg)
-      wall=$(one_run "$archive" "$p")
+      read -r wall s3cpu busy < <(one_run "$archive" "$p")
       sums=$(checksums)
       if [[ -z $REF ]]; then REF=$sums; fi
       [[ $sums == "$REF" ]] || die "$mode prefetch $p run $run: restored segments differ from the first run"
-      printf '%s\t%s\t%s\t%s\t%.1f\t%.0f\t%s\n' "$mode" "$p" "$run" "$wall" \
+      printf '%s\t%s\t%s\t%s\t%.1f\t%.0f\t%s\t%s\t%s\n' "$mode" "$p" "$run" "$wall" \
         "$(awk -v n="$NSEG" -v w="$wall" 'BEGIN{print n/w}')" \
-        "$(awk -v n="$NSEG" -v m="$SEG_MB" -v w="$wall" 'BEGIN{print n*m/w}')" "$la"
+        "$(awk -v n="$NSEG" -v m="$SEG_MB" -v w="$wall" 'BEGIN{print n*m/w}')" "$s3cpu" "$busy" "$la"
       WALLS[$mode/$p]="${WALLS[$mode/$p]:-} $wall"
     done
   done
