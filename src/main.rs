@@ -14,6 +14,7 @@ use walagent::receive::{self, AckMode, Finished, StreamOptions};
 use walagent::restore::wal_fetch;
 
 fn main() -> ExitCode {
+    limit_heap_growth();
     let cli = Cli::parse();
     init_logging();
     let runtime = match tokio::runtime::Builder::new_current_thread()
@@ -27,6 +28,17 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Stream(args) => runtime.block_on(stream(args)),
         Command::WalFetch(args) => runtime.block_on(fetch(args)),
+    }
+}
+
+/// Keeps large buffers (whole compressed segments for S3 PUTs) out of glibc's per-thread arenas.
+/// By default glibc raises its mmap threshold after the first large free, after which every later
+/// segment-sized buffer is carved from an arena and stays resident. A fixed threshold returns them
+/// to the kernel on free.
+fn limit_heap_growth() {
+    // SAFETY: mallopt only adjusts allocator parameters; called before any other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
     }
 }
 
