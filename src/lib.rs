@@ -4,6 +4,7 @@
 //! [`archive`] stores. [`restore`] reads the archive back.
 
 pub mod archive;
+pub mod backup;
 pub mod cli;
 pub mod protocol;
 pub mod receive;

@@ -5,6 +5,7 @@
 //! [`codec`] is pure encode/decode (unit-tested with byte fixtures); [`connection`] does the
 //! socket I/O; [`replication`] adds the typed commands.
 
+pub mod basebackup;
 pub mod codec;
 pub mod connection;
 pub mod conninfo;

@@ -1,0 +1,12 @@
+//! Base backups: what walagent needs beyond the wire protocol to take and check a physical base
+//! backup.
+//!
+//! The COPY sub-protocol of `BASE_BACKUP` is decoded in [`crate::protocol::basebackup`]; this
+//! module holds what comes out of it. [`manifest`] parses the server's `backup_manifest` (JSON,
+//! versions 1 and 2), verifies its own SHA-256 `Manifest-Checksum`, and checks file contents
+//! against their per-file checksums (CRC32C, SHA-224/256/384/512 or none).
+//!
+//! A backup taken with `WAL false` needs the WAL between the manifest's `WAL-Ranges` start and end
+//! LSNs from walagent's archive before it can be restored. See `proto-notes/base-backup.md`.
+
+pub mod manifest;
