@@ -11,7 +11,7 @@
 //!
 //! See `proto-notes/archive-layout.md`.
 
-use crate::archive::{Compression, ObjectInfo};
+use crate::archive::Compression;
 use crate::wal::{history_file_name, parse_history_file_name, SegmentId, SegmentSize};
 
 /// Key of the archive metadata object.
@@ -79,55 +79,12 @@ pub fn parse_wal_key(key: &str, size: SegmentSize) -> Option<WalObject> {
     })
 }
 
-/// The newest segment in `objects`, by pg_receivewal's rule (`FindStreamingStart`): highest
-/// segment number, ties broken by the higher timeline, and a complete segment preferred over a
-/// partial one. Returns the segment and whether the chosen object is partial. Streaming resumes
-/// at the start of a partial segment, or after a complete one.
-///
-/// Like pg_receivewal, a raw (uncompressed) complete segment whose size is not the segment size is
-/// skipped; compressed objects cannot be judged by their size and are taken as they are.
-pub fn latest_segment(objects: &[ObjectInfo], size: SegmentSize) -> Option<(SegmentId, bool)> {
-    let mut best: Option<(SegmentId, bool)> = None;
-    for o in objects {
-        let Some(WalObject::Segment {
-            id,
-            partial,
-            compressed,
-        }) = parse_wal_key(&o.key, size)
-        else {
-            continue;
-        };
-        if !partial && !compressed && o.size != u64::from(size.bytes()) {
-            continue;
-        }
-        let better = match best {
-            None => true,
-            Some((b, b_partial)) => {
-                id.segno > b.segno
-                    || (id.segno == b.segno && id.timeline > b.timeline)
-                    || (id == b && b_partial && !partial)
-            }
-        };
-        if better {
-            best = Some((id, partial));
-        }
-    }
-    best
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     const S16: SegmentSize = SegmentSize::DEFAULT;
     const Z: Compression = Compression::DEFAULT;
-
-    fn obj(key: &str, size: u64) -> ObjectInfo {
-        ObjectInfo {
-            key: key.to_string(),
-            size,
-        }
-    }
 
     #[test]
     fn keys() {
@@ -207,88 +164,5 @@ mod tests {
         ] {
             assert_eq!(parse_wal_key(key, S16), None, "{key}");
         }
-    }
-
-    #[test]
-    fn latest_follows_pg_receivewal() {
-        let full = u64::from(S16.bytes());
-        assert_eq!(latest_segment(&[], S16), None);
-        assert_eq!(
-            latest_segment(
-                &[obj("walagent.json", 10), obj("wal/00000002.history", 40)],
-                S16
-            ),
-            None
-        );
-
-        // Highest segno wins regardless of timeline.
-        let objs = [
-            obj("wal/000000010000000000000005.zst", 100),
-            obj("wal/000000020000000000000004.zst", 100),
-            obj("wal/00000002.history", 40),
-        ];
-        assert_eq!(
-            latest_segment(&objs, S16),
-            Some((SegmentId::new(1, 5), false))
-        );
-
-        // Same segno: higher timeline wins, even when partial.
-        let objs = [
-            obj("wal/000000010000000000000005.zst", 100),
-            obj("wal/000000020000000000000005.partial.zst", 100),
-        ];
-        assert_eq!(
-            latest_segment(&objs, S16),
-            Some((SegmentId::new(2, 5), true))
-        );
-
-        // Same segment: complete preferred over partial, in either order.
-        for objs in [
-            [
-                obj("wal/000000010000000000000005.partial.zst", 10),
-                obj("wal/000000010000000000000005.zst", 10),
-            ],
-            [
-                obj("wal/000000010000000000000005.zst", 10),
-                obj("wal/000000010000000000000005.partial", 10),
-            ],
-        ] {
-            assert_eq!(
-                latest_segment(&objs, S16),
-                Some((SegmentId::new(1, 5), false))
-            );
-        }
-
-        // Partial alone at the top.
-        let objs = [
-            obj("wal/000000010000000000000005", full),
-            obj("wal/000000010000000000000006.partial", 300),
-        ];
-        assert_eq!(
-            latest_segment(&objs, S16),
-            Some((SegmentId::new(1, 6), true))
-        );
-
-        // A raw complete segment of the wrong size is skipped; other keys are ignored.
-        let objs = [
-            obj("wal/000000010000000000000005", full),
-            obj("wal/000000010000000000000006", 1234),
-            obj("wal/.000000010000000000000007.tmp.1.0", full),
-            obj("wal/000000010000000000000008.gz", 10),
-        ];
-        assert_eq!(
-            latest_segment(&objs, S16),
-            Some((SegmentId::new(1, 5), false))
-        );
-
-        // Crossing an xlogid boundary: 0/FF < 1/00.
-        let objs = [
-            obj("wal/0000000100000000000000FF.zst", 1),
-            obj("wal/000000010000000100000000.zst", 1),
-        ];
-        assert_eq!(
-            latest_segment(&objs, S16),
-            Some((SegmentId::new(1, 0x100), false))
-        );
     }
 }

@@ -69,6 +69,19 @@ impl StoreError {
         }
     }
 
+    /// The fix for failures with a well-known one.
+    pub fn hint(&self) -> Option<String> {
+        match self {
+            StoreError::Conflict { .. } => {
+                Some("use a separate archive for each cluster and run one agent per archive".into())
+            }
+            StoreError::Io { .. } => {
+                Some("check free space and permissions of the archive and spool directories".into())
+            }
+            _ => None,
+        }
+    }
+
     /// Failures that a retry after a pause may cure.
     pub fn is_transient(&self) -> bool {
         matches!(self, StoreError::Unavailable { .. })

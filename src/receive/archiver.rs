@@ -11,7 +11,7 @@
 //! the WAL on the server. Any other store error stops the archiver.
 
 use std::collections::{HashSet, VecDeque};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -68,18 +68,7 @@ pub enum ArchiverError {
 impl ArchiverError {
     pub fn hint(&self) -> Option<String> {
         match self {
-            ArchiverError::Store {
-                source: StoreError::Conflict { .. },
-                ..
-            } => {
-                Some("use a separate archive for each cluster and run one agent per archive".into())
-            }
-            ArchiverError::Store {
-                source: StoreError::Io { .. },
-                ..
-            } => {
-                Some("check free space and permissions of the archive and spool directories".into())
-            }
+            ArchiverError::Store { source, .. } => source.hint(),
             _ => None,
         }
     }
@@ -270,13 +259,15 @@ async fn archive_one(
         Compression::Zstd { level } => {
             let tmp = config.spool_dir.join(format!("{name}.{seq}.tmp"));
             let (src, dst) = (path.clone(), tmp.clone());
-            tokio::task::spawn_blocking(move || compress_segment(&src, &dst, level))
-                .await
-                .map_err(|e| ArchiverError::Crashed(e.to_string()))?
-                .map_err(|source| ArchiverError::Compress {
-                    path: path.display().to_string(),
-                    source,
-                })?;
+            tokio::task::spawn_blocking(move || {
+                compress::compress_file(&src, &dst, Compression::Zstd { level })
+            })
+            .await
+            .map_err(|e| ArchiverError::Crashed(e.to_string()))?
+            .map_err(|source| ArchiverError::Compress {
+                path: path.display().to_string(),
+                source,
+            })?;
             tmp
         }
     };
@@ -309,13 +300,4 @@ async fn archive_one(
     }
     tracing::debug!(object = %key, ms = started.elapsed().as_millis() as u64, "archived");
     Ok(done)
-}
-
-/// Streams `src` through zstd into the new file `dst`. Streaming keeps memory to the encoder's
-/// window and two small buffers, whatever the segment size.
-fn compress_segment(src: &Path, dst: &Path, level: i32) -> std::io::Result<u64> {
-    let mut input = std::fs::File::open(src)?;
-    let len = input.metadata()?.len();
-    let mut output = compress::create_private(dst)?;
-    compress::compress_streaming(&mut input, len, &mut output, level)
 }

@@ -137,9 +137,7 @@ impl ReceiveError {
                  the archive was left as it was"
                     .into(),
             ),
-            ReceiveError::Store { source: StoreError::Conflict { .. }, .. } => {
-                Some("use a separate archive for each cluster and run one agent per archive".into())
-            }
+            ReceiveError::Store { source, .. } => source.hint(),
             _ => None,
         }
     }
