@@ -9,4 +9,5 @@
 //! A backup taken with `WAL false` needs the WAL between the manifest's `WAL-Ranges` start and end
 //! LSNs from walagent's archive before it can be restored. See `proto-notes/base-backup.md`.
 
+pub mod catalog;
 pub mod manifest;
