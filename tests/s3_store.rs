@@ -703,3 +703,69 @@ async fn bad_settings_are_rejected() {
     .to_string();
     assert!(e.contains("part size"), "{e}");
 }
+
+async fn read_all(store: &dyn Store, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+    let Some(mut r) = store.open_reader(key).await? else {
+        return Ok(None);
+    };
+    let mut out = Vec::new();
+    while let Some(c) = r.next_chunk().await? {
+        out.extend_from_slice(&c);
+    }
+    Ok(Some(out))
+}
+
+/// Streamed objects (base backups): one PutObject when small, a multipart upload with parts in
+/// flight when not, nothing visible before finish, nothing left after abort.
+#[tokio::test]
+async fn streamed_writes_single_and_multipart() {
+    let s = S3Server::start();
+    let opts = S3Options {
+        part_size: 5 * MIB as u64,
+        ..S3Options::default()
+    };
+    let store = open_with(&s, "p", opts, s.settings()).await;
+
+    // Small: single PUT, whole-object CRC recorded.
+    let small = data(100_000, 7);
+    let mut w = store.create_writer("backups/a/base.tar.zst").await.unwrap();
+    for c in small.chunks(30_000) {
+        w.write(Bytes::copy_from_slice(c)).await.unwrap();
+    }
+    assert_eq!(w.finish().await.unwrap(), small.len() as u64);
+    assert_eq!(
+        read_all(&store, "backups/a/base.tar.zst").await.unwrap(),
+        Some(small)
+    );
+
+    // Large: 23 MiB + 5 in odd-sized writes -> 5 parts, several in flight.
+    let big = data(23 * MIB + 5, 8);
+    let mut w = store
+        .create_writer("backups/a/16385.tar.zst")
+        .await
+        .unwrap();
+    for c in big.chunks(777_777) {
+        w.write(Bytes::copy_from_slice(c)).await.unwrap();
+    }
+    assert_eq!(
+        read_all(&store, "backups/a/16385.tar.zst").await.unwrap(),
+        None,
+        "not visible before finish"
+    );
+    assert_eq!(w.finish().await.unwrap(), big.len() as u64);
+    let back = read_all(&store, "backups/a/16385.tar.zst")
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(back == big, "multipart object differs");
+
+    // Aborted: nothing under the key.
+    let mut w = store.create_writer("backups/b/base.tar.zst").await.unwrap();
+    w.write(Bytes::from(data(12 * MIB, 9))).await.unwrap();
+    w.abort().await;
+    assert_eq!(
+        read_all(&store, "backups/b/base.tar.zst").await.unwrap(),
+        None
+    );
+    assert_eq!(read_all(&store, "backups/zzz").await.unwrap(), None);
+}

@@ -18,7 +18,7 @@ use bytes::Bytes;
 
 use super::compress::create_private;
 use super::layout::WAL_PREFIX;
-use super::{ObjectInfo, PutMode, Store, StoreError};
+use super::{ObjectInfo, ObjectReader, ObjectWriter, PutMode, Store, StoreError};
 
 /// An archive rooted at a local directory. Keys map to paths below the root ('/' separated).
 #[derive(Debug, Clone)]
@@ -363,6 +363,33 @@ impl Store for LocalStore {
         let (this, key) = (self.clone(), key.to_string());
         blocking(move || this.delete_blocking(&key)).await
     }
+
+    async fn create_writer(&self, key: &str) -> Result<Box<dyn ObjectWriter>, StoreError> {
+        let store = self.clone();
+        let key = key.to_string();
+        blocking(move || {
+            let path = store.path_of(&key)?;
+            let dir = store.ensure_parent(&path)?;
+            let tmp = TempFile::create(&path)?;
+            Ok(Box::new(LocalWriter {
+                key,
+                target: path,
+                dir,
+                tmp: Some(tmp),
+                written: 0,
+            }) as Box<dyn ObjectWriter>)
+        })
+        .await
+    }
+
+    async fn open_reader(&self, key: &str) -> Result<Option<Box<dyn ObjectReader>>, StoreError> {
+        let path = self.path_of(key)?;
+        match tokio::fs::File::open(&path).await {
+            Ok(f) => Ok(Some(Box::new(LocalReader { file: f, path }))),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(read_obj_err(&path, e)),
+        }
+    }
 }
 
 async fn blocking<T: Send + 'static>(
@@ -640,6 +667,98 @@ fn walk(dir: &Path, base: &str, prefix: &str, out: &mut Vec<ObjectInfo>) -> Resu
         }
     }
     Ok(())
+}
+
+// ---- streaming objects ------------------------------------------------------------------------
+
+/// Writes into a temp file next to the target; `finish` fsyncs it, renames it into place and
+/// fsyncs the directory, so the object appears whole or not at all.
+struct LocalWriter {
+    key: String,
+    target: PathBuf,
+    dir: PathBuf,
+    /// Taken while a blocking write runs.
+    tmp: Option<TempFile>,
+    written: u64,
+}
+
+#[async_trait]
+impl ObjectWriter for LocalWriter {
+    async fn write(&mut self, data: Bytes) -> Result<(), StoreError> {
+        let Some(tmp) = self.tmp.take() else {
+            return Err(StoreError::io(
+                format!("cannot write archive object {}", self.key),
+                io::Error::other("an earlier write failed"),
+            ));
+        };
+        let n = data.len() as u64;
+        let tmp = blocking(move || {
+            (&tmp.file)
+                .write_all(&data)
+                .map_err(|e| write_err(&tmp.path, e))?;
+            Ok(tmp)
+        })
+        .await?;
+        self.tmp = Some(tmp);
+        self.written += n;
+        Ok(())
+    }
+
+    async fn finish(mut self: Box<Self>) -> Result<u64, StoreError> {
+        let Some(tmp) = self.tmp.take() else {
+            return Err(StoreError::io(
+                format!("cannot write archive object {}", self.key),
+                io::Error::other("an earlier write failed"),
+            ));
+        };
+        let (target, dir, key, written) = (
+            self.target.clone(),
+            self.dir.clone(),
+            self.key.clone(),
+            self.written,
+        );
+        blocking(move || {
+            tmp.file.sync_all().map_err(|e| write_err(&tmp.path, e))?;
+            let res = install(&tmp.path, &target, &key, PutMode::Replace);
+            drop(tmp);
+            res?;
+            fsync_dir(&dir)?;
+            Ok(written)
+        })
+        .await
+    }
+
+    async fn abort(mut self: Box<Self>) {
+        // Dropping the temp file removes it.
+        if let Some(tmp) = self.tmp.take() {
+            let _ = tokio::task::spawn_blocking(move || drop(tmp)).await;
+        }
+    }
+}
+
+struct LocalReader {
+    file: tokio::fs::File,
+    path: PathBuf,
+}
+
+#[async_trait]
+impl ObjectReader for LocalReader {
+    async fn next_chunk(&mut self) -> Result<Option<Bytes>, StoreError> {
+        use tokio::io::AsyncReadExt;
+        let mut buf = bytes::BytesMut::with_capacity(1 << 20);
+        while buf.len() < buf.capacity() {
+            match self.file.read_buf(&mut buf).await {
+                Ok(0) => break,
+                Ok(_) => {}
+                Err(e) => return Err(read_obj_err(&self.path, e)),
+            }
+        }
+        Ok(if buf.is_empty() {
+            None
+        } else {
+            Some(buf.freeze())
+        })
+    }
 }
 
 // ---- temp files -------------------------------------------------------------------------------
@@ -1124,5 +1243,43 @@ mod tests {
         }
         assert!(!pid_alive(DEAD_PID));
         assert!(pid_alive(std::process::id()));
+    }
+
+    #[tokio::test]
+    async fn streamed_write_appears_whole_and_abort_leaves_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::open(dir.path()).unwrap();
+        let mut w = store.create_writer("backups/x/base.tar.zst").await.unwrap();
+        w.write(Bytes::from_static(b"hello ")).await.unwrap();
+        w.write(Bytes::from_static(b"world")).await.unwrap();
+        assert!(store
+            .get_bytes("backups/x/base.tar.zst")
+            .await
+            .unwrap()
+            .is_none());
+        assert_eq!(w.finish().await.unwrap(), 11);
+        let p = dir.path().join("backups/x/base.tar.zst");
+        assert_eq!(fs::read(&p).unwrap(), b"hello world");
+        assert_eq!(mode(&p), 0o600);
+        let mut r = store
+            .open_reader("backups/x/base.tar.zst")
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(&r.next_chunk().await.unwrap().unwrap()[..], b"hello world");
+        assert!(r.next_chunk().await.unwrap().is_none());
+        assert!(store.open_reader("backups/x/nope").await.unwrap().is_none());
+
+        let mut w = store.create_writer("backups/y/base.tar.zst").await.unwrap();
+        w.write(Bytes::from_static(b"partial")).await.unwrap();
+        w.abort().await;
+        assert_eq!(
+            visible_files(&dir.path().join("backups/y")),
+            Vec::<String>::new()
+        );
+        assert!(fs::read_dir(dir.path().join("backups/y"))
+            .unwrap()
+            .next()
+            .is_none());
     }
 }

@@ -114,6 +114,35 @@ pub trait Store: Send + Sync + 'static {
 
     /// Removes `key`; absent is fine.
     async fn delete(&self, key: &str) -> Result<(), StoreError>;
+
+    /// Starts writing a large object of unknown size in pieces (base backups): nothing is
+    /// visible under `key` until [`ObjectWriter::finish`] returns, and an existing object is
+    /// replaced then. On S3 this is a multipart upload with several parts in flight.
+    async fn create_writer(&self, key: &str) -> Result<Box<dyn ObjectWriter>, StoreError>;
+
+    /// Opens `key` for reading in pieces; `None` when absent. Objects stored with a whole-object
+    /// CRC-32 are checked at the end of the stream (the last `next_chunk` fails on a mismatch).
+    async fn open_reader(&self, key: &str) -> Result<Option<Box<dyn ObjectReader>>, StoreError>;
+}
+
+/// A large object being written; see [`Store::create_writer`]. Dropping it without `finish`
+/// leaves nothing under the key (an S3 upload is aborted by `abort`, or expires by lifecycle
+/// rule when the process died).
+#[async_trait]
+pub trait ObjectWriter: Send {
+    /// Appends `data`. May wait while earlier pieces are being uploaded (back-pressure).
+    async fn write(&mut self, data: Bytes) -> Result<(), StoreError>;
+    /// Makes the object durable and visible under its key; returns its size in bytes.
+    async fn finish(self: Box<Self>) -> Result<u64, StoreError>;
+    /// Discards what was written (best effort).
+    async fn abort(self: Box<Self>);
+}
+
+/// A stored object read in pieces; see [`Store::open_reader`].
+#[async_trait]
+pub trait ObjectReader: Send {
+    /// The next piece, or `None` at the end (after the end-of-object checks passed).
+    async fn next_chunk(&mut self) -> Result<Option<Bytes>, StoreError>;
 }
 
 /// Is this `--archive` value an object-store URL rather than a directory?

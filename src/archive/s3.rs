@@ -23,6 +23,7 @@ use std::io;
 use std::path::Path;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -42,7 +43,7 @@ use bytes::Bytes;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::compress::create_private;
-use super::{ObjectInfo, PutMode, Store, StoreError};
+use super::{ObjectInfo, ObjectReader, ObjectWriter, PutMode, Store, StoreError};
 
 /// User metadata key (sent as `x-amz-meta-walagent-crc32`) holding the object's CRC-32 in hex.
 pub const META_CRC32: &str = "walagent-crc32";
@@ -346,7 +347,8 @@ fn host_needs_path_style(url: &str) -> bool {
 // The store
 // ---------------------------------------------------------------------------------------------
 
-/// An archive in an S3 bucket. Cheap to share (`Arc`); all methods take `&self`.
+/// An archive in an S3 bucket. Cheap to clone (the client is shared); all methods take `&self`.
+#[derive(Clone)]
 pub struct S3Store {
     client: Client,
     loc: S3Location,
@@ -358,7 +360,7 @@ pub struct S3Store {
     /// Ask for and let the SDK validate response checksums.
     validate_responses: bool,
     /// Cleared when the server answers a conditional write with 501 Not Implemented.
-    conditional_writes: AtomicBool,
+    conditional_writes: Arc<AtomicBool>,
 }
 
 impl fmt::Debug for S3Store {
@@ -488,7 +490,7 @@ impl S3Store {
             endpoint,
             send_checksums,
             validate_responses,
-            conditional_writes: AtomicBool::new(true),
+            conditional_writes: Arc::new(AtomicBool::new(true)),
         })
     }
 
@@ -683,7 +685,8 @@ impl S3Store {
     }
 
     /// GET `key` into a new sink, verifying it. Ok(None) when absent.
-    async fn get_into(&self, key: &str, spec: SinkSpec<'_>) -> Result<Option<Sink>, StoreError> {
+    /// Starts a GetObject and returns the body as a checked stream; `None` when absent.
+    async fn open_stream(&self, key: &str) -> Result<Option<S3Reader>, StoreError> {
         validate_key(key)?;
         let mut req = self
             .client
@@ -700,27 +703,42 @@ impl S3Store {
             }
             Err(e) => return Err(self.classify("GetObject", Some(key), e)),
         };
-        let corrupt = |detail: String| StoreError::Corrupt {
-            key: key.to_string(),
-            detail,
-        };
         let expected_crc = match meta_crc(out.metadata()) {
             Some(Ok(c)) => Some((c, "walagent-crc32 metadata")),
             Some(Err(bad)) => {
-                return Err(corrupt(format!(
-                    "its {META_CRC32} metadata {bad:?} is not 8 hex digits"
-                )))
+                return Err(StoreError::Corrupt {
+                    key: key.to_string(),
+                    detail: format!("its {META_CRC32} metadata {bad:?} is not 8 hex digits"),
+                })
             }
-            // Written by another tool: a full-object CRC-32 the server kept, if any.
+            // Written by another tool or streamed in parts: a full-object CRC-32 the server
+            // kept, if any (multipart composite checksums do not decode and are skipped).
             None => out
                 .checksum_crc32()
                 .and_then(decode_b64_crc)
                 .map(|c| (c, "x-amz-checksum-crc32")),
         };
         let expected_len = out.content_length().filter(|&n| n >= 0).map(|n| n as u64);
+        Ok(Some(S3Reader {
+            key: key.to_string(),
+            context: format!("S3 GetObject {} at {}", self.url(Some(key)), self.endpoint),
+            body: out.body,
+            hasher: crc32fast::Hasher::new(),
+            got: 0,
+            expected_len,
+            expected_crc,
+            io_timeout: self.opts.io_timeout,
+            done: false,
+        }))
+    }
+
+    async fn get_into(&self, key: &str, spec: SinkSpec<'_>) -> Result<Option<Sink>, StoreError> {
+        let Some(mut reader) = self.open_stream(key).await? else {
+            return Ok(None);
+        };
         let mut sink = match spec {
             SinkSpec::Mem => Sink::Mem(Vec::with_capacity(
-                expected_len.unwrap_or(0).min(64 * MIB) as usize
+                reader.expected_len.unwrap_or(0).min(64 * MIB) as usize,
             )),
             SinkSpec::File(dest) => {
                 let dest_path = dest.to_path_buf();
@@ -735,59 +753,12 @@ impl S3Store {
                 ))
             }
         };
-        let mut body = out.body;
-        let mut hasher = crc32fast::Hasher::new();
-        let mut got: u64 = 0;
-        let ctx = || format!("S3 GetObject {} at {}", self.url(Some(key)), self.endpoint);
-        loop {
-            let next = match tokio::time::timeout(self.opts.io_timeout, body.next()).await {
-                Ok(n) => n,
-                Err(_) => {
-                    return Err(StoreError::Unavailable {
-                        context: ctx(),
-                        detail: format!(
-                            "download stalled for {:?} after {got} bytes",
-                            self.opts.io_timeout
-                        ),
-                    })
-                }
-            };
-            let chunk = match next {
-                None => break,
-                Some(Ok(c)) => c,
-                Some(Err(e)) => {
-                    let cause = error_chain(&e);
-                    if cause.contains("checksum mismatch") {
-                        return Err(corrupt(format!(
-                            "the server's checksum does not match the {got} bytes received: {cause}"
-                        )));
-                    }
-                    return Err(StoreError::Unavailable {
-                        context: ctx(),
-                        detail: format!("download interrupted after {got} bytes: {cause}"),
-                    });
-                }
-            };
-            hasher.update(&chunk);
-            got += chunk.len() as u64;
+        while let Some(chunk) = reader.next_chunk().await? {
             match &mut sink {
                 Sink::Mem(v) => v.extend_from_slice(&chunk),
                 Sink::File(f) => f.write_all(&chunk).await.map_err(|e| {
                     StoreError::io(format!("cannot write the download of {key}"), e)
                 })?,
-            }
-        }
-        if let Some(n) = expected_len {
-            if got != n {
-                return Err(corrupt(format!("short body: received {got} of {n} bytes")));
-            }
-        }
-        let actual = hasher.finalize();
-        if let Some((want, source)) = expected_crc {
-            if want != actual {
-                return Err(corrupt(format!(
-                    "CRC-32 mismatch: expected {want:08x} ({source}), got {actual:08x} over {got} bytes"
-                )));
             }
         }
         if let Sink::File(f) = &mut sink {
@@ -1386,6 +1357,320 @@ impl Store for S3Store {
             Ok(_) => Ok(()),
             Err(e) if status_of(&e) == Some(404) && !is_code(&e, "NoSuchBucket") => Ok(()),
             Err(e) => Err(self.classify("DeleteObject", Some(key), e)),
+        }
+    }
+
+    async fn create_writer(&self, key: &str) -> Result<Box<dyn ObjectWriter>, StoreError> {
+        validate_key(key)?;
+        Ok(Box::new(S3Writer {
+            store: self.clone(),
+            key: key.to_string(),
+            object_key: self.loc.object_key(key),
+            buf: bytes::BytesMut::new(),
+            upload_id: None,
+            next_part: 1,
+            parts: Vec::new(),
+            in_flight: tokio::task::JoinSet::new(),
+            total: 0,
+        }))
+    }
+
+    async fn open_reader(&self, key: &str) -> Result<Option<Box<dyn ObjectReader>>, StoreError> {
+        Ok(self
+            .open_stream(key)
+            .await?
+            .map(|r| Box::new(r) as Box<dyn ObjectReader>))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Streaming objects
+// ---------------------------------------------------------------------------------------------
+
+/// Part uploads of one streamed object in flight at once.
+const STREAM_PARTS_IN_FLIGHT: usize = 4;
+
+/// Part size for the `n`-th part (1-based) of a streamed object: the configured part size
+/// (at least 5 MiB) for the first 2,000 parts, doubling every 2,000 after, so an object of
+/// unknown size can reach 31 x 2,000 x part size (about 1 TB at 16 MiB) within 10,000 parts.
+fn stream_part_size(base: u64, n: u32) -> u64 {
+    let doublings = (n.saturating_sub(1) / 2000).min(8);
+    (base.max(MIN_PART) << doublings).min(MAX_PART)
+}
+
+/// A streamed upload: a single PutObject when the whole object fits in one part, else a
+/// multipart upload with up to [`STREAM_PARTS_IN_FLIGHT`] parts going up at once. Each part
+/// carries its own CRC-32; there is no whole-object CRC metadata (it is only known at the end),
+/// so readers rely on the content's own checks (zstd frame checksums, the backup manifest).
+struct S3Writer {
+    store: S3Store,
+    key: String,
+    object_key: String,
+    buf: bytes::BytesMut,
+    upload_id: Option<String>,
+    next_part: i32,
+    parts: Vec<CompletedPart>,
+    in_flight: tokio::task::JoinSet<Result<CompletedPart, StoreError>>,
+    total: u64,
+}
+
+impl S3Writer {
+    fn current_part_size(&self) -> usize {
+        stream_part_size(self.store.opts.part_size, self.next_part as u32) as usize
+    }
+
+    async fn start_upload(&mut self) -> Result<String, StoreError> {
+        if let Some(id) = &self.upload_id {
+            return Ok(id.clone());
+        }
+        let s = &self.store;
+        let mut create = s
+            .client
+            .create_multipart_upload()
+            .bucket(&s.loc.bucket)
+            .key(&self.object_key);
+        if s.send_checksums {
+            create = create.checksum_algorithm(ChecksumAlgorithm::Crc32);
+        }
+        let id = match create.send().await {
+            Ok(o) => o.upload_id.ok_or_else(|| StoreError::Remote {
+                context: format!("S3 CreateMultipartUpload {}", s.url(Some(&self.key))),
+                detail: "the server returned no upload id".into(),
+            })?,
+            Err(e) => return Err(s.classify("CreateMultipartUpload", Some(&self.key), e)),
+        };
+        self.upload_id = Some(id.clone());
+        Ok(id)
+    }
+
+    /// Collects one finished part upload.
+    async fn reap_one(&mut self) -> Result<(), StoreError> {
+        if let Some(res) = self.in_flight.join_next().await {
+            let part = res.map_err(|e| StoreError::Remote {
+                context: format!("S3 UploadPart {}", self.store.url(Some(&self.key))),
+                detail: format!("upload task failed: {e}"),
+            })??;
+            self.parts.push(part);
+        }
+        Ok(())
+    }
+
+    async fn send_part(&mut self, data: Bytes) -> Result<(), StoreError> {
+        let upload_id = self.start_upload().await?;
+        while self.in_flight.len() >= STREAM_PARTS_IN_FLIGHT {
+            self.reap_one().await?;
+        }
+        let number = self.next_part;
+        self.next_part += 1;
+        let store = self.store.clone();
+        let key = self.key.clone();
+        let object_key = self.object_key.clone();
+        self.in_flight.spawn(async move {
+            let len = data.len() as u64;
+            let part_crc = crc32fast::hash(&data);
+            let mut req = store
+                .client
+                .upload_part()
+                .bucket(&store.loc.bucket)
+                .key(&object_key)
+                .upload_id(&upload_id)
+                .part_number(number)
+                .content_length(len as i64)
+                .body(ByteStream::from(data));
+            if store.send_checksums {
+                req = req.checksum_crc32(b64_crc(part_crc));
+            }
+            let out = req
+                .customize()
+                .config_override(store.upload_config(len))
+                .send()
+                .await
+                .map_err(|e| store.classify(&format!("UploadPart {number}"), Some(&key), e))?;
+            let mut part = CompletedPart::builder()
+                .part_number(number)
+                .set_e_tag(out.e_tag);
+            if store.send_checksums {
+                part = part.checksum_crc32(out.checksum_crc32.unwrap_or_else(|| b64_crc(part_crc)));
+            }
+            Ok(part.build())
+        });
+        Ok(())
+    }
+
+    async fn complete(&mut self) -> Result<(), StoreError> {
+        while !self.in_flight.is_empty() {
+            self.reap_one().await?;
+        }
+        let s = &self.store;
+        let Some(upload_id) = self.upload_id.clone() else {
+            return Ok(());
+        };
+        let mut parts = std::mem::take(&mut self.parts);
+        parts.sort_by_key(|p| p.part_number());
+        let upload = CompletedMultipartUpload::builder()
+            .set_parts(Some(parts))
+            .build();
+        s.client
+            .complete_multipart_upload()
+            .bucket(&s.loc.bucket)
+            .key(&self.object_key)
+            .upload_id(&upload_id)
+            .multipart_upload(upload)
+            .customize()
+            .config_override(s.upload_config(self.total))
+            .send()
+            .await
+            .map_err(|e| s.classify("CompleteMultipartUpload", Some(&self.key), e))?;
+        Ok(())
+    }
+
+    async fn abort_upload(&mut self) {
+        self.in_flight.abort_all();
+        while self.in_flight.join_next().await.is_some() {}
+        if let Some(id) = self.upload_id.take() {
+            let s = &self.store;
+            if let Err(e) = s
+                .client
+                .abort_multipart_upload()
+                .bucket(&s.loc.bucket)
+                .key(&self.object_key)
+                .upload_id(&id)
+                .send()
+                .await
+            {
+                tracing::warn!(key = %self.key, error = %s.classify("AbortMultipartUpload", Some(&self.key), e), "could not abort a multipart upload");
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl ObjectWriter for S3Writer {
+    async fn write(&mut self, data: Bytes) -> Result<(), StoreError> {
+        self.total += data.len() as u64;
+        self.buf.extend_from_slice(&data);
+        loop {
+            let size = self.current_part_size();
+            if self.buf.len() < size {
+                return Ok(());
+            }
+            let part = self.buf.split_to(size).freeze();
+            if let Err(e) = self.send_part(part).await {
+                self.abort_upload().await;
+                return Err(e);
+            }
+        }
+    }
+
+    async fn finish(mut self: Box<Self>) -> Result<u64, StoreError> {
+        let rest = std::mem::take(&mut self.buf).freeze();
+        if self.upload_id.is_none() {
+            // Small enough for one PutObject (which also records the whole-object CRC).
+            let total = rest.len() as u64;
+            self.store
+                .put_single(&self.key, rest, PutMode::Replace)
+                .await?;
+            return Ok(total);
+        }
+        let res = async {
+            if !rest.is_empty() {
+                self.send_part(rest).await?;
+            }
+            self.complete().await
+        }
+        .await;
+        match res {
+            Ok(()) => Ok(self.total),
+            Err(e) => {
+                self.abort_upload().await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn abort(mut self: Box<Self>) {
+        self.abort_upload().await;
+    }
+}
+
+/// A GetObject body read piece by piece, with the length and CRC-32 checks at the end.
+struct S3Reader {
+    key: String,
+    context: String,
+    body: ByteStream,
+    hasher: crc32fast::Hasher,
+    got: u64,
+    expected_len: Option<u64>,
+    expected_crc: Option<(u32, &'static str)>,
+    io_timeout: Duration,
+    done: bool,
+}
+
+impl S3Reader {
+    fn corrupt(&self, detail: String) -> StoreError {
+        StoreError::Corrupt {
+            key: self.key.clone(),
+            detail,
+        }
+    }
+}
+
+#[async_trait]
+impl ObjectReader for S3Reader {
+    async fn next_chunk(&mut self) -> Result<Option<Bytes>, StoreError> {
+        if self.done {
+            return Ok(None);
+        }
+        let got = self.got;
+        let next = match tokio::time::timeout(self.io_timeout, self.body.next()).await {
+            Ok(n) => n,
+            Err(_) => {
+                return Err(StoreError::Unavailable {
+                    context: self.context.clone(),
+                    detail: format!(
+                        "download stalled for {:?} after {got} bytes",
+                        self.io_timeout
+                    ),
+                })
+            }
+        };
+        match next {
+            Some(Ok(chunk)) => {
+                self.hasher.update(&chunk);
+                self.got += chunk.len() as u64;
+                Ok(Some(chunk))
+            }
+            Some(Err(e)) => {
+                let cause = error_chain(&e);
+                if cause.contains("checksum mismatch") {
+                    return Err(self.corrupt(format!(
+                        "the server's checksum does not match the {got} bytes received: {cause}"
+                    )));
+                }
+                Err(StoreError::Unavailable {
+                    context: self.context.clone(),
+                    detail: format!("download interrupted after {got} bytes: {cause}"),
+                })
+            }
+            None => {
+                self.done = true;
+                if let Some(n) = self.expected_len {
+                    if got != n {
+                        return Err(
+                            self.corrupt(format!("short body: received {got} of {n} bytes"))
+                        );
+                    }
+                }
+                let actual = self.hasher.clone().finalize();
+                if let Some((want, source)) = self.expected_crc {
+                    if want != actual {
+                        return Err(self.corrupt(format!(
+                            "CRC-32 mismatch: expected {want:08x} ({source}), got {actual:08x} over {got} bytes"
+                        )));
+                    }
+                }
+                Ok(None)
+            }
         }
     }
 }

@@ -708,6 +708,18 @@ impl Store for MetaCachedStore {
     async fn delete(&self, key: &str) -> Result<(), StoreError> {
         self.inner.delete(key).await
     }
+    async fn create_writer(
+        &self,
+        key: &str,
+    ) -> Result<Box<dyn crate::archive::ObjectWriter>, StoreError> {
+        self.inner.create_writer(key).await
+    }
+    async fn open_reader(
+        &self,
+        key: &str,
+    ) -> Result<Option<Box<dyn crate::archive::ObjectReader>>, StoreError> {
+        self.inner.open_reader(key).await
+    }
 }
 
 /// Whether `.archive` in `dir` names `archive`.
