@@ -50,6 +50,157 @@ pub enum Command {
             ending it early."
     )]
     WalFetch(WalFetchArgs),
+    /// Take a base backup over the replication protocol into the archive.
+    #[command(
+        long_about = "Take a base backup over the replication protocol (BASE_BACKUP) into the archive.\n\n\
+            The tar stream goes zstd-compressed straight into the archive (a multipart upload on S3), \
+            without staging the backup on local disk. The WAL from the backup's start to its end comes with it, \
+            is checked, and is stored as ordinary archived segments, so the backup is restorable by itself \
+            even when no `walagent stream` is running. The server's backup_manifest is kept. The backup \
+            becomes usable (listed by `walagent backups`, chosen by `walagent restore`) only when everything \
+            is stored; an interrupted backup never is. Needs PostgreSQL 15 or later and a role with REPLICATION.",
+        after_help = "Example:\n  walagent backup --source 'postgresql://replicator@db1/postgres' --archive s3://backups/db1 --checkpoint fast"
+    )]
+    Backup(BackupArgs),
+    /// List the base backups in the archive.
+    Backups(BackupsArgs),
+    /// Create a standby's data directory from a primary, like pg_basebackup -R.
+    #[command(
+        long_about = "Create a standby's data directory from a running server, like `pg_basebackup -Fp -X fetch -R`.\n\n\
+            Files are written as they arrive, with the WAL the standby needs to start (kept on the server by a \
+            temporary slot while the copy runs). Then standby.signal and primary_conninfo (and primary_slot_name \
+            with --slot) are written to postgresql.auto.conf, so `pg_ctl start -D DIR` starts a streaming standby. \
+            DIR must be empty or absent. Run as root, the files take the owner of DIR (or of its parent when \
+            DIR is created), so the postgres OS user can start it.",
+        after_help = "Example:\n  walagent seed-standby --source 'postgresql://replicator@db1/postgres' --pgdata /var/lib/postgresql/15/main --slot standby1 --create-slot"
+    )]
+    SeedStandby(SeedStandbyArgs),
+}
+
+/// Checkpoint mode at the start of a base backup.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum CheckpointMode {
+    /// Spread the checkpoint over checkpoint_completion_target (gentle; the backup starts later).
+    Spread,
+    /// An immediate checkpoint (starts at once; a burst of I/O on the server).
+    Fast,
+}
+
+#[derive(Debug, Args)]
+pub struct BackupArgs {
+    /// Server to back up (libpq URI or key=value; PG* variables and ~/.pgpass fill the gaps).
+    #[arg(
+        long,
+        env = "WALAGENT_SOURCE",
+        value_name = "CONNINFO",
+        hide_env_values = true
+    )]
+    pub source: String,
+
+    /// Archive: a directory (created when missing) or s3://BUCKET/PREFIX (AWS settings as for stream).
+    #[arg(long, env = "WALAGENT_ARCHIVE", value_name = "PATH|s3://BUCKET/PREFIX")]
+    pub archive: String,
+
+    /// Checkpoint at the start: spread (default, like pg_basebackup) or fast.
+    #[arg(long, value_enum, default_value = "spread")]
+    pub checkpoint: CheckpointMode,
+
+    /// Most bytes per second the server sends (e.g. 50MB); 32kB to 1GB.
+    #[arg(long, value_name = "RATE", value_parser = parse_rate)]
+    pub max_rate: Option<u32>,
+
+    /// Compression of the stored tar files: zstd, zstd:LEVEL or none.
+    #[arg(long, value_name = "METHOD", default_value = "zstd:1")]
+    pub compress: Compression,
+
+    /// zstd worker threads (default: number of CPUs, at most 8).
+    #[arg(long, value_name = "N")]
+    pub compress_threads: Option<u32>,
+
+    /// Backup label recorded by the server (default: walagent <id>).
+    #[arg(long, value_name = "TEXT")]
+    pub label: Option<String>,
+
+    /// Print the new backup's metadata as JSON on stdout instead of a summary line.
+    #[arg(long)]
+    pub json: bool,
+
+    /// No progress bar, even on a terminal.
+    #[arg(long)]
+    pub no_progress: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct BackupsArgs {
+    /// Archive: a directory or s3://BUCKET/PREFIX.
+    #[arg(long, env = "WALAGENT_ARCHIVE", value_name = "PATH|s3://BUCKET/PREFIX")]
+    pub archive: String,
+
+    /// JSON for scripts (an array, oldest first) instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct SeedStandbyArgs {
+    /// The primary (libpq URI or key=value); also written as the standby's primary_conninfo.
+    #[arg(
+        long,
+        env = "WALAGENT_SOURCE",
+        value_name = "CONNINFO",
+        hide_env_values = true
+    )]
+    pub source: String,
+
+    /// The standby's data directory: absent (created, mode 0700) or empty.
+    #[arg(long, value_name = "DIR")]
+    pub pgdata: PathBuf,
+
+    /// Physical replication slot for the standby (written as primary_slot_name).
+    #[arg(long, value_name = "NAME", value_parser = parse_slot_name)]
+    pub slot: Option<String>,
+
+    /// Create the slot (with reserved WAL) before copying.
+    #[arg(long, requires = "slot")]
+    pub create_slot: bool,
+
+    /// Checkpoint at the start: spread (default) or fast.
+    #[arg(long, value_enum, default_value = "spread")]
+    pub checkpoint: CheckpointMode,
+
+    /// Most bytes per second the server sends (e.g. 50MB); 32kB to 1GB.
+    #[arg(long, value_name = "RATE", value_parser = parse_rate)]
+    pub max_rate: Option<u32>,
+
+    /// Put the tablespace at OLDDIR into NEWDIR instead (repeatable), as pg_basebackup -T does.
+    #[arg(long = "tablespace-mapping", short = 'T', value_name = "OLDDIR=NEWDIR", value_parser = parse_mapping)]
+    pub tablespace_mapping: Vec<(PathBuf, PathBuf)>,
+
+    /// No progress bar, even on a terminal.
+    #[arg(long)]
+    pub no_progress: bool,
+}
+
+/// `--max-rate`: bytes per second as a size, returned in kB/s as MAX_RATE wants (32..=1048576).
+pub fn parse_rate(s: &str) -> Result<u32, String> {
+    let bytes = parse_size(s)?;
+    let kb = bytes / 1024;
+    if !(32..=1_048_576).contains(&kb) {
+        return Err(format!("--max-rate {s:?} is outside 32kB..1GB per second"));
+    }
+    Ok(kb as u32)
+}
+
+/// `OLDDIR=NEWDIR`, both absolute.
+pub fn parse_mapping(s: &str) -> Result<(PathBuf, PathBuf), String> {
+    let (old, new) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?}: write the mapping as OLDDIR=NEWDIR"))?;
+    let (old, new) = (PathBuf::from(old), PathBuf::from(new));
+    if !old.is_absolute() || !new.is_absolute() {
+        return Err(format!("{s:?}: both directories must be absolute paths"));
+    }
+    Ok((old, new))
 }
 
 #[derive(Debug, Args)]

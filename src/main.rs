@@ -8,7 +8,10 @@ use clap::Parser;
 use tokio::sync::watch;
 
 use walagent::archive;
-use walagent::cli::{Cli, Command, StreamArgs, WalFetchArgs};
+use walagent::backup;
+use walagent::cli::{
+    BackupArgs, BackupsArgs, CheckpointMode, Cli, Command, StreamArgs, WalFetchArgs,
+};
 use walagent::protocol::conninfo::{mask_password, ConnInfo};
 use walagent::receive::{self, AckMode, Finished, StreamOptions};
 use walagent::restore::wal_fetch;
@@ -28,6 +31,9 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Stream(args) => runtime.block_on(stream(args)),
         Command::WalFetch(args) => runtime.block_on(fetch(args)),
+        Command::Backup(args) => runtime.block_on(take_backup(args)),
+        Command::Backups(args) => runtime.block_on(list_backups(args)),
+        Command::SeedStandby(args) => runtime.block_on(seed_standby(args)),
     }
 }
 
@@ -116,22 +122,7 @@ async fn stream(args: StreamArgs) -> ExitCode {
             std::thread::available_parallelism().map_or(2, |n| n.get().clamp(1, 4))
         }),
     };
-    let (tx, rx) = watch::channel(false);
-    tokio::spawn(async move {
-        use tokio::signal::unix::{signal, SignalKind};
-        let (Ok(mut term), Ok(mut int)) = (
-            signal(SignalKind::terminate()),
-            signal(SignalKind::interrupt()),
-        ) else {
-            return;
-        };
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {}
-        }
-        let _ = tx.send(true);
-    });
-    match receive::run(opts, rx).await {
+    match receive::run(opts, shutdown_signal()).await {
         Ok(Finished::EndPos(lsn)) => {
             tracing::info!(%lsn, "stopped at --endpos");
             ExitCode::SUCCESS
@@ -193,4 +184,101 @@ async fn fetch(args: WalFetchArgs) -> ExitCode {
         }
         Err(e) => fail(&e.to_string(), None, e.exit_code().clamp(1, 255) as u8),
     }
+}
+
+/// Turns true on SIGTERM or SIGINT.
+fn shutdown_signal() -> watch::Receiver<bool> {
+    let (tx, rx) = watch::channel(false);
+    tokio::spawn(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        let (Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
+            return;
+        };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        let _ = tx.send(true);
+    });
+    rx
+}
+
+/// A progress bar only for a person watching: stderr is a terminal and CI is not set.
+fn show_progress(disabled: bool) -> bool {
+    !disabled
+        && std::io::IsTerminal::is_terminal(&std::io::stderr())
+        && std::env::var_os("CI").is_none()
+}
+
+fn parse_source(source: &str) -> Result<ConnInfo, ExitCode> {
+    ConnInfo::parse(source)
+        .map_err(|e| fail(&format!("--source {}: {e}", mask_password(source)), None, 2))
+}
+
+async fn take_backup(args: BackupArgs) -> ExitCode {
+    let conninfo = match parse_source(&args.source) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let store = match archive::open(&args.archive, true).await {
+        Ok(s) => s,
+        Err(e) => return fail(&e, None, 2),
+    };
+    let opts = backup::take::BackupOptions {
+        conninfo,
+        checkpoint_fast: args.checkpoint == CheckpointMode::Fast,
+        max_rate_kbps: args.max_rate,
+        compression: args.compress,
+        compress_threads: args.compress_threads.unwrap_or_else(|| {
+            std::thread::available_parallelism().map_or(2, |n| n.get().clamp(1, 8) as u32)
+        }),
+        label: args.label,
+        progress: show_progress(args.no_progress),
+    };
+    match backup::take::take(&opts, store, shutdown_signal()).await {
+        Ok(info) => {
+            if args.json {
+                print!("{}", String::from_utf8_lossy(&info.to_json()));
+            } else {
+                println!(
+                    "backup {} complete: {} of data stored as {}, consistent at {} (WAL {}..{})",
+                    info.id,
+                    backup::listing::human_bytes(info.data_bytes),
+                    backup::listing::human_bytes(info.stored_bytes),
+                    info.end_lsn,
+                    info.wal_start_segment,
+                    info.wal_end_segment
+                );
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(&e.to_string(), e.hint(), 1),
+    }
+}
+
+async fn list_backups(args: BackupsArgs) -> ExitCode {
+    let store = match archive::open(&args.archive, false).await {
+        Ok(s) => s,
+        Err(e) => return fail(&e, None, 2),
+    };
+    match backup::catalog::list(store.as_ref()).await {
+        Ok(list) => {
+            if args.json {
+                print!("{}", backup::listing::render_json(&list));
+            } else if list.is_empty() {
+                println!("no backups in {}", store.location());
+            } else {
+                print!("{}", backup::listing::render_table(&list));
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(&e.to_string(), e.hint(), 1),
+    }
+}
+
+async fn seed_standby(_args: walagent::cli::SeedStandbyArgs) -> ExitCode {
+    fail("seed-standby is not implemented yet", None, 1)
 }

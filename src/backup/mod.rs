@@ -10,4 +10,8 @@
 //! LSNs from walagent's archive before it can be restored. See `proto-notes/base-backup.md`.
 
 pub mod catalog;
+pub mod extract;
 pub mod manifest;
+pub mod tarstream;
+pub mod take;
+pub mod listing;

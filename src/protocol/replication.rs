@@ -299,3 +299,166 @@ impl Connection {
         self.flush().await
     }
 }
+
+// ---- BASE_BACKUP --------------------------------------------------------------------------
+
+/// One row of BASE_BACKUP's tablespace result set.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TablespaceHeader {
+    /// `None` for the main data directory.
+    pub oid: Option<u32>,
+    /// The tablespace's directory on the server; `None` for the main data directory.
+    pub location: Option<String>,
+    /// Estimated size in bytes (only with `PROGRESS`).
+    pub size: Option<u64>,
+}
+
+/// What BASE_BACKUP says before the COPY starts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackupHeader {
+    pub start_lsn: Lsn,
+    pub timeline: u32,
+    pub tablespaces: Vec<TablespaceHeader>,
+}
+
+/// One step of the BASE_BACKUP COPY stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BackupEvent {
+    Message(super::basebackup::BackupCopyMessage),
+    /// CopyDone, the end-position result and ReadyForQuery were read: the backup is complete.
+    End {
+        end_lsn: Lsn,
+        timeline: u32,
+    },
+}
+
+fn parse_tablespaces(r: &QueryResult) -> Result<Vec<TablespaceHeader>, ProtocolError> {
+    let mut out = Vec::with_capacity(r.rows.len());
+    for row in 0..r.rows.len() {
+        let oid = match r.text(row, 0) {
+            Some(t) => Some(t.trim().parse::<u32>().map_err(|_| {
+                ProtocolError::Unexpected(format!("BASE_BACKUP tablespace oid {t:?}"))
+            })?),
+            None => None,
+        };
+        let size = match r.text(row, 2) {
+            Some(t) => Some(
+                t.trim()
+                    .parse::<u64>()
+                    .map_err(|_| {
+                        ProtocolError::Unexpected(format!("BASE_BACKUP tablespace size {t:?}"))
+                    })?
+                    .saturating_mul(1024),
+            ),
+            None => None,
+        };
+        out.push(TablespaceHeader {
+            oid,
+            location: r.text(row, 1).filter(|s| !s.is_empty()),
+            size,
+        });
+    }
+    Ok(out)
+}
+
+impl Connection {
+    /// CREATE_REPLICATION_SLOT name TEMPORARY PHYSICAL (RESERVE_WAL): keeps the WAL from the
+    /// current redo point on the server for as long as this connection lives.
+    pub async fn create_temporary_slot(&mut self, name: &str) -> Result<(), ProtocolError> {
+        let sql = format!(
+            "CREATE_REPLICATION_SLOT {} TEMPORARY PHYSICAL (RESERVE_WAL)",
+            quote_ident(name)
+        );
+        self.simple_query(&sql).await.map(|_| ())
+    }
+
+    /// Sends BASE_BACKUP and reads the start position and the tablespace list, up to the start of
+    /// the COPY. Then call [`Connection::next_backup_event`] until `End`.
+    pub async fn start_base_backup(
+        &mut self,
+        opts: &super::basebackup::BaseBackupOptions,
+    ) -> Result<BackupHeader, ProtocolError> {
+        let sql = opts.command();
+        tracing::debug!(%sql, "starting base backup");
+        postgres_protocol::message::frontend::query(&sql, self.write_buf())
+            .map_err(|e| ProtocolError::Unexpected(format!("encoding BASE_BACKUP: {e}")))?;
+        self.flush().await?;
+        let mut results: Vec<QueryResult> = Vec::new();
+        let mut current: Option<QueryResult> = None;
+        loop {
+            match self.read_message().await? {
+                BackendMessage::RowDescription(columns) => {
+                    current = Some(QueryResult {
+                        columns,
+                        ..Default::default()
+                    })
+                }
+                BackendMessage::DataRow(row) => match &mut current {
+                    Some(r) => r.rows.push(row),
+                    None => {
+                        return Err(ProtocolError::Unexpected(
+                            "BASE_BACKUP sent a row before its description".into(),
+                        ))
+                    }
+                },
+                BackendMessage::CommandComplete(_) => {
+                    if let Some(r) = current.take() {
+                        results.push(r);
+                    }
+                }
+                BackendMessage::CopyOutResponse => break,
+                BackendMessage::Error(n) => {
+                    let _ = self.collect_results(QueryResult::default()).await;
+                    return Err(ProtocolError::Server(n));
+                }
+                BackendMessage::ReadyForQuery(_) => {
+                    return Err(ProtocolError::Unexpected(
+                        "BASE_BACKUP ended before sending any data".into(),
+                    ))
+                }
+                other => tracing::debug!(?other, "ignoring message before the backup COPY"),
+            }
+        }
+        let [start, tablespaces] = results.as_slice() else {
+            return Err(ProtocolError::Unexpected(format!(
+                "BASE_BACKUP sent {} result sets before the COPY, expected 2 (start position, tablespaces)",
+                results.len()
+            )));
+        };
+        Ok(BackupHeader {
+            start_lsn: parse_lsn(start, 0, 0, "BASE_BACKUP start position")?,
+            timeline: parse_num(start, 0, 1, "BASE_BACKUP start timeline")?,
+            tablespaces: parse_tablespaces(tablespaces)?,
+        })
+    }
+
+    /// The next message of the BASE_BACKUP COPY, decoded; after CopyDone, reads the end position
+    /// and the final ReadyForQuery and returns `End`.
+    pub async fn next_backup_event(
+        &mut self,
+        decoder: &mut super::basebackup::BackupStreamDecoder,
+    ) -> Result<BackupEvent, ProtocolError> {
+        match self.read_message().await? {
+            BackendMessage::CopyData(payload) => decoder
+                .decode(payload)
+                .map(BackupEvent::Message)
+                .map_err(|e| ProtocolError::Unexpected(e.to_string())),
+            BackendMessage::CopyDone => {
+                let r = self.collect_results(QueryResult::default()).await?;
+                // collect_results keeps the last result set; the end position is the only one
+                // with rows (the final CommandComplete has none and does not replace it).
+                Ok(BackupEvent::End {
+                    end_lsn: parse_lsn(&r, 0, 0, "BASE_BACKUP end position")?,
+                    timeline: parse_num(&r, 0, 1, "BASE_BACKUP end timeline")?,
+                })
+            }
+            BackendMessage::Error(n) => {
+                let _ = self.collect_results(QueryResult::default()).await;
+                Err(ProtocolError::Server(n))
+            }
+            other => Err(ProtocolError::Unexpected(format!(
+                "{other:?} during the base backup COPY"
+            ))),
+        }
+    }
+}

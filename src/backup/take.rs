@@ -1,0 +1,834 @@
+//! `walagent backup`: a base backup over the replication protocol, streamed into the archive.
+//!
+//! One replication connection does everything:
+//!
+//! 1. `CREATE_REPLICATION_SLOT <tmp> TEMPORARY PHYSICAL (RESERVE_WAL)` pins the WAL from the
+//!    current redo point for as long as the connection lives, so the WAL the backup needs cannot
+//!    be recycled while the backup runs (what `pg_basebackup -X stream` gets from its slot).
+//! 2. `BASE_BACKUP (..., WAL true, ...)` makes the server append the WAL from the start to the
+//!    end position to `base.tar` (under `pg_wal/`).
+//! 3. Every tar archive is parsed as it passes ([`super::tarstream`]): ordinary entries go on,
+//!    byte for byte, to a zstd encoder (multi-threaded) and from there to a streamed archive
+//!    object ([`crate::archive::Store::create_writer`]: a multipart upload on S3, a temp file on
+//!    disk), never staged whole. The `pg_wal/` segment files are taken out of the tar, checked
+//!    page by page and record by record, and archived as ordinary `wal/` objects, exactly as
+//!    `walagent stream` would have stored them (identical bytes; an existing object is fine).
+//! 4. The manifest is kept as `backup_manifest`; `backup.json` is written last. Only its presence
+//!    makes the backup usable, so an interrupted backup is never taken for a complete one.
+//!
+//! See `proto-notes/base-backup.md`.
+
+use std::io::{self, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use bytes::{Bytes, BytesMut};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+
+use super::catalog::{self, BackupInfo, TarArchive};
+use super::manifest::BackupManifest;
+use super::tarstream::{EntryKind, TarEvent, TarParser};
+use crate::archive::{layout, ArchiveMeta, Compression, PutMode, Store, StoreError};
+use crate::protocol::basebackup::{BackupCopyMessage, BackupStreamDecoder, BaseBackupOptions};
+use crate::protocol::conninfo::ConnInfo;
+use crate::protocol::replication::{BackupEvent, BackupHeader};
+use crate::protocol::{Connection, ProtocolError};
+use crate::wal::verify::{check_segment, VerifyParams};
+use crate::wal::{history_file_name, parse_history_file_name, SegmentId, SegmentSize};
+
+/// Bytes handed to the compressor / uploader at a time.
+const CHUNK: usize = 4 << 20;
+
+#[derive(Debug, Clone)]
+pub struct BackupOptions {
+    pub conninfo: ConnInfo,
+    pub checkpoint_fast: bool,
+    /// Server-side throttle in kB/s (`MAX_RATE`).
+    pub max_rate_kbps: Option<u32>,
+    pub compression: Compression,
+    /// zstd worker threads (0 = compress on the calling thread).
+    pub compress_threads: u32,
+    pub label: Option<String>,
+    /// Show a progress bar (bytes, rate, ETA) on stderr.
+    pub progress: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BackupError {
+    #[error("{0}")]
+    Protocol(#[from] ProtocolError),
+    #[error("{0}")]
+    Store(#[from] StoreError),
+    #[error("{0}")]
+    Archive(String),
+    #[error("the server runs PostgreSQL {0}, but walagent backup needs 15 or later")]
+    ServerTooOld(String),
+    #[error("the base backup stream is malformed: {0}")]
+    Stream(String),
+    #[error("WAL sent with the backup failed its checks: {0}")]
+    Wal(String),
+    #[error("backup cancelled; nothing was marked usable")]
+    Cancelled,
+    #[error("{0}")]
+    Io(String),
+}
+
+impl BackupError {
+    pub fn hint(&self) -> Option<String> {
+        match self {
+            BackupError::Protocol(e) => e.hint(),
+            BackupError::Store(e) => e.hint(),
+            BackupError::ServerTooOld(_) => Some(
+                "use pg_basebackup for older servers, or upgrade the server to PostgreSQL 15+"
+                    .into(),
+            ),
+            BackupError::Io(_) => Some("check free space and permissions".into()),
+            _ => None,
+        }
+    }
+}
+
+/// Takes a base backup into `store`; returns what `backup.json` records. `cancel` turning true
+/// stops the backup and discards what was uploaded.
+pub async fn take(
+    opts: &BackupOptions,
+    store: Arc<dyn Store>,
+    mut cancel: watch::Receiver<bool>,
+) -> Result<BackupInfo, BackupError> {
+    let mut conn = Connection::connect(&opts.conninfo).await?;
+    let version = conn.server_version_num().await?;
+    if version < 150000 {
+        return Err(BackupError::ServerTooOld(
+            conn.parameter("server_version")
+                .unwrap_or("(unknown)")
+                .to_string(),
+        ));
+    }
+    let sys = conn.identify_system().await?;
+    let seg_size = conn.wal_segment_size().await?;
+    match ArchiveMeta::load(store.as_ref())
+        .await
+        .map_err(|e| BackupError::Archive(e.to_string()))?
+    {
+        Some(meta) => meta
+            .check_matches(sys.system_identifier, seg_size)
+            .map_err(|e| BackupError::Archive(e.to_string()))?,
+        None => ArchiveMeta::new(sys.system_identifier, seg_size, version)
+            .save(store.as_ref())
+            .await
+            .map_err(|e| BackupError::Archive(e.to_string()))?,
+    }
+    let slot = format!("walagent_backup_{}", std::process::id());
+    conn.create_temporary_slot(&slot).await?;
+
+    let start_time = SystemTime::now();
+    let id = free_id(store.as_ref(), start_time).await?;
+    let label = opts
+        .label
+        .clone()
+        .unwrap_or_else(|| format!("walagent {id}"));
+    let bb = BaseBackupOptions {
+        label: label.clone(),
+        checkpoint_fast: opts.checkpoint_fast,
+        max_rate_kbps: opts.max_rate_kbps,
+        manifest: true,
+        tablespace_map: false,
+        wal: true,
+        wait: false,
+        progress: opts.progress,
+    };
+    tracing::info!(%id, source = %opts.conninfo.display_safe(), archive = %store.location(), "starting base backup");
+    let header = conn.start_base_backup(&bb).await?;
+    tracing::info!(start = %header.start_lsn, timeline = header.timeline, tablespaces = header.tablespaces.len(), "backup started");
+
+    let progress = Progress::new(opts.progress, &header);
+    let params = VerifyParams {
+        system_identifier: sys.system_identifier,
+        segment_size: seg_size,
+        timeline: header.timeline.max(sys.timeline),
+    };
+    let mut run = Run {
+        store: store.clone(),
+        id: id.clone(),
+        opts,
+        header: &header,
+        current: None,
+        done: Vec::new(),
+        manifest: BytesMut::new(),
+        wal: WalTee {
+            store: store.clone(),
+            params,
+            compression: opts.compression,
+            entry: None,
+            archived: Vec::new(),
+        },
+    };
+    let mut decoder = BackupStreamDecoder::new();
+    let end = loop {
+        let ev = tokio::select! {
+            biased;
+            _ = cancel.changed() => {
+                run.abort().await;
+                return Err(BackupError::Cancelled);
+            }
+            ev = conn.next_backup_event(&mut decoder) => ev,
+        };
+        let ev = match ev {
+            Ok(ev) => ev,
+            Err(e) => {
+                run.abort().await;
+                return Err(e.into());
+            }
+        };
+        let step = match ev {
+            BackupEvent::Message(m) => run.handle(m, &progress).await,
+            BackupEvent::End { end_lsn, timeline } => break (end_lsn, timeline),
+        };
+        if let Err(e) = step {
+            run.abort().await;
+            return Err(e);
+        }
+    };
+    progress.finish();
+    let (end_lsn, end_timeline) = end;
+    if let Err(e) = run.finish_archive().await {
+        run.abort().await;
+        return Err(e);
+    }
+    let stop_time = SystemTime::now();
+    let manifest = run.manifest.split().freeze();
+    let manifest_key = if manifest.is_empty() {
+        None
+    } else {
+        BackupManifest::parse(&manifest)
+            .map_err(|e| BackupError::Stream(format!("the server's backup_manifest: {e}")))?;
+        let key = catalog::manifest_key(&id);
+        store
+            .put_bytes(&key, manifest.clone(), PutMode::Replace)
+            .await?;
+        Some(key)
+    };
+
+    // The WAL from start to end must be in the archive before the backup is usable.
+    for tli in timelines_needing_history(header.timeline, end_timeline) {
+        let (_, content) = conn.timeline_history(tli).await?;
+        store
+            .put_bytes(&layout::history_key(tli), content, PutMode::NoOverwrite)
+            .await?;
+    }
+    let first = SegmentId::containing(header.timeline, header.start_lsn, seg_size);
+    let last = SegmentId::containing(end_timeline, end_lsn, seg_size);
+    check_wal_present(store.as_ref(), seg_size, first, last).await?;
+    conn.close().await; // drops the temporary slot
+
+    let stored_manifest = manifest.len() as u64;
+    let info = BackupInfo {
+        format: catalog::FORMAT,
+        id: id.clone(),
+        label,
+        system_identifier: sys.system_identifier.to_string(),
+        server_version_num: version,
+        timeline: header.timeline,
+        start_lsn: header.start_lsn,
+        end_lsn,
+        end_timeline,
+        start_time: rfc3339_micros(start_time),
+        stop_time: rfc3339_micros(stop_time),
+        wal_segment_size: u64::from(seg_size.bytes()),
+        compression: opts.compression.to_string(),
+        data_bytes: run.done.iter().map(|a| a.tar_bytes).sum(),
+        stored_bytes: run.done.iter().map(|a| a.stored_bytes).sum::<u64>() + stored_manifest,
+        archives: std::mem::take(&mut run.done),
+        manifest_key,
+        wal_start_segment: first.file_name(seg_size),
+        wal_end_segment: last.file_name(seg_size),
+        source: opts.conninfo.display_safe(),
+        walagent_version: env!("CARGO_PKG_VERSION").to_string(),
+    };
+    store
+        .put_bytes(
+            &catalog::info_key(&id),
+            Bytes::from(info.to_json()),
+            PutMode::NoOverwrite,
+        )
+        .await?;
+    tracing::info!(%id, end = %end_lsn, wal_segments = run.wal.archived.len(), "backup complete");
+    Ok(info)
+}
+
+/// Timelines whose history files a restore of this backup needs (none on timeline 1).
+fn timelines_needing_history(start: u32, end: u32) -> Vec<u32> {
+    (start.max(2)..=end.max(start)).collect()
+}
+
+/// `YYYY-MM-DDTHH:MM:SS.ffffffZ`
+pub fn rfc3339_micros(t: SystemTime) -> String {
+    let dt: chrono::DateTime<chrono::Utc> = t.into();
+    dt.format("%Y-%m-%dT%H:%M:%S%.6fZ").to_string()
+}
+
+/// An id not used yet: the start time, with `-2`, `-3`... when taken.
+async fn free_id(store: &dyn Store, t: SystemTime) -> Result<String, BackupError> {
+    let base = catalog::id_for(t);
+    let mut id = base.clone();
+    for n in 2.. {
+        if store.list(&catalog::backup_prefix(&id)).await?.is_empty() {
+            return Ok(id);
+        }
+        id = format!("{base}-{n}");
+    }
+    unreachable!()
+}
+
+/// Fails unless every segment from `first` to `last` is in the archive as a complete segment
+/// (the last one may be a `.partial` when the source was a standby).
+async fn check_wal_present(
+    store: &dyn Store,
+    seg_size: SegmentSize,
+    first: SegmentId,
+    last: SegmentId,
+) -> Result<(), BackupError> {
+    let objects = store.list(layout::WAL_PREFIX).await?;
+    let mut have = std::collections::HashSet::new();
+    let mut partial = std::collections::HashSet::new();
+    for o in &objects {
+        if let Some(layout::WalObject::Segment { id, partial: p, .. }) =
+            layout::parse_wal_key(&o.key, seg_size)
+        {
+            if p {
+                partial.insert((id.timeline, id.segno));
+            } else {
+                have.insert((id.timeline, id.segno));
+            }
+        }
+    }
+    for segno in first.segno..=last.segno {
+        let ok = [first.timeline, last.timeline].iter().any(|&tli| {
+            have.contains(&(tli, segno)) || (segno == last.segno && partial.contains(&(tli, segno)))
+        });
+        if !ok {
+            let name = SegmentId::new(last.timeline, segno).file_name(seg_size);
+            return Err(BackupError::Wal(format!(
+                "segment {name} (needed from the backup's start {} to its end {}) is not in the archive",
+                first.file_name(seg_size),
+                last.file_name(seg_size)
+            )));
+        }
+    }
+    Ok(())
+}
+
+// ---- one run ----------------------------------------------------------------------------------
+
+struct Run<'a> {
+    store: Arc<dyn Store>,
+    id: String,
+    opts: &'a BackupOptions,
+    header: &'a BackupHeader,
+    current: Option<ArchiveSink>,
+    done: Vec<TarArchive>,
+    manifest: BytesMut,
+    wal: WalTee,
+}
+
+impl Run<'_> {
+    async fn handle(
+        &mut self,
+        m: BackupCopyMessage,
+        progress: &Progress,
+    ) -> Result<(), BackupError> {
+        match m {
+            BackupCopyMessage::NewArchive {
+                name,
+                tablespace_path,
+            } => {
+                self.finish_archive().await?;
+                let oid = if tablespace_path.is_empty() {
+                    None
+                } else {
+                    name.strip_suffix(".tar").and_then(|s| s.parse().ok())
+                };
+                let location = (!tablespace_path.is_empty()).then(|| tablespace_path.clone());
+                let key =
+                    catalog::archive_key(&self.id, &name, self.opts.compression.is_compressed());
+                tracing::debug!(%name, %key, "archive starts");
+                let writer = self.store.create_writer(&key).await?;
+                self.current = Some(ArchiveSink::start(
+                    name,
+                    key,
+                    oid,
+                    location,
+                    writer,
+                    self.opts.compression,
+                    self.opts.compress_threads,
+                ));
+            }
+            BackupCopyMessage::ArchiveData(data) => {
+                progress.add(data.len() as u64);
+                let Some(sink) = &mut self.current else {
+                    return Err(BackupError::Stream("tar data outside an archive".into()));
+                };
+                sink.feed(data, &mut self.wal).await?;
+            }
+            BackupCopyMessage::Progress(n) => progress.set(n),
+            BackupCopyMessage::ManifestStart => self.finish_archive().await?,
+            BackupCopyMessage::ManifestData(d) => self.manifest.extend_from_slice(&d),
+        }
+        let _ = self.header;
+        Ok(())
+    }
+
+    async fn finish_archive(&mut self) -> Result<(), BackupError> {
+        if let Some(sink) = self.current.take() {
+            let done = sink.finish(&mut self.wal).await?;
+            tracing::info!(archive = %done.name, tar_bytes = done.tar_bytes, stored_bytes = done.stored_bytes, "archive stored");
+            self.done.push(done);
+        }
+        Ok(())
+    }
+
+    async fn abort(&mut self) {
+        if let Some(sink) = self.current.take() {
+            sink.abort().await;
+        }
+        // Finished archives of an unfinished backup: remove them, so only complete backups
+        // occupy space (a crash leaves them; `backups` lists such ids as incomplete).
+        for a in self.done.drain(..) {
+            let _ = self.store.delete(&a.key).await;
+        }
+    }
+}
+
+// ---- one tar archive ------------------------------------------------------------------------
+
+/// One tar archive on its way into the store: tar parser -> (zstd thread) -> uploader task.
+struct ArchiveSink {
+    name: String,
+    key: String,
+    oid: Option<u32>,
+    location: Option<String>,
+    parser: TarParser,
+    events: Vec<TarEvent>,
+    /// Inside an entry that is not forwarded (a WAL file).
+    skipping: bool,
+    pending: BytesMut,
+    tar_bytes: u64,
+    tx: Option<mpsc::Sender<Bytes>>,
+    compressor: Option<std::thread::JoinHandle<io::Result<()>>>,
+    uploader: JoinHandle<Result<u64, StoreError>>,
+    commit: Arc<AtomicBool>,
+}
+
+impl ArchiveSink {
+    fn start(
+        name: String,
+        key: String,
+        oid: Option<u32>,
+        location: Option<String>,
+        mut writer: Box<dyn crate::archive::ObjectWriter>,
+        compression: Compression,
+        threads: u32,
+    ) -> ArchiveSink {
+        let (up_tx, mut up_rx) = mpsc::channel::<Bytes>(4);
+        let (input_tx, compressor) = match compression {
+            Compression::None => (up_tx, None),
+            Compression::Zstd { level } => {
+                let (in_tx, in_rx) = mpsc::channel::<Bytes>(4);
+                (in_tx, Some(spawn_compressor(level, threads, in_rx, up_tx)))
+            }
+        };
+        let commit = Arc::new(AtomicBool::new(false));
+        let commit2 = commit.clone();
+        let uploader = tokio::spawn(async move {
+            while let Some(chunk) = up_rx.recv().await {
+                if let Err(e) = writer.write(chunk).await {
+                    writer.abort().await;
+                    return Err(e);
+                }
+            }
+            if commit2.load(Ordering::Acquire) {
+                writer.finish().await
+            } else {
+                writer.abort().await;
+                Ok(0)
+            }
+        });
+        ArchiveSink {
+            name,
+            key,
+            oid,
+            location,
+            parser: TarParser::new(),
+            events: Vec::new(),
+            skipping: false,
+            pending: BytesMut::new(),
+            tar_bytes: 0,
+            tx: Some(input_tx),
+            compressor,
+            uploader,
+            commit,
+        }
+    }
+
+    async fn feed(&mut self, data: Bytes, wal: &mut WalTee) -> Result<(), BackupError> {
+        self.parser
+            .feed(data, &mut self.events)
+            .map_err(|e| BackupError::Stream(format!("{}: {e}", self.name)))?;
+        self.route(wal).await
+    }
+
+    async fn route(&mut self, wal: &mut WalTee) -> Result<(), BackupError> {
+        let events = std::mem::take(&mut self.events);
+        for ev in events {
+            match ev {
+                TarEvent::Entry { raw, meta } => {
+                    if self.oid.is_none() && matches!(meta.kind, EntryKind::File) {
+                        if let Some(name) = meta.path.strip_prefix("pg_wal/") {
+                            if wal.wants(name) {
+                                wal.begin(name, meta.size);
+                                self.skipping = true;
+                                continue;
+                            }
+                        }
+                    }
+                    self.forward(raw).await?;
+                }
+                TarEvent::Data(d) => {
+                    if self.skipping {
+                        wal.data(&d);
+                    } else {
+                        self.forward(d).await?;
+                    }
+                }
+                TarEvent::EntryEnd { padding } => {
+                    if self.skipping {
+                        self.skipping = false;
+                        wal.end().await?;
+                    } else {
+                        self.forward(padding).await?;
+                    }
+                }
+                TarEvent::Trailer(t) => self.forward(t).await?,
+            }
+        }
+        Ok(())
+    }
+
+    async fn forward(&mut self, b: Bytes) -> Result<(), BackupError> {
+        if b.is_empty() {
+            return Ok(());
+        }
+        self.tar_bytes += b.len() as u64;
+        self.pending.extend_from_slice(&b);
+        if self.pending.len() >= CHUNK {
+            self.send_pending().await?;
+        }
+        Ok(())
+    }
+
+    async fn send_pending(&mut self) -> Result<(), BackupError> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let chunk = self.pending.split().freeze();
+        let Some(tx) = &self.tx else {
+            return Ok(());
+        };
+        if tx.send(chunk).await.is_err() {
+            // The compressor or the uploader stopped: its error says why.
+            return Err(self.failure().await);
+        }
+        Ok(())
+    }
+
+    /// The error of whichever stage stopped.
+    async fn failure(&mut self) -> BackupError {
+        self.tx = None;
+        if let Some(h) = self.compressor.take() {
+            if let Ok(Err(e)) = tokio::task::spawn_blocking(move || h.join())
+                .await
+                .unwrap_or(Ok(Ok(())))
+            {
+                return BackupError::Io(format!("compressing {}: {e}", self.name));
+            }
+        }
+        match (&mut self.uploader).await {
+            Ok(Err(e)) => BackupError::Store(e),
+            Ok(Ok(_)) => BackupError::Io(format!("the upload of {} stopped early", self.key)),
+            Err(e) => BackupError::Io(format!("the upload of {} failed: {e}", self.key)),
+        }
+    }
+
+    async fn finish(mut self, wal: &mut WalTee) -> Result<TarArchive, BackupError> {
+        self.parser
+            .finish(&mut self.events)
+            .map_err(|e| BackupError::Stream(format!("{}: {e}", self.name)))?;
+        self.route(wal).await?;
+        self.send_pending().await?;
+        self.commit.store(true, Ordering::Release);
+        self.tx = None; // end of input: the compressor finishes its frame, the uploader its object
+        if let Some(h) = self.compressor.take() {
+            let joined = tokio::task::spawn_blocking(move || h.join())
+                .await
+                .map_err(|e| BackupError::Io(e.to_string()))?;
+            match joined {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    self.commit.store(false, Ordering::Release);
+                    return Err(BackupError::Io(format!("compressing {}: {e}", self.name)));
+                }
+                Err(_) => {
+                    return Err(BackupError::Io(format!(
+                        "compressing {} panicked",
+                        self.name
+                    )))
+                }
+            }
+        }
+        let stored = (&mut self.uploader)
+            .await
+            .map_err(|e| BackupError::Io(format!("the upload of {} failed: {e}", self.key)))??;
+        Ok(TarArchive {
+            name: self.name,
+            key: self.key,
+            tablespace_oid: self.oid,
+            tablespace_location: self.location,
+            tar_bytes: self.tar_bytes,
+            stored_bytes: stored,
+        })
+    }
+
+    async fn abort(mut self) {
+        self.commit.store(false, Ordering::Release);
+        self.tx = None;
+        if let Some(h) = self.compressor.take() {
+            let _ = tokio::task::spawn_blocking(move || h.join()).await;
+        }
+        let _ = (&mut self.uploader).await;
+    }
+}
+
+/// A zstd encoder on its own thread (with `threads` zstd workers): Bytes in, compressed chunks
+/// of about [`CHUNK`] bytes out.
+fn spawn_compressor(
+    level: i32,
+    threads: u32,
+    mut input: mpsc::Receiver<Bytes>,
+    output: mpsc::Sender<Bytes>,
+) -> std::thread::JoinHandle<io::Result<()>> {
+    std::thread::Builder::new()
+        .name("walagent-zstd".into())
+        .spawn(move || {
+            let sink = ChunkSender {
+                buf: Vec::with_capacity(CHUNK),
+                tx: output,
+            };
+            let mut enc = zstd::stream::write::Encoder::new(sink, level)?;
+            enc.include_checksum(true)?;
+            if threads > 1 {
+                enc.multithread(threads)?;
+            }
+            while let Some(b) = input.blocking_recv() {
+                enc.write_all(&b)?;
+            }
+            let mut sink = enc.finish()?;
+            sink.send()?;
+            Ok(())
+        })
+        .expect("spawning the compression thread")
+}
+
+struct ChunkSender {
+    buf: Vec<u8>,
+    tx: mpsc::Sender<Bytes>,
+}
+
+impl ChunkSender {
+    fn send(&mut self) -> io::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let chunk = std::mem::replace(&mut self.buf, Vec::with_capacity(CHUNK));
+        self.tx
+            .blocking_send(Bytes::from(chunk))
+            .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "the upload stopped"))
+    }
+}
+
+impl Write for ChunkSender {
+    fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+        self.buf.extend_from_slice(b);
+        if self.buf.len() >= CHUNK {
+            self.send()?;
+        }
+        Ok(b.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+// ---- WAL taken out of the tar ----------------------------------------------------------------
+
+/// Archives the `pg_wal/` files of `base.tar` as `wal/` objects.
+struct WalTee {
+    store: Arc<dyn Store>,
+    params: VerifyParams,
+    compression: Compression,
+    entry: Option<(String, BytesMut)>,
+    archived: Vec<String>,
+}
+
+impl WalTee {
+    fn wants(&self, name: &str) -> bool {
+        SegmentId::parse_file_name(name, self.params.segment_size).is_some()
+            || parse_history_file_name(name).is_some_and(|t| history_file_name(t) == name)
+    }
+
+    fn begin(&mut self, name: &str, size: u64) {
+        let cap = size.min(u64::from(self.params.segment_size.bytes())) as usize;
+        self.entry = Some((name.to_string(), BytesMut::with_capacity(cap)));
+    }
+
+    fn data(&mut self, d: &[u8]) {
+        if let Some((_, buf)) = &mut self.entry {
+            buf.extend_from_slice(d);
+        }
+    }
+
+    async fn end(&mut self) -> Result<(), BackupError> {
+        let Some((name, buf)) = self.entry.take() else {
+            return Ok(());
+        };
+        let buf = buf.freeze();
+        if let Some(tli) = parse_history_file_name(&name) {
+            self.store
+                .put_bytes(&layout::history_key(tli), buf, PutMode::NoOverwrite)
+                .await?;
+            self.archived.push(name);
+            return Ok(());
+        }
+        let seg_size = self.params.segment_size;
+        let Some(id) = SegmentId::parse_file_name(&name, seg_size) else {
+            return Ok(());
+        };
+        let params = VerifyParams {
+            timeline: id.timeline,
+            ..self.params
+        };
+        let start = id.start_lsn(seg_size);
+        let level = match self.compression {
+            Compression::None => None,
+            Compression::Zstd { level } => Some(level),
+        };
+        let check_buf = buf.clone();
+        let (check, body) = tokio::task::spawn_blocking(move || {
+            let check = check_segment(params, start, &check_buf);
+            let body = match (&check, level) {
+                (Ok(_), Some(level)) => {
+                    crate::archive::compress::compress_bulk(&check_buf, level).map(Bytes::from)
+                }
+                _ => Ok(check_buf),
+            };
+            (check, body)
+        })
+        .await
+        .map_err(|e| BackupError::Io(e.to_string()))?;
+        let check = check.map_err(|e| BackupError::Wal(format!("{name}: {e}")))?;
+        let body = body.map_err(|e| BackupError::Io(format!("compressing {name}: {e}")))?;
+        let key = layout::segment_key(id, seg_size, self.compression, !check.complete);
+        match self.store.put_bytes(&key, body, PutMode::NoOverwrite).await {
+            Ok(()) => {}
+            // A partial that a running `walagent stream` stored with a different tail is fine:
+            // the complete segment will follow from the stream.
+            Err(StoreError::Conflict { .. }) if !check.complete => {
+                tracing::warn!(%key, "a different partial segment is already archived; kept it");
+            }
+            Err(e) => return Err(e.into()),
+        }
+        tracing::debug!(%key, complete = check.complete, "WAL from the backup archived");
+        self.archived.push(name);
+        Ok(())
+    }
+}
+
+// ---- progress ---------------------------------------------------------------------------------
+
+/// A progress bar on stderr (terminal only): bytes, rate, ETA.
+struct Progress {
+    bar: Option<indicatif::ProgressBar>,
+}
+
+impl Progress {
+    fn new(enabled: bool, header: &BackupHeader) -> Progress {
+        if !enabled {
+            return Progress { bar: None };
+        }
+        let total: u64 = header.tablespaces.iter().filter_map(|t| t.size).sum();
+        let bar = if total > 0 {
+            let b = indicatif::ProgressBar::new(total);
+            b.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{bar:30} {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta}",
+                )
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            );
+            b
+        } else {
+            let b = indicatif::ProgressBar::new_spinner();
+            b.set_style(
+                indicatif::ProgressStyle::with_template("{spinner} {bytes} {binary_bytes_per_sec}")
+                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+            );
+            b
+        };
+        b_draw_stderr(&bar);
+        Progress { bar: Some(bar) }
+    }
+
+    fn add(&self, n: u64) {
+        if let Some(b) = &self.bar {
+            b.inc(n);
+        }
+    }
+
+    fn set(&self, n: u64) {
+        if let Some(b) = &self.bar {
+            if n > b.position() {
+                b.set_position(n);
+            }
+        }
+    }
+
+    fn finish(&self) {
+        if let Some(b) = &self.bar {
+            b.finish_and_clear();
+        }
+    }
+}
+
+fn b_draw_stderr(b: &indicatif::ProgressBar) {
+    b.set_draw_target(indicatif::ProgressDrawTarget::stderr_with_hz(4));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn history_timelines() {
+        assert!(timelines_needing_history(1, 1).is_empty());
+        assert_eq!(timelines_needing_history(2, 2), vec![2]);
+        assert_eq!(timelines_needing_history(2, 3), vec![2, 3]);
+        assert_eq!(timelines_needing_history(1, 2), vec![2]);
+    }
+
+    #[test]
+    fn micros() {
+        let t = std::time::UNIX_EPOCH + std::time::Duration::from_micros(1_700_000_000_123_456);
+        assert_eq!(rfc3339_micros(t), "2023-11-14T22:13:20.123456Z");
+    }
+}

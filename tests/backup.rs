@@ -1,0 +1,152 @@
+//! `walagent backup` / `backups` / `seed-standby` against real PostgreSQL servers (and s3s-fs).
+
+mod support;
+
+use std::fs;
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use support::{
+    assert_ok, error_line, pg_bin, stderr_of, wait_output, walagent, PgCluster, PgOptions,
+};
+
+fn run(args: &[&str]) -> Output {
+    let child = walagent()
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_output(child, Duration::from_secs(180))
+}
+
+fn small_segments() -> PgOptions {
+    PgOptions {
+        wal_segment_size_mb: Some(1),
+        ..Default::default()
+    }
+}
+
+/// Some tables with data, an index, a few MB of WAL.
+fn load(c: &PgCluster, rows: u32) {
+    c.psql(&format!(
+        "CREATE TABLE IF NOT EXISTS t (id int primary key, pad text); \
+         INSERT INTO t SELECT g, repeat(md5(g::text), 8) FROM generate_series((SELECT coalesce(max(id),0)+1 FROM t), (SELECT coalesce(max(id),0) FROM t) + {rows}) g;"
+    ));
+}
+
+fn backups_json(archive: &str) -> serde_json::Value {
+    let o = run(&["backups", "--archive", archive, "--json"]);
+    assert_ok(&o);
+    serde_json::from_slice(&o.stdout).unwrap()
+}
+
+/// Decompresses (when .zst) and unpacks a stored tar into `dest`.
+fn unpack(stored: &[u8], zst: bool, dest: &Path) {
+    let raw = if zst {
+        zstd::decode_all(stored).unwrap()
+    } else {
+        stored.to_vec()
+    };
+    let mut a = tar::Archive::new(&raw[..]);
+    a.set_preserve_permissions(true);
+    a.unpack(dest).unwrap();
+}
+
+/// Extracts backup `info` from a local archive into `dest` with the WAL it needs in pg_wal, then
+/// runs pg_verifybackup on it (manifest checksums of every file, and pg_waldump over the WAL).
+fn verify_local_backup(archive: &Path, info: &serde_json::Value, dest: &Path) {
+    fs::create_dir_all(dest).unwrap();
+    for a in info["archives"].as_array().unwrap() {
+        assert!(
+            a["tablespace_oid"].is_null(),
+            "tablespaces not handled here"
+        );
+        let key = a["key"].as_str().unwrap();
+        let stored = fs::read(archive.join(key)).unwrap();
+        unpack(&stored, key.ends_with(".zst"), dest);
+    }
+    let manifest = fs::read(archive.join(info["manifest_key"].as_str().unwrap())).unwrap();
+    fs::write(dest.join("backup_manifest"), manifest).unwrap();
+    // The WAL was taken out of the tar and archived as ordinary segments.
+    let first = info["wal_start_segment"].as_str().unwrap();
+    let last = info["wal_end_segment"].as_str().unwrap();
+    let mut n = 0;
+    for e in fs::read_dir(archive.join("wal")).unwrap() {
+        let name = e.unwrap().file_name().into_string().unwrap();
+        let base = name.strip_suffix(".zst").unwrap_or(&name);
+        if base.len() == 24 && base >= first && base <= last {
+            let stored = fs::read(archive.join("wal").join(&name)).unwrap();
+            let seg = if name.ends_with(".zst") {
+                zstd::decode_all(&stored[..]).unwrap()
+            } else {
+                stored
+            };
+            fs::write(dest.join("pg_wal").join(base), seg).unwrap();
+            n += 1;
+        }
+    }
+    assert!(n >= 1, "no WAL for the backup in the archive");
+    let out = Command::new(pg_bin().join("pg_verifybackup"))
+        .arg(dest)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "pg_verifybackup failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn backup_into_local_archive_passes_pg_verifybackup() {
+    let c = PgCluster::start(small_segments());
+    load(&c, 20_000);
+    let t = support::tempdir();
+    let archive = t.join("archive");
+    let a = archive.to_str().unwrap();
+    let o = run(&[
+        "backup",
+        "--source",
+        &c.repl_uri(),
+        "--archive",
+        a,
+        "--checkpoint",
+        "fast",
+    ]);
+    assert_ok(&o);
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(stdout.contains("complete"), "{stdout}");
+    assert!(!stderr_of(&o).contains("replicator-secret"));
+
+    let list = backups_json(a);
+    let list = list.as_array().unwrap();
+    assert_eq!(list.len(), 1, "{list:?}");
+    let info = &list[0];
+    assert_eq!(info["status"], "complete");
+    assert_eq!(info["system_identifier"], c.system_identifier().to_string());
+    assert_eq!(info["timeline"], 1);
+    assert!(info["server_version_num"].as_u64().unwrap() >= 150000);
+    // Files are private.
+    use std::os::unix::fs::PermissionsExt;
+    let key = info["archives"][0]["key"].as_str().unwrap();
+    assert!(key.ends_with("base.tar.zst"), "{key}");
+    let mode = fs::metadata(archive.join(key))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+    verify_local_backup(&archive, info, &t.join("extracted"));
+
+    // The table shows up in the table view.
+    let o = run(&["backups", "--archive", a]);
+    assert_ok(&o);
+    let table = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        table.contains(info["id"].as_str().unwrap()) && table.contains("complete"),
+        "{table}"
+    );
+    let _ = error_line;
+}
