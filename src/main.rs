@@ -279,6 +279,34 @@ async fn list_backups(args: BackupsArgs) -> ExitCode {
     }
 }
 
-async fn seed_standby(_args: walagent::cli::SeedStandbyArgs) -> ExitCode {
-    fail("seed-standby is not implemented yet", None, 1)
+async fn seed_standby(args: walagent::cli::SeedStandbyArgs) -> ExitCode {
+    let conninfo = match parse_source(&args.source) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let opts = backup::seed::SeedOptions {
+        conninfo,
+        pgdata: args.pgdata.clone(),
+        slot: args.slot,
+        create_slot: args.create_slot,
+        checkpoint_fast: args.checkpoint == CheckpointMode::Fast,
+        max_rate_kbps: args.max_rate,
+        tablespace_mapping: args.tablespace_mapping,
+        progress: show_progress(args.no_progress),
+    };
+    match backup::seed::seed(&opts, shutdown_signal()).await {
+        Ok(r) => {
+            println!(
+                "standby data directory {} ready: {} files, {}, consistent at {} on timeline {}; start it with pg_ctl start -D {}",
+                args.pgdata.display(),
+                r.stats.files,
+                backup::listing::human_bytes(r.stats.bytes),
+                r.end_lsn,
+                r.timeline,
+                args.pgdata.display()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(&e.to_string(), e.hint(), 1),
+    }
 }

@@ -150,3 +150,133 @@ fn backup_into_local_archive_passes_pg_verifybackup() {
     );
     let _ = error_line;
 }
+
+#[test]
+fn seed_standby_starts_and_follows_the_primary() {
+    let c = PgCluster::start(small_segments());
+    load(&c, 5_000);
+    // A tablespace outside the data directory.
+    let ts_dir = PgCluster::new_dir("ts");
+    let ts_loc = ts_dir.join("loc");
+    fs::create_dir(&ts_loc).unwrap();
+    support::chown_postgres_path(&ts_loc);
+    c.psql(&format!(
+        "CREATE TABLESPACE extra LOCATION '{}'",
+        ts_loc.display()
+    ));
+    c.psql("CREATE TABLE in_ts (v int) TABLESPACE extra; INSERT INTO in_ts SELECT generate_series(1, 1000);");
+    let dir = PgCluster::new_dir("seeded");
+    let pgdata = dir.join("data");
+    let ts_new = dir.join("ts_new");
+    let mapping = format!("{}={}", ts_loc.display(), ts_new.display());
+    let o = run(&[
+        "seed-standby",
+        "--source",
+        &c.repl_uri(),
+        "--pgdata",
+        pgdata.to_str().unwrap(),
+        "--slot",
+        "standby1",
+        "--create-slot",
+        "--checkpoint",
+        "fast",
+        "-T",
+        &mapping,
+    ]);
+    assert_ok(&o);
+    assert!(pgdata.join("standby.signal").exists());
+    let auto = fs::read_to_string(pgdata.join("postgresql.auto.conf")).unwrap();
+    assert!(
+        auto.contains("primary_conninfo = '") && auto.contains("primary_slot_name = 'standby1'"),
+        "{auto}"
+    );
+    assert!(!String::from_utf8_lossy(&o.stdout).contains("replicator-secret"));
+    assert!(!stderr_of(&o).contains("replicator-secret"));
+    // The tablespace went to the mapped place and the link points there.
+    let link = fs::read_link(
+        pgdata.join("pg_tblspc").join(
+            c.psql("SELECT oid FROM pg_tablespace WHERE spcname = 'extra'")
+                .trim(),
+        ),
+    )
+    .unwrap();
+    assert_eq!(link, ts_new);
+
+    // Rows inserted after the seed arrive by streaming replication.
+    c.psql("INSERT INTO t VALUES (999999, 'after seed')");
+    let s = PgCluster::adopt(dir.clone(), PgOptions::default(), 1);
+    assert_eq!(s.psql("SELECT pg_is_in_recovery()").trim(), "t");
+    support::wait_until(
+        Duration::from_secs(60),
+        "the standby replays the new row",
+        || {
+            s.try_psql("SELECT count(*) FROM t WHERE id = 999999")
+                .map(|v| v.trim() == "1")
+                .unwrap_or(false)
+        },
+    );
+    assert_eq!(s.psql("SELECT count(*) FROM in_ts").trim(), "1000");
+    // The slot is in use by the standby.
+    support::wait_until(Duration::from_secs(30), "the standby uses its slot", || {
+        c.psql("SELECT active FROM pg_replication_slots WHERE slot_name = 'standby1'")
+            .trim()
+            == "t"
+    });
+}
+
+#[test]
+fn seed_standby_refuses_a_non_empty_directory_and_a_missing_slot() {
+    let c = PgCluster::start(small_segments());
+    let t = support::tempdir();
+    let pgdata = t.join("data");
+    fs::create_dir(&pgdata).unwrap();
+    fs::write(pgdata.join("keep.txt"), "precious").unwrap();
+    let o = run(&[
+        "seed-standby",
+        "--source",
+        &c.repl_uri(),
+        "--pgdata",
+        pgdata.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr_of(&o));
+    let line = error_line(&o);
+    assert!(
+        line.contains("not empty") && line.contains("keep.txt"),
+        "{line}"
+    );
+    assert_eq!(
+        fs::read_to_string(pgdata.join("keep.txt")).unwrap(),
+        "precious"
+    );
+
+    let empty = t.join("empty");
+    let o = run(&[
+        "seed-standby",
+        "--source",
+        &c.repl_uri(),
+        "--pgdata",
+        empty.to_str().unwrap(),
+        "--slot",
+        "nope",
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    let line = error_line(&o);
+    assert!(
+        line.contains("\"nope\" does not exist") && line.contains("--create-slot"),
+        "{line}"
+    );
+    assert!(
+        !empty.exists(),
+        "a failed seed removes the directory it created"
+    );
+
+    let o = run(&[
+        "seed-standby",
+        "--source",
+        &c.repl_uri(),
+        "--pgdata",
+        t.join("no/such/parent").to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(error_line(&o).contains("parent"), "{}", error_line(&o));
+}

@@ -435,7 +435,10 @@ impl Extractor {
         let rel = safe_relative(&meta.path)?;
         let is_root = rel.as_os_str().is_empty();
         if is_root && meta.kind != EntryKind::Directory {
-            return Err(unsafe_path(&meta.path, "a non-directory entry for the root"));
+            return Err(unsafe_path(
+                &meta.path,
+                "a non-directory entry for the root",
+            ));
         }
         if let EntryKind::Other(t) = meta.kind {
             return Err(ExtractError::Unsupported {
@@ -775,7 +778,11 @@ fn syncfs(dir: &Path) -> Result<(), ExtractError> {
     if unsafe { libc::syncfs(f.as_raw_fd()) } == 0 {
         Ok(())
     } else {
-        Err(io_err("sync the filesystem of", dir, io::Error::last_os_error()))
+        Err(io_err(
+            "sync the filesystem of",
+            dir,
+            io::Error::last_os_error(),
+        ))
     }
 }
 
@@ -1057,7 +1064,10 @@ mod tests {
         fs::create_dir(&outside).unwrap();
         // `root` sits next to `outside`, so `../outside/x` is the escape.
         let cases: Vec<(&str, Vec<u8>)> = vec![
-            ("dotdot", Tb::new().raw(b"../outside/x", b'0', b"x", b"").done()),
+            (
+                "dotdot",
+                Tb::new().raw(b"../outside/x", b'0', b"x", b"").done(),
+            ),
             (
                 "nested dotdot",
                 Tb::new().raw(b"a/../../outside/x", b'0', b"x", b"").done(),
@@ -1158,7 +1168,10 @@ mod tests {
                     meta,
                 })
                 .unwrap_err();
-            assert!(matches!(e, ExtractError::UnsafePath { .. }), "{path:?}: {e}");
+            assert!(
+                matches!(e, ExtractError::UnsafePath { .. }),
+                "{path:?}: {e}"
+            );
             assert!(e.to_string().contains("refusing archive entry"), "{e}");
         }
         let fifo = EntryMeta {
@@ -1185,7 +1198,9 @@ mod tests {
     fn event_order_is_checked() {
         let tmp = tempdir();
         let mut x = Extractor::new(tmp.path(), ExtractOptions::default());
-        let e = x.handle(TarEvent::Data(Bytes::from_static(b"x"))).unwrap_err();
+        let e = x
+            .handle(TarEvent::Data(Bytes::from_static(b"x")))
+            .unwrap_err();
         assert!(matches!(e, ExtractError::Sequence(_)), "{e}");
         let meta = EntryMeta {
             path: "f".into(),
@@ -1220,7 +1235,9 @@ mod tests {
             meta,
         })
         .unwrap();
-        let e = x.handle(TarEvent::Data(Bytes::from_static(b"xy"))).unwrap_err();
+        let e = x
+            .handle(TarEvent::Data(Bytes::from_static(b"xy")))
+            .unwrap_err();
         assert!(matches!(e, ExtractError::Sequence(_)), "{e}");
         assert!(matches!(x.finish(), Err(ExtractError::Sequence(_))));
     }
@@ -1245,10 +1262,7 @@ mod tests {
             .done();
         let stats = extract(&base, &root, opts.clone(), 1).unwrap();
         assert_eq!(stats.symlinks, 1);
-        assert_eq!(
-            fs::read_link(root.join("pg_tblspc/16384")).unwrap(),
-            new_ts
-        );
+        assert_eq!(fs::read_link(root.join("pg_tblspc/16384")).unwrap(), new_ts);
         assert!(new_ts.is_dir());
         assert_eq!(mode(&new_ts), 0o700);
 
@@ -1261,7 +1275,10 @@ mod tests {
             opts.map_tablespace(Path::new("/nonexistent/ts")),
             new_ts.as_path()
         );
-        assert_eq!(opts.map_tablespace(Path::new("/elsewhere")), Path::new("/elsewhere"));
+        assert_eq!(
+            opts.map_tablespace(Path::new("/elsewhere")),
+            Path::new("/elsewhere")
+        );
         let ts = Tb::new()
             .dir("PG_15_202209061", 1)
             .file("PG_15_202209061/5/16385", &content(20_000, 7), 1)
@@ -1310,7 +1327,10 @@ mod tests {
             panic!("{e:?}")
         };
         let msg = e.to_string();
-        assert!(msg.contains("is not empty (found PG_15_202209061)"), "{msg}");
+        assert!(
+            msg.contains("is not empty (found PG_15_202209061)"),
+            "{msg}"
+        );
         assert!(msg.contains("tablespace mapping"), "{msg}");
         assert!(!root.join("pg_tblspc/16385").exists());
 
@@ -1395,10 +1415,7 @@ mod tests {
             .into_iter()
             .try_for_each(|ev| x.handle(ev))
             .unwrap_err();
-        assert!(
-            matches!(e, ExtractError::Tablespace { oid: 99, .. }),
-            "{e}"
-        );
+        assert!(matches!(e, ExtractError::Tablespace { oid: 99, .. }), "{e}");
     }
 
     #[test]
@@ -1452,7 +1469,10 @@ mod tests {
             assert!(matches!(e, ExtractError::NotWritable { .. }), "{e}");
             let e = prepare_target_dir(&ro.join("sub")).unwrap_err();
             assert!(matches!(e, ExtractError::NotWritable { .. }), "{e}");
-            assert!(e.to_string().contains("fix its ownership or permissions"), "{e}");
+            assert!(
+                e.to_string().contains("fix its ownership or permissions"),
+                "{e}"
+            );
             fs::set_permissions(&ro, fs::Permissions::from_mode(0o700)).unwrap();
         }
     }
@@ -1486,7 +1506,11 @@ mod tests {
         let e = io_err("create file", p, io::Error::from_raw_os_error(libc::EEXIST));
         assert!(matches!(e, ExtractError::Exists { .. }));
         let e = io_err("write", p, io::Error::from_raw_os_error(libc::EIO));
-        assert!(e.to_string().starts_with("cannot write /data/base/1/1234: "), "{e}");
+        assert!(
+            e.to_string()
+                .starts_with("cannot write /data/base/1/1234: "),
+            "{e}"
+        );
     }
 
     #[test]
@@ -1494,7 +1518,14 @@ mod tests {
         // Events bigger than the buffer, and a mix around its size.
         let tmp = tempdir();
         let mut x = Extractor::new(tmp.path(), ExtractOptions::default());
-        let sizes = [10, WRITE_BUFFER - 5, 7, WRITE_BUFFER + 3, 1, 2 * WRITE_BUFFER];
+        let sizes = [
+            10,
+            WRITE_BUFFER - 5,
+            7,
+            WRITE_BUFFER + 3,
+            1,
+            2 * WRITE_BUFFER,
+        ];
         let total: usize = sizes.iter().sum();
         let data = content(total, 9);
         x.handle(TarEvent::Entry {

@@ -11,7 +11,9 @@
 
 pub mod catalog;
 pub mod extract;
-pub mod manifest;
-pub mod tarstream;
-pub mod take;
 pub mod listing;
+pub mod manifest;
+pub mod progress;
+pub mod seed;
+pub mod take;
+pub mod tarstream;

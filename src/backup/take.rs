@@ -29,6 +29,7 @@ use tokio::task::JoinHandle;
 
 use super::catalog::{self, BackupInfo, TarArchive};
 use super::manifest::BackupManifest;
+use super::progress::Progress;
 use super::tarstream::{EntryKind, TarEvent, TarParser};
 use crate::archive::{layout, ArchiveMeta, Compression, PutMode, Store, StoreError};
 use crate::protocol::basebackup::{BackupCopyMessage, BackupStreamDecoder, BaseBackupOptions};
@@ -753,65 +754,6 @@ impl WalTee {
         self.archived.push(name);
         Ok(())
     }
-}
-
-// ---- progress ---------------------------------------------------------------------------------
-
-/// A progress bar on stderr (terminal only): bytes, rate, ETA.
-struct Progress {
-    bar: Option<indicatif::ProgressBar>,
-}
-
-impl Progress {
-    fn new(enabled: bool, header: &BackupHeader) -> Progress {
-        if !enabled {
-            return Progress { bar: None };
-        }
-        let total: u64 = header.tablespaces.iter().filter_map(|t| t.size).sum();
-        let bar = if total > 0 {
-            let b = indicatif::ProgressBar::new(total);
-            b.set_style(
-                indicatif::ProgressStyle::with_template(
-                    "{bar:30} {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta}",
-                )
-                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-            );
-            b
-        } else {
-            let b = indicatif::ProgressBar::new_spinner();
-            b.set_style(
-                indicatif::ProgressStyle::with_template("{spinner} {bytes} {binary_bytes_per_sec}")
-                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
-            );
-            b
-        };
-        b_draw_stderr(&bar);
-        Progress { bar: Some(bar) }
-    }
-
-    fn add(&self, n: u64) {
-        if let Some(b) = &self.bar {
-            b.inc(n);
-        }
-    }
-
-    fn set(&self, n: u64) {
-        if let Some(b) = &self.bar {
-            if n > b.position() {
-                b.set_position(n);
-            }
-        }
-    }
-
-    fn finish(&self) {
-        if let Some(b) = &self.bar {
-            b.finish_and_clear();
-        }
-    }
-}
-
-fn b_draw_stderr(b: &indicatif::ProgressBar) {
-    b.set_draw_target(indicatif::ProgressDrawTarget::stderr_with_hz(4));
 }
 
 #[cfg(test)]

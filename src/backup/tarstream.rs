@@ -681,8 +681,8 @@ fn parse_pax(mut data: &[u8], offset: u64, into: &mut Overrides) -> Result<(), T
             .ok_or_else(|| bad("record without '='".into()))?;
         let (key, value) = (&record[..eq], &record[eq + 1..]);
         let number = |what: &str| -> Result<u64, TarError> {
-            let s = std::str::from_utf8(value)
-                .map_err(|_| bad(format!("{what} is not a number")))?;
+            let s =
+                std::str::from_utf8(value).map_err(|_| bad(format!("{what} is not a number")))?;
             // mtime may carry a fraction and, in theory, be negative: keep whole seconds >= 0.
             let whole = s.split('.').next().unwrap_or("");
             if whole.starts_with('-') && whole[1..].bytes().all(|b| b.is_ascii_digit()) {
@@ -1093,11 +1093,21 @@ mod tests {
     fn dropping_entries_leaves_a_valid_archive() {
         let seg = "pg_wal/000000010000000000000003";
         let mut b = tar::Builder::new(Vec::new());
-        add_file(&mut b, "backup_label", b"START WAL LOCATION: 0/3000028\n", 1);
+        add_file(
+            &mut b,
+            "backup_label",
+            b"START WAL LOCATION: 0/3000028\n",
+            1,
+        );
         add_dir(&mut b, "pg_wal", 2);
         add_file(&mut b, seg, &content(16 * 1024 + 3, 1), 3);
         add_dir(&mut b, "pg_wal/archive_status", 4);
-        add_file(&mut b, "pg_wal/000000010000000000000004", &content(9000, 2), 5);
+        add_file(
+            &mut b,
+            "pg_wal/000000010000000000000004",
+            &content(9000, 2),
+            5,
+        );
         add_file(&mut b, "global/pg_control", &content(8192, 3), 6);
         let data = b.into_inner().unwrap();
 
@@ -1141,7 +1151,10 @@ mod tests {
         data[512 + 3] ^= 0x20;
         let (r, events, _) = parse_chunked(&data, 3, 100);
         let e = r.unwrap_err();
-        assert!(matches!(e, TarError::BadChecksum { offset: 512, .. }), "{e:?}");
+        assert!(
+            matches!(e, TarError::BadChecksum { offset: 512, .. }),
+            "{e:?}"
+        );
         assert!(e.to_string().contains("byte offset 512"), "{e}");
         assert_eq!(entries(&events).len(), 1);
     }
@@ -1164,13 +1177,29 @@ mod tests {
         let (r, _, _) = parse_chunked(&data, 1, 64);
         let e = r.unwrap_err();
         assert!(
-            matches!(e, TarError::NonUtf8 { offset: 0, what: "path", .. }),
+            matches!(
+                e,
+                TarError::NonUtf8 {
+                    offset: 0,
+                    what: "path",
+                    ..
+                }
+            ),
             "{e:?}"
         );
         let mut data = raw_header(b"link", b'2', 0, b"\xc3\x28");
         data.extend([0u8; 1024]);
         let e = parse_chunked(&data, 1, 64).0.unwrap_err();
-        assert!(matches!(e, TarError::NonUtf8 { what: "link name", .. }), "{e:?}");
+        assert!(
+            matches!(
+                e,
+                TarError::NonUtf8 {
+                    what: "link name",
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
     }
 
     #[test]
@@ -1259,17 +1288,29 @@ mod tests {
             matches!(e, TarError::Unsupported { typeflag: 'S', .. }),
             "{e:?}"
         );
-        for bad in [&b"abc"[..], b"5 a=b\n", b"99 path=x\n", b"8 pathx\n", b"x y=z\n"] {
+        for bad in [
+            &b"abc"[..],
+            b"5 a=b\n",
+            b"99 path=x\n",
+            b"8 pathx\n",
+            b"x y=z\n",
+        ] {
             let mut data = ext_header(b'x', bad);
             data.extend(raw_header(b"f", b'0', 0, b""));
             let e = parse_chunked(&data, 1, 1000).0.unwrap_err();
-            assert!(matches!(e, TarError::Malformed { offset: 0, .. }), "{bad:?}: {e:?}");
+            assert!(
+                matches!(e, TarError::Malformed { offset: 0, .. }),
+                "{bad:?}: {e:?}"
+            );
         }
         // Extension header directly followed by the end-of-archive marker.
         let mut data = ext_header(b'L', b"name\0");
         data.extend([0u8; 1024]);
         let e = parse_chunked(&data, 1, 1000).0.unwrap_err();
-        assert!(matches!(e, TarError::Malformed { offset: 1024, .. }), "{e:?}");
+        assert!(
+            matches!(e, TarError::Malformed { offset: 1024, .. }),
+            "{e:?}"
+        );
         // Garbage mode field with a valid checksum.
         let mut h = tar::Header::new_ustar();
         h.set_path("m").unwrap();
@@ -1277,7 +1318,10 @@ mod tests {
         h.as_old_mut().mode = *b"zzzzzzz\0";
         h.set_cksum();
         let e = parse_chunked(h.as_bytes(), 1, 1000).0.unwrap_err();
-        assert!(matches!(e, TarError::BadField { field: "mode", .. }), "{e:?}");
+        assert!(
+            matches!(e, TarError::BadField { field: "mode", .. }),
+            "{e:?}"
+        );
     }
 
     #[test]
@@ -1293,9 +1337,18 @@ mod tests {
             }
         }
         let mut rng = Rng(77);
-        let mut cuts: Vec<usize> = (0..300).map(|_| rng.below(data.len() as u64) as usize).collect();
+        let mut cuts: Vec<usize> = (0..300)
+            .map(|_| rng.below(data.len() as u64) as usize)
+            .collect();
         cuts.extend(boundaries.iter().map(|&b| b as usize));
-        cuts.extend([1, 511, 512, data.len() - 1024, data.len() - 512, data.len() - 1]);
+        cuts.extend([
+            1,
+            511,
+            512,
+            data.len() - 1024,
+            data.len() - 512,
+            data.len() - 1,
+        ]);
         for cut in cuts {
             let prefix = &data[..cut];
             let (r, events, _) = parse_chunked(prefix, cut as u64, 300);
@@ -1315,7 +1368,10 @@ mod tests {
         }
         // Empty input.
         let e = parse_chunked(b"", 1, 1).0.unwrap_err();
-        assert!(e.to_string().contains("without the end-of-archive marker"), "{e}");
+        assert!(
+            e.to_string().contains("without the end-of-archive marker"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -1,3 +1,4 @@
 //! Restoring from the archive: wal-fetch (serving restore_command).
 pub mod prefetch;
+pub mod recovery_conf;
 pub mod wal_fetch;

@@ -209,6 +209,41 @@ impl PgCluster {
         standby
     }
 
+    /// A fresh directory for a cluster made by walagent itself (seed-standby, restore): put the
+    /// data directory at `<dir>/data`, then [`PgCluster::adopt`] it. Owned by `postgres` as root.
+    pub fn new_dir(kind: &str) -> PathBuf {
+        new_unique_dir(kind, 0o700, true)
+    }
+
+    /// Starts a server on the data directory `<dir>/data` (made by [`PgCluster::new_dir`] and
+    /// filled by the test): writes this support's config (a new port) and `pg_hba.conf`, then
+    /// `pg_ctl start -w`. Panics with the log when it does not start; see [`PgCluster::try_adopt`].
+    pub fn adopt(dir: PathBuf, opts: PgOptions, seg_mb: u32) -> PgCluster {
+        Self::try_adopt(dir, opts, seg_mb).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Like [`PgCluster::adopt`], but a server that does not start is an `Err` with its log.
+    pub fn try_adopt(dir: PathBuf, opts: PgOptions, seg_mb: u32) -> Result<PgCluster, String> {
+        let c = PgCluster {
+            dir,
+            port: AtomicU16::new(0),
+            opts,
+            seg_mb,
+        };
+        c.write_hba();
+        let mut last = String::new();
+        for _ in 0..10 {
+            c.port.store(free_port(), Ordering::SeqCst);
+            c.write_conf();
+            match c.pg_ctl_start() {
+                Ok(()) => return Ok(c),
+                Err((true, e)) => last = e,
+                Err((false, e)) => return Err(e),
+            }
+        }
+        Err(last)
+    }
+
     pub fn port(&self) -> u16 {
         self.port.load(Ordering::SeqCst)
     }
@@ -909,6 +944,11 @@ fn postgres_ids() -> (libc::uid_t, libc::gid_t) {
 }
 
 /// When root: chown to postgres.
+/// Gives one path to the `postgres` OS user when running as root (no-op otherwise).
+pub fn chown_postgres_path(path: &Path) {
+    chown_postgres(path)
+}
+
 fn chown_postgres(path: &Path) {
     if !is_root() {
         return;

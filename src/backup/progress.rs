@@ -1,0 +1,60 @@
+//! The progress bar of `backup` and `seed-standby` (terminal only): bytes, rate, ETA.
+
+use crate::protocol::replication::BackupHeader;
+
+/// A progress bar on stderr (terminal only): bytes, rate, ETA.
+pub(crate) struct Progress {
+    bar: Option<indicatif::ProgressBar>,
+}
+
+impl Progress {
+    pub(crate) fn new(enabled: bool, header: &BackupHeader) -> Progress {
+        if !enabled {
+            return Progress { bar: None };
+        }
+        let total: u64 = header.tablespaces.iter().filter_map(|t| t.size).sum();
+        let bar = if total > 0 {
+            let b = indicatif::ProgressBar::new(total);
+            b.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{bar:30} {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta}",
+                )
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            );
+            b
+        } else {
+            let b = indicatif::ProgressBar::new_spinner();
+            b.set_style(
+                indicatif::ProgressStyle::with_template("{spinner} {bytes} {binary_bytes_per_sec}")
+                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+            );
+            b
+        };
+        b_draw_stderr(&bar);
+        Progress { bar: Some(bar) }
+    }
+
+    pub(crate) fn add(&self, n: u64) {
+        if let Some(b) = &self.bar {
+            b.inc(n);
+        }
+    }
+
+    pub(crate) fn set(&self, n: u64) {
+        if let Some(b) = &self.bar {
+            if n > b.position() {
+                b.set_position(n);
+            }
+        }
+    }
+
+    pub(crate) fn finish(&self) {
+        if let Some(b) = &self.bar {
+            b.finish_and_clear();
+        }
+    }
+}
+
+fn b_draw_stderr(b: &indicatif::ProgressBar) {
+    b.set_draw_target(indicatif::ProgressDrawTarget::stderr_with_hz(4));
+}
