@@ -3,12 +3,13 @@
 mod support;
 
 use std::fs;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
+use support::s3::S3Server;
 use support::{
-    assert_ok, error_line, pg_bin, stderr_of, wait_output, walagent, PgCluster, PgOptions,
+    assert_ok, error_line, pg_bin, sigterm, stderr_of, wait_output, walagent, PgCluster, PgOptions,
 };
 
 fn run(args: &[&str]) -> Output {
@@ -57,6 +58,12 @@ fn unpack(stored: &[u8], zst: bool, dest: &Path) {
 /// Extracts backup `info` from a local archive into `dest` with the WAL it needs in pg_wal, then
 /// runs pg_verifybackup on it (manifest checksums of every file, and pg_waldump over the WAL).
 fn verify_local_backup(archive: &Path, info: &serde_json::Value, dest: &Path) {
+    verify_backup(&|key| archive.join(key), info, dest)
+}
+
+/// As [`verify_local_backup`], with `path_of(key)` giving the file that holds an archive key.
+fn verify_backup(path_of: &dyn Fn(&str) -> PathBuf, info: &serde_json::Value, dest: &Path) {
+    let archive_wal = path_of("wal");
     fs::create_dir_all(dest).unwrap();
     for a in info["archives"].as_array().unwrap() {
         assert!(
@@ -64,20 +71,20 @@ fn verify_local_backup(archive: &Path, info: &serde_json::Value, dest: &Path) {
             "tablespaces not handled here"
         );
         let key = a["key"].as_str().unwrap();
-        let stored = fs::read(archive.join(key)).unwrap();
+        let stored = fs::read(path_of(key)).unwrap();
         unpack(&stored, key.ends_with(".zst"), dest);
     }
-    let manifest = fs::read(archive.join(info["manifest_key"].as_str().unwrap())).unwrap();
+    let manifest = fs::read(path_of(info["manifest_key"].as_str().unwrap())).unwrap();
     fs::write(dest.join("backup_manifest"), manifest).unwrap();
     // The WAL was taken out of the tar and archived as ordinary segments.
     let first = info["wal_start_segment"].as_str().unwrap();
     let last = info["wal_end_segment"].as_str().unwrap();
     let mut n = 0;
-    for e in fs::read_dir(archive.join("wal")).unwrap() {
+    for e in fs::read_dir(&archive_wal).unwrap() {
         let name = e.unwrap().file_name().into_string().unwrap();
         let base = name.strip_suffix(".zst").unwrap_or(&name);
         if base.len() == 24 && base >= first && base <= last {
-            let stored = fs::read(archive.join("wal").join(&name)).unwrap();
+            let stored = fs::read(archive_wal.join(&name)).unwrap();
             let seg = if name.ends_with(".zst") {
                 zstd::decode_all(&stored[..]).unwrap()
             } else {
@@ -279,4 +286,190 @@ fn seed_standby_refuses_a_non_empty_directory_and_a_missing_slot() {
     ]);
     assert_eq!(o.status.code(), Some(1));
     assert!(error_line(&o).contains("parent"), "{}", error_line(&o));
+}
+
+#[test]
+fn backup_into_s3_multipart_passes_pg_verifybackup() {
+    let s3 = S3Server::start();
+    let c = PgCluster::start(small_segments());
+    load(&c, 150_000); // ~45 MB of table: the tar goes up in several parts
+    let url = s3.url("db1");
+    let out = {
+        let child = walagent()
+            .args([
+                "backup",
+                "--source",
+                &c.repl_uri(),
+                "--archive",
+                &url,
+                "--checkpoint",
+                "fast",
+                "--json",
+            ])
+            .envs(s3.env())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        wait_output(child, Duration::from_secs(180))
+    };
+    assert_ok(&out);
+    let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(info["data_bytes"].as_u64().unwrap() > 40 << 20, "{info}");
+    let listed = {
+        let child = walagent()
+            .args(["backups", "--archive", &url, "--json"])
+            .envs(s3.env())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let o = wait_output(child, Duration::from_secs(60));
+        assert_ok(&o);
+        serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap()
+    };
+    assert_eq!(listed[0]["id"], info["id"]);
+    assert_eq!(listed[0]["status"], "complete");
+    let t = support::tempdir();
+    verify_backup(
+        &|key| s3.object_path(&format!("db1/{key}")),
+        &info,
+        &t.join("x"),
+    );
+}
+
+/// A backup stopped halfway (SIGTERM, then kill -9) never shows up as usable, and leaves the
+/// archive usable for the next one.
+#[test]
+fn interrupted_backups_are_never_listed_as_usable() {
+    let c = PgCluster::start(small_segments());
+    load(&c, 30_000);
+    let t = support::tempdir();
+    let archive = t.join("archive");
+    let a = archive.to_str().unwrap();
+    let slow = |a: &str| {
+        walagent()
+            .args([
+                "backup",
+                "--source",
+                &c.repl_uri(),
+                "--archive",
+                a,
+                "--checkpoint",
+                "fast",
+                "--max-rate",
+                "256kB",
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    // SIGTERM: exits non-zero, removes its objects.
+    let child = slow(a);
+    std::thread::sleep(Duration::from_secs(3));
+    sigterm(&child);
+    let o = wait_output(child, Duration::from_secs(60));
+    assert_eq!(o.status.code(), Some(1), "{}", stderr_of(&o));
+    assert!(error_line(&o).contains("cancelled"), "{}", error_line(&o));
+    let list = backups_json(a);
+    assert!(
+        list.as_array()
+            .unwrap()
+            .iter()
+            .all(|b| b["status"] != "complete"),
+        "{list}"
+    );
+    // kill -9: nothing marked complete either.
+    let mut child = slow(a);
+    std::thread::sleep(Duration::from_secs(3));
+    child.kill().unwrap();
+    let _ = child.wait();
+    let list = backups_json(a);
+    assert!(
+        list.as_array()
+            .unwrap()
+            .iter()
+            .all(|b| b["status"] != "complete"),
+        "{list}"
+    );
+    // The temporary slots went away with the connections.
+    support::wait_until(Duration::from_secs(30), "temporary slots dropped", || {
+        c.psql("SELECT count(*) FROM pg_replication_slots").trim() == "0"
+    });
+    // The next backup works and is the only complete one.
+    let o = run(&[
+        "backup",
+        "--source",
+        &c.repl_uri(),
+        "--archive",
+        a,
+        "--checkpoint",
+        "fast",
+    ]);
+    assert_ok(&o);
+    let list = backups_json(a);
+    let complete: Vec<_> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|b| b["status"] == "complete")
+        .collect();
+    assert_eq!(complete.len(), 1, "{list}");
+    verify_local_backup(&archive, complete[0], &t.join("x"));
+}
+
+/// No space left: one line naming the cause, exit 1, nothing listed as usable. Needs root to
+/// mount a small tmpfs; skipped otherwise.
+#[test]
+fn backup_into_a_full_filesystem_fails_cleanly() {
+    if !support::is_root() {
+        eprintln!("skipped: needs root to mount a small tmpfs");
+        return;
+    }
+    let c = PgCluster::start(small_segments());
+    load(&c, 30_000);
+    let t = support::tempdir();
+    let mnt = t.join("small");
+    fs::create_dir(&mnt).unwrap();
+    let ok = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=3m", "tmpfs"])
+        .arg(&mnt)
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if !ok {
+        eprintln!("skipped: cannot mount tmpfs here");
+        return;
+    }
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _guard = Unmount(mnt.clone());
+    let a = mnt.join("archive");
+    let o = run(&[
+        "backup",
+        "--source",
+        &c.repl_uri(),
+        "--archive",
+        a.to_str().unwrap(),
+        "--checkpoint",
+        "fast",
+        "--compress",
+        "none",
+    ]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr_of(&o));
+    let line = error_line(&o);
+    assert!(line.to_lowercase().contains("no space left"), "{line}");
+    let list = backups_json(a.to_str().unwrap());
+    assert!(
+        list.as_array()
+            .unwrap()
+            .iter()
+            .all(|b| b["status"] != "complete"),
+        "{list}"
+    );
 }

@@ -418,7 +418,8 @@ struct ArchiveSink {
     tar_bytes: u64,
     tx: Option<mpsc::Sender<Bytes>>,
     compressor: Option<std::thread::JoinHandle<io::Result<()>>>,
-    uploader: JoinHandle<Result<u64, StoreError>>,
+    /// Taken when awaited (a JoinHandle must not be polled after it completed).
+    uploader: Option<JoinHandle<Result<u64, StoreError>>>,
     commit: Arc<AtomicBool>,
 }
 
@@ -468,7 +469,7 @@ impl ArchiveSink {
             tar_bytes: 0,
             tx: Some(input_tx),
             compressor,
-            uploader,
+            uploader: Some(uploader),
             commit,
         }
     }
@@ -555,10 +556,10 @@ impl ArchiveSink {
                 return BackupError::Io(format!("compressing {}: {e}", self.name));
             }
         }
-        match (&mut self.uploader).await {
-            Ok(Err(e)) => BackupError::Store(e),
-            Ok(Ok(_)) => BackupError::Io(format!("the upload of {} stopped early", self.key)),
-            Err(e) => BackupError::Io(format!("the upload of {} failed: {e}", self.key)),
+        match self.join_uploader().await {
+            Some(Ok(Err(e))) => BackupError::Store(e),
+            Some(Err(e)) => BackupError::Io(format!("the upload of {} failed: {e}", self.key)),
+            _ => BackupError::Io(format!("the upload of {} stopped early", self.key)),
         }
     }
 
@@ -588,9 +589,17 @@ impl ArchiveSink {
                 }
             }
         }
-        let stored = (&mut self.uploader)
-            .await
-            .map_err(|e| BackupError::Io(format!("the upload of {} failed: {e}", self.key)))??;
+        let stored = match self.join_uploader().await {
+            Some(r) => {
+                r.map_err(|e| BackupError::Io(format!("the upload of {} failed: {e}", self.key)))??
+            }
+            None => {
+                return Err(BackupError::Io(format!(
+                    "the upload of {} stopped early",
+                    self.key
+                )))
+            }
+        };
         Ok(TarArchive {
             name: self.name,
             key: self.key,
@@ -607,7 +616,16 @@ impl ArchiveSink {
         if let Some(h) = self.compressor.take() {
             let _ = tokio::task::spawn_blocking(move || h.join()).await;
         }
-        let _ = (&mut self.uploader).await;
+        let _ = self.join_uploader().await;
+    }
+
+    async fn join_uploader(
+        &mut self,
+    ) -> Option<Result<Result<u64, StoreError>, tokio::task::JoinError>> {
+        match self.uploader.take() {
+            Some(h) => Some(h.await),
+            None => None,
+        }
     }
 }
 
