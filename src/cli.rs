@@ -75,6 +75,90 @@ pub enum Command {
         after_help = "Example:\n  walagent seed-standby --source 'postgresql://replicator@db1/postgres' --pgdata /var/lib/postgresql/15/main --slot standby1 --create-slot"
     )]
     SeedStandby(SeedStandbyArgs),
+    /// Restore a cluster to a point in time from the archive's backups and WAL.
+    #[command(
+        long_about = "Restore a cluster from the archive into an empty data directory, set up to replay WAL to \
+            a target (point-in-time recovery).\n\n\
+            walagent picks the newest complete backup that can reach the target (or --backup ID) and, before \
+            writing anything, proves that the archive holds an unbroken WAL chain from that backup's start \
+            along the timeline path of the .history files up to the target; if not, it names the missing \
+            segment, or says that the target lies outside the archive, and leaves DIR untouched. Then it \
+            downloads and unpacks the backup (checking every file against the backup manifest), writes \
+            recovery.signal and, in postgresql.auto.conf, restore_command (walagent wal-fetch on the same \
+            archive), the recovery target, recovery_target_action and recovery_target_timeline. \
+            `pg_ctl start -D DIR` then replays exactly to the target.\n\n\
+            Without a target, recovery replays to the end of the archive.",
+        after_help = "Examples:\n  \
+            walagent restore --archive s3://backups/db1 --pgdata /var/lib/postgresql/15/main --target-time '2026-11-22 09:15:00+01'\n  \
+            walagent restore --archive /backup/db1 --pgdata /srv/pg/restored --target-name before_upgrade --target-action pause"
+    )]
+    Restore(RestoreArgs),
+}
+
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("target").multiple(false).args(["target_time", "target_lsn", "target_xid", "target_name", "target"])))]
+pub struct RestoreArgs {
+    /// Archive: a directory or s3://BUCKET/PREFIX.
+    #[arg(long, env = "WALAGENT_ARCHIVE", value_name = "PATH|s3://BUCKET/PREFIX")]
+    pub archive: String,
+
+    /// Data directory to create: absent (created, mode 0700) or empty.
+    #[arg(long, value_name = "DIR")]
+    pub pgdata: PathBuf,
+
+    /// Stop at this time, with a zone: RFC 3339 (2026-11-22T09:15:00Z) or PostgreSQL's form
+    /// (2026-11-22 10:15:00+01).
+    #[arg(long, value_name = "TS")]
+    pub target_time: Option<String>,
+
+    /// Stop at this WAL position (e.g. 0/5000060).
+    #[arg(long, value_name = "LSN")]
+    pub target_lsn: Option<String>,
+
+    /// Stop at the commit of this transaction id.
+    #[arg(long, value_name = "XID")]
+    pub target_xid: Option<String>,
+
+    /// Stop at this restore point (pg_create_restore_point).
+    #[arg(long, value_name = "NAME")]
+    pub target_name: Option<String>,
+
+    /// `immediate`: stop as soon as the backup is consistent.
+    #[arg(long, value_name = "immediate")]
+    pub target: Option<String>,
+
+    /// Stop just before the target instead of just after it (recovery_target_inclusive = off).
+    #[arg(long)]
+    pub exclusive: bool,
+
+    /// Timeline to recover along: latest (default), current (the backup's), or a number.
+    #[arg(long, value_name = "latest|current|N", default_value = "latest")]
+    pub target_timeline: String,
+
+    /// What the server does at the target: promote (default; open for writes), pause, shutdown.
+    #[arg(long, value_name = "ACTION", default_value = "promote")]
+    pub target_action: String,
+
+    /// Restore this backup (an id from `walagent backups`) instead of choosing one.
+    #[arg(long, value_name = "ID")]
+    pub backup: Option<String>,
+
+    /// Put the tablespace at OLDDIR into NEWDIR instead (repeatable).
+    #[arg(long = "tablespace-mapping", short = 'T', value_name = "OLDDIR=NEWDIR", value_parser = parse_mapping)]
+    pub tablespace_mapping: Vec<(PathBuf, PathBuf)>,
+
+    /// walagent binary written into restore_command (default: this one); it must be executable
+    /// by the OS user that runs PostgreSQL.
+    #[arg(long, value_name = "PATH")]
+    pub walagent_path: Option<PathBuf>,
+
+    /// Check and print the plan, write nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+
+    /// No progress bar, even on a terminal.
+    #[arg(long)]
+    pub no_progress: bool,
 }
 
 /// Checkpoint mode at the start of a base backup.
@@ -310,6 +394,11 @@ pub struct WalFetchArgs {
     /// Prefetch downloads at once (default: N, at most 4).
     #[arg(long, value_name = "J", hide = true, value_parser = clap::value_parser!(u32).range(1..=64))]
     pub prefetch_jobs: Option<u32>,
+
+    /// Read AWS_* and WALAGENT_* settings from this file (KEY=VALUE lines; written 0600 by
+    /// `walagent restore` so that restore_command works for the server's OS user).
+    #[arg(long, value_name = "FILE")]
+    pub env_file: Option<PathBuf>,
 
     /// Internal: run as the detached background prefetch worker (WALFILE: the segment just
     /// served; DEST is not touched).

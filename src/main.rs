@@ -20,6 +20,16 @@ fn main() -> ExitCode {
     limit_heap_growth();
     let cli = Cli::parse();
     init_logging();
+    if let Command::WalFetch(WalFetchArgs {
+        env_file: Some(path),
+        ..
+    }) = &cli.command
+    {
+        // Before any thread exists: set_var is only sound single-threaded.
+        if let Err(e) = walagent::restore::envfile::load(path) {
+            return fail(&e.to_string(), None, wal_fetch::EXIT_FATAL as u8);
+        }
+    }
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .max_blocking_threads(8)

@@ -1,0 +1,101 @@
+//! The settings file that lets `restore_command` reach the archive as the server's OS user.
+//!
+//! `walagent restore` runs in an operator's shell with AWS_* variables set; PostgreSQL later runs
+//! `restore_command` as `postgres` with none of them. Writing the secrets into
+//! `postgresql.auto.conf` would expose them in `pg_settings` and in `ps`; instead restore writes
+//! the relevant variables to a 0600 file owned by the data directory's owner, and the
+//! restore_command passes `--env-file` to `walagent wal-fetch`. Only AWS_* and WALAGENT_*
+//! names are written or read, one `KEY=VALUE` per line, no quoting; `#` starts a comment line.
+
+use std::io::{self, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+
+/// Whether walagent writes/reads this variable.
+pub fn is_relevant(key: &str) -> bool {
+    (key.starts_with("AWS_") || key.starts_with("WALAGENT_"))
+        && key.len() > 4
+        && key
+            .bytes()
+            .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_')
+}
+
+/// The relevant variables of `vars` as file content (values with a newline cannot be written
+/// and are skipped).
+pub fn render(vars: impl IntoIterator<Item = (String, String)>) -> String {
+    let mut v: Vec<(String, String)> = vars
+        .into_iter()
+        .filter(|(k, val)| is_relevant(k) && !val.contains(['\n', '\r']))
+        .collect();
+    v.sort();
+    let mut out = String::from("# Written by walagent restore for restore_command (walagent wal-fetch --env-file)\n");
+    for (k, val) in v {
+        out.push_str(&k);
+        out.push('=');
+        out.push_str(&val);
+        out.push('\n');
+    }
+    out
+}
+
+/// Parses file content into (key, value) pairs; lines that are not relevant are ignored.
+pub fn parse(text: &str) -> Vec<(String, String)> {
+    text.lines()
+        .filter(|l| !l.trim_start().starts_with('#'))
+        .filter_map(|l| l.split_once('='))
+        .filter(|(k, _)| is_relevant(k))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+/// Writes `content` to `path` (mode 0600, fsynced).
+pub fn write(path: &Path, content: &str) -> io::Result<()> {
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(content.as_bytes())?;
+    f.sync_all()
+}
+
+/// Reads `path` and sets its variables in this process's environment (before any thread starts).
+pub fn load(path: &Path) -> io::Result<usize> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| io::Error::new(e.kind(), format!("cannot read --env-file {}: {e}", path.display())))?;
+    let pairs = parse(&text);
+    let n = pairs.len();
+    for (k, v) in pairs {
+        std::env::set_var(k, v);
+    }
+    Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_keeps_only_relevant_variables() {
+        let text = render([
+            ("AWS_SECRET_ACCESS_KEY".to_string(), "a=b/c".to_string()),
+            ("AWS_REGION".to_string(), "eu-west-1".to_string()),
+            ("HOME".to_string(), "/root".to_string()),
+            ("WALAGENT_S3_CHECKSUM".to_string(), "when_required".to_string()),
+            ("AWS_BAD".to_string(), "two\nlines".to_string()),
+            ("aws_lower".to_string(), "x".to_string()),
+        ]);
+        assert!(!text.contains("HOME") && !text.contains("two") && !text.contains("lower"));
+        let back = parse(&text);
+        assert_eq!(
+            back,
+            vec![
+                ("AWS_REGION".into(), "eu-west-1".into()),
+                ("AWS_SECRET_ACCESS_KEY".into(), "a=b/c".into()),
+                ("WALAGENT_S3_CHECKSUM".into(), "when_required".into()),
+            ]
+        );
+        assert!(parse("PATH=/x\n# AWS_X=1\nAWS_Y=2").len() == 1);
+    }
+}
