@@ -96,7 +96,7 @@ pub enum Command {
 }
 
 #[derive(Debug, Args)]
-#[command(group(clap::ArgGroup::new("target").multiple(false).args(["target_time", "target_lsn", "target_xid", "target_name", "target"])))]
+#[command(group(clap::ArgGroup::new("recovery_target").multiple(false).args(["target_time", "target_lsn", "target_xid", "target_name", "target"])))]
 pub struct RestoreArgs {
     /// Archive: a directory or s3://BUCKET/PREFIX.
     #[arg(long, env = "WALAGENT_ARCHIVE", value_name = "PATH|s3://BUCKET/PREFIX")]

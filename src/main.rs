@@ -10,7 +10,7 @@ use tokio::sync::watch;
 use walagent::archive;
 use walagent::backup;
 use walagent::cli::{
-    BackupArgs, BackupsArgs, CheckpointMode, Cli, Command, StreamArgs, WalFetchArgs,
+    BackupArgs, BackupsArgs, CheckpointMode, Cli, Command, RestoreArgs, StreamArgs, WalFetchArgs,
 };
 use walagent::protocol::conninfo::{mask_password, ConnInfo};
 use walagent::receive::{self, AckMode, Finished, StreamOptions};
@@ -44,6 +44,7 @@ fn main() -> ExitCode {
         Command::Backup(args) => runtime.block_on(take_backup(args)),
         Command::Backups(args) => runtime.block_on(list_backups(args)),
         Command::SeedStandby(args) => runtime.block_on(seed_standby(args)),
+        Command::Restore(args) => runtime.block_on(restore(args)),
     }
 }
 
@@ -315,6 +316,99 @@ async fn seed_standby(args: walagent::cli::SeedStandbyArgs) -> ExitCode {
                 r.timeline,
                 args.pgdata.display()
             );
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(&e.to_string(), e.hint(), 1),
+    }
+}
+
+/// The recovery target named on the command line (at most one; clap enforces that).
+fn parse_target(args: &RestoreArgs) -> Result<walagent::restore::target::RecoveryTarget, String> {
+    use walagent::restore::target::RecoveryTarget;
+    if let Some(t) = &args.target_time {
+        return t
+            .parse()
+            .map(RecoveryTarget::Time)
+            .map_err(|e| format!("--target-time: {e}"));
+    }
+    if let Some(l) = &args.target_lsn {
+        return l
+            .parse()
+            .map(RecoveryTarget::Lsn)
+            .map_err(|e| format!("--target-lsn: {e}"));
+    }
+    if let Some(x) = &args.target_xid {
+        return RecoveryTarget::parse_xid(x).map_err(|e| format!("--target-xid: {e}"));
+    }
+    if let Some(n) = &args.target_name {
+        return RecoveryTarget::parse_name(n).map_err(|e| format!("--target-name: {e}"));
+    }
+    if let Some(t) = &args.target {
+        return RecoveryTarget::parse_target(t).map_err(|e| format!("--target: {e}"));
+    }
+    Ok(RecoveryTarget::End)
+}
+
+async fn restore(args: RestoreArgs) -> ExitCode {
+    use walagent::restore::pitr;
+    let target = match parse_target(&args) {
+        Ok(t) => t,
+        Err(e) => return fail(&e, None, 2),
+    };
+    let timeline = match args.target_timeline.parse() {
+        Ok(t) => t,
+        Err(e) => return fail(&format!("--target-timeline: {e}"), None, 2),
+    };
+    let action = match args.target_action.parse() {
+        Ok(a) => a,
+        Err(e) => return fail(&format!("--target-action: {e}"), None, 2),
+    };
+    let walagent_path = match args
+        .walagent_path
+        .clone()
+        .map(Ok)
+        .unwrap_or_else(std::env::current_exe)
+    {
+        Ok(p) => p,
+        Err(e) => {
+            return fail(
+                &format!("cannot find the walagent binary for restore_command: {e}"),
+                Some("pass --walagent-path".into()),
+                2,
+            )
+        }
+    };
+    let store = match archive::open(&args.archive, false).await {
+        Ok(s) => s,
+        Err(e) => return fail(&e, None, 2),
+    };
+    let opts = pitr::RestoreOptions {
+        archive: args.archive.clone(),
+        pgdata: args.pgdata.clone(),
+        target,
+        inclusive: !args.exclusive,
+        timeline,
+        action,
+        backup: args.backup.clone(),
+        tablespace_mapping: args.tablespace_mapping.clone(),
+        walagent_path,
+        dry_run: args.dry_run,
+        progress: show_progress(args.no_progress),
+    };
+    match pitr::restore(&opts, store, shutdown_signal()).await {
+        Ok(r) => {
+            println!("{}", pitr::describe_plan(&r.plan, &opts));
+            if args.dry_run {
+                println!("dry run: nothing written");
+            } else {
+                println!(
+                    "restored {} files ({}) into {}; start it with: pg_ctl start -D {}",
+                    r.files,
+                    backup::listing::human_bytes(r.bytes),
+                    args.pgdata.display(),
+                    args.pgdata.display()
+                );
+            }
             ExitCode::SUCCESS
         }
         Err(e) => fail(&e.to_string(), e.hint(), 1),

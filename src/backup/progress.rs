@@ -3,16 +3,21 @@
 use crate::protocol::replication::BackupHeader;
 
 /// A progress bar on stderr (terminal only): bytes, rate, ETA.
-pub(crate) struct Progress {
+pub struct Progress {
     bar: Option<indicatif::ProgressBar>,
 }
 
 impl Progress {
     pub(crate) fn new(enabled: bool, header: &BackupHeader) -> Progress {
+        let total: u64 = header.tablespaces.iter().filter_map(|t| t.size).sum();
+        Self::with_total(enabled, total)
+    }
+
+    /// A bar to `total` bytes (a spinner when 0).
+    pub(crate) fn with_total(enabled: bool, total: u64) -> Progress {
         if !enabled {
             return Progress { bar: None };
         }
-        let total: u64 = header.tablespaces.iter().filter_map(|t| t.size).sum();
         let bar = if total > 0 {
             let b = indicatif::ProgressBar::new(total);
             b.set_style(

@@ -28,7 +28,9 @@ pub fn render(vars: impl IntoIterator<Item = (String, String)>) -> String {
         .filter(|(k, val)| is_relevant(k) && !val.contains(['\n', '\r']))
         .collect();
     v.sort();
-    let mut out = String::from("# Written by walagent restore for restore_command (walagent wal-fetch --env-file)\n");
+    let mut out = String::from(
+        "# Written by walagent restore for restore_command (walagent wal-fetch --env-file)\n",
+    );
     for (k, val) in v {
         out.push_str(&k);
         out.push('=');
@@ -62,8 +64,12 @@ pub fn write(path: &Path, content: &str) -> io::Result<()> {
 
 /// Reads `path` and sets its variables in this process's environment (before any thread starts).
 pub fn load(path: &Path) -> io::Result<usize> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| io::Error::new(e.kind(), format!("cannot read --env-file {}: {e}", path.display())))?;
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!("cannot read --env-file {}: {e}", path.display()),
+        )
+    })?;
     let pairs = parse(&text);
     let n = pairs.len();
     for (k, v) in pairs {
@@ -82,7 +88,10 @@ mod tests {
             ("AWS_SECRET_ACCESS_KEY".to_string(), "a=b/c".to_string()),
             ("AWS_REGION".to_string(), "eu-west-1".to_string()),
             ("HOME".to_string(), "/root".to_string()),
-            ("WALAGENT_S3_CHECKSUM".to_string(), "when_required".to_string()),
+            (
+                "WALAGENT_S3_CHECKSUM".to_string(),
+                "when_required".to_string(),
+            ),
             ("AWS_BAD".to_string(), "two\nlines".to_string()),
             ("aws_lower".to_string(), "x".to_string()),
         ]);

@@ -8,6 +8,7 @@ pub mod history;
 pub mod lsn;
 pub mod segment;
 pub mod verify;
+pub mod xact;
 
 pub use history::{HistoryEntry, TimelineHistory};
 pub use lsn::Lsn;

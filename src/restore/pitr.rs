@@ -1,0 +1,925 @@
+//! `walagent restore`: point-in-time recovery from the archive.
+//!
+//! Order matters, because a restore that fails halfway is worse than one that refuses:
+//!
+//! 1. Check everything without writing: the target parses, DIR (and every tablespace target) is
+//!    absent or empty, the archive is a walagent archive, the backups belong to its system.
+//! 2. Plan ([`super::plan`]): for time, xid and restore-point targets, locate the record where
+//!    PostgreSQL will stop by scanning archived WAL backwards from its end ([`crate::wal::xact`]),
+//!    then choose the newest backup that is consistent before that point and whose WAL chain
+//!    along the timeline path is unbroken. Any gap is reported by segment name; DIR is untouched.
+//! 3. Restore: stream each tar object out of the store, decompress and unpack it on a blocking
+//!    thread while the next chunk downloads, checking every file's size and CRC-32C against the
+//!    backup manifest as it is written. Tablespaces first, then the main directory (whose
+//!    `pg_tblspc` links point at them).
+//! 4. Write `recovery.signal` and the recovery settings into `postgresql.auto.conf`, with a
+//!    `restore_command` that runs `walagent wal-fetch` on the same archive. For S3 the AWS
+//!    settings go into a 0600 file beside them (`--env-file`), so the server's OS user needs no
+//!    exported variables. On any failure in 3-4, everything written is removed again.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs;
+use std::io::{self, Read};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use tokio::sync::{mpsc, watch};
+
+use super::envfile;
+use super::plan::{self, ChainCheck, PlanError, PlanOptions, WalIndex};
+use super::recovery_conf::{append_auto_conf, write_signal, Signal};
+use super::target::{recovery_settings, stop_event, RecoveryTarget, TargetAction, TargetTimeline};
+use crate::archive::{compress, layout, ArchiveMeta, ObjectInfo, Store, StoreError};
+use crate::backup::catalog::{self, BackupInfo, Listed};
+use crate::backup::extract::{prepare_target_dir, ExtractError, ExtractOptions, Extractor};
+use crate::backup::manifest::{BackupManifest, ChecksumAlgorithm};
+use crate::backup::progress::Progress;
+use crate::backup::tarstream::{EntryKind, TarEvent, TarParser};
+use crate::wal::xact::{scan_segment, WalEvent};
+use crate::wal::{SegmentId, SegmentSize, TimelineHistory};
+
+#[derive(Debug, Clone)]
+pub struct RestoreOptions {
+    pub archive: String,
+    pub pgdata: PathBuf,
+    pub target: RecoveryTarget,
+    pub inclusive: bool,
+    pub timeline: TargetTimeline,
+    pub action: TargetAction,
+    pub backup: Option<String>,
+    pub tablespace_mapping: Vec<(PathBuf, PathBuf)>,
+    /// The walagent binary written into restore_command.
+    pub walagent_path: PathBuf,
+    pub dry_run: bool,
+    pub progress: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct RestorePlan {
+    pub backup: BackupInfo,
+    pub chain: ChainCheck,
+    /// Why this backup: newer ones passed over and why.
+    pub skipped: Vec<(String, String)>,
+    /// Where the scan located the stop (time, xid, name targets).
+    pub located: Option<WalEvent>,
+}
+
+#[derive(Debug, Clone)]
+pub struct RestoreReport {
+    pub plan: RestorePlan,
+    pub files: u64,
+    pub bytes: u64,
+    pub settings: Vec<(&'static str, String)>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    #[error("{0}")]
+    Dir(String),
+    #[error("{0}")]
+    Plan(#[from] PlanError),
+    #[error("{0}")]
+    Store(#[from] StoreError),
+    #[error("{0}")]
+    Archive(String),
+    #[error("{0}")]
+    Extract(#[from] ExtractError),
+    #[error("{0}")]
+    Corrupt(String),
+    #[error("{0}")]
+    Io(String),
+    #[error("restore cancelled; the files written so far were removed")]
+    Cancelled,
+}
+
+impl RestoreError {
+    pub fn hint(&self) -> Option<String> {
+        match self {
+            RestoreError::Store(e) => e.hint(),
+            RestoreError::Corrupt(_) => Some(
+                "restore from another backup (--backup ID) or repair the object from a copy".into(),
+            ),
+            _ => None,
+        }
+    }
+}
+
+// ---- checks before writing --------------------------------------------------------------------
+
+/// DIR must be absent (with an existing parent) or an empty directory. Writes nothing.
+fn check_target_dir(path: &Path, what: &str) -> Result<(), RestoreError> {
+    match fs::metadata(path) {
+        Ok(m) if !m.is_dir() => Err(RestoreError::Dir(format!(
+            "{what} {} exists and is not a directory; choose an empty or new directory",
+            path.display()
+        ))),
+        Ok(_) => {
+            let mut rd = fs::read_dir(path).map_err(|e| {
+                RestoreError::Dir(format!("cannot read {what} {}: {e}", path.display()))
+            })?;
+            if let Some(Ok(e)) = rd.next() {
+                return Err(RestoreError::Dir(format!(
+                    "{what} {} is not empty (found {}); choose an empty or new directory",
+                    path.display(),
+                    e.file_name().to_string_lossy()
+                )));
+            }
+            Ok(())
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            let parent = path.parent().filter(|p| !p.as_os_str().is_empty());
+            match parent {
+                Some(p) if !p.is_dir() => Err(RestoreError::Dir(format!(
+                    "the parent directory {} of {what} {} does not exist; create it first",
+                    p.display(),
+                    path.display()
+                ))),
+                _ => Ok(()),
+            }
+        }
+        Err(e) => Err(RestoreError::Dir(format!(
+            "cannot access {what} {}: {e}",
+            path.display()
+        ))),
+    }
+}
+
+fn map_tablespace(mapping: &[(PathBuf, PathBuf)], location: &str) -> PathBuf {
+    ExtractOptions {
+        tablespace_mapping: mapping.to_vec(),
+        owner: None,
+    }
+    .map_tablespace(Path::new(location))
+}
+
+// ---- planning ---------------------------------------------------------------------------------
+
+/// Archived WAL objects by (timeline, segno, partial) -> key.
+struct WalKeys {
+    keys: HashMap<(u32, u64, bool), (String, bool)>,
+}
+
+impl WalKeys {
+    fn new(objects: &[ObjectInfo], size: SegmentSize) -> WalKeys {
+        let mut keys = HashMap::new();
+        for o in objects {
+            if let Some(layout::WalObject::Segment {
+                id,
+                partial,
+                compressed,
+            }) = layout::parse_wal_key(&o.key, size)
+            {
+                keys.insert(
+                    (id.timeline, id.segno, partial),
+                    (o.key.clone(), compressed),
+                );
+            }
+        }
+        WalKeys { keys }
+    }
+
+    fn get(&self, id: SegmentId, partial: bool) -> Option<&(String, bool)> {
+        self.keys.get(&(id.timeline, id.segno, partial))
+    }
+}
+
+async fn read_segment(
+    store: &dyn Store,
+    key: &str,
+    compressed: bool,
+) -> Result<Vec<u8>, RestoreError> {
+    let raw = store
+        .get_bytes(key)
+        .await?
+        .ok_or_else(|| RestoreError::Archive(format!("archive object {key} disappeared")))?;
+    let mut out = Vec::new();
+    compress::decompress_stream(&raw[..], &mut out, compressed)
+        .map_err(|e| RestoreError::Corrupt(format!("archive object {key} is corrupt: {e}")))?;
+    Ok(out)
+}
+
+/// Scans the chain's segments backwards from its end until the record where recovery stops is
+/// found: for a time target, until a segment shows a commit at or before the target time (the
+/// first commit after it is then in what was scanned); for xid and name targets, until the
+/// record is seen. Only WAL after the oldest candidate backup's consistency point counts.
+async fn locate_stop(
+    store: &dyn Store,
+    keys: &WalKeys,
+    chain: &ChainCheck,
+    target: &RecoveryTarget,
+    inclusive: bool,
+    system_identifier: u64,
+) -> Result<Option<WalEvent>, RestoreError> {
+    let size = chain.segment_size;
+    let mut scanned: Vec<Vec<WalEvent>> = Vec::new(); // newest segment first
+    let last = chain.segments.len().saturating_sub(1);
+    for (i, id) in chain.segments.iter().enumerate().rev() {
+        let partial = i == last && chain.ends_with_partial;
+        let Some((key, compressed)) = keys.get(*id, partial) else {
+            continue;
+        };
+        let bytes = read_segment(store, key, *compressed).await?;
+        let scan = scan_segment(&bytes, id.start_lsn(size), size)
+            .map_err(|e| RestoreError::Corrupt(format!("{key}: {e}")))?;
+        if let Some(sys) = scan.system_identifier {
+            if sys != system_identifier {
+                return Err(RestoreError::Archive(format!(
+                    "archive object {key} holds WAL of system {sys}, but the archive and its backups belong to system {system_identifier}; the archive mixes clusters"
+                )));
+            }
+        }
+        let events: Vec<WalEvent> = scan
+            .events
+            .into_iter()
+            .filter(|e| e.lsn >= chain.consistent_at)
+            .collect();
+        let done = match target {
+            RecoveryTarget::Time(t) => events
+                .iter()
+                .any(|e| e.kind.xid().is_some() && e.kind.time_us() <= t.pg_micros()),
+            _ => stop_event(target, inclusive, &events).is_some(),
+        };
+        scanned.push(events);
+        if done {
+            break;
+        }
+    }
+    let forward: Vec<WalEvent> = scanned.into_iter().rev().flatten().collect();
+    Ok(stop_event(target, inclusive, &forward).map(|s| s.event.clone()))
+}
+
+fn describe_event(e: &WalEvent) -> String {
+    use crate::wal::xact::EventKind;
+    let when = super::target::pg_micros_to_utc(e.kind.time_us())
+        .map(|t| t.format("%Y-%m-%d %H:%M:%S%.6f+00").to_string())
+        .unwrap_or_default();
+    match &e.kind {
+        EventKind::Commit { xid, .. } => format!("commit of xid {xid} at {when} (LSN {})", e.lsn),
+        EventKind::Abort { xid, .. } => format!("abort of xid {xid} at {when} (LSN {})", e.lsn),
+        EventKind::RestorePoint { name, .. } => {
+            format!("restore point {name:?} at {when} (LSN {})", e.lsn)
+        }
+    }
+}
+
+/// Loads the archive's listing and chooses the backup (see the module docs). Writes nothing.
+pub async fn plan(opts: &RestoreOptions, store: &dyn Store) -> Result<RestorePlan, RestoreError> {
+    let meta = ArchiveMeta::load(store)
+        .await
+        .map_err(|e| RestoreError::Archive(e.to_string()))?
+        .ok_or_else(|| {
+            RestoreError::Archive(format!(
+                "{} is not a walagent archive (no {}); check --archive",
+                store.location(),
+                layout::META_KEY
+            ))
+        })?;
+    let size = meta.wal_segment_size;
+    let mut backups = Vec::new();
+    for l in catalog::list(store).await? {
+        match l {
+            Listed::Complete(b) => backups.push(b),
+            Listed::Incomplete { id, .. } | Listed::Unreadable { id, .. } => {
+                if opts.backup.as_deref() == Some(id.as_str()) {
+                    return Err(RestoreError::Archive(format!(
+                        "backup {id} is incomplete (interrupted or still running) and cannot be restored; choose another with --backup or drop --backup"
+                    )));
+                }
+            }
+        }
+    }
+    for b in &backups {
+        if b.system_identifier_u64() != Some(meta.system_identifier) {
+            if opts.backup.as_deref() == Some(b.id.as_str()) || opts.backup.is_none() {
+                return Err(RestoreError::Archive(format!(
+                    "backup {} belongs to system {}, but archive {} holds WAL of system {}; an archive must hold one cluster (copy the backup to its own archive)",
+                    b.id,
+                    b.system_identifier,
+                    store.location(),
+                    meta.system_identifier
+                )));
+            }
+        }
+        if b.wal_segment_size != u64::from(size.bytes()) {
+            return Err(RestoreError::Archive(format!(
+                "backup {} has {}-byte WAL segments, the archive {}",
+                b.id,
+                b.wal_segment_size,
+                size.bytes()
+            )));
+        }
+    }
+    let objects = store.list(layout::WAL_PREFIX).await?;
+    let mut index = WalIndex::from_objects(&objects, size);
+    for tli in index.histories_to_load() {
+        let key = layout::history_key(tli);
+        if let Some(raw) = store.get_bytes(&key).await? {
+            let h = TimelineHistory::parse(&raw).map_err(|e| {
+                RestoreError::Corrupt(format!(
+                    "archive object {key} is not a valid history file: {e}"
+                ))
+            })?;
+            index.add_history(tli, h);
+        }
+    }
+    let keys = WalKeys::new(&objects, size);
+    let mut popts = PlanOptions {
+        backup: opts.backup.as_deref(),
+        allow_partial: true,
+        located_stop: None,
+    };
+    let mut located = None;
+    if matches!(
+        opts.target,
+        RecoveryTarget::Time(_) | RecoveryTarget::Xid(_) | RecoveryTarget::Name(_)
+    ) {
+        // The chain of the oldest usable backup covers the most WAL: scan it from its end.
+        let assessed = plan::assess(
+            &backups,
+            &RecoveryTarget::End,
+            opts.timeline,
+            &index,
+            &popts,
+        );
+        let chain = assessed
+            .iter()
+            .rev()
+            .filter(|(b, _)| popts.backup.is_none_or(|id| b.id == id))
+            .find_map(|(_, r)| r.as_ref().ok())
+            .cloned();
+        let Some(chain) = chain else {
+            // No backup has a usable chain: let the planner explain why.
+            let c = plan::choose_backup(&backups, &opts.target, opts.timeline, &index, &popts)?;
+            return Ok(RestorePlan {
+                backup: c.backup.clone(),
+                chain: c.chain,
+                skipped: Vec::new(),
+                located: None,
+            });
+        };
+        let found = locate_stop(
+            store,
+            &keys,
+            &chain,
+            &opts.target,
+            opts.inclusive,
+            meta.system_identifier,
+        )
+        .await?;
+        let Some(found) = found else {
+            let what = match &opts.target {
+                RecoveryTarget::Time(t) => format!(
+                    "no transaction in the archive committed after {t}, so recovery would never reach the target"
+                ),
+                RecoveryTarget::Xid(x) => {
+                    format!("transaction {x} did not commit or abort in the archived WAL after the backup")
+                }
+                RecoveryTarget::Name(n) => {
+                    format!("restore point {n:?} is not in the archived WAL after the backup")
+                }
+                _ => String::new(),
+            };
+            return Err(RestoreError::Plan(PlanError::TargetBeyondArchive {
+                target: opts.target.to_string(),
+                last: format!("{what}; WAL ends in {}", chain.end_segment_name),
+            }));
+        };
+        popts.located_stop = Some(found.lsn);
+        located = Some(found);
+    }
+    let c = plan::choose_backup(&backups, &opts.target, opts.timeline, &index, &popts)?;
+    Ok(RestorePlan {
+        backup: c.backup.clone(),
+        skipped: c
+            .skipped
+            .iter()
+            .map(|(b, e)| (b.id.clone(), e.to_string()))
+            .collect(),
+        chain: c.chain,
+        located,
+    })
+}
+
+/// One paragraph for the operator: what was chosen and why.
+pub fn describe_plan(p: &RestorePlan, opts: &RestoreOptions) -> String {
+    let mut s = format!(
+        "backup {} (taken {} .. {}, consistent at {} on timeline {})",
+        p.backup.id, p.backup.start_time, p.backup.stop_time, p.backup.end_lsn, p.backup.timeline
+    );
+    if p.skipped.is_empty() {
+        s.push_str(if opts.backup.is_some() {
+            ", as requested"
+        } else {
+            ", the newest that can reach the target"
+        });
+    } else {
+        s.push_str(", the newest that can reach the target; passed over:");
+        for (id, why) in &p.skipped {
+            s.push_str(&format!("\n  {id}: {why}"));
+        }
+    }
+    s.push_str(&format!("\nWAL: {}", p.chain.summary()));
+    s.push_str(&format!(
+        "\ntarget: {}{}",
+        opts.target,
+        if opts.target.takes_inclusive() {
+            if opts.inclusive {
+                " (inclusive)"
+            } else {
+                " (exclusive)"
+            }
+        } else {
+            ""
+        }
+    ));
+    if let Some(e) = &p.located {
+        s.push_str(&format!("; recovery stops at the {}", describe_event(e)));
+    }
+    for w in &p.chain.warnings {
+        s.push_str(&format!("\nnote: {w}"));
+    }
+    s
+}
+
+// ---- restoring --------------------------------------------------------------------------------
+
+pub async fn restore(
+    opts: &RestoreOptions,
+    store: Arc<dyn Store>,
+    mut cancel: watch::Receiver<bool>,
+) -> Result<RestoreReport, RestoreError> {
+    check_target_dir(&opts.pgdata, "data directory")?;
+    let plan = plan(opts, store.as_ref()).await?;
+    for a in &plan.backup.archives {
+        if let Some(loc) = &a.tablespace_location {
+            check_target_dir(
+                &map_tablespace(&opts.tablespace_mapping, loc),
+                "tablespace directory",
+            )?;
+        }
+    }
+    let manifest = match &plan.backup.manifest_key {
+        Some(k) => {
+            let raw = store.get_bytes(k).await?.ok_or_else(|| {
+                RestoreError::Corrupt(format!(
+                    "backup {}: its manifest {k} is missing",
+                    plan.backup.id
+                ))
+            })?;
+            let m = BackupManifest::parse(&raw).map_err(|e| {
+                RestoreError::Corrupt(format!("backup {}: manifest {k}: {e}", plan.backup.id))
+            })?;
+            Some((raw, m))
+        }
+        None => None,
+    };
+    if opts.dry_run {
+        return Ok(RestoreReport {
+            plan,
+            files: 0,
+            bytes: 0,
+            settings: Vec::new(),
+        });
+    }
+
+    let created = prepare_target_dir(&opts.pgdata)?;
+    let pgdata = fs::canonicalize(&opts.pgdata)
+        .map_err(|e| RestoreError::Io(format!("cannot resolve {}: {e}", opts.pgdata.display())))?;
+    let owner = owner_for(&pgdata, created);
+    let mut written: Vec<(PathBuf, bool)> = vec![(pgdata.clone(), created)];
+    let res = restore_into(
+        opts,
+        &store,
+        &plan,
+        manifest,
+        &pgdata,
+        owner,
+        &mut written,
+        &mut cancel,
+    )
+    .await;
+    match res {
+        Ok((files, bytes, settings)) => Ok(RestoreReport {
+            plan,
+            files,
+            bytes,
+            settings,
+        }),
+        Err(e) => {
+            for (dir, created) in written.iter().rev() {
+                remove_written(dir, *created);
+            }
+            Err(e)
+        }
+    }
+}
+
+/// Running as root, the files take the owner of DIR (or of its parent when walagent created
+/// it), so that the postgres OS user can start the server.
+fn owner_for(pgdata: &Path, created: bool) -> Option<(u32, u32)> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return None;
+    }
+    let from = if created { pgdata.parent()? } else { pgdata };
+    fs::metadata(from).ok().map(|m| (m.uid(), m.gid()))
+}
+
+fn remove_written(dir: &Path, created: bool) {
+    if created {
+        let _ = fs::remove_dir_all(dir);
+        return;
+    }
+    if let Ok(rd) = fs::read_dir(dir) {
+        for e in rd.flatten() {
+            let p = e.path();
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                let _ = fs::remove_dir_all(&p);
+            } else {
+                let _ = fs::remove_file(&p);
+            }
+        }
+    }
+}
+
+fn chown(path: &Path, owner: Option<(u32, u32)>) {
+    if let Some((uid, gid)) = owner {
+        let _ = std::os::unix::fs::lchown(path, Some(uid), Some(gid));
+    }
+}
+
+/// `'...'` for /bin/sh.
+fn sh_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "'\\''"))
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn restore_into(
+    opts: &RestoreOptions,
+    store: &Arc<dyn Store>,
+    plan: &RestorePlan,
+    manifest: Option<(Bytes, BackupManifest)>,
+    pgdata: &Path,
+    owner: Option<(u32, u32)>,
+    written: &mut Vec<(PathBuf, bool)>,
+    cancel: &mut watch::Receiver<bool>,
+) -> Result<(u64, u64, Vec<(&'static str, String)>), RestoreError> {
+    let checks = Arc::new(ManifestChecks::new(manifest.as_ref().map(|(_, m)| m)));
+    let progress = Arc::new(Progress::with_total(opts.progress, plan.backup.data_bytes));
+    let ex_opts = ExtractOptions {
+        tablespace_mapping: opts.tablespace_mapping.clone(),
+        owner,
+    };
+    // Tablespaces first, then the main directory, whose links point at them.
+    let mut archives: Vec<&catalog::TarArchive> = plan.backup.archives.iter().collect();
+    archives.sort_by_key(|a| a.tablespace_oid.is_none());
+    let mut tablespaces: Vec<(u32, PathBuf)> = Vec::new();
+    let (mut files, mut bytes) = (0u64, 0u64);
+    for a in archives {
+        let (root, prefix) = match (a.tablespace_oid, &a.tablespace_location) {
+            (Some(oid), Some(loc)) => {
+                let target = map_tablespace(&opts.tablespace_mapping, loc);
+                let created = prepare_target_dir(&target)?;
+                written.push((target.clone(), created));
+                tablespaces.push((oid, target.clone()));
+                (target, format!("pg_tblspc/{oid}/"))
+            }
+            _ => (pgdata.to_path_buf(), String::new()),
+        };
+        let mut ex = Extractor::new(&root, ex_opts.clone());
+        if a.tablespace_oid.is_none() {
+            for (oid, t) in &tablespaces {
+                ex.register_tablespace(*oid, t.clone());
+            }
+        }
+        let (f, b) = extract_object(
+            store.clone(),
+            &a.key,
+            a.key.ends_with(".zst"),
+            ex,
+            prefix,
+            checks.clone(),
+            progress.clone(),
+            cancel,
+        )
+        .await?;
+        files += f;
+        bytes += b;
+    }
+    progress.finish();
+    checks.all_seen()?;
+
+    let io = |what: String, e: io::Error| RestoreError::Io(format!("{what}: {e}"));
+    if let Some((raw, _)) = &manifest {
+        let p = pgdata.join("backup_manifest");
+        envfile::write(&p, &String::from_utf8_lossy(raw))
+            .map_err(|e| io(format!("cannot write {}", p.display()), e))?;
+        chown(&p, owner);
+    }
+    // restore_command: wal-fetch on the same archive, working for the server's OS user.
+    let mut cmd = format!(
+        "{} wal-fetch --archive {}",
+        sh_quote(&opts.walagent_path.to_string_lossy()),
+        sh_quote(&opts.archive)
+    );
+    if crate::archive::is_remote(&opts.archive) {
+        let env_path = pgdata.join("walagent-restore.env");
+        envfile::write(&env_path, &envfile::render(std::env::vars()))
+            .map_err(|e| io(format!("cannot write {}", env_path.display()), e))?;
+        chown(&env_path, owner);
+        cmd.push_str(&format!(
+            " --env-file {}",
+            sh_quote(&env_path.to_string_lossy())
+        ));
+    }
+    if plan.chain.ends_with_partial {
+        cmd.push_str(" --allow-partial");
+    }
+    cmd.push_str(" %f %p");
+    let settings = recovery_settings(
+        &opts.target,
+        opts.inclusive,
+        opts.timeline,
+        opts.action,
+        &cmd,
+    );
+    append_auto_conf(
+        pgdata,
+        &settings,
+        &format!(
+            "Written by walagent restore: backup {}, target {}",
+            plan.backup.id, opts.target
+        ),
+    )
+    .map_err(|e| io("cannot write postgresql.auto.conf".into(), e))?;
+    chown(&pgdata.join("postgresql.auto.conf"), owner);
+    // A backup of a standby carries standby.signal; this is a targeted recovery.
+    let _ = fs::remove_file(pgdata.join("standby.signal"));
+    let signal = write_signal(pgdata, Signal::Recovery)
+        .map_err(|e| io("cannot write recovery.signal".into(), e))?;
+    chown(&signal, owner);
+    Ok((files, bytes, settings))
+}
+
+/// Chunks of one stored object, or the error that stopped the download.
+type Chunk = Result<Bytes, String>;
+
+/// Reads a channel of chunks as a byte stream (on the extraction thread).
+struct ChannelReader {
+    rx: mpsc::Receiver<Chunk>,
+    cur: Bytes,
+}
+
+impl Read for ChannelReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        while self.cur.is_empty() {
+            match self.rx.blocking_recv() {
+                Some(Ok(b)) => self.cur = b,
+                Some(Err(e)) => return Err(io::Error::other(e)),
+                None => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.cur.len());
+        buf[..n].copy_from_slice(&self.cur[..n]);
+        bytes::Buf::advance(&mut self.cur, n);
+        Ok(n)
+    }
+}
+
+/// Downloads `key` and unpacks it with `ex` on a blocking thread; returns (files, bytes).
+#[allow(clippy::too_many_arguments)]
+async fn extract_object(
+    store: Arc<dyn Store>,
+    key: &str,
+    compressed: bool,
+    ex: Extractor,
+    manifest_prefix: String,
+    checks: Arc<ManifestChecks>,
+    progress: Arc<Progress>,
+    cancel: &mut watch::Receiver<bool>,
+) -> Result<(u64, u64), RestoreError> {
+    let mut reader = store
+        .open_reader(key)
+        .await?
+        .ok_or_else(|| RestoreError::Corrupt(format!("archive object {key} is missing")))?;
+    let (tx, rx) = mpsc::channel::<Chunk>(8);
+    let key_owned = key.to_string();
+    let worker = tokio::task::spawn_blocking(move || {
+        unpack(
+            ChannelReader {
+                rx,
+                cur: Bytes::new(),
+            },
+            compressed,
+            ex,
+            &key_owned,
+            &manifest_prefix,
+            &checks,
+            &progress,
+        )
+    });
+    let mut download_err = None;
+    loop {
+        let next = tokio::select! {
+            biased;
+            _ = cancel.changed() => {
+                drop(tx);
+                let _ = worker.await;
+                return Err(RestoreError::Cancelled);
+            }
+            n = reader.next_chunk() => n,
+        };
+        match next {
+            Ok(Some(c)) => {
+                if tx.send(Ok(c)).await.is_err() {
+                    break; // the worker stopped; its error says why
+                }
+            }
+            Ok(None) => break,
+            Err(e) => {
+                let _ = tx.send(Err(e.to_string())).await;
+                download_err = Some(e);
+                break;
+            }
+        }
+    }
+    drop(tx);
+    let res = worker
+        .await
+        .map_err(|e| RestoreError::Io(format!("the extraction thread failed: {e}")))?;
+    if let Some(e) = download_err {
+        return Err(e.into());
+    }
+    res
+}
+
+fn unpack(
+    input: ChannelReader,
+    compressed: bool,
+    mut ex: Extractor,
+    key: &str,
+    prefix: &str,
+    checks: &ManifestChecks,
+    progress: &Progress,
+) -> Result<(u64, u64), RestoreError> {
+    let corrupt = |e: io::Error| {
+        RestoreError::Corrupt(format!(
+            "archive object {key} is corrupt or unreadable: {e}"
+        ))
+    };
+    let mut src: Box<dyn Read> = if compressed {
+        Box::new(zstd::stream::read::Decoder::new(input).map_err(corrupt)?)
+    } else {
+        Box::new(input)
+    };
+    let mut parser = TarParser::new();
+    let mut events = Vec::new();
+    let mut cur: Option<(String, bool, u32, u64)> = None; // path, checked file, crc, size
+    let mut buf = vec![0u8; 1 << 20];
+    let handle = |events: &mut Vec<TarEvent>,
+                  ex: &mut Extractor,
+                  cur: &mut Option<(String, bool, u32, u64)>|
+     -> Result<(), RestoreError> {
+        for ev in events.drain(..) {
+            match &ev {
+                TarEvent::Entry { meta, .. } => {
+                    let file = matches!(meta.kind, EntryKind::File);
+                    *cur = Some((format!("{prefix}{}", meta.path), file, 0, 0));
+                }
+                TarEvent::Data(d) => {
+                    if let Some((_, true, crc, size)) = cur {
+                        *crc = crc32c::crc32c_append(*crc, d);
+                        *size += d.len() as u64;
+                    }
+                    progress.add(d.len() as u64);
+                }
+                TarEvent::EntryEnd { .. } => {
+                    if let Some((path, true, crc, size)) = cur.take() {
+                        checks.check(&path, size, crc)?;
+                    }
+                }
+                TarEvent::Trailer(_) => {}
+            }
+            ex.handle(ev)?;
+        }
+        Ok(())
+    };
+    loop {
+        let n = match src.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(corrupt(e)),
+        };
+        parser
+            .feed(Bytes::copy_from_slice(&buf[..n]), &mut events)
+            .map_err(|e| RestoreError::Corrupt(format!("archive object {key}: {e}")))?;
+        handle(&mut events, &mut ex, &mut cur)?;
+    }
+    parser
+        .finish(&mut events)
+        .map_err(|e| RestoreError::Corrupt(format!("archive object {key}: {e}")))?;
+    handle(&mut events, &mut ex, &mut cur)?;
+    let stats = ex.finish()?;
+    Ok((stats.files, stats.bytes))
+}
+
+/// Per-file size and CRC-32C from the backup manifest, checked as files are written.
+struct ManifestChecks {
+    /// path -> (size, expected CRC-32C when the manifest has one)
+    files: BTreeMap<String, (u64, Option<u32>)>,
+    seen: std::sync::Mutex<std::collections::HashSet<String>>,
+    enabled: bool,
+}
+
+impl ManifestChecks {
+    fn new(m: Option<&BackupManifest>) -> ManifestChecks {
+        let mut files = BTreeMap::new();
+        if let Some(m) = m {
+            for f in &m.files {
+                let crc = (f.algorithm == ChecksumAlgorithm::Crc32c && f.checksum.len() == 4).then(
+                    || {
+                        u32::from_le_bytes([
+                            f.checksum[0],
+                            f.checksum[1],
+                            f.checksum[2],
+                            f.checksum[3],
+                        ])
+                    },
+                );
+                files.insert(f.path_lossy(), (f.size, crc));
+            }
+        }
+        ManifestChecks {
+            files,
+            seen: Default::default(),
+            enabled: m.is_some(),
+        }
+    }
+
+    fn check(&self, path: &str, size: u64, crc: u32) -> Result<(), RestoreError> {
+        if !self.enabled {
+            return Ok(());
+        }
+        let Some((want_size, want_crc)) = self.files.get(path) else {
+            // pg_wal contents and a few server-made files are not in the manifest.
+            return Ok(());
+        };
+        if *want_size != size {
+            return Err(RestoreError::Corrupt(format!(
+                "file {path} of the backup has {size} bytes, the backup manifest says {want_size}; the stored backup is damaged"
+            )));
+        }
+        if let Some(w) = want_crc {
+            if *w != crc {
+                return Err(RestoreError::Corrupt(format!(
+                    "file {path} of the backup fails its manifest checksum (CRC-32C {crc:08x}, expected {w:08x}); the stored backup is damaged"
+                )));
+            }
+        }
+        if let Ok(mut s) = self.seen.lock() {
+            s.insert(path.to_string());
+        }
+        Ok(())
+    }
+
+    fn all_seen(&self) -> Result<(), RestoreError> {
+        if !self.enabled {
+            return Ok(());
+        }
+        let seen = self.seen.lock().map(|s| s.clone()).unwrap_or_default();
+        if let Some(missing) = self.files.keys().find(|p| !seen.contains(*p)) {
+            return Err(RestoreError::Corrupt(format!(
+                "file {missing} is listed in the backup manifest but missing from the stored backup"
+            )));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shell_quoting() {
+        assert_eq!(sh_quote("/usr/bin/walagent"), "'/usr/bin/walagent'");
+        assert_eq!(sh_quote("it's"), "'it'\\''s'");
+    }
+
+    #[test]
+    fn target_dir_checks_write_nothing() {
+        let t = tempfile::tempdir().unwrap();
+        assert!(check_target_dir(&t.path().join("new"), "data directory").is_ok());
+        assert!(!t.path().join("new").exists());
+        let e = check_target_dir(&t.path().join("a/b"), "data directory").unwrap_err();
+        assert!(e.to_string().contains("does not exist"), "{e}");
+        fs::write(t.path().join("f"), "x").unwrap();
+        let e = check_target_dir(t.path(), "data directory").unwrap_err();
+        assert!(e.to_string().contains("not empty (found f)"), "{e}");
+        let e = check_target_dir(&t.path().join("f"), "data directory").unwrap_err();
+        assert!(e.to_string().contains("not a directory"), "{e}");
+    }
+}

@@ -1,0 +1,395 @@
+//! `walagent restore` (point-in-time recovery) against real PostgreSQL servers, from a local
+//! archive and from S3: the restored server, started with `pg_ctl start`, replays to exactly the
+//! target. Each failure case leaves the target directory untouched.
+
+mod support;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use support::s3::S3Server;
+use support::{
+    assert_ok, error_line, stderr_of, wait_output, wait_until, walagent,
+    walagent_path_for_postgres, PgCluster, PgOptions,
+};
+
+const SLOT: &str = "archiver";
+
+fn opts() -> PgOptions {
+    PgOptions {
+        wal_segment_size_mb: Some(1),
+        extra_conf: vec!["track_commit_timestamp = on".into()],
+        ..Default::default()
+    }
+}
+
+fn run_with(args: &[&str], env: &[(String, String)]) -> Output {
+    let child = walagent()
+        .args(args)
+        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_output(child, Duration::from_secs(180))
+}
+
+fn run(args: &[&str]) -> Output {
+    run_with(args, &[])
+}
+
+/// A primary whose WAL and one base backup are in `archive`, then `n` rows committed one per
+/// transaction (ids 1..=n) with a restore point `rp3` after row 3. Returns, per row, its commit
+/// timestamp, its xid and the insert LSN just after its commit.
+struct Scenario {
+    pg: PgCluster,
+    rows: Vec<(String, String, String)>,
+}
+
+fn scenario(archive: &str, env: &[(String, String)], n: u32) -> Scenario {
+    let pg = PgCluster::start(opts());
+    pg.psql(&format!(
+        "SELECT pg_create_physical_replication_slot('{SLOT}', true)"
+    ));
+    pg.psql("CREATE TABLE t (id int primary key, note text)");
+    let o = run_with(
+        &[
+            "backup",
+            "--source",
+            &pg.repl_uri(),
+            "--archive",
+            archive,
+            "--checkpoint",
+            "fast",
+        ],
+        env,
+    );
+    assert_ok(&o);
+    let mut rows = Vec::new();
+    for k in 1..=n {
+        pg.psql(&format!("INSERT INTO t VALUES ({k}, 'row {k}')"));
+        let ts = pg.psql(&format!(
+            "SELECT pg_xact_commit_timestamp(xmin)::text FROM t WHERE id = {k}"
+        ));
+        let xid = pg.psql(&format!("SELECT xmin::text FROM t WHERE id = {k}"));
+        let lsn = pg.psql("SELECT pg_current_wal_insert_lsn()");
+        rows.push((ts, xid, lsn));
+        if k == 3 {
+            pg.psql("SELECT pg_create_restore_point('rp3')");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Two more full segments after the rows (in another table), so the archive's WAL goes on
+    // past the rows' segment.
+    pg.psql("CREATE TABLE pad (v int)");
+    for _ in 0..2 {
+        pg.psql("SELECT pg_switch_wal()");
+        pg.psql("INSERT INTO pad VALUES (1)");
+    }
+    pg.psql("SELECT pg_switch_wal()");
+    let endpos = pg.psql("SELECT pg_current_wal_flush_lsn()");
+    let o = run_with(
+        &[
+            "stream",
+            "--source",
+            &pg.repl_uri(),
+            "--archive",
+            archive,
+            "--slot",
+            SLOT,
+            "--endpos",
+            &endpos,
+            "--no-loop",
+        ],
+        env,
+    );
+    assert_ok(&o);
+    Scenario { pg, rows }
+}
+
+/// Restores into a new directory and starts the server there; returns it once promoted.
+fn restore_and_start(
+    archive: &str,
+    env: &[(String, String)],
+    target: &[&str],
+) -> (PgCluster, String) {
+    let dir = PgCluster::new_dir("restored");
+    let pgdata = dir.join("data");
+    let wa = walagent_path_for_postgres();
+    let mut args = vec![
+        "restore",
+        "--archive",
+        archive,
+        "--pgdata",
+        pgdata.to_str().unwrap(),
+        "--walagent-path",
+        wa.to_str().unwrap(),
+    ];
+    args.extend_from_slice(target);
+    let o = run_with(&args, env);
+    assert_ok(&o);
+    let summary = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(pgdata.join("recovery.signal").exists());
+    let c = PgCluster::adopt(dir, PgOptions::default(), 1);
+    wait_until(
+        Duration::from_secs(90),
+        "the restored server is promoted",
+        || {
+            c.try_psql("SELECT pg_is_in_recovery()")
+                .map(|s| s == "f")
+                .unwrap_or(false)
+        },
+    );
+    (c, summary)
+}
+
+fn ids(c: &PgCluster) -> String {
+    c.psql("SELECT coalesce(string_agg(id::text, ',' ORDER BY id), '') FROM t")
+}
+
+/// The archive (files 0600, written as root in CI) must be readable by the server's OS user.
+fn give_archive_to_postgres(archive: &Path) {
+    if support::is_root() {
+        let ok = Command::new("chown")
+            .arg("-R")
+            .arg("postgres:")
+            .arg(archive)
+            .status()
+            .unwrap();
+        assert!(ok.success());
+    }
+}
+
+#[test]
+fn restore_to_commit_time_lsn_xid_and_restore_point() {
+    let t = support::tempdir();
+    let archive = t.join("archive");
+    let a = archive.to_str().unwrap().to_string();
+    let s = scenario(&a, &[], 6);
+    give_archive_to_postgres(&archive);
+    let (ts4, xid5, lsn2) = (&s.rows[3].0, &s.rows[4].1, &s.rows[1].2);
+
+    // Time, inclusive: rows 1..4; exclusive: rows 1..3.
+    let (c, summary) = restore_and_start(&a, &[], &["--target-time", ts4]);
+    assert_eq!(ids(&c), "1,2,3,4", "{summary}");
+    assert!(
+        summary.contains("newest that can reach the target"),
+        "{summary}"
+    );
+    drop(c);
+    let (c, _) = restore_and_start(&a, &[], &["--target-time", ts4, "--exclusive"]);
+    assert_eq!(ids(&c), "1,2,3");
+    drop(c);
+    // LSN just after row 2's commit.
+    let (c, _) = restore_and_start(&a, &[], &["--target-lsn", lsn2]);
+    assert_eq!(ids(&c), "1,2");
+    drop(c);
+    // Restore point after row 3, and the commit of row 5's transaction.
+    let (c, _) = restore_and_start(&a, &[], &["--target-name", "rp3"]);
+    assert_eq!(ids(&c), "1,2,3");
+    drop(c);
+    let (c, _) = restore_and_start(&a, &[], &["--target-xid", xid5]);
+    assert_eq!(ids(&c), "1,2,3,4,5");
+    // The restored cluster is open for writes.
+    c.psql("INSERT INTO t VALUES (100, 'after restore')");
+    drop(c);
+    // No target: everything archived.
+    let (c, _) = restore_and_start(&a, &[], &[]);
+    assert_eq!(ids(&c), "1,2,3,4,5,6");
+    drop(s);
+}
+
+#[test]
+fn restore_from_s3_to_a_restore_point() {
+    let s3 = S3Server::start();
+    let env: Vec<(String, String)> = s3.env();
+    let url = s3.url("pitr");
+    let s = scenario(&url, &env, 4);
+    let (c, summary) = restore_and_start(&url, &env, &["--target-name", "rp3"]);
+    assert_eq!(ids(&c), "1,2,3", "{summary}");
+    let auto = fs::read_to_string(c.pgdata().join("postgresql.auto.conf")).unwrap();
+    assert!(auto.contains("--env-file"), "{auto}");
+    assert!(
+        !auto.contains("AWS_SECRET_ACCESS_KEY"),
+        "secrets stay out of postgresql.auto.conf"
+    );
+    let envf = c.pgdata().join("walagent-restore.env");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        fs::metadata(&envf).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    drop(s);
+}
+
+/// Every refusal happens before anything is written: DIR stays as it was.
+#[test]
+fn restore_errors_leave_the_directory_untouched() {
+    let t = support::tempdir();
+    let archive = t.join("archive");
+    let a = archive.to_str().unwrap().to_string();
+    let s = scenario(&a, &[], 3);
+    let target = t.join("target");
+    let tgt = target.to_str().unwrap().to_string();
+    let untouched = |o: &Output, want: &str| {
+        assert_eq!(
+            o.status.code(),
+            Some(1),
+            "case {want:?}: {}{}",
+            stderr_of(o),
+            String::from_utf8_lossy(&o.stdout)
+        );
+        let line = error_line(o);
+        assert!(line.contains(want), "expected {want:?} in: {line}");
+        assert!(!target.exists(), "{} was created", target.display());
+    };
+
+    // Non-empty directory.
+    let full = t.join("full");
+    fs::create_dir(&full).unwrap();
+    fs::write(full.join("precious"), "x").unwrap();
+    let o = run(&[
+        "restore",
+        "--archive",
+        &a,
+        "--pgdata",
+        full.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(error_line(&o).contains("not empty"), "{}", error_line(&o));
+    assert_eq!(fs::read_dir(&full).unwrap().count(), 1);
+
+    // Unparsable and impossible targets.
+    let o = run(&[
+        "restore",
+        "--archive",
+        &a,
+        "--pgdata",
+        &tgt,
+        "--target-time",
+        "2026-11-22 10:00:00",
+    ]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr_of(&o));
+    assert!(error_line(&o).contains("zone"), "{}", error_line(&o));
+    assert!(!target.exists());
+    let o = run(&[
+        "restore",
+        "--archive",
+        &a,
+        "--pgdata",
+        &tgt,
+        "--target-time",
+        "2001-01-01 00:00:00+00",
+    ]);
+    untouched(&o, "before the oldest backup");
+    let o = run(&[
+        "restore",
+        "--archive",
+        &a,
+        "--pgdata",
+        &tgt,
+        "--target-time",
+        "2100-01-01 00:00:00+00",
+    ]);
+    untouched(&o, "no transaction in the archive committed after");
+    let o = run(&[
+        "restore",
+        "--archive",
+        &a,
+        "--pgdata",
+        &tgt,
+        "--target-lsn",
+        "FF/0",
+    ]);
+    untouched(&o, "beyond the end of the archive");
+    let o = run(&[
+        "restore",
+        "--archive",
+        &a,
+        "--pgdata",
+        &tgt,
+        "--target-name",
+        "no_such_point",
+    ]);
+    untouched(&o, "no_such_point");
+    let o = run(&[
+        "restore",
+        "--archive",
+        &a,
+        "--pgdata",
+        &tgt,
+        "--backup",
+        "19990101T000000Z",
+    ]);
+    untouched(&o, "19990101T000000Z");
+
+    // A missing segment in the middle of the chain.
+    let info: serde_json::Value = {
+        let o = run(&["backups", "--archive", &a, "--json"]);
+        serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap()[0].clone()
+    };
+    let first = info["wal_start_segment"].as_str().unwrap().to_string();
+    let mut segs: Vec<String> = fs::read_dir(archive.join("wal"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.ends_with(".zst") && !n.contains("partial") && n[..24] > *first)
+        .collect();
+    segs.sort();
+    let victim = segs[0].clone();
+    let moved = t.join("moved-away");
+    fs::rename(archive.join("wal").join(&victim), &moved).unwrap();
+    let o = run(&["restore", "--archive", &a, "--pgdata", &tgt]);
+    untouched(&o, &victim[..24]);
+    fs::rename(&moved, archive.join("wal").join(&victim)).unwrap();
+
+    // A corrupt backup object: detected while unpacking; what was written is removed again.
+    let key = info["archives"][0]["key"].as_str().unwrap();
+    let obj = archive.join(key);
+    let mut b = fs::read(&obj).unwrap();
+    let mid = b.len() / 2;
+    b[mid] ^= 0x55;
+    let saved = fs::read(&obj).unwrap();
+    fs::write(&obj, &b).unwrap();
+    let o = run(&["restore", "--archive", &a, "--pgdata", &tgt]);
+    untouched(&o, "damaged");
+    fs::write(&obj, saved).unwrap();
+
+    // A backup of another cluster copied into this archive.
+    let other = PgCluster::start(opts());
+    let other_archive = t.join("other");
+    let o = run(&[
+        "backup",
+        "--source",
+        &other.repl_uri(),
+        "--archive",
+        other_archive.to_str().unwrap(),
+        "--checkpoint",
+        "fast",
+    ]);
+    assert_ok(&o);
+    let other_id = fs::read_dir(other_archive.join("backups"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .file_name();
+    let copy = Command::new("cp")
+        .arg("-a")
+        .arg(other_archive.join("backups").join(&other_id))
+        .arg(archive.join("backups").join("29990101T000000Z"))
+        .status()
+        .unwrap();
+    assert!(copy.success());
+    // backup.json names its own id: fix it so only the system differs.
+    let info_path = archive.join("backups/29990101T000000Z/backup.json");
+    let text = fs::read_to_string(&info_path)
+        .unwrap()
+        .replace(other_id.to_str().unwrap(), "29990101T000000Z");
+    fs::write(&info_path, text).unwrap();
+    let o = run(&["restore", "--archive", &a, "--pgdata", &tgt]);
+    untouched(&o, "belongs to system");
+    drop(s);
+    let _: Option<PathBuf> = None;
+}
