@@ -44,7 +44,8 @@ fn run(args: &[&str]) -> Output {
 /// transaction (ids 1..=n) with a restore point `rp3` after row 3. Returns, per row, its commit
 /// timestamp, its xid and the insert LSN just after its commit.
 struct Scenario {
-    pg: PgCluster,
+    /// Kept running until the scenario is dropped.
+    _pg: PgCluster,
     rows: Vec<(String, String, String)>,
 }
 
@@ -106,7 +107,7 @@ fn scenario(archive: &str, env: &[(String, String)], n: u32) -> Scenario {
         env,
     );
     assert_ok(&o);
-    Scenario { pg, rows }
+    Scenario { _pg: pg, rows }
 }
 
 /// Restores into a new directory and starts the server there; returns it once promoted.
@@ -392,4 +393,82 @@ fn restore_errors_leave_the_directory_untouched() {
     untouched(&o, "belongs to system");
     drop(s);
     let _: Option<PathBuf> = None;
+}
+
+/// A restore that crosses a timeline switch: the backup is taken on timeline 1, the archive is
+/// fed by `walagent stream` from a standby that is later promoted (timeline 2).
+#[test]
+fn restore_across_a_timeline_switch() {
+    let primary = PgCluster::start(opts());
+    let standby = primary.create_standby(opts());
+    standby.psql(&format!(
+        "SELECT pg_create_physical_replication_slot('{SLOT}', true)"
+    ));
+    let t = support::tempdir();
+    let archive = t.join("archive");
+    let a = archive.to_str().unwrap().to_string();
+    let agent = walagent()
+        .args([
+            "stream",
+            "--source",
+            &standby.repl_uri(),
+            "--archive",
+            &a,
+            "--slot",
+            SLOT,
+            "--status-interval",
+            "1",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    primary.psql("CREATE TABLE t (id int primary key, note text)");
+    assert_ok(&run(&[
+        "backup",
+        "--source",
+        &primary.repl_uri(),
+        "--archive",
+        &a,
+        "--checkpoint",
+        "fast",
+    ]));
+    primary.psql("INSERT INTO t VALUES (1, 'tl1')");
+    primary.psql("INSERT INTO t VALUES (2, 'tl1')");
+    primary.switch_wal();
+    let lsn = primary.current_lsn();
+    wait_until(
+        Duration::from_secs(60),
+        "the standby replays timeline 1",
+        || standby.psql(&format!("SELECT pg_last_wal_replay_lsn() >= '{lsn}'")) == "t",
+    );
+    primary.stop("fast");
+    standby.promote();
+    standby.psql("INSERT INTO t VALUES (3, 'tl2')");
+    standby.psql("INSERT INTO t VALUES (4, 'tl2')");
+    standby.switch_wal();
+    let end = standby.current_lsn();
+    let last = standby.psql(&format!("SELECT pg_walfile_name('{end}'::pg_lsn - 1)"));
+    assert!(last.starts_with("00000002"), "{last}");
+    wait_until(Duration::from_secs(90), "timeline 2 archived", || {
+        archive.join("wal").join(format!("{last}.zst")).exists()
+    });
+    support::sigterm(&agent);
+    assert_ok(&wait_output(agent, Duration::from_secs(30)));
+    give_archive_to_postgres(&archive);
+
+    // Latest timeline, to the end: all four rows, on a new timeline after promotion.
+    let (c, summary) = restore_and_start(&a, &[], &[]);
+    assert!(summary.contains("timelines 1 -> 2"), "{summary}");
+    assert_eq!(ids(&c), "1,2,3,4", "{summary}");
+    assert_eq!(
+        c.psql("SELECT timeline_id FROM pg_control_checkpoint()")
+            .trim(),
+        "3",
+        "promotion after recovery starts timeline 3"
+    );
+    drop(c);
+    // Timeline 1 only: the rows written before the switch.
+    let (c, summary) = restore_and_start(&a, &[], &["--target-timeline", "1"]);
+    assert_eq!(ids(&c), "1,2", "{summary}");
 }

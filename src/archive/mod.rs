@@ -145,6 +145,39 @@ pub trait ObjectReader: Send {
     async fn next_chunk(&mut self) -> Result<Option<Bytes>, StoreError>;
 }
 
+/// After a no-overwrite put of a WAL object failed with [`StoreError::Conflict`]: whether the
+/// stored object holds the same WAL once decompressed. Two writers may encode identical WAL
+/// differently (another zstd level, `walagent backup` beside `walagent stream`); only different
+/// content is a real conflict.
+pub async fn same_wal_content(
+    store: &dyn Store,
+    key: &str,
+    raw: &[u8],
+) -> Result<bool, StoreError> {
+    let Some(stored) = store.get_bytes(key).await? else {
+        return Ok(false);
+    };
+    let compressed = key.ends_with(layout::ZSTD_SUFFIX);
+    let key_owned = key.to_string();
+    let stored_len = stored.len();
+    let content = tokio::task::spawn_blocking(move || {
+        let mut out = Vec::with_capacity(stored_len.max(1 << 20));
+        compress::decompress_stream(&stored[..], &mut out, compressed).map(|_| out)
+    })
+    .await
+    .map_err(|e| {
+        StoreError::io(
+            format!("comparing {key_owned}"),
+            std::io::Error::other(e.to_string()),
+        )
+    })?
+    .map_err(|e| StoreError::Corrupt {
+        key: key.to_string(),
+        detail: e.to_string(),
+    })?;
+    Ok(content == raw)
+}
+
 /// Is this `--archive` value an object-store URL rather than a directory?
 pub fn is_remote(spec: &str) -> bool {
     spec.get(..5)

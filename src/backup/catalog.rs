@@ -124,7 +124,7 @@ impl BackupInfo {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Listed {
     /// `backup.json` is present and readable: usable.
-    Complete(BackupInfo),
+    Complete(Box<BackupInfo>),
     /// Objects exist under `backups/<id>/` but no `backup.json`: interrupted or still running;
     /// never used for a restore.
     Incomplete {
@@ -175,7 +175,7 @@ pub async fn list(store: &dyn Store) -> Result<Vec<Listed>, StoreError> {
         match store.get_bytes(&info_key(&id)).await? {
             None => out.push(Listed::Incomplete { id, objects, bytes }),
             Some(b) => match BackupInfo::parse(&b) {
-                Ok(info) if info.id == id => out.push(Listed::Complete(info)),
+                Ok(info) if info.id == id => out.push(Listed::Complete(Box::new(info))),
                 Ok(info) => out.push(Listed::Unreadable {
                     detail: format!("it names id {}", info.id),
                     id,
@@ -297,7 +297,7 @@ mod tests {
             .unwrap();
         let l = list(&store).await.unwrap();
         assert_eq!(l.len(), 3);
-        assert_eq!(l[0], Listed::Complete(i));
+        assert_eq!(l[0], Listed::Complete(Box::new(i)));
         assert_eq!(
             l[1],
             Listed::Incomplete {

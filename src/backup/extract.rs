@@ -217,7 +217,7 @@ pub fn prepare_target_dir(path: &Path) -> Result<bool, ExtractError> {
             check_writable(path)?;
             Ok(false)
         }
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+        Err(e) if is_missing(&e) => {
             let parent = match path.parent() {
                 Some(p) if p.as_os_str().is_empty() => Path::new("."),
                 Some(p) => p,
@@ -230,7 +230,7 @@ pub fn prepare_target_dir(path: &Path) -> Result<bool, ExtractError> {
                         path: parent.to_path_buf(),
                     })
                 }
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                Err(e) if is_missing(&e) => {
                     return Err(ExtractError::ParentMissing {
                         path: path.to_path_buf(),
                         parent: parent.to_path_buf(),
@@ -255,6 +255,11 @@ pub fn prepare_target_dir(path: &Path) -> Result<bool, ExtractError> {
         }
         Err(e) => Err(io_err("inspect", path, e)),
     }
+}
+
+/// ENOENT, or ENOTDIR (a file where a directory of the path should be).
+fn is_missing(e: &io::Error) -> bool {
+    e.kind() == io::ErrorKind::NotFound || e.raw_os_error() == Some(libc::ENOTDIR)
 }
 
 /// Whether this process may create entries in `path` (effective ids; root passes unless the
@@ -1008,8 +1013,12 @@ mod tests {
 
     #[test]
     fn owner_is_applied() {
-        // Chowning to ourselves works without privileges and exercises every chown call.
-        let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
+        // As root, give everything away; otherwise chown to ourselves, which works without
+        // privileges and still exercises every chown call.
+        let (uid, gid) = match unsafe { libc::geteuid() } {
+            0 => (12_345, 23_456),
+            _ => unsafe { (libc::geteuid(), libc::getegid()) },
+        };
         let tmp = tempdir();
         let root = tmp.path().join("data");
         prepare_target_dir(&root).unwrap();
@@ -1018,7 +1027,14 @@ mod tests {
             ..Default::default()
         };
         extract(&sample(), &root, opts, 5).unwrap();
-        for p in ["", "base/1/1234", "base/1/link", "a/b"] {
+        for p in [
+            "",
+            "base/1/1234",
+            "base/1/hard",
+            "base/1/link",
+            "a/b",
+            "pg_wal",
+        ] {
             let m = fs::symlink_metadata(root.join(p)).unwrap();
             assert_eq!((m.uid(), m.gid()), (uid, gid), "{p}");
         }
@@ -1454,6 +1470,8 @@ mod tests {
         assert!(matches!(e, ExtractError::NotADirectory { .. }), "{e}");
         let e = prepare_target_dir(&file.join("sub")).unwrap_err();
         assert!(matches!(e, ExtractError::NotADirectory { .. }), "{e}");
+        let e = prepare_target_dir(&file.join("sub/sub")).unwrap_err();
+        assert!(matches!(e, ExtractError::ParentMissing { .. }), "{e}");
         // A symlink to an empty directory is accepted (like /var/lib/postgresql -> /data).
         let link = tmp.path().join("link");
         let empty = tmp.path().join("empty");

@@ -761,6 +761,9 @@ impl WalTee {
         let key = layout::segment_key(id, seg_size, self.compression, !check.complete);
         match self.store.put_bytes(&key, body, PutMode::NoOverwrite).await {
             Ok(()) => {}
+            // `walagent stream` got there first, maybe with another encoding of the same WAL.
+            Err(StoreError::Conflict { .. })
+                if crate::archive::same_wal_content(self.store.as_ref(), &key, &buf).await? => {}
             // A partial that a running `walagent stream` stored with a different tail is fine:
             // the complete segment will follow from the stream.
             Err(StoreError::Conflict { .. }) if !check.complete => {

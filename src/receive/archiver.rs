@@ -239,6 +239,16 @@ async fn run(
     Ok(())
 }
 
+/// Whether the object already stored under `key` holds the same WAL as the spooled `path`.
+async fn same_as_archived(config: &ArchiverConfig, key: &str, path: &std::path::Path) -> bool {
+    let Ok(raw) = tokio::fs::read(path).await else {
+        return false;
+    };
+    crate::archive::same_wal_content(config.store.as_ref(), key, &raw)
+        .await
+        .unwrap_or(false)
+}
+
 /// Compresses one spooled file (streaming, on a blocking thread), stores it durably (retrying
 /// while the store is unavailable), and removes the spool copies.
 async fn archive_one(
@@ -285,6 +295,12 @@ async fn archive_one(
                 tracing::warn!(object = %key, "archive unavailable, retrying in {delay:?}: {e}");
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(Duration::from_secs(30));
+            }
+            Err(StoreError::Conflict { .. })
+                if !partial && same_as_archived(&config, &key, &path).await =>
+            {
+                tracing::debug!(object = %key, "already archived with the same WAL (encoded differently)");
+                break;
             }
             Err(source) => return Err(ArchiverError::Store { name, source }),
         }

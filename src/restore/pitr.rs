@@ -280,7 +280,7 @@ pub async fn plan(opts: &RestoreOptions, store: &dyn Store) -> Result<RestorePla
     let mut backups = Vec::new();
     for l in catalog::list(store).await? {
         match l {
-            Listed::Complete(b) => backups.push(b),
+            Listed::Complete(b) => backups.push(*b),
             Listed::Incomplete { id, .. } | Listed::Unreadable { id, .. } => {
                 if opts.backup.as_deref() == Some(id.as_str()) {
                     return Err(RestoreError::Archive(format!(
@@ -291,16 +291,15 @@ pub async fn plan(opts: &RestoreOptions, store: &dyn Store) -> Result<RestorePla
         }
     }
     for b in &backups {
-        if b.system_identifier_u64() != Some(meta.system_identifier) {
-            if opts.backup.as_deref() == Some(b.id.as_str()) || opts.backup.is_none() {
-                return Err(RestoreError::Archive(format!(
+        let considered = opts.backup.is_none() || opts.backup.as_deref() == Some(b.id.as_str());
+        if considered && b.system_identifier_u64() != Some(meta.system_identifier) {
+            return Err(RestoreError::Archive(format!(
                     "backup {} belongs to system {}, but archive {} holds WAL of system {}; an archive must hold one cluster (copy the backup to its own archive)",
                     b.id,
                     b.system_identifier,
                     store.location(),
                     meta.system_identifier
                 )));
-            }
         }
         if b.wal_segment_size != u64::from(size.bytes()) {
             return Err(RestoreError::Archive(format!(

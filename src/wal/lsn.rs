@@ -64,6 +64,20 @@ impl FromStr for Lsn {
     }
 }
 
+/// Serialized as the `X/X` text, the form PostgreSQL and every tool print.
+impl serde::Serialize for Lsn {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Lsn {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -92,19 +106,5 @@ mod tests {
         assert_eq!(l.segment_offset(seg), 0x128);
         assert_eq!(l.segment_start(seg), Lsn(0x0000_0001_0400_0000));
         assert_eq!(l.page_offset(), 0x128);
-    }
-}
-
-/// Serialized as the `X/X` text, the form PostgreSQL and every tool print.
-impl serde::Serialize for Lsn {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(self)
-    }
-}
-
-impl<'de> serde::Deserialize<'de> for Lsn {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        s.parse().map_err(serde::de::Error::custom)
     }
 }
