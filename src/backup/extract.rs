@@ -799,6 +799,64 @@ fn syncfs(_dir: &Path) -> Result<(), ExtractError> {
     Ok(())
 }
 
+// ---- helpers for the commands that fill a data directory (seed-standby, restore) ----------
+
+/// Who should own what walagent writes into `dir`: running as root, the owner of `dir` (or of its
+/// parent when walagent created `dir`), so that the postgres OS user can start the server;
+/// otherwise nobody in particular (`None`: files belong to the caller).
+pub fn target_owner(dir: &Path, created: bool) -> Option<(u32, u32)> {
+    use std::os::unix::fs::MetadataExt;
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return None;
+    }
+    let from = if created {
+        dir.parent().filter(|p| !p.as_os_str().is_empty())?
+    } else {
+        dir
+    };
+    fs::metadata(from).ok().map(|m| (m.uid(), m.gid()))
+}
+
+/// Undoes a failed fill: removes `dir` when walagent created it, else everything in it (it was
+/// empty before).
+pub fn remove_written(dir: &Path, created: bool) {
+    if created {
+        let _ = fs::remove_dir_all(dir);
+        return;
+    }
+    if let Ok(rd) = fs::read_dir(dir) {
+        for e in rd.flatten() {
+            let p = e.path();
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                let _ = fs::remove_dir_all(&p);
+            } else {
+                let _ = fs::remove_file(&p);
+            }
+        }
+    }
+}
+
+/// lchown to `owner` when set (best effort: the caller already wrote the file).
+pub fn chown_to(path: &Path, owner: Option<(u32, u32)>) {
+    if let Some((uid, gid)) = owner {
+        let _ = std::os::unix::fs::lchown(path, Some(uid), Some(gid));
+    }
+}
+
+/// Writes `data` to `path` (created or truncated, mode 0600) and fsyncs it.
+pub fn write_private_file(path: &Path, data: &[u8]) -> io::Result<()> {
+    use std::io::Write;
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(FILE_MODE)
+        .open(path)?;
+    f.write_all(data)?;
+    f.sync_all()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

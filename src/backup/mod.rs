@@ -17,3 +17,34 @@ pub mod progress;
 pub mod seed;
 pub mod take;
 pub mod tarstream;
+
+/// Why [`connect_for_backup`] failed.
+#[derive(Debug)]
+pub(crate) enum ConnectError {
+    Protocol(crate::protocol::ProtocolError),
+    /// The server's `server_version`, below 15.
+    TooOld(String),
+}
+
+/// Connects for BASE_BACKUP, which walagent speaks in PostgreSQL 15's form only (parenthesised
+/// options, one COPY for every archive and the manifest). Returns `server_version_num`.
+pub(crate) async fn connect_for_backup(
+    conninfo: &crate::protocol::ConnInfo,
+) -> Result<(crate::protocol::Connection, u32), ConnectError> {
+    let mut conn = crate::protocol::Connection::connect(conninfo)
+        .await
+        .map_err(ConnectError::Protocol)?;
+    let version = conn
+        .server_version_num()
+        .await
+        .map_err(ConnectError::Protocol)?;
+    if version < 150000 {
+        let text = conn
+            .parameter("server_version")
+            .unwrap_or("(unknown)")
+            .to_string();
+        conn.close().await;
+        return Err(ConnectError::TooOld(text));
+    }
+    Ok((conn, version))
+}

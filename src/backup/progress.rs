@@ -35,7 +35,7 @@ impl Progress {
             );
             b
         };
-        b_draw_stderr(&bar);
+        bar.set_draw_target(indicatif::ProgressDrawTarget::stderr_with_hz(4));
         Progress { bar: Some(bar) }
     }
 
@@ -58,8 +58,4 @@ impl Progress {
             b.finish_and_clear();
         }
     }
-}
-
-fn b_draw_stderr(b: &indicatif::ProgressBar) {
-    b.set_draw_target(indicatif::ProgressDrawTarget::stderr_with_hz(4));
 }

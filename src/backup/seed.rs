@@ -11,20 +11,21 @@
 //! On failure everything written is removed again (the directory was empty or absent before),
 //! so a failed seed never leaves a half data directory that might be started by mistake.
 
-use std::fs;
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
 use tokio::sync::{mpsc, watch};
 
-use super::extract::{prepare_target_dir, ExtractError, ExtractOptions, ExtractStats, Extractor};
+use super::extract::{
+    chown_to as chown, prepare_target_dir, remove_written, target_owner as owner_for,
+    write_private_file as write_private, ExtractError, ExtractOptions, ExtractStats, Extractor,
+};
 use super::progress::Progress;
 use super::tarstream::{TarEvent, TarParser};
 use crate::protocol::basebackup::{BackupCopyMessage, BackupStreamDecoder, BaseBackupOptions};
 use crate::protocol::conninfo::ConnInfo;
 use crate::protocol::replication::BackupEvent;
-use crate::protocol::{Connection, ProtocolError};
+use crate::protocol::ProtocolError;
 use crate::restore::recovery_conf::{append_auto_conf, write_signal, Signal};
 use crate::wal::Lsn;
 
@@ -67,6 +68,15 @@ pub enum SeedError {
     Cancelled,
 }
 
+impl From<super::ConnectError> for SeedError {
+    fn from(e: super::ConnectError) -> Self {
+        match e {
+            super::ConnectError::Protocol(e) => SeedError::Protocol(e),
+            super::ConnectError::TooOld(v) => SeedError::ServerTooOld(v),
+        }
+    }
+}
+
 impl SeedError {
     pub fn hint(&self) -> Option<String> {
         match self {
@@ -105,58 +115,13 @@ pub async fn seed(
     res
 }
 
-/// Running as root, the files take the owner of the target (or of its parent when walagent
-/// created it), so that the postgres OS user can start the standby.
-fn owner_for(pgdata: &Path, created: bool) -> Option<(u32, u32)> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        return None;
-    }
-    let from = if created {
-        pgdata.parent().filter(|p| !p.as_os_str().is_empty())?
-    } else {
-        pgdata
-    };
-    fs::metadata(from).ok().map(|m| (m.uid(), m.gid()))
-}
-
-/// Removes what a failed run wrote: the directory itself when walagent created it, else its
-/// contents (it was empty before).
-fn remove_written(dir: &Path, created: bool) {
-    if created {
-        let _ = fs::remove_dir_all(dir);
-        return;
-    }
-    if let Ok(rd) = fs::read_dir(dir) {
-        for e in rd.flatten() {
-            let p = e.path();
-            match e.file_type() {
-                Ok(t) if t.is_dir() => {
-                    let _ = fs::remove_dir_all(&p);
-                }
-                _ => {
-                    let _ = fs::remove_file(&p);
-                }
-            }
-        }
-    }
-}
-
 async fn seed_into(
     opts: &SeedOptions,
     owner: Option<(u32, u32)>,
     prepared: &mut Vec<(PathBuf, bool)>,
     cancel: &mut watch::Receiver<bool>,
 ) -> Result<SeedReport, SeedError> {
-    let mut conn = Connection::connect(&opts.conninfo).await?;
-    let version = conn.server_version_num().await?;
-    if version < 150000 {
-        return Err(SeedError::ServerTooOld(
-            conn.parameter("server_version")
-                .unwrap_or("(unknown)")
-                .to_string(),
-        ));
-    }
+    let (mut conn, _version) = super::connect_for_backup(&opts.conninfo).await?;
     let _sys = conn.identify_system().await?;
     let mut slot_created = false;
     if let Some(slot) = &opts.slot {
@@ -295,25 +260,6 @@ async fn seed_into(
         stats,
         slot_created,
     })
-}
-
-fn write_private(path: &Path, data: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut f = fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)?;
-    f.write_all(data)?;
-    f.sync_all()
-}
-
-fn chown(path: &Path, owner: Option<(u32, u32)>) {
-    if let Some((uid, gid)) = owner {
-        let _ = std::os::unix::fs::lchown(path, Some(uid), Some(gid));
-    }
 }
 
 /// The extraction thread: one tar parser and extractor per archive; tablespaces are registered

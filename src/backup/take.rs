@@ -34,8 +34,8 @@ use super::tarstream::{EntryKind, TarEvent, TarParser};
 use crate::archive::{layout, ArchiveMeta, Compression, PutMode, Store, StoreError};
 use crate::protocol::basebackup::{BackupCopyMessage, BackupStreamDecoder, BaseBackupOptions};
 use crate::protocol::conninfo::ConnInfo;
-use crate::protocol::replication::{BackupEvent, BackupHeader};
-use crate::protocol::{Connection, ProtocolError};
+use crate::protocol::replication::BackupEvent;
+use crate::protocol::ProtocolError;
 use crate::wal::verify::{check_segment, VerifyParams};
 use crate::wal::{history_file_name, parse_history_file_name, SegmentId, SegmentSize};
 
@@ -76,6 +76,15 @@ pub enum BackupError {
     Io(String),
 }
 
+impl From<super::ConnectError> for BackupError {
+    fn from(e: super::ConnectError) -> Self {
+        match e {
+            super::ConnectError::Protocol(e) => BackupError::Protocol(e),
+            super::ConnectError::TooOld(v) => BackupError::ServerTooOld(v),
+        }
+    }
+}
+
 impl BackupError {
     pub fn hint(&self) -> Option<String> {
         match self {
@@ -98,15 +107,7 @@ pub async fn take(
     store: Arc<dyn Store>,
     mut cancel: watch::Receiver<bool>,
 ) -> Result<BackupInfo, BackupError> {
-    let mut conn = Connection::connect(&opts.conninfo).await?;
-    let version = conn.server_version_num().await?;
-    if version < 150000 {
-        return Err(BackupError::ServerTooOld(
-            conn.parameter("server_version")
-                .unwrap_or("(unknown)")
-                .to_string(),
-        ));
-    }
+    let (mut conn, version) = super::connect_for_backup(&opts.conninfo).await?;
     let sys = conn.identify_system().await?;
     let seg_size = conn.wal_segment_size().await?;
     match ArchiveMeta::load(store.as_ref())
@@ -154,7 +155,6 @@ pub async fn take(
         store: store.clone(),
         id: id.clone(),
         opts,
-        header: &header,
         current: None,
         done: Vec::new(),
         manifest: BytesMut::new(),
@@ -327,7 +327,6 @@ struct Run<'a> {
     store: Arc<dyn Store>,
     id: String,
     opts: &'a BackupOptions,
-    header: &'a BackupHeader,
     current: Option<ArchiveSink>,
     done: Vec<TarArchive>,
     manifest: BytesMut,
@@ -377,7 +376,6 @@ impl Run<'_> {
             BackupCopyMessage::ManifestStart => self.finish_archive().await?,
             BackupCopyMessage::ManifestData(d) => self.manifest.extend_from_slice(&d),
         }
-        let _ = self.header;
         Ok(())
     }
 

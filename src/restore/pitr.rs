@@ -20,7 +20,6 @@
 use std::collections::{BTreeMap, HashMap};
 use std::fs;
 use std::io::{self, Read};
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -33,7 +32,10 @@ use super::recovery_conf::{append_auto_conf, write_signal, Signal};
 use super::target::{recovery_settings, stop_event, RecoveryTarget, TargetAction, TargetTimeline};
 use crate::archive::{compress, layout, ArchiveMeta, ObjectInfo, Store, StoreError};
 use crate::backup::catalog::{self, BackupInfo, Listed};
-use crate::backup::extract::{prepare_target_dir, ExtractError, ExtractOptions, Extractor};
+use crate::backup::extract::{
+    chown_to as chown, prepare_target_dir, remove_written, target_owner as owner_for,
+    write_private_file, ExtractError, ExtractOptions, Extractor,
+};
 use crate::backup::manifest::{BackupManifest, ChecksumAlgorithm};
 use crate::backup::progress::Progress;
 use crate::backup::tarstream::{EntryKind, TarEvent, TarParser};
@@ -515,40 +517,6 @@ pub async fn restore(
     }
 }
 
-/// Running as root, the files take the owner of DIR (or of its parent when walagent created
-/// it), so that the postgres OS user can start the server.
-fn owner_for(pgdata: &Path, created: bool) -> Option<(u32, u32)> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        return None;
-    }
-    let from = if created { pgdata.parent()? } else { pgdata };
-    fs::metadata(from).ok().map(|m| (m.uid(), m.gid()))
-}
-
-fn remove_written(dir: &Path, created: bool) {
-    if created {
-        let _ = fs::remove_dir_all(dir);
-        return;
-    }
-    if let Ok(rd) = fs::read_dir(dir) {
-        for e in rd.flatten() {
-            let p = e.path();
-            if e.file_type().is_ok_and(|t| t.is_dir()) {
-                let _ = fs::remove_dir_all(&p);
-            } else {
-                let _ = fs::remove_file(&p);
-            }
-        }
-    }
-}
-
-fn chown(path: &Path, owner: Option<(u32, u32)>) {
-    if let Some((uid, gid)) = owner {
-        let _ = std::os::unix::fs::lchown(path, Some(uid), Some(gid));
-    }
-}
-
 /// `'...'` for /bin/sh.
 fn sh_quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', "'\\''"))
@@ -613,8 +581,7 @@ async fn restore_into(
     let io = |what: String, e: io::Error| RestoreError::Io(format!("{what}: {e}"));
     if let Some((raw, _)) = &manifest {
         let p = pgdata.join("backup_manifest");
-        envfile::write(&p, &String::from_utf8_lossy(raw))
-            .map_err(|e| io(format!("cannot write {}", p.display()), e))?;
+        write_private_file(&p, raw).map_err(|e| io(format!("cannot write {}", p.display()), e))?;
         chown(&p, owner);
     }
     // restore_command: wal-fetch on the same archive, working for the server's OS user.
