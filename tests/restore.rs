@@ -247,6 +247,25 @@ fn restore_errors_leave_the_directory_untouched() {
         assert!(!target.exists(), "{} was created", target.display());
     };
 
+    // --dry-run prints the plan and writes nothing.
+    let o = run(&[
+        "restore",
+        "--archive",
+        &a,
+        "--pgdata",
+        &tgt,
+        "--target-name",
+        "rp3",
+        "--dry-run",
+    ]);
+    assert_ok(&o);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        out.contains("restore point \"rp3\"") && out.contains("dry run"),
+        "{out}"
+    );
+    assert!(!target.exists());
+
     // Non-empty directory.
     let full = t.join("full");
     fs::create_dir(&full).unwrap();
