@@ -1387,12 +1387,15 @@ impl Store for S3Store {
 // Streaming objects
 // ---------------------------------------------------------------------------------------------
 
+/// Largest first part size of a streamed object.
+const STREAM_PART_BASE: u64 = 8 * MIB;
+
 /// Part uploads of one streamed object in flight at once.
 const STREAM_PARTS_IN_FLIGHT: usize = 4;
 
-/// Part size for the `n`-th part (1-based) of a streamed object: the configured part size
-/// (at least 5 MiB) for the first 2,000 parts, doubling every 2,000 after, so an object of
-/// unknown size can reach 31 x 2,000 x part size (about 1 TB at 16 MiB) within 10,000 parts.
+/// Part size for the `n`-th part (1-based) of a streamed object: the base part size (at least
+/// 5 MiB) for the first 2,000 parts, doubling every 2,000 after, so an object of unknown size can
+/// reach 31 x 2,000 x base (about 500 GB at 8 MiB) within 10,000 parts.
 fn stream_part_size(base: u64, n: u32) -> u64 {
     let doublings = (n.saturating_sub(1) / 2000).min(8);
     (base.max(MIN_PART) << doublings).min(MAX_PART)
@@ -1416,7 +1419,10 @@ struct S3Writer {
 
 impl S3Writer {
     fn current_part_size(&self) -> usize {
-        stream_part_size(self.store.opts.part_size, self.next_part as u32) as usize
+        // Streams start with parts of at most 8 MiB: with 4 in flight that bounds the memory
+        // a backup upload holds to about 40 MiB.
+        let base = self.store.opts.part_size.min(STREAM_PART_BASE);
+        stream_part_size(base, self.next_part as u32) as usize
     }
 
     async fn start_upload(&mut self) -> Result<String, StoreError> {

@@ -40,7 +40,7 @@ use crate::wal::verify::{check_segment, VerifyParams};
 use crate::wal::{history_file_name, parse_history_file_name, SegmentId, SegmentSize};
 
 /// Bytes handed to the compressor / uploader at a time.
-const CHUNK: usize = 4 << 20;
+const CHUNK: usize = 1 << 20;
 
 #[derive(Debug, Clone)]
 pub struct BackupOptions {
