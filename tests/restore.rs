@@ -501,24 +501,78 @@ fn restore_a_tablespace_to_a_new_place() {
     let loc = ts_dir.join("loc");
     fs::create_dir(&loc).unwrap();
     support::chown_postgres_path(&loc);
-    pg.psql(&format!("CREATE TABLESPACE extra LOCATION '{}'", loc.display()));
+    pg.psql(&format!(
+        "CREATE TABLESPACE extra LOCATION '{}'",
+        loc.display()
+    ));
     pg.psql("CREATE TABLE t (id int primary key, note text) TABLESPACE extra");
     pg.psql("INSERT INTO t SELECT g, 'x' FROM generate_series(1, 3) g");
     let t = support::tempdir();
     let archive = t.join("archive");
     let a = archive.to_str().unwrap().to_string();
-    assert_ok(&run(&["backup", "--source", &pg.repl_uri(), "--archive", &a, "--checkpoint", "fast"]));
+    assert_ok(&run(&[
+        "backup",
+        "--source",
+        &pg.repl_uri(),
+        "--archive",
+        &a,
+        "--checkpoint",
+        "fast",
+    ]));
     give_archive_to_postgres(&archive);
     let new_loc = PgCluster::new_dir("ts-new").join("loc");
     let mapping = format!("{}={}", loc.display(), new_loc.display());
     // Without a mapping the old location is not empty: refused before writing.
     let dir = PgCluster::new_dir("restored");
-    let o = run(&["restore", "--archive", &a, "--pgdata", dir.join("data").to_str().unwrap()]);
+    let o = run(&[
+        "restore",
+        "--archive",
+        &a,
+        "--pgdata",
+        dir.join("data").to_str().unwrap(),
+    ]);
     assert_eq!(o.status.code(), Some(1), "{}", stderr_of(&o));
-    assert!(error_line(&o).contains("tablespace directory"), "{}", error_line(&o));
+    assert!(
+        error_line(&o).contains("tablespace directory"),
+        "{}",
+        error_line(&o)
+    );
     assert!(!dir.join("data").exists());
     let (c, _) = restore_and_start(&a, &[], &["--target", "immediate", "-T", &mapping]);
     assert_eq!(ids(&c), "1,2,3");
     let oid = c.psql("SELECT oid FROM pg_tablespace WHERE spcname = 'extra'");
-    assert_eq!(fs::read_link(c.pgdata().join("pg_tblspc").join(oid.trim())).unwrap(), new_loc);
+    assert_eq!(
+        fs::read_link(c.pgdata().join("pg_tblspc").join(oid.trim())).unwrap(),
+        new_loc
+    );
+}
+
+/// A backup taken from a standby (no segment switch at its end; here it ends exactly on a segment
+/// boundary) restores and replays to the end of the archive.
+#[test]
+fn restore_a_backup_taken_from_a_standby() {
+    let primary = PgCluster::start(opts());
+    primary.psql("CREATE TABLE t (id int primary key, note text)");
+    primary.psql("INSERT INTO t SELECT g, 'x' FROM generate_series(1, 3) g");
+    let standby = primary.create_standby(opts());
+    let lsn = primary.current_lsn();
+    wait_until(Duration::from_secs(60), "the standby replays", || {
+        standby.psql(&format!("SELECT pg_last_wal_replay_lsn() >= '{lsn}'")) == "t"
+    });
+    let t = support::tempdir();
+    let archive = t.join("archive");
+    let a = archive.to_str().unwrap().to_string();
+    let o = run(&[
+        "backup",
+        "--source",
+        &standby.repl_uri(),
+        "--archive",
+        &a,
+        "--checkpoint",
+        "fast",
+    ]);
+    assert_ok(&o);
+    give_archive_to_postgres(&archive);
+    let (c, summary) = restore_and_start(&a, &[], &[]);
+    assert_eq!(ids(&c), "1,2,3", "{summary}");
 }

@@ -37,7 +37,7 @@ use crate::protocol::conninfo::ConnInfo;
 use crate::protocol::replication::BackupEvent;
 use crate::protocol::ProtocolError;
 use crate::wal::verify::{check_segment, VerifyParams};
-use crate::wal::{history_file_name, parse_history_file_name, SegmentId, SegmentSize};
+use crate::wal::{history_file_name, parse_history_file_name, Lsn, SegmentId, SegmentSize};
 
 /// Bytes handed to the compressor / uploader at a time.
 const CHUNK: usize = 1 << 20;
@@ -220,7 +220,10 @@ pub async fn take(
             .await?;
     }
     let first = SegmentId::containing(header.timeline, header.start_lsn, seg_size);
-    let last = SegmentId::containing(end_timeline, end_lsn, seg_size);
+    // The last byte needed is just before the end position (XLByteToPrevSeg, as the server
+    // does when it picks the WAL to send): an end exactly at a segment boundary, as a standby
+    // can report, needs nothing of the next segment.
+    let last = SegmentId::containing(end_timeline, Lsn(end_lsn.0.saturating_sub(1)), seg_size);
     check_wal_present(store.as_ref(), seg_size, first, last).await?;
     conn.close().await; // drops the temporary slot
 
