@@ -12,14 +12,16 @@ use crate::wal::Lsn;
 #[command(
     name = "walagent",
     version,
-    about = "Stream PostgreSQL WAL into a durable, verified, compressed archive",
+    about = "Stream PostgreSQL WAL into a durable, verified, compressed archive; take base backups and restore to a point in time",
     long_about = "walagent connects to PostgreSQL as a physical replication client, checks every WAL page \
                   and record checksum as it arrives, and archives complete segments zstd-compressed. The flush \
                   position it reports to the server only covers WAL that is durable in the archive, so a \
                   replication slot keeps anything not yet safe on the server.",
     after_help = "Examples:\n  \
         walagent stream --source 'postgresql://replicator@db1/postgres' --archive /backup/wal --slot walagent --create-slot\n  \
-        walagent wal-fetch --archive /backup/wal %f %p      (as restore_command)\n\n\
+        walagent wal-fetch --archive /backup/wal %f %p      (as restore_command)\n  \
+        walagent backup --source 'host=db1 user=replicator' --archive /backup/wal --checkpoint fast\n  \
+        walagent restore --archive /backup/wal --pgdata /srv/pg/restored --target-time '2026-11-22 09:15:00+01'\n\n\
         Logging: set WALAGENT_LOG (e.g. WALAGENT_LOG=debug); logs go to stderr."
 )]
 pub struct Cli {
