@@ -649,6 +649,8 @@ fn spawn_compressor(
             enc.include_checksum(true)?;
             if threads > 1 {
                 enc.multithread(threads)?;
+                // Smaller jobs than zstd's default (4 x window) keep the workers' buffers small.
+                enc.set_parameter(zstd::stream::raw::CParameter::JobSize(1 << 20))?;
             }
             while let Some(b) = input.blocking_recv() {
                 enc.write_all(&b)?;
