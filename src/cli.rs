@@ -277,16 +277,9 @@ pub fn parse_rate(s: &str) -> Result<u32, String> {
     Ok(kb as u32)
 }
 
-/// `OLDDIR=NEWDIR`, both absolute.
-pub fn parse_mapping(s: &str) -> Result<(PathBuf, PathBuf), String> {
-    let (old, new) = s
-        .split_once('=')
-        .ok_or_else(|| format!("{s:?}: write the mapping as OLDDIR=NEWDIR"))?;
-    let (old, new) = (PathBuf::from(old), PathBuf::from(new));
-    if !old.is_absolute() || !new.is_absolute() {
-        return Err(format!("{s:?}: both directories must be absolute paths"));
-    }
-    Ok((old, new))
+/// `OLDDIR=NEWDIR`, both absolute (`\=` for a `=` inside a path, as pg_basebackup -T).
+fn parse_mapping(s: &str) -> Result<(PathBuf, PathBuf), String> {
+    crate::backup::extract::parse_tablespace_mapping(s).map_err(|e| e.to_string())
 }
 
 #[derive(Debug, Args)]

@@ -84,15 +84,9 @@ fn fail(cause: &str, hint: Option<String>, code: u8) -> ExitCode {
 }
 
 async fn stream(args: StreamArgs) -> ExitCode {
-    let conninfo = match ConnInfo::parse(&args.source) {
+    let conninfo = match parse_source(&args.source) {
         Ok(c) => c,
-        Err(e) => {
-            return fail(
-                &format!("--source {}: {e}", mask_password(&args.source)),
-                None,
-                2,
-            )
-        }
+        Err(code) => return code,
     };
     let remote = archive::is_remote(&args.archive);
     let store = match archive::open(&args.archive, true).await {

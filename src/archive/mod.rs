@@ -145,17 +145,11 @@ pub trait ObjectReader: Send {
     async fn next_chunk(&mut self) -> Result<Option<Bytes>, StoreError>;
 }
 
-/// After a no-overwrite put of a WAL object failed with [`StoreError::Conflict`]: whether the
-/// stored object holds the same WAL once decompressed. Two writers may encode identical WAL
-/// differently (another zstd level, `walagent backup` beside `walagent stream`); only different
-/// content is a real conflict.
-pub async fn same_wal_content(
-    store: &dyn Store,
-    key: &str,
-    raw: &[u8],
-) -> Result<bool, StoreError> {
+/// Reads a WAL object whole and decompresses it (`.zst` keys) on a blocking thread; `None` when
+/// absent. A zstd frame that does not decode is [`StoreError::Corrupt`].
+pub async fn read_wal_object(store: &dyn Store, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
     let Some(stored) = store.get_bytes(key).await? else {
-        return Ok(false);
+        return Ok(None);
     };
     let compressed = key.ends_with(layout::ZSTD_SUFFIX);
     let key_owned = key.to_string();
@@ -167,7 +161,7 @@ pub async fn same_wal_content(
     .await
     .map_err(|e| {
         StoreError::io(
-            format!("comparing {key_owned}"),
+            format!("reading {key_owned}"),
             std::io::Error::other(e.to_string()),
         )
     })?
@@ -175,7 +169,19 @@ pub async fn same_wal_content(
         key: key.to_string(),
         detail: e.to_string(),
     })?;
-    Ok(content == raw)
+    Ok(Some(content))
+}
+
+/// After a no-overwrite put of a WAL object failed with [`StoreError::Conflict`]: whether the
+/// stored object holds the same WAL once decompressed. Two writers may encode identical WAL
+/// differently (another zstd level, `walagent backup` beside `walagent stream`); only different
+/// content is a real conflict.
+pub async fn same_wal_content(
+    store: &dyn Store,
+    key: &str,
+    raw: &[u8],
+) -> Result<bool, StoreError> {
+    Ok(read_wal_object(store, key).await?.is_some_and(|c| c == raw))
 }
 
 /// Is this `--archive` value an object-store URL rather than a directory?

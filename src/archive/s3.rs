@@ -912,27 +912,7 @@ impl S3Store {
             .max(size.div_ceil(MAX_PARTS))
             .min(MAX_PART);
         let object_key = self.loc.object_key(key);
-        let mut create = self
-            .client
-            .create_multipart_upload()
-            .bucket(&self.loc.bucket)
-            .key(&object_key)
-            .metadata(META_CRC32, format!("{crc:08x}"));
-        if self.send_checksums {
-            create = create.checksum_algorithm(ChecksumAlgorithm::Crc32);
-        }
-        let upload_id = match create.send().await {
-            Ok(o) => match o.upload_id {
-                Some(id) => id,
-                None => {
-                    return Err(StoreError::Remote {
-                        context: format!("S3 CreateMultipartUpload {}", self.url(Some(key))),
-                        detail: "the server returned no upload id".into(),
-                    })
-                }
-            },
-            Err(e) => return Err(self.classify("CreateMultipartUpload", Some(key), e)),
-        };
+        let upload_id = self.create_upload(key, &object_key, Some(crc)).await?;
         let res = self
             .upload_parts_and_complete(
                 key,
@@ -946,21 +926,91 @@ impl S3Store {
             )
             .await;
         if res.is_err() {
-            // Best effort: an abandoned upload only costs storage until a lifecycle rule or a
-            // later abort removes it.
-            if let Err(e) = self
-                .client
-                .abort_multipart_upload()
-                .bucket(&self.loc.bucket)
-                .key(&object_key)
-                .upload_id(&upload_id)
-                .send()
-                .await
-            {
-                tracing::warn!(key, error = %self.classify("AbortMultipartUpload", Some(key), e), "could not abort a failed multipart upload");
-            }
+            self.abort_upload(key, &object_key, &upload_id).await;
         }
         res
+    }
+
+    /// CreateMultipartUpload; `crc` (the whole object's CRC-32, when known up front) goes into
+    /// the object's metadata. Returns the upload id.
+    async fn create_upload(
+        &self,
+        key: &str,
+        object_key: &str,
+        crc: Option<u32>,
+    ) -> Result<String, StoreError> {
+        let mut create = self
+            .client
+            .create_multipart_upload()
+            .bucket(&self.loc.bucket)
+            .key(object_key);
+        if let Some(crc) = crc {
+            create = create.metadata(META_CRC32, format!("{crc:08x}"));
+        }
+        if self.send_checksums {
+            create = create.checksum_algorithm(ChecksumAlgorithm::Crc32);
+        }
+        match create.send().await {
+            Ok(o) => o.upload_id.ok_or_else(|| StoreError::Remote {
+                context: format!("S3 CreateMultipartUpload {}", self.url(Some(key))),
+                detail: "the server returned no upload id".into(),
+            }),
+            Err(e) => Err(self.classify("CreateMultipartUpload", Some(key), e)),
+        }
+    }
+
+    /// UploadPart `number` with its own CRC-32; returns the part for CompleteMultipartUpload.
+    async fn upload_part(
+        &self,
+        key: &str,
+        object_key: &str,
+        upload_id: &str,
+        number: i32,
+        data: Bytes,
+    ) -> Result<CompletedPart, StoreError> {
+        let len = data.len() as u64;
+        let part_crc = crc32fast::hash(&data);
+        let mut req = self
+            .client
+            .upload_part()
+            .bucket(&self.loc.bucket)
+            .key(object_key)
+            .upload_id(upload_id)
+            .part_number(number)
+            .content_length(len as i64)
+            .body(ByteStream::from(data));
+        if self.send_checksums {
+            req = req.checksum_crc32(b64_crc(part_crc));
+        }
+        let out = req
+            .customize()
+            .config_override(self.upload_config(len))
+            .send()
+            .await
+            .map_err(|e| self.classify(&format!("UploadPart {number}"), Some(key), e))?;
+        let mut part = CompletedPart::builder()
+            .part_number(number)
+            .set_e_tag(out.e_tag);
+        if self.send_checksums {
+            part = part.checksum_crc32(out.checksum_crc32.unwrap_or_else(|| b64_crc(part_crc)));
+        }
+        Ok(part.build())
+    }
+
+    /// AbortMultipartUpload, best effort: an abandoned upload only costs storage until a
+    /// lifecycle rule or a later abort removes it.
+    async fn abort_upload(&self, key: &str, object_key: &str, upload_id: &str) {
+        if let Err(e) = self
+            .client
+            .abort_multipart_upload()
+            .bucket(&self.loc.bucket)
+            .key(object_key)
+            .upload_id(upload_id)
+            .send()
+            .await
+        {
+            tracing::warn!(key, error = %self.classify("AbortMultipartUpload", Some(key), e), "could not abort a multipart upload");
+        }
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -996,33 +1046,11 @@ impl S3Store {
                 ))
             })?;
             whole.update(&buf);
-            let part_crc = crc32fast::hash(&buf);
             number += 1;
-            let mut req = self
-                .client
-                .upload_part()
-                .bucket(&self.loc.bucket)
-                .key(object_key)
-                .upload_id(upload_id)
-                .part_number(number)
-                .content_length(want as i64)
-                .body(ByteStream::from(buf));
-            if self.send_checksums {
-                req = req.checksum_crc32(b64_crc(part_crc));
-            }
-            let out = req
-                .customize()
-                .config_override(self.upload_config(want as u64))
-                .send()
-                .await
-                .map_err(|e| self.classify(&format!("UploadPart {number}"), Some(key), e))?;
-            let mut part = CompletedPart::builder()
-                .part_number(number)
-                .set_e_tag(out.e_tag);
-            if self.send_checksums {
-                part = part.checksum_crc32(out.checksum_crc32.unwrap_or_else(|| b64_crc(part_crc)));
-            }
-            parts.push(part.build());
+            parts.push(
+                self.upload_part(key, object_key, upload_id, number, Bytes::from(buf))
+                    .await?,
+            );
             sent += want as u64;
         }
         if whole.finalize() != crc {
@@ -1058,14 +1086,7 @@ impl S3Store {
                     let res = self.compare_existing(key, size, crc).await;
                     // The upload is still open: abort it (the caller does on Err; do it here on Ok).
                     if res.is_ok() {
-                        let _ = self
-                            .client
-                            .abort_multipart_upload()
-                            .bucket(&self.loc.bucket)
-                            .key(object_key)
-                            .upload_id(upload_id)
-                            .send()
-                            .await;
+                        self.abort_upload(key, object_key, upload_id).await;
                     }
                     return res;
                 }
@@ -1429,22 +1450,10 @@ impl S3Writer {
         if let Some(id) = &self.upload_id {
             return Ok(id.clone());
         }
-        let s = &self.store;
-        let mut create = s
-            .client
-            .create_multipart_upload()
-            .bucket(&s.loc.bucket)
-            .key(&self.object_key);
-        if s.send_checksums {
-            create = create.checksum_algorithm(ChecksumAlgorithm::Crc32);
-        }
-        let id = match create.send().await {
-            Ok(o) => o.upload_id.ok_or_else(|| StoreError::Remote {
-                context: format!("S3 CreateMultipartUpload {}", s.url(Some(&self.key))),
-                detail: "the server returned no upload id".into(),
-            })?,
-            Err(e) => return Err(s.classify("CreateMultipartUpload", Some(&self.key), e)),
-        };
+        let id = self
+            .store
+            .create_upload(&self.key, &self.object_key, None)
+            .await?;
         self.upload_id = Some(id.clone());
         Ok(id)
     }
@@ -1472,33 +1481,9 @@ impl S3Writer {
         let key = self.key.clone();
         let object_key = self.object_key.clone();
         self.in_flight.spawn(async move {
-            let len = data.len() as u64;
-            let part_crc = crc32fast::hash(&data);
-            let mut req = store
-                .client
-                .upload_part()
-                .bucket(&store.loc.bucket)
-                .key(&object_key)
-                .upload_id(&upload_id)
-                .part_number(number)
-                .content_length(len as i64)
-                .body(ByteStream::from(data));
-            if store.send_checksums {
-                req = req.checksum_crc32(b64_crc(part_crc));
-            }
-            let out = req
-                .customize()
-                .config_override(store.upload_config(len))
-                .send()
+            store
+                .upload_part(&key, &object_key, &upload_id, number, data)
                 .await
-                .map_err(|e| store.classify(&format!("UploadPart {number}"), Some(&key), e))?;
-            let mut part = CompletedPart::builder()
-                .part_number(number)
-                .set_e_tag(out.e_tag);
-            if store.send_checksums {
-                part = part.checksum_crc32(out.checksum_crc32.unwrap_or_else(|| b64_crc(part_crc)));
-            }
-            Ok(part.build())
         });
         Ok(())
     }
@@ -1534,18 +1519,9 @@ impl S3Writer {
         self.in_flight.abort_all();
         while self.in_flight.join_next().await.is_some() {}
         if let Some(id) = self.upload_id.take() {
-            let s = &self.store;
-            if let Err(e) = s
-                .client
-                .abort_multipart_upload()
-                .bucket(&s.loc.bucket)
-                .key(&self.object_key)
-                .upload_id(&id)
-                .send()
-                .await
-            {
-                tracing::warn!(key = %self.key, error = %s.classify("AbortMultipartUpload", Some(&self.key), e), "could not abort a multipart upload");
-            }
+            self.store
+                .abort_upload(&self.key, &self.object_key, &id)
+                .await;
         }
     }
 }

@@ -154,11 +154,17 @@ pub struct ExtractOptions {
 impl ExtractOptions {
     /// Where a tablespace whose location on the source server is `location` goes.
     pub fn map_tablespace(&self, location: &Path) -> PathBuf {
-        self.tablespace_mapping
-            .iter()
-            .find(|(old, _)| old.as_path() == location)
-            .map_or_else(|| location.to_path_buf(), |(_, new)| new.clone())
+        map_tablespace(&self.tablespace_mapping, location)
     }
+}
+
+/// Where a tablespace whose location on the source server is `location` goes under `mapping`
+/// (OLD=NEW pairs, the first match wins).
+pub fn map_tablespace(mapping: &[(PathBuf, PathBuf)], location: &Path) -> PathBuf {
+    mapping
+        .iter()
+        .find(|(old, _)| old.as_path() == location)
+        .map_or_else(|| location.to_path_buf(), |(_, new)| new.clone())
 }
 
 /// Parses one `OLDDIR=NEWDIR` mapping as `pg_basebackup --tablespace-mapping` does: `\=` stands
@@ -201,6 +207,34 @@ pub fn parse_tablespace_mapping(arg: &str) -> Result<(PathBuf, PathBuf), Extract
 /// found), not writable. Returns whether it was created. An existing directory's mode and owner
 /// are left alone.
 pub fn prepare_target_dir(path: &Path) -> Result<bool, ExtractError> {
+    if check_target_dir(path)? {
+        return Ok(false);
+    }
+    let parent = match path.parent() {
+        Some(p) if p.as_os_str().is_empty() => Path::new("."),
+        Some(p) => p,
+        None => path,
+    };
+    fs::DirBuilder::new()
+        .mode(DIR_MODE)
+        .create(path)
+        .map_err(|e| match e.raw_os_error() {
+            Some(libc::EACCES | libc::EPERM | libc::EROFS) => ExtractError::NotWritable {
+                path: parent.to_path_buf(),
+                cause: e.to_string(),
+            },
+            _ => io_err("create directory", path, e),
+        })?;
+    // The umask may have taken bits away.
+    fs::set_permissions(path, fs::Permissions::from_mode(DIR_MODE))
+        .map_err(|e| io_err("set permissions of", path, e))?;
+    Ok(true)
+}
+
+/// The checks of [`prepare_target_dir`] without creating anything (restore runs them before it
+/// writes): Ok(true) when `path` is an empty, writable directory, Ok(false) when it is absent
+/// and its parent directory exists.
+pub fn check_target_dir(path: &Path) -> Result<bool, ExtractError> {
     match fs::metadata(path) {
         Ok(m) if !m.is_dir() => Err(ExtractError::NotADirectory {
             path: path.to_path_buf(),
@@ -215,7 +249,7 @@ pub fn prepare_target_dir(path: &Path) -> Result<bool, ExtractError> {
                 });
             }
             check_writable(path)?;
-            Ok(false)
+            Ok(true)
         }
         Err(e) if is_missing(&e) => {
             let parent = match path.parent() {
@@ -224,34 +258,16 @@ pub fn prepare_target_dir(path: &Path) -> Result<bool, ExtractError> {
                 None => return Err(io_err("create directory", path, e)),
             };
             match fs::metadata(parent) {
-                Ok(m) if m.is_dir() => {}
-                Ok(_) => {
-                    return Err(ExtractError::NotADirectory {
-                        path: parent.to_path_buf(),
-                    })
-                }
-                Err(e) if is_missing(&e) => {
-                    return Err(ExtractError::ParentMissing {
-                        path: path.to_path_buf(),
-                        parent: parent.to_path_buf(),
-                    })
-                }
-                Err(e) => return Err(io_err("inspect", parent, e)),
+                Ok(m) if m.is_dir() => Ok(false),
+                Ok(_) => Err(ExtractError::NotADirectory {
+                    path: parent.to_path_buf(),
+                }),
+                Err(e) if is_missing(&e) => Err(ExtractError::ParentMissing {
+                    path: path.to_path_buf(),
+                    parent: parent.to_path_buf(),
+                }),
+                Err(e) => Err(io_err("inspect", parent, e)),
             }
-            fs::DirBuilder::new()
-                .mode(DIR_MODE)
-                .create(path)
-                .map_err(|e| match e.raw_os_error() {
-                    Some(libc::EACCES | libc::EPERM | libc::EROFS) => ExtractError::NotWritable {
-                        path: parent.to_path_buf(),
-                        cause: e.to_string(),
-                    },
-                    _ => io_err("create directory", path, e),
-                })?;
-            // The umask may have taken bits away.
-            fs::set_permissions(path, fs::Permissions::from_mode(DIR_MODE))
-                .map_err(|e| io_err("set permissions of", path, e))?;
-            Ok(true)
         }
         Err(e) => Err(io_err("inspect", path, e)),
     }
@@ -847,12 +863,7 @@ pub fn chown_to(path: &Path, owner: Option<(u32, u32)>) {
 /// Writes `data` to `path` (created or truncated, mode 0600) and fsyncs it.
 pub fn write_private_file(path: &Path, data: &[u8]) -> io::Result<()> {
     use std::io::Write;
-    let mut f = fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(FILE_MODE)
-        .open(path)?;
+    let mut f = crate::archive::compress::create_private(path)?;
     f.write_all(data)?;
     f.sync_all()
 }

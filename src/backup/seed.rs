@@ -17,8 +17,9 @@ use bytes::Bytes;
 use tokio::sync::{mpsc, watch};
 
 use super::extract::{
-    chown_to as chown, prepare_target_dir, remove_written, target_owner as owner_for,
-    write_private_file as write_private, ExtractError, ExtractOptions, ExtractStats, Extractor,
+    chown_to as chown, map_tablespace, prepare_target_dir, remove_written,
+    target_owner as owner_for, write_private_file as write_private, ExtractError, ExtractOptions,
+    ExtractStats, Extractor,
 };
 use super::progress::Progress;
 use super::tarstream::{TarEvent, TarParser};
@@ -194,11 +195,8 @@ async fn seed_into(
                         .ok_or_else(|| {
                             SeedError::Stream(format!("tablespace archive named {name:?}"))
                         })?;
-                    let target = ExtractOptions {
-                        tablespace_mapping: opts.tablespace_mapping.clone(),
-                        owner,
-                    }
-                    .map_tablespace(Path::new(&tablespace_path));
+                    let target =
+                        map_tablespace(&opts.tablespace_mapping, Path::new(&tablespace_path));
                     let created = prepare_target_dir(&target)?;
                     prepared.push((target.clone(), created));
                     Some((oid, target))

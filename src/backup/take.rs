@@ -295,22 +295,11 @@ async fn check_wal_present(
     last: SegmentId,
 ) -> Result<(), BackupError> {
     let objects = store.list(layout::WAL_PREFIX).await?;
-    let mut have = std::collections::HashSet::new();
-    let mut partial = std::collections::HashSet::new();
-    for o in &objects {
-        if let Some(layout::WalObject::Segment { id, partial: p, .. }) =
-            layout::parse_wal_key(&o.key, seg_size)
-        {
-            if p {
-                partial.insert((id.timeline, id.segno));
-            } else {
-                have.insert((id.timeline, id.segno));
-            }
-        }
-    }
+    let index = crate::restore::plan::WalIndex::from_objects(&objects, seg_size);
     for segno in first.segno..=last.segno {
         let ok = [first.timeline, last.timeline].iter().any(|&tli| {
-            have.contains(&(tli, segno)) || (segno == last.segno && partial.contains(&(tli, segno)))
+            let id = SegmentId::new(tli, segno);
+            index.has_segment(id) || (segno == last.segno && index.has_partial(id))
         });
         if !ok {
             let name = SegmentId::new(last.timeline, segno).file_name(seg_size);

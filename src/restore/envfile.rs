@@ -7,8 +7,7 @@
 //! restore_command passes `--env-file` to `walagent wal-fetch`. Only AWS_* and WALAGENT_*
 //! names are written or read, one `KEY=VALUE` per line, no quoting; `#` starts a comment line.
 
-use std::io::{self, Write};
-use std::os::unix::fs::OpenOptionsExt;
+use std::io;
 use std::path::Path;
 
 /// Whether walagent writes/reads this variable.
@@ -48,18 +47,6 @@ pub fn parse(text: &str) -> Vec<(String, String)> {
         .filter(|(k, _)| is_relevant(k))
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect()
-}
-
-/// Writes `content` to `path` (mode 0600, fsynced).
-pub fn write(path: &Path, content: &str) -> io::Result<()> {
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)?;
-    f.write_all(content.as_bytes())?;
-    f.sync_all()
 }
 
 /// Reads `path` and sets its variables in this process's environment (before any thread starts).

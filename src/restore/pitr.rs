@@ -30,11 +30,11 @@ use super::envfile;
 use super::plan::{self, ChainCheck, PlanError, PlanOptions, WalIndex};
 use super::recovery_conf::{append_auto_conf, write_signal, Signal};
 use super::target::{recovery_settings, stop_event, RecoveryTarget, TargetAction, TargetTimeline};
-use crate::archive::{compress, layout, ArchiveMeta, ObjectInfo, Store, StoreError};
+use crate::archive::{layout, read_wal_object, ArchiveMeta, ObjectInfo, Store, StoreError};
 use crate::backup::catalog::{self, BackupInfo, Listed};
 use crate::backup::extract::{
-    chown_to as chown, prepare_target_dir, remove_written, target_owner as owner_for,
-    write_private_file, ExtractError, ExtractOptions, Extractor,
+    check_target_dir, chown_to as chown, map_tablespace, prepare_target_dir, remove_written,
+    target_owner as owner_for, write_private_file, ExtractError, ExtractOptions, Extractor,
 };
 use crate::backup::manifest::{BackupManifest, ChecksumAlgorithm};
 use crate::backup::progress::Progress;
@@ -110,96 +110,37 @@ impl RestoreError {
 
 // ---- checks before writing --------------------------------------------------------------------
 
-/// DIR must be absent (with an existing parent) or an empty directory. Writes nothing.
-fn check_target_dir(path: &Path, what: &str) -> Result<(), RestoreError> {
-    match fs::metadata(path) {
-        Ok(m) if !m.is_dir() => Err(RestoreError::Dir(format!(
-            "{what} {} exists and is not a directory; choose an empty or new directory",
-            path.display()
-        ))),
-        Ok(_) => {
-            let mut rd = fs::read_dir(path).map_err(|e| {
-                RestoreError::Dir(format!("cannot read {what} {}: {e}", path.display()))
-            })?;
-            if let Some(Ok(e)) = rd.next() {
-                return Err(RestoreError::Dir(format!(
-                    "{what} {} is not empty (found {}); choose an empty or new directory",
-                    path.display(),
-                    e.file_name().to_string_lossy()
-                )));
-            }
-            Ok(())
-        }
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            let parent = path.parent().filter(|p| !p.as_os_str().is_empty());
-            match parent {
-                Some(p) if !p.is_dir() => Err(RestoreError::Dir(format!(
-                    "the parent directory {} of {what} {} does not exist; create it first",
-                    p.display(),
-                    path.display()
-                ))),
-                _ => Ok(()),
-            }
-        }
-        Err(e) => Err(RestoreError::Dir(format!(
-            "cannot access {what} {}: {e}",
-            path.display()
-        ))),
-    }
-}
-
-fn map_tablespace(mapping: &[(PathBuf, PathBuf)], location: &str) -> PathBuf {
-    ExtractOptions {
-        tablespace_mapping: mapping.to_vec(),
-        owner: None,
-    }
-    .map_tablespace(Path::new(location))
+/// DIR (or a tablespace target) must be absent with an existing parent, or an empty writable
+/// directory ([`check_target_dir`]); nothing is created yet.
+fn check_dir(path: &Path, what: &str) -> Result<(), RestoreError> {
+    check_target_dir(path)
+        .map(|_| ())
+        .map_err(|e| RestoreError::Dir(format!("{what}: {e}")))
 }
 
 // ---- planning ---------------------------------------------------------------------------------
 
-/// Archived WAL objects by (timeline, segno, partial) -> key.
+/// Archived WAL segment objects: (timeline, segno, partial) -> key.
 struct WalKeys {
-    keys: HashMap<(u32, u64, bool), (String, bool)>,
+    keys: HashMap<(u32, u64, bool), String>,
 }
 
 impl WalKeys {
     fn new(objects: &[ObjectInfo], size: SegmentSize) -> WalKeys {
         let mut keys = HashMap::new();
         for o in objects {
-            if let Some(layout::WalObject::Segment {
-                id,
-                partial,
-                compressed,
-            }) = layout::parse_wal_key(&o.key, size)
+            if let Some(layout::WalObject::Segment { id, partial, .. }) =
+                layout::parse_wal_key(&o.key, size)
             {
-                keys.insert(
-                    (id.timeline, id.segno, partial),
-                    (o.key.clone(), compressed),
-                );
+                keys.insert((id.timeline, id.segno, partial), o.key.clone());
             }
         }
         WalKeys { keys }
     }
 
-    fn get(&self, id: SegmentId, partial: bool) -> Option<&(String, bool)> {
+    fn get(&self, id: SegmentId, partial: bool) -> Option<&String> {
         self.keys.get(&(id.timeline, id.segno, partial))
     }
-}
-
-async fn read_segment(
-    store: &dyn Store,
-    key: &str,
-    compressed: bool,
-) -> Result<Vec<u8>, RestoreError> {
-    let raw = store
-        .get_bytes(key)
-        .await?
-        .ok_or_else(|| RestoreError::Archive(format!("archive object {key} disappeared")))?;
-    let mut out = Vec::new();
-    compress::decompress_stream(&raw[..], &mut out, compressed)
-        .map_err(|e| RestoreError::Corrupt(format!("archive object {key} is corrupt: {e}")))?;
-    Ok(out)
 }
 
 /// Scans the chain's segments backwards from its end until the record where recovery stops is
@@ -219,10 +160,12 @@ async fn locate_stop(
     let last = chain.segments.len().saturating_sub(1);
     for (i, id) in chain.segments.iter().enumerate().rev() {
         let partial = i == last && chain.ends_with_partial;
-        let Some((key, compressed)) = keys.get(*id, partial) else {
+        let Some(key) = keys.get(*id, partial) else {
             continue;
         };
-        let bytes = read_segment(store, key, *compressed).await?;
+        let bytes = read_wal_object(store, key)
+            .await?
+            .ok_or_else(|| RestoreError::Archive(format!("archive object {key} disappeared")))?;
         let scan = scan_segment(&bytes, id.start_lsn(size), size)
             .map_err(|e| RestoreError::Corrupt(format!("{key}: {e}")))?;
         if let Some(sys) = scan.system_identifier {
@@ -451,12 +394,12 @@ pub async fn restore(
     store: Arc<dyn Store>,
     mut cancel: watch::Receiver<bool>,
 ) -> Result<RestoreReport, RestoreError> {
-    check_target_dir(&opts.pgdata, "data directory")?;
+    check_dir(&opts.pgdata, "data directory")?;
     let plan = plan(opts, store.as_ref()).await?;
     for a in &plan.backup.archives {
         if let Some(loc) = &a.tablespace_location {
-            check_target_dir(
-                &map_tablespace(&opts.tablespace_mapping, loc),
+            check_dir(
+                &map_tablespace(&opts.tablespace_mapping, Path::new(loc)),
                 "tablespace directory",
             )?;
         }
@@ -547,7 +490,7 @@ async fn restore_into(
     for a in archives {
         let (root, prefix) = match (a.tablespace_oid, &a.tablespace_location) {
             (Some(oid), Some(loc)) => {
-                let target = map_tablespace(&opts.tablespace_mapping, loc);
+                let target = map_tablespace(&opts.tablespace_mapping, Path::new(loc));
                 let created = prepare_target_dir(&target)?;
                 written.push((target.clone(), created));
                 tablespaces.push((oid, target.clone()));
@@ -592,7 +535,7 @@ async fn restore_into(
     );
     if crate::archive::is_remote(&opts.archive) {
         let env_path = pgdata.join("walagent-restore.env");
-        envfile::write(&env_path, &envfile::render(std::env::vars()))
+        write_private_file(&env_path, envfile::render(std::env::vars()).as_bytes())
             .map_err(|e| io(format!("cannot write {}", env_path.display()), e))?;
         chown(&env_path, owner);
         cmd.push_str(&format!(
@@ -878,14 +821,14 @@ mod tests {
     #[test]
     fn target_dir_checks_write_nothing() {
         let t = tempfile::tempdir().unwrap();
-        assert!(check_target_dir(&t.path().join("new"), "data directory").is_ok());
+        assert!(check_dir(&t.path().join("new"), "data directory").is_ok());
         assert!(!t.path().join("new").exists());
-        let e = check_target_dir(&t.path().join("a/b"), "data directory").unwrap_err();
+        let e = check_dir(&t.path().join("a/b"), "data directory").unwrap_err();
         assert!(e.to_string().contains("does not exist"), "{e}");
         fs::write(t.path().join("f"), "x").unwrap();
-        let e = check_target_dir(t.path(), "data directory").unwrap_err();
+        let e = check_dir(t.path(), "data directory").unwrap_err();
         assert!(e.to_string().contains("not empty (found f)"), "{e}");
-        let e = check_target_dir(&t.path().join("f"), "data directory").unwrap_err();
+        let e = check_dir(&t.path().join("f"), "data directory").unwrap_err();
         assert!(e.to_string().contains("not a directory"), "{e}");
     }
 }
