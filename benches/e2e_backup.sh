@@ -21,8 +21,9 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 WALAGENT=${WALAGENT:-$ROOT/target/release/walagent}
 S3S_FS=${S3S_FS:-$(command -v s3s-fs || echo /usr/local/bin/s3s-fs)}
 
-log() { echo "e2e_backup: $*" >&2; }
-as_pg() { if [[ $(id -u) == 0 ]]; then (cd / && runuser -u postgres -- "$@"); else "$@"; fi; }
+LOG_NAME=e2e_backup
+# shellcheck source=benches/lib.sh
+source "$ROOT/benches/lib.sh"
 
 if [[ ! -x $WALAGENT ]]; then
   log "building walagent (release)"
@@ -32,20 +33,7 @@ fi
 rm -rf "$DIR"; mkdir -p "$DIR"
 [[ $(id -u) == 0 ]] && chown postgres: "$DIR"
 PGDATA=$DIR/data
-as_pg "$PG_BIN/initdb" -D "$PGDATA" -U postgres -A trust --data-checksums >/dev/null
-cat >>"$PGDATA/postgresql.conf" <<EOF
-listen_addresses = '127.0.0.1'
-port = $PORT
-unix_socket_directories = '$DIR'
-wal_level = replica
-max_wal_senders = 10
-max_replication_slots = 20
-shared_buffers = 256MB
-max_wal_size = 4GB
-checkpoint_timeout = 30min
-EOF
-echo "host replication all 127.0.0.1/32 trust" >>"$PGDATA/pg_hba.conf"
-as_pg "$PG_BIN/pg_ctl" -D "$PGDATA" -l "$DIR/postgres.log" -w start >/dev/null
+init_pg "$PGDATA" "$PORT" "$DIR" 20
 S3_PID=
 cleanup() {
   as_pg "$PG_BIN/pg_ctl" -D "$PGDATA" -m immediate stop >/dev/null 2>&1 || true
@@ -77,16 +65,6 @@ else
   log "no s3s-fs at $S3S_FS: S3 rows skipped"
 fi
 
-wait_quiet() {
-  local i a b c d
-  for i in $(seq 1 "${BENCH_QUIET_TRIES:-30}"); do
-    read -r _ a b _ < <(head -1 /proc/stat | awk '{print $1, $2+$3+$4+$7+$8, $5+$6}')
-    sleep 2
-    read -r _ c d _ < <(head -1 /proc/stat | awk '{print $1, $2+$3+$4+$7+$8, $5+$6}')
-    if (( (c - a) * 100 <= (c - a + d - b) * 15 )); then return 0; fi
-  done
-  log "machine still busy; measuring anyway"
-}
 
 measure() { # tool run -> "tool run wall cpu rss bytes"
   local tool=$1 i=$2 out=$DIR/out_${tool}_$i tf=$DIR/time_${tool}_$i
@@ -132,7 +110,6 @@ for i in $(seq 1 "$RUNS"); do
   done
 done
 
-median() { sort -n | awk '{a[NR]=$1} END{print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
 declare -A MED
 for tool in "${TOOLS[@]}"; do
   w=$(printf '%s\n' "${results[@]}" | awk -v t="$tool" '$1==t{print $2}' | median)

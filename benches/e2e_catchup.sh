@@ -20,8 +20,9 @@ MODE=${BENCH_LOAD_MODE:-insert}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 WALAGENT=${WALAGENT:-$ROOT/target/release/walagent}
 
-log() { echo "e2e: $*" >&2; }
-as_pg() { if [[ $(id -u) == 0 ]]; then (cd / && runuser -u postgres -- "$@"); else "$@"; fi; }
+LOG_NAME=e2e
+# shellcheck source=benches/lib.sh
+source "$ROOT/benches/lib.sh"
 
 if [[ ! -x $WALAGENT ]]; then
   log "building walagent (release)"
@@ -31,20 +32,7 @@ fi
 rm -rf "$DIR"; mkdir -p "$DIR"
 [[ $(id -u) == 0 ]] && chown postgres: "$DIR"
 PGDATA=$DIR/data
-as_pg "$PG_BIN/initdb" -D "$PGDATA" -U postgres -A trust --data-checksums >/dev/null
-cat >>"$PGDATA/postgresql.conf" <<EOF
-listen_addresses = '127.0.0.1'
-port = $PORT
-unix_socket_directories = '$DIR'
-wal_level = replica
-max_wal_senders = 10
-max_replication_slots = 20
-shared_buffers = 256MB
-max_wal_size = 4GB
-checkpoint_timeout = 30min
-EOF
-echo "host replication all 127.0.0.1/32 trust" >>"$PGDATA/pg_hba.conf"
-as_pg "$PG_BIN/pg_ctl" -D "$PGDATA" -l "$DIR/postgres.log" -w start >/dev/null
+init_pg "$PGDATA" "$PORT" "$DIR" 20
 trap 'as_pg "$PG_BIN/pg_ctl" -D "$PGDATA" -m immediate stop >/dev/null 2>&1 || true' EXIT
 PSQL=("$PG_BIN/psql" -X -q -At -v ON_ERROR_STOP=1 -h "$DIR" -p "$PORT" -U postgres -d postgres)
 q() { "${PSQL[@]}" -c "$1"; }
@@ -83,16 +71,6 @@ END=$(q "SELECT pg_current_wal_flush_lsn()")
 BYTES=$(q "SELECT pg_wal_lsn_diff('$END', '$START')::bigint")
 log "WAL from $START to $END: $BYTES bytes"
 
-wait_quiet() { # wait until the machine is at least 85 % idle over 2 s (at most BENCH_QUIET_TRIES tries)
-  local i a b c d
-  for i in $(seq 1 "${BENCH_QUIET_TRIES:-30}"); do
-    read -r _ a b _ < <(head -1 /proc/stat | awk '{print $1, $2+$3+$4+$7+$8, $5+$6}')
-    sleep 2
-    read -r _ c d _ < <(head -1 /proc/stat | awk '{print $1, $2+$3+$4+$7+$8, $5+$6}')
-    if (( (c - a) * 100 <= (c - a + d - b) * 15 )); then return 0; fi
-  done
-  log "machine still busy; measuring anyway"
-}
 
 measure() { # tool run -> prints "tool run wall_s cpu_s rss_kb bytes_out"
   local tool=$1 i=$2 out=$DIR/out_${tool}_$i tf=$DIR/time_${tool}_$i
@@ -123,7 +101,6 @@ for i in $(seq 1 "$RUNS"); do
   done
 done
 
-median() { sort -n | awk '{a[NR]=$1} END{print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
 for tool in pg_receivewal walagent; do
   w=$(printf '%s\n' "${results[@]}" | awk -v t="$tool" '$1==t{print $2}' | median)
   c=$(printf '%s\n' "${results[@]}" | awk -v t="$tool" '$1==t{print $3}' | median)

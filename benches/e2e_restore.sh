@@ -69,10 +69,9 @@ S3_SECRET=bench-secret-key
 STANZA=bench
 SEG=16777216 # initdb default wal_segment_size
 
-log() { echo "e2e_restore: $*" >&2; }
-die() { log "ERROR: $*"; exit 1; }
-as_pg() { if [[ $(id -u) == 0 ]]; then (cd / && runuser -u postgres -- "$@"); else "$@"; fi; }
-port_open() { (echo >"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+LOG_NAME=e2e_restore
+# shellcheck source=benches/lib.sh
+source "$ROOT/benches/lib.sh"
 loadavg() { cut -d' ' -f1-3 /proc/loadavg | tr ' ' '/'; }
 
 # ---------------------------------------------------------------- prerequisites
@@ -192,20 +191,7 @@ export AWS_ACCESS_KEY_ID=$S3_KEY AWS_SECRET_ACCESS_KEY=$S3_SECRET AWS_REGION=us-
   AWS_ENDPOINT_URL=http://127.0.0.1:$S3_PORT AWS_S3_FORCE_PATH_STYLE=true AWS_EC2_METADATA_DISABLED=true
 
 # ---------------------------------------------------------------- source PostgreSQL
-as_pg "$PG_BIN/initdb" -D "$PGDATA" -U postgres -A trust --data-checksums >/dev/null
-cat >>"$PGDATA/postgresql.conf" <<EOF
-listen_addresses = '127.0.0.1'
-port = $PORT
-unix_socket_directories = '$DIR'
-wal_level = replica
-max_wal_senders = 10
-max_replication_slots = 10
-shared_buffers = 256MB
-max_wal_size = 4GB
-checkpoint_timeout = 30min
-EOF
-echo "host replication all 127.0.0.1/32 trust" >>"$PGDATA/pg_hba.conf"
-as_pg "$PG_BIN/pg_ctl" -D "$PGDATA" -l "$DIR/postgres.log" -w start >/dev/null
+init_pg "$PGDATA" "$PORT" "$DIR" 10
 PG_STARTED=1
 PSQL=("$PG_BIN/psql" -X -q -At -v ON_ERROR_STOP=1 -h "$DIR" -U postgres -d postgres)
 q() { "${PSQL[@]}" -p "$PORT" -c "$1"; }
@@ -360,16 +346,6 @@ secs() { awk -v t="$1" -v k="$TCK" 'BEGIN{printf "%.2f", t/k}'; }
 now() { date +%s.%N; }
 diff_s() { awk -v a="$1" -v b="$2" 'BEGIN{printf "%.2f", b-a}'; }
 
-wait_quiet() { # until the machine is at least 85 % idle over 2 s (at most BENCH_QUIET_TRIES tries)
-  local i a b c d
-  for i in $(seq 1 "${BENCH_QUIET_TRIES:-30}"); do
-    read -r a b < <(head -1 /proc/stat | awk '{print $2+$3+$4+$7+$8, $5+$6}')
-    sleep 2
-    read -r c d < <(head -1 /proc/stat | awk '{print $2+$3+$4+$7+$8, $5+$6}')
-    if (((c - a) * 100 <= (c - a + d - b) * 15)); then return 0; fi
-  done
-  log "machine still busy; measuring anyway"
-}
 
 # ---------------------------------------------------------------- (1) restore + replay
 measure_restore() { # mode run -> "restore_s replay_s total_s restore_cpu rss busy srv check load"
@@ -412,7 +388,6 @@ $(secs $((b1 - b0))) $(secs $((s1 - s0))) $check $load"
 TOTAL_MIB=$(awk -v a="$SIZE" -v b="$WAL_BYTES" 'BEGIN{printf "%.1f", (a+b)/1048576}')
 declare -A COL=()
 add() { COL[$1]="${COL[$1]:-} $2"; }
-median() { tr ' ' '\n' | grep -v '^$' | sort -n | awk '{a[NR]=$1} END{print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
 med() { echo "${COL[$1]:-}" | median; }
 
 log "walagent: $WALAGENT ($("$WALAGENT" --version 2>/dev/null || echo '?'))"

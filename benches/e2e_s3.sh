@@ -48,9 +48,9 @@ S3_SECRET=bench-secret-key
 STANZA=bench
 SEG=16777216 # initdb default wal_segment_size
 
-log() { echo "e2e_s3: $*" >&2; }
-die() { log "ERROR: $*"; exit 1; }
-as_pg() { if [[ $(id -u) == 0 ]]; then (cd / && runuser -u postgres -- "$@"); else "$@"; fi; }
+LOG_NAME=e2e_s3
+# shellcheck source=benches/lib.sh
+source "$ROOT/benches/lib.sh"
 AS_PG_CMD=(); [[ $(id -u) == 0 ]] && AS_PG_CMD=(runuser -u postgres --)
 # pgBackRest's async worker detaches, so its CPU never reaches /usr/bin/time; as root, run the loop
 # as PID 1 of a new PID namespace, which adopts and reaps it. Otherwise estimate it from /proc/stat.
@@ -59,7 +59,6 @@ if [[ $(id -u) == 0 ]] && unshare --pid --fork --mount-proc -- true 2>/dev/null;
   PGBR_RUN=(unshare --pid --fork --mount-proc -- setpriv --reuid=postgres --regid=postgres --init-groups --)
   PGBR_CPU=rusage
 fi
-port_open() { (echo >"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
 for t in "$PG_BIN/postgres" "$S3S_FS" "$PGBACKREST" "$STUNNEL"; do
   command -v "$t" >/dev/null || die "$t not found (see Needs: in the header)"
@@ -115,20 +114,7 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 # ---------------------------------------------------------------- PostgreSQL + WAL
-as_pg "$PG_BIN/initdb" -D "$PGDATA" -U postgres -A trust --data-checksums >/dev/null
-cat >>"$PGDATA/postgresql.conf" <<EOF
-listen_addresses = '127.0.0.1'
-port = $PORT
-unix_socket_directories = '$DIR'
-wal_level = replica
-max_wal_senders = 10
-max_replication_slots = $((RUNS + 10))
-shared_buffers = 256MB
-max_wal_size = 4GB
-checkpoint_timeout = 30min
-EOF
-echo "host replication all 127.0.0.1/32 trust" >>"$PGDATA/pg_hba.conf"
-as_pg "$PG_BIN/pg_ctl" -D "$PGDATA" -l "$DIR/postgres.log" -w start >/dev/null
+init_pg "$PGDATA" "$PORT" "$DIR" $((RUNS + 10))
 PG_STARTED=1
 PSQL=("$PG_BIN/psql" -X -q -At -v ON_ERROR_STOP=1 -h "$DIR" -p "$PORT" -U postgres -d postgres)
 q() { "${PSQL[@]}" -c "$1"; }
@@ -273,16 +259,6 @@ TCK=$(getconf CLK_TCK)
 busy_ticks() { head -1 /proc/stat | awk '{print $2+$3+$4+$7+$8}'; }
 proc_ticks() { local p t=0; for p; do [[ -r /proc/$p/stat ]] && t=$((t + $(sed 's/^.*) //' "/proc/$p/stat" | awk '{print $12+$13}'))); done; echo "$t"; }
 
-wait_quiet() { # wait until the machine is at least 85 % idle over 2 s (at most BENCH_QUIET_TRIES tries)
-  local i a b c d
-  for i in $(seq 1 "${BENCH_QUIET_TRIES:-30}"); do
-    read -r _ a b _ < <(head -1 /proc/stat | awk '{print $1, $2+$3+$4+$7+$8, $5+$6}')
-    sleep 2
-    read -r _ c d _ < <(head -1 /proc/stat | awk '{print $1, $2+$3+$4+$7+$8, $5+$6}')
-    if (( (c - a) * 100 <= (c - a + d - b) * 15 )); then return 0; fi
-  done
-  log "machine still busy; measuring anyway"
-}
 
 bucket_stats() { # prefix -> "bytes objects" (objects = plain files, s3s-fs internals excluded)
   local d=$S3_ROOT/$BUCKET/$1
@@ -356,7 +332,6 @@ for i in $(seq 1 "$RUNS"); do
   done
 done
 
-median() { sort -n | awk '{a[NR]=$1} END{print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
 col() { printf '%s\n' "${results[@]}" | awk -v t="$1" -v c="$2" '$1==t{print $c}' | median; }
 echo "# $NSEG segments ($SEG_BYTES bytes; WAL $START..$END = $WAL_BYTES bytes), $RUNS runs each"
 for tool in pgbackrest walagent; do

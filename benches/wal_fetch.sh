@@ -47,10 +47,10 @@ BUCKET=bench
 S3_KEY=bench-access-key
 S3_SECRET=bench-secret-key
 
-log() { echo "wal_fetch: $*" >&2; }
-die() { log "ERROR: $*"; exit 1; }
-as_pg() { if [[ $(id -u) == 0 ]]; then (cd / && runuser -u postgres -- "$@"); else "$@"; fi; }
-port_open() { (echo >"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+QUIET_TRIES=5
+LOG_NAME=wal_fetch
+# shellcheck source=benches/lib.sh
+source "$ROOT/benches/lib.sh"
 loadavg() { cut -d' ' -f1-3 /proc/loadavg; }
 
 for t in "$PG_BIN/postgres" "$S3S_FS"; do
@@ -167,15 +167,6 @@ done
 ARCH_MB=$(du -sm "$DIR/archive/wal" | cut -f1)
 log "${#SEGS[@]} segments ${SEGS[0]}..${SEGS[-1]}, ${ARCH_MB} MB compressed"
 
-wait_quiet() { # until the machine is at least 85 % idle over 2 s (at most BENCH_QUIET_TRIES tries)
-  local i a b c d
-  for i in $(seq 1 "${BENCH_QUIET_TRIES:-5}"); do
-    read -r a b < <(head -1 /proc/stat | awk '{print $2+$3+$4+$7+$8, $5+$6}')
-    sleep 2
-    read -r c d < <(head -1 /proc/stat | awk '{print $2+$3+$4+$7+$8, $5+$6}')
-    if (((c - a) * 100 <= (c - a + d - b) * 15)); then return 0; fi
-  done
-}
 
 REPLAY_S=$(awk -v m="$REPLAY_MS" 'BEGIN{printf "%.3f", m/1000}')
 TICK=$(getconf CLK_TCK)
@@ -227,7 +218,6 @@ for run in $(seq 1 "$RUNS"); do
 done
 rm -rf "$DIR/out"
 
-median() { tr ' ' '\n' | grep -v '^$' | sort -n | awk '{a[NR]=$1} END{print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
 echo "# $NSEG segments of $SEG_MB MB ($ARCH_MB MB compressed), $RUNS runs each, replay sleep ${REPLAY_MS} ms; load average now: $(loadavg); $(nproc) CPUs"
 for mode in $MODES; do
   base=$(echo "${WALLS[$mode/0]}" | median)
