@@ -13,13 +13,20 @@ use support::{
 };
 
 fn run(args: &[&str]) -> Output {
-    let child = walagent()
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    wait_output(child, Duration::from_secs(180))
+    support::run_walagent(args, &[])
+}
+
+/// `walagent backup --checkpoint fast` of `c` into `archive`.
+fn backup(c: &PgCluster, archive: &str) -> Output {
+    run(&[
+        "backup",
+        "--source",
+        &c.repl_uri(),
+        "--archive",
+        archive,
+        "--checkpoint",
+        "fast",
+    ])
 }
 
 fn small_segments() -> PgOptions {
@@ -114,15 +121,7 @@ fn backup_into_local_archive_passes_pg_verifybackup() {
     let t = support::tempdir();
     let archive = t.join("archive");
     let a = archive.to_str().unwrap();
-    let o = run(&[
-        "backup",
-        "--source",
-        &c.repl_uri(),
-        "--archive",
-        a,
-        "--checkpoint",
-        "fast",
-    ]);
+    let o = backup(&c, a);
     assert_ok(&o);
     let stdout = String::from_utf8_lossy(&o.stdout);
     assert!(stdout.contains("complete"), "{stdout}");
@@ -398,15 +397,7 @@ fn interrupted_backups_are_never_listed_as_usable() {
         c.psql("SELECT count(*) FROM pg_replication_slots").trim() == "0"
     });
     // The next backup works and is the only complete one.
-    let o = run(&[
-        "backup",
-        "--source",
-        &c.repl_uri(),
-        "--archive",
-        a,
-        "--checkpoint",
-        "fast",
-    ]);
+    let o = backup(&c, a);
     assert_ok(&o);
     let list = backups_json(a);
     let complete: Vec<_> = list

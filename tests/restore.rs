@@ -26,14 +26,7 @@ fn opts() -> PgOptions {
 }
 
 fn run_with(args: &[&str], env: &[(String, String)]) -> Output {
-    let child = walagent()
-        .args(args)
-        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    wait_output(child, Duration::from_secs(180))
+    support::run_walagent(args, env)
 }
 
 fn run(args: &[&str]) -> Output {
@@ -234,6 +227,13 @@ fn restore_errors_leave_the_directory_untouched() {
     let s = scenario(&a, &[], 3);
     let target = t.join("target");
     let tgt = target.to_str().unwrap().to_string();
+    let restore_to_tgt = |extra: &[&str]| {
+        run(&[
+            &["restore", "--archive", a.as_str(), "--pgdata", tgt.as_str()],
+            extra,
+        ]
+        .concat())
+    };
     let untouched = |o: &Output, want: &str| {
         assert_eq!(
             o.status.code(),
@@ -248,16 +248,7 @@ fn restore_errors_leave_the_directory_untouched() {
     };
 
     // --dry-run prints the plan and writes nothing.
-    let o = run(&[
-        "restore",
-        "--archive",
-        &a,
-        "--pgdata",
-        &tgt,
-        "--target-name",
-        "rp3",
-        "--dry-run",
-    ]);
+    let o = restore_to_tgt(&["--target-name", "rp3", "--dry-run"]);
     assert_ok(&o);
     let out = String::from_utf8_lossy(&o.stdout);
     assert!(
@@ -282,67 +273,19 @@ fn restore_errors_leave_the_directory_untouched() {
     assert_eq!(fs::read_dir(&full).unwrap().count(), 1);
 
     // Unparsable and impossible targets.
-    let o = run(&[
-        "restore",
-        "--archive",
-        &a,
-        "--pgdata",
-        &tgt,
-        "--target-time",
-        "2026-11-22 10:00:00",
-    ]);
+    let o = restore_to_tgt(&["--target-time", "2026-11-22 10:00:00"]);
     assert_eq!(o.status.code(), Some(2), "{}", stderr_of(&o));
     assert!(error_line(&o).contains("zone"), "{}", error_line(&o));
     assert!(!target.exists());
-    let o = run(&[
-        "restore",
-        "--archive",
-        &a,
-        "--pgdata",
-        &tgt,
-        "--target-time",
-        "2001-01-01 00:00:00+00",
-    ]);
+    let o = restore_to_tgt(&["--target-time", "2001-01-01 00:00:00+00"]);
     untouched(&o, "before the oldest backup");
-    let o = run(&[
-        "restore",
-        "--archive",
-        &a,
-        "--pgdata",
-        &tgt,
-        "--target-time",
-        "2100-01-01 00:00:00+00",
-    ]);
+    let o = restore_to_tgt(&["--target-time", "2100-01-01 00:00:00+00"]);
     untouched(&o, "no transaction in the archive committed after");
-    let o = run(&[
-        "restore",
-        "--archive",
-        &a,
-        "--pgdata",
-        &tgt,
-        "--target-lsn",
-        "FF/0",
-    ]);
+    let o = restore_to_tgt(&["--target-lsn", "FF/0"]);
     untouched(&o, "beyond the end of the archive");
-    let o = run(&[
-        "restore",
-        "--archive",
-        &a,
-        "--pgdata",
-        &tgt,
-        "--target-name",
-        "no_such_point",
-    ]);
+    let o = restore_to_tgt(&["--target-name", "no_such_point"]);
     untouched(&o, "no_such_point");
-    let o = run(&[
-        "restore",
-        "--archive",
-        &a,
-        "--pgdata",
-        &tgt,
-        "--backup",
-        "19990101T000000Z",
-    ]);
+    let o = restore_to_tgt(&["--backup", "19990101T000000Z"]);
     untouched(&o, "19990101T000000Z");
 
     // A missing segment in the middle of the chain.

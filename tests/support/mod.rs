@@ -715,6 +715,20 @@ pub fn walagent() -> Command {
     c
 }
 
+/// Runs walagent with `args` and extra environment `env` to completion (3 minutes at most) and
+/// returns its output.
+#[allow(dead_code)] // not every test binary uses every helper
+pub fn run_walagent(args: &[&str], env: &[(String, String)]) -> std::process::Output {
+    let child = walagent()
+        .args(args)
+        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_output(child, Duration::from_secs(180))
+}
+
 /// A path of the walagent binary that the `postgres` OS user can execute (for
 /// `restore_command` / `archive_command`): the build output itself when that is reachable,
 /// else (as root with the project under e.g. /root) a copy under the test root.
