@@ -937,6 +937,15 @@ mod tests {
         PlanOptions::default()
     }
 
+    /// `choose_backup` for the latest timeline with the default options.
+    fn choose<'a>(
+        backups: &'a [BackupInfo],
+        target: &RecoveryTarget,
+        ix: &WalIndex,
+    ) -> Result<Choice<'a>, PlanError> {
+        choose_backup(backups, target, TargetTimeline::Latest, ix, &opts())
+    }
+
     #[test]
     fn index_from_listing() {
         let mut objs = listing(&[(1, 1..=3)], &[(1, 4)], &[2]);
@@ -967,14 +976,7 @@ mod tests {
             "2026-11-22T10:15:03.000001Z",
         );
         let ix = index(&listing(&[(1, 1..=9)], &[], &[]));
-        let c = choose_backup(
-            std::slice::from_ref(&b),
-            &RecoveryTarget::End,
-            TargetTimeline::Latest,
-            &ix,
-            &opts(),
-        )
-        .unwrap();
+        let c = choose(std::slice::from_ref(&b), &RecoveryTarget::End, &ix).unwrap();
         assert_eq!(c.backup.id, b.id);
         let ch = &c.chain;
         assert_eq!(ch.segments.len(), 7);
@@ -1009,23 +1011,14 @@ mod tests {
             "backup 20261122T101500Z: 7 segments 000000010000000000000003..000000010000000000000009, timeline 1"
         );
         // Immediate needs only the backup's own segment.
-        let c = choose_backup(
-            std::slice::from_ref(&b),
-            &RecoveryTarget::Immediate,
-            TargetTimeline::Latest,
-            &ix,
-            &opts(),
-        )
-        .unwrap();
+        let c = choose(std::slice::from_ref(&b), &RecoveryTarget::Immediate, &ix).unwrap();
         assert_eq!(names(&c.chain), vec!["000000010000000000000003"]);
         assert_eq!(c.chain.stop_lsn, Some(lsn("0/3000100")));
         // An LSN target.
-        let c = choose_backup(
+        let c = choose(
             std::slice::from_ref(&b),
             &RecoveryTarget::Lsn(lsn("0/5123456")),
-            TargetTimeline::Latest,
             &ix,
-            &opts(),
         )
         .unwrap();
         assert_eq!(c.chain.end_segment_name, "000000010000000000000005");
@@ -1042,12 +1035,10 @@ mod tests {
             "2026-11-22T10:15:03.000001Z",
         );
         let ix = index(&listing(&[(1, 1..=5), (1, 7..=9)], &[], &[]));
-        let e = choose_backup(
+        let e = choose(
             std::slice::from_ref(&b),
             &RecoveryTarget::Lsn(lsn("0/8000000")),
-            TargetTimeline::Latest,
             &ix,
-            &opts(),
         )
         .unwrap_err();
         assert_eq!(
@@ -1064,28 +1055,14 @@ mod tests {
             "{msg}"
         );
         // No target: a hole before later WAL is an error too (replay would stop there silently).
-        let e = choose_backup(
-            std::slice::from_ref(&b),
-            &RecoveryTarget::End,
-            TargetTimeline::Latest,
-            &ix,
-            &opts(),
-        )
-        .unwrap_err();
+        let e = choose(std::slice::from_ref(&b), &RecoveryTarget::End, &ix).unwrap_err();
         assert!(
             matches!(&e, PlanError::MissingSegment { segment, .. } if segment == "000000010000000000000006"),
             "{e}"
         );
         // The backup's own WAL missing.
         let ix = index(&listing(&[(1, 4..=9)], &[], &[]));
-        let e = choose_backup(
-            std::slice::from_ref(&b),
-            &RecoveryTarget::End,
-            TargetTimeline::Latest,
-            &ix,
-            &opts(),
-        )
-        .unwrap_err();
+        let e = choose(std::slice::from_ref(&b), &RecoveryTarget::End, &ix).unwrap_err();
         assert_eq!(
             e,
             PlanError::MissingSegment {
@@ -1118,14 +1095,7 @@ mod tests {
             "0/1000100",
             "2026-11-22T10:15:03Z",
         );
-        let c = choose_backup(
-            std::slice::from_ref(&b),
-            &RecoveryTarget::End,
-            TargetTimeline::Latest,
-            &ix,
-            &opts(),
-        )
-        .unwrap();
+        let c = choose(std::slice::from_ref(&b), &RecoveryTarget::End, &ix).unwrap();
         let ch = c.chain;
         assert_eq!(ch.target_timeline, 2);
         assert_eq!(
@@ -1273,14 +1243,7 @@ mod tests {
             "0/6000100",
             "2026-11-23T00:00:03Z",
         );
-        let e = choose_backup(
-            std::slice::from_ref(&late),
-            &RecoveryTarget::End,
-            TargetTimeline::Latest,
-            &ix,
-            &opts(),
-        )
-        .unwrap_err();
+        let e = choose(std::slice::from_ref(&late), &RecoveryTarget::End, &ix).unwrap_err();
         assert_eq!(
             e,
             PlanError::BackupAfterFork {
@@ -1310,14 +1273,7 @@ mod tests {
             "2026-11-22T00:00:03Z",
         );
         let all = vec![early.clone(), late.clone()];
-        let c = choose_backup(
-            &all,
-            &RecoveryTarget::End,
-            TargetTimeline::Latest,
-            &ix,
-            &opts(),
-        )
-        .unwrap();
+        let c = choose(&all, &RecoveryTarget::End, &ix).unwrap();
         assert_eq!(c.backup.id, early.id);
         assert_eq!(c.skipped.len(), 1);
         assert_eq!(c.skipped[0].0.id, late.id);
@@ -1329,14 +1285,7 @@ mod tests {
             "0/5000200",
             "2026-11-22T12:00:03Z",
         );
-        let e = choose_backup(
-            std::slice::from_ref(&spans),
-            &RecoveryTarget::End,
-            TargetTimeline::Latest,
-            &ix,
-            &opts(),
-        )
-        .unwrap_err();
+        let e = choose(std::slice::from_ref(&spans), &RecoveryTarget::End, &ix).unwrap_err();
         assert!(
             matches!(e, PlanError::BackupSpansFork { switch, .. } if switch == lsn("0/50000A0")),
             "{e}"
@@ -1389,14 +1338,7 @@ mod tests {
         );
         let ix = index(&listing(&[(1, 1..=9)], &[], &[]));
         let all = vec![b2.clone(), b1.clone()];
-        let e = choose_backup(
-            &all,
-            &time("2026-11-22 10:15:00Z"),
-            TargetTimeline::Latest,
-            &ix,
-            &opts(),
-        )
-        .unwrap_err();
+        let e = choose(&all, &time("2026-11-22 10:15:00Z"), &ix).unwrap_err();
         assert_eq!(
             e,
             PlanError::TargetBeforeBackups {
@@ -1406,14 +1348,7 @@ mod tests {
             }
         );
         // Between the two: the older one.
-        let c = choose_backup(
-            &all,
-            &time("2026-11-22 12:00:00+01"),
-            TargetTimeline::Latest,
-            &ix,
-            &opts(),
-        )
-        .unwrap();
+        let c = choose(&all, &time("2026-11-22 12:00:00+01"), &ix).unwrap();
         assert_eq!(c.backup.id, b1.id);
         assert!(
             c.chain.warnings.iter().any(|w| w.contains("not located")),
@@ -1421,24 +1356,10 @@ mod tests {
             c.chain.warnings
         );
         // Exactly at the stop time qualifies.
-        let c = choose_backup(
-            &all,
-            &time("2026-11-23T10:15:03Z"),
-            TargetTimeline::Latest,
-            &ix,
-            &opts(),
-        )
-        .unwrap();
+        let c = choose(&all, &time("2026-11-23T10:15:03Z"), &ix).unwrap();
         assert_eq!(c.backup.id, b2.id);
         // LSN before the oldest consistency point.
-        let e = choose_backup(
-            &all,
-            &RecoveryTarget::Lsn(lsn("0/3000000")),
-            TargetTimeline::Latest,
-            &ix,
-            &opts(),
-        )
-        .unwrap_err();
+        let e = choose(&all, &RecoveryTarget::Lsn(lsn("0/3000000")), &ix).unwrap_err();
         assert!(
             matches!(e, PlanError::TargetBeforeBackups { ref consistent_at, .. } if consistent_at == "0/3000100"),
             "{e}"
@@ -1461,14 +1382,7 @@ mod tests {
         assert!(c.chain.warnings.is_empty());
         // No backups at all.
         assert_eq!(
-            choose_backup(
-                &[],
-                &RecoveryTarget::End,
-                TargetTimeline::Latest,
-                &ix,
-                &opts()
-            )
-            .unwrap_err(),
+            choose(&[], &RecoveryTarget::End, &ix).unwrap_err(),
             PlanError::NoBackups
         );
     }
@@ -1485,12 +1399,10 @@ mod tests {
             "0/1000100",
             "2026-11-22T10:15:03Z",
         );
-        let e = choose_backup(
+        let e = choose(
             std::slice::from_ref(&b),
             &RecoveryTarget::Lsn(lsn("0/B000000")),
-            TargetTimeline::Latest,
             &ix,
-            &opts(),
         )
         .unwrap_err();
         assert_eq!(
@@ -1505,12 +1417,10 @@ mod tests {
             "{e}"
         );
         // Just inside works.
-        let c = choose_backup(
+        let c = choose(
             std::slice::from_ref(&b),
             &RecoveryTarget::Lsn(lsn("0/9FFFFF0")),
-            TargetTimeline::Latest,
             &ix,
-            &opts(),
         )
         .unwrap();
         assert_eq!(c.chain.end_segment_name, "000000020000000000000009");
@@ -1588,14 +1498,7 @@ mod tests {
         );
         let ix = index(&listing(&[(1, 3..=5)], &[(1, 6)], &[]));
         let target = RecoveryTarget::Lsn(lsn("0/6000100"));
-        let e = choose_backup(
-            std::slice::from_ref(&b),
-            &target,
-            TargetTimeline::Latest,
-            &ix,
-            &opts(),
-        )
-        .unwrap_err();
+        let e = choose(std::slice::from_ref(&b), &target, &ix).unwrap_err();
         assert!(
             matches!(&e, PlanError::OnlyPartial { segment, tli: 1, .. } if segment == "000000010000000000000006"),
             "{e}"
@@ -1649,14 +1552,7 @@ mod tests {
         let (tli, warn) = resolve_timeline(&ix, &b, TargetTimeline::Latest);
         assert_eq!(tli, 2);
         assert!(warn.unwrap().contains("00000003.history"));
-        let c = choose_backup(
-            std::slice::from_ref(&b),
-            &RecoveryTarget::End,
-            TargetTimeline::Latest,
-            &ix,
-            &opts(),
-        )
-        .unwrap();
+        let c = choose(std::slice::from_ref(&b), &RecoveryTarget::End, &ix).unwrap();
         assert_eq!(c.chain.target_timeline, 2);
         assert_eq!(c.chain.end_segment_name, "000000020000000000000006");
         assert_eq!(c.chain.warnings.len(), 1);
@@ -1693,39 +1589,18 @@ mod tests {
         );
         let all = vec![b1.clone(), b2.clone()];
         let ix = index(&listing(&[(1, 1..=9)], &[], &[]));
-        let c = choose_backup(
-            &all,
-            &RecoveryTarget::End,
-            TargetTimeline::Latest,
-            &ix,
-            &opts(),
-        )
-        .unwrap();
+        let c = choose(&all, &RecoveryTarget::End, &ix).unwrap();
         assert_eq!(c.backup.id, b2.id);
         assert!(c.skipped.is_empty());
         // Segment 6 is gone: the newer backup cannot become consistent, and the older one
         // cannot replay to the end of the archive (WAL after the hole is archived).
         let ix = index(&listing(&[(1, 1..=5), (1, 7..=9)], &[], &[]));
-        let e = choose_backup(
-            &all,
-            &RecoveryTarget::End,
-            TargetTimeline::Latest,
-            &ix,
-            &opts(),
-        )
-        .unwrap_err();
+        let e = choose(&all, &RecoveryTarget::End, &ix).unwrap_err();
         assert!(
             matches!(&e, PlanError::MissingSegment { segment, .. } if segment == "000000010000000000000006"),
             "{e}"
         );
-        let e = choose_backup(
-            &all,
-            &RecoveryTarget::Lsn(lsn("0/8000000")),
-            TargetTimeline::Latest,
-            &ix,
-            &opts(),
-        )
-        .unwrap_err();
+        let e = choose(&all, &RecoveryTarget::Lsn(lsn("0/8000000")), &ix).unwrap_err();
         assert!(
             matches!(&e, PlanError::MissingSegment { id, segment, .. } if id == &b2.id && segment == "000000010000000000000006"),
             "{e}"
