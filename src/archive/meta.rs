@@ -222,31 +222,16 @@ fn de_seg_size<'de, D: Deserializer<'de>>(d: D) -> Result<SegmentSize, D::Error>
 
 /// `YYYY-MM-DDTHH:MM:SSZ` for `t` (times before 1970 print as the epoch).
 pub fn rfc3339_utc(t: SystemTime) -> String {
-    let secs = t
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    let (y, m, d) = civil_from_days((secs / 86_400) as i64);
-    let rem = secs % 86_400;
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
+    utc(t).format("%Y-%m-%dT%H:%M:%SZ").to_string()
 }
 
-/// Days since 1970-01-01 to a proleptic Gregorian (year, month, day) (H. Hinnant's algorithm).
-fn civil_from_days(z: i64) -> (i64, u32, u32) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    (yoe + era * 400 + i64::from(m <= 2), m, d)
+/// `YYYY-MM-DDTHH:MM:SS.ffffffZ` for `t` (microseconds, PostgreSQL's timestamp precision).
+pub fn rfc3339_micros(t: SystemTime) -> String {
+    utc(t).format("%Y-%m-%dT%H:%M:%S%.6fZ").to_string()
+}
+
+fn utc(t: SystemTime) -> chrono::DateTime<chrono::Utc> {
+    t.max(UNIX_EPOCH).into()
 }
 
 #[cfg(test)]

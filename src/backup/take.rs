@@ -31,6 +31,7 @@ use super::catalog::{self, BackupInfo, TarArchive};
 use super::manifest::BackupManifest;
 use super::progress::Progress;
 use super::tarstream::{EntryKind, TarEvent, TarParser};
+use crate::archive::meta::rfc3339_micros;
 use crate::archive::{layout, ArchiveMeta, Compression, PutMode, Store, StoreError};
 use crate::protocol::basebackup::{BackupCopyMessage, BackupStreamDecoder, BaseBackupOptions};
 use crate::protocol::conninfo::ConnInfo;
@@ -163,7 +164,7 @@ pub async fn take(
             params,
             compression: opts.compression,
             entry: None,
-            archived: Vec::new(),
+            archived: 0,
         },
     };
     let mut decoder = BackupStreamDecoder::new();
@@ -258,19 +259,13 @@ pub async fn take(
             PutMode::NoOverwrite,
         )
         .await?;
-    tracing::info!(%id, end = %end_lsn, wal_segments = run.wal.archived.len(), "backup complete");
+    tracing::info!(%id, end = %end_lsn, wal_files = run.wal.archived, "backup complete");
     Ok(info)
 }
 
 /// Timelines whose history files a restore of this backup needs (none on timeline 1).
 fn timelines_needing_history(start: u32, end: u32) -> Vec<u32> {
     (start.max(2)..=end.max(start)).collect()
-}
-
-/// `YYYY-MM-DDTHH:MM:SS.ffffffZ`
-pub fn rfc3339_micros(t: SystemTime) -> String {
-    let dt: chrono::DateTime<chrono::Utc> = t.into();
-    dt.format("%Y-%m-%dT%H:%M:%S%.6fZ").to_string()
 }
 
 /// An id not used yet: the start time, with `-2`, `-3`... when taken.
@@ -690,7 +685,8 @@ struct WalTee {
     params: VerifyParams,
     compression: Compression,
     entry: Option<(String, BytesMut)>,
-    archived: Vec<String>,
+    /// WAL files archived from the tar.
+    archived: usize,
 }
 
 impl WalTee {
@@ -719,7 +715,7 @@ impl WalTee {
             self.store
                 .put_bytes(&layout::history_key(tli), buf, PutMode::NoOverwrite)
                 .await?;
-            self.archived.push(name);
+            self.archived += 1;
             return Ok(());
         }
         let seg_size = self.params.segment_size;
@@ -764,7 +760,7 @@ impl WalTee {
             Err(e) => return Err(e.into()),
         }
         tracing::debug!(%key, complete = check.complete, "WAL from the backup archived");
-        self.archived.push(name);
+        self.archived += 1;
         Ok(())
     }
 }
