@@ -144,6 +144,15 @@ impl ManifestFile {
     pub fn verify(&self, bytes: &[u8]) -> Result<(), ManifestError> {
         verify_file(self, bytes)
     }
+
+    /// The expected CRC-32C when the algorithm is CRC32C (the manifest holds its bytes in
+    /// little-endian order), for checking a file as it streams by.
+    pub fn crc32c(&self) -> Option<u32> {
+        match (self.algorithm, self.checksum.as_slice()) {
+            (ChecksumAlgorithm::Crc32c, &[a, b, c, d]) => Some(u32::from_le_bytes([a, b, c, d])),
+            _ => None,
+        }
+    }
 }
 
 /// Check a file's full contents against its manifest entry: size first, then the checksum.
@@ -435,6 +444,10 @@ mod tests {
         assert_eq!(
             hex_encode(&m.file("PG_VERSION").unwrap().checksum),
             "8a744722"
+        );
+        assert_eq!(
+            m.file("PG_VERSION").unwrap().crc32c(),
+            Some(crc32c::crc32c(b"15\n"))
         );
         assert_eq!(m.wal_ranges[0].start_lsn, "0/2000028".parse().unwrap());
         assert_eq!(m.wal_ranges[0].end_lsn, "0/2000100".parse().unwrap());

@@ -36,7 +36,7 @@ use crate::backup::extract::{
     check_target_dir, chown_to as chown, map_tablespace, prepare_target_dir, remove_written,
     target_owner as owner_for, write_private_file, ExtractError, ExtractOptions, Extractor,
 };
-use crate::backup::manifest::{BackupManifest, ChecksumAlgorithm};
+use crate::backup::manifest::BackupManifest;
 use crate::backup::progress::Progress;
 use crate::backup::tarstream::{EntryKind, TarEvent, TarParser};
 use crate::wal::xact::{scan_segment, WalEvent};
@@ -748,17 +748,7 @@ impl ManifestChecks {
         let mut files = BTreeMap::new();
         if let Some(m) = m {
             for f in &m.files {
-                let crc = (f.algorithm == ChecksumAlgorithm::Crc32c && f.checksum.len() == 4).then(
-                    || {
-                        u32::from_le_bytes([
-                            f.checksum[0],
-                            f.checksum[1],
-                            f.checksum[2],
-                            f.checksum[3],
-                        ])
-                    },
-                );
-                files.insert(f.path_lossy(), (f.size, crc));
+                files.insert(f.path_lossy(), (f.size, f.crc32c()));
             }
         }
         ManifestChecks {
