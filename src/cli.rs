@@ -330,8 +330,10 @@ pub struct StreamArgs {
     #[arg(long, value_name = "SECS", default_value_t = 10)]
     pub status_interval: u64,
 
-    /// Spool directory for segments being received and waiting for the archive
-    /// (default: <archive>/spool for a local archive, ./walagent-spool for S3).
+    /// Spool directory for segments being received and waiting for the archive (default:
+    /// <archive>/spool for a local archive, ./walagent-spool/<bucket>_<prefix>-<hash> for S3).
+    /// A spool belongs to one cluster and one archive (walagent-spool.json) and to one running
+    /// agent at a time (walagent.lock).
     #[arg(long, value_name = "DIR")]
     pub spool: Option<PathBuf>,
 
@@ -354,6 +356,12 @@ pub struct StreamArgs {
     /// Segments compressed and stored at once (default: number of CPUs, at most 4).
     #[arg(long, value_name = "N", hide = true)]
     pub archive_workers: Option<usize>,
+
+    /// Seconds a stop (SIGTERM/SIGINT) may take to archive what was received; then, or at a
+    /// second signal, walagent exits 1 naming what stays in the spool (archived by the next start;
+    /// the slot keeps it on the server). Below Kubernetes' default 30 s grace period.
+    #[arg(long, value_name = "SECS", default_value_t = 20)]
+    pub stop_timeout: u64,
 }
 
 #[derive(Debug, Args)]

@@ -1,6 +1,5 @@
 //! walagent: argument parsing and dispatch. The work lives in the library.
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -93,13 +92,17 @@ async fn stream(args: StreamArgs) -> ExitCode {
         Ok(s) => s,
         Err(e) => return fail(&e, None, 2),
     };
-    let spool_dir = args.spool.clone().unwrap_or_else(|| {
-        if remote {
-            PathBuf::from("walagent-spool")
-        } else {
-            PathBuf::from(&args.archive).join("spool")
-        }
-    });
+    let spool_dir = args
+        .spool
+        .clone()
+        .unwrap_or_else(|| receive::spool::default_dir(&args.archive, remote));
+    let archive_identity = match store.local_root() {
+        Some(root) => std::fs::canonicalize(&root)
+            .unwrap_or(root)
+            .display()
+            .to_string(),
+        None => store.location(),
+    };
     let partial_interval = match args.partial_interval.unwrap_or(if remote { 10 } else { 0 }) {
         0 => None,
         secs => Some(Duration::from_secs(secs)),
@@ -126,8 +129,10 @@ async fn stream(args: StreamArgs) -> ExitCode {
         archive_workers: args.archive_workers.unwrap_or_else(|| {
             std::thread::available_parallelism().map_or(2, |n| n.get().clamp(1, 4))
         }),
+        archive_identity,
+        stop_timeout: Duration::from_secs(args.stop_timeout),
     };
-    match receive::run(opts, shutdown_signal()).await {
+    match receive::run(opts, stop_signals()).await {
         Ok(Finished::EndPos(lsn)) => {
             tracing::info!(%lsn, "stopped at --endpos");
             ExitCode::SUCCESS
@@ -189,6 +194,42 @@ async fn fetch(args: WalFetchArgs) -> ExitCode {
         }
         Err(e) => fail(&e.to_string(), None, e.exit_code().clamp(1, 255) as u8),
     }
+}
+
+/// Counts SIGTERM/SIGINT (the stream's stop is bounded and a second signal cuts it short).
+/// SIGHUP, which would otherwise kill the process, is logged and ignored: `stream` has no
+/// configuration file to reload.
+fn stop_signals() -> watch::Receiver<u32> {
+    let (tx, rx) = watch::channel(0u32);
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::hangup()),
+    ) else {
+        return rx;
+    };
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+                _ = hup.recv() => {
+                    tracing::info!("SIGHUP received: nothing to reload (no configuration file), going on");
+                    continue;
+                }
+            }
+            let mut n = 0;
+            tx.send_modify(|c| {
+                *c += 1;
+                n = *c;
+            });
+            if n == 1 {
+                tracing::info!("stop requested; finishing (a second signal stops at once)");
+            }
+        }
+    });
+    rx
 }
 
 /// Turns true on SIGTERM or SIGINT.

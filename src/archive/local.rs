@@ -329,6 +329,10 @@ impl Store for LocalStore {
         self.root.display().to_string()
     }
 
+    fn local_root(&self) -> Option<PathBuf> {
+        Some(self.root.clone())
+    }
+
     async fn put_file(&self, key: &str, src: &Path, mode: PutMode) -> Result<(), StoreError> {
         let (this, key, src) = (self.clone(), key.to_string(), src.to_path_buf());
         blocking(move || this.put_file_blocking(&key, &src, mode)).await

@@ -66,12 +66,32 @@ pub enum MetaError {
         archive_system: u64,
         server_system: u64,
     },
+    #[error("archive {archive} has no {META_KEY} but holds {object}, which is not WAL of the server's system {server_system} ({detail}); refusing to mix WAL of two clusters")]
+    ForeignContent {
+        archive: String,
+        object: String,
+        server_system: u64,
+        detail: String,
+    },
     #[error("archive {archive} holds WAL with {archive_size} segments but the server uses {server_size} segments; use a separate archive for each cluster")]
     SegmentSizeMismatch {
         archive: String,
         archive_size: SegmentSize,
         server_size: SegmentSize,
     },
+}
+
+impl MetaError {
+    /// The fix, where the message does not already say it.
+    pub fn hint(&self) -> Option<String> {
+        match self {
+            MetaError::ForeignContent { .. } => Some(format!(
+                "use a new, empty archive for this server; if the archive really is this server's, restore its {META_KEY} from a copy"
+            )),
+            MetaError::Store(e) => e.hint(),
+            _ => None,
+        }
+    }
 }
 
 impl ArchiveMeta {
@@ -89,6 +109,37 @@ impl ArchiveMeta {
             created_at: rfc3339_utc(SystemTime::now()),
             location: String::new(),
         }
+    }
+
+    /// The one load-or-create of `walagent.json` for writers (stream, backup): checks that the
+    /// archive takes WAL of this server, or creates the file for a new archive.
+    ///
+    /// A missing file is never taken to mean "new archive" on its own: if the archive already
+    /// holds WAL or backups, their own headers must name this server (the newest segment's long
+    /// page header: system identifier, segment size, page address; each backup.json's system
+    /// identifier), and only then is the file written again (with a warning). Otherwise the
+    /// archive is refused, so a deleted `walagent.json` cannot let a second cluster's WAL in.
+    pub async fn ensure(
+        store: &dyn Store,
+        system_identifier: u64,
+        seg_size: SegmentSize,
+        server_version_num: u32,
+    ) -> Result<ArchiveMeta, MetaError> {
+        if let Some(meta) = Self::load(store).await? {
+            meta.check_matches(system_identifier, seg_size)?;
+            return Ok(meta);
+        }
+        let archive = store.location();
+        let held = check_existing_content(store, system_identifier, seg_size).await?;
+        let meta = ArchiveMeta::new(system_identifier, seg_size, server_version_num);
+        meta.save(store).await?;
+        if let Some(what) = held {
+            tracing::warn!(archive = %archive, checked = %what, "{META_KEY} was missing; the archive's content belongs to this server, so it was written again");
+        }
+        Ok(ArchiveMeta {
+            location: archive,
+            ..meta
+        })
     }
 
     /// Reads `walagent.json`; `None` when the archive has none yet (a new archive).
@@ -188,6 +239,79 @@ impl ArchiveMeta {
         }
         Ok(())
     }
+}
+
+/// For an archive without `walagent.json`: checks that whatever it already holds is this
+/// server's. Returns what was checked (None: the archive is empty).
+async fn check_existing_content(
+    store: &dyn Store,
+    system_identifier: u64,
+    seg_size: SegmentSize,
+) -> Result<Option<String>, MetaError> {
+    use super::layout::{self, WalObject};
+    let archive = store.location();
+    let foreign = |object: &str, detail: String| MetaError::ForeignContent {
+        archive: archive.clone(),
+        object: object.to_string(),
+        server_system: system_identifier,
+        detail,
+    };
+    let mut checked = Vec::new();
+    let objects = store.list(layout::WAL_PREFIX).await?;
+    let newest = objects
+        .iter()
+        .filter_map(|o| match layout::parse_wal_key(&o.key, seg_size)? {
+            WalObject::Segment { id, .. } => Some((id.segno, id.timeline, id, &o.key)),
+            WalObject::History(_) => None,
+        })
+        .max_by_key(|(segno, tli, _, _)| (*segno, *tli));
+    if let Some((_, _, id, key)) = newest {
+        let bytes = super::read_wal_object(store, key)
+            .await?
+            .ok_or_else(|| foreign(key, "it vanished while being read".into()))?;
+        let page = &bytes[..bytes.len().min(8192)];
+        let params = crate::wal::verify::VerifyParams {
+            system_identifier,
+            segment_size: seg_size,
+            timeline: id.timeline,
+        };
+        let mut v = crate::wal::verify::WalVerifier::new(params, id.start_lsn(seg_size));
+        if page.len() < 40 {
+            return Err(foreign(key, "too short to hold a WAL page header".into()));
+        }
+        v.feed(page).map_err(|e| foreign(key, e.to_string()))?;
+        checked.push(key.clone());
+    } else if objects.iter().any(|o| !o.key.ends_with('/')) {
+        // History files alone cannot be attributed to a cluster.
+        if let Some(o) = objects.first() {
+            return Err(foreign(
+                &o.key,
+                "no WAL segment to compare the system identifier with".into(),
+            ));
+        }
+    }
+    for o in store.list("backups/").await? {
+        if !o.key.ends_with("/backup.json") {
+            continue;
+        }
+        let Some(bytes) = store.get_bytes(&o.key).await? else {
+            continue;
+        };
+        let found = serde_json::from_slice::<serde_json::Value>(&bytes)
+            .ok()
+            .and_then(|v| {
+                let s = v.get("system_identifier")?;
+                s.as_str()
+                    .and_then(|t| t.parse::<u64>().ok())
+                    .or_else(|| s.as_u64())
+            });
+        match found {
+            Some(sys) if sys == system_identifier => checked.push(o.key.clone()),
+            Some(sys) => return Err(foreign(&o.key, format!("it is a backup of system {sys}"))),
+            None => return Err(foreign(&o.key, "it names no system identifier".into())),
+        }
+    }
+    Ok((!checked.is_empty()).then(|| checked.join(", ")))
 }
 
 fn ser_u64_string<S: Serializer>(v: &u64, s: S) -> Result<S::Ok, S::Error> {

@@ -5,6 +5,7 @@
 pub mod compress;
 pub mod layout;
 pub mod local;
+pub mod lock;
 pub mod meta;
 pub mod s3;
 
@@ -94,6 +95,11 @@ impl StoreError {
 pub trait Store: Send + Sync + 'static {
     /// Where this store is, for messages: a path or `s3://bucket/prefix`.
     fn location(&self) -> String;
+
+    /// The directory of a local archive (where its lock lives); None for object stores.
+    fn local_root(&self) -> Option<std::path::PathBuf> {
+        None
+    }
 
     /// Stores the content of the local file `src` under `key`. The store may move `src` instead of
     /// copying it; after success the caller removes `src` if it still exists.

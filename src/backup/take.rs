@@ -63,8 +63,8 @@ pub enum BackupError {
     Protocol(#[from] ProtocolError),
     #[error("{0}")]
     Store(#[from] StoreError),
-    #[error("{0}")]
-    Archive(String),
+    #[error(transparent)]
+    Meta(#[from] crate::archive::meta::MetaError),
     #[error("the server runs PostgreSQL {0}, but walagent backup needs 15 or later")]
     ServerTooOld(String),
     #[error("the base backup stream is malformed: {0}")]
@@ -91,6 +91,7 @@ impl BackupError {
         match self {
             BackupError::Protocol(e) => e.hint(),
             BackupError::Store(e) => e.hint(),
+            BackupError::Meta(e) => e.hint(),
             BackupError::ServerTooOld(_) => Some(
                 "use pg_basebackup for older servers, or upgrade the server to PostgreSQL 15+"
                     .into(),
@@ -111,18 +112,7 @@ pub async fn take(
     let (mut conn, version) = super::connect_for_backup(&opts.conninfo).await?;
     let sys = conn.identify_system().await?;
     let seg_size = conn.wal_segment_size().await?;
-    match ArchiveMeta::load(store.as_ref())
-        .await
-        .map_err(|e| BackupError::Archive(e.to_string()))?
-    {
-        Some(meta) => meta
-            .check_matches(sys.system_identifier, seg_size)
-            .map_err(|e| BackupError::Archive(e.to_string()))?,
-        None => ArchiveMeta::new(sys.system_identifier, seg_size, version)
-            .save(store.as_ref())
-            .await
-            .map_err(|e| BackupError::Archive(e.to_string()))?,
-    }
+    ArchiveMeta::ensure(store.as_ref(), sys.system_identifier, seg_size, version).await?;
     let slot = format!("walagent_backup_{}", std::process::id());
     conn.create_temporary_slot(&slot).await?;
 

@@ -63,6 +63,9 @@ pub enum ArchiverError {
     },
     #[error("the archiver stopped unexpectedly: {0}")]
     Crashed(String),
+    /// Asked again after its failure was already returned (the first error carries the cause).
+    #[error("the archiver had already stopped after an error")]
+    Stopped,
 }
 
 impl ArchiverError {
@@ -78,7 +81,10 @@ pub struct Archiver {
     tx: mpsc::Sender<Job>,
     progress: watch::Receiver<Progress>,
     submitted: u64,
-    task: JoinHandle<Result<(), ArchiverError>>,
+    /// The archiver task; taken (None) once its result has been collected, so a failure is
+    /// returned once and later calls get [`ArchiverError::Stopped`] instead of polling the
+    /// finished handle again.
+    task: Option<JoinHandle<Result<(), ArchiverError>>>,
 }
 
 /// Where the archiver does its work.
@@ -107,7 +113,7 @@ impl Archiver {
             tx,
             progress,
             submitted: 0,
-            task,
+            task: Some(task),
         }
     }
 
@@ -162,8 +168,16 @@ impl Archiver {
         Ok(self.progress())
     }
 
+    /// Whether the archiver's failure was already collected (it stopped with an error).
+    pub fn has_failed(&self) -> bool {
+        self.task.is_none()
+    }
+
     async fn failure(&mut self) -> ArchiverError {
-        match (&mut self.task).await {
+        let Some(task) = self.task.take() else {
+            return ArchiverError::Stopped;
+        };
+        match task.await {
             Ok(Err(e)) => e,
             Ok(Ok(())) => ArchiverError::Crashed("queue closed".into()),
             Err(e) => ArchiverError::Crashed(e.to_string()),
@@ -174,7 +188,10 @@ impl Archiver {
     pub async fn finish(mut self) -> Result<Progress, ArchiverError> {
         let p = self.drain().await?;
         drop(self.tx);
-        match self.task.await {
+        let Some(task) = self.task.take() else {
+            return Err(ArchiverError::Stopped);
+        };
+        match task.await {
             Ok(r) => r.map(|_| p),
             Err(e) => Err(ArchiverError::Crashed(e.to_string())),
         }

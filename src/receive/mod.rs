@@ -24,8 +24,8 @@ use crate::protocol::{
 use crate::wal::verify::{check_segment, VerifyError, VerifyParams, WalVerifier};
 use crate::wal::{history_file_name, Lsn, SegmentId, SegmentSize};
 use archiver::{Archiver, ArchiverConfig, ArchiverError, Job};
-use resume::Found;
-use spool::{PartialSegment, Spool};
+use resume::ResumeInput;
+use spool::{PartialSegment, Spool, SpoolIdentity};
 
 /// Everything `walagent stream` was asked to do.
 #[derive(Clone)]
@@ -48,6 +48,12 @@ pub struct StreamOptions {
     pub spool_max_bytes: u64,
     /// Segments compressed and stored at once.
     pub archive_workers: usize,
+    /// What the spool is bound to besides the cluster: `s3://bucket/prefix` or the archive
+    /// directory's absolute path (see `spool::SpoolIdentity`).
+    pub archive_identity: String,
+    /// How long a requested stop may take (making WAL durable, final uploads) before walagent
+    /// gives up and exits non-zero, leaving the rest in the spool for the next start.
+    pub stop_timeout: Duration,
 }
 
 /// What "flushed" means in the status updates sent to the server.
@@ -84,8 +90,19 @@ pub enum ReceiveError {
         #[source]
         source: StoreError,
     },
-    #[error("{0}")]
-    Archive(String),
+    #[error(transparent)]
+    Meta(#[from] crate::archive::meta::MetaError),
+    #[error(transparent)]
+    SpoolBinding(#[from] spool::BindError),
+    #[error(transparent)]
+    Lock(#[from] crate::archive::lock::LockError),
+    #[error("stop took longer than {secs} s ({why}); not yet archived, kept in the spool {spool}: {pending}")]
+    StopTimedOut {
+        secs: u64,
+        why: &'static str,
+        spool: String,
+        pending: String,
+    },
     #[error("spool {path}: {source}")]
     Spool {
         path: String,
@@ -138,6 +155,14 @@ impl ReceiveError {
                     .into(),
             ),
             ReceiveError::Store { source, .. } => source.hint(),
+            ReceiveError::Meta(e) => e.hint(),
+            ReceiveError::SpoolBinding(e) => e.hint(),
+            ReceiveError::Lock(e) => e.hint(),
+            ReceiveError::StopTimedOut { .. } => Some(
+                "nothing acknowledged is lost: the replication slot still holds that WAL and the next \
+                 walagent stream with the same spool archives it first (raise --stop-timeout to wait longer)"
+                    .into(),
+            ),
             _ => None,
         }
     }
@@ -173,7 +198,7 @@ enum StreamOutcome {
 /// State that lives across reconnects.
 struct Receiver {
     opts: StreamOptions,
-    shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<u32>,
     seg_size: SegmentSize,
     system_id: u64,
     spool: Spool,
@@ -191,10 +216,75 @@ struct Receiver {
 }
 
 /// Runs `walagent stream` until endpos, a signal, or (with `--no-loop`) a disconnect.
-/// `shutdown` turns true on SIGTERM/SIGINT.
+/// `shutdown` counts the stop requests (SIGTERM/SIGINT) received so far.
+///
+/// Holds the spool's lock (and a local archive's) for the whole run. A stop is bounded: after
+/// the first request the run gets `stop_timeout` to make everything durable and exit cleanly; a
+/// second request, or the timeout, ends it at once with [`ReceiveError::StopTimedOut`], which
+/// names what stays in the spool. Either way nothing acknowledged is at risk: the flush position
+/// sent to the server never covered WAL that is only in memory.
 pub async fn run(
     opts: StreamOptions,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<u32>,
+) -> Result<Finished, ReceiveError> {
+    std::fs::create_dir_all(&opts.spool_dir).map_err(|source| ReceiveError::Spool {
+        path: opts.spool_dir.display().to_string(),
+        source,
+    })?;
+    let _spool_lock = crate::archive::lock::DirLock::acquire(&opts.spool_dir, "spool")?;
+    let _archive_lock = match opts.store.local_root() {
+        Some(root) => Some(crate::archive::lock::DirLock::acquire(&root, "archive")?),
+        None => None,
+    };
+    let mut signals = shutdown.clone();
+    let work = run_until_stopped(opts.clone(), shutdown);
+    tokio::pin!(work);
+    tokio::select! {
+        r = &mut work => return r,
+        _ = wait_count(&mut signals, 1) => {}
+    }
+    tokio::select! {
+        r = &mut work => r,
+        _ = tokio::time::sleep(opts.stop_timeout) => Err(stop_cut_short(&opts, "the stop timeout ran out")),
+        _ = wait_count(&mut signals, 2) => Err(stop_cut_short(&opts, "a second stop signal arrived")),
+    }
+}
+
+/// The error for a stop that could not finish: names the spool files left for the next start.
+fn stop_cut_short(opts: &StreamOptions, why: &'static str) -> ReceiveError {
+    let mut names: Vec<String> = std::fs::read_dir(&opts.spool_dir)
+        .map(|rd| {
+            rd.filter_map(|e| e.ok()?.file_name().into_string().ok())
+                .filter(|n| n.len() >= 24 && n.as_bytes()[..24].iter().all(u8::is_ascii_hexdigit))
+                .filter(|n| !n.ends_with(".tmp"))
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    let pending = match names.len() {
+        0 => "nothing".to_string(),
+        1..=4 => names.join(", "),
+        n => format!("{n} files, {} .. {}", names[0], names[n - 1]),
+    };
+    ReceiveError::StopTimedOut {
+        secs: opts.stop_timeout.as_secs(),
+        why,
+        spool: opts.spool_dir.display().to_string(),
+        pending,
+    }
+}
+
+async fn wait_count(rx: &mut watch::Receiver<u32>, n: u32) {
+    while *rx.borrow_and_update() < n {
+        if rx.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+async fn run_until_stopped(
+    opts: StreamOptions,
+    mut shutdown: watch::Receiver<u32>,
 ) -> Result<Finished, ReceiveError> {
     let mut backoff = Backoff::new();
     let mut receiver: Option<Receiver> = None;
@@ -238,9 +328,12 @@ pub async fn run(
             }
             Err(e) => {
                 if let Some(r) = receiver.take() {
-                    // Keep what was received safe before reporting the error.
-                    if let Err(ae) = r.archiver.finish().await {
-                        tracing::error!("{ae}");
+                    // Keep what was received safe before reporting the error (unless the error
+                    // is the archiver's own: then there is nothing left to wait for).
+                    if !r.archiver.has_failed() {
+                        if let Err(ae) = r.archiver.finish().await {
+                            tracing::error!("{ae}");
+                        }
                     }
                 }
                 return Err(e);
@@ -266,12 +359,8 @@ async fn finish(
     Ok(how(pos))
 }
 
-async fn wait_true(rx: &mut watch::Receiver<bool>) {
-    while !*rx.borrow_and_update() {
-        if rx.changed().await.is_err() {
-            std::future::pending::<()>().await;
-        }
-    }
+async fn wait_true(rx: &mut watch::Receiver<u32>) {
+    wait_count(rx, 1).await
 }
 
 struct Backoff {
@@ -298,6 +387,13 @@ impl Backoff {
     }
 }
 
+/// Moves a spool file that must not be used out of the way, with a warning naming it.
+fn set_aside(spool: &Spool, path: &std::path::Path, why: &str) -> Result<(), ReceiveError> {
+    let to = spool.set_aside(path).map_err(|e| spool_err(spool, e))?;
+    tracing::warn!(file = %path.display(), moved_to = %to.display(), "spool file set aside, not used: {why}");
+    Ok(())
+}
+
 fn spool_err(spool: &Spool, source: std::io::Error) -> ReceiveError {
     ReceiveError::Spool {
         path: spool.dir().display().to_string(),
@@ -309,7 +405,7 @@ impl Receiver {
     async fn first_connect(
         opts: &StreamOptions,
         conn: &mut Connection,
-        shutdown: watch::Receiver<bool>,
+        shutdown: watch::Receiver<u32>,
     ) -> Result<Receiver, ReceiveError> {
         let store = opts.store.clone();
         let store_err = |source| ReceiveError::Store {
@@ -333,131 +429,109 @@ impl Receiver {
             "server identified"
         );
 
-        match ArchiveMeta::load(store.as_ref())
-            .await
-            .map_err(|e| ReceiveError::Archive(e.to_string()))?
-        {
-            Some(meta) => meta
-                .check_matches(sys.system_identifier, seg_size)
-                .map_err(|e| ReceiveError::Archive(e.to_string()))?,
-            None => ArchiveMeta::new(sys.system_identifier, seg_size, version)
-                .save(store.as_ref())
-                .await
-                .map_err(|e| ReceiveError::Archive(e.to_string()))?,
-        }
+        ArchiveMeta::ensure(store.as_ref(), sys.system_identifier, seg_size, version).await?;
+        let slot_created = Self::ensure_slot(opts, conn).await?;
 
-        Self::ensure_slot(opts, conn).await?;
-
+        // The spool must be this cluster's and this archive's before anything in it counts.
         let spool =
             Spool::open(&opts.spool_dir, seg_size).map_err(|source| ReceiveError::Spool {
                 path: opts.spool_dir.display().to_string(),
                 source,
             })?;
+        spool.bind(&SpoolIdentity {
+            system_identifier: sys.system_identifier.to_string(),
+            wal_segment_size: seg_size.bytes(),
+            archive: opts.archive_identity.clone(),
+        })?;
         let contents = spool.scan().map_err(|e| spool_err(&spool, e))?;
         let objects = store.list(layout::WAL_PREFIX).await.map_err(store_err)?;
-        let mut archived_complete = std::collections::HashSet::new();
-        let mut candidates = Vec::new();
+        let mut input = ResumeInput::default();
         for o in &objects {
             if let Some(layout::WalObject::Segment { id, partial, .. }) =
                 layout::parse_wal_key(&o.key, seg_size)
             {
                 if partial {
-                    candidates.push((id, Found::ArchivedPartial));
+                    input.archived_partials.push(id);
                 } else {
-                    archived_complete.insert(id);
-                    candidates.push((id, Found::ArchivedComplete));
+                    input.archived.push(id);
                 }
             }
         }
 
-        // Ready spool files must verify before they count; a damaged one (say, after a power
-        // loss before the archive had it) is streamed again from there.
+        // Every spool file is checked against this cluster (long page header: system id and
+        // segment size; page addresses and timelines; record CRCs) before it counts. A ready file
+        // must be whole: a zeroed tail (lost before it reached the disk) is incomplete even
+        // though every byte before it verifies. A partial counts when its first page verifies
+        // (its tail is re-streamed anyway). Files that fail are set aside, never trusted.
         let params = |tli| VerifyParams {
             system_identifier: sys.system_identifier,
             segment_size: seg_size,
             timeline: tli,
         };
-        let mut ready = Vec::new();
-        let mut damaged: Option<SegmentId> = None;
+        let mut partial_lens = std::collections::HashMap::new();
         for &id in &contents.ready {
-            if archived_complete.contains(&id) {
-                ready.push(id);
-                continue;
-            }
-            if damaged.is_some() {
-                let _ = std::fs::remove_file(spool.ready_path(id));
+            if input.archived.contains(&id) {
+                input.ready.push(id); // removed below
                 continue;
             }
             let path = spool.ready_path(id);
-            let ok = match std::fs::read(&path) {
-                // A ready file must be whole: a zeroed tail (lost before it reached the disk)
-                // is incomplete even though every byte before it verifies.
-                Ok(bytes) => {
-                    match check_segment(params(id.timeline), id.start_lsn(seg_size), &bytes) {
-                        Ok(c) if c.complete => true,
-                        Ok(c) => {
-                            tracing::warn!(file = %path.display(), data_end = %c.data_end, "spooled segment is incomplete, streaming it again");
-                            false
-                        }
-                        Err(e) => {
-                            tracing::warn!(file = %path.display(), "spooled segment failed verification, streaming it again: {e}");
-                            false
-                        }
-                    }
+            let bytes = std::fs::read(&path).map_err(|e| spool_err(&spool, e))?;
+            match check_segment(params(id.timeline), id.start_lsn(seg_size), &bytes) {
+                Ok(c) if c.complete => input.ready.push(id),
+                Ok(c) => set_aside(
+                    &spool,
+                    &path,
+                    &format!("incomplete: WAL ends at {}", c.data_end),
+                )?,
+                Err(e) => set_aside(&spool, &path, &e.to_string())?,
+            }
+        }
+        for &id in &contents.partials {
+            let path = spool.partial_path(id);
+            let bytes = std::fs::read(&path).map_err(|e| spool_err(&spool, e))?;
+            let start = id.start_lsn(seg_size);
+            let mut v = WalVerifier::new(params(id.timeline), start);
+            let verified = match v.feed(&bytes) {
+                Ok(()) => bytes.len() as u64,
+                Err(e) if e.lsn() > start => e.lsn().0 - start.0,
+                Err(e) => {
+                    set_aside(&spool, &path, &e.to_string())?;
+                    continue;
                 }
-                Err(e) => return Err(spool_err(&spool, e)),
             };
-            if ok {
-                ready.push(id);
-                candidates.push((id, Found::SpoolReady));
-            } else {
-                let _ = std::fs::remove_file(&path);
-                damaged = Some(id);
-            }
+            partial_lens.insert(id, verified);
+            input.partials.push(id);
         }
-        let mut partials = contents.partials.clone();
-        if let Some(d) = damaged {
-            partials.retain(|p| {
-                let keep = p.segno < d.segno;
-                if !keep {
-                    let _ = std::fs::remove_file(spool.partial_path(*p));
-                }
-                keep
-            });
-            candidates.retain(|(id, _)| id.segno < d.segno);
-            candidates.push((d, Found::SpoolPartial));
-        }
-        candidates.extend(partials.iter().map(|&id| (id, Found::SpoolPartial)));
 
-        let start = match resume::choose_start(&candidates) {
-            Some(s) => {
-                tracing::info!(segment = %s.file_name(seg_size), "resuming from the archive and spool");
-                s
-            }
+        input.fallback = match resume::archive_start(&input.archived, &input.archived_partials) {
+            Some(s) => s,
             None => {
                 let slot = conn.read_replication_slot(&opts.slot).await?;
                 match slot.and_then(|s| Some((s.restart_timeline?, s.restart_lsn?))) {
-                    Some((tli, lsn)) => {
-                        tracing::info!(%lsn, timeline = tli, "empty archive: starting at the slot's restart_lsn");
-                        SegmentId::containing(tli, lsn, seg_size)
-                    }
-                    None => {
-                        tracing::info!(lsn = %sys.xlogpos, "empty archive: starting at the server's current position");
-                        SegmentId::containing(sys.timeline, sys.xlogpos, seg_size)
-                    }
+                    Some((tli, lsn)) => SegmentId::containing(tli, lsn, seg_size),
+                    None => SegmentId::containing(sys.timeline, sys.xlogpos, seg_size),
                 }
             }
         };
+        let plan = resume::plan(&input);
+        let start = plan.start;
+        if plan.from_archive || !plan.requeue.is_empty() || plan.resume_partial.is_some() {
+            tracing::info!(segment = %start.file_name(seg_size), "resuming from the archive and spool");
+        } else {
+            tracing::info!(segment = %start.file_name(seg_size), "empty archive: starting at the slot's restart_lsn (or the server's position)");
+        }
         if start.timeline > sys.timeline {
             return Err(ReceiveError::TimelineAhead {
                 archive_tli: start.timeline,
                 server_tli: sys.timeline,
             });
         }
-
-        let plan = resume::plan_spool(start, &ready, &partials, &|id| {
-            archived_complete.contains(&id)
-        });
+        for &(id, why) in &plan.set_aside_ready {
+            set_aside(&spool, &spool.ready_path(id), why.describe())?;
+        }
+        for &(id, why) in &plan.set_aside_partial {
+            set_aside(&spool, &spool.partial_path(id), why.describe())?;
+        }
         for id in &plan.remove_ready {
             let _ = std::fs::remove_file(spool.ready_path(*id));
         }
@@ -465,13 +539,22 @@ impl Receiver {
             let _ = std::fs::remove_file(spool.partial_path(*id));
         }
         let start_lsn = start.start_lsn(seg_size);
+        if slot_created && plan.from_archive {
+            tracing::warn!(
+                slot = %opts.slot,
+                archive_end = %start_lsn,
+                "the replication slot did not exist and was created now; the WAL since the archive's end was not held for it: \
+                 if the server has already removed it, streaming fails with \"WAL already removed\" and the archive has a gap \
+                 (take a new base backup); otherwise nothing is lost"
+            );
+        }
         let initial = plan
             .requeue
             .first()
             .map(|id| id.start_lsn(seg_size))
             .unwrap_or(start_lsn);
         let queue = (opts.spool_max_bytes / u64::from(seg_size.bytes())).max(1) as usize;
-        let mut archiver = Archiver::start(
+        let archiver = Archiver::start(
             ArchiverConfig {
                 store: store.clone(),
                 seg_size,
@@ -482,24 +565,7 @@ impl Receiver {
             },
             initial,
         );
-        for id in plan.requeue {
-            archiver
-                .submit(Job::Segment {
-                    id,
-                    path: spool.ready_path(id),
-                })
-                .await?;
-        }
-        for id in plan.finished_partials {
-            archiver
-                .submit(Job::FinalPartial {
-                    id,
-                    path: spool.partial_path(id),
-                })
-                .await?;
-        }
-
-        let receiver = Receiver {
+        let mut receiver = Receiver {
             opts: opts.clone(),
             shutdown,
             seg_size,
@@ -513,23 +579,58 @@ impl Receiver {
             last_snapshot: Lsn(0),
             snapshot_seq: 0,
         };
+        for id in plan.requeue {
+            let path = receiver.spool.ready_path(id);
+            receiver
+                .archiver
+                .submit(Job::Segment { id, path })
+                .await?;
+        }
+        for id in plan.finished_partials {
+            let path = receiver.spool.partial_path(id);
+            receiver
+                .archiver
+                .submit(Job::FinalPartial { id, path })
+                .await?;
+        }
+        // With a local ack (--synchronous, --ack fsync) the partial's fsynced bytes may have been
+        // reported as flushed before a crash: archive them first, so that wal-fetch and restore
+        // see what the server was told is safe.
+        if let (true, Some(id)) = (receiver.local_ack(), plan.resume_partial) {
+            let len = partial_lens.get(&id).copied().unwrap_or(0);
+            if len > 0 {
+                receiver.snapshot_seq += 1;
+                let path = receiver
+                    .spool
+                    .snapshot_prefix(id, len, receiver.snapshot_seq)
+                    .map_err(|e| spool_err(&receiver.spool, e))?;
+                let end = Lsn(id.start_lsn(seg_size).0 + len);
+                tracing::info!(segment = %id.file_name(seg_size), %end, "archiving the partial segment left by the last run");
+                receiver
+                    .archiver
+                    .submit(Job::Snapshot { id, path, end })
+                    .await?;
+            }
+        }
         receiver.archive_histories(conn, sys.timeline).await?;
         Ok(receiver)
     }
 
-    async fn ensure_slot(opts: &StreamOptions, conn: &mut Connection) -> Result<(), ReceiveError> {
+    /// Checks the slot; creates it with `--create-slot`. Returns whether it was created now.
+    async fn ensure_slot(opts: &StreamOptions, conn: &mut Connection) -> Result<bool, ReceiveError> {
         match conn.read_replication_slot(&opts.slot).await? {
             Some(s) if s.slot_type != "physical" => Err(ReceiveError::SlotNotPhysical {
                 slot: opts.slot.clone(),
                 target: conn.target().to_string(),
                 kind: s.slot_type,
             }),
-            Some(_) => Ok(()),
+            Some(_) => Ok(false),
             None if opts.create_slot => {
-                if conn.create_physical_slot(&opts.slot).await? {
+                let created = conn.create_physical_slot(&opts.slot).await?;
+                if created {
                     tracing::info!(slot = %opts.slot, "created replication slot");
                 }
-                Ok(())
+                Ok(created)
             }
             None => Err(ReceiveError::SlotMissing {
                 slot: opts.slot.clone(),
@@ -547,7 +648,14 @@ impl Receiver {
                 now: sys.system_identifier,
             });
         }
-        Self::ensure_slot(&self.opts, conn).await?;
+        if Self::ensure_slot(&self.opts, conn).await? {
+            tracing::warn!(
+                slot = %self.opts.slot,
+                "the replication slot was dropped while walagent was streaming and was created again; \
+                 WAL not yet archived may have been removed on the server (if streaming now fails with \
+                 \"WAL already removed\", the archive has a gap: take a new base backup)"
+            );
+        }
         self.archive_histories(conn, sys.timeline).await
     }
 
@@ -627,7 +735,7 @@ impl Receiver {
                 }
                 StreamOutcome::Stopped => {
                     let pos = self.start;
-                    let stopped_by_signal = *self.shutdown.borrow();
+                    let stopped_by_signal = *self.shutdown.borrow() > 0;
                     return Ok(Some(match self.opts.endpos {
                         Some(end) if !stopped_by_signal && pos >= end => Finished::EndPos(end),
                         _ => Finished::Signal(pos),
@@ -693,15 +801,24 @@ impl Receiver {
     }
 
     /// Makes everything received durable: waits for the archiver, fsyncs the partial and, unless
-    /// the spool is what counts, stores a copy of it in the archive.
+    /// the spool is what counts, stores a copy of it in the archive. On a stop (`stopping`) the
+    /// partial is stored in the archive in every mode: with `--synchronous` / `--ack fsync` its
+    /// fsynced bytes were already reported as flushed, and wal-fetch and restore read only the
+    /// archive.
     async fn make_durable(
         &mut self,
         partial: Option<&mut PartialSegment>,
+        stopping: bool,
     ) -> Result<(), ReceiveError> {
         self.archiver.drain().await?;
         if let Some(p) = partial {
             p.sync().map_err(|e| spool_err(&self.spool, e))?;
-            if !self.local_ack() && self.flush_lsn(Some(p)) < p.end_lsn() {
+            let upload = if self.local_ack() {
+                stopping && p.end_lsn() > p.start_lsn().max(self.last_snapshot)
+            } else {
+                self.flush_lsn(Some(p)) < p.end_lsn()
+            };
+            if upload {
                 self.snapshot(p).await?;
                 self.archiver.drain().await?;
             }
@@ -815,7 +932,7 @@ impl Receiver {
                 }
                 _ = wait_true(&mut self.shutdown), if !stopping => {
                     tracing::info!("stop requested; finishing");
-                    self.make_durable(partial.as_mut()).await?;
+                    self.make_durable(partial.as_mut(), true).await?;
                     self.send_status(conn, partial.as_ref(), write_pos, true).await?;
                     conn.request_stop().await?;
                     stopping = true;
@@ -893,7 +1010,7 @@ impl Receiver {
                     }
                     if reached_end {
                         tracing::info!(endpos = %write_pos, "reached --endpos");
-                        self.make_durable(partial.as_mut()).await?;
+                        self.make_durable(partial.as_mut(), true).await?;
                         self.send_status(conn, partial.as_ref(), write_pos, true)
                             .await?;
                         conn.request_stop().await?;
@@ -911,7 +1028,7 @@ impl Receiver {
                         // (say, the archive is away) answer with what is durable now: the
                         // server asks again.
                         if wal_end <= write_pos && self.archiver.is_idle() {
-                            self.make_durable(partial.as_mut()).await?;
+                            self.make_durable(partial.as_mut(), false).await?;
                         }
                         self.send_status(conn, partial.as_ref(), write_pos, true)
                             .await?;

@@ -5,6 +5,12 @@
 //!   (re-streaming a segment after a restart overwrites it with the same bytes).
 //! - `<segment>`: a complete segment waiting for the archiver ("ready").
 //! - `*.tmp`: compression output in flight; removed on startup.
+//! - `walagent-spool.json`: whose WAL this spool holds (system identifier, segment size, archive
+//!   location). Written when a spool is first used; a spool of another cluster or archive is
+//!   refused, so WAL of two clusters never mixes and a leftover file never steers a resume.
+//! - `walagent.lock`: held (flock) by the one agent using the spool (`archive::lock`).
+//! - `set-aside/`: files found on startup that did not verify or did not continue the archive;
+//!   kept for inspection, never used.
 //!
 //! Durability: a `.partial` is fsynced when the receiver needs to report it as flushed
 //! (`--synchronous`, a reply request, a clean stop). A ready segment is fsynced before its
@@ -19,6 +25,76 @@ use std::path::{Path, PathBuf};
 use crate::wal::{Lsn, SegmentId, SegmentSize};
 
 pub const PARTIAL_SUFFIX: &str = ".partial";
+pub const IDENTITY_FILE: &str = "walagent-spool.json";
+pub const SET_ASIDE_DIR: &str = "set-aside";
+
+/// Whose WAL a spool holds. Bound on first use; see [`Spool::bind`].
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SpoolIdentity {
+    /// The cluster's system identifier, as a string (beyond JSON's safe integers).
+    pub system_identifier: String,
+    pub wal_segment_size: u32,
+    /// The archive the spool feeds: `s3://bucket/prefix`, or the archive directory's absolute path.
+    pub archive: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BindError {
+    #[error("spool {dir} holds WAL of system {found_system} for archive {found_archive}, not of system {system} for archive {archive}")]
+    Foreign {
+        dir: String,
+        found_system: String,
+        found_archive: String,
+        system: String,
+        archive: String,
+    },
+    #[error("spool {dir} has an unreadable {IDENTITY_FILE} ({detail})")]
+    Unreadable { dir: String, detail: String },
+    #[error("spool {dir}: {source}")]
+    Io {
+        dir: String,
+        #[source]
+        source: io::Error,
+    },
+}
+
+impl BindError {
+    pub fn hint(&self) -> Option<String> {
+        Some(match self {
+            BindError::Foreign { found_archive, .. } => format!(
+                "give each archive its own --spool; if archive {found_archive} is gone for good, \
+                 move this spool directory away (its files may be the only copy of that WAL)"
+            ),
+            BindError::Unreadable { .. } => format!(
+                "move the spool directory away (keep its files until you know they are archived) or restore {IDENTITY_FILE}"
+            ),
+            BindError::Io { .. } => "check the spool directory's permissions and free space".into(),
+        })
+    }
+}
+
+/// The default spool directory: `ARCHIVE/spool` for a local archive; for S3 one directory per
+/// archive under `./walagent-spool/`, named after the bucket and prefix plus a short hash of
+/// the location, so two archives never share a spool by default.
+pub fn default_dir(archive_spec: &str, remote: bool) -> PathBuf {
+    if !remote {
+        return Path::new(archive_spec).join("spool");
+    }
+    use sha2::Digest;
+    let rest = archive_spec.get(5..).unwrap_or("");
+    let mut name: String = rest
+        .trim_end_matches('/')
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '.' { c } else { '_' })
+        .take(80)
+        .collect();
+    if name.is_empty() {
+        name.push('_');
+    }
+    let digest = sha2::Sha256::digest(archive_spec.trim_end_matches('/').as_bytes());
+    let short: String = digest.iter().take(4).map(|b| format!("{b:02x}")).collect();
+    Path::new("walagent-spool").join(format!("{name}-{short}"))
+}
 
 /// A spool directory.
 #[derive(Debug, Clone)]
@@ -55,6 +131,75 @@ impl Spool {
 
     pub fn ready_path(&self, id: SegmentId) -> PathBuf {
         self.dir.join(id.file_name(self.seg_size))
+    }
+
+    /// Binds the spool to `identity`: writes the identity file into a spool that has none, checks
+    /// it otherwise. A spool that belongs to another cluster or archive is refused (nothing in it
+    /// is touched).
+    pub fn bind(&self, identity: &SpoolIdentity) -> Result<(), BindError> {
+        let dir = self.dir.display().to_string();
+        let path = self.dir.join(IDENTITY_FILE);
+        let io_err = |source| BindError::Io {
+            dir: dir.clone(),
+            source,
+        };
+        match fs::read(&path) {
+            Ok(bytes) => {
+                let found: SpoolIdentity =
+                    serde_json::from_slice(&bytes).map_err(|e| BindError::Unreadable {
+                        dir: dir.clone(),
+                        detail: e.to_string(),
+                    })?;
+                if &found == identity {
+                    return Ok(());
+                }
+                Err(BindError::Foreign {
+                    dir,
+                    found_system: found.system_identifier,
+                    found_archive: found.archive,
+                    system: identity.system_identifier.clone(),
+                    archive: identity.archive.clone(),
+                })
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                let tmp = self.dir.join(format!("{IDENTITY_FILE}.tmp"));
+                let mut json = serde_json::to_vec_pretty(identity).unwrap_or_default();
+                json.push(b'\n');
+                let mut f = OpenOptions::new()
+                    .write(true)
+                    .create(true)
+                    .truncate(true)
+                    .mode(0o600)
+                    .open(&tmp)
+                    .map_err(io_err)?;
+                std::io::Write::write_all(&mut f, &json).map_err(io_err)?;
+                f.sync_all().map_err(io_err)?;
+                fs::rename(&tmp, &path).map_err(io_err)?;
+                self.sync_dir().map_err(io_err)
+            }
+            Err(e) => Err(io_err(e)),
+        }
+    }
+
+    /// Moves a spool file that must not be used into `set-aside/` (never deletes it) and returns
+    /// where it went.
+    pub fn set_aside(&self, path: &Path) -> io::Result<PathBuf> {
+        let dir = self.dir.join(SET_ASIDE_DIR);
+        fs::create_dir_all(&dir)?;
+        set_mode(&dir, 0o700)?;
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "file".into());
+        let mut dst = dir.join(&name);
+        let mut n = 1;
+        while dst.exists() {
+            dst = dir.join(format!("{name}.{n}"));
+            n += 1;
+        }
+        fs::rename(path, &dst)?;
+        self.sync_dir()?;
+        Ok(dst)
     }
 
     /// Lists partial and ready segments (sorted) and removes leftover temp files.
@@ -96,6 +241,24 @@ impl Spool {
             written: 0,
             synced: 0,
         })
+    }
+
+    /// Copies the first `len` bytes of `id`'s partial file to a new temp file in the spool (the
+    /// source of a `.partial` upload).
+    pub fn snapshot_prefix(&self, id: SegmentId, len: u64, seq: u64) -> io::Result<PathBuf> {
+        use std::io::Read;
+        let dst = self
+            .dir
+            .join(format!("{}.snap{seq}.tmp", id.file_name(self.seg_size)));
+        let mut src = File::open(self.partial_path(id))?.take(len);
+        let mut out = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&dst)?;
+        io::copy(&mut src, &mut out)?;
+        Ok(dst)
     }
 
     /// fsync of the spool directory, making renames and creations durable.
@@ -143,20 +306,7 @@ impl PartialSegment {
 
     /// Copies what was written so far to a new temp file in the spool (for a partial upload).
     pub fn snapshot(&self, spool: &Spool, seq: u64) -> io::Result<PathBuf> {
-        use std::io::Read;
-        let dst = spool.dir.join(format!(
-            "{}.snap{seq}.tmp",
-            self.id.file_name(spool.seg_size)
-        ));
-        let mut src = File::open(&self.path)?.take(u64::from(self.written));
-        let mut out = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&dst)?;
-        io::copy(&mut src, &mut out)?;
-        Ok(dst)
+        spool.snapshot_prefix(self.id, u64::from(self.written), seq)
     }
 
     /// fdatasync when there is anything new to make durable.

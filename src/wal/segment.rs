@@ -60,7 +60,7 @@ impl fmt::Display for SegmentSize {
 }
 
 /// One WAL segment: a timeline and a segment number.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct SegmentId {
     pub timeline: u32,
     pub segno: u64,
