@@ -103,6 +103,12 @@ pub enum ReceiveError {
         spool: String,
         pending: String,
     },
+    #[error("replication slot {slot:?} on {target} was invalidated by the server (wal_status lost, max_slot_wal_keep_size) and the WAL from {needed} on is gone")]
+    SlotInvalidated {
+        slot: String,
+        target: String,
+        needed: Lsn,
+    },
     #[error("spool {path}: {source}")]
     Spool {
         path: String,
@@ -156,6 +162,11 @@ impl ReceiveError {
             ),
             ReceiveError::Store { source, .. } => source.hint(),
             ReceiveError::Meta(e) => e.hint(),
+            ReceiveError::SlotInvalidated { slot, .. } => Some(format!(
+                "the archive now has a gap: drop and recreate the slot (SELECT pg_drop_replication_slot('{slot}'); then \
+                 walagent stream --create-slot), take a new base backup with walagent backup, and consider raising \
+                 max_slot_wal_keep_size"
+            )),
             ReceiveError::SpoolBinding(e) => e.hint(),
             ReceiveError::Lock(e) => e.hint(),
             ReceiveError::StopTimedOut { .. } => Some(
@@ -883,10 +894,27 @@ impl Receiver {
         backoff: &mut Backoff,
     ) -> Result<StreamOutcome, ReceiveError> {
         let tli = self.timeline;
-        match conn
+        let started = match conn
             .start_replication(Some(&self.opts.slot), self.start, tli)
-            .await?
+            .await
         {
+            Ok(s) => s,
+            Err(ProtocolError::Server(n)) if n.code == "58P01" => {
+                // "WAL already removed" although there is a slot: the server invalidated it
+                // (max_slot_wal_keep_size), which READ_REPLICATION_SLOT shows as no restart_lsn.
+                let slot = conn.read_replication_slot(&self.opts.slot).await;
+                return Err(match slot {
+                    Ok(Some(s)) if s.restart_lsn.is_none() => ReceiveError::SlotInvalidated {
+                        slot: self.opts.slot.clone(),
+                        target: conn.target().to_string(),
+                        needed: self.start,
+                    },
+                    _ => ProtocolError::Server(n).into(),
+                });
+            }
+            Err(e) => return Err(e.into()),
+        };
+        match started {
             StartOutcome::TimelineEnded(sw) => return Ok(StreamOutcome::Switch(sw)),
             StartOutcome::Streaming => {}
         }

@@ -76,6 +76,8 @@ pub struct S3Server {
     dir: TestDir,
     port: Mutex<u16>,
     child: Mutex<Option<Child>>,
+    /// The secret key the server checks signatures with (see `restart_with_secret_key`).
+    secret: Mutex<String>,
 }
 
 impl S3Server {
@@ -97,6 +99,7 @@ impl S3Server {
             dir,
             port: Mutex::new(0),
             child: Mutex::new(None),
+            secret: Mutex::new(SECRET_KEY.to_string()),
         };
         // The port is picked free, but someone may grab it before s3s-fs binds: retry.
         let mut last = String::new();
@@ -214,6 +217,13 @@ impl S3Server {
         }
     }
 
+    /// Restarts the server (same port and data) checking signatures with another secret key, as
+    /// after a credential rotation: clients still using [`env`](Self::env) get 403.
+    pub fn restart_with_secret_key(&self, secret: &str) {
+        *self.secret.lock().unwrap() = secret.to_string();
+        self.start_again();
+    }
+
     pub fn is_running(&self) -> bool {
         self.child
             .lock()
@@ -235,7 +245,8 @@ impl S3Server {
         let log_start = log.metadata().map(|m| m.len()).unwrap_or(0);
         let mut cmd = Command::new(s3s_fs_bin());
         cmd.args(["--host", "127.0.0.1", "--port", &port.to_string()])
-            .args(["--access-key", ACCESS_KEY, "--secret-key", SECRET_KEY])
+            .args(["--access-key", ACCESS_KEY, "--secret-key"])
+            .arg(self.secret.lock().unwrap().as_str())
             .arg(self.data_dir())
             .env(
                 "RUST_LOG",
