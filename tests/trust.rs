@@ -192,7 +192,7 @@ fn two_s3_archives_from_one_directory_never_share_a_spool() {
     let x_spool = work
         .path()
         .join("walagent-spool")
-        .join(spools.iter().find(|s| s.starts_with("x-")).unwrap());
+        .join(spools.iter().find(|s| s.starts_with("wal_x-")).unwrap());
     let before = names_of(&x_spool);
     let mut c = stream_cmd(
         &y,

@@ -338,6 +338,7 @@ async fn run_until_stopped(
                 tracing::warn!("{e}{hint}; retrying in {:?}", backoff.peek());
             }
             Err(e) => {
+                let e = explain_removed_wal(&opts, e, receiver.as_ref()).await;
                 if let Some(r) = receiver.take() {
                     // Keep what was received safe before reporting the error (unless the error
                     // is the archiver's own: then there is nothing left to wait for).
@@ -355,6 +356,31 @@ async fn run_until_stopped(
             _ = tokio::time::sleep(delay) => {}
             _ = wait_true(&mut shutdown) => return finish(receiver, Finished::Signal).await,
         }
+    }
+}
+
+/// "Requested WAL segment has already been removed" (58P01, sent by the walsender once it
+/// cannot read the WAL asked for) although walagent streams from a slot: ask the server about the
+/// slot on a new connection (the old one is gone with the error). An invalidated slot
+/// (max_slot_wal_keep_size; READ_REPLICATION_SLOT shows no restart_lsn) gets its own error and fix.
+async fn explain_removed_wal(
+    opts: &StreamOptions,
+    e: ReceiveError,
+    receiver: Option<&Receiver>,
+) -> ReceiveError {
+    if !matches!(&e, ReceiveError::Protocol(p) if p.sqlstate() == Some("58P01")) {
+        return e;
+    }
+    let Ok(mut conn) = Connection::connect(&opts.conninfo).await else {
+        return e;
+    };
+    match conn.read_replication_slot(&opts.slot).await {
+        Ok(Some(s)) if s.restart_lsn.is_none() => ReceiveError::SlotInvalidated {
+            slot: opts.slot.clone(),
+            target: conn.target().to_string(),
+            needed: receiver.map(|r| r.start).unwrap_or_default(),
+        },
+        _ => e,
     }
 }
 
@@ -894,27 +920,10 @@ impl Receiver {
         backoff: &mut Backoff,
     ) -> Result<StreamOutcome, ReceiveError> {
         let tli = self.timeline;
-        let started = match conn
+        match conn
             .start_replication(Some(&self.opts.slot), self.start, tli)
-            .await
+            .await?
         {
-            Ok(s) => s,
-            Err(ProtocolError::Server(n)) if n.code == "58P01" => {
-                // "WAL already removed" although there is a slot: the server invalidated it
-                // (max_slot_wal_keep_size), which READ_REPLICATION_SLOT shows as no restart_lsn.
-                let slot = conn.read_replication_slot(&self.opts.slot).await;
-                return Err(match slot {
-                    Ok(Some(s)) if s.restart_lsn.is_none() => ReceiveError::SlotInvalidated {
-                        slot: self.opts.slot.clone(),
-                        target: conn.target().to_string(),
-                        needed: self.start,
-                    },
-                    _ => ProtocolError::Server(n).into(),
-                });
-            }
-            Err(e) => return Err(e.into()),
-        };
-        match started {
             StartOutcome::TimelineEnded(sw) => return Ok(StreamOutcome::Switch(sw)),
             StartOutcome::Streaming => {}
         }
