@@ -63,7 +63,12 @@ fn spawn(mut c: Command) -> Child {
 }
 
 /// Streams until everything the server has flushed now is archived.
-fn stream_to_now(pg: &PgCluster, archive: &str, extra: &[&str], env: &[(String, String)]) -> Output {
+fn stream_to_now(
+    pg: &PgCluster,
+    archive: &str,
+    extra: &[&str],
+    env: &[(String, String)],
+) -> Output {
     let end = flush_lsn(pg);
     let mut args = vec!["--endpos", end.as_str()];
     args.extend_from_slice(extra);
@@ -223,7 +228,11 @@ fn stray_and_garbage_spool_files_are_set_aside_not_resumed_from() {
     let spool = archive.join("spool");
     // A garbage partial and a garbage ready file beyond the archive's end, and a real segment
     // of this cluster under the wrong name (its page addresses do not match the name).
-    std::fs::write(spool.join(format!("{}.partial", name(n + 6))), vec![0x5a; 9000]).unwrap();
+    std::fs::write(
+        spool.join(format!("{}.partial", name(n + 6))),
+        vec![0x5a; 9000],
+    )
+    .unwrap();
     std::fs::write(spool.join(name(n + 4)), vec![0xa5; 1 << 20]).unwrap();
     std::fs::write(spool.join(name(n + 3)), pg.read_wal_file(&names[0])).unwrap();
 
@@ -247,6 +256,27 @@ fn stray_and_garbage_spool_files_are_set_aside_not_resumed_from() {
         assert_ok(&o);
         assert!(std::fs::read(&dest).unwrap() == pg.read_wal_file(s), "{s}");
     }
+}
+
+#[test]
+fn a_hole_just_below_the_archive_end_is_streamed_again() {
+    // As after a crash with parallel uploads in flight (the newer one stored, the older one not)
+    // and the spool copy lost: the next start must fill the hole before reporting past it.
+    let pg = cluster(&[]);
+    let work = support::tempdir();
+    let archive = work.join("archive");
+    let a = archive.to_str().unwrap();
+    pg.generate_wal(5);
+    assert_ok(&stream_to_now(&pg, a, &[], &[]));
+    let names = complete_segments(&archive.join("wal"));
+    assert!(names.len() >= 4, "{names:?}");
+    let hole = names[names.len() - 2].clone();
+    std::fs::remove_file(archive.join("wal").join(format!("{hole}.zst"))).unwrap();
+    pg.generate_wal(1);
+    let end = flush_lsn(&pg);
+    assert_ok(&stream_to_now(&pg, a, &[], &[]));
+    let after = complete_segments(&archive.join("wal"));
+    assert_covers(&pg, &after, &names[0], &end);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -274,7 +304,15 @@ fn missing_walagent_json_does_not_let_another_cluster_in() {
     assert_eq!(complete_segments(&archive.join("wal")), before);
     // backup refuses the same way
     let o = support::run_walagent(
-        &["backup", "--source", &y.repl_uri(), "--archive", a, "--checkpoint", "fast"],
+        &[
+            "backup",
+            "--source",
+            &y.repl_uri(),
+            "--archive",
+            a,
+            "--checkpoint",
+            "fast",
+        ],
         &[],
     );
     let line = assert_one_line_error(&o, 1);
@@ -303,10 +341,7 @@ fn a_second_agent_is_refused_and_told_who_holds_the_lock() {
     let mut first = spawn(stream_cmd(&pg, a, &[]));
     wait_for("first agent streaming", Duration::from_secs(60), || {
         archive.join("spool").join("walagent.lock").exists()
-            && pg
-                .psql("SELECT count(*) FROM pg_stat_replication")
-                .trim()
-                == "1"
+            && pg.psql("SELECT count(*) FROM pg_stat_replication").trim() == "1"
     });
     let pid = first.id();
     // Same archive (and its default spool).
@@ -328,7 +363,10 @@ fn a_second_agent_is_refused_and_told_who_holds_the_lock() {
         &["--spool", spool.to_str().unwrap()],
     ));
     let line = assert_one_line_error(&o, 1);
-    assert!(line.contains("spool") && line.contains(&format!("pid {pid}")), "{line}");
+    assert!(
+        line.contains("spool") && line.contains(&format!("pid {pid}")),
+        "{line}"
+    );
     assert!(is_running(&mut first), "the first agent was disturbed");
     sigterm(&first);
     assert_ok(&wait_output(first, Duration::from_secs(60)));
@@ -350,7 +388,12 @@ fn s3_credentials_rotated_under_a_running_stream_is_one_line_error() {
     let mut c = stream_cmd(
         &pg,
         "s3://wal/c",
-        &["--spool", spool.to_str().unwrap(), "--partial-interval", "1"],
+        &[
+            "--spool",
+            spool.to_str().unwrap(),
+            "--partial-interval",
+            "1",
+        ],
     );
     c.envs(s3.env());
     let child = spawn(c);
@@ -363,7 +406,9 @@ fn s3_credentials_rotated_under_a_running_stream_is_one_line_error() {
     let o = wait_output(child, Duration::from_secs(120));
     let line = assert_one_line_error(&o, 1);
     assert!(
-        line.contains("403") || line.to_lowercase().contains("signature") || line.contains("denied"),
+        line.contains("403")
+            || line.to_lowercase().contains("signature")
+            || line.contains("denied"),
         "{line}"
     );
 }
@@ -378,7 +423,13 @@ impl Mount {
         }
         std::fs::create_dir_all(dir).unwrap();
         let ok = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size},mode=0700"), "tmpfs"])
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0700"),
+                "tmpfs",
+            ])
             .arg(dir)
             .status()
             .map(|s| s.success())
@@ -394,7 +445,11 @@ impl Mount {
             return None;
         }
         let d = dir.to_str().unwrap();
-        let ok = Command::new("mount").args(["--bind", d, d]).status().map(|s| s.success()).unwrap_or(false)
+        let ok = Command::new("mount")
+            .args(["--bind", d, d])
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false)
             && Command::new("mount")
                 .args(["-o", "remount,bind,ro", d])
                 .status()
@@ -488,7 +543,12 @@ fn stream_with_s3_down(extra: &[&str]) -> (S3Server, PgCluster, support::TestDir
     let pg = cluster(&[]);
     let work = support::tempdir();
     let spool = work.join("spool");
-    let mut args = vec!["--spool", spool.to_str().unwrap(), "--partial-interval", "1"];
+    let mut args = vec![
+        "--spool",
+        spool.to_str().unwrap(),
+        "--partial-interval",
+        "1",
+    ];
     args.extend_from_slice(extra);
     let mut c = stream_cmd(&pg, "s3://wal/d", &args);
     c.envs(s3.env());
@@ -509,7 +569,10 @@ fn assert_slot_covers_archive(s3: &S3Server, pg: &PgCluster, prefix: &str) {
     let names = complete_segments(&s3.object_path(&format!("{prefix}/wal")));
     let restart = pg.walfile_name(&slot_restart_lsn(pg));
     if let Some(last) = names.last() {
-        assert!(segno(&restart) <= segno(last) + 1, "slot {restart} passed the archive {last}");
+        assert!(
+            segno(&restart) <= segno(last) + 1,
+            "slot {restart} passed the archive {last}"
+        );
     }
 }
 
@@ -572,7 +635,11 @@ fn synchronous_stop_archives_the_partial() {
         let v = (u64::from_str_radix(hi, 16).unwrap() << 32) | u64::from_str_radix(lo, 16).unwrap();
         (v % (1 << 20)) as usize
     };
-    assert!(got.len() >= off && off > 0, "partial holds {} bytes, endpos at offset {off}", got.len());
+    assert!(
+        got.len() >= off && off > 0,
+        "partial holds {} bytes, endpos at offset {off}",
+        got.len()
+    );
     assert!(got[..off] == pg.read_wal_file(&seg)[..off]);
 
     // After a crash, the next start archives the spooled partial first.
@@ -620,7 +687,10 @@ fn invalidated_and_recreated_slots_are_named() {
     let o = stream_to_now(&pg, a, &["--no-loop"], &[]);
     let line = assert_one_line_error(&o, 1);
     assert!(line.contains("was invalidated"), "{line}");
-    assert!(line.contains("new base backup") && line.contains("gap"), "{line}");
+    assert!(
+        line.contains("new base backup") && line.contains("gap"),
+        "{line}"
+    );
 
     // Dropped and re-created with --create-slot: a warning that says what it means.
     pg.psql(&format!("SELECT pg_drop_replication_slot('{SLOT}')"));

@@ -48,7 +48,11 @@ impl LockError {
         match self {
             LockError::Held { what, .. } => Some(format!(
                 "stop that agent first, or give each archive its own {}",
-                if *what == "spool" { "--spool" } else { "--archive" }
+                if *what == "spool" {
+                    "--spool"
+                } else {
+                    "--archive"
+                }
             )),
             LockError::Io { .. } => {
                 Some("check that the directory exists and is writable by this user".into())

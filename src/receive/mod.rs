@@ -618,10 +618,7 @@ impl Receiver {
         };
         for id in plan.requeue {
             let path = receiver.spool.ready_path(id);
-            receiver
-                .archiver
-                .submit(Job::Segment { id, path })
-                .await?;
+            receiver.archiver.submit(Job::Segment { id, path }).await?;
         }
         for id in plan.finished_partials {
             let path = receiver.spool.partial_path(id);
@@ -654,7 +651,10 @@ impl Receiver {
     }
 
     /// Checks the slot; creates it with `--create-slot`. Returns whether it was created now.
-    async fn ensure_slot(opts: &StreamOptions, conn: &mut Connection) -> Result<bool, ReceiveError> {
+    async fn ensure_slot(
+        opts: &StreamOptions,
+        conn: &mut Connection,
+    ) -> Result<bool, ReceiveError> {
         match conn.read_replication_slot(&opts.slot).await? {
             Some(s) if s.slot_type != "physical" => Err(ReceiveError::SlotNotPhysical {
                 slot: opts.slot.clone(),

@@ -85,15 +85,49 @@ pub fn archive_start(archived: &[SegmentId], partials: &[SegmentId]) -> Option<S
         .max_by_key(|s| (s.segno, s.timeline))
 }
 
+/// How far below the archive's end a missing segment counts as a hole to fill: the archiver
+/// stores up to 4 segments at once, so a crash can leave the newest present while an older one's
+/// upload never finished (and a power loss can take the spool copy of it). Further down, a
+/// missing segment is history (expired, or a gap the operator knows of), not something this
+/// server can still send.
+pub const HOLE_WINDOW: u64 = 8;
+
+/// The lowest segment missing just below the archive's end (within [`HOLE_WINDOW`]) that no
+/// ready spool file fills: streaming must restart there, or the flush position would pass WAL
+/// that exists nowhere but on the server. Its timeline is that of the next archived segment.
+fn first_hole(input: &ResumeInput, ready: &[SegmentId], end: SegmentId) -> Option<SegmentId> {
+    let first = input.archived.iter().map(|id| id.segno).min()?;
+    let lo = first.max(end.segno.saturating_sub(HOLE_WINDOW));
+    (lo..end.segno).find_map(|segno| {
+        // A ready file fills it if plan() will queue it (the same rule as there).
+        let filled = ready
+            .iter()
+            .any(|id| id.segno == segno && id.timeline <= end.timeline);
+        if input.archived.iter().any(|id| id.segno == segno) || filled {
+            return None;
+        }
+        let tli = input
+            .archived
+            .iter()
+            .filter(|id| id.segno > segno)
+            .min_by_key(|id| (id.segno, id.timeline))
+            .map_or(end.timeline, |id| id.timeline);
+        Some(SegmentId::new(tli, segno))
+    })
+}
+
 /// Plans the resume (see the module docs).
 pub fn plan(input: &ResumeInput) -> ResumePlan {
     let archived = |id: SegmentId| input.archived.contains(&id);
     let from_archive = archive_start(&input.archived, &input.archived_partials);
-    let base = from_archive.unwrap_or(input.fallback);
-
     let mut ready = input.ready.clone();
     ready.sort_by_key(|id| (id.segno, id.timeline));
     ready.dedup();
+    let base = match from_archive {
+        Some(end) => first_hole(input, &ready, end).unwrap_or(end),
+        None => input.fallback,
+    };
+
     let mut plan = ResumePlan {
         from_archive: from_archive.is_some(),
         ..Default::default()
@@ -109,12 +143,14 @@ pub fn plan(input: &ResumeInput) -> ResumePlan {
         }
     }
     let start = next;
+    // Holes before the base are filled by ready files up to the archive's newest timeline.
+    let newest_tli = from_archive.map_or(base.timeline, |e| e.timeline.max(base.timeline));
     for &id in &ready {
         if in_chain.contains(&id) {
             plan.requeue.push(id);
         } else if archived(id) {
             plan.remove_ready.push(id);
-        } else if id.segno < base.segno && id.timeline <= base.timeline {
+        } else if id.segno < base.segno && id.timeline <= newest_tli {
             // A hole before the archive's end (say, a parallel upload that never finished).
             plan.requeue.push(id);
         } else {
@@ -235,7 +271,10 @@ mod tests {
             ..Default::default()
         });
         assert_eq!(p.start, s(1, 1));
-        assert_eq!(p.set_aside_partial, vec![(s(1, 8), SetAside::DoesNotContinue)]);
+        assert_eq!(
+            p.set_aside_partial,
+            vec![(s(1, 8), SetAside::DoesNotContinue)]
+        );
         let p = plan(&ResumeInput {
             archived: vec![s(1, 3)],
             ready: vec![s(1, 9)],
@@ -243,8 +282,14 @@ mod tests {
             ..input()
         });
         assert_eq!(p.start, s(1, 4));
-        assert_eq!(p.set_aside_ready, vec![(s(1, 9), SetAside::DoesNotContinue)]);
-        assert_eq!(p.set_aside_partial, vec![(s(1, 10), SetAside::DoesNotContinue)]);
+        assert_eq!(
+            p.set_aside_ready,
+            vec![(s(1, 9), SetAside::DoesNotContinue)]
+        );
+        assert_eq!(
+            p.set_aside_partial,
+            vec![(s(1, 10), SetAside::DoesNotContinue)]
+        );
     }
 
     #[test]
@@ -256,6 +301,29 @@ mod tests {
         });
         assert_eq!(p.start, s(1, 5));
         assert_eq!(p.requeue, vec![s(1, 3)]);
+    }
+
+    #[test]
+    fn an_unfilled_hole_below_the_end_is_streamed_again() {
+        // 4 stored, 3's upload never finished and its spool copy was lost: start at 3.
+        let p = plan(&ResumeInput {
+            archived: vec![s(1, 1), s(1, 2), s(1, 4)],
+            ready: vec![s(1, 6)],
+            ..input()
+        });
+        assert_eq!(p.start, s(1, 3));
+        assert_eq!(
+            p.set_aside_ready,
+            vec![(s(1, 6), SetAside::DoesNotContinue)]
+        );
+        // Far below the end, a missing segment is history.
+        let mut archived: Vec<_> = (20..40).map(|n| s(1, n)).collect();
+        archived.push(s(1, 1));
+        let p = plan(&ResumeInput {
+            archived,
+            ..input()
+        });
+        assert_eq!(p.start, s(1, 40));
     }
 
     #[test]
@@ -301,20 +369,26 @@ mod tests {
                 inp.partials.push(s(1 + pick(3) as u32, pick(14)));
             }
             let p = plan(&inp);
-            let base = archive_start(&inp.archived, &inp.archived_partials).unwrap_or(inp.fallback);
-            // The start is the base, or the base advanced by a chain of requeued ready files.
-            let mut at = base;
-            while at.segno < p.start.segno {
-                let found = p
-                    .requeue
-                    .iter()
-                    .find(|id| id.segno == at.segno && id.timeline >= at.timeline);
-                let Some(&id) = found else {
-                    panic!("start {:?} jumps over segment {} from base {base:?}: {inp:?}", p.start, at.segno);
-                };
-                at = id.next();
+            // Never past a segment that is neither archived nor queued: from the archive's
+            // first segment within the hole window (or the fallback) up to the start.
+            let end = archive_start(&inp.archived, &inp.archived_partials);
+            let lo = match (end, inp.archived.iter().map(|id| id.segno).min()) {
+                (Some(e), Some(first)) => first.max(e.segno.saturating_sub(HOLE_WINDOW)),
+                (Some(e), None) => e.segno,
+                (None, _) => inp.fallback.segno,
+            };
+            for segno in lo..p.start.segno {
+                let held = inp.archived.iter().any(|id| id.segno == segno)
+                    || p.requeue.iter().any(|id| id.segno == segno);
+                let before_partial_end = end.is_some_and(|e| segno < e.segno)
+                    && inp.archived_partials.iter().any(|id| id.segno >= segno)
+                    && !inp.archived.iter().any(|id| id.segno < segno);
+                assert!(
+                    held || before_partial_end,
+                    "start {:?} passes segment {segno}, neither archived nor queued: {inp:?} -> {p:?}",
+                    p.start
+                );
             }
-            assert_eq!(at.segno, p.start.segno, "{inp:?}");
             // Every spool file is accounted for exactly once.
             let n_ready = {
                 let mut r = inp.ready.clone();

@@ -85,7 +85,13 @@ pub fn default_dir(archive_spec: &str, remote: bool) -> PathBuf {
     let mut name: String = rest
         .trim_end_matches('/')
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '.' { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '.' {
+                c
+            } else {
+                '_'
+            }
+        })
         .take(80)
         .collect();
     if name.is_empty() {
