@@ -7,6 +7,7 @@
 //! See `proto-notes/durability.md`.
 
 pub mod archiver;
+pub mod flush;
 pub mod resume;
 pub mod spool;
 
@@ -788,29 +789,22 @@ impl Receiver {
         self.opts.synchronous || self.opts.ack == AckMode::Fsync
     }
 
-    /// The flush position that is honest to report (see the module docs).
+    /// The flush position that is honest to report: [`flush::flush_position`] (the invariant
+    /// "reported flush <= durable end" is stated and property-tested there).
     fn flush_lsn(&self, partial: Option<&PartialSegment>) -> Lsn {
         let progress = self.archiver.progress();
-        let prefix = if self.local_ack() {
-            // Complete segments were fsynced before their rename.
-            self.completed_upto
-        } else {
-            progress.archived_upto.min(self.completed_upto)
-        };
-        match partial {
-            Some(p) if prefix >= p.start_lsn() => {
-                let tail = if self.local_ack() {
-                    p.synced_lsn()
-                } else {
-                    match progress.snapshot {
-                        Some((id, end)) if id == p.id => end.min(p.end_lsn()),
-                        _ => prefix,
-                    }
-                };
-                tail.max(prefix)
-            }
-            _ => prefix,
-        }
+        flush::flush_position(
+            self.local_ack(),
+            self.completed_upto,
+            progress.archived_upto,
+            progress.snapshot,
+            partial.map(|p| flush::PartialView {
+                id: p.id,
+                start: p.start_lsn(),
+                written_end: p.end_lsn(),
+                synced_end: p.synced_lsn(),
+            }),
+        )
     }
 
     async fn send_status(
