@@ -96,6 +96,9 @@ async fn stream(args: StreamArgs) -> ExitCode {
         .spool
         .clone()
         .unwrap_or_else(|| receive::spool::default_dir(&args.archive, remote));
+    if args.spool.is_none() && remote {
+        receive::spool::warn_legacy_default(std::path::Path::new("walagent-spool"));
+    }
     let archive_identity = match store.local_root() {
         Some(root) => std::fs::canonicalize(&root)
             .unwrap_or(root)

@@ -170,7 +170,7 @@ fn two_s3_archives_from_one_directory_never_share_a_spool() {
     x.generate_wal(8);
     let mut c = stream_cmd(&x, "s3://wal/x", &["--partial-interval", "1"]);
     c.envs(s3.env()).current_dir(work.path());
-    let mut child = spawn(c);
+    let child = spawn(c);
     let x_end = flush_lsn(&x);
     wait_for("X archived", Duration::from_secs(60), || {
         complete_segments(&s3.object_path("x/wal")).len() >= 6

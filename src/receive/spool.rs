@@ -73,6 +73,26 @@ impl BindError {
     }
 }
 
+/// Before per-archive default spools, S3 streams spooled straight into `./walagent-spool`. WAL
+/// left there is not used by the new default: say so, once, so nothing acknowledged under
+/// `--ack fsync` is forgotten (pass `--spool ./walagent-spool` once to archive it).
+pub fn warn_legacy_default(dir: &Path) {
+    let Ok(rd) = fs::read_dir(dir) else { return };
+    let n = rd
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.len() >= 24 && n.as_bytes()[..24].iter().all(u8::is_ascii_hexdigit))
+        .count();
+    if n > 0 {
+        tracing::warn!(
+            dir = %dir.display(),
+            files = n,
+            "WAL files from an older walagent sit directly in the old default spool and are not used now; \
+             run once with --spool {} to archive them (walagent checks that they belong to this archive)",
+            dir.display()
+        );
+    }
+}
+
 /// The default spool directory: `ARCHIVE/spool` for a local archive; for S3 one directory per
 /// archive under `./walagent-spool/`, named after the bucket and prefix plus a short hash of
 /// the location, so two archives never share a spool by default.
