@@ -37,14 +37,18 @@ fn main() -> ExitCode {
         Ok(r) => r,
         Err(e) => return fail(&format!("cannot start the async runtime: {e}"), None, 2),
     };
-    match cli.command {
+    let code = match cli.command {
         Command::Stream(args) => runtime.block_on(stream(args)),
         Command::WalFetch(args) => runtime.block_on(fetch(args)),
         Command::Backup(args) => runtime.block_on(take_backup(args)),
         Command::Backups(args) => runtime.block_on(list_backups(args)),
         Command::SeedStandby(args) => runtime.block_on(seed_standby(args)),
         Command::Restore(args) => runtime.block_on(restore(args)),
-    }
+    };
+    // A stop cut short (stop timeout, second signal) leaves work behind on purpose: do not wait
+    // for it (dropping a runtime waits for blocking tasks without limit).
+    runtime.shutdown_timeout(Duration::from_secs(2));
+    code
 }
 
 /// Keeps large buffers (whole compressed segments for S3 PUTs) out of glibc's per-thread arenas.

@@ -213,6 +213,23 @@ fn two_s3_archives_from_one_directory_never_share_a_spool() {
 }
 
 #[test]
+fn a_moved_local_archive_keeps_its_own_spool() {
+    let pg = cluster(&[]);
+    let work = support::tempdir();
+    let archive = work.join("archive");
+    pg.generate_wal(2);
+    assert_ok(&stream_to_now(&pg, archive.to_str().unwrap(), &[], &[]));
+    let first = complete_segments(&archive.join("wal"))[0].clone();
+    let moved = work.join("moved");
+    std::fs::rename(&archive, &moved).unwrap();
+    pg.generate_wal(2);
+    let end = flush_lsn(&pg);
+    let o = stream_to_now(&pg, moved.to_str().unwrap(), &[], &[]);
+    assert_ok(&o);
+    assert_covers(&pg, &complete_segments(&moved.join("wal")), &first, &end);
+}
+
+#[test]
 fn stray_and_garbage_spool_files_are_set_aside_not_resumed_from() {
     let pg = cluster(&[]);
     let work = support::tempdir();

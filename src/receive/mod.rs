@@ -476,11 +476,23 @@ impl Receiver {
                 path: opts.spool_dir.display().to_string(),
                 source,
             })?;
-        spool.bind(&SpoolIdentity {
-            system_identifier: sys.system_identifier.to_string(),
-            wal_segment_size: seg_size.bytes(),
-            archive: opts.archive_identity.clone(),
-        })?;
+        let inside_archive = store.local_root().is_some_and(|root| {
+            match (
+                std::fs::canonicalize(root),
+                std::fs::canonicalize(spool.dir()),
+            ) {
+                (Ok(r), Ok(s)) => s.starts_with(r),
+                _ => false,
+            }
+        });
+        spool.bind(
+            &SpoolIdentity {
+                system_identifier: sys.system_identifier.to_string(),
+                wal_segment_size: seg_size.bytes(),
+                archive: opts.archive_identity.clone(),
+            },
+            inside_archive,
+        )?;
         let contents = spool.scan().map_err(|e| spool_err(&spool, e))?;
         let objects = store.list(layout::WAL_PREFIX).await.map_err(store_err)?;
         let mut input = ResumeInput::default();

@@ -162,7 +162,11 @@ impl Spool {
     /// Binds the spool to `identity`: writes the identity file into a spool that has none, checks
     /// it otherwise. A spool that belongs to another cluster or archive is refused (nothing in it
     /// is touched).
-    pub fn bind(&self, identity: &SpoolIdentity) -> Result<(), BindError> {
+    ///
+    /// `inside_archive`: the spool lives inside the (local) archive it feeds, as the default
+    /// `ARCHIVE/spool` does; then a different recorded archive path means the archive directory
+    /// was moved or mounted elsewhere, not another archive, and the record is updated.
+    pub fn bind(&self, identity: &SpoolIdentity, inside_archive: bool) -> Result<(), BindError> {
         let dir = self.dir.display().to_string();
         let path = self.dir.join(IDENTITY_FILE);
         let io_err = |source| BindError::Io {
@@ -178,6 +182,14 @@ impl Spool {
                     })?;
                 if &found == identity {
                     return Ok(());
+                }
+                let moved = inside_archive
+                    && found.system_identifier == identity.system_identifier
+                    && found.wal_segment_size == identity.wal_segment_size;
+                if moved {
+                    tracing::info!(spool = %dir, was = %found.archive, now = %identity.archive, "the archive holding this spool has moved");
+                    let _ = fs::remove_file(&path);
+                    return self.bind(identity, false);
                 }
                 Err(BindError::Foreign {
                     dir,
