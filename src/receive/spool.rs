@@ -419,6 +419,53 @@ mod tests {
     }
 
     #[test]
+    fn bind_refuses_another_cluster_or_archive_and_rebinds_a_moved_archive() {
+        let tmp = tempfile::tempdir().unwrap();
+        let size = SegmentSize::new(1 << 20).unwrap();
+        let spool = Spool::open(tmp.path(), size).unwrap();
+        let me = SpoolIdentity {
+            system_identifier: "7".into(),
+            wal_segment_size: 1 << 20,
+            archive: "s3://b/x".into(),
+        };
+        spool.bind(&me, false).unwrap();
+        spool.bind(&me, false).unwrap();
+        let other_archive = SpoolIdentity {
+            archive: "s3://b/y".into(),
+            ..me.clone()
+        };
+        let e = spool.bind(&other_archive, false).unwrap_err();
+        assert!(matches!(e, BindError::Foreign { .. }), "{e}");
+        assert!(e.hint().unwrap().contains("--spool"));
+        let other_cluster = SpoolIdentity {
+            system_identifier: "8".into(),
+            ..me.clone()
+        };
+        assert!(spool.bind(&other_cluster, true).is_err(), "another cluster, even inside");
+        // inside the archive: the same cluster under a new path is the archive moved
+        spool.bind(&other_archive, true).unwrap();
+        spool.bind(&other_archive, false).unwrap();
+        fs::write(tmp.path().join(IDENTITY_FILE), b"{not json").unwrap();
+        assert!(matches!(
+            spool.bind(&me, false).unwrap_err(),
+            BindError::Unreadable { .. }
+        ));
+    }
+
+    #[test]
+    fn default_spools_differ_per_archive() {
+        let a = default_dir("s3://b/x", true);
+        let b = default_dir("s3://b/x/", true);
+        let c = default_dir("s3://b/x_", true);
+        let d = default_dir("s3://b_x", true);
+        assert_eq!(a, b);
+        assert_ne!(a, c);
+        assert_ne!(a, d);
+        assert!(a.starts_with("walagent-spool"));
+        assert_eq!(default_dir("/srv/a", false), Path::new("/srv/a/spool"));
+    }
+
+    #[test]
     fn rewriting_a_partial_keeps_it_in_place_and_finish_short_truncates() {
         let tmp = tempfile::tempdir().unwrap();
         let size = SegmentSize::new(1 << 20).unwrap();
