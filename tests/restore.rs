@@ -7,6 +7,7 @@ mod support;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use support::s3::S3Server;
@@ -710,12 +711,20 @@ fn restore_from_s3_while_the_stream_runs() {
     );
     let (ts4, xid5) = (s.rows[3].0.clone(), s.rows[4].1.clone());
     let ts6 = s.rows[5].0.clone();
-    let stop = std::sync::atomic::AtomicBool::new(false);
+    let stop = AtomicBool::new(false);
     std::thread::scope(|sc| {
+        // Ends the writer below even when an assertion fails (the scope waits for it).
+        struct StopOnDrop<'a>(&'a AtomicBool);
+        impl Drop for StopOnDrop<'_> {
+            fn drop(&mut self) {
+                self.0.store(true, Ordering::SeqCst);
+            }
+        }
+        let _stop_writer = StopOnDrop(&stop);
         // More commits while restoring: the partial keeps changing under the restores.
         sc.spawn(|| {
             let mut k = 1000;
-            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+            while !stop.load(Ordering::SeqCst) {
                 s.pg.psql(&format!("INSERT INTO t VALUES ({k}, 'later')"));
                 k += 1;
                 std::thread::sleep(Duration::from_millis(300));
@@ -730,7 +739,6 @@ fn restore_from_s3_while_the_stream_runs() {
         let (c, summary) = restore_and_start(&url, &env, &["--target-time", &ts4]);
         assert_eq!(ids(&c), "1,2,3,4", "{summary}");
         drop(c);
-        stop.store(true, std::sync::atomic::Ordering::SeqCst);
     });
     // A target after the last commit in the bucket is refused for that reason (the rows of
     // the background writer carry the current time; a target an hour ahead is after them).
