@@ -27,9 +27,11 @@ use bytes::Bytes;
 use tokio::sync::{mpsc, watch};
 
 use super::envfile;
-use super::plan::{self, ChainCheck, PlanError, PlanOptions, WalIndex};
+use super::plan::{self, ChainCheck, PartialContent, PlanError, PlanOptions, WalIndex};
 use super::recovery_conf::{append_auto_conf, write_signal, Signal};
-use super::target::{recovery_settings, stop_event, RecoveryTarget, TargetAction, TargetTimeline};
+use super::target::{
+    describe_event, recovery_settings, RecoveryTarget, TargetAction, TargetTimeline,
+};
 use crate::archive::{layout, read_wal_object, ArchiveMeta, ObjectInfo, Store, StoreError};
 use crate::backup::catalog::{self, BackupInfo, Listed};
 use crate::backup::extract::{
@@ -39,7 +41,7 @@ use crate::backup::extract::{
 use crate::backup::manifest::BackupManifest;
 use crate::backup::progress::Progress;
 use crate::backup::tarstream::{EntryKind, TarEvent, TarParser};
-use crate::wal::xact::{scan_segment, WalEvent};
+use crate::wal::xact::{ScanEnd, SegmentScan, WalEvent, WalScanner};
 use crate::wal::{SegmentId, SegmentSize, TimelineHistory};
 
 #[derive(Debug, Clone)]
@@ -94,11 +96,16 @@ pub enum RestoreError {
     Io(String),
     #[error("restore cancelled; the files written so far were removed")]
     Cancelled,
+    /// A listed object was gone when read (the archive changed while planning; retried).
+    #[error("archive object {key} disappeared while planning (something is changing the archive)")]
+    Vanished { key: String },
 }
 
 impl RestoreError {
     pub fn hint(&self) -> Option<String> {
         match self {
+            RestoreError::Plan(e) => e.hint(),
+            RestoreError::Vanished { .. } => Some("run the restore again".into()),
             RestoreError::Store(e) => e.hint(),
             RestoreError::Corrupt(_) => Some(
                 "restore from another backup (--backup ID) or repair the object from a copy".into(),
@@ -143,74 +150,192 @@ impl WalKeys {
     }
 }
 
-/// Scans the chain's segments backwards from its end until the record where recovery stops is
-/// found: for a time target, until a segment shows a commit at or before the target time (the
-/// first commit after it is then in what was scanned); for xid and name targets, until the
-/// record is seen. Only WAL after the oldest candidate backup's consistency point counts.
-async fn locate_stop(
-    store: &dyn Store,
-    keys: &WalKeys,
-    chain: &ChainCheck,
-    target: &RecoveryTarget,
-    inclusive: bool,
+/// Reads archived segments for planning and scans them ([`crate::wal::xact`]), keeping the last
+/// two read (a backward scan reads each segment's successor again to finish a record that
+/// crosses into it).
+struct WalReader<'a> {
+    store: &'a dyn Store,
+    keys: WalKeys,
+    size: SegmentSize,
     system_identifier: u64,
-) -> Result<Option<WalEvent>, RestoreError> {
-    let size = chain.segment_size;
-    let mut scanned: Vec<Vec<WalEvent>> = Vec::new(); // newest segment first
-    let last = chain.segments.len().saturating_sub(1);
-    for (i, id) in chain.segments.iter().enumerate().rev() {
-        let partial = i == last && chain.ends_with_partial;
-        let Some(key) = keys.get(*id, partial) else {
-            continue;
+    cache: Vec<((SegmentId, bool), Arc<Vec<u8>>)>,
+}
+
+impl WalReader<'_> {
+    async fn read(&mut self, id: SegmentId, partial: bool) -> Result<Arc<Vec<u8>>, RestoreError> {
+        if let Some((_, b)) = self.cache.iter().find(|(k, _)| *k == (id, partial)) {
+            return Ok(b.clone());
+        }
+        let key = self.keys.get(id, partial).cloned().ok_or_else(|| {
+            RestoreError::Archive(format!(
+                "segment {}{} is not in the archive listing; this is a bug in walagent",
+                id.file_name(self.size),
+                if partial { ".partial" } else { "" }
+            ))
+        })?;
+        let bytes = Arc::new(
+            read_wal_object(self.store, &key)
+                .await?
+                .ok_or(RestoreError::Vanished { key })?,
+        );
+        if self.cache.len() >= 2 {
+            self.cache.remove(0);
+        }
+        self.cache.push(((id, partial), bytes.clone()));
+        Ok(bytes)
+    }
+
+    /// Scans `id` with `scanner` (continuing its chain when `id` follows the segment it scanned
+    /// last), as a `.partial`'s content when `partial`.
+    async fn scan(
+        &mut self,
+        scanner: &mut WalScanner,
+        id: SegmentId,
+        partial: bool,
+    ) -> Result<SegmentScan, RestoreError> {
+        let bytes = self.read(id, partial).await?;
+        let start = id.start_lsn(self.size);
+        let name = || {
+            format!(
+                "{}{}",
+                id.file_name(self.size),
+                if partial { ".partial" } else { "" }
+            )
         };
-        let bytes = read_wal_object(store, key)
-            .await?
-            .ok_or_else(|| RestoreError::Archive(format!("archive object {key} disappeared")))?;
-        let scan = scan_segment(&bytes, id.start_lsn(size), size)
-            .map_err(|e| RestoreError::Corrupt(format!("{key}: {e}")))?;
+        let scan = if partial {
+            scanner.scan_partial(start, &bytes)
+        } else {
+            scanner.scan(start, &bytes)
+        }
+        .map_err(|e| RestoreError::Corrupt(format!("archived WAL {}: {e}", name())))?;
         if let Some(sys) = scan.system_identifier {
-            if sys != system_identifier {
+            if sys != self.system_identifier {
                 return Err(RestoreError::Archive(format!(
-                    "archive object {key} holds WAL of system {sys}, but the archive and its backups belong to system {system_identifier}; the archive mixes clusters"
+                    "archived WAL {} is of system {sys}, but the archive and its backups belong to system {}; the archive mixes clusters",
+                    name(),
+                    self.system_identifier
                 )));
             }
         }
-        let events: Vec<WalEvent> = scan
-            .events
-            .into_iter()
-            .filter(|e| e.lsn >= chain.consistent_at)
-            .collect();
-        let done = match target {
-            RecoveryTarget::Time(t) => events
-                .iter()
-                .any(|e| e.kind.xid().is_some() && e.kind.time_us() <= t.pg_micros()),
-            _ => stop_event(target, inclusive, &events).is_some(),
-        };
-        scanned.push(events);
-        if done {
-            break;
-        }
+        Ok(scan)
     }
-    let forward: Vec<WalEvent> = scanned.into_iter().rev().flatten().collect();
-    Ok(stop_event(target, inclusive, &forward).map(|s| s.event.clone()))
+
+    /// What the `.partial` that ends `chain` holds: its last complete record (taken from the
+    /// segment before it when none completes in the partial itself) and where that ends.
+    async fn partial_content(
+        &mut self,
+        chain: &ChainCheck,
+    ) -> Result<PartialContent, RestoreError> {
+        let n = chain.segments.len();
+        let last = chain.segments[n - 1];
+        let alone = self
+            .scan(&mut WalScanner::new(self.size), last, true)
+            .await?;
+        if let (Some(r), Some(e)) = (alone.last_record, alone.last_record_end) {
+            return Ok(PartialContent {
+                last_record: Some(r),
+                end: e,
+            });
+        }
+        let start = last.start_lsn(self.size);
+        if n < 2 {
+            return Ok(PartialContent {
+                last_record: None,
+                end: start,
+            });
+        }
+        // Nothing completes in the partial alone: read it after its predecessor, which may
+        // carry a record into it, and otherwise holds the last complete record.
+        let mut sc = WalScanner::new(self.size);
+        let prev = self.scan(&mut sc, chain.segments[n - 2], false).await?;
+        let p = self.scan(&mut sc, last, true).await?;
+        Ok(PartialContent {
+            last_record: p.last_record.or(prev.last_record),
+            end: p.last_record_end.or(prev.last_record_end).unwrap_or(start),
+        })
+    }
+
+    /// The events of `chain`'s segments, in WAL order, read backwards from its end until
+    /// [`plan::scanned_enough`] says the stop for `target` is among them (or the chain's start
+    /// is reached). A record crossing from one segment into the next is read whole.
+    async fn scan_backwards(
+        &mut self,
+        chain: &ChainCheck,
+        target: &RecoveryTarget,
+        inclusive: bool,
+    ) -> Result<Vec<WalEvent>, RestoreError> {
+        let segs = &chain.segments;
+        let is_partial = |i: usize| chain.ends_with_partial && i + 1 == segs.len();
+        let mut scanned: Vec<Vec<WalEvent>> = Vec::new(); // newest segment first
+        for i in (0..segs.len()).rev() {
+            let mut sc = WalScanner::new(self.size);
+            let scan = self.scan(&mut sc, segs[i], is_partial(i)).await?;
+            let mut events = scan.events;
+            if let (ScanEnd::SegmentEnd { continued: Some(_) }, Some(&next)) =
+                (&scan.end, segs.get(i + 1))
+            {
+                let next_start = next.start_lsn(self.size);
+                let more = self.scan(&mut sc, next, is_partial(i + 1)).await?;
+                events.extend(more.events.into_iter().filter(|e| e.lsn < next_start));
+            }
+            let enough = plan::scanned_enough(target, inclusive, chain.consistent_at, &events);
+            scanned.push(events);
+            if enough {
+                break;
+            }
+        }
+        Ok(scanned.into_iter().rev().flatten().collect())
+    }
 }
 
-fn describe_event(e: &WalEvent) -> String {
-    use crate::wal::xact::EventKind;
-    let when = super::target::pg_micros_to_utc(e.kind.time_us())
-        .map(|t| t.format("%Y-%m-%d %H:%M:%S%.6f+00").to_string())
-        .unwrap_or_default();
-    match &e.kind {
-        EventKind::Commit { xid, .. } => format!("commit of xid {xid} at {when} (LSN {})", e.lsn),
-        EventKind::Abort { xid, .. } => format!("abort of xid {xid} at {when} (LSN {})", e.lsn),
-        EventKind::RestorePoint { name, .. } => {
-            format!("restore point {name:?} at {when} (LSN {})", e.lsn)
+/// [`plan::choose_backup`], first learning what the `.partial` ending the chosen chain holds
+/// (then choosing again with it: the backup must be consistent, and the stop reached, within
+/// what the archive really has).
+async fn choose_learning<'b>(
+    reader: &mut WalReader<'_>,
+    index: &mut WalIndex,
+    backups: &'b [BackupInfo],
+    opts: &RestoreOptions,
+    popts: &PlanOptions<'_>,
+) -> Result<plan::Choice<'b>, RestoreError> {
+    // Each round learns another partial; there are few (one per timeline end).
+    for _ in 0..16 {
+        let c = plan::choose_backup(backups, &opts.target, opts.timeline, index, popts)?;
+        match c.chain.segments.last() {
+            Some(&last) if c.chain.ends_with_partial && c.chain.partial_content.is_none() => {
+                let content = reader.partial_content(&c.chain).await?;
+                index.set_partial_content(last, content);
+            }
+            _ => return Ok(c),
         }
     }
+    Ok(plan::choose_backup(
+        backups,
+        &opts.target,
+        opts.timeline,
+        index,
+        popts,
+    )?)
 }
 
 /// Loads the archive's listing and chooses the backup (see the module docs). Writes nothing.
+/// The archive may change meanwhile (a running `walagent stream` replaces its `.partial` and
+/// removes it once the segment is complete): when an object listed is gone, planning starts
+/// again from a new listing.
 pub async fn plan(opts: &RestoreOptions, store: &dyn Store) -> Result<RestorePlan, RestoreError> {
+    let mut attempt = 1;
+    loop {
+        match plan_once(opts, store).await {
+            Err(RestoreError::Vanished { key }) if attempt < 3 => {
+                tracing::debug!("archive object {key} disappeared while planning; listing again");
+                attempt += 1;
+            }
+            r => return r,
+        }
+    }
+}
+
+async fn plan_once(opts: &RestoreOptions, store: &dyn Store) -> Result<RestorePlan, RestoreError> {
     let meta = ArchiveMeta::load(store)
         .await
         .map_err(|e| RestoreError::Archive(e.to_string()))?
@@ -268,7 +393,13 @@ pub async fn plan(opts: &RestoreOptions, store: &dyn Store) -> Result<RestorePla
             index.add_history(tli, h);
         }
     }
-    let keys = WalKeys::new(&objects, size);
+    let mut reader = WalReader {
+        store,
+        keys: WalKeys::new(&objects, size),
+        size,
+        system_identifier: meta.system_identifier,
+        cache: Vec::new(),
+    };
     let mut popts = PlanOptions {
         backup: opts.backup.as_deref(),
         allow_partial: true,
@@ -279,23 +410,39 @@ pub async fn plan(opts: &RestoreOptions, store: &dyn Store) -> Result<RestorePla
         opts.target,
         RecoveryTarget::Time(_) | RecoveryTarget::Xid(_) | RecoveryTarget::Name(_)
     ) {
+        // A time before every backup became consistent needs no WAL read to refuse.
+        if let RecoveryTarget::Time(_) = opts.target {
+            match plan::choose_backup(&backups, &opts.target, opts.timeline, &index, &popts) {
+                Err(
+                    e @ (PlanError::TargetBeforeBackups { .. }
+                    | PlanError::BackupAfterTarget { .. }
+                    | PlanError::BackupNotFound { .. }
+                    | PlanError::NoBackups),
+                ) => return Err(e.into()),
+                _ => {}
+            }
+        }
         // The chain of the oldest usable backup covers the most WAL: scan it from its end.
-        let assessed = plan::assess(
-            &backups,
-            &RecoveryTarget::End,
-            opts.timeline,
-            &index,
-            &popts,
-        );
-        let chain = assessed
-            .iter()
-            .rev()
-            .filter(|(b, _)| popts.backup.is_none_or(|id| b.id == id))
-            .find_map(|(_, r)| r.as_ref().ok())
-            .cloned();
+        let oldest_chain = |index: &WalIndex| {
+            plan::assess(&backups, &RecoveryTarget::End, opts.timeline, index, &popts)
+                .into_iter()
+                .rev()
+                .filter(|(b, _)| popts.backup.is_none_or(|id| b.id == id))
+                .find_map(|(_, r)| r.ok())
+        };
+        let mut chain = oldest_chain(&index);
+        if let Some(c) = &chain {
+            if let (true, None, Some(&last)) =
+                (c.ends_with_partial, c.partial_content, c.segments.last())
+            {
+                let content = reader.partial_content(c).await?;
+                index.set_partial_content(last, content);
+                chain = oldest_chain(&index);
+            }
+        }
         let Some(chain) = chain else {
             // No backup has a usable chain: let the planner explain why.
-            let c = plan::choose_backup(&backups, &opts.target, opts.timeline, &index, &popts)?;
+            let c = choose_learning(&mut reader, &mut index, &backups, opts, &popts).await?;
             return Ok(RestorePlan {
                 backup: c.backup.clone(),
                 chain: c.chain,
@@ -303,37 +450,14 @@ pub async fn plan(opts: &RestoreOptions, store: &dyn Store) -> Result<RestorePla
                 located: None,
             });
         };
-        let found = locate_stop(
-            store,
-            &keys,
-            &chain,
-            &opts.target,
-            opts.inclusive,
-            meta.system_identifier,
-        )
-        .await?;
-        let Some(found) = found else {
-            let what = match &opts.target {
-                RecoveryTarget::Time(t) => format!(
-                    "no transaction in the archive committed after {t}, so recovery would never reach the target"
-                ),
-                RecoveryTarget::Xid(x) => {
-                    format!("transaction {x} did not commit or abort in the archived WAL after the backup")
-                }
-                RecoveryTarget::Name(n) => {
-                    format!("restore point {n:?} is not in the archived WAL after the backup")
-                }
-                _ => String::new(),
-            };
-            return Err(RestoreError::Plan(PlanError::TargetBeyondArchive {
-                target: opts.target.to_string(),
-                last: format!("{what}; WAL ends in {}", chain.end_segment_name),
-            }));
-        };
+        let events = reader
+            .scan_backwards(&chain, &opts.target, opts.inclusive)
+            .await?;
+        let found = plan::locate_stop(&opts.target, opts.inclusive, &chain, &events)?;
         popts.located_stop = Some(found.lsn);
         located = Some(found);
     }
-    let c = plan::choose_backup(&backups, &opts.target, opts.timeline, &index, &popts)?;
+    let c = choose_learning(&mut reader, &mut index, &backups, opts, &popts).await?;
     Ok(RestorePlan {
         backup: c.backup.clone(),
         skipped: c

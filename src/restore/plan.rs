@@ -37,9 +37,10 @@ use std::fmt;
 use crate::archive::layout::{parse_wal_key, WalObject};
 use crate::archive::ObjectInfo;
 use crate::backup::catalog::BackupInfo;
+use crate::wal::xact::WalEvent;
 use crate::wal::{history_file_name, Lsn, SegmentId, SegmentSize, TimelineHistory};
 
-use super::target::{RecoveryTarget, TargetTime, TargetTimeline};
+use super::target::{describe_event, stop_event, RecoveryTarget, TargetTime, TargetTimeline};
 
 /// What the archive's `wal/` listing holds.
 #[derive(Debug, Clone)]
@@ -53,6 +54,23 @@ pub struct WalIndex {
     history_files: BTreeSet<u32>,
     /// Parsed history files, added by the caller.
     histories: BTreeMap<u32, TimelineHistory>,
+    /// What scanned `.partial` segments hold, added by the caller.
+    partial_content: BTreeMap<(u32, u64), PartialContent>,
+}
+
+/// What a `.partial` segment holds, known from scanning it (`wal::xact::WalScanner::
+/// scan_partial`; with the segment before it when no record completes in the partial itself).
+/// A `.partial` is the end of what the archive has on its timeline: replay from the archive
+/// cannot go past `end`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PartialContent {
+    /// Start of the last complete record on the way to the partial's end (it may have begun
+    /// in an earlier segment); `None` when not known. A target LSN is reached only at a record
+    /// starting at or after it.
+    pub last_record: Option<Lsn>,
+    /// Just past that record: where the archived WAL of the timeline ends. When nothing in the
+    /// partial is known to complete, its start.
+    pub end: Lsn,
 }
 
 impl WalIndex {
@@ -63,6 +81,7 @@ impl WalIndex {
             partial: BTreeSet::new(),
             history_files: BTreeSet::new(),
             histories: BTreeMap::new(),
+            partial_content: BTreeMap::new(),
         }
     }
 
@@ -126,6 +145,17 @@ impl WalIndex {
 
     pub fn history(&self, tli: u32) -> Option<&TimelineHistory> {
         self.histories.get(&tli)
+    }
+
+    /// Records what the `.partial` of `id` holds. Planning then checks targets and consistency
+    /// points against its real end instead of the segment's nominal end.
+    pub fn set_partial_content(&mut self, id: SegmentId, content: PartialContent) {
+        self.partial_content
+            .insert((id.timeline, id.segno), content);
+    }
+
+    pub fn partial_content(&self, id: SegmentId) -> Option<PartialContent> {
+        self.partial_content.get(&(id.timeline, id.segno)).copied()
     }
 
     /// Every timeline with a segment, a partial segment or a history file.
@@ -193,40 +223,45 @@ impl TimelinePath {
     }
 }
 
-/// Why no backup can be used, or the chosen one's chain is broken. One line each, naming the
-/// cause and what to do.
+/// Why no backup can be used, or the chosen one's chain is broken, or the target is not in the
+/// archive. One line each naming the cause; [`PlanError::hint`] says what to do.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PlanError {
-    #[error("the archive has no complete base backup; take one with `walagent backup` first")]
+    #[error("the archive has no complete base backup")]
     NoBackups,
-    #[error("backup {id} is not in the archive (complete backups: {available}); see `walagent backup list`")]
+    #[error("backup {id} is not in the archive (complete backups: {available})")]
     BackupNotFound { id: String, available: String },
     #[error("backup {id}: {detail}")]
     BadBackupInfo { id: String, detail: String },
-    #[error("target {target} is before the oldest backup {oldest}, which became consistent at {consistent_at}; PostgreSQL cannot stop before a backup is consistent, so choose a later target")]
+    /// `found`: where the archive has the target, when it was seen before the consistency
+    /// point (empty otherwise).
+    #[error("target {target} is before the oldest backup {oldest}, which became consistent at {consistent_at}{found}; PostgreSQL cannot stop before a backup is consistent")]
     TargetBeforeBackups {
         target: String,
         oldest: String,
         consistent_at: String,
+        found: String,
     },
-    #[error("backup {id} became consistent at {consistent_at}, after the target {target}; choose an older backup or a later target")]
+    #[error("backup {id} became consistent at {consistent_at}, after the target {target}")]
     BackupAfterTarget {
         id: String,
         consistent_at: String,
         target: String,
     },
-    #[error("timeline history file {file} is not in the archive, but replay to timeline {tli} needs it; copy it into the archive's wal/ or choose another --target-timeline")]
+    #[error(
+        "timeline history file {file} is not in the archive, but replay to timeline {tli} needs it"
+    )]
     HistoryMissing { tli: u32, file: String },
-    #[error("timeline history file {file} is in the archive but was not loaded before planning (WalIndex::add_history); this is a bug in walagent")]
+    #[error("timeline history file {file} is in the archive but was not loaded before planning (WalIndex::add_history)")]
     HistoryNotLoaded { tli: u32, file: String },
-    #[error("backup {id} is on timeline {backup_tli}, which is not an ancestor of timeline {target_tli} ({ancestry}); choose --target-timeline {backup_tli} or a backup of that line")]
+    #[error("backup {id} is on timeline {backup_tli}, which is not an ancestor of timeline {target_tli} ({ancestry})")]
     NotAncestor {
         id: String,
         backup_tli: u32,
         target_tli: u32,
         ancestry: String,
     },
-    #[error("backup {id} started at {start} on timeline {tli}, after timeline {target_tli}'s history left timeline {tli} at {switch}; use a backup taken before {switch}, or --target-timeline {tli}")]
+    #[error("backup {id} started at {start} on timeline {tli}, after timeline {target_tli}'s history left timeline {tli} at {switch}")]
     BackupAfterFork {
         id: String,
         tli: u32,
@@ -234,7 +269,7 @@ pub enum PlanError {
         switch: Lsn,
         target_tli: u32,
     },
-    #[error("backup {id} became consistent at {end} on timeline {tli}, after timeline {target_tli}'s history left timeline {tli} at {switch}; use an older backup, or --target-timeline {tli}")]
+    #[error("backup {id} became consistent at {end} on timeline {tli}, after timeline {target_tli}'s history left timeline {tli} at {switch}")]
     BackupSpansFork {
         id: String,
         tli: u32,
@@ -242,13 +277,15 @@ pub enum PlanError {
         switch: Lsn,
         target_tli: u32,
     },
-    #[error("segment {segment} is missing from the archive (needed to replay backup {id} {needed_for}); restore it into the archive's wal/ or choose a different backup or target")]
+    #[error(
+        "segment {segment} is missing from the archive (needed to replay backup {id} {needed_for})"
+    )]
     MissingSegment {
         segment: String,
         id: String,
         needed_for: String,
     },
-    #[error("segment {segment} is only in the archive as {segment}.partial (the unfinished last segment of timeline {tli}), needed to replay backup {id} {needed_for}; pass --allow-partial to replay the part it holds")]
+    #[error("segment {segment} is only in the archive as {segment}.partial (the unfinished last segment of timeline {tli}), needed to replay backup {id} {needed_for}")]
     OnlyPartial {
         segment: String,
         tli: u32,
@@ -261,11 +298,94 @@ pub enum PlanError {
         id: String,
         needed_for: String,
     },
-    #[error("target {target} lies beyond the end of the archive ({last}); choose an earlier target, or wait until the WAL is archived")]
+    /// `last`: how far the archive reaches ([`ChainCheck::describe_end`]).
+    #[error("target {target} lies beyond the end of the archive: {last}")]
     TargetBeyondArchive { target: String, last: String },
+    /// A time target after every commit and abort in the archive: PostgreSQL stops only at one
+    /// after the target, so recovery would fail at the end of the WAL.
+    #[error("no transaction in the archive committed after {target}, so recovery would never reach the target: {last_commit}, and {archive_end}")]
+    NoCommitAfter {
+        target: String,
+        /// The archive's last commit or abort (after the backup), described.
+        last_commit: String,
+        archive_end: String,
+    },
+    #[error("transaction {xid} did not commit or abort in the archived WAL after backup {id} became consistent at {consistent_at} ({archive_end})")]
+    XidNotFound {
+        xid: String,
+        id: String,
+        consistent_at: Lsn,
+        archive_end: String,
+    },
+    #[error("restore point {name:?} is not in the archived WAL after backup {id} became consistent at {consistent_at} ({archive_end})")]
+    RestorePointNotFound {
+        name: String,
+        id: String,
+        consistent_at: Lsn,
+        archive_end: String,
+    },
+    #[error("backup {id} becomes consistent at {consistent_at}, but {archive_end}")]
+    WalEndsBeforeConsistency {
+        id: String,
+        consistent_at: Lsn,
+        archive_end: String,
+    },
 }
 
 impl PlanError {
+    /// What to do about it.
+    pub fn hint(&self) -> Option<String> {
+        Some(match self {
+            PlanError::NoBackups => "take one with `walagent backup` first".into(),
+            PlanError::BackupNotFound { .. } => {
+                "choose one listed by `walagent backups`, or drop --backup".into()
+            }
+            PlanError::BadBackupInfo { .. } => {
+                "choose another backup with --backup; this one's backup.json is not usable".into()
+            }
+            PlanError::TargetBeforeBackups { .. } => "choose a later target".into(),
+            PlanError::BackupAfterTarget { .. } => {
+                "choose an older backup or a later target".into()
+            }
+            PlanError::HistoryMissing { .. } => {
+                "copy it into the archive's wal/ or choose another --target-timeline".into()
+            }
+            PlanError::HistoryNotLoaded { .. } => "this is a bug in walagent; please report it".into(),
+            PlanError::NotAncestor { backup_tli, .. } => {
+                format!("choose --target-timeline {backup_tli} or a backup of that line")
+            }
+            PlanError::BackupAfterFork { tli, switch, .. } => {
+                format!("use a backup taken before {switch}, or --target-timeline {tli}")
+            }
+            PlanError::BackupSpansFork { tli, .. } => {
+                format!("use an older backup, or --target-timeline {tli}")
+            }
+            PlanError::MissingSegment { .. } => {
+                "restore it into the archive's wal/ or choose a different backup or target".into()
+            }
+            PlanError::OnlyPartial { .. } => "pass --allow-partial to replay the part it holds".into(),
+            PlanError::PartialInTheMiddle { .. } => {
+                "restore the complete segment into the archive's wal/ or choose an earlier target"
+                    .into()
+            }
+            PlanError::TargetBeyondArchive { .. } => {
+                "choose an earlier target, or wait until the WAL is archived".into()
+            }
+            PlanError::NoCommitAfter { .. } => {
+                "choose an earlier target, restore without a target to replay everything archived, or wait until later WAL is archived".into()
+            }
+            PlanError::XidNotFound { .. } => {
+                "check the transaction id (a target xid must commit or abort after the backup), or wait until the WAL with its commit is archived".into()
+            }
+            PlanError::RestorePointNotFound { .. } => {
+                "check the name given to pg_create_restore_point() (names are case-sensitive), or wait until the WAL holding it is archived".into()
+            }
+            PlanError::WalEndsBeforeConsistency { .. } => {
+                "choose an older backup with --backup, or wait until `walagent stream` has archived the rest of its WAL".into()
+            }
+        })
+    }
+
     /// Errors about WAL missing from the archive (as opposed to backups that simply cannot reach
     /// the target): these are the ones worth reporting when every backup fails.
     fn is_archive_gap(&self) -> bool {
@@ -276,6 +396,7 @@ impl PlanError {
                 | PlanError::PartialInTheMiddle { .. }
                 | PlanError::TargetBeyondArchive { .. }
                 | PlanError::HistoryMissing { .. }
+                | PlanError::WalEndsBeforeConsistency { .. }
         )
     }
 }
@@ -312,9 +433,12 @@ pub struct ChainCheck {
     /// Where replay must get to: the target LSN (or located stop), or the consistency point for
     /// `immediate`; `None` when replay runs to the end of the chain.
     pub stop_lsn: Option<Lsn>,
-    /// Just past the last byte of the chain's last segment file (for a `.partial`, its nominal
-    /// end: how much it holds is only known from its content).
+    /// Where the chain's WAL ends: just past the last byte of its last segment file, or, for
+    /// a `.partial`, the end of what it holds when that is known
+    /// ([`WalIndex::set_partial_content`]; otherwise its nominal end).
     pub wal_end: Lsn,
+    /// What the final `.partial` holds, when known.
+    pub partial_content: Option<PartialContent>,
     /// Things worth telling the operator that do not stop the restore (WAL the chain cannot
     /// reach, a newer timeline that `latest` will not pick, a target not located in the WAL).
     pub warnings: Vec<String>,
@@ -328,6 +452,25 @@ impl ChainCheck {
         let seg = self.consistent_at.segno(self.segment_size.bytes());
         let from = self.segments.partition_point(|s| s.segno < seg);
         &self.segments[from..]
+    }
+
+    /// How far the archive reaches on this chain, for messages: `the archived WAL of timeline 1
+    /// ends at 0/B06A80 in 00000001000000000000000B.partial`.
+    pub fn describe_end(&self) -> String {
+        let last = self.segments.last().copied();
+        describe_archive_end(
+            last,
+            self.ends_with_partial,
+            self.partial_content,
+            self.segment_size,
+        )
+    }
+
+    /// The timeline the chain's last segment is read from.
+    pub fn end_timeline(&self) -> u32 {
+        self.segments
+            .last()
+            .map_or(self.target_timeline, |s| s.timeline)
     }
 
     /// One line, e.g. `backup 20261122T101500Z: 37 segments
@@ -348,6 +491,33 @@ impl ChainCheck {
                 ""
             }
         )
+    }
+}
+
+/// `the archived WAL of timeline T ends ...` for the last segment `last` of a chain.
+fn describe_archive_end(
+    last: Option<SegmentId>,
+    partial: bool,
+    content: Option<PartialContent>,
+    size: SegmentSize,
+) -> String {
+    let Some(id) = last else {
+        return "the archive has no WAL after the backup".into();
+    };
+    let name = id.file_name(size);
+    let tli = id.timeline;
+    match (partial, content) {
+        (true, Some(c)) => {
+            format!(
+                "the archived WAL of timeline {tli} ends at {} in {name}.partial",
+                c.end
+            )
+        }
+        (true, None) => format!("the archived WAL of timeline {tli} ends in {name}.partial"),
+        (false, _) => format!(
+            "the archived WAL of timeline {tli} ends with segment {name} (at most {})",
+            id.end_lsn(size)
+        ),
     }
 }
 
@@ -594,19 +764,37 @@ pub fn check_chain(
                 ends_with_partial = true;
                 break;
             }
-            return Err(if segno == required_last {
-                PlanError::OnlyPartial {
+            if segno == required_last {
+                return Err(PlanError::OnlyPartial {
                     segment: id.file_name(size),
                     tli: id.timeline,
                     id: backup.id.clone(),
                     needed_for: need,
+                });
+            }
+            // Replay needs WAL after this partial. With no later WAL of its timeline archived,
+            // the partial is where the archive ends, not a gap.
+            if !index.any_segment_from(id.timeline, segno + 1) {
+                let archive_end =
+                    describe_archive_end(Some(id), true, index.partial_content(id), size);
+                if segno < consistency_seg {
+                    return Err(PlanError::WalEndsBeforeConsistency {
+                        id: backup.id.clone(),
+                        consistent_at: backup.end_lsn,
+                        archive_end,
+                    });
                 }
-            } else {
-                PlanError::PartialInTheMiddle {
-                    segment: id.file_name(size),
-                    id: backup.id.clone(),
-                    needed_for: need,
+                if segno >= last_step_seg {
+                    return Err(PlanError::TargetBeyondArchive {
+                        target: target.to_string(),
+                        last: archive_end,
+                    });
                 }
+            }
+            return Err(PlanError::PartialInTheMiddle {
+                segment: id.file_name(size),
+                id: backup.id.clone(),
+                needed_for: need,
             });
         }
         // Beyond the archive's end: a target past the last segment of its timeline.
@@ -614,17 +802,9 @@ pub fn check_chain(
             && segno > last_step_seg
             && !index.any_segment_from(id.timeline, segno);
         if beyond && !open_ended {
-            let last = match segments.last() {
-                Some(prev) => format!(
-                    "last WAL {} on timeline {}",
-                    Lsn(prev.end_lsn(size).0 - 1),
-                    prev.timeline
-                ),
-                None => "no WAL after the backup".into(),
-            };
             return Err(PlanError::TargetBeyondArchive {
                 target: target.to_string(),
-                last,
+                last: describe_archive_end(segments.last().copied(), false, None, size),
             });
         }
         return Err(PlanError::MissingSegment {
@@ -668,13 +848,49 @@ pub fn check_chain(
     }
     let first_id = *segments.first().expect("at least the backup's own segment");
     let last_id = *segments.last().expect("at least the backup's own segment");
+    // A final partial holds less than its segment: the backup must become consistent, and a
+    // stop record must start, within what it holds.
+    let partial_content = ends_with_partial
+        .then(|| index.partial_content(last_id))
+        .flatten();
+    if let Some(c) = partial_content {
+        let archive_end = || describe_archive_end(Some(last_id), true, Some(c), size);
+        if backup.end_lsn > c.end {
+            return Err(PlanError::WalEndsBeforeConsistency {
+                id: backup.id.clone(),
+                consistent_at: backup.end_lsn,
+                archive_end: archive_end(),
+            });
+        }
+        let stop_record = match target {
+            RecoveryTarget::Immediate | RecoveryTarget::End => None,
+            _ => stop_lsn,
+        };
+        if let Some(stop) = stop_record {
+            let reached = match c.last_record {
+                Some(r) => stop <= r,
+                None => stop < last_id.start_lsn(size),
+            };
+            if !reached {
+                let last = match c.last_record {
+                    Some(r) => format!("{}, its last record starting at {r}", archive_end()),
+                    None => archive_end(),
+                };
+                return Err(PlanError::TargetBeyondArchive {
+                    target: target.to_string(),
+                    last,
+                });
+            }
+        }
+    }
     Ok(ChainCheck {
         backup_id: backup.id.clone(),
         segment_size: size,
         target_timeline: target_tli,
         first_segment_name: first_id.file_name(size),
         end_segment_name: last_id.file_name(size),
-        wal_end: last_id.end_lsn(size),
+        wal_end: partial_content.map_or(last_id.end_lsn(size), |c| c.end),
+        partial_content,
         path,
         segments,
         ends_with_partial,
@@ -814,6 +1030,7 @@ fn best_error(failures: Vec<(&BackupInfo, PlanError)>, target: &RecoveryTarget) 
                 target: target.to_string(),
                 oldest: b.id.clone(),
                 consistent_at: consistent_at.clone(),
+                found: String::new(),
             };
         }
     }
@@ -826,6 +1043,87 @@ fn best_error(failures: Vec<(&BackupInfo, PlanError)>, target: &RecoveryTarget) 
         Some(i) => usable.swap_remove(i),
         None => usable.swap_remove(0),
     }
+}
+
+/// Whether a backward scan of a chain (`events`: those of the segment just scanned) has seen
+/// enough to locate a time, xid or restore-point `target`: for a time, a commit or abort at or
+/// before it after the consistency point (the first one after the target is then among the
+/// segments scanned); otherwise the stop record itself.
+pub fn scanned_enough(
+    target: &RecoveryTarget,
+    inclusive: bool,
+    consistent_at: Lsn,
+    events: &[WalEvent],
+) -> bool {
+    let after: Vec<WalEvent> = events
+        .iter()
+        .filter(|e| e.lsn >= consistent_at)
+        .cloned()
+        .collect();
+    match target {
+        RecoveryTarget::Time(t) => after
+            .iter()
+            .any(|e| e.kind.xid().is_some() && e.kind.time_us() <= t.pg_micros()),
+        _ => stop_event(target, inclusive, &after).is_some(),
+    }
+}
+
+/// The record where recovery stops for a time, xid or restore-point target, among the `events`
+/// (in WAL order) that a scan of `chain`'s WAL found, or why recovery would never stop: a time
+/// after the archive's last commit, an xid or a restore point the archive does not have after
+/// the backup, or one it has only before the backup was consistent. `chain` is the one whose
+/// WAL was scanned (the oldest usable backup's, to the end of the archive).
+pub fn locate_stop(
+    target: &RecoveryTarget,
+    inclusive: bool,
+    chain: &ChainCheck,
+    events: &[WalEvent],
+) -> Result<WalEvent, PlanError> {
+    let (before, after): (Vec<WalEvent>, Vec<WalEvent>) = events
+        .iter()
+        .cloned()
+        .partition(|e| e.lsn < chain.consistent_at);
+    if let Some(s) = stop_event(target, inclusive, &after) {
+        return Ok(s.event.clone());
+    }
+    if let Some(s) = stop_event(target, inclusive, &before) {
+        return Err(PlanError::TargetBeforeBackups {
+            target: target.to_string(),
+            oldest: chain.backup_id.clone(),
+            consistent_at: chain.consistent_at.to_string(),
+            found: format!(" (recovery would stop at the {})", describe_event(s.event)),
+        });
+    }
+    let archive_end = chain.describe_end();
+    Err(match target {
+        RecoveryTarget::Time(_) => PlanError::NoCommitAfter {
+            target: target.to_string(),
+            last_commit: match after.iter().rev().find(|e| e.kind.xid().is_some()) {
+                Some(e) => format!("the last one is the {}", describe_event(e)),
+                None => format!(
+                    "none committed after backup {} became consistent at {}",
+                    chain.backup_id, chain.consistent_at
+                ),
+            },
+            archive_end,
+        },
+        RecoveryTarget::Xid(x) => PlanError::XidNotFound {
+            xid: x.to_string(),
+            id: chain.backup_id.clone(),
+            consistent_at: chain.consistent_at,
+            archive_end,
+        },
+        RecoveryTarget::Name(n) => PlanError::RestorePointNotFound {
+            name: n.clone(),
+            id: chain.backup_id.clone(),
+            consistent_at: chain.consistent_at,
+            archive_end,
+        },
+        _ => PlanError::TargetBeyondArchive {
+            target: target.to_string(),
+            last: archive_end,
+        },
+    })
 }
 
 impl fmt::Display for PathStep {
@@ -1344,7 +1642,8 @@ mod tests {
             PlanError::TargetBeforeBackups {
                 target: "time 2026-11-22 10:15:00+00".into(),
                 oldest: b1.id.clone(),
-                consistent_at: "2026-11-22 10:15:03.000001+00".into()
+                consistent_at: "2026-11-22 10:15:03.000001+00".into(),
+                found: String::new(),
             }
         );
         // Between the two: the older one.
@@ -1409,7 +1708,7 @@ mod tests {
             e,
             PlanError::TargetBeyondArchive {
                 target: "LSN 0/B000000".into(),
-                last: "last WAL 0/9FFFFFF on timeline 2".into()
+                last: "the archived WAL of timeline 2 ends with segment 000000020000000000000009 (at most 0/A000000)".into()
             }
         );
         assert!(
@@ -1503,7 +1802,7 @@ mod tests {
             matches!(&e, PlanError::OnlyPartial { segment, tli: 1, .. } if segment == "000000010000000000000006"),
             "{e}"
         );
-        assert!(e.to_string().contains("--allow-partial"));
+        assert!(e.hint().unwrap().contains("--allow-partial"), "{e}");
         let p = PlanOptions {
             allow_partial: true,
             ..opts()
