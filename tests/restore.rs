@@ -777,6 +777,7 @@ fn refused_untouched(archive: &str, env: &[(String, String)], extra: &[&str]) ->
     );
     assert!(!target.exists(), "{} was created", target.display());
     let line = error_line(&o);
+    eprintln!("{extra:?}: {line}");
     assert!(
         !line.contains("expected exactly"),
         "refused for the partial's size: {line}"

@@ -1905,4 +1905,373 @@ mod tests {
             "{e}"
         );
     }
+
+    fn allow_partial() -> PlanOptions<'static> {
+        PlanOptions {
+            allow_partial: true,
+            ..opts()
+        }
+    }
+
+    fn content(last_record: Option<&str>, end: &str) -> PartialContent {
+        PartialContent {
+            last_record: last_record.map(lsn),
+            end: lsn(end),
+        }
+    }
+
+    /// Segments 3..=5 complete, 6 a `.partial` holding WAL up to 0/60000A0 (its last complete
+    /// record at 0/6000080; the bytes may go on with a record cut off at their end).
+    fn partial_archive(c: Option<PartialContent>) -> WalIndex {
+        let mut ix = index(&listing(&[(1, 3..=5)], &[(1, 6)], &[]));
+        if let Some(c) = c {
+            ix.set_partial_content(SegmentId::new(1, 6), c);
+        }
+        ix
+    }
+
+    fn b3() -> BackupInfo {
+        backup(
+            "20261122T101500Z",
+            1,
+            "0/3000028",
+            "0/3000100",
+            "2026-11-22T10:15:03Z",
+        )
+    }
+
+    #[test]
+    fn what_a_trailing_partial_holds_bounds_the_targets() {
+        let b = b3();
+        let bs = std::slice::from_ref(&b);
+        let chain = |ix: &WalIndex, t: RecoveryTarget| {
+            choose_backup(bs, &t, TargetTimeline::Latest, ix, &allow_partial())
+        };
+        // Unknown content: the nominal end, as before.
+        let ix = partial_archive(None);
+        let c = chain(&ix, RecoveryTarget::Lsn(lsn("0/6000800"))).unwrap();
+        assert_eq!(c.chain.wal_end, lsn("0/7000000"));
+        assert_eq!(
+            c.chain.describe_end(),
+            "the archived WAL of timeline 1 ends in 000000010000000000000006.partial"
+        );
+        // Known content: a stop must start at or before its last complete record.
+        let ix = partial_archive(Some(content(Some("0/6000080"), "0/60000A0")));
+        for ok in ["0/6000028", "0/6000080", "0/5FFFFF0"] {
+            let c = chain(&ix, RecoveryTarget::Lsn(lsn(ok))).unwrap();
+            assert_eq!(c.chain.stop_lsn, Some(lsn(ok)));
+        }
+        let c = chain(&ix, RecoveryTarget::Lsn(lsn("0/6000080"))).unwrap();
+        assert!(c.chain.ends_with_partial);
+        assert_eq!(c.chain.wal_end, lsn("0/60000A0"));
+        assert_eq!(
+            c.chain.partial_content,
+            Some(content(Some("0/6000080"), "0/60000A0"))
+        );
+        // The record cut off at the partial's end starts at 0/60000A0: not reachable, nor is
+        // anything inside the last complete record.
+        for beyond in ["0/60000A0", "0/6000088", "0/6800000"] {
+            let e = chain(&ix, RecoveryTarget::Lsn(lsn(beyond))).unwrap_err();
+            assert_eq!(
+                e,
+                PlanError::TargetBeyondArchive {
+                    target: format!("LSN {beyond}"),
+                    last: "the archived WAL of timeline 1 ends at 0/60000A0 in 000000010000000000000006.partial, its last record starting at 0/6000080".into()
+                },
+                "{beyond}"
+            );
+            assert!(e.hint().unwrap().contains("earlier target"));
+        }
+        // A located stop (time, xid, name) is checked the same way.
+        let p = PlanOptions {
+            located_stop: Some(lsn("0/6000080")),
+            ..allow_partial()
+        };
+        let t = RecoveryTarget::Name("rp".into());
+        assert!(choose_backup(bs, &t, TargetTimeline::Latest, &ix, &p).is_ok());
+        // Beyond the partial's segment, with no later WAL on the timeline: the end of the
+        // archive, not a gap.
+        let e = chain(&ix, RecoveryTarget::Lsn(lsn("0/8000000"))).unwrap_err();
+        assert!(
+            matches!(&e, PlanError::TargetBeyondArchive { last, .. } if last.contains("ends at 0/60000A0 in 000000010000000000000006.partial")),
+            "{e}"
+        );
+        // Replay to the end and to consistency are not bounded by a stop record.
+        let c = chain(&ix, RecoveryTarget::End).unwrap();
+        assert_eq!(c.chain.wal_end, lsn("0/60000A0"));
+        assert!(chain(&ix, RecoveryTarget::Immediate).is_ok());
+    }
+
+    #[test]
+    fn empty_partial_ends_the_archive_at_its_start() {
+        let b = b3();
+        let bs = std::slice::from_ref(&b);
+        let ix = partial_archive(Some(PartialContent {
+            last_record: Some(lsn("0/5FFFF80")),
+            end: lsn("0/6000000"),
+        }));
+        let choose_p = |t: RecoveryTarget| {
+            choose_backup(bs, &t, TargetTimeline::Latest, &ix, &allow_partial())
+        };
+        let c = choose_p(RecoveryTarget::End).unwrap();
+        assert!(c.chain.ends_with_partial);
+        assert_eq!(c.chain.wal_end, lsn("0/6000000"));
+        assert!(matches!(
+            choose_p(RecoveryTarget::Lsn(lsn("0/6000028"))),
+            Err(PlanError::TargetBeyondArchive { .. })
+        ));
+        // Nothing known to complete anywhere near it: only stops before the partial count.
+        let mut ix = partial_archive(None);
+        ix.set_partial_content(
+            SegmentId::new(1, 6),
+            PartialContent {
+                last_record: None,
+                end: lsn("0/6000000"),
+            },
+        );
+        let e = choose_backup(
+            bs,
+            &RecoveryTarget::Lsn(lsn("0/6000028")),
+            TargetTimeline::Latest,
+            &ix,
+            &allow_partial(),
+        )
+        .unwrap_err();
+        assert_eq!(
+            e,
+            PlanError::TargetBeyondArchive {
+                target: "LSN 0/6000028".into(),
+                last: "the archived WAL of timeline 1 ends at 0/6000000 in 000000010000000000000006.partial".into()
+            }
+        );
+    }
+
+    #[test]
+    fn consistency_must_lie_within_the_partial() {
+        // The newer backup ends in the partial's segment, after what the partial holds (taken
+        // while the stream runs, its last WAL not uploaded yet): the older one is chosen.
+        let old = b3();
+        let new = backup(
+            "20261122T120000Z",
+            1,
+            "0/6000028",
+            "0/6000400",
+            "2026-11-22T12:00:03Z",
+        );
+        let all = vec![old.clone(), new.clone()];
+        let ix = partial_archive(Some(content(Some("0/6000080"), "0/60000A0")));
+        let c = choose_backup(
+            &all,
+            &RecoveryTarget::End,
+            TargetTimeline::Latest,
+            &ix,
+            &allow_partial(),
+        )
+        .unwrap();
+        assert_eq!(c.backup.id, old.id);
+        let (skipped, why) = &c.skipped[0];
+        assert_eq!(skipped.id, new.id);
+        assert_eq!(
+            *why,
+            PlanError::WalEndsBeforeConsistency {
+                id: new.id.clone(),
+                consistent_at: lsn("0/6000400"),
+                archive_end: "the archived WAL of timeline 1 ends at 0/60000A0 in 000000010000000000000006.partial".into()
+            }
+        );
+        assert!(why.hint().unwrap().contains("older backup"));
+        // Asked for by name, it is refused with that reason.
+        let p = PlanOptions {
+            backup: Some("20261122T120000Z"),
+            ..allow_partial()
+        };
+        let e = choose_backup(
+            &all,
+            &RecoveryTarget::Immediate,
+            TargetTimeline::Latest,
+            &ix,
+            &p,
+        )
+        .unwrap_err();
+        assert!(
+            matches!(e, PlanError::WalEndsBeforeConsistency { .. }),
+            "{e}"
+        );
+        // A backup whose consistency point is in a segment after the partial.
+        let later = backup(
+            "20261122T130000Z",
+            1,
+            "0/5000028",
+            "0/7000100",
+            "2026-11-22T13:00:03Z",
+        );
+        let e = choose_backup(
+            std::slice::from_ref(&later),
+            &RecoveryTarget::End,
+            TargetTimeline::Latest,
+            &ix,
+            &allow_partial(),
+        )
+        .unwrap_err();
+        assert!(
+            matches!(e, PlanError::WalEndsBeforeConsistency { .. }),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn partial_of_an_older_timeline_before_a_switch() {
+        // TL1 ends at 0/50000A0 in its partial of segment 5; TL2 goes on from there.
+        let (objs, h2) = promoted();
+        let mut ix = index(&objs);
+        ix.add_history(2, h2);
+        ix.set_partial_content(
+            SegmentId::new(1, 5),
+            content(Some("0/5000078"), "0/50000A0"),
+        );
+        let b = backup(
+            "20261122T101500Z",
+            1,
+            "0/1000028",
+            "0/1000100",
+            "2026-11-22T10:15:03Z",
+        );
+        let bs = std::slice::from_ref(&b);
+        // The latest timeline reads segment 5 from TL2: TL1's partial plays no part.
+        let c = choose_backup(
+            bs,
+            &RecoveryTarget::Lsn(lsn("0/5800000")),
+            TargetTimeline::Latest,
+            &ix,
+            &allow_partial(),
+        )
+        .unwrap();
+        assert!(!c.chain.ends_with_partial);
+        assert_eq!(c.chain.end_segment_name, "000000020000000000000005");
+        // Staying on TL1: its WAL ends at the switch point.
+        let tl1 = |t: RecoveryTarget| {
+            choose_backup(bs, &t, TargetTimeline::Current, &ix, &allow_partial())
+        };
+        let c = tl1(RecoveryTarget::End).unwrap();
+        assert!(c.chain.ends_with_partial);
+        assert_eq!(c.chain.wal_end, lsn("0/50000A0"));
+        assert!(tl1(RecoveryTarget::Lsn(lsn("0/5000078"))).is_ok());
+        let e = tl1(RecoveryTarget::Lsn(lsn("0/5800000"))).unwrap_err();
+        assert!(
+            matches!(&e, PlanError::TargetBeyondArchive { last, .. } if last.contains("timeline 1 ends at 0/50000A0 in 000000010000000000000005.partial")),
+            "{e}"
+        );
+        let e = tl1(RecoveryTarget::Lsn(lsn("0/7000000"))).unwrap_err();
+        assert!(matches!(e, PlanError::TargetBeyondArchive { .. }), "{e}");
+    }
+
+    fn commit(at: &str, xid: u32, time: &str) -> WalEvent {
+        WalEvent {
+            lsn: lsn(at),
+            end_lsn: Lsn(lsn(at).0 + 34),
+            kind: crate::wal::xact::EventKind::Commit {
+                xid,
+                time_us: time.parse::<TargetTime>().unwrap().pg_micros(),
+                prepared: false,
+            },
+        }
+    }
+
+    #[test]
+    fn locating_time_xid_and_name_stops() {
+        let b = b3();
+        let ix = partial_archive(Some(content(Some("0/6000080"), "0/60000A0")));
+        let chain = choose_backup(
+            std::slice::from_ref(&b),
+            &RecoveryTarget::End,
+            TargetTimeline::Latest,
+            &ix,
+            &allow_partial(),
+        )
+        .unwrap()
+        .chain;
+        let rp = WalEvent {
+            lsn: lsn("0/5000100"),
+            end_lsn: lsn("0/5000160"),
+            kind: crate::wal::xact::EventKind::RestorePoint {
+                name: "rp".into(),
+                time_us: 0,
+            },
+        };
+        let events = vec![
+            // During the backup, before it is consistent at 0/3000100.
+            commit("0/3000050", 700, "2026-11-22 10:15:01Z"),
+            commit("0/4000000", 701, "2026-11-22 10:20:00Z"),
+            rp,
+            commit("0/6000080", 702, "2026-11-22 10:30:00Z"),
+        ];
+        let loc = |t: RecoveryTarget, incl: bool| locate_stop(&t, incl, &chain, &events);
+        // Time: the first commit after it (inclusive), or at it (exclusive).
+        let e = loc(time("2026-11-22 10:20:00Z"), true).unwrap();
+        assert_eq!(e.lsn, lsn("0/6000080"));
+        let e = loc(time("2026-11-22 10:20:00Z"), false).unwrap();
+        assert_eq!(e.lsn, lsn("0/4000000"));
+        assert_eq!(
+            loc(time("2026-11-22 10:30:00Z"), false).unwrap().lsn,
+            lsn("0/6000080")
+        );
+        // After the last commit: refused, saying how far the archive reaches.
+        let e = loc(time("2026-11-22 10:30:00Z"), true).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "no transaction in the archive committed after time 2026-11-22 10:30:00+00, so recovery would never reach the target: the last one is the commit of xid 702 at 2026-11-22 10:30:00.000000+00 (LSN 0/6000080), and the archived WAL of timeline 1 ends at 0/60000A0 in 000000010000000000000006.partial"
+        );
+        assert!(e.hint().is_some());
+        // Xid and name.
+        assert_eq!(
+            loc(RecoveryTarget::Xid(701), true).unwrap().lsn,
+            lsn("0/4000000")
+        );
+        assert_eq!(
+            loc(RecoveryTarget::Name("rp".into()), true).unwrap().lsn,
+            lsn("0/5000100")
+        );
+        let e = loc(RecoveryTarget::Name("RP".into()), true).unwrap_err();
+        assert!(matches!(e, PlanError::RestorePointNotFound { .. }), "{e}");
+        assert!(
+            e.to_string()
+                .contains("ends at 0/60000A0 in 000000010000000000000006.partial"),
+            "{e}"
+        );
+        let e = loc(RecoveryTarget::Xid(999), true).unwrap_err();
+        assert!(matches!(e, PlanError::XidNotFound { .. }), "{e}");
+        // Committed before the backup was consistent: too early, not missing.
+        let e = loc(RecoveryTarget::Xid(700), true).unwrap_err();
+        assert!(
+            matches!(&e, PlanError::TargetBeforeBackups { found, .. } if found.contains("commit of xid 700")),
+            "{e}"
+        );
+        // No commit after consistency at all.
+        let e = locate_stop(&time("2026-11-22 10:16:00Z"), true, &chain, &events[..1]).unwrap_err();
+        assert!(e.to_string().contains("none committed after backup"), "{e}");
+    }
+
+    #[test]
+    fn backward_scan_stops_when_the_stop_is_seen() {
+        let c = lsn("0/3000100");
+        let seg = vec![commit("0/5000000", 701, "2026-11-22 10:20:00Z")];
+        assert!(scanned_enough(&time("2026-11-22 10:20:00Z"), true, c, &seg));
+        assert!(scanned_enough(&time("2026-11-22 10:25:00Z"), true, c, &seg));
+        // Only later commits here: the first one after the target may be further back.
+        assert!(!scanned_enough(
+            &time("2026-11-22 10:19:59Z"),
+            true,
+            c,
+            &seg
+        ));
+        assert!(scanned_enough(&RecoveryTarget::Xid(701), false, c, &seg));
+        assert!(!scanned_enough(&RecoveryTarget::Xid(702), false, c, &seg));
+        // Events before consistency do not count.
+        assert!(!scanned_enough(
+            &RecoveryTarget::Xid(701),
+            true,
+            lsn("0/6000000"),
+            &seg
+        ));
+    }
 }
