@@ -945,4 +945,163 @@ mod tests {
         let e = check_dir(&t.path().join("f"), "data directory").unwrap_err();
         assert!(e.to_string().contains("not a directory"), "{e}");
     }
+
+    mod wal_reading {
+        use super::super::*;
+        use crate::archive::local::LocalStore;
+        use crate::archive::PutMode;
+        use crate::restore::plan::{PathStep, TimelinePath};
+        use crate::wal::verify::synth::WalBuilder;
+        use crate::wal::Lsn;
+
+        const MB: u64 = 1 << 20;
+        const SYSID: u64 = 0x0123_4567_89AB_CDEF;
+        const T0: i64 = 848_646_900_000_000;
+
+        fn seg1m() -> SegmentSize {
+            SegmentSize::new(MB).unwrap()
+        }
+
+        fn commit(b: &mut WalBuilder, xid: u32, time_us: i64) -> Lsn {
+            let mut p = vec![255u8, 8];
+            p.extend_from_slice(&time_us.to_le_bytes());
+            b.push(1, 0x00, xid, &p)
+        }
+
+        /// Filler records up to `target` (within the segment, more than a header before a
+        /// page end).
+        fn fill_until(b: &mut WalBuilder, target: u64) {
+            loop {
+                let mut pos = (b.position().0 + 7) & !7;
+                if pos % 8192 == 0 {
+                    pos += if pos % MB == 0 { 40 } else { 24 };
+                }
+                if pos == target {
+                    return;
+                }
+                let page_end = (pos / 8192 + 1) * 8192;
+                let len = if target < page_end {
+                    target - pos - 24
+                } else {
+                    (page_end - pos).saturating_sub(24)
+                };
+                b.push(10, 0, 1, &vec![3; len as usize]);
+            }
+        }
+
+        /// Segment 3 complete, segment 4 only as a raw `.partial` of `partial_len` bytes; a
+        /// commit (xid 11) starts 16 bytes before segment 3 ends and finishes in the partial.
+        async fn archive(partial_len: usize) -> (tempfile::TempDir, LocalStore, Lsn, Lsn) {
+            let start = Lsn(3 * MB);
+            let mut b = WalBuilder::new(SYSID, seg1m(), 1, start);
+            commit(&mut b, 10, T0);
+            fill_until(&mut b, start.0 + MB - 16);
+            let cross = commit(&mut b, 11, T0 + 1_000_000);
+            let after = commit(&mut b, 12, T0 + 2_000_000);
+            let bytes = b.into_bytes();
+            let dir = tempfile::tempdir().unwrap();
+            let store = LocalStore::open(dir.path()).unwrap();
+            let (s3, s4) = bytes.split_at(MB as usize);
+            for (k, d) in [
+                ("wal/000000010000000000000003", s3),
+                (
+                    "wal/000000010000000000000004.partial",
+                    &s4[..partial_len.min(s4.len())],
+                ),
+            ] {
+                store
+                    .put_bytes(k, Bytes::copy_from_slice(d), PutMode::Replace)
+                    .await
+                    .unwrap();
+            }
+            (dir, store, cross, after)
+        }
+
+        fn chain() -> ChainCheck {
+            let segments = vec![SegmentId::new(1, 3), SegmentId::new(1, 4)];
+            ChainCheck {
+                backup_id: "b".into(),
+                segment_size: seg1m(),
+                target_timeline: 1,
+                path: TimelinePath {
+                    steps: vec![PathStep {
+                        timeline: 1,
+                        begin: Lsn(3 * MB),
+                        end: None,
+                    }],
+                },
+                first_segment_name: segments[0].file_name(seg1m()),
+                end_segment_name: segments[1].file_name(seg1m()),
+                segments,
+                ends_with_partial: true,
+                consistent_at: Lsn(3 * MB + 0x100),
+                stop_lsn: None,
+                wal_end: Lsn(5 * MB),
+                partial_content: None,
+                warnings: Vec::new(),
+            }
+        }
+
+        async fn reader(store: &LocalStore) -> WalReader<'_> {
+            let objects = store.list("wal/").await.unwrap();
+            WalReader {
+                store,
+                keys: WalKeys::new(&objects, seg1m()),
+                size: seg1m(),
+                system_identifier: SYSID,
+                cache: Vec::new(),
+            }
+        }
+
+        #[tokio::test]
+        async fn a_commit_crossing_into_the_partial_is_found() {
+            let (_d, store, cross, after) = archive(usize::MAX).await;
+            let mut r = reader(&store).await;
+            let ch = chain();
+            let events = r
+                .scan_backwards(&ch, &RecoveryTarget::Xid(11), true)
+                .await
+                .unwrap();
+            assert_eq!(
+                events
+                    .iter()
+                    .map(|e| (e.lsn, e.kind.xid()))
+                    .collect::<Vec<_>>(),
+                // Segment 3's own commit, the one crossing into the partial, the partial's.
+                vec![
+                    (Lsn(3 * MB + 40), Some(10)),
+                    (cross, Some(11)),
+                    (after, Some(12))
+                ]
+            );
+            let stop = plan::locate_stop(&RecoveryTarget::Xid(11), true, &ch, &events).unwrap();
+            assert_eq!(stop.lsn, cross);
+            // The partial's own last record.
+            let c = r.partial_content(&ch).await.unwrap();
+            assert_eq!(c.last_record, Some(after));
+            assert_eq!(c.end, Lsn(after.0 + 34));
+        }
+
+        #[tokio::test]
+        async fn a_partial_holding_only_a_records_tail() {
+            // 40 (long header) + the rest of the crossing commit (34 - 16 = 18) bytes.
+            let (_d, store, cross, _) = archive(58).await;
+            let mut r = reader(&store).await;
+            let c = r.partial_content(&chain()).await.unwrap();
+            assert_eq!(c.last_record, Some(cross));
+            assert_eq!(c.end, Lsn(4 * MB + 58));
+            // Empty: the last complete record is in segment 3, before the crossing one.
+            let (_d, store, cross, _) = archive(0).await;
+            let mut r = reader(&store).await;
+            let c = r.partial_content(&chain()).await.unwrap();
+            assert!(c.last_record.unwrap() < cross);
+            assert!(c.end <= cross);
+            // A time target after the last commit found: refused, not a size error.
+            let ch = chain();
+            let t = RecoveryTarget::Time("2030-01-01 00:00:00Z".parse().unwrap());
+            let events = r.scan_backwards(&ch, &t, true).await.unwrap();
+            let e = plan::locate_stop(&t, true, &ch, &events).unwrap_err();
+            assert!(matches!(e, PlanError::NoCommitAfter { .. }), "{e}");
+        }
+    }
 }
