@@ -4,10 +4,13 @@
 //!
 //! 1. Check everything without writing: the target parses, DIR (and every tablespace target) is
 //!    absent or empty, the archive is a walagent archive, the backups belong to its system.
-//! 2. Plan ([`super::plan`]): for time, xid and restore-point targets, locate the record where
-//!    PostgreSQL will stop by scanning archived WAL backwards from its end ([`crate::wal::xact`]),
-//!    then choose the newest backup that is consistent before that point and whose WAL chain
-//!    along the timeline path is unbroken. Any gap is reported by segment name; DIR is untouched.
+//! 2. Plan ([`super::plan`]): learn what a `.partial` ending the WAL chain holds (it is where
+//!    the archive ends; see `proto-notes/restore.md`); for time, xid and restore-point targets,
+//!    locate the record where PostgreSQL will stop by scanning archived WAL backwards from its
+//!    end ([`crate::wal::xact`]), then choose the newest backup that is consistent before that
+//!    point and whose WAL chain along the timeline path is unbroken. Any gap is reported by
+//!    segment name, a target the archive does not reach says how far it reaches; DIR is
+//!    untouched.
 //! 3. Restore: stream each tar object out of the store, decompress and unpack it on a blocking
 //!    thread while the next chunk downloads, checking every file's size and CRC-32C against the
 //!    backup manifest as it is written. Tablespaces first, then the main directory (whose
@@ -158,8 +161,11 @@ struct WalReader<'a> {
     keys: WalKeys,
     size: SegmentSize,
     system_identifier: u64,
-    cache: Vec<((SegmentId, bool), Arc<Vec<u8>>)>,
+    cache: Vec<(CacheKey, Arc<Vec<u8>>)>,
 }
+
+/// A segment and whether its `.partial` was read.
+type CacheKey = (SegmentId, bool);
 
 impl WalReader<'_> {
     async fn read(&mut self, id: SegmentId, partial: bool) -> Result<Arc<Vec<u8>>, RestoreError> {
@@ -412,14 +418,14 @@ async fn plan_once(opts: &RestoreOptions, store: &dyn Store) -> Result<RestorePl
     ) {
         // A time before every backup became consistent needs no WAL read to refuse.
         if let RecoveryTarget::Time(_) = opts.target {
-            match plan::choose_backup(&backups, &opts.target, opts.timeline, &index, &popts) {
-                Err(
-                    e @ (PlanError::TargetBeforeBackups { .. }
-                    | PlanError::BackupAfterTarget { .. }
-                    | PlanError::BackupNotFound { .. }
-                    | PlanError::NoBackups),
-                ) => return Err(e.into()),
-                _ => {}
+            if let Err(
+                e @ (PlanError::TargetBeforeBackups { .. }
+                | PlanError::BackupAfterTarget { .. }
+                | PlanError::BackupNotFound { .. }
+                | PlanError::NoBackups),
+            ) = plan::choose_backup(&backups, &opts.target, opts.timeline, &index, &popts)
+            {
+                return Err(e.into());
             }
         }
         // The chain of the oldest usable backup covers the most WAL: scan it from its end.

@@ -25,7 +25,11 @@
 //!   LSN in [`PlanOptions::located_stop`], otherwise they are planned like "no target".
 //! - **Partial segments.** The last, incomplete segment of a timeline is stored as `.partial`;
 //!   it counts only as the chain's final segment and only with `allow_partial` (wal-fetch serves
-//!   it under the full name with `--allow-partial`).
+//!   it under the full name with `--allow-partial`). It holds only part of its segment: once the
+//!   caller has scanned it ([`WalIndex::set_partial_content`]), the backup must be consistent and
+//!   a target LSN or located stop must start a complete record within what it holds. A target
+//!   past a partial that ends its timeline lies beyond the archive; a partial followed by later
+//!   WAL of its timeline is a gap.
 //! - **Which backup.** Newest first (by end LSN, then id), the first whose consistency point is
 //!   not after the target and whose chain checks out. PostgreSQL refuses to stop before
 //!   consistency, so for a time target a backup qualifies only when `stop_time <= target`: every
