@@ -489,10 +489,10 @@ impl ChainCheck {
             self.end_segment_name,
             if self.path.steps.len() == 1 { "" } else { "s" },
             self.path.describe(),
-            if self.ends_with_partial {
-                " (last one .partial)"
-            } else {
-                ""
+            match (self.ends_with_partial, self.partial_content) {
+                (true, Some(c)) => format!(" (last one .partial, holding WAL to {})", c.end),
+                (true, None) => " (last one .partial)".to_string(),
+                (false, _) => String::new(),
             }
         )
     }
@@ -1971,6 +1971,13 @@ mod tests {
         assert_eq!(
             c.chain.partial_content,
             Some(content(Some("0/6000080"), "0/60000A0"))
+        );
+        assert!(
+            c.chain
+                .summary()
+                .ends_with("(last one .partial, holding WAL to 0/60000A0)"),
+            "{}",
+            c.chain.summary()
         );
         // The record cut off at the partial's end starts at 0/60000A0: not reachable, nor is
         // anything inside the last complete record.
