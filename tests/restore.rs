@@ -6,7 +6,8 @@ mod support;
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use support::s3::S3Server;
@@ -518,4 +519,336 @@ fn restore_a_backup_taken_from_a_standby() {
     give_archive_to_postgres(&archive);
     let (c, summary) = restore_and_start(&a, &[], &[]);
     assert_eq!(ids(&c), "1,2,3", "{summary}");
+}
+
+// ---- archives that end in a .partial ----------------------------------------------------------
+
+/// A primary whose WAL a running `walagent stream` archives, one base backup, then `n` rows
+/// (ids 1..=n) committed one per transaction with a restore point `rp3` after row 3, all in the
+/// segment being streamed: in the archive their WAL exists only as that segment's `.partial`.
+struct LiveScenario {
+    pg: PgCluster,
+    agent: Option<Child>,
+    /// Per row: commit timestamp, xid, insert LSN just after its commit.
+    rows: Vec<(String, String, String)>,
+    /// The segment holding the rows.
+    segment: String,
+}
+
+impl LiveScenario {
+    /// SIGTERM to the stream (a clean stop) and its exit status checked.
+    fn stop_stream(&mut self) {
+        if let Some(agent) = self.agent.take() {
+            support::sigterm(&agent);
+            assert_ok(&wait_output(agent, Duration::from_secs(60)));
+        }
+    }
+}
+
+impl Drop for LiveScenario {
+    fn drop(&mut self) {
+        if let Some(mut a) = self.agent.take() {
+            let _ = a.kill();
+            let _ = a.wait();
+        }
+    }
+}
+
+fn live_scenario(
+    archive: &str,
+    env: &[(String, String)],
+    stream_extra: &[&str],
+    n: u32,
+) -> LiveScenario {
+    let pg = PgCluster::start(opts());
+    pg.psql(&format!(
+        "SELECT pg_create_physical_replication_slot('{SLOT}', true)"
+    ));
+    pg.psql("CREATE TABLE t (id int primary key, note text)");
+    let agent = walagent()
+        .args([
+            "stream",
+            "--source",
+            &pg.repl_uri(),
+            "--archive",
+            archive,
+            "--slot",
+            SLOT,
+            "--status-interval",
+            "1",
+        ])
+        .args(stream_extra)
+        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut s = LiveScenario {
+        pg,
+        agent: Some(agent),
+        rows: Vec::new(),
+        segment: String::new(),
+    };
+    let o = run_with(
+        &[
+            "backup",
+            "--source",
+            &s.pg.repl_uri(),
+            "--archive",
+            archive,
+            "--checkpoint",
+            "fast",
+        ],
+        env,
+    );
+    assert_ok(&o);
+    for k in 1..=n {
+        let pg = &s.pg;
+        pg.psql(&format!("INSERT INTO t VALUES ({k}, 'row {k}')"));
+        let ts = pg.psql(&format!(
+            "SELECT pg_xact_commit_timestamp(xmin)::text FROM t WHERE id = {k}"
+        ));
+        let xid = pg.psql(&format!("SELECT xmin::text FROM t WHERE id = {k}"));
+        let lsn = pg.psql("SELECT pg_current_wal_insert_lsn()");
+        s.rows.push((ts, xid, lsn));
+        if k == 3 {
+            pg.psql("SELECT pg_create_restore_point('rp3')");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let last = s.rows.last().unwrap().2.clone();
+    s.segment = s.pg.walfile_name(&last);
+    assert_eq!(
+        s.pg.walfile_name(&s.rows[0].2),
+        s.segment,
+        "all rows in one segment"
+    );
+    wait_until(
+        Duration::from_secs(60),
+        "the stream has received the rows",
+        || {
+            s.pg.psql(&format!(
+                "SELECT count(*) FROM pg_stat_replication WHERE write_lsn >= '{last}'"
+            )) != "0"
+        },
+    );
+    s
+}
+
+/// The byte offset of `lsn` in its segment (1 MiB segments).
+fn offset_in_segment(lsn: &str) -> usize {
+    let lo = u64::from_str_radix(lsn.split('/').nth(1).unwrap(), 16).unwrap();
+    (lo % (1 << 20)) as usize
+}
+
+/// `ts` plus `secs` seconds, as PostgreSQL prints a timestamptz.
+fn later(pg: &PgCluster, ts: &str, secs: u32) -> String {
+    pg.psql(&format!(
+        "SELECT ('{ts}'::timestamptz + interval '{secs} seconds')::text"
+    ))
+}
+
+/// After a clean stop of `walagent stream` the archive ends in `wal/<seg>.partial.zst`; time,
+/// xid and restore point targets inside it restore and replay to exactly the target.
+#[test]
+fn restore_to_time_xid_and_name_when_the_archive_ends_in_a_partial() {
+    let t = support::tempdir();
+    let archive = t.join("archive");
+    let a = archive.to_str().unwrap().to_string();
+    let mut s = live_scenario(&a, &[], &[], 6);
+    s.stop_stream();
+    let wal = archive.join("wal");
+    assert!(
+        wal.join(format!("{}.partial.zst", s.segment)).exists(),
+        "the clean stop leaves the partial"
+    );
+    assert!(!wal.join(format!("{}.zst", s.segment)).exists());
+    give_archive_to_postgres(&archive);
+    let (ts4, xid5) = (&s.rows[3].0, &s.rows[4].1);
+
+    let (c, summary) = restore_and_start(&a, &[], &["--target-time", ts4]);
+    assert_eq!(ids(&c), "1,2,3,4", "{summary}");
+    assert!(summary.contains(".partial"), "{summary}");
+    drop(c);
+    let (c, summary) = restore_and_start(&a, &[], &["--target-time", ts4, "--exclusive"]);
+    assert_eq!(ids(&c), "1,2,3", "{summary}");
+    drop(c);
+    let (c, summary) = restore_and_start(&a, &[], &["--target-xid", xid5]);
+    assert_eq!(ids(&c), "1,2,3,4,5", "{summary}");
+    drop(c);
+    let (c, summary) = restore_and_start(&a, &[], &["--target-name", "rp3"]);
+    assert_eq!(ids(&c), "1,2,3", "{summary}");
+    drop(c);
+}
+
+/// S3, with `walagent stream` still running (the partial replaced every second) and the primary
+/// still writing: the three target kinds are located in the uploaded partial and restore.
+#[test]
+fn restore_from_s3_while_the_stream_runs() {
+    let s3 = S3Server::start();
+    let env: Vec<(String, String)> = s3.env();
+    let url = s3.url("live");
+    let spool = support::tempdir();
+    let spool_path = spool.path().to_str().unwrap().to_string();
+    let mut s = live_scenario(
+        &url,
+        &env,
+        &["--spool", &spool_path, "--partial-interval", "1"],
+        6,
+    );
+    // Wait until the uploaded partial holds every row's commit.
+    let object = s3.object_path(&format!("live/wal/{}.partial.zst", s.segment));
+    let need = offset_in_segment(&s.rows.last().unwrap().2);
+    wait_until(
+        Duration::from_secs(60),
+        "the partial in the bucket covers the rows",
+        || {
+            fs::read(&object)
+                .ok()
+                .and_then(|b| zstd::stream::decode_all(&b[..]).ok())
+                .is_some_and(|w| w.len() >= need)
+        },
+    );
+    let (ts4, xid5) = (s.rows[3].0.clone(), s.rows[4].1.clone());
+    let ts6 = s.rows[5].0.clone();
+    let stop = AtomicBool::new(false);
+    std::thread::scope(|sc| {
+        // Ends the writer below even when an assertion fails (the scope waits for it).
+        struct StopOnDrop<'a>(&'a AtomicBool);
+        impl Drop for StopOnDrop<'_> {
+            fn drop(&mut self) {
+                self.0.store(true, Ordering::SeqCst);
+            }
+        }
+        let _stop_writer = StopOnDrop(&stop);
+        // More commits while restoring: the partial keeps changing under the restores.
+        sc.spawn(|| {
+            let mut k = 1000;
+            while !stop.load(Ordering::SeqCst) {
+                s.pg.psql(&format!("INSERT INTO t VALUES ({k}, 'later')"));
+                k += 1;
+                std::thread::sleep(Duration::from_millis(300));
+            }
+        });
+        let (c, summary) = restore_and_start(&url, &env, &["--target-name", "rp3"]);
+        assert_eq!(ids(&c), "1,2,3", "{summary}");
+        drop(c);
+        let (c, summary) = restore_and_start(&url, &env, &["--target-xid", &xid5]);
+        assert_eq!(ids(&c), "1,2,3,4,5", "{summary}");
+        drop(c);
+        let (c, summary) = restore_and_start(&url, &env, &["--target-time", &ts4]);
+        assert_eq!(ids(&c), "1,2,3,4", "{summary}");
+        drop(c);
+    });
+    // A target after the last commit in the bucket is refused for that reason (the rows of
+    // the background writer carry the current time; a target an hour ahead is after them).
+    let target = refused_untouched(&url, &env, &["--target-time", &later(&s.pg, &ts6, 3600)]);
+    assert!(
+        target.contains("no transaction in the archive committed after"),
+        "{target}"
+    );
+    s.stop_stream();
+}
+
+/// Runs a restore into a directory that must stay absent; returns the error line.
+fn refused_untouched(archive: &str, env: &[(String, String)], extra: &[&str]) -> String {
+    let t = support::tempdir();
+    let target = t.join("target");
+    let o = run_with(
+        &[
+            &[
+                "restore",
+                "--archive",
+                archive,
+                "--pgdata",
+                target.to_str().unwrap(),
+            ],
+            extra,
+        ]
+        .concat(),
+        env,
+    );
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "{extra:?}: {}{}",
+        stderr_of(&o),
+        String::from_utf8_lossy(&o.stdout)
+    );
+    assert!(!target.exists(), "{} was created", target.display());
+    let line = error_line(&o);
+    eprintln!("{extra:?}: {line}");
+    assert!(
+        !line.contains("expected exactly"),
+        "refused for the partial's size: {line}"
+    );
+    line
+}
+
+/// With the archive ending in a partial (after a clean stop), targets it cannot reach are
+/// refused for their own reason, before anything is written.
+#[test]
+fn partial_archive_refusals_give_their_own_reason() {
+    let t = support::tempdir();
+    let archive = t.join("archive");
+    let a = archive.to_str().unwrap().to_string();
+    let mut s = live_scenario(&a, &[], &[], 6);
+    s.stop_stream();
+    let partial = format!("{}.partial", s.segment);
+    assert!(archive.join("wal").join(format!("{partial}.zst")).exists());
+    let (ts6, xid6, lsn6) = (&s.rows[5].0, &s.rows[5].1, &s.rows[5].2);
+
+    // After the last commit: inclusive needs a commit after the target, and there is none.
+    for target in [
+        ts6.clone(),
+        later(&s.pg, ts6, 1),
+        "2100-01-01 00:00:00+00".into(),
+    ] {
+        let line = refused_untouched(&a, &[], &["--target-time", &target]);
+        assert!(
+            line.contains("no transaction in the archive committed after"),
+            "{line}"
+        );
+        // How far the archive reaches: its last commit and where its WAL ends.
+        assert!(line.contains(&format!("xid {xid6}")), "{line}");
+        assert!(line.contains(&partial), "{line}");
+        assert!(line.contains("hint: "), "{line}");
+    }
+    // At the last commit, exclusive: stops before it.
+    let o = run(&[
+        "restore",
+        "--archive",
+        &a,
+        "--pgdata",
+        t.join("dry").to_str().unwrap(),
+        "--target-time",
+        ts6,
+        "--exclusive",
+        "--dry-run",
+    ]);
+    assert_ok(&o);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains(&format!("commit of xid {xid6}")), "{out}");
+
+    // Before the backup.
+    let line = refused_untouched(&a, &[], &["--target-time", "2001-01-01 00:00:00+00"]);
+    assert!(line.contains("before the oldest backup"), "{line}");
+    // An unknown restore point, and an xid that never committed.
+    let line = refused_untouched(&a, &[], &["--target-name", "no_such_point"]);
+    assert!(
+        line.contains("restore point \"no_such_point\" is not in the archived WAL"),
+        "{line}"
+    );
+    assert!(line.contains(&partial), "{line}");
+    let line = refused_untouched(&a, &[], &["--target-xid", "4000000000"]);
+    assert!(line.contains("did not commit or abort"), "{line}");
+    // An LSN inside the partial's segment but past the WAL it holds.
+    let beyond = {
+        let (hi, lo) = lsn6.split_once('/').unwrap();
+        let lo = u64::from_str_radix(lo, 16).unwrap() + 0x1000;
+        format!("{hi}/{lo:X}")
+    };
+    let line = refused_untouched(&a, &[], &["--target-lsn", &beyond]);
+    assert!(line.contains("beyond the end of the archive"), "{line}");
+    assert!(line.contains(&partial), "{line}");
 }

@@ -4,10 +4,13 @@
 //!
 //! 1. Check everything without writing: the target parses, DIR (and every tablespace target) is
 //!    absent or empty, the archive is a walagent archive, the backups belong to its system.
-//! 2. Plan ([`super::plan`]): for time, xid and restore-point targets, locate the record where
-//!    PostgreSQL will stop by scanning archived WAL backwards from its end ([`crate::wal::xact`]),
-//!    then choose the newest backup that is consistent before that point and whose WAL chain
-//!    along the timeline path is unbroken. Any gap is reported by segment name; DIR is untouched.
+//! 2. Plan ([`super::plan`]): learn what a `.partial` ending the WAL chain holds (it is where
+//!    the archive ends; see `proto-notes/restore.md`); for time, xid and restore-point targets,
+//!    locate the record where PostgreSQL will stop by scanning archived WAL backwards from its
+//!    end ([`crate::wal::xact`]), then choose the newest backup that is consistent before that
+//!    point and whose WAL chain along the timeline path is unbroken. Any gap is reported by
+//!    segment name, a target the archive does not reach says how far it reaches; DIR is
+//!    untouched.
 //! 3. Restore: stream each tar object out of the store, decompress and unpack it on a blocking
 //!    thread while the next chunk downloads, checking every file's size and CRC-32C against the
 //!    backup manifest as it is written. Tablespaces first, then the main directory (whose
@@ -27,9 +30,11 @@ use bytes::Bytes;
 use tokio::sync::{mpsc, watch};
 
 use super::envfile;
-use super::plan::{self, ChainCheck, PlanError, PlanOptions, WalIndex};
+use super::plan::{self, ChainCheck, PartialContent, PlanError, PlanOptions, WalIndex};
 use super::recovery_conf::{append_auto_conf, write_signal, Signal};
-use super::target::{recovery_settings, stop_event, RecoveryTarget, TargetAction, TargetTimeline};
+use super::target::{
+    describe_event, recovery_settings, RecoveryTarget, TargetAction, TargetTimeline,
+};
 use crate::archive::{layout, read_wal_object, ArchiveMeta, ObjectInfo, Store, StoreError};
 use crate::backup::catalog::{self, BackupInfo, Listed};
 use crate::backup::extract::{
@@ -39,7 +44,7 @@ use crate::backup::extract::{
 use crate::backup::manifest::BackupManifest;
 use crate::backup::progress::Progress;
 use crate::backup::tarstream::{EntryKind, TarEvent, TarParser};
-use crate::wal::xact::{scan_segment, WalEvent};
+use crate::wal::xact::{ScanEnd, SegmentScan, WalEvent, WalScanner};
 use crate::wal::{SegmentId, SegmentSize, TimelineHistory};
 
 #[derive(Debug, Clone)]
@@ -94,11 +99,16 @@ pub enum RestoreError {
     Io(String),
     #[error("restore cancelled; the files written so far were removed")]
     Cancelled,
+    /// A listed object was gone when read (the archive changed while planning; retried).
+    #[error("archive object {key} disappeared while planning (something is changing the archive)")]
+    Vanished { key: String },
 }
 
 impl RestoreError {
     pub fn hint(&self) -> Option<String> {
         match self {
+            RestoreError::Plan(e) => e.hint(),
+            RestoreError::Vanished { .. } => Some("run the restore again".into()),
             RestoreError::Store(e) => e.hint(),
             RestoreError::Corrupt(_) => Some(
                 "restore from another backup (--backup ID) or repair the object from a copy".into(),
@@ -143,74 +153,195 @@ impl WalKeys {
     }
 }
 
-/// Scans the chain's segments backwards from its end until the record where recovery stops is
-/// found: for a time target, until a segment shows a commit at or before the target time (the
-/// first commit after it is then in what was scanned); for xid and name targets, until the
-/// record is seen. Only WAL after the oldest candidate backup's consistency point counts.
-async fn locate_stop(
-    store: &dyn Store,
-    keys: &WalKeys,
-    chain: &ChainCheck,
-    target: &RecoveryTarget,
-    inclusive: bool,
+/// Reads archived segments for planning and scans them ([`crate::wal::xact`]), keeping the last
+/// two read (a backward scan reads each segment's successor again to finish a record that
+/// crosses into it).
+struct WalReader<'a> {
+    store: &'a dyn Store,
+    keys: WalKeys,
+    size: SegmentSize,
     system_identifier: u64,
-) -> Result<Option<WalEvent>, RestoreError> {
-    let size = chain.segment_size;
-    let mut scanned: Vec<Vec<WalEvent>> = Vec::new(); // newest segment first
-    let last = chain.segments.len().saturating_sub(1);
-    for (i, id) in chain.segments.iter().enumerate().rev() {
-        let partial = i == last && chain.ends_with_partial;
-        let Some(key) = keys.get(*id, partial) else {
-            continue;
+    cache: Vec<(CacheKey, Arc<Vec<u8>>)>,
+}
+
+/// A segment and whether its `.partial` was read.
+type CacheKey = (SegmentId, bool);
+
+impl WalReader<'_> {
+    async fn read(&mut self, id: SegmentId, partial: bool) -> Result<Arc<Vec<u8>>, RestoreError> {
+        if let Some((_, b)) = self.cache.iter().find(|(k, _)| *k == (id, partial)) {
+            return Ok(b.clone());
+        }
+        let key = self.keys.get(id, partial).cloned().ok_or_else(|| {
+            RestoreError::Archive(format!(
+                "segment {}{} is not in the archive listing; this is a bug in walagent",
+                id.file_name(self.size),
+                if partial { ".partial" } else { "" }
+            ))
+        })?;
+        let bytes = Arc::new(
+            read_wal_object(self.store, &key)
+                .await?
+                .ok_or(RestoreError::Vanished { key })?,
+        );
+        if self.cache.len() >= 2 {
+            self.cache.remove(0);
+        }
+        self.cache.push(((id, partial), bytes.clone()));
+        Ok(bytes)
+    }
+
+    /// Scans `id` with `scanner` (continuing its chain when `id` follows the segment it scanned
+    /// last), as a `.partial`'s content when `partial`.
+    async fn scan(
+        &mut self,
+        scanner: &mut WalScanner,
+        id: SegmentId,
+        partial: bool,
+    ) -> Result<SegmentScan, RestoreError> {
+        let bytes = self.read(id, partial).await?;
+        let start = id.start_lsn(self.size);
+        let name = || {
+            format!(
+                "{}{}",
+                id.file_name(self.size),
+                if partial { ".partial" } else { "" }
+            )
         };
-        let bytes = read_wal_object(store, key)
-            .await?
-            .ok_or_else(|| RestoreError::Archive(format!("archive object {key} disappeared")))?;
-        let scan = scan_segment(&bytes, id.start_lsn(size), size)
-            .map_err(|e| RestoreError::Corrupt(format!("{key}: {e}")))?;
+        let scan = if partial {
+            scanner.scan_partial(start, &bytes)
+        } else {
+            scanner.scan(start, &bytes)
+        }
+        .map_err(|e| RestoreError::Corrupt(format!("archived WAL {}: {e}", name())))?;
         if let Some(sys) = scan.system_identifier {
-            if sys != system_identifier {
+            if sys != self.system_identifier {
                 return Err(RestoreError::Archive(format!(
-                    "archive object {key} holds WAL of system {sys}, but the archive and its backups belong to system {system_identifier}; the archive mixes clusters"
+                    "archived WAL {} is of system {sys}, but the archive and its backups belong to system {}; the archive mixes clusters",
+                    name(),
+                    self.system_identifier
                 )));
             }
         }
-        let events: Vec<WalEvent> = scan
-            .events
-            .into_iter()
-            .filter(|e| e.lsn >= chain.consistent_at)
-            .collect();
-        let done = match target {
-            RecoveryTarget::Time(t) => events
-                .iter()
-                .any(|e| e.kind.xid().is_some() && e.kind.time_us() <= t.pg_micros()),
-            _ => stop_event(target, inclusive, &events).is_some(),
-        };
-        scanned.push(events);
-        if done {
-            break;
-        }
+        Ok(scan)
     }
-    let forward: Vec<WalEvent> = scanned.into_iter().rev().flatten().collect();
-    Ok(stop_event(target, inclusive, &forward).map(|s| s.event.clone()))
+
+    /// What the `.partial` that ends `chain` holds: its last complete record (taken from the
+    /// segment before it when none completes in the partial itself) and where that ends.
+    async fn partial_content(
+        &mut self,
+        chain: &ChainCheck,
+    ) -> Result<PartialContent, RestoreError> {
+        let n = chain.segments.len();
+        let last = chain.segments[n - 1];
+        let alone = self
+            .scan(&mut WalScanner::new(self.size), last, true)
+            .await?;
+        if let (Some(r), Some(e)) = (alone.last_record, alone.last_record_end) {
+            return Ok(PartialContent {
+                last_record: Some(r),
+                end: e,
+            });
+        }
+        let start = last.start_lsn(self.size);
+        if n < 2 {
+            return Ok(PartialContent {
+                last_record: None,
+                end: start,
+            });
+        }
+        // Nothing completes in the partial alone: read it after its predecessor, which may
+        // carry a record into it, and otherwise holds the last complete record.
+        let mut sc = WalScanner::new(self.size);
+        let prev = self.scan(&mut sc, chain.segments[n - 2], false).await?;
+        let p = self.scan(&mut sc, last, true).await?;
+        Ok(PartialContent {
+            last_record: p.last_record.or(prev.last_record),
+            end: p.last_record_end.or(prev.last_record_end).unwrap_or(start),
+        })
+    }
+
+    /// The events of `chain`'s segments, in WAL order, read backwards from its end until
+    /// [`plan::scanned_enough`] says the stop for `target` is among them (or the chain's start
+    /// is reached). A record crossing from one segment into the next is read whole.
+    async fn scan_backwards(
+        &mut self,
+        chain: &ChainCheck,
+        target: &RecoveryTarget,
+        inclusive: bool,
+    ) -> Result<Vec<WalEvent>, RestoreError> {
+        let segs = &chain.segments;
+        let is_partial = |i: usize| chain.ends_with_partial && i + 1 == segs.len();
+        let mut scanned: Vec<Vec<WalEvent>> = Vec::new(); // newest segment first
+        for i in (0..segs.len()).rev() {
+            let mut sc = WalScanner::new(self.size);
+            let scan = self.scan(&mut sc, segs[i], is_partial(i)).await?;
+            let mut events = scan.events;
+            if let (ScanEnd::SegmentEnd { continued: Some(_) }, Some(&next)) =
+                (&scan.end, segs.get(i + 1))
+            {
+                let next_start = next.start_lsn(self.size);
+                let more = self.scan(&mut sc, next, is_partial(i + 1)).await?;
+                events.extend(more.events.into_iter().filter(|e| e.lsn < next_start));
+            }
+            let enough = plan::scanned_enough(target, inclusive, chain.consistent_at, &events);
+            scanned.push(events);
+            if enough {
+                break;
+            }
+        }
+        Ok(scanned.into_iter().rev().flatten().collect())
+    }
 }
 
-fn describe_event(e: &WalEvent) -> String {
-    use crate::wal::xact::EventKind;
-    let when = super::target::pg_micros_to_utc(e.kind.time_us())
-        .map(|t| t.format("%Y-%m-%d %H:%M:%S%.6f+00").to_string())
-        .unwrap_or_default();
-    match &e.kind {
-        EventKind::Commit { xid, .. } => format!("commit of xid {xid} at {when} (LSN {})", e.lsn),
-        EventKind::Abort { xid, .. } => format!("abort of xid {xid} at {when} (LSN {})", e.lsn),
-        EventKind::RestorePoint { name, .. } => {
-            format!("restore point {name:?} at {when} (LSN {})", e.lsn)
+/// [`plan::choose_backup`], first learning what the `.partial` ending the chosen chain holds
+/// (then choosing again with it: the backup must be consistent, and the stop reached, within
+/// what the archive really has).
+async fn choose_learning<'b>(
+    reader: &mut WalReader<'_>,
+    index: &mut WalIndex,
+    backups: &'b [BackupInfo],
+    opts: &RestoreOptions,
+    popts: &PlanOptions<'_>,
+) -> Result<plan::Choice<'b>, RestoreError> {
+    // Each round learns another partial; there are few (one per timeline end).
+    for _ in 0..16 {
+        let c = plan::choose_backup(backups, &opts.target, opts.timeline, index, popts)?;
+        match c.chain.segments.last() {
+            Some(&last) if c.chain.ends_with_partial && c.chain.partial_content.is_none() => {
+                let content = reader.partial_content(&c.chain).await?;
+                index.set_partial_content(last, content);
+            }
+            _ => return Ok(c),
         }
     }
+    Ok(plan::choose_backup(
+        backups,
+        &opts.target,
+        opts.timeline,
+        index,
+        popts,
+    )?)
 }
 
 /// Loads the archive's listing and chooses the backup (see the module docs). Writes nothing.
+/// The archive may change meanwhile (a running `walagent stream` replaces its `.partial` and
+/// removes it once the segment is complete): when an object listed is gone, planning starts
+/// again from a new listing.
 pub async fn plan(opts: &RestoreOptions, store: &dyn Store) -> Result<RestorePlan, RestoreError> {
+    let mut attempt = 1;
+    loop {
+        match plan_once(opts, store).await {
+            Err(RestoreError::Vanished { key }) if attempt < 3 => {
+                tracing::debug!("archive object {key} disappeared while planning; listing again");
+                attempt += 1;
+            }
+            r => return r,
+        }
+    }
+}
+
+async fn plan_once(opts: &RestoreOptions, store: &dyn Store) -> Result<RestorePlan, RestoreError> {
     let meta = ArchiveMeta::load(store)
         .await
         .map_err(|e| RestoreError::Archive(e.to_string()))?
@@ -268,7 +399,13 @@ pub async fn plan(opts: &RestoreOptions, store: &dyn Store) -> Result<RestorePla
             index.add_history(tli, h);
         }
     }
-    let keys = WalKeys::new(&objects, size);
+    let mut reader = WalReader {
+        store,
+        keys: WalKeys::new(&objects, size),
+        size,
+        system_identifier: meta.system_identifier,
+        cache: Vec::new(),
+    };
     let mut popts = PlanOptions {
         backup: opts.backup.as_deref(),
         allow_partial: true,
@@ -279,23 +416,39 @@ pub async fn plan(opts: &RestoreOptions, store: &dyn Store) -> Result<RestorePla
         opts.target,
         RecoveryTarget::Time(_) | RecoveryTarget::Xid(_) | RecoveryTarget::Name(_)
     ) {
+        // A time before every backup became consistent needs no WAL read to refuse.
+        if let RecoveryTarget::Time(_) = opts.target {
+            if let Err(
+                e @ (PlanError::TargetBeforeBackups { .. }
+                | PlanError::BackupAfterTarget { .. }
+                | PlanError::BackupNotFound { .. }
+                | PlanError::NoBackups),
+            ) = plan::choose_backup(&backups, &opts.target, opts.timeline, &index, &popts)
+            {
+                return Err(e.into());
+            }
+        }
         // The chain of the oldest usable backup covers the most WAL: scan it from its end.
-        let assessed = plan::assess(
-            &backups,
-            &RecoveryTarget::End,
-            opts.timeline,
-            &index,
-            &popts,
-        );
-        let chain = assessed
-            .iter()
-            .rev()
-            .filter(|(b, _)| popts.backup.is_none_or(|id| b.id == id))
-            .find_map(|(_, r)| r.as_ref().ok())
-            .cloned();
+        let oldest_chain = |index: &WalIndex| {
+            plan::assess(&backups, &RecoveryTarget::End, opts.timeline, index, &popts)
+                .into_iter()
+                .rev()
+                .filter(|(b, _)| popts.backup.is_none_or(|id| b.id == id))
+                .find_map(|(_, r)| r.ok())
+        };
+        let mut chain = oldest_chain(&index);
+        if let Some(c) = &chain {
+            if let (true, None, Some(&last)) =
+                (c.ends_with_partial, c.partial_content, c.segments.last())
+            {
+                let content = reader.partial_content(c).await?;
+                index.set_partial_content(last, content);
+                chain = oldest_chain(&index);
+            }
+        }
         let Some(chain) = chain else {
             // No backup has a usable chain: let the planner explain why.
-            let c = plan::choose_backup(&backups, &opts.target, opts.timeline, &index, &popts)?;
+            let c = choose_learning(&mut reader, &mut index, &backups, opts, &popts).await?;
             return Ok(RestorePlan {
                 backup: c.backup.clone(),
                 chain: c.chain,
@@ -303,37 +456,14 @@ pub async fn plan(opts: &RestoreOptions, store: &dyn Store) -> Result<RestorePla
                 located: None,
             });
         };
-        let found = locate_stop(
-            store,
-            &keys,
-            &chain,
-            &opts.target,
-            opts.inclusive,
-            meta.system_identifier,
-        )
-        .await?;
-        let Some(found) = found else {
-            let what = match &opts.target {
-                RecoveryTarget::Time(t) => format!(
-                    "no transaction in the archive committed after {t}, so recovery would never reach the target"
-                ),
-                RecoveryTarget::Xid(x) => {
-                    format!("transaction {x} did not commit or abort in the archived WAL after the backup")
-                }
-                RecoveryTarget::Name(n) => {
-                    format!("restore point {n:?} is not in the archived WAL after the backup")
-                }
-                _ => String::new(),
-            };
-            return Err(RestoreError::Plan(PlanError::TargetBeyondArchive {
-                target: opts.target.to_string(),
-                last: format!("{what}; WAL ends in {}", chain.end_segment_name),
-            }));
-        };
+        let events = reader
+            .scan_backwards(&chain, &opts.target, opts.inclusive)
+            .await?;
+        let found = plan::locate_stop(&opts.target, opts.inclusive, &chain, &events)?;
         popts.located_stop = Some(found.lsn);
         located = Some(found);
     }
-    let c = plan::choose_backup(&backups, &opts.target, opts.timeline, &index, &popts)?;
+    let c = choose_learning(&mut reader, &mut index, &backups, opts, &popts).await?;
     Ok(RestorePlan {
         backup: c.backup.clone(),
         skipped: c
@@ -820,5 +950,164 @@ mod tests {
         assert!(e.to_string().contains("not empty (found f)"), "{e}");
         let e = check_dir(&t.path().join("f"), "data directory").unwrap_err();
         assert!(e.to_string().contains("not a directory"), "{e}");
+    }
+
+    mod wal_reading {
+        use super::super::*;
+        use crate::archive::local::LocalStore;
+        use crate::archive::PutMode;
+        use crate::restore::plan::{PathStep, TimelinePath};
+        use crate::wal::verify::synth::WalBuilder;
+        use crate::wal::Lsn;
+
+        const MB: u64 = 1 << 20;
+        const SYSID: u64 = 0x0123_4567_89AB_CDEF;
+        const T0: i64 = 848_646_900_000_000;
+
+        fn seg1m() -> SegmentSize {
+            SegmentSize::new(MB).unwrap()
+        }
+
+        fn commit(b: &mut WalBuilder, xid: u32, time_us: i64) -> Lsn {
+            let mut p = vec![255u8, 8];
+            p.extend_from_slice(&time_us.to_le_bytes());
+            b.push(1, 0x00, xid, &p)
+        }
+
+        /// Filler records up to `target` (within the segment, more than a header before a
+        /// page end).
+        fn fill_until(b: &mut WalBuilder, target: u64) {
+            loop {
+                let mut pos = (b.position().0 + 7) & !7;
+                if pos % 8192 == 0 {
+                    pos += if pos % MB == 0 { 40 } else { 24 };
+                }
+                if pos == target {
+                    return;
+                }
+                let page_end = (pos / 8192 + 1) * 8192;
+                let len = if target < page_end {
+                    target - pos - 24
+                } else {
+                    (page_end - pos).saturating_sub(24)
+                };
+                b.push(10, 0, 1, &vec![3; len as usize]);
+            }
+        }
+
+        /// Segment 3 complete, segment 4 only as a raw `.partial` of `partial_len` bytes; a
+        /// commit (xid 11) starts 16 bytes before segment 3 ends and finishes in the partial.
+        async fn archive(partial_len: usize) -> (tempfile::TempDir, LocalStore, Lsn, Lsn) {
+            let start = Lsn(3 * MB);
+            let mut b = WalBuilder::new(SYSID, seg1m(), 1, start);
+            commit(&mut b, 10, T0);
+            fill_until(&mut b, start.0 + MB - 16);
+            let cross = commit(&mut b, 11, T0 + 1_000_000);
+            let after = commit(&mut b, 12, T0 + 2_000_000);
+            let bytes = b.into_bytes();
+            let dir = tempfile::tempdir().unwrap();
+            let store = LocalStore::open(dir.path()).unwrap();
+            let (s3, s4) = bytes.split_at(MB as usize);
+            for (k, d) in [
+                ("wal/000000010000000000000003", s3),
+                (
+                    "wal/000000010000000000000004.partial",
+                    &s4[..partial_len.min(s4.len())],
+                ),
+            ] {
+                store
+                    .put_bytes(k, Bytes::copy_from_slice(d), PutMode::Replace)
+                    .await
+                    .unwrap();
+            }
+            (dir, store, cross, after)
+        }
+
+        fn chain() -> ChainCheck {
+            let segments = vec![SegmentId::new(1, 3), SegmentId::new(1, 4)];
+            ChainCheck {
+                backup_id: "b".into(),
+                segment_size: seg1m(),
+                target_timeline: 1,
+                path: TimelinePath {
+                    steps: vec![PathStep {
+                        timeline: 1,
+                        begin: Lsn(3 * MB),
+                        end: None,
+                    }],
+                },
+                first_segment_name: segments[0].file_name(seg1m()),
+                end_segment_name: segments[1].file_name(seg1m()),
+                segments,
+                ends_with_partial: true,
+                consistent_at: Lsn(3 * MB + 0x100),
+                stop_lsn: None,
+                wal_end: Lsn(5 * MB),
+                partial_content: None,
+                warnings: Vec::new(),
+            }
+        }
+
+        async fn reader(store: &LocalStore) -> WalReader<'_> {
+            let objects = store.list("wal/").await.unwrap();
+            WalReader {
+                store,
+                keys: WalKeys::new(&objects, seg1m()),
+                size: seg1m(),
+                system_identifier: SYSID,
+                cache: Vec::new(),
+            }
+        }
+
+        #[tokio::test]
+        async fn a_commit_crossing_into_the_partial_is_found() {
+            let (_d, store, cross, after) = archive(usize::MAX).await;
+            let mut r = reader(&store).await;
+            let ch = chain();
+            let events = r
+                .scan_backwards(&ch, &RecoveryTarget::Xid(11), true)
+                .await
+                .unwrap();
+            assert_eq!(
+                events
+                    .iter()
+                    .map(|e| (e.lsn, e.kind.xid()))
+                    .collect::<Vec<_>>(),
+                // Segment 3's own commit, the one crossing into the partial, the partial's.
+                vec![
+                    (Lsn(3 * MB + 40), Some(10)),
+                    (cross, Some(11)),
+                    (after, Some(12))
+                ]
+            );
+            let stop = plan::locate_stop(&RecoveryTarget::Xid(11), true, &ch, &events).unwrap();
+            assert_eq!(stop.lsn, cross);
+            // The partial's own last record.
+            let c = r.partial_content(&ch).await.unwrap();
+            assert_eq!(c.last_record, Some(after));
+            assert_eq!(c.end, Lsn(after.0 + 34));
+        }
+
+        #[tokio::test]
+        async fn a_partial_holding_only_a_records_tail() {
+            // 40 (long header) + the rest of the crossing commit (34 - 16 = 18) bytes.
+            let (_d, store, cross, _) = archive(58).await;
+            let mut r = reader(&store).await;
+            let c = r.partial_content(&chain()).await.unwrap();
+            assert_eq!(c.last_record, Some(cross));
+            assert_eq!(c.end, Lsn(4 * MB + 58));
+            // Empty: the last complete record is in segment 3, before the crossing one.
+            let (_d, store, cross, _) = archive(0).await;
+            let mut r = reader(&store).await;
+            let c = r.partial_content(&chain()).await.unwrap();
+            assert!(c.last_record.unwrap() < cross);
+            assert!(c.end <= cross);
+            // A time target after the last commit found: refused, not a size error.
+            let ch = chain();
+            let t = RecoveryTarget::Time("2030-01-01 00:00:00Z".parse().unwrap());
+            let events = r.scan_backwards(&ch, &t, true).await.unwrap();
+            let e = plan::locate_stop(&t, true, &ch, &events).unwrap_err();
+            assert!(matches!(e, PlanError::NoCommitAfter { .. }), "{e}");
+        }
     }
 }

@@ -25,7 +25,11 @@
 //!   LSN in [`PlanOptions::located_stop`], otherwise they are planned like "no target".
 //! - **Partial segments.** The last, incomplete segment of a timeline is stored as `.partial`;
 //!   it counts only as the chain's final segment and only with `allow_partial` (wal-fetch serves
-//!   it under the full name with `--allow-partial`).
+//!   it under the full name with `--allow-partial`). It holds only part of its segment: once the
+//!   caller has scanned it ([`WalIndex::set_partial_content`]), the backup must be consistent and
+//!   a target LSN or located stop must start a complete record within what it holds. A target
+//!   past a partial that ends its timeline lies beyond the archive; a partial followed by later
+//!   WAL of its timeline is a gap.
 //! - **Which backup.** Newest first (by end LSN, then id), the first whose consistency point is
 //!   not after the target and whose chain checks out. PostgreSQL refuses to stop before
 //!   consistency, so for a time target a backup qualifies only when `stop_time <= target`: every
@@ -37,9 +41,10 @@ use std::fmt;
 use crate::archive::layout::{parse_wal_key, WalObject};
 use crate::archive::ObjectInfo;
 use crate::backup::catalog::BackupInfo;
+use crate::wal::xact::WalEvent;
 use crate::wal::{history_file_name, Lsn, SegmentId, SegmentSize, TimelineHistory};
 
-use super::target::{RecoveryTarget, TargetTime, TargetTimeline};
+use super::target::{describe_event, stop_event, RecoveryTarget, TargetTime, TargetTimeline};
 
 /// What the archive's `wal/` listing holds.
 #[derive(Debug, Clone)]
@@ -53,6 +58,23 @@ pub struct WalIndex {
     history_files: BTreeSet<u32>,
     /// Parsed history files, added by the caller.
     histories: BTreeMap<u32, TimelineHistory>,
+    /// What scanned `.partial` segments hold, added by the caller.
+    partial_content: BTreeMap<(u32, u64), PartialContent>,
+}
+
+/// What a `.partial` segment holds, known from scanning it (`wal::xact::WalScanner::
+/// scan_partial`; with the segment before it when no record completes in the partial itself).
+/// A `.partial` is the end of what the archive has on its timeline: replay from the archive
+/// cannot go past `end`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PartialContent {
+    /// Start of the last complete record on the way to the partial's end (it may have begun
+    /// in an earlier segment); `None` when not known. A target LSN is reached only at a record
+    /// starting at or after it.
+    pub last_record: Option<Lsn>,
+    /// Just past that record: where the archived WAL of the timeline ends. When nothing in the
+    /// partial is known to complete, its start.
+    pub end: Lsn,
 }
 
 impl WalIndex {
@@ -63,6 +85,7 @@ impl WalIndex {
             partial: BTreeSet::new(),
             history_files: BTreeSet::new(),
             histories: BTreeMap::new(),
+            partial_content: BTreeMap::new(),
         }
     }
 
@@ -126,6 +149,17 @@ impl WalIndex {
 
     pub fn history(&self, tli: u32) -> Option<&TimelineHistory> {
         self.histories.get(&tli)
+    }
+
+    /// Records what the `.partial` of `id` holds. Planning then checks targets and consistency
+    /// points against its real end instead of the segment's nominal end.
+    pub fn set_partial_content(&mut self, id: SegmentId, content: PartialContent) {
+        self.partial_content
+            .insert((id.timeline, id.segno), content);
+    }
+
+    pub fn partial_content(&self, id: SegmentId) -> Option<PartialContent> {
+        self.partial_content.get(&(id.timeline, id.segno)).copied()
     }
 
     /// Every timeline with a segment, a partial segment or a history file.
@@ -193,40 +227,45 @@ impl TimelinePath {
     }
 }
 
-/// Why no backup can be used, or the chosen one's chain is broken. One line each, naming the
-/// cause and what to do.
+/// Why no backup can be used, or the chosen one's chain is broken, or the target is not in the
+/// archive. One line each naming the cause; [`PlanError::hint`] says what to do.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PlanError {
-    #[error("the archive has no complete base backup; take one with `walagent backup` first")]
+    #[error("the archive has no complete base backup")]
     NoBackups,
-    #[error("backup {id} is not in the archive (complete backups: {available}); see `walagent backup list`")]
+    #[error("backup {id} is not in the archive (complete backups: {available})")]
     BackupNotFound { id: String, available: String },
     #[error("backup {id}: {detail}")]
     BadBackupInfo { id: String, detail: String },
-    #[error("target {target} is before the oldest backup {oldest}, which became consistent at {consistent_at}; PostgreSQL cannot stop before a backup is consistent, so choose a later target")]
+    /// `found`: where the archive has the target, when it was seen before the consistency
+    /// point (empty otherwise).
+    #[error("target {target} is before the oldest backup {oldest}, which became consistent at {consistent_at}{found}; PostgreSQL cannot stop before a backup is consistent")]
     TargetBeforeBackups {
         target: String,
         oldest: String,
         consistent_at: String,
+        found: String,
     },
-    #[error("backup {id} became consistent at {consistent_at}, after the target {target}; choose an older backup or a later target")]
+    #[error("backup {id} became consistent at {consistent_at}, after the target {target}")]
     BackupAfterTarget {
         id: String,
         consistent_at: String,
         target: String,
     },
-    #[error("timeline history file {file} is not in the archive, but replay to timeline {tli} needs it; copy it into the archive's wal/ or choose another --target-timeline")]
+    #[error(
+        "timeline history file {file} is not in the archive, but replay to timeline {tli} needs it"
+    )]
     HistoryMissing { tli: u32, file: String },
-    #[error("timeline history file {file} is in the archive but was not loaded before planning (WalIndex::add_history); this is a bug in walagent")]
+    #[error("timeline history file {file} is in the archive but was not loaded before planning (WalIndex::add_history)")]
     HistoryNotLoaded { tli: u32, file: String },
-    #[error("backup {id} is on timeline {backup_tli}, which is not an ancestor of timeline {target_tli} ({ancestry}); choose --target-timeline {backup_tli} or a backup of that line")]
+    #[error("backup {id} is on timeline {backup_tli}, which is not an ancestor of timeline {target_tli} ({ancestry})")]
     NotAncestor {
         id: String,
         backup_tli: u32,
         target_tli: u32,
         ancestry: String,
     },
-    #[error("backup {id} started at {start} on timeline {tli}, after timeline {target_tli}'s history left timeline {tli} at {switch}; use a backup taken before {switch}, or --target-timeline {tli}")]
+    #[error("backup {id} started at {start} on timeline {tli}, after timeline {target_tli}'s history left timeline {tli} at {switch}")]
     BackupAfterFork {
         id: String,
         tli: u32,
@@ -234,7 +273,7 @@ pub enum PlanError {
         switch: Lsn,
         target_tli: u32,
     },
-    #[error("backup {id} became consistent at {end} on timeline {tli}, after timeline {target_tli}'s history left timeline {tli} at {switch}; use an older backup, or --target-timeline {tli}")]
+    #[error("backup {id} became consistent at {end} on timeline {tli}, after timeline {target_tli}'s history left timeline {tli} at {switch}")]
     BackupSpansFork {
         id: String,
         tli: u32,
@@ -242,13 +281,15 @@ pub enum PlanError {
         switch: Lsn,
         target_tli: u32,
     },
-    #[error("segment {segment} is missing from the archive (needed to replay backup {id} {needed_for}); restore it into the archive's wal/ or choose a different backup or target")]
+    #[error(
+        "segment {segment} is missing from the archive (needed to replay backup {id} {needed_for})"
+    )]
     MissingSegment {
         segment: String,
         id: String,
         needed_for: String,
     },
-    #[error("segment {segment} is only in the archive as {segment}.partial (the unfinished last segment of timeline {tli}), needed to replay backup {id} {needed_for}; pass --allow-partial to replay the part it holds")]
+    #[error("segment {segment} is only in the archive as {segment}.partial (the unfinished last segment of timeline {tli}), needed to replay backup {id} {needed_for}")]
     OnlyPartial {
         segment: String,
         tli: u32,
@@ -261,11 +302,94 @@ pub enum PlanError {
         id: String,
         needed_for: String,
     },
-    #[error("target {target} lies beyond the end of the archive ({last}); choose an earlier target, or wait until the WAL is archived")]
+    /// `last`: how far the archive reaches ([`ChainCheck::describe_end`]).
+    #[error("target {target} lies beyond the end of the archive: {last}")]
     TargetBeyondArchive { target: String, last: String },
+    /// A time target after every commit and abort in the archive: PostgreSQL stops only at one
+    /// after the target, so recovery would fail at the end of the WAL.
+    #[error("no transaction in the archive committed after {target}, so recovery would never reach the target: {last_commit}, and {archive_end}")]
+    NoCommitAfter {
+        target: String,
+        /// The archive's last commit or abort (after the backup), described.
+        last_commit: String,
+        archive_end: String,
+    },
+    #[error("transaction {xid} did not commit or abort in the archived WAL after backup {id} became consistent at {consistent_at} ({archive_end})")]
+    XidNotFound {
+        xid: String,
+        id: String,
+        consistent_at: Lsn,
+        archive_end: String,
+    },
+    #[error("restore point {name:?} is not in the archived WAL after backup {id} became consistent at {consistent_at} ({archive_end})")]
+    RestorePointNotFound {
+        name: String,
+        id: String,
+        consistent_at: Lsn,
+        archive_end: String,
+    },
+    #[error("backup {id} becomes consistent at {consistent_at}, but {archive_end}")]
+    WalEndsBeforeConsistency {
+        id: String,
+        consistent_at: Lsn,
+        archive_end: String,
+    },
 }
 
 impl PlanError {
+    /// What to do about it.
+    pub fn hint(&self) -> Option<String> {
+        Some(match self {
+            PlanError::NoBackups => "take one with `walagent backup` first".into(),
+            PlanError::BackupNotFound { .. } => {
+                "choose one listed by `walagent backups`, or drop --backup".into()
+            }
+            PlanError::BadBackupInfo { .. } => {
+                "choose another backup with --backup; this one's backup.json is not usable".into()
+            }
+            PlanError::TargetBeforeBackups { .. } => "choose a later target".into(),
+            PlanError::BackupAfterTarget { .. } => {
+                "choose an older backup or a later target".into()
+            }
+            PlanError::HistoryMissing { .. } => {
+                "copy it into the archive's wal/ or choose another --target-timeline".into()
+            }
+            PlanError::HistoryNotLoaded { .. } => "this is a bug in walagent; please report it".into(),
+            PlanError::NotAncestor { backup_tli, .. } => {
+                format!("choose --target-timeline {backup_tli} or a backup of that line")
+            }
+            PlanError::BackupAfterFork { tli, switch, .. } => {
+                format!("use a backup taken before {switch}, or --target-timeline {tli}")
+            }
+            PlanError::BackupSpansFork { tli, .. } => {
+                format!("use an older backup, or --target-timeline {tli}")
+            }
+            PlanError::MissingSegment { .. } => {
+                "restore it into the archive's wal/ or choose a different backup or target".into()
+            }
+            PlanError::OnlyPartial { .. } => "pass --allow-partial to replay the part it holds".into(),
+            PlanError::PartialInTheMiddle { .. } => {
+                "restore the complete segment into the archive's wal/ or choose an earlier target"
+                    .into()
+            }
+            PlanError::TargetBeyondArchive { .. } => {
+                "choose an earlier target, or wait until the WAL is archived".into()
+            }
+            PlanError::NoCommitAfter { .. } => {
+                "choose an earlier target, restore without a target to replay everything archived, or wait until later WAL is archived".into()
+            }
+            PlanError::XidNotFound { .. } => {
+                "check the transaction id (a target xid must commit or abort after the backup), or wait until the WAL with its commit is archived".into()
+            }
+            PlanError::RestorePointNotFound { .. } => {
+                "check the name given to pg_create_restore_point() (names are case-sensitive), or wait until the WAL holding it is archived".into()
+            }
+            PlanError::WalEndsBeforeConsistency { .. } => {
+                "choose an older backup with --backup, or wait until `walagent stream` has archived the rest of its WAL".into()
+            }
+        })
+    }
+
     /// Errors about WAL missing from the archive (as opposed to backups that simply cannot reach
     /// the target): these are the ones worth reporting when every backup fails.
     fn is_archive_gap(&self) -> bool {
@@ -276,6 +400,7 @@ impl PlanError {
                 | PlanError::PartialInTheMiddle { .. }
                 | PlanError::TargetBeyondArchive { .. }
                 | PlanError::HistoryMissing { .. }
+                | PlanError::WalEndsBeforeConsistency { .. }
         )
     }
 }
@@ -312,9 +437,12 @@ pub struct ChainCheck {
     /// Where replay must get to: the target LSN (or located stop), or the consistency point for
     /// `immediate`; `None` when replay runs to the end of the chain.
     pub stop_lsn: Option<Lsn>,
-    /// Just past the last byte of the chain's last segment file (for a `.partial`, its nominal
-    /// end: how much it holds is only known from its content).
+    /// Where the chain's WAL ends: just past the last byte of its last segment file, or, for
+    /// a `.partial`, the end of what it holds when that is known
+    /// ([`WalIndex::set_partial_content`]; otherwise its nominal end).
     pub wal_end: Lsn,
+    /// What the final `.partial` holds, when known.
+    pub partial_content: Option<PartialContent>,
     /// Things worth telling the operator that do not stop the restore (WAL the chain cannot
     /// reach, a newer timeline that `latest` will not pick, a target not located in the WAL).
     pub warnings: Vec<String>,
@@ -330,6 +458,25 @@ impl ChainCheck {
         &self.segments[from..]
     }
 
+    /// How far the archive reaches on this chain, for messages: `the archived WAL of timeline 1
+    /// ends at 0/B06A80 in 00000001000000000000000B.partial`.
+    pub fn describe_end(&self) -> String {
+        let last = self.segments.last().copied();
+        describe_archive_end(
+            last,
+            self.ends_with_partial,
+            self.partial_content,
+            self.segment_size,
+        )
+    }
+
+    /// The timeline the chain's last segment is read from.
+    pub fn end_timeline(&self) -> u32 {
+        self.segments
+            .last()
+            .map_or(self.target_timeline, |s| s.timeline)
+    }
+
     /// One line, e.g. `backup 20261122T101500Z: 37 segments
     /// 000000010000000000000003..000000020000000000000027, timelines 1 -> 2`.
     pub fn summary(&self) -> String {
@@ -342,12 +489,39 @@ impl ChainCheck {
             self.end_segment_name,
             if self.path.steps.len() == 1 { "" } else { "s" },
             self.path.describe(),
-            if self.ends_with_partial {
-                " (last one .partial)"
-            } else {
-                ""
+            match (self.ends_with_partial, self.partial_content) {
+                (true, Some(c)) => format!(" (last one .partial, holding WAL to {})", c.end),
+                (true, None) => " (last one .partial)".to_string(),
+                (false, _) => String::new(),
             }
         )
+    }
+}
+
+/// `the archived WAL of timeline T ends ...` for the last segment `last` of a chain.
+fn describe_archive_end(
+    last: Option<SegmentId>,
+    partial: bool,
+    content: Option<PartialContent>,
+    size: SegmentSize,
+) -> String {
+    let Some(id) = last else {
+        return "the archive has no WAL after the backup".into();
+    };
+    let name = id.file_name(size);
+    let tli = id.timeline;
+    match (partial, content) {
+        (true, Some(c)) => {
+            format!(
+                "the archived WAL of timeline {tli} ends at {} in {name}.partial",
+                c.end
+            )
+        }
+        (true, None) => format!("the archived WAL of timeline {tli} ends in {name}.partial"),
+        (false, _) => format!(
+            "the archived WAL of timeline {tli} ends with segment {name} (at most {})",
+            id.end_lsn(size)
+        ),
     }
 }
 
@@ -594,19 +768,37 @@ pub fn check_chain(
                 ends_with_partial = true;
                 break;
             }
-            return Err(if segno == required_last {
-                PlanError::OnlyPartial {
+            if segno == required_last {
+                return Err(PlanError::OnlyPartial {
                     segment: id.file_name(size),
                     tli: id.timeline,
                     id: backup.id.clone(),
                     needed_for: need,
+                });
+            }
+            // Replay needs WAL after this partial. With no later WAL of its timeline archived,
+            // the partial is where the archive ends, not a gap.
+            if !index.any_segment_from(id.timeline, segno + 1) {
+                let archive_end =
+                    describe_archive_end(Some(id), true, index.partial_content(id), size);
+                if segno < consistency_seg {
+                    return Err(PlanError::WalEndsBeforeConsistency {
+                        id: backup.id.clone(),
+                        consistent_at: backup.end_lsn,
+                        archive_end,
+                    });
                 }
-            } else {
-                PlanError::PartialInTheMiddle {
-                    segment: id.file_name(size),
-                    id: backup.id.clone(),
-                    needed_for: need,
+                if segno >= last_step_seg {
+                    return Err(PlanError::TargetBeyondArchive {
+                        target: target.to_string(),
+                        last: archive_end,
+                    });
                 }
+            }
+            return Err(PlanError::PartialInTheMiddle {
+                segment: id.file_name(size),
+                id: backup.id.clone(),
+                needed_for: need,
             });
         }
         // Beyond the archive's end: a target past the last segment of its timeline.
@@ -614,17 +806,9 @@ pub fn check_chain(
             && segno > last_step_seg
             && !index.any_segment_from(id.timeline, segno);
         if beyond && !open_ended {
-            let last = match segments.last() {
-                Some(prev) => format!(
-                    "last WAL {} on timeline {}",
-                    Lsn(prev.end_lsn(size).0 - 1),
-                    prev.timeline
-                ),
-                None => "no WAL after the backup".into(),
-            };
             return Err(PlanError::TargetBeyondArchive {
                 target: target.to_string(),
-                last,
+                last: describe_archive_end(segments.last().copied(), false, None, size),
             });
         }
         return Err(PlanError::MissingSegment {
@@ -668,13 +852,49 @@ pub fn check_chain(
     }
     let first_id = *segments.first().expect("at least the backup's own segment");
     let last_id = *segments.last().expect("at least the backup's own segment");
+    // A final partial holds less than its segment: the backup must become consistent, and a
+    // stop record must start, within what it holds.
+    let partial_content = ends_with_partial
+        .then(|| index.partial_content(last_id))
+        .flatten();
+    if let Some(c) = partial_content {
+        let archive_end = || describe_archive_end(Some(last_id), true, Some(c), size);
+        if backup.end_lsn > c.end {
+            return Err(PlanError::WalEndsBeforeConsistency {
+                id: backup.id.clone(),
+                consistent_at: backup.end_lsn,
+                archive_end: archive_end(),
+            });
+        }
+        let stop_record = match target {
+            RecoveryTarget::Immediate | RecoveryTarget::End => None,
+            _ => stop_lsn,
+        };
+        if let Some(stop) = stop_record {
+            let reached = match c.last_record {
+                Some(r) => stop <= r,
+                None => stop < last_id.start_lsn(size),
+            };
+            if !reached {
+                let last = match c.last_record {
+                    Some(r) => format!("{}, its last record starting at {r}", archive_end()),
+                    None => archive_end(),
+                };
+                return Err(PlanError::TargetBeyondArchive {
+                    target: target.to_string(),
+                    last,
+                });
+            }
+        }
+    }
     Ok(ChainCheck {
         backup_id: backup.id.clone(),
         segment_size: size,
         target_timeline: target_tli,
         first_segment_name: first_id.file_name(size),
         end_segment_name: last_id.file_name(size),
-        wal_end: last_id.end_lsn(size),
+        wal_end: partial_content.map_or(last_id.end_lsn(size), |c| c.end),
+        partial_content,
         path,
         segments,
         ends_with_partial,
@@ -814,6 +1034,7 @@ fn best_error(failures: Vec<(&BackupInfo, PlanError)>, target: &RecoveryTarget) 
                 target: target.to_string(),
                 oldest: b.id.clone(),
                 consistent_at: consistent_at.clone(),
+                found: String::new(),
             };
         }
     }
@@ -826,6 +1047,87 @@ fn best_error(failures: Vec<(&BackupInfo, PlanError)>, target: &RecoveryTarget) 
         Some(i) => usable.swap_remove(i),
         None => usable.swap_remove(0),
     }
+}
+
+/// Whether a backward scan of a chain (`events`: those of the segment just scanned) has seen
+/// enough to locate a time, xid or restore-point `target`: for a time, a commit or abort at or
+/// before it after the consistency point (the first one after the target is then among the
+/// segments scanned); otherwise the stop record itself.
+pub fn scanned_enough(
+    target: &RecoveryTarget,
+    inclusive: bool,
+    consistent_at: Lsn,
+    events: &[WalEvent],
+) -> bool {
+    let after: Vec<WalEvent> = events
+        .iter()
+        .filter(|e| e.lsn >= consistent_at)
+        .cloned()
+        .collect();
+    match target {
+        RecoveryTarget::Time(t) => after
+            .iter()
+            .any(|e| e.kind.xid().is_some() && e.kind.time_us() <= t.pg_micros()),
+        _ => stop_event(target, inclusive, &after).is_some(),
+    }
+}
+
+/// The record where recovery stops for a time, xid or restore-point target, among the `events`
+/// (in WAL order) that a scan of `chain`'s WAL found, or why recovery would never stop: a time
+/// after the archive's last commit, an xid or a restore point the archive does not have after
+/// the backup, or one it has only before the backup was consistent. `chain` is the one whose
+/// WAL was scanned (the oldest usable backup's, to the end of the archive).
+pub fn locate_stop(
+    target: &RecoveryTarget,
+    inclusive: bool,
+    chain: &ChainCheck,
+    events: &[WalEvent],
+) -> Result<WalEvent, PlanError> {
+    let (before, after): (Vec<WalEvent>, Vec<WalEvent>) = events
+        .iter()
+        .cloned()
+        .partition(|e| e.lsn < chain.consistent_at);
+    if let Some(s) = stop_event(target, inclusive, &after) {
+        return Ok(s.event.clone());
+    }
+    if let Some(s) = stop_event(target, inclusive, &before) {
+        return Err(PlanError::TargetBeforeBackups {
+            target: target.to_string(),
+            oldest: chain.backup_id.clone(),
+            consistent_at: chain.consistent_at.to_string(),
+            found: format!(" (recovery would stop at the {})", describe_event(s.event)),
+        });
+    }
+    let archive_end = chain.describe_end();
+    Err(match target {
+        RecoveryTarget::Time(_) => PlanError::NoCommitAfter {
+            target: target.to_string(),
+            last_commit: match after.iter().rev().find(|e| e.kind.xid().is_some()) {
+                Some(e) => format!("the last one is the {}", describe_event(e)),
+                None => format!(
+                    "none committed after backup {} became consistent at {}",
+                    chain.backup_id, chain.consistent_at
+                ),
+            },
+            archive_end,
+        },
+        RecoveryTarget::Xid(x) => PlanError::XidNotFound {
+            xid: x.to_string(),
+            id: chain.backup_id.clone(),
+            consistent_at: chain.consistent_at,
+            archive_end,
+        },
+        RecoveryTarget::Name(n) => PlanError::RestorePointNotFound {
+            name: n.clone(),
+            id: chain.backup_id.clone(),
+            consistent_at: chain.consistent_at,
+            archive_end,
+        },
+        _ => PlanError::TargetBeyondArchive {
+            target: target.to_string(),
+            last: archive_end,
+        },
+    })
 }
 
 impl fmt::Display for PathStep {
@@ -1344,7 +1646,8 @@ mod tests {
             PlanError::TargetBeforeBackups {
                 target: "time 2026-11-22 10:15:00+00".into(),
                 oldest: b1.id.clone(),
-                consistent_at: "2026-11-22 10:15:03.000001+00".into()
+                consistent_at: "2026-11-22 10:15:03.000001+00".into(),
+                found: String::new(),
             }
         );
         // Between the two: the older one.
@@ -1409,7 +1712,7 @@ mod tests {
             e,
             PlanError::TargetBeyondArchive {
                 target: "LSN 0/B000000".into(),
-                last: "last WAL 0/9FFFFFF on timeline 2".into()
+                last: "the archived WAL of timeline 2 ends with segment 000000020000000000000009 (at most 0/A000000)".into()
             }
         );
         assert!(
@@ -1503,7 +1806,7 @@ mod tests {
             matches!(&e, PlanError::OnlyPartial { segment, tli: 1, .. } if segment == "000000010000000000000006"),
             "{e}"
         );
-        assert!(e.to_string().contains("--allow-partial"));
+        assert!(e.hint().unwrap().contains("--allow-partial"), "{e}");
         let p = PlanOptions {
             allow_partial: true,
             ..opts()
@@ -1605,5 +1908,381 @@ mod tests {
             matches!(&e, PlanError::MissingSegment { id, segment, .. } if id == &b2.id && segment == "000000010000000000000006"),
             "{e}"
         );
+    }
+
+    fn allow_partial() -> PlanOptions<'static> {
+        PlanOptions {
+            allow_partial: true,
+            ..opts()
+        }
+    }
+
+    fn content(last_record: Option<&str>, end: &str) -> PartialContent {
+        PartialContent {
+            last_record: last_record.map(lsn),
+            end: lsn(end),
+        }
+    }
+
+    /// Segments 3..=5 complete, 6 a `.partial` holding WAL up to 0/60000A0 (its last complete
+    /// record at 0/6000080; the bytes may go on with a record cut off at their end).
+    fn partial_archive(c: Option<PartialContent>) -> WalIndex {
+        let mut ix = index(&listing(&[(1, 3..=5)], &[(1, 6)], &[]));
+        if let Some(c) = c {
+            ix.set_partial_content(SegmentId::new(1, 6), c);
+        }
+        ix
+    }
+
+    fn b3() -> BackupInfo {
+        backup(
+            "20261122T101500Z",
+            1,
+            "0/3000028",
+            "0/3000100",
+            "2026-11-22T10:15:03Z",
+        )
+    }
+
+    #[test]
+    fn what_a_trailing_partial_holds_bounds_the_targets() {
+        let b = b3();
+        let bs = std::slice::from_ref(&b);
+        let chain = |ix: &WalIndex, t: RecoveryTarget| {
+            choose_backup(bs, &t, TargetTimeline::Latest, ix, &allow_partial())
+        };
+        // Unknown content: the nominal end, as before.
+        let ix = partial_archive(None);
+        let c = chain(&ix, RecoveryTarget::Lsn(lsn("0/6000800"))).unwrap();
+        assert_eq!(c.chain.wal_end, lsn("0/7000000"));
+        assert_eq!(
+            c.chain.describe_end(),
+            "the archived WAL of timeline 1 ends in 000000010000000000000006.partial"
+        );
+        // Known content: a stop must start at or before its last complete record.
+        let ix = partial_archive(Some(content(Some("0/6000080"), "0/60000A0")));
+        for ok in ["0/6000028", "0/6000080", "0/5FFFFF0"] {
+            let c = chain(&ix, RecoveryTarget::Lsn(lsn(ok))).unwrap();
+            assert_eq!(c.chain.stop_lsn, Some(lsn(ok)));
+        }
+        let c = chain(&ix, RecoveryTarget::Lsn(lsn("0/6000080"))).unwrap();
+        assert!(c.chain.ends_with_partial);
+        assert_eq!(c.chain.wal_end, lsn("0/60000A0"));
+        assert_eq!(
+            c.chain.partial_content,
+            Some(content(Some("0/6000080"), "0/60000A0"))
+        );
+        assert!(
+            c.chain
+                .summary()
+                .ends_with("(last one .partial, holding WAL to 0/60000A0)"),
+            "{}",
+            c.chain.summary()
+        );
+        // The record cut off at the partial's end starts at 0/60000A0: not reachable, nor is
+        // anything inside the last complete record.
+        for beyond in ["0/60000A0", "0/6000088", "0/6800000"] {
+            let e = chain(&ix, RecoveryTarget::Lsn(lsn(beyond))).unwrap_err();
+            assert_eq!(
+                e,
+                PlanError::TargetBeyondArchive {
+                    target: format!("LSN {beyond}"),
+                    last: "the archived WAL of timeline 1 ends at 0/60000A0 in 000000010000000000000006.partial, its last record starting at 0/6000080".into()
+                },
+                "{beyond}"
+            );
+            assert!(e.hint().unwrap().contains("earlier target"));
+        }
+        // A located stop (time, xid, name) is checked the same way.
+        let p = PlanOptions {
+            located_stop: Some(lsn("0/6000080")),
+            ..allow_partial()
+        };
+        let t = RecoveryTarget::Name("rp".into());
+        assert!(choose_backup(bs, &t, TargetTimeline::Latest, &ix, &p).is_ok());
+        // Beyond the partial's segment, with no later WAL on the timeline: the end of the
+        // archive, not a gap.
+        let e = chain(&ix, RecoveryTarget::Lsn(lsn("0/8000000"))).unwrap_err();
+        assert!(
+            matches!(&e, PlanError::TargetBeyondArchive { last, .. } if last.contains("ends at 0/60000A0 in 000000010000000000000006.partial")),
+            "{e}"
+        );
+        // Replay to the end and to consistency are not bounded by a stop record.
+        let c = chain(&ix, RecoveryTarget::End).unwrap();
+        assert_eq!(c.chain.wal_end, lsn("0/60000A0"));
+        assert!(chain(&ix, RecoveryTarget::Immediate).is_ok());
+    }
+
+    #[test]
+    fn empty_partial_ends_the_archive_at_its_start() {
+        let b = b3();
+        let bs = std::slice::from_ref(&b);
+        let ix = partial_archive(Some(PartialContent {
+            last_record: Some(lsn("0/5FFFF80")),
+            end: lsn("0/6000000"),
+        }));
+        let choose_p = |t: RecoveryTarget| {
+            choose_backup(bs, &t, TargetTimeline::Latest, &ix, &allow_partial())
+        };
+        let c = choose_p(RecoveryTarget::End).unwrap();
+        assert!(c.chain.ends_with_partial);
+        assert_eq!(c.chain.wal_end, lsn("0/6000000"));
+        assert!(matches!(
+            choose_p(RecoveryTarget::Lsn(lsn("0/6000028"))),
+            Err(PlanError::TargetBeyondArchive { .. })
+        ));
+        // Nothing known to complete anywhere near it: only stops before the partial count.
+        let mut ix = partial_archive(None);
+        ix.set_partial_content(
+            SegmentId::new(1, 6),
+            PartialContent {
+                last_record: None,
+                end: lsn("0/6000000"),
+            },
+        );
+        let e = choose_backup(
+            bs,
+            &RecoveryTarget::Lsn(lsn("0/6000028")),
+            TargetTimeline::Latest,
+            &ix,
+            &allow_partial(),
+        )
+        .unwrap_err();
+        assert_eq!(
+            e,
+            PlanError::TargetBeyondArchive {
+                target: "LSN 0/6000028".into(),
+                last: "the archived WAL of timeline 1 ends at 0/6000000 in 000000010000000000000006.partial".into()
+            }
+        );
+    }
+
+    #[test]
+    fn consistency_must_lie_within_the_partial() {
+        // The newer backup ends in the partial's segment, after what the partial holds (taken
+        // while the stream runs, its last WAL not uploaded yet): the older one is chosen.
+        let old = b3();
+        let new = backup(
+            "20261122T120000Z",
+            1,
+            "0/6000028",
+            "0/6000400",
+            "2026-11-22T12:00:03Z",
+        );
+        let all = vec![old.clone(), new.clone()];
+        let ix = partial_archive(Some(content(Some("0/6000080"), "0/60000A0")));
+        let c = choose_backup(
+            &all,
+            &RecoveryTarget::End,
+            TargetTimeline::Latest,
+            &ix,
+            &allow_partial(),
+        )
+        .unwrap();
+        assert_eq!(c.backup.id, old.id);
+        let (skipped, why) = &c.skipped[0];
+        assert_eq!(skipped.id, new.id);
+        assert_eq!(
+            *why,
+            PlanError::WalEndsBeforeConsistency {
+                id: new.id.clone(),
+                consistent_at: lsn("0/6000400"),
+                archive_end: "the archived WAL of timeline 1 ends at 0/60000A0 in 000000010000000000000006.partial".into()
+            }
+        );
+        assert!(why.hint().unwrap().contains("older backup"));
+        // Asked for by name, it is refused with that reason.
+        let p = PlanOptions {
+            backup: Some("20261122T120000Z"),
+            ..allow_partial()
+        };
+        let e = choose_backup(
+            &all,
+            &RecoveryTarget::Immediate,
+            TargetTimeline::Latest,
+            &ix,
+            &p,
+        )
+        .unwrap_err();
+        assert!(
+            matches!(e, PlanError::WalEndsBeforeConsistency { .. }),
+            "{e}"
+        );
+        // A backup whose consistency point is in a segment after the partial.
+        let later = backup(
+            "20261122T130000Z",
+            1,
+            "0/5000028",
+            "0/7000100",
+            "2026-11-22T13:00:03Z",
+        );
+        let e = choose_backup(
+            std::slice::from_ref(&later),
+            &RecoveryTarget::End,
+            TargetTimeline::Latest,
+            &ix,
+            &allow_partial(),
+        )
+        .unwrap_err();
+        assert!(
+            matches!(e, PlanError::WalEndsBeforeConsistency { .. }),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn partial_of_an_older_timeline_before_a_switch() {
+        // TL1 ends at 0/50000A0 in its partial of segment 5; TL2 goes on from there.
+        let (objs, h2) = promoted();
+        let mut ix = index(&objs);
+        ix.add_history(2, h2);
+        ix.set_partial_content(
+            SegmentId::new(1, 5),
+            content(Some("0/5000078"), "0/50000A0"),
+        );
+        let b = backup(
+            "20261122T101500Z",
+            1,
+            "0/1000028",
+            "0/1000100",
+            "2026-11-22T10:15:03Z",
+        );
+        let bs = std::slice::from_ref(&b);
+        // The latest timeline reads segment 5 from TL2: TL1's partial plays no part.
+        let c = choose_backup(
+            bs,
+            &RecoveryTarget::Lsn(lsn("0/5800000")),
+            TargetTimeline::Latest,
+            &ix,
+            &allow_partial(),
+        )
+        .unwrap();
+        assert!(!c.chain.ends_with_partial);
+        assert_eq!(c.chain.end_segment_name, "000000020000000000000005");
+        // Staying on TL1: its WAL ends at the switch point.
+        let tl1 = |t: RecoveryTarget| {
+            choose_backup(bs, &t, TargetTimeline::Current, &ix, &allow_partial())
+        };
+        let c = tl1(RecoveryTarget::End).unwrap();
+        assert!(c.chain.ends_with_partial);
+        assert_eq!(c.chain.wal_end, lsn("0/50000A0"));
+        assert!(tl1(RecoveryTarget::Lsn(lsn("0/5000078"))).is_ok());
+        let e = tl1(RecoveryTarget::Lsn(lsn("0/5800000"))).unwrap_err();
+        assert!(
+            matches!(&e, PlanError::TargetBeyondArchive { last, .. } if last.contains("timeline 1 ends at 0/50000A0 in 000000010000000000000005.partial")),
+            "{e}"
+        );
+        let e = tl1(RecoveryTarget::Lsn(lsn("0/7000000"))).unwrap_err();
+        assert!(matches!(e, PlanError::TargetBeyondArchive { .. }), "{e}");
+    }
+
+    fn commit(at: &str, xid: u32, time: &str) -> WalEvent {
+        WalEvent {
+            lsn: lsn(at),
+            end_lsn: Lsn(lsn(at).0 + 34),
+            kind: crate::wal::xact::EventKind::Commit {
+                xid,
+                time_us: time.parse::<TargetTime>().unwrap().pg_micros(),
+                prepared: false,
+            },
+        }
+    }
+
+    #[test]
+    fn locating_time_xid_and_name_stops() {
+        let b = b3();
+        let ix = partial_archive(Some(content(Some("0/6000080"), "0/60000A0")));
+        let chain = choose_backup(
+            std::slice::from_ref(&b),
+            &RecoveryTarget::End,
+            TargetTimeline::Latest,
+            &ix,
+            &allow_partial(),
+        )
+        .unwrap()
+        .chain;
+        let rp = WalEvent {
+            lsn: lsn("0/5000100"),
+            end_lsn: lsn("0/5000160"),
+            kind: crate::wal::xact::EventKind::RestorePoint {
+                name: "rp".into(),
+                time_us: 0,
+            },
+        };
+        let events = vec![
+            // During the backup, before it is consistent at 0/3000100.
+            commit("0/3000050", 700, "2026-11-22 10:15:01Z"),
+            commit("0/4000000", 701, "2026-11-22 10:20:00Z"),
+            rp,
+            commit("0/6000080", 702, "2026-11-22 10:30:00Z"),
+        ];
+        let loc = |t: RecoveryTarget, incl: bool| locate_stop(&t, incl, &chain, &events);
+        // Time: the first commit after it (inclusive), or at it (exclusive).
+        let e = loc(time("2026-11-22 10:20:00Z"), true).unwrap();
+        assert_eq!(e.lsn, lsn("0/6000080"));
+        let e = loc(time("2026-11-22 10:20:00Z"), false).unwrap();
+        assert_eq!(e.lsn, lsn("0/4000000"));
+        assert_eq!(
+            loc(time("2026-11-22 10:30:00Z"), false).unwrap().lsn,
+            lsn("0/6000080")
+        );
+        // After the last commit: refused, saying how far the archive reaches.
+        let e = loc(time("2026-11-22 10:30:00Z"), true).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "no transaction in the archive committed after time 2026-11-22 10:30:00+00, so recovery would never reach the target: the last one is the commit of xid 702 at 2026-11-22 10:30:00.000000+00 (LSN 0/6000080), and the archived WAL of timeline 1 ends at 0/60000A0 in 000000010000000000000006.partial"
+        );
+        assert!(e.hint().is_some());
+        // Xid and name.
+        assert_eq!(
+            loc(RecoveryTarget::Xid(701), true).unwrap().lsn,
+            lsn("0/4000000")
+        );
+        assert_eq!(
+            loc(RecoveryTarget::Name("rp".into()), true).unwrap().lsn,
+            lsn("0/5000100")
+        );
+        let e = loc(RecoveryTarget::Name("RP".into()), true).unwrap_err();
+        assert!(matches!(e, PlanError::RestorePointNotFound { .. }), "{e}");
+        assert!(
+            e.to_string()
+                .contains("ends at 0/60000A0 in 000000010000000000000006.partial"),
+            "{e}"
+        );
+        let e = loc(RecoveryTarget::Xid(999), true).unwrap_err();
+        assert!(matches!(e, PlanError::XidNotFound { .. }), "{e}");
+        // Committed before the backup was consistent: too early, not missing.
+        let e = loc(RecoveryTarget::Xid(700), true).unwrap_err();
+        assert!(
+            matches!(&e, PlanError::TargetBeforeBackups { found, .. } if found.contains("commit of xid 700")),
+            "{e}"
+        );
+        // No commit after consistency at all.
+        let e = locate_stop(&time("2026-11-22 10:16:00Z"), true, &chain, &events[..1]).unwrap_err();
+        assert!(e.to_string().contains("none committed after backup"), "{e}");
+    }
+
+    #[test]
+    fn backward_scan_stops_when_the_stop_is_seen() {
+        let c = lsn("0/3000100");
+        let seg = vec![commit("0/5000000", 701, "2026-11-22 10:20:00Z")];
+        assert!(scanned_enough(&time("2026-11-22 10:20:00Z"), true, c, &seg));
+        assert!(scanned_enough(&time("2026-11-22 10:25:00Z"), true, c, &seg));
+        // Only later commits here: the first one after the target may be further back.
+        assert!(!scanned_enough(
+            &time("2026-11-22 10:19:59Z"),
+            true,
+            c,
+            &seg
+        ));
+        assert!(scanned_enough(&RecoveryTarget::Xid(701), false, c, &seg));
+        assert!(!scanned_enough(&RecoveryTarget::Xid(702), false, c, &seg));
+        // Events before consistency do not count.
+        assert!(!scanned_enough(
+            &RecoveryTarget::Xid(701),
+            true,
+            lsn("0/6000000"),
+            &seg
+        ));
     }
 }

@@ -621,6 +621,20 @@ pub fn stop_event<'e>(
     })
 }
 
+/// `commit of xid 745 at 2026-11-22 09:15:00.000000+00 (LSN 0/B06A48)`, for messages.
+pub fn describe_event(e: &WalEvent) -> String {
+    let when = pg_micros_to_utc(e.kind.time_us())
+        .map(|t| t.format("%Y-%m-%d %H:%M:%S%.6f+00").to_string())
+        .unwrap_or_else(|| format!("TimestampTz {}", e.kind.time_us()));
+    match &e.kind {
+        EventKind::Commit { xid, .. } => format!("commit of xid {xid} at {when} (LSN {})", e.lsn),
+        EventKind::Abort { xid, .. } => format!("abort of xid {xid} at {when} (LSN {})", e.lsn),
+        EventKind::RestorePoint { name, .. } => {
+            format!("restore point {name:?} at {when} (LSN {})", e.lsn)
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

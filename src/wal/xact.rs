@@ -1,5 +1,6 @@
-//! Finding the records recovery targets are about, in whole WAL segment files: transaction
-//! commits and aborts (with their xid and time) and named restore points.
+//! Finding the records recovery targets are about, in WAL segment files (whole ones, and the
+//! short `.partial` that ends a timeline in the archive): transaction commits and aborts (with
+//! their xid and time) and named restore points.
 //!
 //! `walagent restore` uses this to check a target against the archive before writing anything:
 //! whether a target time, xid or restore point name lies in the WAL after a backup, and where.
@@ -13,6 +14,15 @@
 //! a zero or impossible `xl_tot_len`, a bad page header, a missing continuation, a broken
 //! `xl_prev` link or a CRC-32C mismatch. That is not an error here: [`SegmentScan::end`] says
 //! where and why, and the events before it stand. An `XLOG_SWITCH` record ends the segment.
+//!
+//! A `.partial` object holds only the bytes walagent received of its segment (`walagent
+//! stream` stores what it has, not a zero-padded file; `wal-fetch --allow-partial` pads it for
+//! PostgreSQL). [`WalScanner::scan_partial`] reads those bytes: records that end inside them
+//! count, a record cut off at their end does not (padded with zeros, it would fail its CRC or
+//! its next page header in PostgreSQL too), and [`ScanEnd::PartialEnd`] says where the bytes
+//! end. A partial is the end of what the archive has on its timeline, so the scanner carries
+//! nothing past it. A full-size (pre-zeroed, pg_receivewal-style) partial reads the same way:
+//! its zero tail ends valid WAL with [`EndReason::ZeroLength`].
 //!
 //! Record layouts (`xlogrecord.h`, `xact.h`, `xlog_internal.h`; PostgreSQL 15-18):
 //!
@@ -185,6 +195,11 @@ pub enum ScanEnd {
     /// Valid WAL ends at `at` (a record start, or a page for page-header problems): PostgreSQL's
     /// recovery would stop reading here.
     Invalid { at: Lsn, reason: EndReason },
+    /// The bytes of a `.partial` ([`WalScanner::scan_partial`]) end at `at` with the WAL in them
+    /// valid so far. `cut` is the start of a record begun but not complete in those bytes (not
+    /// reported; for the tail of a record begun before a fresh scan's first segment, whose
+    /// start is not known here, it is the segment start).
+    PartialEnd { at: Lsn, cut: Option<Lsn> },
 }
 
 /// What [`scan_segment`] / [`WalScanner::scan`] found in one segment.
@@ -198,6 +213,9 @@ pub struct SegmentScan {
     pub records: u64,
     /// Start of the last valid record completed in this segment.
     pub last_record: Option<Lsn>,
+    /// Just past that record (its EndRecPtr, page headers included): where the valid WAL read
+    /// in this segment ends.
+    pub last_record_end: Option<Lsn>,
     pub end: ScanEnd,
     /// Commit/abort/restore point records with a valid CRC whose contents could not be decoded
     /// (a layout this code does not know); not silently dropped.
@@ -209,10 +227,14 @@ pub struct SegmentScan {
 }
 
 impl SegmentScan {
-    /// False when valid WAL ended inside the segment ([`ScanEnd::Invalid`]): the segment was
-    /// not read to its end or to a switch record.
+    /// False when valid WAL ended inside the segment ([`ScanEnd::Invalid`]) or the bytes of a
+    /// partial ended ([`ScanEnd::PartialEnd`]): the segment was not read to its end or to a
+    /// switch record.
     pub fn fully_scanned(&self) -> bool {
-        !matches!(self.end, ScanEnd::Invalid { .. })
+        matches!(
+            self.end,
+            ScanEnd::SegmentEnd { .. } | ScanEnd::Switch { .. }
+        )
     }
 }
 
@@ -221,6 +243,12 @@ impl SegmentScan {
 pub enum ScanError {
     #[error("WAL segment at {lsn}: expected exactly {expected} bytes, found {found}")]
     SegmentLength { lsn: Lsn, expected: u64, found: u64 },
+    #[error("partial WAL segment at {lsn}: {found} bytes, more than a {size} segment holds")]
+    PartialTooLong {
+        lsn: Lsn,
+        size: SegmentSize,
+        found: u64,
+    },
     #[error("WAL segment at {lsn}: expected a segment start ({size} segments)")]
     NotSegmentStart { lsn: Lsn, size: SegmentSize },
 }
@@ -277,15 +305,9 @@ impl WalScanner {
         }
     }
 
-    /// Scans the segment file `bytes` starting at `seg_start`.
+    /// Scans the segment file `bytes` (exactly one segment) starting at `seg_start`.
     pub fn scan(&mut self, seg_start: Lsn, bytes: &[u8]) -> Result<SegmentScan, ScanError> {
-        let size = self.seg_size.bytes() as usize;
-        if seg_start.0 % size as u64 != 0 {
-            return Err(ScanError::NotSegmentStart {
-                lsn: seg_start,
-                size: self.seg_size,
-            });
-        }
+        let size = self.check_start(seg_start)?;
         if bytes.len() != size {
             return Err(ScanError::SegmentLength {
                 lsn: seg_start,
@@ -293,6 +315,45 @@ impl WalScanner {
                 found: bytes.len() as u64,
             });
         }
+        Ok(self.run(seg_start, bytes, false))
+    }
+
+    /// Scans the content of a `.partial` object: the first `bytes.len()` bytes (at most one
+    /// segment, possibly none) of the segment starting at `seg_start`. A record continued from
+    /// the segment scanned just before is finished when the bytes hold its end. Running out of
+    /// bytes ends the scan with [`ScanEnd::PartialEnd`]; nothing is carried into a later scan.
+    pub fn scan_partial(&mut self, seg_start: Lsn, bytes: &[u8]) -> Result<SegmentScan, ScanError> {
+        let size = self.check_start(seg_start)?;
+        if bytes.len() > size {
+            return Err(ScanError::PartialTooLong {
+                lsn: seg_start,
+                size: self.seg_size,
+                found: bytes.len() as u64,
+            });
+        }
+        let out = self.run(seg_start, bytes, true);
+        self.reset();
+        Ok(out)
+    }
+
+    fn check_start(&self, seg_start: Lsn) -> Result<usize, ScanError> {
+        let size = self.seg_size.bytes() as usize;
+        if seg_start.0 % size as u64 != 0 {
+            return Err(ScanError::NotSegmentStart {
+                lsn: seg_start,
+                size: self.seg_size,
+            });
+        }
+        Ok(size)
+    }
+
+    fn reset(&mut self) {
+        self.prev = None;
+        self.carry = None;
+        self.next_seg = None;
+    }
+
+    fn run(&mut self, seg_start: Lsn, bytes: &[u8], partial: bool) -> SegmentScan {
         if self.next_seg != Some(seg_start.0) {
             self.prev = None;
             self.carry = None;
@@ -302,33 +363,50 @@ impl WalScanner {
             events: Vec::new(),
             records: 0,
             last_record: None,
+            last_record_end: None,
             end: ScanEnd::SegmentEnd { continued: None },
             undecoded: Vec::new(),
             system_identifier: None,
             server_major: None,
         };
-        let end = self.scan_inner(seg_start.0, bytes, &mut out);
-        self.next_seg = match end {
-            ScanEnd::Invalid { .. } => {
-                self.prev = None;
-                self.carry = None;
-                None
-            }
-            _ => Some(seg_start.0 + size as u64),
-        };
+        let end = self.scan_inner(seg_start.0, bytes, partial, &mut out);
+        match end {
+            ScanEnd::Invalid { .. } => self.reset(),
+            _ => self.next_seg = Some(seg_start.0 + u64::from(self.seg_size.bytes())),
+        }
         out.end = end;
-        Ok(out)
+        out
     }
 
-    fn scan_inner(&mut self, seg_start: u64, bytes: &[u8], out: &mut SegmentScan) -> ScanEnd {
+    /// `partial`: `bytes` may stop anywhere (a `.partial`'s content); running out of them ends
+    /// the scan with [`ScanEnd::PartialEnd`]. Otherwise `bytes` is a whole segment.
+    fn scan_inner(
+        &mut self,
+        seg_start: u64,
+        bytes: &[u8],
+        partial: bool,
+        out: &mut SegmentScan,
+    ) -> ScanEnd {
         let len = bytes.len();
         let mut state = match self.carry.take() {
             Some((start, tot_len)) => State::Record { start, tot_len },
             None => State::Start,
         };
         let mut off = 0usize;
+        // The end of a partial's bytes, with the record in progress (if any) cut off there.
+        let cut_off = |state: &State| ScanEnd::PartialEnd {
+            at: Lsn(seg_start + len as u64),
+            cut: match state {
+                State::Record { start, .. } => Some(Lsn(*start)),
+                State::Skip { .. } => Some(Lsn(seg_start)),
+                State::Start | State::Idle => None,
+            },
+        };
         loop {
             if off >= len {
+                if partial {
+                    return cut_off(&state);
+                }
                 return match state {
                     State::Record { start, tot_len } => {
                         self.carry = Some((start, tot_len));
@@ -341,6 +419,10 @@ impl WalScanner {
             }
             if off % PAGE == 0 {
                 let page = seg_start + off as u64;
+                // A partial may end inside a page header (whole segments hold whole pages).
+                if len - off < if off == 0 { LONG_PHD } else { SHORT_PHD } {
+                    return cut_off(&state);
+                }
                 let hdr = match self.page_header(bytes, off, page, out) {
                     Ok(h) => h,
                     Err(reason) => {
@@ -403,7 +485,7 @@ impl WalScanner {
             match state {
                 State::Start => unreachable!("the first page header is read at offset 0"),
                 State::Skip { remaining } => {
-                    let n = remaining.min(page_left);
+                    let n = remaining.min(page_left).min(len - off);
                     off += n;
                     state = if n == remaining {
                         off = align8(off);
@@ -419,9 +501,16 @@ impl WalScanner {
                     if off >= len || off % PAGE == 0 {
                         continue;
                     }
-                    // At least 8 bytes remain on the page, so xl_tot_len is here.
-                    let tot = u32::from_le_bytes(bytes[off..off + 4].try_into().expect("4 bytes"));
                     let start = seg_start + off as u64;
+                    // At least 8 bytes remain on the page, so xl_tot_len is here, unless the
+                    // bytes of a partial end first.
+                    let Some(tot) = bytes.get(off..off + 4) else {
+                        return ScanEnd::PartialEnd {
+                            at: Lsn(seg_start + len as u64),
+                            cut: Some(Lsn(start)),
+                        };
+                    };
+                    let tot = u32::from_le_bytes(tot.try_into().expect("4 bytes"));
                     if tot == 0 {
                         return ScanEnd::Invalid {
                             at: Lsn(start),
@@ -441,7 +530,7 @@ impl WalScanner {
                     };
                 }
                 State::Record { start, tot_len } => {
-                    let n = (tot_len - self.rec.len()).min(page_left);
+                    let n = (tot_len - self.rec.len()).min(page_left).min(len - off);
                     self.rec.extend_from_slice(&bytes[off..off + n]);
                     off += n;
                     if self.rec.len() == tot_len {
@@ -455,6 +544,7 @@ impl WalScanner {
                         self.prev = Some(start);
                         out.records += 1;
                         out.last_record = Some(Lsn(start));
+                        out.last_record_end = Some(Lsn(end));
                         let (rmid, info) = (self.rec[17], self.rec[16]);
                         match decode_event(&self.rec, self.magic) {
                             Decoded::None => {}
@@ -486,7 +576,9 @@ impl WalScanner {
         page: u64,
         out: &mut SegmentScan,
     ) -> Result<PageHdr, EndReason> {
-        let h = &bytes[off..off + LONG_PHD];
+        let first = off == 0;
+        // The caller checked that the header's bytes are there (a long one on the first page).
+        let h = &bytes[off..(off + LONG_PHD).min(bytes.len())];
         let magic = u16::from_le_bytes([h[0], h[1]]);
         let info = u16::from_le_bytes([h[2], h[3]]);
         let pageaddr = u64::from_le_bytes(h[8..16].try_into().expect("8 bytes"));
@@ -508,7 +600,6 @@ impl WalScanner {
                 Lsn(pageaddr)
             )));
         }
-        let first = off == 0;
         if first != (info & XLP_LONG_HEADER != 0) {
             return Err(EndReason::PageHeader(format!(
                 "page {lsn}: XLP_LONG_HEADER {} on {} page",
@@ -1396,5 +1487,345 @@ mod tests {
         );
         let sf_alone = scan_segment(&f, lsn("0/F00000"), seg1m()).unwrap();
         assert_eq!(sf_alone.records, 3);
+    }
+
+    /// The events of `scan`, as (lsn, xid).
+    fn xids(scan: &SegmentScan) -> Vec<(Lsn, Option<u32>)> {
+        scan.events.iter().map(|e| (e.lsn, e.kind.xid())).collect()
+    }
+
+    fn partial_of(bytes: &[u8], start: Lsn, len: usize) -> SegmentScan {
+        WalScanner::new(seg1m())
+            .scan_partial(start, &bytes[..len])
+            .unwrap()
+    }
+
+    #[test]
+    fn partial_with_a_record_cut_at_its_end() {
+        let start = lsn("0/300000");
+        let mut b = WalBuilder::new(SYSID, seg1m(), 1, start);
+        let c1 = push_commit(&mut b, 10, T0);
+        let c2 = push_commit(&mut b, 11, T0 + 1);
+        // A big record that crosses into the second page, then a commit.
+        let big = b.push(10, 0, 12, &[5; 9000]);
+        let c3 = push_commit(&mut b, 13, T0 + 2);
+        let end = b.position();
+        let bytes = b.bytes();
+        let off = |l: Lsn| (l.0 - start.0) as usize;
+
+        // Everything held: every record counts, the bytes end after the last one.
+        let all = partial_of(bytes, start, bytes.len());
+        assert_eq!(
+            xids(&all),
+            vec![(c1, Some(10)), (c2, Some(11)), (c3, Some(13))]
+        );
+        assert_eq!(all.end, ScanEnd::PartialEnd { at: end, cut: None });
+        assert_eq!(all.last_record, Some(c3));
+        assert_eq!(all.last_record_end, Some(end));
+        assert_eq!(all.system_identifier, Some(SYSID));
+        assert!(!all.fully_scanned());
+
+        // Cut inside the last commit: it does not count, the one before does.
+        let s = partial_of(bytes, start, off(c3) + 20);
+        assert_eq!(xids(&s), vec![(c1, Some(10)), (c2, Some(11))]);
+        assert_eq!(
+            s.end,
+            ScanEnd::PartialEnd {
+                at: Lsn(c3.0 + 20),
+                cut: Some(c3)
+            }
+        );
+        assert_eq!(s.last_record, Some(big));
+        // Cut inside xl_tot_len itself (two bytes of the record), and right at its start.
+        let s = partial_of(bytes, start, off(c3) + 2);
+        assert_eq!(
+            s.end,
+            ScanEnd::PartialEnd {
+                at: Lsn(c3.0 + 2),
+                cut: Some(c3)
+            }
+        );
+        let s = partial_of(bytes, start, off(c3));
+        assert_eq!(s.end, ScanEnd::PartialEnd { at: c3, cut: None });
+        assert_eq!(s.last_record, Some(big));
+        // Cut in the big record, on its first page and on its second.
+        for cut in [off(big) + 100, PAGE + 30, PAGE + 10] {
+            let s = partial_of(bytes, start, cut);
+            assert_eq!(xids(&s), vec![(c1, Some(10)), (c2, Some(11))], "{cut}");
+            assert_eq!(
+                s.end,
+                ScanEnd::PartialEnd {
+                    at: Lsn(start.0 + cut as u64),
+                    cut: Some(big)
+                },
+                "{cut}"
+            );
+            assert_eq!(s.last_record, Some(c2));
+        }
+        // A partial longer than a segment is the caller's mistake.
+        let long = vec![0u8; MB as usize + 1];
+        assert!(matches!(
+            WalScanner::new(seg1m()).scan_partial(start, &long),
+            Err(ScanError::PartialTooLong { .. })
+        ));
+    }
+
+    #[test]
+    fn partial_ending_at_a_page_boundary() {
+        let start = lsn("0/300000");
+        // A record ending exactly at the end of the first page.
+        let mut b = WalBuilder::new(SYSID, seg1m(), 1, start);
+        let c1 = push_commit(&mut b, 20, T0);
+        let first_page_end = start.0 + PAGE as u64;
+        let pos = (b.position().0 + 7) & !7;
+        let filler = b.push(
+            10,
+            0,
+            1,
+            &vec![7; (first_page_end - pos) as usize - REC_HDR],
+        );
+        assert_eq!(b.position().0, first_page_end);
+        let c2 = push_commit(&mut b, 21, T0 + 1);
+        let bytes = b.bytes().to_vec();
+        let s = partial_of(&bytes, start, PAGE);
+        assert_eq!(xids(&s), vec![(c1, Some(20))]);
+        assert_eq!(
+            s.end,
+            ScanEnd::PartialEnd {
+                at: Lsn(first_page_end),
+                cut: None
+            }
+        );
+        assert_eq!(s.last_record, Some(filler));
+        assert_eq!(s.last_record_end, Some(Lsn(first_page_end)));
+        // The bytes end inside the next page header: nothing more, no record cut.
+        let s = partial_of(&bytes, start, PAGE + 10);
+        assert_eq!(
+            s.end,
+            ScanEnd::PartialEnd {
+                at: Lsn(first_page_end + 10),
+                cut: None
+            }
+        );
+        let s = partial_of(&bytes, start, bytes.len());
+        assert_eq!(xids(&s), vec![(c1, Some(20)), (c2, Some(21))]);
+
+        // A record going on past the page boundary where the bytes end: cut there.
+        let mut b = WalBuilder::new(SYSID, seg1m(), 1, start);
+        push_commit(&mut b, 30, T0);
+        fill_until(&mut b, start.0 + PAGE as u64 - 16);
+        let cross = push_commit(&mut b, 31, T0 + 1);
+        assert!(b.position().0 > first_page_end);
+        let s = partial_of(b.bytes(), start, PAGE);
+        assert_eq!(
+            s.end,
+            ScanEnd::PartialEnd {
+                at: Lsn(first_page_end),
+                cut: Some(cross)
+            }
+        );
+        assert_eq!(xids(&s), vec![(lsn("0/300028"), Some(30))]);
+        // ... and inside the next page's header.
+        let s = partial_of(b.bytes(), start, PAGE + 12);
+        assert_eq!(
+            s.end,
+            ScanEnd::PartialEnd {
+                at: Lsn(first_page_end + 12),
+                cut: Some(cross)
+            }
+        );
+        // Inside the first page's long header.
+        let s = partial_of(b.bytes(), start, 30);
+        assert_eq!(
+            s.end,
+            ScanEnd::PartialEnd {
+                at: Lsn(start.0 + 30),
+                cut: None
+            }
+        );
+        assert_eq!(s.system_identifier, None);
+    }
+
+    #[test]
+    fn empty_partial() {
+        let start = lsn("0/300000");
+        let s = WalScanner::new(seg1m()).scan_partial(start, &[]).unwrap();
+        assert_eq!(
+            s.end,
+            ScanEnd::PartialEnd {
+                at: start,
+                cut: None
+            }
+        );
+        assert!(s.events.is_empty() && s.last_record.is_none() && s.records == 0);
+        assert_eq!(s.system_identifier, None);
+
+        // After a segment whose last record goes on into the (empty) partial: that record is
+        // cut off, and the scanner carries nothing further.
+        let mut b = WalBuilder::new(SYSID, seg1m(), 1, start);
+        fill_until(&mut b, start.0 + MB - 16);
+        let cross = push_commit(&mut b, 40, T0);
+        let bytes = b.bytes().to_vec();
+        let next = Lsn(start.0 + MB);
+        let mut sc = WalScanner::new(seg1m());
+        let first = sc.scan(start, &bytes[..MB as usize]).unwrap();
+        assert_eq!(
+            first.end,
+            ScanEnd::SegmentEnd {
+                continued: Some(cross)
+            }
+        );
+        let p = sc.scan_partial(next, &[]).unwrap();
+        assert_eq!(
+            p.end,
+            ScanEnd::PartialEnd {
+                at: next,
+                cut: Some(cross)
+            }
+        );
+        // With its bytes, the partial finishes the record begun before it.
+        let mut sc = WalScanner::new(seg1m());
+        sc.scan(start, &bytes[..MB as usize]).unwrap();
+        let p = sc.scan_partial(next, &bytes[MB as usize..]).unwrap();
+        assert_eq!(xids(&p), vec![(cross, Some(40))]);
+        assert_eq!(p.last_record, Some(cross));
+        assert_eq!(p.last_record_end, Some(b.position()));
+        assert_eq!(
+            p.end,
+            ScanEnd::PartialEnd {
+                at: b.position(),
+                cut: None
+            }
+        );
+        // Alone, its first bytes are the tail of a record begun before it.
+        let alone = partial_of(&bytes[MB as usize..], next, bytes.len() - MB as usize);
+        assert!(alone.events.is_empty() && alone.last_record.is_none());
+        let alone = partial_of(&bytes[MB as usize..], next, 45);
+        assert_eq!(
+            alone.end,
+            ScanEnd::PartialEnd {
+                at: Lsn(next.0 + 45),
+                cut: Some(next)
+            }
+        );
+        // A partial ends the chain: the next scan starts afresh.
+        let again = sc.scan(next, &vec![0u8; MB as usize]).unwrap();
+        assert!(matches!(again.end, ScanEnd::Invalid { .. }));
+    }
+
+    #[test]
+    fn partial_of_an_older_timeline_before_a_switch() {
+        // Timeline 1 ends at a switch point inside segment 0/400000: its partial holds the WAL
+        // up to there. Timeline 2's file of that segment has the same WAL up to the switch,
+        // then its own.
+        let start = lsn("0/400000");
+        let mut b = WalBuilder::new(SYSID, seg1m(), 1, start);
+        let c1 = push_commit(&mut b, 50, T0);
+        let rp = b.push(
+            RM_XLOG_ID,
+            XLOG_RESTORE_POINT,
+            0,
+            &restore_point_payload(T0 + 1, "before-switch"),
+        );
+        let c2 = push_commit(&mut b, 51, T0 + 2);
+        let switch_point = b.position();
+        let tl1 = b.bytes().to_vec();
+        b.set_timeline(2);
+        fill_until(&mut b, start.0 + 2 * PAGE as u64 + 64);
+        let c3 = push_commit(&mut b, 52, T0 + 3);
+        b.push_switch();
+        let tl2 = b.bytes().to_vec();
+        assert_eq!(&tl2[..tl1.len()], &tl1[..]);
+
+        let p = partial_of(&tl1, start, tl1.len());
+        assert_eq!(xids(&p), vec![(c1, Some(50)), (rp, None), (c2, Some(51))]);
+        assert_eq!(
+            p.end,
+            ScanEnd::PartialEnd {
+                at: switch_point,
+                cut: None
+            }
+        );
+        assert_eq!(p.last_record_end, Some(switch_point));
+        let full = scan_segment(&tl2, start, seg1m()).unwrap();
+        assert_eq!(
+            xids(&full),
+            vec![(c1, Some(50)), (rp, None), (c2, Some(51)), (c3, Some(52))]
+        );
+        // A pg_receivewal-style partial (pre-zeroed to the full size) reads the same way, its
+        // zero tail ending valid WAL.
+        let mut zeroed = tl1.clone();
+        zeroed.resize(MB as usize, 0);
+        let z = WalScanner::new(seg1m())
+            .scan_partial(start, &zeroed)
+            .unwrap();
+        assert_eq!(z.events, p.events);
+        assert_eq!(
+            z.end,
+            ScanEnd::Invalid {
+                at: Lsn((switch_point.0 + 7) & !7),
+                reason: EndReason::ZeroLength
+            }
+        );
+    }
+
+    /// Any length of a partial: no panic, the events are a prefix of the whole WAL's, each
+    /// ends within the bytes held, and a reported cut starts at or after the last record end.
+    #[test]
+    fn partial_of_any_length() {
+        let start = lsn("0/500000");
+        let mut b = WalBuilder::new(SYSID, seg1m(), 1, start);
+        for i in 0..40u32 {
+            push_commit(&mut b, 100 + i, T0 + i64::from(i));
+            b.push(10, 0, 1, &vec![1; (i as usize * 397) % 3000]);
+        }
+        let bytes = b.bytes().to_vec();
+        let whole = partial_of(&bytes, start, bytes.len());
+        assert_eq!(whole.events.len(), 40);
+        let near_pages = (1..=bytes.len() / PAGE).flat_map(|p| (p * PAGE - 48)..(p * PAGE + 48));
+        for len in (0..bytes.len()).step_by(13).chain(near_pages) {
+            let s = partial_of(&bytes, start, len);
+            let at = Lsn(start.0 + len as u64);
+            let ScanEnd::PartialEnd { at: got, cut } = s.end else {
+                panic!("{len}: {:?}", s.end)
+            };
+            assert_eq!(got, at);
+            assert_eq!(s.events[..], whole.events[..s.events.len()], "{len}");
+            assert!(s.events.iter().all(|e| e.end_lsn <= at), "{len}");
+            if let (Some(c), Some(e)) = (cut, s.last_record_end) {
+                assert!(c >= e, "{len}: cut {c} before the last record's end {e}");
+            }
+        }
+    }
+
+    /// A real PostgreSQL segment cut short, as a `.partial` of it would be.
+    #[test]
+    fn real_segment_as_a_partial() {
+        let s9 = fixture("000000010000000000000009");
+        let at = |l: &str| (lsn(l).0 - lsn("0/900000").0) as usize;
+        // Up to just past the last commit (pg_waldump: 0/9EDE00, 34 bytes), then the start of
+        // the next record, then 8 bytes into it.
+        let s = partial_of(&s9, lsn("0/900000"), at("0/9EDE22"));
+        assert_eq!(s.events.len(), 19);
+        assert_eq!(s.last_record_end, Some(lsn("0/9EDE22")));
+        assert_eq!(
+            s.end,
+            ScanEnd::PartialEnd {
+                at: lsn("0/9EDE22"),
+                cut: None
+            }
+        );
+        let s = partial_of(&s9, lsn("0/900000"), at("0/9EDE30"));
+        assert_eq!(
+            s.end,
+            ScanEnd::PartialEnd {
+                at: lsn("0/9EDE30"),
+                cut: Some(lsn("0/9EDE28"))
+            }
+        );
+        // Cut inside the last commit: 18 commits.
+        let s = partial_of(&s9, lsn("0/900000"), at("0/9EDE10"));
+        assert_eq!(s.events.len(), 18);
+        assert_eq!(s.records, 2325);
     }
 }
