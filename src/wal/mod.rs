@@ -6,6 +6,7 @@
 
 pub mod history;
 pub mod lsn;
+pub mod page;
 pub mod segment;
 pub mod verify;
 pub mod xact;
@@ -14,6 +15,4 @@ pub use history::{HistoryEntry, TimelineHistory};
 pub use lsn::Lsn;
 pub use segment::{history_file_name, parse_history_file_name, SegmentId, SegmentSize};
 pub use verify::{VerifyError, VerifyParams, WalVerifier};
-
-/// XLOG_BLCKSZ: the WAL page size. Fixed at 8 KiB in every build walagent supports.
-pub const WAL_PAGE_SIZE: u32 = 8192;
+pub use page::WAL_PAGE_SIZE;

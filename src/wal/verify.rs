@@ -14,13 +14,18 @@
 //! `src/backend/access/transam/xlogreader.c` and `xlog.c`; written up in
 //! `proto-notes/wal-format.md`.
 
+use super::page::{
+    major_of_magic, HeaderBytes, LongHeader, PageHeader, SIZE_OF_LONG_PHD, SIZE_OF_SHORT_PHD,
+    XLP_ALL_FLAGS, XLP_FIRST_IS_CONTRECORD, XLP_FIRST_IS_OVERWRITE_CONTRECORD, XLP_LONG_HEADER,
+};
 use super::{Lsn, SegmentSize, WAL_PAGE_SIZE};
 
+/// Kept here for callers that knew it from this module; it lives in [`super::page`].
+pub use super::page::page_magic_for;
+
 const PAGE: u64 = WAL_PAGE_SIZE as u64;
-/// SizeOfXLogShortPHD: 20 bytes of fields, MAXALIGNed.
-const SHORT_PHD: usize = 24;
-/// SizeOfXLogLongPHD: 36 bytes of fields, MAXALIGNed.
-const LONG_PHD: usize = 40;
+const SHORT_PHD: usize = SIZE_OF_SHORT_PHD;
+const LONG_PHD: usize = SIZE_OF_LONG_PHD;
 /// SizeOfXLogRecord.
 const REC_HDR: usize = 24;
 /// Offset of xl_crc in the record header; the CRC covers the header bytes before it.
@@ -28,26 +33,9 @@ const REC_CRC_OFF: usize = 20;
 /// Records at or above this size are rejected (PostgreSQL caps records below 1 GiB).
 const MAX_TOT_LEN: u32 = 1 << 30;
 
-const XLP_FIRST_IS_CONTRECORD: u16 = 0x0001;
-const XLP_LONG_HEADER: u16 = 0x0002;
-const XLP_FIRST_IS_OVERWRITE_CONTRECORD: u16 = 0x0008;
-const XLP_ALL_FLAGS: u16 = 0x000F;
-
 const RM_XLOG_ID: u8 = 0;
 const XLOG_SWITCH: u8 = 0x40;
 const XLR_RMGR_INFO_MASK: u8 = 0xF0;
-
-/// XLOG_PAGE_MAGIC per supported major version.
-const MAGICS: [(u16, u32); 4] = [(0xD110, 15), (0xD113, 16), (0xD116, 17), (0xD118, 18)];
-
-fn major_of_magic(magic: u16) -> Option<u32> {
-    MAGICS.iter().find(|(m, _)| *m == magic).map(|&(_, v)| v)
-}
-
-/// The server's `XLOG_PAGE_MAGIC` for a major version (15..=18).
-pub fn page_magic_for(major: u32) -> Option<u16> {
-    MAGICS.iter().find(|(_, v)| *v == major).map(|&(m, _)| m)
-}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct VerifyParams {
@@ -213,7 +201,7 @@ pub struct WalVerifier {
     /// xlp_tli of the last page header seen (0 before the first).
     last_tli: u32,
     /// Page header being assembled (it may be split across chunks).
-    phdr: [u8; LONG_PHD],
+    phdr: HeaderBytes,
     body: Body,
     /// Start of the last record that verified completely.
     prev: Option<u64>,
@@ -466,13 +454,15 @@ impl WalVerifier {
     }
 
     fn check_page_header(&mut self, page: u64, hdr_size: usize) -> Result<(), VerifyError> {
-        let h = &self.phdr;
         let lsn = Lsn(page);
-        let magic = u16::from_le_bytes([h[0], h[1]]);
-        let info = u16::from_le_bytes([h[2], h[3]]);
-        let tli = u32::from_le_bytes([h[4], h[5], h[6], h[7]]);
-        let pageaddr = u64::from_le_bytes([h[8], h[9], h[10], h[11], h[12], h[13], h[14], h[15]]);
-        let rem_len = u32::from_le_bytes([h[16], h[17], h[18], h[19]]);
+        let PageHeader {
+            magic,
+            info,
+            tli,
+            pageaddr,
+            rem_len,
+        } = PageHeader::from_bytes(&self.phdr);
+        let pageaddr = pageaddr.0;
 
         match self.magic {
             Some(m) if m != magic => {
@@ -521,10 +511,11 @@ impl WalVerifier {
         }
         self.last_tli = tli;
         if first_of_segment {
-            let sysid =
-                u64::from_le_bytes([h[24], h[25], h[26], h[27], h[28], h[29], h[30], h[31]]);
-            let seg_size = u32::from_le_bytes([h[32], h[33], h[34], h[35]]);
-            let blcksz = u32::from_le_bytes([h[36], h[37], h[38], h[39]]);
+            let LongHeader {
+                sysid,
+                seg_size,
+                blcksz,
+            } = LongHeader::from_bytes(&self.phdr);
             if sysid != self.params.system_identifier {
                 return Err(VerifyError::SystemIdentifier {
                     lsn,
@@ -927,6 +918,7 @@ pub mod synth {
 mod tests {
     use super::synth::WalBuilder;
     use super::*;
+    use crate::wal::page::MAGICS;
 
     const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/wal");
     /// `pg_controldata` of the cluster the fixtures come from (tests/fixtures/wal/README.md).
