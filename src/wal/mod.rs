@@ -13,6 +13,6 @@ pub mod xact;
 
 pub use history::{HistoryEntry, TimelineHistory};
 pub use lsn::Lsn;
+pub use page::WAL_PAGE_SIZE;
 pub use segment::{history_file_name, parse_history_file_name, SegmentId, SegmentSize};
 pub use verify::{VerifyError, VerifyParams, WalVerifier};
-pub use page::WAL_PAGE_SIZE;

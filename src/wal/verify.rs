@@ -2129,11 +2129,11 @@ mod tests {
         let mut bad = data.clone();
         bad[MB as usize - 1] = 1;
         let mut c = SegmentChecker::new(params(1), lsn("0/A00000"));
-        let err = bad
-            .chunks(65536)
-            .try_for_each(|p| c.update(p))
-            .unwrap_err();
-        assert_eq!(err, check_segment(params(1), lsn("0/A00000"), &bad).unwrap_err());
+        let err = bad.chunks(65536).try_for_each(|p| c.update(p)).unwrap_err();
+        assert_eq!(
+            err,
+            check_segment(params(1), lsn("0/A00000"), &bad).unwrap_err()
+        );
     }
 
     #[test]
@@ -2209,8 +2209,10 @@ mod tests {
             },
         ] {
             let s = e.to_string();
-            assert!(!s.contains('\n') && s.contains("expected") && s.contains("found"), "{s}");
+            assert!(
+                !s.contains('\n') && s.contains("expected") && s.contains("found"),
+                "{s}"
+            );
         }
     }
-
 }
