@@ -1032,7 +1032,7 @@ mod tests {
         assert!(fs::read(f.dest()).unwrap() == seg);
         // The same WAL asked for as timeline 3's (3 forked off 2 later, in segment C): fine.
         f.put(
-            &format!("wal/00000003000000000000000B.zst"),
+            "wal/00000003000000000000000B.zst",
             read(&format!("{b}.zst")),
         )
         .await;
@@ -1043,7 +1043,7 @@ mod tests {
             .unwrap();
         // As timeline 1's: it has timeline 2 pages.
         f.put(
-            &format!("wal/00000001000000000000000B.zst"),
+            "wal/00000001000000000000000B.zst",
             read(&format!("{b}.zst")),
         )
         .await;
