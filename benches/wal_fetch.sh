@@ -26,7 +26,9 @@
 #        BENCH_DIR (default /tmp/walagent-fetch-bench; removed on exit unless BENCH_KEEP=1),
 #        BENCH_PORT (PostgreSQL, 5463), BENCH_S3_PORT (s3s-fs, 5492), BENCH_QUIET_TRIES (5: up to
 #        10 s waiting for an idle machine before each run), PG_BIN, S3S_FS, WALAGENT (binary;
-#        default target/release/walagent, built if missing).
+#        default target/release/walagent, built if missing), BENCH_BASELINE (a second walagent
+#        binary, e.g. one built from an older commit: every run then also times its wal-fetch,
+#        right after WALAGENT's, on the same archives; rows are labelled new / base).
 # Works as root (PostgreSQL then runs as the `postgres` OS user) and as a normal user.
 set -euo pipefail
 
@@ -43,6 +45,7 @@ PG_BIN=${PG_BIN:-/usr/lib/postgresql/15/bin}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 WALAGENT=${WALAGENT:-$ROOT/target/release/walagent}
 S3S_FS=${S3S_FS:-$(command -v s3s-fs || echo /usr/local/bin/s3s-fs)}
+BASELINE=${BENCH_BASELINE:-}
 BUCKET=bench
 S3_KEY=bench-access-key
 S3_SECRET=bench-secret-key
@@ -53,7 +56,7 @@ LOG_NAME=wal_fetch
 source "$ROOT/benches/lib.sh"
 loadavg() { cut -d' ' -f1-3 /proc/loadavg; }
 
-for t in "$PG_BIN/postgres" "$S3S_FS"; do
+for t in "$PG_BIN/postgres" "$S3S_FS" ${BASELINE:+"$BASELINE"}; do
   [[ -x $t ]] || die "$t not found (see Needs: in the header)"
 done
 for p in "$PORT" "$S3_PORT"; do port_open "$p" && die "port $p on 127.0.0.1 is already in use"; done
@@ -172,15 +175,15 @@ REPLAY_S=$(awk -v m="$REPLAY_MS" 'BEGIN{printf "%.3f", m/1000}')
 TICK=$(getconf CLK_TCK)
 busy_ticks() { head -1 /proc/stat | awk '{print $2+$3+$4+$7+$8}'; }
 s3_ticks() { awk '{print $14+$15}' "/proc/$S3_PID/stat"; }
-one_run() { # archive prefetch -> prints "wall_s s3srv_cpu_s busy_cpu_s"; leaves the segments in $DIR/out
-  local archive=$1 p=$2 t0 t1 s b0 b1 c0 c1
+one_run() { # archive prefetch binary -> prints "wall_s s3srv_cpu_s busy_cpu_s"; leaves the segments in $DIR/out
+  local archive=$1 p=$2 bin=$3 t0 t1 s b0 b1 c0 c1
   stop_workers
   rm -rf "$DIR/out"; mkdir -p "$DIR/out"
   sync; wait_quiet
   b0=$(busy_ticks); c0=$(s3_ticks)
   t0=$(date +%s.%N)
   for s in "${SEGS[@]}"; do
-    "$WALAGENT" wal-fetch --archive "$archive" --prefetch "$p" "$s" "$DIR/out/$s" \
+    "$bin" wal-fetch --archive "$archive" --prefetch "$p" "$s" "$DIR/out/$s" \
       2>>"$DIR/fetch.log" || die "wal-fetch $s from $archive (prefetch $p) failed: $(tail -1 "$DIR/fetch.log")"
     [[ $REPLAY_MS == 0 ]] || sleep "$REPLAY_S"
   done
@@ -193,9 +196,11 @@ one_run() { # archive prefetch -> prints "wall_s s3srv_cpu_s busy_cpu_s"; leaves
 
 checksums() { (cd "$DIR/out" && sha256sum "${SEGS[@]}"); }
 
+BINS=("new:$WALAGENT")
+[[ -n $BASELINE ]] && BINS+=("base:$BASELINE")
 declare -A WALLS=()
 REF=''
-printf 'mode\tprefetch\trun\twall_s\tsegments/s\tMiB/s\ts3srv_cpu_s\tbusy_cpu_s\tload_avg\n'
+printf 'mode\tprefetch\tbin\trun\twall_s\tsegments/s\tMiB/s\ts3srv_cpu_s\tbusy_cpu_s\tload_avg\n'
 for run in $(seq 1 "$RUNS"); do
   for mode in $MODES; do
     case $mode in
@@ -204,27 +209,33 @@ for run in $(seq 1 "$RUNS"); do
       *) die "unknown mode $mode in BENCH_MODES (local, s3)" ;;
     esac
     for p in 0 $PREFETCH_LIST; do
-      la=$(loadavg)
-      read -r wall s3cpu busy < <(one_run "$archive" "$p")
-      sums=$(checksums)
-      if [[ -z $REF ]]; then REF=$sums; fi
-      [[ $sums == "$REF" ]] || die "$mode prefetch $p run $run: restored segments differ from the first run"
-      printf '%s\t%s\t%s\t%s\t%.1f\t%.0f\t%s\t%s\t%s\n' "$mode" "$p" "$run" "$wall" \
-        "$(awk -v n="$NSEG" -v w="$wall" 'BEGIN{print n/w}')" \
-        "$(awk -v n="$NSEG" -v m="$SEG_MB" -v w="$wall" 'BEGIN{print n*m/w}')" "$s3cpu" "$busy" "$la"
-      WALLS[$mode/$p]="${WALLS[$mode/$p]:-} $wall"
+      for b in "${BINS[@]}"; do
+        label=${b%%:*} bin=${b#*:}
+        la=$(loadavg)
+        read -r wall s3cpu busy < <(one_run "$archive" "$p" "$bin")
+        sums=$(checksums)
+        if [[ -z $REF ]]; then REF=$sums; fi
+        [[ $sums == "$REF" ]] || die "$mode prefetch $p $label run $run: restored segments differ from the first run"
+        printf '%s\t%s\t%s\t%s\t%s\t%.1f\t%.0f\t%s\t%s\t%s\n' "$mode" "$p" "$label" "$run" "$wall" \
+          "$(awk -v n="$NSEG" -v w="$wall" 'BEGIN{print n/w}')" \
+          "$(awk -v n="$NSEG" -v m="$SEG_MB" -v w="$wall" 'BEGIN{print n*m/w}')" "$s3cpu" "$busy" "$la"
+        WALLS[$mode/$p/$label]="${WALLS[$mode/$p/$label]:-} $wall"
+      done
     done
   done
 done
 rm -rf "$DIR/out"
 
 echo "# $NSEG segments of $SEG_MB MB ($ARCH_MB MB compressed), $RUNS runs each, replay sleep ${REPLAY_MS} ms; load average now: $(loadavg); $(nproc) CPUs"
-for mode in $MODES; do
-  base=$(echo "${WALLS[$mode/0]}" | median)
-  for p in 0 $PREFETCH_LIST; do
-    w=$(echo "${WALLS[$mode/$p]}" | median)
-    printf '# %-5s prefetch %-2s: median %.2f s = %.1f segments/s (%.0f MiB/s), %.2fx prefetch 0\n' "$mode" "$p" "$w" \
-      "$(awk -v n="$NSEG" -v w="$w" 'BEGIN{print n/w}')" "$(awk -v n="$NSEG" -v m="$SEG_MB" -v w="$w" 'BEGIN{print n*m/w}')" \
-      "$(awk -v a="$base" -v b="$w" 'BEGIN{print a/b}')"
+for b in "${BINS[@]}"; do
+  label=${b%%:*}
+  for mode in $MODES; do
+    base=$(echo "${WALLS[$mode/0/$label]}" | median)
+    for p in 0 $PREFETCH_LIST; do
+      w=$(echo "${WALLS[$mode/$p/$label]}" | median)
+      printf '# %-4s %-5s prefetch %-2s: median %.2f s = %.1f segments/s (%.0f MiB/s), %.2fx prefetch 0\n' "$label" "$mode" "$p" "$w" \
+        "$(awk -v n="$NSEG" -v w="$w" 'BEGIN{print n/w}')" "$(awk -v n="$NSEG" -v m="$SEG_MB" -v w="$w" 'BEGIN{print n*m/w}')" \
+        "$(awk -v a="$base" -v b="$w" 'BEGIN{print a/b}')"
+    done
   done
 done

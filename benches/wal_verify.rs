@@ -7,13 +7,16 @@
 //! segment with fresh page headers, prev-links and CRCs. So the record-size mix is real and
 //! no 16 MiB file is stored.
 //!
+//! `segment_checker_16MiB_in_1MiB_pieces` is wal-fetch's check (`SegmentChecker`, fed the 1 MiB
+//! pieces that decompression writes), to be set against the decompression of the same segment.
+//!
 //! Run: `cargo bench --bench wal_verify -- --warm-up-time 1 --measurement-time 3`
 
 use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use walagent::wal::verify::synth::WalBuilder;
-use walagent::wal::verify::{check_segment, VerifyParams, WalVerifier};
+use walagent::wal::verify::{check_segment, SegmentChecker, VerifyParams, WalVerifier};
 use walagent::wal::{Lsn, SegmentSize, WAL_PAGE_SIZE};
 
 const FIXTURE: &str = concat!(
@@ -115,6 +118,15 @@ fn bench(c: &mut Criterion) {
             check_segment(params, start, black_box(&seg))
                 .expect("verifies")
                 .records
+        })
+    });
+    g.bench_function("segment_checker_16MiB_in_1MiB_pieces", |b| {
+        b.iter(|| {
+            let mut c = SegmentChecker::new(params, start);
+            for piece in seg.chunks(1 << 20) {
+                c.update(black_box(piece)).expect("verifies");
+            }
+            c.finish().expect("verifies").records
         })
     });
     // The ceiling: CRC-32C alone over the same bytes.

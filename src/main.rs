@@ -199,7 +199,7 @@ async fn fetch(args: WalFetchArgs) -> ExitCode {
             }
             ExitCode::SUCCESS
         }
-        Err(e) => fail(&e.to_string(), None, e.exit_code().clamp(1, 255) as u8),
+        Err(e) => fail(&e.to_string(), e.hint(), e.exit_code().clamp(1, 255) as u8),
     }
 }
 

@@ -24,6 +24,12 @@
 //! beyond N+2 segment files), and start the background worker unless one is alive: the same
 //! executable, `wal-fetch --prefetch-worker`, detached (`setsid`, stdio on /dev/null).
 //!
+//! The worker downloads with [`wal_fetch::fetch`], so a cached segment passed the same check as one
+//! served directly before it got its final name in the cache: page headers against its name and
+//! walagent.json, record CRCs, a whole segment (see `wal_fetch`). A segment that fails it is never
+//! cached; the worker logs it and the request for it fetches (and fails) from the archive itself.
+//! Serving from the cache is a rename and reads nothing again.
+//!
 //! The worker downloads the missing ones of X+1..X+N with at most J at once, follows `.served` as
 //! PostgreSQL moves on (a sliding window), stops extending the window at the first segment the
 //! archive does not have, and exits after [`IDLE_EXIT`] without a new request, when the cache

@@ -6,7 +6,12 @@
 //! served too, for people fetching one by hand.
 //!
 //! The file appears at DEST atomically (temp file in DEST's directory, then rename); on any error
-//! neither DEST nor a temp file is left. A segment must decompress to exactly the segment size.
+//! neither DEST nor a temp file is left (an existing DEST is left as it was). A segment must
+//! decompress to exactly the segment size, and must be the WAL its name asks for before it is
+//! placed: every page header is checked against the name (magic, `xlp_pageaddr`, `xlp_tli`) and
+//! walagent.json (the long header's system identifier and segment size), and every record's
+//! CRC-32C, by the streaming verifier of `walagent stream` ([`SegmentChecker`]) while the object
+//! is decompressed. See [`fetch`] and `proto-notes/archive-layout.md` ("What wal-fetch checks").
 //! Exit codes: not found → 1 (PostgreSQL: "not in the archive"), anything else → 126, which
 //! makes PostgreSQL stop recovery rather than end it early (see [`EXIT_FATAL`]).
 
@@ -19,7 +24,8 @@ use crate::archive::compress::{create_private, decompress_stream, is_corrupt};
 use crate::archive::layout::{history_key, segment_key_by_name, META_KEY};
 use crate::archive::meta::MetaError;
 use crate::archive::{ArchiveMeta, Store, StoreError};
-use crate::wal::{parse_history_file_name, SegmentId, SegmentSize};
+use crate::wal::verify::{check_page_timelines, SegmentChecker, VerifyError, VerifyParams};
+use crate::wal::{parse_history_file_name, Lsn, SegmentId, TimelineHistory};
 
 /// Exit status for a corrupt object, an unreachable archive or any other failure. PostgreSQL
 /// reads 1..=125 from restore_command as "file not available", which would let a recovery end
@@ -44,6 +50,15 @@ pub enum FetchError {
         archive: String,
         detail: String,
     },
+    /// The object decompressed fine but is not the WAL the name asks for (another segment,
+    /// another cluster, another timeline's WAL past the fork, damaged records, a lost tail).
+    #[error("archive object {key} in {archive} fails the WAL check for {name}: {detail}")]
+    WrongWal {
+        key: String,
+        archive: String,
+        name: String,
+        detail: String,
+    },
     #[error("{0}")]
     Store(#[from] StoreError),
     #[error("{context}: {source}")]
@@ -62,6 +77,17 @@ impl FetchError {
         match self {
             FetchError::NotFound { .. } => 1,
             _ => EXIT_FATAL,
+        }
+    }
+
+    /// What to do about it, for the `hint:` part of the error line.
+    pub fn hint(&self) -> Option<String> {
+        match self {
+            FetchError::WrongWal { .. } => Some(
+                "the object holds other WAL than its name says, or damaged WAL, and is not served so that recovery stops here instead of replaying it; restore the object from another copy of the archive (or remove it to let recovery end before it)"
+                    .to_string(),
+            ),
+            _ => None,
         }
     }
 
@@ -150,7 +176,7 @@ pub async fn fetch(
         name: name.to_string(),
         archive: archive.clone(),
     };
-    let (candidates, seg_size) = match parse_request(name)? {
+    let (candidates, expect) = match parse_request(name)? {
         Request::BackupHistory => return Err(not_found()),
         Request::History(tli) => (
             vec![Candidate {
@@ -170,9 +196,9 @@ pub async fn fetch(
                     archive: archive.clone(),
                 })?;
             let size = meta.wal_segment_size;
-            if SegmentId::parse_file_name(&seg_name, size).is_none() {
+            let Some(id) = SegmentId::parse_file_name(&seg_name, size) else {
                 return Err(FetchError::BadName(name.to_string()));
-            }
+            };
             let mut c = Vec::new();
             if !partial {
                 for compressed in [true, false] {
@@ -192,7 +218,15 @@ pub async fn fetch(
                     });
                 }
             }
-            (c, Some(size))
+            let expect = Expect {
+                params: VerifyParams {
+                    system_identifier: meta.system_identifier,
+                    segment_size: size,
+                    timeline: id.timeline,
+                },
+                start: id.start_lsn(size),
+            };
+            (c, Some(expect))
         }
     };
 
@@ -216,13 +250,26 @@ pub async fn fetch(
         let (key, archive2) = (cand.key.clone(), archive.clone());
         let compressed = cand.compressed;
         let partial = cand.partial;
-        let bytes = tokio::task::spawn_blocking(move || {
-            finish_file(&src, &dst, compressed, partial, seg_size, &key, &archive2)
+        let exp = expect.clone();
+        let finished = tokio::task::spawn_blocking(move || {
+            finish_file(
+                &src,
+                &dst,
+                compressed,
+                partial,
+                exp.as_ref(),
+                &key,
+                &archive2,
+            )
         })
         .await
         .map_err(|e| {
             FetchError::io("wal-fetch I/O task failed", io::Error::other(e.to_string()))
         })??;
+        if let Some(exp) = &expect {
+            check_timelines(store, exp, &finished.timelines, &cand.key).await?;
+        }
+        let bytes = finished.bytes;
         download.remove();
         fs::rename(&out.0, dest).map_err(|e| {
             FetchError::io(
@@ -240,29 +287,91 @@ pub async fn fetch(
     Err(not_found())
 }
 
+/// What a segment request must turn out to be.
+#[derive(Debug, Clone)]
+struct Expect {
+    /// walagent.json's system identifier and segment size; the name's timeline.
+    params: VerifyParams,
+    /// The LSN of the segment the name asks for.
+    start: Lsn,
+}
+
+/// The final content of DEST's temp file.
+struct Finished {
+    /// Its size.
+    bytes: u64,
+    /// For segments: each `xlp_tli` its pages carry, with the last page carrying it.
+    timelines: Vec<(u32, Lsn)>,
+}
+
+/// The WAL check of one segment object as its bytes go by; the first failure is kept (the bytes
+/// are still counted, so a wrong size is reported as such).
+struct Check {
+    checker: SegmentChecker,
+    failed: Option<VerifyError>,
+}
+
+impl Check {
+    fn update(&mut self, data: &[u8]) {
+        if self.failed.is_none() {
+            if let Err(e) = self.checker.update(data) {
+                self.failed = Some(e);
+            }
+        }
+    }
+}
+
+/// Writes through to `inner` and shows every byte written to the check.
+struct CheckingWriter<'a, W> {
+    inner: W,
+    check: Option<&'a mut Check>,
+}
+
+impl<W: Write> Write for CheckingWriter<'_, W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        if let Some(c) = self.check.as_deref_mut() {
+            c.update(&buf[..n]);
+        }
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
 /// Turns what was downloaded into the final content of `dst`: decompresses `src` into `dst` when
-/// `compressed` (otherwise `dst` already holds the bytes), checks the size of segments, and pads
-/// partial segments with zeros. Returns the final size of `dst`.
+/// `compressed` (otherwise `dst` already holds the bytes), checks the size of segments, pads
+/// partial segments with zeros, and for segments (`expect`) checks the WAL: page headers against
+/// the name and walagent.json, record CRCs, and for a complete (not `.partial`) segment that it
+/// holds WAL up to its end. The timelines of its pages are left to [`check_timelines`].
 fn finish_file(
     src: &Path,
     dst: &Path,
     compressed: bool,
     partial: bool,
-    seg_size: Option<SegmentSize>,
+    expect: Option<&Expect>,
     key: &str,
     archive: &str,
-) -> Result<u64, FetchError> {
+) -> Result<Finished, FetchError> {
     let corrupt = |detail: String| FetchError::Corrupt {
         key: key.to_string(),
         archive: archive.to_string(),
         detail,
     };
+    let mut check = expect.map(|e| Check {
+        checker: SegmentChecker::new(e.params, e.start),
+        failed: None,
+    });
     let mut len = if compressed {
         let input = File::open(src)
             .map_err(|e| FetchError::io(format!("cannot open downloaded {}", src.display()), e))?;
         let output = create_private(dst)
             .map_err(|e| FetchError::io(format!("cannot create {}", dst.display()), e))?;
-        let mut w = io::BufWriter::with_capacity(1 << 20, output);
+        let mut w = CheckingWriter {
+            inner: io::BufWriter::with_capacity(1 << 20, output),
+            check: check.as_mut(),
+        };
         let n = match decompress_stream(BufReader::with_capacity(1 << 20, input), &mut w, true) {
             Ok(n) => n,
             Err(e) if is_corrupt(&e) => return Err(corrupt(e.to_string())),
@@ -277,12 +386,21 @@ fn finish_file(
             .map_err(|e| FetchError::io(format!("cannot write {}", dst.display()), e))?;
         n
     } else {
-        fs::metadata(dst)
+        let len = fs::metadata(dst)
             .map_err(|e| FetchError::io(format!("cannot stat {}", dst.display()), e))?
-            .len()
+            .len();
+        if let Some(c) = check.as_mut() {
+            check_file(dst, len, c)?;
+        }
+        len
     };
-    let Some(size) = seg_size else { return Ok(len) };
-    let want = u64::from(size.bytes());
+    let Some(exp) = expect else {
+        return Ok(Finished {
+            bytes: len,
+            timelines: Vec::new(),
+        });
+    };
+    let want = u64::from(exp.params.segment_size.bytes());
     if partial {
         if len > want {
             return Err(corrupt(format!(
@@ -290,6 +408,13 @@ fn finish_file(
             )));
         }
         if len < want {
+            if let Some(c) = check.as_mut() {
+                if c.failed.is_none() {
+                    if let Err(e) = c.checker.update_zeros(want - len) {
+                        c.failed = Some(e);
+                    }
+                }
+            }
             let mut f = OpenOptions::new()
                 .append(true)
                 .open(dst)
@@ -307,7 +432,94 @@ fn finish_file(
             "segment holds {len} bytes, expected {want}"
         )));
     }
-    Ok(len)
+    let wrong = |detail: String| FetchError::WrongWal {
+        key: key.to_string(),
+        archive: archive.to_string(),
+        name: exp.name(),
+        detail,
+    };
+    let Some(c) = check else {
+        return Ok(Finished {
+            bytes: len,
+            timelines: Vec::new(),
+        });
+    };
+    if let Some(e) = c.failed {
+        return Err(wrong(e.to_string()));
+    }
+    let timelines = c.checker.timeline_pages().to_vec();
+    let seg = c.checker.finish().map_err(|e| wrong(e.to_string()))?;
+    if !partial && !seg.complete {
+        return Err(wrong(format!(
+            "expected WAL up to the segment end {}, found valid WAL up to {} and only zeros after it (the segment's tail is missing)",
+            Lsn(exp.start.0 + want),
+            seg.data_end
+        )));
+    }
+    Ok(Finished {
+        bytes: len,
+        timelines,
+    })
+}
+
+impl Expect {
+    /// The segment file name asked for.
+    fn name(&self) -> String {
+        SegmentId::containing(self.params.timeline, self.start, self.params.segment_size)
+            .file_name(self.params.segment_size)
+    }
+}
+
+/// Shows the `len` bytes of the file `path` to the check.
+fn check_file(path: &Path, len: u64, check: &mut Check) -> Result<(), FetchError> {
+    use std::io::Read;
+    let mut f = File::open(path)
+        .map_err(|e| FetchError::io(format!("cannot open {}", path.display()), e))?;
+    let mut buf = vec![0u8; (1 << 20).min(len.max(1)) as usize];
+    loop {
+        let n = match f.read(&mut buf) {
+            Ok(0) => return Ok(()),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(FetchError::io(format!("cannot read {}", path.display()), e)),
+        };
+        check.update(&buf[..n]);
+        if check.failed.is_some() {
+            return Ok(());
+        }
+    }
+}
+
+/// Pages of an older timeline in a segment must be that timeline's WAL before its switch point
+/// in the history of the name's timeline ([`check_page_timelines`]); the history file is read
+/// only when such pages are there (the first segment of a timeline).
+async fn check_timelines(
+    store: &dyn Store,
+    exp: &Expect,
+    timelines: &[(u32, Lsn)],
+    key: &str,
+) -> Result<(), FetchError> {
+    let tli = exp.params.timeline;
+    if timelines.iter().all(|&(t, _)| t == tli) {
+        return Ok(());
+    }
+    let hkey = history_key(tli);
+    let history = match store.get_bytes(&hkey).await? {
+        Some(bytes) => Some(
+            TimelineHistory::parse(&bytes).map_err(|e| FetchError::Corrupt {
+                key: hkey.clone(),
+                archive: store.location(),
+                detail: e.to_string(),
+            })?,
+        ),
+        None => None,
+    };
+    check_page_timelines(tli, timelines, history.as_ref()).map_err(|e| FetchError::WrongWal {
+        key: key.to_string(),
+        archive: store.location(),
+        name: exp.name(),
+        detail: e.to_string(),
+    })
 }
 
 /// A temp file removed on drop unless disarmed.
@@ -338,6 +550,7 @@ mod tests {
     use super::*;
     use crate::archive::compress::compress_bulk;
     use crate::archive::{LocalStore, PutMode};
+    use crate::wal::SegmentSize;
     use bytes::Bytes;
 
     const SEG: &str = "000000010000000000000003";
@@ -346,16 +559,31 @@ mod tests {
         SegmentSize::new(1 << 20).unwrap()
     }
 
+    const SYSID: u64 = 7311;
+
+    /// Valid WAL for segment `segno` (1 MB segments, timeline `tli`) of system `sysid`, full to
+    /// its end; `seed` varies the record payloads.
+    fn wal_segment(sysid: u64, tli: u32, segno: u64, seed: u8) -> Vec<u8> {
+        use crate::wal::verify::synth::WalBuilder;
+        let start = Lsn(segno << 20);
+        let mut b = WalBuilder::new(sysid, seg_size(), tli, start);
+        b.set_prev(Lsn(start.0 - 0x100));
+        let mut i = 0u32;
+        while b.position().0 < start.0 + (1 << 20) {
+            let payload: Vec<u8> = (0..(200 + (i * 37 + u32::from(seed)) % 3000))
+                .map(|j| (j as u8).wrapping_mul(31) ^ seed ^ 0x5A)
+                .collect();
+            b.push(10, 0, i, &payload);
+            i += 1;
+        }
+        let mut v = b.into_bytes();
+        v.truncate(1 << 20);
+        v
+    }
+
+    /// Segment 3 (SEG) of this archive's cluster.
     fn segment_bytes(seed: u8) -> Vec<u8> {
-        (0..(1u32 << 20))
-            .map(|i| {
-                if i % 512 < 256 {
-                    (i as u8).wrapping_mul(31) ^ seed
-                } else {
-                    0
-                }
-            })
-            .collect()
+        wal_segment(SYSID, 1, 3, seed)
     }
 
     struct Fixture {
@@ -365,10 +593,14 @@ mod tests {
     }
 
     async fn fixture(with_meta: bool) -> Fixture {
+        fixture_of(with_meta.then_some(SYSID)).await
+    }
+
+    async fn fixture_of(sysid: Option<u64>) -> Fixture {
         let t = tempfile::tempdir().unwrap();
         let store = LocalStore::open(&t.path().join("archive")).unwrap();
-        if with_meta {
-            ArchiveMeta::new(7311, seg_size(), 150018)
+        if let Some(sysid) = sysid {
+            ArchiveMeta::new(sysid, seg_size(), 150018)
                 .save(&store)
                 .await
                 .unwrap();
@@ -542,7 +774,7 @@ mod tests {
     #[tokio::test]
     async fn partial_served_only_when_allowed() {
         let f = fixture(true).await;
-        let head: Vec<u8> = (0..300_000u32).map(|i| (i % 97) as u8 + 1).collect();
+        let head = segment_bytes(9)[..300_000].to_vec();
         f.put(
             &format!("wal/{SEG}.partial.zst"),
             compress_bulk(&head, 1).unwrap(),
@@ -633,6 +865,195 @@ mod tests {
                 name: SEG.into(),
                 partial: false
             }
+        );
+    }
+
+    /// Fetches `name` expecting the WAL check to refuse it: exit 126, one line naming the object
+    /// and what did not match, DEST as it was, no temp files.
+    async fn assert_wrong_wal(f: &Fixture, name: &str, allow_partial: bool, what: &str) {
+        let before = fs::read(f.dest()).ok();
+        let e = fetch(&f.store, name, &f.dest(), allow_partial)
+            .await
+            .unwrap_err();
+        assert!(matches!(e, FetchError::WrongWal { .. }), "{name}: {e}");
+        assert_eq!(e.exit_code(), EXIT_FATAL);
+        let msg = e.to_string();
+        assert!(
+            msg.contains("archive object wal/") && msg.contains(what) && !msg.contains('\n'),
+            "{name}: {msg}"
+        );
+        assert!(e.hint().is_some_and(|h| !h.contains('\n')));
+        assert_eq!(fs::read(f.dest()).ok(), before, "DEST changed");
+        let left: Vec<String> = f
+            .leftovers()
+            .into_iter()
+            .filter(|n| n != "RECOVERYXLOG")
+            .collect();
+        assert!(left.is_empty(), "{left:?}");
+    }
+
+    #[tokio::test]
+    async fn another_segment_under_the_name_is_refused() {
+        let f = fixture(true).await;
+        // Segment 4's WAL stored as segment 3.
+        f.put(
+            &format!("wal/{SEG}.zst"),
+            compress_bulk(&wal_segment(SYSID, 1, 4, 1), 1).unwrap(),
+        )
+        .await;
+        assert_wrong_wal(
+            &f,
+            SEG,
+            false,
+            "expected xlp_pageaddr 0/300000, found 0/400000",
+        )
+        .await;
+        // An earlier DEST stays as it was.
+        fs::write(f.dest(), b"earlier").unwrap();
+        assert_wrong_wal(&f, SEG, false, "xlp_pageaddr").await;
+        // Raw too.
+        f.store.delete(&format!("wal/{SEG}.zst")).await.unwrap();
+        f.put(&format!("wal/{SEG}"), wal_segment(SYSID, 1, 2, 1))
+            .await;
+        assert_wrong_wal(&f, SEG, false, "found 0/200000").await;
+    }
+
+    #[tokio::test]
+    async fn another_cluster_or_timeline_is_refused() {
+        let f = fixture(true).await;
+        f.put(
+            &format!("wal/{SEG}.zst"),
+            compress_bulk(&wal_segment(SYSID + 1, 1, 3, 1), 1).unwrap(),
+        )
+        .await;
+        assert_wrong_wal(
+            &f,
+            SEG,
+            false,
+            "expected system identifier 7311, found 7312",
+        )
+        .await;
+        // A timeline-2 segment asked for as timeline 1's.
+        f.put(
+            &format!("wal/{SEG}.zst"),
+            compress_bulk(&wal_segment(SYSID, 2, 3, 1), 1).unwrap(),
+        )
+        .await;
+        assert_wrong_wal(&f, SEG, false, "expected xlp_tli between 1 and 1, found 2").await;
+        // Another segment size.
+        let mut b = crate::wal::verify::synth::WalBuilder::new(
+            SYSID,
+            SegmentSize::new(2 << 20).unwrap(),
+            1,
+            Lsn(0x200000),
+        );
+        while b.position().0 < 0x300000 + (1 << 20) {
+            b.push(1, 0, 1, &[7; 5000]);
+        }
+        let v = b.into_bytes()[0x100000..0x200000].to_vec();
+        f.put(&format!("wal/{SEG}.zst"), compress_bulk(&v, 1).unwrap())
+            .await;
+        assert_wrong_wal(&f, SEG, false, "0/300000").await;
+    }
+
+    #[tokio::test]
+    async fn damaged_raw_segments_are_refused() {
+        let f = fixture(true).await;
+        let good = segment_bytes(1);
+        // One bit in record data (mid-page, far from any header).
+        let mut bad = good.clone();
+        bad[5 * 8192 + 4000] ^= 0x10;
+        f.put(&format!("wal/{SEG}"), bad).await;
+        assert_wrong_wal(&f, SEG, false, "CRC-32C").await;
+        // Garbage of the right size.
+        let garbage: Vec<u8> = (0..1u32 << 20).map(|i| (i * 7 + 3) as u8).collect();
+        f.put(&format!("wal/{SEG}"), garbage).await;
+        assert_wrong_wal(&f, SEG, false, "xlp_magic").await;
+        // The tail lost (zeroed): valid WAL, but not the whole segment.
+        let mut cut = good.clone();
+        cut[600_000..].fill(0);
+        f.put(&format!("wal/{SEG}"), cut).await;
+        assert_wrong_wal(&f, SEG, false, "tail is missing").await;
+        // The good one still serves, byte-identical.
+        f.put(&format!("wal/{SEG}"), good.clone()).await;
+        fetch(&f.store, SEG, &f.dest(), false).await.unwrap();
+        assert!(fs::read(f.dest()).unwrap() == good);
+    }
+
+    #[tokio::test]
+    async fn partial_objects_are_checked_over_what_they_hold() {
+        let f = fixture(true).await;
+        let full = segment_bytes(2);
+        let name = format!("{SEG}.partial");
+        // A genuine partial: a prefix, padded with zeros.
+        f.put(
+            &format!("wal/{name}.zst"),
+            compress_bulk(&full[..400_000], 1).unwrap(),
+        )
+        .await;
+        let o = fetch(&f.store, SEG, &f.dest(), true).await.unwrap();
+        assert!(o.from_partial);
+        let got = fs::read(f.dest()).unwrap();
+        assert!(got[..400_000] == full[..400_000] && got[400_000..].iter().all(|&b| b == 0));
+        // A partial of another segment, and one with a flipped bit.
+        f.put(
+            &format!("wal/{name}.zst"),
+            compress_bulk(&wal_segment(SYSID, 1, 5, 2)[..400_000], 1).unwrap(),
+        )
+        .await;
+        assert_wrong_wal(&f, SEG, true, "found 0/500000").await;
+        let mut bad = full[..400_000].to_vec();
+        bad[100_000] ^= 1;
+        f.store.delete(&format!("wal/{name}.zst")).await.unwrap();
+        f.put(&format!("wal/{name}"), bad).await;
+        assert_wrong_wal(&f, &name, false, "wal/000000010000000000000003.partial").await;
+    }
+
+    /// Real WAL (PostgreSQL 15.18): the first segment of timeline 2 starts with timeline 1's page.
+    #[tokio::test]
+    async fn first_segment_of_a_timeline_needs_its_history() {
+        const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/wal");
+        let read = |n: &str| fs::read(format!("{FIXTURES}/{n}")).unwrap();
+        let f = fixture_of(Some(7710843067740758272)).await;
+        let b = "00000002000000000000000B";
+        let seg = zstd::stream::decode_all(&read(&format!("{b}.zst"))[..]).unwrap();
+        f.put(&format!("wal/{b}.zst"), read(&format!("{b}.zst")))
+            .await;
+        // Without 00000002.history nothing says timeline 1's page belongs to timeline 2.
+        assert_wrong_wal(&f, b, false, "no history file of timeline 2").await;
+        // A history where timeline 1 ends before that page.
+        f.put("wal/00000002.history", b"1\t0/B00000\tx\n".to_vec())
+            .await;
+        assert_wrong_wal(&f, b, false, "timeline 1 ends there").await;
+        // The real one.
+        f.put("wal/00000002.history", read("00000002.history"))
+            .await;
+        fetch(&f.store, b, &f.dest(), false).await.unwrap();
+        assert!(fs::read(f.dest()).unwrap() == seg);
+        // The same WAL asked for as timeline 3's (3 forked off 2 later, in segment C): fine.
+        f.put(
+            "wal/00000003000000000000000B.zst",
+            read(&format!("{b}.zst")),
+        )
+        .await;
+        f.put("wal/00000003.history", read("00000003.history"))
+            .await;
+        fetch(&f.store, "00000003000000000000000B", &f.dest(), false)
+            .await
+            .unwrap();
+        // As timeline 1's: it has timeline 2 pages.
+        f.put(
+            "wal/00000001000000000000000B.zst",
+            read(&format!("{b}.zst")),
+        )
+        .await;
+        assert_wrong_wal(&f, "00000001000000000000000B", false, "found 2").await;
+        // A corrupt history file is reported as such.
+        f.put("wal/00000002.history", b"x\n".to_vec()).await;
+        let e = fetch(&f.store, b, &f.dest(), false).await.unwrap_err();
+        assert!(
+            matches!(&e, FetchError::Corrupt { key, .. } if key == "wal/00000002.history"),
+            "{e}"
         );
     }
 }

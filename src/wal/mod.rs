@@ -6,14 +6,13 @@
 
 pub mod history;
 pub mod lsn;
+pub mod page;
 pub mod segment;
 pub mod verify;
 pub mod xact;
 
 pub use history::{HistoryEntry, TimelineHistory};
 pub use lsn::Lsn;
+pub use page::WAL_PAGE_SIZE;
 pub use segment::{history_file_name, parse_history_file_name, SegmentId, SegmentSize};
 pub use verify::{VerifyError, VerifyParams, WalVerifier};
-
-/// XLOG_BLCKSZ: the WAL page size. Fixed at 8 KiB in every build walagent supports.
-pub const WAL_PAGE_SIZE: u32 = 8192;

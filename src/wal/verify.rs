@@ -14,13 +14,18 @@
 //! `src/backend/access/transam/xlogreader.c` and `xlog.c`; written up in
 //! `proto-notes/wal-format.md`.
 
+use super::page::{
+    major_of_magic, HeaderBytes, LongHeader, PageHeader, SIZE_OF_LONG_PHD, SIZE_OF_SHORT_PHD,
+    XLP_ALL_FLAGS, XLP_FIRST_IS_CONTRECORD, XLP_FIRST_IS_OVERWRITE_CONTRECORD, XLP_LONG_HEADER,
+};
 use super::{Lsn, SegmentSize, WAL_PAGE_SIZE};
 
+/// Kept here for callers that knew it from this module; it lives in [`super::page`].
+pub use super::page::page_magic_for;
+
 const PAGE: u64 = WAL_PAGE_SIZE as u64;
-/// SizeOfXLogShortPHD: 20 bytes of fields, MAXALIGNed.
-const SHORT_PHD: usize = 24;
-/// SizeOfXLogLongPHD: 36 bytes of fields, MAXALIGNed.
-const LONG_PHD: usize = 40;
+const SHORT_PHD: usize = SIZE_OF_SHORT_PHD;
+const LONG_PHD: usize = SIZE_OF_LONG_PHD;
 /// SizeOfXLogRecord.
 const REC_HDR: usize = 24;
 /// Offset of xl_crc in the record header; the CRC covers the header bytes before it.
@@ -28,26 +33,9 @@ const REC_CRC_OFF: usize = 20;
 /// Records at or above this size are rejected (PostgreSQL caps records below 1 GiB).
 const MAX_TOT_LEN: u32 = 1 << 30;
 
-const XLP_FIRST_IS_CONTRECORD: u16 = 0x0001;
-const XLP_LONG_HEADER: u16 = 0x0002;
-const XLP_FIRST_IS_OVERWRITE_CONTRECORD: u16 = 0x0008;
-const XLP_ALL_FLAGS: u16 = 0x000F;
-
 const RM_XLOG_ID: u8 = 0;
 const XLOG_SWITCH: u8 = 0x40;
 const XLR_RMGR_INFO_MASK: u8 = 0xF0;
-
-/// XLOG_PAGE_MAGIC per supported major version.
-const MAGICS: [(u16, u32); 4] = [(0xD110, 15), (0xD113, 16), (0xD116, 17), (0xD118, 18)];
-
-fn major_of_magic(magic: u16) -> Option<u32> {
-    MAGICS.iter().find(|(m, _)| *m == magic).map(|&(_, v)| v)
-}
-
-/// The server's `XLOG_PAGE_MAGIC` for a major version (15..=18).
-pub fn page_magic_for(major: u32) -> Option<u16> {
-    MAGICS.iter().find(|(_, v)| *v == major).map(|&(m, _)| m)
-}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct VerifyParams {
@@ -213,7 +201,7 @@ pub struct WalVerifier {
     /// xlp_tli of the last page header seen (0 before the first).
     last_tli: u32,
     /// Page header being assembled (it may be split across chunks).
-    phdr: [u8; LONG_PHD],
+    phdr: HeaderBytes,
     body: Body,
     /// Start of the last record that verified completely.
     prev: Option<u64>,
@@ -226,6 +214,9 @@ pub struct WalVerifier {
     rec_remaining: u32,
     rec_crc: u32,
     records: u64,
+    /// With [`track_timelines`](Self::track_timelines): each `xlp_tli` seen, in order, with the
+    /// LSN of the last page header that carried it.
+    timelines: Option<Vec<(u32, Lsn)>>,
 }
 
 impl WalVerifier {
@@ -253,7 +244,21 @@ impl WalVerifier {
             rec_remaining: 0,
             rec_crc: 0,
             records: 0,
+            timelines: None,
         }
+    }
+
+    /// Also record which pages carry which `xlp_tli` (see [`timeline_pages`](Self::timeline_pages)).
+    /// Off by default: the stream does not need it.
+    pub fn track_timelines(&mut self) {
+        self.timelines.get_or_insert_with(Vec::new);
+    }
+
+    /// With [`track_timelines`](Self::track_timelines): every `xlp_tli` seen so far on a valid page
+    /// header, in stream order (so in increasing order: a timeline never goes backwards), each
+    /// with the LSN of the last page that carried it. Empty when not tracking.
+    pub fn timeline_pages(&self) -> &[(u32, Lsn)] {
+        self.timelines.as_deref().unwrap_or(&[])
     }
 
     /// The position of the next byte to feed.
@@ -466,13 +471,15 @@ impl WalVerifier {
     }
 
     fn check_page_header(&mut self, page: u64, hdr_size: usize) -> Result<(), VerifyError> {
-        let h = &self.phdr;
         let lsn = Lsn(page);
-        let magic = u16::from_le_bytes([h[0], h[1]]);
-        let info = u16::from_le_bytes([h[2], h[3]]);
-        let tli = u32::from_le_bytes([h[4], h[5], h[6], h[7]]);
-        let pageaddr = u64::from_le_bytes([h[8], h[9], h[10], h[11], h[12], h[13], h[14], h[15]]);
-        let rem_len = u32::from_le_bytes([h[16], h[17], h[18], h[19]]);
+        let PageHeader {
+            magic,
+            info,
+            tli,
+            pageaddr,
+            rem_len,
+        } = PageHeader::from_bytes(&self.phdr);
+        let pageaddr = pageaddr.0;
 
         match self.magic {
             Some(m) if m != magic => {
@@ -520,11 +527,18 @@ impl WalVerifier {
             });
         }
         self.last_tli = tli;
+        if let Some(t) = &mut self.timelines {
+            match t.last_mut() {
+                Some((last, at)) if *last == tli => *at = lsn,
+                _ => t.push((tli, lsn)),
+            }
+        }
         if first_of_segment {
-            let sysid =
-                u64::from_le_bytes([h[24], h[25], h[26], h[27], h[28], h[29], h[30], h[31]]);
-            let seg_size = u32::from_le_bytes([h[32], h[33], h[34], h[35]]);
-            let blcksz = u32::from_le_bytes([h[36], h[37], h[38], h[39]]);
+            let LongHeader {
+                sysid,
+                seg_size,
+                blcksz,
+            } = LongHeader::from_bytes(&self.phdr);
             if sysid != self.params.system_identifier {
                 return Err(VerifyError::SystemIdentifier {
                     lsn,
@@ -687,20 +701,197 @@ pub fn check_segment(
             found: bytes.len() as u64,
         });
     }
-    let data_len = len_without_zero_tail(bytes);
-    let mut v = WalVerifier::new(params, start);
-    v.feed(&bytes[..data_len])?;
-    let records = v.records_verified();
-    let server_major = v.server_major();
-    // The zeros complete the segment only if a stream could carry them: record padding, the
-    // end of a record body, or the fill after an XLOG_SWITCH record.
-    let complete = v.feed(&bytes[data_len..]).is_ok();
-    Ok(SegmentCheck {
-        data_end: Lsn(start.0 + data_len as u64),
-        complete,
-        records,
-        server_major,
-    })
+    let mut c = SegmentChecker::new(params, start);
+    c.update(bytes)?;
+    c.finish()
+}
+
+/// [`check_segment`] for a segment that arrives in pieces (a file being decompressed or read),
+/// without holding it: give every byte in order to [`update`](Self::update) (and runs of zeros to
+/// [`update_zeros`](Self::update_zeros)), then call [`finish`](Self::finish). The result is the
+/// one `check_segment` gives for the concatenation; errors come as soon as the bytes show them.
+///
+/// It also records which pages carry which `xlp_tli`
+/// ([`timeline_pages`](Self::timeline_pages)), for [`check_page_timelines`].
+#[derive(Debug, Clone)]
+pub struct SegmentChecker {
+    v: WalVerifier,
+    start: Lsn,
+    expected: u64,
+    /// Bytes given so far.
+    len: u64,
+    /// Zero bytes at the end of what was given, not fed to the verifier yet: the end of the data
+    /// unless something non-zero follows.
+    zeros: u64,
+}
+
+/// Zeros to feed from.
+static ZEROS: [u8; WAL_PAGE_SIZE as usize] = [0; WAL_PAGE_SIZE as usize];
+
+impl SegmentChecker {
+    /// The segment starting at `start` (a segment boundary) of `params.segment_size` bytes.
+    pub fn new(params: VerifyParams, start: Lsn) -> Self {
+        let mut v = WalVerifier::new(params, start);
+        v.track_timelines();
+        SegmentChecker {
+            v,
+            start,
+            expected: u64::from(params.segment_size.bytes()),
+            len: 0,
+            zeros: 0,
+        }
+    }
+
+    fn grow(&mut self, n: u64) -> Result<(), VerifyError> {
+        let len = self.len.saturating_add(n);
+        if len > self.expected {
+            return Err(VerifyError::SegmentLength {
+                lsn: self.start,
+                expected: self.expected,
+                found: len,
+            });
+        }
+        self.len = len;
+        Ok(())
+    }
+
+    fn feed_pending_zeros(v: &mut WalVerifier, mut n: u64) -> Result<(), VerifyError> {
+        while n > 0 {
+            let k = n.min(ZEROS.len() as u64) as usize;
+            v.feed(&ZEROS[..k])?;
+            n -= k as u64;
+        }
+        Ok(())
+    }
+
+    /// The next bytes of the segment. More bytes than the segment size is an error.
+    pub fn update(&mut self, data: &[u8]) -> Result<(), VerifyError> {
+        self.grow(data.len() as u64)?;
+        let data_len = len_without_zero_tail(data);
+        if data_len == 0 {
+            self.zeros += data.len() as u64;
+            return Ok(());
+        }
+        // Zeros followed by data are data.
+        Self::feed_pending_zeros(&mut self.v, self.zeros)?;
+        self.v.feed(&data[..data_len])?;
+        self.zeros = (data.len() - data_len) as u64;
+        Ok(())
+    }
+
+    /// `n` zero bytes (the padding of a `.partial` object), as [`update`](Self::update) would
+    /// take them, without scanning them.
+    pub fn update_zeros(&mut self, n: u64) -> Result<(), VerifyError> {
+        self.grow(n)?;
+        self.zeros += n;
+        Ok(())
+    }
+
+    /// Bytes given so far.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Nothing given yet.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// See [`WalVerifier::timeline_pages`]: the timelines of the page headers checked so far.
+    pub fn timeline_pages(&self) -> &[(u32, Lsn)] {
+        self.v.timeline_pages()
+    }
+
+    /// The verdict once the whole segment was given; fewer bytes than the segment size is an
+    /// error.
+    pub fn finish(mut self) -> Result<SegmentCheck, VerifyError> {
+        if self.len != self.expected {
+            return Err(VerifyError::SegmentLength {
+                lsn: self.start,
+                expected: self.expected,
+                found: self.len,
+            });
+        }
+        let records = self.v.records_verified();
+        let server_major = self.v.server_major();
+        let data_end = Lsn(self.start.0 + (self.len - self.zeros));
+        // The zeros complete the segment only if a stream could carry them: record padding, the
+        // end of a record body, or the fill after an XLOG_SWITCH record.
+        let complete = Self::feed_pending_zeros(&mut self.v, self.zeros).is_ok();
+        Ok(SegmentCheck {
+            data_end,
+            complete,
+            records,
+            server_major,
+        })
+    }
+}
+
+/// Why the page timelines of a segment do not fit its timeline's history
+/// ([`check_page_timelines`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TimelineError {
+    #[error("WAL page at {lsn}: expected xlp_tli {timeline} or, before the switch point, a timeline that {timeline} descends from, found xlp_tli {found} and no history file of timeline {timeline} that lists it")]
+    NoHistory { lsn: Lsn, timeline: u32, found: u32 },
+    #[error("WAL page at {lsn}: expected xlp_tli {timeline} or a timeline that {timeline} descends from, found {found}, which is not in the history of timeline {timeline}")]
+    NotAncestor { lsn: Lsn, timeline: u32, found: u32 },
+    #[error("WAL page at {lsn}: expected xlp_tli {timeline} from {switch} on (timeline {found} ends there in the history of timeline {timeline}), found {found}")]
+    AfterSwitch {
+        lsn: Lsn,
+        timeline: u32,
+        found: u32,
+        switch: Lsn,
+    },
+}
+
+/// The pages of a segment of timeline `timeline` that carry an older `xlp_tli` must hold WAL
+/// that is part of `timeline`'s history: the first segment of a new timeline begins with a copy
+/// of its parent's segment up to the switch point (xlog.c `XLogInitNewTimeline`), and the page
+/// that holds the switch point keeps its parent's header. So a page with `xlp_tli` T < `timeline`
+/// is valid only when T is an ancestor in `history` (the history file of `timeline`) and the page
+/// starts before T's switch point. `pages` comes from [`SegmentChecker::timeline_pages`] (each
+/// timeline with its last page); pages of `timeline` itself always pass. `history` is needed
+/// only when an older timeline shows up (`None`: there is no history file).
+///
+/// PostgreSQL itself checks less: xlogreader.c only refuses a timeline going backwards between
+/// pages, and xlogrecovery.c that the page's timeline is in the recovery target's history, at
+/// any position.
+pub fn check_page_timelines(
+    timeline: u32,
+    pages: &[(u32, Lsn)],
+    history: Option<&super::TimelineHistory>,
+) -> Result<(), TimelineError> {
+    for &(found, lsn) in pages {
+        if found == timeline {
+            continue;
+        }
+        let Some(h) = history else {
+            return Err(TimelineError::NoHistory {
+                lsn,
+                timeline,
+                found,
+            });
+        };
+        match h.switch_point(found) {
+            None => {
+                return Err(TimelineError::NotAncestor {
+                    lsn,
+                    timeline,
+                    found,
+                })
+            }
+            Some(switch) if lsn >= switch => {
+                return Err(TimelineError::AfterSwitch {
+                    lsn,
+                    timeline,
+                    found,
+                    switch,
+                })
+            }
+            Some(_) => {}
+        }
+    }
+    Ok(())
 }
 
 /// Checks a whole segment file's content (used on startup for spooled files); `bytes.len()`
@@ -927,6 +1118,7 @@ pub mod synth {
 mod tests {
     use super::synth::WalBuilder;
     use super::*;
+    use crate::wal::page::MAGICS;
 
     const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/wal");
     /// `pg_controldata` of the cluster the fixtures come from (tests/fixtures/wal/README.md).
@@ -1891,5 +2083,136 @@ mod tests {
         v[9999] = 1;
         assert_eq!(len_without_zero_tail(&v), 10_000);
         assert_eq!(len_without_zero_tail(&[]), 0);
+    }
+
+    #[test]
+    fn segment_checker_in_pieces_equals_check_segment() {
+        for (name, tli, start) in [
+            ("000000010000000000000009", 1, "0/900000"),
+            ("00000001000000000000000A", 1, "0/A00000"),
+            ("00000002000000000000000B", 2, "0/B00000"),
+            ("00000003000000000000000F", 3, "0/F00000"),
+        ] {
+            let data = fixture(name);
+            let whole = check_segment(params(tli), lsn(start), &data).unwrap();
+            for piece in [1usize, 7, 4096, 8192, 100_000, MB as usize] {
+                let mut c = SegmentChecker::new(params(tli), lsn(start));
+                for p in data.chunks(piece) {
+                    c.update(p).unwrap();
+                }
+                assert_eq!(c.len(), MB);
+                assert_eq!(c.finish().unwrap(), whole, "{name} in {piece}-byte pieces");
+            }
+        }
+        // A zero tail given as update_zeros: the same as the zeros themselves.
+        let data = fixture("00000001000000000000000A");
+        let whole = check_segment(params(1), lsn("0/A00000"), &data).unwrap();
+        let end = (whole.data_end.0 - 0xA00000) as usize;
+        let mut c = SegmentChecker::new(params(1), lsn("0/A00000"));
+        c.update(&data[..end]).unwrap();
+        c.update_zeros(MB - end as u64).unwrap();
+        assert_eq!(c.finish().unwrap(), whole);
+        // Too many or too few bytes.
+        let mut c = SegmentChecker::new(params(1), lsn("0/A00000"));
+        c.update(&data).unwrap();
+        assert!(matches!(
+            c.update(&[0]),
+            Err(VerifyError::SegmentLength { found, .. }) if found == MB + 1
+        ));
+        let mut c = SegmentChecker::new(params(1), lsn("0/A00000"));
+        c.update(&data[..5000]).unwrap();
+        assert!(matches!(
+            c.finish(),
+            Err(VerifyError::SegmentLength { found: 5000, .. })
+        ));
+        // A non-zero byte after zeros: the zeros were data, and are checked as such.
+        let mut bad = data.clone();
+        bad[MB as usize - 1] = 1;
+        let mut c = SegmentChecker::new(params(1), lsn("0/A00000"));
+        let err = bad.chunks(65536).try_for_each(|p| c.update(p)).unwrap_err();
+        assert_eq!(
+            err,
+            check_segment(params(1), lsn("0/A00000"), &bad).unwrap_err()
+        );
+    }
+
+    #[test]
+    fn page_timelines_follow_the_history() {
+        use crate::wal::TimelineHistory;
+        let read = |n: &str| std::fs::read(format!("{FIXTURES}/{n}")).unwrap();
+        let h2 = TimelineHistory::parse(&read("00000002.history")).unwrap();
+        let h3 = TimelineHistory::parse(&read("00000003.history")).unwrap();
+        // The first segment of timeline 2 starts with timeline 1's page up to 0/B000D8.
+        let mut c = SegmentChecker::new(params(2), lsn("0/B00000"));
+        c.update(&fixture("00000002000000000000000B")).unwrap();
+        let pages = c.timeline_pages().to_vec();
+        // Timeline 2 up to the page of its XLOG_SWITCH at 0/B81C88 (zeros after it).
+        assert_eq!(pages, vec![(1, lsn("0/B00000")), (2, lsn("0/B80000"))]);
+        check_page_timelines(2, &pages, Some(&h2)).unwrap();
+        check_page_timelines(3, &pages, Some(&h3)).unwrap();
+        assert_eq!(
+            check_page_timelines(2, &pages, None),
+            Err(TimelineError::NoHistory {
+                lsn: lsn("0/B00000"),
+                timeline: 2,
+                found: 1
+            })
+        );
+        // Timeline 1 ending at the page start: the page cannot be timeline 1's.
+        let early = TimelineHistory::parse(b"1\t0/B00000\tx\n").unwrap();
+        assert_eq!(
+            check_page_timelines(2, &pages, Some(&early)),
+            Err(TimelineError::AfterSwitch {
+                lsn: lsn("0/B00000"),
+                timeline: 2,
+                found: 1,
+                switch: lsn("0/B00000")
+            })
+        );
+        // Timeline 3 forked off timeline 1 directly: timeline 2 is not in its history.
+        let other = TimelineHistory::parse(b"1\t0/C00000\tx\n").unwrap();
+        assert_eq!(
+            check_page_timelines(3, &pages, Some(&other)),
+            Err(TimelineError::NotAncestor {
+                lsn: lsn("0/B80000"),
+                timeline: 3,
+                found: 2
+            })
+        );
+        assert!(check_page_timelines(1, &[(1, lsn("0/900000"))], None).is_ok());
+        // Timeline 1's WAL past the fork point, served as timeline 2's: refused.
+        let mut b = WalBuilder::new(FIXTURE_SYSID, seg1m(), 1, lsn("0/500000"));
+        b.push(1, 0, 1, &[5; 30_000]);
+        let mut c = SegmentChecker::new(params(2), lsn("0/500000"));
+        c.update(b.bytes()).unwrap();
+        c.update_zeros(MB - b.bytes().len() as u64).unwrap();
+        let h = TimelineHistory::parse(b"1\t0/500100\tx\n").unwrap();
+        assert_eq!(
+            check_page_timelines(2, c.timeline_pages(), Some(&h)),
+            Err(TimelineError::AfterSwitch {
+                lsn: lsn("0/506000"),
+                timeline: 2,
+                found: 1,
+                switch: lsn("0/500100")
+            })
+        );
+        for e in [
+            TimelineError::NoHistory {
+                lsn: lsn("0/B00000"),
+                timeline: 2,
+                found: 1,
+            },
+            TimelineError::NotAncestor {
+                lsn: lsn("0/B00000"),
+                timeline: 2,
+                found: 1,
+            },
+        ] {
+            let s = e.to_string();
+            assert!(
+                !s.contains('\n') && s.contains("expected") && s.contains("found"),
+                "{s}"
+            );
+        }
     }
 }
