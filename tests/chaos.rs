@@ -1626,3 +1626,70 @@ fn chaos_disk_full() {
     drop(spool_fs);
     drop(arch_fs);
 }
+
+// ---------------------------------------------------------------------------------------------
+// The checker itself: it must see what it is there to see
+// ---------------------------------------------------------------------------------------------
+
+/// The invariant and the final check flag a missing segment, a short .partial, a changed byte
+/// and a gap (so that a quiet chaos run means something).
+#[test]
+fn chaos_checker_detects_what_it_should() {
+    let r = Report::new("checker");
+    let pg = primary();
+    let work = support::tempdir();
+    let archive = Archive::local(&work.join("archive"), None);
+    let mut cx = Ctx::new(r, vec![pg], 0, archive, work);
+    cx.create_slot();
+    cx.src().generate_wal(4);
+    // Stop in the middle of a segment: the archive then holds its start as a .partial.
+    let mid = parse_lsn(&cx.src().current_lsn()).unwrap();
+    assert_ne!(mid % SEG, 0, "generate_wal ends inside a segment");
+    cx.spawn(&["--endpos", &lsn(mid), "--no-loop"]);
+    let st = cx.agent.wait(Duration::from_secs(120)).expect("--endpos run ends");
+    assert!(st.success(), "{}", cx.agent.log_tail(20));
+
+    let count = |cx: &Ctx| cx.r.violation_count;
+    cx.check_covered(mid, "sound archive");
+    assert_eq!(count(&cx), 0, "{:?}", cx.r.violations);
+
+    // Past the .partial's end.
+    cx.check_covered(mid + 8192, "past the partial");
+    assert_eq!(count(&cx), 1, "{:?}", cx.r.violations);
+
+    let wal = cx.archive.wal_dir.clone();
+    let victim_seg = mid / SEG - 2;
+    let victim = wal.join(format!("{}.zst", seg_name(1, victim_seg)));
+    let original = fs::read(&victim).unwrap();
+
+    // A changed byte in a complete segment.
+    let mut bytes = zstd::decode_all(&original[..]).unwrap();
+    bytes[SEG as usize / 2] ^= 0x01;
+    fs::write(&victim, zstd::encode_all(&bytes[..], 1).unwrap()).unwrap();
+    cx.verified.clear();
+    cx.check_covered(mid, "changed byte");
+    assert_eq!(count(&cx), 2, "{:?}", cx.r.violations);
+    assert!(cx.r.violations[1].contains("differs from pg_wal"), "{:?}", cx.r.violations);
+
+    // A missing complete segment: the invariant and the final check (gap, and no byte check
+    // for it) both say so.
+    fs::remove_file(&victim).unwrap();
+    cx.verified.clear();
+    cx.check_covered(mid, "missing segment");
+    assert_eq!(count(&cx), 3, "{:?}", cx.r.violations);
+    cx.final_check(mid);
+    assert_eq!(count(&cx), 4, "{:?}", cx.r.violations);
+    assert!(cx.r.violations[3].contains("gap"), "{:?}", cx.r.violations);
+
+    // Put back, everything is sound again, and the bytes were compared.
+    fs::write(&victim, &original).unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(&victim, fs::Permissions::from_mode(0o600)).unwrap();
+    }
+    cx.verified.clear();
+    cx.check_covered(mid, "restored");
+    cx.final_check(mid);
+    assert_eq!(count(&cx), 4, "{:?}", cx.r.violations);
+    assert!(cx.r.segments >= 3, "{}", cx.r.segments);
+}
