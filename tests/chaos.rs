@@ -38,6 +38,10 @@
 //! - `WALAGENT_CHAOS_N`: iterations per mode (default 5, which CI runs).
 //! - `WALAGENT_CHAOS_SEED`: the seed of the random choices (printed by every mode), to replay
 //!   a run's choices (timing still varies).
+//! - `WALAGENT_CHAOS_VERBOSE`: print every position checked.
+//!
+//! When a mode finds a violation, walagent's and the servers' logs are copied to
+//! `target/tmp/chaos-<mode>-<seed>/`.
 //!
 //! `benches/chaos.sh N` runs the suite at a larger N and prints a table.
 
@@ -459,7 +463,13 @@ impl Agent {
                 }
             })
             .collect();
-        writeln!(f, "===== chaos: run {}: walagent {}", self.runs, shown.join(" ")).unwrap();
+        writeln!(
+            f,
+            "===== chaos: run {}: walagent {}",
+            self.runs,
+            shown.join(" ")
+        )
+        .unwrap();
         self.run_start = f.metadata().map(|m| m.len()).unwrap_or(0);
         let child = support::walagent()
             .args(args)
@@ -521,7 +531,9 @@ impl Agent {
             Some(st) => Ok(st),
             None => {
                 self.kill9();
-                Err(format!("walagent did not stop within {timeout:?} after SIGTERM (killed)"))
+                Err(format!(
+                    "walagent did not stop within {timeout:?} after SIGTERM (killed)"
+                ))
             }
         }
     }
@@ -603,7 +615,13 @@ struct Ctx {
 }
 
 impl Ctx {
-    fn new(r: Report, nodes: Vec<PgCluster>, source: usize, archive: Archive, work: TestDir) -> Ctx {
+    fn new(
+        r: Report,
+        nodes: Vec<PgCluster>,
+        source: usize,
+        archive: Archive,
+        work: TestDir,
+    ) -> Ctx {
         let rng = Rng::for_mode(r.mode);
         let log = work.join("walagent.log");
         Ctx {
@@ -688,6 +706,34 @@ impl Ctx {
                 false
             }
             None => self.agent.child.is_some(),
+        }
+    }
+
+    /// walagent ended (on its own, or on a signal) in a bad `situation`: it must not panic, and a
+    /// failure must be one line `walagent: error: ...` (a missing hint is a note).
+    fn judge_exit(&mut self, st: ExitStatus, situation: &str, success_ok: bool) {
+        let log = self.agent.run_log();
+        let last = log
+            .lines()
+            .rev()
+            .find(|l| !l.trim().is_empty())
+            .unwrap_or("")
+            .to_string();
+        if log.contains("panicked at") || st.code() == Some(101) {
+            let d = self.agent.describe_exit();
+            self.r
+                .violation(format!("walagent panicked {situation} ({st}): {d}"));
+        } else if st.success() {
+            if !success_ok {
+                self.r.violation(format!("walagent exited 0 {situation}"));
+            }
+        } else if !last.starts_with("walagent: error: ") {
+            self.r.violation(format!(
+                "no one-line error {situation} ({st}); last line: {last}"
+            ));
+        } else if !last.contains("; hint: ") {
+            self.r
+                .note(format!("the error {situation} has no hint: {last}"));
         }
     }
 
@@ -783,6 +829,13 @@ impl Ctx {
     /// The invariant: everything before `pos` is durable (see the module docs).
     fn check_covered(&mut self, pos: u64, what: &str) {
         self.r.checks += 1;
+        if std::env::var_os("WALAGENT_CHAOS_VERBOSE").is_some() {
+            self.r.progress(format!(
+                "check {what} {} (segment offset {})",
+                lsn(pos),
+                pos % SEG
+            ));
+        }
         if pos <= self.first_lsn {
             return;
         }
@@ -859,10 +912,15 @@ impl Ctx {
             self.src().slot_active(SLOT) == Some(false)
         });
         if !released {
-            self.r
-                .note(format!("the slot was still active 20 s after walagent stopped ({when})"));
+            self.r.note(format!(
+                "the slot was still active 20 s after walagent stopped ({when})"
+            ));
         }
-        match self.src().slot_restart_lsn(SLOT).and_then(|s| parse_lsn(&s)) {
+        match self
+            .src()
+            .slot_restart_lsn(SLOT)
+            .and_then(|s| parse_lsn(&s))
+        {
             Some(p) => self.check_covered(p, &format!("slot restart_lsn after {when}:")),
             None => self
                 .r
@@ -881,7 +939,10 @@ impl Ctx {
         // Let status updates already on the wire reach the walsender.
         std::thread::sleep(Duration::from_millis(300));
         let row = self.src().replication_row(APP);
-        let restart = self.src().slot_restart_lsn(SLOT).and_then(|s| parse_lsn(&s));
+        let restart = self
+            .src()
+            .slot_restart_lsn(SLOT)
+            .and_then(|s| parse_lsn(&s));
         if let Some(f) = row.as_ref().and_then(|r| parse_lsn(&r.flush_lsn)) {
             self.check_covered(f, &format!("pg_stat_replication.flush_lsn {when}:"));
         }
@@ -894,7 +955,12 @@ impl Ctx {
 
     /// walagent keeps archiving: the slot reaches the start of the server's current segment.
     fn expect_progress(&mut self, when: &str, timeout: Duration) -> bool {
-        let Some(cur) = self.src().try_psql("SELECT pg_current_wal_flush_lsn()").ok().and_then(|s| parse_lsn(&s)) else {
+        let Some(cur) = self
+            .src()
+            .try_psql("SELECT pg_current_wal_flush_lsn()")
+            .ok()
+            .and_then(|s| parse_lsn(&s))
+        else {
             self.r.note(format!("no server position {when}"));
             return false;
         };
@@ -984,7 +1050,10 @@ impl Ctx {
             }
         }
         self.dead_check("the --endpos run");
-        let restart = self.src().slot_restart_lsn(SLOT).and_then(|s| parse_lsn(&s));
+        let restart = self
+            .src()
+            .slot_restart_lsn(SLOT)
+            .and_then(|s| parse_lsn(&s));
         if restart != Some(end) {
             self.r.violation(format!(
                 "slot restart_lsn is {} after the --endpos {} run",
@@ -1005,6 +1074,7 @@ impl Ctx {
                 self.agent.log.display(),
                 self.agent.log_tail(40)
             );
+            self.keep_logs();
             panic!(
                 "chaos mode {}: {} violation(s) (replay with WALAGENT_CHAOS_SEED={}):\n  {}",
                 self.r.mode,
@@ -1013,6 +1083,24 @@ impl Ctx {
                 self.r.violations.join("\n  ")
             );
         }
+    }
+
+    /// Copies walagent's and the servers' logs to target/tmp/chaos-<mode>-<seed>/ (the test
+    /// directories go away).
+    fn keep_logs(&self) {
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!(
+            "chaos-{}-{}",
+            self.r.mode,
+            base_seed()
+        ));
+        if fs::create_dir_all(&dir).is_err() {
+            return;
+        }
+        let _ = fs::copy(&self.agent.log, dir.join("walagent.log"));
+        for (i, n) in self.nodes.iter().enumerate() {
+            let _ = fs::copy(n.log_path(), dir.join(format!("postgres-{i}.log")));
+        }
+        eprintln!("chaos[{}]: logs kept in {}", self.r.mode, dir.display());
     }
 
     /// Every archived segment fetched back equals pg_wal; no gap; histories and the old
@@ -1025,10 +1113,14 @@ impl Ctx {
             let base = f.strip_suffix(".zst").unwrap_or(f);
             if let Some((tli, segno)) = parse_seg_name(base) {
                 complete.insert((segno, tli));
-            } else if !(base.ends_with(".partial") && parse_seg_name(&base[..base.len() - 8]).is_some())
-                && !(f.len() == 16 && f.ends_with(".history"))
-            {
-                stray.push(f.clone());
+            } else {
+                let partial = base
+                    .strip_suffix(".partial")
+                    .is_some_and(|b| parse_seg_name(b).is_some());
+                let history = f.len() == 16 && f.ends_with(".history");
+                if !partial && !history {
+                    stray.push(f.clone());
+                }
             }
         }
         if !stray.is_empty() {
@@ -1047,7 +1139,12 @@ impl Ctx {
                 "the archive has a gap: {} segment(s) missing before {}: {}",
                 missing.len(),
                 lsn(end),
-                missing.iter().take(5).cloned().collect::<Vec<_>>().join(", ")
+                missing
+                    .iter()
+                    .take(5)
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ));
         }
         let dir = support::tempdir();
@@ -1097,7 +1194,11 @@ impl Ctx {
             if ours.is_none() || ours != theirs {
                 let v = format!(
                     "history file {hist} is {} in the archive",
-                    if ours.is_none() { "missing" } else { "different" }
+                    if ours.is_none() {
+                        "missing"
+                    } else {
+                        "different"
+                    }
                 );
                 self.r.violation(v);
             }
@@ -1169,7 +1270,9 @@ fn primary() -> PgCluster {
 
 /// The `synchronous_standby_names` of the server: walagent.
 fn make_walagent_synchronous(pg: &PgCluster) {
-    pg.psql(&format!("ALTER SYSTEM SET synchronous_standby_names = '{APP}'"));
+    pg.psql(&format!(
+        "ALTER SYSTEM SET synchronous_standby_names = '{APP}'"
+    ));
     pg.psql("SELECT pg_reload_conf()");
 }
 
@@ -1298,11 +1401,31 @@ fn chaos_s3_outage() {
         cx.r.faults += 1;
         std::thread::sleep(Duration::from_millis(len / 2));
         cx.freeze_check(&format!("during S3 outage #{i}"));
+        let mut stopped = false;
+        if i + 1 == iterations() || cx.rng.chance(20) {
+            // An operator stops walagent while the archive is away: the stop must end (with
+            // what is not archived left in the spool, and the slot holding it on the server).
+            if cx.expect_running(&format!("during S3 outage #{i}")) {
+                cx.r.progress(format!("SIGTERM during S3 outage #{i}"));
+                stopped = true;
+                match cx.agent.stop(Duration::from_secs(30)) {
+                    Ok(st) => cx.judge_exit(st, "after SIGTERM during an S3 outage", true),
+                    Err(e) => cx.r.violation(format!("during an S3 outage: {e}")),
+                }
+            }
+            cx.dead_check(&format!("SIGTERM during S3 outage #{i}"));
+        }
         std::thread::sleep(Duration::from_millis(len / 2));
         cx.freeze_check(&format!("at the end of S3 outage #{i}"));
         s3.start_again();
+        if stopped {
+            cx.spawn(&[]);
+        }
         if cx.expect_running(&format!("after S3 outage #{i}")) {
-            cx.expect_progress(&format!("after S3 outage #{i} ended"), Duration::from_secs(60));
+            cx.expect_progress(
+                &format!("after S3 outage #{i} ended"),
+                Duration::from_secs(60),
+            );
         }
         cx.freeze_check(&format!("after S3 outage #{i}"));
     }
@@ -1330,7 +1453,11 @@ fn chaos_pg_restart() {
             cx.spawn(&[]);
         }
         std::thread::sleep(cx.rng.ms(300, 2500));
-        let how = if cx.rng.chance(50) { "fast" } else { "immediate" };
+        let how = if cx.rng.chance(50) {
+            "fast"
+        } else {
+            "immediate"
+        };
         cx.r.progress(format!("PostgreSQL stop -m {how} #{i}"));
         if let Err(e) = cx.src().try_stop(how) {
             cx.r.violation(format!(
@@ -1359,7 +1486,10 @@ fn chaos_pg_restart() {
             ));
         }
         if cx.expect_running(&format!("after the {how} restart #{i}")) {
-            cx.expect_progress(&format!("after the {how} restart #{i}"), Duration::from_secs(60));
+            cx.expect_progress(
+                &format!("after the {how} restart #{i}"),
+                Duration::from_secs(60),
+            );
         }
         cx.freeze_check(&format!("after reconnecting (restart #{i})"));
     }
@@ -1407,8 +1537,10 @@ fn chaos_promotion() {
             begin,
             node: primary,
         });
-        cx.r
-            .progress(format!("promotion #{i}: timeline {tli} begins at {}", lsn(begin)));
+        cx.r.progress(format!(
+            "promotion #{i}: timeline {tli} begins at {}",
+            lsn(begin)
+        ));
         if let Some(l) = &cx.load {
             l.retarget(cx.nodes[primary].socket_conninfo());
         }
@@ -1444,6 +1576,8 @@ fn chaos_promotion() {
         }
         // A new standby of the new primary; walagent moves over once it has archived past the
         // point where the new standby's WAL begins.
+        // (Emptied first, so that base backups stay small over many rounds.)
+        cx.nodes[primary].psql("TRUNCATE chaos_load");
         let c = cx.nodes[primary].create_standby(pg_options());
         let c_start = parse_lsn(&cx.nodes[primary].current_lsn()).unwrap();
         let replayed = wait_for(Duration::from_secs(60), || {
@@ -1477,7 +1611,9 @@ fn chaos_promotion() {
                 Err(e) => cx.r.violation(e),
             }
         }
-        cx.dead_check(&format!("the clean stop before moving to the new standby (round {i})"));
+        cx.dead_check(&format!(
+            "the clean stop before moving to the new standby (round {i})"
+        ));
         cx.nodes.push(c);
         cx.source = cx.nodes.len() - 1;
         cx.create_slot();
@@ -1578,36 +1714,14 @@ fn chaos_disk_full() {
         };
         match outcome {
             FullOutcome::Exited(st) => {
-                let log = cx.agent.run_log();
-                let last = log
-                    .lines()
-                    .rev()
-                    .find(|l| !l.trim().is_empty())
-                    .unwrap_or("")
-                    .to_string();
-                if st.success() {
-                    cx.r.violation(format!(
-                        "walagent exited 0 when the {what} filesystem filled up"
-                    ));
-                } else if log.contains("panicked at") || st.code() == Some(101) {
-                    let d = cx.agent.describe_exit();
-                    cx.r.violation(format!(
-                        "walagent panicked when the {what} filesystem filled up ({st}): {d}"
-                    ));
-                } else if !last.starts_with("walagent: error: ") {
-                    cx.r.violation(format!(
-                        "no one-line error when the {what} filesystem filled up ({st}); last line: {last}"
-                    ));
-                } else if !last.contains("; hint: ") {
-                    cx.r.note(format!("the {what}-full error has no hint: {last}"));
-                }
+                cx.judge_exit(st, &format!("when the {what} filesystem filled up"), false)
             }
-            FullOutcome::Waiting => cx
-                .r
-                .note(format!("walagent waits while the {what} filesystem is full")),
-            FullOutcome::NotFull => cx
-                .r
-                .note(format!("the {what} filesystem did not fill up within 60 s")),
+            FullOutcome::Waiting => cx.r.note(format!(
+                "walagent waits while the {what} filesystem is full"
+            )),
+            FullOutcome::NotFull => {
+                cx.r.note(format!("the {what} filesystem did not fill up within 60 s"))
+            }
         }
         cx.freeze_check(&format!("with the {what} filesystem full (#{i})"));
         if let Err(e) = m.resize(ROOMY) {
@@ -1646,7 +1760,10 @@ fn chaos_checker_detects_what_it_should() {
     let mid = parse_lsn(&cx.src().current_lsn()).unwrap();
     assert_ne!(mid % SEG, 0, "generate_wal ends inside a segment");
     cx.spawn(&["--endpos", &lsn(mid), "--no-loop"]);
-    let st = cx.agent.wait(Duration::from_secs(120)).expect("--endpos run ends");
+    let st = cx
+        .agent
+        .wait(Duration::from_secs(120))
+        .expect("--endpos run ends");
     assert!(st.success(), "{}", cx.agent.log_tail(20));
 
     let count = |cx: &Ctx| cx.r.violation_count;
@@ -1669,7 +1786,11 @@ fn chaos_checker_detects_what_it_should() {
     cx.verified.clear();
     cx.check_covered(mid, "changed byte");
     assert_eq!(count(&cx), 2, "{:?}", cx.r.violations);
-    assert!(cx.r.violations[1].contains("differs from pg_wal"), "{:?}", cx.r.violations);
+    assert!(
+        cx.r.violations[1].contains("differs from pg_wal"),
+        "{:?}",
+        cx.r.violations
+    );
 
     // A missing complete segment: the invariant and the final check (gap, and no byte check
     // for it) both say so.
