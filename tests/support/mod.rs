@@ -342,6 +342,25 @@ impl PgCluster {
         }
     }
 
+    /// Like [`stop`](Self::stop), but a failure (say, a shutdown still waiting after 60 s) is an
+    /// `Err` with pg_ctl's output and the log tail instead of a panic.
+    pub fn try_stop(&self, mode: &str) -> Result<(), String> {
+        let out = run(pg_cmd("pg_ctl")
+            .arg("-D")
+            .arg(self.pgdata())
+            .args(["-m", mode, "-w", "-t", "60", "stop"]));
+        if out.status.success() {
+            return Ok(());
+        }
+        Err(format!(
+            "pg_ctl stop -m {mode} failed: {}\n{}{}\n--- log tail ---\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            self.log_tail(30)
+        ))
+    }
+
     /// Starts the server again on the same directory and port (after `stop` or `kill9`).
     pub fn start_again(&self) {
         clear_stale_locks(&self.pgdata(), &self.socket_dir(), self.port());
@@ -1585,5 +1604,180 @@ pub fn sigterm(child: &std::process::Child) {
     // SAFETY: kill(2) on a pid we own; no memory is involved.
     unsafe {
         libc::kill(child.id() as i32, libc::SIGTERM);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Replication state (for the chaos suite)
+// ---------------------------------------------------------------------------------------------
+
+/// One `pg_stat_replication` row.
+#[derive(Clone, Debug)]
+pub struct ReplicationRow {
+    pub state: String,
+    /// `flush_lsn` (empty when the client has not reported one).
+    pub flush_lsn: String,
+    pub sync_state: String,
+}
+
+impl PgCluster {
+    /// `pg_replication_slots.restart_lsn` of `slot`; None when the slot is missing, has no
+    /// restart_lsn, or the server does not answer.
+    pub fn slot_restart_lsn(&self, slot: &str) -> Option<String> {
+        self.try_psql(&format!(
+            "SELECT restart_lsn FROM pg_replication_slots WHERE slot_name = '{slot}'"
+        ))
+        .ok()
+        .filter(|s| !s.is_empty())
+    }
+
+    /// `pg_replication_slots.active` of `slot` (None when missing or the server does not answer).
+    pub fn slot_active(&self, slot: &str) -> Option<bool> {
+        match self.try_psql(&format!(
+            "SELECT active FROM pg_replication_slots WHERE slot_name = '{slot}'"
+        )) {
+            Ok(s) if s == "t" => Some(true),
+            Ok(s) if s == "f" => Some(false),
+            _ => None,
+        }
+    }
+
+    /// The `pg_stat_replication` row of the client with this application_name (the first when
+    /// there are several); None when it is not connected or the server does not answer.
+    pub fn replication_row(&self, application_name: &str) -> Option<ReplicationRow> {
+        let s = self
+            .try_psql(&format!(
+                "SELECT state, coalesce(flush_lsn::text, ''), sync_state FROM pg_stat_replication \
+                 WHERE application_name = '{application_name}' ORDER BY backend_start LIMIT 1"
+            ))
+            .ok()?;
+        let mut f = s.split('|');
+        let (state, flush, sync) = (f.next()?, f.next()?, f.next()?);
+        if state.is_empty() {
+            return None;
+        }
+        Some(ReplicationRow {
+            state: state.to_string(),
+            flush_lsn: flush.to_string(),
+            sync_state: sync.to_string(),
+        })
+    }
+
+    /// A libpq conninfo for the superuser over the unix socket (trust auth, no password), for
+    /// [`psql_conninfo`] from threads that do not hold the cluster.
+    pub fn socket_conninfo(&self) -> String {
+        format!(
+            "host={} port={} user={SUPERUSER} dbname=postgres",
+            self.socket_dir().display(),
+            self.port()
+        )
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// A small tmpfs (for filesystem-full tests; root only)
+// ---------------------------------------------------------------------------------------------
+
+/// A tmpfs mounted on a new directory under the test root, unmounted (and the directory removed)
+/// on drop. Needs root and a kernel/container that allows `mount`; [`TmpfsMount::new`] says why
+/// not otherwise, so a test can skip.
+pub struct TmpfsMount {
+    path: PathBuf,
+}
+
+impl TmpfsMount {
+    /// Mounts a tmpfs of `bytes` (rounded up to pages by the kernel), mode 0755.
+    pub fn new(kind: &str, bytes: u64) -> Result<TmpfsMount, String> {
+        if !is_root() {
+            return Err("mounting a tmpfs needs root".into());
+        }
+        let path = new_unique_dir(kind, 0o755, false);
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o"])
+            .arg(format!("size={bytes},mode=0755"))
+            .arg("tmpfs")
+            .arg(&path)
+            .stdin(Stdio::null())
+            .output();
+        match out {
+            Ok(o) if o.status.success() => Ok(TmpfsMount { path }),
+            Ok(o) => {
+                let _ = fs::remove_dir(&path);
+                Err(format!(
+                    "mount -t tmpfs refused ({}): {}",
+                    o.status,
+                    String::from_utf8_lossy(&o.stderr).trim()
+                ))
+            }
+            Err(e) => {
+                let _ = fs::remove_dir(&path);
+                Err(format!("cannot run mount: {e}"))
+            }
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// `mount -o remount,size=BYTES` (fails when the files already there do not fit).
+    pub fn resize(&self, bytes: u64) -> Result<(), String> {
+        let o = Command::new("mount")
+            .args(["-o"])
+            .arg(format!("remount,size={bytes}"))
+            .arg(&self.path)
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| format!("cannot run mount: {e}"))?;
+        if o.status.success() {
+            Ok(())
+        } else {
+            Err(format!(
+                "remount {} with size={bytes} failed: {}",
+                self.path.display(),
+                String::from_utf8_lossy(&o.stderr).trim()
+            ))
+        }
+    }
+
+    /// (bytes used, bytes available) from statvfs.
+    pub fn usage(&self) -> (u64, u64) {
+        let c = CString::new(self.path.as_os_str().as_bytes()).unwrap();
+        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+        let rc = unsafe { libc::statvfs(c.as_ptr(), &mut st) };
+        assert_eq!(
+            rc,
+            0,
+            "statvfs {}: {}",
+            self.path.display(),
+            std::io::Error::last_os_error()
+        );
+        #[allow(clippy::unnecessary_cast)]
+        let frsize = st.f_frsize as u64;
+        #[allow(clippy::unnecessary_cast)]
+        let (blocks, bfree, bavail) = (st.f_blocks as u64, st.f_bfree as u64, st.f_bavail as u64);
+        ((blocks - bfree) * frsize, bavail * frsize)
+    }
+}
+
+impl Drop for TmpfsMount {
+    fn drop(&mut self) {
+        let ok = Command::new("umount")
+            .arg(&self.path)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        if !ok {
+            // Still busy (a process we started may not have exited yet): detach it.
+            let _ = Command::new("umount")
+                .arg("-l")
+                .arg(&self.path)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+        }
+        let _ = fs::remove_dir(&self.path);
     }
 }
