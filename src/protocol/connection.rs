@@ -53,6 +53,10 @@ pub struct Connection {
     tls: bool,
     /// We sent CopyDone inside the current CopyBoth stream (see `replication.rs`).
     pub(crate) copy_done_sent: bool,
+    /// The server's CopyDone was read and the result after it (a timeline switch's row, or
+    /// nothing) is being collected: kept here, not in a local of `next_event`, so that a
+    /// `next_event` cancelled by `select!` in that phase resumes where it was.
+    pub(crate) stream_ending: Option<(QueryResult, Option<super::codec::ServerNotice>)>,
 }
 
 impl Connection {
@@ -163,6 +167,7 @@ impl Connection {
             target: target.to_string(),
             tls: tls_cert.is_some(),
             copy_done_sent: false,
+            stream_ending: None,
         };
         conn.startup(info, host, port, tls_cert).await?;
         Ok(conn)
@@ -327,11 +332,22 @@ impl Connection {
     }
 
     /// Writes out everything queued in the write buffer.
+    /// Writes the buffered frames. Cancel-safe: bytes are dropped from the buffer only once
+    /// written, so a flush cancelled by `select!` never sends a frame twice or half.
     pub async fn flush(&mut self) -> Result<(), ProtocolError> {
-        if !self.wbuf.is_empty() {
-            let r = self.io.write_all(&self.wbuf).await;
-            self.wbuf.clear();
-            r.map_err(|e| self.io_err("writing to the server", e))?;
+        while !self.wbuf.is_empty() {
+            match self.io.write(&self.wbuf).await {
+                Ok(0) => {
+                    let e = std::io::Error::new(std::io::ErrorKind::WriteZero, "connection closed");
+                    self.wbuf.clear();
+                    return Err(self.io_err("writing to the server", e));
+                }
+                Ok(n) => bytes::Buf::advance(&mut self.wbuf, n),
+                Err(e) => {
+                    self.wbuf.clear();
+                    return Err(self.io_err("writing to the server", e));
+                }
+            }
         }
         self.io
             .flush()

@@ -236,49 +236,85 @@ impl Connection {
 
     /// Next event of a CopyBoth stream. After the server's CopyDone this answers with CopyDone and
     /// reads the end-of-stream results itself. Cancel-safe while waiting for a message.
+    ///
+    /// Cancel-safe (it runs inside the receive loop's `select!`): a partially read frame stays
+    /// buffered, and once the server's CopyDone has been read the end-of-stream exchange (our
+    /// CopyDone, then the result set up to ReadyForQuery) keeps its state in the connection, so a
+    /// cancelled call is resumed by the next one instead of seeing a stray RowDescription.
     pub async fn next_event(&mut self) -> Result<StreamEvent, ProtocolError> {
-        match self.read_message().await? {
-            BackendMessage::CopyData(payload) => Ok(match ReplicationMessage::decode(payload)? {
-                ReplicationMessage::XLogData {
-                    wal_start,
-                    wal_end,
-                    data,
-                    ..
-                } => StreamEvent::XLogData {
-                    wal_start,
-                    wal_end,
-                    data,
-                },
-                ReplicationMessage::Keepalive {
-                    wal_end,
-                    reply_requested,
-                    ..
-                } => StreamEvent::Keepalive {
-                    wal_end,
-                    reply_requested,
-                },
-            }),
-            BackendMessage::CopyDone => {
-                // Either the end of a historic timeline (server first) or the answer to our CopyDone.
-                if !self.copy_done_sent {
-                    codec::encode_copy_done(self.write_buf());
-                    self.flush().await?;
-                    self.copy_done_sent = true;
+        if self.stream_ending.is_none() {
+            match self.read_message().await? {
+                BackendMessage::CopyData(payload) => {
+                    return Ok(match ReplicationMessage::decode(payload)? {
+                        ReplicationMessage::XLogData {
+                            wal_start,
+                            wal_end,
+                            data,
+                            ..
+                        } => StreamEvent::XLogData {
+                            wal_start,
+                            wal_end,
+                            data,
+                        },
+                        ReplicationMessage::Keepalive {
+                            wal_end,
+                            reply_requested,
+                            ..
+                        } => StreamEvent::Keepalive {
+                            wal_end,
+                            reply_requested,
+                        },
+                    })
                 }
-                let r = self.collect_results(QueryResult::default()).await?;
-                self.copy_done_sent = false;
-                if r.rows.is_empty() {
-                    Ok(StreamEvent::End(StreamEnd::Stopped))
-                } else {
-                    Ok(StreamEvent::End(StreamEnd::Timeline(parse_switch(&r)?)))
+                // Either the end of a historic timeline (server first) or the answer to our
+                // CopyDone. From here on the state lives in `stream_ending`.
+                BackendMessage::CopyDone => self.stream_ending = Some(Default::default()),
+                // Shutdown: `COPY 0` without CopyDone, then the server closes the socket.
+                BackendMessage::CommandComplete(_) => {
+                    return Ok(StreamEvent::End(StreamEnd::ServerShutdown))
+                }
+                BackendMessage::Error(n) => return Err(ProtocolError::Server(n)),
+                other => {
+                    return Err(ProtocolError::Unexpected(format!(
+                        "{other:?} during streaming"
+                    )))
                 }
             }
-            // Shutdown: `COPY 0` without CopyDone, then the server closes the socket.
-            BackendMessage::CommandComplete(_) => Ok(StreamEvent::End(StreamEnd::ServerShutdown)),
-            BackendMessage::Error(n) => Err(ProtocolError::Server(n)),
-            other => Err(ProtocolError::Unexpected(format!(
-                "{other:?} during streaming"
-            ))),
+        }
+        if !self.copy_done_sent {
+            codec::encode_copy_done(self.write_buf());
+            self.copy_done_sent = true;
+        }
+        self.flush().await?;
+        loop {
+            let msg = self.read_message().await?;
+            let Some((current, error)) = self.stream_ending.as_mut() else {
+                return Err(ProtocolError::Unexpected("end of stream state lost".into()));
+            };
+            match msg {
+                BackendMessage::RowDescription(cols) => {
+                    *current = QueryResult {
+                        columns: cols,
+                        ..Default::default()
+                    }
+                }
+                BackendMessage::DataRow(row) => current.rows.push(row),
+                BackendMessage::CommandComplete(tag) => current.tag = tag,
+                BackendMessage::Error(n) => *error = Some(n),
+                BackendMessage::ReadyForQuery(_) => {
+                    let (r, error) = self.stream_ending.take().unwrap_or_default();
+                    self.copy_done_sent = false;
+                    if let Some(n) = error {
+                        return Err(ProtocolError::Server(n));
+                    }
+                    return if r.rows.is_empty() {
+                        Ok(StreamEvent::End(StreamEnd::Stopped))
+                    } else {
+                        Ok(StreamEvent::End(StreamEnd::Timeline(parse_switch(&r)?)))
+                    };
+                }
+                other => tracing::debug!(?other, "ignoring message at the end of the stream"),
+            }
         }
     }
 

@@ -441,7 +441,10 @@ mod tests {
             system_identifier: "8".into(),
             ..me.clone()
         };
-        assert!(spool.bind(&other_cluster, true).is_err(), "another cluster, even inside");
+        assert!(
+            spool.bind(&other_cluster, true).is_err(),
+            "another cluster, even inside"
+        );
         // inside the archive: the same cluster under a new path is the archive moved
         spool.bind(&other_archive, true).unwrap();
         spool.bind(&other_archive, false).unwrap();
