@@ -112,7 +112,7 @@ mod tests {
                     // a partial upload of what is written now
                     3 => {
                         let id = SegmentId::containing(1, written, size);
-                        if written.0 % seg != 0 {
+                        if !written.0.is_multiple_of(seg) {
                             snapshot = Some((id, written));
                         }
                     }
@@ -122,7 +122,7 @@ mod tests {
                     _ => {}
                 }
                 let archived_upto = Lsn(start.0 + archived_segments * seg);
-                let partial = (written.0 % seg != 0).then(|| {
+                let partial = (!written.0.is_multiple_of(seg)).then(|| {
                     let s = Lsn(written.0 / seg * seg);
                     PartialView {
                         id: SegmentId::containing(1, written, size),

@@ -979,8 +979,8 @@ mod tests {
         fn fill_until(b: &mut WalBuilder, target: u64) {
             loop {
                 let mut pos = (b.position().0 + 7) & !7;
-                if pos % 8192 == 0 {
-                    pos += if pos % MB == 0 { 40 } else { 24 };
+                if pos.is_multiple_of(8192) {
+                    pos += if pos.is_multiple_of(MB) { 40 } else { 24 };
                 }
                 if pos == target {
                     return;

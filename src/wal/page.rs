@@ -158,7 +158,7 @@ impl LongHeader {
 /// The header size a page at `page` has in a stream of `seg_size` segments: long on a
 /// segment's first page, short elsewhere (as `AdvanceXLInsertBuffer` writes them).
 pub fn header_size_at(page: Lsn, seg_size: u32) -> usize {
-    if page.0 % u64::from(seg_size) == 0 {
+    if page.0.is_multiple_of(u64::from(seg_size)) {
         SIZE_OF_LONG_PHD
     } else {
         SIZE_OF_SHORT_PHD

@@ -231,7 +231,7 @@ impl WalVerifier {
             params,
             seg_size,
             pos: start.0,
-            bad_start: start.0 % seg_size != 0,
+            bad_start: !start.0.is_multiple_of(seg_size),
             magic: None,
             last_tli: 0,
             phdr: [0; LONG_PHD],
@@ -310,7 +310,7 @@ impl WalVerifier {
             return self.step_switch_tail(data, switch, until);
         }
         let page_off = (self.pos % PAGE) as usize;
-        let hdr_size = if (self.pos - page_off as u64) % self.seg_size == 0 {
+        let hdr_size = if (self.pos - page_off as u64).is_multiple_of(self.seg_size) {
             LONG_PHD
         } else {
             SHORT_PHD
@@ -456,7 +456,7 @@ impl WalVerifier {
         self.prev = Some(self.rec_start);
         let (info, rmid) = (h[16], h[17]);
         let is_switch = rmid == RM_XLOG_ID && info & XLR_RMGR_INFO_MASK == XLOG_SWITCH;
-        self.body = if is_switch && end % self.seg_size != 0 {
+        self.body = if is_switch && !end.is_multiple_of(self.seg_size) {
             // Everything after the switch record up to the end of its segment is zero (xlog.c
             // zeroes even the page headers there). A switch ending exactly at a segment end has
             // no tail.
@@ -981,10 +981,10 @@ pub mod synth {
         /// a record in progress (0 when none).
         fn page_header_if_needed(&mut self, rem: u32) {
             let pos = self.pos();
-            if pos % PAGE != 0 {
+            if !pos.is_multiple_of(PAGE) {
                 return;
             }
-            let long = pos % self.seg_size == 0;
+            let long = pos.is_multiple_of(self.seg_size);
             let mut info: u16 = 0x0004; // XLP_BKP_REMOVABLE, as an idle server writes it
             if rem > 0 {
                 info |= XLP_FIRST_IS_CONTRECORD;
@@ -1087,8 +1087,8 @@ pub mod synth {
             let image = self.record_image(rmid, info, xid, payload);
             let mut probe = self.pos();
             probe += (8 - probe % 8) % 8;
-            if probe % PAGE == 0 {
-                probe += if probe % self.seg_size == 0 {
+            if probe.is_multiple_of(PAGE) {
+                probe += if probe.is_multiple_of(self.seg_size) {
                     LONG_PHD as u64
                 } else {
                     SHORT_PHD as u64
@@ -1810,8 +1810,8 @@ mod tests {
     fn fill_until(b: &mut WalBuilder, target: u64) {
         loop {
             let mut pos = (b.position().0 + 7) & !7;
-            if pos % PAGE == 0 {
-                pos += if pos % MB == 0 { 40 } else { 24 };
+            if pos.is_multiple_of(PAGE) {
+                pos += if pos.is_multiple_of(MB) { 40 } else { 24 };
             }
             if pos == target {
                 return;

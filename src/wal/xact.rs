@@ -338,7 +338,7 @@ impl WalScanner {
 
     fn check_start(&self, seg_start: Lsn) -> Result<usize, ScanError> {
         let size = self.seg_size.bytes() as usize;
-        if seg_start.0 % size as u64 != 0 {
+        if !seg_start.0.is_multiple_of(size as u64) {
             return Err(ScanError::NotSegmentStart {
                 lsn: seg_start,
                 size: self.seg_size,
@@ -417,7 +417,7 @@ impl WalScanner {
                     _ => ScanEnd::SegmentEnd { continued: None },
                 };
             }
-            if off % PAGE == 0 {
+            if off.is_multiple_of(PAGE) {
                 let page = seg_start + off as u64;
                 // A partial may end inside a page header (whole segments hold whole pages).
                 if len - off < if off == 0 { LONG_PHD } else { SHORT_PHD } {
@@ -498,7 +498,7 @@ impl WalScanner {
                 }
                 State::Idle => {
                     off = align8(off);
-                    if off >= len || off % PAGE == 0 {
+                    if off >= len || off.is_multiple_of(PAGE) {
                         continue;
                     }
                     let start = seg_start + off as u64;
@@ -1165,8 +1165,8 @@ mod tests {
     fn fill_until(b: &mut WalBuilder, target: u64) {
         loop {
             let mut pos = (b.position().0 + 7) & !7;
-            if pos % PAGE as u64 == 0 {
-                pos += if pos % MB == 0 { 40 } else { 24 };
+            if pos.is_multiple_of(PAGE as u64) {
+                pos += if pos.is_multiple_of(MB) { 40 } else { 24 };
             }
             if pos == target {
                 return;
