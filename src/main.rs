@@ -87,6 +87,9 @@ fn fail(cause: &str, hint: Option<String>, code: u8) -> ExitCode {
 }
 
 async fn stream(args: StreamArgs) -> ExitCode {
+    // First: a SIGTERM while the archive is being opened must be a clean stop, not the
+    // default action (death by signal).
+    let signals = stop_signals();
     let conninfo = match parse_source(&args.source) {
         Ok(c) => c,
         Err(code) => return code,
@@ -139,7 +142,7 @@ async fn stream(args: StreamArgs) -> ExitCode {
         archive_identity,
         stop_timeout: Duration::from_secs(args.stop_timeout),
     };
-    match receive::run(opts, stop_signals()).await {
+    match receive::run(opts, signals).await {
         Ok(Finished::EndPos(lsn)) => {
             tracing::info!(%lsn, "stopped at --endpos");
             ExitCode::SUCCESS
