@@ -182,6 +182,17 @@ pub(super) struct UriScan {
     pub rest: UriRest,
 }
 
+impl UriScan {
+    /// The text after a `?` inside libpq's userinfo, if any: in `postgresql://h?password=p@ss`
+    /// libpq reads user `h?password=p` and host `ss`, though the writer meant a query.
+    pub fn query_in_userinfo(&self, s: &str) -> Option<Range<usize>> {
+        let user = self.user.as_ref()?;
+        let end = self.password.as_ref().map_or(user.end, |p| p.end);
+        let q = s[user.start..end].find('?')?;
+        Some(user.start + q + 1..end)
+    }
+}
+
 /// What follows the userinfo: host list, dbname and query.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) struct UriRest {
@@ -358,6 +369,28 @@ pub(super) fn uri_decode(s: &str) -> Result<String, DecodeError> {
     String::from_utf8(out).map_err(|_| DecodeError::NotUtf8)
 }
 
+/// Percent-decodes what can be decoded and keeps the rest as written (for the masker, which
+/// must recognise `pass%77ord` also next to a malformed escape).
+pub(super) fn uri_decode_lossy(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: Option<&u8>| b.and_then(|b| (*b as char).to_digit(16));
+        match (bytes[i], hex(bytes.get(i + 1)), hex(bytes.get(i + 2))) {
+            (b'%', Some(hi), Some(lo)) => {
+                out.push((hi * 16 + lo) as u8);
+                i += 3;
+            }
+            (c, _, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -391,7 +424,10 @@ mod tests {
         );
         assert_eq!(
             kv("host='127.0.0.1 password=Secret"),
-            vec![("host".into(), some("127.0.0.1 password=Secret", true, false))]
+            vec![(
+                "host".into(),
+                some("127.0.0.1 password=Secret", true, false)
+            )]
         );
         assert_eq!(
             kv("password Secret"),
@@ -441,5 +477,6 @@ mod tests {
         assert_eq!(uri_decode("%00"), Err(DecodeError::Nul));
         assert_eq!(uri_decode("%4"), Err(DecodeError::BadEscape));
         assert_eq!(uri_decode("%ff"), Err(DecodeError::NotUtf8));
+        assert_eq!(uri_decode_lossy("pass%77ord%zz%4"), "password%zz%4");
     }
 }

@@ -89,7 +89,10 @@ fn mask_keyword_value(s: &str, items: &[KvItem]) -> String {
         match &item.value {
             // A bare word: a keyword missing its '=' is shown, anything else may be a piece of
             // a password with a blank.
-            None => r.show_if(&item.key, find_keyword(key).is_some() || key == "requiressl"),
+            None => r.show_if(
+                &item.key,
+                find_keyword(key).is_some() || key == "requiressl",
+            ),
             Some(v) => {
                 let quoted_mask = if v.quoted { "'********'" } else { MASK };
                 if is_secret_keyword(key) {
@@ -118,12 +121,19 @@ fn mask_keyword_value(s: &str, items: &[KvItem]) -> String {
 
 /// A URI piece that may be shown: it does not mention a secret, raw or decoded.
 fn uri_piece_ok(text: &str) -> bool {
-    !mentions_secret(text) && !lex::uri_decode(text).is_ok_and(|d| mentions_secret(&d))
+    !mentions_secret(text) && !mentions_secret(&lex::uri_decode_lossy(text))
 }
 
 fn mask_uri(s: &str, prefix: usize, u: &UriScan) -> String {
     let mut r = Redactor::new(s);
     r.keep(&(0..prefix));
+    // "postgresql://h?password=p@ss": libpq's userinfo ends at the first '@' before any '/',
+    // so it reads user "h?password=p" and host "ss". When the userinfo holds a '?' followed by
+    // a secret, the string is read as having no userinfo, so the query masks the password.
+    if u.query_in_userinfo(s).is_some_and(|q| !uri_piece_ok(&s[q])) {
+        mask_uri_rest(s, &mut r, &lex::uri_rest(s, prefix));
+        return r.finish();
+    }
     let rest = match u.stray_at {
         // Everything up to the last '@' is taken as userinfo: user up to the first ':', the
         // rest the password.
@@ -174,7 +184,7 @@ fn mask_uri_rest(s: &str, r: &mut Redactor<'_>, rest: &UriRest) {
 
 fn mask_param(s: &str, r: &mut Redactor<'_>, p: &UriParam) {
     let raw_key = &s[p.key.clone()];
-    let key = lex::uri_decode(raw_key).unwrap_or_else(|_| raw_key.to_string());
+    let key = lex::uri_decode_lossy(raw_key);
     match &p.value {
         None => r.show_if(&p.all, is_plain_keyword(&key) || key == "ssl"),
         Some(v) if is_secret_keyword(&key) => {
@@ -197,14 +207,20 @@ mod tests {
     #[test]
     fn keyword_value() {
         let cases = [
-            ("host=h password=hunter2 user=u", "host=h password=******** user=u"),
+            (
+                "host=h password=hunter2 user=u",
+                "host=h password=******** user=u",
+            ),
             (
                 r"host=h password = 'it\'s secret' user=u",
                 "host=h password = '********' user=u",
             ),
             ("password='unterminated hunter2", "password='********'"),
             ("host='127.0.0.1 password=Secret", "host='********'"),
-            ("host=h password=a tail x=y user=u", "host=h password=******** ******** ******** user=u"),
+            (
+                "host=h password=a tail x=y user=u",
+                "host=h password=******** ******** ******** user=u",
+            ),
             ("sslpassword=k host=h", "sslpassword=******** host=h"),
             ("PASSWORD=Secret host=h", "PASSWORD=******** host=h"),
             ("password Secret", "password ********"),
@@ -235,17 +251,29 @@ mod tests {
                 "postgresql://host/db?pass%77ord=hunter2",
                 "postgresql://host/db?pass%77ord=********",
             ),
-            ("postgresql://u:hunter2@[::1", "postgresql://u:********@[::1"),
+            (
+                "postgresql://u:hunter2@[::1",
+                "postgresql://u:********@[::1",
+            ),
             (
                 "postgresql://u:Secret@[::1/db?password=x&&a",
                 "postgresql://u:********@[::1/db?password=********&&********",
             ),
             ("postgresql://u:@h", "postgresql://u:@h"),
             ("postgresql://u:pa?ss@h/db", "postgresql://u:********@h/db"),
-            ("postgresql://u:pa/ss@h/db?x=1", "postgresql://u:********@h/db?********"),
-            ("postgresql://h/db?password=a@b", "postgresql://h/db?password=********"),
+            (
+                "postgresql://u:pa/ss@h/db?x=1",
+                "postgresql://u:********@h/db?********",
+            ),
+            (
+                "postgresql://h/db?password=a@b",
+                "postgresql://h/db?password=********",
+            ),
             ("postgresql://u:Secret/db", "postgresql://u:********/db"),
-            ("postgresql://h:5432,[::1]:1/d", "postgresql://h:5432,[::1]:1/d"),
+            (
+                "postgresql://h:5432,[::1]:1/d",
+                "postgresql://h:5432,[::1]:1/d",
+            ),
             (
                 "postgresql://h/db%20password%3DSecret",
                 "postgresql://h/********",

@@ -237,7 +237,9 @@ pub enum ConnInfoError {
     SecretInValue { keyword: &'static str },
     #[error("missing \"=\" after \"{0}\" in the connection string")]
     MissingEquals(&'static str),
-    #[error("a word without \"=\" in the connection string (not shown: it may be part of a password)")]
+    #[error(
+        "a word without \"=\" in the connection string (not shown: it may be part of a password)"
+    )]
     MissingEqualsAfterValue,
     #[error("unterminated quoted value in the connection string")]
     UnterminatedQuote,
@@ -338,8 +340,7 @@ fn holds_secret_setting(value: &str) -> bool {
     });
     let uri_password = l.find("://").is_some_and(|i| {
         let rest = &l[i + 3..];
-        rest.find('@')
-            .is_some_and(|at| rest[..at].contains(':'))
+        rest.find('@').is_some_and(|at| rest[..at].contains(':'))
     });
     assignment || uri_password
 }
@@ -355,14 +356,21 @@ pub(crate) fn shown(text: &str) -> String {
     }
 }
 
-/// A keyword for an error message: in quotes when it is a plain word. A keyword that merely
-/// mentions a secret (`PASSWORD`) is shown; the text of a keyword that may be the tail of a
-/// password never reaches here ([`ConnInfoError::UnknownKeywordAfterPassword`]).
+/// A keyword for an error message: in quotes when it is spelled like a libpq keyword (lower-case
+/// letters, digits and `_`, at most 40 characters). Anything else may be a piece of a password
+/// (`postgresql://u:p@?Tail=x`, a password with an unencoded `@?`), so it is not shown; for an
+/// upper-case spelling of a real keyword the hint names the keyword instead. A keyword right
+/// after a password never gets here ([`ConnInfoError::UnknownKeywordAfterPassword`]).
 fn shown_keyword(text: &str) -> String {
-    if is_plain_word(text) {
+    let keyword_like = !text.is_empty()
+        && text.len() <= 40
+        && text
+            .bytes()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'_');
+    if keyword_like {
         format!("\"{text}\"")
     } else {
-        "(not shown: it is not a plain word)".into()
+        "(not shown: it is not spelled like a keyword)".into()
     }
 }
 
@@ -1057,4 +1065,3 @@ impl ConnInfo {
         }
     }
 }
-

@@ -2,7 +2,9 @@
 //! what it would reject. Messages never quote text that could be part of a password.
 
 use super::lex::{self, DecodeError, HostProblem, KvItem, UriScan};
-use super::{find_keyword, shown, ConnInfoError, RawOptions, SECRET_KEYWORDS};
+use super::{
+    find_keyword, mentions_secret, shown, shown_keyword, ConnInfoError, RawOptions, SECRET_KEYWORDS,
+};
 
 /// Parses a URI or keyword=value string into `raw`.
 pub(super) fn parse_into(s: &str, raw: &mut RawOptions) -> Result<(), ConnInfoError> {
@@ -12,7 +14,11 @@ pub(super) fn parse_into(s: &str, raw: &mut RawOptions) -> Result<(), ConnInfoEr
     }
 }
 
-fn parse_keyword_value(s: &str, items: &[KvItem], raw: &mut RawOptions) -> Result<(), ConnInfoError> {
+fn parse_keyword_value(
+    s: &str,
+    items: &[KvItem],
+    raw: &mut RawOptions,
+) -> Result<(), ConnInfoError> {
     for item in items {
         let name = &s[item.key.clone()];
         let Some(value) = &item.value else {
@@ -52,6 +58,15 @@ fn parse_uri(s: &str, u: &UriScan, raw: &mut RawOptions) -> Result<(), ConnInfoE
     if u.stray_at.is_some() {
         return Err(ConnInfoError::InvalidUri {
             reason: "unexpected \"@\" after the user name and password; percent-encode \"@\" as %40 and \"/\" as %2F in them".into(),
+        });
+    }
+    // Deviation from libpq: "postgresql://h?password=p@ss" would give user "h?password=p" and
+    // host "ss", and the host is printed in connection errors.
+    if u.query_in_userinfo(s)
+        .is_some_and(|q| mentions_secret(&lex::uri_decode_lossy(&s[q])))
+    {
+        return Err(ConnInfoError::InvalidUri {
+            reason: "a query parameter naming a secret comes before an \"@\", so the text before the \"@\" would be the user name and password; percent-encode \"@\" in query values as %40".into(),
         });
     }
     if let Some(user) = &u.user {
@@ -112,7 +127,10 @@ fn parse_uri(s: &str, u: &UriScan, raw: &mut RawOptions) -> Result<(), ConnInfoE
                 reason: if raw.last_was_password {
                     "a query parameter right after the password has no \"=\" (percent-encode '&' in the password as %26)".into()
                 } else {
-                    format!("missing \"=\" in URI query parameter {}", shown(key))
+                    format!(
+                        "missing \"=\" in URI query parameter {}",
+                        shown_keyword(key)
+                    )
                 },
             });
         };
@@ -120,11 +138,13 @@ fn parse_uri(s: &str, u: &UriScan, raw: &mut RawOptions) -> Result<(), ConnInfoE
             let decoded = lex::uri_decode(key).unwrap_or_default();
             return Err(ConnInfoError::InvalidUri {
                 reason: if SECRET_KEYWORDS.contains(&decoded.as_str()) {
-                    format!("extra \"=\" in the {decoded} query parameter (percent-encode '=' as %3D)")
+                    format!(
+                        "extra \"=\" in the {decoded} query parameter (percent-encode '=' as %3D)"
+                    )
                 } else {
                     format!(
                         "extra \"=\" in URI query parameter {} (percent-encode '=' as %3D)",
-                        shown(key)
+                        shown_keyword(key)
                     )
                 },
             });

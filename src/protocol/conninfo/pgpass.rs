@@ -3,7 +3,6 @@
 
 use std::path::Path;
 
-
 /// Matches one `:`-terminated pgpass field against `token`; returns the rest of the line after
 /// the field's terminating colon. `*` alone matches anything; `\` escapes the next character.
 fn pgpass_match_field<'a>(line: &'a [char], token: &str) -> Option<&'a [char]> {

@@ -26,8 +26,8 @@ fn tcp(h: &str, p: u16) -> (Host, u16) {
 
 #[test]
 fn uri_basic() {
-    let c = parse("postgresql://replicator:secret@db.example.com:5433/mydb?sslmode=require")
-        .unwrap();
+    let c =
+        parse("postgresql://replicator:secret@db.example.com:5433/mydb?sslmode=require").unwrap();
     assert_eq!(c.hosts, vec![tcp("db.example.com", 5433)]);
     assert_eq!(c.user, "replicator");
     assert_eq!(c.password.as_deref(), Some("secret"));
@@ -47,9 +47,7 @@ fn uri_short_prefix_and_minimal_forms() {
 
     let c = parse("postgresql://").unwrap();
     assert_eq!(c.hosts.len(), 1);
-    assert!(
-        matches!(&c.hosts[0].0, Host::Tcp(h) if h == "localhost") || c.hosts[0].0.is_unix()
-    );
+    assert!(matches!(&c.hosts[0].0, Host::Tcp(h) if h == "localhost") || c.hosts[0].0.is_unix());
 
     let c = parse("postgresql://u@h/").unwrap();
     assert_eq!(c.user, "u");
@@ -117,8 +115,7 @@ fn uri_query_overrides_and_jdbc_ssl() {
     assert_eq!(c.hosts, vec![tcp("h", 2)]);
     assert_eq!(c.sslmode, SslMode::Require);
 
-    let c =
-        parse("postgresql://h?options=-c%20synchronous_commit%3Doff&replication=true").unwrap();
+    let c = parse("postgresql://h?options=-c%20synchronous_commit%3Doff&replication=true").unwrap();
     assert_eq!(c.options.as_deref(), Some("-c synchronous_commit=off"));
 }
 
@@ -356,8 +353,8 @@ fn environment_fallbacks() {
     assert_eq!(c.application_name, "fb");
 
     // PGREQUIRESSL, and PGSSLMODE beating it.
-    let c = ConnInfo::parse_with_env("", &env_from(&[("USER", "u"), ("PGREQUIRESSL", "1")]))
-        .unwrap();
+    let c =
+        ConnInfo::parse_with_env("", &env_from(&[("USER", "u"), ("PGREQUIRESSL", "1")])).unwrap();
     assert_eq!(c.sslmode, SslMode::Require);
     let c = ConnInfo::parse_with_env(
         "",
@@ -371,8 +368,7 @@ fn environment_fallbacks() {
         .unwrap_err();
     assert!(err.to_string().contains("PGSERVICE"), "{err}");
     assert!(
-        ConnInfo::parse_with_env("", &env_from(&[("USER", "u"), ("PGSSLMODE", "nope")]))
-            .is_err()
+        ConnInfo::parse_with_env("", &env_from(&[("USER", "u"), ("PGSSLMODE", "nope")])).is_err()
     );
 }
 
@@ -574,7 +570,10 @@ fn mask_password_keyword_value() {
     );
     assert_eq!(mask_password("host=h"), "host=h");
     // Bare words may be pieces of a password with blanks.
-    assert_eq!(mask_password("not a conninfo"), "******** ******** ********");
+    assert_eq!(
+        mask_password("not a conninfo"),
+        "******** ******** ********"
+    );
 }
 
 #[test]
