@@ -150,9 +150,9 @@ pub(super) struct UriHost {
 /// Why the host list could not be read to its end (libpq stops there with an error).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum HostProblem {
-    MissingBracket,
-    EmptyBracket,
-    CharAfterBracket,
+    UnclosedBracket,
+    EmptyBrackets,
+    TextAfterBracket,
 }
 
 /// One `key[=value]` query parameter.
@@ -261,10 +261,10 @@ pub(super) fn uri_rest(s: &str, netloc_start: usize) -> UriRest {
         if p < n && b[p] == b'[' {
             let start = p + 1;
             let found = match find(b, start, |c| c == b']') {
-                None => Err(HostProblem::MissingBracket),
-                Some(close) if close == start => Err(HostProblem::EmptyBracket),
+                None => Err(HostProblem::UnclosedBracket),
+                Some(close) if close == start => Err(HostProblem::EmptyBrackets),
                 Some(close) if close + 1 < n && !is_host_end(b[close + 1]) => {
-                    Err(HostProblem::CharAfterBracket)
+                    Err(HostProblem::TextAfterBracket)
                 }
                 Some(close) => Ok(close),
             };
@@ -395,7 +395,10 @@ pub(super) fn uri_decode_lossy(s: &str) -> String {
 mod tests {
     use super::*;
 
-    fn kv(s: &str) -> Vec<(String, Option<(String, bool, bool)>)> {
+    /// (keyword, (text, quoted, terminated)) per item.
+    type Item = (String, Option<(String, bool, bool)>);
+
+    fn kv(s: &str) -> Vec<Item> {
         kv_tokens(s)
             .into_iter()
             .map(|it| {
@@ -461,7 +464,7 @@ mod tests {
 
         let s = "postgresql://u:Secret@[::1/db?password=x";
         let u = uri_scan(s, 13);
-        assert_eq!(u.rest.problem, Some(HostProblem::MissingBracket));
+        assert_eq!(u.rest.problem, Some(HostProblem::UnclosedBracket));
         assert_eq!(&s[u.rest.unread.clone().unwrap()], "[::1/db");
         assert_eq!(u.rest.params.len(), 1);
 

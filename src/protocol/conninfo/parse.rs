@@ -86,9 +86,9 @@ fn parse_uri(s: &str, u: &UriScan, raw: &mut RawOptions) -> Result<(), ConnInfoE
     if let Some(problem) = u.rest.problem {
         return Err(ConnInfoError::InvalidUri {
             reason: match problem {
-                HostProblem::MissingBracket => "missing \"]\" after an IPv6 host address",
-                HostProblem::EmptyBracket => "empty IPv6 host address \"[]\"",
-                HostProblem::CharAfterBracket => {
+                HostProblem::UnclosedBracket => "missing \"]\" after an IPv6 host address",
+                HostProblem::EmptyBrackets => "empty IPv6 host address \"[]\"",
+                HostProblem::TextAfterBracket => {
                     "unexpected character after an IPv6 host address (expected \":\", \"/\", \"?\" or \",\")"
                 }
             }
