@@ -11,7 +11,7 @@ use walagent::backup;
 use walagent::cli::{
     BackupArgs, BackupsArgs, CheckpointMode, Cli, Command, RestoreArgs, StreamArgs, WalFetchArgs,
 };
-use walagent::protocol::conninfo::{mask_password, ConnInfo};
+use walagent::protocol::conninfo::ConnInfo;
 use walagent::receive::{self, AckMode, Finished, StreamOptions};
 use walagent::restore::wal_fetch;
 
@@ -269,9 +269,11 @@ fn show_progress(disabled: bool) -> bool {
         && std::env::var_os("CI").is_none()
 }
 
+/// Parses `--source`. The error never quotes the string, not even masked: a string that does
+/// not parse may hold a password where no masking rule expects one. The error names the
+/// offending keyword where that is safe.
 fn parse_source(source: &str) -> Result<ConnInfo, ExitCode> {
-    ConnInfo::parse(source)
-        .map_err(|e| fail(&format!("--source {}: {e}", mask_password(source)), None, 2))
+    ConnInfo::parse(source).map_err(|e| fail(&format!("--source: {e}"), e.hint(), 2))
 }
 
 async fn take_backup(args: BackupArgs) -> ExitCode {
