@@ -162,6 +162,15 @@ impl ReceiveError {
                     .into(),
             ),
             ReceiveError::Store { source, .. } => source.hint(),
+            ReceiveError::Spool { source, .. } => Some(
+                if source.raw_os_error() == Some(libc::ENOSPC) {
+                    "the spool's filesystem is full: free space or point --spool at a larger one; \
+                     nothing acknowledged is lost (the slot holds the WAL), the next start resumes"
+                } else {
+                    "check the spool directory's permissions and free space"
+                }
+                .into(),
+            ),
             ReceiveError::Meta(e) => e.hint(),
             ReceiveError::SlotInvalidated { slot, .. } => Some(format!(
                 "the archive now has a gap: drop and recreate the slot (SELECT pg_drop_replication_slot('{slot}'); then \
