@@ -41,6 +41,9 @@ struct Scenario {
     /// Kept running until the scenario is dropped.
     _pg: PgCluster,
     rows: Vec<(String, String, String)>,
+    /// The stream's own spool (not the default one under the test's working directory, which
+    /// would outlive the run and belong to another cluster next time).
+    _spool: support::TestDir,
 }
 
 fn scenario(archive: &str, env: &[(String, String)], n: u32) -> Scenario {
@@ -85,6 +88,7 @@ fn scenario(archive: &str, env: &[(String, String)], n: u32) -> Scenario {
     }
     pg.psql("SELECT pg_switch_wal()");
     let endpos = pg.psql("SELECT pg_current_wal_flush_lsn()");
+    let spool = support::tempdir();
     let o = run_with(
         &[
             "stream",
@@ -97,11 +101,17 @@ fn scenario(archive: &str, env: &[(String, String)], n: u32) -> Scenario {
             "--endpos",
             &endpos,
             "--no-loop",
+            "--spool",
+            spool.path().to_str().unwrap(),
         ],
         env,
     );
     assert_ok(&o);
-    Scenario { _pg: pg, rows }
+    Scenario {
+        _pg: pg,
+        rows,
+        _spool: spool,
+    }
 }
 
 /// Restores into a new directory and starts the server there; returns it once promoted.
