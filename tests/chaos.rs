@@ -1761,6 +1761,18 @@ fn chaos_disk_full() {
         }
         if !cx.agent.running() {
             cx.spawn(&[]);
+        } else {
+            // An agent that hit the full filesystem just before the space came back may still
+            // exit with its one-line error: like a supervisor, start it again then.
+            let t0 = Instant::now();
+            while t0.elapsed() < Duration::from_secs(5) {
+                if let Some(st) = cx.agent.poll_exit() {
+                    cx.judge_exit(st, &format!("when the {what} filesystem filled up"), false);
+                    cx.spawn(&[]);
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
         }
         cx.expect_progress(
             &format!("after space on the {what} filesystem was freed (#{i})"),
