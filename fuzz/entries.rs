@@ -142,12 +142,27 @@ pub fn codec(data: &[u8]) {
 pub const FIXTURE_SYSID: u64 = 7710843067740758272;
 
 /// `WalVerifier::feed`. Input: flags (bit 0: 16 MiB segments instead of 1 MiB; bit 1: also run
-/// `check_segment` on the data zero-padded to a whole segment), timeline (1..=4 from the low
-/// bits), segment number (u16 LE), 4 bytes of chunking seed, then WAL from the segment start.
-/// Property: feeding in random chunks gives the same outcome (error, position, records
-/// verified) as feeding everything at once.
+/// `check_segment` on the data zero-padded to a whole segment; bit 2: the rest is a program for
+/// [`build_wal`], not WAL), timeline (1..=4 from the low bits), segment number (u16 LE), 4
+/// bytes of chunking seed, then WAL from the segment start (or the program). Properties:
+/// feeding in random chunks gives the same outcome (error, position, records verified) as
+/// feeding everything at once; WAL built without damage verifies.
 pub fn wal_verify(data: &[u8]) {
-    let (c, wal) = control::<8>(data);
+    let (c, rest) = control::<8>(data);
+    let built;
+    let mut must_verify = false;
+    let wal: &[u8] = if c[0] & 4 != 0 {
+        let seg = if c[0] & 1 != 0 { 16 << 20 } else { 1 << 20 };
+        let start = u64::from(u16::from_le_bytes([c[2], c[3]])) * seg;
+        let Some((bytes, clean)) = build_wal(rest, u32::from(c[1] % 4) + 1, seg, start) else {
+            return;
+        };
+        built = bytes;
+        must_verify = clean;
+        &built
+    } else {
+        rest
+    };
     let seg_bytes: u64 = if c[0] & 1 != 0 { 16 << 20 } else { 1 << 20 };
     let Ok(segment_size) = SegmentSize::new(seg_bytes) else {
         return;
@@ -178,6 +193,9 @@ pub fn wal_verify(data: &[u8]) {
     let whole = run(std::slice::from_ref(&(0..wal.len())));
     let split = run(&chunks(seed, wal.len()));
     assert_eq!(whole, split, "chunking changed the verifier's outcome");
+    if must_verify {
+        assert!(whole.0.is_ok(), "valid WAL rejected: {:?}", whole.0);
+    }
 
     if c[0] & 2 != 0 && seg_bytes == 1 << 20 {
         let mut seg = wal.to_vec();
@@ -186,6 +204,66 @@ pub fn wal_verify(data: &[u8]) {
         // The wrong length is an error, never a panic.
         let _ = check_segment(params, start, wal);
     }
+}
+
+/// Builds WAL with `synth::WalBuilder` from a small program, so the verifier sees records with
+/// valid CRCs, page-spanning and segment-spanning records, switches and aborted records, then
+/// damages it. Ops (one byte each, then arguments): `0 len:u16` record of `len` payload bytes,
+/// `1` XLOG_SWITCH, `2 len:u16` aborted record (crash before its end), `3` bump the timeline,
+/// `4 off:u32 xor:u8` flip bits at `off % len` after building. Stops at 3 MiB of WAL. Returns
+/// the bytes and whether they are undamaged valid WAL (only ops 0 and 1, timeline unchanged).
+fn build_wal(program: &[u8], tli: u32, seg: u64, start: u64) -> Option<(Vec<u8>, bool)> {
+    use walagent::wal::verify::synth::WalBuilder;
+    let size = SegmentSize::new(seg).ok()?;
+    let mut b = WalBuilder::new(FIXTURE_SYSID, size, tli, Lsn(start));
+    let mut clean = true;
+    let mut flips = Vec::new();
+    let mut p = program;
+    let take = |p: &mut &[u8], n: usize| -> Option<Vec<u8>> {
+        let (h, t) = (p.get(..n)?, p.get(n..)?);
+        *p = t;
+        Some(h.to_vec())
+    };
+    let mut ops = 0;
+    while let Some(op) = take(&mut p, 1) {
+        ops += 1;
+        if ops > 256 || b.bytes().len() > 3 << 20 {
+            break;
+        }
+        match op[0] % 5 {
+            0 | 2 => {
+                let Some(l) = take(&mut p, 2) else { break };
+                let len = usize::from(u16::from_le_bytes([l[0], l[1]]));
+                let payload: Vec<u8> = (0..len).map(|i| (i as u8).wrapping_mul(31)).collect();
+                if op[0] % 5 == 0 {
+                    b.push(10, 0, 1000, &payload);
+                } else {
+                    clean = false;
+                    let _ = b.push_aborted(10, 0, 1000, &payload);
+                }
+            }
+            1 => {
+                b.push_switch();
+            }
+            3 => {
+                clean = false;
+                b.set_timeline(tli + 1);
+            }
+            _ => {
+                let Some(f) = take(&mut p, 5) else { break };
+                clean = false;
+                flips.push((u32::from_le_bytes([f[0], f[1], f[2], f[3]]) as usize, f[4]));
+            }
+        }
+    }
+    let mut bytes = b.into_bytes();
+    if !bytes.is_empty() {
+        for (off, x) in flips {
+            let i = off % bytes.len();
+            bytes[i] ^= x;
+        }
+    }
+    Some((bytes, clean))
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -51,6 +51,21 @@ def wal_seeds():
         wal = segment(name)[:length]
         head = bytes([flags, tli - 1]) + struct.pack("<H", segno) + struct.pack("<I", 0x9E3779B9)
         write("wal_verify", name, head + wal)
+    # Programs for build_wal (flag bit 2): op 0 = record(len), 1 = switch, 2 = aborted(len),
+    # 3 = timeline + 1, 4 = bit flip(offset, xor).
+    def rec(n):
+        return b"\0" + struct.pack("<H", n)
+    seed = struct.pack("<I", 0x2545F491)
+    programs = {
+        "built_records": rec(100) + rec(9000) + rec(0) + rec(65535) + rec(8100) * 4 + rec(30),
+        "built_switch": rec(500) * 3 + b"\1" + rec(200) * 2 + b"\1",
+        "built_segments": rec(65535) * 18 + rec(1000),
+        "built_aborted": rec(8000) + b"\2" + struct.pack("<H", 20000) + rec(100) + b"\3" + rec(10),
+        "built_flip": rec(300) * 5 + b"\4" + struct.pack("<I", 1000) + b"\x10",
+    }
+    for name, prog in programs.items():
+        head = bytes([4, 0]) + struct.pack("<H", 0x10) + seed
+        write("wal_verify", name, head + prog)
 
 
 # --- codec: 8 seed bytes, then backend frames.
@@ -277,6 +292,8 @@ if __name__ == "__main__":
     history_seeds()
     target_seeds()
     for t in sorted(os.listdir(OUT)):
+        if not os.path.isdir(os.path.join(OUT, t)) or t.endswith(".min"):
+            continue
         files = os.listdir(os.path.join(OUT, t))
         size = sum(os.path.getsize(os.path.join(OUT, t, f)) for f in files)
         print(f"{t}: {len(files)} seeds, {size} bytes")
