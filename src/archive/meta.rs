@@ -281,14 +281,12 @@ async fn check_existing_content(
         }
         v.feed(page).map_err(|e| foreign(key, e.to_string()))?;
         checked.push(key.clone());
-    } else if objects.iter().any(|o| !o.key.ends_with('/')) {
-        // History files alone cannot be attributed to a cluster.
-        if let Some(o) = objects.first() {
-            return Err(foreign(
-                &o.key,
-                "no WAL segment to compare the system identifier with".into(),
-            ));
-        }
+    } else if let Some(o) = objects.iter().find(|o| !o.key.ends_with('/')) {
+        // History files alone cannot be attributed to a cluster (folder markers are ignored).
+        return Err(foreign(
+            &o.key,
+            "no WAL segment to compare the system identifier with".into(),
+        ));
     }
     for o in store.list("backups/").await? {
         if !o.key.ends_with("/backup.json") {

@@ -273,15 +273,7 @@ pub async fn run(
 
 /// The error for a stop that could not finish: names the spool files left for the next start.
 fn stop_cut_short(opts: &StreamOptions, why: &'static str) -> ReceiveError {
-    let mut names: Vec<String> = std::fs::read_dir(&opts.spool_dir)
-        .map(|rd| {
-            rd.filter_map(|e| e.ok()?.file_name().into_string().ok())
-                .filter(|n| n.len() >= 24 && n.as_bytes()[..24].iter().all(u8::is_ascii_hexdigit))
-                .filter(|n| !n.ends_with(".tmp"))
-                .collect()
-        })
-        .unwrap_or_default();
-    names.sort();
+    let names = spool::wal_file_names(&opts.spool_dir);
     let pending = match names.len() {
         0 => "nothing".to_string(),
         1..=4 => names.join(", "),

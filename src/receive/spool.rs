@@ -77,11 +77,7 @@ impl BindError {
 /// left there is not used by the new default: say so, once, so nothing acknowledged under
 /// `--ack fsync` is forgotten (pass `--spool ./walagent-spool` once to archive it).
 pub fn warn_legacy_default(dir: &Path) {
-    let Ok(rd) = fs::read_dir(dir) else { return };
-    let n = rd
-        .filter_map(|e| e.ok()?.file_name().into_string().ok())
-        .filter(|n| n.len() >= 24 && n.as_bytes()[..24].iter().all(u8::is_ascii_hexdigit))
-        .count();
+    let n = wal_file_names(dir).len();
     if n > 0 {
         tracing::warn!(
             dir = %dir.display(),
@@ -91,6 +87,21 @@ pub fn warn_legacy_default(dir: &Path) {
             dir.display()
         );
     }
+}
+
+/// Names of the WAL files (segments, `.partial`s; not temp files) directly in `dir`, sorted;
+/// empty when it cannot be read.
+pub fn wal_file_names(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = fs::read_dir(dir)
+        .map(|rd| {
+            rd.filter_map(|e| e.ok()?.file_name().into_string().ok())
+                .filter(|n| n.len() >= 24 && n.as_bytes()[..24].iter().all(u8::is_ascii_hexdigit))
+                .filter(|n| !n.ends_with(".tmp"))
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
 }
 
 /// The default spool directory: `ARCHIVE/spool` for a local archive; for S3 one directory per
