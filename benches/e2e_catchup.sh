@@ -5,8 +5,10 @@
 # Usage: benches/e2e_catchup.sh [WAL_MB] [RUNS]        (defaults: 1024 MiB, 3 runs of each tool)
 # Env:   BENCH_QUIET_TRIES (30: up to 60 s waiting for an idle machine), BENCH_DIR (default /tmp/walagent-bench), BENCH_PORT (5461), PG_BIN, WALAGENT (binary path;
 #        default target/release/walagent, built if missing), WALAGENT_ARGS (extra stream flags),
-#        BENCH_LOAD_MODE (insert|setlogged|pgbench; default insert: hex payload, compresses ~2x).
-# Runs alternate (pg_receivewal, walagent, pg_receivewal, ...), each waits for a quiet machine and
+#        BENCH_LOAD_MODE (insert|setlogged|pgbench; default insert: hex payload, compresses ~2x),
+#        BENCH_BASELINE (a second walagent binary, e.g. the previous commit's: run as tool
+#        `baseline` in the same rotation, for before/after figures on the same WAL).
+# Runs alternate (pg_receivewal, walagent, [baseline,] pg_receivewal, ...), each waits for a quiet machine and
 # writes into an empty directory. Output: one TSV line per run and a summary with medians.
 # Works as root (PostgreSQL then runs as the `postgres` OS user) and as a normal user.
 set -euo pipefail
@@ -41,7 +43,10 @@ URI="postgresql://postgres@127.0.0.1:$PORT/postgres?sslmode=disable"
 for i in $(seq 1 "$RUNS"); do
   q "SELECT pg_create_physical_replication_slot('recv_$i', true)" >/dev/null
   q "SELECT pg_create_physical_replication_slot('agent_$i', true)" >/dev/null
+  [[ -n ${BENCH_BASELINE:-} ]] && q "SELECT pg_create_physical_replication_slot('baseline_$i', true)" >/dev/null
 done
+TOOLS=(pg_receivewal walagent)
+[[ -n ${BENCH_BASELINE:-} ]] && TOOLS+=(baseline)
 
 log "generating ${WAL_MB} MiB of WAL ($MODE)"
 START=$(q "SELECT pg_current_wal_insert_lsn()")
@@ -80,9 +85,11 @@ measure() { # tool run -> prints "tool run wall_s cpu_s rss_kb bytes_out"
     /usr/bin/time -f "%e %U %S %M" -o "$tf" "$PG_BIN/pg_receivewal" -D "$out" --slot="recv_$i" \
       --endpos="$END" --no-loop -d "$URI" 2>"$DIR/log_${tool}_$i"
   else
+    local bin=$WALAGENT slot=agent_$i
+    [[ $tool == baseline ]] && bin=$BENCH_BASELINE slot=baseline_$i
     # shellcheck disable=SC2086
-    /usr/bin/time -f "%e %U %S %M" -o "$tf" "$WALAGENT" stream --source "$URI" --archive "$out" \
-      --slot "agent_$i" --endpos "$END" --no-loop ${WALAGENT_ARGS:-} 2>"$DIR/log_${tool}_$i"
+    /usr/bin/time -f "%e %U %S %M" -o "$tf" "$bin" stream --source "$URI" --archive "$out" \
+      --slot "$slot" --endpos "$END" --no-loop ${WALAGENT_ARGS:-} 2>"$DIR/log_${tool}_$i"
   fi
   read -r wall user sys rss <"$tf"
   local size; size=$(du -sb "$out" | cut -f1)
@@ -93,7 +100,7 @@ measure() { # tool run -> prints "tool run wall_s cpu_s rss_kb bytes_out"
 printf 'tool\trun\twall_s\tMiB/s\tcpu_s\tpeak_rss_MB\tbytes_on_disk\n'
 results=()
 for i in $(seq 1 "$RUNS"); do
-  for tool in pg_receivewal walagent; do
+  for tool in "${TOOLS[@]}"; do
     read -r t r wall cpu rss size < <(measure "$tool" "$i")
     mibs=$(awk -v b="$BYTES" -v w="$wall" 'BEGIN{printf "%.0f", b/1048576/w}')
     printf '%s\t%s\t%s\t%s\t%s\t%.1f\t%s\n' "$t" "$r" "$wall" "$mibs" "$cpu" "$(awk -v k="$rss" 'BEGIN{print k/1024}')" "$size"
@@ -101,7 +108,7 @@ for i in $(seq 1 "$RUNS"); do
   done
 done
 
-for tool in pg_receivewal walagent; do
+for tool in "${TOOLS[@]}"; do
   w=$(printf '%s\n' "${results[@]}" | awk -v t="$tool" '$1==t{print $2}' | median)
   c=$(printf '%s\n' "${results[@]}" | awk -v t="$tool" '$1==t{print $3}' | median)
   m=$(printf '%s\n' "${results[@]}" | awk -v t="$tool" '$1==t{print $4}' | median)
@@ -111,3 +118,6 @@ for tool in pg_receivewal walagent; do
 done
 # shellcheck disable=SC2154
 printf '# speed ratio walagent/pg_receivewal (median wall): %.2f\n' "$(awk -v a="$med_pg_receivewal" -v b="$med_walagent" 'BEGIN{print a/b}')"
+if [[ -n ${BENCH_BASELINE:-} ]]; then
+  printf '# speed ratio walagent/baseline (median wall): %.2f\n' "$(awk -v a="$med_baseline" -v b="$med_walagent" 'BEGIN{print a/b}')"
+fi
