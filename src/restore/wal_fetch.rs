@@ -23,7 +23,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use crate::archive::compress::{create_private, decompress_stream, is_corrupt};
 use crate::archive::layout::{history_key, segment_key_by_name, META_KEY};
 use crate::archive::meta::MetaError;
-use crate::archive::{ArchiveMeta, Store, StoreError};
+use crate::archive::{ArchiveMeta, OpenError, Store, StoreError};
 use crate::wal::verify::{check_page_timelines, SegmentChecker, VerifyError, VerifyParams};
 use crate::wal::{parse_history_file_name, Lsn, SegmentId, TimelineHistory};
 
@@ -61,6 +61,9 @@ pub enum FetchError {
     },
     #[error("{0}")]
     Store(#[from] StoreError),
+    /// The archive could not be opened (exit [`EXIT_FATAL`]: recovery must stop, not end).
+    #[error("{0}")]
+    Open(#[from] OpenError),
     #[error("{context}: {source}")]
     Io {
         context: String,
@@ -87,6 +90,7 @@ impl FetchError {
                 "the object holds other WAL than its name says, or damaged WAL, and is not served so that recovery stops here instead of replaying it; restore the object from another copy of the archive (or remove it to let recovery end before it)"
                     .to_string(),
             ),
+            FetchError::Open(e) => e.hint(),
             _ => None,
         }
     }
@@ -263,9 +267,7 @@ pub async fn fetch(
             )
         })
         .await
-        .map_err(|e| {
-            FetchError::io("wal-fetch I/O task failed", io::Error::other(e.to_string()))
-        })??;
+        .map_err(|e| FetchError::io("wal-fetch I/O task failed", io::Error::other(e)))??;
         if let Some(exp) = &expect {
             check_timelines(store, exp, &finished.timelines, &cand.key).await?;
         }

@@ -338,7 +338,7 @@ impl S3Store {
                 let dest_path = dest.to_path_buf();
                 let f = tokio::task::spawn_blocking(move || create_private(&dest_path))
                     .await
-                    .map_err(|e| io::Error::other(e.to_string()))
+                    .map_err(io::Error::other)
                     .and_then(|r| r)
                     .map_err(|e| StoreError::io(format!("cannot create {}", dest.display()), e))?;
                 Sink::File(tokio::io::BufWriter::with_capacity(
