@@ -613,7 +613,8 @@ impl Timer {
     }
 }
 
-pub(super) fn free_port() -> u16 {
+/// A TCP port on 127.0.0.1 that nothing listens on right now.
+pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())

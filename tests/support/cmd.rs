@@ -37,6 +37,21 @@ pub fn run_walagent(args: &[&str], env: &[(String, String)]) -> std::process::Ou
     wait_output(child, Duration::from_secs(180))
 }
 
+/// `walagent stream --source SOURCE --archive ARCHIVE --slot SLOT`; callers add the rest.
+pub fn stream_cmd(source: &str, archive: &str, slot: &str) -> Command {
+    let mut c = walagent();
+    c.args([
+        "stream",
+        "--source",
+        source,
+        "--archive",
+        archive,
+        "--slot",
+        slot,
+    ]);
+    c
+}
+
 /// A path of the walagent binary that the `postgres` OS user can execute (for
 /// `restore_command` / `archive_command`): the build output itself when that is reachable,
 /// else (as root with the project under e.g. /root) a copy under the test root.

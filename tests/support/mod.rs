@@ -49,12 +49,13 @@
 //! - `WALAGENT_KEEP_TEST_DIRS`: keep cluster and temp directories (servers are still stopped).
 //!
 //! # Modules
-//! [`cluster`] (PgCluster, options), [`replication`] (pg_stat_replication rows), [`template`]
+//! [`archive`] (segment names in a local archive), [`cluster`] (PgCluster, options), [`replication`] (pg_stat_replication rows), [`template`]
 //! (initdb template, system identifiers, TLS, pg_hba), [`roles`], [`cmd`] (walagent, psql,
 //! PostgreSQL tools, running walagent), [`dirs`] (test root, temp dirs, ownership), [`process`]
 //! (/proc, process trees), [`wait`] (polling), [`tmpfs`], [`s3`] (the s3s-fs server). Every
 //! public name is re-exported here, so tests use `support::NAME`.
 #![allow(dead_code)]
+mod archive;
 mod cluster;
 mod cmd;
 mod dirs;
@@ -69,17 +70,19 @@ mod wait;
 // Every name stays reachable as `support::NAME`; each test file uses only some of them.
 #[allow(unused_imports)]
 pub use self::{
-    cluster::{PgCluster, PgOptions, WalRange},
+    archive::{archived_segments, assert_contiguous, is_segment_name},
+    cluster::{free_port, PgCluster, PgOptions, WalRange},
     cmd::{
         assert_ok, error_line, is_root, pg_bin, psql_conninfo, run_command, run_walagent, sigterm,
-        stderr_of, wait_output, walagent, walagent_path_for_postgres,
+        stderr_of, stream_cmd, wait_output, walagent, walagent_path_for_postgres,
     },
     dirs::{chown_postgres_path, tempdir, TestDir},
+    process::{pid_alive, stop_prefetch_worker},
     replication::ReplicationRow,
     roles::{
         password_for, MD5_USER, NOREPL_USER, REPL_PASSWORD, REPL_USER, SCRAM_USER, SSL_USER,
         SUPERUSER, SUPER_PASSWORD, TRUST_USER,
     },
     tmpfs::TmpfsMount,
-    wait::wait_until,
+    wait::{wait_for, wait_until},
 };

@@ -24,7 +24,8 @@ pub(super) fn proc_start_time(pid: i32) -> Option<u64> {
 
 /// Exists and is neither a zombie nor dead (a SIGKILLed postmaster may stay a zombie when
 /// nobody reaps it).
-pub(super) fn pid_alive(pid: i32) -> bool {
+/// The process exists and is not a zombie.
+pub fn pid_alive(pid: i32) -> bool {
     match proc_stat_fields(pid) {
         Some(f) => !matches!(f.first().map(String::as_str), Some("Z") | Some("X") | None),
         None => false,
@@ -93,5 +94,29 @@ pub(super) fn clear_stale_locks(pgdata: &Path, socket_dir: &Path, port: u16) {
         if pid.map(|p| !pid_alive(p)).unwrap_or(true) {
             let _ = fs::remove_file(&f);
         }
+    }
+}
+
+/// Kills the background prefetch worker of the wal-fetch cache `cache`, if one runs (its pid is
+/// in `.worker.lock`; only a process whose command line says `--prefetch-worker`, never a pid
+/// reused since), and waits until it is gone (10 s at most).
+pub fn stop_prefetch_worker(cache: &Path) {
+    let Some(pid) = fs::read_to_string(cache.join(".worker.lock"))
+        .ok()
+        .and_then(|s| s.trim().parse::<i32>().ok())
+        .filter(|&p| pid_alive(p))
+    else {
+        return;
+    };
+    let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    if !String::from_utf8_lossy(&cmdline).contains("--prefetch-worker") {
+        return;
+    }
+    unsafe {
+        libc::kill(pid, libc::SIGKILL);
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while pid_alive(pid) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
