@@ -62,6 +62,51 @@ pub enum StoreError {
     Remote { context: String, detail: String },
 }
 
+/// What is wrong with an archive object, for an error message: a finding in words, or a
+/// failure with its own error type, kept as the error's source (after an optional lead-in such
+/// as `"not JSON: "`).
+#[derive(Debug, thiserror::Error)]
+pub enum Detail {
+    #[error("{0}")]
+    Text(String),
+    #[error("{context}{source}")]
+    Error {
+        context: &'static str,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync + 'static>,
+    },
+}
+
+impl Detail {
+    /// `source`'s message, keeping `source` as the cause.
+    pub fn error(source: impl std::error::Error + Send + Sync + 'static) -> Self {
+        Self::context("", source)
+    }
+
+    /// `context` followed by `source`'s message, keeping `source` as the cause.
+    pub fn context(
+        context: &'static str,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> Self {
+        Detail::Error {
+            context,
+            source: Box::new(source),
+        }
+    }
+}
+
+impl From<String> for Detail {
+    fn from(s: String) -> Self {
+        Detail::Text(s)
+    }
+}
+
+impl From<&str> for Detail {
+    fn from(s: &str) -> Self {
+        Detail::Text(s.to_string())
+    }
+}
+
 impl StoreError {
     pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
         StoreError::Io {
