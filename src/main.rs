@@ -8,12 +8,10 @@ use tokio::sync::watch;
 
 use walagent::archive;
 use walagent::backup;
-use walagent::cli::{
-    BackupArgs, BackupsArgs, CheckpointMode, Cli, Command, RestoreArgs, StreamArgs, WalFetchArgs,
-};
+use walagent::cli::{BackupArgs, BackupsArgs, Cli, Command, RestoreArgs, StreamArgs, WalFetchArgs};
 use walagent::protocol::conninfo::ConnInfo;
-use walagent::receive::{self, AckMode, Finished, StreamOptions};
-use walagent::restore::wal_fetch;
+use walagent::receive::{self, Finished};
+use walagent::restore::{fetch_cmd, wal_fetch};
 
 fn main() -> ExitCode {
     limit_heap_growth();
@@ -94,54 +92,12 @@ async fn stream(args: StreamArgs) -> ExitCode {
         Ok(c) => c,
         Err(code) => return code,
     };
-    let remote = archive::is_remote(&args.archive);
     let store = match archive::open(&args.archive, true).await {
         Ok(s) => s,
-        Err(e) => return fail(&e, None, 2),
+        Err(e) => return fail(&e.to_string(), e.hint(), 2),
     };
-    let spool_dir = args
-        .spool
-        .clone()
-        .unwrap_or_else(|| receive::spool::default_dir(&args.archive, remote));
-    if args.spool.is_none() && remote {
-        receive::spool::warn_legacy_default(std::path::Path::new("walagent-spool"));
-    }
-    let archive_identity = match store.local_root() {
-        Some(root) => std::fs::canonicalize(&root)
-            .unwrap_or(root)
-            .display()
-            .to_string(),
-        None => store.location(),
-    };
-    let partial_interval = match args.partial_interval.unwrap_or(if remote { 10 } else { 0 }) {
-        0 => None,
-        secs => Some(Duration::from_secs(secs)),
-    };
-    tracing::info!(source = %conninfo.display_safe(), archive = %store.location(), slot = %args.slot, "walagent stream");
-    let opts = StreamOptions {
-        conninfo,
-        store,
-        spool_dir,
-        slot: args.slot,
-        create_slot: args.create_slot,
-        endpos: args.endpos,
-        no_loop: args.no_loop,
-        synchronous: args.synchronous,
-        compression: args.compress,
-        status_interval: Duration::from_secs(args.status_interval.max(1)),
-        ack: if args.synchronous {
-            AckMode::Fsync
-        } else {
-            args.ack
-        },
-        partial_interval,
-        spool_max_bytes: args.spool_max_size,
-        archive_workers: args.archive_workers.unwrap_or_else(|| {
-            std::thread::available_parallelism().map_or(2, |n| n.get().clamp(1, 4))
-        }),
-        archive_identity,
-        stop_timeout: Duration::from_secs(args.stop_timeout),
-    };
+    let opts = args.resolve(conninfo, store);
+    tracing::info!(source = %opts.conninfo.display_safe(), archive = %opts.store.location(), slot = %opts.slot, "walagent stream");
     match receive::run(opts, signals).await {
         Ok(Finished::EndPos(lsn)) => {
             tracing::info!(%lsn, "stopped at --endpos");
@@ -161,47 +117,8 @@ async fn stream(args: StreamArgs) -> ExitCode {
 }
 
 async fn fetch(args: WalFetchArgs) -> ExitCode {
-    use walagent::restore::prefetch::{self, PrefetchConfig, Prefetcher};
-    let cfg = PrefetchConfig::new(
-        &args.archive,
-        &args.dest,
-        args.prefetch,
-        args.prefetch_dir.clone(),
-        args.prefetch_jobs,
-    );
-    if args.prefetch_worker {
-        // Detached background downloader started by an earlier call: silent, always exit 0.
-        prefetch::run_worker(&cfg, &args.walfile).await;
-        return ExitCode::SUCCESS;
-    }
-    // A cached segment is served without opening the archive at all.
-    let cache = Prefetcher::for_request(&cfg, &args.walfile);
-    if let Some(c) = &cache {
-        if c.serve(&args.dest).await {
-            c.after_serve(&args.dest);
-            return ExitCode::SUCCESS;
-        }
-    }
-    let store = match archive::open(&args.archive, false).await {
-        Ok(s) => s,
-        // Not "not found": an unreachable archive must stop recovery, not end it.
-        Err(e) => return fail(&e, None, wal_fetch::EXIT_FATAL as u8),
-    };
-    match wal_fetch::fetch(
-        store.as_ref(),
-        &args.walfile,
-        &args.dest,
-        args.allow_partial,
-    )
-    .await
-    {
-        Ok(outcome) => {
-            // A partial segment is the end of its timeline: nothing to prefetch after it.
-            if let (Some(c), false) = (&cache, outcome.from_partial) {
-                c.after_serve(&args.dest);
-            }
-            ExitCode::SUCCESS
-        }
+    match fetch_cmd::run(&args.resolve()).await {
+        Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(&e.to_string(), e.hint(), e.exit_code().clamp(1, 255) as u8),
     }
 }
@@ -262,13 +179,6 @@ fn shutdown_signal() -> watch::Receiver<bool> {
     rx
 }
 
-/// A progress bar only for a person watching: stderr is a terminal and CI is not set.
-fn show_progress(disabled: bool) -> bool {
-    !disabled
-        && std::io::IsTerminal::is_terminal(&std::io::stderr())
-        && std::env::var_os("CI").is_none()
-}
-
 /// Parses `--source`. The error never quotes the string, not even masked: a string that does
 /// not parse may hold a password where no masking rule expects one. The error names the
 /// offending keyword where that is safe.
@@ -283,22 +193,13 @@ async fn take_backup(args: BackupArgs) -> ExitCode {
     };
     let store = match archive::open(&args.archive, true).await {
         Ok(s) => s,
-        Err(e) => return fail(&e, None, 2),
+        Err(e) => return fail(&e.to_string(), e.hint(), 2),
     };
-    let opts = backup::take::BackupOptions {
-        conninfo,
-        checkpoint_fast: args.checkpoint == CheckpointMode::Fast,
-        max_rate_kbps: args.max_rate,
-        compression: args.compress,
-        compress_threads: args.compress_threads.unwrap_or_else(|| {
-            std::thread::available_parallelism().map_or(2, |n| n.get().clamp(1, 8) as u32)
-        }),
-        label: args.label,
-        progress: show_progress(args.no_progress),
-    };
+    let json = args.json;
+    let opts = args.resolve(conninfo);
     match backup::take::take(&opts, store, shutdown_signal()).await {
         Ok(info) => {
-            if args.json {
+            if json {
                 print!("{}", String::from_utf8_lossy(&info.to_json()));
             } else {
                 println!(
@@ -320,7 +221,7 @@ async fn take_backup(args: BackupArgs) -> ExitCode {
 async fn list_backups(args: BackupsArgs) -> ExitCode {
     let store = match archive::open(&args.archive, false).await {
         Ok(s) => s,
-        Err(e) => return fail(&e, None, 2),
+        Err(e) => return fail(&e.to_string(), e.hint(), 2),
     };
     match backup::catalog::list(store.as_ref()).await {
         Ok(list) => {
@@ -342,16 +243,7 @@ async fn seed_standby(args: walagent::cli::SeedStandbyArgs) -> ExitCode {
         Ok(c) => c,
         Err(code) => return code,
     };
-    let opts = backup::seed::SeedOptions {
-        conninfo,
-        pgdata: args.pgdata.clone(),
-        slot: args.slot,
-        create_slot: args.create_slot,
-        checkpoint_fast: args.checkpoint == CheckpointMode::Fast,
-        max_rate_kbps: args.max_rate,
-        tablespace_mapping: args.tablespace_mapping,
-        progress: show_progress(args.no_progress),
-    };
+    let opts = args.resolve(conninfo);
     match backup::seed::seed(&opts, shutdown_signal()).await {
         Ok(r) => {
             println!(
@@ -369,78 +261,15 @@ async fn seed_standby(args: walagent::cli::SeedStandbyArgs) -> ExitCode {
     }
 }
 
-/// The recovery target named on the command line (at most one; clap enforces that).
-fn parse_target(args: &RestoreArgs) -> Result<walagent::restore::target::RecoveryTarget, String> {
-    use walagent::restore::target::RecoveryTarget;
-    if let Some(t) = &args.target_time {
-        return t
-            .parse()
-            .map(RecoveryTarget::Time)
-            .map_err(|e| format!("--target-time: {e}"));
-    }
-    if let Some(l) = &args.target_lsn {
-        return l
-            .parse()
-            .map(RecoveryTarget::Lsn)
-            .map_err(|e| format!("--target-lsn: {e}"));
-    }
-    if let Some(x) = &args.target_xid {
-        return RecoveryTarget::parse_xid(x).map_err(|e| format!("--target-xid: {e}"));
-    }
-    if let Some(n) = &args.target_name {
-        return RecoveryTarget::parse_name(n).map_err(|e| format!("--target-name: {e}"));
-    }
-    if let Some(t) = &args.target {
-        return RecoveryTarget::parse_target(t).map_err(|e| format!("--target: {e}"));
-    }
-    Ok(RecoveryTarget::End)
-}
-
 async fn restore(args: RestoreArgs) -> ExitCode {
     use walagent::restore::pitr;
-    let target = match parse_target(&args) {
-        Ok(t) => t,
-        Err(e) => return fail(&e, None, 2),
-    };
-    let timeline = match args.target_timeline.parse() {
-        Ok(t) => t,
-        Err(e) => return fail(&format!("--target-timeline: {e}"), None, 2),
-    };
-    let action = match args.target_action.parse() {
-        Ok(a) => a,
-        Err(e) => return fail(&format!("--target-action: {e}"), None, 2),
-    };
-    let walagent_path = match args
-        .walagent_path
-        .clone()
-        .map(Ok)
-        .unwrap_or_else(std::env::current_exe)
-    {
-        Ok(p) => p,
-        Err(e) => {
-            return fail(
-                &format!("cannot find the walagent binary for restore_command: {e}"),
-                Some("pass --walagent-path".into()),
-                2,
-            )
-        }
+    let opts = match args.resolve() {
+        Ok(o) => o,
+        Err(e) => return fail(&e.to_string(), e.hint(), 2),
     };
     let store = match archive::open(&args.archive, false).await {
         Ok(s) => s,
-        Err(e) => return fail(&e, None, 2),
-    };
-    let opts = pitr::RestoreOptions {
-        archive: args.archive.clone(),
-        pgdata: args.pgdata.clone(),
-        target,
-        inclusive: !args.exclusive,
-        timeline,
-        action,
-        backup: args.backup.clone(),
-        tablespace_mapping: args.tablespace_mapping.clone(),
-        walagent_path,
-        dry_run: args.dry_run,
-        progress: show_progress(args.no_progress),
+        Err(e) => return fail(&e.to_string(), e.hint(), 2),
     };
     match pitr::restore(&opts, store, shutdown_signal()).await {
         Ok(r) => {

@@ -58,7 +58,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use support::s3::S3Server;
-use support::{PgCluster, PgOptions, TestDir, TmpfsMount};
+use support::{wait_for, PgCluster, PgOptions, TestDir, TmpfsMount};
 
 const SLOT: &str = "chaos";
 /// walagent's application_name on the server.
@@ -184,19 +184,6 @@ fn first_difference(a: &[u8], b: &[u8]) -> usize {
         .zip(b)
         .position(|(x, y)| x != y)
         .unwrap_or(a.len().min(b.len()))
-}
-
-fn wait_for(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if f() {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -7,19 +7,12 @@ use std::process::{Child, Output, Stdio};
 use std::time::Duration;
 
 use support::{
-    assert_ok, error_line, sigterm, stderr_of, wait_output, walagent, PgCluster, PgOptions,
+    archived_segments, assert_contiguous, assert_ok, error_line, free_port, sigterm, stderr_of,
+    stream_cmd, wait_output, walagent, PgCluster, PgOptions,
 };
 use walagent::protocol::conninfo::mask_password;
 
 const SLOT: &str = "walagent_test";
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 fn small_segments() -> PgOptions {
     PgOptions {
@@ -54,28 +47,12 @@ fn stream_args<'a>(source: &'a str, archive: &'a str, extra: &[&'a str]) -> Vec<
 }
 
 fn spawn_stream(source: &str, archive: &str, extra: &[&str]) -> Child {
-    walagent()
-        .args(stream_args(source, archive, extra))
+    stream_cmd(source, archive, SLOT)
+        .args(extra)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap()
-}
-
-/// Names of complete segments in the archive (`wal/<name>.zst` or raw), sorted.
-fn archived_segments(archive: &Path) -> Vec<String> {
-    let mut v: Vec<String> = std::fs::read_dir(archive.join("wal"))
-        .map(|rd| {
-            rd.filter_map(|e| {
-                let n = e.ok()?.file_name().into_string().ok()?;
-                let base = n.strip_suffix(".zst").unwrap_or(&n).to_string();
-                (base.len() == 24 && base.bytes().all(|b| b.is_ascii_hexdigit())).then_some(base)
-            })
-            .collect()
-        })
-        .unwrap_or_default();
-    v.sort();
-    v
 }
 
 fn fetch(archive: &Path, name: &str, dest: &Path) -> Output {
@@ -104,29 +81,6 @@ fn assert_identical_to_pg_wal(pg: &PgCluster, archive: &Path, names: &[String]) 
         );
     }
     names.len()
-}
-
-/// No gap between the first and last archived segment of a timeline.
-fn assert_contiguous(names: &[String]) {
-    let nums: Vec<(u32, u64)> = names
-        .iter()
-        .map(|n| {
-            (
-                u32::from_str_radix(&n[..8], 16).unwrap(),
-                u64::from_str_radix(&n[8..], 16).unwrap(),
-            )
-        })
-        .collect();
-    for w in nums.windows(2) {
-        if w[0].0 == w[1].0 {
-            assert!(
-                w[1].1 == w[0].1 + 1 || (w[0].1 & 0xFF == 0xFF),
-                "gap in the archive between {:?} and {:?}: {names:?}",
-                w[0],
-                w[1]
-            );
-        }
-    }
 }
 
 fn create_slot(pg: &PgCluster) {

@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 
 use support::s3::S3Server;
 use support::{
-    assert_ok, error_line, sigterm, stderr_of, wait_output, walagent, PgCluster, PgOptions,
+    assert_contiguous, assert_ok, error_line, sigterm, stderr_of, wait_output, walagent, PgCluster,
+    PgOptions,
 };
 
 const SLOT: &str = "walagent_s3";
@@ -37,16 +38,8 @@ fn archive_url(s3: &S3Server) -> String {
 }
 
 fn stream_cmd(s3: &S3Server, pg: &PgCluster, spool: &Path, extra: &[&str]) -> Command {
-    let mut c = agent(s3);
-    c.args([
-        "stream",
-        "--source",
-        &pg.repl_uri(),
-        "--archive",
-        &archive_url(s3),
-        "--slot",
-        SLOT,
-    ]);
+    let mut c = support::stream_cmd(&pg.repl_uri(), &archive_url(s3), SLOT);
+    c.envs(s3.env());
     c.arg("--spool").arg(spool);
     c.args(extra);
     c
@@ -86,19 +79,6 @@ fn assert_identical(pg: &PgCluster, s3: &S3Server, names: &[String]) {
         assert!(
             std::fs::read(&dest).unwrap() == pg.read_wal_file(name),
             "segment {name} differs from pg_wal"
-        );
-    }
-}
-
-fn assert_contiguous(names: &[String]) {
-    let nums: Vec<u64> = names
-        .iter()
-        .map(|n| u64::from_str_radix(&n[8..], 16).unwrap())
-        .collect();
-    for w in nums.windows(2) {
-        assert!(
-            w[1] == w[0] + 1 || (w[0] & 0xFF) == 0xFF,
-            "gap in the archive: {names:?}"
         );
     }
 }

@@ -8,12 +8,15 @@ mod support;
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Output, Stdio};
+use std::process::{Output, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use support::s3::S3Server;
-use support::{walagent, PgCluster, PgOptions, TestDir};
+use support::{
+    archived_segments, assert_ok, is_segment_name, stderr_of, stop_prefetch_worker, wait_output,
+    walagent, PgCluster, PgOptions, TestDir,
+};
 
 const SLOT: &str = "prefetch_test";
 const CACHE: &str = ".walagent-prefetch";
@@ -75,24 +78,6 @@ fn source() -> &'static Source {
         }
         Source { dir, segments }
     })
-}
-
-/// Complete segment names in a local archive, sorted.
-fn archived_segments(archive: &Path) -> Vec<String> {
-    let mut v: Vec<String> = fs::read_dir(archive.join("wal"))
-        .unwrap()
-        .filter_map(|e| {
-            let n = e.ok()?.file_name().into_string().ok()?;
-            let base = n.strip_suffix(".zst").unwrap_or(&n).to_string();
-            is_segment_name(&base).then_some(base)
-        })
-        .collect();
-    v.sort();
-    v
-}
-
-fn is_segment_name(n: &str) -> bool {
-    n.len() == 24 && n.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
 fn seg_no(name: &str) -> u64 {
@@ -252,7 +237,7 @@ impl World {
 
 impl Drop for World {
     fn drop(&mut self) {
-        stop_worker(&self.cache());
+        stop_prefetch_worker(&self.cache());
     }
 }
 
@@ -272,43 +257,6 @@ fn cached_segments(cache: &Path) -> Vec<String> {
         .into_iter()
         .filter(|n| is_segment_name(n))
         .collect()
-}
-
-fn pid_alive(pid: i32) -> bool {
-    if unsafe { libc::kill(pid, 0) } != 0 {
-        return false;
-    }
-    // a zombie (not reaped yet) counts as gone
-    fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|s| {
-            let state = s
-                .rfind(')')
-                .and_then(|i| s[i + 1..].trim_start().chars().next());
-            state != Some('Z')
-        })
-        .unwrap_or(false)
-}
-
-fn worker_pid(cache: &Path) -> Option<i32> {
-    fs::read_to_string(cache.join(".worker.lock"))
-        .ok()?
-        .trim()
-        .parse()
-        .ok()
-        .filter(|&p| pid_alive(p))
-}
-
-/// Kills the background worker of `cache`, if any, and waits until it is gone.
-fn stop_worker(cache: &Path) {
-    if let Some(pid) = worker_pid(cache) {
-        unsafe {
-            libc::kill(pid, libc::SIGKILL);
-        }
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while pid_alive(pid) && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
 }
 
 /// A pid that is certainly not running.
@@ -334,39 +282,8 @@ fn run(args: &[&str], env: &[(&str, &str)]) -> Output {
     wait_output(child, Duration::from_secs(120))
 }
 
-fn wait_output(mut child: Child, timeout: Duration) -> Output {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if child.try_wait().unwrap().is_some() {
-            return child.wait_with_output().unwrap();
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let out = child.wait_with_output().unwrap();
-            panic!(
-                "walagent did not finish in {timeout:?}; stderr:\n{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-fn assert_ok(o: &Output) {
-    assert!(
-        o.status.success(),
-        "walagent failed ({:?}):\n{}",
-        o.status,
-        stderr(o)
-    );
-}
-
 fn served_from_cache(o: &Output) -> bool {
-    stderr(o).contains("served from the prefetch cache")
+    stderr_of(o).contains("served from the prefetch cache")
 }
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -399,7 +316,7 @@ fn prefetch_fills_the_cache_and_later_calls_are_served_from_it() {
         assert!(
             served_from_cache(&o),
             "{name} not served from the cache:\n{}",
-            stderr(&o)
+            stderr_of(&o)
         );
         w.assert_dest_is(name);
         let cached = w.cached();
@@ -421,7 +338,7 @@ fn prefetch_fills_the_cache_and_later_calls_are_served_from_it() {
     // After the last segment: not found, as without prefetch.
     let next = seg_after(segs.last().unwrap(), 1);
     let o = w.fetch(&next, &["--prefetch", "4"]);
-    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert_eq!(o.status.code(), Some(1), "{}", stderr_of(&o));
     assert!(!w.log().contains(" error: "), "prefetch.log:\n{}", w.log());
 }
 
@@ -458,11 +375,11 @@ fn end_of_archive_stops_the_window_without_errors() {
         w.assert_dest_is(name);
     }
     let o = w.fetch(&end, &["--prefetch", "4"]);
-    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert_eq!(o.status.code(), Some(1), "{}", stderr_of(&o));
     assert!(
-        stderr(&o).contains("not found in archive"),
+        stderr_of(&o).contains("not found in archive"),
         "{}",
-        stderr(&o)
+        stderr_of(&o)
     );
     assert!(!w.log().contains(" error: "), "prefetch.log:\n{}", w.log());
     assert!(w.cached().is_empty());
@@ -544,7 +461,7 @@ fn history_and_partial_requests_never_use_the_cache() {
     // The archive has no .partial for a middle segment: not found, though the cache has both.
     let dest2 = w.pg_wal().join("PARTIAL");
     let o = w.fetch_to(&format!("{x}.partial"), &dest2, &["--prefetch", "4"]);
-    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert_eq!(o.status.code(), Some(1), "{}", stderr_of(&o));
     assert!(!dest2.exists());
 
     // Nothing touched, no worker started, no position recorded.
@@ -600,10 +517,10 @@ fn cleanup_removes_old_segments_stale_markers_and_caps_the_cache() {
     // (it is not in the archive: exit 1, and nothing is cleaned for a request that failed).
     let tli2 = format!("00000002{}", &x[8..]);
     let o = w.fetch(&tli2, &["--prefetch", "2"]);
-    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert_eq!(o.status.code(), Some(1), "{}", stderr_of(&o));
     assert_eq!(w.cached(), want);
     // Served from the cache (a copy of X planted under the timeline-2 name): timeline 1 goes.
-    stop_worker(&cache);
+    stop_prefetch_worker(&cache);
     fs::write(cache.join(&tli2), w.expected(x)).unwrap();
     let o = w.fetch(&tli2, &["--prefetch", "2"]);
     assert_ok(&o);
@@ -645,9 +562,9 @@ fn waits_for_a_download_in_progress_and_ignores_dead_markers() {
     fs::remove_file(&marker).unwrap();
     let o = wait_output(child, Duration::from_secs(60));
     assert_ok(&o);
-    assert!(stderr(&o).contains("waited=true"), "{}", stderr(&o));
+    assert!(stderr_of(&o).contains("waited=true"), "{}", stderr_of(&o));
     w.assert_dest_is(x);
-    stop_worker(&cache);
+    stop_prefetch_worker(&cache);
 
     // A marker of a dead process: fetched directly, at once, and the marker is cleaned up.
     let y = &w.segs[1];
@@ -691,7 +608,7 @@ fn local_default_is_off_and_prefetch_dir_is_honoured() {
     assert!(served_from_cache(&o));
     w.assert_dest_is(&w.segs[3]);
     assert_eq!(names_in(&w.pg_wal()), vec!["RECOVERYXLOG".to_string()]);
-    stop_worker(&cache);
+    stop_prefetch_worker(&cache);
 }
 
 /// An s3:// archive prefetches by default (8 ahead); the background worker gets the AWS settings
@@ -717,13 +634,13 @@ fn s3_archive_prefetches_by_default_and_serves_from_the_cache() {
         assert!(
             served_from_cache(&o),
             "{name} not served from the cache:\n{}",
-            stderr(&o)
+            stderr_of(&o)
         );
         w.assert_dest_is(name);
         assert!(w.cached().len() <= 10, "{:?}", w.cached());
     }
     let o = w.fetch(&seg_after(segs.last().unwrap(), 1), &[]);
-    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert_eq!(o.status.code(), Some(1), "{}", stderr_of(&o));
     assert!(!w.log().contains(" error: "), "prefetch.log:\n{}", w.log());
     // --prefetch 0 turns it off for S3 too.
     let other = w.pg_wal().join("OFF");
@@ -748,7 +665,7 @@ fn s3_outage_serves_the_cache_and_fails_uncached_segments_loudly() {
     support::wait_until(WAIT, "3 prefetched segments", || {
         w.cached() == segs[1..4].to_vec() && w.cache_debris().is_empty()
     });
-    stop_worker(&w.cache());
+    stop_prefetch_worker(&w.cache());
     s3.stop();
     for name in &segs[1..4] {
         let o = w.fetch(name, &["--prefetch", "3"]);
@@ -757,8 +674,8 @@ fn s3_outage_serves_the_cache_and_fails_uncached_segments_loudly() {
         w.assert_dest_is(name);
     }
     let o = w.fetch(&segs[4], &["--prefetch", "3"]);
-    assert_eq!(o.status.code(), Some(126), "{}", stderr(&o));
-    let last = stderr(&o)
+    assert_eq!(o.status.code(), Some(126), "{}", stderr_of(&o));
+    let last = stderr_of(&o)
         .lines()
         .rev()
         .find(|l| !l.trim().is_empty())

@@ -15,7 +15,10 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use support::s3::S3Server;
-use support::{error_line, run_walagent, stderr_of, PgCluster, PgOptions, TestDir};
+use support::{
+    archived_segments, error_line, run_walagent, stderr_of, stop_prefetch_worker, PgCluster,
+    PgOptions, TestDir,
+};
 
 const CACHE: &str = ".walagent-prefetch";
 
@@ -121,20 +124,6 @@ fn source() -> &'static Source {
             other,
         }
     })
-}
-
-/// Complete segment names in a local archive, sorted.
-fn archived_segments(archive: &Path) -> Vec<String> {
-    let mut v: Vec<String> = fs::read_dir(archive.join("wal"))
-        .unwrap()
-        .filter_map(|e| {
-            let n = e.ok()?.file_name().into_string().ok()?;
-            let base = n.strip_suffix(".zst").unwrap_or(&n).to_string();
-            (base.len() == 24 && base.bytes().all(|b| b.is_ascii_hexdigit())).then_some(base)
-        })
-        .collect();
-    v.sort();
-    v
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -433,7 +422,7 @@ fn s3_replaced_segment_is_refused_directly_and_through_prefetch() {
     assert!(o.status.success(), "{}", stderr_of(&o));
     assert!(stderr_of(&o).contains("served from the prefetch cache"));
     assert!(fs::read(w.dest()).unwrap() == expected(&next));
-    stop_worker(&cache);
+    stop_prefetch_worker(&cache);
 }
 
 /// The same with a local archive and --prefetch 2.
@@ -459,22 +448,5 @@ fn local_prefetch_does_not_cache_a_wrong_segment() {
     assert!(!cache.join(&n).exists());
     let o = w.fetch(&n, &["--prefetch", "2"]);
     w.assert_refused(&o, &format!("wal/{n}.zst"), "expected xlp_pageaddr");
-    stop_worker(&cache);
-}
-
-/// Kills the background worker of `cache`, if any (its pid is in `.worker.lock`).
-fn stop_worker(cache: &Path) {
-    let Some(pid) = fs::read_to_string(cache.join(".worker.lock"))
-        .ok()
-        .and_then(|s| s.trim().parse::<i32>().ok())
-    else {
-        return;
-    };
-    // Only a walagent worker of this cache: its command line names the cache directory.
-    let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-    if String::from_utf8_lossy(&cmdline).contains("--prefetch-worker") {
-        unsafe {
-            libc::kill(pid, libc::SIGKILL);
-        }
-    }
+    stop_prefetch_worker(&cache);
 }

@@ -18,7 +18,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use super::layout::META_KEY;
-use super::{PutMode, Store, StoreError};
+use super::{Detail, PutMode, Store, StoreError};
 use crate::wal::SegmentSize;
 
 /// The `format` this walagent writes and understands.
@@ -57,7 +57,11 @@ pub enum MetaError {
     #[error("cannot access the archive metadata: {0}")]
     Store(#[from] StoreError),
     #[error("archive {archive} has an unreadable {META_KEY} ({detail}); restore that file from a copy or recreate it by hand for the cluster whose WAL the archive holds")]
-    Invalid { archive: String, detail: String },
+    Invalid {
+        archive: String,
+        #[source]
+        detail: Detail,
+    },
     #[error("archive {archive} has {META_KEY} format {found}, but this walagent understands format {FORMAT} only; use a newer walagent")]
     UnsupportedFormat { archive: String, found: u64 },
     #[error("archive {archive} holds WAL of system {archive_system} but the server is system {server_system}; use a separate archive for each cluster")]
@@ -71,7 +75,8 @@ pub enum MetaError {
         archive: String,
         object: String,
         server_system: u64,
-        detail: String,
+        #[source]
+        detail: Detail,
     },
     #[error("archive {archive} holds WAL with {archive_size} segments but the server uses {server_size} segments; use a separate archive for each cluster")]
     SegmentSizeMismatch {
@@ -152,12 +157,12 @@ impl ArchiveMeta {
 
     /// Parses the content of `walagent.json`; `archive` names the archive in errors.
     pub fn parse(bytes: &[u8], archive: &str) -> Result<ArchiveMeta, MetaError> {
-        let invalid = |detail: String| MetaError::Invalid {
+        let invalid = |detail: Detail| MetaError::Invalid {
             archive: archive.to_string(),
             detail,
         };
         let value: serde_json::Value =
-            serde_json::from_slice(bytes).map_err(|e| invalid(format!("not JSON: {e}")))?;
+            serde_json::from_slice(bytes).map_err(|e| invalid(Detail::context("not JSON: ", e)))?;
         // Check the format first: a later format may change the other fields.
         match value.get("format").and_then(|f| f.as_u64()) {
             Some(f) if f == u64::from(FORMAT) => {}
@@ -167,10 +172,10 @@ impl ArchiveMeta {
                     found,
                 })
             }
-            None => return Err(invalid("no numeric \"format\" field".to_string())),
+            None => return Err(invalid("no numeric \"format\" field".into())),
         }
         let mut meta: ArchiveMeta =
-            serde_json::from_value(value).map_err(|e| invalid(e.to_string()))?;
+            serde_json::from_value(value).map_err(|e| invalid(Detail::error(e)))?;
         meta.location = archive.to_string();
         Ok(meta)
     }
@@ -197,7 +202,7 @@ impl ArchiveMeta {
                 }
                 None => Err(MetaError::Invalid {
                     archive: store.location(),
-                    detail: format!("{META_KEY} conflicted on write but is now absent"),
+                    detail: format!("{META_KEY} conflicted on write but is now absent").into(),
                 }),
             },
             Err(e) => Err(e.into()),
@@ -250,7 +255,7 @@ async fn check_existing_content(
 ) -> Result<Option<String>, MetaError> {
     use super::layout::{self, WalObject};
     let archive = store.location();
-    let foreign = |object: &str, detail: String| MetaError::ForeignContent {
+    let foreign = |object: &str, detail: Detail| MetaError::ForeignContent {
         archive: archive.clone(),
         object: object.to_string(),
         server_system: system_identifier,
@@ -279,7 +284,7 @@ async fn check_existing_content(
         if page.len() < 40 {
             return Err(foreign(key, "too short to hold a WAL page header".into()));
         }
-        v.feed(page).map_err(|e| foreign(key, e.to_string()))?;
+        v.feed(page).map_err(|e| foreign(key, Detail::error(e)))?;
         checked.push(key.clone());
     } else if let Some(o) = objects.iter().find(|o| !o.key.ends_with('/')) {
         // History files alone cannot be attributed to a cluster (folder markers are ignored).
@@ -305,7 +310,12 @@ async fn check_existing_content(
             });
         match found {
             Some(sys) if sys == system_identifier => checked.push(o.key.clone()),
-            Some(sys) => return Err(foreign(&o.key, format!("it is a backup of system {sys}"))),
+            Some(sys) => {
+                return Err(foreign(
+                    &o.key,
+                    format!("it is a backup of system {sys}").into(),
+                ))
+            }
             None => return Err(foreign(&o.key, "it names no system identifier".into())),
         }
     }
@@ -420,6 +430,14 @@ mod tests {
                 "{e}"
             );
         }
+        // The JSON parser's error stays the cause, not only its text.
+        let e = ArchiveMeta::parse(b"not json", "/arch").unwrap_err();
+        let detail = std::error::Error::source(&e).expect("a source");
+        assert!(
+            std::error::Error::source(detail)
+                .is_some_and(|s| s.downcast_ref::<serde_json::Error>().is_some()),
+            "{e:?}"
+        );
     }
 
     #[test]

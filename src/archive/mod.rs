@@ -62,6 +62,51 @@ pub enum StoreError {
     Remote { context: String, detail: String },
 }
 
+/// What is wrong with an archive object, for an error message: a finding in words, or a
+/// failure with its own error type, kept as the error's source (after an optional lead-in such
+/// as `"not JSON: "`).
+#[derive(Debug, thiserror::Error)]
+pub enum Detail {
+    #[error("{0}")]
+    Text(String),
+    #[error("{context}{source}")]
+    Error {
+        context: &'static str,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync + 'static>,
+    },
+}
+
+impl Detail {
+    /// `source`'s message, keeping `source` as the cause.
+    pub fn error(source: impl std::error::Error + Send + Sync + 'static) -> Self {
+        Self::context("", source)
+    }
+
+    /// `context` followed by `source`'s message, keeping `source` as the cause.
+    pub fn context(
+        context: &'static str,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> Self {
+        Detail::Error {
+            context,
+            source: Box::new(source),
+        }
+    }
+}
+
+impl From<String> for Detail {
+    fn from(s: String) -> Self {
+        Detail::Text(s)
+    }
+}
+
+impl From<&str> for Detail {
+    fn from(s: &str) -> Self {
+        Detail::Text(s.to_string())
+    }
+}
+
 impl StoreError {
     pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
         StoreError::Io {
@@ -165,12 +210,7 @@ pub async fn read_wal_object(store: &dyn Store, key: &str) -> Result<Option<Vec<
         compress::decompress_stream(&stored[..], &mut out, compressed).map(|_| out)
     })
     .await
-    .map_err(|e| {
-        StoreError::io(
-            format!("reading {key_owned}"),
-            std::io::Error::other(e.to_string()),
-        )
-    })?
+    .map_err(|e| StoreError::io(format!("reading {key_owned}"), std::io::Error::other(e)))?
     .map_err(|e| StoreError::Corrupt {
         key: key.to_string(),
         detail: e.to_string(),
@@ -196,18 +236,48 @@ pub fn is_remote(spec: &str) -> bool {
         .is_some_and(|p| p.eq_ignore_ascii_case("s3://"))
 }
 
+/// Why [`open`] could not open the archive named by `--archive`.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// An `s3://` URL that does not parse.
+    #[error("{0}")]
+    Location(#[from] s3::S3LocationError),
+    /// The S3 settings are wrong, or the bucket could not be reached or listed.
+    #[error("{0}")]
+    S3(#[source] StoreError),
+    /// The local directory could not be created or opened.
+    #[error("cannot open archive {spec}: {source}")]
+    Local {
+        spec: String,
+        #[source]
+        source: StoreError,
+    },
+}
+
+impl OpenError {
+    /// The fix, where the cause does not already name it. The store's generic I/O hint (free
+    /// space in the archive and spool) does not fit a failed open, so it is not passed on.
+    pub fn hint(&self) -> Option<String> {
+        match self {
+            OpenError::Location(_) => None,
+            OpenError::S3(e) | OpenError::Local { source: e, .. } => match e {
+                StoreError::Io { .. } => None,
+                e => e.hint(),
+            },
+        }
+    }
+}
+
 /// Opens the archive named on the command line: `s3://BUCKET/PREFIX` (settings from the AWS
 /// environment; the bucket is checked) or a local directory. A writer's directory is created when
 /// missing; a reader's must exist and is left untouched.
-pub async fn open(spec: &str, write: bool) -> Result<std::sync::Arc<dyn Store>, String> {
+pub async fn open(spec: &str, write: bool) -> Result<std::sync::Arc<dyn Store>, OpenError> {
     if is_remote(spec) {
-        let location: s3::S3Location = spec
-            .parse()
-            .map_err(|e: s3::S3LocationError| e.to_string())?;
+        let location: s3::S3Location = spec.parse()?;
         let store = s3::S3Store::open(location, s3::S3Options::default())
             .await
-            .map_err(|e| e.to_string())?;
-        store.check().await.map_err(|e| e.to_string())?;
+            .map_err(OpenError::S3)?;
+        store.check().await.map_err(OpenError::S3)?;
         Ok(std::sync::Arc::new(store))
     } else {
         let path = Path::new(spec);
@@ -218,6 +288,47 @@ pub async fn open(spec: &str, write: bool) -> Result<std::sync::Arc<dyn Store>, 
         };
         store
             .map(|s| std::sync::Arc::new(s) as std::sync::Arc<dyn Store>)
-            .map_err(|e| format!("cannot open archive {spec}: {e}"))
+            .map_err(|source| OpenError::Local {
+                spec: spec.to_string(),
+                source,
+            })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn open_keeps_the_cause() {
+        let e = open("s3://", false).await.err().unwrap();
+        assert!(matches!(e, OpenError::Location(_)), "{e:?}");
+        assert!(e.to_string().contains("s3://BUCKET"), "{e}");
+        assert_eq!(e.hint(), None);
+
+        let dir = std::env::temp_dir().join(format!("walagent-open-{}", std::process::id()));
+        let missing = dir.join("missing");
+        let spec = missing.to_str().unwrap();
+        let e = open(spec, false).await.err().unwrap();
+        let OpenError::Local { source, .. } = &e else {
+            panic!("{e:?}")
+        };
+        assert!(matches!(source, StoreError::Io { .. }), "{source:?}");
+        let io = std::error::Error::source(&e)
+            .and_then(std::error::Error::source)
+            .and_then(|s| s.downcast_ref::<std::io::Error>())
+            .unwrap();
+        assert_eq!(io.kind(), std::io::ErrorKind::NotFound);
+        assert!(
+            e.to_string()
+                .starts_with(&format!("cannot open archive {spec}: ")),
+            "{e}"
+        );
+        assert_eq!(e.hint(), None);
+        // A reader leaves a missing directory missing; a writer creates it.
+        assert!(!missing.exists());
+        let store = open(spec, true).await.unwrap();
+        assert!(missing.is_dir() && store.local_root().is_some());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -49,13 +49,20 @@ pub fn parse(text: &str) -> Vec<(String, String)> {
         .collect()
 }
 
+/// `--env-file` could not be read.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot read --env-file {}: {source}", path.display())]
+pub struct EnvFileError {
+    pub path: std::path::PathBuf,
+    #[source]
+    pub source: io::Error,
+}
+
 /// Reads `path` and sets its variables in this process's environment (before any thread starts).
-pub fn load(path: &Path) -> io::Result<usize> {
-    let text = std::fs::read_to_string(path).map_err(|e| {
-        io::Error::new(
-            e.kind(),
-            format!("cannot read --env-file {}: {e}", path.display()),
-        )
+pub fn load(path: &Path) -> Result<usize, EnvFileError> {
+    let text = std::fs::read_to_string(path).map_err(|source| EnvFileError {
+        path: path.to_path_buf(),
+        source,
     })?;
     let pairs = parse(&text);
     let n = pairs.len();

@@ -1,5 +1,6 @@
 //! Restoring from the archive: wal-fetch (serving restore_command).
 pub mod envfile;
+pub mod fetch_cmd;
 pub mod pitr;
 pub mod plan;
 pub mod prefetch;

@@ -54,6 +54,7 @@ use bytes::Bytes;
 
 use crate::archive::layout::META_KEY;
 use crate::archive::meta::rfc3339_utc;
+use crate::archive::meta::MetaError;
 use crate::archive::{self, ArchiveMeta, ObjectInfo, PutMode, Store, StoreError};
 use crate::restore::wal_fetch::{self, FetchError};
 use crate::wal::{SegmentId, SegmentSize};
@@ -753,7 +754,7 @@ pub async fn run_worker(cfg: &PrefetchConfig, start: &str) {
     }
     match worker(cfg, start, &log).await {
         Ok(summary) => log.info(&summary),
-        Err(e) => log.error(&e),
+        Err(e) => log.error(&e.to_string()),
     }
 }
 
@@ -777,24 +778,37 @@ impl Window {
     }
 }
 
-async fn worker(cfg: &PrefetchConfig, start: &str, log: &WorkerLog) -> Result<String, String> {
+/// Why the background worker could not start prefetching (written to its log).
+#[derive(Debug, thiserror::Error)]
+enum WorkerError {
+    #[error("{0}")]
+    Open(#[from] archive::OpenError),
+    #[error("{0}")]
+    Store(#[from] StoreError),
+    #[error("archive {archive} has no {META_KEY}; nothing to prefetch")]
+    NoMeta { archive: String },
+    #[error("{0}")]
+    Meta(#[from] MetaError),
+    #[error("{start:?} is no segment name for {size} segments; nothing to prefetch")]
+    BadStart { start: String, size: SegmentSize },
+}
+
+async fn worker(cfg: &PrefetchConfig, start: &str, log: &WorkerLog) -> Result<String, WorkerError> {
     let dir = &cfg.dir;
     let store = archive::open(&cfg.archive, false).await?;
     let meta_bytes = store
         .get_bytes(META_KEY)
-        .await
-        .map_err(|e| e.to_string())?
-        .ok_or_else(|| {
-            format!(
-                "archive {} has no {META_KEY}; nothing to prefetch",
-                store.location()
-            )
+        .await?
+        .ok_or_else(|| WorkerError::NoMeta {
+            archive: store.location(),
         })?;
-    let meta = ArchiveMeta::parse(&meta_bytes, &store.location()).map_err(|e| e.to_string())?;
+    let meta = ArchiveMeta::parse(&meta_bytes, &store.location())?;
     let size = meta.wal_segment_size;
-    let start_id = SegmentId::parse_file_name(start, size).ok_or_else(|| {
-        format!("{start:?} is no segment name for {size} segments; nothing to prefetch")
-    })?;
+    let start_id =
+        SegmentId::parse_file_name(start, size).ok_or_else(|| WorkerError::BadStart {
+            start: start.to_string(),
+            size,
+        })?;
     let store: Arc<dyn Store> = Arc::new(MetaCachedStore {
         inner: store,
         meta: meta_bytes,

@@ -23,7 +23,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use crate::archive::compress::{create_private, decompress_stream, is_corrupt};
 use crate::archive::layout::{history_key, segment_key_by_name, META_KEY};
 use crate::archive::meta::MetaError;
-use crate::archive::{ArchiveMeta, Store, StoreError};
+use crate::archive::{ArchiveMeta, Detail, OpenError, Store, StoreError};
 use crate::wal::verify::{check_page_timelines, SegmentChecker, VerifyError, VerifyParams};
 use crate::wal::{parse_history_file_name, Lsn, SegmentId, TimelineHistory};
 
@@ -48,7 +48,8 @@ pub enum FetchError {
     Corrupt {
         key: String,
         archive: String,
-        detail: String,
+        #[source]
+        detail: Detail,
     },
     /// The object decompressed fine but is not the WAL the name asks for (another segment,
     /// another cluster, another timeline's WAL past the fork, damaged records, a lost tail).
@@ -57,10 +58,14 @@ pub enum FetchError {
         key: String,
         archive: String,
         name: String,
-        detail: String,
+        #[source]
+        detail: Detail,
     },
     #[error("{0}")]
     Store(#[from] StoreError),
+    /// The archive could not be opened (exit [`EXIT_FATAL`]: recovery must stop, not end).
+    #[error("{0}")]
+    Open(#[from] OpenError),
     #[error("{context}: {source}")]
     Io {
         context: String,
@@ -87,6 +92,7 @@ impl FetchError {
                 "the object holds other WAL than its name says, or damaged WAL, and is not served so that recovery stops here instead of replaying it; restore the object from another copy of the archive (or remove it to let recovery end before it)"
                     .to_string(),
             ),
+            FetchError::Open(e) => e.hint(),
             _ => None,
         }
     }
@@ -263,9 +269,7 @@ pub async fn fetch(
             )
         })
         .await
-        .map_err(|e| {
-            FetchError::io("wal-fetch I/O task failed", io::Error::other(e.to_string()))
-        })??;
+        .map_err(|e| FetchError::io("wal-fetch I/O task failed", io::Error::other(e)))??;
         if let Some(exp) = &expect {
             check_timelines(store, exp, &finished.timelines, &cand.key).await?;
         }
@@ -354,7 +358,7 @@ fn finish_file(
     key: &str,
     archive: &str,
 ) -> Result<Finished, FetchError> {
-    let corrupt = |detail: String| FetchError::Corrupt {
+    let corrupt = |detail: Detail| FetchError::Corrupt {
         key: key.to_string(),
         archive: archive.to_string(),
         detail,
@@ -374,7 +378,7 @@ fn finish_file(
         };
         let n = match decompress_stream(BufReader::with_capacity(1 << 20, input), &mut w, true) {
             Ok(n) => n,
-            Err(e) if is_corrupt(&e) => return Err(corrupt(e.to_string())),
+            Err(e) if is_corrupt(&e) => return Err(corrupt(Detail::error(e))),
             Err(e) => {
                 return Err(FetchError::io(
                     format!("cannot decompress {key} into {}", dst.display()),
@@ -403,9 +407,10 @@ fn finish_file(
     let want = u64::from(exp.params.segment_size.bytes());
     if partial {
         if len > want {
-            return Err(corrupt(format!(
-                "partial segment holds {len} bytes, more than the segment size {want}"
-            )));
+            return Err(corrupt(
+                format!("partial segment holds {len} bytes, more than the segment size {want}")
+                    .into(),
+            ));
         }
         if len < want {
             if let Some(c) = check.as_mut() {
@@ -428,11 +433,11 @@ fn finish_file(
             }
         }
     } else if len != want {
-        return Err(corrupt(format!(
-            "segment holds {len} bytes, expected {want}"
-        )));
+        return Err(corrupt(
+            format!("segment holds {len} bytes, expected {want}").into(),
+        ));
     }
-    let wrong = |detail: String| FetchError::WrongWal {
+    let wrong = |detail: Detail| FetchError::WrongWal {
         key: key.to_string(),
         archive: archive.to_string(),
         name: exp.name(),
@@ -445,16 +450,16 @@ fn finish_file(
         });
     };
     if let Some(e) = c.failed {
-        return Err(wrong(e.to_string()));
+        return Err(wrong(Detail::error(e)));
     }
     let timelines = c.checker.timeline_pages().to_vec();
-    let seg = c.checker.finish().map_err(|e| wrong(e.to_string()))?;
+    let seg = c.checker.finish().map_err(|e| wrong(Detail::error(e)))?;
     if !partial && !seg.complete {
         return Err(wrong(format!(
             "expected WAL up to the segment end {}, found valid WAL up to {} and only zeros after it (the segment's tail is missing)",
             Lsn(exp.start.0 + want),
             seg.data_end
-        )));
+        ).into()));
     }
     Ok(Finished {
         bytes: len,
@@ -509,7 +514,7 @@ async fn check_timelines(
             TimelineHistory::parse(&bytes).map_err(|e| FetchError::Corrupt {
                 key: hkey.clone(),
                 archive: store.location(),
-                detail: e.to_string(),
+                detail: Detail::error(e),
             })?,
         ),
         None => None,
@@ -518,7 +523,7 @@ async fn check_timelines(
         key: key.to_string(),
         archive: store.location(),
         name: exp.name(),
-        detail: e.to_string(),
+        detail: Detail::error(e),
     })
 }
 
@@ -733,6 +738,15 @@ mod tests {
             e.to_string().contains("is corrupt") && !e.to_string().contains('\n'),
             "{e}"
         );
+        // The decoder's error is kept as the cause.
+        let FetchError::Corrupt { detail, .. } = &e else {
+            unreachable!()
+        };
+        assert!(
+            std::error::Error::source(detail)
+                .is_some_and(|s| s.downcast_ref::<io::Error>().is_some()),
+            "{detail:?}"
+        );
         assert!(f.leftovers().is_empty(), "{:?}", f.leftovers());
     }
 
@@ -877,6 +891,14 @@ mod tests {
             .unwrap_err();
         assert!(matches!(e, FetchError::WrongWal { .. }), "{name}: {e}");
         assert_eq!(e.exit_code(), EXIT_FATAL);
+        if let FetchError::WrongWal {
+            detail: Detail::Error { source, .. },
+            ..
+        } = &e
+        {
+            // A verifier's or timeline check's error, kept as the cause.
+            assert!(!source.to_string().is_empty());
+        }
         let msg = e.to_string();
         assert!(
             msg.contains("archive object wal/") && msg.contains(what) && !msg.contains('\n'),

@@ -104,7 +104,7 @@ impl S3Server {
         // The port is picked free, but someone may grab it before s3s-fs binds: retry.
         let mut last = String::new();
         for _ in 0..5 {
-            *server.port.lock().unwrap() = super::free_port();
+            *server.port.lock().unwrap() = super::cluster::free_port();
             match server.launch(Duration::from_secs(10)) {
                 Ok(()) => return server,
                 Err(e) => last = e,

@@ -1,4 +1,7 @@
-//! Command-line interface: argument parsing only. `main.rs` dispatches.
+//! Command-line interface: argument parsing here, every default resolved in [`resolve`].
+//! `main.rs` dispatches.
+
+mod resolve;
 
 use std::path::PathBuf;
 
@@ -7,6 +10,11 @@ use clap::{Args, Parser, Subcommand};
 use crate::archive::Compression;
 use crate::receive::AckMode;
 use crate::wal::Lsn;
+
+pub use resolve::{
+    archive_identity, default_archive_workers, default_compress_threads, partial_interval,
+    show_progress, ArgError,
+};
 
 #[derive(Debug, Parser)]
 #[command(

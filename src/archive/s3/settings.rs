@@ -1,0 +1,355 @@
+//! Tuning knobs ([`S3Options`]) and connection settings from the AWS environment
+//! ([`S3Settings`]).
+
+use std::fmt;
+use std::io;
+use std::str::FromStr;
+use std::time::Duration;
+
+use aws_sdk_s3::config::timeout::TimeoutConfig;
+
+use super::{MAX_PART, MIB, MIN_PART};
+use crate::archive::StoreError;
+
+/// Tuning knobs (not connection settings; see [`S3Settings`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct S3Options {
+    /// Files larger than this are uploaded in parts (default 64 MiB; at most 5 GiB).
+    pub multipart_threshold: u64,
+    /// Part size for multipart uploads (default 16 MiB; 5 MiB..=5 GiB; raised automatically so a
+    /// file needs at most 10,000 parts).
+    pub part_size: u64,
+    /// TCP/TLS connect timeout per attempt (default 5 s).
+    pub connect_timeout: Duration,
+    /// How long a request without a body may wait for the response, and how long a download may
+    /// stall between two chunks (default 30 s).
+    pub io_timeout: Duration,
+    /// Uploads get `io_timeout` plus their size divided by this rate (bytes/s) per attempt
+    /// (default 256 KiB/s, so a 16 MiB part may take 94 s).
+    pub min_upload_rate: u64,
+    /// Attempts per request by the SDK's standard retry strategy (default 3; 1 disables retries).
+    pub max_attempts: u32,
+}
+
+impl Default for S3Options {
+    fn default() -> Self {
+        S3Options {
+            multipart_threshold: 64 * MIB,
+            part_size: 16 * MIB,
+            connect_timeout: Duration::from_secs(5),
+            io_timeout: Duration::from_secs(30),
+            min_upload_rate: 256 * 1024,
+            max_attempts: 3,
+        }
+    }
+}
+
+/// The SDK's request-checksum calculation / response-checksum validation policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChecksumPolicy {
+    /// Compute / validate flexible checksums whenever the operation supports them (SDK default).
+    WhenSupported,
+    /// Only when the operation requires one. Use for S3-compatible stores that reject
+    /// `x-amz-checksum-*` headers or `aws-chunked` bodies.
+    WhenRequired,
+}
+
+impl FromStr for ChecksumPolicy {
+    type Err = ();
+    fn from_str(s: &str) -> Result<Self, ()> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "when_supported" => Ok(ChecksumPolicy::WhenSupported),
+            "when_required" => Ok(ChecksumPolicy::WhenRequired),
+            _ => Err(()),
+        }
+    }
+}
+
+impl fmt::Display for ChecksumPolicy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ChecksumPolicy::WhenSupported => "when_supported",
+            ChecksumPolicy::WhenRequired => "when_required",
+        })
+    }
+}
+
+/// Connection settings. `None` fields are left to the standard AWS chain (environment, profile
+/// files, container/instance metadata); set fields override it. [`S3Settings::from_env`] reads
+/// the environment variables walagent handles itself.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct S3Settings {
+    /// Endpoint URL, e.g. `http://127.0.0.1:9000` (default: AWS S3 for the region).
+    pub endpoint: Option<String>,
+    /// Region (default: the chain; `us-east-1` when nothing sets one).
+    pub region: Option<String>,
+    /// Static credentials; both or neither.
+    pub access_key: Option<String>,
+    pub secret_key: Option<String>,
+    pub session_token: Option<String>,
+    /// Path-style addressing (`http://host/bucket/key`). Default: true when the endpoint's host
+    /// is an IP address or `localhost` (virtual-host style cannot work there), else false.
+    pub force_path_style: Option<bool>,
+    /// Request checksum calculation (default: the chain, i.e. `when_supported`).
+    pub request_checksum: Option<ChecksumPolicy>,
+    /// Response checksum validation (default: the chain, i.e. `when_supported`).
+    pub response_checksum: Option<ChecksumPolicy>,
+}
+
+impl fmt::Debug for S3Settings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let redact = |o: &Option<String>| o.as_ref().map(|_| "** redacted **");
+        f.debug_struct("S3Settings")
+            .field("endpoint", &self.endpoint)
+            .field("region", &self.region)
+            .field("access_key", &self.access_key)
+            .field("secret_key", &redact(&self.secret_key))
+            .field("session_token", &redact(&self.session_token))
+            .field("force_path_style", &self.force_path_style)
+            .field("request_checksum", &self.request_checksum)
+            .field("response_checksum", &self.response_checksum)
+            .finish()
+    }
+}
+
+impl S3Settings {
+    /// Sets both checksum policies.
+    pub fn checksum(mut self, policy: ChecksumPolicy) -> Self {
+        self.request_checksum = Some(policy);
+        self.response_checksum = Some(policy);
+        self
+    }
+
+    /// Settings from the process environment; see [`S3Settings::from_lookup`].
+    pub fn from_env() -> Result<S3Settings, StoreError> {
+        Self::from_lookup(|k| std::env::var(k).ok())
+    }
+
+    /// Settings from environment variables read through `get`:
+    /// - `AWS_ENDPOINT_URL_S3`, else `AWS_ENDPOINT_URL` (both ignored when
+    ///   `AWS_IGNORE_CONFIGURED_ENDPOINT_URLS=true`);
+    /// - `AWS_S3_FORCE_PATH_STYLE=true|false`;
+    /// - `WALAGENT_S3_CHECKSUM=when_supported|when_required` sets both checksum policies;
+    ///   `AWS_REQUEST_CHECKSUM_CALCULATION` and `AWS_RESPONSE_CHECKSUM_VALIDATION` override one
+    ///   each.
+    ///
+    /// Region and credentials are left to the standard chain (`AWS_REGION`,
+    /// `AWS_DEFAULT_REGION`, `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`,
+    /// `AWS_PROFILE`, `~/.aws/config` and `~/.aws/credentials`, web identity, ECS, EC2 metadata
+    /// unless `AWS_EC2_METADATA_DISABLED=true`).
+    pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<S3Settings, StoreError> {
+        let get = |k: &str| get(k).filter(|v| !v.trim().is_empty());
+        let mut s = S3Settings::default();
+        let ignore_endpoints = match get("AWS_IGNORE_CONFIGURED_ENDPOINT_URLS") {
+            Some(v) => parse_bool("AWS_IGNORE_CONFIGURED_ENDPOINT_URLS", &v)?,
+            None => false,
+        };
+        if !ignore_endpoints {
+            s.endpoint = get("AWS_ENDPOINT_URL_S3")
+                .or_else(|| get("AWS_ENDPOINT_URL"))
+                .map(|v| v.trim().to_string());
+        }
+        if let Some(v) = get("AWS_S3_FORCE_PATH_STYLE") {
+            s.force_path_style = Some(parse_bool("AWS_S3_FORCE_PATH_STYLE", &v)?);
+        }
+        if let Some(v) = get("WALAGENT_S3_CHECKSUM") {
+            s = s.checksum(parse_policy("WALAGENT_S3_CHECKSUM", &v)?);
+        }
+        if let Some(v) = get("AWS_REQUEST_CHECKSUM_CALCULATION") {
+            s.request_checksum = Some(parse_policy("AWS_REQUEST_CHECKSUM_CALCULATION", &v)?);
+        }
+        if let Some(v) = get("AWS_RESPONSE_CHECKSUM_VALIDATION") {
+            s.response_checksum = Some(parse_policy("AWS_RESPONSE_CHECKSUM_VALIDATION", &v)?);
+        }
+        Ok(s)
+    }
+}
+
+pub(super) fn setting_err(msg: String) -> StoreError {
+    StoreError::io(
+        "invalid S3 settings",
+        io::Error::new(io::ErrorKind::InvalidInput, msg),
+    )
+}
+
+pub(super) fn parse_bool(name: &str, v: &str) -> Result<bool, StoreError> {
+    match v.trim().to_ascii_lowercase().as_str() {
+        "true" | "1" | "yes" | "on" => Ok(true),
+        "false" | "0" | "no" | "off" => Ok(false),
+        _ => Err(setting_err(format!(
+            "{name}={v:?} is not a boolean; set it to true or false"
+        ))),
+    }
+}
+
+pub(super) fn parse_policy(name: &str, v: &str) -> Result<ChecksumPolicy, StoreError> {
+    v.parse().map_err(|()| {
+        setting_err(format!(
+            "{name}={v:?} is not a checksum policy; set it to when_supported or when_required"
+        ))
+    })
+}
+
+/// True when `url`'s host is an IP literal or `localhost`.
+pub(super) fn host_needs_path_style(url: &str) -> bool {
+    let after_scheme = url.split_once("://").map_or(url, |(_, r)| r);
+    let authority = after_scheme.split(['/', '?', '#']).next().unwrap_or("");
+    let host_port = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    if host_port.starts_with('[') {
+        return true; // IPv6 literal
+    }
+    let host = host_port.split(':').next().unwrap_or("");
+    host.eq_ignore_ascii_case("localhost") || host.parse::<std::net::Ipv4Addr>().is_ok()
+}
+
+pub(super) fn validate_options(o: &S3Options) -> Result<(), StoreError> {
+    if !(MIN_PART..=MAX_PART).contains(&o.part_size) {
+        return Err(setting_err(format!(
+            "S3 part size {} bytes is outside 5 MiB..=5 GiB; choose a size in that range",
+            o.part_size
+        )));
+    }
+    if o.multipart_threshold == 0 || o.multipart_threshold > MAX_PART {
+        return Err(setting_err(format!(
+            "S3 multipart threshold {} bytes is outside 1..=5 GiB; choose a size in that range",
+            o.multipart_threshold
+        )));
+    }
+    if o.max_attempts == 0 {
+        return Err(setting_err("S3 max attempts must be at least 1".into()));
+    }
+    Ok(())
+}
+
+pub(super) fn base_timeouts(o: &S3Options) -> TimeoutConfig {
+    TimeoutConfig::builder()
+        .connect_timeout(o.connect_timeout)
+        .read_timeout(o.io_timeout)
+        .build()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn lookup(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let m: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        move |k| m.get(k).cloned()
+    }
+
+    #[test]
+    fn settings_from_env() {
+        let s = S3Settings::from_lookup(lookup(&[])).unwrap();
+        assert_eq!(s, S3Settings::default());
+        let s = S3Settings::from_lookup(lookup(&[
+            ("AWS_ENDPOINT_URL", "http://a:1"),
+            ("AWS_S3_FORCE_PATH_STYLE", "TRUE"),
+            ("WALAGENT_S3_CHECKSUM", "when_required"),
+        ]))
+        .unwrap();
+        assert_eq!(s.endpoint.as_deref(), Some("http://a:1"));
+        assert_eq!(s.force_path_style, Some(true));
+        assert_eq!(s.request_checksum, Some(ChecksumPolicy::WhenRequired));
+        assert_eq!(s.response_checksum, Some(ChecksumPolicy::WhenRequired));
+        // The service-specific endpoint wins; the standard checksum variables override the shortcut.
+        let s = S3Settings::from_lookup(lookup(&[
+            ("AWS_ENDPOINT_URL", "http://a:1"),
+            ("AWS_ENDPOINT_URL_S3", "http://s3:2"),
+            ("WALAGENT_S3_CHECKSUM", "when_required"),
+            ("AWS_RESPONSE_CHECKSUM_VALIDATION", "WHEN_SUPPORTED"),
+        ]))
+        .unwrap();
+        assert_eq!(s.endpoint.as_deref(), Some("http://s3:2"));
+        assert_eq!(s.request_checksum, Some(ChecksumPolicy::WhenRequired));
+        assert_eq!(s.response_checksum, Some(ChecksumPolicy::WhenSupported));
+        let s = S3Settings::from_lookup(lookup(&[
+            ("AWS_ENDPOINT_URL", "http://a:1"),
+            ("AWS_IGNORE_CONFIGURED_ENDPOINT_URLS", "true"),
+            ("AWS_REQUEST_CHECKSUM_CALCULATION", "when_required"),
+        ]))
+        .unwrap();
+        assert_eq!(s.endpoint, None);
+        assert_eq!(s.request_checksum, Some(ChecksumPolicy::WhenRequired));
+        assert_eq!(s.response_checksum, None);
+
+        for (k, v, want) in [
+            ("AWS_S3_FORCE_PATH_STYLE", "maybe", "true or false"),
+            (
+                "WALAGENT_S3_CHECKSUM",
+                "always",
+                "when_supported or when_required",
+            ),
+            (
+                "AWS_REQUEST_CHECKSUM_CALCULATION",
+                "x",
+                "AWS_REQUEST_CHECKSUM_CALCULATION",
+            ),
+        ] {
+            let e = S3Settings::from_lookup(lookup(&[(k, v)]))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(want) && e.contains(k), "{e}");
+        }
+    }
+
+    #[test]
+    fn settings_debug_redacts_secrets() {
+        let s = S3Settings {
+            access_key: Some("AKIDEXAMPLE".into()),
+            secret_key: Some("super-secret-value".into()),
+            session_token: Some("token-value".into()),
+            ..Default::default()
+        };
+        let d = format!("{s:?}");
+        assert!(
+            d.contains("AKIDEXAMPLE")
+                && !d.contains("super-secret-value")
+                && !d.contains("token-value"),
+            "{d}"
+        );
+    }
+
+    #[test]
+    fn options_are_validated() {
+        validate_options(&S3Options::default()).unwrap();
+        let e = validate_options(&S3Options {
+            part_size: MIB,
+            ..Default::default()
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("5 MiB"), "{e}");
+        assert!(validate_options(&S3Options {
+            multipart_threshold: 0,
+            ..Default::default()
+        })
+        .is_err());
+        assert!(validate_options(&S3Options {
+            max_attempts: 0,
+            ..Default::default()
+        })
+        .is_err());
+    }
+
+    #[test]
+    fn path_style_hosts() {
+        for u in [
+            "http://127.0.0.1:9000",
+            "http://localhost:9000/",
+            "https://[::1]:9000",
+            "http://user@10.0.0.1",
+        ] {
+            assert!(host_needs_path_style(u), "{u}");
+        }
+        for u in [
+            "https://s3.us-east-1.amazonaws.com",
+            "https://minio.example.com:9000",
+        ] {
+            assert!(!host_needs_path_style(u), "{u}");
+        }
+    }
+}
