@@ -4,7 +4,7 @@
 //! A temporary replication slot on the backup connection keeps the server's WAL from the
 //! backup's start until the copy ends, and `WAL true` makes the server append that WAL to
 //! `base.tar`, so the standby starts even when the primary has moved on meanwhile. Files are
-//! written as they arrive ([`super::extract`]) on a blocking thread; the async side only reads
+//! written as they arrive ([`crate::datadir::extract`]) on a blocking thread; the async side only reads
 //! the connection. The server sends tablespace archives first and `base.tar` last, so each
 //! tablespace's directory is filled before its `pg_tblspc/<oid>` link is made.
 //!
@@ -16,18 +16,18 @@ use std::path::{Path, PathBuf};
 use bytes::Bytes;
 use tokio::sync::{mpsc, watch};
 
-use super::extract::{
+use crate::datadir::extract::{
     chown_to as chown, map_tablespace, prepare_target_dir, remove_written,
     target_owner as owner_for, write_private_file as write_private, ExtractError, ExtractOptions,
     ExtractStats, Extractor,
 };
-use super::progress::Progress;
-use super::tarstream::{TarEvent, TarParser};
+use crate::datadir::progress::Progress;
+use crate::datadir::tar::{TarEvent, TarParser};
 use crate::protocol::basebackup::{BackupCopyMessage, BackupStreamDecoder, BaseBackupOptions};
 use crate::protocol::conninfo::ConnInfo;
 use crate::protocol::replication::BackupEvent;
 use crate::protocol::ProtocolError;
-use crate::restore::recovery_conf::{append_auto_conf, write_signal, Signal};
+use crate::datadir::recovery::{append_auto_conf, write_signal, Signal};
 use crate::wal::Lsn;
 
 #[derive(Debug, Clone)]

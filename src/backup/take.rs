@@ -7,7 +7,7 @@
 //!    be recycled while the backup runs (what `pg_basebackup -X stream` gets from its slot).
 //! 2. `BASE_BACKUP (..., WAL true, ...)` makes the server append the WAL from the start to the
 //!    end position to `base.tar` (under `pg_wal/`).
-//! 3. Every tar archive is parsed as it passes ([`super::tarstream`]): ordinary entries go on,
+//! 3. Every tar archive is parsed as it passes ([`crate::datadir::tar`]): ordinary entries go on,
 //!    byte for byte, to a zstd encoder (multi-threaded) and from there to a streamed archive
 //!    object ([`crate::archive::Store::create_writer`]: a multipart upload on S3, a temp file on
 //!    disk), never staged whole. The `pg_wal/` segment files are taken out of the tar, checked
@@ -27,10 +27,10 @@ use bytes::{Bytes, BytesMut};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
-use super::catalog::{self, BackupInfo, TarArchive};
-use super::manifest::BackupManifest;
-use super::progress::Progress;
-use super::tarstream::{EntryKind, TarEvent, TarParser};
+use crate::archive::catalog::{self, BackupInfo, TarArchive};
+use crate::datadir::manifest::BackupManifest;
+use crate::datadir::progress::Progress;
+use crate::datadir::tar::{EntryKind, TarEvent, TarParser};
 use crate::archive::meta::rfc3339_micros;
 use crate::archive::{layout, ArchiveMeta, Compression, PutMode, Store, StoreError};
 use crate::protocol::basebackup::{BackupCopyMessage, BackupStreamDecoder, BaseBackupOptions};
@@ -280,7 +280,7 @@ async fn check_wal_present(
     last: SegmentId,
 ) -> Result<(), BackupError> {
     let objects = store.list(layout::WAL_PREFIX).await?;
-    let index = crate::restore::plan::WalIndex::from_objects(&objects, seg_size);
+    let index = crate::archive::index::WalIndex::from_objects(&objects, seg_size);
     for segno in first.segno..=last.segno {
         let ok = [first.timeline, last.timeline].iter().any(|&tli| {
             let id = SegmentId::new(tli, segno);

@@ -3,6 +3,5 @@ pub mod envfile;
 pub mod pitr;
 pub mod plan;
 pub mod prefetch;
-pub mod recovery_conf;
 pub mod target;
 pub mod wal_fetch;

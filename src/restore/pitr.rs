@@ -30,20 +30,21 @@ use bytes::Bytes;
 use tokio::sync::{mpsc, watch};
 
 use super::envfile;
-use super::plan::{self, ChainCheck, PartialContent, PlanError, PlanOptions, WalIndex};
-use super::recovery_conf::{append_auto_conf, write_signal, Signal};
+use super::plan::{self, ChainCheck, PlanError, PlanOptions};
+use crate::archive::index::{PartialContent, WalIndex};
+use crate::datadir::recovery::{append_auto_conf, write_signal, Signal};
 use super::target::{
     describe_event, recovery_settings, RecoveryTarget, TargetAction, TargetTimeline,
 };
 use crate::archive::{layout, read_wal_object, ArchiveMeta, ObjectInfo, Store, StoreError};
-use crate::backup::catalog::{self, BackupInfo, Listed};
-use crate::backup::extract::{
+use crate::archive::catalog::{self, BackupInfo, Listed};
+use crate::datadir::extract::{
     check_target_dir, chown_to as chown, map_tablespace, prepare_target_dir, remove_written,
     target_owner as owner_for, write_private_file, ExtractError, ExtractOptions, Extractor,
 };
-use crate::backup::manifest::BackupManifest;
-use crate::backup::progress::Progress;
-use crate::backup::tarstream::{EntryKind, TarEvent, TarParser};
+use crate::datadir::manifest::BackupManifest;
+use crate::datadir::progress::Progress;
+use crate::datadir::tar::{EntryKind, TarEvent, TarParser};
 use crate::wal::xact::{ScanEnd, SegmentScan, WalEvent, WalScanner};
 use crate::wal::{SegmentId, SegmentSize, TimelineHistory};
 

@@ -2,7 +2,7 @@
 //!
 //! Used by `seed-standby`, which extracts files as they arrive from the server, and by `restore`,
 //! which extracts archives read back from the store. Both feed the [`TarEvent`]s of a
-//! [`TarParser`](super::tarstream::TarParser) to an [`Extractor`]; the code is plain synchronous
+//! [`TarParser`](super::tar::TarParser) to an [`Extractor`]; the code is plain synchronous
 //! `std::fs`, meant to run on a blocking thread.
 //!
 //! Why it is strict:
@@ -46,7 +46,7 @@ use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsE
 use std::path::{Component, Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
-use super::tarstream::{EntryKind, EntryMeta, TarEvent};
+use super::tar::{EntryKind, EntryMeta, TarEvent};
 
 /// Mode of every regular file created.
 pub const FILE_MODE: u32 = 0o600;
@@ -871,7 +871,7 @@ pub fn write_private_file(path: &Path, data: &[u8]) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backup::tarstream::{TarError, TarParser};
+    use crate::datadir::tar::{TarError, TarParser};
     use bytes::Bytes;
     use std::os::unix::fs::MetadataExt;
 

@@ -20,7 +20,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use crate::archive::compress::create_private;
-use crate::receive::spool::sync_dir;
+use crate::fsutil::sync_dir;
 
 /// The file ALTER SYSTEM and `pg_basebackup -R` write; read after `postgresql.conf`, so its
 /// settings win.
