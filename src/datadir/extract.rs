@@ -860,12 +860,13 @@ pub fn chown_to(path: &Path, owner: Option<(u32, u32)>) {
     }
 }
 
-/// Writes `data` to `path` (created or truncated, mode 0600) and fsyncs it.
+/// Writes `data` to `path` (created or truncated, mode 0600) and fsyncs it (its content; the
+/// caller makes the name durable, e.g. with the signal file's directory fsync).
 pub fn write_private_file(path: &Path, data: &[u8]) -> io::Result<()> {
     use std::io::Write;
     let mut f = crate::archive::compress::create_private(path)?;
     f.write_all(data)?;
-    f.sync_all()
+    crate::fsutil::sync_file(&f)
 }
 
 #[cfg(test)]
