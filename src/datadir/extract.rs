@@ -77,11 +77,15 @@ pub enum ExtractError {
     )]
     ParentMissing { path: PathBuf, parent: PathBuf },
     #[error(
-        "directory {} is not writable ({cause}); fix its ownership or permissions, or choose \
+        "directory {} is not writable ({source}); fix its ownership or permissions, or choose \
          another directory",
         path.display()
     )]
-    NotWritable { path: PathBuf, cause: String },
+    NotWritable {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
     #[error(
         "no space left on device writing {}; free some space or extract to a larger filesystem",
         path.display()
@@ -113,11 +117,12 @@ pub enum ExtractError {
     BadMapping { arg: String, reason: String },
     #[error("tar events out of order: {0} (a bug in the caller or the parser)")]
     Sequence(String),
-    #[error("cannot {op} {}: {error}", path.display())]
+    #[error("cannot {op} {}: {source}", path.display())]
     Io {
         op: &'static str,
         path: PathBuf,
-        error: io::Error,
+        #[source]
+        source: io::Error,
     },
 }
 
@@ -133,7 +138,7 @@ fn io_err(op: &'static str, path: &Path, error: io::Error) -> ExtractError {
         _ => ExtractError::Io {
             op,
             path: path.to_path_buf(),
-            error,
+            source: error,
         },
     }
 }
@@ -221,7 +226,7 @@ pub fn prepare_target_dir(path: &Path) -> Result<bool, ExtractError> {
         .map_err(|e| match e.raw_os_error() {
             Some(libc::EACCES | libc::EPERM | libc::EROFS) => ExtractError::NotWritable {
                 path: parent.to_path_buf(),
-                cause: e.to_string(),
+                source: e,
             },
             _ => io_err("create directory", path, e),
         })?;
@@ -296,7 +301,7 @@ fn check_writable(path: &Path) -> Result<(), ExtractError> {
     } else {
         Err(ExtractError::NotWritable {
             path: path.to_path_buf(),
-            cause: io::Error::last_os_error().to_string(),
+            source: io::Error::last_os_error(),
         })
     }
 }

@@ -21,4 +21,5 @@ pub mod manifest;
 pub mod progress;
 pub mod recovery;
 pub mod tar;
+pub mod unpack;
 
