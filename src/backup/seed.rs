@@ -110,6 +110,7 @@ impl SeedError {
     pub fn hint(&self) -> Option<String> {
         match self {
             SeedError::Protocol(e) => e.hint(),
+            SeedError::Extract(e) => e.hint(),
             SeedError::ServerTooOld(_) => {
                 Some("use pg_basebackup -R for servers older than PostgreSQL 15".into())
             }

@@ -55,30 +55,28 @@ pub const DIR_MODE: u32 = 0o700;
 /// File content is written in calls of up to this size.
 const WRITE_BUFFER: usize = 1 << 20;
 
-/// What goes wrong while extracting. Messages name the path and the cause, and end with a fix
-/// where one is known.
+/// What goes wrong while extracting. Messages name the path and the cause; the fix, where one
+/// is known, is [`ExtractError::hint`].
 #[derive(Debug, thiserror::Error)]
 pub enum ExtractError {
     #[error(
-        "target directory {} is not empty (found {found}); choose an empty or new directory",
+        "target directory {} is not empty (found {found})",
         path.display()
     )]
     NotEmpty { path: PathBuf, found: String },
     #[error(
-        "{} exists and is not a directory; choose an empty or new directory",
+        "{} exists and is not a directory",
         path.display()
     )]
     NotADirectory { path: PathBuf },
     #[error(
-        "cannot create {}: its parent directory {} does not exist; create the parent first or \
-         choose another directory",
+        "cannot create {}: its parent directory {} does not exist",
         path.display(),
         parent.display()
     )]
     ParentMissing { path: PathBuf, parent: PathBuf },
     #[error(
-        "directory {} is not writable ({source}); fix its ownership or permissions, or choose \
-         another directory",
+        "directory {} is not writable ({source})",
         path.display()
     )]
     NotWritable {
@@ -87,7 +85,7 @@ pub enum ExtractError {
         source: io::Error,
     },
     #[error(
-        "no space left on device writing {}; free some space or extract to a larger filesystem",
+        "no space left on device writing {}",
         path.display()
     )]
     NoSpace { path: PathBuf },
@@ -124,6 +122,28 @@ pub enum ExtractError {
         #[source]
         source: io::Error,
     },
+}
+
+impl ExtractError {
+    /// The fix, where one is known. (A bad `--tablespace-mapping` says the format in its
+    /// message: argument errors are shown by the parser, without a hint.)
+    pub fn hint(&self) -> Option<String> {
+        match self {
+            ExtractError::NotEmpty { .. } | ExtractError::NotADirectory { .. } => {
+                Some("choose an empty or new directory".into())
+            }
+            ExtractError::ParentMissing { .. } => {
+                Some("create the parent first or choose another directory".into())
+            }
+            ExtractError::NotWritable { .. } => {
+                Some("fix its ownership or permissions, or choose another directory".into())
+            }
+            ExtractError::NoSpace { .. } => {
+                Some("free some space or extract to a larger filesystem".into())
+            }
+            _ => None,
+        }
+    }
 }
 
 /// Maps an I/O error; ENOSPC and EEXIST get their own variants.
@@ -1525,11 +1545,11 @@ mod tests {
         assert_eq!(
             e.to_string(),
             format!(
-                "target directory {} is not empty (found PG_VERSION); choose an empty or new \
-                 directory",
+                "target directory {} is not empty (found PG_VERSION)",
                 new.display()
             )
         );
+        assert_eq!(e.hint().unwrap(), "choose an empty or new directory");
         // Parent missing.
         let orphan = tmp.path().join("no/such/dir");
         let e = prepare_target_dir(&orphan).unwrap_err();
@@ -1537,7 +1557,8 @@ mod tests {
             matches!(&e, ExtractError::ParentMissing { parent, .. } if parent == &tmp.path().join("no/such")),
             "{e}"
         );
-        assert!(e.to_string().contains("create the parent first"), "{e}");
+        assert!(e.to_string().contains("does not exist"), "{e}");
+        assert!(e.hint().unwrap().contains("create the parent first"), "{e}");
         // Not a directory, itself or its parent.
         let file = tmp.path().join("file");
         fs::write(&file, b"").unwrap();
@@ -1562,8 +1583,9 @@ mod tests {
             assert!(matches!(e, ExtractError::NotWritable { .. }), "{e}");
             let e = prepare_target_dir(&ro.join("sub")).unwrap_err();
             assert!(matches!(e, ExtractError::NotWritable { .. }), "{e}");
+            assert!(e.to_string().contains("is not writable"), "{e}");
             assert!(
-                e.to_string().contains("fix its ownership or permissions"),
+                e.hint().unwrap().contains("fix its ownership or permissions"),
                 "{e}"
             );
             fs::set_permissions(&ro, fs::Permissions::from_mode(0o700)).unwrap();
@@ -1593,8 +1615,11 @@ mod tests {
         let e = io_err("write", p, io::Error::from_raw_os_error(libc::ENOSPC));
         assert_eq!(
             e.to_string(),
-            "no space left on device writing /data/base/1/1234; free some space or extract to a \
-             larger filesystem"
+            "no space left on device writing /data/base/1/1234"
+        );
+        assert_eq!(
+            e.hint().unwrap(),
+            "free some space or extract to a larger filesystem"
         );
         let e = io_err("create file", p, io::Error::from_raw_os_error(libc::EEXIST));
         assert!(matches!(e, ExtractError::Exists { .. }));

@@ -184,6 +184,8 @@ impl RestoreError {
             RestoreError::Vanished { .. } => Some("run the restore again".into()),
             RestoreError::Store(e) => e.hint(),
             RestoreError::Meta(e) => e.hint(),
+            RestoreError::Dir { source, .. } => source.hint(),
+            RestoreError::Extract(e) => e.hint(),
             RestoreError::NotAnArchive { .. } => Some("check --archive".into()),
             RestoreError::BackupIncomplete { .. } => {
                 Some("choose another with --backup or drop --backup".into())
@@ -772,8 +774,13 @@ async fn restore_into(
     Ok((files, bytes, settings))
 }
 
-/// Chunks of one stored object, or the error that stopped the download.
-type Chunk = Result<Bytes, String>;
+/// Chunks of one stored object; `Err` when the download failed (the caller returns that
+/// error itself, the reader only stops).
+type Chunk = Result<Bytes, DownloadFailed>;
+
+/// Sent to the extraction thread when the download failed.
+#[derive(Debug)]
+struct DownloadFailed;
 
 /// Reads a channel of chunks as a byte stream (on the extraction thread).
 struct ChannelReader {
@@ -786,7 +793,7 @@ impl Read for ChannelReader {
         while self.cur.is_empty() {
             match self.rx.blocking_recv() {
                 Some(Ok(b)) => self.cur = b,
-                Some(Err(e)) => return Err(io::Error::other(e)),
+                Some(Err(DownloadFailed)) => return Err(io::Error::other("the download failed")),
                 None => return Ok(0),
             }
         }
@@ -846,7 +853,7 @@ async fn extract_object(
             Ok(None) => break,
             Err(e) => {
                 // Stops the worker; the download error itself is what is returned.
-                let _ = tx.send(Err(e.to_string())).await;
+                let _ = tx.send(Err(DownloadFailed)).await;
                 download_err = Some(e);
                 break;
             }
