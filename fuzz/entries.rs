@@ -11,10 +11,10 @@ use std::ops::Range;
 use bytes::{Bytes, BytesMut};
 
 use walagent::datadir::manifest::{BackupManifest, ChecksumAlgorithm};
+use walagent::datadir::recovery::render_auto_conf_lines;
 use walagent::datadir::tar::{TarEvent, TarParser};
 use walagent::protocol::codec::{decode_frame, BackendMessage, CodecError, ReplicationMessage};
 use walagent::protocol::conninfo::{mask_password, ConnInfo};
-use walagent::datadir::recovery::render_auto_conf_lines;
 use walagent::restore::target::{
     recovery_settings, RecoveryTarget, TargetAction, TargetTime, TargetTimeline,
 };

@@ -206,7 +206,9 @@ fn seed_standby_starts_and_follows_the_primary() {
         "the tablespace's files are listed too"
     );
     assert!(
-        stderr_of(&o).contains(&format!("checked {listed} files against the backup manifest")),
+        stderr_of(&o).contains(&format!(
+            "checked {listed} files against the backup manifest"
+        )),
         "{}",
         stderr_of(&o)
     );

@@ -131,7 +131,7 @@ impl SeedError {
 /// Messages to the extraction thread.
 enum ToExtractor {
     /// The next archive; finishes the one before.
-    Archive(ArchiveUnpack),
+    Archive(Box<ArchiveUnpack>),
     Data(Bytes),
     Finish,
 }
@@ -222,7 +222,7 @@ async fn seed_into(
                         })?;
                     unpacker.tablespace(oid, Path::new(&tablespace_path))?
                 };
-                ToExtractor::Archive(archive)
+                ToExtractor::Archive(Box::new(archive))
             }
             BackupEvent::Message(BackupCopyMessage::ArchiveData(d)) => {
                 progress.add(d.len() as u64);
@@ -295,9 +295,9 @@ async fn seed_into(
 /// The extraction thread: feeds each archive's data to its [`ArchiveUnpack`] (the unpacker
 /// prepared its directory and, for `base.tar`, registered the tablespaces sent before it).
 fn extract_worker(mut rx: mpsc::Receiver<ToExtractor>) -> Result<ExtractStats, SeedError> {
-    let mut current: Option<ArchiveUnpack> = None;
+    let mut current: Option<Box<ArchiveUnpack>> = None;
     let mut total = ExtractStats::default();
-    let finish_one = |cur: Option<ArchiveUnpack>, total: &mut ExtractStats| {
+    let finish_one = |cur: Option<Box<ArchiveUnpack>>, total: &mut ExtractStats| {
         if let Some(a) = cur {
             let s = a.finish()?;
             total.files += s.files;

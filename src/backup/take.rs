@@ -28,11 +28,11 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 use crate::archive::catalog::{self, BackupInfo, TarArchive};
+use crate::archive::meta::rfc3339_micros;
+use crate::archive::{layout, ArchiveMeta, Compression, PutMode, Store, StoreError};
 use crate::datadir::manifest::{BackupManifest, ManifestError};
 use crate::datadir::progress::Progress;
 use crate::datadir::tar::{EntryKind, TarError, TarEvent, TarParser};
-use crate::archive::meta::rfc3339_micros;
-use crate::archive::{layout, ArchiveMeta, Compression, PutMode, Store, StoreError};
 use crate::protocol::basebackup::{BackupCopyMessage, BackupStreamDecoder, BaseBackupOptions};
 use crate::protocol::conninfo::ConnInfo;
 use crate::protocol::replication::BackupEvent;
@@ -235,8 +235,7 @@ pub async fn take(
     let manifest_key = if manifest.is_empty() {
         None
     } else {
-        BackupManifest::parse(&manifest)
-            .map_err(BackupError::Manifest)?;
+        BackupManifest::parse(&manifest).map_err(BackupError::Manifest)?;
         let key = catalog::manifest_key(&id);
         store
             .put_bytes(&key, manifest.clone(), PutMode::Replace)
@@ -381,7 +380,7 @@ impl Run<'_> {
                     writer,
                     self.opts.compression,
                     self.opts.compress_threads,
-                ));
+                )?);
             }
             BackupCopyMessage::ArchiveData(data) => {
                 progress.add(data.len() as u64);
@@ -448,13 +447,19 @@ impl ArchiveSink {
         mut writer: Box<dyn crate::archive::ObjectWriter>,
         compression: Compression,
         threads: u32,
-    ) -> ArchiveSink {
+    ) -> Result<ArchiveSink, BackupError> {
         let (up_tx, mut up_rx) = mpsc::channel::<Bytes>(4);
         let (input_tx, compressor) = match compression {
             Compression::None => (up_tx, None),
             Compression::Zstd { level } => {
                 let (in_tx, in_rx) = mpsc::channel::<Bytes>(4);
-                (in_tx, Some(spawn_compressor(level, threads, in_rx, up_tx)))
+                let h = spawn_compressor(level, threads, in_rx, up_tx).map_err(|source| {
+                    BackupError::Compress {
+                        name: name.clone(),
+                        source,
+                    }
+                })?;
+                (in_tx, Some(h))
             }
         };
         let commit = Arc::new(AtomicBool::new(false));
@@ -473,7 +478,7 @@ impl ArchiveSink {
                 Ok(0)
             }
         });
-        ArchiveSink {
+        Ok(ArchiveSink {
             name,
             key,
             oid,
@@ -487,7 +492,7 @@ impl ArchiveSink {
             compressor,
             uploader: Some(uploader),
             commit,
-        }
+        })
     }
 
     async fn feed(&mut self, data: Bytes, wal: &mut WalTee) -> Result<(), BackupError> {
@@ -622,12 +627,10 @@ impl ArchiveSink {
             }
         }
         let stored = match self.join_uploader().await {
-            Some(r) => {
-                r.map_err(|source| BackupError::Upload {
-                    key: self.key.clone(),
-                    source,
-                })??
-            }
+            Some(r) => r.map_err(|source| BackupError::Upload {
+                key: self.key.clone(),
+                source,
+            })??,
             None => {
                 return Err(BackupError::UploadStopped {
                     key: self.key.clone(),
@@ -670,7 +673,7 @@ fn spawn_compressor(
     threads: u32,
     mut input: mpsc::Receiver<Bytes>,
     output: mpsc::Sender<Bytes>,
-) -> std::thread::JoinHandle<io::Result<()>> {
+) -> io::Result<std::thread::JoinHandle<io::Result<()>>> {
     std::thread::Builder::new()
         .name("walagent-zstd".into())
         .spawn(move || {
@@ -692,7 +695,6 @@ fn spawn_compressor(
             sink.send()?;
             Ok(())
         })
-        .expect("spawning the compression thread")
 }
 
 struct ChunkSender {

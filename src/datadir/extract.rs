@@ -1585,7 +1585,9 @@ mod tests {
             assert!(matches!(e, ExtractError::NotWritable { .. }), "{e}");
             assert!(e.to_string().contains("is not writable"), "{e}");
             assert!(
-                e.hint().unwrap().contains("fix its ownership or permissions"),
+                e.hint()
+                    .unwrap()
+                    .contains("fix its ownership or permissions"),
                 "{e}"
             );
             fs::set_permissions(&ro, fs::Permissions::from_mode(0o700)).unwrap();

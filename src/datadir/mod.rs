@@ -22,4 +22,3 @@ pub mod progress;
 pub mod recovery;
 pub mod tar;
 pub mod unpack;
-

@@ -29,8 +29,8 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 
 use super::extract::{
-    chown_to, map_tablespace, prepare_target_dir, remove_written, target_owner,
-    write_private_file, ExtractError, ExtractOptions, ExtractStats, Extractor,
+    chown_to, map_tablespace, prepare_target_dir, remove_written, target_owner, write_private_file,
+    ExtractError, ExtractOptions, ExtractStats, Extractor,
 };
 use super::manifest::BackupManifest;
 use super::tar::{EntryKind, TarError, TarEvent, TarParser};
@@ -404,10 +404,7 @@ mod tests {
         a.finish()
     }
 
-    const GOOD: &[(&str, &[u8])] = &[
-        ("PG_VERSION", b"15\n"),
-        ("global/pg_control", &[7u8; 1000]),
-    ];
+    const GOOD: &[(&str, &[u8])] = &[("PG_VERSION", b"15\n"), ("global/pg_control", &[7u8; 1000])];
 
     #[test]
     fn a_late_manifest_checks_every_file_written() {
@@ -439,7 +436,10 @@ mod tests {
         );
         assert!(e.to_string().contains("fails its manifest checksum"), "{e}");
         drop(u);
-        assert!(!dir.exists(), "a failed fill removes the directory it created");
+        assert!(
+            !dir.exists(),
+            "a failed fill removes the directory it created"
+        );
     }
 
     #[test]

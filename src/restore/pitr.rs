@@ -31,17 +31,17 @@ use tokio::sync::{mpsc, watch};
 
 use super::envfile;
 use super::plan::{self, ChainCheck, PlanError, PlanOptions};
-use crate::archive::index::{PartialContent, WalIndex};
-use crate::datadir::recovery::{append_auto_conf, write_signal, Signal};
 use super::target::{
     describe_event, recovery_settings, RecoveryTarget, TargetAction, TargetTimeline,
 };
 use crate::archive::catalog::{self, BackupInfo, Listed};
+use crate::archive::index::{PartialContent, WalIndex};
 use crate::archive::meta::MetaError;
 use crate::archive::{layout, read_wal_object, ArchiveMeta, ObjectInfo, Store, StoreError};
 use crate::datadir::extract::{check_target_dir, map_tablespace, ExtractError};
 use crate::datadir::manifest::{BackupManifest, ManifestError};
 use crate::datadir::progress::Progress;
+use crate::datadir::recovery::{append_auto_conf, write_signal, Signal};
 use crate::datadir::tar::TarError;
 use crate::datadir::unpack::{ArchiveUnpack, ManifestMismatch, UnpackError, Unpacker};
 use crate::wal::history::HistoryError;
@@ -110,7 +110,11 @@ pub enum RestoreError {
         archive_system: u64,
     },
     #[error("backup {id} has {backup}-byte WAL segments, the archive {archive}")]
-    SegmentSize { id: String, backup: u64, archive: u32 },
+    SegmentSize {
+        id: String,
+        backup: u64,
+        archive: u32,
+    },
     #[error("archived WAL {name} is of system {system}, but the archive and its backups belong to system {archive_system}; the archive mixes clusters")]
     ForeignWal {
         name: String,
@@ -139,7 +143,7 @@ pub enum RestoreError {
         id: String,
         key: String,
         #[source]
-        source: ManifestError,
+        source: Box<ManifestError>,
     },
     #[error("archive object {key} is missing")]
     ObjectMissing { key: String },
@@ -190,9 +194,9 @@ impl RestoreError {
             RestoreError::BackupIncomplete { .. } => {
                 Some("choose another with --backup or drop --backup".into())
             }
-            RestoreError::ForeignBackup { .. } => Some(
-                "an archive must hold one cluster (copy the backup to its own archive)".into(),
-            ),
+            RestoreError::ForeignBackup { .. } => {
+                Some("an archive must hold one cluster (copy the backup to its own archive)".into())
+            }
             RestoreError::BadWal { .. }
             | RestoreError::BadHistory { .. }
             | RestoreError::ManifestMissing { .. }
@@ -645,10 +649,10 @@ pub async fn restore(
                     id: plan.backup.id.clone(),
                     key: k.clone(),
                 })?;
-            let m = BackupManifest::parse(&raw).map_err(|source| RestoreError::BadManifest {
+            let m = BackupManifest::parse(&raw).map_err(|e| RestoreError::BadManifest {
                 id: plan.backup.id.clone(),
                 key: k.clone(),
-                source,
+                source: Box::new(e),
             })?;
             Some((raw, m))
         }
