@@ -151,3 +151,56 @@ impl WalIndex {
                 .is_some()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wal::history_file_name;
+
+    const S16: SegmentSize = SegmentSize::DEFAULT;
+
+    fn obj(key: String) -> ObjectInfo {
+        ObjectInfo { key, size: 1 }
+    }
+
+    #[test]
+    fn from_a_listing_with_foreign_and_temp_keys() {
+        let seg = |tli, segno| SegmentId::new(tli, segno).file_name(S16);
+        let objs = vec![
+            obj("walagent.json".into()),
+            obj("backups/X/backup.json".into()),
+            obj(format!("wal/{}.zst", seg(1, 2))),
+            obj(format!("wal/{}", seg(1, 3))),
+            obj(format!("wal/{}.partial.zst", seg(1, 4))),
+            obj(format!("wal/.{}.zst.tmp.1.0", seg(1, 5))),
+            obj(format!("wal/{}", history_file_name(2))),
+        ];
+        let mut ix = WalIndex::from_objects(&objs, S16);
+        assert!(ix.has_segment(SegmentId::new(1, 2)));
+        assert!(ix.has_segment(SegmentId::new(1, 3)));
+        assert!(!ix.has_segment(SegmentId::new(1, 4)));
+        assert!(ix.has_partial(SegmentId::new(1, 4)));
+        assert!(
+            !ix.has_segment(SegmentId::new(1, 5)),
+            "temp files are not segments"
+        );
+        assert!(ix.any_segment_from(1, 4));
+        assert!(!ix.any_segment_from(1, 5));
+        assert!(ix.has_history_file(2) && !ix.has_history_file(1));
+        assert_eq!(ix.histories_to_load(), vec![2]);
+        assert_eq!(ix.timelines().into_iter().collect::<Vec<_>>(), vec![1, 2]);
+        ix.add_history(
+            2,
+            TimelineHistory::parse(b"1\t0/50000A0\treason\n").unwrap(),
+        );
+        assert!(ix.histories_to_load().is_empty());
+        assert!(ix.history(2).is_some());
+        let c = PartialContent {
+            last_record: Some(Lsn(0x4000100)),
+            end: Lsn(0x4000180),
+        };
+        ix.set_partial_content(SegmentId::new(1, 4), c);
+        assert_eq!(ix.partial_content(SegmentId::new(1, 4)), Some(c));
+        assert_eq!(ix.partial_content(SegmentId::new(1, 3)), None);
+    }
+}
