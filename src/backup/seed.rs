@@ -210,20 +210,15 @@ async fn seed_into(
             BackupEvent::Message(BackupCopyMessage::NewArchive {
                 name,
                 tablespace_path,
-            }) => {
-                let archive = if tablespace_path.is_empty() {
-                    unpacker.main_archive()
-                } else {
-                    let oid = name
-                        .strip_suffix(".tar")
-                        .and_then(|s| s.parse::<u32>().ok())
-                        .ok_or_else(|| SeedError::Stream {
-                            detail: format!("tablespace archive named {name:?}"),
-                        })?;
-                    unpacker.tablespace(oid, Path::new(&tablespace_path))?
-                };
-                ToExtractor::Archive(Box::new(archive))
-            }
+            }) => match next_archive(unpacker, &name, &tablespace_path) {
+                Ok(a) => ToExtractor::Archive(Box::new(a)),
+                Err(e) => {
+                    // The worker stops before the unpacker removes what it wrote.
+                    drop(tx);
+                    let _ = worker.await;
+                    return Err(e);
+                }
+            },
             BackupEvent::Message(BackupCopyMessage::ArchiveData(d)) => {
                 progress.add(d.len() as u64);
                 ToExtractor::Data(d)
@@ -290,6 +285,25 @@ async fn seed_into(
         slot_created,
         manifest_files,
     })
+}
+
+/// The feeder for the archive the server starts next: a tablespace's (named `<oid>.tar`, with
+/// its location) or, with an empty location, `base.tar`.
+fn next_archive(
+    unpacker: &mut Unpacker,
+    name: &str,
+    tablespace_path: &str,
+) -> Result<ArchiveUnpack, SeedError> {
+    if tablespace_path.is_empty() {
+        return Ok(unpacker.main_archive());
+    }
+    let oid = name
+        .strip_suffix(".tar")
+        .and_then(|s| s.parse::<u32>().ok())
+        .ok_or_else(|| SeedError::Stream {
+            detail: format!("tablespace archive named {name:?}"),
+        })?;
+    Ok(unpacker.tablespace(oid, Path::new(tablespace_path))?)
 }
 
 /// The extraction thread: feeds each archive's data to its [`ArchiveUnpack`] (the unpacker
