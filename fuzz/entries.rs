@@ -10,11 +10,11 @@ use std::ops::Range;
 
 use bytes::{Bytes, BytesMut};
 
-use walagent::backup::manifest::{BackupManifest, ChecksumAlgorithm};
-use walagent::backup::tarstream::{TarEvent, TarParser};
+use walagent::datadir::manifest::{BackupManifest, ChecksumAlgorithm};
+use walagent::datadir::recovery::render_auto_conf_lines;
+use walagent::datadir::tar::{TarEvent, TarParser};
 use walagent::protocol::codec::{decode_frame, BackendMessage, CodecError, ReplicationMessage};
 use walagent::protocol::conninfo::{mask_password, ConnInfo};
-use walagent::restore::recovery_conf::render_auto_conf_lines;
 use walagent::restore::target::{
     recovery_settings, RecoveryTarget, TargetAction, TargetTime, TargetTimeline,
 };

@@ -2,10 +2,16 @@
 //!
 //! Data flows one way: server -> [`protocol`] -> [`wal`] checks -> [`receive`] segment writer ->
 //! [`archive`] stores. [`restore`] reads the archive back.
+//!
+//! Layers point down only: [`fsutil`]; [`protocol`], [`wal`] -> [`archive`] -> [`datadir`] ->
+//! [`receive`], [`backup`], [`restore`] -> [`cli`] (and `main.rs`). `backup` and `restore` never
+//! import each other.
 
 pub mod archive;
 pub mod backup;
 pub mod cli;
+pub mod datadir;
+pub mod fsutil;
 pub mod protocol;
 pub mod receive;
 pub mod restore;

@@ -223,7 +223,7 @@ async fn list_backups(args: BackupsArgs) -> ExitCode {
         Ok(s) => s,
         Err(e) => return fail(&e.to_string(), e.hint(), 2),
     };
-    match backup::catalog::list(store.as_ref()).await {
+    match archive::catalog::list(store.as_ref()).await {
         Ok(list) => {
             if args.json {
                 print!("{}", backup::listing::render_json(&list));

@@ -191,6 +191,27 @@ fn seed_standby_starts_and_follows_the_primary() {
     ]);
     assert_ok(&o);
     assert!(pgdata.join("standby.signal").exists());
+    // Every file the server's manifest lists was checked against what was written (the
+    // mismatch paths are unit tests of datadir::unpack: over the wire nothing can be tampered).
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&fs::read(pgdata.join("backup_manifest")).unwrap()).unwrap();
+    let listed = manifest["Files"].as_array().unwrap().len();
+    assert!(listed > 100, "{listed}");
+    assert!(
+        manifest["Files"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|f| f["Path"].as_str().unwrap().starts_with("pg_tblspc/")),
+        "the tablespace's files are listed too"
+    );
+    assert!(
+        stderr_of(&o).contains(&format!(
+            "checked {listed} files against the backup manifest"
+        )),
+        "{}",
+        stderr_of(&o)
+    );
     let auto = fs::read_to_string(pgdata.join("postgresql.auto.conf")).unwrap();
     assert!(
         auto.contains("primary_conninfo = '") && auto.contains("primary_slot_name = 'standby1'"),

@@ -330,6 +330,45 @@ fn restore_errors_leave_the_directory_untouched() {
     untouched(&o, "damaged");
     fs::write(&obj, saved).unwrap();
 
+    // A stored manifest that disagrees with the stored files (still self-consistent: its own
+    // checksum recomputed): the unpacker's check names the file; nothing is left behind.
+    let mkey = info["manifest_key"].as_str().unwrap();
+    let mpath = archive.join(mkey);
+    let saved = fs::read_to_string(&mpath).unwrap();
+    let line = saved
+        .lines()
+        .find(|l| l.contains("\"Path\": \"PG_VERSION\""))
+        .unwrap()
+        .to_string();
+    let at = line.find("\"Checksum\": \"").unwrap() + "\"Checksum\": \"".len();
+    let old = &line[at..at + 8];
+    let new = if old == "00000000" {
+        "11111111"
+    } else {
+        "00000000"
+    };
+    let tampered = saved.replace(&line, &line.replace(old, new));
+    let body_end = tampered.rfind("\"Manifest-Checksum\"").unwrap();
+    let sum = walagent::datadir::manifest::manifest_checksum_of(tampered.as_bytes()).unwrap();
+    let old_sum_at = body_end + "\"Manifest-Checksum\": \"".len();
+    let tampered = format!(
+        "{}{sum}{}",
+        &tampered[..old_sum_at],
+        &tampered[old_sum_at + 64..]
+    );
+    fs::write(&mpath, &tampered).unwrap();
+    let o = run(&["restore", "--archive", &a, "--pgdata", &tgt]);
+    untouched(
+        &o,
+        "file PG_VERSION of the backup fails its manifest checksum",
+    );
+    assert!(
+        error_line(&o).contains("damaged; hint: restore from another backup"),
+        "{}",
+        error_line(&o)
+    );
+    fs::write(&mpath, saved).unwrap();
+
     // A backup of another cluster copied into this archive.
     let other = PgCluster::start(opts());
     let other_archive = t.join("other");

@@ -182,7 +182,7 @@ impl LocalStore {
         let res = (|| {
             let mut f = &tmp.file;
             f.write_all(data).map_err(|e| write_err(&tmp.path, e))?;
-            tmp.file.sync_all().map_err(|e| write_err(&tmp.path, e))?;
+            crate::fsutil::sync_file(&tmp.file).map_err(|e| write_err(&tmp.path, e))?;
             install(&tmp.path, &path, key, mode)
         })();
         drop(tmp); // removes the temp unless it was renamed into place
@@ -215,7 +215,7 @@ impl LocalStore {
             _ => f.set_permissions(fs::Permissions::from_mode(0o600)).is_ok(),
         };
         if private {
-            f.sync_all()
+            crate::fsutil::sync_file(&f)
                 .map_err(|e| StoreError::io(format!("cannot fsync {}", src.display()), e))?;
             drop(f);
             match install(src, &path, key, mode) {
@@ -233,7 +233,7 @@ impl LocalStore {
         let res = (|| {
             let mut out = &tmp.file;
             io::copy(&mut input, &mut out).map_err(|e| write_err(&tmp.path, e))?;
-            tmp.file.sync_all().map_err(|e| write_err(&tmp.path, e))?;
+            crate::fsutil::sync_file(&tmp.file).map_err(|e| write_err(&tmp.path, e))?;
             install(&tmp.path, &path, key, mode)
         })();
         drop(tmp);
@@ -451,8 +451,9 @@ fn create_dir_0700(dir: &Path) -> io::Result<bool> {
     }
 }
 
+/// [`crate::fsutil::sync_dir`] with the archive's error context.
 fn fsync_dir(dir: &Path) -> Result<(), StoreError> {
-    File::open(dir).and_then(|d| d.sync_all()).map_err(|e| {
+    crate::fsutil::sync_dir(dir).map_err(|e| {
         StoreError::io(
             format!("cannot fsync archive directory {}", dir.display()),
             e,
@@ -722,7 +723,7 @@ impl ObjectWriter for LocalWriter {
             self.written,
         );
         blocking(move || {
-            tmp.file.sync_all().map_err(|e| write_err(&tmp.path, e))?;
+            crate::fsutil::sync_file(&tmp.file).map_err(|e| write_err(&tmp.path, e))?;
             let res = install(&tmp.path, &target, &key, PutMode::Replace);
             drop(tmp);
             res?;

@@ -2,7 +2,9 @@
 //! live. One [`Store`] trait with a local-filesystem backend (and S3 to come), one object
 //! layout ([`layout`]) shared by every backend, and zstd compression ([`compress`]).
 
+pub mod catalog;
 pub mod compress;
+pub mod index;
 pub mod layout;
 pub mod local;
 pub mod lock;

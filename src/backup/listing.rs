@@ -2,7 +2,7 @@
 
 use serde_json::json;
 
-use super::catalog::Listed;
+use crate::archive::catalog::Listed;
 
 /// `1.5 GiB`-style sizes.
 pub fn human_bytes(n: u64) -> String {

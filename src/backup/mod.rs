@@ -1,22 +1,17 @@
-//! Base backups: what walagent needs beyond the wire protocol to take and check a physical base
-//! backup.
+//! Base backups over BASE_BACKUP: [`take`] stores one in the archive (`walagent backup`),
+//! [`seed`] unpacks one into a standby's data directory (`walagent seed-standby`), [`listing`]
+//! renders the catalog for `walagent backups`.
 //!
-//! The COPY sub-protocol of `BASE_BACKUP` is decoded in [`crate::protocol::basebackup`]; this
-//! module holds what comes out of it. [`manifest`] parses the server's `backup_manifest` (JSON,
-//! versions 1 and 2), verifies its own SHA-256 `Manifest-Checksum`, and checks file contents
-//! against their per-file checksums (CRC32C, SHA-224/256/384/512 or none).
+//! The COPY sub-protocol of `BASE_BACKUP` is decoded in [`crate::protocol::basebackup`]; the tar
+//! parser, the extractor and the `backup_manifest` checks live in [`crate::datadir`], the
+//! catalog of stored backups in [`crate::archive::catalog`]. Never imports `restore`.
 //!
 //! A backup taken with `WAL false` needs the WAL between the manifest's `WAL-Ranges` start and end
 //! LSNs from walagent's archive before it can be restored. See `proto-notes/base-backup.md`.
 
-pub mod catalog;
-pub mod extract;
 pub mod listing;
-pub mod manifest;
-pub mod progress;
 pub mod seed;
 pub mod take;
-pub mod tarstream;
 
 /// Why [`connect_for_backup`] failed.
 #[derive(Debug)]

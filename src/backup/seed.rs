@@ -4,30 +4,29 @@
 //! A temporary replication slot on the backup connection keeps the server's WAL from the
 //! backup's start until the copy ends, and `WAL true` makes the server append that WAL to
 //! `base.tar`, so the standby starts even when the primary has moved on meanwhile. Files are
-//! written as they arrive ([`super::extract`]) on a blocking thread; the async side only reads
+//! written as they arrive ([`crate::datadir::extract`]) on a blocking thread; the async side only reads
 //! the connection. The server sends tablespace archives first and `base.tar` last, so each
 //! tablespace's directory is filled before its `pg_tblspc/<oid>` link is made.
 //!
 //! On failure everything written is removed again (the directory was empty or absent before),
 //! so a failed seed never leaves a half data directory that might be started by mistake.
 
+use std::io;
 use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
 use tokio::sync::{mpsc, watch};
 
-use super::extract::{
-    chown_to as chown, map_tablespace, prepare_target_dir, remove_written,
-    target_owner as owner_for, write_private_file as write_private, ExtractError, ExtractOptions,
-    ExtractStats, Extractor,
-};
-use super::progress::Progress;
-use super::tarstream::{TarEvent, TarParser};
+use crate::datadir::extract::{ExtractError, ExtractStats};
+use crate::datadir::manifest::{BackupManifest, ManifestError};
+use crate::datadir::progress::Progress;
+use crate::datadir::recovery::{append_auto_conf, write_signal, Signal};
+use crate::datadir::tar::TarError;
+use crate::datadir::unpack::{ArchiveUnpack, ManifestMismatch, UnpackError, Unpacker};
 use crate::protocol::basebackup::{BackupCopyMessage, BackupStreamDecoder, BaseBackupOptions};
 use crate::protocol::conninfo::ConnInfo;
 use crate::protocol::replication::BackupEvent;
 use crate::protocol::ProtocolError;
-use crate::restore::recovery_conf::{append_auto_conf, write_signal, Signal};
 use crate::wal::Lsn;
 
 #[derive(Debug, Clone)]
@@ -49,6 +48,9 @@ pub struct SeedReport {
     pub timeline: u32,
     pub stats: ExtractStats,
     pub slot_created: bool,
+    /// Files the server's backup manifest lists, each checked (size and CRC-32C) against what
+    /// was written.
+    pub manifest_files: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -62,11 +64,37 @@ pub enum SeedError {
     #[error("replication slot {0:?} does not exist on the server")]
     SlotMissing(String),
     #[error("the base backup stream is malformed: {0}")]
-    Stream(String),
-    #[error("{0}")]
-    Io(String),
+    Tar(#[source] TarError),
+    #[error("the base backup stream is malformed: {detail}")]
+    Stream { detail: String },
+    #[error("the server's backup_manifest: {0}")]
+    Manifest(#[source] ManifestError),
+    /// A file written does not match the server's manifest (a fault on the way or on the
+    /// primary's storage).
+    #[error("{0}; the files received do not match the server's backup manifest")]
+    Mismatch(#[source] ManifestMismatch),
+    #[error("cannot write {what}: {source}")]
+    Write {
+        what: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    #[error("the extraction thread failed: {0}")]
+    Worker(#[source] tokio::task::JoinError),
+    #[error("the extraction stopped early")]
+    StoppedEarly,
     #[error("seeding cancelled; the files written so far were removed")]
     Cancelled,
+}
+
+impl From<UnpackError> for SeedError {
+    fn from(e: UnpackError) -> Self {
+        match e {
+            UnpackError::Tar(e) => SeedError::Tar(e),
+            UnpackError::Extract(e) => SeedError::Extract(e),
+            UnpackError::Manifest(e) => SeedError::Mismatch(e),
+        }
+    }
 }
 
 impl From<super::ConnectError> for SeedError {
@@ -82,12 +110,19 @@ impl SeedError {
     pub fn hint(&self) -> Option<String> {
         match self {
             SeedError::Protocol(e) => e.hint(),
+            SeedError::Extract(e) => e.hint(),
             SeedError::ServerTooOld(_) => {
                 Some("use pg_basebackup -R for servers older than PostgreSQL 15".into())
             }
             SeedError::SlotMissing(_) => Some(
                 "add --create-slot, or create it with pg_create_physical_replication_slot()".into(),
             ),
+            SeedError::Mismatch(_) => Some(
+                "run seed-standby again; if it fails the same way, check the primary's storage (pg_verifybackup of a fresh backup)".into(),
+            ),
+            SeedError::Write { .. } => {
+                Some("check free space and permissions of the data directory".into())
+            }
             _ => None,
         }
     }
@@ -95,7 +130,8 @@ impl SeedError {
 
 /// Messages to the extraction thread.
 enum ToExtractor {
-    Archive { tablespace: Option<(u32, PathBuf)> },
+    /// The next archive; finishes the one before.
+    Archive(Box<ArchiveUnpack>),
     Data(Bytes),
     Finish,
 }
@@ -104,22 +140,16 @@ pub async fn seed(
     opts: &SeedOptions,
     mut cancel: watch::Receiver<bool>,
 ) -> Result<SeedReport, SeedError> {
-    let created = prepare_target_dir(&opts.pgdata)?;
-    let owner = owner_for(&opts.pgdata, created);
-    let mut prepared: Vec<(PathBuf, bool)> = vec![(opts.pgdata.clone(), created)];
-    let res = seed_into(opts, owner, &mut prepared, &mut cancel).await;
-    if res.is_err() {
-        for (dir, created) in prepared.iter().rev() {
-            remove_written(dir, *created);
-        }
-    }
-    res
+    // Removes everything written again unless kept.
+    let mut unpacker = Unpacker::create(&opts.pgdata, opts.tablespace_mapping.clone())?;
+    let report = seed_into(opts, &mut unpacker, &mut cancel).await?;
+    unpacker.keep();
+    Ok(report)
 }
 
 async fn seed_into(
     opts: &SeedOptions,
-    owner: Option<(u32, u32)>,
-    prepared: &mut Vec<(PathBuf, bool)>,
+    unpacker: &mut Unpacker,
     cancel: &mut watch::Receiver<bool>,
 ) -> Result<SeedReport, SeedError> {
     let (mut conn, _version) = super::connect_for_backup(&opts.conninfo).await?;
@@ -151,13 +181,8 @@ async fn seed_into(
     tracing::info!(start = %header.start_lsn, timeline = header.timeline, "copy started");
     let progress = Progress::new(opts.progress, &header);
 
-    let ex_opts = ExtractOptions {
-        tablespace_mapping: opts.tablespace_mapping.clone(),
-        owner,
-    };
     let (tx, rx) = mpsc::channel::<ToExtractor>(8);
-    let pgdata = opts.pgdata.clone();
-    let worker = tokio::task::spawn_blocking(move || extract_worker(&pgdata, ex_opts, rx));
+    let worker = tokio::task::spawn_blocking(move || extract_worker(rx));
 
     let mut decoder = BackupStreamDecoder::new();
     let mut manifest = Vec::new();
@@ -185,24 +210,15 @@ async fn seed_into(
             BackupEvent::Message(BackupCopyMessage::NewArchive {
                 name,
                 tablespace_path,
-            }) => {
-                let tablespace = if tablespace_path.is_empty() {
-                    None
-                } else {
-                    let oid = name
-                        .strip_suffix(".tar")
-                        .and_then(|s| s.parse::<u32>().ok())
-                        .ok_or_else(|| {
-                            SeedError::Stream(format!("tablespace archive named {name:?}"))
-                        })?;
-                    let target =
-                        map_tablespace(&opts.tablespace_mapping, Path::new(&tablespace_path));
-                    let created = prepare_target_dir(&target)?;
-                    prepared.push((target.clone(), created));
-                    Some((oid, target))
-                };
-                ToExtractor::Archive { tablespace }
-            }
+            }) => match next_archive(unpacker, &name, &tablespace_path) {
+                Ok(a) => ToExtractor::Archive(Box::new(a)),
+                Err(e) => {
+                    // The worker stops before the unpacker removes what it wrote.
+                    drop(tx);
+                    let _ = worker.await;
+                    return Err(e);
+                }
+            },
             BackupEvent::Message(BackupCopyMessage::ArchiveData(d)) => {
                 progress.add(d.len() as u64);
                 ToExtractor::Data(d)
@@ -225,103 +241,102 @@ async fn seed_into(
     progress.finish();
     let finish_sent = !send_failed && tx.send(ToExtractor::Finish).await.is_ok();
     drop(tx);
-    let stats = worker
-        .await
-        .map_err(|e| SeedError::Io(format!("the extraction thread failed: {e}")))??;
+    let stats = worker.await.map_err(SeedError::Worker)??;
     if !finish_sent {
-        return Err(SeedError::Io("the extraction stopped early".into()));
+        return Err(SeedError::StoppedEarly);
     }
     let (end_lsn, _end_tli) = end;
     conn.close().await;
 
+    // Every file written against the server's manifest (sent after the archives).
+    let mut manifest_files = 0;
+    if manifest.is_empty() {
+        tracing::warn!("the server sent no backup manifest; the files were not checked");
+    } else {
+        let parsed = BackupManifest::parse(&manifest).map_err(SeedError::Manifest)?;
+        manifest_files = unpacker
+            .check_manifest(&parsed)
+            .map_err(SeedError::Mismatch)?;
+        tracing::info!("checked {manifest_files} files against the backup manifest");
+    }
+
     // What pg_basebackup -R leaves: the manifest, standby.signal, and the connection settings.
-    let io = |what: &str, e: std::io::Error| SeedError::Io(format!("{what}: {e}"));
+    let write = |what: &'static str| move |source| SeedError::Write { what, source };
     if !manifest.is_empty() {
-        let path = opts.pgdata.join("backup_manifest");
-        write_private(&path, &manifest).map_err(|e| io("cannot write backup_manifest", e))?;
-        chown(&path, owner);
+        unpacker
+            .write_file("backup_manifest", &manifest)
+            .map_err(write("backup_manifest"))?;
     }
     let mut settings = vec![("primary_conninfo", opts.conninfo.to_conninfo_string(true))];
     if let Some(slot) = &opts.slot {
         settings.push(("primary_slot_name", slot.clone()));
     }
-    append_auto_conf(&opts.pgdata, &settings, "Written by walagent seed-standby")
-        .map_err(|e| io("cannot write postgresql.auto.conf", e))?;
-    chown(&opts.pgdata.join("postgresql.auto.conf"), owner);
-    let signal = write_signal(&opts.pgdata, Signal::Standby)
-        .map_err(|e| io("cannot write standby.signal", e))?;
-    chown(&signal, owner);
+    let pgdata = unpacker.pgdata();
+    append_auto_conf(pgdata, &settings, "Written by walagent seed-standby")
+        .map_err(write("postgresql.auto.conf"))?;
+    unpacker.chown(&pgdata.join("postgresql.auto.conf"));
+    let signal = write_signal(pgdata, Signal::Standby).map_err(write("standby.signal"))?;
+    unpacker.chown(&signal);
     Ok(SeedReport {
         start_lsn: header.start_lsn,
         end_lsn,
         timeline: header.timeline,
         stats,
         slot_created,
+        manifest_files,
     })
 }
 
-/// The extraction thread: one tar parser and extractor per archive; tablespaces are registered
-/// with the main directory's extractor so their links point at the extracted directories.
-fn extract_worker(
-    pgdata: &Path,
-    opts: ExtractOptions,
-    mut rx: mpsc::Receiver<ToExtractor>,
-) -> Result<ExtractStats, SeedError> {
-    let mut tablespaces: Vec<(u32, PathBuf)> = Vec::new();
-    let mut current: Option<(TarParser, Extractor)> = None;
+/// The feeder for the archive the server starts next: a tablespace's (named `<oid>.tar`, with
+/// its location) or, with an empty location, `base.tar`.
+fn next_archive(
+    unpacker: &mut Unpacker,
+    name: &str,
+    tablespace_path: &str,
+) -> Result<ArchiveUnpack, SeedError> {
+    if tablespace_path.is_empty() {
+        return Ok(unpacker.main_archive());
+    }
+    let oid = name
+        .strip_suffix(".tar")
+        .and_then(|s| s.parse::<u32>().ok())
+        .ok_or_else(|| SeedError::Stream {
+            detail: format!("tablespace archive named {name:?}"),
+        })?;
+    Ok(unpacker.tablespace(oid, Path::new(tablespace_path))?)
+}
+
+/// The extraction thread: feeds each archive's data to its [`ArchiveUnpack`] (the unpacker
+/// prepared its directory and, for `base.tar`, registered the tablespaces sent before it).
+fn extract_worker(mut rx: mpsc::Receiver<ToExtractor>) -> Result<ExtractStats, SeedError> {
+    let mut current: Option<Box<ArchiveUnpack>> = None;
     let mut total = ExtractStats::default();
-    let mut events: Vec<TarEvent> = Vec::new();
-    let finish_one = |cur: Option<(TarParser, Extractor)>,
-                      total: &mut ExtractStats,
-                      events: &mut Vec<TarEvent>|
-     -> Result<(), SeedError> {
-        if let Some((mut parser, mut ex)) = cur {
-            parser
-                .finish(events)
-                .map_err(|e| SeedError::Stream(e.to_string()))?;
-            for ev in events.drain(..) {
-                ex.handle(ev)?;
-            }
-            let s = ex.finish()?;
+    let finish_one = |cur: Option<Box<ArchiveUnpack>>, total: &mut ExtractStats| {
+        if let Some(a) = cur {
+            let s = a.finish()?;
             total.files += s.files;
             total.dirs += s.dirs;
             total.symlinks += s.symlinks;
             total.bytes += s.bytes;
         }
-        Ok(())
+        Ok::<(), SeedError>(())
     };
     while let Some(msg) = rx.blocking_recv() {
         match msg {
-            ToExtractor::Archive { tablespace } => {
-                finish_one(current.take(), &mut total, &mut events)?;
-                let ex = match &tablespace {
-                    Some((oid, target)) => {
-                        tablespaces.push((*oid, target.clone()));
-                        Extractor::new(target, opts.clone())
-                    }
-                    None => {
-                        let mut ex = Extractor::new(pgdata, opts.clone());
-                        for (oid, target) in &tablespaces {
-                            ex.register_tablespace(*oid, target.clone());
-                        }
-                        ex
-                    }
-                };
-                current = Some((TarParser::new(), ex));
+            ToExtractor::Archive(a) => {
+                finish_one(current.take(), &mut total)?;
+                current = Some(a);
             }
             ToExtractor::Data(d) => {
-                let Some((parser, ex)) = &mut current else {
-                    return Err(SeedError::Stream("tar data outside an archive".into()));
+                let Some(a) = &mut current else {
+                    return Err(SeedError::Stream {
+                        detail: "tar data outside an archive".into(),
+                    });
                 };
-                parser
-                    .feed(d, &mut events)
-                    .map_err(|e| SeedError::Stream(e.to_string()))?;
-                for ev in events.drain(..) {
-                    ex.handle(ev)?;
-                }
+                a.feed(d)?;
             }
             ToExtractor::Finish => {
-                finish_one(current.take(), &mut total, &mut events)?;
+                finish_one(current.take(), &mut total)?;
                 return Ok(total);
             }
         }

@@ -7,7 +7,7 @@
 //!    be recycled while the backup runs (what `pg_basebackup -X stream` gets from its slot).
 //! 2. `BASE_BACKUP (..., WAL true, ...)` makes the server append the WAL from the start to the
 //!    end position to `base.tar` (under `pg_wal/`).
-//! 3. Every tar archive is parsed as it passes ([`super::tarstream`]): ordinary entries go on,
+//! 3. Every tar archive is parsed as it passes ([`crate::datadir::tar`]): ordinary entries go on,
 //!    byte for byte, to a zstd encoder (multi-threaded) and from there to a streamed archive
 //!    object ([`crate::archive::Store::create_writer`]: a multipart upload on S3, a temp file on
 //!    disk), never staged whole. The `pg_wal/` segment files are taken out of the tar, checked
@@ -27,12 +27,12 @@ use bytes::{Bytes, BytesMut};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
-use super::catalog::{self, BackupInfo, TarArchive};
-use super::manifest::BackupManifest;
-use super::progress::Progress;
-use super::tarstream::{EntryKind, TarEvent, TarParser};
+use crate::archive::catalog::{self, BackupInfo, TarArchive};
 use crate::archive::meta::rfc3339_micros;
 use crate::archive::{layout, ArchiveMeta, Compression, PutMode, Store, StoreError};
+use crate::datadir::manifest::{BackupManifest, ManifestError};
+use crate::datadir::progress::Progress;
+use crate::datadir::tar::{EntryKind, TarError, TarEvent, TarParser};
 use crate::protocol::basebackup::{BackupCopyMessage, BackupStreamDecoder, BaseBackupOptions};
 use crate::protocol::conninfo::ConnInfo;
 use crate::protocol::replication::BackupEvent;
@@ -67,14 +67,51 @@ pub enum BackupError {
     Meta(#[from] crate::archive::meta::MetaError),
     #[error("the server runs PostgreSQL {0}, but walagent backup needs 15 or later")]
     ServerTooOld(String),
-    #[error("the base backup stream is malformed: {0}")]
-    Stream(String),
-    #[error("WAL sent with the backup failed its checks: {0}")]
-    Wal(String),
+    /// An archive of the backup stream is not a valid tar stream.
+    #[error("the base backup stream is malformed: {archive}: {source}")]
+    Tar {
+        archive: String,
+        #[source]
+        source: TarError,
+    },
+    #[error("the base backup stream is malformed: tar data outside an archive")]
+    DataOutsideArchive,
+    #[error("the base backup stream is malformed: the server's backup_manifest: {0}")]
+    Manifest(#[source] ManifestError),
+    #[error("WAL sent with the backup failed its checks: segment {name} (needed from the backup's start {first} to its end {last}) is not in the archive")]
+    WalMissing {
+        name: String,
+        first: String,
+        last: String,
+    },
+    /// A WAL segment of the backup that fails verification (the verifier's error).
+    #[error("WAL sent with the backup failed its checks: {name}: {source}")]
+    BadWal {
+        name: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     #[error("backup cancelled; nothing was marked usable")]
     Cancelled,
+    #[error("compressing {name}: {source}")]
+    Compress {
+        name: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("compressing {name} panicked")]
+    CompressPanicked { name: String },
+    #[error("the upload of {key} failed: {source}")]
+    Upload {
+        key: String,
+        #[source]
+        source: tokio::task::JoinError,
+    },
+    #[error("the upload of {key} stopped early")]
+    UploadStopped { key: String },
+    /// A blocking task (WAL check and compression) failed.
     #[error("{0}")]
-    Io(String),
+    Worker(#[source] tokio::task::JoinError),
 }
 
 impl From<super::ConnectError> for BackupError {
@@ -96,7 +133,11 @@ impl BackupError {
                 "use pg_basebackup for older servers, or upgrade the server to PostgreSQL 15+"
                     .into(),
             ),
-            BackupError::Io(_) => Some("check free space and permissions".into()),
+            BackupError::Compress { .. }
+            | BackupError::CompressPanicked { .. }
+            | BackupError::Upload { .. }
+            | BackupError::UploadStopped { .. }
+            | BackupError::Worker(_) => Some("check free space and permissions".into()),
             _ => None,
         }
     }
@@ -194,8 +235,7 @@ pub async fn take(
     let manifest_key = if manifest.is_empty() {
         None
     } else {
-        BackupManifest::parse(&manifest)
-            .map_err(|e| BackupError::Stream(format!("the server's backup_manifest: {e}")))?;
+        BackupManifest::parse(&manifest).map_err(BackupError::Manifest)?;
         let key = catalog::manifest_key(&id);
         store
             .put_bytes(&key, manifest.clone(), PutMode::Replace)
@@ -280,7 +320,7 @@ async fn check_wal_present(
     last: SegmentId,
 ) -> Result<(), BackupError> {
     let objects = store.list(layout::WAL_PREFIX).await?;
-    let index = crate::restore::plan::WalIndex::from_objects(&objects, seg_size);
+    let index = crate::archive::index::WalIndex::from_objects(&objects, seg_size);
     for segno in first.segno..=last.segno {
         let ok = [first.timeline, last.timeline].iter().any(|&tli| {
             let id = SegmentId::new(tli, segno);
@@ -288,11 +328,11 @@ async fn check_wal_present(
         });
         if !ok {
             let name = SegmentId::new(last.timeline, segno).file_name(seg_size);
-            return Err(BackupError::Wal(format!(
-                "segment {name} (needed from the backup's start {} to its end {}) is not in the archive",
-                first.file_name(seg_size),
-                last.file_name(seg_size)
-            )));
+            return Err(BackupError::WalMissing {
+                name,
+                first: first.file_name(seg_size),
+                last: last.file_name(seg_size),
+            });
         }
     }
     Ok(())
@@ -340,12 +380,12 @@ impl Run<'_> {
                     writer,
                     self.opts.compression,
                     self.opts.compress_threads,
-                ));
+                )?);
             }
             BackupCopyMessage::ArchiveData(data) => {
                 progress.add(data.len() as u64);
                 let Some(sink) = &mut self.current else {
-                    return Err(BackupError::Stream("tar data outside an archive".into()));
+                    return Err(BackupError::DataOutsideArchive);
                 };
                 sink.feed(data, &mut self.wal).await?;
             }
@@ -407,13 +447,19 @@ impl ArchiveSink {
         mut writer: Box<dyn crate::archive::ObjectWriter>,
         compression: Compression,
         threads: u32,
-    ) -> ArchiveSink {
+    ) -> Result<ArchiveSink, BackupError> {
         let (up_tx, mut up_rx) = mpsc::channel::<Bytes>(4);
         let (input_tx, compressor) = match compression {
             Compression::None => (up_tx, None),
             Compression::Zstd { level } => {
                 let (in_tx, in_rx) = mpsc::channel::<Bytes>(4);
-                (in_tx, Some(spawn_compressor(level, threads, in_rx, up_tx)))
+                let h = spawn_compressor(level, threads, in_rx, up_tx).map_err(|source| {
+                    BackupError::Compress {
+                        name: name.clone(),
+                        source,
+                    }
+                })?;
+                (in_tx, Some(h))
             }
         };
         let commit = Arc::new(AtomicBool::new(false));
@@ -432,7 +478,7 @@ impl ArchiveSink {
                 Ok(0)
             }
         });
-        ArchiveSink {
+        Ok(ArchiveSink {
             name,
             key,
             oid,
@@ -446,13 +492,16 @@ impl ArchiveSink {
             compressor,
             uploader: Some(uploader),
             commit,
-        }
+        })
     }
 
     async fn feed(&mut self, data: Bytes, wal: &mut WalTee) -> Result<(), BackupError> {
         self.parser
             .feed(data, &mut self.events)
-            .map_err(|e| BackupError::Stream(format!("{}: {e}", self.name)))?;
+            .map_err(|source| BackupError::Tar {
+                archive: self.name.clone(),
+                source,
+            })?;
         self.route(wal).await
     }
 
@@ -528,20 +577,31 @@ impl ArchiveSink {
                 .await
                 .unwrap_or(Ok(Ok(())))
             {
-                return BackupError::Io(format!("compressing {}: {e}", self.name));
+                return BackupError::Compress {
+                    name: self.name.clone(),
+                    source: e,
+                };
             }
         }
         match self.join_uploader().await {
             Some(Ok(Err(e))) => BackupError::Store(e),
-            Some(Err(e)) => BackupError::Io(format!("the upload of {} failed: {e}", self.key)),
-            _ => BackupError::Io(format!("the upload of {} stopped early", self.key)),
+            Some(Err(source)) => BackupError::Upload {
+                key: self.key.clone(),
+                source,
+            },
+            _ => BackupError::UploadStopped {
+                key: self.key.clone(),
+            },
         }
     }
 
     async fn finish(mut self, wal: &mut WalTee) -> Result<TarArchive, BackupError> {
         self.parser
             .finish(&mut self.events)
-            .map_err(|e| BackupError::Stream(format!("{}: {e}", self.name)))?;
+            .map_err(|source| BackupError::Tar {
+                archive: self.name.clone(),
+                source,
+            })?;
         self.route(wal).await?;
         self.send_pending().await?;
         self.commit.store(true, Ordering::Release);
@@ -549,30 +609,32 @@ impl ArchiveSink {
         if let Some(h) = self.compressor.take() {
             let joined = tokio::task::spawn_blocking(move || h.join())
                 .await
-                .map_err(|e| BackupError::Io(e.to_string()))?;
+                .map_err(BackupError::Worker)?;
             match joined {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => {
                     self.commit.store(false, Ordering::Release);
-                    return Err(BackupError::Io(format!("compressing {}: {e}", self.name)));
+                    return Err(BackupError::Compress {
+                        name: self.name.clone(),
+                        source: e,
+                    });
                 }
                 Err(_) => {
-                    return Err(BackupError::Io(format!(
-                        "compressing {} panicked",
-                        self.name
-                    )))
+                    return Err(BackupError::CompressPanicked {
+                        name: self.name.clone(),
+                    })
                 }
             }
         }
         let stored = match self.join_uploader().await {
-            Some(r) => {
-                r.map_err(|e| BackupError::Io(format!("the upload of {} failed: {e}", self.key)))??
-            }
+            Some(r) => r.map_err(|source| BackupError::Upload {
+                key: self.key.clone(),
+                source,
+            })??,
             None => {
-                return Err(BackupError::Io(format!(
-                    "the upload of {} stopped early",
-                    self.key
-                )))
+                return Err(BackupError::UploadStopped {
+                    key: self.key.clone(),
+                })
             }
         };
         Ok(TarArchive {
@@ -611,7 +673,7 @@ fn spawn_compressor(
     threads: u32,
     mut input: mpsc::Receiver<Bytes>,
     output: mpsc::Sender<Bytes>,
-) -> std::thread::JoinHandle<io::Result<()>> {
+) -> io::Result<std::thread::JoinHandle<io::Result<()>>> {
     std::thread::Builder::new()
         .name("walagent-zstd".into())
         .spawn(move || {
@@ -633,7 +695,6 @@ fn spawn_compressor(
             sink.send()?;
             Ok(())
         })
-        .expect("spawning the compression thread")
 }
 
 struct ChunkSender {
@@ -733,9 +794,15 @@ impl WalTee {
             (check, body)
         })
         .await
-        .map_err(|e| BackupError::Io(e.to_string()))?;
-        let check = check.map_err(|e| BackupError::Wal(format!("{name}: {e}")))?;
-        let body = body.map_err(|e| BackupError::Io(format!("compressing {name}: {e}")))?;
+        .map_err(BackupError::Worker)?;
+        let check = check.map_err(|e| BackupError::BadWal {
+            name: name.clone(),
+            source: Box::new(e),
+        })?;
+        let body = body.map_err(|source| BackupError::Compress {
+            name: name.clone(),
+            source,
+        })?;
         let key = layout::segment_key(id, seg_size, self.compression, !check.complete);
         match self.store.put_bytes(&key, body, PutMode::NoOverwrite).await {
             Ok(()) => {}

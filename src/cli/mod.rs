@@ -287,7 +287,7 @@ pub fn parse_rate(s: &str) -> Result<u32, String> {
 
 /// `OLDDIR=NEWDIR`, both absolute (`\=` for a `=` inside a path, as pg_basebackup -T).
 fn parse_mapping(s: &str) -> Result<(PathBuf, PathBuf), String> {
-    crate::backup::extract::parse_tablespace_mapping(s).map_err(|e| e.to_string())
+    crate::datadir::extract::parse_tablespace_mapping(s).map_err(|e| e.to_string())
 }
 
 #[derive(Debug, Args)]

@@ -20,7 +20,7 @@
 //!    settings go into a 0600 file beside them (`--env-file`), so the server's OS user needs no
 //!    exported variables. On any failure in 3-4, everything written is removed again.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::fs;
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
@@ -30,20 +30,21 @@ use bytes::Bytes;
 use tokio::sync::{mpsc, watch};
 
 use super::envfile;
-use super::plan::{self, ChainCheck, PartialContent, PlanError, PlanOptions, WalIndex};
-use super::recovery_conf::{append_auto_conf, write_signal, Signal};
+use super::plan::{self, ChainCheck, PlanError, PlanOptions};
 use super::target::{
     describe_event, recovery_settings, RecoveryTarget, TargetAction, TargetTimeline,
 };
+use crate::archive::catalog::{self, BackupInfo, Listed};
+use crate::archive::index::{PartialContent, WalIndex};
+use crate::archive::meta::MetaError;
 use crate::archive::{layout, read_wal_object, ArchiveMeta, ObjectInfo, Store, StoreError};
-use crate::backup::catalog::{self, BackupInfo, Listed};
-use crate::backup::extract::{
-    check_target_dir, chown_to as chown, map_tablespace, prepare_target_dir, remove_written,
-    target_owner as owner_for, write_private_file, ExtractError, ExtractOptions, Extractor,
-};
-use crate::backup::manifest::BackupManifest;
-use crate::backup::progress::Progress;
-use crate::backup::tarstream::{EntryKind, TarEvent, TarParser};
+use crate::datadir::extract::{check_target_dir, map_tablespace, ExtractError};
+use crate::datadir::manifest::{BackupManifest, ManifestError};
+use crate::datadir::progress::Progress;
+use crate::datadir::recovery::{append_auto_conf, write_signal, Signal};
+use crate::datadir::tar::TarError;
+use crate::datadir::unpack::{ArchiveUnpack, ManifestMismatch, UnpackError, Unpacker};
+use crate::wal::history::HistoryError;
 use crate::wal::xact::{ScanEnd, SegmentScan, WalEvent, WalScanner};
 use crate::wal::{SegmentId, SegmentSize, TimelineHistory};
 
@@ -83,20 +84,96 @@ pub struct RestoreReport {
 
 #[derive(Debug, thiserror::Error)]
 pub enum RestoreError {
-    #[error("{0}")]
-    Dir(String),
+    /// DIR or a tablespace target cannot be filled (checked before anything is written).
+    #[error("{what}: {source}")]
+    Dir {
+        what: &'static str,
+        #[source]
+        source: ExtractError,
+    },
     #[error("{0}")]
     Plan(#[from] PlanError),
     #[error("{0}")]
     Store(#[from] StoreError),
+    /// The archive's `walagent.json` cannot be read.
     #[error("{0}")]
-    Archive(String),
+    Meta(#[source] MetaError),
+    #[error("{location} is not a walagent archive (no {})", layout::META_KEY)]
+    NotAnArchive { location: String },
+    #[error("backup {id} is incomplete (interrupted or still running) and cannot be restored")]
+    BackupIncomplete { id: String },
+    #[error("backup {id} belongs to system {system}, but archive {location} holds WAL of system {archive_system}")]
+    ForeignBackup {
+        id: String,
+        system: String,
+        location: String,
+        archive_system: u64,
+    },
+    #[error("backup {id} has {backup}-byte WAL segments, the archive {archive}")]
+    SegmentSize {
+        id: String,
+        backup: u64,
+        archive: u32,
+    },
+    #[error("archived WAL {name} is of system {system}, but the archive and its backups belong to system {archive_system}; the archive mixes clusters")]
+    ForeignWal {
+        name: String,
+        system: u64,
+        archive_system: u64,
+    },
+    #[error("segment {name} is not in the archive listing; this is a bug in walagent")]
+    NotListed { name: String },
+    /// Archived WAL that does not decode (the scanner's error).
+    #[error("archived WAL {name}: {source}")]
+    BadWal {
+        name: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("archive object {key} is not a valid history file: {source}")]
+    BadHistory {
+        key: String,
+        #[source]
+        source: HistoryError,
+    },
+    #[error("backup {id}: its manifest {key} is missing")]
+    ManifestMissing { id: String, key: String },
+    #[error("backup {id}: manifest {key}: {source}")]
+    BadManifest {
+        id: String,
+        key: String,
+        #[source]
+        source: Box<ManifestError>,
+    },
+    #[error("archive object {key} is missing")]
+    ObjectMissing { key: String },
+    /// A stored backup archive that does not decompress or read.
+    #[error("archive object {key} is corrupt or unreadable: {source}")]
+    Unreadable {
+        key: String,
+        #[source]
+        source: io::Error,
+    },
+    /// A stored backup archive that is not a valid tar stream.
+    #[error("archive object {key}: {source}")]
+    BadTar {
+        key: String,
+        #[source]
+        source: TarError,
+    },
+    /// A restored file does not match the backup manifest.
+    #[error("{0}; the stored backup is damaged")]
+    Mismatch(#[source] ManifestMismatch),
     #[error("{0}")]
     Extract(#[from] ExtractError),
-    #[error("{0}")]
-    Corrupt(String),
-    #[error("{0}")]
-    Io(String),
+    #[error("cannot write {what}: {source}")]
+    Write {
+        what: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("the extraction thread failed: {0}")]
+    Worker(#[source] tokio::task::JoinError),
     #[error("restore cancelled; the files written so far were removed")]
     Cancelled,
     /// A listed object was gone when read (the archive changed while planning; retried).
@@ -110,10 +187,41 @@ impl RestoreError {
             RestoreError::Plan(e) => e.hint(),
             RestoreError::Vanished { .. } => Some("run the restore again".into()),
             RestoreError::Store(e) => e.hint(),
-            RestoreError::Corrupt(_) => Some(
+            RestoreError::Meta(e) => e.hint(),
+            RestoreError::Dir { source, .. } => source.hint(),
+            RestoreError::Extract(e) => e.hint(),
+            RestoreError::NotAnArchive { .. } => Some("check --archive".into()),
+            RestoreError::BackupIncomplete { .. } => {
+                Some("choose another with --backup or drop --backup".into())
+            }
+            RestoreError::ForeignBackup { .. } => {
+                Some("an archive must hold one cluster (copy the backup to its own archive)".into())
+            }
+            RestoreError::BadWal { .. }
+            | RestoreError::BadHistory { .. }
+            | RestoreError::ManifestMissing { .. }
+            | RestoreError::BadManifest { .. }
+            | RestoreError::ObjectMissing { .. }
+            | RestoreError::Unreadable { .. }
+            | RestoreError::BadTar { .. }
+            | RestoreError::Mismatch(_) => Some(
                 "restore from another backup (--backup ID) or repair the object from a copy".into(),
             ),
+            RestoreError::Write { .. } => {
+                Some("check free space and permissions of the data directory".into())
+            }
             _ => None,
+        }
+    }
+
+    fn from_unpack(key: &str, e: UnpackError) -> RestoreError {
+        match e {
+            UnpackError::Tar(source) => RestoreError::BadTar {
+                key: key.to_string(),
+                source,
+            },
+            UnpackError::Extract(e) => RestoreError::Extract(e),
+            UnpackError::Manifest(m) => RestoreError::Mismatch(m),
         }
     }
 }
@@ -122,10 +230,10 @@ impl RestoreError {
 
 /// DIR (or a tablespace target) must be absent with an existing parent, or an empty writable
 /// directory ([`check_target_dir`]); nothing is created yet.
-fn check_dir(path: &Path, what: &str) -> Result<(), RestoreError> {
+fn check_dir(path: &Path, what: &'static str) -> Result<(), RestoreError> {
     check_target_dir(path)
         .map(|_| ())
-        .map_err(|e| RestoreError::Dir(format!("{what}: {e}")))
+        .map_err(|source| RestoreError::Dir { what, source })
 }
 
 // ---- planning ---------------------------------------------------------------------------------
@@ -172,13 +280,17 @@ impl WalReader<'_> {
         if let Some((_, b)) = self.cache.iter().find(|(k, _)| *k == (id, partial)) {
             return Ok(b.clone());
         }
-        let key = self.keys.get(id, partial).cloned().ok_or_else(|| {
-            RestoreError::Archive(format!(
-                "segment {}{} is not in the archive listing; this is a bug in walagent",
-                id.file_name(self.size),
-                if partial { ".partial" } else { "" }
-            ))
-        })?;
+        let key = self
+            .keys
+            .get(id, partial)
+            .cloned()
+            .ok_or_else(|| RestoreError::NotListed {
+                name: format!(
+                    "{}{}",
+                    id.file_name(self.size),
+                    if partial { ".partial" } else { "" }
+                ),
+            })?;
         let bytes = Arc::new(
             read_wal_object(self.store, &key)
                 .await?
@@ -213,14 +325,17 @@ impl WalReader<'_> {
         } else {
             scanner.scan(start, &bytes)
         }
-        .map_err(|e| RestoreError::Corrupt(format!("archived WAL {}: {e}", name())))?;
+        .map_err(|e| RestoreError::BadWal {
+            name: name(),
+            source: Box::new(e),
+        })?;
         if let Some(sys) = scan.system_identifier {
             if sys != self.system_identifier {
-                return Err(RestoreError::Archive(format!(
-                    "archived WAL {} is of system {sys}, but the archive and its backups belong to system {}; the archive mixes clusters",
-                    name(),
-                    self.system_identifier
-                )));
+                return Err(RestoreError::ForeignWal {
+                    name: name(),
+                    system: sys,
+                    archive_system: self.system_identifier,
+                });
             }
         }
         Ok(scan)
@@ -344,13 +459,9 @@ pub async fn plan(opts: &RestoreOptions, store: &dyn Store) -> Result<RestorePla
 async fn plan_once(opts: &RestoreOptions, store: &dyn Store) -> Result<RestorePlan, RestoreError> {
     let meta = ArchiveMeta::load(store)
         .await
-        .map_err(|e| RestoreError::Archive(e.to_string()))?
-        .ok_or_else(|| {
-            RestoreError::Archive(format!(
-                "{} is not a walagent archive (no {}); check --archive",
-                store.location(),
-                layout::META_KEY
-            ))
+        .map_err(RestoreError::Meta)?
+        .ok_or_else(|| RestoreError::NotAnArchive {
+            location: store.location(),
         })?;
     let size = meta.wal_segment_size;
     let mut backups = Vec::new();
@@ -359,9 +470,7 @@ async fn plan_once(opts: &RestoreOptions, store: &dyn Store) -> Result<RestorePl
             Listed::Complete(b) => backups.push(*b),
             Listed::Incomplete { id, .. } | Listed::Unreadable { id, .. } => {
                 if opts.backup.as_deref() == Some(id.as_str()) {
-                    return Err(RestoreError::Archive(format!(
-                        "backup {id} is incomplete (interrupted or still running) and cannot be restored; choose another with --backup or drop --backup"
-                    )));
+                    return Err(RestoreError::BackupIncomplete { id });
                 }
             }
         }
@@ -369,21 +478,19 @@ async fn plan_once(opts: &RestoreOptions, store: &dyn Store) -> Result<RestorePl
     for b in &backups {
         let considered = opts.backup.is_none() || opts.backup.as_deref() == Some(b.id.as_str());
         if considered && b.system_identifier_u64() != Some(meta.system_identifier) {
-            return Err(RestoreError::Archive(format!(
-                    "backup {} belongs to system {}, but archive {} holds WAL of system {}; an archive must hold one cluster (copy the backup to its own archive)",
-                    b.id,
-                    b.system_identifier,
-                    store.location(),
-                    meta.system_identifier
-                )));
+            return Err(RestoreError::ForeignBackup {
+                id: b.id.clone(),
+                system: b.system_identifier.clone(),
+                location: store.location(),
+                archive_system: meta.system_identifier,
+            });
         }
         if b.wal_segment_size != u64::from(size.bytes()) {
-            return Err(RestoreError::Archive(format!(
-                "backup {} has {}-byte WAL segments, the archive {}",
-                b.id,
-                b.wal_segment_size,
-                size.bytes()
-            )));
+            return Err(RestoreError::SegmentSize {
+                id: b.id.clone(),
+                backup: b.wal_segment_size,
+                archive: size.bytes(),
+            });
         }
     }
     let objects = store.list(layout::WAL_PREFIX).await?;
@@ -391,10 +498,9 @@ async fn plan_once(opts: &RestoreOptions, store: &dyn Store) -> Result<RestorePl
     for tli in index.histories_to_load() {
         let key = layout::history_key(tli);
         if let Some(raw) = store.get_bytes(&key).await? {
-            let h = TimelineHistory::parse(&raw).map_err(|e| {
-                RestoreError::Corrupt(format!(
-                    "archive object {key} is not a valid history file: {e}"
-                ))
+            let h = TimelineHistory::parse(&raw).map_err(|source| RestoreError::BadHistory {
+                key: key.clone(),
+                source,
             })?;
             index.add_history(tli, h);
         }
@@ -536,14 +642,17 @@ pub async fn restore(
     }
     let manifest = match &plan.backup.manifest_key {
         Some(k) => {
-            let raw = store.get_bytes(k).await?.ok_or_else(|| {
-                RestoreError::Corrupt(format!(
-                    "backup {}: its manifest {k} is missing",
-                    plan.backup.id
-                ))
-            })?;
-            let m = BackupManifest::parse(&raw).map_err(|e| {
-                RestoreError::Corrupt(format!("backup {}: manifest {k}: {e}", plan.backup.id))
+            let raw = store
+                .get_bytes(k)
+                .await?
+                .ok_or_else(|| RestoreError::ManifestMissing {
+                    id: plan.backup.id.clone(),
+                    key: k.clone(),
+                })?;
+            let m = BackupManifest::parse(&raw).map_err(|e| RestoreError::BadManifest {
+                id: plan.backup.id.clone(),
+                key: k.clone(),
+                source: Box::new(e),
             })?;
             Some((raw, m))
         }
@@ -558,36 +667,17 @@ pub async fn restore(
         });
     }
 
-    let created = prepare_target_dir(&opts.pgdata)?;
-    let pgdata = fs::canonicalize(&opts.pgdata)
-        .map_err(|e| RestoreError::Io(format!("cannot resolve {}: {e}", opts.pgdata.display())))?;
-    let owner = owner_for(&pgdata, created);
-    let mut written: Vec<(PathBuf, bool)> = vec![(pgdata.clone(), created)];
-    let res = restore_into(
-        opts,
-        &store,
-        &plan,
-        manifest,
-        &pgdata,
-        owner,
-        &mut written,
-        &mut cancel,
-    )
-    .await;
-    match res {
-        Ok((files, bytes, settings)) => Ok(RestoreReport {
-            plan,
-            files,
-            bytes,
-            settings,
-        }),
-        Err(e) => {
-            for (dir, created) in written.iter().rev() {
-                remove_written(dir, *created);
-            }
-            Err(e)
-        }
-    }
+    // Removes everything written again unless kept.
+    let mut unpacker = Unpacker::create(&opts.pgdata, opts.tablespace_mapping.clone())?;
+    let (files, bytes, settings) =
+        restore_into(opts, &store, &plan, manifest, &mut unpacker, &mut cancel).await?;
+    unpacker.keep();
+    Ok(RestoreReport {
+        plan,
+        files,
+        bytes,
+        settings,
+    })
 }
 
 /// `'...'` for /bin/sh.
@@ -595,52 +685,32 @@ fn sh_quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', "'\\''"))
 }
 
-#[allow(clippy::too_many_arguments)]
 async fn restore_into(
     opts: &RestoreOptions,
     store: &Arc<dyn Store>,
     plan: &RestorePlan,
     manifest: Option<(Bytes, BackupManifest)>,
-    pgdata: &Path,
-    owner: Option<(u32, u32)>,
-    written: &mut Vec<(PathBuf, bool)>,
+    unpacker: &mut Unpacker,
     cancel: &mut watch::Receiver<bool>,
 ) -> Result<(u64, u64, Vec<(&'static str, String)>), RestoreError> {
-    let checks = Arc::new(ManifestChecks::new(manifest.as_ref().map(|(_, m)| m)));
+    if let Some((_, m)) = &manifest {
+        unpacker.expect_manifest(m);
+    }
     let progress = Arc::new(Progress::with_total(opts.progress, plan.backup.data_bytes));
-    let ex_opts = ExtractOptions {
-        tablespace_mapping: opts.tablespace_mapping.clone(),
-        owner,
-    };
     // Tablespaces first, then the main directory, whose links point at them.
     let mut archives: Vec<&catalog::TarArchive> = plan.backup.archives.iter().collect();
     archives.sort_by_key(|a| a.tablespace_oid.is_none());
-    let mut tablespaces: Vec<(u32, PathBuf)> = Vec::new();
     let (mut files, mut bytes) = (0u64, 0u64);
     for a in archives {
-        let (root, prefix) = match (a.tablespace_oid, &a.tablespace_location) {
-            (Some(oid), Some(loc)) => {
-                let target = map_tablespace(&opts.tablespace_mapping, Path::new(loc));
-                let created = prepare_target_dir(&target)?;
-                written.push((target.clone(), created));
-                tablespaces.push((oid, target.clone()));
-                (target, format!("pg_tblspc/{oid}/"))
-            }
-            _ => (pgdata.to_path_buf(), String::new()),
+        let feeder = match (a.tablespace_oid, &a.tablespace_location) {
+            (Some(oid), Some(loc)) => unpacker.tablespace(oid, Path::new(loc))?,
+            _ => unpacker.main_archive(),
         };
-        let mut ex = Extractor::new(&root, ex_opts.clone());
-        if a.tablespace_oid.is_none() {
-            for (oid, t) in &tablespaces {
-                ex.register_tablespace(*oid, t.clone());
-            }
-        }
         let (f, b) = extract_object(
             store.clone(),
             &a.key,
             a.key.ends_with(".zst"),
-            ex,
-            prefix,
-            checks.clone(),
+            feeder,
             progress.clone(),
             cancel,
         )
@@ -649,13 +719,15 @@ async fn restore_into(
         bytes += b;
     }
     progress.finish();
-    checks.all_seen()?;
+    unpacker.finish_checks().map_err(RestoreError::Mismatch)?;
 
-    let io = |what: String, e: io::Error| RestoreError::Io(format!("{what}: {e}"));
+    let pgdata = unpacker.pgdata().to_path_buf();
+    let write = |what: String| move |source| RestoreError::Write { what, source };
     if let Some((raw, _)) = &manifest {
         let p = pgdata.join("backup_manifest");
-        write_private_file(&p, raw).map_err(|e| io(format!("cannot write {}", p.display()), e))?;
-        chown(&p, owner);
+        unpacker
+            .write_file("backup_manifest", raw)
+            .map_err(write(p.display().to_string()))?;
     }
     // restore_command: wal-fetch on the same archive, working for the server's OS user.
     let mut cmd = format!(
@@ -664,10 +736,14 @@ async fn restore_into(
         sh_quote(&opts.archive)
     );
     if crate::archive::is_remote(&opts.archive) {
-        let env_path = pgdata.join("walagent-restore.env");
-        write_private_file(&env_path, envfile::render(std::env::vars()).as_bytes())
-            .map_err(|e| io(format!("cannot write {}", env_path.display()), e))?;
-        chown(&env_path, owner);
+        let env_path = unpacker
+            .write_file(
+                "walagent-restore.env",
+                envfile::render(std::env::vars()).as_bytes(),
+            )
+            .map_err(write(
+                pgdata.join("walagent-restore.env").display().to_string(),
+            ))?;
         cmd.push_str(&format!(
             " --env-file {}",
             sh_quote(&env_path.to_string_lossy())
@@ -685,25 +761,30 @@ async fn restore_into(
         &cmd,
     );
     append_auto_conf(
-        pgdata,
+        &pgdata,
         &settings,
         &format!(
             "Written by walagent restore: backup {}, target {}",
             plan.backup.id, opts.target
         ),
     )
-    .map_err(|e| io("cannot write postgresql.auto.conf".into(), e))?;
-    chown(&pgdata.join("postgresql.auto.conf"), owner);
+    .map_err(write("postgresql.auto.conf".into()))?;
+    unpacker.chown(&pgdata.join("postgresql.auto.conf"));
     // A backup of a standby carries standby.signal; this is a targeted recovery.
     let _ = fs::remove_file(pgdata.join("standby.signal"));
-    let signal = write_signal(pgdata, Signal::Recovery)
-        .map_err(|e| io("cannot write recovery.signal".into(), e))?;
-    chown(&signal, owner);
+    let signal =
+        write_signal(&pgdata, Signal::Recovery).map_err(write("recovery.signal".into()))?;
+    unpacker.chown(&signal);
     Ok((files, bytes, settings))
 }
 
-/// Chunks of one stored object, or the error that stopped the download.
-type Chunk = Result<Bytes, String>;
+/// Chunks of one stored object; `Err` when the download failed (the caller returns that
+/// error itself, the reader only stops).
+type Chunk = Result<Bytes, DownloadFailed>;
+
+/// Sent to the extraction thread when the download failed.
+#[derive(Debug)]
+struct DownloadFailed;
 
 /// Reads a channel of chunks as a byte stream (on the extraction thread).
 struct ChannelReader {
@@ -716,7 +797,7 @@ impl Read for ChannelReader {
         while self.cur.is_empty() {
             match self.rx.blocking_recv() {
                 Some(Ok(b)) => self.cur = b,
-                Some(Err(e)) => return Err(io::Error::other(e)),
+                Some(Err(DownloadFailed)) => return Err(io::Error::other("the download failed")),
                 None => return Ok(0),
             }
         }
@@ -727,22 +808,21 @@ impl Read for ChannelReader {
     }
 }
 
-/// Downloads `key` and unpacks it with `ex` on a blocking thread; returns (files, bytes).
-#[allow(clippy::too_many_arguments)]
+/// Downloads `key` and unpacks it with `feeder` on a blocking thread; returns (files, bytes).
 async fn extract_object(
     store: Arc<dyn Store>,
     key: &str,
     compressed: bool,
-    ex: Extractor,
-    manifest_prefix: String,
-    checks: Arc<ManifestChecks>,
+    feeder: ArchiveUnpack,
     progress: Arc<Progress>,
     cancel: &mut watch::Receiver<bool>,
 ) -> Result<(u64, u64), RestoreError> {
     let mut reader = store
         .open_reader(key)
         .await?
-        .ok_or_else(|| RestoreError::Corrupt(format!("archive object {key} is missing")))?;
+        .ok_or_else(|| RestoreError::ObjectMissing {
+            key: key.to_string(),
+        })?;
     let (tx, rx) = mpsc::channel::<Chunk>(8);
     let key_owned = key.to_string();
     let worker = tokio::task::spawn_blocking(move || {
@@ -752,10 +832,8 @@ async fn extract_object(
                 cur: Bytes::new(),
             },
             compressed,
-            ex,
+            feeder,
             &key_owned,
-            &manifest_prefix,
-            &checks,
             &progress,
         )
     });
@@ -778,16 +856,15 @@ async fn extract_object(
             }
             Ok(None) => break,
             Err(e) => {
-                let _ = tx.send(Err(e.to_string())).await;
+                // Stops the worker; the download error itself is what is returned.
+                let _ = tx.send(Err(DownloadFailed)).await;
                 download_err = Some(e);
                 break;
             }
         }
     }
     drop(tx);
-    let res = worker
-        .await
-        .map_err(|e| RestoreError::Io(format!("the extraction thread failed: {e}")))?;
+    let res = worker.await.map_err(RestoreError::Worker)?;
     if let Some(e) = download_err {
         return Err(e.into());
     }
@@ -797,135 +874,36 @@ async fn extract_object(
 fn unpack(
     input: ChannelReader,
     compressed: bool,
-    mut ex: Extractor,
+    mut feeder: ArchiveUnpack,
     key: &str,
-    prefix: &str,
-    checks: &ManifestChecks,
     progress: &Progress,
 ) -> Result<(u64, u64), RestoreError> {
-    let corrupt = |e: io::Error| {
-        RestoreError::Corrupt(format!(
-            "archive object {key} is corrupt or unreadable: {e}"
-        ))
+    let unreadable = |source: io::Error| RestoreError::Unreadable {
+        key: key.to_string(),
+        source,
     };
     let mut src: Box<dyn Read> = if compressed {
-        Box::new(zstd::stream::read::Decoder::new(input).map_err(corrupt)?)
+        Box::new(zstd::stream::read::Decoder::new(input).map_err(unreadable)?)
     } else {
         Box::new(input)
     };
-    let mut parser = TarParser::new();
-    let mut events = Vec::new();
-    let mut cur: Option<(String, bool, u32, u64)> = None; // path, checked file, crc, size
     let mut buf = vec![0u8; 1 << 20];
-    let handle = |events: &mut Vec<TarEvent>,
-                  ex: &mut Extractor,
-                  cur: &mut Option<(String, bool, u32, u64)>|
-     -> Result<(), RestoreError> {
-        for ev in events.drain(..) {
-            match &ev {
-                TarEvent::Entry { meta, .. } => {
-                    let file = matches!(meta.kind, EntryKind::File);
-                    *cur = Some((format!("{prefix}{}", meta.path), file, 0, 0));
-                }
-                TarEvent::Data(d) => {
-                    if let Some((_, true, crc, size)) = cur {
-                        *crc = crc32c::crc32c_append(*crc, d);
-                        *size += d.len() as u64;
-                    }
-                    progress.add(d.len() as u64);
-                }
-                TarEvent::EntryEnd { .. } => {
-                    if let Some((path, true, crc, size)) = cur.take() {
-                        checks.check(&path, size, crc)?;
-                    }
-                }
-                TarEvent::Trailer(_) => {}
-            }
-            ex.handle(ev)?;
-        }
-        Ok(())
-    };
     loop {
         let n = match src.read(&mut buf) {
             Ok(0) => break,
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(corrupt(e)),
+            Err(e) => return Err(unreadable(e)),
         };
-        parser
-            .feed(Bytes::copy_from_slice(&buf[..n]), &mut events)
-            .map_err(|e| RestoreError::Corrupt(format!("archive object {key}: {e}")))?;
-        handle(&mut events, &mut ex, &mut cur)?;
+        let content = feeder
+            .feed(Bytes::copy_from_slice(&buf[..n]))
+            .map_err(|e| RestoreError::from_unpack(key, e))?;
+        progress.add(content);
     }
-    parser
-        .finish(&mut events)
-        .map_err(|e| RestoreError::Corrupt(format!("archive object {key}: {e}")))?;
-    handle(&mut events, &mut ex, &mut cur)?;
-    let stats = ex.finish()?;
+    let stats = feeder
+        .finish()
+        .map_err(|e| RestoreError::from_unpack(key, e))?;
     Ok((stats.files, stats.bytes))
-}
-
-/// Per-file size and CRC-32C from the backup manifest, checked as files are written.
-struct ManifestChecks {
-    /// path -> (size, expected CRC-32C when the manifest has one)
-    files: BTreeMap<String, (u64, Option<u32>)>,
-    seen: std::sync::Mutex<std::collections::HashSet<String>>,
-    enabled: bool,
-}
-
-impl ManifestChecks {
-    fn new(m: Option<&BackupManifest>) -> ManifestChecks {
-        let mut files = BTreeMap::new();
-        if let Some(m) = m {
-            for f in &m.files {
-                files.insert(f.path_lossy(), (f.size, f.crc32c()));
-            }
-        }
-        ManifestChecks {
-            files,
-            seen: Default::default(),
-            enabled: m.is_some(),
-        }
-    }
-
-    fn check(&self, path: &str, size: u64, crc: u32) -> Result<(), RestoreError> {
-        if !self.enabled {
-            return Ok(());
-        }
-        let Some((want_size, want_crc)) = self.files.get(path) else {
-            // pg_wal contents and a few server-made files are not in the manifest.
-            return Ok(());
-        };
-        if *want_size != size {
-            return Err(RestoreError::Corrupt(format!(
-                "file {path} of the backup has {size} bytes, the backup manifest says {want_size}; the stored backup is damaged"
-            )));
-        }
-        if let Some(w) = want_crc {
-            if *w != crc {
-                return Err(RestoreError::Corrupt(format!(
-                    "file {path} of the backup fails its manifest checksum (CRC-32C {crc:08x}, expected {w:08x}); the stored backup is damaged"
-                )));
-            }
-        }
-        if let Ok(mut s) = self.seen.lock() {
-            s.insert(path.to_string());
-        }
-        Ok(())
-    }
-
-    fn all_seen(&self) -> Result<(), RestoreError> {
-        if !self.enabled {
-            return Ok(());
-        }
-        let seen = self.seen.lock().map(|s| s.clone()).unwrap_or_default();
-        if let Some(missing) = self.files.keys().find(|p| !seen.contains(*p)) {
-            return Err(RestoreError::Corrupt(format!(
-                "file {missing} is listed in the backup manifest but missing from the stored backup"
-            )));
-        }
-        Ok(())
-    }
 }
 
 #[cfg(test)]

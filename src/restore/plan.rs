@@ -35,154 +35,14 @@
 //!   consistency, so for a time target a backup qualifies only when `stop_time <= target`: every
 //!   commit up to its end LSN happened before `stop_time`.
 
-use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
-use crate::archive::layout::{parse_wal_key, WalObject};
-use crate::archive::ObjectInfo;
-use crate::backup::catalog::BackupInfo;
+use crate::archive::catalog::BackupInfo;
+use crate::archive::index::{PartialContent, WalIndex};
 use crate::wal::xact::WalEvent;
-use crate::wal::{history_file_name, Lsn, SegmentId, SegmentSize, TimelineHistory};
+use crate::wal::{history_file_name, Lsn, SegmentId, SegmentSize};
 
 use super::target::{describe_event, stop_event, RecoveryTarget, TargetTime, TargetTimeline};
-
-/// What the archive's `wal/` listing holds.
-#[derive(Debug, Clone)]
-pub struct WalIndex {
-    seg_size: SegmentSize,
-    /// Complete segments as (timeline, segno).
-    complete: BTreeSet<(u32, u64)>,
-    /// `.partial` segments as (timeline, segno).
-    partial: BTreeSet<(u32, u64)>,
-    /// Timelines whose history file is in the listing.
-    history_files: BTreeSet<u32>,
-    /// Parsed history files, added by the caller.
-    histories: BTreeMap<u32, TimelineHistory>,
-    /// What scanned `.partial` segments hold, added by the caller.
-    partial_content: BTreeMap<(u32, u64), PartialContent>,
-}
-
-/// What a `.partial` segment holds, known from scanning it (`wal::xact::WalScanner::
-/// scan_partial`; with the segment before it when no record completes in the partial itself).
-/// A `.partial` is the end of what the archive has on its timeline: replay from the archive
-/// cannot go past `end`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PartialContent {
-    /// Start of the last complete record on the way to the partial's end (it may have begun
-    /// in an earlier segment); `None` when not known. A target LSN is reached only at a record
-    /// starting at or after it.
-    pub last_record: Option<Lsn>,
-    /// Just past that record: where the archived WAL of the timeline ends. When nothing in the
-    /// partial is known to complete, its start.
-    pub end: Lsn,
-}
-
-impl WalIndex {
-    pub fn new(seg_size: SegmentSize) -> Self {
-        WalIndex {
-            seg_size,
-            complete: BTreeSet::new(),
-            partial: BTreeSet::new(),
-            history_files: BTreeSet::new(),
-            histories: BTreeMap::new(),
-            partial_content: BTreeMap::new(),
-        }
-    }
-
-    /// From a listing of the archive (keys under `wal/`; others are ignored, as are keys
-    /// [`parse_wal_key`] does not recognise). Load the history files [`Self::histories_to_load`]
-    /// names and pass them to [`Self::add_history`] before planning.
-    pub fn from_objects(objects: &[ObjectInfo], seg_size: SegmentSize) -> Self {
-        let mut index = WalIndex::new(seg_size);
-        for o in objects {
-            match parse_wal_key(&o.key, seg_size) {
-                Some(WalObject::Segment { id, partial, .. }) => index.add_segment(id, partial),
-                Some(WalObject::History(tli)) => {
-                    index.history_files.insert(tli);
-                }
-                None => {}
-            }
-        }
-        index
-    }
-
-    pub fn add_segment(&mut self, id: SegmentId, partial: bool) {
-        let set = if partial {
-            &mut self.partial
-        } else {
-            &mut self.complete
-        };
-        set.insert((id.timeline, id.segno));
-    }
-
-    /// Adds timeline `tli`'s parsed history file (and counts the file as present).
-    pub fn add_history(&mut self, tli: u32, history: TimelineHistory) {
-        self.history_files.insert(tli);
-        self.histories.insert(tli, history);
-    }
-
-    pub fn segment_size(&self) -> SegmentSize {
-        self.seg_size
-    }
-
-    pub fn has_segment(&self, id: SegmentId) -> bool {
-        self.complete.contains(&(id.timeline, id.segno))
-    }
-
-    pub fn has_partial(&self, id: SegmentId) -> bool {
-        self.partial.contains(&(id.timeline, id.segno))
-    }
-
-    /// Timelines whose history file is in the archive.
-    pub fn history_files(&self) -> impl Iterator<Item = u32> + '_ {
-        self.history_files.iter().copied()
-    }
-
-    /// History files listed but not yet given to [`Self::add_history`].
-    pub fn histories_to_load(&self) -> Vec<u32> {
-        self.history_files
-            .iter()
-            .copied()
-            .filter(|t| !self.histories.contains_key(t))
-            .collect()
-    }
-
-    pub fn history(&self, tli: u32) -> Option<&TimelineHistory> {
-        self.histories.get(&tli)
-    }
-
-    /// Records what the `.partial` of `id` holds. Planning then checks targets and consistency
-    /// points against its real end instead of the segment's nominal end.
-    pub fn set_partial_content(&mut self, id: SegmentId, content: PartialContent) {
-        self.partial_content
-            .insert((id.timeline, id.segno), content);
-    }
-
-    pub fn partial_content(&self, id: SegmentId) -> Option<PartialContent> {
-        self.partial_content.get(&(id.timeline, id.segno)).copied()
-    }
-
-    /// Every timeline with a segment, a partial segment or a history file.
-    pub fn timelines(&self) -> BTreeSet<u32> {
-        let mut t: BTreeSet<u32> = self.history_files.clone();
-        t.extend(self.complete.iter().map(|&(tli, _)| tli));
-        t.extend(self.partial.iter().map(|&(tli, _)| tli));
-        t
-    }
-
-    /// Whether any segment (complete or partial) of `tli` has a number of `segno` or more.
-    fn any_segment_from(&self, tli: u32, segno: u64) -> bool {
-        self.complete
-            .range((tli, segno)..=(tli, u64::MAX))
-            .next()
-            .is_some()
-            || self
-                .partial
-                .range((tli, segno)..=(tli, u64::MAX))
-                .next()
-                .is_some()
-    }
-}
 
 /// One timeline on the way from a backup to the target timeline.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -549,7 +409,7 @@ pub fn resolve_timeline(
         TargetTimeline::Latest => {
             let mut newest = backup.timeline;
             while let Some(next) = newest.checked_add(1) {
-                if !index.history_files.contains(&next) {
+                if !index.has_history_file(next) {
                     break;
                 }
                 newest = next;
@@ -580,7 +440,7 @@ pub fn timeline_path(
         let file = history_file_name(target_tli);
         let h = match index.history(target_tli) {
             Some(h) => h,
-            None if index.history_files.contains(&target_tli) => {
+            None if index.has_history_file(target_tli) => {
                 return Err(PlanError::HistoryNotLoaded {
                     tli: target_tli,
                     file,
@@ -1146,7 +1006,9 @@ impl fmt::Display for PathStep {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backup::catalog::{archive_key, manifest_key, TarArchive, FORMAT};
+    use crate::archive::catalog::{archive_key, manifest_key, TarArchive, FORMAT};
+    use crate::archive::ObjectInfo;
+    use crate::wal::TimelineHistory;
 
     const S16: SegmentSize = SegmentSize::DEFAULT;
 

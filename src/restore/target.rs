@@ -528,7 +528,7 @@ impl fmt::Display for TargetAction {
 }
 
 /// The recovery settings for `postgresql.auto.conf`, unquoted (see
-/// [`render_auto_conf_lines`](super::recovery_conf::render_auto_conf_lines)), in this order:
+/// [`render_auto_conf_lines`](crate::datadir::recovery::render_auto_conf_lines)), in this order:
 ///
 /// - `restore_command`;
 /// - at most one `recovery_target*` setting (PostgreSQL refuses more than one);

@@ -20,7 +20,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use crate::archive::compress::create_private;
-use crate::receive::spool::sync_dir;
+use crate::fsutil::{sync_dir, sync_file};
 
 /// The file ALTER SYSTEM and `pg_basebackup -R` write; read after `postgresql.conf`, so its
 /// settings win.
@@ -98,7 +98,7 @@ pub fn append_auto_conf(
     }
     text.push_str(&render_auto_conf_lines(settings));
     f.write_all(text.as_bytes())
-        .and_then(|_| f.sync_all())
+        .and_then(|_| sync_file(&f))
         .map_err(|e| ctx("write", e))?;
     if !existed {
         sync_dir(pgdata).map_err(|e| ctx("fsync the directory of", e))?;
@@ -132,7 +132,7 @@ pub fn write_signal(pgdata: &Path, signal: Signal) -> io::Result<PathBuf> {
     let ctx =
         |e: io::Error| io::Error::new(e.kind(), format!("cannot create {}: {e}", path.display()));
     let f: File = create_private(&path).map_err(ctx)?;
-    f.sync_all().map_err(ctx)?;
+    sync_file(&f).map_err(ctx)?;
     sync_dir(pgdata).map_err(ctx)?;
     Ok(path)
 }

@@ -2,7 +2,7 @@
 //!
 //! Used by `seed-standby`, which extracts files as they arrive from the server, and by `restore`,
 //! which extracts archives read back from the store. Both feed the [`TarEvent`]s of a
-//! [`TarParser`](super::tarstream::TarParser) to an [`Extractor`]; the code is plain synchronous
+//! [`TarParser`](super::tar::TarParser) to an [`Extractor`]; the code is plain synchronous
 //! `std::fs`, meant to run on a blocking thread.
 //!
 //! Why it is strict:
@@ -46,7 +46,7 @@ use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsE
 use std::path::{Component, Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
-use super::tarstream::{EntryKind, EntryMeta, TarEvent};
+use super::tar::{EntryKind, EntryMeta, TarEvent};
 
 /// Mode of every regular file created.
 pub const FILE_MODE: u32 = 0o600;
@@ -55,35 +55,37 @@ pub const DIR_MODE: u32 = 0o700;
 /// File content is written in calls of up to this size.
 const WRITE_BUFFER: usize = 1 << 20;
 
-/// What goes wrong while extracting. Messages name the path and the cause, and end with a fix
-/// where one is known.
+/// What goes wrong while extracting. Messages name the path and the cause; the fix, where one
+/// is known, is [`ExtractError::hint`].
 #[derive(Debug, thiserror::Error)]
 pub enum ExtractError {
     #[error(
-        "target directory {} is not empty (found {found}); choose an empty or new directory",
+        "target directory {} is not empty (found {found})",
         path.display()
     )]
     NotEmpty { path: PathBuf, found: String },
     #[error(
-        "{} exists and is not a directory; choose an empty or new directory",
+        "{} exists and is not a directory",
         path.display()
     )]
     NotADirectory { path: PathBuf },
     #[error(
-        "cannot create {}: its parent directory {} does not exist; create the parent first or \
-         choose another directory",
+        "cannot create {}: its parent directory {} does not exist",
         path.display(),
         parent.display()
     )]
     ParentMissing { path: PathBuf, parent: PathBuf },
     #[error(
-        "directory {} is not writable ({cause}); fix its ownership or permissions, or choose \
-         another directory",
+        "directory {} is not writable ({source})",
         path.display()
     )]
-    NotWritable { path: PathBuf, cause: String },
+    NotWritable {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
     #[error(
-        "no space left on device writing {}; free some space or extract to a larger filesystem",
+        "no space left on device writing {}",
         path.display()
     )]
     NoSpace { path: PathBuf },
@@ -113,12 +115,35 @@ pub enum ExtractError {
     BadMapping { arg: String, reason: String },
     #[error("tar events out of order: {0} (a bug in the caller or the parser)")]
     Sequence(String),
-    #[error("cannot {op} {}: {error}", path.display())]
+    #[error("cannot {op} {}: {source}", path.display())]
     Io {
         op: &'static str,
         path: PathBuf,
-        error: io::Error,
+        #[source]
+        source: io::Error,
     },
+}
+
+impl ExtractError {
+    /// The fix, where one is known. (A bad `--tablespace-mapping` says the format in its
+    /// message: argument errors are shown by the parser, without a hint.)
+    pub fn hint(&self) -> Option<String> {
+        match self {
+            ExtractError::NotEmpty { .. } | ExtractError::NotADirectory { .. } => {
+                Some("choose an empty or new directory".into())
+            }
+            ExtractError::ParentMissing { .. } => {
+                Some("create the parent first or choose another directory".into())
+            }
+            ExtractError::NotWritable { .. } => {
+                Some("fix its ownership or permissions, or choose another directory".into())
+            }
+            ExtractError::NoSpace { .. } => {
+                Some("free some space or extract to a larger filesystem".into())
+            }
+            _ => None,
+        }
+    }
 }
 
 /// Maps an I/O error; ENOSPC and EEXIST get their own variants.
@@ -133,7 +158,7 @@ fn io_err(op: &'static str, path: &Path, error: io::Error) -> ExtractError {
         _ => ExtractError::Io {
             op,
             path: path.to_path_buf(),
-            error,
+            source: error,
         },
     }
 }
@@ -221,7 +246,7 @@ pub fn prepare_target_dir(path: &Path) -> Result<bool, ExtractError> {
         .map_err(|e| match e.raw_os_error() {
             Some(libc::EACCES | libc::EPERM | libc::EROFS) => ExtractError::NotWritable {
                 path: parent.to_path_buf(),
-                cause: e.to_string(),
+                source: e,
             },
             _ => io_err("create directory", path, e),
         })?;
@@ -296,7 +321,7 @@ fn check_writable(path: &Path) -> Result<(), ExtractError> {
     } else {
         Err(ExtractError::NotWritable {
             path: path.to_path_buf(),
-            cause: io::Error::last_os_error().to_string(),
+            source: io::Error::last_os_error(),
         })
     }
 }
@@ -860,18 +885,19 @@ pub fn chown_to(path: &Path, owner: Option<(u32, u32)>) {
     }
 }
 
-/// Writes `data` to `path` (created or truncated, mode 0600) and fsyncs it.
+/// Writes `data` to `path` (created or truncated, mode 0600) and fsyncs it (its content; the
+/// caller makes the name durable, e.g. with the signal file's directory fsync).
 pub fn write_private_file(path: &Path, data: &[u8]) -> io::Result<()> {
     use std::io::Write;
     let mut f = crate::archive::compress::create_private(path)?;
     f.write_all(data)?;
-    f.sync_all()
+    crate::fsutil::sync_file(&f)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backup::tarstream::{TarError, TarParser};
+    use crate::datadir::tar::{TarError, TarParser};
     use bytes::Bytes;
     use std::os::unix::fs::MetadataExt;
 
@@ -1519,11 +1545,11 @@ mod tests {
         assert_eq!(
             e.to_string(),
             format!(
-                "target directory {} is not empty (found PG_VERSION); choose an empty or new \
-                 directory",
+                "target directory {} is not empty (found PG_VERSION)",
                 new.display()
             )
         );
+        assert_eq!(e.hint().unwrap(), "choose an empty or new directory");
         // Parent missing.
         let orphan = tmp.path().join("no/such/dir");
         let e = prepare_target_dir(&orphan).unwrap_err();
@@ -1531,7 +1557,8 @@ mod tests {
             matches!(&e, ExtractError::ParentMissing { parent, .. } if parent == &tmp.path().join("no/such")),
             "{e}"
         );
-        assert!(e.to_string().contains("create the parent first"), "{e}");
+        assert!(e.to_string().contains("does not exist"), "{e}");
+        assert!(e.hint().unwrap().contains("create the parent first"), "{e}");
         // Not a directory, itself or its parent.
         let file = tmp.path().join("file");
         fs::write(&file, b"").unwrap();
@@ -1556,8 +1583,11 @@ mod tests {
             assert!(matches!(e, ExtractError::NotWritable { .. }), "{e}");
             let e = prepare_target_dir(&ro.join("sub")).unwrap_err();
             assert!(matches!(e, ExtractError::NotWritable { .. }), "{e}");
+            assert!(e.to_string().contains("is not writable"), "{e}");
             assert!(
-                e.to_string().contains("fix its ownership or permissions"),
+                e.hint()
+                    .unwrap()
+                    .contains("fix its ownership or permissions"),
                 "{e}"
             );
             fs::set_permissions(&ro, fs::Permissions::from_mode(0o700)).unwrap();
@@ -1587,8 +1617,11 @@ mod tests {
         let e = io_err("write", p, io::Error::from_raw_os_error(libc::ENOSPC));
         assert_eq!(
             e.to_string(),
-            "no space left on device writing /data/base/1/1234; free some space or extract to a \
-             larger filesystem"
+            "no space left on device writing /data/base/1/1234"
+        );
+        assert_eq!(
+            e.hint().unwrap(),
+            "free some space or extract to a larger filesystem"
         );
         let e = io_err("create file", p, io::Error::from_raw_os_error(libc::EEXIST));
         assert!(matches!(e, ExtractError::Exists { .. }));
