@@ -101,7 +101,7 @@ pub struct ArchiverConfig {
 
 impl Archiver {
     /// Starts the archiver. `initial` is the position already covered by the archive.
-    pub fn start(config: ArchiverConfig, initial: Lsn) -> Archiver {
+    pub fn spawn(config: ArchiverConfig, initial: Lsn) -> Archiver {
         let (tx, rx) = mpsc::channel(config.queue.max(1));
         let (ptx, progress) = watch::channel(Progress {
             archived_upto: initial,
