@@ -79,7 +79,7 @@ impl std::str::FromStr for AckMode {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReceiveError {
-    #[error("{0}")]
+    #[error(transparent)]
     Protocol(#[from] ProtocolError),
     #[error("WAL verification failed, refusing to archive it: {0}")]
     Verify(#[from] VerifyError),
@@ -130,7 +130,9 @@ pub enum ReceiveError {
     ServerTooOld { target: String, version: u32 },
     #[error("server sent WAL starting at {got}, expected {expected}")]
     OutOfOrder { got: Lsn, expected: Lsn },
-    #[error("the archive continues timeline {archive_tli} but the server is on timeline {server_tli}; is this archive from another server?")]
+    #[error(
+        "the archive continues timeline {archive_tli} but the server is on timeline {server_tli}"
+    )]
     TimelineAhead { archive_tli: u32, server_tli: u32 },
     #[error("server announced timeline {next} starting at {start} after timeline {current} ended at {end}, which is not a valid switch")]
     BadSwitch {
@@ -184,7 +186,23 @@ impl ReceiveError {
                  walagent stream with the same spool archives it first (raise --stop-timeout to wait longer)"
                     .into(),
             ),
-            _ => None,
+            ReceiveError::SlotNotPhysical { .. } => Some(
+                "name a physical slot with --slot (or a new name with --create-slot)".into(),
+            ),
+            ReceiveError::ServerTooOld { .. } => Some(
+                "upgrade the server, or archive its WAL with the pg_receivewal of its version".into(),
+            ),
+            ReceiveError::TimelineAhead { .. } => Some(
+                "this archive may be another server's, or a restore's that went further: point \
+                 --archive at this server's own archive (or a new one)"
+                    .into(),
+            ),
+            ReceiveError::SystemChanged { .. } => Some(
+                "the server was replaced (a new initdb or a restored copy): give it a new archive \
+                 and spool, and take a new base backup"
+                    .into(),
+            ),
+            ReceiveError::OutOfOrder { .. } | ReceiveError::BadSwitch { .. } => None,
         }
     }
 
@@ -1103,4 +1121,54 @@ fn start_archiver(
         },
         initial,
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::error::Error;
+
+    #[test]
+    fn errors_keep_their_cause_and_name_the_fix() {
+        let e = ReceiveError::Spool {
+            path: "/spool".into(),
+            source: std::io::Error::from_raw_os_error(libc::ENOSPC),
+        };
+        assert!(e.source().is_some());
+        assert!(e.hint().unwrap().contains("full"), "{:?}", e.hint());
+
+        let json = serde_json::from_slice::<SpoolIdentity>(b"{").unwrap_err();
+        let e = ReceiveError::from(spool::BindError::Unreadable {
+            dir: "/spool".into(),
+            source: json,
+        });
+        assert!(e.source().is_some(), "the JSON error is kept");
+        assert!(e.hint().is_some());
+
+        let e = ReceiveError::from(ArchiverError::Compress {
+            path: "/spool/x".into(),
+            source: std::io::Error::from_raw_os_error(libc::EACCES),
+        });
+        assert!(e.source().is_some());
+        assert!(e.hint().unwrap().contains("permissions"));
+
+        for e in [
+            ReceiveError::TimelineAhead {
+                archive_tli: 3,
+                server_tli: 2,
+            },
+            ReceiveError::SystemChanged {
+                target: "db".into(),
+                before: 1,
+                now: 2,
+            },
+            ReceiveError::ServerTooOld {
+                target: "db".into(),
+                version: 140000,
+            },
+        ] {
+            assert!(e.hint().is_some(), "{e}");
+            assert!(!e.to_string().contains('?'), "a question in the cause: {e}");
+        }
+    }
 }

@@ -48,8 +48,12 @@ pub enum BindError {
         system: String,
         archive: String,
     },
-    #[error("spool {dir} has an unreadable {IDENTITY_FILE} ({detail})")]
-    Unreadable { dir: String, detail: String },
+    #[error("spool {dir} has an unreadable {IDENTITY_FILE} ({source})")]
+    Unreadable {
+        dir: String,
+        #[source]
+        source: serde_json::Error,
+    },
     #[error("spool {dir}: {source}")]
     Io {
         dir: String,
@@ -187,9 +191,9 @@ impl Spool {
         match fs::read(&path) {
             Ok(bytes) => {
                 let found: SpoolIdentity =
-                    serde_json::from_slice(&bytes).map_err(|e| BindError::Unreadable {
+                    serde_json::from_slice(&bytes).map_err(|source| BindError::Unreadable {
                         dir: dir.clone(),
-                        detail: e.to_string(),
+                        source,
                     })?;
                 if &found == identity {
                     return Ok(());
