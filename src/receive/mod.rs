@@ -1,10 +1,19 @@
-//! The streaming loop of `walagent stream`: resume point, `.partial` segments in the spool,
-//! verification, fsync and feedback, reconnects and timeline switches.
+//! `walagent stream`: resume point, `.partial` segments in the spool, verification, fsync and
+//! feedback, reconnects and timeline switches.
+//!
+//! Shape: [`state::StreamState`] (synchronous, I/O-free) decides everything about the stream
+//! from events and answers with actions; this module is the async shell that performs them
+//! (socket, spool files, archiver channel, timers, signals) and does the startup steps around it
+//! (`Receiver::first_connect`: check the server, the archive's metadata, the slot, bind the
+//! spool, find and plan the resume ([`resume::plan`], pure), start the archiver, archive the
+//! history files). [`run`] bounds the stop.
 //!
 //! Durability rule: the flush position sent to the server never exceeds the end of the WAL
 //! prefix that is durable, meaning complete segments stored in the archive (or, with
-//! `--synchronous`, fsynced in the spool) followed by the fsynced part of the current partial.
-//! See `proto-notes/durability.md`.
+//! `--synchronous` / `--ack fsync`, fsynced in the spool) followed by the newest partial upload
+//! (or the fsynced part of the current partial). The rule is [`flush::flush_position`]; the
+//! state machine applies it and is property-tested against an in-memory store. See
+//! `proto-notes/durability.md`.
 
 pub mod archiver;
 pub mod flush;
@@ -712,7 +721,8 @@ impl Receiver {
             let Some(event) = self.next_event(conn, timers).await? else {
                 continue;
             };
-            let is_wal = matches!(event, Event::XLogData { .. });
+            let is_wal = matches!(event, Event::XLogData { .. })
+                && self.state.phase() == state::Phase::Streaming;
             self.handle(event)?;
             if is_wal {
                 backoff.reset();
