@@ -974,7 +974,7 @@ mod tests {
                     return Lsn(pos);
                 }
                 pos = best;
-                if pos % SEG != 0 {
+                if !pos.is_multiple_of(SEG) {
                     return Lsn(pos);
                 }
             }
@@ -1549,7 +1549,7 @@ mod tests {
                 let result = match r {
                     0..=39 => {
                         let n = 1 + rng(&mut seed) % (SEG / 3);
-                        if rng(&mut seed) % 80 == 0 {
+                        if rng(&mut seed).is_multiple_of(80) {
                             // Out of order: refused, then a reconnect.
                             let at = Lsn(sim.server_pos.0 + 8);
                             let data = sim.chunk(at, n);
@@ -1570,7 +1570,7 @@ mod tests {
                         }
                     }
                     40..=49 => {
-                        let reply_requested = rng(&mut seed) % 2 == 0;
+                        let reply_requested = rng(&mut seed).is_multiple_of(2);
                         let wal_end = sim.server_pos;
                         sim.event(
                             &mut st,
