@@ -61,8 +61,13 @@ pub enum ArchiverError {
         #[source]
         source: std::io::Error,
     },
-    #[error("the archiver stopped unexpectedly: {0}")]
-    Crashed(String),
+    #[error("the archiver stopped unexpectedly: {source}")]
+    Crashed {
+        #[source]
+        source: tokio::task::JoinError,
+    },
+    #[error("the archiver stopped unexpectedly: its queue closed")]
+    QueueClosed,
     /// Asked again after its failure was already returned (the first error carries the cause).
     #[error("the archiver had already stopped after an error")]
     Stopped,
@@ -72,7 +77,21 @@ impl ArchiverError {
     pub fn hint(&self) -> Option<String> {
         match self {
             ArchiverError::Store { source, .. } => source.hint(),
-            _ => None,
+            ArchiverError::Compress { source, .. } => Some(
+                if source.raw_os_error() == Some(libc::ENOSPC) {
+                    "the spool's filesystem is full: free space or point --spool at a larger one; \
+                     nothing acknowledged is lost, the next start archives what the spool holds"
+                } else {
+                    "check the spool directory's permissions and free space"
+                }
+                .into(),
+            ),
+            ArchiverError::Crashed { .. } | ArchiverError::QueueClosed => Some(
+                "this is a bug in walagent (please report it); nothing acknowledged is lost, \
+                 the next start archives what the spool holds"
+                    .into(),
+            ),
+            ArchiverError::Stopped => None,
         }
     }
 }
@@ -101,7 +120,7 @@ pub struct ArchiverConfig {
 
 impl Archiver {
     /// Starts the archiver. `initial` is the position already covered by the archive.
-    pub fn start(config: ArchiverConfig, initial: Lsn) -> Archiver {
+    pub fn spawn(config: ArchiverConfig, initial: Lsn) -> Archiver {
         let (tx, rx) = mpsc::channel(config.queue.max(1));
         let (ptx, progress) = watch::channel(Progress {
             archived_upto: initial,
@@ -179,8 +198,8 @@ impl Archiver {
         };
         match task.await {
             Ok(Err(e)) => e,
-            Ok(Ok(())) => ArchiverError::Crashed("queue closed".into()),
-            Err(e) => ArchiverError::Crashed(e.to_string()),
+            Ok(Ok(())) => ArchiverError::QueueClosed,
+            Err(source) => ArchiverError::Crashed { source },
         }
     }
 
@@ -193,7 +212,7 @@ impl Archiver {
         };
         match task.await {
             Ok(r) => r.map(|_| p),
-            Err(e) => Err(ArchiverError::Crashed(e.to_string())),
+            Err(source) => Err(ArchiverError::Crashed { source }),
         }
     }
 }
@@ -221,7 +240,7 @@ async fn run(
             biased;
             r = async { inflight.front_mut().expect("guarded by the precondition").await }, if !inflight.is_empty() => {
                 inflight.pop_front();
-                match r.map_err(|e| ArchiverError::Crashed(e.to_string()))?? {
+                match r.map_err(|source| ArchiverError::Crashed { source })?? {
                     Done::Segment(id) => {
                         if snapshotted.remove(&id) {
                             let key = layout::segment_key(id, config.seg_size, config.compression, true);
@@ -290,7 +309,7 @@ async fn archive_one(
                 compress::compress_file(&src, &dst, Compression::Zstd { level })
             })
             .await
-            .map_err(|e| ArchiverError::Crashed(e.to_string()))?
+            .map_err(|source| ArchiverError::Crashed { source })?
             .map_err(|source| ArchiverError::Compress {
                 path: path.display().to_string(),
                 source,

@@ -1,15 +1,25 @@
-//! The streaming loop of `walagent stream`: resume point, `.partial` segments in the spool,
-//! verification, fsync and feedback, reconnects and timeline switches.
+//! `walagent stream`: resume point, `.partial` segments in the spool, verification, fsync and
+//! feedback, reconnects and timeline switches.
+//!
+//! Shape: [`state::StreamState`] (synchronous, I/O-free) decides everything about the stream
+//! from events and answers with actions; this module is the async shell that performs them
+//! (socket, spool files, archiver channel, timers, signals) and does the startup steps around it
+//! (`Receiver::first_connect`: check the server, the archive's metadata, the slot, bind the
+//! spool, find and plan the resume ([`resume::plan`], pure), start the archiver, archive the
+//! history files). [`run`] bounds the stop.
 //!
 //! Durability rule: the flush position sent to the server never exceeds the end of the WAL
 //! prefix that is durable, meaning complete segments stored in the archive (or, with
-//! `--synchronous`, fsynced in the spool) followed by the fsynced part of the current partial.
-//! See `proto-notes/durability.md`.
+//! `--synchronous` / `--ack fsync`, fsynced in the spool) followed by the newest partial upload
+//! (or the fsynced part of the current partial). The rule is [`flush::flush_position`]; the
+//! state machine applies it and is property-tested against an in-memory store. See
+//! `proto-notes/durability.md`.
 
 pub mod archiver;
 pub mod flush;
 pub mod resume;
 pub mod spool;
+pub mod state;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -19,14 +29,13 @@ use tokio::sync::watch;
 
 use crate::archive::{layout, ArchiveMeta, Compression, PutMode, Store, StoreError};
 use crate::protocol::codec::{pg_now, StatusUpdate};
-use crate::protocol::{
-    ConnInfo, Connection, ProtocolError, StartOutcome, StreamEnd, StreamEvent, TimelineSwitch,
-};
+use crate::protocol::{ConnInfo, Connection, ProtocolError, StartOutcome, StreamEnd, StreamEvent};
 use crate::wal::verify::{check_segment, VerifyError, VerifyParams, WalVerifier};
 use crate::wal::{history_file_name, Lsn, SegmentId, SegmentSize};
 use archiver::{Archiver, ArchiverConfig, ArchiverError, Job};
 use resume::ResumeInput;
 use spool::{PartialSegment, Spool, SpoolIdentity};
+use state::{Action, ArchiveView, Event, Exit, StreamState};
 
 /// Everything `walagent stream` was asked to do.
 #[derive(Clone)]
@@ -79,7 +88,7 @@ impl std::str::FromStr for AckMode {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReceiveError {
-    #[error("{0}")]
+    #[error(transparent)]
     Protocol(#[from] ProtocolError),
     #[error("WAL verification failed, refusing to archive it: {0}")]
     Verify(#[from] VerifyError),
@@ -130,7 +139,9 @@ pub enum ReceiveError {
     ServerTooOld { target: String, version: u32 },
     #[error("server sent WAL starting at {got}, expected {expected}")]
     OutOfOrder { got: Lsn, expected: Lsn },
-    #[error("the archive continues timeline {archive_tli} but the server is on timeline {server_tli}; is this archive from another server?")]
+    #[error(
+        "the archive continues timeline {archive_tli} but the server is on timeline {server_tli}"
+    )]
     TimelineAhead { archive_tli: u32, server_tli: u32 },
     #[error("server announced timeline {next} starting at {start} after timeline {current} ended at {end}, which is not a valid switch")]
     BadSwitch {
@@ -184,7 +195,23 @@ impl ReceiveError {
                  walagent stream with the same spool archives it first (raise --stop-timeout to wait longer)"
                     .into(),
             ),
-            _ => None,
+            ReceiveError::SlotNotPhysical { .. } => Some(
+                "name a physical slot with --slot (or a new name with --create-slot)".into(),
+            ),
+            ReceiveError::ServerTooOld { .. } => Some(
+                "upgrade the server, or archive its WAL with the pg_receivewal of its version".into(),
+            ),
+            ReceiveError::TimelineAhead { .. } => Some(
+                "this archive may be another server's, or a restore's that went further: point \
+                 --archive at this server's own archive (or a new one)"
+                    .into(),
+            ),
+            ReceiveError::SystemChanged { .. } => Some(
+                "the server was replaced (a new initdb or a restored copy): give it a new archive \
+                 and spool, and take a new base backup"
+                    .into(),
+            ),
+            ReceiveError::OutOfOrder { .. } | ReceiveError::BadSwitch { .. } => None,
         }
     }
 
@@ -209,30 +236,19 @@ pub enum Finished {
     Disconnected(Lsn),
 }
 
-/// Why one replication stream ended.
-enum StreamOutcome {
-    Switch(TimelineSwitch),
-    Stopped,
-    ServerGone,
-}
-
-/// State that lives across reconnects.
+/// State that lives across reconnects: the stream's state machine and what its actions act on.
 struct Receiver {
     opts: StreamOptions,
     shutdown: watch::Receiver<u32>,
-    seg_size: SegmentSize,
     system_id: u64,
     spool: Spool,
     archiver: Archiver,
-    /// Next stream start: a segment start on a timeline.
-    timeline: u32,
-    start: Lsn,
-    /// End of the last segment completed in this process (or the resume point).
-    completed_upto: Lsn,
-    /// Last status sent, to avoid repeating identical updates.
-    last_sent: (Lsn, Lsn),
-    /// End of the last partial snapshot queued, and a counter for their temp names.
-    last_snapshot: Lsn,
+    state: StreamState,
+    /// The spool file of the segment being received (opened by [`Action::OpenPartial`]).
+    partial: Option<PartialSegment>,
+    /// A queue slot taken for a periodic partial upload ([`Event::PartialTick`]).
+    permit: Option<tokio::sync::mpsc::OwnedPermit<Job>>,
+    /// Counter for the temp names of partial uploads.
     snapshot_seq: u64,
 }
 
@@ -380,7 +396,7 @@ async fn explain_removed_wal(
         Ok(Some(s)) if s.restart_lsn.is_none() => ReceiveError::SlotInvalidated {
             slot: opts.slot.clone(),
             target: conn.target().to_string(),
-            needed: receiver.map(|r| r.start).unwrap_or_default(),
+            needed: receiver.map(|r| r.state.position()).unwrap_or_default(),
         },
         _ => e,
     }
@@ -391,7 +407,10 @@ async fn finish(
     receiver: Option<Receiver>,
     how: impl FnOnce(Lsn) -> Finished,
 ) -> Result<Finished, ReceiveError> {
-    let pos = receiver.as_ref().map(|r| r.start).unwrap_or_default();
+    let pos = receiver
+        .as_ref()
+        .map(|r| r.state.position())
+        .unwrap_or_default();
     if let Some(r) = receiver {
         r.archiver.finish().await?;
     }
@@ -440,228 +459,120 @@ fn spool_err(spool: &Spool, source: std::io::Error) -> ReceiveError {
     }
 }
 
+/// What the server said about itself on the first connection.
+struct ServerInfo {
+    version: u32,
+    system_identifier: u64,
+    timeline: u32,
+    xlogpos: Lsn,
+    seg_size: SegmentSize,
+}
+
+/// What startup found in the spool and the archive, for [`resume::plan`].
+struct Findings {
+    input: ResumeInput,
+    /// Bytes of each spool partial that verified.
+    partial_lens: std::collections::HashMap<SegmentId, u64>,
+}
+
 impl Receiver {
+    /// The first connection of a run: checks the server, the archive's metadata, the slot and
+    /// the spool, plans the resume, starts the archiver with what the spool still holds, and
+    /// archives the history files. Each step is one function below, in this order.
     async fn first_connect(
         opts: &StreamOptions,
         conn: &mut Connection,
         shutdown: watch::Receiver<u32>,
     ) -> Result<Receiver, ReceiveError> {
-        let store = opts.store.clone();
-        let store_err = |source| ReceiveError::Store {
-            location: store.location(),
-            source,
-        };
-        let version = conn.server_version_num().await?;
-        if version < 150000 {
-            return Err(ReceiveError::ServerTooOld {
-                target: conn.target().to_string(),
-                version,
-            });
-        }
-        let sys = conn.identify_system().await?;
-        let seg_size = conn.wal_segment_size().await?;
-        tracing::info!(
-            system = sys.system_identifier,
-            timeline = sys.timeline,
-            position = %sys.xlogpos,
-            segment_size = %seg_size,
-            "server identified"
-        );
-
-        ArchiveMeta::ensure(store.as_ref(), sys.system_identifier, seg_size, version).await?;
+        let server = check_server(conn).await?;
+        ArchiveMeta::ensure(
+            opts.store.as_ref(),
+            server.system_identifier,
+            server.seg_size,
+            server.version,
+        )
+        .await?;
         let slot_created = Self::ensure_slot(opts, conn).await?;
-
-        // The spool must be this cluster's and this archive's before anything in it counts.
-        let spool =
-            Spool::open(&opts.spool_dir, seg_size).map_err(|source| ReceiveError::Spool {
-                path: opts.spool_dir.display().to_string(),
-                source,
-            })?;
-        let inside_archive = store.local_root().is_some_and(|root| {
-            match (
-                std::fs::canonicalize(root),
-                std::fs::canonicalize(spool.dir()),
-            ) {
-                (Ok(r), Ok(s)) => s.starts_with(r),
-                _ => false,
-            }
-        });
-        spool.bind(
-            &SpoolIdentity {
-                system_identifier: sys.system_identifier.to_string(),
-                wal_segment_size: seg_size.bytes(),
-                archive: opts.archive_identity.clone(),
-            },
-            inside_archive,
-        )?;
-        let contents = spool.scan().map_err(|e| spool_err(&spool, e))?;
-        let objects = store.list(layout::WAL_PREFIX).await.map_err(store_err)?;
-        let mut input = ResumeInput::default();
-        for o in &objects {
-            if let Some(layout::WalObject::Segment { id, partial, .. }) =
-                layout::parse_wal_key(&o.key, seg_size)
-            {
-                if partial {
-                    input.archived_partials.push(id);
-                } else {
-                    input.archived.push(id);
-                }
-            }
-        }
-
-        // Every spool file is checked against this cluster (long page header: system id and
-        // segment size; page addresses and timelines; record CRCs) before it counts. A ready file
-        // must be whole: a zeroed tail (lost before it reached the disk) is incomplete even
-        // though every byte before it verifies. A partial counts when its first page verifies
-        // (its tail is re-streamed anyway). Files that fail are set aside, never trusted.
-        let params = |tli| VerifyParams {
-            system_identifier: sys.system_identifier,
-            segment_size: seg_size,
-            timeline: tli,
-        };
-        let mut partial_lens = std::collections::HashMap::new();
-        for &id in &contents.ready {
-            if input.archived.contains(&id) {
-                input.ready.push(id); // removed below
-                continue;
-            }
-            let path = spool.ready_path(id);
-            let bytes = std::fs::read(&path).map_err(|e| spool_err(&spool, e))?;
-            match check_segment(params(id.timeline), id.start_lsn(seg_size), &bytes) {
-                Ok(c) if c.complete => input.ready.push(id),
-                Ok(c) => set_aside(
-                    &spool,
-                    &path,
-                    &format!("incomplete: WAL ends at {}", c.data_end),
-                )?,
-                Err(e) => set_aside(&spool, &path, &e.to_string())?,
-            }
-        }
-        for &id in &contents.partials {
-            let path = spool.partial_path(id);
-            let bytes = std::fs::read(&path).map_err(|e| spool_err(&spool, e))?;
-            let start = id.start_lsn(seg_size);
-            let mut v = WalVerifier::new(params(id.timeline), start);
-            let verified = match v.feed(&bytes) {
-                Ok(()) => bytes.len() as u64,
-                Err(e) if e.lsn() > start => e.lsn().0 - start.0,
-                Err(e) => {
-                    set_aside(&spool, &path, &e.to_string())?;
-                    continue;
-                }
-            };
-            partial_lens.insert(id, verified);
-            input.partials.push(id);
-        }
-
-        input.fallback = match resume::archive_start(&input.archived, &input.archived_partials) {
-            Some(s) => s,
-            None => {
-                let slot = conn.read_replication_slot(&opts.slot).await?;
-                match slot.and_then(|s| Some((s.restart_timeline?, s.restart_lsn?))) {
-                    Some((tli, lsn)) => SegmentId::containing(tli, lsn, seg_size),
-                    None => SegmentId::containing(sys.timeline, sys.xlogpos, seg_size),
-                }
-            }
-        };
-        let plan = resume::plan(&input);
-        let start = plan.start;
-        if plan.from_archive || !plan.requeue.is_empty() || plan.resume_partial.is_some() {
-            tracing::info!(segment = %start.file_name(seg_size), "resuming from the archive and spool");
-        } else {
-            tracing::info!(segment = %start.file_name(seg_size), "empty archive: starting at the slot's restart_lsn (or the server's position)");
-        }
-        if start.timeline > sys.timeline {
-            return Err(ReceiveError::TimelineAhead {
-                archive_tli: start.timeline,
-                server_tli: sys.timeline,
-            });
-        }
-        for &(id, why) in &plan.set_aside_ready {
-            set_aside(&spool, &spool.ready_path(id), why.describe())?;
-        }
-        for &(id, why) in &plan.set_aside_partial {
-            set_aside(&spool, &spool.partial_path(id), why.describe())?;
-        }
-        for id in &plan.remove_ready {
-            let _ = std::fs::remove_file(spool.ready_path(*id));
-        }
-        for id in &plan.remove_partial {
-            let _ = std::fs::remove_file(spool.partial_path(*id));
-        }
-        let start_lsn = start.start_lsn(seg_size);
+        let spool = bind_spool(opts, &server)?;
+        let findings = find_resume_input(opts, conn, &server, &spool).await?;
+        let plan = plan_resume(&server, &findings.input)?;
+        apply_plan_to_spool(&spool, &plan)?;
+        let resume_at = plan.start.start_lsn(server.seg_size);
         if slot_created && plan.from_archive {
             tracing::warn!(
                 slot = %opts.slot,
-                archive_end = %start_lsn,
+                archive_end = %resume_at,
                 "the replication slot did not exist and was created now; the WAL since the archive's end was not held for it: \
                  if the server has already removed it, streaming fails with \"WAL already removed\" and the archive has a gap \
                  (take a new base backup); otherwise nothing is lost"
             );
         }
-        let initial = plan
-            .requeue
-            .first()
-            .map(|id| id.start_lsn(seg_size))
-            .unwrap_or(start_lsn);
-        let queue = (opts.spool_max_bytes / u64::from(seg_size.bytes())).max(1) as usize;
-        let archiver = Archiver::start(
-            ArchiverConfig {
-                store: store.clone(),
-                seg_size,
-                compression: opts.compression,
-                spool_dir: spool.dir().to_path_buf(),
-                queue,
-                workers: opts.archive_workers,
+        let archiver = start_archiver(opts, &server, &spool, &plan);
+        let state = StreamState::new(
+            state::Config {
+                seg_size: server.seg_size,
+                system_identifier: server.system_identifier,
+                local_ack: local_ack(opts),
+                synchronous: opts.synchronous,
+                endpos: opts.endpos,
+                partial_uploads: opts.partial_interval.is_some(),
             },
-            initial,
+            plan.start.timeline,
+            resume_at,
         );
         let mut receiver = Receiver {
             opts: opts.clone(),
             shutdown,
-            seg_size,
-            system_id: sys.system_identifier,
+            system_id: server.system_identifier,
             spool,
             archiver,
-            timeline: start.timeline,
-            start: start_lsn,
-            completed_upto: start_lsn,
-            last_sent: (Lsn(0), Lsn(0)),
-            last_snapshot: Lsn(0),
+            state,
+            partial: None,
+            permit: None,
             snapshot_seq: 0,
         };
-        for id in plan.requeue {
-            let path = receiver.spool.ready_path(id);
-            receiver.archiver.submit(Job::Segment { id, path }).await?;
+        receiver
+            .queue_leftovers(&plan, &findings.partial_lens, server.seg_size)
+            .await?;
+        receiver.archive_histories(conn, server.timeline).await?;
+        Ok(receiver)
+    }
+
+    /// Queues what the spool still holds from the last run: ready segments, finished partials of
+    /// older timelines, and (with a local ack) the verified bytes of the partial resumed.
+    async fn queue_leftovers(
+        &mut self,
+        plan: &resume::ResumePlan,
+        partial_lens: &std::collections::HashMap<SegmentId, u64>,
+        seg_size: SegmentSize,
+    ) -> Result<(), ReceiveError> {
+        for &id in &plan.requeue {
+            let path = self.spool.ready_path(id);
+            self.archiver.submit(Job::Segment { id, path }).await?;
         }
-        for id in plan.finished_partials {
-            let path = receiver.spool.partial_path(id);
-            receiver
-                .archiver
-                .submit(Job::FinalPartial { id, path })
-                .await?;
+        for &id in &plan.finished_partials {
+            let path = self.spool.partial_path(id);
+            self.archiver.submit(Job::FinalPartial { id, path }).await?;
         }
         // With a local ack (--synchronous, --ack fsync) the partial's fsynced bytes may have been
         // reported as flushed before a crash: archive them first, so that wal-fetch and restore
         // see what the server was told is safe.
-        if let (true, Some(id)) = (receiver.local_ack(), plan.resume_partial) {
+        if let (true, Some(id)) = (local_ack(&self.opts), plan.resume_partial) {
             let len = partial_lens.get(&id).copied().unwrap_or(0);
             if len > 0 {
-                receiver.snapshot_seq += 1;
-                let path = receiver
+                self.snapshot_seq += 1;
+                let path = self
                     .spool
-                    .snapshot_prefix(id, len, receiver.snapshot_seq)
-                    .map_err(|e| spool_err(&receiver.spool, e))?;
+                    .snapshot_prefix(id, len, self.snapshot_seq)
+                    .map_err(|e| spool_err(&self.spool, e))?;
                 let end = Lsn(id.start_lsn(seg_size).0 + len);
                 tracing::info!(segment = %id.file_name(seg_size), %end, "archiving the partial segment left by the last run");
-                receiver
-                    .archiver
+                self.archiver
                     .submit(Job::Snapshot { id, path, end })
                     .await?;
             }
         }
-        receiver.archive_histories(conn, sys.timeline).await?;
-        Ok(receiver)
+        Ok(())
     }
 
     /// Checks the slot; creates it with `--create-slot`. Returns whether it was created now.
@@ -690,6 +601,7 @@ impl Receiver {
         }
     }
 
+    /// A later connection: the same cluster, the slot still there, the history files stored.
     async fn reconnected(&self, conn: &mut Connection) -> Result<(), ReceiveError> {
         let sys = conn.identify_system().await?;
         if sys.system_identifier != self.system_id {
@@ -717,17 +629,13 @@ impl Receiver {
         upto: u32,
     ) -> Result<(), ReceiveError> {
         let store = &self.opts.store;
+        let store_err = |source| ReceiveError::Store {
+            location: store.location(),
+            source,
+        };
         for tli in 2..=upto {
             let key = layout::history_key(tli);
-            let exists = store
-                .get_bytes(&key)
-                .await
-                .map_err(|source| ReceiveError::Store {
-                    location: store.location(),
-                    source,
-                })?
-                .is_some();
-            if exists {
+            if store.get_bytes(&key).await.map_err(store_err)?.is_some() {
                 continue;
             }
             match conn.timeline_history(tli).await {
@@ -735,10 +643,7 @@ impl Receiver {
                     store
                         .put_bytes(&key, content, PutMode::NoOverwrite)
                         .await
-                        .map_err(|source| ReceiveError::Store {
-                            location: store.location(),
-                            source,
-                        })?;
+                        .map_err(store_err)?;
                     tracing::info!(file = %history_file_name(tli), "archived timeline history");
                 }
                 // A timeline the server never had (e.g. skipped numbers) has no file.
@@ -749,157 +654,202 @@ impl Receiver {
         Ok(())
     }
 
-    /// Streams until a stop (returns the reason) or an error. Follows timeline switches on the
-    /// same connection.
+    /// The archiver's progress for the state machine.
+    fn observe(&mut self) {
+        let p = self.archiver.progress();
+        self.state.observe(ArchiveView {
+            archived_upto: p.archived_upto,
+            snapshot: p.snapshot,
+            idle: self.archiver.is_idle(),
+        });
+    }
+
+    /// The state machine's next action, with the archiver's progress refreshed first.
+    fn next_action(&mut self) -> Result<Option<Action>, ReceiveError> {
+        self.observe();
+        self.state.next_action()
+    }
+
+    /// Hands one event to the state machine (with the archiver's progress refreshed first).
+    fn handle(&mut self, event: Event) -> Result<(), ReceiveError> {
+        self.observe();
+        self.state.handle(event)
+    }
+
+    /// Streams on this connection until the run is finished (`Some`), the server goes away
+    /// (`None`) or an error. Follows timeline switches on the same connection. The state machine
+    /// decides; this loop performs its actions and waits for the next event.
     async fn stream_loop(
         &mut self,
         conn: &mut Connection,
         backoff: &mut Backoff,
     ) -> Result<Option<Finished>, ReceiveError> {
+        self.partial = None;
+        self.permit = None;
+        self.handle(Event::Connected)?;
+        let mut timers: Option<Timers> = None;
         loop {
-            if let Some(end) = self.opts.endpos {
-                if self.start >= end && self.archiver.is_idle() {
-                    tracing::info!(endpos = %end, "the archive already reaches --endpos");
-                    return Ok(Some(Finished::EndPos(end)));
+            while let Some(action) = self.next_action()? {
+                match action {
+                    Action::StartReplication { timeline, start } => {
+                        match conn
+                            .start_replication(Some(&self.opts.slot), start, timeline)
+                            .await?
+                        {
+                            StartOutcome::TimelineEnded(sw) => {
+                                self.handle(Event::TimelineEnded(sw))?
+                            }
+                            StartOutcome::Streaming => {
+                                self.partial = None;
+                                timers = Some(Timers::new(&self.opts).await);
+                                self.handle(Event::Started)?;
+                            }
+                        }
+                    }
+                    Action::Exit(Exit::Finished(done)) => return Ok(Some(done)),
+                    Action::Exit(Exit::ServerGone) => return Ok(None),
+                    other => self.perform(conn, other).await?,
                 }
             }
-            match self.stream_once(conn, backoff).await? {
-                StreamOutcome::Switch(sw) => {
-                    if sw.next_timeline <= self.timeline {
-                        return Err(ReceiveError::BadSwitch {
-                            current: self.timeline,
-                            end: self.start,
-                            next: sw.next_timeline,
-                            start: sw.next_start,
-                        });
-                    }
-                    tracing::info!(
-                        from = self.timeline,
-                        to = sw.next_timeline,
-                        at = %sw.next_start,
-                        "timeline switch"
-                    );
-                    self.archive_histories(conn, sw.next_timeline).await?;
-                    self.timeline = sw.next_timeline;
-                    self.start = sw.next_start.segment_start(self.seg_size.bytes());
-                    self.completed_upto = self.completed_upto.min(self.start);
-                }
-                StreamOutcome::Stopped => {
-                    let pos = self.start;
-                    let stopped_by_signal = *self.shutdown.borrow() > 0;
-                    return Ok(Some(match self.opts.endpos {
-                        Some(end) if !stopped_by_signal && pos >= end => Finished::EndPos(end),
-                        _ => Finished::Signal(pos),
-                    }));
-                }
-                StreamOutcome::ServerGone => return Ok(None),
+            self.permit = None;
+            let Some(timers) = timers.as_mut() else {
+                // Only a started stream waits for events; the state always has an action before.
+                return Err(ReceiveError::Protocol(ProtocolError::Unexpected(
+                    "no replication stream to read".into(),
+                )));
+            };
+            let Some(event) = self.next_event(conn, timers).await? else {
+                continue;
+            };
+            let is_wal = matches!(event, Event::XLogData { .. })
+                && self.state.phase() == state::Phase::Streaming;
+            self.handle(event)?;
+            if is_wal {
+                backoff.reset();
             }
         }
     }
 
-    /// Whether WAL fsynced in the spool counts as flushed.
-    fn local_ack(&self) -> bool {
-        self.opts.synchronous || self.opts.ack == AckMode::Fsync
-    }
-
-    /// The flush position that is honest to report: [`flush::flush_position`] (the invariant
-    /// "reported flush <= durable end" is stated and property-tested there).
-    fn flush_lsn(&self, partial: Option<&PartialSegment>) -> Lsn {
-        let progress = self.archiver.progress();
-        flush::flush_position(
-            self.local_ack(),
-            self.completed_upto,
-            progress.archived_upto,
-            progress.snapshot,
-            partial.map(|p| flush::PartialView {
-                id: p.id,
-                start: p.start_lsn(),
-                written_end: p.end_lsn(),
-                synced_end: p.synced_lsn(),
-            }),
-        )
-    }
-
-    async fn send_status(
+    /// Waits for the next thing that happens to the stream: a message from the server, a timer,
+    /// a stop signal, the archiver's progress. `None`: nothing for the state machine.
+    async fn next_event(
         &mut self,
         conn: &mut Connection,
-        partial: Option<&PartialSegment>,
-        write: Lsn,
-        force: bool,
-    ) -> Result<(), ReceiveError> {
-        let flush = self.flush_lsn(partial);
-        if !force && (write, flush) == self.last_sent {
-            return Ok(());
-        }
-        conn.send_status(StatusUpdate {
-            write,
-            flush,
-            apply: Lsn(0),
-            send_time: pg_now(),
-            reply_requested: false,
-        })
-        .await?;
-        tracing::trace!(%write, %flush, "status sent");
-        self.last_sent = (write, flush);
-        Ok(())
+        timers: &mut Timers,
+    ) -> Result<Option<Event>, ReceiveError> {
+        let wants_partial = self.state.wants_partial_ticks();
+        let accepts_stop = self.state.accepts_stop();
+        Ok(Some(tokio::select! {
+            ev = conn.next_event() => match ev? {
+                StreamEvent::XLogData { wal_start, data, .. } => Event::XLogData { wal_start, data },
+                StreamEvent::Keepalive { wal_end, reply_requested } => {
+                    Event::Keepalive { wal_end, reply_requested }
+                }
+                StreamEvent::End(StreamEnd::Timeline(sw)) => Event::TimelineEnded(sw),
+                StreamEvent::End(StreamEnd::Stopped) => Event::ServerStopped {
+                    signalled: *self.shutdown.borrow() > 0,
+                },
+                StreamEvent::End(StreamEnd::ServerShutdown) => Event::ServerShutdown,
+            },
+            _ = timers.status.tick() => Event::StatusTick,
+            _ = timers.partial.tick(), if wants_partial => {
+                // Only when the queue has room: a periodic upload never holds up the stream.
+                match self.archiver.try_reserve() {
+                    Some(permit) => {
+                        self.permit = Some(permit);
+                        Event::PartialTick
+                    }
+                    None => return Ok(None),
+                }
+            }
+            _ = wait_true(&mut self.shutdown), if accepts_stop => Event::StopRequested,
+            p = self.archiver.changed() => {
+                let p = p?;
+                Event::Archived(ArchiveView {
+                    archived_upto: p.archived_upto,
+                    snapshot: p.snapshot,
+                    idle: self.archiver.is_idle(),
+                })
+            }
+        }))
     }
 
-    /// Makes everything received durable: waits for the archiver, fsyncs the partial and, unless
-    /// the spool is what counts, stores a copy of it in the archive. On a stop (`stopping`) the
-    /// partial is stored in the archive in every mode: with `--synchronous` / `--ack fsync` its
-    /// fsynced bytes were already reported as flushed, and wal-fetch and restore read only the
-    /// archive.
-    async fn make_durable(
-        &mut self,
-        partial: Option<&mut PartialSegment>,
-        stopping: bool,
-    ) -> Result<(), ReceiveError> {
-        self.archiver.drain().await?;
-        if let Some(p) = partial {
-            p.sync().map_err(|e| spool_err(&self.spool, e))?;
-            let upload = if self.local_ack() {
-                stopping && p.end_lsn() > p.start_lsn().max(self.last_snapshot)
-            } else {
-                self.flush_lsn(Some(p)) < p.end_lsn()
-            };
-            if upload {
-                self.snapshot(p).await?;
+    /// Performs one action of the state machine (all but starting replication and exiting).
+    async fn perform(&mut self, conn: &mut Connection, action: Action) -> Result<(), ReceiveError> {
+        match action {
+            Action::OpenPartial { id } => {
+                let p = self
+                    .spool
+                    .open_partial(id)
+                    .map_err(|e| spool_err(&self.spool, e))?;
+                self.partial = Some(p);
+            }
+            Action::Write { id, offset, data } => {
+                let p = the_partial(&mut self.partial, id);
+                debug_assert_eq!(p.end_lsn().0 - p.start_lsn().0, u64::from(offset));
+                p.append(&data).map_err(|e| spool_err(&self.spool, e))?;
+            }
+            Action::FsyncPartial { id } => {
+                let p = the_partial(&mut self.partial, id);
+                p.sync().map_err(|e| spool_err(&self.spool, e))?;
+            }
+            Action::Complete { id, fsync } => {
+                the_partial(&mut self.partial, id);
+                if let Some(done) = self.partial.take() {
+                    done.complete(&self.spool, fsync)
+                        .map_err(|e| spool_err(&self.spool, e))?;
+                }
+            }
+            Action::QueueSegment { id } => {
+                let path = self.spool.ready_path(id);
+                self.submit_streaming(conn, Job::Segment { id, path })
+                    .await?;
+            }
+            Action::FinishShort { id } => {
+                the_partial(&mut self.partial, id);
+                if let Some(p) = self.partial.take() {
+                    p.finish_short(&self.spool)
+                        .map_err(|e| spool_err(&self.spool, e))?;
+                }
+            }
+            Action::QueueFinalPartial { id } => {
+                let path = self.spool.partial_path(id);
+                self.archiver.submit(Job::FinalPartial { id, path }).await?;
+            }
+            Action::UploadPartial { id, end } => {
+                self.snapshot_seq += 1;
+                let seq = self.snapshot_seq;
+                let p = the_partial(&mut self.partial, id);
+                debug_assert_eq!(p.end_lsn(), end);
+                let path = p
+                    .snapshot(&self.spool, seq)
+                    .map_err(|e| spool_err(&self.spool, e))?;
+                let job = Job::Snapshot { id, path, end };
+                match self.permit.take() {
+                    Some(permit) => self.archiver.send(permit, job),
+                    None => self.archiver.submit(job).await?,
+                }
+            }
+            Action::DrainArchiver => {
                 self.archiver.drain().await?;
+            }
+            Action::SendStatus { write, flush } => send_status(conn, write, flush).await?,
+            Action::RequestStop => conn.request_stop().await?,
+            Action::ArchiveHistories { upto } => self.archive_histories(conn, upto).await?,
+            Action::StartReplication { .. } | Action::Exit(_) => {
+                debug_assert!(false, "performed by stream_loop");
             }
         }
         Ok(())
     }
 
-    /// Copies what the partial holds so far into an upload job.
-    fn snapshot_job(&mut self, p: &PartialSegment) -> Result<Job, ReceiveError> {
-        self.snapshot_seq += 1;
-        let path = p
-            .snapshot(&self.spool, self.snapshot_seq)
-            .map_err(|e| spool_err(&self.spool, e))?;
-        self.last_snapshot = p.end_lsn();
-        Ok(Job::Snapshot {
-            id: p.id,
-            path,
-            end: p.end_lsn(),
-        })
-    }
-
-    /// Queues an upload of what the partial holds so far; waits for room in the queue.
-    async fn snapshot(&mut self, p: &PartialSegment) -> Result<(), ReceiveError> {
-        let job = self.snapshot_job(p)?;
-        self.archiver.submit(job).await?;
-        Ok(())
-    }
-
-    /// Queues a job for the archiver. While the queue is full (the archive is slow or away), the
-    /// receiver stops reading but keeps sending status updates, so the server keeps the
-    /// connection and the slot keeps the WAL.
-    async fn submit(
+    /// Queues a complete segment for the archiver. While the queue is full (the archive is slow
+    /// or away), the receiver stops reading but keeps sending status updates, so the server keeps
+    /// the connection and the slot keeps the WAL.
+    async fn submit_streaming(
         &mut self,
         conn: &mut Connection,
         job: Job,
-        partial: Option<&PartialSegment>,
-        write: Lsn,
     ) -> Result<(), ReceiveError> {
         let mut waited = false;
         let permit = loop {
@@ -910,7 +860,9 @@ impl Receiver {
                         tracing::warn!("the archive is behind and the spool is full: pausing the stream until it catches up");
                         waited = true;
                     }
-                    self.send_status(conn, partial, write, true).await?;
+                    self.observe();
+                    let (write, flush) = self.state.status_now();
+                    send_status(conn, write, flush).await?;
                 }
             }
         };
@@ -920,197 +872,313 @@ impl Receiver {
         }
         Ok(())
     }
+}
 
-    async fn stream_once(
-        &mut self,
-        conn: &mut Connection,
-        backoff: &mut Backoff,
-    ) -> Result<StreamOutcome, ReceiveError> {
-        let tli = self.timeline;
-        match conn
-            .start_replication(Some(&self.opts.slot), self.start, tli)
-            .await?
-        {
-            StartOutcome::TimelineEnded(sw) => return Ok(StreamOutcome::Switch(sw)),
-            StartOutcome::Streaming => {}
+/// The open partial, which the state machine names in its actions.
+fn the_partial(partial: &mut Option<PartialSegment>, id: SegmentId) -> &mut PartialSegment {
+    let p = partial
+        .as_mut()
+        .expect("the state machine opens a partial before acting on it");
+    debug_assert_eq!(p.id, id);
+    p
+}
+
+/// The timers of one stream.
+struct Timers {
+    status: tokio::time::Interval,
+    partial: tokio::time::Interval,
+}
+
+impl Timers {
+    async fn new(opts: &StreamOptions) -> Timers {
+        let mut status = tokio::time::interval(opts.status_interval);
+        status.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut partial =
+            tokio::time::interval(opts.partial_interval.unwrap_or(Duration::from_secs(3600)));
+        partial.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        partial.tick().await;
+        Timers { status, partial }
+    }
+}
+
+async fn send_status(conn: &mut Connection, write: Lsn, flush: Lsn) -> Result<(), ReceiveError> {
+    conn.send_status(StatusUpdate {
+        write,
+        flush,
+        apply: Lsn(0),
+        send_time: pg_now(),
+        reply_requested: false,
+    })
+    .await?;
+    tracing::trace!(%write, %flush, "status sent");
+    Ok(())
+}
+
+/// Whether WAL fsynced in the spool counts as flushed.
+fn local_ack(opts: &StreamOptions) -> bool {
+    opts.synchronous || opts.ack == AckMode::Fsync
+}
+
+/// Startup step 1: the server is new enough; who it is, where it is, its segment size.
+async fn check_server(conn: &mut Connection) -> Result<ServerInfo, ReceiveError> {
+    let version = conn.server_version_num().await?;
+    if version < 150000 {
+        return Err(ReceiveError::ServerTooOld {
+            target: conn.target().to_string(),
+            version,
+        });
+    }
+    let sys = conn.identify_system().await?;
+    let seg_size = conn.wal_segment_size().await?;
+    tracing::info!(
+        system = sys.system_identifier,
+        timeline = sys.timeline,
+        position = %sys.xlogpos,
+        segment_size = %seg_size,
+        "server identified"
+    );
+    Ok(ServerInfo {
+        version,
+        system_identifier: sys.system_identifier,
+        timeline: sys.timeline,
+        xlogpos: sys.xlogpos,
+        seg_size,
+    })
+}
+
+/// Startup step 4: the spool must be this cluster's and this archive's before anything in it
+/// counts.
+fn bind_spool(opts: &StreamOptions, server: &ServerInfo) -> Result<Spool, ReceiveError> {
+    let spool =
+        Spool::open(&opts.spool_dir, server.seg_size).map_err(|source| ReceiveError::Spool {
+            path: opts.spool_dir.display().to_string(),
+            source,
+        })?;
+    let inside_archive = opts.store.local_root().is_some_and(|root| {
+        match (
+            std::fs::canonicalize(root),
+            std::fs::canonicalize(spool.dir()),
+        ) {
+            (Ok(r), Ok(s)) => s.starts_with(r),
+            _ => false,
         }
-        tracing::info!(start = %self.start, timeline = tli, "streaming");
-        let params = VerifyParams {
-            system_identifier: self.system_id,
-            segment_size: self.seg_size,
-            timeline: tli,
-        };
-        let mut verifier = WalVerifier::new(params, self.start);
-        let mut write_pos = self.start;
-        let mut partial: Option<PartialSegment> = None;
-        let mut stopping = false;
-        let mut ticker = tokio::time::interval(self.opts.status_interval);
-        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut snapshot_ticker = tokio::time::interval(
-            self.opts
-                .partial_interval
-                .unwrap_or(Duration::from_secs(3600)),
-        );
-        snapshot_ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        snapshot_ticker.tick().await;
-        let seg_bytes = u64::from(self.seg_size.bytes());
+    });
+    spool.bind(
+        &SpoolIdentity {
+            system_identifier: server.system_identifier.to_string(),
+            wal_segment_size: server.seg_size.bytes(),
+            archive: opts.archive_identity.clone(),
+        },
+        inside_archive,
+    )?;
+    Ok(spool)
+}
 
-        let outcome = loop {
-            let event = tokio::select! {
-                ev = conn.next_event() => ev?,
-                _ = ticker.tick() => {
-                    self.send_status(conn, partial.as_ref(), write_pos, true).await?;
-                    continue;
-                }
-                _ = snapshot_ticker.tick(), if self.opts.partial_interval.is_some() && !stopping => {
-                    // Only when the queue has room: a periodic upload never holds up the stream.
-                    if let Some(p) = partial.as_ref() {
-                        if p.end_lsn() > self.last_snapshot.max(p.start_lsn()) {
-                            if let Some(permit) = self.archiver.try_reserve() {
-                                let job = self.snapshot_job(p)?;
-                                self.archiver.send(permit, job);
-                            }
-                        }
-                    }
-                    continue;
-                }
-                _ = wait_true(&mut self.shutdown), if !stopping => {
-                    tracing::info!("stop requested; finishing");
-                    self.make_durable(partial.as_mut(), true).await?;
-                    self.send_status(conn, partial.as_ref(), write_pos, true).await?;
-                    conn.request_stop().await?;
-                    stopping = true;
-                    continue;
-                }
-                p = self.archiver.changed() => {
-                    p?;
-                    if self.opts.synchronous {
-                        self.send_status(conn, partial.as_ref(), write_pos, false).await?;
-                    }
-                    continue;
-                }
-            };
-            match event {
-                StreamEvent::XLogData {
-                    wal_start, data, ..
-                } => {
-                    if stopping {
-                        continue;
-                    }
-                    if wal_start != write_pos {
-                        return Err(ReceiveError::OutOfOrder {
-                            got: wal_start,
-                            expected: write_pos,
-                        });
-                    }
-                    let mut data = data;
-                    let mut reached_end = false;
-                    if let Some(end) = self.opts.endpos {
-                        let room = end.0.saturating_sub(write_pos.0);
-                        if data.len() as u64 >= room {
-                            data.truncate(room as usize);
-                            reached_end = true;
-                        }
-                    }
-                    verifier.feed(&data)?;
-                    backoff.reset();
-                    let mut rest = &data[..];
-                    while !rest.is_empty() {
-                        let p = match partial.as_mut() {
-                            Some(p) => p,
-                            None => {
-                                let id = SegmentId::containing(tli, write_pos, self.seg_size);
-                                let p = self
-                                    .spool
-                                    .open_partial(id)
-                                    .map_err(|e| spool_err(&self.spool, e))?;
-                                partial.insert(p)
-                            }
-                        };
-                        let seg_end = (write_pos.0 / seg_bytes + 1) * seg_bytes;
-                        let n = rest.len().min((seg_end - write_pos.0) as usize);
-                        p.append(&rest[..n])
-                            .map_err(|e| spool_err(&self.spool, e))?;
-                        rest = &rest[n..];
-                        write_pos = Lsn(write_pos.0 + n as u64);
-                        if write_pos.0 == seg_end {
-                            let done = partial.take().expect("partial exists");
-                            let id = done.id;
-                            let ready = done
-                                .complete(&self.spool, self.local_ack())
-                                .map_err(|e| spool_err(&self.spool, e))?;
-                            self.completed_upto = write_pos;
-                            self.start = write_pos;
-                            self.submit(conn, Job::Segment { id, path: ready }, None, write_pos)
-                                .await?;
-                        }
-                    }
-                    if self.opts.synchronous {
-                        if let Some(p) = partial.as_mut() {
-                            p.sync().map_err(|e| spool_err(&self.spool, e))?;
-                        }
-                        self.send_status(conn, partial.as_ref(), write_pos, false)
-                            .await?;
-                    }
-                    if reached_end {
-                        tracing::info!(endpos = %write_pos, "reached --endpos");
-                        self.make_durable(partial.as_mut(), true).await?;
-                        self.send_status(conn, partial.as_ref(), write_pos, true)
-                            .await?;
-                        conn.request_stop().await?;
-                        stopping = true;
-                        self.start = write_pos;
-                    }
-                }
-                StreamEvent::Keepalive {
-                    wal_end,
-                    reply_requested,
-                } => {
-                    if reply_requested {
-                        // The server waits for our flush to reach what it sent (e.g. at
-                        // shutdown). Catch up when that is quick; with uploads still pending
-                        // (say, the archive is away) answer with what is durable now: the
-                        // server asks again.
-                        if wal_end <= write_pos && self.archiver.is_idle() {
-                            self.make_durable(partial.as_mut(), false).await?;
-                        }
-                        self.send_status(conn, partial.as_ref(), write_pos, true)
-                            .await?;
-                    }
-                }
-                StreamEvent::End(StreamEnd::Timeline(sw)) => {
-                    if sw.next_start > write_pos {
-                        return Err(ReceiveError::BadSwitch {
-                            current: tli,
-                            end: write_pos,
-                            next: sw.next_timeline,
-                            start: sw.next_start,
-                        });
-                    }
-                    // The rest of this segment belongs to the new timeline: keep the old
-                    // timeline's piece as a finished partial.
-                    if let Some(p) = partial.take() {
-                        let id = p.id;
-                        let path = p
-                            .finish_short(&self.spool)
-                            .map_err(|e| spool_err(&self.spool, e))?;
-                        self.archiver.submit(Job::FinalPartial { id, path }).await?;
-                    }
-                    break StreamOutcome::Switch(sw);
-                }
-                StreamEvent::End(StreamEnd::Stopped) => break StreamOutcome::Stopped,
-                StreamEvent::End(StreamEnd::ServerShutdown) => {
-                    tracing::info!("server shut down the stream");
-                    break StreamOutcome::ServerGone;
-                }
+/// Startup step 5: what the archive lists and what the spool holds that verifies, and where to
+/// start if the archive is empty (the slot's restart point, else the server's position).
+///
+/// Every spool file is checked against this cluster (long page header: system id and segment
+/// size; page addresses and timelines; record CRCs) before it counts. A ready file must be whole:
+/// a zeroed tail (lost before it reached the disk) is incomplete even though every byte before
+/// it verifies. A partial counts when its first page verifies (its tail is re-streamed anyway).
+/// Files that fail are set aside, never trusted.
+async fn find_resume_input(
+    opts: &StreamOptions,
+    conn: &mut Connection,
+    server: &ServerInfo,
+    spool: &Spool,
+) -> Result<Findings, ReceiveError> {
+    let seg_size = server.seg_size;
+    let contents = spool.scan().map_err(|e| spool_err(spool, e))?;
+    let objects = opts
+        .store
+        .list(layout::WAL_PREFIX)
+        .await
+        .map_err(|source| ReceiveError::Store {
+            location: opts.store.location(),
+            source,
+        })?;
+    let mut input = ResumeInput::default();
+    for o in &objects {
+        if let Some(layout::WalObject::Segment { id, partial, .. }) =
+            layout::parse_wal_key(&o.key, seg_size)
+        {
+            if partial {
+                input.archived_partials.push(id);
+            } else {
+                input.archived.push(id);
+            }
+        }
+    }
+    let params = |tli| VerifyParams {
+        system_identifier: server.system_identifier,
+        segment_size: seg_size,
+        timeline: tli,
+    };
+    let mut partial_lens = std::collections::HashMap::new();
+    for &id in &contents.ready {
+        if input.archived.contains(&id) {
+            input.ready.push(id); // removed by the plan
+            continue;
+        }
+        let path = spool.ready_path(id);
+        let bytes = std::fs::read(&path).map_err(|e| spool_err(spool, e))?;
+        match check_segment(params(id.timeline), id.start_lsn(seg_size), &bytes) {
+            Ok(c) if c.complete => input.ready.push(id),
+            Ok(c) => set_aside(
+                spool,
+                &path,
+                &format!("incomplete: WAL ends at {}", c.data_end),
+            )?,
+            Err(e) => set_aside(spool, &path, &e.to_string())?,
+        }
+    }
+    for &id in &contents.partials {
+        let path = spool.partial_path(id);
+        let bytes = std::fs::read(&path).map_err(|e| spool_err(spool, e))?;
+        let start = id.start_lsn(seg_size);
+        let mut v = WalVerifier::new(params(id.timeline), start);
+        let verified = match v.feed(&bytes) {
+            Ok(()) => bytes.len() as u64,
+            Err(e) if e.lsn() > start => e.lsn().0 - start.0,
+            Err(e) => {
+                set_aside(spool, &path, &e.to_string())?;
+                continue;
             }
         };
-        // self.start already holds the current partial's segment start (set when the previous
-        // segment completed): a reconnect re-streams that segment. After a requested stop it
-        // reports how far the stream got.
-        if stopping {
-            self.start = write_pos;
+        partial_lens.insert(id, verified);
+        input.partials.push(id);
+    }
+    input.fallback = match resume::archive_start(&input.archived, &input.archived_partials) {
+        Some(s) => s,
+        None => {
+            let slot = conn.read_replication_slot(&opts.slot).await?;
+            match slot.and_then(|s| Some((s.restart_timeline?, s.restart_lsn?))) {
+                Some((tli, lsn)) => SegmentId::containing(tli, lsn, seg_size),
+                None => SegmentId::containing(server.timeline, server.xlogpos, seg_size),
+            }
         }
-        Ok(outcome)
+    };
+    Ok(Findings {
+        input,
+        partial_lens,
+    })
+}
+
+/// Startup step 6: the resume decision ([`resume::plan`], pure), which must not be ahead of the
+/// server's timeline.
+fn plan_resume(
+    server: &ServerInfo,
+    input: &ResumeInput,
+) -> Result<resume::ResumePlan, ReceiveError> {
+    let plan = resume::plan(input);
+    let first = plan.start;
+    let seg_size = server.seg_size;
+    if plan.from_archive || !plan.requeue.is_empty() || plan.resume_partial.is_some() {
+        tracing::info!(segment = %first.file_name(seg_size), "resuming from the archive and spool");
+    } else {
+        tracing::info!(segment = %first.file_name(seg_size), "empty archive: starting at the slot's restart_lsn (or the server's position)");
+    }
+    if first.timeline > server.timeline {
+        return Err(ReceiveError::TimelineAhead {
+            archive_tli: first.timeline,
+            server_tli: server.timeline,
+        });
+    }
+    Ok(plan)
+}
+
+/// Startup step 7: sets aside and removes the spool files the plan names.
+fn apply_plan_to_spool(spool: &Spool, plan: &resume::ResumePlan) -> Result<(), ReceiveError> {
+    for &(id, why) in &plan.set_aside_ready {
+        set_aside(spool, &spool.ready_path(id), why.describe())?;
+    }
+    for &(id, why) in &plan.set_aside_partial {
+        set_aside(spool, &spool.partial_path(id), why.describe())?;
+    }
+    for id in &plan.remove_ready {
+        let _ = std::fs::remove_file(spool.ready_path(*id));
+    }
+    for id in &plan.remove_partial {
+        let _ = std::fs::remove_file(spool.partial_path(*id));
+    }
+    Ok(())
+}
+
+/// Startup step 8: the archiver, its archived prefix starting where the plan's queued segments
+/// (or the stream) start.
+fn start_archiver(
+    opts: &StreamOptions,
+    server: &ServerInfo,
+    spool: &Spool,
+    plan: &resume::ResumePlan,
+) -> Archiver {
+    let seg_size = server.seg_size;
+    let initial = plan
+        .requeue
+        .first()
+        .map(|id| id.start_lsn(seg_size))
+        .unwrap_or(plan.start.start_lsn(seg_size));
+    let queue = (opts.spool_max_bytes / u64::from(seg_size.bytes())).max(1) as usize;
+    Archiver::spawn(
+        ArchiverConfig {
+            store: opts.store.clone(),
+            seg_size,
+            compression: opts.compression,
+            spool_dir: spool.dir().to_path_buf(),
+            queue,
+            workers: opts.archive_workers,
+        },
+        initial,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::error::Error;
+
+    #[test]
+    fn errors_keep_their_cause_and_name_the_fix() {
+        let e = ReceiveError::Spool {
+            path: "/spool".into(),
+            source: std::io::Error::from_raw_os_error(libc::ENOSPC),
+        };
+        assert!(e.source().is_some());
+        assert!(e.hint().unwrap().contains("full"), "{:?}", e.hint());
+
+        let json = serde_json::from_slice::<SpoolIdentity>(b"{").unwrap_err();
+        let e = ReceiveError::from(spool::BindError::Unreadable {
+            dir: "/spool".into(),
+            source: json,
+        });
+        assert!(e.source().is_some(), "the JSON error is kept");
+        assert!(e.hint().is_some());
+
+        let e = ReceiveError::from(ArchiverError::Compress {
+            path: "/spool/x".into(),
+            source: std::io::Error::from_raw_os_error(libc::EACCES),
+        });
+        assert!(e.source().is_some());
+        assert!(e.hint().unwrap().contains("permissions"));
+
+        for e in [
+            ReceiveError::TimelineAhead {
+                archive_tli: 3,
+                server_tli: 2,
+            },
+            ReceiveError::SystemChanged {
+                target: "db".into(),
+                before: 1,
+                now: 2,
+            },
+            ReceiveError::ServerTooOld {
+                target: "db".into(),
+                version: 140000,
+            },
+        ] {
+            assert!(e.hint().is_some(), "{e}");
+            assert!(!e.to_string().contains('?'), "a question in the cause: {e}");
+        }
     }
 }

@@ -48,8 +48,12 @@ pub enum BindError {
         system: String,
         archive: String,
     },
-    #[error("spool {dir} has an unreadable {IDENTITY_FILE} ({detail})")]
-    Unreadable { dir: String, detail: String },
+    #[error("spool {dir} has an unreadable {IDENTITY_FILE} ({source})")]
+    Unreadable {
+        dir: String,
+        #[source]
+        source: serde_json::Error,
+    },
     #[error("spool {dir}: {source}")]
     Io {
         dir: String,
@@ -187,9 +191,9 @@ impl Spool {
         match fs::read(&path) {
             Ok(bytes) => {
                 let found: SpoolIdentity =
-                    serde_json::from_slice(&bytes).map_err(|e| BindError::Unreadable {
+                    serde_json::from_slice(&bytes).map_err(|source| BindError::Unreadable {
                         dir: dir.clone(),
-                        detail: e.to_string(),
+                        source,
                     })?;
                 if &found == identity {
                     return Ok(());
@@ -222,7 +226,7 @@ impl Spool {
                     .open(&tmp)
                     .map_err(io_err)?;
                 std::io::Write::write_all(&mut f, &json).map_err(io_err)?;
-                f.sync_all().map_err(io_err)?;
+                crate::fsutil::sync_file(&f).map_err(io_err)?;
                 fs::rename(&tmp, &path).map_err(io_err)?;
                 self.sync_dir().map_err(io_err)
             }
@@ -312,7 +316,7 @@ impl Spool {
 
     /// fsync of the spool directory, making renames and creations durable.
     pub fn sync_dir(&self) -> io::Result<()> {
-        sync_dir(&self.dir)
+        crate::fsutil::sync_dir(&self.dir)
     }
 }
 
@@ -361,7 +365,7 @@ impl PartialSegment {
     /// fdatasync when there is anything new to make durable.
     pub fn sync(&mut self) -> io::Result<()> {
         if self.synced < self.written {
-            self.file.sync_data()?;
+            crate::fsutil::sync_file_data(&self.file)?;
             self.synced = self.written;
         }
         Ok(())
@@ -385,7 +389,7 @@ impl PartialSegment {
     /// earlier session left) and makes it durable; used when a timeline ends inside it.
     pub fn finish_short(self, spool: &Spool) -> io::Result<PathBuf> {
         self.file.set_len(u64::from(self.written))?;
-        self.file.sync_all()?;
+        crate::fsutil::sync_file(&self.file)?;
         spool.sync_dir()?;
         Ok(self.path)
     }
@@ -394,10 +398,6 @@ impl PartialSegment {
 pub fn set_mode(path: &Path, mode: u32) -> io::Result<()> {
     use std::os::unix::fs::PermissionsExt;
     fs::set_permissions(path, fs::Permissions::from_mode(mode))
-}
-
-pub fn sync_dir(dir: &Path) -> io::Result<()> {
-    File::open(dir)?.sync_all()
 }
 
 #[cfg(test)]
