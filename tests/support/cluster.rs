@@ -131,7 +131,8 @@ impl PgCluster {
             opts,
             seg_mb: self.seg_mb,
         };
-        let out = run(self.pg_cmd("pg_basebackup")
+        let out = run(self
+            .pg_cmd("pg_basebackup")
             .arg("-D")
             .arg(standby.pgdata())
             .args(["-X", "stream", "-R", "-c", "fast", "--no-sync"])
@@ -285,7 +286,8 @@ impl PgCluster {
     }
     /// `pg_ctl stop -m MODE -w` (smart|fast|immediate).
     pub fn stop(&self, mode: &str) {
-        let out = run(self.pg_cmd("pg_ctl")
+        let out = run(self
+            .pg_cmd("pg_ctl")
             .arg("-D")
             .arg(self.pgdata())
             .args(["-m", mode, "-w", "-t", "60", "stop"]));
@@ -303,7 +305,8 @@ impl PgCluster {
     /// Like [`stop`](Self::stop), but a failure (say, a shutdown still waiting after 60 s) is an
     /// `Err` with pg_ctl's output and the log tail instead of a panic.
     pub fn try_stop(&self, mode: &str) -> Result<(), String> {
-        let out = run(self.pg_cmd("pg_ctl")
+        let out = run(self
+            .pg_cmd("pg_ctl")
             .arg("-D")
             .arg(self.pgdata())
             .args(["-m", mode, "-w", "-t", "60", "stop"]));
@@ -368,14 +371,18 @@ impl PgCluster {
     /// `pg_ctl reload`.
     pub fn reload(&self) {
         run_ok(
-            self.pg_cmd("pg_ctl").arg("-D").arg(self.pgdata()).arg("reload"),
+            self.pg_cmd("pg_ctl")
+                .arg("-D")
+                .arg(self.pgdata())
+                .arg("reload"),
             "pg_ctl reload",
         );
     }
 
     /// `pg_ctl promote -w`, then waits until `pg_is_in_recovery()` is false.
     pub fn promote(&self) {
-        let out = run(self.pg_cmd("pg_ctl")
+        let out = run(self
+            .pg_cmd("pg_ctl")
             .arg("-D")
             .arg(self.pgdata())
             .args(["-w", "-t", "60", "promote"]));
@@ -512,7 +519,8 @@ $walload$"#
     fn pg_ctl_start(&self) -> Result<(), (bool, String)> {
         let log = self.log_path();
         let log_start = fs::metadata(&log).map(|m| m.len()).unwrap_or(0);
-        let out = run(self.pg_cmd("pg_ctl")
+        let out = run(self
+            .pg_cmd("pg_ctl")
             .arg("-D")
             .arg(self.pgdata())
             .arg("-l")
