@@ -196,6 +196,21 @@ fn matrix(major: u32) {
         "fast",
         "--no-progress",
     ]));
+    // The server's backup_manifest is kept as it came: version 1 on 15 and 16, version 2 (with
+    // the system identifier) from 17 on.
+    let o = run(&["backups", "--archive", &a, "--json"]);
+    assert_ok(&o);
+    let list: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let info = &list[0];
+    assert_eq!(info["status"], "complete", "{list}");
+    let key = info["manifest_key"].as_str().unwrap();
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&fs::read(archive.join(key)).unwrap()).unwrap();
+    let want = if major >= 17 { 2 } else { 1 };
+    assert_eq!(manifest["PostgreSQL-Backup-Manifest-Version"], want);
+    if major >= 17 {
+        assert_eq!(manifest["System-Identifier"], p.system_identifier());
+    }
     steps.step("backup");
     for k in 1..=5 {
         p.psql(&format!("INSERT INTO t VALUES ({k}, 'row {k}')"));
@@ -238,6 +253,7 @@ fn matrix(major: u32) {
     ]);
     assert_ok(&o);
     let r = PgCluster::adopt(dir, opts(&bin), SEG_MB);
+    assert_eq!(r.server_version_num() / 10000, major);
     wait_until(
         Duration::from_secs(90),
         "the restored server is promoted",
@@ -277,6 +293,7 @@ fn matrix(major: u32) {
         "--no-progress",
     ]));
     let s = PgCluster::adopt(dir, opts(&bin), SEG_MB);
+    assert_eq!(s.server_version_num() / 10000, major);
     assert_eq!(s.psql("SELECT pg_is_in_recovery()"), "t");
     p.psql("INSERT INTO t VALUES (100, 'after seed')");
     wait_until(
@@ -347,4 +364,44 @@ fn matrix(major: u32) {
     assert_eq!(partials.len(), 1, "{names:?}");
     steps.step("timeline switch");
     steps.report(&version);
+}
+
+/// A version that is not installed: outside CI the matrix test passes with a `SKIP:` line that
+/// names the version and the install command; with `CI=true` it fails with the same words.
+/// (Runs this test binary again, on one matrix test, with `WALAGENT_PG_VERSIONS` pointing at an
+/// empty directory.)
+#[test]
+fn missing_version_skips_outside_ci_and_fails_in_ci() {
+    let empty = support::tempdir();
+    let run_pg17 = |ci: Option<&str>| {
+        let mut c = Command::new(std::env::current_exe().unwrap());
+        c.args(["--exact", "pg17", "--test-threads", "1"])
+            .env("WALAGENT_PG_VERSIONS", empty.path())
+            .env_remove("CI");
+        if let Some(v) = ci {
+            c.env("CI", v);
+        }
+        c.output().unwrap()
+    };
+    let expect = format!(
+        "PostgreSQL 17 is not installed ({}/17/bin/initdb not found); install it with: \
+         .ci/install-pg-versions {}",
+        empty.path().display(),
+        empty.path().display()
+    );
+    for ci in [None, Some("false")] {
+        let out = run_pg17(ci);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "CI={ci:?}: {err}");
+        assert!(err.contains(&format!("SKIP: {expect}")), "CI={ci:?}: {err}");
+    }
+    let out = run_pg17(Some("true"));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!out.status.success(), "{text}");
+    assert!(text.contains(&format!("CI=true and {expect}")), "{text}");
+    assert!(!text.contains("SKIP:"), "{text}");
 }
