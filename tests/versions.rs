@@ -426,3 +426,46 @@ fn missing_version_skips_outside_ci_and_fails_in_ci() {
     assert!(text.contains(&format!("CI=true and {expect}")), "{text}");
     assert!(!text.contains("SKIP:"), "{text}");
 }
+
+/// The test support's clusters of another version: fresh initdb (no pg_resetwal in the npm
+/// builds) still gives every cluster its own system identifier, stop/kill9/start_again work with
+/// that version's pg_ctl, and `create_standby` says what to do where there is no pg_basebackup
+/// (18) and works where there is one (16).
+#[test]
+fn support_clusters_of_other_versions() {
+    if let Some(bin) = support::server_bin_or_skip(18) {
+        let a = PgCluster::start(opts(&bin));
+        let b = PgCluster::start(opts(&bin));
+        assert_ne!(a.system_identifier(), b.system_identifier());
+        assert_eq!(a.server_version_num() / 10000, 18);
+        assert_eq!(a.server_bin(), bin.as_path());
+        a.psql("CREATE TABLE k AS SELECT 7 AS v");
+        a.restart();
+        a.kill9();
+        a.start_again();
+        assert_eq!(a.psql("SELECT v FROM k"), "7");
+        drop(b);
+        let err = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            a.create_standby(PgOptions::default())
+        }))
+        .err()
+        .expect("create_standby without pg_basebackup must fail");
+        let msg = err.downcast_ref::<String>().cloned().unwrap_or_default();
+        assert!(
+            msg.contains("pg_basebackup not found") && msg.contains("seed-standby"),
+            "{msg}"
+        );
+    }
+    if let Some(bin) = support::server_bin_or_skip(16) {
+        let p = PgCluster::start(opts(&bin));
+        p.psql("CREATE TABLE k AS SELECT 16 AS v");
+        // server_bin of the standby's options is ignored: it runs the primary's binaries.
+        let s = p.create_standby(PgOptions {
+            server_bin: None,
+            ..opts(&bin)
+        });
+        assert_eq!(s.server_bin(), bin.as_path());
+        assert_eq!(s.server_version_num() / 10000, 16);
+        assert_eq!(s.psql("SELECT v FROM k"), "16");
+    }
+}
