@@ -1,4 +1,5 @@
-//! [`PgCluster`]: a throw-away PostgreSQL 15 server, its options and its control.
+//! [`PgCluster`]: a throw-away PostgreSQL server (15 unless [`PgOptions::server_bin`] says
+//! otherwise), its options and its control.
 
 use std::fs;
 use std::net::TcpListener;
@@ -7,11 +8,13 @@ use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::time::{Duration, Instant};
 
-use super::cmd::{pct, pg_bin, pg_cmd, plain_cmd, psql_result, run, run_ok};
+use super::cmd::{pct, pg_bin, pg_cmd_in, plain_cmd, psql_result, run, run_ok};
 use super::dirs::{finish_dir, last_lines, new_unique_dir, tail_lines, write_pg_file};
 use super::process::{clear_stale_locks, kill_tree, pid_alive, read_postmaster_pid};
 use super::roles::{REPL_PASSWORD, REPL_USER, SUPERUSER, SUPER_PASSWORD};
-use super::template::{hba_lines, set_new_system_identifier, template_dir, write_tls_files};
+use super::template::{
+    hba_lines, init_data_dir, set_new_system_identifier, template_dir, write_tls_files,
+};
 use super::wait::wait_until;
 
 pub(super) const CONF_FILE: &str = "walagent-test.conf";
@@ -29,6 +32,13 @@ pub struct PgOptions {
     pub extra_conf: Vec<String>,
     /// Extra pg_hba.conf lines (placed first, so they take precedence).
     pub extra_hba: Vec<String>,
+    /// The server's bin directory (initdb, pg_ctl, postgres; pg_resetwal and pg_basebackup
+    /// when it has them), e.g. from [`server_bin_for`](super::server_bin_for); default
+    /// [`pg_bin`] (PostgreSQL 15). psql always comes from [`pg_bin`]. A cluster from a
+    /// directory without `pg_resetwal` is initdb'd afresh instead of copied from the template
+    /// (a few seconds more). Ignored by [`PgCluster::create_standby`] (a standby runs the
+    /// primary's binaries).
+    pub server_bin: Option<PathBuf>,
 }
 
 /// Result of [`PgCluster::generate_wal`].
@@ -44,6 +54,8 @@ pub struct WalRange {
 
 pub struct PgCluster {
     pub(super) dir: PathBuf,
+    /// The server's bin directory (see [`PgOptions::server_bin`]).
+    pub(super) bin: PathBuf,
     pub(super) port: AtomicU16,
     pub(super) opts: PgOptions,
     pub(super) seg_mb: u32,
@@ -58,15 +70,25 @@ impl PgCluster {
             "wal_segment_size_mb must be a power of two in 1..=1024, got {seg_mb}"
         );
         let t = Timer::new("start");
-        let template = template_dir(seg_mb);
-        t.step("template");
+        let bin = server_bin_of(&opts);
         let dir = new_unique_dir("pg", 0o700, true);
         let cluster = PgCluster {
             dir,
+            bin,
             port: AtomicU16::new(0),
             opts,
             seg_mb,
         };
+        if !cluster.bin.join("pg_resetwal").exists() {
+            // No way to give a template copy its own system identifier: initdb afresh.
+            init_data_dir(&cluster.bin, &cluster.dir, seg_mb);
+            t.step("initdb");
+            cluster.launch();
+            t.step("launch");
+            return cluster;
+        }
+        let template = template_dir(&cluster.bin, seg_mb);
+        t.step("template");
         let pgdata = cluster.pgdata();
         run_ok(
             Command::new("cp")
@@ -78,7 +100,7 @@ impl PgCluster {
         t.step("cp -a");
         set_new_system_identifier(&pgdata);
         run_ok(
-            pg_cmd("pg_resetwal").arg("-D").arg(&pgdata),
+            cluster.pg_cmd("pg_resetwal").arg("-D").arg(&pgdata),
             "pg_resetwal (new system identifier)",
         );
         t.step("pg_resetwal");
@@ -89,16 +111,28 @@ impl PgCluster {
 
     /// A streaming standby of this cluster: `pg_basebackup -R -X stream` into a new directory,
     /// its own port, started (hot standby, read-only queries work). `opts.tls`, `extra_conf`
-    /// and `extra_hba` apply to the standby.
+    /// and `extra_hba` apply to the standby. Needs `pg_basebackup` in the primary's bin
+    /// directory (an older one refuses a newer server); where there is none, seed the standby
+    /// with `walagent seed-standby` and [`PgCluster::adopt`] it.
     pub fn create_standby(&self, opts: PgOptions) -> PgCluster {
+        let basebackup = self.bin.join("pg_basebackup");
+        assert!(
+            basebackup.is_file(),
+            "create_standby: {} not found (the server binaries in {} come without client \
+             tools); seed the standby with `walagent seed-standby` and PgCluster::adopt instead",
+            basebackup.display(),
+            self.bin.display()
+        );
         let dir = new_unique_dir("standby", 0o700, true);
         let standby = PgCluster {
             dir,
+            bin: self.bin.clone(),
             port: AtomicU16::new(0),
             opts,
             seg_mb: self.seg_mb,
         };
-        let out = run(pg_cmd("pg_basebackup")
+        let out = run(self
+            .pg_cmd("pg_basebackup")
             .arg("-D")
             .arg(standby.pgdata())
             .args(["-X", "stream", "-R", "-c", "fast", "--no-sync"])
@@ -140,6 +174,7 @@ impl PgCluster {
     pub fn try_adopt(dir: PathBuf, opts: PgOptions, seg_mb: u32) -> Result<PgCluster, String> {
         let c = PgCluster {
             dir,
+            bin: server_bin_of(&opts),
             port: AtomicU16::new(0),
             opts,
             seg_mb,
@@ -181,6 +216,16 @@ impl PgCluster {
     /// `wal_segment_size` in MiB.
     pub fn wal_segment_size_mb(&self) -> u32 {
         self.seg_mb
+    }
+    /// The server's bin directory (initdb, pg_ctl, postgres).
+    pub fn server_bin(&self) -> &Path {
+        &self.bin
+    }
+    /// `server_version_num`, e.g. 170010.
+    pub fn server_version_num(&self) -> u32 {
+        let s = self.psql("SHOW server_version_num");
+        s.parse()
+            .unwrap_or_else(|_| panic!("bad server_version_num {s:?}"))
     }
 
     /// `postgresql://replicator:replicator-secret@127.0.0.1:PORT/postgres?sslmode=disable`
@@ -241,7 +286,8 @@ impl PgCluster {
     }
     /// `pg_ctl stop -m MODE -w` (smart|fast|immediate).
     pub fn stop(&self, mode: &str) {
-        let out = run(pg_cmd("pg_ctl")
+        let out = run(self
+            .pg_cmd("pg_ctl")
             .arg("-D")
             .arg(self.pgdata())
             .args(["-m", mode, "-w", "-t", "60", "stop"]));
@@ -259,7 +305,8 @@ impl PgCluster {
     /// Like [`stop`](Self::stop), but a failure (say, a shutdown still waiting after 60 s) is an
     /// `Err` with pg_ctl's output and the log tail instead of a panic.
     pub fn try_stop(&self, mode: &str) -> Result<(), String> {
-        let out = run(pg_cmd("pg_ctl")
+        let out = run(self
+            .pg_cmd("pg_ctl")
             .arg("-D")
             .arg(self.pgdata())
             .args(["-m", mode, "-w", "-t", "60", "stop"]));
@@ -324,14 +371,18 @@ impl PgCluster {
     /// `pg_ctl reload`.
     pub fn reload(&self) {
         run_ok(
-            pg_cmd("pg_ctl").arg("-D").arg(self.pgdata()).arg("reload"),
+            self.pg_cmd("pg_ctl")
+                .arg("-D")
+                .arg(self.pgdata())
+                .arg("reload"),
             "pg_ctl reload",
         );
     }
 
     /// `pg_ctl promote -w`, then waits until `pg_is_in_recovery()` is false.
     pub fn promote(&self) {
-        let out = run(pg_cmd("pg_ctl")
+        let out = run(self
+            .pg_cmd("pg_ctl")
             .arg("-D")
             .arg(self.pgdata())
             .args(["-w", "-t", "60", "promote"]));
@@ -435,6 +486,11 @@ $walload$"#
 
     // -- internals ---------------------------------------------------------------------------
 
+    /// A server-side tool from this cluster's bin directory (as `postgres` when root).
+    fn pg_cmd(&self, tool: &str) -> Command {
+        pg_cmd_in(&self.bin, tool)
+    }
+
     /// Writes config (+ TLS files) and starts the server on a free port, retrying with
     /// another port when the chosen one was taken in the meantime.
     fn launch(&self) {
@@ -463,7 +519,8 @@ $walload$"#
     fn pg_ctl_start(&self) -> Result<(), (bool, String)> {
         let log = self.log_path();
         let log_start = fs::metadata(&log).map(|m| m.len()).unwrap_or(0);
-        let out = run(pg_cmd("pg_ctl")
+        let out = run(self
+            .pg_cmd("pg_ctl")
             .arg("-D")
             .arg(self.pgdata())
             .arg("-l")
@@ -562,7 +619,8 @@ impl Drop for PgCluster {
         let pgdata = self.pgdata();
         if let Some(pid) = read_postmaster_pid(&pgdata) {
             if pid_alive(pid) {
-                let ok = pg_cmd("pg_ctl")
+                let ok = self
+                    .pg_cmd("pg_ctl")
                     .arg("-D")
                     .arg(&pgdata)
                     .args(["-m", "immediate", "-w", "-t", "30", "stop"])
@@ -578,6 +636,13 @@ impl Drop for PgCluster {
         }
         finish_dir(&self.dir);
     }
+}
+
+/// The bin directory a cluster with these options runs from.
+fn server_bin_of(opts: &PgOptions) -> PathBuf {
+    opts.server_bin
+        .clone()
+        .unwrap_or_else(|| pg_bin().to_path_buf())
 }
 
 /// Step timings on stderr when `WALAGENT_TEST_TIMING` is set.

@@ -109,7 +109,10 @@ pub fn is_root() -> bool {
     unsafe { libc::geteuid() == 0 }
 }
 
-/// The PostgreSQL bin directory.
+/// PostgreSQL 15's bin directory: the client tools (psql, pg_waldump, pg_verifybackup, ...) of
+/// every cluster, and the server binaries of a cluster started without
+/// [`PgOptions::server_bin`](super::PgOptions::server_bin). `$WALAGENT_PG_BIN`, else
+/// /usr/lib/postgresql/15/bin, else `pg_config --bindir`.
 pub fn pg_bin() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
@@ -165,9 +168,10 @@ pub(super) fn as_postgres(program: impl AsRef<std::ffi::OsStr>) -> Command {
     c
 }
 
-/// A PostgreSQL server-side tool (initdb, pg_ctl, ...) run as the postgres OS user if root.
-pub(super) fn pg_cmd(tool: &str) -> Command {
-    as_postgres(pg_bin().join(tool))
+/// A PostgreSQL server-side tool (initdb, pg_ctl, ...) from the bin directory `bin`, run as the
+/// postgres OS user if root.
+pub(super) fn pg_cmd_in(bin: &Path, tool: &str) -> Command {
+    as_postgres(bin.join(tool))
 }
 
 pub(super) fn run(cmd: &mut Command) -> Output {

@@ -1,5 +1,5 @@
-//! Test support: throw-away PostgreSQL 15 clusters on 127.0.0.1, temp dirs, and the walagent
-//! binary.
+//! Test support: throw-away PostgreSQL clusters (15, or 16/17/18 for the version matrix) on
+//! 127.0.0.1, temp dirs, and the walagent binary.
 //!
 //! Everything here is synchronous (std::process::Command), so it works from plain `#[test]`s
 //! and from `#[tokio::test]`s alike.
@@ -40,8 +40,12 @@
 //! process uses the test root.
 //!
 //! # Environment
-//! - `WALAGENT_PG_BIN`: PostgreSQL bin directory (default /usr/lib/postgresql/15/bin, else
-//!   `pg_config --bindir`).
+//! - `WALAGENT_PG_BIN`: PostgreSQL 15's bin directory (default /usr/lib/postgresql/15/bin,
+//!   else `pg_config --bindir`): the client tools (psql, ...) of every cluster and the server
+//!   of clusters without [`PgOptions::server_bin`].
+//! - `WALAGENT_PG_VERSIONS`: the directory holding `16/bin`, `17/bin`, `18/bin` for the version
+//!   matrix (default /opt/walagent-pg as root, else `~/.cache/walagent-pg`), filled by
+//!   `.ci/install-pg-versions`; see [`versions`].
 //! - `WALAGENT_TEST_ROOT`: the test root (see above), e.g. `/tmp/walagent-tests` to keep the
 //!   clusters on disk. Its path must be short (the unix socket path has to stay below 108
 //!   bytes) and, as root, traversable by `postgres`.
@@ -52,7 +56,8 @@
 //! [`archive`] (segment names in a local archive), [`cluster`] (PgCluster, options), [`replication`] (pg_stat_replication rows), [`template`]
 //! (initdb template, system identifiers, TLS, pg_hba), [`roles`], [`cmd`] (walagent, psql,
 //! PostgreSQL tools, running walagent), [`dirs`] (test root, temp dirs, ownership), [`process`]
-//! (/proc, process trees), [`wait`] (polling), [`tmpfs`], [`s3`] (the s3s-fs server). Every
+//! (/proc, process trees), [`wait`] (polling), [`tmpfs`], [`s3`] (the s3s-fs server),
+//! [`versions`] (server bin directories of the PostgreSQL version matrix). Every
 //! public name is re-exported here, so tests use `support::NAME`.
 #![allow(dead_code)]
 mod archive;
@@ -65,6 +70,7 @@ mod roles;
 pub mod s3;
 mod template;
 mod tmpfs;
+mod versions;
 mod wait;
 
 // Every name stays reachable as `support::NAME`; each test file uses only some of them.
@@ -84,5 +90,8 @@ pub use self::{
         SUPERUSER, SUPER_PASSWORD, TRUST_USER,
     },
     tmpfs::TmpfsMount,
+    versions::{
+        install_hint, pg_versions_dir, server_bin_for, server_bin_or_skip, server_major, PG_MATRIX,
+    },
     wait::{wait_for, wait_until},
 };

@@ -10,7 +10,7 @@ use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use super::cluster::CONF_FILE;
-use super::cmd::{pg_bin, pg_cmd, plain_cmd, psql_result, run, run_ok};
+use super::cmd::{pg_bin, pg_cmd_in, plain_cmd, psql_result, run, run_ok};
 use super::dirs::{new_unique_dir, tail_lines, test_root, write_pg_file};
 use super::roles::{
     password_for, MD5_USER, NOREPL_USER, REPL_PASSWORD, REPL_USER, SCRAM_USER, SSL_USER, SUPERUSER,
@@ -77,22 +77,24 @@ pub(super) fn roles_sql() -> String {
     s
 }
 
-/// The initdb'd template for a segment size: `<root>/tpl-v<N>-<hash>-seg<MB>/data`, with the
-/// include of our config file and all roles. Built once (per test root) under a lock file.
-pub(super) fn template_dir(seg_mb: u32) -> PathBuf {
+const INITDB_ARGS: [&str; 9] = [
+    "--data-checksums",
+    "-U",
+    SUPERUSER,
+    "--auth-local=trust",
+    "--auth-host=reject",
+    "--encoding=UTF8",
+    "--locale=C",
+    "--no-sync",
+    "--no-instructions",
+];
+
+/// The initdb'd template for a server bin directory and a segment size:
+/// `<root>/tpl-v<N>-<hash>-seg<MB>/data`, with the include of our config file and all roles.
+/// Built once (per test root) under a lock file.
+pub(super) fn template_dir(bin: &Path, seg_mb: u32) -> PathBuf {
     static IN_PROCESS: Mutex<()> = Mutex::new(());
     let root = test_root();
-    let initdb_args = [
-        "--data-checksums",
-        "-U",
-        SUPERUSER,
-        "--auth-local=trust",
-        "--auth-host=reject",
-        "--encoding=UTF8",
-        "--locale=C",
-        "--no-sync",
-        "--no-instructions",
-    ];
     let key = {
         // Tie the template to the binaries and to what goes into it (FNV-1a), so that a
         // change here never reuses a stale cached template.
@@ -102,10 +104,10 @@ pub(super) fn template_dir(seg_mb: u32) -> PathBuf {
                 h = (h ^ *b as u64).wrapping_mul(0x100000001b3);
             }
         };
-        feed(pg_bin().as_os_str().as_bytes());
+        feed(bin.as_os_str().as_bytes());
         feed(roles_sql().as_bytes());
         feed(hba_lines(false).as_bytes());
-        initdb_args.iter().for_each(|a| feed(a.as_bytes()));
+        INITDB_ARGS.iter().for_each(|a| feed(a.as_bytes()));
         format!("tpl-v{TEMPLATE_FORMAT}-{:08x}-seg{seg_mb}", h as u32)
     };
     let final_dir = root.join(&key);
@@ -133,8 +135,30 @@ pub(super) fn template_dir(seg_mb: u32) -> PathBuf {
     let _ = fs::remove_dir_all(&final_dir); // incomplete leftovers (should not happen)
     let build = new_unique_dir("tplbuild", 0o700, true);
     let data = build.join("data");
-    let mut initdb = pg_cmd("initdb");
-    initdb.arg("-D").arg(&data).args(initdb_args);
+    init_data_dir(bin, &build, seg_mb);
+    let _ = fs::remove_file(data.join("postmaster.opts"));
+    // Every copy gets its WAL rewritten by pg_resetwal, so the template needs none (saves
+    // copying a whole segment per cluster).
+    for e in fs::read_dir(data.join("pg_wal")).unwrap().flatten() {
+        if e.file_type().map(|t| t.is_file()).unwrap_or(false) {
+            fs::remove_file(e.path()).unwrap();
+        }
+    }
+    fs::write(build.join("complete"), b"").unwrap();
+    fs::set_permissions(&build, fs::Permissions::from_mode(0o755)).unwrap();
+    fs::rename(&build, &final_dir)
+        .unwrap_or_else(|e| panic!("rename {} to {}: {e}", build.display(), final_dir.display()));
+    final_dir
+}
+
+/// `initdb` into `<dir>/data` with the server binaries in `bin`, the include of our config
+/// file, and all roles (created by a socket-only server on `<dir>`, stopped again). Used for
+/// the template, and directly for a cluster whose bin directory has no `pg_resetwal` to give a
+/// template copy its own system identifier.
+pub(super) fn init_data_dir(bin: &Path, dir: &Path, seg_mb: u32) {
+    let data = dir.join("data");
+    let mut initdb = pg_cmd_in(bin, "initdb");
+    initdb.arg("-D").arg(&data).args(INITDB_ARGS);
     if seg_mb != 16 {
         initdb.arg(format!("--wal-segsize={seg_mb}"));
     }
@@ -154,7 +178,7 @@ pub(super) fn template_dir(seg_mb: u32) -> PathBuf {
         &data.join(CONF_FILE),
         format!(
             "listen_addresses = ''\nport = 5432\nunix_socket_directories = '{}'\nfsync = off\n",
-            build.display()
+            dir.display()
         )
         .as_bytes(),
         0o600,
@@ -164,8 +188,8 @@ pub(super) fn template_dir(seg_mb: u32) -> PathBuf {
         hba_lines(false).as_bytes(),
         0o600,
     );
-    let log = build.join("template.log");
-    let out = run(pg_cmd("pg_ctl")
+    let log = dir.join("template.log");
+    let out = run(pg_cmd_in(bin, "pg_ctl")
         .arg("-D")
         .arg(&data)
         .arg("-l")
@@ -179,7 +203,7 @@ pub(super) fn template_dir(seg_mb: u32) -> PathBuf {
     }
     let mut psql = plain_cmd(pg_bin().join("psql"));
     psql.args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-h"])
-        .arg(&build)
+        .arg(dir)
         .args([
             "-p",
             "5432",
@@ -192,7 +216,7 @@ pub(super) fn template_dir(seg_mb: u32) -> PathBuf {
         ]);
     let res = psql_result(run(&mut psql));
     run_ok(
-        pg_cmd("pg_ctl")
+        pg_cmd_in(bin, "pg_ctl")
             .arg("-D")
             .arg(&data)
             .args(["-m", "fast", "-w", "-t", "60", "stop"]),
@@ -201,19 +225,6 @@ pub(super) fn template_dir(seg_mb: u32) -> PathBuf {
     if let Err(e) = res {
         panic!("creating roles in the template failed: {e}");
     }
-    let _ = fs::remove_file(data.join("postmaster.opts"));
-    // Every copy gets its WAL rewritten by pg_resetwal, so the template needs none (saves
-    // copying a whole segment per cluster).
-    for e in fs::read_dir(data.join("pg_wal")).unwrap().flatten() {
-        if e.file_type().map(|t| t.is_file()).unwrap_or(false) {
-            fs::remove_file(e.path()).unwrap();
-        }
-    }
-    fs::write(build.join("complete"), b"").unwrap();
-    fs::set_permissions(&build, fs::Permissions::from_mode(0o755)).unwrap();
-    fs::rename(&build, &final_dir)
-        .unwrap_or_else(|e| panic!("rename {} to {}: {e}", build.display(), final_dir.display()));
-    final_dir
 }
 
 /// Gives a cleanly shut down data directory a new random system identifier: patches it in
