@@ -24,6 +24,12 @@ impl S3Store {
             },
             SdkError::DispatchFailure(d) => {
                 let cause = error_chain(&err);
+                if let Some(fix) = self.certificate_fix(&cause) {
+                    return StoreError::Misconfigured {
+                        cause: format!("{context}: the server's TLS certificate is not trusted: {cause}"),
+                        fix,
+                    };
+                }
                 if d.is_timeout() {
                     StoreError::Unavailable { context, detail: format!("timed out: {cause}") }
                 } else if d.is_io() {
@@ -100,6 +106,30 @@ impl S3Store {
             }
             _ => StoreError::Remote { context, detail: error_chain(&err) },
         }
+    }
+}
+
+impl S3Store {
+    /// The fix when `cause` is a rejected server certificate (not retried: it will not heal).
+    fn certificate_fix(&self, cause: &str) -> Option<String> {
+        let c = cause.to_ascii_lowercase();
+        if !c.contains("invalid peer certificate") {
+            return None;
+        }
+        Some(if c.contains("notvalidforname") {
+            "the certificate does not name the endpoint's host; use a host name it was issued for in AWS_ENDPOINT_URL".into()
+        } else if c.contains("expired") || c.contains("notvalidyet") {
+            "the certificate is outside its validity period; renew it on the server or fix the clock".into()
+        } else {
+            match &self.ca_bundle {
+                Some(b) => format!(
+                    "{}={} does not hold the CA that signed the server's certificate; point it at that CA's PEM file",
+                    b.setting,
+                    b.path.display()
+                ),
+                None => "set AWS_CA_BUNDLE (or ca_bundle in the AWS profile) to the PEM file of the CA that signed the server's certificate".into(),
+            }
+        })
     }
 }
 

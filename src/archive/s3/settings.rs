@@ -1,12 +1,20 @@
 //! Tuning knobs ([`S3Options`]) and connection settings from the AWS environment
 //! ([`S3Settings`]).
 
+use std::collections::HashMap;
 use std::fmt;
+use std::future::Future;
 use std::io;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
+use aws_config::profile::ProfileSet;
 use aws_sdk_s3::config::timeout::TimeoutConfig;
+use aws_types::os_shim_internal::{Env, Fs};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::CertificateDer;
 
 use super::{MAX_PART, MIB, MIN_PART};
 use crate::archive::StoreError;
@@ -94,6 +102,57 @@ pub struct S3Settings {
     pub request_checksum: Option<ChecksumPolicy>,
     /// Response checksum validation (default: the chain, i.e. `when_supported`).
     pub response_checksum: Option<ChecksumPolicy>,
+    /// PEM file of the CA certificates to trust instead of the system's (default:
+    /// `AWS_CA_BUNDLE`, else the selected profile's `ca_bundle`, else the system roots, which
+    /// honour `SSL_CERT_FILE` / `SSL_CERT_DIR`); see [`CaBundle`].
+    pub ca_bundle: Option<CaBundle>,
+}
+
+/// A CA bundle: a PEM file whose certificates are the only trusted roots for the S3 endpoint
+/// (and for STS/SSO), replacing the system's, as botocore's `ca_bundle` / `AWS_CA_BUNDLE` replace
+/// its default bundle.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CaBundle {
+    pub path: PathBuf,
+    /// Where the path came from, for messages: `AWS_CA_BUNDLE`, or the profile setting.
+    pub setting: String,
+}
+
+impl CaBundle {
+    pub fn new(path: impl Into<PathBuf>, setting: impl Into<String>) -> CaBundle {
+        CaBundle {
+            path: path.into(),
+            setting: setting.into(),
+        }
+    }
+
+    /// Reads and checks the bundle: a readable PEM file with at least one certificate, each
+    /// usable as a trust anchor. Returns the file's bytes (what the TLS provider parses).
+    pub fn load(&self) -> Result<Vec<u8>, StoreError> {
+        let shown = format!("{}={}", self.setting, self.path.display());
+        let fix = format!(
+            "set {} to a PEM file (-----BEGIN CERTIFICATE-----) with the CA certificate that signed the S3 endpoint's certificate",
+            self.setting
+        );
+        let bad = |what: String| StoreError::Misconfigured {
+            cause: format!("invalid S3 settings: CA bundle {shown}: {what}"),
+            fix: fix.clone(),
+        };
+        let bytes = std::fs::read(&self.path).map_err(|e| bad(format!("cannot read it: {e}")))?;
+        let certs = CertificateDer::pem_slice_iter(&bytes)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| bad(format!("not a valid PEM file: {e}")))?;
+        if certs.is_empty() {
+            return Err(bad("contains no PEM certificate".into()));
+        }
+        let mut roots = tokio_rustls::rustls::RootCertStore::empty();
+        for (i, c) in certs.into_iter().enumerate() {
+            roots
+                .add(c)
+                .map_err(|e| bad(format!("certificate {} is not usable: {e}", i + 1)))?;
+        }
+        Ok(bytes)
+    }
 }
 
 impl fmt::Debug for S3Settings {
@@ -108,6 +167,7 @@ impl fmt::Debug for S3Settings {
             .field("force_path_style", &self.force_path_style)
             .field("request_checksum", &self.request_checksum)
             .field("response_checksum", &self.response_checksum)
+            .field("ca_bundle", &self.ca_bundle)
             .finish()
     }
 }
@@ -162,6 +222,105 @@ impl S3Settings {
             s.response_checksum = Some(parse_policy("AWS_RESPONSE_CHECKSUM_VALIDATION", &v)?);
         }
         Ok(s)
+    }
+}
+
+/// The CA bundle the standard chain selects: `AWS_CA_BUNDLE`, else the selected profile's
+/// `ca_bundle` (as botocore does); `None` when neither is set.
+pub(super) fn resolve_ca_bundle(env: &Env) -> Option<CaBundle> {
+    let var = |k: &str| env.get(k).ok().filter(|v| !v.trim().is_empty());
+    if let Some(p) = var("AWS_CA_BUNDLE") {
+        return Some(CaBundle::new(p, "AWS_CA_BUNDLE"));
+    }
+    let profiles = load_profiles(env)?;
+    let path = profiles.get("ca_bundle").filter(|v| !v.trim().is_empty())?;
+    Some(CaBundle::new(
+        path,
+        format!(
+            "ca_bundle of AWS profile {:?} in {}",
+            profiles.selected_profile(),
+            var("AWS_CONFIG_FILE").unwrap_or_else(|| "~/.aws/config".into())
+        ),
+    ))
+}
+
+/// Environment variables that carry the selected AWS profile's non-secret S3 settings
+/// (`ca_bundle`, `region`, `endpoint_url`, `request_checksum_calculation`,
+/// `response_checksum_validation`) where `vars` does not already set them, so that a process
+/// that cannot read the profile files (another OS user, another HOME) reaches the same store.
+/// `endpoint_url` is skipped when the profile has a `services` section reference or
+/// `ignore_configured_endpoint_urls`, whose rules the variables cannot express. Relative
+/// `ca_bundle` paths are made absolute against `cwd`.
+pub fn profile_environment(vars: &HashMap<String, String>, cwd: &Path) -> Vec<(String, String)> {
+    let set = |k: &str| vars.get(k).is_some_and(|v| !v.trim().is_empty());
+    let env = Env::from(vars.clone());
+    let Some(profiles) = load_profiles(&env) else {
+        return Vec::new();
+    };
+    let get = |k: &str| {
+        profiles
+            .get(k)
+            .map(str::trim)
+            .filter(|v| !v.is_empty())
+            .map(str::to_string)
+    };
+    let mut out = Vec::new();
+    if !set("AWS_CA_BUNDLE") {
+        if let Some(p) = get("ca_bundle") {
+            out.push(("AWS_CA_BUNDLE".into(), cwd.join(p).display().to_string()));
+        }
+    }
+    if !set("AWS_REGION") && !set("AWS_DEFAULT_REGION") {
+        if let Some(r) = get("region") {
+            out.push(("AWS_REGION".into(), r));
+        }
+    }
+    let endpoint_rules = get("services").is_some()
+        || get("ignore_configured_endpoint_urls").is_some()
+        || set("AWS_IGNORE_CONFIGURED_ENDPOINT_URLS");
+    if !set("AWS_ENDPOINT_URL") && !set("AWS_ENDPOINT_URL_S3") && !endpoint_rules {
+        if let Some(e) = get("endpoint_url") {
+            out.push(("AWS_ENDPOINT_URL".into(), e));
+        }
+    }
+    for (key, var) in [
+        (
+            "request_checksum_calculation",
+            "AWS_REQUEST_CHECKSUM_CALCULATION",
+        ),
+        (
+            "response_checksum_validation",
+            "AWS_RESPONSE_CHECKSUM_VALIDATION",
+        ),
+    ] {
+        if !set(var) && !set("WALAGENT_S3_CHECKSUM") {
+            if let Some(v) = get(key) {
+                out.push((var.into(), v));
+            }
+        }
+    }
+    out
+}
+
+/// The profile files as the SDK reads them (`AWS_CONFIG_FILE`, `AWS_SHARED_CREDENTIALS_FILE`,
+/// `AWS_PROFILE`, `HOME` from `env`). `None` when they cannot be read or parsed (the SDK's own
+/// providers then report the problem).
+fn load_profiles(env: &Env) -> Option<ProfileSet> {
+    let fs = Fs::real();
+    let files = Default::default();
+    let fut = aws_config::profile::load(&fs, env, &files, None);
+    let mut fut = std::pin::pin!(fut);
+    // The loader is async only in name: it reads the files with std::fs and never waits.
+    match fut.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
+        Poll::Ready(Ok(p)) => Some(p),
+        Poll::Ready(Err(e)) => {
+            tracing::debug!(error = %e, "AWS profile files not usable for ca_bundle");
+            None
+        }
+        Poll::Pending => {
+            tracing::warn!("AWS profile loader did not complete synchronously; profile settings for ca_bundle ignored");
+            None
+        }
     }
 }
 

@@ -26,8 +26,8 @@ use super::checksum::{b64_crc, decode_b64_crc, meta_crc};
 use super::error::{is_code, is_not_implemented, is_precondition_failed, status_of};
 use super::location::S3Location;
 use super::settings::{
-    base_timeouts, host_needs_path_style, setting_err, validate_options, ChecksumPolicy, S3Options,
-    S3Settings,
+    base_timeouts, host_needs_path_style, resolve_ca_bundle, setting_err, validate_options, CaBundle,
+    ChecksumPolicy, S3Options, S3Settings,
 };
 use super::stream::{S3Reader, S3Writer};
 use super::{DEFAULT_REGION, MAX_PART, META_CRC32, MIB};
@@ -48,6 +48,8 @@ pub struct S3Store {
     pub(super) validate_responses: bool,
     /// Cleared when the server answers a conditional write with 501 Not Implemented.
     pub(super) conditional_writes: Arc<AtomicBool>,
+    /// The CA bundle trusted instead of the system roots, if any (for messages).
+    pub(super) ca_bundle: Option<CaBundle>,
 }
 
 impl fmt::Debug for S3Store {
@@ -100,9 +102,29 @@ impl S3Store {
                 )));
             }
         }
-        let http_client = aws_smithy_http_client::Builder::new()
-            .tls_provider(tls::Provider::Rustls(CryptoMode::Ring))
-            .build_https();
+        let ca_bundle = match &settings.ca_bundle {
+            Some(b) => Some(b.clone()),
+            None => resolve_ca_bundle(&aws_types::os_shim_internal::Env::real()),
+        };
+        let mut http_builder = aws_smithy_http_client::Builder::new()
+            .tls_provider(tls::Provider::Rustls(CryptoMode::Ring));
+        if let Some(b) = &ca_bundle {
+            // Checked here: the TLS provider would panic on a certificate it cannot parse.
+            let pem = b.load()?;
+            let ctx = tls::TlsContext::builder()
+                .with_trust_store(tls::TrustStore::empty().with_pem_certificate(pem))
+                .build()
+                .map_err(|e| StoreError::Misconfigured {
+                    cause: format!(
+                        "invalid S3 settings: CA bundle {}={}: {e}",
+                        b.setting,
+                        b.path.display()
+                    ),
+                    fix: format!("set {} to a PEM file of CA certificates", b.setting),
+                })?;
+            http_builder = http_builder.tls_context(ctx);
+        }
+        let http_client = http_builder.build_https();
         let mut loader = aws_config::defaults(BehaviorVersion::latest())
             .http_client(http_client)
             .timeout_config(base_timeouts(&opts))
@@ -168,6 +190,7 @@ impl S3Store {
         let endpoint = endpoint_url.unwrap_or_else(|| format!("https://s3.{region}.amazonaws.com"));
         tracing::debug!(
             location = %location, %endpoint, %region, path_style, send_checksums, validate_responses,
+            ca_bundle = ?ca_bundle.as_ref().map(|b| &b.path),
             "S3 store configured"
         );
         Ok(S3Store {
@@ -178,6 +201,7 @@ impl S3Store {
             send_checksums,
             validate_responses,
             conditional_writes: Arc::new(AtomicBool::new(true)),
+            ca_bundle,
         })
     }
 
