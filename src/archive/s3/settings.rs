@@ -455,6 +455,186 @@ mod tests {
         }
     }
 
+    fn temp_dir(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("walagent-s3set-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    fn ca_pem() -> String {
+        let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let key = rcgen::KeyPair::generate().unwrap();
+        p.self_signed(&key).unwrap().pem()
+    }
+
+    /// A bad CA bundle is one line naming the setting and the file, with a fix.
+    #[test]
+    fn ca_bundle_is_checked() {
+        let d = temp_dir("ca");
+        let good = d.join("ca.pem");
+        let pem = ca_pem();
+        std::fs::write(&good, format!("# a comment\n{pem}{pem}")).unwrap();
+        let b = CaBundle::new(&good, "AWS_CA_BUNDLE");
+        assert!(b.load().unwrap().starts_with(b"# a comment"));
+
+        let not_pem = d.join("not-pem.pem");
+        std::fs::write(
+            &not_pem,
+            "-----BEGIN CERTIFICATE-----\n%%%not base64%%%\n-----END CERTIFICATE-----\n",
+        )
+        .unwrap();
+        let empty = d.join("empty.pem");
+        std::fs::write(&empty, "just some text, no certificate\n").unwrap();
+        let key_only = d.join("key.pem");
+        std::fs::write(&key_only, rcgen::KeyPair::generate().unwrap().serialize_pem()).unwrap();
+        let der = d.join("ca.der");
+        let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let key = rcgen::KeyPair::generate().unwrap();
+        std::fs::write(&der, p.self_signed(&key).unwrap().der().as_ref()).unwrap();
+        let not_cert = d.join("not-cert.pem");
+        std::fs::write(
+            &not_cert,
+            "-----BEGIN CERTIFICATE-----\naGVsbG8gd29ybGQ=\n-----END CERTIFICATE-----\n",
+        )
+        .unwrap();
+        for (path, setting, want) in [
+            (d.join("missing.pem"), "AWS_CA_BUNDLE", "cannot read it"),
+            (not_pem, "AWS_CA_BUNDLE", "not a valid PEM file"),
+            (empty, "ca_bundle of AWS profile \"x\" in /c", "no PEM certificate"),
+            (key_only, "AWS_CA_BUNDLE", "no PEM certificate"),
+            (der, "AWS_CA_BUNDLE", "no PEM certificate"),
+            (not_cert, "AWS_CA_BUNDLE", "certificate 1 is not usable"),
+        ] {
+            let e = CaBundle::new(&path, setting).load().unwrap_err();
+            let msg = e.to_string();
+            let hint = e.hint().unwrap_or_default();
+            assert!(
+                msg.contains(want)
+                    && msg.contains(&format!("{setting}={}", path.display()))
+                    && !msg.contains('\n'),
+                "{msg}"
+            );
+            assert!(hint.contains(setting) && hint.contains("PEM"), "{hint}");
+            assert!(!e.is_transient());
+        }
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    /// AWS_CA_BUNDLE wins over the profile's ca_bundle; the profile is the one AWS_PROFILE names.
+    #[test]
+    fn ca_bundle_from_env_or_profile() {
+        let d = temp_dir("profile");
+        let config = d.join("config");
+        std::fs::write(
+            &config,
+            "[default]\nca_bundle = /etc/default-ca.pem\n\n[profile tls]\nregion = eu-west-3\nca_bundle = /etc/private-ca.pem\n\n[profile plain]\nregion = eu-west-1\n",
+        )
+        .unwrap();
+        let cfg = config.display().to_string();
+        let none = d.join("none").display().to_string();
+        let env = |extra: &[(&'static str, &str)]| {
+            let mut v: Vec<(&str, &str)> = vec![
+                ("AWS_CONFIG_FILE", cfg.as_str()),
+                ("AWS_SHARED_CREDENTIALS_FILE", none.as_str()),
+            ];
+            v.extend_from_slice(extra);
+            Env::from_slice(&v)
+        };
+        let b = resolve_ca_bundle(&env(&[])).unwrap();
+        assert_eq!(b.path, Path::new("/etc/default-ca.pem"));
+        assert_eq!(
+            b.setting,
+            format!("ca_bundle of AWS profile \"default\" in {cfg}")
+        );
+        let b = resolve_ca_bundle(&env(&[("AWS_PROFILE", "tls")])).unwrap();
+        assert_eq!(b.path, Path::new("/etc/private-ca.pem"));
+        assert!(b.setting.contains("\"tls\""), "{}", b.setting);
+        assert_eq!(resolve_ca_bundle(&env(&[("AWS_PROFILE", "plain")])), None);
+        assert_eq!(resolve_ca_bundle(&env(&[("AWS_PROFILE", "absent")])), None);
+        let b = resolve_ca_bundle(&env(&[("AWS_PROFILE", "tls"), ("AWS_CA_BUNDLE", "ca.pem")]))
+            .unwrap();
+        assert_eq!(b, CaBundle::new("ca.pem", "AWS_CA_BUNDLE"));
+        // Empty counts as unset; missing or unparsable profile files mean no bundle.
+        let b = resolve_ca_bundle(&env(&[("AWS_CA_BUNDLE", " ")])).unwrap();
+        assert_eq!(b.path, Path::new("/etc/default-ca.pem"));
+        assert_eq!(
+            resolve_ca_bundle(&Env::from_slice(&[
+                ("AWS_CONFIG_FILE", none.as_str()),
+                ("AWS_SHARED_CREDENTIALS_FILE", none.as_str()),
+            ])),
+            None
+        );
+        let broken = d.join("broken");
+        std::fs::write(&broken, "ca_bundle = /x\n[profile\n").unwrap();
+        let broken = broken.display().to_string();
+        assert_eq!(
+            resolve_ca_bundle(&Env::from_slice(&[
+                ("AWS_CONFIG_FILE", broken.as_str()),
+                ("AWS_SHARED_CREDENTIALS_FILE", none.as_str()),
+            ])),
+            None
+        );
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    /// The profile's non-secret S3 settings become variables where the environment has none.
+    #[test]
+    fn profile_settings_as_variables() {
+        let d = temp_dir("profenv");
+        let config = d.join("config");
+        std::fs::write(
+            &config,
+            "[profile s3]\nregion = eu-west-3\nca_bundle = certs/ca.pem\nendpoint_url = https://s3.example.com:9000\nrequest_checksum_calculation = when_required\naws_access_key_id = AKID\naws_secret_access_key = sekrit\n\n[profile svc]\nendpoint_url = https://a\nservices = mine\n\n[services mine]\ns3 =\n  endpoint_url = https://b\n",
+        )
+        .unwrap();
+        let vars = |extra: &[(&str, &str)]| -> HashMap<String, String> {
+            let mut m: HashMap<String, String> = [
+                ("AWS_CONFIG_FILE", config.display().to_string()),
+                ("AWS_SHARED_CREDENTIALS_FILE", d.join("none").display().to_string()),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect();
+            for (k, v) in extra {
+                m.insert(k.to_string(), v.to_string());
+            }
+            m
+        };
+        let mut got = profile_environment(&vars(&[("AWS_PROFILE", "s3")]), Path::new("/srv"));
+        got.sort();
+        let want: Vec<(String, String)> = [
+            ("AWS_CA_BUNDLE", "/srv/certs/ca.pem"),
+            ("AWS_ENDPOINT_URL", "https://s3.example.com:9000"),
+            ("AWS_REGION", "eu-west-3"),
+            ("AWS_REQUEST_CHECKSUM_CALCULATION", "when_required"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        assert_eq!(got, want);
+        let text = format!("{got:?}");
+        assert!(!text.contains("sekrit") && !text.contains("AKID"), "{text}");
+        // What the environment sets is not repeated or overridden.
+        let got = profile_environment(
+            &vars(&[
+                ("AWS_PROFILE", "s3"),
+                ("AWS_CA_BUNDLE", "/x.pem"),
+                ("AWS_DEFAULT_REGION", "us-west-2"),
+                ("AWS_ENDPOINT_URL_S3", "https://c"),
+                ("WALAGENT_S3_CHECKSUM", "when_supported"),
+            ]),
+            Path::new("/srv"),
+        );
+        assert!(got.is_empty(), "{got:?}");
+        // services sections: endpoint rules the variables cannot express are left to the profile.
+        let got = profile_environment(&vars(&[("AWS_PROFILE", "svc")]), Path::new("/srv"));
+        assert!(got.is_empty(), "{got:?}");
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
     #[test]
     fn settings_debug_redacts_secrets() {
         let s = S3Settings {
