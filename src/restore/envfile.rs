@@ -73,7 +73,10 @@ pub fn render_in(vars: impl IntoIterator<Item = (String, String)>, cwd: Option<&
             let val = if !PATH_VARS.contains(&k.as_str()) || val.trim().is_empty() {
                 val.clone()
             } else if k == "SSL_CERT_DIR" {
-                val.split(':').map(absolute).collect::<Vec<_>>().join(":")
+                val.split(':')
+                    .map(|p| if p.is_empty() { String::new() } else { absolute(p) })
+                    .collect::<Vec<_>>()
+                    .join(":")
             } else {
                 absolute(val)
             };
@@ -131,6 +134,7 @@ pub fn load(path: &Path) -> Result<usize, EnvFileError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::HashMap;
 
     #[test]
     fn round_trip_keeps_only_relevant_variables() {
@@ -156,5 +160,67 @@ mod tests {
             ]
         );
         assert!(parse("PATH=/x\n# AWS_X=1\nAWS_Y=2").len() == 1);
+    }
+
+    /// Paths become absolute (the server runs restore_command elsewhere, as another user), the
+    /// system trust-root variables are carried, and the profile's CA bundle, region and endpoint
+    /// are written as variables; profile secrets are not.
+    #[test]
+    fn carries_tls_settings_with_absolute_paths() {
+        let d = std::env::temp_dir().join(format!("walagent-envfile-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(d.join(".aws")).unwrap();
+        std::fs::write(
+            d.join(".aws/config"),
+            "[profile tls]\nca_bundle = ca/private.pem\nregion = eu-north-1\nendpoint_url = https://s3.internal:8443\naws_secret_access_key = profile-secret\n",
+        )
+        .unwrap();
+        let home = d.display().to_string();
+        let v = |k: &str, val: &str| (k.to_string(), val.to_string());
+        let text = render_in(
+            [
+                v("HOME", &home),
+                v("AWS_PROFILE", "tls"),
+                v("AWS_SHARED_CREDENTIALS_FILE", "~/creds"),
+                v("AWS_WEB_IDENTITY_TOKEN_FILE", "/abs/token"),
+                v("SSL_CERT_FILE", "certs/roots.pem"),
+                v("SSL_CERT_DIR", "/etc/ssl/certs:more"),
+                v("AWS_S3_FORCE_PATH_STYLE", "true"),
+                v("WALAGENT_S3_CHECKSUM", "when_required"),
+            ],
+            Some(Path::new("/work/op")),
+        );
+        let back: HashMap<String, String> = parse(&text).into_iter().collect();
+        let get = |k: &str| back.get(k).map(String::as_str);
+        assert_eq!(get("AWS_CA_BUNDLE"), Some("/work/op/ca/private.pem"), "{text}");
+        assert_eq!(get("AWS_REGION"), Some("eu-north-1"));
+        assert_eq!(get("AWS_ENDPOINT_URL"), Some("https://s3.internal:8443"));
+        assert_eq!(get("AWS_PROFILE"), Some("tls"));
+        assert_eq!(get("AWS_S3_FORCE_PATH_STYLE"), Some("true"));
+        assert_eq!(get("WALAGENT_S3_CHECKSUM"), Some("when_required"));
+        assert_eq!(
+            get("AWS_SHARED_CREDENTIALS_FILE"),
+            Some(format!("{home}/creds").as_str())
+        );
+        assert_eq!(get("AWS_WEB_IDENTITY_TOKEN_FILE"), Some("/abs/token"));
+        assert_eq!(get("SSL_CERT_FILE"), Some("/work/op/certs/roots.pem"));
+        assert_eq!(get("SSL_CERT_DIR"), Some("/etc/ssl/certs:/work/op/more"));
+        assert!(!text.contains("profile-secret") && !text.contains("HOME"), "{text}");
+
+        // A CA bundle set in the environment wins over the profile's and keeps its value.
+        let text = render_in(
+            [
+                v("HOME", &home),
+                v("AWS_PROFILE", "tls"),
+                v("AWS_CA_BUNDLE", "/etc/walagent/ca.pem"),
+                v("AWS_REGION", "us-east-2"),
+            ],
+            Some(Path::new("/work/op")),
+        );
+        let back: HashMap<String, String> = parse(&text).into_iter().collect();
+        assert_eq!(back["AWS_CA_BUNDLE"], "/etc/walagent/ca.pem");
+        assert_eq!(back["AWS_REGION"], "us-east-2");
+        assert_eq!(back.len(), 4, "{text}");
+        let _ = std::fs::remove_dir_all(&d);
     }
 }
