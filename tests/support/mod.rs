@@ -63,6 +63,7 @@ mod process;
 mod replication;
 mod roles;
 pub mod s3;
+pub mod tls_proxy;
 mod template;
 mod tmpfs;
 mod wait;
