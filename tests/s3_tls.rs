@@ -12,7 +12,9 @@ use std::time::Duration;
 
 use support::s3::S3Server;
 use support::tls_proxy::TlsProxy;
-use support::{assert_ok, error_line, wait_until, walagent_path_for_postgres, PgCluster, PgOptions};
+use support::{
+    assert_ok, error_line, wait_until, walagent_path_for_postgres, PgCluster, PgOptions,
+};
 
 const SLOT: &str = "archiver";
 
@@ -29,9 +31,8 @@ fn tls_env(s3: &S3Server, proxy: &TlsProxy, extra: &[(&str, &str)]) -> Vec<(Stri
         .filter(|(k, _)| k != "AWS_ENDPOINT_URL")
         .collect();
     env.push(("AWS_ENDPOINT_URL".into(), proxy.endpoint()));
-    // Whatever the caller's environment says about trust roots must not help or hurt.
-    env.push(("SSL_CERT_FILE".into(), "/nonexistent/walagent-test-roots.pem".into()));
-    env.push(("SSL_CERT_DIR".into(), "/nonexistent".into()));
+    // Empty is unset (the caller's environment may set AWS_CA_BUNDLE).
+    env.push(("AWS_CA_BUNDLE".into(), String::new()));
     for (k, v) in extra {
         env.retain(|(name, _)| name != k);
         env.push((k.to_string(), v.to_string()));
@@ -41,12 +42,22 @@ fn tls_env(s3: &S3Server, proxy: &TlsProxy, extra: &[(&str, &str)]) -> Vec<(Stri
 
 /// One `walagent: error: CAUSE; hint: FIX` line with every `want` in it, non-zero exit.
 fn assert_one_line_error(o: &Output, want: &[&str]) -> String {
-    assert!(!o.status.success(), "expected a failure: {}", String::from_utf8_lossy(&o.stdout));
+    assert!(
+        !o.status.success(),
+        "expected a failure: {}",
+        String::from_utf8_lossy(&o.stdout)
+    );
     let stderr = String::from_utf8_lossy(&o.stderr);
     let line = error_line(o);
-    assert!(line.starts_with("walagent: error: ") && line.contains("; hint: "), "{stderr}");
+    assert!(
+        line.starts_with("walagent: error: ") && line.contains("; hint: "),
+        "{stderr}"
+    );
     assert_eq!(
-        stderr.lines().filter(|l| l.contains("walagent: error")).count(),
+        stderr
+            .lines()
+            .filter(|l| l.contains("walagent: error"))
+            .count(),
         1,
         "{stderr}"
     );
@@ -63,10 +74,20 @@ fn scenario(archive: &str, env: &[(String, String)]) -> PgCluster {
         wal_segment_size_mb: Some(1),
         ..Default::default()
     });
-    pg.psql(&format!("SELECT pg_create_physical_replication_slot('{SLOT}', true)"));
+    pg.psql(&format!(
+        "SELECT pg_create_physical_replication_slot('{SLOT}', true)"
+    ));
     pg.psql("CREATE TABLE t (id int primary key)");
     assert_ok(&run_with(
-        &["backup", "--source", &pg.repl_uri(), "--archive", archive, "--checkpoint", "fast"],
+        &[
+            "backup",
+            "--source",
+            &pg.repl_uri(),
+            "--archive",
+            archive,
+            "--checkpoint",
+            "fast",
+        ],
         env,
     ));
     for k in 1..=4 {
@@ -124,11 +145,15 @@ fn restore(archive: &str, env: &[(String, String)], cwd: &Path) -> std::path::Pa
 /// Starts the restored server and waits until recovery to `rp3` is done and it is promoted.
 fn start_restored(dir: std::path::PathBuf) -> PgCluster {
     let c = PgCluster::adopt(dir, PgOptions::default(), 1);
-    wait_until(Duration::from_secs(90), "the restored server is promoted", || {
-        c.try_psql("SELECT pg_is_in_recovery()")
-            .map(|s| s == "f")
-            .unwrap_or(false)
-    });
+    wait_until(
+        Duration::from_secs(90),
+        "the restored server is promoted",
+        || {
+            c.try_psql("SELECT pg_is_in_recovery()")
+                .map(|s| s == "f")
+                .unwrap_or(false)
+        },
+    );
     assert_eq!(
         c.psql("SELECT string_agg(id::text, ',' ORDER BY id) FROM t"),
         "1,2,3"
@@ -139,7 +164,10 @@ fn start_restored(dir: std::path::PathBuf) -> PgCluster {
 fn env_file(pgdata: &Path) -> Vec<(String, String)> {
     let p = pgdata.join("walagent-restore.env");
     use std::os::unix::fs::PermissionsExt;
-    assert_eq!(fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o600);
+    assert_eq!(
+        fs::metadata(&p).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
     walagent::restore::envfile::parse(&fs::read_to_string(&p).unwrap())
 }
 
@@ -159,18 +187,29 @@ fn private_ca_bundle_backup_stream_restore_replay() {
     let t0 = std::time::Instant::now();
     let o = run_with(&["backups", "--archive", &url], &tls_env(&s3, &proxy, &[]));
     let line = assert_one_line_error(&o, &["not trusted", "UnknownIssuer", "AWS_CA_BUNDLE"]);
-    assert!(t0.elapsed() < Duration::from_secs(30), "retried? {:?}: {line}", t0.elapsed());
+    assert!(
+        t0.elapsed() < Duration::from_secs(30),
+        "retried? {:?}: {line}",
+        t0.elapsed()
+    );
     assert_eq!(proxy.handshakes(), 0);
 
     // Bad bundles name the setting and the file.
     let other = TlsProxy::start(s3.port());
     let o = run_with(
         &["backups", "--archive", &url],
-        &tls_env(&s3, &proxy, &[("AWS_CA_BUNDLE", other.ca_path().to_str().unwrap())]),
+        &tls_env(
+            &s3,
+            &proxy,
+            &[("AWS_CA_BUNDLE", other.ca_path().to_str().unwrap())],
+        ),
     );
     assert_one_line_error(
         &o,
-        &["not trusted", &format!("AWS_CA_BUNDLE={} does not hold", other.ca_path().display())],
+        &[
+            "not trusted",
+            &format!("AWS_CA_BUNDLE={} does not hold", other.ca_path().display()),
+        ],
     );
     let junk = proxy.dir().join("junk.pem");
     fs::write(&junk, "not a certificate\n").unwrap();
@@ -183,6 +222,29 @@ fn private_ca_bundle_backup_stream_restore_replay() {
         assert_one_line_error(&o, &[want, &format!("AWS_CA_BUNDLE={}", path.display())]);
     }
     assert_eq!(proxy.handshakes(), 0);
+
+    // No system roots at all (SSL_CERT_FILE / SSL_CERT_DIR pointing nowhere): HTTPS without a
+    // bundle is refused in one line; plain HTTP does not need roots.
+    let no_roots = [
+        ("SSL_CERT_FILE", "/nonexistent/walagent-roots.pem"),
+        ("SSL_CERT_DIR", "/nonexistent"),
+    ];
+    let o = run_with(
+        &["backups", "--archive", &url],
+        &tls_env(&s3, &proxy, &no_roots),
+    );
+    assert_one_line_error(&o, &["no trusted root certificates", "AWS_CA_BUNDLE"]);
+    let mut plain = s3.env();
+    plain.extend(no_roots.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+    plain.push(("AWS_CA_BUNDLE".into(), String::new()));
+    assert_ok(&run_with(&["backups", "--archive", &url], &plain));
+    let mut with_bundle = no_roots.to_vec();
+    with_bundle.push(("AWS_CA_BUNDLE", ca_s));
+    assert_ok(&run_with(
+        &["backups", "--archive", &url],
+        &tls_env(&s3, &proxy, &with_bundle),
+    ));
+    assert_eq!(proxy.handshakes(), 1);
 
     // With AWS_CA_BUNDLE: backup and stream over HTTPS.
     let env = tls_env(&s3, &proxy, &[("AWS_CA_BUNDLE", ca_s)]);
@@ -199,15 +261,24 @@ fn private_ca_bundle_backup_stream_restore_replay() {
     let dir = restore(&url, &rel_env, &proxy.dir());
     let vars = env_file(&dir.join("data"));
     assert_eq!(get(&vars, "AWS_CA_BUNDLE"), Some(ca_s), "{vars:?}");
-    assert_eq!(get(&vars, "AWS_ENDPOINT_URL"), Some(proxy.endpoint().as_str()));
+    assert_eq!(
+        get(&vars, "AWS_ENDPOINT_URL"),
+        Some(proxy.endpoint().as_str())
+    );
     assert_eq!(get(&vars, "AWS_S3_FORCE_PATH_STYLE"), Some("true"));
     assert_eq!(get(&vars, "AWS_REGION"), Some(support::s3::REGION));
     let auto = fs::read_to_string(dir.join("data/postgresql.auto.conf")).unwrap();
-    assert!(auto.contains("--env-file") && !auto.contains("AWS_SECRET"), "{auto}");
+    assert!(
+        auto.contains("--env-file") && !auto.contains("AWS_SECRET"),
+        "{auto}"
+    );
     // Replay fetches WAL through the proxy.
     let before = proxy.handshakes();
     let c = start_restored(dir);
-    assert!(proxy.handshakes() > before, "restore_command did not go through TLS");
+    assert!(
+        proxy.handshakes() > before,
+        "restore_command did not go through TLS"
+    );
     drop(c);
     drop(pg);
 }
@@ -237,15 +308,26 @@ fn profile_ca_bundle_reaches_the_restored_server() {
     assert_one_line_error(&o, &["not trusted", "ca_bundle in the AWS profile"]);
     // A profile whose ca_bundle is junk: the error names the profile setting and the file.
     let junk = proxy.dir().join("junk.pem");
-    fs::write(&junk, "-----BEGIN CERTIFICATE-----\n!!!\n-----END CERTIFICATE-----\n").unwrap();
+    fs::write(
+        &junk,
+        "-----BEGIN CERTIFICATE-----\n!!!\n-----END CERTIFICATE-----\n",
+    )
+    .unwrap();
     let bad_config = proxy.dir().join("aws-config-bad");
-    fs::write(&bad_config, format!("[profile private]\nca_bundle = {}\n", junk.display())).unwrap();
+    fs::write(
+        &bad_config,
+        format!("[profile private]\nca_bundle = {}\n", junk.display()),
+    )
+    .unwrap();
     let o = run_with(
         &["backups", "--archive", &url],
         &tls_env(
             &s3,
             &proxy,
-            &[("AWS_CONFIG_FILE", bad_config.to_str().unwrap()), ("AWS_PROFILE", "private")],
+            &[
+                ("AWS_CONFIG_FILE", bad_config.to_str().unwrap()),
+                ("AWS_PROFILE", "private"),
+            ],
         ),
     );
     assert_one_line_error(
@@ -257,7 +339,11 @@ fn profile_ca_bundle_reaches_the_restored_server() {
         ],
     );
 
-    let env = tls_env(&s3, &proxy, &[("AWS_CONFIG_FILE", cfg), ("AWS_PROFILE", "private")]);
+    let env = tls_env(
+        &s3,
+        &proxy,
+        &[("AWS_CONFIG_FILE", cfg), ("AWS_PROFILE", "private")],
+    );
     let pg = scenario(&url, &env);
     let dir = restore(&url, &env, &proxy.dir());
     let vars = env_file(&dir.join("data"));

@@ -74,7 +74,13 @@ pub fn render_in(vars: impl IntoIterator<Item = (String, String)>, cwd: Option<&
                 val.clone()
             } else if k == "SSL_CERT_DIR" {
                 val.split(':')
-                    .map(|p| if p.is_empty() { String::new() } else { absolute(p) })
+                    .map(|p| {
+                        if p.is_empty() {
+                            String::new()
+                        } else {
+                            absolute(p)
+                        }
+                    })
                     .collect::<Vec<_>>()
                     .join(":")
             } else {
@@ -83,7 +89,10 @@ pub fn render_in(vars: impl IntoIterator<Item = (String, String)>, cwd: Option<&
             (k.clone(), val)
         })
         .collect();
-    v.extend(profile_environment(&all, cwd.unwrap_or(Path::new(""))));
+    // The profile's settings fill in what the environment leaves unset (or set empty).
+    let from_profile = profile_environment(&all, cwd.unwrap_or(Path::new("")));
+    v.retain(|(k, _)| !from_profile.iter().any(|(p, _)| p == k));
+    v.extend(from_profile);
     v.retain(|(_, val)| !val.contains(['\n', '\r']));
     v.sort();
     let mut out = String::from(
@@ -192,7 +201,11 @@ mod tests {
         );
         let back: HashMap<String, String> = parse(&text).into_iter().collect();
         let get = |k: &str| back.get(k).map(String::as_str);
-        assert_eq!(get("AWS_CA_BUNDLE"), Some("/work/op/ca/private.pem"), "{text}");
+        assert_eq!(
+            get("AWS_CA_BUNDLE"),
+            Some("/work/op/ca/private.pem"),
+            "{text}"
+        );
         assert_eq!(get("AWS_REGION"), Some("eu-north-1"));
         assert_eq!(get("AWS_ENDPOINT_URL"), Some("https://s3.internal:8443"));
         assert_eq!(get("AWS_PROFILE"), Some("tls"));
@@ -205,7 +218,10 @@ mod tests {
         assert_eq!(get("AWS_WEB_IDENTITY_TOKEN_FILE"), Some("/abs/token"));
         assert_eq!(get("SSL_CERT_FILE"), Some("/work/op/certs/roots.pem"));
         assert_eq!(get("SSL_CERT_DIR"), Some("/etc/ssl/certs:/work/op/more"));
-        assert!(!text.contains("profile-secret") && !text.contains("HOME"), "{text}");
+        assert!(
+            !text.contains("profile-secret") && !text.contains("HOME"),
+            "{text}"
+        );
 
         // A CA bundle set in the environment wins over the profile's and keeps its value.
         let text = render_in(

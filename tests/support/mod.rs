@@ -63,8 +63,8 @@ mod process;
 mod replication;
 mod roles;
 pub mod s3;
-pub mod tls_proxy;
 mod template;
+pub mod tls_proxy;
 mod tmpfs;
 mod wait;
 

@@ -488,7 +488,11 @@ mod tests {
         let empty = d.join("empty.pem");
         std::fs::write(&empty, "just some text, no certificate\n").unwrap();
         let key_only = d.join("key.pem");
-        std::fs::write(&key_only, rcgen::KeyPair::generate().unwrap().serialize_pem()).unwrap();
+        std::fs::write(
+            &key_only,
+            rcgen::KeyPair::generate().unwrap().serialize_pem(),
+        )
+        .unwrap();
         let der = d.join("ca.der");
         let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
         p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
@@ -503,7 +507,11 @@ mod tests {
         for (path, setting, want) in [
             (d.join("missing.pem"), "AWS_CA_BUNDLE", "cannot read it"),
             (not_pem, "AWS_CA_BUNDLE", "not a valid PEM file"),
-            (empty, "ca_bundle of AWS profile \"x\" in /c", "no PEM certificate"),
+            (
+                empty,
+                "ca_bundle of AWS profile \"x\" in /c",
+                "no PEM certificate",
+            ),
             (key_only, "AWS_CA_BUNDLE", "no PEM certificate"),
             (der, "AWS_CA_BUNDLE", "no PEM certificate"),
             (not_cert, "AWS_CA_BUNDLE", "certificate 1 is not usable"),
@@ -593,7 +601,10 @@ mod tests {
         let vars = |extra: &[(&str, &str)]| -> HashMap<String, String> {
             let mut m: HashMap<String, String> = [
                 ("AWS_CONFIG_FILE", config.display().to_string()),
-                ("AWS_SHARED_CREDENTIALS_FILE", d.join("none").display().to_string()),
+                (
+                    "AWS_SHARED_CREDENTIALS_FILE",
+                    d.join("none").display().to_string(),
+                ),
             ]
             .into_iter()
             .map(|(k, v)| (k.to_string(), v))

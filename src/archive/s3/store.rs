@@ -26,8 +26,8 @@ use super::checksum::{b64_crc, decode_b64_crc, meta_crc};
 use super::error::{is_code, is_not_implemented, is_precondition_failed, status_of};
 use super::location::S3Location;
 use super::settings::{
-    base_timeouts, host_needs_path_style, resolve_ca_bundle, setting_err, validate_options, CaBundle,
-    ChecksumPolicy, S3Options, S3Settings,
+    base_timeouts, host_needs_path_style, resolve_ca_bundle, setting_err, validate_options,
+    CaBundle, ChecksumPolicy, S3Options, S3Settings,
 };
 use super::stream::{S3Reader, S3Writer};
 use super::{DEFAULT_REGION, MAX_PART, META_CRC32, MIB};
@@ -59,6 +59,28 @@ impl fmt::Debug for S3Store {
             .field("endpoint", &self.endpoint)
             .finish()
     }
+}
+
+/// Whether the system trust roots (which honour `SSL_CERT_FILE` / `SSL_CERT_DIR`) hold at least
+/// one usable certificate; else why not.
+fn system_roots_usable() -> Result<(), String> {
+    let result = rustls_native_certs::load_native_certs();
+    let mut roots = tokio_rustls::rustls::RootCertStore::empty();
+    let (valid, _) = roots.add_parsable_certificates(result.certs);
+    if valid > 0 {
+        return Ok(());
+    }
+    Err(if result.errors.is_empty() {
+        "no certificates found".into()
+    } else {
+        result
+            .errors
+            .iter()
+            .map(|e| e.to_string())
+            .collect::<Vec<_>>()
+            .join("; ")
+            .replace(['\n', '\r'], " ")
+    })
 }
 
 /// What a HEAD tells us about an existing object.
@@ -122,6 +144,24 @@ impl S3Store {
                     ),
                     fix: format!("set {} to a PEM file of CA certificates", b.setting),
                 })?;
+            http_builder = http_builder.tls_context(ctx);
+        } else if let Err(detail) = system_roots_usable() {
+            // The TLS provider asserts (debug builds) that the system has roots: no TLS context
+            // with them when there are none; HTTPS then needs a CA bundle.
+            let plain_http = settings
+                .endpoint
+                .as_deref()
+                .is_some_and(|e| e.to_ascii_lowercase().starts_with("http://"));
+            if !plain_http {
+                return Err(StoreError::Misconfigured {
+                    cause: format!("invalid S3 settings: no trusted root certificates for HTTPS: {detail}"),
+                    fix: "install the OS CA bundle (ca-certificates), fix SSL_CERT_FILE / SSL_CERT_DIR, or set AWS_CA_BUNDLE to a PEM file of CA certificates".into(),
+                });
+            }
+            let ctx = tls::TlsContext::builder()
+                .with_trust_store(tls::TrustStore::empty())
+                .build()
+                .map_err(|e| setting_err(format!("cannot configure TLS: {e}")))?;
             http_builder = http_builder.tls_context(ctx);
         }
         let http_client = http_builder.build_https();
