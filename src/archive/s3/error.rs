@@ -219,4 +219,52 @@ mod tests {
         assert!(is_credentials_failure(sts) && !looks_transient(sts));
         assert!(!is_credentials_failure("io error: connection refused"));
     }
+
+    /// A rejected server certificate names the setting to fix.
+    #[tokio::test]
+    async fn certificate_failures_name_the_fix() {
+        use crate::archive::s3::{CaBundle, S3Options, S3Settings};
+        let dir = std::env::temp_dir().join(format!("walagent-certfix-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let pem = p
+            .self_signed(&rcgen::KeyPair::generate().unwrap())
+            .unwrap()
+            .pem();
+        let ca = dir.join("ca.pem");
+        std::fs::write(&ca, pem).unwrap();
+        let settings = S3Settings {
+            endpoint: Some("https://127.0.0.1:9".into()),
+            region: Some("us-east-1".into()),
+            access_key: Some("k".into()),
+            secret_key: Some("s".into()),
+            ca_bundle: Some(CaBundle::new(&ca, "AWS_CA_BUNDLE")),
+            ..Default::default()
+        };
+        let mut store =
+            S3Store::open_with("s3://b/p".parse().unwrap(), S3Options::default(), settings)
+                .await
+                .unwrap();
+        let chain = |what: &str| {
+            format!("dispatch failure: io error: client error (Connect): TLS handshake failed: invalid peer certificate: {what}")
+        };
+        let fix = store.certificate_fix(&chain("UnknownIssuer")).unwrap();
+        assert!(
+            fix.contains(&format!("AWS_CA_BUNDLE={} does not hold", ca.display())),
+            "{fix}"
+        );
+        store.ca_bundle = None;
+        let fix = store.certificate_fix(&chain("UnknownIssuer")).unwrap();
+        assert!(fix.starts_with("set AWS_CA_BUNDLE"), "{fix}");
+        let fix = store.certificate_fix(&chain("NotValidForName")).unwrap();
+        assert!(fix.contains("AWS_ENDPOINT_URL"), "{fix}");
+        let fix = store.certificate_fix(&chain("Expired")).unwrap();
+        assert!(fix.contains("validity"), "{fix}");
+        assert_eq!(
+            store.certificate_fix("dispatch failure: io error: connection refused"),
+            None
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }
