@@ -121,13 +121,16 @@ impl S3Store {
         } else if c.contains("expired") || c.contains("notvalidyet") {
             "the certificate is outside its validity period; renew it on the server or fix the clock".into()
         } else {
-            match &self.ca_bundle {
-                Some(b) => format!(
+            match (&self.ca_bundle, &self.no_system_roots) {
+                (None, Some(why)) => format!(
+                    "the system has no trusted root certificates ({why}); install the OS CA bundle (ca-certificates), fix SSL_CERT_FILE / SSL_CERT_DIR, or set AWS_CA_BUNDLE to the PEM file of the CA that signed the server's certificate"
+                ),
+                (Some(b), _) => format!(
                     "{}={} does not hold the CA that signed the server's certificate; point it at that CA's PEM file",
                     b.setting,
                     b.path.display()
                 ),
-                None => "set AWS_CA_BUNDLE (or ca_bundle in the AWS profile) to the PEM file of the CA that signed the server's certificate".into(),
+                (None, None) => "set AWS_CA_BUNDLE (or ca_bundle in the AWS profile) to the PEM file of the CA that signed the server's certificate".into(),
             }
         })
     }
@@ -261,6 +264,13 @@ mod tests {
         assert!(fix.contains("AWS_ENDPOINT_URL"), "{fix}");
         let fix = store.certificate_fix(&chain("Expired")).unwrap();
         assert!(fix.contains("validity"), "{fix}");
+        store.no_system_roots = Some("no certificates found".into());
+        let fix = store.certificate_fix(&chain("UnknownIssuer")).unwrap();
+        assert!(
+            fix.contains("no trusted root certificates (no certificates found)")
+                && fix.contains("AWS_CA_BUNDLE"),
+            "{fix}"
+        );
         assert_eq!(
             store.certificate_fix("dispatch failure: io error: connection refused"),
             None

@@ -196,7 +196,8 @@ impl S3Settings {
     /// Region and credentials are left to the standard chain (`AWS_REGION`,
     /// `AWS_DEFAULT_REGION`, `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`,
     /// `AWS_PROFILE`, `~/.aws/config` and `~/.aws/credentials`, web identity, ECS, EC2 metadata
-    /// unless `AWS_EC2_METADATA_DISABLED=true`).
+    /// unless `AWS_EC2_METADATA_DISABLED=true`), and so is the CA bundle (`AWS_CA_BUNDLE`, the
+    /// profile's `ca_bundle`; resolved by [`S3Store::open_with`](super::S3Store::open_with)).
     pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<S3Settings, StoreError> {
         let get = |k: &str| get(k).filter(|v| !v.trim().is_empty());
         let mut s = S3Settings::default();

@@ -50,6 +50,8 @@ pub struct S3Store {
     pub(super) conditional_writes: Arc<AtomicBool>,
     /// The CA bundle trusted instead of the system roots, if any (for messages).
     pub(super) ca_bundle: Option<CaBundle>,
+    /// Why the system has no usable trust roots, when it has none and no CA bundle is set.
+    pub(super) no_system_roots: Option<String>,
 }
 
 impl fmt::Debug for S3Store {
@@ -107,7 +109,9 @@ impl S3Store {
         Self::open_with(location, opts, S3Settings::from_env()?).await
     }
 
-    /// Opens the store with explicit settings (unset fields come from the standard AWS chain).
+    /// Opens the store with explicit settings (unset fields come from the standard AWS chain;
+    /// for `ca_bundle`: `AWS_CA_BUNDLE`, then the selected profile's `ca_bundle`). A CA bundle is
+    /// read and checked here ([`CaBundle::load`]).
     pub async fn open_with(
         location: S3Location,
         opts: S3Options,
@@ -128,6 +132,7 @@ impl S3Store {
             Some(b) => Some(b.clone()),
             None => resolve_ca_bundle(&aws_types::os_shim_internal::Env::real()),
         };
+        let mut no_system_roots = None;
         let mut http_builder = aws_smithy_http_client::Builder::new()
             .tls_provider(tls::Provider::Rustls(CryptoMode::Ring));
         if let Some(b) = &ca_bundle {
@@ -146,18 +151,9 @@ impl S3Store {
                 })?;
             http_builder = http_builder.tls_context(ctx);
         } else if let Err(detail) = system_roots_usable() {
-            // The TLS provider asserts (debug builds) that the system has roots: no TLS context
-            // with them when there are none; HTTPS then needs a CA bundle.
-            let plain_http = settings
-                .endpoint
-                .as_deref()
-                .is_some_and(|e| e.to_ascii_lowercase().starts_with("http://"));
-            if !plain_http {
-                return Err(StoreError::Misconfigured {
-                    cause: format!("invalid S3 settings: no trusted root certificates for HTTPS: {detail}"),
-                    fix: "install the OS CA bundle (ca-certificates), fix SSL_CERT_FILE / SSL_CERT_DIR, or set AWS_CA_BUNDLE to a PEM file of CA certificates".into(),
-                });
-            }
+            // The TLS provider asserts (debug builds) that the system has roots, so none are
+            // asked for. Plain http:// works; an HTTPS handshake then fails with a hint.
+            no_system_roots = Some(detail);
             let ctx = tls::TlsContext::builder()
                 .with_trust_store(tls::TrustStore::empty())
                 .build()
@@ -242,6 +238,7 @@ impl S3Store {
             validate_responses,
             conditional_writes: Arc::new(AtomicBool::new(true)),
             ca_bundle,
+            no_system_roots,
         })
     }
 
