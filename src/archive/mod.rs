@@ -62,6 +62,10 @@ pub enum StoreError {
     /// Any other failure the store reported; not retried.
     #[error("{context}: {detail}")]
     Remote { context: String, detail: String },
+    /// The store cannot be used as configured (e.g. an unusable CA bundle, a server certificate
+    /// no trusted CA signed); `fix` is the hint. Not retried.
+    #[error("{cause}")]
+    Misconfigured { cause: String, fix: String },
 }
 
 /// What is wrong with an archive object, for an error message: a finding in words, or a
@@ -126,6 +130,7 @@ impl StoreError {
             StoreError::Io { .. } => {
                 Some("check free space and permissions of the archive and spool directories".into())
             }
+            StoreError::Misconfigured { fix, .. } => Some(fix.clone()),
             _ => None,
         }
     }

@@ -69,6 +69,7 @@ mod replication;
 mod roles;
 pub mod s3;
 mod template;
+pub mod tls_proxy;
 mod tmpfs;
 mod versions;
 mod wait;

@@ -177,6 +177,7 @@ impl S3Server {
             force_path_style: Some(true),
             request_checksum: None,
             response_checksum: None,
+            ca_bundle: None,
         }
     }
 

@@ -24,6 +24,12 @@ impl S3Store {
             },
             SdkError::DispatchFailure(d) => {
                 let cause = error_chain(&err);
+                if let Some(fix) = self.certificate_fix(&cause) {
+                    return StoreError::Misconfigured {
+                        cause: format!("{context}: the server's TLS certificate is not trusted: {cause}"),
+                        fix,
+                    };
+                }
                 if d.is_timeout() {
                     StoreError::Unavailable { context, detail: format!("timed out: {cause}") }
                 } else if d.is_io() {
@@ -100,6 +106,33 @@ impl S3Store {
             }
             _ => StoreError::Remote { context, detail: error_chain(&err) },
         }
+    }
+}
+
+impl S3Store {
+    /// The fix when `cause` is a rejected server certificate (not retried: it will not heal).
+    fn certificate_fix(&self, cause: &str) -> Option<String> {
+        let c = cause.to_ascii_lowercase();
+        if !c.contains("invalid peer certificate") {
+            return None;
+        }
+        Some(if c.contains("notvalidforname") {
+            "the certificate does not name the endpoint's host; use a host name it was issued for in AWS_ENDPOINT_URL".into()
+        } else if c.contains("expired") || c.contains("notvalidyet") {
+            "the certificate is outside its validity period; renew it on the server or fix the clock".into()
+        } else {
+            match (&self.ca_bundle, &self.no_system_roots) {
+                (None, Some(why)) => format!(
+                    "the system has no trusted root certificates ({why}); install the OS CA bundle (ca-certificates), fix SSL_CERT_FILE / SSL_CERT_DIR, or set AWS_CA_BUNDLE to the PEM file of the CA that signed the server's certificate"
+                ),
+                (Some(b), _) => format!(
+                    "{}={} does not hold the CA that signed the server's certificate; point it at that CA's PEM file",
+                    b.setting,
+                    b.path.display()
+                ),
+                (None, None) => "set AWS_CA_BUNDLE (or ca_bundle in the AWS profile) to the PEM file of the CA that signed the server's certificate".into(),
+            }
+        })
     }
 }
 
@@ -188,5 +221,60 @@ mod tests {
         let sts = "dispatch failure: other: an error occurred while loading credentials: service error: AccessDenied";
         assert!(is_credentials_failure(sts) && !looks_transient(sts));
         assert!(!is_credentials_failure("io error: connection refused"));
+    }
+
+    /// A rejected server certificate names the setting to fix.
+    #[tokio::test]
+    async fn certificate_failures_name_the_fix() {
+        use crate::archive::s3::{CaBundle, S3Options, S3Settings};
+        let dir = std::env::temp_dir().join(format!("walagent-certfix-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let pem = p
+            .self_signed(&rcgen::KeyPair::generate().unwrap())
+            .unwrap()
+            .pem();
+        let ca = dir.join("ca.pem");
+        std::fs::write(&ca, pem).unwrap();
+        let settings = S3Settings {
+            endpoint: Some("https://127.0.0.1:9".into()),
+            region: Some("us-east-1".into()),
+            access_key: Some("k".into()),
+            secret_key: Some("s".into()),
+            ca_bundle: Some(CaBundle::new(&ca, "AWS_CA_BUNDLE")),
+            ..Default::default()
+        };
+        let mut store =
+            S3Store::open_with("s3://b/p".parse().unwrap(), S3Options::default(), settings)
+                .await
+                .unwrap();
+        let chain = |what: &str| {
+            format!("dispatch failure: io error: client error (Connect): TLS handshake failed: invalid peer certificate: {what}")
+        };
+        let fix = store.certificate_fix(&chain("UnknownIssuer")).unwrap();
+        assert!(
+            fix.contains(&format!("AWS_CA_BUNDLE={} does not hold", ca.display())),
+            "{fix}"
+        );
+        store.ca_bundle = None;
+        let fix = store.certificate_fix(&chain("UnknownIssuer")).unwrap();
+        assert!(fix.starts_with("set AWS_CA_BUNDLE"), "{fix}");
+        let fix = store.certificate_fix(&chain("NotValidForName")).unwrap();
+        assert!(fix.contains("AWS_ENDPOINT_URL"), "{fix}");
+        let fix = store.certificate_fix(&chain("Expired")).unwrap();
+        assert!(fix.contains("validity"), "{fix}");
+        store.no_system_roots = Some("no certificates found".into());
+        let fix = store.certificate_fix(&chain("UnknownIssuer")).unwrap();
+        assert!(
+            fix.contains("no trusted root certificates (no certificates found)")
+                && fix.contains("AWS_CA_BUNDLE"),
+            "{fix}"
+        );
+        assert_eq!(
+            store.certificate_fix("dispatch failure: io error: connection refused"),
+            None
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

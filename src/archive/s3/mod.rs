@@ -35,7 +35,7 @@ mod store;
 mod stream;
 
 pub use location::{S3Location, S3LocationError};
-pub use settings::{ChecksumPolicy, S3Options, S3Settings};
+pub use settings::{profile_environment, CaBundle, ChecksumPolicy, S3Options, S3Settings};
 pub use store::S3Store;
 
 /// User metadata key (sent as `x-amz-meta-walagent-crc32`) holding the object's CRC-32 in hex.

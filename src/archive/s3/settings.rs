@@ -1,12 +1,20 @@
 //! Tuning knobs ([`S3Options`]) and connection settings from the AWS environment
 //! ([`S3Settings`]).
 
+use std::collections::HashMap;
 use std::fmt;
+use std::future::Future;
 use std::io;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
+use aws_config::profile::ProfileSet;
 use aws_sdk_s3::config::timeout::TimeoutConfig;
+use aws_types::os_shim_internal::{Env, Fs};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::CertificateDer;
 
 use super::{MAX_PART, MIB, MIN_PART};
 use crate::archive::StoreError;
@@ -94,6 +102,57 @@ pub struct S3Settings {
     pub request_checksum: Option<ChecksumPolicy>,
     /// Response checksum validation (default: the chain, i.e. `when_supported`).
     pub response_checksum: Option<ChecksumPolicy>,
+    /// PEM file of the CA certificates to trust instead of the system's (default:
+    /// `AWS_CA_BUNDLE`, else the selected profile's `ca_bundle`, else the system roots, which
+    /// honour `SSL_CERT_FILE` / `SSL_CERT_DIR`); see [`CaBundle`].
+    pub ca_bundle: Option<CaBundle>,
+}
+
+/// A CA bundle: a PEM file whose certificates are the only trusted roots for the S3 endpoint
+/// (and for STS/SSO), replacing the system's, as botocore's `ca_bundle` / `AWS_CA_BUNDLE` replace
+/// its default bundle.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CaBundle {
+    pub path: PathBuf,
+    /// Where the path came from, for messages: `AWS_CA_BUNDLE`, or the profile setting.
+    pub setting: String,
+}
+
+impl CaBundle {
+    pub fn new(path: impl Into<PathBuf>, setting: impl Into<String>) -> CaBundle {
+        CaBundle {
+            path: path.into(),
+            setting: setting.into(),
+        }
+    }
+
+    /// Reads and checks the bundle: a readable PEM file with at least one certificate, each
+    /// usable as a trust anchor. Returns the file's bytes (what the TLS provider parses).
+    pub fn load(&self) -> Result<Vec<u8>, StoreError> {
+        let shown = format!("{}={}", self.setting, self.path.display());
+        let fix = format!(
+            "set {} to a PEM file (-----BEGIN CERTIFICATE-----) with the CA certificate that signed the S3 endpoint's certificate",
+            self.setting
+        );
+        let bad = |what: String| StoreError::Misconfigured {
+            cause: format!("invalid S3 settings: CA bundle {shown}: {what}"),
+            fix: fix.clone(),
+        };
+        let bytes = std::fs::read(&self.path).map_err(|e| bad(format!("cannot read it: {e}")))?;
+        let certs = CertificateDer::pem_slice_iter(&bytes)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| bad(format!("not a valid PEM file: {e}")))?;
+        if certs.is_empty() {
+            return Err(bad("contains no PEM certificate".into()));
+        }
+        let mut roots = tokio_rustls::rustls::RootCertStore::empty();
+        for (i, c) in certs.into_iter().enumerate() {
+            roots
+                .add(c)
+                .map_err(|e| bad(format!("certificate {} is not usable: {e}", i + 1)))?;
+        }
+        Ok(bytes)
+    }
 }
 
 impl fmt::Debug for S3Settings {
@@ -108,6 +167,7 @@ impl fmt::Debug for S3Settings {
             .field("force_path_style", &self.force_path_style)
             .field("request_checksum", &self.request_checksum)
             .field("response_checksum", &self.response_checksum)
+            .field("ca_bundle", &self.ca_bundle)
             .finish()
     }
 }
@@ -136,7 +196,8 @@ impl S3Settings {
     /// Region and credentials are left to the standard chain (`AWS_REGION`,
     /// `AWS_DEFAULT_REGION`, `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`,
     /// `AWS_PROFILE`, `~/.aws/config` and `~/.aws/credentials`, web identity, ECS, EC2 metadata
-    /// unless `AWS_EC2_METADATA_DISABLED=true`).
+    /// unless `AWS_EC2_METADATA_DISABLED=true`), and so is the CA bundle (`AWS_CA_BUNDLE`, the
+    /// profile's `ca_bundle`; resolved by [`S3Store::open_with`](super::S3Store::open_with)).
     pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<S3Settings, StoreError> {
         let get = |k: &str| get(k).filter(|v| !v.trim().is_empty());
         let mut s = S3Settings::default();
@@ -162,6 +223,105 @@ impl S3Settings {
             s.response_checksum = Some(parse_policy("AWS_RESPONSE_CHECKSUM_VALIDATION", &v)?);
         }
         Ok(s)
+    }
+}
+
+/// The CA bundle the standard chain selects: `AWS_CA_BUNDLE`, else the selected profile's
+/// `ca_bundle` (as botocore does); `None` when neither is set.
+pub(super) fn resolve_ca_bundle(env: &Env) -> Option<CaBundle> {
+    let var = |k: &str| env.get(k).ok().filter(|v| !v.trim().is_empty());
+    if let Some(p) = var("AWS_CA_BUNDLE") {
+        return Some(CaBundle::new(p, "AWS_CA_BUNDLE"));
+    }
+    let profiles = load_profiles(env)?;
+    let path = profiles.get("ca_bundle").filter(|v| !v.trim().is_empty())?;
+    Some(CaBundle::new(
+        path,
+        format!(
+            "ca_bundle of AWS profile {:?} in {}",
+            profiles.selected_profile(),
+            var("AWS_CONFIG_FILE").unwrap_or_else(|| "~/.aws/config".into())
+        ),
+    ))
+}
+
+/// Environment variables that carry the selected AWS profile's non-secret S3 settings
+/// (`ca_bundle`, `region`, `endpoint_url`, `request_checksum_calculation`,
+/// `response_checksum_validation`) where `vars` does not already set them, so that a process
+/// that cannot read the profile files (another OS user, another HOME) reaches the same store.
+/// `endpoint_url` is skipped when the profile has a `services` section reference or
+/// `ignore_configured_endpoint_urls`, whose rules the variables cannot express. Relative
+/// `ca_bundle` paths are made absolute against `cwd`.
+pub fn profile_environment(vars: &HashMap<String, String>, cwd: &Path) -> Vec<(String, String)> {
+    let set = |k: &str| vars.get(k).is_some_and(|v| !v.trim().is_empty());
+    let env = Env::from(vars.clone());
+    let Some(profiles) = load_profiles(&env) else {
+        return Vec::new();
+    };
+    let get = |k: &str| {
+        profiles
+            .get(k)
+            .map(str::trim)
+            .filter(|v| !v.is_empty())
+            .map(str::to_string)
+    };
+    let mut out = Vec::new();
+    if !set("AWS_CA_BUNDLE") {
+        if let Some(p) = get("ca_bundle") {
+            out.push(("AWS_CA_BUNDLE".into(), cwd.join(p).display().to_string()));
+        }
+    }
+    if !set("AWS_REGION") && !set("AWS_DEFAULT_REGION") {
+        if let Some(r) = get("region") {
+            out.push(("AWS_REGION".into(), r));
+        }
+    }
+    let endpoint_rules = get("services").is_some()
+        || get("ignore_configured_endpoint_urls").is_some()
+        || set("AWS_IGNORE_CONFIGURED_ENDPOINT_URLS");
+    if !set("AWS_ENDPOINT_URL") && !set("AWS_ENDPOINT_URL_S3") && !endpoint_rules {
+        if let Some(e) = get("endpoint_url") {
+            out.push(("AWS_ENDPOINT_URL".into(), e));
+        }
+    }
+    for (key, var) in [
+        (
+            "request_checksum_calculation",
+            "AWS_REQUEST_CHECKSUM_CALCULATION",
+        ),
+        (
+            "response_checksum_validation",
+            "AWS_RESPONSE_CHECKSUM_VALIDATION",
+        ),
+    ] {
+        if !set(var) && !set("WALAGENT_S3_CHECKSUM") {
+            if let Some(v) = get(key) {
+                out.push((var.into(), v));
+            }
+        }
+    }
+    out
+}
+
+/// The profile files as the SDK reads them (`AWS_CONFIG_FILE`, `AWS_SHARED_CREDENTIALS_FILE`,
+/// `AWS_PROFILE`, `HOME` from `env`). `None` when they cannot be read or parsed (the SDK's own
+/// providers then report the problem).
+fn load_profiles(env: &Env) -> Option<ProfileSet> {
+    let fs = Fs::real();
+    let files = Default::default();
+    let fut = aws_config::profile::load(&fs, env, &files, None);
+    let mut fut = std::pin::pin!(fut);
+    // The loader is async only in name: it reads the files with std::fs and never waits.
+    match fut.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
+        Poll::Ready(Ok(p)) => Some(p),
+        Poll::Ready(Err(e)) => {
+            tracing::debug!(error = %e, "AWS profile files not usable for ca_bundle");
+            None
+        }
+        Poll::Pending => {
+            tracing::warn!("AWS profile loader did not complete synchronously; profile settings for ca_bundle ignored");
+            None
+        }
     }
 }
 
@@ -294,6 +454,197 @@ mod tests {
                 .to_string();
             assert!(e.contains(want) && e.contains(k), "{e}");
         }
+    }
+
+    fn temp_dir(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("walagent-s3set-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    fn ca_pem() -> String {
+        let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let key = rcgen::KeyPair::generate().unwrap();
+        p.self_signed(&key).unwrap().pem()
+    }
+
+    /// A bad CA bundle is one line naming the setting and the file, with a fix.
+    #[test]
+    fn ca_bundle_is_checked() {
+        let d = temp_dir("ca");
+        let good = d.join("ca.pem");
+        let pem = ca_pem();
+        std::fs::write(&good, format!("# a comment\n{pem}{pem}")).unwrap();
+        let b = CaBundle::new(&good, "AWS_CA_BUNDLE");
+        assert!(b.load().unwrap().starts_with(b"# a comment"));
+
+        let not_pem = d.join("not-pem.pem");
+        std::fs::write(
+            &not_pem,
+            "-----BEGIN CERTIFICATE-----\n%%%not base64%%%\n-----END CERTIFICATE-----\n",
+        )
+        .unwrap();
+        let empty = d.join("empty.pem");
+        std::fs::write(&empty, "just some text, no certificate\n").unwrap();
+        let key_only = d.join("key.pem");
+        std::fs::write(
+            &key_only,
+            rcgen::KeyPair::generate().unwrap().serialize_pem(),
+        )
+        .unwrap();
+        let der = d.join("ca.der");
+        let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let key = rcgen::KeyPair::generate().unwrap();
+        std::fs::write(&der, p.self_signed(&key).unwrap().der().as_ref()).unwrap();
+        let not_cert = d.join("not-cert.pem");
+        std::fs::write(
+            &not_cert,
+            "-----BEGIN CERTIFICATE-----\naGVsbG8gd29ybGQ=\n-----END CERTIFICATE-----\n",
+        )
+        .unwrap();
+        for (path, setting, want) in [
+            (d.join("missing.pem"), "AWS_CA_BUNDLE", "cannot read it"),
+            (not_pem, "AWS_CA_BUNDLE", "not a valid PEM file"),
+            (
+                empty,
+                "ca_bundle of AWS profile \"x\" in /c",
+                "no PEM certificate",
+            ),
+            (key_only, "AWS_CA_BUNDLE", "no PEM certificate"),
+            (der, "AWS_CA_BUNDLE", "no PEM certificate"),
+            (not_cert, "AWS_CA_BUNDLE", "certificate 1 is not usable"),
+        ] {
+            let e = CaBundle::new(&path, setting).load().unwrap_err();
+            let msg = e.to_string();
+            let hint = e.hint().unwrap_or_default();
+            assert!(
+                msg.contains(want)
+                    && msg.contains(&format!("{setting}={}", path.display()))
+                    && !msg.contains('\n'),
+                "{msg}"
+            );
+            assert!(hint.contains(setting) && hint.contains("PEM"), "{hint}");
+            assert!(!e.is_transient());
+        }
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    /// AWS_CA_BUNDLE wins over the profile's ca_bundle; the profile is the one AWS_PROFILE names.
+    #[test]
+    fn ca_bundle_from_env_or_profile() {
+        let d = temp_dir("profile");
+        let config = d.join("config");
+        std::fs::write(
+            &config,
+            "[default]\nca_bundle = /etc/default-ca.pem\n\n[profile tls]\nregion = eu-west-3\nca_bundle = /etc/private-ca.pem\n\n[profile plain]\nregion = eu-west-1\n",
+        )
+        .unwrap();
+        let cfg = config.display().to_string();
+        let none = d.join("none").display().to_string();
+        let env = |extra: &[(&'static str, &str)]| {
+            let mut v: Vec<(&str, &str)> = vec![
+                ("AWS_CONFIG_FILE", cfg.as_str()),
+                ("AWS_SHARED_CREDENTIALS_FILE", none.as_str()),
+            ];
+            v.extend_from_slice(extra);
+            Env::from_slice(&v)
+        };
+        let b = resolve_ca_bundle(&env(&[])).unwrap();
+        assert_eq!(b.path, Path::new("/etc/default-ca.pem"));
+        assert_eq!(
+            b.setting,
+            format!("ca_bundle of AWS profile \"default\" in {cfg}")
+        );
+        let b = resolve_ca_bundle(&env(&[("AWS_PROFILE", "tls")])).unwrap();
+        assert_eq!(b.path, Path::new("/etc/private-ca.pem"));
+        assert!(b.setting.contains("\"tls\""), "{}", b.setting);
+        assert_eq!(resolve_ca_bundle(&env(&[("AWS_PROFILE", "plain")])), None);
+        assert_eq!(resolve_ca_bundle(&env(&[("AWS_PROFILE", "absent")])), None);
+        let b = resolve_ca_bundle(&env(&[("AWS_PROFILE", "tls"), ("AWS_CA_BUNDLE", "ca.pem")]))
+            .unwrap();
+        assert_eq!(b, CaBundle::new("ca.pem", "AWS_CA_BUNDLE"));
+        // Empty counts as unset; missing or unparsable profile files mean no bundle.
+        let b = resolve_ca_bundle(&env(&[("AWS_CA_BUNDLE", " ")])).unwrap();
+        assert_eq!(b.path, Path::new("/etc/default-ca.pem"));
+        assert_eq!(
+            resolve_ca_bundle(&Env::from_slice(&[
+                ("AWS_CONFIG_FILE", none.as_str()),
+                ("AWS_SHARED_CREDENTIALS_FILE", none.as_str()),
+            ])),
+            None
+        );
+        let broken = d.join("broken");
+        std::fs::write(&broken, "ca_bundle = /x\n[profile\n").unwrap();
+        let broken = broken.display().to_string();
+        assert_eq!(
+            resolve_ca_bundle(&Env::from_slice(&[
+                ("AWS_CONFIG_FILE", broken.as_str()),
+                ("AWS_SHARED_CREDENTIALS_FILE", none.as_str()),
+            ])),
+            None
+        );
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    /// The profile's non-secret S3 settings become variables where the environment has none.
+    #[test]
+    fn profile_settings_as_variables() {
+        let d = temp_dir("profenv");
+        let config = d.join("config");
+        std::fs::write(
+            &config,
+            "[profile s3]\nregion = eu-west-3\nca_bundle = certs/ca.pem\nendpoint_url = https://s3.example.com:9000\nrequest_checksum_calculation = when_required\naws_access_key_id = AKID\naws_secret_access_key = sekrit\n\n[profile svc]\nendpoint_url = https://a\nservices = mine\n\n[services mine]\ns3 =\n  endpoint_url = https://b\n",
+        )
+        .unwrap();
+        let vars = |extra: &[(&str, &str)]| -> HashMap<String, String> {
+            let mut m: HashMap<String, String> = [
+                ("AWS_CONFIG_FILE", config.display().to_string()),
+                (
+                    "AWS_SHARED_CREDENTIALS_FILE",
+                    d.join("none").display().to_string(),
+                ),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect();
+            for (k, v) in extra {
+                m.insert(k.to_string(), v.to_string());
+            }
+            m
+        };
+        let mut got = profile_environment(&vars(&[("AWS_PROFILE", "s3")]), Path::new("/srv"));
+        got.sort();
+        let want: Vec<(String, String)> = [
+            ("AWS_CA_BUNDLE", "/srv/certs/ca.pem"),
+            ("AWS_ENDPOINT_URL", "https://s3.example.com:9000"),
+            ("AWS_REGION", "eu-west-3"),
+            ("AWS_REQUEST_CHECKSUM_CALCULATION", "when_required"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        assert_eq!(got, want);
+        let text = format!("{got:?}");
+        assert!(!text.contains("sekrit") && !text.contains("AKID"), "{text}");
+        // What the environment sets is not repeated or overridden.
+        let got = profile_environment(
+            &vars(&[
+                ("AWS_PROFILE", "s3"),
+                ("AWS_CA_BUNDLE", "/x.pem"),
+                ("AWS_DEFAULT_REGION", "us-west-2"),
+                ("AWS_ENDPOINT_URL_S3", "https://c"),
+                ("WALAGENT_S3_CHECKSUM", "when_supported"),
+            ]),
+            Path::new("/srv"),
+        );
+        assert!(got.is_empty(), "{got:?}");
+        // services sections: endpoint rules the variables cannot express are left to the profile.
+        let got = profile_environment(&vars(&[("AWS_PROFILE", "svc")]), Path::new("/srv"));
+        assert!(got.is_empty(), "{got:?}");
+        let _ = std::fs::remove_dir_all(&d);
     }
 
     #[test]

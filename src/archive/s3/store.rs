@@ -26,8 +26,8 @@ use super::checksum::{b64_crc, decode_b64_crc, meta_crc};
 use super::error::{is_code, is_not_implemented, is_precondition_failed, status_of};
 use super::location::S3Location;
 use super::settings::{
-    base_timeouts, host_needs_path_style, setting_err, validate_options, ChecksumPolicy, S3Options,
-    S3Settings,
+    base_timeouts, host_needs_path_style, resolve_ca_bundle, setting_err, validate_options,
+    CaBundle, ChecksumPolicy, S3Options, S3Settings,
 };
 use super::stream::{S3Reader, S3Writer};
 use super::{DEFAULT_REGION, MAX_PART, META_CRC32, MIB};
@@ -48,6 +48,10 @@ pub struct S3Store {
     pub(super) validate_responses: bool,
     /// Cleared when the server answers a conditional write with 501 Not Implemented.
     pub(super) conditional_writes: Arc<AtomicBool>,
+    /// The CA bundle trusted instead of the system roots, if any (for messages).
+    pub(super) ca_bundle: Option<CaBundle>,
+    /// Why the system has no usable trust roots, when it has none and no CA bundle is set.
+    pub(super) no_system_roots: Option<String>,
 }
 
 impl fmt::Debug for S3Store {
@@ -57,6 +61,28 @@ impl fmt::Debug for S3Store {
             .field("endpoint", &self.endpoint)
             .finish()
     }
+}
+
+/// Whether the system trust roots (which honour `SSL_CERT_FILE` / `SSL_CERT_DIR`) hold at least
+/// one usable certificate; else why not.
+fn system_roots_usable() -> Result<(), String> {
+    let result = rustls_native_certs::load_native_certs();
+    let mut roots = tokio_rustls::rustls::RootCertStore::empty();
+    let (valid, _) = roots.add_parsable_certificates(result.certs);
+    if valid > 0 {
+        return Ok(());
+    }
+    Err(if result.errors.is_empty() {
+        "no certificates found".into()
+    } else {
+        result
+            .errors
+            .iter()
+            .map(|e| e.to_string())
+            .collect::<Vec<_>>()
+            .join("; ")
+            .replace(['\n', '\r'], " ")
+    })
 }
 
 /// What a HEAD tells us about an existing object.
@@ -83,7 +109,9 @@ impl S3Store {
         Self::open_with(location, opts, S3Settings::from_env()?).await
     }
 
-    /// Opens the store with explicit settings (unset fields come from the standard AWS chain).
+    /// Opens the store with explicit settings (unset fields come from the standard AWS chain;
+    /// for `ca_bundle`: `AWS_CA_BUNDLE`, then the selected profile's `ca_bundle`). A CA bundle is
+    /// read and checked here ([`CaBundle::load`]).
     pub async fn open_with(
         location: S3Location,
         opts: S3Options,
@@ -100,9 +128,39 @@ impl S3Store {
                 )));
             }
         }
-        let http_client = aws_smithy_http_client::Builder::new()
-            .tls_provider(tls::Provider::Rustls(CryptoMode::Ring))
-            .build_https();
+        let ca_bundle = match &settings.ca_bundle {
+            Some(b) => Some(b.clone()),
+            None => resolve_ca_bundle(&aws_types::os_shim_internal::Env::real()),
+        };
+        let mut no_system_roots = None;
+        let mut http_builder = aws_smithy_http_client::Builder::new()
+            .tls_provider(tls::Provider::Rustls(CryptoMode::Ring));
+        if let Some(b) = &ca_bundle {
+            // Checked here: the TLS provider would panic on a certificate it cannot parse.
+            let pem = b.load()?;
+            let ctx = tls::TlsContext::builder()
+                .with_trust_store(tls::TrustStore::empty().with_pem_certificate(pem))
+                .build()
+                .map_err(|e| StoreError::Misconfigured {
+                    cause: format!(
+                        "invalid S3 settings: CA bundle {}={}: {e}",
+                        b.setting,
+                        b.path.display()
+                    ),
+                    fix: format!("set {} to a PEM file of CA certificates", b.setting),
+                })?;
+            http_builder = http_builder.tls_context(ctx);
+        } else if let Err(detail) = system_roots_usable() {
+            // The TLS provider asserts (debug builds) that the system has roots, so none are
+            // asked for. Plain http:// works; an HTTPS handshake then fails with a hint.
+            no_system_roots = Some(detail);
+            let ctx = tls::TlsContext::builder()
+                .with_trust_store(tls::TrustStore::empty())
+                .build()
+                .map_err(|e| setting_err(format!("cannot configure TLS: {e}")))?;
+            http_builder = http_builder.tls_context(ctx);
+        }
+        let http_client = http_builder.build_https();
         let mut loader = aws_config::defaults(BehaviorVersion::latest())
             .http_client(http_client)
             .timeout_config(base_timeouts(&opts))
@@ -168,6 +226,7 @@ impl S3Store {
         let endpoint = endpoint_url.unwrap_or_else(|| format!("https://s3.{region}.amazonaws.com"));
         tracing::debug!(
             location = %location, %endpoint, %region, path_style, send_checksums, validate_responses,
+            ca_bundle = ?ca_bundle.as_ref().map(|b| &b.path),
             "S3 store configured"
         );
         Ok(S3Store {
@@ -178,6 +237,8 @@ impl S3Store {
             send_checksums,
             validate_responses,
             conditional_writes: Arc::new(AtomicBool::new(true)),
+            ca_bundle,
+            no_system_roots,
         })
     }
 
