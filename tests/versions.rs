@@ -469,3 +469,54 @@ fn support_clusters_of_other_versions() {
         assert_eq!(s.psql("SELECT v FROM k"), "16");
     }
 }
+
+/// PostgreSQL 18's `idle_replication_slot_timeout` invalidates an inactive slot at a checkpoint;
+/// `walagent stream` on it then stops with the house one-line error (cause and fix), not the
+/// server's bare "can no longer access replication slot".
+#[test]
+fn pg18_slot_invalidated_by_idle_timeout_gets_a_hint() {
+    let Some(bin) = support::server_bin_or_skip(18) else {
+        return;
+    };
+    let mut o = opts(&bin);
+    o.extra_conf
+        .push("idle_replication_slot_timeout = '1s'".into());
+    let p = PgCluster::start(o);
+    p.psql("SELECT pg_create_physical_replication_slot('idle', true)");
+    wait_until(
+        Duration::from_secs(60),
+        "the idle slot is invalidated",
+        || {
+            p.psql("CHECKPOINT");
+            p.psql("SELECT coalesce(invalidation_reason, '') FROM pg_replication_slots WHERE slot_name = 'idle'")
+            == "idle_timeout"
+        },
+    );
+    let work = support::tempdir();
+    let archive = work.path().join("archive");
+    let out = run(&[
+        "stream",
+        "--source",
+        &p.repl_uri(),
+        "--archive",
+        archive.to_str().unwrap(),
+        "--slot",
+        "idle",
+        "--no-loop",
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    let line = err
+        .lines()
+        .find(|l| l.starts_with("walagent: error: "))
+        .unwrap_or_else(|| panic!("no error line in {err}"));
+    assert!(
+        line.contains("replication slot \"idle\"")
+            && line.contains("invalidated")
+            && line.contains("idle_timeout")
+            && line.contains("; hint: ")
+            && line.contains("pg_drop_replication_slot('idle')")
+            && line.contains("idle_replication_slot_timeout"),
+        "{line}"
+    );
+}

@@ -113,11 +113,14 @@ pub enum ReceiveError {
         spool: String,
         pending: String,
     },
-    #[error("replication slot {slot:?} on {target} was invalidated by the server (wal_status lost, max_slot_wal_keep_size) and the WAL from {needed} on is gone")]
+    #[error("replication slot {slot:?} on {target} was invalidated by the server ({reason}) and the WAL from {needed} on may be gone")]
     SlotInvalidated {
         slot: String,
         target: String,
         needed: Lsn,
+        /// What the server said or showed: `wal_status lost, max_slot_wal_keep_size`, or
+        /// PostgreSQL 18's own detail (`... invalidated due to "idle_timeout"`).
+        reason: String,
     },
     #[error("spool {path}: {source}")]
     Spool {
@@ -186,7 +189,7 @@ impl ReceiveError {
             ReceiveError::SlotInvalidated { slot, .. } => Some(format!(
                 "the archive now has a gap: drop and recreate the slot (SELECT pg_drop_replication_slot('{slot}'); then \
                  walagent stream --create-slot), take a new base backup with walagent backup, and consider raising \
-                 max_slot_wal_keep_size"
+                 max_slot_wal_keep_size (or idle_replication_slot_timeout on PostgreSQL 18)"
             )),
             ReceiveError::SpoolBinding(e) => e.hint(),
             ReceiveError::Lock(e) => e.hint(),
@@ -386,6 +389,15 @@ async fn explain_removed_wal(
     e: ReceiveError,
     receiver: Option<&Receiver>,
 ) -> ReceiveError {
+    if let Some(reason) = invalidated_slot_reason(&e) {
+        // PostgreSQL 18 says so itself when the slot is acquired (slot.c, SQLSTATE 55000).
+        return ReceiveError::SlotInvalidated {
+            slot: opts.slot.clone(),
+            target: opts.conninfo.display_safe(),
+            needed: receiver.map(|r| r.state.position()).unwrap_or_default(),
+            reason,
+        };
+    }
     if !matches!(&e, ReceiveError::Protocol(p) if p.sqlstate() == Some("58P01")) {
         return e;
     }
@@ -397,9 +409,32 @@ async fn explain_removed_wal(
             slot: opts.slot.clone(),
             target: conn.target().to_string(),
             needed: receiver.map(|r| r.state.position()).unwrap_or_default(),
+            reason: "wal_status lost, max_slot_wal_keep_size".into(),
         },
         _ => e,
     }
+}
+
+/// PostgreSQL 18 refuses to acquire an invalidated slot with SQLSTATE 55000 and "can no longer
+/// access replication slot" (detail: `This replication slot has been invalidated due to
+/// "idle_timeout".`, or another cause). Returns the server's detail, or a generic reason.
+fn invalidated_slot_reason(e: &ReceiveError) -> Option<String> {
+    let ReceiveError::Protocol(ProtocolError::Server(n)) = e else {
+        return None;
+    };
+    if n.code != "55000"
+        || !n
+            .message
+            .starts_with("can no longer access replication slot")
+    {
+        return None;
+    }
+    Some(
+        n.detail
+            .as_deref()
+            .map(|d| d.trim_end_matches('.').to_string())
+            .unwrap_or_else(|| "the server can no longer use it".into()),
+    )
 }
 
 /// Lets the archiver store what is queued, then reports how the run ended.
