@@ -861,7 +861,7 @@ impl WalReader {
     pub fn lenient_end(&self, e: &VerifyError) -> (Lsn, EndReason) {
         use VerifyError as V;
         let at = self.record_in_progress().unwrap_or(e.lsn());
-        let header = |d: String| EndReason::PageHeader(d);
+        let header = EndReason::PageHeader;
         let reason = match *e {
             V::RecordTooShort { found: 0, .. } => EndReason::ZeroLength,
             V::RecordTooShort { found, .. } | V::RecordTooLong { found, .. } => {
@@ -909,9 +909,10 @@ impl WalReader {
             V::UnexpectedContinuation { lsn, rem_len } => header(format!(
                 "page {lsn} continues a record (xlp_rem_len {rem_len}) but none is in progress"
             )),
-            // Checks of the strict setting only; a lenient reader never returns these.
-            V::StartNotSegmentAligned { .. }
-            | V::PositionOverflow { .. }
+            // Positions past 2^64, and checks of the strict setting only (or of the layers over
+            // it), which a lenient reader never makes.
+            V::PositionOverflow { .. }
+            | V::StartNotSegmentAligned { .. }
             | V::SegmentLength { .. }
             | V::MagicChanged { .. }
             | V::Timeline { .. }

@@ -5,7 +5,9 @@
 //! It checks each page header (magic, flags, address, timeline, the long header's system
 //! identifier and sizes), the continuation bookkeeping between pages, and every record's length,
 //! prev-link and CRC-32C. It keeps no more than one page header and one record header of state,
-//! never copies record bodies, and computes CRCs over the input slices.
+//! never copies record bodies, and computes CRCs over the input slices. The reading and the
+//! checks are [`super::reader`]'s, in its strict setting; this module adds the stream start
+//! check and the whole-segment and zero-tail handling.
 //!
 //! [`check_segment`] / [`verify_segment`] check a whole segment file, accepting a zero tail as
 //! the end of the data (pg_receivewal-style pre-zeroed `.partial` files).

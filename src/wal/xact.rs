@@ -13,7 +13,9 @@
 //! before the first segment skipped by `xlp_rem_len`. Valid WAL ends where a record fails to read:
 //! a zero or impossible `xl_tot_len`, a bad page header, a missing continuation, a broken
 //! `xl_prev` link or a CRC-32C mismatch. That is not an error here: [`SegmentScan::end`] says
-//! where and why, and the events before it stand. An `XLOG_SWITCH` record ends the segment.
+//! where and why, and the events before it stand. An `XLOG_SWITCH` record ends the segment. The
+//! reading is [`super::reader`]'s in its lenient setting; this module decodes the records it is
+//! fed.
 //!
 //! A `.partial` object holds only the bytes walagent received of its segment (`walagent
 //! stream` stores what it has, not a zero-padded file; `wal-fetch --allow-partial` pads it for
