@@ -15,7 +15,7 @@
 use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use walagent::wal::verify::synth::WalBuilder;
+use walagent::wal::synth::WalBuilder;
 use walagent::wal::verify::{check_segment, SegmentChecker, VerifyParams, WalVerifier};
 use walagent::wal::{Lsn, SegmentSize, WAL_PAGE_SIZE};
 

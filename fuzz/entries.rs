@@ -213,7 +213,7 @@ pub fn wal_verify(data: &[u8]) {
 /// `4 off:u32 xor:u8` flip bits at `off % len` after building. Stops at 3 MiB of WAL. Returns
 /// the bytes and whether they are undamaged valid WAL (only ops 0 and 1, timeline unchanged).
 fn build_wal(program: &[u8], tli: u32, seg: u64, start: u64) -> Option<(Vec<u8>, bool)> {
-    use walagent::wal::verify::synth::WalBuilder;
+    use walagent::wal::synth::WalBuilder;
     let size = SegmentSize::new(seg).ok()?;
     let mut b = WalBuilder::new(FIXTURE_SYSID, size, tli, Lsn(start));
     let mut clean = true;

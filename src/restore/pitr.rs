@@ -935,7 +935,7 @@ mod tests {
         use crate::archive::local::LocalStore;
         use crate::archive::PutMode;
         use crate::restore::plan::{PathStep, TimelinePath};
-        use crate::wal::verify::synth::WalBuilder;
+        use crate::wal::synth::WalBuilder;
         use crate::wal::Lsn;
 
         const MB: u64 = 1 << 20;

@@ -569,7 +569,7 @@ mod tests {
     /// Valid WAL for segment `segno` (1 MB segments, timeline `tli`) of system `sysid`, full to
     /// its end; `seed` varies the record payloads.
     fn wal_segment(sysid: u64, tli: u32, segno: u64, seed: u8) -> Vec<u8> {
-        use crate::wal::verify::synth::WalBuilder;
+        use crate::wal::synth::WalBuilder;
         let start = Lsn(segno << 20);
         let mut b = WalBuilder::new(sysid, seg_size(), tli, start);
         b.set_prev(Lsn(start.0 - 0x100));
@@ -963,7 +963,7 @@ mod tests {
         .await;
         assert_wrong_wal(&f, SEG, false, "expected xlp_tli between 1 and 1, found 2").await;
         // Another segment size.
-        let mut b = crate::wal::verify::synth::WalBuilder::new(
+        let mut b = crate::wal::synth::WalBuilder::new(
             SYSID,
             SegmentSize::new(2 << 20).unwrap(),
             1,

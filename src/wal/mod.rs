@@ -1,5 +1,7 @@
-//! WAL facts that need no server: positions, segment names, timeline history files, and the
-//! page-header and record checks applied to WAL as it arrives.
+//! WAL facts that need no server: positions, segment names, timeline history files, the page
+//! and record layouts ([`page`], [`record`]), and the one reader that follows records across
+//! pages ([`reader`]), under the streaming verifier ([`verify`]) and the restore scanner
+//! ([`xact`]).
 //!
 //! Layouts follow `src/include/access/xlog_internal.h` and `xlogrecord.h`; see
 //! `proto-notes/wal-format.md`.
@@ -7,7 +9,12 @@
 pub mod history;
 pub mod lsn;
 pub mod page;
+pub mod reader;
+pub mod record;
 pub mod segment;
+/// Synthetic WAL for tests, benches and fuzz targets (the `synth` feature).
+#[cfg(any(test, feature = "synth"))]
+pub mod synth;
 pub mod verify;
 pub mod xact;
 

@@ -5,7 +5,9 @@
 //! It checks each page header (magic, flags, address, timeline, the long header's system
 //! identifier and sizes), the continuation bookkeeping between pages, and every record's length,
 //! prev-link and CRC-32C. It keeps no more than one page header and one record header of state,
-//! never copies record bodies, and computes CRCs over the input slices.
+//! never copies record bodies, and computes CRCs over the input slices. The reading and the
+//! checks are [`super::reader`]'s, in its strict setting; this module adds the stream start
+//! check and the whole-segment and zero-tail handling.
 //!
 //! [`check_segment`] / [`verify_segment`] check a whole segment file, accepting a zero tail as
 //! the end of the data (pg_receivewal-style pre-zeroed `.partial` files).
@@ -14,209 +16,21 @@
 //! `src/backend/access/transam/xlogreader.c` and `xlog.c`; written up in
 //! `proto-notes/wal-format.md`.
 
-use super::page::{
-    major_of_magic, HeaderBytes, LongHeader, PageHeader, SIZE_OF_LONG_PHD, SIZE_OF_SHORT_PHD,
-    XLP_ALL_FLAGS, XLP_FIRST_IS_CONTRECORD, XLP_FIRST_IS_OVERWRITE_CONTRECORD, XLP_LONG_HEADER,
-};
-use super::{Lsn, SegmentSize, WAL_PAGE_SIZE};
+use super::reader::WalReader;
+use super::{Lsn, WAL_PAGE_SIZE};
 
 /// Kept here for callers that knew it from this module; it lives in [`super::page`].
 pub use super::page::page_magic_for;
+/// The verifier's parameters and errors are the strict reader's ([`super::reader`]).
+pub use super::reader::{VerifyError, VerifyParams};
 
-const PAGE: u64 = WAL_PAGE_SIZE as u64;
-const SHORT_PHD: usize = SIZE_OF_SHORT_PHD;
-const LONG_PHD: usize = SIZE_OF_LONG_PHD;
-/// SizeOfXLogRecord.
-const REC_HDR: usize = 24;
-/// Offset of xl_crc in the record header; the CRC covers the header bytes before it.
-const REC_CRC_OFF: usize = 20;
-/// Records at or above this size are rejected (PostgreSQL caps records below 1 GiB).
-const MAX_TOT_LEN: u32 = 1 << 30;
-
-const RM_XLOG_ID: u8 = 0;
-const XLOG_SWITCH: u8 = 0x40;
-const XLR_RMGR_INFO_MASK: u8 = 0xF0;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct VerifyParams {
-    /// `IDENTIFY_SYSTEM`'s systemid; every segment's long header must carry it.
-    pub system_identifier: u64,
-    pub segment_size: SegmentSize,
-    /// The timeline being streamed: no page may carry a higher `xlp_tli`.
-    pub timeline: u32,
-}
-
-/// A WAL check failed. Every variant carries the LSN of the problem (a page's LSN for page-header
-/// problems, a record's start LSN for record problems) and renders as one line saying what was
-/// expected and what was found.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum VerifyError {
-    #[error("WAL at {lsn}: expected the stream to start at a segment boundary ({segment_size} segments), found offset {offset:#X} into the segment")]
-    StartNotSegmentAligned {
-        lsn: Lsn,
-        segment_size: SegmentSize,
-        offset: u32,
-    },
-    #[error("WAL at {lsn}: expected positions below 2^64, found {len} more bytes")]
-    PositionOverflow { lsn: Lsn, len: u64 },
-    #[error("WAL segment at {lsn}: expected exactly {expected} bytes, found {found}")]
-    SegmentLength { lsn: Lsn, expected: u64, found: u64 },
-    #[error(
-        "WAL page at {lsn}: expected xlp_magic 0xD110/0xD113/0xD116/0xD118 (PostgreSQL 15-18), found {found:#06X}"
-    )]
-    UnknownMagic { lsn: Lsn, found: u16 },
-    #[error("WAL page at {lsn}: expected xlp_magic {expected:#06X} as on the earlier pages, found {found:#06X}")]
-    MagicChanged { lsn: Lsn, expected: u16, found: u16 },
-    #[error("WAL page at {lsn}: expected xlp_info bits within 0x000F, found {found:#06X}")]
-    InfoBits { lsn: Lsn, found: u16 },
-    #[error("WAL page at {lsn}: expected XLP_LONG_HEADER on the first page of a segment, found xlp_info {info:#06X}")]
-    MissingLongHeader { lsn: Lsn, info: u16 },
-    #[error("WAL page at {lsn}: expected a short header (not a segment's first page), found XLP_LONG_HEADER in xlp_info {info:#06X}")]
-    UnexpectedLongHeader { lsn: Lsn, info: u16 },
-    #[error("WAL page at {lsn}: expected xlp_pageaddr {lsn}, found {found}")]
-    PageAddress { lsn: Lsn, found: Lsn },
-    #[error("WAL page at {lsn}: expected xlp_tli between {min} and {max}, found {found}")]
-    Timeline {
-        lsn: Lsn,
-        min: u32,
-        max: u32,
-        found: u32,
-    },
-    #[error("WAL segment at {lsn}: expected system identifier {expected}, found {found}")]
-    SystemIdentifier { lsn: Lsn, expected: u64, found: u64 },
-    #[error("WAL segment at {lsn}: expected xlp_seg_size {expected}, found {found}")]
-    SegmentSize { lsn: Lsn, expected: u32, found: u32 },
-    #[error("WAL segment at {lsn}: expected xlp_xlog_blcksz {expected}, found {found}")]
-    BlockSize { lsn: Lsn, expected: u32, found: u32 },
-    /// `record` is the record's LSN, or the stream start for a record begun before it.
-    #[error("WAL page at {lsn}: expected XLP_FIRST_IS_CONTRECORD with {expected} bytes of the record at {record} still to come, found xlp_info {info:#06X}")]
-    MissingContinuation {
-        lsn: Lsn,
-        record: Lsn,
-        expected: u32,
-        info: u16,
-    },
-    #[error("WAL page at {lsn}: expected no continued record (the previous record ended before this page), found XLP_FIRST_IS_CONTRECORD with xlp_rem_len {rem_len}")]
-    UnexpectedContinuation { lsn: Lsn, rem_len: u32 },
-    /// `record` is the record's LSN, or the stream start for a record begun before it.
-    #[error("WAL page at {lsn}: expected xlp_rem_len {expected} (rest of the record at {record}), found {found}")]
-    ContinuationLength {
-        lsn: Lsn,
-        record: Lsn,
-        expected: u32,
-        found: u32,
-    },
-    #[error("WAL page at {lsn}: expected xlp_rem_len between 1 and 1073741823 for the record continued from before the stream start, found {found}")]
-    StartContinuationLength { lsn: Lsn, found: u32 },
-    #[error(
-        "WAL page at {lsn}: expected xlp_rem_len 0 without XLP_FIRST_IS_CONTRECORD, found {found}"
-    )]
-    StrayRemainingLength { lsn: Lsn, found: u32 },
-    #[error("WAL page at {lsn}: expected XLP_FIRST_IS_OVERWRITE_CONTRECORD only on a page where a record was cut short, found it (xlp_info {info:#06X}) with no record in progress")]
-    UnexpectedOverwrite { lsn: Lsn, info: u16 },
-    #[error("WAL page at {lsn}: expected at most one of XLP_FIRST_IS_CONTRECORD and XLP_FIRST_IS_OVERWRITE_CONTRECORD, found xlp_info {info:#06X}")]
-    ConflictingContinuationFlags { lsn: Lsn, info: u16 },
-    #[error("WAL record at {lsn}: expected xl_tot_len of at least 24, found {found}")]
-    RecordTooShort { lsn: Lsn, found: u32 },
-    #[error("WAL record at {lsn}: expected xl_tot_len below 1 GiB, found {found}")]
-    RecordTooLong { lsn: Lsn, found: u32 },
-    #[error(
-        "WAL record at {lsn}: expected xl_prev {expected} (the previous record), found {found}"
-    )]
-    PrevLink { lsn: Lsn, expected: Lsn, found: Lsn },
-    #[error("WAL record at {lsn}: expected xl_prev before the record itself, found {found}")]
-    PrevLinkNotBefore { lsn: Lsn, found: Lsn },
-    #[error(
-        "WAL record at {lsn}: expected CRC-32C {expected:#010X} (computed over the record), found xl_crc {found:#010X}"
-    )]
-    Crc { lsn: Lsn, expected: u32, found: u32 },
-    #[error("WAL at {lsn}: expected only zero bytes from the XLOG_SWITCH record at {switch} to the segment end, found byte {found:#04X}")]
-    NonZeroAfterSwitch { lsn: Lsn, switch: Lsn, found: u8 },
-}
-
-impl VerifyError {
-    /// Where the problem is: a page's LSN for page-header problems, a record's start LSN for
-    /// record problems, the offending byte for data after a switch record.
-    pub fn lsn(&self) -> Lsn {
-        use VerifyError::*;
-        match *self {
-            StartNotSegmentAligned { lsn, .. }
-            | PositionOverflow { lsn, .. }
-            | SegmentLength { lsn, .. }
-            | UnknownMagic { lsn, .. }
-            | MagicChanged { lsn, .. }
-            | InfoBits { lsn, .. }
-            | MissingLongHeader { lsn, .. }
-            | UnexpectedLongHeader { lsn, .. }
-            | PageAddress { lsn, .. }
-            | Timeline { lsn, .. }
-            | SystemIdentifier { lsn, .. }
-            | SegmentSize { lsn, .. }
-            | BlockSize { lsn, .. }
-            | MissingContinuation { lsn, .. }
-            | UnexpectedContinuation { lsn, .. }
-            | ContinuationLength { lsn, .. }
-            | StartContinuationLength { lsn, .. }
-            | StrayRemainingLength { lsn, .. }
-            | UnexpectedOverwrite { lsn, .. }
-            | ConflictingContinuationFlags { lsn, .. }
-            | RecordTooShort { lsn, .. }
-            | RecordTooLong { lsn, .. }
-            | PrevLink { lsn, .. }
-            | PrevLinkNotBefore { lsn, .. }
-            | Crc { lsn, .. }
-            | NonZeroAfterSwitch { lsn, .. } => lsn,
-        }
-    }
-}
-
-/// What the bytes after the current page header (if any) are.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Body {
-    /// Before the stream's first page header: whether a record continues from the previous
-    /// segment is unknown until that header is read.
-    Start,
-    /// Between records: the next record starts at the next MAXALIGN boundary.
-    Idle,
-    /// Skipping the rest of a record whose beginning was before the stream start (`since`);
-    /// `remaining` bytes of it are still to come.
-    Skip { remaining: u32, since: u64 },
-    /// Inside the record described by the `rec_*` fields.
-    Record,
-    /// After an XLOG_SWITCH record (starting at `switch`): zero bytes, page headers included,
-    /// up to `until` (the end of the segment the record ends in).
-    SwitchTail { switch: u64, until: u64 },
-}
-
-/// Streaming WAL checker; see the module documentation.
+/// Streaming WAL checker: a [`Strictness::Strict`](super::reader::Strictness::Strict)
+/// [`WalReader`] that only checks; see the module documentation.
 #[derive(Debug, Clone)]
 pub struct WalVerifier {
-    params: VerifyParams,
-    seg_size: u64,
-    /// Position of the next byte `feed` expects.
-    pos: u64,
+    r: WalReader,
     /// Set when `new` was given a start that is not a segment boundary; reported by `feed`.
     bad_start: bool,
-    magic: Option<u16>,
-    /// xlp_tli of the last page header seen (0 before the first).
-    last_tli: u32,
-    /// Page header being assembled (it may be split across chunks).
-    phdr: HeaderBytes,
-    body: Body,
-    /// Start of the last record that verified completely.
-    prev: Option<u64>,
-    rec_start: u64,
-    rec_hdr: [u8; REC_HDR],
-    rec_hdr_len: usize,
-    /// xl_tot_len, or 0 while fewer than 4 header bytes have arrived.
-    rec_tot_len: u32,
-    /// Bytes of the record (header included) not yet seen; valid once rec_tot_len is known.
-    rec_remaining: u32,
-    rec_crc: u32,
-    records: u64,
-    /// With [`track_timelines`](Self::track_timelines): each `xlp_tli` seen, in order, with the
-    /// LSN of the last page header that carried it.
-    timelines: Option<Vec<(u32, Lsn)>>,
 }
 
 impl WalVerifier {
@@ -228,425 +42,56 @@ impl WalVerifier {
     pub fn new(params: VerifyParams, start: Lsn) -> Self {
         let seg_size = u64::from(params.segment_size.bytes());
         WalVerifier {
-            params,
-            seg_size,
-            pos: start.0,
+            r: WalReader::strict(params, start),
             bad_start: !start.0.is_multiple_of(seg_size),
-            magic: None,
-            last_tli: 0,
-            phdr: [0; LONG_PHD],
-            body: Body::Start,
-            prev: None,
-            rec_start: 0,
-            rec_hdr: [0; REC_HDR],
-            rec_hdr_len: 0,
-            rec_tot_len: 0,
-            rec_remaining: 0,
-            rec_crc: 0,
-            records: 0,
-            timelines: None,
         }
     }
 
     /// Also record which pages carry which `xlp_tli` (see [`timeline_pages`](Self::timeline_pages)).
     /// Off by default: the stream does not need it.
     pub fn track_timelines(&mut self) {
-        self.timelines.get_or_insert_with(Vec::new);
+        self.r.track_timelines();
     }
 
     /// With [`track_timelines`](Self::track_timelines): every `xlp_tli` seen so far on a valid page
     /// header, in stream order (so in increasing order: a timeline never goes backwards), each
     /// with the LSN of the last page that carried it. Empty when not tracking.
     pub fn timeline_pages(&self) -> &[(u32, Lsn)] {
-        self.timelines.as_deref().unwrap_or(&[])
+        self.r.timeline_pages()
     }
 
     /// The position of the next byte to feed.
     pub fn position(&self) -> Lsn {
-        Lsn(self.pos)
+        self.r.position()
     }
 
     /// The server major version detected from the page magic, once a page header was seen
     /// (15, 16, 17 or 18).
     pub fn server_major(&self) -> Option<u32> {
-        self.magic.and_then(major_of_magic)
+        self.r.server_major()
     }
 
     /// How many records have been checked completely (CRC included).
     pub fn records_verified(&self) -> u64 {
-        self.records
+        self.r.records()
     }
 
     /// Checks `data`, which begins exactly at [`position`](Self::position). On error the
     /// verifier's state is unspecified (the caller stops).
+    #[inline]
     pub fn feed(&mut self, data: &[u8]) -> Result<(), VerifyError> {
         if self.bad_start {
+            let pos = self.r.position().0;
+            let segment_size = self.r.segment_size();
             return Err(VerifyError::StartNotSegmentAligned {
-                lsn: Lsn(self.pos),
-                segment_size: self.params.segment_size,
-                offset: (self.pos % self.seg_size) as u32,
+                lsn: Lsn(pos),
+                segment_size,
+                offset: (pos % u64::from(segment_size.bytes())) as u32,
             });
         }
-        if self.pos.checked_add(data.len() as u64).is_none() {
-            return Err(VerifyError::PositionOverflow {
-                lsn: Lsn(self.pos),
-                len: data.len() as u64,
-            });
-        }
-        let mut data = data;
-        while !data.is_empty() {
-            let n = self.step(data)?;
-            data = &data[n..];
-            self.pos += n as u64;
-        }
-        Ok(())
+        // The `()` sink never stops the reader, so it consumes all of `data`.
+        self.r.feed(data, &mut ()).map(|_| ())
     }
-
-    /// Consumes a prefix of `data` (at least one byte) and returns its length. Never crosses a
-    /// page boundary, so `self.pos` tells where each consumed byte sits.
-    #[inline]
-    fn step(&mut self, data: &[u8]) -> Result<usize, VerifyError> {
-        if let Body::SwitchTail { switch, until } = self.body {
-            return self.step_switch_tail(data, switch, until);
-        }
-        let page_off = (self.pos % PAGE) as usize;
-        let hdr_size = if (self.pos - page_off as u64).is_multiple_of(self.seg_size) {
-            LONG_PHD
-        } else {
-            SHORT_PHD
-        };
-        if page_off < hdr_size {
-            let n = (hdr_size - page_off).min(data.len());
-            self.phdr[page_off..page_off + n].copy_from_slice(&data[..n]);
-            if page_off + n == hdr_size {
-                self.check_page_header(self.pos - page_off as u64, hdr_size)?;
-            }
-            return Ok(n);
-        }
-        let page_left = WAL_PAGE_SIZE as usize - page_off;
-        match self.body {
-            Body::Idle | Body::Start => {
-                let pad = (8 - (self.pos % 8) as usize) % 8;
-                if pad > 0 {
-                    // MAXALIGN padding after the previous record; never crosses a page.
-                    return Ok(pad.min(data.len()));
-                }
-                self.rec_start = self.pos;
-                self.rec_hdr_len = 0;
-                self.rec_tot_len = 0;
-                self.rec_remaining = 0;
-                self.rec_crc = 0;
-                self.body = Body::Record;
-                self.step_record(data, page_left)
-            }
-            Body::Record => self.step_record(data, page_left),
-            Body::Skip { remaining, since } => {
-                let n = (remaining as usize).min(page_left).min(data.len());
-                let remaining = remaining - n as u32;
-                self.body = if remaining == 0 {
-                    Body::Idle
-                } else {
-                    Body::Skip { remaining, since }
-                };
-                Ok(n)
-            }
-            Body::SwitchTail { .. } => Ok(0), // handled above
-        }
-    }
-
-    #[inline]
-    fn step_record(&mut self, data: &[u8], page_left: usize) -> Result<usize, VerifyError> {
-        if self.rec_hdr_len < REC_HDR {
-            let have = self.rec_hdr_len;
-            let n = (REC_HDR - have).min(page_left).min(data.len());
-            self.rec_hdr[have..have + n].copy_from_slice(&data[..n]);
-            self.rec_hdr_len = have + n;
-            if self.rec_tot_len == 0 && self.rec_hdr_len >= 4 {
-                let tot = u32::from_le_bytes([
-                    self.rec_hdr[0],
-                    self.rec_hdr[1],
-                    self.rec_hdr[2],
-                    self.rec_hdr[3],
-                ]);
-                if (tot as usize) < REC_HDR {
-                    return Err(VerifyError::RecordTooShort {
-                        lsn: Lsn(self.rec_start),
-                        found: tot,
-                    });
-                }
-                if tot >= MAX_TOT_LEN {
-                    return Err(VerifyError::RecordTooLong {
-                        lsn: Lsn(self.rec_start),
-                        found: tot,
-                    });
-                }
-                self.rec_tot_len = tot;
-                self.rec_remaining = tot - self.rec_hdr_len as u32;
-            } else if self.rec_tot_len != 0 {
-                self.rec_remaining -= n as u32;
-            }
-            if self.rec_hdr_len == REC_HDR {
-                self.check_record_header()?;
-                if self.rec_remaining == 0 {
-                    self.finish_record(self.pos + n as u64)?;
-                }
-            }
-            return Ok(n);
-        }
-        let n = (self.rec_remaining as usize).min(page_left).min(data.len());
-        self.rec_crc = crc32c::crc32c_append(self.rec_crc, &data[..n]);
-        self.rec_remaining -= n as u32;
-        if self.rec_remaining == 0 {
-            self.finish_record(self.pos + n as u64)?;
-        }
-        Ok(n)
-    }
-
-    fn step_switch_tail(
-        &mut self,
-        data: &[u8],
-        switch: u64,
-        until: u64,
-    ) -> Result<usize, VerifyError> {
-        let to_end = until - self.pos;
-        let n = (to_end.min(data.len() as u64)) as usize;
-        if let Some(off) = first_nonzero(&data[..n]) {
-            return Err(VerifyError::NonZeroAfterSwitch {
-                lsn: Lsn(self.pos + off as u64),
-                switch: Lsn(switch),
-                found: data[off],
-            });
-        }
-        if n as u64 == to_end {
-            self.body = Body::Idle;
-        }
-        Ok(n)
-    }
-
-    fn check_record_header(&mut self) -> Result<(), VerifyError> {
-        let h = &self.rec_hdr;
-        let xl_prev = u64::from_le_bytes([h[8], h[9], h[10], h[11], h[12], h[13], h[14], h[15]]);
-        match self.prev {
-            Some(prev) if xl_prev != prev => Err(VerifyError::PrevLink {
-                lsn: Lsn(self.rec_start),
-                expected: Lsn(prev),
-                found: Lsn(xl_prev),
-            }),
-            None if xl_prev >= self.rec_start => Err(VerifyError::PrevLinkNotBefore {
-                lsn: Lsn(self.rec_start),
-                found: Lsn(xl_prev),
-            }),
-            _ => Ok(()),
-        }
-    }
-
-    /// `end` is the stream position just past the record's last byte.
-    fn finish_record(&mut self, end: u64) -> Result<(), VerifyError> {
-        let h = self.rec_hdr;
-        let computed = crc32c::crc32c_append(self.rec_crc, &h[..REC_CRC_OFF]);
-        let stored = u32::from_le_bytes([h[20], h[21], h[22], h[23]]);
-        if computed != stored {
-            return Err(VerifyError::Crc {
-                lsn: Lsn(self.rec_start),
-                expected: computed,
-                found: stored,
-            });
-        }
-        self.records += 1;
-        self.prev = Some(self.rec_start);
-        let (info, rmid) = (h[16], h[17]);
-        let is_switch = rmid == RM_XLOG_ID && info & XLR_RMGR_INFO_MASK == XLOG_SWITCH;
-        self.body = if is_switch && !end.is_multiple_of(self.seg_size) {
-            // Everything after the switch record up to the end of its segment is zero (xlog.c
-            // zeroes even the page headers there). A switch ending exactly at a segment end has
-            // no tail.
-            Body::SwitchTail {
-                switch: self.rec_start,
-                until: (end - end % self.seg_size).saturating_add(self.seg_size),
-            }
-        } else {
-            Body::Idle
-        };
-        Ok(())
-    }
-
-    fn check_page_header(&mut self, page: u64, hdr_size: usize) -> Result<(), VerifyError> {
-        let lsn = Lsn(page);
-        let PageHeader {
-            magic,
-            info,
-            tli,
-            pageaddr,
-            rem_len,
-        } = PageHeader::from_bytes(&self.phdr);
-        let pageaddr = pageaddr.0;
-
-        match self.magic {
-            Some(m) if m != magic => {
-                return Err(if major_of_magic(magic).is_some() {
-                    VerifyError::MagicChanged {
-                        lsn,
-                        expected: m,
-                        found: magic,
-                    }
-                } else {
-                    VerifyError::UnknownMagic { lsn, found: magic }
-                })
-            }
-            Some(_) => {}
-            None => {
-                if major_of_magic(magic).is_none() {
-                    return Err(VerifyError::UnknownMagic { lsn, found: magic });
-                }
-                self.magic = Some(magic);
-            }
-        }
-        if info & !XLP_ALL_FLAGS != 0 {
-            return Err(VerifyError::InfoBits { lsn, found: info });
-        }
-        let first_of_segment = hdr_size == LONG_PHD;
-        if first_of_segment && info & XLP_LONG_HEADER == 0 {
-            return Err(VerifyError::MissingLongHeader { lsn, info });
-        }
-        if !first_of_segment && info & XLP_LONG_HEADER != 0 {
-            return Err(VerifyError::UnexpectedLongHeader { lsn, info });
-        }
-        if pageaddr != page {
-            return Err(VerifyError::PageAddress {
-                lsn,
-                found: Lsn(pageaddr),
-            });
-        }
-        let min_tli = self.last_tli.max(1);
-        if tli < min_tli || tli > self.params.timeline {
-            return Err(VerifyError::Timeline {
-                lsn,
-                min: min_tli,
-                max: self.params.timeline,
-                found: tli,
-            });
-        }
-        self.last_tli = tli;
-        if let Some(t) = &mut self.timelines {
-            match t.last_mut() {
-                Some((last, at)) if *last == tli => *at = lsn,
-                _ => t.push((tli, lsn)),
-            }
-        }
-        if first_of_segment {
-            let LongHeader {
-                sysid,
-                seg_size,
-                blcksz,
-            } = LongHeader::from_bytes(&self.phdr);
-            if sysid != self.params.system_identifier {
-                return Err(VerifyError::SystemIdentifier {
-                    lsn,
-                    expected: self.params.system_identifier,
-                    found: sysid,
-                });
-            }
-            if u64::from(seg_size) != self.seg_size {
-                return Err(VerifyError::SegmentSize {
-                    lsn,
-                    expected: self.seg_size as u32,
-                    found: seg_size,
-                });
-            }
-            if blcksz != WAL_PAGE_SIZE {
-                return Err(VerifyError::BlockSize {
-                    lsn,
-                    expected: WAL_PAGE_SIZE,
-                    found: blcksz,
-                });
-            }
-        }
-
-        let cont = info & XLP_FIRST_IS_CONTRECORD != 0;
-        let overwrite = info & XLP_FIRST_IS_OVERWRITE_CONTRECORD != 0;
-        if cont && overwrite {
-            return Err(VerifyError::ConflictingContinuationFlags { lsn, info });
-        }
-        if !cont && rem_len != 0 {
-            return Err(VerifyError::StrayRemainingLength {
-                lsn,
-                found: rem_len,
-            });
-        }
-        // What is in progress at this page boundary, as (record start if known, bytes to come).
-        let in_progress = match self.body {
-            Body::Start => {
-                // Nothing known about the previous segment: follow the header.
-                if cont {
-                    if rem_len == 0 || rem_len >= MAX_TOT_LEN {
-                        return Err(VerifyError::StartContinuationLength {
-                            lsn,
-                            found: rem_len,
-                        });
-                    }
-                    self.body = Body::Skip {
-                        remaining: rem_len,
-                        since: page,
-                    };
-                } else {
-                    self.body = Body::Idle;
-                }
-                return Ok(());
-            }
-            Body::Idle => None,
-            Body::Skip { remaining, since } => Some((since, remaining)),
-            Body::Record => Some((self.rec_start, self.rec_remaining)),
-            Body::SwitchTail { .. } => None, // zero headers are handled by step_switch_tail
-        };
-        match in_progress {
-            None => {
-                if cont {
-                    return Err(VerifyError::UnexpectedContinuation { lsn, rem_len });
-                }
-                if overwrite {
-                    return Err(VerifyError::UnexpectedOverwrite { lsn, info });
-                }
-            }
-            Some(_) if overwrite => {
-                // The record in progress was cut short by a crash and the server wrote new WAL
-                // from this page on (xlog.c CreateOverwriteContrecordRecord). Drop it: the next
-                // record (an XLOG_OVERWRITE_CONTRECORD) links back to the last complete record.
-                self.body = Body::Idle;
-            }
-            Some((record, expected)) => {
-                let record = Lsn(record);
-                if !cont {
-                    return Err(VerifyError::MissingContinuation {
-                        lsn,
-                        record,
-                        expected,
-                        info,
-                    });
-                }
-                if rem_len != expected {
-                    return Err(VerifyError::ContinuationLength {
-                        lsn,
-                        record,
-                        expected,
-                        found: rem_len,
-                    });
-                }
-            }
-        }
-        Ok(())
-    }
-}
-
-/// Offset of the first non-zero byte.
-fn first_nonzero(buf: &[u8]) -> Option<usize> {
-    let mut base = 0;
-    for chunk in buf.chunks(4096) {
-        if chunk.iter().fold(0u8, |acc, &b| acc | b) != 0 {
-            return chunk.iter().position(|&b| b != 0).map(|p| base + p);
-        }
-        base += chunk.len();
-    }
-    None
 }
 
 /// Length of `buf` without its trailing zero bytes.
@@ -901,224 +346,15 @@ pub fn verify_segment(params: VerifyParams, start: Lsn, bytes: &[u8]) -> Result<
     check_segment(params, start, bytes).map(|_| ())
 }
 
-/// Builds synthetic WAL with valid page headers, continuation flags, prev-links and CRCs, for
-/// tests and benchmarks (here and in other modules). Not used on the receive path.
-pub mod synth {
-    use super::*;
-
-    /// Lays records out the way PostgreSQL's CopyXLogRecordToWAL does.
-    #[derive(Debug, Clone)]
-    pub struct WalBuilder {
-        sysid: u64,
-        seg_size: u64,
-        magic: u16,
-        tli: u32,
-        start: u64,
-        buf: Vec<u8>,
-        prev: u64,
-        overwrite_next_page: bool,
-    }
-
-    impl WalBuilder {
-        /// WAL starting at `start` (rounded down to its segment start), PostgreSQL 15 magic.
-        /// The first record's xl_prev is 0 unless [`set_prev`](Self::set_prev) says otherwise.
-        pub fn new(
-            system_identifier: u64,
-            segment_size: SegmentSize,
-            timeline: u32,
-            start: Lsn,
-        ) -> Self {
-            let seg = u64::from(segment_size.bytes());
-            WalBuilder {
-                sysid: system_identifier,
-                seg_size: seg,
-                magic: 0xD110,
-                tli: timeline,
-                start: start.0 - start.0 % seg,
-                buf: Vec::new(),
-                prev: 0,
-                overwrite_next_page: false,
-            }
-        }
-
-        /// Use this `xlp_magic` on pages started from now on.
-        pub fn set_magic(&mut self, magic: u16) {
-            self.magic = magic;
-        }
-
-        /// Use this `xlp_tli` on pages started from now on.
-        pub fn set_timeline(&mut self, tli: u32) {
-            self.tli = tli;
-        }
-
-        /// xl_prev for the next record.
-        pub fn set_prev(&mut self, prev: Lsn) {
-            self.prev = prev.0;
-        }
-
-        pub fn start(&self) -> Lsn {
-            Lsn(self.start)
-        }
-
-        /// Where the next byte goes.
-        pub fn position(&self) -> Lsn {
-            Lsn(self.start + self.buf.len() as u64)
-        }
-
-        pub fn bytes(&self) -> &[u8] {
-            &self.buf
-        }
-
-        pub fn into_bytes(self) -> Vec<u8> {
-            self.buf
-        }
-
-        fn pos(&self) -> u64 {
-            self.start + self.buf.len() as u64
-        }
-
-        /// Writes the page header if the position is at a page start; `rem` is what is left of
-        /// a record in progress (0 when none).
-        fn page_header_if_needed(&mut self, rem: u32) {
-            let pos = self.pos();
-            if !pos.is_multiple_of(PAGE) {
-                return;
-            }
-            let long = pos.is_multiple_of(self.seg_size);
-            let mut info: u16 = 0x0004; // XLP_BKP_REMOVABLE, as an idle server writes it
-            if rem > 0 {
-                info |= XLP_FIRST_IS_CONTRECORD;
-            }
-            if self.overwrite_next_page {
-                info |= XLP_FIRST_IS_OVERWRITE_CONTRECORD;
-                self.overwrite_next_page = false;
-            }
-            if long {
-                info |= XLP_LONG_HEADER;
-            }
-            self.buf.extend_from_slice(&self.magic.to_le_bytes());
-            self.buf.extend_from_slice(&info.to_le_bytes());
-            self.buf.extend_from_slice(&self.tli.to_le_bytes());
-            self.buf.extend_from_slice(&pos.to_le_bytes());
-            self.buf.extend_from_slice(&rem.to_le_bytes());
-            self.buf.extend_from_slice(&[0; 4]);
-            if long {
-                self.buf.extend_from_slice(&self.sysid.to_le_bytes());
-                self.buf
-                    .extend_from_slice(&(self.seg_size as u32).to_le_bytes());
-                self.buf.extend_from_slice(&WAL_PAGE_SIZE.to_le_bytes());
-            }
-        }
-
-        fn align(&mut self) {
-            let pad = (8 - (self.pos() % 8) as usize) % 8;
-            self.buf.resize(self.buf.len() + pad, 0);
-        }
-
-        /// A complete record image (header + payload) with a correct CRC and the current prev.
-        pub fn record_image(&self, rmid: u8, info: u8, xid: u32, payload: &[u8]) -> Vec<u8> {
-            let tot_len = (REC_HDR + payload.len()) as u32;
-            let mut rec = Vec::with_capacity(tot_len as usize);
-            rec.extend_from_slice(&tot_len.to_le_bytes());
-            rec.extend_from_slice(&xid.to_le_bytes());
-            rec.extend_from_slice(&self.prev.to_le_bytes());
-            rec.push(info);
-            rec.push(rmid);
-            rec.extend_from_slice(&[0, 0]);
-            let crc = crc32c::crc32c_append(crc32c::crc32c(payload), &rec[..REC_CRC_OFF]);
-            rec.extend_from_slice(&crc.to_le_bytes());
-            rec.extend_from_slice(payload);
-            rec
-        }
-
-        /// Appends `image` (a whole record) starting at the next aligned position, splitting it
-        /// across pages. Writes at most `limit` record bytes. Returns the record's LSN.
-        fn lay_out(&mut self, image: &[u8], limit: usize) -> Lsn {
-            self.align();
-            self.page_header_if_needed(0);
-            let start = self.pos();
-            let mut done = 0;
-            while done < image.len().min(limit) {
-                self.page_header_if_needed((image.len() - done) as u32);
-                let page_left = (PAGE - self.pos() % PAGE) as usize;
-                let n = page_left.min(image.len() - done).min(limit - done);
-                self.buf.extend_from_slice(&image[done..done + n]);
-                done += n;
-            }
-            Lsn(start)
-        }
-
-        /// Appends a record with the given resource manager, info byte, xid and payload (the
-        /// bytes after the 24-byte header). Returns its LSN.
-        pub fn push(&mut self, rmid: u8, info: u8, xid: u32, payload: &[u8]) -> Lsn {
-            let image = self.record_image(rmid, info, xid, payload);
-            self.push_image(&image)
-        }
-
-        /// Appends a ready record image as is (its xl_prev and CRC are not touched).
-        pub fn push_image(&mut self, image: &[u8]) -> Lsn {
-            let at = self.lay_out(image, usize::MAX);
-            self.prev = at.0;
-            at
-        }
-
-        /// Appends an XLOG_SWITCH record and the zero fill (page headers included) up to the
-        /// segment end, as xlog.c does. Returns the switch record's LSN.
-        pub fn push_switch(&mut self) -> Lsn {
-            let at = self.push(RM_XLOG_ID, XLOG_SWITCH, 0, &[]);
-            let pos = self.pos();
-            let fill = (self.seg_size - pos % self.seg_size) % self.seg_size;
-            self.buf.resize(self.buf.len() + fill as usize, 0);
-            at
-        }
-
-        /// Writes the start of a record up to the end of the current page and abandons it, as if
-        /// the server crashed before the rest reached disk; the next page gets
-        /// XLP_FIRST_IS_OVERWRITE_CONTRECORD and the next record links back to the record
-        /// before this one. Returns the aborted record's LSN, or `None` (writing nothing) when
-        /// the record would fit on the current page.
-        pub fn push_aborted(
-            &mut self,
-            rmid: u8,
-            info: u8,
-            xid: u32,
-            payload: &[u8],
-        ) -> Option<Lsn> {
-            let image = self.record_image(rmid, info, xid, payload);
-            let mut probe = self.pos();
-            probe += (8 - probe % 8) % 8;
-            if probe.is_multiple_of(PAGE) {
-                probe += if probe.is_multiple_of(self.seg_size) {
-                    LONG_PHD as u64
-                } else {
-                    SHORT_PHD as u64
-                };
-            }
-            let room = (PAGE - probe % PAGE) as usize;
-            if image.len() <= room {
-                return None;
-            }
-            let at = self.lay_out(&image, room);
-            self.overwrite_next_page = true;
-            Some(at)
-        }
-
-        /// Pads with zero bytes (no page headers) up to `end`, like the unwritten tail of a
-        /// pre-zeroed file.
-        pub fn zero_fill_to(&mut self, end: Lsn) {
-            let want = end.0.saturating_sub(self.start) as usize;
-            if want > self.buf.len() {
-                self.buf.resize(want, 0);
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
-    use super::synth::WalBuilder;
     use super::*;
-    use crate::wal::page::MAGICS;
+    use crate::wal::page::{MAGICS, XLP_FIRST_IS_CONTRECORD};
+    use crate::wal::reader::first_nonzero;
+    use crate::wal::synth::WalBuilder;
+    use crate::wal::SegmentSize;
+
+    const PAGE: u64 = WAL_PAGE_SIZE as u64;
 
     const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/wal");
     /// `pg_controldata` of the cluster the fixtures come from (tests/fixtures/wal/README.md).
