@@ -249,6 +249,68 @@ fn seed_standby_starts_and_follows_the_primary() {
             .trim()
             == "t"
     });
+    // No application_name of walagent's own: the standby is PostgreSQL's default (no
+    // cluster_name here: "walreceiver"), never the archiver's "walagent".
+    assert!(!auto.contains("application_name"), "{auto}");
+    assert_eq!(
+        c.psql(
+            "SELECT r.application_name FROM pg_stat_replication r \
+             JOIN pg_replication_slots s ON s.active_pid = r.pid WHERE s.slot_name = 'standby1'"
+        )
+        .trim(),
+        "walreceiver"
+    );
+}
+
+/// `--application-name NAME` is what the standby connects as; an application_name in --source
+/// names walagent's own connection only.
+#[test]
+fn seed_standby_application_name_option() {
+    let c = PgCluster::start(small_segments());
+    let dir = PgCluster::new_dir("seeded");
+    let pgdata = dir.join("data");
+    let source = format!("{}&application_name=walagent-seeding", c.repl_uri());
+    let o = run(&[
+        "seed-standby",
+        "--source",
+        &source,
+        "--pgdata",
+        pgdata.to_str().unwrap(),
+        "--checkpoint",
+        "fast",
+        "--application-name",
+        "standby_b",
+    ]);
+    assert_ok(&o);
+    let auto = fs::read_to_string(pgdata.join("postgresql.auto.conf")).unwrap();
+    assert!(
+        auto.contains("application_name=standby_b") && !auto.contains("walagent-seeding"),
+        "{auto}"
+    );
+    let _s = PgCluster::adopt(dir.clone(), PgOptions::default(), 1);
+    support::wait_until(
+        Duration::from_secs(60),
+        "the standby streams as standby_b",
+        || {
+            c.psql("SELECT application_name FROM pg_stat_replication")
+                .lines()
+                .any(|l| l.trim() == "standby_b")
+        },
+    );
+
+    // Not a name PostgreSQL would keep as given: refused before anything is written.
+    let other = PgCluster::new_dir("seeded");
+    let o = run(&[
+        "seed-standby",
+        "--source",
+        &c.repl_uri(),
+        "--pgdata",
+        other.join("data").to_str().unwrap(),
+        "--application-name",
+        "caf\u{e9}",
+    ]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr_of(&o));
+    assert!(!other.join("data").exists());
 }
 
 #[test]

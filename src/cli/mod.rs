@@ -270,9 +270,27 @@ pub struct SeedStandbyArgs {
     #[arg(long = "tablespace-mapping", short = 'T', value_name = "OLDDIR=NEWDIR", value_parser = parse_mapping)]
     pub tablespace_mapping: Vec<(PathBuf, PathBuf)>,
 
+    /// application_name for the standby's primary_conninfo (how pg_stat_replication and
+    /// synchronous_standby_names know it). Default: none, as pg_basebackup -R writes, so the
+    /// standby uses its cluster_name, else "walreceiver". The one in --source names only
+    /// walagent's own connection.
+    #[arg(long, value_name = "NAME", value_parser = parse_application_name)]
+    pub application_name: Option<String>,
+
     /// No progress bar, even on a terminal.
     #[arg(long)]
     pub no_progress: bool,
+}
+
+/// `--application-name`: non-empty, printable ASCII (PostgreSQL replaces anything else in
+/// application_name with `?`), under NAMEDATALEN.
+fn parse_application_name(s: &str) -> Result<String, String> {
+    if s.is_empty() || s.len() >= 64 || !s.bytes().all(|b| (0x20..0x7f).contains(&b)) {
+        return Err(format!(
+            "--application-name {s:?}: use 1 to 63 printable ASCII characters"
+        ));
+    }
+    Ok(s.to_string())
 }
 
 /// `--max-rate`: bytes per second as a size, returned in kB/s as MAX_RATE wants (32..=1048576).
