@@ -132,7 +132,8 @@ impl S3Writer {
                 .checksum_crc32(b64_crc(crc))
                 .checksum_type(ChecksumType::FullObject);
         }
-        req.customize()
+        let done = req
+            .customize()
             .config_override(s.upload_config(self.total))
             .send()
             .await
@@ -140,7 +141,13 @@ impl S3Writer {
         // Complete: the upload id is spent, only the object remains to clean up on failure.
         self.upload_id = None;
         if let Err(e) = s
-            .stamp_crc(&self.key, &self.object_key, crc, self.total)
+            .stamp_crc(
+                &self.key,
+                &self.object_key,
+                crc,
+                self.total,
+                done.e_tag.as_deref(),
+            )
             .await
         {
             // Never leave an object behind that claims to be finished but was not stamped.
@@ -222,14 +229,17 @@ impl ObjectWriter for S3Writer {
 
 impl S3Store {
     /// Adds `walagent-crc32` (and the Content-Type) to a completed multipart object by copying
-    /// it onto itself with metadata REPLACE. Objects above CopyObject's 5 GiB source limit are
-    /// left as they are (their `FULL_OBJECT` checksum, where the server keeps one, covers them).
+    /// it onto itself with metadata REPLACE, only if it still has the ETag the upload's Complete
+    /// returned (`x-amz-copy-source-if-match`), so the CRC is never stamped onto other bytes.
+    /// Objects above CopyObject's 5 GiB source limit are left as they are (their `FULL_OBJECT`
+    /// checksum, where the server keeps one, covers them).
     pub(super) async fn stamp_crc(
         &self,
         key: &str,
         object_key: &str,
         crc: u32,
         size: u64,
+        etag: Option<&str>,
     ) -> Result<(), StoreError> {
         if size > MAX_PART {
             tracing::debug!(
@@ -248,6 +258,9 @@ impl S3Store {
             .metadata_directive(MetadataDirective::Replace)
             .metadata(META_CRC32, format!("{crc:08x}"))
             .content_type(content_type_for(key));
+        if let Some(etag) = etag {
+            req = req.copy_source_if_match(etag);
+        }
         if self.send_checksums {
             req = req.checksum_algorithm(ChecksumAlgorithm::Crc32);
         }
