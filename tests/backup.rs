@@ -144,6 +144,19 @@ fn backup_into_local_archive_passes_pg_verifybackup() {
         .permissions()
         .mode();
     assert_eq!(mode & 0o777, 0o600);
+    // Its CRC-32, checkable without walagent (SFV, as `cksfv -f` reads it), beside it.
+    let obj = archive.join(key);
+    let sidecar = obj.with_file_name(".base.tar.zst.sfv");
+    let sfv = fs::read_to_string(&sidecar).unwrap();
+    let crc = crc32fast::hash(&fs::read(&obj).unwrap());
+    assert!(
+        sfv.lines().any(|l| l == format!("base.tar.zst {crc:08X}")),
+        "{sfv}"
+    );
+    assert_eq!(
+        fs::metadata(&sidecar).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
     verify_local_backup(&archive, info, &t.join("extracted"));
 
     // The table shows up in the table view.
@@ -249,6 +262,68 @@ fn seed_standby_starts_and_follows_the_primary() {
             .trim()
             == "t"
     });
+    // No application_name of walagent's own: the standby is PostgreSQL's default (no
+    // cluster_name here: "walreceiver"), never the archiver's "walagent".
+    assert!(!auto.contains("application_name"), "{auto}");
+    assert_eq!(
+        c.psql(
+            "SELECT r.application_name FROM pg_stat_replication r \
+             JOIN pg_replication_slots s ON s.active_pid = r.pid WHERE s.slot_name = 'standby1'"
+        )
+        .trim(),
+        "walreceiver"
+    );
+}
+
+/// `--application-name NAME` is what the standby connects as; an application_name in --source
+/// names walagent's own connection only.
+#[test]
+fn seed_standby_application_name_option() {
+    let c = PgCluster::start(small_segments());
+    let dir = PgCluster::new_dir("seeded");
+    let pgdata = dir.join("data");
+    let source = format!("{}&application_name=walagent-seeding", c.repl_uri());
+    let o = run(&[
+        "seed-standby",
+        "--source",
+        &source,
+        "--pgdata",
+        pgdata.to_str().unwrap(),
+        "--checkpoint",
+        "fast",
+        "--application-name",
+        "standby_b",
+    ]);
+    assert_ok(&o);
+    let auto = fs::read_to_string(pgdata.join("postgresql.auto.conf")).unwrap();
+    assert!(
+        auto.contains("application_name=standby_b") && !auto.contains("walagent-seeding"),
+        "{auto}"
+    );
+    let _s = PgCluster::adopt(dir.clone(), PgOptions::default(), 1);
+    support::wait_until(
+        Duration::from_secs(60),
+        "the standby streams as standby_b",
+        || {
+            c.psql("SELECT application_name FROM pg_stat_replication")
+                .lines()
+                .any(|l| l.trim() == "standby_b")
+        },
+    );
+
+    // Not a name PostgreSQL would keep as given: refused before anything is written.
+    let other = PgCluster::new_dir("seeded");
+    let o = run(&[
+        "seed-standby",
+        "--source",
+        &c.repl_uri(),
+        "--pgdata",
+        other.join("data").to_str().unwrap(),
+        "--application-name",
+        "caf\u{e9}",
+    ]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr_of(&o));
+    assert!(!other.join("data").exists());
 }
 
 #[test]
@@ -312,7 +387,9 @@ fn seed_standby_refuses_a_non_empty_directory_and_a_missing_slot() {
 fn backup_into_s3_multipart_passes_pg_verifybackup() {
     let s3 = S3Server::start();
     let c = PgCluster::start(small_segments());
-    load(&c, 150_000); // ~45 MB of table: the tar goes up in several parts
+    // ~65 MB of table, ~11 MB compressed: more than one 8 MiB part, so base.tar.zst goes up as
+    // a multipart upload (150,000 rows gave 7.4 MB: a single PUT).
+    load(&c, 220_000);
     let url = s3.url("db1");
     let out = {
         let child = walagent()
@@ -356,6 +433,58 @@ fn backup_into_s3_multipart_passes_pg_verifybackup() {
         &info,
         &t.join("x"),
     );
+    // Every object of the backup, the multipart-streamed base.tar.zst included, carries the
+    // CRC-32 of its bytes where any S3 client sees it (HeadObject metadata), and a Content-Type.
+    let base = info["archives"][0]["stored_bytes"].as_u64().unwrap();
+    assert!(
+        base > 8 << 20,
+        "base.tar.zst went up in several parts: {base}"
+    );
+    let id = info["id"].as_str().unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    for name in ["base.tar.zst", "backup_manifest", "backup.json"] {
+        let object_key = format!("db1/backups/{id}/{name}");
+        let head = rt.block_on(
+            standard_client(&s3)
+                .head_object()
+                .bucket(support::s3::BUCKET)
+                .key(&object_key)
+                .checksum_mode(aws_sdk_s3::types::ChecksumMode::Enabled)
+                .send(),
+        );
+        let head = head.unwrap_or_else(|e| panic!("{object_key}: {e:?}"));
+        let crc = crc32fast::hash(&fs::read(s3.object_path(&object_key)).unwrap());
+        let meta = head
+            .metadata()
+            .and_then(|m| m.get(walagent::archive::s3::META_CRC32).cloned());
+        assert_eq!(meta, Some(format!("{crc:08x}")), "{object_key}");
+        assert!(head.content_type().is_some(), "{object_key}");
+    }
+}
+
+/// An S3 client built the way any SDK user builds one.
+fn standard_client(s: &S3Server) -> aws_sdk_s3::Client {
+    use aws_sdk_s3::config::{BehaviorVersion, Credentials, Region};
+    let http = aws_smithy_http_client::Builder::new()
+        .tls_provider(aws_smithy_http_client::tls::Provider::Rustls(
+            aws_smithy_http_client::tls::rustls_provider::CryptoMode::Ring,
+        ))
+        .build_https();
+    let conf = aws_sdk_s3::Config::builder()
+        .behavior_version(BehaviorVersion::latest())
+        .http_client(http)
+        .region(Region::new(support::s3::REGION))
+        .endpoint_url(s.endpoint())
+        .force_path_style(true)
+        .credentials_provider(Credentials::new(
+            support::s3::ACCESS_KEY,
+            support::s3::SECRET_KEY,
+            None,
+            None,
+            "test",
+        ))
+        .build();
+    aws_sdk_s3::Client::from_conf(conf)
 }
 
 /// A backup stopped halfway (SIGTERM, then kill -9) never shows up as usable, and leaves the

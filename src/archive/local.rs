@@ -178,6 +178,9 @@ impl LocalStore {
                 };
             }
         }
+        if mode == PutMode::Replace {
+            remove_sidecar(&path)?;
+        }
         let tmp = TempFile::create(&path)?;
         let res = (|| {
             let mut f = &tmp.file;
@@ -206,6 +209,9 @@ impl LocalStore {
                     key: key.to_string(),
                 }),
             };
+        }
+        if mode == PutMode::Replace {
+            remove_sidecar(&path)?;
         }
         // Fast path: src is on this filesystem. Make it 0600 and durable, then rename it into
         // place: no copy, and no moment where the only copy sits under a temp name.
@@ -248,9 +254,15 @@ impl LocalStore {
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
             Err(e) => return Err(read_obj_err(&path, e)),
         };
+        let expected = read_sidecar(&path, key)?;
         let mut out = create_private(dest)
             .map_err(|e| StoreError::io(format!("cannot create {}", dest.display()), e))?;
-        io::copy(&mut input, &mut out).map_err(|e| {
+        let mut hashing = CrcWriter {
+            inner: &mut out,
+            hasher: crc32fast::Hasher::new(),
+            n: 0,
+        };
+        io::copy(&mut input, &mut hashing).map_err(|e| {
             StoreError::io(
                 format!(
                     "cannot copy archive object {} to {}",
@@ -260,6 +272,15 @@ impl LocalStore {
                 e,
             )
         })?;
+        if let Some(want) = expected {
+            let (got, n) = (hashing.hasher.finalize(), hashing.n);
+            if let Err(e) = check_crc(key, want, got, n) {
+                // Never leave unverified bytes behind.
+                drop(out);
+                let _ = fs::remove_file(dest);
+                return Err(e);
+            }
+        }
         Ok(true)
     }
 
@@ -287,6 +308,7 @@ impl LocalStore {
 
     fn delete_blocking(&self, key: &str) -> Result<(), StoreError> {
         let path = self.path_of(key)?;
+        remove_sidecar(&path)?;
         match fs::remove_file(&path) {
             Ok(()) => fsync_dir(path.parent().unwrap_or(&self.root)),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
@@ -345,8 +367,14 @@ impl Store for LocalStore {
 
     async fn get_bytes(&self, key: &str) -> Result<Option<Bytes>, StoreError> {
         let path = self.path_of(key)?;
+        let key = key.to_string();
         blocking(move || match fs::read(&path) {
-            Ok(v) => Ok(Some(Bytes::from(v))),
+            Ok(v) => {
+                if let Some(want) = read_sidecar(&path, &key)? {
+                    check_crc(&key, want, crc32fast::hash(&v), v.len() as u64)?;
+                }
+                Ok(Some(Bytes::from(v)))
+            }
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(read_obj_err(&path, e)),
         })
@@ -381,6 +409,7 @@ impl Store for LocalStore {
                 dir,
                 tmp: Some(tmp),
                 written: 0,
+                crc: crc32fast::Hasher::new(),
             }) as Box<dyn ObjectWriter>)
         })
         .await
@@ -388,11 +417,21 @@ impl Store for LocalStore {
 
     async fn open_reader(&self, key: &str) -> Result<Option<Box<dyn ObjectReader>>, StoreError> {
         let path = self.path_of(key)?;
-        match tokio::fs::File::open(&path).await {
-            Ok(f) => Ok(Some(Box::new(LocalReader { file: f, path }))),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(read_obj_err(&path, e)),
-        }
+        let file = match tokio::fs::File::open(&path).await {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(read_obj_err(&path, e)),
+        };
+        let (p, k) = (path.clone(), key.to_string());
+        let expected = blocking(move || read_sidecar(&p, &k)).await?;
+        Ok(Some(Box::new(LocalReader {
+            key: key.to_string(),
+            file,
+            path,
+            expected,
+            hasher: crc32fast::Hasher::new(),
+            got: 0,
+        })))
     }
 }
 
@@ -685,6 +724,8 @@ struct LocalWriter {
     /// Taken while a blocking write runs.
     tmp: Option<TempFile>,
     written: u64,
+    /// CRC-32 of what was written, for the sidecar.
+    crc: crc32fast::Hasher,
 }
 
 #[async_trait]
@@ -697,6 +738,7 @@ impl ObjectWriter for LocalWriter {
             ));
         };
         let n = data.len() as u64;
+        self.crc.update(&data);
         let tmp = blocking(move || {
             (&tmp.file)
                 .write_all(&data)
@@ -722,11 +764,15 @@ impl ObjectWriter for LocalWriter {
             self.key.clone(),
             self.written,
         );
+        let crc = self.crc.clone().finalize();
         blocking(move || {
             crate::fsutil::sync_file(&tmp.file).map_err(|e| write_err(&tmp.path, e))?;
+            // An old sidecar must never vouch for the new content.
+            remove_sidecar(&target)?;
             let res = install(&tmp.path, &target, &key, PutMode::Replace);
             drop(tmp);
             res?;
+            write_sidecar(&target, crc)?;
             fsync_dir(&dir)?;
             Ok(written)
         })
@@ -742,8 +788,13 @@ impl ObjectWriter for LocalWriter {
 }
 
 struct LocalReader {
+    key: String,
     file: tokio::fs::File,
     path: PathBuf,
+    /// From the sidecar, when the object has one.
+    expected: Option<u32>,
+    hasher: crc32fast::Hasher,
+    got: u64,
 }
 
 #[async_trait]
@@ -758,11 +809,140 @@ impl ObjectReader for LocalReader {
                 Err(e) => return Err(read_obj_err(&self.path, e)),
             }
         }
-        Ok(if buf.is_empty() {
-            None
-        } else {
-            Some(buf.freeze())
+        if buf.is_empty() {
+            if let Some(want) = self.expected.take() {
+                check_crc(&self.key, want, self.hasher.clone().finalize(), self.got)?;
+            }
+            return Ok(None);
+        }
+        self.hasher.update(&buf);
+        self.got += buf.len() as u64;
+        Ok(Some(buf.freeze()))
+    }
+}
+
+// ---- CRC-32 sidecars ----------------------------------------------------------------------------
+
+/// Streamed objects (base backups) get a sidecar `.<name>.sfv` beside them: the object's CRC-32
+/// (IEEE, as on S3) in SFV format, one line `<name> <CRC as 8 hex digits>`, which `cksfv -f` and
+/// `rhash -c` check. Like temp files it starts with '.', so listings never show it.
+fn sidecar_path(target: &Path) -> PathBuf {
+    let name = target
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    target.with_file_name(format!(".{name}.sfv"))
+}
+
+fn write_sidecar(target: &Path, crc: u32) -> Result<(), StoreError> {
+    let name = target
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let path = sidecar_path(target);
+    let tmp = TempFile::create(&path)?;
+    let res = (|| {
+        let mut f = &tmp.file;
+        f.write_all(
+            format!(
+                "; CRC-32 written by walagent; check with: cksfv -f {}\n{name} {crc:08X}\n",
+                path.file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default()
+            )
+            .as_bytes(),
+        )
+        .map_err(|e| write_err(&tmp.path, e))?;
+        crate::fsutil::sync_file(&tmp.file).map_err(|e| write_err(&tmp.path, e))?;
+        install(&tmp.path, &path, &name, PutMode::Replace)
+    })();
+    drop(tmp);
+    res
+}
+
+fn remove_sidecar(target: &Path) -> Result<(), StoreError> {
+    let path = sidecar_path(target);
+    match fs::remove_file(&path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(StoreError::io(
+            format!("cannot remove {}", path.display()),
+            e,
+        )),
+    }
+}
+
+/// The CRC-32 the sidecar of `target` records; None without a sidecar. A sidecar that does not
+/// parse, or names another file, is Corrupt: the object cannot be verified.
+fn read_sidecar(target: &Path, key: &str) -> Result<Option<u32>, StoreError> {
+    let path = sidecar_path(target);
+    let text = match fs::read(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(read_obj_err(&path, e)),
+    };
+    let name = target
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    parse_sidecar(&text, &name)
+        .map(Some)
+        .ok_or_else(|| StoreError::Corrupt {
+            key: key.to_string(),
+            detail: format!(
+                "its checksum file {} is not a CRC-32 line for {name}",
+                path.display()
+            ),
         })
+}
+
+fn parse_sidecar(text: &[u8], name: &str) -> Option<u32> {
+    let text = std::str::from_utf8(text).ok()?;
+    let mut found = None;
+    for line in text.lines() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with(';') {
+            continue;
+        }
+        let (file, crc) = line.rsplit_once(' ')?;
+        if file.trim_end() != name || crc.len() != 8 || found.is_some() {
+            return None;
+        }
+        found = Some(u32::from_str_radix(crc, 16).ok()?);
+    }
+    found
+}
+
+fn check_crc(key: &str, want: u32, got: u32, n: u64) -> Result<(), StoreError> {
+    if want == got {
+        return Ok(());
+    }
+    Err(StoreError::Corrupt {
+        key: key.to_string(),
+        detail: format!(
+            "CRC-32 mismatch: expected {want:08x} (checksum file), got {got:08x} over {n} bytes"
+        ),
+    })
+}
+
+/// Passes writes through and hashes them.
+struct CrcWriter<'a, W: Write> {
+    inner: &'a mut W,
+    hasher: crc32fast::Hasher,
+    n: u64,
+}
+
+impl<W: Write> Write for CrcWriter<'_, W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        if let Some(done) = buf.get(..n) {
+            self.hasher.update(done);
+        }
+        self.n += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
     }
 }
 
@@ -1286,5 +1466,106 @@ mod tests {
             .unwrap()
             .next()
             .is_none());
+    }
+
+    async fn read_all(store: &LocalStore, key: &str) -> Result<Vec<u8>, StoreError> {
+        let mut r = store.open_reader(key).await?.unwrap();
+        let mut out = Vec::new();
+        while let Some(c) = r.next_chunk().await? {
+            out.extend_from_slice(&c);
+        }
+        Ok(out)
+    }
+
+    #[tokio::test]
+    async fn streamed_object_has_a_crc_sidecar_checked_on_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::open(dir.path()).unwrap();
+        let key = "backups/x/base.tar.zst";
+        let mut w = store.create_writer(key).await.unwrap();
+        w.write(Bytes::from_static(b"hello ")).await.unwrap();
+        w.write(Bytes::from_static(b"world")).await.unwrap();
+        w.finish().await.unwrap();
+        let obj = dir.path().join(key);
+        let side = dir.path().join("backups/x/.base.tar.zst.sfv");
+        let text = fs::read_to_string(&side).unwrap();
+        let crc = crc32fast::hash(b"hello world");
+        assert!(
+            text.ends_with(&format!("\nbase.tar.zst {crc:08X}\n")),
+            "{text}"
+        );
+        assert_eq!(mode(&side), 0o600);
+        // Listings show only the object.
+        assert_eq!(
+            store.list("backups/").await.unwrap(),
+            vec![ObjectInfo {
+                key: key.into(),
+                size: 11
+            }]
+        );
+        assert_eq!(read_all(&store, key).await.unwrap(), b"hello world");
+        assert_eq!(
+            &store.get_bytes(key).await.unwrap().unwrap()[..],
+            b"hello world"
+        );
+
+        // Bit rot: every read path says Corrupt, naming the key; nothing unverified is left.
+        fs::write(&obj, b"hello World").unwrap();
+        let e = read_all(&store, key).await.unwrap_err();
+        assert!(
+            matches!(&e, StoreError::Corrupt { key: k, .. } if k == key),
+            "{e}"
+        );
+        assert!(e.to_string().contains("CRC-32 mismatch"), "{e}");
+        let e = store.get_bytes(key).await.unwrap_err();
+        assert!(matches!(&e, StoreError::Corrupt { .. }), "{e}");
+        let dest = dir.path().join("dest");
+        let e = store.get_to_file(key, &dest).await.unwrap_err();
+        assert!(matches!(&e, StoreError::Corrupt { .. }), "{e}");
+        assert!(!dest.exists());
+
+        // A truncated object, and a sidecar that does not parse.
+        fs::write(&obj, b"hello").unwrap();
+        assert!(matches!(
+            read_all(&store, key).await,
+            Err(StoreError::Corrupt { .. })
+        ));
+        fs::write(&obj, b"hello world").unwrap();
+        assert_eq!(read_all(&store, key).await.unwrap(), b"hello world");
+        fs::write(&side, b"base.tar.zst nothex!!\n").unwrap();
+        let e = read_all(&store, key).await.unwrap_err();
+        assert!(e.to_string().contains(".base.tar.zst.sfv"), "{e}");
+
+        // A replacing put drops the old sidecar; delete removes both.
+        store
+            .put_bytes(key, Bytes::from_static(b"other"), PutMode::Replace)
+            .await
+            .unwrap();
+        assert!(!side.exists());
+        assert_eq!(read_all(&store, key).await.unwrap(), b"other");
+        let mut w = store.create_writer(key).await.unwrap();
+        w.write(Bytes::from_static(b"again")).await.unwrap();
+        w.finish().await.unwrap();
+        assert!(side.exists());
+        store.delete(key).await.unwrap();
+        assert!(!side.exists() && !obj.exists());
+    }
+
+    #[test]
+    fn sidecar_parsing() {
+        assert_eq!(
+            parse_sidecar(b"; c\nb.tar 0000ABCD\n", "b.tar"),
+            Some(0xabcd)
+        );
+        assert_eq!(parse_sidecar(b"b.tar 0000abcd", "b.tar"), Some(0xabcd));
+        assert_eq!(parse_sidecar(b"a.tar 0000ABCD\n", "b.tar"), None);
+        assert_eq!(parse_sidecar(b"b.tar ABCD\n", "b.tar"), None);
+        assert_eq!(
+            parse_sidecar(b"b.tar 0000ABCD\nb.tar 0000ABCD\n", "b.tar"),
+            None
+        );
+        assert_eq!(parse_sidecar(b"", "b.tar"), None);
+        assert_eq!(parse_sidecar(b"\xff", "b.tar"), None);
+        assert_eq!(parse_sidecar(b"b.tar", "b.tar"), None);
     }
 }

@@ -175,7 +175,9 @@ pub trait Store: Send + Sync + 'static {
 
     /// Starts writing a large object of unknown size in pieces (base backups): nothing is
     /// visible under `key` until [`ObjectWriter::finish`] returns, and an existing object is
-    /// replaced then. On S3 this is a multipart upload with several parts in flight.
+    /// replaced then. On S3 this is a multipart upload with several parts in flight. The stored
+    /// object carries its CRC-32 (S3: `walagent-crc32` metadata and a FULL_OBJECT checksum; local:
+    /// a `.<name>.sfv` sidecar), which every read checks.
     async fn create_writer(&self, key: &str) -> Result<Box<dyn ObjectWriter>, StoreError>;
 
     /// Opens `key` for reading in pieces; `None` when absent. Objects stored with a whole-object

@@ -39,6 +39,10 @@ pub struct SeedOptions {
     pub max_rate_kbps: Option<u32>,
     pub tablespace_mapping: Vec<(PathBuf, PathBuf)>,
     pub progress: bool,
+    /// `application_name` in the standby's primary_conninfo; None leaves it out, so the
+    /// standby shows up under its `cluster_name` (else `walreceiver`) in pg_stat_replication,
+    /// as after `pg_basebackup -R`, and never as the archiver's `walagent`.
+    pub application_name: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -267,7 +271,11 @@ async fn seed_into(
             .write_file("backup_manifest", &manifest)
             .map_err(write("backup_manifest"))?;
     }
-    let mut settings = vec![("primary_conninfo", opts.conninfo.to_conninfo_string(true))];
+    let mut settings = vec![(
+        "primary_conninfo",
+        opts.conninfo
+            .to_conninfo_string_with(true, opts.application_name.as_deref()),
+    )];
     if let Some(slot) = &opts.slot {
         settings.push(("primary_slot_name", slot.clone()));
     }

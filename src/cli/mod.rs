@@ -16,6 +16,35 @@ pub use resolve::{
     show_progress, ArgError,
 };
 
+// Examples are broken with shell continuations and kept under 72 columns, so that clap never
+// wraps them (a wrapped `--create-slot` at the start of a line reads like a command); see the
+// `help_examples_do_not_wrap` test.
+const TOP_EXAMPLES: &str = "Examples:
+  walagent stream --source 'postgresql://replicator@db1/postgres' \\
+      --archive /backup/wal --slot walagent --create-slot
+  walagent wal-fetch --archive /backup/wal %f %p    (as restore_command)
+  walagent backup --source 'host=db1 user=replicator' \\
+      --archive /backup/wal --checkpoint fast
+  walagent restore --archive /backup/wal --pgdata /srv/pg/restored \\
+      --target-time '2026-11-22 09:15:00+01'
+
+Logging: set WALAGENT_LOG (e.g. WALAGENT_LOG=debug); logs go to stderr.";
+
+const BACKUP_EXAMPLE: &str = "Example:
+  walagent backup --source 'postgresql://replicator@db1/postgres' \\
+      --archive s3://backups/db1 --checkpoint fast";
+
+const SEED_EXAMPLE: &str = "Example:
+  walagent seed-standby --source 'postgresql://replicator@db1/postgres' \\
+      --pgdata /var/lib/postgresql/15/main --slot standby1 --create-slot";
+
+const RESTORE_EXAMPLES: &str = "Examples:
+  walagent restore --archive s3://backups/db1 \\
+      --pgdata /var/lib/postgresql/15/main \\
+      --target-time '2026-11-22 09:15:00+01'
+  walagent restore --archive /backup/db1 --pgdata /srv/pg/restored \\
+      --target-name before_upgrade --target-action pause";
+
 #[derive(Debug, Parser)]
 #[command(
     name = "walagent",
@@ -25,12 +54,7 @@ pub use resolve::{
                   and record checksum as it arrives, and archives complete segments zstd-compressed. The flush \
                   position it reports to the server only covers WAL that is durable in the archive, so a \
                   replication slot keeps anything not yet safe on the server.",
-    after_help = "Examples:\n  \
-        walagent stream --source 'postgresql://replicator@db1/postgres' --archive /backup/wal --slot walagent --create-slot\n  \
-        walagent wal-fetch --archive /backup/wal %f %p      (as restore_command)\n  \
-        walagent backup --source 'host=db1 user=replicator' --archive /backup/wal --checkpoint fast\n  \
-        walagent restore --archive /backup/wal --pgdata /srv/pg/restored --target-time '2026-11-22 09:15:00+01'\n\n\
-        Logging: set WALAGENT_LOG (e.g. WALAGENT_LOG=debug); logs go to stderr."
+    after_help = TOP_EXAMPLES
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -56,8 +80,9 @@ pub enum Command {
             restore_command = 'walagent wal-fetch --archive /backup/wal %f %p'\n\
             DEST appears atomically (never half written). Exit status: 0 when copied, 1 when the archive does \
             not have the file (PostgreSQL then tries elsewhere or ends recovery), 126 on any other error \
-            (a corrupt object, an unreachable archive), which makes PostgreSQL stop recovery instead of \
-            ending it early."
+            (a corrupt object, an unreachable archive, a bad --env-file), which makes PostgreSQL stop \
+            recovery instead of ending it early. A command line that does not parse exits 2 before \
+            anything runs, which PostgreSQL also reads as \"not found\": run restore_command once by hand."
     )]
     WalFetch(WalFetchArgs),
     /// Take a base backup over the replication protocol into the archive.
@@ -69,7 +94,7 @@ pub enum Command {
             even when no `walagent stream` is running. The server's backup_manifest is kept. The backup \
             becomes usable (listed by `walagent backups`, chosen by `walagent restore`) only when everything \
             is stored; an interrupted backup never is. Needs PostgreSQL 15 or later and a role with REPLICATION.",
-        after_help = "Example:\n  walagent backup --source 'postgresql://replicator@db1/postgres' --archive s3://backups/db1 --checkpoint fast"
+        after_help = BACKUP_EXAMPLE
     )]
     Backup(BackupArgs),
     /// List the base backups in the archive.
@@ -79,10 +104,12 @@ pub enum Command {
         long_about = "Create a standby's data directory from a running server, like `pg_basebackup -Fp -X fetch -R`.\n\n\
             Files are written as they arrive, with the WAL the standby needs to start (kept on the server by a \
             temporary slot while the copy runs). Then standby.signal and primary_conninfo (and primary_slot_name \
-            with --slot) are written to postgresql.auto.conf, so `pg_ctl start -D DIR` starts a streaming standby. \
+            with --slot) are written to postgresql.auto.conf, so `pg_ctl start -D DIR` starts a streaming \
+            standby. As after `pg_basebackup -R`, primary_conninfo has no application_name unless \
+            --application-name gives one. \
             DIR must be empty or absent. Run as root, the files take the owner of DIR (or of its parent when \
             DIR is created), so the postgres OS user can start it.",
-        after_help = "Example:\n  walagent seed-standby --source 'postgresql://replicator@db1/postgres' --pgdata /var/lib/postgresql/15/main --slot standby1 --create-slot"
+        after_help = SEED_EXAMPLE
     )]
     SeedStandby(SeedStandbyArgs),
     /// Restore a cluster to a point in time from the archive's backups and WAL.
@@ -98,9 +125,7 @@ pub enum Command {
             archive), the recovery target, recovery_target_action and recovery_target_timeline. \
             `pg_ctl start -D DIR` then replays exactly to the target.\n\n\
             Without a target, recovery replays to the end of the archive.",
-        after_help = "Examples:\n  \
-            walagent restore --archive s3://backups/db1 --pgdata /var/lib/postgresql/15/main --target-time '2026-11-22 09:15:00+01'\n  \
-            walagent restore --archive /backup/db1 --pgdata /srv/pg/restored --target-name before_upgrade --target-action pause"
+        after_help = RESTORE_EXAMPLES
     )]
     Restore(RestoreArgs),
 }
@@ -270,9 +295,27 @@ pub struct SeedStandbyArgs {
     #[arg(long = "tablespace-mapping", short = 'T', value_name = "OLDDIR=NEWDIR", value_parser = parse_mapping)]
     pub tablespace_mapping: Vec<(PathBuf, PathBuf)>,
 
+    /// application_name for the standby's primary_conninfo (how pg_stat_replication and
+    /// synchronous_standby_names know it). Default: none, as pg_basebackup -R writes, so the
+    /// standby uses its cluster_name, else "walreceiver". The one in --source names only
+    /// walagent's own connection.
+    #[arg(long, value_name = "NAME", value_parser = parse_application_name)]
+    pub application_name: Option<String>,
+
     /// No progress bar, even on a terminal.
     #[arg(long)]
     pub no_progress: bool,
+}
+
+/// `--application-name`: non-empty, printable ASCII (PostgreSQL replaces anything else in
+/// application_name with `?`), under NAMEDATALEN.
+fn parse_application_name(s: &str) -> Result<String, String> {
+    if s.is_empty() || s.len() >= 64 || !s.bytes().all(|b| (0x20..0x7f).contains(&b)) {
+        return Err(format!(
+            "--application-name {s:?}: use 1 to 63 printable ASCII characters"
+        ));
+    }
+    Ok(s.to_string())
 }
 
 /// `--max-rate`: bytes per second as a size, returned in kB/s as MAX_RATE wants (32..=1048576).
@@ -510,5 +553,68 @@ mod tests {
             "Bad-Name"
         ])
         .is_err());
+    }
+
+    /// At 80 and 100 columns clap prints every example exactly as written: no example is
+    /// re-wrapped, so no option lands at the start of a line where it reads like a command.
+    #[test]
+    fn help_examples_do_not_wrap() {
+        for width in [80, 100] {
+            let mut top = Cli::command().term_width(width);
+            let text = top.render_long_help().to_string();
+            assert!(text.contains(TOP_EXAMPLES), "{width}:\n{text}");
+            for (name, examples) in [
+                ("backup", BACKUP_EXAMPLE),
+                ("seed-standby", SEED_EXAMPLE),
+                ("restore", RESTORE_EXAMPLES),
+            ] {
+                let mut sub = Cli::command().term_width(width);
+                let sub = sub.find_subcommand_mut(name).unwrap();
+                let text = sub.render_long_help().to_string();
+                assert!(text.contains(examples), "{name} at {width}:\n{text}");
+            }
+        }
+        for examples in [TOP_EXAMPLES, BACKUP_EXAMPLE, SEED_EXAMPLE, RESTORE_EXAMPLES] {
+            for line in examples.lines() {
+                assert!(line.len() <= 76, "{line}");
+                let t = line.trim_start();
+                assert!(
+                    line.is_empty()
+                        || !line.starts_with(' ')
+                        || t.starts_with("walagent ")
+                        || (line.starts_with("      --") && t.starts_with("--")),
+                    "{line}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn seed_standby_application_name() {
+        let parse = |extra: &[&str]| {
+            let mut args = vec![
+                "walagent",
+                "seed-standby",
+                "--source",
+                "x",
+                "--pgdata",
+                "/d",
+            ];
+            args.extend_from_slice(extra);
+            Cli::try_parse_from(args).map(|c| match c.command {
+                Command::SeedStandby(a) => a.application_name,
+                _ => panic!(),
+            })
+        };
+        assert_eq!(parse(&[]).unwrap(), None);
+        assert_eq!(
+            parse(&["--application-name", "standby 2"])
+                .unwrap()
+                .as_deref(),
+            Some("standby 2")
+        );
+        for bad in ["", "caf\u{e9}", "a\tb", &"x".repeat(64)] {
+            assert!(parse(&["--application-name", bad]).is_err(), "{bad:?}");
+        }
     }
 }

@@ -169,6 +169,7 @@ impl SeedStandbyArgs {
             max_rate_kbps: self.max_rate,
             tablespace_mapping: self.tablespace_mapping.clone(),
             progress: show_progress(self.no_progress),
+            application_name: self.application_name.clone(),
         }
     }
 }

@@ -38,6 +38,37 @@ pub(super) fn decode_b64_crc(v: &str) -> Option<u32> {
     Some(u32::from_be_bytes(b.try_into().ok()?))
 }
 
+/// The Content-Type walagent gives an object, by its key's name.
+pub(super) fn content_type_for(key: &str) -> &'static str {
+    let name = key.rsplit('/').next().unwrap_or(key);
+    if name.ends_with(".json") || name == "backup_manifest" {
+        "application/json"
+    } else if name.ends_with(".zst") {
+        "application/zstd"
+    } else if name.ends_with(".tar") {
+        "application/x-tar"
+    } else if name.ends_with(".history") {
+        "text/plain"
+    } else {
+        "application/octet-stream"
+    }
+}
+
+/// CopyObject's `x-amz-copy-source`: `bucket/key`, the key URL-encoded except for '/'.
+pub(super) fn copy_source(bucket: &str, object_key: &str) -> String {
+    let mut out = String::with_capacity(bucket.len() + object_key.len() + 1);
+    out.push_str(bucket);
+    out.push('/');
+    for b in object_key.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~' | b'/') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
 pub(super) async fn file_crc(path: &Path) -> io::Result<u32> {
     let path = path.to_path_buf();
     let res = tokio::task::spawn_blocking(move || -> io::Result<u32> {
@@ -80,5 +111,31 @@ mod tests {
         assert_eq!(meta_crc(Some(&m)), Some(Ok(c)));
         m.insert("Walagent-CRC32".to_string(), "xyz".to_string());
         assert_eq!(meta_crc(Some(&m)), Some(Err("xyz".to_string())));
+    }
+
+    #[test]
+    fn content_types_and_copy_source() {
+        assert_eq!(
+            content_type_for("backups/x/base.tar.zst"),
+            "application/zstd"
+        );
+        assert_eq!(
+            content_type_for("backups/x/backup.json"),
+            "application/json"
+        );
+        assert_eq!(
+            content_type_for("backups/x/backup_manifest"),
+            "application/json"
+        );
+        assert_eq!(content_type_for("backups/x/base.tar"), "application/x-tar");
+        assert_eq!(content_type_for("wal/00000002.history"), "text/plain");
+        assert_eq!(
+            content_type_for("wal/000000010000000000000001"),
+            "application/octet-stream"
+        );
+        assert_eq!(
+            copy_source("b", "p q/\u{e9}+x.tar"),
+            "b/p%20q/%C3%A9%2Bx.tar"
+        );
     }
 }

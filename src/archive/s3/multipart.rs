@@ -5,11 +5,11 @@ use std::path::Path;
 use std::sync::atomic::Ordering;
 
 use aws_sdk_s3::primitives::ByteStream;
-use aws_sdk_s3::types::{ChecksumAlgorithm, CompletedMultipartUpload, CompletedPart};
+use aws_sdk_s3::types::{ChecksumAlgorithm, ChecksumType, CompletedMultipartUpload, CompletedPart};
 use bytes::Bytes;
 use tokio::io::AsyncReadExt;
 
-use super::checksum::{b64_crc, file_crc};
+use super::checksum::{b64_crc, content_type_for, file_crc};
 use super::error::{is_not_implemented, is_precondition_failed};
 use super::store::{validate_key, S3Store};
 use super::{MAX_PART, MAX_PARTS, META_CRC32};
@@ -64,7 +64,10 @@ impl S3Store {
     }
 
     /// CreateMultipartUpload; `crc` (the whole object's CRC-32, when known up front) goes into
-    /// the object's metadata. Returns the upload id.
+    /// the object's metadata. Unless requests are `when_required`, the upload asks for a
+    /// `FULL_OBJECT` CRC-32 checksum (the Complete carries the whole object's CRC-32, so the
+    /// object ends up with a plain `x-amz-checksum-crc32` any client can validate). Returns the
+    /// upload id.
     pub(super) async fn create_upload(
         &self,
         key: &str,
@@ -75,12 +78,15 @@ impl S3Store {
             .client
             .create_multipart_upload()
             .bucket(&self.loc.bucket)
-            .key(object_key);
+            .key(object_key)
+            .content_type(content_type_for(key));
         if let Some(crc) = crc {
             create = create.metadata(META_CRC32, format!("{crc:08x}"));
         }
         if self.send_checksums {
-            create = create.checksum_algorithm(ChecksumAlgorithm::Crc32);
+            create = create
+                .checksum_algorithm(ChecksumAlgorithm::Crc32)
+                .checksum_type(ChecksumType::FullObject);
         }
         match create.send().await {
             Ok(o) => o.upload_id.ok_or_else(|| StoreError::Remote {
@@ -203,6 +209,11 @@ impl S3Store {
                 .key(object_key)
                 .upload_id(upload_id)
                 .multipart_upload(upload.clone());
+            if self.send_checksums {
+                req = req
+                    .checksum_crc32(b64_crc(crc))
+                    .checksum_type(ChecksumType::FullObject);
+            }
             if conditional {
                 req = req.if_none_match("*");
             }

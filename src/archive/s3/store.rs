@@ -22,7 +22,7 @@ use aws_smithy_http_client::tls::{self, rustls_provider::CryptoMode};
 use bytes::Bytes;
 use tokio::io::AsyncWriteExt;
 
-use super::checksum::{b64_crc, decode_b64_crc, meta_crc};
+use super::checksum::{b64_crc, content_type_for, decode_b64_crc, meta_crc};
 use super::error::{is_code, is_not_implemented, is_precondition_failed, status_of};
 use super::location::S3Location;
 use super::settings::{
@@ -512,6 +512,7 @@ impl S3Store {
                 .key(self.loc.object_key(key))
                 .content_length(size as i64)
                 .metadata(META_CRC32, format!("{crc:08x}"))
+                .content_type(content_type_for(key))
                 .body(ByteStream::from(data.clone()));
             if self.send_checksums {
                 req = req.checksum_crc32(b64_crc(crc));
@@ -694,6 +695,7 @@ impl Store for S3Store {
             parts: Vec::new(),
             in_flight: tokio::task::JoinSet::new(),
             total: 0,
+            whole: crc32fast::Hasher::new(),
         }))
     }
 

@@ -5,12 +5,15 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use aws_sdk_s3::primitives::ByteStream;
-use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
+use aws_sdk_s3::types::{
+    ChecksumAlgorithm, ChecksumType, CompletedMultipartUpload, CompletedPart, MetadataDirective,
+};
 use bytes::Bytes;
 
+use super::checksum::{b64_crc, content_type_for, copy_source};
 use super::error::error_chain;
 use super::store::S3Store;
-use super::{MAX_PART, MIB, MIN_PART};
+use super::{MAX_PART, META_CRC32, MIB, MIN_PART};
 use crate::archive::{ObjectReader, ObjectWriter, PutMode, StoreError};
 
 /// Largest first part size of a streamed object.
@@ -28,9 +31,17 @@ pub(super) fn stream_part_size(base: u64, n: u32) -> u64 {
 }
 
 /// A streamed upload: a single PutObject when the whole object fits in one part, else a
-/// multipart upload with up to [`STREAM_PARTS_IN_FLIGHT`] parts going up at once. Each part
-/// carries its own CRC-32; there is no whole-object CRC metadata (it is only known at the end),
-/// so readers rely on the content's own checks (zstd frame checksums, the backup manifest).
+/// multipart upload with up to [`STREAM_PARTS_IN_FLIGHT`] parts going up at once.
+///
+/// Integrity of a multipart stream (the whole-object CRC-32 is only known at the end):
+/// - unless requests are `when_required`, the upload is created with checksum type
+///   `FULL_OBJECT` (CRC-32), each part carries its CRC-32 and CompleteMultipartUpload the
+///   whole object's, which AWS S3 checks against the parts and keeps as the object's
+///   `x-amz-checksum-crc32`;
+/// - after the upload is complete the object is copied onto itself (CopyObject, metadata
+///   REPLACE, server side) to add `walagent-crc32` and the Content-Type, which servers that keep
+///   no multipart checksum (s3s-fs, `when_required` stores) then serve to readers. CopyObject
+///   takes sources up to 5 GiB; a larger stream keeps only the `FULL_OBJECT` checksum.
 pub(super) struct S3Writer {
     pub(super) store: S3Store,
     pub(super) key: String,
@@ -41,6 +52,8 @@ pub(super) struct S3Writer {
     pub(super) parts: Vec<CompletedPart>,
     pub(super) in_flight: tokio::task::JoinSet<Result<CompletedPart, StoreError>>,
     pub(super) total: u64,
+    /// CRC-32 of everything written so far, in order.
+    pub(super) whole: crc32fast::Hasher,
 }
 
 impl S3Writer {
@@ -106,17 +119,50 @@ impl S3Writer {
         let upload = CompletedMultipartUpload::builder()
             .set_parts(Some(parts))
             .build();
-        s.client
+        let crc = self.whole.clone().finalize();
+        let mut req = s
+            .client
             .complete_multipart_upload()
             .bucket(&s.loc.bucket)
             .key(&self.object_key)
             .upload_id(&upload_id)
-            .multipart_upload(upload)
+            .multipart_upload(upload);
+        if s.send_checksums {
+            req = req
+                .checksum_crc32(b64_crc(crc))
+                .checksum_type(ChecksumType::FullObject);
+        }
+        let done = req
             .customize()
             .config_override(s.upload_config(self.total))
             .send()
             .await
             .map_err(|e| s.classify("CompleteMultipartUpload", Some(&self.key), e))?;
+        // Complete: the upload id is spent, only the object remains to clean up on failure.
+        self.upload_id = None;
+        if let Err(e) = s
+            .stamp_crc(
+                &self.key,
+                &self.object_key,
+                crc,
+                self.total,
+                done.e_tag.as_deref(),
+            )
+            .await
+        {
+            // Never leave an object behind that claims to be finished but was not stamped.
+            if let Err(d) = s
+                .client
+                .delete_object()
+                .bucket(&s.loc.bucket)
+                .key(&self.object_key)
+                .send()
+                .await
+            {
+                tracing::warn!(key = %self.key, error = %s.classify("DeleteObject", Some(&self.key), d), "could not remove an unstamped streamed object");
+            }
+            return Err(e);
+        }
         Ok(())
     }
 
@@ -135,6 +181,7 @@ impl S3Writer {
 impl ObjectWriter for S3Writer {
     async fn write(&mut self, data: Bytes) -> Result<(), StoreError> {
         self.total += data.len() as u64;
+        self.whole.update(&data);
         self.buf.extend_from_slice(&data);
         loop {
             let size = self.current_part_size();
@@ -177,6 +224,52 @@ impl ObjectWriter for S3Writer {
 
     async fn abort(mut self: Box<Self>) {
         self.abort_upload().await;
+    }
+}
+
+impl S3Store {
+    /// Adds `walagent-crc32` (and the Content-Type) to a completed multipart object by copying
+    /// it onto itself with metadata REPLACE, only if it still has the ETag the upload's Complete
+    /// returned (`x-amz-copy-source-if-match`), so the CRC is never stamped onto other bytes.
+    /// Objects above CopyObject's 5 GiB source limit are left as they are (their `FULL_OBJECT`
+    /// checksum, where the server keeps one, covers them).
+    pub(super) async fn stamp_crc(
+        &self,
+        key: &str,
+        object_key: &str,
+        crc: u32,
+        size: u64,
+        etag: Option<&str>,
+    ) -> Result<(), StoreError> {
+        if size > MAX_PART {
+            tracing::debug!(
+                key,
+                size,
+                "streamed object above 5 GiB: no walagent-crc32 metadata (CopyObject limit)"
+            );
+            return Ok(());
+        }
+        let mut req = self
+            .client
+            .copy_object()
+            .bucket(&self.loc.bucket)
+            .key(object_key)
+            .copy_source(copy_source(&self.loc.bucket, object_key))
+            .metadata_directive(MetadataDirective::Replace)
+            .metadata(META_CRC32, format!("{crc:08x}"))
+            .content_type(content_type_for(key));
+        if let Some(etag) = etag {
+            req = req.copy_source_if_match(etag);
+        }
+        if self.send_checksums {
+            req = req.checksum_algorithm(ChecksumAlgorithm::Crc32);
+        }
+        req.customize()
+            .config_override(self.upload_config(size))
+            .send()
+            .await
+            .map_err(|e| self.classify("CopyObject", Some(key), e))?;
+        Ok(())
     }
 }
 

@@ -1007,6 +1007,17 @@ impl ConnInfo {
     /// `primary_conninfo`). The password is included only when `include_password` is true and
     /// `password` is set; the password file path is never written (a standby uses its own).
     pub fn to_conninfo_string(&self, include_password: bool) -> String {
+        self.to_conninfo_string_with(include_password, Some(&self.application_name))
+    }
+
+    /// As [`ConnInfo::to_conninfo_string`], with `application_name` set to `application_name`,
+    /// or left out when None (a standby's walreceiver then uses its `cluster_name`, else
+    /// `walreceiver`, as `pg_basebackup -R` leaves it).
+    pub fn to_conninfo_string_with(
+        &self,
+        include_password: bool,
+        application_name: Option<&str>,
+    ) -> String {
         let mut parts = vec![format!("user={}", quote_value(&self.user))];
         if include_password {
             if let Some(pw) = &self.password {
@@ -1018,10 +1029,9 @@ impl ConnInfo {
         if let Some(db) = &self.dbname {
             parts.push(format!("dbname={}", quote_value(db)));
         }
-        parts.push(format!(
-            "application_name={}",
-            quote_value(&self.application_name)
-        ));
+        if let Some(name) = application_name {
+            parts.push(format!("application_name={}", quote_value(name)));
+        }
         parts.push(format!("sslmode={}", self.sslmode));
         for (k, v) in [
             ("sslrootcert", &self.sslrootcert),
