@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::Parser;
+use clap::Parser as _;
 use tokio::sync::watch;
 
 use walagent::archive;
@@ -15,7 +15,14 @@ use walagent::restore::{fetch_cmd, wal_fetch};
 
 fn main() -> ExitCode {
     limit_heap_growth();
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let code = walagent::cli::parse_error_exit_code(std::env::args_os(), &e);
+            let _ = e.print();
+            return ExitCode::from(code);
+        }
+    };
     init_logging();
     if let Command::WalFetch(WalFetchArgs {
         env_file: Some(path),

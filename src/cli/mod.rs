@@ -61,6 +61,33 @@ pub struct Cli {
     pub command: Command,
 }
 
+/// The exit code for a command line clap could not parse (or `--help`/`--version`, which exit
+/// 0). `wal-fetch` runs as PostgreSQL's restore_command, where exit 1..=125 means "not in the
+/// archive" and lets recovery end early and promote: a wal-fetch whose arguments do not parse (a
+/// typo in restore_command, a binary of another version) exits 126 instead, which stops recovery
+/// ([`crate::restore::wal_fetch::EXIT_FATAL`]). Every other command keeps clap's 2.
+pub fn parse_error_exit_code<I, S>(args: I, err: &clap::Error) -> u8
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<std::ffi::OsStr>,
+{
+    let code = err.exit_code();
+    if code == 0 {
+        return 0;
+    }
+    // The subcommand is the first argument after the program name that is not an option
+    // (`Cli` has no options of its own that take a value).
+    let sub = args
+        .into_iter()
+        .skip(1)
+        .find(|a| !a.as_ref().to_string_lossy().starts_with('-'));
+    if sub.is_some_and(|a| a.as_ref() == "wal-fetch") {
+        crate::restore::wal_fetch::EXIT_FATAL as u8
+    } else {
+        u8::try_from(code).unwrap_or(2)
+    }
+}
+
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Stream WAL from a server into the archive, like pg_receivewal, until stopped.
@@ -511,6 +538,43 @@ mod tests {
         assert_eq!(parse_size("1000"), Ok(1000));
         assert!(parse_size("1.5GB").is_err());
         assert!(parse_size("GB").is_err());
+    }
+
+    #[test]
+    fn wal_fetch_argument_errors_stop_recovery() {
+        use clap::Parser;
+        let code = |args: &[&str]| {
+            let argv: Vec<&str> = std::iter::once("walagent")
+                .chain(args.iter().copied())
+                .collect();
+            match Cli::try_parse_from(&argv) {
+                Ok(_) => None,
+                Err(e) => Some(parse_error_exit_code(&argv, &e)),
+            }
+        };
+        // restore_command with a typo or a missing argument: 126, not a "not found" 2.
+        assert_eq!(
+            code(&["wal-fetch", "--archive", "/a", "--bogus", "x", "y"]),
+            Some(126)
+        );
+        assert_eq!(code(&["wal-fetch", "000000010000000000000001"]), Some(126));
+        assert_eq!(
+            code(&[
+                "wal-fetch",
+                "--prefetch",
+                "many",
+                "--archive",
+                "/a",
+                "x",
+                "y"
+            ]),
+            Some(126)
+        );
+        // Other commands keep clap's usage error; help is success.
+        assert_eq!(code(&["stream", "--bogus"]), Some(2));
+        assert_eq!(code(&["no-such-command"]), Some(2));
+        assert_eq!(code(&["wal-fetch", "--help"]), Some(0));
+        assert_eq!(code(&["--version"]), Some(0));
     }
 
     #[test]
