@@ -11,7 +11,9 @@
 //!
 //! See `proto-notes/archive-layout.md`.
 
-use crate::archive::Compression;
+use std::io;
+
+use crate::archive::{Compression, StoreError};
 use crate::wal::{history_file_name, parse_history_file_name, SegmentId, SegmentSize};
 
 /// Key of the archive metadata object.
@@ -77,6 +79,28 @@ pub fn parse_wal_key(key: &str, size: SegmentSize) -> Option<WalObject> {
         partial,
         compressed,
     })
+}
+
+/// Keys are relative, '/'-separated, and no part is empty or starts with '.' (that keeps `..`
+/// out and leaves dot-names free for temp files and the local store's `.NAME.sfv` sidecars), no
+/// backslash or NUL. Both stores check every key with this before using it.
+pub(crate) fn validate_key(key: &str) -> Result<(), StoreError> {
+    let ok = !key.is_empty()
+        && !key.contains(['\\', '\0'])
+        && key
+            .split('/')
+            .all(|part| !part.is_empty() && !part.starts_with('.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(StoreError::io(
+            format!("invalid archive key {key:?}"),
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "keys are relative '/'-separated names whose parts are non-empty and do not start with '.'",
+            ),
+        ))
+    }
 }
 
 #[cfg(test)]

@@ -17,7 +17,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 
 use super::compress::create_private;
-use super::layout::WAL_PREFIX;
+use super::layout::{validate_key, WAL_PREFIX};
 use super::{ObjectInfo, ObjectReader, ObjectWriter, PutMode, Store, StoreError};
 
 /// An archive rooted at a local directory. Keys map to paths below the root ('/' separated).
@@ -444,27 +444,6 @@ async fn blocking<T: Send + 'static>(
             "archive I/O task failed",
             io::Error::other(e.to_string()),
         )),
-    }
-}
-
-/// Keys are relative, '/'-separated, and no part is empty or starts with '.' (that keeps `..`
-/// out and leaves dot-names free for temp files).
-fn validate_key(key: &str) -> Result<(), StoreError> {
-    let ok = !key.is_empty()
-        && !key.contains(['\\', '\0'])
-        && key
-            .split('/')
-            .all(|part| !part.is_empty() && !part.starts_with('.'));
-    if ok {
-        Ok(())
-    } else {
-        Err(StoreError::io(
-            format!("invalid archive key {key:?}"),
-            io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "keys are relative '/'-separated names whose parts are non-empty and do not start with '.'",
-            ),
-        ))
     }
 }
 

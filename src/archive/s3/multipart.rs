@@ -11,8 +11,9 @@ use tokio::io::AsyncReadExt;
 
 use super::checksum::{b64_crc, content_type_for, file_crc};
 use super::error::{is_not_implemented, is_precondition_failed};
-use super::store::{validate_key, S3Store};
+use super::store::S3Store;
 use super::{MAX_PART, MAX_PARTS, META_CRC32};
+use crate::archive::layout::validate_key;
 use crate::archive::{PutMode, StoreError};
 
 impl S3Store {

@@ -32,6 +32,7 @@ use super::settings::{
 use super::stream::{S3Reader, S3Writer};
 use super::{DEFAULT_REGION, MAX_PART, META_CRC32, MIB};
 use crate::archive::compress::create_private;
+use crate::archive::layout::validate_key;
 use crate::archive::{ObjectInfo, ObjectReader, ObjectWriter, PutMode, Store, StoreError};
 
 /// An archive in an S3 bucket. Cheap to clone (the client is shared); all methods take `&self`.
@@ -548,27 +549,6 @@ impl S3Store {
                  which cannot exclude a concurrent writer"
             );
         }
-    }
-}
-
-/// Same rules as the local store: relative, '/'-separated, no empty part, no part starting with
-/// '.', no backslash or NUL.
-pub(super) fn validate_key(key: &str) -> Result<(), StoreError> {
-    let ok = !key.is_empty()
-        && !key.contains(['\\', '\0'])
-        && key
-            .split('/')
-            .all(|part| !part.is_empty() && !part.starts_with('.'));
-    if ok {
-        Ok(())
-    } else {
-        Err(StoreError::io(
-            format!("invalid archive key {key:?}"),
-            io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "keys are relative '/'-separated names whose parts are non-empty and do not start with '.'",
-            ),
-        ))
     }
 }
 
