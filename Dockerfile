@@ -13,11 +13,13 @@ FROM rust:1-bookworm AS build
 WORKDIR /src
 COPY . .
 # Cache mounts keep the registry and target dir between builds (BuildKit); the binary is
-# copied out of the cached target dir within the same step.
+# copied out of the cached target dir within the same step, without its debug info (about 24 MB
+# instead of 96 MB; the symbol names stay, for backtraces).
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
     bin=$(scripts/build-static | tail -n1) \
- && install -D -m 0755 "$bin" /rootfs/usr/local/bin/walagent
+ && install -D -m 0755 "$bin" /rootfs/usr/local/bin/walagent \
+ && strip --strip-debug /rootfs/usr/local/bin/walagent
 RUN apt-get update \
  && apt-get install -y --no-install-recommends ca-certificates \
  && rm -rf /var/lib/apt/lists/* \
