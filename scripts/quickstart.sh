@@ -8,12 +8,31 @@
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
+PG_BIN_SET=${PG_BIN:+1}
 PG_BIN=${PG_BIN:-/usr/lib/postgresql/15/bin}
 PORT=${QS_PORT:-5477}
 WORK=/tmp/walagent-quickstart
 ARCHIVE=${QS_ARCHIVE:-$PWD/quickstart-archive}
 
-[[ -x $PG_BIN/initdb ]] || { echo "quickstart: PostgreSQL server binaries not found in $PG_BIN; apt-get install postgresql (or set PG_BIN)" >&2; exit 1; }
+# PostgreSQL: Debian's package, installed here when missing and we are root on a Debian/Ubuntu
+# machine (apt-get); otherwise say how.
+if [[ ! -x $PG_BIN/initdb ]]; then
+  pkg=postgresql-15
+  if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null && [[ -z ${PG_BIN_SET:-} ]]; then
+    echo "==> installing PostgreSQL ($pkg: not found in $PG_BIN)"
+    apt-cache show "$pkg" >/dev/null 2>&1 || DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    if ! apt-cache show "$pkg" >/dev/null 2>&1; then
+      # Another release than Debian 12: its own PostgreSQL (postgresql pulls postgresql-NN in).
+      pkg=postgresql
+    fi
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$pkg" >/dev/null
+    [[ -x $PG_BIN/initdb ]] || PG_BIN=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n1 || true)
+  fi
+  [[ -n $PG_BIN && -x $PG_BIN/initdb ]] || {
+    echo "quickstart: PostgreSQL server binaries not found in ${PG_BIN:-/usr/lib/postgresql/15/bin}; install them as root with: apt-get install postgresql-15 (or postgresql), or set PG_BIN to a bin directory holding initdb" >&2
+    exit 1
+  }
+fi
 as_pg() { if [[ $(id -u) == 0 ]]; then (cd / && runuser -u postgres -- "$@"); else "$@"; fi; }
 
 echo "==> building walagent"

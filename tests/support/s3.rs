@@ -1,4 +1,4 @@
-//! Test support: a throw-away S3 server (**s3s-fs** 0.14.1) on 127.0.0.1.
+//! Test support: a throw-away S3 server (**s3s-fs** 0.14.1, in-process) on 127.0.0.1.
 //!
 //! s3s-fs verifies SigV4 signatures (a wrong secret gets 403 SignatureDoesNotMatch), supports
 //! conditional writes and multipart uploads, and stores each object as a plain file
@@ -6,23 +6,30 @@
 //! `<data_dir>/.bucket-*.json`), so tests can corrupt objects directly. It only understands
 //! path-style addressing.
 //!
-//! Each [`S3Server`] is its own process with its own data directory (under the test root, see the
-//! parent module) and a free port; it is killed on drop. The process also dies with the thread
-//! that started it (PR_SET_PDEATHSIG), so a crashed test leaves no server behind.
+//! The server runs inside the test process, from the `s3s` / `s3s-fs` crates (dev-dependencies:
+//! nothing to install). Each [`S3Server`] has its own data directory (under the test root, see
+//! the parent module), a free port, and its own thread with its own multi-thread tokio runtime,
+//! so tests on a current-thread runtime, or on plain std threads, can use it alike (and may
+//! block their own runtime while the server answers). It is stopped on drop.
 //!
-//! Install the binary with
-//! `cargo install s3s-fs --version 0.14.1 --features binary --locked --root /usr/local`
-//! (`.ci/run` does), or point `WALAGENT_S3S_FS_BIN` at one.
+//! [`stop`](S3Server::stop) behaves like killing a server process: the listening socket is
+//! closed (new connections are refused) and every open connection is dropped mid-request; the
+//! runtime is then shut down (file writes already running finish first, so a later
+//! [`start_again`](S3Server::start_again) on the same data directory sees no half-written
+//! temp file being renamed under it). `start_again` serves the same data on the same port.
+//!
+//! The server's tracing output (level `$WALAGENT_S3S_FS_LOG`, default `warn`) goes to
+//! [`log_path`](S3Server::log_path); it is printed when a test panics with the server alive.
 
 use std::fs;
-use std::io::Read as _;
-use std::net::{SocketAddr, TcpStream};
-use std::os::unix::process::CommandExt as _;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::Mutex;
+use std::io::{Read as _, Write as _};
+use std::net::{SocketAddr, TcpListener};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use tracing::instrument::WithSubscriber as _;
 use walagent::archive::s3::{S3Location, S3Settings};
 
 use super::TestDir;
@@ -32,50 +39,20 @@ pub const SECRET_KEY: &str = "walagent-test-secret-key";
 pub const REGION: &str = "us-east-1";
 pub const BUCKET: &str = "wal";
 
-const INSTALL_HINT: &str =
-    "cargo install s3s-fs --version 0.14.1 --features binary --locked --root /usr/local";
+/// How long [`S3Server::stop`] waits for file operations already running to end.
+const SHUTDOWN_WAIT: Duration = Duration::from_secs(10);
 
-/// The s3s-fs binary: `$WALAGENT_S3S_FS_BIN`, else `s3s-fs` on PATH, else
-/// `$CARGO_HOME/bin/s3s-fs` (default `~/.cargo/bin`), else `/usr/local/bin/s3s-fs`. Panics with
-/// the install command when none exists.
-pub fn s3s_fs_bin() -> PathBuf {
-    if let Some(p) = std::env::var_os("WALAGENT_S3S_FS_BIN").filter(|p| !p.is_empty()) {
-        let p = PathBuf::from(p);
-        assert!(
-            is_executable(&p),
-            "WALAGENT_S3S_FS_BIN={} is not an executable file",
-            p.display()
-        );
-        return p;
-    }
-    let mut candidates = Vec::new();
-    if let Some(path) = std::env::var_os("PATH") {
-        candidates.extend(std::env::split_paths(&path).map(|d| d.join("s3s-fs")));
-    }
-    match std::env::var_os("CARGO_HOME").filter(|h| !h.is_empty()) {
-        Some(h) => candidates.push(PathBuf::from(h).join("bin/s3s-fs")),
-        None => {
-            if let Some(home) = std::env::var_os("HOME") {
-                candidates.push(PathBuf::from(home).join(".cargo/bin/s3s-fs"));
-            }
-        }
-    }
-    candidates.push(PathBuf::from("/usr/local/bin/s3s-fs"));
-    candidates.into_iter().find(|p| is_executable(p)).unwrap_or_else(|| {
-        panic!("s3s-fs not found (WALAGENT_S3S_FS_BIN, PATH, $CARGO_HOME/bin, /usr/local/bin); install it with: {INSTALL_HINT}")
-    })
-}
-
-fn is_executable(p: &Path) -> bool {
-    use std::os::unix::fs::PermissionsExt;
-    fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+/// One run of the server: its thread and the way to tell it to stop.
+struct Running {
+    stop: tokio::sync::oneshot::Sender<()>,
+    thread: JoinHandle<()>,
 }
 
 /// A running s3s-fs with bucket [`BUCKET`] and the credentials [`ACCESS_KEY`] / [`SECRET_KEY`].
 pub struct S3Server {
     dir: TestDir,
     port: Mutex<u16>,
-    child: Mutex<Option<Child>>,
+    running: Mutex<Option<Running>>,
     /// The secret key the server checks signatures with (see `restart_with_secret_key`).
     secret: Mutex<String>,
 }
@@ -98,14 +75,14 @@ impl S3Server {
         let server = S3Server {
             dir,
             port: Mutex::new(0),
-            child: Mutex::new(None),
+            running: Mutex::new(None),
             secret: Mutex::new(SECRET_KEY.to_string()),
         };
-        // The port is picked free, but someone may grab it before s3s-fs binds: retry.
+        // The port is picked free, but someone may grab it before the server binds: retry.
         let mut last = String::new();
         for _ in 0..5 {
             *server.port.lock().unwrap() = super::cluster::free_port();
-            match server.launch(Duration::from_secs(10)) {
+            match server.launch() {
                 Ok(()) => return server,
                 Err(e) => last = e,
             }
@@ -194,11 +171,16 @@ impl S3Server {
         self.location(prefix).to_string()
     }
 
-    /// Kills the server (SIGKILL) and waits for it; connections are then refused.
+    /// Stops the server as if its process were killed: the port is closed (connections are
+    /// then refused) and open connections are dropped. Returns when the server is gone.
     pub fn stop(&self) {
-        if let Some(mut c) = self.child.lock().unwrap().take() {
-            let _ = c.kill();
-            let _ = c.wait();
+        let Some(run) = self.running.lock().unwrap().take() else {
+            return;
+        };
+        let _ = run.stop.send(());
+        // Not a panic: this also runs from Drop, maybe while the test is panicking.
+        if run.thread.join().is_err() {
+            eprintln!("the S3 server thread on port {} panicked", self.port());
         }
     }
 
@@ -207,7 +189,7 @@ impl S3Server {
         // The port may briefly be in use by someone else (e.g. an outgoing connection).
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
-            match self.launch(Duration::from_secs(10)) {
+            match self.launch() {
                 Ok(()) => return,
                 Err(e) if Instant::now() < deadline => {
                     let _ = e;
@@ -226,76 +208,64 @@ impl S3Server {
     }
 
     pub fn is_running(&self) -> bool {
-        self.child
+        self.running
             .lock()
             .unwrap()
-            .as_mut()
-            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+            .as_ref()
+            .is_some_and(|r| !r.thread.is_finished())
     }
 
-    /// Spawns s3s-fs and waits until it accepts connections.
-    fn launch(&self, timeout: Duration) -> Result<(), String> {
+    /// Binds the port (so it accepts connections when this returns) and starts serving the data
+    /// directory on a new thread with its own runtime (after stopping a previous run).
+    fn launch(&self) -> Result<(), String> {
         self.stop();
         let port = self.port();
+        let addr: SocketAddr = ([127, 0, 0, 1], port).into();
         let log = fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(self.log_path())
             .map_err(|e| format!("open {}: {e}", self.log_path().display()))?;
-        let log2 = log.try_clone().map_err(|e| e.to_string())?;
         let log_start = log.metadata().map(|m| m.len()).unwrap_or(0);
-        let mut cmd = Command::new(s3s_fs_bin());
-        cmd.args(["--host", "127.0.0.1", "--port", &port.to_string()])
-            .args(["--access-key", ACCESS_KEY, "--secret-key"])
-            .arg(self.secret.lock().unwrap().as_str())
-            .arg(self.data_dir())
-            .env(
-                "RUST_LOG",
-                std::env::var("WALAGENT_S3S_FS_LOG").unwrap_or_else(|_| "warn".into()),
-            )
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(log2);
-        let parent = std::process::id() as libc::pid_t;
-        // Die with the starting thread (a crashed or killed test leaves no server running).
-        unsafe {
-            cmd.pre_exec(move || {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                if libc::getppid() != parent {
-                    libc::_exit(1);
-                }
-                Ok(())
-            });
-        }
-        let mut child = cmd
-            .spawn()
-            .map_err(|e| format!("spawn {}: {e}", s3s_fs_bin().display()))?;
-        let addr: SocketAddr = ([127, 0, 0, 1], port).into();
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Ok(Some(status)) = child.try_wait() {
-                return Err(format!(
-                    "s3s-fs exited with {status} on port {port}: {}",
-                    self.log_since(log_start)
-                ));
-            }
-            if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
-                break;
-            }
-            if Instant::now() >= deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(format!(
-                    "s3s-fs did not open port {port} within {timeout:?}: {}",
-                    self.log_since(log_start)
-                ));
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        *self.child.lock().unwrap() = Some(child);
+        let log = Arc::new(log);
+        let fail = |what: String| {
+            let _ = writeln!(&*log, "s3s-fs on port {port}: {what}");
+            format!("{what}: {}", self.log_since(log_start))
+        };
+        let filter = std::env::var("WALAGENT_S3S_FS_LOG").unwrap_or_else(|_| "warn".into());
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(Arc::clone(&log))
+            .with_ansi(false)
+            .with_thread_names(true)
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .finish();
+        let dispatch = tracing::Dispatch::new(subscriber);
+        let service = {
+            let fs = s3s_fs::FileSystem::new(self.data_dir())
+                .map_err(|e| fail(format!("s3s-fs on {}: {e:?}", self.data_dir().display())))?;
+            let mut b = s3s::service::S3ServiceBuilder::new(fs);
+            b.set_auth(s3s::auth::SimpleAuth::from_single(
+                ACCESS_KEY,
+                self.secret.lock().unwrap().as_str(),
+            ));
+            b.build()
+        };
+        let listener = TcpListener::bind(addr).map_err(|e| fail(format!("bind {addr}: {e}")))?;
+        listener
+            .set_nonblocking(true)
+            .map_err(|e| fail(format!("set_nonblocking: {e}")))?;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name(format!("s3s-fs-{port}"))
+            .enable_all()
+            .build()
+            .map_err(|e| fail(format!("tokio runtime: {e}")))?;
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name(format!("s3s-fs-{port}"))
+            .spawn(move || serve(runtime, listener, service, stopped, dispatch))
+            .map_err(|e| fail(format!("spawn the server thread: {e}")))?;
+        *self.running.lock().unwrap() = Some(Running { stop, thread });
         Ok(())
     }
 
@@ -308,6 +278,59 @@ impl S3Server {
         }
         s.trim().to_string()
     }
+}
+
+/// The server thread: accepts HTTP/1.1 connections until `stopped` fires (or its sender is
+/// dropped), then closes the listener, drops every connection and shuts the runtime down.
+fn serve(
+    runtime: tokio::runtime::Runtime,
+    listener: TcpListener,
+    service: s3s::service::S3Service,
+    mut stopped: tokio::sync::oneshot::Receiver<()>,
+    dispatch: tracing::Dispatch,
+) {
+    let d = dispatch.clone();
+    let accept = async move {
+        let listener = match tokio::net::TcpListener::from_std(listener) {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!("listener: {e}");
+                return;
+            }
+        };
+        tracing::info!("serving http://{:?}", listener.local_addr());
+        loop {
+            let conn = tokio::select! {
+                _ = &mut stopped => break,
+                conn = listener.accept() => conn,
+            };
+            match conn {
+                Ok((sock, _)) => {
+                    let _ = sock.set_nodelay(true);
+                    let service = service.clone();
+                    let conn = async move {
+                        let io = hyper_util::rt::TokioIo::new(sock);
+                        if let Err(e) = hyper::server::conn::http1::Builder::new()
+                            .serve_connection(io, service)
+                            .await
+                        {
+                            tracing::debug!("connection: {e}");
+                        }
+                    };
+                    tokio::spawn(conn.with_subscriber(d.clone()));
+                }
+                Err(e) => {
+                    // E.g. EMFILE: keep serving the connections there are.
+                    tracing::warn!("accept: {e}");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            }
+        }
+        tracing::info!("stopped");
+    };
+    runtime.block_on(accept.with_subscriber(dispatch));
+    // The listener is closed; dropping the runtime's tasks closes every connection.
+    runtime.shutdown_timeout(SHUTDOWN_WAIT);
 }
 
 impl Drop for S3Server {
