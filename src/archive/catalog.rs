@@ -13,7 +13,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::archive::{Store, StoreError};
-use crate::wal::Lsn;
+use crate::wal::{Lsn, Timeline};
 
 pub const BACKUPS_PREFIX: &str = "backups/";
 pub const INFO_NAME: &str = "backup.json";
@@ -72,14 +72,14 @@ pub struct BackupInfo {
     /// `server_version_num`, e.g. 150018.
     pub server_version_num: u32,
     /// Timeline of the start LSN.
-    pub timeline: u32,
+    pub timeline: Timeline,
     /// Redo point of the backup's checkpoint: replay starts here.
     pub start_lsn: Lsn,
     /// The backup is consistent once replay reaches this position.
     pub end_lsn: Lsn,
     /// Timeline of the end LSN (differs from `timeline` only when the source was promoted
     /// during the backup).
-    pub end_timeline: u32,
+    pub end_timeline: Timeline,
     /// RFC 3339 UTC with microseconds, taken by walagent before BASE_BACKUP.
     pub start_time: String,
     /// RFC 3339 UTC with microseconds, taken by walagent after the server reported the end LSN.

@@ -12,7 +12,7 @@
 //! See `proto-notes/archive-layout.md`.
 
 use crate::archive::Compression;
-use crate::wal::{history_file_name, parse_history_file_name, SegmentId, SegmentSize};
+use crate::wal::{history_file_name, parse_history_file_name, SegmentId, SegmentSize, Timeline};
 
 /// Key of the archive metadata object.
 pub const META_KEY: &str = "walagent.json";
@@ -41,7 +41,7 @@ pub fn segment_key_by_name(name: &str, compressed: bool, partial: bool) -> Strin
 }
 
 /// `wal/XXXXXXXX.history`
-pub fn history_key(tli: u32) -> String {
+pub fn history_key(tli: Timeline) -> String {
     format!("{WAL_PREFIX}{}", history_file_name(tli))
 }
 
@@ -53,7 +53,7 @@ pub enum WalObject {
         partial: bool,
         compressed: bool,
     },
-    History(u32),
+    History(Timeline),
 }
 
 /// Parses a full key (`wal/...`). Only the canonical forms [`segment_key`] and [`history_key`]
@@ -82,13 +82,14 @@ pub fn parse_wal_key(key: &str, size: SegmentSize) -> Option<WalObject> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::wal::timeline::tl;
 
     const S16: SegmentSize = SegmentSize::DEFAULT;
     const Z: Compression = Compression::DEFAULT;
 
     #[test]
     fn keys() {
-        let id = SegmentId::new(1, 3);
+        let id = SegmentId::new(tl(1), 3);
         assert_eq!(
             segment_key(id, S16, Z, false),
             "wal/000000010000000000000003.zst"
@@ -105,8 +106,8 @@ mod tests {
             segment_key(id, S16, Compression::None, true),
             "wal/000000010000000000000003.partial"
         );
-        assert_eq!(history_key(2), "wal/00000002.history");
-        assert_eq!(history_key(0x1A), "wal/0000001A.history");
+        assert_eq!(history_key(tl(2)), "wal/00000002.history");
+        assert_eq!(history_key(tl(0x1A)), "wal/0000001A.history");
         assert_eq!(META_KEY, "walagent.json");
     }
 
@@ -115,8 +116,8 @@ mod tests {
         let g = SegmentSize::new(1 << 30).unwrap();
         for size in [S16, g] {
             for id in [
-                SegmentId::new(1, 0),
-                SegmentId::new(3, 0x1FF),
+                SegmentId::new(tl(1), 0),
+                SegmentId::new(tl(3), 0x1FF),
                 SegmentId::new(0xAB, 7),
             ] {
                 for c in [Compression::None, Z] {

@@ -15,7 +15,7 @@
 use sha2::{Digest, Sha224, Sha256, Sha384, Sha512};
 use std::fmt;
 
-use crate::wal::Lsn;
+use crate::wal::{Lsn, Timeline};
 
 /// The key whose position bounds the manifest checksum, quotes included.
 const CHECKSUM_KEY: &[u8] = b"\"Manifest-Checksum\"";
@@ -180,7 +180,7 @@ pub fn verify_file(entry: &ManifestFile, bytes: &[u8]) -> Result<(), ManifestErr
 /// One entry of `WAL-Ranges`: the WAL needed to make the backup consistent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct WalRange {
-    pub timeline: u32,
+    pub timeline: Timeline,
     pub start_lsn: Lsn,
     pub end_lsn: Lsn,
 }
@@ -352,7 +352,7 @@ fn parse_range(v: &serde_json::Value) -> Result<WalRange, String> {
         .get("Timeline")
         .and_then(|t| t.as_u64())
         .and_then(|t| u32::try_from(t).ok())
-        .filter(|&t| t != 0)
+        .and_then(Timeline::new)
         .ok_or("missing or bad Timeline")?;
     let lsn = |key: &str| -> Result<Lsn, String> {
         o.get(key)

@@ -185,7 +185,7 @@ pub fn plan(input: &ResumeInput) -> ResumePlan {
 mod tests {
     use super::*;
 
-    fn s(tli: u32, segno: u64) -> SegmentId {
+    fn s(tli: Timeline, segno: u64) -> SegmentId {
         SegmentId::new(tli, segno)
     }
 

@@ -44,7 +44,7 @@ use super::flush::{self, PartialView};
 use super::{Finished, ReceiveError};
 use crate::protocol::TimelineSwitch;
 use crate::wal::verify::{VerifyError, VerifyParams, WalVerifier};
-use crate::wal::{Lsn, SegmentId, SegmentSize};
+use crate::wal::{Lsn, SegmentId, SegmentSize, Timeline};
 
 /// The check every chunk passes before any of it is written: [`WalVerifier`] in walagent; tests
 /// plug in a check of their own synthetic bytes.
@@ -147,7 +147,7 @@ pub enum Exit {
 pub enum Action {
     /// START_REPLICATION; answer with [`Event::Started`] or [`Event::TimelineEnded`].
     StartReplication {
-        timeline: u32,
+        timeline: Timeline,
         start: Lsn,
     },
     /// Open (or create) the spool partial of `id` for writing in place, nothing written yet.
@@ -198,7 +198,7 @@ pub enum Action {
     RequestStop,
     /// Store the history files of timelines 2..=`upto` the archive lacks.
     ArchiveHistories {
-        upto: u32,
+        upto: Timeline,
     },
     Exit(Exit),
 }
@@ -272,7 +272,7 @@ fn effect_of(action: &Action) -> Option<Effect> {
 pub struct StreamState<C = WalVerifier> {
     cfg: Config,
     phase: Phase,
-    timeline: u32,
+    timeline: Timeline,
     /// Where the next stream starts: a segment start (the open partial's, re-streamed in place).
     resume_at: Lsn,
     /// How far a stream that a stop ended got (reported in [`Finished`]).
@@ -297,8 +297,8 @@ pub struct StreamState<C = WalVerifier> {
 impl<C: StreamCheck> StreamState<C> {
     /// A stream that resumes at `resume_at` (a segment start) on `timeline`, everything before it
     /// being in the archive (or queued for it).
-    pub fn new(cfg: Config, timeline: u32, resume_at: Lsn) -> Self {
-        debug_assert_eq!(resume_at, resume_at.segment_start(cfg.seg_size.bytes()));
+    pub fn new(cfg: Config, timeline: Timeline, resume_at: Lsn) -> Self {
+        debug_assert_eq!(resume_at, resume_at.segment_start(cfg.seg_size));
         StreamState {
             cfg,
             phase: Phase::Connecting,
@@ -381,7 +381,7 @@ impl<C: StreamCheck> StreamState<C> {
                 self.check = Some(C::begin(self.params(), self.resume_at));
                 self.write_pos = self.resume_at;
                 self.partial = None;
-                tracing::info!(start = %self.resume_at, timeline = self.timeline, "streaming");
+                tracing::info!(start = %self.resume_at, timeline = self.timeline.get(), "streaming");
             }
             Event::XLogData { wal_start, data } => self.xlogdata(wal_start, data)?,
             Event::Keepalive {
@@ -577,8 +577,8 @@ impl<C: StreamCheck> StreamState<C> {
                         });
                     }
                     tracing::info!(
-                        from = self.timeline,
-                        to = sw.next_timeline,
+                        from = self.timeline.get(),
+                        to = sw.next_timeline.get(),
                         at = %sw.next_start,
                         "timeline switch"
                     );
@@ -744,7 +744,7 @@ impl<C: StreamCheck> StreamState<C> {
             }
             Effect::Switched(sw) => {
                 self.timeline = sw.next_timeline;
-                self.resume_at = sw.next_start.segment_start(self.cfg.seg_size.bytes());
+                self.resume_at = sw.next_start.segment_start(self.cfg.seg_size);
                 self.stopped_at = None;
                 self.completed_upto = self.completed_upto.min(self.resume_at);
                 self.write_pos = self.resume_at;
@@ -762,7 +762,7 @@ impl<C: StreamCheck> StreamState<C> {
         debug_assert!(self.resume_at <= self.write_pos || self.phase == Phase::Connecting);
         debug_assert_eq!(
             self.resume_at,
-            self.resume_at.segment_start(self.cfg.seg_size.bytes())
+            self.resume_at.segment_start(self.cfg.seg_size)
         );
         if let Some(p) = self.partial {
             debug_assert!(p.start <= p.synced_end && p.synced_end <= p.written_end);
@@ -774,6 +774,7 @@ impl<C: StreamCheck> StreamState<C> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::wal::timeline::tl;
     use std::collections::{HashMap, HashSet};
 
     const SEG: u64 = 1 << 20;
@@ -853,9 +854,9 @@ mod tests {
         archived: HashSet<SegmentId>,
         archived_partials: HashMap<SegmentId, u64>,
         // the server
-        timeline: u32,
+        timeline: Timeline,
         /// End of each timeline that ended.
-        ends: HashMap<u32, Lsn>,
+        ends: HashMap<Timeline, Lsn>,
         server_pos: Lsn,
         /// The most the server sent on the current timeline (it ends no earlier).
         sent_on_timeline: Lsn,
@@ -1200,8 +1201,8 @@ mod tests {
                 data,
             },
         );
-        let s3 = SegmentId::new(1, 3);
-        let s4 = SegmentId::new(1, 4);
+        let s3 = SegmentId::new(tl(1), 3);
+        let s4 = SegmentId::new(tl(1), 4);
         assert_eq!(
             got,
             vec![
@@ -1287,7 +1288,7 @@ mod tests {
         connect(&mut sim, &mut st);
         send(&mut sim, &mut st, 4096).unwrap();
         assert_eq!(sim.last_flush, Lsn(base.0 + 4096));
-        assert_eq!(sim.spool_synced[&SegmentId::new(1, 2)], 4096);
+        assert_eq!(sim.spool_synced[&SegmentId::new(tl(1), 2)], 4096);
         // The same status is not sent twice unasked.
         let n = sim.statuses;
         let v = sim.view();
@@ -1304,7 +1305,7 @@ mod tests {
             connect(&mut sim, &mut st);
             send(&mut sim, &mut st, SEG + 777).unwrap();
             let got = actions_of(&mut sim, &mut st, Event::StopRequested);
-            let s3 = SegmentId::new(1, 3);
+            let s3 = SegmentId::new(tl(1), 3);
             assert_eq!(
                 got,
                 vec![
@@ -1395,7 +1396,7 @@ mod tests {
         sim.ends.insert(1, sw.next_start);
         sim.timeline = 2;
         let got = actions_of(&mut sim, &mut st, Event::TimelineEnded(sw));
-        let s4 = SegmentId::new(1, 4);
+        let s4 = SegmentId::new(tl(1), 4);
         assert_eq!(
             got,
             vec![

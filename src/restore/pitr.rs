@@ -46,7 +46,7 @@ use crate::datadir::tar::TarError;
 use crate::datadir::unpack::{ArchiveUnpack, ManifestMismatch, UnpackError, Unpacker};
 use crate::wal::history::HistoryError;
 use crate::wal::xact::{ScanEnd, SegmentScan, WalEvent, WalScanner};
-use crate::wal::{SegmentId, SegmentSize, TimelineHistory};
+use crate::wal::{SegmentId, SegmentSize, Timeline, TimelineHistory};
 
 #[derive(Debug, Clone)]
 pub struct RestoreOptions {
@@ -240,7 +240,7 @@ fn check_dir(path: &Path, what: &'static str) -> Result<(), RestoreError> {
 
 /// Archived WAL segment objects: (timeline, segno, partial) -> key.
 struct WalKeys {
-    keys: HashMap<(u32, u64, bool), String>,
+    keys: HashMap<(Timeline, u64, bool), String>,
 }
 
 impl WalKeys {
@@ -909,6 +909,7 @@ fn unpack(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::wal::timeline::tl;
 
     #[test]
     fn shell_quoting() {
@@ -1002,7 +1003,7 @@ mod tests {
         }
 
         fn chain() -> ChainCheck {
-            let segments = vec![SegmentId::new(1, 3), SegmentId::new(1, 4)];
+            let segments = vec![SegmentId::new(tl(1), 3), SegmentId::new(tl(1), 4)];
             ChainCheck {
                 backup_id: "b".into(),
                 segment_size: seg1m(),

@@ -40,14 +40,14 @@ use std::fmt;
 use crate::archive::catalog::BackupInfo;
 use crate::archive::index::{PartialContent, WalIndex};
 use crate::wal::xact::WalEvent;
-use crate::wal::{history_file_name, Lsn, SegmentId, SegmentSize};
+use crate::wal::{history_file_name, Lsn, SegmentId, SegmentSize, Timeline};
 
 use super::target::{describe_event, stop_event, RecoveryTarget, TargetTime, TargetTimeline};
 
 /// One timeline on the way from a backup to the target timeline.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PathStep {
-    pub timeline: u32,
+    pub timeline: Timeline,
     /// Where replay enters this timeline: the backup's start LSN for the first step, the switch
     /// point from the parent for the others.
     pub begin: Lsn,
@@ -62,19 +62,21 @@ pub struct TimelinePath {
 }
 
 impl TimelinePath {
-    pub fn target_timeline(&self) -> u32 {
-        self.steps.last().map_or(0, |s| s.timeline)
+    /// The last step's timeline (a path from [`timeline_path`] is never empty; an empty one
+    /// says timeline 1).
+    pub fn target_timeline(&self) -> Timeline {
+        self.steps.last().map_or(Timeline::FIRST, |s| s.timeline)
     }
 
     /// The timeline whose file recovery reads for segment `segno` (XLogFileReadAnyTLI): the
     /// newest step whose begin LSN lies in that segment or an earlier one.
-    pub fn timeline_for_segment(&self, segno: u64, size: SegmentSize) -> u32 {
+    pub fn timeline_for_segment(&self, segno: u64, size: SegmentSize) -> Timeline {
         self.steps
             .iter()
             .rev()
-            .find(|s| s.begin.segno(size.bytes()) <= segno)
+            .find(|s| s.begin.segno(size) <= segno)
             .or(self.steps.first())
-            .map_or(0, |s| s.timeline)
+            .map_or(Timeline::FIRST, |s| s.timeline)
     }
 
     /// `1 -> 2 -> 3`
@@ -115,31 +117,31 @@ pub enum PlanError {
     #[error(
         "timeline history file {file} is not in the archive, but replay to timeline {tli} needs it"
     )]
-    HistoryMissing { tli: u32, file: String },
+    HistoryMissing { tli: Timeline, file: String },
     #[error("timeline history file {file} is in the archive but was not loaded before planning (WalIndex::add_history)")]
-    HistoryNotLoaded { tli: u32, file: String },
+    HistoryNotLoaded { tli: Timeline, file: String },
     #[error("backup {id} is on timeline {backup_tli}, which is not an ancestor of timeline {target_tli} ({ancestry})")]
     NotAncestor {
         id: String,
-        backup_tli: u32,
-        target_tli: u32,
+        backup_tli: Timeline,
+        target_tli: Timeline,
         ancestry: String,
     },
     #[error("backup {id} started at {start} on timeline {tli}, after timeline {target_tli}'s history left timeline {tli} at {switch}")]
     BackupAfterFork {
         id: String,
-        tli: u32,
+        tli: Timeline,
         start: Lsn,
         switch: Lsn,
-        target_tli: u32,
+        target_tli: Timeline,
     },
     #[error("backup {id} became consistent at {end} on timeline {tli}, after timeline {target_tli}'s history left timeline {tli} at {switch}")]
     BackupSpansFork {
         id: String,
-        tli: u32,
+        tli: Timeline,
         end: Lsn,
         switch: Lsn,
-        target_tli: u32,
+        target_tli: Timeline,
     },
     #[error(
         "segment {segment} is missing from the archive (needed to replay backup {id} {needed_for})"
@@ -152,7 +154,7 @@ pub enum PlanError {
     #[error("segment {segment} is only in the archive as {segment}.partial (the unfinished last segment of timeline {tli}), needed to replay backup {id} {needed_for}")]
     OnlyPartial {
         segment: String,
-        tli: u32,
+        tli: Timeline,
         id: String,
         needed_for: String,
     },
@@ -284,7 +286,7 @@ pub struct ChainCheck {
     pub backup_id: String,
     pub segment_size: SegmentSize,
     /// The resolved target timeline (what `latest`/`current` mean for this backup).
-    pub target_timeline: u32,
+    pub target_timeline: Timeline,
     pub path: TimelinePath,
     /// Every segment replay reads, in order, with the timeline of the file it reads.
     pub segments: Vec<SegmentId>,
@@ -313,7 +315,7 @@ impl ChainCheck {
     /// recovery live. Scan them (`wal::xact::WalScanner`), keep events at or after
     /// [`Self::consistent_at`], and look for the target with `target::stop_event`.
     pub fn segments_after_consistency(&self) -> &[SegmentId] {
-        let seg = self.consistent_at.segno(self.segment_size.bytes());
+        let seg = self.consistent_at.segno(self.segment_size);
         let from = self.segments.partition_point(|s| s.segno < seg);
         &self.segments[from..]
     }
@@ -331,7 +333,7 @@ impl ChainCheck {
     }
 
     /// The timeline the chain's last segment is read from.
-    pub fn end_timeline(&self) -> u32 {
+    pub fn end_timeline(&self) -> Timeline {
         self.segments
             .last()
             .map_or(self.target_timeline, |s| s.timeline)
@@ -402,13 +404,13 @@ pub fn resolve_timeline(
     index: &WalIndex,
     backup: &BackupInfo,
     tl: TargetTimeline,
-) -> (u32, Option<String>) {
+) -> (Timeline, Option<String>) {
     match tl {
         TargetTimeline::Current => (backup.timeline, None),
         TargetTimeline::Id(n) => (n, None),
         TargetTimeline::Latest => {
             let mut newest = backup.timeline;
-            while let Some(next) = newest.checked_add(1) {
+            while let Some(next) = newest.next() {
                 if !index.has_history_file(next) {
                     break;
                 }
@@ -418,7 +420,7 @@ pub fn resolve_timeline(
             let warning = (highest > newest).then(|| {
                 format!(
                     "the archive has WAL or history for timeline {highest}, but no {}, so recovery_target_timeline 'latest' stops at timeline {newest}",
-                    history_file_name(newest + 1)
+                    newest.next().map_or_else(String::new, history_file_name)
                 )
             });
             (newest, warning)
@@ -430,13 +432,13 @@ pub fn resolve_timeline(
 pub fn timeline_path(
     index: &WalIndex,
     backup: &BackupInfo,
-    target_tli: u32,
+    target_tli: Timeline,
 ) -> Result<TimelinePath, PlanError> {
     let id = &backup.id;
     // (timeline, begin, end) for every timeline in the target's history, oldest first.
-    let mut line: Vec<(u32, Lsn, Option<Lsn>)> = Vec::new();
+    let mut line: Vec<(Timeline, Lsn, Option<Lsn>)> = Vec::new();
     let simple = target_tli == backup.timeline && backup.end_timeline == backup.timeline;
-    if target_tli > 1 && !simple {
+    if target_tli > Timeline::FIRST && !simple {
         let file = history_file_name(target_tli);
         let h = match index.history(target_tli) {
             Some(h) => h,
@@ -477,7 +479,7 @@ pub fn timeline_path(
             )
         }
     };
-    let not_ancestor = |tli: u32| PlanError::NotAncestor {
+    let not_ancestor = |tli: Timeline| PlanError::NotAncestor {
         id: id.clone(),
         backup_tli: tli,
         target_tli,
@@ -548,7 +550,7 @@ fn needed_for(
         .steps
         .iter()
         .skip(1)
-        .find(|s| s.begin.segno(size.bytes()) >= segno)
+        .find(|s| s.begin.segno(size) >= segno)
     {
         return format!(
             "to timeline {}, which begins at {}",
@@ -583,15 +585,14 @@ pub fn check_chain(
     let (target_tli, warning) = resolve_timeline(index, backup, tl);
     let path = timeline_path(index, backup, target_tli)?;
     let mut warnings: Vec<String> = warning.into_iter().collect();
-    let seg_bytes = size.bytes();
-    let first = backup.start_lsn.segno(seg_bytes);
+    let first = backup.start_lsn.segno(size);
     let consistency_seg = Lsn(backup.end_lsn.0.saturating_sub(1))
-        .segno(seg_bytes)
+        .segno(size)
         .max(first);
     let last_step_seg = path
         .steps
         .last()
-        .map_or(first, |s| s.begin.segno(seg_bytes))
+        .map_or(first, |s| s.begin.segno(size))
         .max(first);
     // The stop LSN, if replay must reach a known position.
     let stop_lsn = match target {
@@ -603,7 +604,7 @@ pub fn check_chain(
         RecoveryTarget::End => None,
     };
     let (required_last, open_ended) = match stop_lsn {
-        Some(l) => (l.segno(seg_bytes).max(consistency_seg), false),
+        Some(l) => (l.segno(size).max(consistency_seg), false),
         None => (consistency_seg.max(last_step_seg), true),
     };
     if stop_lsn.is_none() && target.is_set() {
@@ -1006,6 +1007,7 @@ impl fmt::Display for PathStep {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::wal::timeline::tl;
     use crate::archive::catalog::{archive_key, manifest_key, TarArchive, FORMAT};
     use crate::archive::ObjectInfo;
     use crate::wal::TimelineHistory;
@@ -1017,7 +1019,7 @@ mod tests {
     }
 
     /// Mirrors `catalog::tests::sample()` with the fields planning looks at.
-    fn backup(id: &str, tli: u32, start: &str, end: &str, stop_time: &str) -> BackupInfo {
+    fn backup(id: &str, tli: Timeline, start: &str, end: &str, stop_time: &str) -> BackupInfo {
         let seg = |l: &str| SegmentId::containing(tli, lsn(l), S16).file_name(S16);
         BackupInfo {
             format: FORMAT,
@@ -1057,9 +1059,9 @@ mod tests {
 
     /// `wal/` keys for segments `segs` of timeline `tli` (compressed), plus partials.
     fn listing(
-        parts: &[(u32, std::ops::RangeInclusive<u64>)],
-        partials: &[(u32, u64)],
-        histories: &[u32],
+        parts: &[(Timeline, std::ops::RangeInclusive<u64>)],
+        partials: &[(Timeline, u64)],
+        histories: &[Timeline],
     ) -> Vec<ObjectInfo> {
         let mut out = vec![
             obj("walagent.json".into()),
@@ -1116,10 +1118,10 @@ mod tests {
         objs.push(obj("wal/000000010000000000000002".into())); // raw copy too
         objs.push(obj("wal/.000000010000000000000005.zst.tmp.1.0".into()));
         let mut ix = index(&objs);
-        assert!(ix.has_segment(SegmentId::new(1, 2)));
-        assert!(!ix.has_segment(SegmentId::new(1, 4)));
-        assert!(ix.has_partial(SegmentId::new(1, 4)));
-        assert!(!ix.has_segment(SegmentId::new(1, 5)));
+        assert!(ix.has_segment(SegmentId::new(tl(1), 2)));
+        assert!(!ix.has_segment(SegmentId::new(tl(1), 4)));
+        assert!(ix.has_partial(SegmentId::new(tl(1), 4)));
+        assert!(!ix.has_segment(SegmentId::new(tl(1), 5)));
         assert_eq!(ix.histories_to_load(), vec![2]);
         assert_eq!(ix.timelines().into_iter().collect::<Vec<_>>(), vec![1, 2]);
         ix.add_history(
@@ -1167,7 +1169,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.first_segment_name, "000000010000000000000002");
-        assert_eq!(c.segments_after_consistency()[0], SegmentId::new(1, 3));
+        assert_eq!(c.segments_after_consistency()[0], SegmentId::new(tl(1), 3));
         assert_eq!(c.segments_after_consistency().len(), 7);
         assert!(ch.warnings.is_empty(), "{:?}", ch.warnings);
         assert_eq!(
@@ -1791,7 +1793,7 @@ mod tests {
     fn partial_archive(c: Option<PartialContent>) -> WalIndex {
         let mut ix = index(&listing(&[(1, 3..=5)], &[(1, 6)], &[]));
         if let Some(c) = c {
-            ix.set_partial_content(SegmentId::new(1, 6), c);
+            ix.set_partial_content(SegmentId::new(tl(1), 6), c);
         }
         ix
     }
@@ -1896,7 +1898,7 @@ mod tests {
         // Nothing known to complete anywhere near it: only stops before the partial count.
         let mut ix = partial_archive(None);
         ix.set_partial_content(
-            SegmentId::new(1, 6),
+            SegmentId::new(tl(1), 6),
             PartialContent {
                 last_record: None,
                 end: lsn("0/6000000"),
@@ -1999,7 +2001,7 @@ mod tests {
         let mut ix = index(&objs);
         ix.add_history(2, h2);
         ix.set_partial_content(
-            SegmentId::new(1, 5),
+            SegmentId::new(tl(1), 5),
             content(Some("0/5000078"), "0/50000A0"),
         );
         let b = backup(

@@ -21,7 +21,7 @@ use std::str::FromStr;
 use chrono::{DateTime, Datelike, NaiveDate, Timelike, Utc};
 
 use crate::wal::xact::{EventKind, WalEvent};
-use crate::wal::Lsn;
+use crate::wal::{Lsn, Timeline};
 
 /// Seconds from the Unix epoch to PostgreSQL's epoch, 2000-01-01 00:00:00 UTC
 /// (`POSTGRES_EPOCH_JDATE - UNIX_EPOCH_JDATE` days).
@@ -449,7 +449,7 @@ pub enum TargetTimeline {
     Latest,
     /// The backup's own timeline.
     Current,
-    Id(u32),
+    Id(Timeline),
 }
 
 impl FromStr for TargetTimeline {
@@ -476,7 +476,7 @@ impl FromStr for TargetTimeline {
             None if !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit()) => t.parse().ok(),
             None => None,
         };
-        v.filter(|&n| n >= 1)
+        v.and_then(Timeline::new)
             .map(TargetTimeline::Id)
             .ok_or_else(err)
     }

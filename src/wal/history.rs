@@ -10,11 +10,11 @@
 
 use std::fmt::Write as _;
 
-use super::Lsn;
+use super::{Lsn, Timeline};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HistoryEntry {
-    pub parent_timeline: u32,
+    pub parent_timeline: Timeline,
     pub switch_lsn: Lsn,
     pub reason: String,
 }
@@ -36,8 +36,8 @@ pub enum HistoryError {
     #[error("timeline history line {line}: expected timeline IDs in increasing order, found {found} after {previous}")]
     TimelineNotIncreasing {
         line: usize,
-        previous: u32,
-        found: u32,
+        previous: Timeline,
+        found: Timeline,
     },
     #[error(
         "timeline history line {line}: expected switch LSNs in non-decreasing order, found {found} after {previous}"
@@ -50,7 +50,7 @@ pub enum HistoryError {
     #[error(
         "timeline history of timeline {child}: expected every parent timeline to be lower than {child}, found {found}"
     )]
-    ParentNotOlder { child: u32, found: u32 },
+    ParentNotOlder { child: Timeline, found: Timeline },
 }
 
 fn is_blank(b: u8) -> bool {
@@ -96,7 +96,7 @@ impl TimelineHistory {
                 .ok()
                 .filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
                 .and_then(|s| s.parse::<u32>().ok())
-                .filter(|&t| t != 0)
+                .and_then(Timeline::new)
                 .ok_or_else(|| HistoryError::BadTimeline {
                     line: line_no,
                     found: String::from_utf8_lossy(tli_tok).into_owned(),
@@ -137,7 +137,7 @@ impl TimelineHistory {
 
     /// Checks that this history can belong to timeline `child`: every parent must be older
     /// (PostgreSQL: "Timeline IDs must be less than child timeline's ID").
-    pub fn check_child(&self, child: u32) -> Result<(), HistoryError> {
+    pub fn check_child(&self, child: Timeline) -> Result<(), HistoryError> {
         match self.entries.last() {
             Some(e) if e.parent_timeline >= child => Err(HistoryError::ParentNotOlder {
                 child,
@@ -168,7 +168,7 @@ impl TimelineHistory {
     /// `current_timeline` (PostgreSQL's tliOfPointInHistory). Entry i covers
     /// `[switch_lsn of entry i-1, switch_lsn of entry i)`; a switch point itself already belongs
     /// to the next timeline; everything at or after the last switch point is `current_timeline`.
-    pub fn timeline_of(&self, lsn: Lsn, current_timeline: u32) -> u32 {
+    pub fn timeline_of(&self, lsn: Lsn, current_timeline: Timeline) -> Timeline {
         self.entries
             .iter()
             .find(|e| lsn < e.switch_lsn)
@@ -177,7 +177,7 @@ impl TimelineHistory {
 
     /// The LSN at which timeline `tli` ended (PostgreSQL's tliSwitchPoint). `None` when `tli` is
     /// not a parent in this history, which includes the current timeline.
-    pub fn switch_point(&self, tli: u32) -> Option<Lsn> {
+    pub fn switch_point(&self, tli: Timeline) -> Option<Lsn> {
         self.entries
             .iter()
             .find(|e| e.parent_timeline == tli)

@@ -17,7 +17,7 @@
 //! `proto-notes/wal-format.md`.
 
 use super::reader::WalReader;
-use super::{Lsn, WAL_PAGE_SIZE};
+use super::{Lsn, Timeline, WAL_PAGE_SIZE};
 
 /// Kept here for callers that knew it from this module; it lives in [`super::page`].
 pub use super::page::page_magic_for;
@@ -56,7 +56,7 @@ impl WalVerifier {
     /// With [`track_timelines`](Self::track_timelines): every `xlp_tli` seen so far on a valid page
     /// header, in stream order (so in increasing order: a timeline never goes backwards), each
     /// with the LSN of the last page that carried it. Empty when not tracking.
-    pub fn timeline_pages(&self) -> &[(u32, Lsn)] {
+    pub fn timeline_pages(&self) -> &[(Timeline, Lsn)] {
         self.r.timeline_pages()
     }
 
@@ -243,7 +243,7 @@ impl SegmentChecker {
     }
 
     /// See [`WalVerifier::timeline_pages`]: the timelines of the page headers checked so far.
-    pub fn timeline_pages(&self) -> &[(u32, Lsn)] {
+    pub fn timeline_pages(&self) -> &[(Timeline, Lsn)] {
         self.v.timeline_pages()
     }
 
@@ -277,14 +277,14 @@ impl SegmentChecker {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum TimelineError {
     #[error("WAL page at {lsn}: expected xlp_tli {timeline} or, before the switch point, a timeline that {timeline} descends from, found xlp_tli {found} and no history file of timeline {timeline} that lists it")]
-    NoHistory { lsn: Lsn, timeline: u32, found: u32 },
+    NoHistory { lsn: Lsn, timeline: Timeline, found: Timeline },
     #[error("WAL page at {lsn}: expected xlp_tli {timeline} or a timeline that {timeline} descends from, found {found}, which is not in the history of timeline {timeline}")]
-    NotAncestor { lsn: Lsn, timeline: u32, found: u32 },
+    NotAncestor { lsn: Lsn, timeline: Timeline, found: Timeline },
     #[error("WAL page at {lsn}: expected xlp_tli {timeline} from {switch} on (timeline {found} ends there in the history of timeline {timeline}), found {found}")]
     AfterSwitch {
         lsn: Lsn,
-        timeline: u32,
-        found: u32,
+        timeline: Timeline,
+        found: Timeline,
         switch: Lsn,
     },
 }
@@ -302,8 +302,8 @@ pub enum TimelineError {
 /// pages, and xlogrecovery.c that the page's timeline is in the recovery target's history, at
 /// any position.
 pub fn check_page_timelines(
-    timeline: u32,
-    pages: &[(u32, Lsn)],
+    timeline: Timeline,
+    pages: &[(Timeline, Lsn)],
     history: Option<&super::TimelineHistory>,
 ) -> Result<(), TimelineError> {
     for &(found, lsn) in pages {
