@@ -501,7 +501,10 @@ pub fn history(data: &[u8]) {
             let again = TimelineHistory::parse(&h.to_bytes())
                 .unwrap_or_else(|e| panic!("rendered history does not parse: {e}"));
             assert_eq!(again, h, "history does not round-trip");
-            let last = h.entries.last().map_or(Timeline::FIRST, |e| e.parent_timeline);
+            let last = h
+                .entries
+                .last()
+                .map_or(Timeline::FIRST, |e| e.parent_timeline);
             let after = last.next().unwrap_or(last);
             let _ = h.check_child(after);
             let _ = h.check_child(last);

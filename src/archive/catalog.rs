@@ -199,6 +199,7 @@ pub fn id_for(t: std::time::SystemTime) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::wal::timeline::tl;
 
     pub(crate) fn sample() -> BackupInfo {
         BackupInfo {
@@ -207,10 +208,10 @@ mod tests {
             label: "walagent base backup".into(),
             system_identifier: "7311234567890123456".into(),
             server_version_num: 150018,
-            timeline: 1,
+            timeline: tl(1),
             start_lsn: Lsn(0x0300_0028),
             end_lsn: Lsn(0x0300_0100),
-            end_timeline: 1,
+            end_timeline: tl(1),
             start_time: "2026-11-22T10:15:00.123456Z".into(),
             stop_time: "2026-11-22T10:15:03.000001Z".into(),
             wal_segment_size: 16 << 20,

@@ -155,8 +155,8 @@ impl WalIndex {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::wal::timeline::tl;
     use crate::wal::history_file_name;
+    use crate::wal::timeline::tl;
 
     const S16: SegmentSize = SegmentSize::DEFAULT;
 
@@ -170,10 +170,10 @@ mod tests {
         let objs = vec![
             obj("walagent.json".into()),
             obj("backups/X/backup.json".into()),
-            obj(format!("wal/{}.zst", seg(1, 2))),
-            obj(format!("wal/{}", seg(1, 3))),
-            obj(format!("wal/{}.partial.zst", seg(1, 4))),
-            obj(format!("wal/.{}.zst.tmp.1.0", seg(1, 5))),
+            obj(format!("wal/{}.zst", seg(tl(1), 2))),
+            obj(format!("wal/{}", seg(tl(1), 3))),
+            obj(format!("wal/{}.partial.zst", seg(tl(1), 4))),
+            obj(format!("wal/.{}.zst.tmp.1.0", seg(tl(1), 5))),
             obj(format!("wal/{}", history_file_name(tl(2)))),
         ];
         let mut ix = WalIndex::from_objects(&objs, S16);
@@ -185,17 +185,20 @@ mod tests {
             !ix.has_segment(SegmentId::new(tl(1), 5)),
             "temp files are not segments"
         );
-        assert!(ix.any_segment_from(1, 4));
-        assert!(!ix.any_segment_from(1, 5));
-        assert!(ix.has_history_file(2) && !ix.has_history_file(1));
-        assert_eq!(ix.histories_to_load(), vec![2]);
-        assert_eq!(ix.timelines().into_iter().collect::<Vec<_>>(), vec![1, 2]);
+        assert!(ix.any_segment_from(tl(1), 4));
+        assert!(!ix.any_segment_from(tl(1), 5));
+        assert!(ix.has_history_file(tl(2)) && !ix.has_history_file(tl(1)));
+        assert_eq!(ix.histories_to_load(), vec![tl(2)]);
+        assert_eq!(
+            ix.timelines().into_iter().collect::<Vec<_>>(),
+            vec![tl(1), tl(2)]
+        );
         ix.add_history(
-            2,
+            tl(2),
             TimelineHistory::parse(b"1\t0/50000A0\treason\n").unwrap(),
         );
         assert!(ix.histories_to_load().is_empty());
-        assert!(ix.history(2).is_some());
+        assert!(ix.history(tl(2)).is_some());
         let c = PartialContent {
             last_record: Some(Lsn(0x4000100)),
             end: Lsn(0x4000180),

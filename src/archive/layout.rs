@@ -118,7 +118,7 @@ mod tests {
             for id in [
                 SegmentId::new(tl(1), 0),
                 SegmentId::new(tl(3), 0x1FF),
-                SegmentId::new(0xAB, 7),
+                SegmentId::new(tl(0xAB), 7),
             ] {
                 for c in [Compression::None, Z] {
                     for partial in [false, true] {
@@ -138,7 +138,7 @@ mod tests {
         }
         assert_eq!(
             parse_wal_key("wal/00000002.history", S16),
-            Some(WalObject::History(2))
+            Some(WalObject::History(tl(2)))
         );
     }
 

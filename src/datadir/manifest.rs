@@ -397,6 +397,7 @@ fn hex_decode(s: &str) -> Option<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::wal::timeline::tl;
     use std::path::PathBuf;
 
     fn fixture(name: &str) -> Vec<u8> {
@@ -436,7 +437,7 @@ mod tests {
             assert!(m.files.iter().all(|f| f.algorithm == algo));
             assert_eq!(m.wal_ranges.len(), 1);
             let r = m.wal_ranges[0];
-            assert_eq!(r.timeline, 1);
+            assert_eq!(r.timeline, tl(1));
             assert!(r.start_lsn.is_valid() && r.start_lsn <= r.end_lsn);
             assert_eq!(m.file("PG_VERSION").unwrap().size, 3);
         }
@@ -534,7 +535,7 @@ mod tests {
         assert_eq!(
             m.wal_ranges[0],
             WalRange {
-                timeline: 3,
+                timeline: tl(3),
                 start_lsn: Lsn(0x1_A000_0028),
                 end_lsn: Lsn(0x1_A000_0100)
             }

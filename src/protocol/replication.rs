@@ -143,7 +143,10 @@ impl Connection {
 
     /// TIMELINE_HISTORY: the file name and raw content of timeline `tli`'s history file
     /// (timeline 1 has none).
-    pub async fn timeline_history(&mut self, tli: Timeline) -> Result<(String, Bytes), ProtocolError> {
+    pub async fn timeline_history(
+        &mut self,
+        tli: Timeline,
+    ) -> Result<(String, Bytes), ProtocolError> {
         let r = self
             .simple_query(&format!("TIMELINE_HISTORY {tli}"))
             .await?;

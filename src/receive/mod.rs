@@ -145,7 +145,10 @@ pub enum ReceiveError {
     #[error(
         "the archive continues timeline {archive_tli} but the server is on timeline {server_tli}"
     )]
-    TimelineAhead { archive_tli: Timeline, server_tli: Timeline },
+    TimelineAhead {
+        archive_tli: Timeline,
+        server_tli: Timeline,
+    },
     #[error("server announced timeline {next} starting at {start} after timeline {current} ended at {end}, which is not a valid switch")]
     BadSwitch {
         current: Timeline,
@@ -1171,6 +1174,7 @@ fn start_archiver(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::wal::timeline::tl;
     use std::error::Error;
 
     #[test]
@@ -1199,8 +1203,8 @@ mod tests {
 
         for e in [
             ReceiveError::TimelineAhead {
-                archive_tli: 3,
-                server_tli: 2,
+                archive_tli: tl(3),
+                server_tli: tl(2),
             },
             ReceiveError::SystemChanged {
                 target: "db".into(),

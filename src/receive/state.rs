@@ -890,7 +890,7 @@ mod tests {
                 snapshot: None,
                 archived: HashSet::new(),
                 archived_partials: HashMap::new(),
-                timeline: 1,
+                timeline: tl(1),
                 ends: HashMap::new(),
                 server_pos: base,
                 sent_on_timeline: base,
@@ -958,7 +958,7 @@ mod tests {
                 let segno = pos / SEG;
                 let seg_start = segno * SEG;
                 let mut best = pos;
-                for tli in 1..=self.timeline {
+                for tli in (1..=self.timeline.get()).filter_map(Timeline::new) {
                     let id = SegmentId::new(tli, segno);
                     let end_of_tli = self.ends.get(&tli).map_or(u64::MAX, |l| l.0);
                     let mut len = 0;
@@ -1128,7 +1128,9 @@ mod tests {
                 Action::DrainArchiver => while self.archive_one() {},
                 Action::SendStatus { write, flush } => self.check_status(write, flush),
                 Action::RequestStop => self.stop_sent = true,
-                Action::ArchiveHistories { upto } => self.histories = self.histories.max(upto),
+                Action::ArchiveHistories { upto } => {
+                    self.histories = self.histories.max(upto.get())
+                }
                 Action::Exit(exit) => {
                     self.streaming = false;
                     return Ok(Some(exit));
@@ -1187,7 +1189,7 @@ mod tests {
     fn a_chunk_across_a_segment_end_completes_and_queues_the_segment() {
         let base = Lsn(3 * SEG);
         let mut sim = Sim::new(base, false);
-        let mut st = StreamState::<Pattern>::new(cfg(false, false), 1, base);
+        let mut st = StreamState::<Pattern>::new(cfg(false, false), tl(1), base);
         connect(&mut sim, &mut st);
         send(&mut sim, &mut st, SEG - 100).unwrap();
         let at = sim.server_pos;
@@ -1230,7 +1232,7 @@ mod tests {
     fn wal_out_of_order_is_refused_before_anything_is_written() {
         let base = Lsn(SEG);
         let mut sim = Sim::new(base, false);
-        let mut st = StreamState::<Pattern>::new(cfg(false, false), 1, base);
+        let mut st = StreamState::<Pattern>::new(cfg(false, false), tl(1), base);
         connect(&mut sim, &mut st);
         send(&mut sim, &mut st, 1000).unwrap();
         let at = Lsn(base.0 + 2000);
@@ -1256,7 +1258,7 @@ mod tests {
     fn ack_archived_reports_only_what_the_archive_holds() {
         let base = Lsn(5 * SEG);
         let mut sim = Sim::new(base, false);
-        let mut st = StreamState::<Pattern>::new(cfg(false, false), 1, base);
+        let mut st = StreamState::<Pattern>::new(cfg(false, false), tl(1), base);
         connect(&mut sim, &mut st);
         send(&mut sim, &mut st, SEG + 500).unwrap();
         // Segment 5 is queued, not archived: the flush stays at the base.
@@ -1284,7 +1286,7 @@ mod tests {
     fn synchronous_fsyncs_and_reports_after_every_chunk() {
         let base = Lsn(2 * SEG);
         let mut sim = Sim::new(base, true);
-        let mut st = StreamState::<Pattern>::new(cfg(true, true), 1, base);
+        let mut st = StreamState::<Pattern>::new(cfg(true, true), tl(1), base);
         connect(&mut sim, &mut st);
         send(&mut sim, &mut st, 4096).unwrap();
         assert_eq!(sim.last_flush, Lsn(base.0 + 4096));
@@ -1301,7 +1303,7 @@ mod tests {
         for local in [false, true] {
             let base = Lsn(2 * SEG);
             let mut sim = Sim::new(base, local);
-            let mut st = StreamState::<Pattern>::new(cfg(local, false), 1, base);
+            let mut st = StreamState::<Pattern>::new(cfg(local, false), tl(1), base);
             connect(&mut sim, &mut st);
             send(&mut sim, &mut st, SEG + 777).unwrap();
             let got = actions_of(&mut sim, &mut st, Event::StopRequested);
@@ -1356,7 +1358,7 @@ mod tests {
                 endpos: Some(end),
                 ..cfg(false, false)
             },
-            1,
+            tl(1),
             base,
         );
         connect(&mut sim, &mut st);
@@ -1374,7 +1376,7 @@ mod tests {
                 endpos: Some(end),
                 ..cfg(false, false)
             },
-            1,
+            tl(1),
             Lsn(3 * SEG),
         );
         let mut sim = Sim::new(Lsn(3 * SEG), false);
@@ -1386,15 +1388,15 @@ mod tests {
     fn a_timeline_end_inside_a_segment_finishes_the_partial_and_restarts_on_the_next() {
         let base = Lsn(4 * SEG);
         let mut sim = Sim::new(base, false);
-        let mut st = StreamState::<Pattern>::new(cfg(false, false), 1, base);
+        let mut st = StreamState::<Pattern>::new(cfg(false, false), tl(1), base);
         connect(&mut sim, &mut st);
         send(&mut sim, &mut st, 3000).unwrap();
         let sw = TimelineSwitch {
-            next_timeline: 2,
+            next_timeline: tl(2),
             next_start: Lsn(4 * SEG + 3000),
         };
-        sim.ends.insert(1, sw.next_start);
-        sim.timeline = 2;
+        sim.ends.insert(tl(1), sw.next_start);
+        sim.timeline = tl(2);
         let got = actions_of(&mut sim, &mut st, Event::TimelineEnded(sw));
         let s4 = SegmentId::new(tl(1), 4);
         assert_eq!(
@@ -1402,11 +1404,11 @@ mod tests {
             vec![
                 format!("{:?}", Action::FinishShort { id: s4 }),
                 format!("{:?}", Action::QueueFinalPartial { id: s4 }),
-                format!("{:?}", Action::ArchiveHistories { upto: 2 }),
+                format!("{:?}", Action::ArchiveHistories { upto: tl(2) }),
                 format!(
                     "{:?}",
                     Action::StartReplication {
-                        timeline: 2,
+                        timeline: tl(2),
                         start: Lsn(4 * SEG)
                     }
                 ),
@@ -1415,7 +1417,7 @@ mod tests {
         assert_eq!(st.phase(), Phase::Streaming);
         // A switch to an older timeline is refused.
         let bad = TimelineSwitch {
-            next_timeline: 2,
+            next_timeline: tl(2),
             next_start: Lsn(4 * SEG),
         };
         st.handle(Event::TimelineEnded(bad)).unwrap();
@@ -1430,25 +1432,25 @@ mod tests {
         // The history files could not be archived (the connection broke): the switch is not
         // taken, the reconnect streams the old timeline again.
         let base = Lsn(4 * SEG);
-        let mut st = StreamState::<Pattern>::new(cfg(false, false), 1, base);
+        let mut st = StreamState::<Pattern>::new(cfg(false, false), tl(1), base);
         st.handle(Event::Connected).unwrap();
         assert!(matches!(
             st.next_action().unwrap(),
-            Some(Action::StartReplication { timeline: 1, .. })
+            Some(Action::StartReplication { timeline, .. }) if timeline == tl(1)
         ));
         let sw = TimelineSwitch {
-            next_timeline: 2,
+            next_timeline: tl(2),
             next_start: Lsn(4 * SEG),
         };
         st.handle(Event::TimelineEnded(sw)).unwrap();
         assert!(matches!(
             st.next_action().unwrap(),
-            Some(Action::ArchiveHistories { upto: 2 })
+            Some(Action::ArchiveHistories { upto }) if upto == tl(2)
         ));
         st.handle(Event::Connected).unwrap();
         assert!(matches!(
             st.next_action().unwrap(),
-            Some(Action::StartReplication { timeline: 1, start }) if start == base
+            Some(Action::StartReplication { timeline, start }) if timeline == tl(1) && start == base
         ));
         // A status that was not sent does not count as sent either.
         st.handle(Event::Started).unwrap();
@@ -1465,7 +1467,7 @@ mod tests {
     fn a_reply_request_catches_up_when_the_archiver_is_idle() {
         let base = Lsn(2 * SEG);
         let mut sim = Sim::new(base, false);
-        let mut st = StreamState::<Pattern>::new(cfg(false, false), 1, base);
+        let mut st = StreamState::<Pattern>::new(cfg(false, false), tl(1), base);
         connect(&mut sim, &mut st);
         send(&mut sim, &mut st, 900).unwrap();
         let wal_end = sim.server_pos;
@@ -1514,7 +1516,7 @@ mod tests {
             };
             let mut sim = Sim::new(base, config.local_ack);
             sim.capacity = 1 + (rng(&mut seed) % 4) as usize;
-            let mut st = StreamState::<Pattern>::new(config, 1, base);
+            let mut st = StreamState::<Pattern>::new(config, tl(1), base);
             let mut stop_at: Option<Lsn> = None;
             let mut signalled = false;
             let mut exit = sim.event(&mut st, Event::Connected).unwrap();
@@ -1607,11 +1609,11 @@ mod tests {
                             && sim.server_pos >= sim.sent_on_timeline =>
                     {
                         let sw = TimelineSwitch {
-                            next_timeline: sim.timeline + 1,
+                            next_timeline: sim.timeline.next().expect("test timelines stay small"),
                             next_start: sim.server_pos,
                         };
                         sim.ends.insert(sim.timeline, sw.next_start);
-                        sim.timeline += 1;
+                        sim.timeline = sw.next_timeline;
                         sim.sent_on_timeline = Lsn(0);
                         sim.event(&mut st, Event::TimelineEnded(sw))
                     }

@@ -909,7 +909,6 @@ fn unpack(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::wal::timeline::tl;
 
     #[test]
     fn shell_quoting() {
@@ -937,6 +936,7 @@ mod tests {
         use crate::archive::PutMode;
         use crate::restore::plan::{PathStep, TimelinePath};
         use crate::wal::synth::WalBuilder;
+        use crate::wal::timeline::tl;
         use crate::wal::Lsn;
 
         const MB: u64 = 1 << 20;
@@ -1007,10 +1007,10 @@ mod tests {
             ChainCheck {
                 backup_id: "b".into(),
                 segment_size: seg1m(),
-                target_timeline: 1,
+                target_timeline: tl(1),
                 path: TimelinePath {
                     steps: vec![PathStep {
-                        timeline: 1,
+                        timeline: tl(1),
                         begin: Lsn(3 * MB),
                         end: None,
                     }],

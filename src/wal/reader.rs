@@ -944,6 +944,7 @@ pub(crate) fn first_nonzero(buf: &[u8]) -> Option<usize> {
 mod tests {
     use super::*;
     use crate::wal::synth::WalBuilder;
+    use crate::wal::timeline::tl;
 
     const MB: u64 = 1 << 20;
     const SYSID: u64 = 0x0123_4567_89AB_CDEF;
@@ -956,7 +957,7 @@ mod tests {
         VerifyParams {
             system_identifier: SYSID,
             segment_size: seg1m(),
-            timeline: tli,
+            timeline: tl(tli),
         }
     }
 

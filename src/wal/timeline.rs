@@ -14,8 +14,9 @@ use std::num::NonZeroU32;
 use std::str::FromStr;
 
 /// A timeline ID, never 0. Stored in JSON as the bare number (`"timeline": 1`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-#[derive(serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
 #[serde(try_from = "u32", into = "u32")]
 pub struct Timeline(NonZeroU32);
 
@@ -139,7 +140,14 @@ mod tests {
         assert_eq!(Timeline::MAX.to_string(), "4294967295");
         assert_eq!(Timeline::parse_file_name_part("0000001A"), Some(tl(26)));
         assert_eq!(Timeline::parse_file_name_part("0000001a"), Some(tl(26)));
-        for bad in ["00000000", "0000001", "000000001", "0000001G", "+000001A", ""] {
+        for bad in [
+            "00000000",
+            "0000001",
+            "000000001",
+            "0000001G",
+            "+000001A",
+            "",
+        ] {
             assert_eq!(Timeline::parse_file_name_part(bad), None, "{bad}");
         }
     }
