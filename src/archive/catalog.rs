@@ -260,6 +260,58 @@ mod tests {
         assert_eq!(i.system_identifier_u64(), Some(7_311_234_567_890_123_456));
     }
 
+    /// A backup.json as walagent wrote it while timelines were bare `u32`s: it still loads, and
+    /// renders back to the same bytes.
+    #[test]
+    fn old_backup_json_loads_byte_identical() {
+        let old = r#"{
+  "format": 1,
+  "id": "20261122T101500Z",
+  "label": "walagent base backup",
+  "system_identifier": "7311234567890123456",
+  "server_version_num": 150018,
+  "timeline": 2,
+  "start_lsn": "0/3000028",
+  "end_lsn": "0/3000100",
+  "end_timeline": 3,
+  "start_time": "2026-11-22T10:15:00.123456Z",
+  "stop_time": "2026-11-22T10:15:03.000001Z",
+  "wal_segment_size": 16777216,
+  "compression": "zstd:1",
+  "data_bytes": 31457280,
+  "stored_bytes": 4194304,
+  "archives": [
+    {
+      "name": "base.tar",
+      "key": "backups/20261122T101500Z/base.tar.zst",
+      "tablespace_oid": null,
+      "tablespace_location": null,
+      "tar_bytes": 31457280,
+      "stored_bytes": 4194304
+    }
+  ],
+  "manifest_key": "backups/20261122T101500Z/backup_manifest",
+  "wal_start_segment": "000000010000000000000003",
+  "wal_end_segment": "000000010000000000000003",
+  "source": "host=127.0.0.1 port=5432 user=replicator",
+  "walagent_version": "0.1.0"
+}
+"#;
+        let i = BackupInfo::parse(old.as_bytes()).unwrap();
+        assert_eq!(
+            i,
+            BackupInfo {
+                timeline: tl(2),
+                end_timeline: tl(3),
+                ..sample()
+            }
+        );
+        assert_eq!(String::from_utf8(i.to_json()).unwrap(), old);
+        // Timeline 0 is no timeline: such a file is refused, not loaded.
+        let zero = old.replace("\"timeline\": 2", "\"timeline\": 0");
+        assert!(BackupInfo::parse(zero.as_bytes()).is_err());
+    }
+
     #[tokio::test]
     async fn list_tells_complete_from_incomplete() {
         use crate::archive::{LocalStore, PutMode};

@@ -501,3 +501,38 @@ impl Connection {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(cells: &[&str]) -> QueryResult {
+        QueryResult {
+            columns: (0..cells.len()).map(|i| format!("c{i}")).collect(),
+            rows: vec![cells
+                .iter()
+                .map(|c| Some(Bytes::copy_from_slice(c.as_bytes())))
+                .collect()],
+            tag: String::new(),
+        }
+    }
+
+    #[test]
+    fn end_of_timeline_result_timelines() {
+        let sw = parse_switch(&row(&["3", "0/5000000"])).unwrap();
+        assert_eq!(sw.next_timeline, Timeline::new(3).unwrap());
+        assert_eq!(sw.next_start, Lsn(0x500_0000));
+        let max = parse_switch(&row(&["4294967295", "0/5000000"])).unwrap();
+        assert_eq!(max.next_timeline, Timeline::MAX);
+        // 0 is no timeline; beyond u32 and non-numbers are refused too, none of them panic.
+        for bad in ["0", "4294967296", "-1", "0x3", ""] {
+            assert!(
+                matches!(
+                    parse_switch(&row(&[bad, "0/5000000"])),
+                    Err(ProtocolError::Unexpected(_))
+                ),
+                "{bad}"
+            );
+        }
+    }
+}
