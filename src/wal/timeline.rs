@@ -13,9 +13,10 @@ use std::fmt;
 use std::num::NonZeroU32;
 use std::str::FromStr;
 
-/// A timeline ID, never 0. Stored in JSON as the bare number (`"timeline": 1`).
+/// A timeline ID, never 0. Stored in JSON as the bare number (`"timeline": 1`); `Debug` prints
+/// the bare number too, so logs and `{:?}` of structs holding one read as before.
 #[derive(
-    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+    Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
 )]
 #[serde(try_from = "u32", into = "u32")]
 pub struct Timeline(NonZeroU32);
@@ -57,6 +58,12 @@ impl Timeline {
     }
 }
 
+impl fmt::Debug for Timeline {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&self.get(), f)
+    }
+}
+
 impl fmt::Display for Timeline {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         fmt::Display::fmt(&self.0, f)
@@ -78,23 +85,23 @@ impl From<Timeline> for u32 {
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("invalid timeline ID {0}: expected 1 to 4294967295")]
-pub struct TimelineError(pub String);
+pub struct ParseTimelineError(pub String);
 
 impl TryFrom<u32> for Timeline {
-    type Error = TimelineError;
+    type Error = ParseTimelineError;
 
     fn try_from(id: u32) -> Result<Self, Self::Error> {
-        Timeline::new(id).ok_or_else(|| TimelineError(id.to_string()))
+        Timeline::new(id).ok_or_else(|| ParseTimelineError(id.to_string()))
     }
 }
 
 /// Decimal, at least 1 (surrounding blanks allowed).
 impl FromStr for Timeline {
-    type Err = TimelineError;
+    type Err = ParseTimelineError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let t = s.trim();
-        let err = || TimelineError(format!("{s:?}"));
+        let err = || ParseTimelineError(format!("{s:?}"));
         if t.is_empty() || !t.bytes().all(|b| b.is_ascii_digit()) {
             return Err(err());
         }
@@ -134,6 +141,11 @@ mod tests {
     #[test]
     fn decimal_and_hex_forms() {
         assert_eq!(tl(26).to_string(), "26");
+        assert_eq!(format!("{:?}", tl(26)), "26");
+        assert_eq!(
+            format!("{:?}", crate::wal::SegmentId::new(tl(2), 5)),
+            "SegmentId { timeline: 2, segno: 5 }"
+        );
         assert_eq!(format!("{:08X}", tl(26)), "0000001A");
         assert_eq!(tl(26).file_name_part(), "0000001A");
         assert_eq!(Timeline::MAX.file_name_part(), "FFFFFFFF");
