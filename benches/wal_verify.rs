@@ -17,7 +17,7 @@ use std::hint::black_box;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use walagent::wal::synth::WalBuilder;
 use walagent::wal::verify::{check_segment, SegmentChecker, VerifyParams, WalVerifier};
-use walagent::wal::{Lsn, SegmentSize, WAL_PAGE_SIZE};
+use walagent::wal::{Lsn, SegmentSize, Timeline, WAL_PAGE_SIZE};
 
 const FIXTURE: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
@@ -82,7 +82,7 @@ fn build_segment() -> (VerifyParams, Lsn, Vec<u8>) {
     let params = VerifyParams {
         system_identifier: SYSID,
         segment_size: size,
-        timeline: 1,
+        timeline: Timeline::FIRST,
     };
     (params, start, bytes)
 }

@@ -20,7 +20,7 @@ use walagent::restore::target::{
 };
 use walagent::wal::history::TimelineHistory;
 use walagent::wal::verify::{check_segment, VerifyParams, WalVerifier};
-use walagent::wal::{Lsn, SegmentSize};
+use walagent::wal::{Lsn, SegmentSize, Timeline};
 
 /// A target's entry point.
 pub type Entry = fn(&[u8]);
@@ -170,7 +170,10 @@ pub fn wal_verify(data: &[u8]) {
     let params = VerifyParams {
         system_identifier: FIXTURE_SYSID,
         segment_size,
-        timeline: u32::from(c[1] % 4) + 1,
+        timeline: match Timeline::new(u32::from(c[1] % 4) + 1) {
+            Some(t) => t,
+            None => return,
+        },
     };
     let start = Lsn(u64::from(u16::from_le_bytes([c[2], c[3]])) * seg_bytes);
     let seed = u64::from(u32::from_le_bytes([c[4], c[5], c[6], c[7]]));
@@ -498,11 +501,15 @@ pub fn history(data: &[u8]) {
             let again = TimelineHistory::parse(&h.to_bytes())
                 .unwrap_or_else(|e| panic!("rendered history does not parse: {e}"));
             assert_eq!(again, h, "history does not round-trip");
-            let last = h.entries.last().map_or(1, |e| e.parent_timeline);
-            let _ = h.check_child(last.saturating_add(1));
+            let last = h
+                .entries
+                .last()
+                .map_or(Timeline::FIRST, |e| e.parent_timeline);
+            let after = last.next().unwrap_or(last);
+            let _ = h.check_child(after);
             let _ = h.check_child(last);
             for e in h.entries.iter().take(64) {
-                let _ = h.timeline_of(e.switch_lsn, last.saturating_add(1));
+                let _ = h.timeline_of(e.switch_lsn, after);
                 assert_eq!(h.switch_point(e.parent_timeline), Some(e.switch_lsn));
             }
         }

@@ -13,7 +13,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::archive::{Store, StoreError};
-use crate::wal::Lsn;
+use crate::wal::{Lsn, Timeline};
 
 pub const BACKUPS_PREFIX: &str = "backups/";
 pub const INFO_NAME: &str = "backup.json";
@@ -72,14 +72,14 @@ pub struct BackupInfo {
     /// `server_version_num`, e.g. 150018.
     pub server_version_num: u32,
     /// Timeline of the start LSN.
-    pub timeline: u32,
+    pub timeline: Timeline,
     /// Redo point of the backup's checkpoint: replay starts here.
     pub start_lsn: Lsn,
     /// The backup is consistent once replay reaches this position.
     pub end_lsn: Lsn,
     /// Timeline of the end LSN (differs from `timeline` only when the source was promoted
     /// during the backup).
-    pub end_timeline: u32,
+    pub end_timeline: Timeline,
     /// RFC 3339 UTC with microseconds, taken by walagent before BASE_BACKUP.
     pub start_time: String,
     /// RFC 3339 UTC with microseconds, taken by walagent after the server reported the end LSN.
@@ -199,6 +199,7 @@ pub fn id_for(t: std::time::SystemTime) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::wal::timeline::tl;
 
     pub(crate) fn sample() -> BackupInfo {
         BackupInfo {
@@ -207,10 +208,10 @@ mod tests {
             label: "walagent base backup".into(),
             system_identifier: "7311234567890123456".into(),
             server_version_num: 150018,
-            timeline: 1,
+            timeline: tl(1),
             start_lsn: Lsn(0x0300_0028),
             end_lsn: Lsn(0x0300_0100),
-            end_timeline: 1,
+            end_timeline: tl(1),
             start_time: "2026-11-22T10:15:00.123456Z".into(),
             stop_time: "2026-11-22T10:15:03.000001Z".into(),
             wal_segment_size: 16 << 20,
@@ -257,6 +258,58 @@ mod tests {
         assert!(text.contains("\"system_identifier\": \"7311234567890123456\""));
         assert_eq!(BackupInfo::parse(&j).unwrap(), i);
         assert_eq!(i.system_identifier_u64(), Some(7_311_234_567_890_123_456));
+    }
+
+    /// A backup.json as walagent wrote it while timelines were bare `u32`s: it still loads, and
+    /// renders back to the same bytes.
+    #[test]
+    fn old_backup_json_loads_byte_identical() {
+        let old = r#"{
+  "format": 1,
+  "id": "20261122T101500Z",
+  "label": "walagent base backup",
+  "system_identifier": "7311234567890123456",
+  "server_version_num": 150018,
+  "timeline": 2,
+  "start_lsn": "0/3000028",
+  "end_lsn": "0/3000100",
+  "end_timeline": 3,
+  "start_time": "2026-11-22T10:15:00.123456Z",
+  "stop_time": "2026-11-22T10:15:03.000001Z",
+  "wal_segment_size": 16777216,
+  "compression": "zstd:1",
+  "data_bytes": 31457280,
+  "stored_bytes": 4194304,
+  "archives": [
+    {
+      "name": "base.tar",
+      "key": "backups/20261122T101500Z/base.tar.zst",
+      "tablespace_oid": null,
+      "tablespace_location": null,
+      "tar_bytes": 31457280,
+      "stored_bytes": 4194304
+    }
+  ],
+  "manifest_key": "backups/20261122T101500Z/backup_manifest",
+  "wal_start_segment": "000000010000000000000003",
+  "wal_end_segment": "000000010000000000000003",
+  "source": "host=127.0.0.1 port=5432 user=replicator",
+  "walagent_version": "0.1.0"
+}
+"#;
+        let i = BackupInfo::parse(old.as_bytes()).unwrap();
+        assert_eq!(
+            i,
+            BackupInfo {
+                timeline: tl(2),
+                end_timeline: tl(3),
+                ..sample()
+            }
+        );
+        assert_eq!(String::from_utf8(i.to_json()).unwrap(), old);
+        // Timeline 0 is no timeline: such a file is refused, not loaded.
+        let zero = old.replace("\"timeline\": 2", "\"timeline\": 0");
+        assert!(BackupInfo::parse(zero.as_bytes()).is_err());
     }
 
     #[tokio::test]

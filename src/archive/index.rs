@@ -7,22 +7,22 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use super::layout::{parse_wal_key, WalObject};
 use super::ObjectInfo;
-use crate::wal::{Lsn, SegmentId, SegmentSize, TimelineHistory};
+use crate::wal::{Lsn, SegmentId, SegmentSize, Timeline, TimelineHistory};
 
 /// What the archive's `wal/` listing holds.
 #[derive(Debug, Clone)]
 pub struct WalIndex {
     seg_size: SegmentSize,
     /// Complete segments as (timeline, segno).
-    complete: BTreeSet<(u32, u64)>,
+    complete: BTreeSet<(Timeline, u64)>,
     /// `.partial` segments as (timeline, segno).
-    partial: BTreeSet<(u32, u64)>,
+    partial: BTreeSet<(Timeline, u64)>,
     /// Timelines whose history file is in the listing.
-    history_files: BTreeSet<u32>,
+    history_files: BTreeSet<Timeline>,
     /// Parsed history files, added by the caller.
-    histories: BTreeMap<u32, TimelineHistory>,
+    histories: BTreeMap<Timeline, TimelineHistory>,
     /// What scanned `.partial` segments hold, added by the caller.
-    partial_content: BTreeMap<(u32, u64), PartialContent>,
+    partial_content: BTreeMap<(Timeline, u64), PartialContent>,
 }
 
 /// What a `.partial` segment holds, known from scanning it (`wal::xact::WalScanner::
@@ -79,7 +79,7 @@ impl WalIndex {
     }
 
     /// Adds timeline `tli`'s parsed history file (and counts the file as present).
-    pub fn add_history(&mut self, tli: u32, history: TimelineHistory) {
+    pub fn add_history(&mut self, tli: Timeline, history: TimelineHistory) {
         self.history_files.insert(tli);
         self.histories.insert(tli, history);
     }
@@ -97,12 +97,12 @@ impl WalIndex {
     }
 
     /// Timelines whose history file is in the archive.
-    pub fn history_files(&self) -> impl Iterator<Item = u32> + '_ {
+    pub fn history_files(&self) -> impl Iterator<Item = Timeline> + '_ {
         self.history_files.iter().copied()
     }
 
     /// History files listed but not yet given to [`Self::add_history`].
-    pub fn histories_to_load(&self) -> Vec<u32> {
+    pub fn histories_to_load(&self) -> Vec<Timeline> {
         self.history_files
             .iter()
             .copied()
@@ -111,11 +111,11 @@ impl WalIndex {
     }
 
     /// Whether timeline `tli`'s history file is in the listing.
-    pub fn has_history_file(&self, tli: u32) -> bool {
+    pub fn has_history_file(&self, tli: Timeline) -> bool {
         self.history_files.contains(&tli)
     }
 
-    pub fn history(&self, tli: u32) -> Option<&TimelineHistory> {
+    pub fn history(&self, tli: Timeline) -> Option<&TimelineHistory> {
         self.histories.get(&tli)
     }
 
@@ -131,15 +131,15 @@ impl WalIndex {
     }
 
     /// Every timeline with a segment, a partial segment or a history file.
-    pub fn timelines(&self) -> BTreeSet<u32> {
-        let mut t: BTreeSet<u32> = self.history_files.clone();
+    pub fn timelines(&self) -> BTreeSet<Timeline> {
+        let mut t: BTreeSet<Timeline> = self.history_files.clone();
         t.extend(self.complete.iter().map(|&(tli, _)| tli));
         t.extend(self.partial.iter().map(|&(tli, _)| tli));
         t
     }
 
     /// Whether any segment (complete or partial) of `tli` has a number of `segno` or more.
-    pub fn any_segment_from(&self, tli: u32, segno: u64) -> bool {
+    pub fn any_segment_from(&self, tli: Timeline, segno: u64) -> bool {
         self.complete
             .range((tli, segno)..=(tli, u64::MAX))
             .next()
@@ -156,6 +156,7 @@ impl WalIndex {
 mod tests {
     use super::*;
     use crate::wal::history_file_name;
+    use crate::wal::timeline::tl;
 
     const S16: SegmentSize = SegmentSize::DEFAULT;
 
@@ -169,38 +170,41 @@ mod tests {
         let objs = vec![
             obj("walagent.json".into()),
             obj("backups/X/backup.json".into()),
-            obj(format!("wal/{}.zst", seg(1, 2))),
-            obj(format!("wal/{}", seg(1, 3))),
-            obj(format!("wal/{}.partial.zst", seg(1, 4))),
-            obj(format!("wal/.{}.zst.tmp.1.0", seg(1, 5))),
-            obj(format!("wal/{}", history_file_name(2))),
+            obj(format!("wal/{}.zst", seg(tl(1), 2))),
+            obj(format!("wal/{}", seg(tl(1), 3))),
+            obj(format!("wal/{}.partial.zst", seg(tl(1), 4))),
+            obj(format!("wal/.{}.zst.tmp.1.0", seg(tl(1), 5))),
+            obj(format!("wal/{}", history_file_name(tl(2)))),
         ];
         let mut ix = WalIndex::from_objects(&objs, S16);
-        assert!(ix.has_segment(SegmentId::new(1, 2)));
-        assert!(ix.has_segment(SegmentId::new(1, 3)));
-        assert!(!ix.has_segment(SegmentId::new(1, 4)));
-        assert!(ix.has_partial(SegmentId::new(1, 4)));
+        assert!(ix.has_segment(SegmentId::new(tl(1), 2)));
+        assert!(ix.has_segment(SegmentId::new(tl(1), 3)));
+        assert!(!ix.has_segment(SegmentId::new(tl(1), 4)));
+        assert!(ix.has_partial(SegmentId::new(tl(1), 4)));
         assert!(
-            !ix.has_segment(SegmentId::new(1, 5)),
+            !ix.has_segment(SegmentId::new(tl(1), 5)),
             "temp files are not segments"
         );
-        assert!(ix.any_segment_from(1, 4));
-        assert!(!ix.any_segment_from(1, 5));
-        assert!(ix.has_history_file(2) && !ix.has_history_file(1));
-        assert_eq!(ix.histories_to_load(), vec![2]);
-        assert_eq!(ix.timelines().into_iter().collect::<Vec<_>>(), vec![1, 2]);
+        assert!(ix.any_segment_from(tl(1), 4));
+        assert!(!ix.any_segment_from(tl(1), 5));
+        assert!(ix.has_history_file(tl(2)) && !ix.has_history_file(tl(1)));
+        assert_eq!(ix.histories_to_load(), vec![tl(2)]);
+        assert_eq!(
+            ix.timelines().into_iter().collect::<Vec<_>>(),
+            vec![tl(1), tl(2)]
+        );
         ix.add_history(
-            2,
+            tl(2),
             TimelineHistory::parse(b"1\t0/50000A0\treason\n").unwrap(),
         );
         assert!(ix.histories_to_load().is_empty());
-        assert!(ix.history(2).is_some());
+        assert!(ix.history(tl(2)).is_some());
         let c = PartialContent {
             last_record: Some(Lsn(0x4000100)),
             end: Lsn(0x4000180),
         };
-        ix.set_partial_content(SegmentId::new(1, 4), c);
-        assert_eq!(ix.partial_content(SegmentId::new(1, 4)), Some(c));
-        assert_eq!(ix.partial_content(SegmentId::new(1, 3)), None);
+        ix.set_partial_content(SegmentId::new(tl(1), 4), c);
+        assert_eq!(ix.partial_content(SegmentId::new(tl(1), 4)), Some(c));
+        assert_eq!(ix.partial_content(SegmentId::new(tl(1), 3)), None);
     }
 }

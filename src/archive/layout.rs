@@ -14,7 +14,7 @@
 use std::io;
 
 use crate::archive::{Compression, StoreError};
-use crate::wal::{history_file_name, parse_history_file_name, SegmentId, SegmentSize};
+use crate::wal::{history_file_name, parse_history_file_name, SegmentId, SegmentSize, Timeline};
 
 /// Key of the archive metadata object.
 pub const META_KEY: &str = "walagent.json";
@@ -43,7 +43,7 @@ pub fn segment_key_by_name(name: &str, compressed: bool, partial: bool) -> Strin
 }
 
 /// `wal/XXXXXXXX.history`
-pub fn history_key(tli: u32) -> String {
+pub fn history_key(tli: Timeline) -> String {
     format!("{WAL_PREFIX}{}", history_file_name(tli))
 }
 
@@ -55,7 +55,7 @@ pub enum WalObject {
         partial: bool,
         compressed: bool,
     },
-    History(u32),
+    History(Timeline),
 }
 
 /// Parses a full key (`wal/...`). Only the canonical forms [`segment_key`] and [`history_key`]
@@ -106,13 +106,14 @@ pub(crate) fn validate_key(key: &str) -> Result<(), StoreError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::wal::timeline::tl;
 
     const S16: SegmentSize = SegmentSize::DEFAULT;
     const Z: Compression = Compression::DEFAULT;
 
     #[test]
     fn keys() {
-        let id = SegmentId::new(1, 3);
+        let id = SegmentId::new(tl(1), 3);
         assert_eq!(
             segment_key(id, S16, Z, false),
             "wal/000000010000000000000003.zst"
@@ -129,8 +130,8 @@ mod tests {
             segment_key(id, S16, Compression::None, true),
             "wal/000000010000000000000003.partial"
         );
-        assert_eq!(history_key(2), "wal/00000002.history");
-        assert_eq!(history_key(0x1A), "wal/0000001A.history");
+        assert_eq!(history_key(tl(2)), "wal/00000002.history");
+        assert_eq!(history_key(tl(0x1A)), "wal/0000001A.history");
         assert_eq!(META_KEY, "walagent.json");
     }
 
@@ -139,9 +140,9 @@ mod tests {
         let g = SegmentSize::new(1 << 30).unwrap();
         for size in [S16, g] {
             for id in [
-                SegmentId::new(1, 0),
-                SegmentId::new(3, 0x1FF),
-                SegmentId::new(0xAB, 7),
+                SegmentId::new(tl(1), 0),
+                SegmentId::new(tl(3), 0x1FF),
+                SegmentId::new(tl(0xAB), 7),
             ] {
                 for c in [Compression::None, Z] {
                     for partial in [false, true] {
@@ -161,7 +162,7 @@ mod tests {
         }
         assert_eq!(
             parse_wal_key("wal/00000002.history", S16),
-            Some(WalObject::History(2))
+            Some(WalObject::History(tl(2)))
         );
     }
 

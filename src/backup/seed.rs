@@ -27,7 +27,7 @@ use crate::protocol::basebackup::{BackupCopyMessage, BackupStreamDecoder, BaseBa
 use crate::protocol::conninfo::ConnInfo;
 use crate::protocol::replication::BackupEvent;
 use crate::protocol::ProtocolError;
-use crate::wal::Lsn;
+use crate::wal::{Lsn, Timeline};
 
 #[derive(Debug, Clone)]
 pub struct SeedOptions {
@@ -49,7 +49,7 @@ pub struct SeedOptions {
 pub struct SeedReport {
     pub start_lsn: Lsn,
     pub end_lsn: Lsn,
-    pub timeline: u32,
+    pub timeline: Timeline,
     pub stats: ExtractStats,
     pub slot_created: bool,
     /// Files the server's backup manifest lists, each checked (size and CRC-32C) against what
@@ -182,7 +182,7 @@ async fn seed_into(
         progress: opts.progress,
     };
     let header = conn.start_base_backup(&bb).await?;
-    tracing::info!(start = %header.start_lsn, timeline = header.timeline, "copy started");
+    tracing::info!(start = %header.start_lsn, timeline = header.timeline.get(), "copy started");
     let progress = Progress::new(opts.progress, &header);
 
     let (tx, rx) = mpsc::channel::<ToExtractor>(8);
@@ -210,7 +210,7 @@ async fn seed_into(
             }
         };
         let msg = match ev {
-            BackupEvent::End { end_lsn, timeline } => break (end_lsn, timeline),
+            BackupEvent::End { end_lsn, .. } => break end_lsn,
             BackupEvent::Message(BackupCopyMessage::NewArchive {
                 name,
                 tablespace_path,
@@ -239,7 +239,7 @@ async fn seed_into(
         };
         if tx.send(msg).await.is_err() {
             send_failed = true;
-            break (Lsn::INVALID, 0);
+            break Lsn::INVALID;
         }
     };
     progress.finish();
@@ -249,7 +249,7 @@ async fn seed_into(
     if !finish_sent {
         return Err(SeedError::StoppedEarly);
     }
-    let (end_lsn, _end_tli) = end;
+    let end_lsn = end;
     conn.close().await;
 
     // Every file written against the server's manifest (sent after the archives).

@@ -38,7 +38,9 @@ use crate::protocol::conninfo::ConnInfo;
 use crate::protocol::replication::BackupEvent;
 use crate::protocol::ProtocolError;
 use crate::wal::verify::{check_segment, VerifyParams};
-use crate::wal::{history_file_name, parse_history_file_name, Lsn, SegmentId, SegmentSize};
+use crate::wal::{
+    history_file_name, parse_history_file_name, Lsn, SegmentId, SegmentSize, Timeline,
+};
 
 /// Bytes handed to the compressor / uploader at a time.
 const CHUNK: usize = 1 << 20;
@@ -175,7 +177,7 @@ pub async fn take(
     };
     tracing::info!(%id, source = %opts.conninfo.display_safe(), archive = %store.location(), "starting base backup");
     let header = conn.start_base_backup(&bb).await?;
-    tracing::info!(start = %header.start_lsn, timeline = header.timeline, tablespaces = header.tablespaces.len(), "backup started");
+    tracing::info!(start = %header.start_lsn, timeline = header.timeline.get(), tablespaces = header.tablespaces.len(), "backup started");
 
     let progress = Progress::new(opts.progress, &header);
     let params = VerifyParams {
@@ -294,8 +296,11 @@ pub async fn take(
 }
 
 /// Timelines whose history files a restore of this backup needs (none on timeline 1).
-fn timelines_needing_history(start: u32, end: u32) -> Vec<u32> {
-    (start.max(2)..=end.max(start)).collect()
+fn timelines_needing_history(start: Timeline, end: Timeline) -> Vec<Timeline> {
+    let (start, end) = (start.get(), end.get());
+    (start.max(2)..=end.max(start))
+        .filter_map(Timeline::new)
+        .collect()
 }
 
 /// An id not used yet: the start time, with `-2`, `-3`... when taken.
@@ -825,13 +830,14 @@ impl WalTee {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::wal::timeline::tl;
 
     #[test]
     fn history_timelines() {
-        assert!(timelines_needing_history(1, 1).is_empty());
-        assert_eq!(timelines_needing_history(2, 2), vec![2]);
-        assert_eq!(timelines_needing_history(2, 3), vec![2, 3]);
-        assert_eq!(timelines_needing_history(1, 2), vec![2]);
+        assert!(timelines_needing_history(tl(1), tl(1)).is_empty());
+        assert_eq!(timelines_needing_history(tl(2), tl(2)), vec![tl(2)]);
+        assert_eq!(timelines_needing_history(tl(2), tl(3)), vec![tl(2), tl(3)]);
+        assert_eq!(timelines_needing_history(tl(1), tl(2)), vec![tl(2)]);
     }
 
     #[test]

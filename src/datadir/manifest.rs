@@ -15,7 +15,7 @@
 use sha2::{Digest, Sha224, Sha256, Sha384, Sha512};
 use std::fmt;
 
-use crate::wal::Lsn;
+use crate::wal::{Lsn, Timeline};
 
 /// The key whose position bounds the manifest checksum, quotes included.
 const CHECKSUM_KEY: &[u8] = b"\"Manifest-Checksum\"";
@@ -180,7 +180,7 @@ pub fn verify_file(entry: &ManifestFile, bytes: &[u8]) -> Result<(), ManifestErr
 /// One entry of `WAL-Ranges`: the WAL needed to make the backup consistent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct WalRange {
-    pub timeline: u32,
+    pub timeline: Timeline,
     pub start_lsn: Lsn,
     pub end_lsn: Lsn,
 }
@@ -352,7 +352,7 @@ fn parse_range(v: &serde_json::Value) -> Result<WalRange, String> {
         .get("Timeline")
         .and_then(|t| t.as_u64())
         .and_then(|t| u32::try_from(t).ok())
-        .filter(|&t| t != 0)
+        .and_then(Timeline::new)
         .ok_or("missing or bad Timeline")?;
     let lsn = |key: &str| -> Result<Lsn, String> {
         o.get(key)
@@ -397,6 +397,7 @@ fn hex_decode(s: &str) -> Option<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::wal::timeline::tl;
     use std::path::PathBuf;
 
     fn fixture(name: &str) -> Vec<u8> {
@@ -436,7 +437,7 @@ mod tests {
             assert!(m.files.iter().all(|f| f.algorithm == algo));
             assert_eq!(m.wal_ranges.len(), 1);
             let r = m.wal_ranges[0];
-            assert_eq!(r.timeline, 1);
+            assert_eq!(r.timeline, tl(1));
             assert!(r.start_lsn.is_valid() && r.start_lsn <= r.end_lsn);
             assert_eq!(m.file("PG_VERSION").unwrap().size, 3);
         }
@@ -534,7 +535,7 @@ mod tests {
         assert_eq!(
             m.wal_ranges[0],
             WalRange {
-                timeline: 3,
+                timeline: tl(3),
                 start_lsn: Lsn(0x1_A000_0028),
                 end_lsn: Lsn(0x1_A000_0100)
             }

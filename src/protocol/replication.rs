@@ -8,13 +8,13 @@ use bytes::Bytes;
 use super::codec::{self, quote_ident, BackendMessage, ReplicationMessage, StatusUpdate};
 use super::connection::{Connection, QueryResult};
 use super::error::ProtocolError;
-use crate::wal::{Lsn, SegmentSize};
+use crate::wal::{Lsn, SegmentSize, Timeline};
 
 /// IDENTIFY_SYSTEM.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SystemInfo {
     pub system_identifier: u64,
-    pub timeline: u32,
+    pub timeline: Timeline,
     /// The server's current WAL flush position.
     pub xlogpos: Lsn,
 }
@@ -24,7 +24,7 @@ pub struct SystemInfo {
 pub struct SlotInfo {
     pub slot_type: String,
     pub restart_lsn: Option<Lsn>,
-    pub restart_timeline: Option<u32>,
+    pub restart_timeline: Option<Timeline>,
 }
 
 /// How START_REPLICATION answered.
@@ -40,7 +40,7 @@ pub enum StartOutcome {
 /// The timeline that follows the one just streamed, and where it starts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TimelineSwitch {
-    pub next_timeline: u32,
+    pub next_timeline: Timeline,
     pub next_start: Lsn,
 }
 
@@ -143,7 +143,10 @@ impl Connection {
 
     /// TIMELINE_HISTORY: the file name and raw content of timeline `tli`'s history file
     /// (timeline 1 has none).
-    pub async fn timeline_history(&mut self, tli: u32) -> Result<(String, Bytes), ProtocolError> {
+    pub async fn timeline_history(
+        &mut self,
+        tli: Timeline,
+    ) -> Result<(String, Bytes), ProtocolError> {
         let r = self
             .simple_query(&format!("TIMELINE_HISTORY {tli}"))
             .await?;
@@ -202,7 +205,7 @@ impl Connection {
         &mut self,
         slot: Option<&str>,
         start: Lsn,
-        timeline: u32,
+        timeline: Timeline,
     ) -> Result<StartOutcome, ProtocolError> {
         let slot = slot
             .map(|s| format!("SLOT {} ", quote_ident(s)))
@@ -353,7 +356,7 @@ pub struct TablespaceHeader {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BackupHeader {
     pub start_lsn: Lsn,
-    pub timeline: u32,
+    pub timeline: Timeline,
     pub tablespaces: Vec<TablespaceHeader>,
 }
 
@@ -364,7 +367,7 @@ pub enum BackupEvent {
     /// CopyDone, the end-position result and ReadyForQuery were read: the backup is complete.
     End {
         end_lsn: Lsn,
-        timeline: u32,
+        timeline: Timeline,
     },
 }
 
@@ -495,6 +498,41 @@ impl Connection {
             other => Err(ProtocolError::Unexpected(format!(
                 "{other:?} during the base backup COPY"
             ))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(cells: &[&str]) -> QueryResult {
+        QueryResult {
+            columns: (0..cells.len()).map(|i| format!("c{i}")).collect(),
+            rows: vec![cells
+                .iter()
+                .map(|c| Some(Bytes::copy_from_slice(c.as_bytes())))
+                .collect()],
+            tag: String::new(),
+        }
+    }
+
+    #[test]
+    fn end_of_timeline_result_timelines() {
+        let sw = parse_switch(&row(&["3", "0/5000000"])).unwrap();
+        assert_eq!(sw.next_timeline, Timeline::new(3).unwrap());
+        assert_eq!(sw.next_start, Lsn(0x500_0000));
+        let max = parse_switch(&row(&["4294967295", "0/5000000"])).unwrap();
+        assert_eq!(max.next_timeline, Timeline::MAX);
+        // 0 is no timeline; beyond u32 and non-numbers are refused too, none of them panic.
+        for bad in ["0", "4294967296", "-1", "0x3", ""] {
+            assert!(
+                matches!(
+                    parse_switch(&row(&[bad, "0/5000000"])),
+                    Err(ProtocolError::Unexpected(_))
+                ),
+                "{bad}"
+            );
         }
     }
 }

@@ -61,6 +61,7 @@ pub fn flush_position(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::wal::timeline::tl;
     use crate::wal::SegmentSize;
 
     fn rng(seed: &mut u64) -> u64 {
@@ -111,7 +112,7 @@ mod tests {
                     }
                     // a partial upload of what is written now
                     3 => {
-                        let id = SegmentId::containing(1, written, size);
+                        let id = SegmentId::containing(tl(1), written, size);
                         if !written.0.is_multiple_of(seg) {
                             snapshot = Some((id, written));
                         }
@@ -125,7 +126,7 @@ mod tests {
                 let partial = (!written.0.is_multiple_of(seg)).then(|| {
                     let s = Lsn(written.0 / seg * seg);
                     PartialView {
-                        id: SegmentId::containing(1, written, size),
+                        id: SegmentId::containing(tl(1), written, size),
                         start: s,
                         written_end: written,
                         synced_end: synced.max(s),
@@ -162,18 +163,18 @@ mod tests {
     fn a_snapshot_of_another_segment_does_not_count() {
         let size = SegmentSize::new(1 << 20).unwrap();
         let p = PartialView {
-            id: SegmentId::new(1, 3),
+            id: SegmentId::new(tl(1), 3),
             start: Lsn(3 << 20),
             written_end: Lsn((3 << 20) + 500),
             synced_end: Lsn(3 << 20),
         };
-        let old = Some((SegmentId::new(1, 2), Lsn((2 << 20) + 900)));
+        let old = Some((SegmentId::new(tl(1), 2), Lsn((2 << 20) + 900)));
         assert_eq!(
             flush_position(false, Lsn(3 << 20), Lsn(3 << 20), old, Some(p)),
             Lsn(3 << 20)
         );
         let cur = Some((
-            SegmentId::containing(1, Lsn((3 << 20) + 100), size),
+            SegmentId::containing(tl(1), Lsn((3 << 20) + 100), size),
             Lsn((3 << 20) + 100),
         ));
         assert_eq!(

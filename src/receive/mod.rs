@@ -31,7 +31,7 @@ use crate::archive::{layout, ArchiveMeta, Compression, PutMode, Store, StoreErro
 use crate::protocol::codec::{pg_now, StatusUpdate};
 use crate::protocol::{ConnInfo, Connection, ProtocolError, StartOutcome, StreamEnd, StreamEvent};
 use crate::wal::verify::{check_segment, VerifyError, VerifyParams, WalVerifier};
-use crate::wal::{history_file_name, Lsn, SegmentId, SegmentSize};
+use crate::wal::{history_file_name, Lsn, SegmentId, SegmentSize, Timeline};
 use archiver::{Archiver, ArchiverConfig, ArchiverError, Job};
 use resume::ResumeInput;
 use spool::{PartialSegment, Spool, SpoolIdentity};
@@ -145,12 +145,15 @@ pub enum ReceiveError {
     #[error(
         "the archive continues timeline {archive_tli} but the server is on timeline {server_tli}"
     )]
-    TimelineAhead { archive_tli: u32, server_tli: u32 },
+    TimelineAhead {
+        archive_tli: Timeline,
+        server_tli: Timeline,
+    },
     #[error("server announced timeline {next} starting at {start} after timeline {current} ended at {end}, which is not a valid switch")]
     BadSwitch {
-        current: u32,
+        current: Timeline,
         end: Lsn,
-        next: u32,
+        next: Timeline,
         start: Lsn,
     },
     #[error("the server at {target} is now system {now}, not {before}; refusing to mix WAL from two clusters")]
@@ -498,7 +501,7 @@ fn spool_err(spool: &Spool, source: std::io::Error) -> ReceiveError {
 struct ServerInfo {
     version: u32,
     system_identifier: u64,
-    timeline: u32,
+    timeline: Timeline,
     xlogpos: Lsn,
     seg_size: SegmentSize,
 }
@@ -661,14 +664,14 @@ impl Receiver {
     async fn archive_histories(
         &self,
         conn: &mut Connection,
-        upto: u32,
+        upto: Timeline,
     ) -> Result<(), ReceiveError> {
         let store = &self.opts.store;
         let store_err = |source| ReceiveError::Store {
             location: store.location(),
             source,
         };
-        for tli in 2..=upto {
+        for tli in (2..=upto.get()).filter_map(Timeline::new) {
             let key = layout::history_key(tli);
             if store.get_bytes(&key).await.map_err(store_err)?.is_some() {
                 continue;
@@ -967,7 +970,7 @@ async fn check_server(conn: &mut Connection) -> Result<ServerInfo, ReceiveError>
     let seg_size = conn.wal_segment_size().await?;
     tracing::info!(
         system = sys.system_identifier,
-        timeline = sys.timeline,
+        timeline = sys.timeline.get(),
         position = %sys.xlogpos,
         segment_size = %seg_size,
         "server identified"
@@ -1171,6 +1174,7 @@ fn start_archiver(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::wal::timeline::tl;
     use std::error::Error;
 
     #[test]
@@ -1199,8 +1203,8 @@ mod tests {
 
         for e in [
             ReceiveError::TimelineAhead {
-                archive_tli: 3,
-                server_tli: 2,
+                archive_tli: tl(3),
+                server_tli: tl(2),
             },
             ReceiveError::SystemChanged {
                 target: "db".into(),

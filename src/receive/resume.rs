@@ -184,8 +184,10 @@ pub fn plan(input: &ResumeInput) -> ResumePlan {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::wal::timeline::tl;
 
     fn s(tli: u32, segno: u64) -> SegmentId {
+        let tli = tl(tli);
         SegmentId::new(tli, segno)
     }
 

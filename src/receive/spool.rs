@@ -403,13 +403,14 @@ pub fn set_mode(path: &Path, mode: u32) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::wal::timeline::tl;
 
     #[test]
     fn partial_to_ready_and_scan() {
         let tmp = tempfile::tempdir().unwrap();
         let size = SegmentSize::new(1 << 20).unwrap();
         let spool = Spool::open(tmp.path(), size).unwrap();
-        let id = SegmentId::new(1, 3);
+        let id = SegmentId::new(tl(1), 3);
         let mut p = spool.open_partial(id).unwrap();
         p.append(&[1u8; 4096]).unwrap();
         assert_eq!(p.end_lsn(), Lsn(3 << 20).checked_add(4096).unwrap());
@@ -484,7 +485,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let size = SegmentSize::new(1 << 20).unwrap();
         let spool = Spool::open(tmp.path(), size).unwrap();
-        let id = SegmentId::new(2, 7);
+        let id = SegmentId::new(tl(2), 7);
         let mut p = spool.open_partial(id).unwrap();
         p.append(&[7u8; 10000]).unwrap();
         drop(p);

@@ -44,7 +44,7 @@ use super::flush::{self, PartialView};
 use super::{Finished, ReceiveError};
 use crate::protocol::TimelineSwitch;
 use crate::wal::verify::{VerifyError, VerifyParams, WalVerifier};
-use crate::wal::{Lsn, SegmentId, SegmentSize};
+use crate::wal::{Lsn, SegmentId, SegmentSize, Timeline};
 
 /// The check every chunk passes before any of it is written: [`WalVerifier`] in walagent; tests
 /// plug in a check of their own synthetic bytes.
@@ -147,7 +147,7 @@ pub enum Exit {
 pub enum Action {
     /// START_REPLICATION; answer with [`Event::Started`] or [`Event::TimelineEnded`].
     StartReplication {
-        timeline: u32,
+        timeline: Timeline,
         start: Lsn,
     },
     /// Open (or create) the spool partial of `id` for writing in place, nothing written yet.
@@ -198,7 +198,7 @@ pub enum Action {
     RequestStop,
     /// Store the history files of timelines 2..=`upto` the archive lacks.
     ArchiveHistories {
-        upto: u32,
+        upto: Timeline,
     },
     Exit(Exit),
 }
@@ -272,7 +272,7 @@ fn effect_of(action: &Action) -> Option<Effect> {
 pub struct StreamState<C = WalVerifier> {
     cfg: Config,
     phase: Phase,
-    timeline: u32,
+    timeline: Timeline,
     /// Where the next stream starts: a segment start (the open partial's, re-streamed in place).
     resume_at: Lsn,
     /// How far a stream that a stop ended got (reported in [`Finished`]).
@@ -297,8 +297,8 @@ pub struct StreamState<C = WalVerifier> {
 impl<C: StreamCheck> StreamState<C> {
     /// A stream that resumes at `resume_at` (a segment start) on `timeline`, everything before it
     /// being in the archive (or queued for it).
-    pub fn new(cfg: Config, timeline: u32, resume_at: Lsn) -> Self {
-        debug_assert_eq!(resume_at, resume_at.segment_start(cfg.seg_size.bytes()));
+    pub fn new(cfg: Config, timeline: Timeline, resume_at: Lsn) -> Self {
+        debug_assert_eq!(resume_at, resume_at.segment_start(cfg.seg_size));
         StreamState {
             cfg,
             phase: Phase::Connecting,
@@ -381,7 +381,7 @@ impl<C: StreamCheck> StreamState<C> {
                 self.check = Some(C::begin(self.params(), self.resume_at));
                 self.write_pos = self.resume_at;
                 self.partial = None;
-                tracing::info!(start = %self.resume_at, timeline = self.timeline, "streaming");
+                tracing::info!(start = %self.resume_at, timeline = self.timeline.get(), "streaming");
             }
             Event::XLogData { wal_start, data } => self.xlogdata(wal_start, data)?,
             Event::Keepalive {
@@ -577,8 +577,8 @@ impl<C: StreamCheck> StreamState<C> {
                         });
                     }
                     tracing::info!(
-                        from = self.timeline,
-                        to = sw.next_timeline,
+                        from = self.timeline.get(),
+                        to = sw.next_timeline.get(),
                         at = %sw.next_start,
                         "timeline switch"
                     );
@@ -744,7 +744,7 @@ impl<C: StreamCheck> StreamState<C> {
             }
             Effect::Switched(sw) => {
                 self.timeline = sw.next_timeline;
-                self.resume_at = sw.next_start.segment_start(self.cfg.seg_size.bytes());
+                self.resume_at = sw.next_start.segment_start(self.cfg.seg_size);
                 self.stopped_at = None;
                 self.completed_upto = self.completed_upto.min(self.resume_at);
                 self.write_pos = self.resume_at;
@@ -762,7 +762,7 @@ impl<C: StreamCheck> StreamState<C> {
         debug_assert!(self.resume_at <= self.write_pos || self.phase == Phase::Connecting);
         debug_assert_eq!(
             self.resume_at,
-            self.resume_at.segment_start(self.cfg.seg_size.bytes())
+            self.resume_at.segment_start(self.cfg.seg_size)
         );
         if let Some(p) = self.partial {
             debug_assert!(p.start <= p.synced_end && p.synced_end <= p.written_end);
@@ -774,6 +774,7 @@ impl<C: StreamCheck> StreamState<C> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::wal::timeline::tl;
     use std::collections::{HashMap, HashSet};
 
     const SEG: u64 = 1 << 20;
@@ -853,9 +854,9 @@ mod tests {
         archived: HashSet<SegmentId>,
         archived_partials: HashMap<SegmentId, u64>,
         // the server
-        timeline: u32,
+        timeline: Timeline,
         /// End of each timeline that ended.
-        ends: HashMap<u32, Lsn>,
+        ends: HashMap<Timeline, Lsn>,
         server_pos: Lsn,
         /// The most the server sent on the current timeline (it ends no earlier).
         sent_on_timeline: Lsn,
@@ -889,7 +890,7 @@ mod tests {
                 snapshot: None,
                 archived: HashSet::new(),
                 archived_partials: HashMap::new(),
-                timeline: 1,
+                timeline: tl(1),
                 ends: HashMap::new(),
                 server_pos: base,
                 sent_on_timeline: base,
@@ -957,7 +958,7 @@ mod tests {
                 let segno = pos / SEG;
                 let seg_start = segno * SEG;
                 let mut best = pos;
-                for tli in 1..=self.timeline {
+                for tli in (1..=self.timeline.get()).filter_map(Timeline::new) {
                     let id = SegmentId::new(tli, segno);
                     let end_of_tli = self.ends.get(&tli).map_or(u64::MAX, |l| l.0);
                     let mut len = 0;
@@ -1127,7 +1128,9 @@ mod tests {
                 Action::DrainArchiver => while self.archive_one() {},
                 Action::SendStatus { write, flush } => self.check_status(write, flush),
                 Action::RequestStop => self.stop_sent = true,
-                Action::ArchiveHistories { upto } => self.histories = self.histories.max(upto),
+                Action::ArchiveHistories { upto } => {
+                    self.histories = self.histories.max(upto.get())
+                }
                 Action::Exit(exit) => {
                     self.streaming = false;
                     return Ok(Some(exit));
@@ -1186,7 +1189,7 @@ mod tests {
     fn a_chunk_across_a_segment_end_completes_and_queues_the_segment() {
         let base = Lsn(3 * SEG);
         let mut sim = Sim::new(base, false);
-        let mut st = StreamState::<Pattern>::new(cfg(false, false), 1, base);
+        let mut st = StreamState::<Pattern>::new(cfg(false, false), tl(1), base);
         connect(&mut sim, &mut st);
         send(&mut sim, &mut st, SEG - 100).unwrap();
         let at = sim.server_pos;
@@ -1200,8 +1203,8 @@ mod tests {
                 data,
             },
         );
-        let s3 = SegmentId::new(1, 3);
-        let s4 = SegmentId::new(1, 4);
+        let s3 = SegmentId::new(tl(1), 3);
+        let s4 = SegmentId::new(tl(1), 4);
         assert_eq!(
             got,
             vec![
@@ -1229,7 +1232,7 @@ mod tests {
     fn wal_out_of_order_is_refused_before_anything_is_written() {
         let base = Lsn(SEG);
         let mut sim = Sim::new(base, false);
-        let mut st = StreamState::<Pattern>::new(cfg(false, false), 1, base);
+        let mut st = StreamState::<Pattern>::new(cfg(false, false), tl(1), base);
         connect(&mut sim, &mut st);
         send(&mut sim, &mut st, 1000).unwrap();
         let at = Lsn(base.0 + 2000);
@@ -1255,7 +1258,7 @@ mod tests {
     fn ack_archived_reports_only_what_the_archive_holds() {
         let base = Lsn(5 * SEG);
         let mut sim = Sim::new(base, false);
-        let mut st = StreamState::<Pattern>::new(cfg(false, false), 1, base);
+        let mut st = StreamState::<Pattern>::new(cfg(false, false), tl(1), base);
         connect(&mut sim, &mut st);
         send(&mut sim, &mut st, SEG + 500).unwrap();
         // Segment 5 is queued, not archived: the flush stays at the base.
@@ -1283,11 +1286,11 @@ mod tests {
     fn synchronous_fsyncs_and_reports_after_every_chunk() {
         let base = Lsn(2 * SEG);
         let mut sim = Sim::new(base, true);
-        let mut st = StreamState::<Pattern>::new(cfg(true, true), 1, base);
+        let mut st = StreamState::<Pattern>::new(cfg(true, true), tl(1), base);
         connect(&mut sim, &mut st);
         send(&mut sim, &mut st, 4096).unwrap();
         assert_eq!(sim.last_flush, Lsn(base.0 + 4096));
-        assert_eq!(sim.spool_synced[&SegmentId::new(1, 2)], 4096);
+        assert_eq!(sim.spool_synced[&SegmentId::new(tl(1), 2)], 4096);
         // The same status is not sent twice unasked.
         let n = sim.statuses;
         let v = sim.view();
@@ -1300,11 +1303,11 @@ mod tests {
         for local in [false, true] {
             let base = Lsn(2 * SEG);
             let mut sim = Sim::new(base, local);
-            let mut st = StreamState::<Pattern>::new(cfg(local, false), 1, base);
+            let mut st = StreamState::<Pattern>::new(cfg(local, false), tl(1), base);
             connect(&mut sim, &mut st);
             send(&mut sim, &mut st, SEG + 777).unwrap();
             let got = actions_of(&mut sim, &mut st, Event::StopRequested);
-            let s3 = SegmentId::new(1, 3);
+            let s3 = SegmentId::new(tl(1), 3);
             assert_eq!(
                 got,
                 vec![
@@ -1355,7 +1358,7 @@ mod tests {
                 endpos: Some(end),
                 ..cfg(false, false)
             },
-            1,
+            tl(1),
             base,
         );
         connect(&mut sim, &mut st);
@@ -1373,7 +1376,7 @@ mod tests {
                 endpos: Some(end),
                 ..cfg(false, false)
             },
-            1,
+            tl(1),
             Lsn(3 * SEG),
         );
         let mut sim = Sim::new(Lsn(3 * SEG), false);
@@ -1385,27 +1388,27 @@ mod tests {
     fn a_timeline_end_inside_a_segment_finishes_the_partial_and_restarts_on_the_next() {
         let base = Lsn(4 * SEG);
         let mut sim = Sim::new(base, false);
-        let mut st = StreamState::<Pattern>::new(cfg(false, false), 1, base);
+        let mut st = StreamState::<Pattern>::new(cfg(false, false), tl(1), base);
         connect(&mut sim, &mut st);
         send(&mut sim, &mut st, 3000).unwrap();
         let sw = TimelineSwitch {
-            next_timeline: 2,
+            next_timeline: tl(2),
             next_start: Lsn(4 * SEG + 3000),
         };
-        sim.ends.insert(1, sw.next_start);
-        sim.timeline = 2;
+        sim.ends.insert(tl(1), sw.next_start);
+        sim.timeline = tl(2);
         let got = actions_of(&mut sim, &mut st, Event::TimelineEnded(sw));
-        let s4 = SegmentId::new(1, 4);
+        let s4 = SegmentId::new(tl(1), 4);
         assert_eq!(
             got,
             vec![
                 format!("{:?}", Action::FinishShort { id: s4 }),
                 format!("{:?}", Action::QueueFinalPartial { id: s4 }),
-                format!("{:?}", Action::ArchiveHistories { upto: 2 }),
+                format!("{:?}", Action::ArchiveHistories { upto: tl(2) }),
                 format!(
                     "{:?}",
                     Action::StartReplication {
-                        timeline: 2,
+                        timeline: tl(2),
                         start: Lsn(4 * SEG)
                     }
                 ),
@@ -1414,7 +1417,7 @@ mod tests {
         assert_eq!(st.phase(), Phase::Streaming);
         // A switch to an older timeline is refused.
         let bad = TimelineSwitch {
-            next_timeline: 2,
+            next_timeline: tl(2),
             next_start: Lsn(4 * SEG),
         };
         st.handle(Event::TimelineEnded(bad)).unwrap();
@@ -1429,25 +1432,25 @@ mod tests {
         // The history files could not be archived (the connection broke): the switch is not
         // taken, the reconnect streams the old timeline again.
         let base = Lsn(4 * SEG);
-        let mut st = StreamState::<Pattern>::new(cfg(false, false), 1, base);
+        let mut st = StreamState::<Pattern>::new(cfg(false, false), tl(1), base);
         st.handle(Event::Connected).unwrap();
         assert!(matches!(
             st.next_action().unwrap(),
-            Some(Action::StartReplication { timeline: 1, .. })
+            Some(Action::StartReplication { timeline, .. }) if timeline == tl(1)
         ));
         let sw = TimelineSwitch {
-            next_timeline: 2,
+            next_timeline: tl(2),
             next_start: Lsn(4 * SEG),
         };
         st.handle(Event::TimelineEnded(sw)).unwrap();
         assert!(matches!(
             st.next_action().unwrap(),
-            Some(Action::ArchiveHistories { upto: 2 })
+            Some(Action::ArchiveHistories { upto }) if upto == tl(2)
         ));
         st.handle(Event::Connected).unwrap();
         assert!(matches!(
             st.next_action().unwrap(),
-            Some(Action::StartReplication { timeline: 1, start }) if start == base
+            Some(Action::StartReplication { timeline, start }) if timeline == tl(1) && start == base
         ));
         // A status that was not sent does not count as sent either.
         st.handle(Event::Started).unwrap();
@@ -1464,7 +1467,7 @@ mod tests {
     fn a_reply_request_catches_up_when_the_archiver_is_idle() {
         let base = Lsn(2 * SEG);
         let mut sim = Sim::new(base, false);
-        let mut st = StreamState::<Pattern>::new(cfg(false, false), 1, base);
+        let mut st = StreamState::<Pattern>::new(cfg(false, false), tl(1), base);
         connect(&mut sim, &mut st);
         send(&mut sim, &mut st, 900).unwrap();
         let wal_end = sim.server_pos;
@@ -1513,7 +1516,7 @@ mod tests {
             };
             let mut sim = Sim::new(base, config.local_ack);
             sim.capacity = 1 + (rng(&mut seed) % 4) as usize;
-            let mut st = StreamState::<Pattern>::new(config, 1, base);
+            let mut st = StreamState::<Pattern>::new(config, tl(1), base);
             let mut stop_at: Option<Lsn> = None;
             let mut signalled = false;
             let mut exit = sim.event(&mut st, Event::Connected).unwrap();
@@ -1606,11 +1609,11 @@ mod tests {
                             && sim.server_pos >= sim.sent_on_timeline =>
                     {
                         let sw = TimelineSwitch {
-                            next_timeline: sim.timeline + 1,
+                            next_timeline: sim.timeline.next().expect("test timelines stay small"),
                             next_start: sim.server_pos,
                         };
                         sim.ends.insert(sim.timeline, sw.next_start);
-                        sim.timeline += 1;
+                        sim.timeline = sw.next_timeline;
                         sim.sent_on_timeline = Lsn(0);
                         sim.event(&mut st, Event::TimelineEnded(sw))
                     }

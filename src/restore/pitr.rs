@@ -46,7 +46,7 @@ use crate::datadir::tar::TarError;
 use crate::datadir::unpack::{ArchiveUnpack, ManifestMismatch, UnpackError, Unpacker};
 use crate::wal::history::HistoryError;
 use crate::wal::xact::{ScanEnd, SegmentScan, WalEvent, WalScanner};
-use crate::wal::{SegmentId, SegmentSize, TimelineHistory};
+use crate::wal::{SegmentId, SegmentSize, Timeline, TimelineHistory};
 
 #[derive(Debug, Clone)]
 pub struct RestoreOptions {
@@ -240,7 +240,7 @@ fn check_dir(path: &Path, what: &'static str) -> Result<(), RestoreError> {
 
 /// Archived WAL segment objects: (timeline, segno, partial) -> key.
 struct WalKeys {
-    keys: HashMap<(u32, u64, bool), String>,
+    keys: HashMap<(Timeline, u64, bool), String>,
 }
 
 impl WalKeys {
@@ -936,6 +936,7 @@ mod tests {
         use crate::archive::PutMode;
         use crate::restore::plan::{PathStep, TimelinePath};
         use crate::wal::synth::WalBuilder;
+        use crate::wal::timeline::tl;
         use crate::wal::Lsn;
 
         const MB: u64 = 1 << 20;
@@ -1002,14 +1003,14 @@ mod tests {
         }
 
         fn chain() -> ChainCheck {
-            let segments = vec![SegmentId::new(1, 3), SegmentId::new(1, 4)];
+            let segments = vec![SegmentId::new(tl(1), 3), SegmentId::new(tl(1), 4)];
             ChainCheck {
                 backup_id: "b".into(),
                 segment_size: seg1m(),
-                target_timeline: 1,
+                target_timeline: tl(1),
                 path: TimelinePath {
                     steps: vec![PathStep {
-                        timeline: 1,
+                        timeline: tl(1),
                         begin: Lsn(3 * MB),
                         end: None,
                     }],

@@ -40,14 +40,14 @@ use std::fmt;
 use crate::archive::catalog::BackupInfo;
 use crate::archive::index::{PartialContent, WalIndex};
 use crate::wal::xact::WalEvent;
-use crate::wal::{history_file_name, Lsn, SegmentId, SegmentSize};
+use crate::wal::{history_file_name, Lsn, SegmentId, SegmentSize, Timeline};
 
 use super::target::{describe_event, stop_event, RecoveryTarget, TargetTime, TargetTimeline};
 
 /// One timeline on the way from a backup to the target timeline.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PathStep {
-    pub timeline: u32,
+    pub timeline: Timeline,
     /// Where replay enters this timeline: the backup's start LSN for the first step, the switch
     /// point from the parent for the others.
     pub begin: Lsn,
@@ -62,19 +62,21 @@ pub struct TimelinePath {
 }
 
 impl TimelinePath {
-    pub fn target_timeline(&self) -> u32 {
-        self.steps.last().map_or(0, |s| s.timeline)
+    /// The last step's timeline (a path from [`timeline_path`] is never empty; an empty one
+    /// says timeline 1).
+    pub fn target_timeline(&self) -> Timeline {
+        self.steps.last().map_or(Timeline::FIRST, |s| s.timeline)
     }
 
     /// The timeline whose file recovery reads for segment `segno` (XLogFileReadAnyTLI): the
     /// newest step whose begin LSN lies in that segment or an earlier one.
-    pub fn timeline_for_segment(&self, segno: u64, size: SegmentSize) -> u32 {
+    pub fn timeline_for_segment(&self, segno: u64, size: SegmentSize) -> Timeline {
         self.steps
             .iter()
             .rev()
-            .find(|s| s.begin.segno(size.bytes()) <= segno)
+            .find(|s| s.begin.segno(size) <= segno)
             .or(self.steps.first())
-            .map_or(0, |s| s.timeline)
+            .map_or(Timeline::FIRST, |s| s.timeline)
     }
 
     /// `1 -> 2 -> 3`
@@ -115,31 +117,31 @@ pub enum PlanError {
     #[error(
         "timeline history file {file} is not in the archive, but replay to timeline {tli} needs it"
     )]
-    HistoryMissing { tli: u32, file: String },
+    HistoryMissing { tli: Timeline, file: String },
     #[error("timeline history file {file} is in the archive but was not loaded before planning (WalIndex::add_history)")]
-    HistoryNotLoaded { tli: u32, file: String },
+    HistoryNotLoaded { tli: Timeline, file: String },
     #[error("backup {id} is on timeline {backup_tli}, which is not an ancestor of timeline {target_tli} ({ancestry})")]
     NotAncestor {
         id: String,
-        backup_tli: u32,
-        target_tli: u32,
+        backup_tli: Timeline,
+        target_tli: Timeline,
         ancestry: String,
     },
     #[error("backup {id} started at {start} on timeline {tli}, after timeline {target_tli}'s history left timeline {tli} at {switch}")]
     BackupAfterFork {
         id: String,
-        tli: u32,
+        tli: Timeline,
         start: Lsn,
         switch: Lsn,
-        target_tli: u32,
+        target_tli: Timeline,
     },
     #[error("backup {id} became consistent at {end} on timeline {tli}, after timeline {target_tli}'s history left timeline {tli} at {switch}")]
     BackupSpansFork {
         id: String,
-        tli: u32,
+        tli: Timeline,
         end: Lsn,
         switch: Lsn,
-        target_tli: u32,
+        target_tli: Timeline,
     },
     #[error(
         "segment {segment} is missing from the archive (needed to replay backup {id} {needed_for})"
@@ -152,7 +154,7 @@ pub enum PlanError {
     #[error("segment {segment} is only in the archive as {segment}.partial (the unfinished last segment of timeline {tli}), needed to replay backup {id} {needed_for}")]
     OnlyPartial {
         segment: String,
-        tli: u32,
+        tli: Timeline,
         id: String,
         needed_for: String,
     },
@@ -284,7 +286,7 @@ pub struct ChainCheck {
     pub backup_id: String,
     pub segment_size: SegmentSize,
     /// The resolved target timeline (what `latest`/`current` mean for this backup).
-    pub target_timeline: u32,
+    pub target_timeline: Timeline,
     pub path: TimelinePath,
     /// Every segment replay reads, in order, with the timeline of the file it reads.
     pub segments: Vec<SegmentId>,
@@ -313,7 +315,7 @@ impl ChainCheck {
     /// recovery live. Scan them (`wal::xact::WalScanner`), keep events at or after
     /// [`Self::consistent_at`], and look for the target with `target::stop_event`.
     pub fn segments_after_consistency(&self) -> &[SegmentId] {
-        let seg = self.consistent_at.segno(self.segment_size.bytes());
+        let seg = self.consistent_at.segno(self.segment_size);
         let from = self.segments.partition_point(|s| s.segno < seg);
         &self.segments[from..]
     }
@@ -331,7 +333,7 @@ impl ChainCheck {
     }
 
     /// The timeline the chain's last segment is read from.
-    pub fn end_timeline(&self) -> u32 {
+    pub fn end_timeline(&self) -> Timeline {
         self.segments
             .last()
             .map_or(self.target_timeline, |s| s.timeline)
@@ -402,13 +404,13 @@ pub fn resolve_timeline(
     index: &WalIndex,
     backup: &BackupInfo,
     tl: TargetTimeline,
-) -> (u32, Option<String>) {
+) -> (Timeline, Option<String>) {
     match tl {
         TargetTimeline::Current => (backup.timeline, None),
         TargetTimeline::Id(n) => (n, None),
         TargetTimeline::Latest => {
             let mut newest = backup.timeline;
-            while let Some(next) = newest.checked_add(1) {
+            while let Some(next) = newest.next() {
                 if !index.has_history_file(next) {
                     break;
                 }
@@ -418,7 +420,7 @@ pub fn resolve_timeline(
             let warning = (highest > newest).then(|| {
                 format!(
                     "the archive has WAL or history for timeline {highest}, but no {}, so recovery_target_timeline 'latest' stops at timeline {newest}",
-                    history_file_name(newest + 1)
+                    newest.next().map_or_else(String::new, history_file_name)
                 )
             });
             (newest, warning)
@@ -430,13 +432,13 @@ pub fn resolve_timeline(
 pub fn timeline_path(
     index: &WalIndex,
     backup: &BackupInfo,
-    target_tli: u32,
+    target_tli: Timeline,
 ) -> Result<TimelinePath, PlanError> {
     let id = &backup.id;
     // (timeline, begin, end) for every timeline in the target's history, oldest first.
-    let mut line: Vec<(u32, Lsn, Option<Lsn>)> = Vec::new();
+    let mut line: Vec<(Timeline, Lsn, Option<Lsn>)> = Vec::new();
     let simple = target_tli == backup.timeline && backup.end_timeline == backup.timeline;
-    if target_tli > 1 && !simple {
+    if target_tli > Timeline::FIRST && !simple {
         let file = history_file_name(target_tli);
         let h = match index.history(target_tli) {
             Some(h) => h,
@@ -477,7 +479,7 @@ pub fn timeline_path(
             )
         }
     };
-    let not_ancestor = |tli: u32| PlanError::NotAncestor {
+    let not_ancestor = |tli: Timeline| PlanError::NotAncestor {
         id: id.clone(),
         backup_tli: tli,
         target_tli,
@@ -548,7 +550,7 @@ fn needed_for(
         .steps
         .iter()
         .skip(1)
-        .find(|s| s.begin.segno(size.bytes()) >= segno)
+        .find(|s| s.begin.segno(size) >= segno)
     {
         return format!(
             "to timeline {}, which begins at {}",
@@ -583,15 +585,14 @@ pub fn check_chain(
     let (target_tli, warning) = resolve_timeline(index, backup, tl);
     let path = timeline_path(index, backup, target_tli)?;
     let mut warnings: Vec<String> = warning.into_iter().collect();
-    let seg_bytes = size.bytes();
-    let first = backup.start_lsn.segno(seg_bytes);
+    let first = backup.start_lsn.segno(size);
     let consistency_seg = Lsn(backup.end_lsn.0.saturating_sub(1))
-        .segno(seg_bytes)
+        .segno(size)
         .max(first);
     let last_step_seg = path
         .steps
         .last()
-        .map_or(first, |s| s.begin.segno(seg_bytes))
+        .map_or(first, |s| s.begin.segno(size))
         .max(first);
     // The stop LSN, if replay must reach a known position.
     let stop_lsn = match target {
@@ -603,7 +604,7 @@ pub fn check_chain(
         RecoveryTarget::End => None,
     };
     let (required_last, open_ended) = match stop_lsn {
-        Some(l) => (l.segno(seg_bytes).max(consistency_seg), false),
+        Some(l) => (l.segno(size).max(consistency_seg), false),
         None => (consistency_seg.max(last_step_seg), true),
     };
     if stop_lsn.is_none() && target.is_set() {
@@ -1008,6 +1009,7 @@ mod tests {
     use super::*;
     use crate::archive::catalog::{archive_key, manifest_key, TarArchive, FORMAT};
     use crate::archive::ObjectInfo;
+    use crate::wal::timeline::tl;
     use crate::wal::TimelineHistory;
 
     const S16: SegmentSize = SegmentSize::DEFAULT;
@@ -1017,7 +1019,7 @@ mod tests {
     }
 
     /// Mirrors `catalog::tests::sample()` with the fields planning looks at.
-    fn backup(id: &str, tli: u32, start: &str, end: &str, stop_time: &str) -> BackupInfo {
+    fn backup(id: &str, tli: Timeline, start: &str, end: &str, stop_time: &str) -> BackupInfo {
         let seg = |l: &str| SegmentId::containing(tli, lsn(l), S16).file_name(S16);
         BackupInfo {
             format: FORMAT,
@@ -1057,9 +1059,9 @@ mod tests {
 
     /// `wal/` keys for segments `segs` of timeline `tli` (compressed), plus partials.
     fn listing(
-        parts: &[(u32, std::ops::RangeInclusive<u64>)],
-        partials: &[(u32, u64)],
-        histories: &[u32],
+        parts: &[(Timeline, std::ops::RangeInclusive<u64>)],
+        partials: &[(Timeline, u64)],
+        histories: &[Timeline],
     ) -> Vec<ObjectInfo> {
         let mut out = vec![
             obj("walagent.json".into()),
@@ -1112,48 +1114,51 @@ mod tests {
 
     #[test]
     fn index_from_listing() {
-        let mut objs = listing(&[(1, 1..=3)], &[(1, 4)], &[2]);
+        let mut objs = listing(&[(tl(1), 1..=3)], &[(tl(1), 4)], &[tl(2)]);
         objs.push(obj("wal/000000010000000000000002".into())); // raw copy too
         objs.push(obj("wal/.000000010000000000000005.zst.tmp.1.0".into()));
         let mut ix = index(&objs);
-        assert!(ix.has_segment(SegmentId::new(1, 2)));
-        assert!(!ix.has_segment(SegmentId::new(1, 4)));
-        assert!(ix.has_partial(SegmentId::new(1, 4)));
-        assert!(!ix.has_segment(SegmentId::new(1, 5)));
-        assert_eq!(ix.histories_to_load(), vec![2]);
-        assert_eq!(ix.timelines().into_iter().collect::<Vec<_>>(), vec![1, 2]);
+        assert!(ix.has_segment(SegmentId::new(tl(1), 2)));
+        assert!(!ix.has_segment(SegmentId::new(tl(1), 4)));
+        assert!(ix.has_partial(SegmentId::new(tl(1), 4)));
+        assert!(!ix.has_segment(SegmentId::new(tl(1), 5)));
+        assert_eq!(ix.histories_to_load(), vec![tl(2)]);
+        assert_eq!(
+            ix.timelines().into_iter().collect::<Vec<_>>(),
+            vec![tl(1), tl(2)]
+        );
         ix.add_history(
-            2,
+            tl(2),
             TimelineHistory::parse(b"1\t0/50000A0\treason\n").unwrap(),
         );
         assert!(ix.histories_to_load().is_empty());
-        assert_eq!(ix.history_files().collect::<Vec<_>>(), vec![2]);
+        assert_eq!(ix.history_files().collect::<Vec<_>>(), vec![tl(2)]);
     }
 
     #[test]
     fn linear_chain_to_the_end() {
         let b = backup(
             "20261122T101500Z",
-            1,
+            tl(1),
             "0/3000028",
             "0/3000100",
             "2026-11-22T10:15:03.000001Z",
         );
-        let ix = index(&listing(&[(1, 1..=9)], &[], &[]));
+        let ix = index(&listing(&[(tl(1), 1..=9)], &[], &[]));
         let c = choose(std::slice::from_ref(&b), &RecoveryTarget::End, &ix).unwrap();
         assert_eq!(c.backup.id, b.id);
         let ch = &c.chain;
         assert_eq!(ch.segments.len(), 7);
         assert_eq!(ch.first_segment_name, "000000010000000000000003");
         assert_eq!(ch.end_segment_name, "000000010000000000000009");
-        assert_eq!(ch.target_timeline, 1);
+        assert_eq!(ch.target_timeline, tl(1));
         assert_eq!(ch.wal_end, lsn("0/A000000"));
         assert_eq!(ch.stop_lsn, None);
         assert_eq!(ch.segments_after_consistency(), &ch.segments[..]);
         // A backup whose WAL spans two segments: scanning for targets starts at the second.
         let long = backup(
             "20261122T110000Z",
-            1,
+            tl(1),
             "0/2FFF000",
             "0/3000100",
             "2026-11-22T11:00:03Z",
@@ -1167,7 +1172,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.first_segment_name, "000000010000000000000002");
-        assert_eq!(c.segments_after_consistency()[0], SegmentId::new(1, 3));
+        assert_eq!(c.segments_after_consistency()[0], SegmentId::new(tl(1), 3));
         assert_eq!(c.segments_after_consistency().len(), 7);
         assert!(ch.warnings.is_empty(), "{:?}", ch.warnings);
         assert_eq!(
@@ -1193,12 +1198,12 @@ mod tests {
     fn missing_segment_is_named() {
         let b = backup(
             "20261122T101500Z",
-            1,
+            tl(1),
             "0/3000028",
             "0/3000100",
             "2026-11-22T10:15:03.000001Z",
         );
-        let ix = index(&listing(&[(1, 1..=5), (1, 7..=9)], &[], &[]));
+        let ix = index(&listing(&[(tl(1), 1..=5), (tl(1), 7..=9)], &[], &[]));
         let e = choose(
             std::slice::from_ref(&b),
             &RecoveryTarget::Lsn(lsn("0/8000000")),
@@ -1225,7 +1230,7 @@ mod tests {
             "{e}"
         );
         // The backup's own WAL missing.
-        let ix = index(&listing(&[(1, 4..=9)], &[], &[]));
+        let ix = index(&listing(&[(tl(1), 4..=9)], &[], &[]));
         let e = choose(std::slice::from_ref(&b), &RecoveryTarget::End, &ix).unwrap_err();
         assert_eq!(
             e,
@@ -1240,7 +1245,7 @@ mod tests {
     /// A promoted standby: TL2 begins at 0/50000A0, inside segment 5.
     fn promoted() -> (Vec<ObjectInfo>, TimelineHistory) {
         // The history file is added with add_history where a test needs it.
-        let objs = listing(&[(1, 1..=4), (2, 5..=9)], &[(1, 5)], &[]);
+        let objs = listing(&[(tl(1), 1..=4), (tl(2), 5..=9)], &[(tl(1), 5)], &[]);
         (
             objs,
             TimelineHistory::parse(b"1\t0/50000A0\tno recovery target specified\n").unwrap(),
@@ -1251,17 +1256,17 @@ mod tests {
     fn timeline_switch_reads_the_switch_segment_from_the_new_timeline() {
         let (objs, h2) = promoted();
         let mut ix = index(&objs);
-        ix.add_history(2, h2);
+        ix.add_history(tl(2), h2);
         let b = backup(
             "20261122T101500Z",
-            1,
+            tl(1),
             "0/1000028",
             "0/1000100",
             "2026-11-22T10:15:03Z",
         );
         let c = choose(std::slice::from_ref(&b), &RecoveryTarget::End, &ix).unwrap();
         let ch = c.chain;
-        assert_eq!(ch.target_timeline, 2);
+        assert_eq!(ch.target_timeline, tl(2));
         assert_eq!(
             names(&ch),
             vec![
@@ -1280,12 +1285,12 @@ mod tests {
             ch.path.steps,
             vec![
                 PathStep {
-                    timeline: 1,
+                    timeline: tl(1),
                     begin: lsn("0/1000028"),
                     end: Some(lsn("0/50000A0"))
                 },
                 PathStep {
-                    timeline: 2,
+                    timeline: tl(2),
                     begin: lsn("0/50000A0"),
                     end: None
                 },
@@ -1330,7 +1335,7 @@ mod tests {
         let c = choose_backup(
             std::slice::from_ref(&b),
             &RecoveryTarget::Lsn(lsn("0/4800000")),
-            TargetTimeline::Id(2),
+            TargetTimeline::Id(tl(2)),
             &ix,
             &opts(),
         )
@@ -1341,7 +1346,7 @@ mod tests {
         let e = choose_backup(
             std::slice::from_ref(&b),
             &RecoveryTarget::End,
-            TargetTimeline::Id(2),
+            TargetTimeline::Id(tl(2)),
             &ix2,
             &opts(),
         )
@@ -1349,14 +1354,14 @@ mod tests {
         assert_eq!(
             e,
             PlanError::HistoryMissing {
-                tli: 2,
+                tli: tl(2),
                 file: "00000002.history".into()
             }
         );
         assert!(e.to_string().contains("00000002.history"), "{e}");
         // Listed but not given to add_history: the caller's bug, said so.
         let mut objs_h = objs.clone();
-        objs_h.extend(listing(&[], &[], &[2]));
+        objs_h.extend(listing(&[], &[], &[tl(2)]));
         let e = choose_backup(
             std::slice::from_ref(&b),
             &RecoveryTarget::End,
@@ -1366,14 +1371,14 @@ mod tests {
         )
         .unwrap_err();
         assert!(
-            matches!(e, PlanError::HistoryNotLoaded { tli: 2, .. }),
+            matches!(e, PlanError::HistoryNotLoaded { tli, .. } if tli == tl(2)),
             "{e}"
         );
         // Missing TL2 segment 5: the switch segment is not replaced by TL1's partial.
         let (mut objs3, h2) = promoted();
         objs3.retain(|o| !o.key.contains("000000020000000000000005"));
         let mut ix3 = index(&objs3);
-        ix3.add_history(2, h2);
+        ix3.add_history(tl(2), h2);
         let e = choose_backup(
             std::slice::from_ref(&b),
             &RecoveryTarget::End,
@@ -1396,13 +1401,13 @@ mod tests {
     fn backup_after_the_switch_point_cannot_reach_the_new_timeline() {
         let (objs, h2) = promoted();
         let mut objs = objs;
-        objs.extend(listing(&[(1, 5..=7)], &[], &[]));
+        objs.extend(listing(&[(tl(1), 5..=7)], &[], &[]));
         let mut ix = index(&objs);
-        ix.add_history(2, h2);
+        ix.add_history(tl(2), h2);
         // The old primary carried on on TL1 and was backed up at 0/6000028.
         let late = backup(
             "20261123T000000Z",
-            1,
+            tl(1),
             "0/6000028",
             "0/6000100",
             "2026-11-23T00:00:03Z",
@@ -1412,10 +1417,10 @@ mod tests {
             e,
             PlanError::BackupAfterFork {
                 id: late.id.clone(),
-                tli: 1,
+                tli: tl(1),
                 start: lsn("0/6000028"),
                 switch: lsn("0/50000A0"),
-                target_tli: 2
+                target_tli: tl(2)
             }
         );
         // Its own timeline works.
@@ -1431,7 +1436,7 @@ mod tests {
         // With an older backup around, that one is chosen for TL2 and the late one is skipped.
         let early = backup(
             "20261122T000000Z",
-            1,
+            tl(1),
             "0/2000028",
             "0/2000100",
             "2026-11-22T00:00:03Z",
@@ -1444,7 +1449,7 @@ mod tests {
         // A backup that became consistent after the fork.
         let spans = backup(
             "20261122T120000Z",
-            1,
+            tl(1),
             "0/4FFF000",
             "0/5000200",
             "2026-11-22T12:00:03Z",
@@ -1457,7 +1462,7 @@ mod tests {
         // A backup on a timeline that is not an ancestor of the target.
         let tl3 = backup(
             "20261124T000000Z",
-            3,
+            tl(3),
             "0/8000028",
             "0/8000100",
             "2026-11-24T00:00:03Z",
@@ -1465,7 +1470,7 @@ mod tests {
         let e = choose_backup(
             std::slice::from_ref(&tl3),
             &RecoveryTarget::End,
-            TargetTimeline::Id(2),
+            TargetTimeline::Id(tl(2)),
             &ix,
             &opts(),
         )
@@ -1474,10 +1479,10 @@ mod tests {
             matches!(
                 e,
                 PlanError::NotAncestor {
-                    backup_tli: 3,
-                    target_tli: 2,
+                    backup_tli,
+                    target_tli,
                     ..
-                }
+                } if backup_tli == tl(3) && target_tli == tl(2)
             ),
             "{e}"
         );
@@ -1488,19 +1493,19 @@ mod tests {
     fn target_before_every_backup() {
         let b1 = backup(
             "20261122T101500Z",
-            1,
+            tl(1),
             "0/3000028",
             "0/3000100",
             "2026-11-22T10:15:03.000001Z",
         );
         let b2 = backup(
             "20261123T101500Z",
-            1,
+            tl(1),
             "0/6000028",
             "0/6000100",
             "2026-11-23T10:15:03Z",
         );
-        let ix = index(&listing(&[(1, 1..=9)], &[], &[]));
+        let ix = index(&listing(&[(tl(1), 1..=9)], &[], &[]));
         let all = vec![b2.clone(), b1.clone()];
         let e = choose(&all, &time("2026-11-22 10:15:00Z"), &ix).unwrap_err();
         assert_eq!(
@@ -1556,10 +1561,10 @@ mod tests {
     fn lsn_target_beyond_the_archive() {
         let (objs, h2) = promoted();
         let mut ix = index(&objs);
-        ix.add_history(2, h2);
+        ix.add_history(tl(2), h2);
         let b = backup(
             "20261122T101500Z",
-            1,
+            tl(1),
             "0/1000028",
             "0/1000100",
             "2026-11-22T10:15:03Z",
@@ -1595,19 +1600,19 @@ mod tests {
     fn explicit_backup() {
         let b1 = backup(
             "20261122T101500Z",
-            1,
+            tl(1),
             "0/3000028",
             "0/3000100",
             "2026-11-22T10:15:03Z",
         );
         let b2 = backup(
             "20261123T101500Z",
-            1,
+            tl(1),
             "0/6000028",
             "0/6000100",
             "2026-11-23T10:15:03Z",
         );
-        let ix = index(&listing(&[(1, 1..=9)], &[], &[]));
+        let ix = index(&listing(&[(tl(1), 1..=9)], &[], &[]));
         let all = vec![b1.clone(), b2.clone()];
         let p = PlanOptions {
             backup: Some("20261122T101500Z"),
@@ -1656,16 +1661,16 @@ mod tests {
     fn partial_last_segment() {
         let b = backup(
             "20261122T101500Z",
-            1,
+            tl(1),
             "0/3000028",
             "0/3000100",
             "2026-11-22T10:15:03Z",
         );
-        let ix = index(&listing(&[(1, 3..=5)], &[(1, 6)], &[]));
+        let ix = index(&listing(&[(tl(1), 3..=5)], &[(tl(1), 6)], &[]));
         let target = RecoveryTarget::Lsn(lsn("0/6000100"));
         let e = choose(std::slice::from_ref(&b), &target, &ix).unwrap_err();
         assert!(
-            matches!(&e, PlanError::OnlyPartial { segment, tli: 1, .. } if segment == "000000010000000000000006"),
+            matches!(&e, PlanError::OnlyPartial { segment, tli, .. } if *tli == tl(1) && segment == "000000010000000000000006"),
             "{e}"
         );
         assert!(e.hint().unwrap().contains("--allow-partial"), "{e}");
@@ -1685,7 +1690,11 @@ mod tests {
         assert_eq!(c.chain.end_segment_name, "000000010000000000000006");
         assert!(c.chain.summary().ends_with("(last one .partial)"));
         // A partial is never accepted in the middle of the chain.
-        let ix = index(&listing(&[(1, 3..=5), (1, 7..=8)], &[(1, 6)], &[]));
+        let ix = index(&listing(
+            &[(tl(1), 3..=5), (tl(1), 7..=8)],
+            &[(tl(1), 6)],
+            &[],
+        ));
         let e = choose_backup(
             std::slice::from_ref(&b),
             &RecoveryTarget::Lsn(lsn("0/8000000")),
@@ -1700,32 +1709,36 @@ mod tests {
     #[test]
     fn latest_follows_history_files_like_postgres() {
         // History files for 2 and 4 but not 3: 'latest' from TL1 stops at 2.
-        let mut ix = index(&listing(&[(1, 1..=4), (2, 5..=6), (4, 9..=9)], &[], &[4]));
-        ix.add_history(2, TimelineHistory::parse(b"1\t0/50000A0\tr\n").unwrap());
+        let mut ix = index(&listing(
+            &[(tl(1), 1..=4), (tl(2), 5..=6), (tl(4), 9..=9)],
+            &[],
+            &[tl(4)],
+        ));
+        ix.add_history(tl(2), TimelineHistory::parse(b"1\t0/50000A0\tr\n").unwrap());
         ix.add_history(
-            4,
+            tl(4),
             TimelineHistory::parse(b"1\t0/50000A0\tr\n\n2\t0/7000000\tr\n\n3\t0/9000000\tr\n")
                 .unwrap(),
         );
         let b = backup(
             "20261122T101500Z",
-            1,
+            tl(1),
             "0/1000028",
             "0/1000100",
             "2026-11-22T10:15:03Z",
         );
         let (tli, warn) = resolve_timeline(&ix, &b, TargetTimeline::Latest);
-        assert_eq!(tli, 2);
+        assert_eq!(tli, tl(2));
         assert!(warn.unwrap().contains("00000003.history"));
         let c = choose(std::slice::from_ref(&b), &RecoveryTarget::End, &ix).unwrap();
-        assert_eq!(c.chain.target_timeline, 2);
+        assert_eq!(c.chain.target_timeline, tl(2));
         assert_eq!(c.chain.end_segment_name, "000000020000000000000006");
         assert_eq!(c.chain.warnings.len(), 1);
         // Asking for 4 explicitly: TL3's segments 7 and 8 are missing.
         let e = choose_backup(
             std::slice::from_ref(&b),
             &RecoveryTarget::End,
-            TargetTimeline::Id(4),
+            TargetTimeline::Id(tl(4)),
             &ix,
             &opts(),
         )
@@ -1740,26 +1753,26 @@ mod tests {
     fn newest_usable_backup_and_error_choice() {
         let b1 = backup(
             "20261122T101500Z",
-            1,
+            tl(1),
             "0/3000028",
             "0/3000100",
             "2026-11-22T10:15:03Z",
         );
         let b2 = backup(
             "20261123T101500Z",
-            1,
+            tl(1),
             "0/6000028",
             "0/6000100",
             "2026-11-23T10:15:03Z",
         );
         let all = vec![b1.clone(), b2.clone()];
-        let ix = index(&listing(&[(1, 1..=9)], &[], &[]));
+        let ix = index(&listing(&[(tl(1), 1..=9)], &[], &[]));
         let c = choose(&all, &RecoveryTarget::End, &ix).unwrap();
         assert_eq!(c.backup.id, b2.id);
         assert!(c.skipped.is_empty());
         // Segment 6 is gone: the newer backup cannot become consistent, and the older one
         // cannot replay to the end of the archive (WAL after the hole is archived).
-        let ix = index(&listing(&[(1, 1..=5), (1, 7..=9)], &[], &[]));
+        let ix = index(&listing(&[(tl(1), 1..=5), (tl(1), 7..=9)], &[], &[]));
         let e = choose(&all, &RecoveryTarget::End, &ix).unwrap_err();
         assert!(
             matches!(&e, PlanError::MissingSegment { segment, .. } if segment == "000000010000000000000006"),
@@ -1789,9 +1802,9 @@ mod tests {
     /// Segments 3..=5 complete, 6 a `.partial` holding WAL up to 0/60000A0 (its last complete
     /// record at 0/6000080; the bytes may go on with a record cut off at their end).
     fn partial_archive(c: Option<PartialContent>) -> WalIndex {
-        let mut ix = index(&listing(&[(1, 3..=5)], &[(1, 6)], &[]));
+        let mut ix = index(&listing(&[(tl(1), 3..=5)], &[(tl(1), 6)], &[]));
         if let Some(c) = c {
-            ix.set_partial_content(SegmentId::new(1, 6), c);
+            ix.set_partial_content(SegmentId::new(tl(1), 6), c);
         }
         ix
     }
@@ -1799,7 +1812,7 @@ mod tests {
     fn b3() -> BackupInfo {
         backup(
             "20261122T101500Z",
-            1,
+            tl(1),
             "0/3000028",
             "0/3000100",
             "2026-11-22T10:15:03Z",
@@ -1896,7 +1909,7 @@ mod tests {
         // Nothing known to complete anywhere near it: only stops before the partial count.
         let mut ix = partial_archive(None);
         ix.set_partial_content(
-            SegmentId::new(1, 6),
+            SegmentId::new(tl(1), 6),
             PartialContent {
                 last_record: None,
                 end: lsn("0/6000000"),
@@ -1926,7 +1939,7 @@ mod tests {
         let old = b3();
         let new = backup(
             "20261122T120000Z",
-            1,
+            tl(1),
             "0/6000028",
             "0/6000400",
             "2026-11-22T12:00:03Z",
@@ -1973,7 +1986,7 @@ mod tests {
         // A backup whose consistency point is in a segment after the partial.
         let later = backup(
             "20261122T130000Z",
-            1,
+            tl(1),
             "0/5000028",
             "0/7000100",
             "2026-11-22T13:00:03Z",
@@ -1997,14 +2010,14 @@ mod tests {
         // TL1 ends at 0/50000A0 in its partial of segment 5; TL2 goes on from there.
         let (objs, h2) = promoted();
         let mut ix = index(&objs);
-        ix.add_history(2, h2);
+        ix.add_history(tl(2), h2);
         ix.set_partial_content(
-            SegmentId::new(1, 5),
+            SegmentId::new(tl(1), 5),
             content(Some("0/5000078"), "0/50000A0"),
         );
         let b = backup(
             "20261122T101500Z",
-            1,
+            tl(1),
             "0/1000028",
             "0/1000100",
             "2026-11-22T10:15:03Z",

@@ -57,7 +57,7 @@ use crate::archive::meta::rfc3339_utc;
 use crate::archive::meta::MetaError;
 use crate::archive::{self, ArchiveMeta, ObjectInfo, PutMode, Store, StoreError};
 use crate::restore::wal_fetch::{self, FetchError};
-use crate::wal::{SegmentId, SegmentSize};
+use crate::wal::{SegmentId, SegmentSize, Timeline};
 
 /// `--prefetch` default for `s3://` archives (a local directory gets 0: a rename-free copy is
 /// already as fast as the cache would be).
@@ -146,9 +146,9 @@ pub fn cacheable_name(walfile: &str) -> Option<String> {
     ok.then(|| walfile.to_ascii_uppercase())
 }
 
-/// Timeline of a canonical segment name.
-fn timeline_of(name: &str) -> u32 {
-    u32::from_str_radix(&name[..8], 16).unwrap_or(0)
+/// Timeline of a canonical segment name; `None` (ordered first) when it has none.
+fn timeline_of(name: &str) -> Option<Timeline> {
+    name.get(..8).and_then(Timeline::parse_file_name_part)
 }
 
 /// Is `name` a canonical segment name (upper-case hex), i.e. a cached segment?

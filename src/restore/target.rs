@@ -21,7 +21,7 @@ use std::str::FromStr;
 use chrono::{DateTime, Datelike, NaiveDate, Timelike, Utc};
 
 use crate::wal::xact::{EventKind, WalEvent};
-use crate::wal::Lsn;
+use crate::wal::{Lsn, Timeline};
 
 /// Seconds from the Unix epoch to PostgreSQL's epoch, 2000-01-01 00:00:00 UTC
 /// (`POSTGRES_EPOCH_JDATE - UNIX_EPOCH_JDATE` days).
@@ -449,7 +449,7 @@ pub enum TargetTimeline {
     Latest,
     /// The backup's own timeline.
     Current,
-    Id(u32),
+    Id(Timeline),
 }
 
 impl FromStr for TargetTimeline {
@@ -476,7 +476,7 @@ impl FromStr for TargetTimeline {
             None if !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit()) => t.parse().ok(),
             None => None,
         };
-        v.filter(|&n| n >= 1)
+        v.and_then(Timeline::new)
             .map(TargetTimeline::Id)
             .ok_or_else(err)
     }
@@ -638,6 +638,7 @@ pub fn describe_event(e: &WalEvent) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::wal::timeline::tl;
 
     fn t(s: &str) -> TargetTime {
         s.parse().unwrap_or_else(|e| panic!("{s}: {e}"))
@@ -809,15 +810,15 @@ mod tests {
             ("latest", TargetTimeline::Latest),
             ("LATEST", TargetTimeline::Latest),
             ("current", TargetTimeline::Current),
-            ("2", TargetTimeline::Id(2)),
-            ("0x1A", TargetTimeline::Id(26)),
+            ("2", TargetTimeline::Id(tl(2))),
+            ("0x1A", TargetTimeline::Id(tl(26))),
         ] {
             assert_eq!(s.parse::<TargetTimeline>(), Ok(want), "{s}");
         }
         for bad in ["0", "", "-1", "x", "4294967296", "0xZ"] {
             assert!(bad.parse::<TargetTimeline>().is_err(), "{bad}");
         }
-        assert_eq!(TargetTimeline::Id(26).to_string(), "26");
+        assert_eq!(TargetTimeline::Id(tl(26)).to_string(), "26");
         assert_eq!(TargetTimeline::default().to_string(), "latest");
         for a in [
             TargetAction::Promote,
@@ -849,7 +850,7 @@ mod tests {
         let s = recovery_settings(
             &RecoveryTarget::Time(t("2026-11-22 10:15:00+01")),
             false,
-            TargetTimeline::Id(2),
+            TargetTimeline::Id(tl(2)),
             TargetAction::Pause,
             rc,
         );

@@ -25,7 +25,7 @@ use crate::archive::layout::{history_key, segment_key_by_name, META_KEY};
 use crate::archive::meta::MetaError;
 use crate::archive::{ArchiveMeta, Detail, OpenError, Store, StoreError};
 use crate::wal::verify::{check_page_timelines, SegmentChecker, VerifyError, VerifyParams};
-use crate::wal::{parse_history_file_name, Lsn, SegmentId, TimelineHistory};
+use crate::wal::{parse_history_file_name, Lsn, SegmentId, Timeline, TimelineHistory};
 
 /// Exit status for a corrupt object, an unreachable archive or any other failure. PostgreSQL
 /// reads 1..=125 from restore_command as "file not available", which would let a recovery end
@@ -124,7 +124,7 @@ enum Request {
         name: String,
         partial: bool,
     },
-    History(u32),
+    History(Timeline),
     /// `<segment>.<offset>.backup`: a valid PostgreSQL name that walagent never archives.
     BackupHistory,
 }
@@ -305,7 +305,7 @@ struct Finished {
     /// Its size.
     bytes: u64,
     /// For segments: each `xlp_tli` its pages carry, with the last page carrying it.
-    timelines: Vec<(u32, Lsn)>,
+    timelines: Vec<(Timeline, Lsn)>,
 }
 
 /// The WAL check of one segment object as its bytes go by; the first failure is kept (the bytes
@@ -501,7 +501,7 @@ fn check_file(path: &Path, len: u64, check: &mut Check) -> Result<(), FetchError
 async fn check_timelines(
     store: &dyn Store,
     exp: &Expect,
-    timelines: &[(u32, Lsn)],
+    timelines: &[(Timeline, Lsn)],
     key: &str,
 ) -> Result<(), FetchError> {
     let tli = exp.params.timeline;

@@ -10,11 +10,11 @@
 
 use std::fmt::Write as _;
 
-use super::Lsn;
+use super::{Lsn, Timeline};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HistoryEntry {
-    pub parent_timeline: u32,
+    pub parent_timeline: Timeline,
     pub switch_lsn: Lsn,
     pub reason: String,
 }
@@ -36,8 +36,8 @@ pub enum HistoryError {
     #[error("timeline history line {line}: expected timeline IDs in increasing order, found {found} after {previous}")]
     TimelineNotIncreasing {
         line: usize,
-        previous: u32,
-        found: u32,
+        previous: Timeline,
+        found: Timeline,
     },
     #[error(
         "timeline history line {line}: expected switch LSNs in non-decreasing order, found {found} after {previous}"
@@ -50,7 +50,7 @@ pub enum HistoryError {
     #[error(
         "timeline history of timeline {child}: expected every parent timeline to be lower than {child}, found {found}"
     )]
-    ParentNotOlder { child: u32, found: u32 },
+    ParentNotOlder { child: Timeline, found: Timeline },
 }
 
 fn is_blank(b: u8) -> bool {
@@ -96,7 +96,7 @@ impl TimelineHistory {
                 .ok()
                 .filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
                 .and_then(|s| s.parse::<u32>().ok())
-                .filter(|&t| t != 0)
+                .and_then(Timeline::new)
                 .ok_or_else(|| HistoryError::BadTimeline {
                     line: line_no,
                     found: String::from_utf8_lossy(tli_tok).into_owned(),
@@ -137,7 +137,7 @@ impl TimelineHistory {
 
     /// Checks that this history can belong to timeline `child`: every parent must be older
     /// (PostgreSQL: "Timeline IDs must be less than child timeline's ID").
-    pub fn check_child(&self, child: u32) -> Result<(), HistoryError> {
+    pub fn check_child(&self, child: Timeline) -> Result<(), HistoryError> {
         match self.entries.last() {
             Some(e) if e.parent_timeline >= child => Err(HistoryError::ParentNotOlder {
                 child,
@@ -168,7 +168,7 @@ impl TimelineHistory {
     /// `current_timeline` (PostgreSQL's tliOfPointInHistory). Entry i covers
     /// `[switch_lsn of entry i-1, switch_lsn of entry i)`; a switch point itself already belongs
     /// to the next timeline; everything at or after the last switch point is `current_timeline`.
-    pub fn timeline_of(&self, lsn: Lsn, current_timeline: u32) -> u32 {
+    pub fn timeline_of(&self, lsn: Lsn, current_timeline: Timeline) -> Timeline {
         self.entries
             .iter()
             .find(|e| lsn < e.switch_lsn)
@@ -177,7 +177,7 @@ impl TimelineHistory {
 
     /// The LSN at which timeline `tli` ended (PostgreSQL's tliSwitchPoint). `None` when `tli` is
     /// not a parent in this history, which includes the current timeline.
-    pub fn switch_point(&self, tli: u32) -> Option<Lsn> {
+    pub fn switch_point(&self, tli: Timeline) -> Option<Lsn> {
         self.entries
             .iter()
             .find(|e| e.parent_timeline == tli)
@@ -188,6 +188,7 @@ impl TimelineHistory {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::wal::timeline::tl;
 
     const FIXTURE_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/wal");
 
@@ -201,7 +202,7 @@ mod tests {
         assert_eq!(
             h.entries,
             vec![HistoryEntry {
-                parent_timeline: 1,
+                parent_timeline: tl(1),
                 switch_lsn: lsn("0/4000128"),
                 reason: "no recovery target specified".into()
             }]
@@ -210,15 +211,18 @@ mod tests {
             h.to_bytes(),
             b"1\t0/4000128\tno recovery target specified\n"
         );
-        assert_eq!(h.timeline_of(lsn("0/4000127"), 2), 1);
-        assert_eq!(h.timeline_of(lsn("0/4000128"), 2), 2);
-        assert_eq!(h.timeline_of(Lsn(0), 2), 1);
-        assert_eq!(h.switch_point(1), Some(lsn("0/4000128")));
-        assert_eq!(h.switch_point(2), None);
-        assert!(h.check_child(2).is_ok());
+        assert_eq!(h.timeline_of(lsn("0/4000127"), tl(2)), tl(1));
+        assert_eq!(h.timeline_of(lsn("0/4000128"), tl(2)), tl(2));
+        assert_eq!(h.timeline_of(Lsn(0), tl(2)), tl(1));
+        assert_eq!(h.switch_point(tl(1)), Some(lsn("0/4000128")));
+        assert_eq!(h.switch_point(tl(2)), None);
+        assert!(h.check_child(tl(2)).is_ok());
         assert_eq!(
-            h.check_child(1),
-            Err(HistoryError::ParentNotOlder { child: 1, found: 1 })
+            h.check_child(tl(1)),
+            Err(HistoryError::ParentNotOlder {
+                child: tl(1),
+                found: tl(1)
+            })
         );
     }
 
@@ -229,23 +233,23 @@ mod tests {
                      4\t1/B0000010\n# trailing comment";
         let h = TimelineHistory::parse(text).unwrap();
         assert_eq!(h.entries.len(), 3);
-        assert_eq!(h.entries[1].parent_timeline, 3);
+        assert_eq!(h.entries[1].parent_timeline, tl(3));
         assert_eq!(h.entries[1].switch_lsn, lsn("1/A0000000"));
         assert_eq!(h.entries[1].reason, "before 2024-01-01 00:00:00+00");
         assert_eq!(h.entries[2].reason, "");
         // History of timeline 5: TL1 until 0/4000128, TL3 until 1/A0000000, TL4 until 1/B0000010.
-        assert_eq!(h.timeline_of(lsn("0/1000000"), 5), 1);
-        assert_eq!(h.timeline_of(lsn("0/4000128"), 5), 3);
-        assert_eq!(h.timeline_of(lsn("1/9FFFFFFF"), 5), 3);
-        assert_eq!(h.timeline_of(lsn("1/A0000000"), 5), 4);
-        assert_eq!(h.timeline_of(lsn("1/B000000F"), 5), 4);
-        assert_eq!(h.timeline_of(lsn("1/B0000010"), 5), 5);
-        assert_eq!(h.timeline_of(Lsn(u64::MAX), 5), 5);
-        assert_eq!(h.switch_point(1), Some(lsn("0/4000128")));
-        assert_eq!(h.switch_point(2), None);
-        assert_eq!(h.switch_point(3), Some(lsn("1/A0000000")));
-        assert_eq!(h.switch_point(4), Some(lsn("1/B0000010")));
-        assert_eq!(h.switch_point(5), None);
+        assert_eq!(h.timeline_of(lsn("0/1000000"), tl(5)), tl(1));
+        assert_eq!(h.timeline_of(lsn("0/4000128"), tl(5)), tl(3));
+        assert_eq!(h.timeline_of(lsn("1/9FFFFFFF"), tl(5)), tl(3));
+        assert_eq!(h.timeline_of(lsn("1/A0000000"), tl(5)), tl(4));
+        assert_eq!(h.timeline_of(lsn("1/B000000F"), tl(5)), tl(4));
+        assert_eq!(h.timeline_of(lsn("1/B0000010"), tl(5)), tl(5));
+        assert_eq!(h.timeline_of(Lsn(u64::MAX), tl(5)), tl(5));
+        assert_eq!(h.switch_point(tl(1)), Some(lsn("0/4000128")));
+        assert_eq!(h.switch_point(tl(2)), None);
+        assert_eq!(h.switch_point(tl(3)), Some(lsn("1/A0000000")));
+        assert_eq!(h.switch_point(tl(4)), Some(lsn("1/B0000010")));
+        assert_eq!(h.switch_point(tl(5)), None);
         // Round trip through PostgreSQL's layout.
         let again = TimelineHistory::parse(&h.to_bytes()).unwrap();
         assert_eq!(again, h);
@@ -266,12 +270,12 @@ mod tests {
         assert_eq!(h2.entries.len(), 1);
         assert_eq!(h3.entries.len(), 2);
         assert_eq!(h3.entries[0], h2.entries[0]);
-        assert_eq!(h3.switch_point(1), Some(lsn("0/B000D8")));
-        assert_eq!(h3.switch_point(2), Some(lsn("0/C000A0")));
-        assert_eq!(h3.timeline_of(lsn("0/B000D7"), 3), 1);
-        assert_eq!(h3.timeline_of(lsn("0/B000D8"), 3), 2);
-        assert_eq!(h3.timeline_of(lsn("0/C000A0"), 3), 3);
-        assert!(h3.check_child(3).is_ok());
+        assert_eq!(h3.switch_point(tl(1)), Some(lsn("0/B000D8")));
+        assert_eq!(h3.switch_point(tl(2)), Some(lsn("0/C000A0")));
+        assert_eq!(h3.timeline_of(lsn("0/B000D7"), tl(3)), tl(1));
+        assert_eq!(h3.timeline_of(lsn("0/B000D8"), tl(3)), tl(2));
+        assert_eq!(h3.timeline_of(lsn("0/C000A0"), tl(3)), tl(3));
+        assert!(h3.check_child(tl(3)).is_ok());
         assert_eq!(h2.to_bytes(), two);
         assert_eq!(h3.to_bytes(), three);
     }
@@ -280,8 +284,8 @@ mod tests {
     fn empty_history() {
         let h = TimelineHistory::parse(b"").unwrap();
         assert!(h.entries.is_empty());
-        assert_eq!(h.timeline_of(lsn("5/0"), 1), 1);
-        assert_eq!(h.switch_point(1), None);
+        assert_eq!(h.timeline_of(lsn("5/0"), tl(1)), tl(1));
+        assert_eq!(h.switch_point(tl(1)), None);
         assert_eq!(h.to_bytes(), b"");
         assert_eq!(TimelineHistory::parse(b"\n# nothing\n  \n").unwrap(), h);
     }
@@ -342,16 +346,16 @@ mod tests {
                 b"2\t0/10\n# c\n2\t0/20\n",
                 HistoryError::TimelineNotIncreasing {
                     line: 3,
-                    previous: 2,
-                    found: 2,
+                    previous: tl(2),
+                    found: tl(2),
                 },
             ),
             (
                 b"2\t0/10\n1\t0/20\n",
                 HistoryError::TimelineNotIncreasing {
                     line: 2,
-                    previous: 2,
-                    found: 1,
+                    previous: tl(2),
+                    found: tl(1),
                 },
             ),
             (

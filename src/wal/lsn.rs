@@ -3,6 +3,8 @@
 use std::fmt;
 use std::str::FromStr;
 
+use super::SegmentSize;
+
 /// A WAL position. `Lsn(0)` is PostgreSQL's `InvalidXLogRecPtr`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
 pub struct Lsn(pub u64);
@@ -15,17 +17,18 @@ impl Lsn {
     }
 
     /// Segment number holding this position (`XLByteToSeg`).
-    pub fn segno(self, seg_size: u32) -> u64 {
-        self.0 / u64::from(seg_size)
+    pub fn segno(self, seg_size: SegmentSize) -> u64 {
+        self.0 / u64::from(seg_size.bytes())
     }
 
     /// Offset of this position inside its segment (`XLogSegmentOffset`).
-    pub fn segment_offset(self, seg_size: u32) -> u32 {
-        (self.0 % u64::from(seg_size)) as u32
+    pub fn segment_offset(self, seg_size: SegmentSize) -> u32 {
+        // The remainder is below the segment size, a u32.
+        (self.0 % u64::from(seg_size.bytes())) as u32
     }
 
     /// Start of the segment holding this position.
-    pub fn segment_start(self, seg_size: u32) -> Lsn {
+    pub fn segment_start(self, seg_size: SegmentSize) -> Lsn {
         Lsn(self.0 - u64::from(self.segment_offset(seg_size)))
     }
 
@@ -100,7 +103,7 @@ mod tests {
 
     #[test]
     fn segment_math() {
-        let seg = 16 * 1024 * 1024;
+        let seg = SegmentSize::DEFAULT;
         let l = Lsn(0x0000_0001_0400_0128);
         assert_eq!(l.segno(seg), 0x104);
         assert_eq!(l.segment_offset(seg), 0x128);

@@ -1,4 +1,4 @@
-//! WAL facts that need no server: positions, segment names, timeline history files, the page
+//! WAL facts that need no server: positions, timelines, segment names, timeline history files, the page
 //! and record layouts ([`page`], [`record`]), and the one reader that follows records across
 //! pages ([`reader`]), under the streaming verifier ([`verify`]) and the restore scanner
 //! ([`xact`]).
@@ -15,6 +15,7 @@ pub mod segment;
 /// Synthetic WAL for tests, benches and fuzz targets (the `synth` feature).
 #[cfg(any(test, feature = "synth"))]
 pub mod synth;
+pub mod timeline;
 pub mod verify;
 pub mod xact;
 
@@ -22,4 +23,5 @@ pub use history::{HistoryEntry, TimelineHistory};
 pub use lsn::Lsn;
 pub use page::WAL_PAGE_SIZE;
 pub use segment::{history_file_name, parse_history_file_name, SegmentId, SegmentSize};
+pub use timeline::Timeline;
 pub use verify::{VerifyError, VerifyParams, WalVerifier};

@@ -41,7 +41,7 @@ use super::record::{
     record_crc, RecordHeader, RecordHeaderBytes, MAX_TOT_LEN, RM_XLOG_ID, SIZE_OF_XLOG_RECORD,
     XLOG_SWITCH, XLR_RMGR_INFO_MASK,
 };
-use super::{Lsn, SegmentSize, WAL_PAGE_SIZE};
+use super::{Lsn, SegmentSize, Timeline, WAL_PAGE_SIZE};
 
 const PAGE: u64 = WAL_PAGE_SIZE as u64;
 const REC_HDR: usize = SIZE_OF_XLOG_RECORD;
@@ -61,7 +61,7 @@ pub struct VerifyParams {
     pub system_identifier: u64,
     pub segment_size: SegmentSize,
     /// The timeline being streamed: no page may carry a higher `xlp_tli`.
-    pub timeline: u32,
+    pub timeline: Timeline,
 }
 
 /// A WAL check failed. Every variant carries the LSN of the problem (a page's LSN for page-header
@@ -290,7 +290,7 @@ pub struct WalReader {
     strict: bool,
     /// Strict only: the long headers' system identifier and the highest `xlp_tli`.
     system_identifier: u64,
-    timeline: u32,
+    timeline: Timeline,
     segment_size: SegmentSize,
     seg_size: u64,
     /// Position of the next byte `feed` expects.
@@ -318,7 +318,7 @@ pub struct WalReader {
     records: u64,
     /// With [`track_timelines`](Self::track_timelines): each `xlp_tli` seen, in order, with the
     /// LSN of the last page header that carried it.
-    timelines: Option<Vec<(u32, Lsn)>>,
+    timelines: Option<Vec<(Timeline, Lsn)>>,
 }
 
 impl WalReader {
@@ -337,7 +337,7 @@ impl WalReader {
         let params = VerifyParams {
             system_identifier: 0,
             segment_size,
-            timeline: u32::MAX,
+            timeline: Timeline::MAX,
         };
         Self::new(Strictness::Lenient, params, start)
     }
@@ -389,7 +389,7 @@ impl WalReader {
     /// With [`track_timelines`](Self::track_timelines): every `xlp_tli` seen so far on a valid page
     /// header, in stream order, each with the LSN of the last page that carried it. Empty when
     /// not tracking.
-    pub fn timeline_pages(&self) -> &[(u32, Lsn)] {
+    pub fn timeline_pages(&self) -> &[(Timeline, Lsn)] {
         self.timelines.as_deref().unwrap_or(&[])
     }
 
@@ -710,20 +710,23 @@ impl WalReader {
         if self.strict {
             long_header()?;
             address()?;
+            // xlp_tli is the raw page field: it becomes a Timeline here, once it is known to be
+            // at least 1.
             let min_tli = self.last_tli.max(1);
-            if tli < min_tli || tli > self.timeline {
+            let found = Timeline::new(tli).filter(|t| tli >= min_tli && *t <= self.timeline);
+            let Some(found) = found else {
                 return Err(VerifyError::Timeline {
                     lsn,
                     min: min_tli,
-                    max: self.timeline,
+                    max: self.timeline.get(),
                     found: tli,
                 });
-            }
+            };
             self.last_tli = tli;
             if let Some(t) = &mut self.timelines {
                 match t.last_mut() {
-                    Some((last, at)) if *last == tli => *at = lsn,
-                    _ => t.push((tli, lsn)),
+                    Some((last, at)) if *last == found => *at = lsn,
+                    _ => t.push((found, lsn)),
                 }
             }
         } else {
@@ -941,6 +944,7 @@ pub(crate) fn first_nonzero(buf: &[u8]) -> Option<usize> {
 mod tests {
     use super::*;
     use crate::wal::synth::WalBuilder;
+    use crate::wal::timeline::tl;
 
     const MB: u64 = 1 << 20;
     const SYSID: u64 = 0x0123_4567_89AB_CDEF;
@@ -953,7 +957,7 @@ mod tests {
         VerifyParams {
             system_identifier: SYSID,
             segment_size: seg1m(),
-            timeline: tli,
+            timeline: tl(tli),
         }
     }
 

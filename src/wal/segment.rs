@@ -2,7 +2,7 @@
 
 use std::fmt;
 
-use super::Lsn;
+use super::{Lsn, Timeline};
 
 /// A validated `wal_segment_size`: a power of two from 1 MiB to 1 GiB.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -60,22 +60,30 @@ impl fmt::Display for SegmentSize {
 }
 
 /// One WAL segment: a timeline and a segment number.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct SegmentId {
-    pub timeline: u32,
+    pub timeline: Timeline,
     pub segno: u64,
 }
 
+/// Segment 0 of timeline 1: a placeholder for structs filled in later (timeline 0, the old
+/// default, is no timeline).
+impl Default for SegmentId {
+    fn default() -> Self {
+        SegmentId::new(Timeline::FIRST, 0)
+    }
+}
+
 impl SegmentId {
-    pub fn new(timeline: u32, segno: u64) -> Self {
+    pub fn new(timeline: Timeline, segno: u64) -> Self {
         SegmentId { timeline, segno }
     }
 
     /// The segment holding `lsn` on `timeline`.
-    pub fn containing(timeline: u32, lsn: Lsn, size: SegmentSize) -> Self {
+    pub fn containing(timeline: Timeline, lsn: Lsn, size: SegmentSize) -> Self {
         SegmentId {
             timeline,
-            segno: lsn.segno(size.bytes()),
+            segno: lsn.segno(size),
         }
     }
 
@@ -110,11 +118,11 @@ impl SegmentId {
         if name.len() != 24 || !name.bytes().all(|b| b.is_ascii_hexdigit()) {
             return None;
         }
-        let tli = u32::from_str_radix(&name[0..8], 16).ok()?;
+        let tli = Timeline::parse_file_name_part(&name[0..8])?;
         let log = u64::from_str_radix(&name[8..16], 16).ok()?;
         let seg = u64::from_str_radix(&name[16..24], 16).ok()?;
         let per = size.segments_per_xlogid();
-        if tli == 0 || seg >= per {
+        if seg >= per {
             return None;
         }
         Some(SegmentId {
@@ -125,22 +133,19 @@ impl SegmentId {
 }
 
 /// `0000000N.history`
-pub fn history_file_name(timeline: u32) -> String {
+pub fn history_file_name(timeline: Timeline) -> String {
     format!("{timeline:08X}.history")
 }
 
 /// Parses `0000000N.history` into N.
-pub fn parse_history_file_name(name: &str) -> Option<u32> {
-    let hex = name.strip_suffix(".history")?;
-    if hex.len() != 8 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return None;
-    }
-    u32::from_str_radix(hex, 16).ok().filter(|&t| t > 0)
+pub fn parse_history_file_name(name: &str) -> Option<Timeline> {
+    Timeline::parse_file_name_part(name.strip_suffix(".history")?)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::wal::timeline::tl;
 
     #[test]
     fn show_values() {
@@ -158,9 +163,9 @@ mod tests {
     fn names_match_postgres() {
         let s16 = SegmentSize::DEFAULT;
         // pg_walfile_name('0/4000128') on TL 1 with 16 MB segments
-        let id = SegmentId::containing(1, Lsn(0x400_0128), s16);
+        let id = SegmentId::containing(tl(1), Lsn(0x400_0128), s16);
         assert_eq!(id.file_name(s16), "000000010000000000000004");
-        let id = SegmentId::containing(2, Lsn(0x1_FF00_0000), s16);
+        let id = SegmentId::containing(tl(2), Lsn(0x1_FF00_0000), s16);
         assert_eq!(id.file_name(s16), "0000000200000001000000FF");
         assert_eq!(
             SegmentId::parse_file_name("0000000200000001000000FF", s16),
@@ -168,7 +173,7 @@ mod tests {
         );
         // 1 GB segments: 4 per xlogid
         let g = SegmentSize::new(1 << 30).unwrap();
-        let id = SegmentId::containing(1, Lsn(0x2_C000_0000), g);
+        let id = SegmentId::containing(tl(1), Lsn(0x2_C000_0000), g);
         assert_eq!(id.file_name(g), "000000010000000200000003");
         assert_eq!(
             SegmentId::parse_file_name("000000010000000200000004", g),
@@ -186,9 +191,9 @@ mod tests {
 
     #[test]
     fn history_names() {
-        assert_eq!(history_file_name(2), "00000002.history");
-        assert_eq!(history_file_name(0x1A), "0000001A.history");
-        assert_eq!(parse_history_file_name("0000001A.history"), Some(0x1A));
+        assert_eq!(history_file_name(tl(2)), "00000002.history");
+        assert_eq!(history_file_name(tl(0x1A)), "0000001A.history");
+        assert_eq!(parse_history_file_name("0000001A.history"), Some(tl(0x1A)));
         assert_eq!(parse_history_file_name("00000000.history"), None);
         assert_eq!(parse_history_file_name("0000001.history"), None);
     }

@@ -17,7 +17,7 @@
 //! `proto-notes/wal-format.md`.
 
 use super::reader::WalReader;
-use super::{Lsn, WAL_PAGE_SIZE};
+use super::{Lsn, Timeline, WAL_PAGE_SIZE};
 
 /// Kept here for callers that knew it from this module; it lives in [`super::page`].
 pub use super::page::page_magic_for;
@@ -56,7 +56,7 @@ impl WalVerifier {
     /// With [`track_timelines`](Self::track_timelines): every `xlp_tli` seen so far on a valid page
     /// header, in stream order (so in increasing order: a timeline never goes backwards), each
     /// with the LSN of the last page that carried it. Empty when not tracking.
-    pub fn timeline_pages(&self) -> &[(u32, Lsn)] {
+    pub fn timeline_pages(&self) -> &[(Timeline, Lsn)] {
         self.r.timeline_pages()
     }
 
@@ -243,7 +243,7 @@ impl SegmentChecker {
     }
 
     /// See [`WalVerifier::timeline_pages`]: the timelines of the page headers checked so far.
-    pub fn timeline_pages(&self) -> &[(u32, Lsn)] {
+    pub fn timeline_pages(&self) -> &[(Timeline, Lsn)] {
         self.v.timeline_pages()
     }
 
@@ -277,14 +277,22 @@ impl SegmentChecker {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum TimelineError {
     #[error("WAL page at {lsn}: expected xlp_tli {timeline} or, before the switch point, a timeline that {timeline} descends from, found xlp_tli {found} and no history file of timeline {timeline} that lists it")]
-    NoHistory { lsn: Lsn, timeline: u32, found: u32 },
+    NoHistory {
+        lsn: Lsn,
+        timeline: Timeline,
+        found: Timeline,
+    },
     #[error("WAL page at {lsn}: expected xlp_tli {timeline} or a timeline that {timeline} descends from, found {found}, which is not in the history of timeline {timeline}")]
-    NotAncestor { lsn: Lsn, timeline: u32, found: u32 },
+    NotAncestor {
+        lsn: Lsn,
+        timeline: Timeline,
+        found: Timeline,
+    },
     #[error("WAL page at {lsn}: expected xlp_tli {timeline} from {switch} on (timeline {found} ends there in the history of timeline {timeline}), found {found}")]
     AfterSwitch {
         lsn: Lsn,
-        timeline: u32,
-        found: u32,
+        timeline: Timeline,
+        found: Timeline,
         switch: Lsn,
     },
 }
@@ -302,8 +310,8 @@ pub enum TimelineError {
 /// pages, and xlogrecovery.c that the page's timeline is in the recovery target's history, at
 /// any position.
 pub fn check_page_timelines(
-    timeline: u32,
-    pages: &[(u32, Lsn)],
+    timeline: Timeline,
+    pages: &[(Timeline, Lsn)],
     history: Option<&super::TimelineHistory>,
 ) -> Result<(), TimelineError> {
     for &(found, lsn) in pages {
@@ -352,6 +360,7 @@ mod tests {
     use crate::wal::page::{MAGICS, XLP_FIRST_IS_CONTRECORD};
     use crate::wal::reader::first_nonzero;
     use crate::wal::synth::WalBuilder;
+    use crate::wal::timeline::tl;
     use crate::wal::SegmentSize;
 
     const PAGE: u64 = WAL_PAGE_SIZE as u64;
@@ -375,7 +384,7 @@ mod tests {
         VerifyParams {
             system_identifier: FIXTURE_SYSID,
             segment_size: seg1m(),
-            timeline: tli,
+            timeline: tl(tli),
         }
     }
 
@@ -967,7 +976,7 @@ mod tests {
             let p = VerifyParams {
                 system_identifier: SYSID,
                 segment_size: seg1m(),
-                timeline: 1,
+                timeline: tl(1),
             };
             let v = feed_chunked(p, b.start(), b.bytes(), b.bytes().len()).unwrap();
             assert_eq!(v.records_verified(), n);
@@ -1020,7 +1029,7 @@ mod tests {
                 let p = VerifyParams {
                     system_identifier: SYSID,
                     segment_size: seg1m(),
-                    timeline: 1,
+                    timeline: tl(1),
                 };
                 for size in [1, 5, 8, 8192, 100_000] {
                     let v = feed_chunked(p, b.start(), b.bytes(), size).unwrap();
@@ -1069,7 +1078,7 @@ mod tests {
         let p = VerifyParams {
             system_identifier: SYSID,
             segment_size: seg1m(),
-            timeline: 1,
+            timeline: tl(1),
         };
         let seg = lsn("0/300000").0;
         // Switch right after the long header, first on a page, mid-page, with its header split
@@ -1131,7 +1140,7 @@ mod tests {
         let p = VerifyParams {
             system_identifier: SYSID,
             segment_size: seg1m(),
-            timeline: 1,
+            timeline: tl(1),
         };
         let mut b = WalBuilder::new(SYSID, seg1m(), 1, lsn("0/100000"));
         let last_good = b.push(1, 0, 1, &[1; 3000]);
@@ -1180,7 +1189,7 @@ mod tests {
             let p = VerifyParams {
                 system_identifier: SYSID,
                 segment_size: seg1m(),
-                timeline: 7,
+                timeline: tl(7),
             };
             let v = feed_chunked(p, b.start(), b.bytes(), 999).unwrap();
             assert_eq!(v.server_major(), Some(major));
@@ -1192,7 +1201,7 @@ mod tests {
         let p = VerifyParams {
             system_identifier: SYSID,
             segment_size: seg1m(),
-            timeline: 1,
+            timeline: tl(1),
         };
         assert_eq!(
             feed_chunked(p, b.start(), b.bytes(), 99).unwrap_err(),
@@ -1209,7 +1218,7 @@ mod tests {
         let p = VerifyParams {
             system_identifier: SYSID,
             segment_size: seg1m(),
-            timeline: 3,
+            timeline: tl(3),
         };
         assert_eq!(
             feed_chunked(p, b.start(), b.bytes(), 99).unwrap_err(),
@@ -1227,7 +1236,7 @@ mod tests {
         let p = VerifyParams {
             system_identifier: SYSID,
             segment_size: seg1m(),
-            timeline: 1,
+            timeline: tl(1),
         };
         let mut b = WalBuilder::new(SYSID, seg1m(), 1, lsn("0/100000"));
         let first = b.push(1, 0, 1, &[0; 100]);
@@ -1383,39 +1392,42 @@ mod tests {
         c.update(&fixture("00000002000000000000000B")).unwrap();
         let pages = c.timeline_pages().to_vec();
         // Timeline 2 up to the page of its XLOG_SWITCH at 0/B81C88 (zeros after it).
-        assert_eq!(pages, vec![(1, lsn("0/B00000")), (2, lsn("0/B80000"))]);
-        check_page_timelines(2, &pages, Some(&h2)).unwrap();
-        check_page_timelines(3, &pages, Some(&h3)).unwrap();
         assert_eq!(
-            check_page_timelines(2, &pages, None),
+            pages,
+            vec![(tl(1), lsn("0/B00000")), (tl(2), lsn("0/B80000"))]
+        );
+        check_page_timelines(tl(2), &pages, Some(&h2)).unwrap();
+        check_page_timelines(tl(3), &pages, Some(&h3)).unwrap();
+        assert_eq!(
+            check_page_timelines(tl(2), &pages, None),
             Err(TimelineError::NoHistory {
                 lsn: lsn("0/B00000"),
-                timeline: 2,
-                found: 1
+                timeline: tl(2),
+                found: tl(1)
             })
         );
         // Timeline 1 ending at the page start: the page cannot be timeline 1's.
         let early = TimelineHistory::parse(b"1\t0/B00000\tx\n").unwrap();
         assert_eq!(
-            check_page_timelines(2, &pages, Some(&early)),
+            check_page_timelines(tl(2), &pages, Some(&early)),
             Err(TimelineError::AfterSwitch {
                 lsn: lsn("0/B00000"),
-                timeline: 2,
-                found: 1,
+                timeline: tl(2),
+                found: tl(1),
                 switch: lsn("0/B00000")
             })
         );
         // Timeline 3 forked off timeline 1 directly: timeline 2 is not in its history.
         let other = TimelineHistory::parse(b"1\t0/C00000\tx\n").unwrap();
         assert_eq!(
-            check_page_timelines(3, &pages, Some(&other)),
+            check_page_timelines(tl(3), &pages, Some(&other)),
             Err(TimelineError::NotAncestor {
                 lsn: lsn("0/B80000"),
-                timeline: 3,
-                found: 2
+                timeline: tl(3),
+                found: tl(2)
             })
         );
-        assert!(check_page_timelines(1, &[(1, lsn("0/900000"))], None).is_ok());
+        assert!(check_page_timelines(tl(1), &[(tl(1), lsn("0/900000"))], None).is_ok());
         // Timeline 1's WAL past the fork point, served as timeline 2's: refused.
         let mut b = WalBuilder::new(FIXTURE_SYSID, seg1m(), 1, lsn("0/500000"));
         b.push(1, 0, 1, &[5; 30_000]);
@@ -1424,24 +1436,24 @@ mod tests {
         c.update_zeros(MB - b.bytes().len() as u64).unwrap();
         let h = TimelineHistory::parse(b"1\t0/500100\tx\n").unwrap();
         assert_eq!(
-            check_page_timelines(2, c.timeline_pages(), Some(&h)),
+            check_page_timelines(tl(2), c.timeline_pages(), Some(&h)),
             Err(TimelineError::AfterSwitch {
                 lsn: lsn("0/506000"),
-                timeline: 2,
-                found: 1,
+                timeline: tl(2),
+                found: tl(1),
                 switch: lsn("0/500100")
             })
         );
         for e in [
             TimelineError::NoHistory {
                 lsn: lsn("0/B00000"),
-                timeline: 2,
-                found: 1,
+                timeline: tl(2),
+                found: tl(1),
             },
             TimelineError::NotAncestor {
                 lsn: lsn("0/B00000"),
-                timeline: 2,
-                found: 1,
+                timeline: tl(2),
+                found: tl(1),
             },
         ] {
             let s = e.to_string();

@@ -577,6 +577,7 @@ fn xact_event(info: u8, xl_xid: u32, data: &[u8], magic: u16) -> Option<EventKin
 mod tests {
     use super::*;
     use crate::wal::synth::WalBuilder;
+    use crate::wal::timeline::tl;
 
     const PAGE: usize = crate::wal::WAL_PAGE_SIZE as usize;
 
@@ -881,7 +882,7 @@ mod tests {
                 VerifyParams {
                     system_identifier: SYSID,
                     segment_size: seg1m(),
-                    timeline: 1,
+                    timeline: tl(1),
                 },
                 start,
             );
