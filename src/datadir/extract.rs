@@ -901,16 +901,7 @@ mod tests {
     use bytes::Bytes;
     use std::os::unix::fs::MetadataExt;
 
-    /// Small deterministic PRNG (xorshift64*), so tests need no extra crates.
-    struct Rng(u64);
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 >> 12;
-            self.0 ^= self.0 << 25;
-            self.0 ^= self.0 >> 27;
-            self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-        }
-    }
+    use crate::wal::synth::TestRng as Rng;
 
     fn content(len: usize, seed: u8) -> Vec<u8> {
         (0..len)

@@ -961,19 +961,7 @@ mod tests {
         }
     }
 
-    /// Small deterministic PRNG (xorshift64*), as in the verifier's tests.
-    struct Rng(u64);
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 >> 12;
-            self.0 ^= self.0 << 25;
-            self.0 ^= self.0 >> 27;
-            self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-        }
-        fn below(&mut self, n: u64) -> u64 {
-            self.next() % n
-        }
-    }
+    use crate::wal::synth::TestRng as Rng;
 
     /// A record as a sink saw it: (lsn, end, header, image).
     type Seen = (Lsn, Lsn, RecordHeader, Option<Vec<u8>>);

@@ -212,3 +212,22 @@ impl WalBuilder {
         }
     }
 }
+
+/// Small deterministic PRNG (xorshift64*) for the randomized tests of the crate (WAL, tar,
+/// extractor), so they need no extra crate and a failing seed reproduces.
+#[derive(Debug, Clone)]
+pub struct TestRng(pub u64);
+
+impl TestRng {
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    /// A value below `n` (n > 0).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
