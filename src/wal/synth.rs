@@ -219,6 +219,7 @@ impl WalBuilder {
 pub struct TestRng(pub u64);
 
 impl TestRng {
+    #[allow(clippy::should_implement_trait)] // not an Iterator: it never ends
     pub fn next(&mut self) -> u64 {
         self.0 ^= self.0 >> 12;
         self.0 ^= self.0 << 25;
