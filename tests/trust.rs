@@ -38,19 +38,8 @@ fn slot_restart_lsn(pg: &PgCluster) -> String {
 }
 
 fn stream_cmd(pg: &PgCluster, archive: &str, extra: &[&str]) -> Command {
-    let mut c = walagent();
-    c.args([
-        "stream",
-        "--source",
-        &pg.repl_uri(),
-        "--archive",
-        archive,
-        "--slot",
-        SLOT,
-    ])
-    .args(extra)
-    .stdout(Stdio::null())
-    .stderr(Stdio::piped());
+    let mut c = support::stream_cmd(&pg.repl_uri(), archive, SLOT);
+    c.args(extra).stdout(Stdio::null()).stderr(Stdio::piped());
     c
 }
 
@@ -79,18 +68,8 @@ fn stream_to_now(
 
 /// Segment names (24 hex digits) of the complete segments under `wal_dir`, sorted.
 fn complete_segments(wal_dir: &Path) -> Vec<String> {
-    let mut v: Vec<String> = std::fs::read_dir(wal_dir)
-        .map(|rd| {
-            rd.filter_map(|e| {
-                let n = e.ok()?.file_name().into_string().ok()?;
-                let base = n.strip_suffix(".zst").unwrap_or(&n).to_string();
-                (base.len() == 24 && base.bytes().all(|b| b.is_ascii_hexdigit())).then_some(base)
-            })
-            .collect()
-        })
-        .unwrap_or_default();
-    v.sort();
-    v
+    // `archived_segments` looks in ARCHIVE/wal; S3 objects and moved archives give the wal dir.
+    support::archived_segments(wal_dir.parent().unwrap_or(wal_dir))
 }
 
 fn names_of(dir: &Path) -> Vec<String> {
