@@ -9,9 +9,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use support::s3::S3Server;
-use support::{
-    assert_ok, error_line, sigterm, stderr_of, wait_output, walagent, PgCluster, PgOptions,
-};
+use support::{assert_ok, error_line, sigterm, stderr_of, wait_output, PgCluster, PgOptions};
 
 const SLOT: &str = "walagent_trust";
 
