@@ -5,7 +5,7 @@
 mod support;
 
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -154,26 +154,13 @@ fn ids(c: &PgCluster) -> String {
     c.psql("SELECT coalesce(string_agg(id::text, ',' ORDER BY id), '') FROM t")
 }
 
-/// The archive (files 0600, written as root in CI) must be readable by the server's OS user.
-fn give_archive_to_postgres(archive: &Path) {
-    if support::is_root() {
-        let ok = Command::new("chown")
-            .arg("-R")
-            .arg("postgres:")
-            .arg(archive)
-            .status()
-            .unwrap();
-        assert!(ok.success());
-    }
-}
-
 #[test]
 fn restore_to_commit_time_lsn_xid_and_restore_point() {
     let t = support::tempdir();
     let archive = t.join("archive");
     let a = archive.to_str().unwrap().to_string();
     let s = scenario(&a, &[], 6);
-    give_archive_to_postgres(&archive);
+    support::chown_postgres_tree(&archive);
     let (ts4, xid5, lsn2) = (&s.rows[3].0, &s.rows[4].1, &s.rows[1].2);
 
     // Time, inclusive: rows 1..4; exclusive: rows 1..3.
@@ -484,7 +471,7 @@ fn restore_across_a_timeline_switch() {
     });
     support::sigterm(&agent);
     assert_ok(&wait_output(agent, Duration::from_secs(30)));
-    give_archive_to_postgres(&archive);
+    support::chown_postgres_tree(&archive);
 
     // Latest timeline, to the end: all four rows, on a new timeline after promotion.
     let (c, summary) = restore_and_start(&a, &[], &[]);
@@ -529,7 +516,7 @@ fn restore_a_tablespace_to_a_new_place() {
         "--checkpoint",
         "fast",
     ]));
-    give_archive_to_postgres(&archive);
+    support::chown_postgres_tree(&archive);
     let new_loc = PgCluster::new_dir("ts-new").join("loc");
     let mapping = format!("{}={}", loc.display(), new_loc.display());
     // Without a mapping the old location is not empty: refused before writing.
@@ -582,7 +569,7 @@ fn restore_a_backup_taken_from_a_standby() {
         "fast",
     ]);
     assert_ok(&o);
-    give_archive_to_postgres(&archive);
+    support::chown_postgres_tree(&archive);
     let (c, summary) = restore_and_start(&a, &[], &[]);
     assert_eq!(ids(&c), "1,2,3", "{summary}");
 }
@@ -729,7 +716,7 @@ fn restore_to_time_xid_and_name_when_the_archive_ends_in_a_partial() {
         "the clean stop leaves the partial"
     );
     assert!(!wal.join(format!("{}.zst", s.segment)).exists());
-    give_archive_to_postgres(&archive);
+    support::chown_postgres_tree(&archive);
     let (ts4, xid5) = (&s.rows[3].0, &s.rows[4].1);
 
     let (c, summary) = restore_and_start(&a, &[], &["--target-time", ts4]);

@@ -152,20 +152,6 @@ impl Steps {
     }
 }
 
-/// The archive (files 0600, written as root in CI) must be readable by the server's OS user,
-/// which runs `walagent wal-fetch` as its restore_command.
-fn give_to_postgres(path: &Path) {
-    if support::is_root() {
-        let ok = Command::new("chown")
-            .arg("-R")
-            .arg("postgres:")
-            .arg(path)
-            .status()
-            .unwrap();
-        assert!(ok.success());
-    }
-}
-
 /// Every segment in `names` fetched from `archive` equals `pg`'s pg_wal copy; the first page of
 /// each carries `magic`.
 fn assert_identical_to_pg_wal(pg: &PgCluster, archive: &Path, names: &[String], magic: u16) {
@@ -281,7 +267,7 @@ fn matrix(major: u32) {
     steps.step("stream");
 
     // -- 2. PITR restore to a restore point, and to a prepared transaction's commit ----------
-    give_to_postgres(&archive);
+    support::chown_postgres_tree(&archive);
     let r = restore_and_start(&a, &bin, major, &["--target-name", "rp3"]);
     assert_eq!(ids(&r), "1,2,3");
     let log = fs::read_to_string(r.log_path()).unwrap_or_default();

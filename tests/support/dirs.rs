@@ -29,15 +29,7 @@ impl TestDir {
     /// Recursively chowns the directory to the `postgres` OS user when running as root
     /// (no-op otherwise), e.g. for a directory the server itself has to write into.
     pub fn give_to_postgres(&self) {
-        if is_root() {
-            run_ok(
-                Command::new("chown")
-                    .arg("-R")
-                    .arg("postgres:")
-                    .arg(&self.path),
-                "chown -R postgres",
-            );
-        }
+        chown_postgres_tree(&self.path)
     }
 }
 
@@ -83,6 +75,17 @@ pub(super) fn postgres_ids() -> (libc::uid_t, libc::gid_t) {
 /// Gives one path to the `postgres` OS user when running as root (no-op otherwise).
 pub fn chown_postgres_path(path: &Path) {
     chown_postgres(path)
+}
+
+/// Recursively chowns `path` to the `postgres` OS user when running as root (no-op otherwise),
+/// e.g. an archive (files 0600) that the server's restore_command has to read.
+pub fn chown_postgres_tree(path: &Path) {
+    if is_root() {
+        run_ok(
+            Command::new("chown").arg("-R").arg("postgres:").arg(path),
+            "chown -R postgres",
+        );
+    }
 }
 
 pub(super) fn chown_postgres(path: &Path) {

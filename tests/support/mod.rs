@@ -83,7 +83,7 @@ pub use self::{
         assert_ok, error_line, is_root, pg_bin, psql_conninfo, run_command, run_walagent, sigterm,
         stderr_of, stream_cmd, wait_output, walagent, walagent_path_for_postgres,
     },
-    dirs::{chown_postgres_path, tempdir, TestDir},
+    dirs::{chown_postgres_path, chown_postgres_tree, tempdir, TestDir},
     process::{pid_alive, stop_prefetch_worker},
     replication::ReplicationRow,
     roles::{
