@@ -6,7 +6,9 @@
 //! protocol, wal            -> (wal), fsutil
 //! archive                  -> wal, fsutil
 //! datadir                  -> archive, protocol, wal, fsutil
-//! receive, backup, restore -> datadir, archive, protocol, wal, fsutil   (never each other)
+//! receive, backup, restore, lifecycle
+//!                          -> datadir, archive, protocol, wal, fsutil   (never each other)
+//! service                  -> receive, backup, restore, lifecycle and below
 //! cli                      -> anything (parses and resolves; main.rs dispatches)
 //! ```
 
@@ -22,7 +24,20 @@ fn allowed(module: &str) -> Option<&'static [&'static str]> {
         "protocol" => &["wal", "fsutil"],
         "archive" => &["wal", "fsutil"],
         "datadir" => &["archive", "protocol", "wal", "fsutil"],
-        "receive" | "backup" | "restore" => &["datadir", "archive", "protocol", "wal", "fsutil"],
+        "receive" | "backup" | "restore" | "lifecycle" => {
+            &["datadir", "archive", "protocol", "wal", "fsutil"]
+        }
+        "service" => &[
+            "receive",
+            "backup",
+            "restore",
+            "lifecycle",
+            "datadir",
+            "archive",
+            "protocol",
+            "wal",
+            "fsutil",
+        ],
         "cli" => return None,
         _ => return None,
     })
@@ -93,7 +108,16 @@ fn layers_point_down_only() {
         }
     }
     for m in [
-        "fsutil", "wal", "protocol", "archive", "datadir", "receive", "backup", "restore",
+        "fsutil",
+        "wal",
+        "protocol",
+        "archive",
+        "datadir",
+        "receive",
+        "backup",
+        "restore",
+        "lifecycle",
+        "service",
     ] {
         assert!(seen.contains(m), "module {m} not found under src/");
     }

@@ -1,0 +1,1 @@
+//! `walagent expire` (work in progress).

@@ -1,0 +1,1 @@
+//! `walagent wal-push` (work in progress).

@@ -1,0 +1,1 @@
+//! `walagent status` (work in progress).

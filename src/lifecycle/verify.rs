@@ -1,0 +1,1 @@
+//! `walagent verify` (work in progress).
