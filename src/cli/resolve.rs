@@ -138,6 +138,7 @@ impl StreamArgs {
                 .unwrap_or_else(|| default_archive_workers(cpus)),
             archive_identity,
             stop_timeout: Duration::from_secs(self.stop_timeout),
+            stats: Default::default(),
         }
     }
 }

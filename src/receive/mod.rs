@@ -20,6 +20,7 @@ pub mod flush;
 pub mod resume;
 pub mod spool;
 pub mod state;
+pub mod stats;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -64,6 +65,8 @@ pub struct StreamOptions {
     /// How long a requested stop may take (making WAL durable, final uploads) before walagent
     /// gives up and exits non-zero, leaving the rest in the spool for the next start.
     pub stop_timeout: Duration,
+    /// Live figures for metrics (`receive::stats`); a fresh one when nobody reads them.
+    pub stats: Arc<stats::StreamStats>,
 }
 
 /// What "flushed" means in the status updates sent to the server.
