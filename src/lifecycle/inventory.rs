@@ -263,13 +263,19 @@ pub fn backup_path(line: &[Step], b: &BackupInfo) -> Result<Vec<Step>, String> {
     let target = line.last().map_or(Timeline::FIRST, |s| s.timeline);
     let k = line
         .iter()
-        .position(|s| s.timeline == b.timeline && b.start_lsn >= s.begin)
+        .position(|s| s.timeline == b.timeline)
         .ok_or_else(|| {
             format!(
-                "it is on timeline {}, which is not on timeline {target}'s line",
+                "it is on timeline {}, which is not an ancestor of timeline {target}",
                 b.timeline
             )
         })?;
+    if b.start_lsn < line[k].begin {
+        return Err(format!(
+            "it started at {} on timeline {}, before that timeline began at {}",
+            b.start_lsn, b.timeline, line[k].begin
+        ));
+    }
     if let Some(end) = line[k].end {
         if b.start_lsn >= end {
             return Err(format!(
