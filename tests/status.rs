@@ -1,0 +1,261 @@
+//! `walagent status` against real PostgreSQL servers and s3s-fs: what it reports is checked
+//! against the server (system identifier, segments, LSNs, commit times); a deleted segment, an
+//! interrupted backup and stray keys; almost-valid archives.
+
+mod support;
+
+use std::fs;
+
+use serde_json::Value;
+use support::lifecycle::{lifecycle_scenario, status_json};
+use support::s3::S3Server;
+use support::{error_line, run_walagent, stderr_of};
+
+fn lsn(s: &str) -> u64 {
+    let (hi, lo) = s.split_once('/').unwrap();
+    (u64::from_str_radix(hi, 16).unwrap() << 32) | u64::from_str_radix(lo, 16).unwrap()
+}
+
+fn pg_ts(s: &str) -> chrono::DateTime<chrono::Utc> {
+    // PostgreSQL: 2026-12-01 17:20:01.123456+00
+    let s = format!("{s}:00");
+    chrono::DateTime::parse_from_str(&s, "%Y-%m-%d %H:%M:%S%.f%:z")
+        .unwrap_or_else(|e| panic!("{s}: {e}"))
+        .with_timezone(&chrono::Utc)
+}
+
+fn rfc(s: &str) -> chrono::DateTime<chrono::Utc> {
+    chrono::DateTime::parse_from_rfc3339(s)
+        .unwrap()
+        .with_timezone(&chrono::Utc)
+}
+
+fn problems(v: &Value) -> Vec<(String, String)> {
+    v["problems"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            (
+                p["object"].as_str().unwrap().to_string(),
+                p["problem"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn status_of_a_streamed_archive_with_two_backups() {
+    let t = support::tempdir();
+    let archive = t.join("archive");
+    let a = archive.to_str().unwrap().to_string();
+    let s = lifecycle_scenario(&a, &[], 2);
+    // Stray and foreign keys: ignored, never flagged.
+    fs::write(archive.join("verify.json"), "{}").unwrap();
+    fs::create_dir_all(archive.join("verify")).unwrap();
+    fs::write(archive.join("verify/state"), "x").unwrap();
+    fs::write(archive.join("wal/README"), "notes").unwrap();
+    fs::write(archive.join("backups/notes.txt"), "x").unwrap();
+
+    let (code, v) = status_json(&a, &[]);
+    assert_eq!(code, 0, "{v:#}");
+    for k in [
+        "system_identifier",
+        "timelines",
+        "backups",
+        "recoverable",
+        "problems",
+    ] {
+        assert!(v.get(k).is_some(), "{k} missing: {v:#}");
+    }
+    assert_eq!(
+        v["system_identifier"].as_str().unwrap(),
+        s.pg.system_identifier().to_string()
+    );
+    assert!(v["problems"].as_array().unwrap().is_empty(), "{v:#}");
+    let tls = v["timelines"].as_array().unwrap();
+    assert_eq!(tls.len(), 1, "{v:#}");
+    let tl = &tls[0];
+    assert_eq!(tl["timeline"], 1);
+    assert!(tl["gaps"].as_array().unwrap().is_empty());
+    // The last archived segment is the one before endpos (a segment start after a switch).
+    let end = lsn(&s.endpos);
+    let last_needed = format!("{:X}/{:X}", (end - 1) >> 32, (end - 1) & 0xFFFF_FFFF);
+    assert_eq!(
+        tl["last_segment"].as_str().unwrap(),
+        s.pg.walfile_name(&last_needed),
+        "{v:#}"
+    );
+    assert_eq!(lsn(tl["end_lsn"].as_str().unwrap()), end, "{v:#}");
+    // Backups: as backup.json (and the server) recorded them.
+    let o = run_walagent(&["backups", "--archive", &a, "--json"], &[]);
+    let listed: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let bs = v["backups"].as_array().unwrap();
+    assert_eq!(bs.len(), 2);
+    for (b, l) in bs.iter().zip(listed.as_array().unwrap()) {
+        assert_eq!(b["id"], l["id"]);
+        assert_eq!(b["state"], "complete");
+        assert_eq!(b["start_lsn"], l["start_lsn"]);
+        assert_eq!(b["stop_lsn"], l["end_lsn"]);
+        assert_eq!(b["stop_time"], l["stop_time"]);
+        assert!(b["size_bytes"].as_u64().unwrap() > 0);
+        assert_eq!(b["recovery"]["usable"], true, "{b:#}");
+    }
+    assert_eq!(bs[1]["recovery"]["reaches_newest"], true);
+    // Rows committed after backup 0 lie after its consistency point.
+    assert!(lsn(bs[0]["stop_lsn"].as_str().unwrap()) < lsn(&s.rows[0][0].lsn));
+    // The window: from the oldest backup's consistency point to the end of the WAL, whose time
+    // is the last commit (a pad row after the newest backup's rows).
+    let r = &v["recoverable"];
+    assert_eq!(r["timeline"], 1);
+    assert_eq!(r["earliest"]["lsn"], bs[0]["stop_lsn"]);
+    assert_eq!(r["earliest"]["time"], bs[0]["stop_time"]);
+    assert_eq!(r["earliest"]["backup"], bs[0]["id"]);
+    let latest = lsn(r["latest"]["lsn"].as_str().unwrap());
+    assert!(latest <= end && latest > end - (1 << 20), "{r:#}");
+    assert_eq!(r["latest"]["time_source"], "commit", "{r:#}");
+    let last_commit = s.pg.psql(
+        "SELECT max(pg_xact_commit_timestamp(xmin))::text FROM pad",
+    );
+    assert_eq!(
+        rfc(r["latest"]["time"].as_str().unwrap()),
+        pg_ts(&last_commit),
+        "{r:#}"
+    );
+
+    // The text form: short and aligned, with the same facts.
+    let o = run_walagent(&["status", "--archive", &a], &[]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr_of(&o));
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(text.contains(&s.backups[0]) && text.contains("OK:"), "{text}");
+    assert!(text.contains("recoverable on timeline 1: "), "{text}");
+
+    // A deleted middle segment (between the two backups) cuts the older one off: exit 1.
+    let first_b1 = bs[1]["wal_start_segment"].as_str().unwrap().to_string();
+    let first_b0 = bs[0]["wal_start_segment"].as_str().unwrap().to_string();
+    let mut segs: Vec<String> = fs::read_dir(archive.join("wal"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.len() == 28 && n.ends_with(".zst"))
+        .filter(|n| n[..24] > *first_b0 && n[..24] < *first_b1)
+        .collect();
+    segs.sort();
+    let victim = segs[segs.len() / 2].clone();
+    let moved = t.join("moved");
+    fs::rename(archive.join("wal").join(&victim), &moved).unwrap();
+    let (code, v) = status_json(&a, &[]);
+    assert_eq!(code, 1, "{v:#}");
+    let ps = problems(&v);
+    assert_eq!(ps.len(), 1, "{v:#}");
+    assert_eq!(ps[0].0, victim[..24]);
+    assert!(ps[0].1.contains(bs[0]["id"].as_str().unwrap()), "{ps:?}");
+    let gaps = v["timelines"][0]["gaps"].as_array().unwrap();
+    assert_eq!(gaps.len(), 1);
+    assert_eq!(gaps[0]["from"].as_str().unwrap(), &victim[..24]);
+    assert_eq!(gaps[0]["segments"], 1);
+    // The window still runs to the end from the newer backup.
+    assert_eq!(v["recoverable"]["latest"]["backup"], bs[1]["id"]);
+    let o = run_walagent(&["status", "--archive", &a], &[]);
+    assert_eq!(o.status.code(), Some(1));
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(text.contains(&victim[..24]) && text.contains("PROBLEM"), "{text}");
+    fs::rename(&moved, archive.join("wal").join(&victim)).unwrap();
+
+    // An interrupted backup (objects, no backup.json): reported, not limiting.
+    let b1 = bs[1]["id"].as_str().unwrap().to_string();
+    let info = archive.join("backups").join(&b1).join("backup.json");
+    let kept = t.join("backup.json");
+    fs::rename(&info, &kept).unwrap();
+    let (code, v) = status_json(&a, &[]);
+    assert_eq!(code, 0, "{v:#}");
+    assert_eq!(v["backups"][1]["state"], "incomplete");
+    let ps = problems(&v);
+    assert_eq!(ps.len(), 1, "{v:#}");
+    assert_eq!(ps[0].0, format!("backups/{b1}/"));
+    assert!(ps[0].1.contains("incomplete"), "{ps:?}");
+    assert_eq!(v["recoverable"]["latest"]["backup"], bs[0]["id"]);
+    fs::rename(&kept, &info).unwrap();
+
+    // status never wrote: the only objects are those the scenario and the test put there.
+    assert!(!archive.join("wal").read_dir().unwrap().any(|e| e
+        .unwrap()
+        .file_name()
+        .to_string_lossy()
+        .starts_with('.')));
+}
+
+#[test]
+fn status_on_s3() {
+    let s3 = S3Server::start();
+    let env = s3.env();
+    let url = s3.url("st");
+    let s = lifecycle_scenario(&url, &env, 1);
+    let (code, v) = status_json(&url, &env);
+    assert_eq!(code, 0, "{v:#}");
+    assert_eq!(
+        v["system_identifier"].as_str().unwrap(),
+        s.pg.system_identifier().to_string()
+    );
+    assert_eq!(v["backups"][0]["id"].as_str().unwrap(), s.backups[0]);
+    assert_eq!(v["archive"].as_str().unwrap(), url);
+    assert!(v["recoverable"]["latest"]["time"].is_string(), "{v:#}");
+    // Delete a segment in the bucket: the same gap as on a local archive.
+    let o = run_walagent(&["backups", "--archive", &url, "--json"], &env);
+    let b: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let first = b[0]["wal_start_segment"].as_str().unwrap().to_string();
+    let wal = s3.object_path("st/wal");
+    let mut segs: Vec<String> = fs::read_dir(&wal)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.len() == 28 && n.ends_with(".zst") && n[..24] > *first)
+        .collect();
+    segs.sort();
+    let victim = segs[segs.len() / 2].clone();
+    fs::remove_file(wal.join(&victim)).unwrap();
+    let (code, v) = status_json(&url, &env);
+    assert_eq!(code, 1, "{v:#}");
+    assert_eq!(problems(&v)[0].0, victim[..24], "{v:#}");
+    // An unreachable S3 endpoint: exit 2, one line.
+    s3.stop();
+    let o = run_walagent(&["status", "--archive", &url], &env);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr_of(&o));
+    assert!(error_line(&o).starts_with("walagent: error: "), "{}", stderr_of(&o));
+}
+
+#[test]
+fn almost_valid_archives() {
+    let t = support::tempdir();
+    // An empty directory: an empty archive, nothing restorable (exit 1).
+    let empty = t.join("empty");
+    fs::create_dir(&empty).unwrap();
+    let e = empty.to_str().unwrap();
+    let (code, v) = status_json(e, &[]);
+    assert_eq!(code, 1, "{v:#}");
+    assert!(v["system_identifier"].is_null());
+    assert_eq!(problems(&v)[0].0, "backups/");
+    assert!(v["recoverable"].is_null());
+    // A directory that is not an archive: exit 2 with a hint, nothing written.
+    let other = t.join("other");
+    fs::create_dir(&other).unwrap();
+    fs::write(other.join("notes.txt"), "mine").unwrap();
+    let o = run_walagent(&["status", "--archive", other.to_str().unwrap()], &[]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr_of(&o));
+    let line = error_line(&o);
+    assert!(
+        line.contains("not a walagent archive") && line.contains("hint:"),
+        "{line}"
+    );
+    assert_eq!(fs::read_dir(&other).unwrap().count(), 1);
+    // A missing directory: exit 2, not created.
+    let missing = t.join("missing");
+    let o = run_walagent(&["status", "--archive", missing.to_str().unwrap()], &[]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr_of(&o));
+    assert!(!missing.exists());
+    // A walagent.json that is not JSON.
+    let bad = t.join("bad");
+    fs::create_dir(&bad).unwrap();
+    fs::write(bad.join("walagent.json"), "{").unwrap();
+    let o = run_walagent(&["status", "--archive", bad.to_str().unwrap()], &[]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr_of(&o));
+    assert!(error_line(&o).contains("walagent.json"), "{}", error_line(&o));
+}
