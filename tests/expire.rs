@@ -73,7 +73,11 @@ fn restore_to(a: &str, lsn: &str) -> (Option<PgCluster>, std::process::Output) {
         &[],
     );
     if !o.status.success() {
-        assert!(!pgdata.exists(), "a refused restore wrote {}", pgdata.display());
+        assert!(
+            !pgdata.exists(),
+            "a refused restore wrote {}",
+            pgdata.display()
+        );
         let _ = fs::remove_dir_all(&dir);
         return (None, o);
     }
@@ -224,7 +228,10 @@ fn almost_valid_command_lines_and_archives() {
     let d = dir.to_str().unwrap();
     for (args, want) in [
         (vec!["--retain-full", "0"], "0"),
-        (vec!["--retain-full", "1", "--retain-days", "3"], "cannot be used with"),
+        (
+            vec!["--retain-full", "1", "--retain-days", "3"],
+            "cannot be used with",
+        ),
         (vec![], "required"),
         (vec!["--retain-days", "-1"], "-1"),
     ] {
@@ -247,12 +254,21 @@ fn almost_valid_command_lines_and_archives() {
     let o = run_walagent(&["expire", "--archive", d, "--retain-full", "1"], &[]);
     assert_eq!(o.status.code(), Some(2), "{}", stderr_of(&o));
     let line = error_line(&o);
-    assert!(line.contains("not a walagent archive") && line.contains("hint:"), "{line}");
+    assert!(
+        line.contains("not a walagent archive") && line.contains("hint:"),
+        "{line}"
+    );
     assert!(dir.join("precious").exists());
     // A missing directory is not created.
     let missing = t.join("missing");
     let o = run_walagent(
-        &["expire", "--archive", missing.to_str().unwrap(), "--retain-full", "1"],
+        &[
+            "expire",
+            "--archive",
+            missing.to_str().unwrap(),
+            "--retain-full",
+            "1",
+        ],
         &[],
     );
     assert_eq!(o.status.code(), Some(2), "{}", stderr_of(&o));

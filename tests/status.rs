@@ -114,9 +114,8 @@ fn status_of_a_streamed_archive_with_two_backups() {
     let latest = lsn(r["latest"]["lsn"].as_str().unwrap());
     assert!(latest <= end && latest > end - (1 << 20), "{r:#}");
     assert_eq!(r["latest"]["time_source"], "commit", "{r:#}");
-    let last_commit = s.pg.psql(
-        "SELECT max(pg_xact_commit_timestamp(xmin))::text FROM pad",
-    );
+    let last_commit =
+        s.pg.psql("SELECT max(pg_xact_commit_timestamp(xmin))::text FROM pad");
     assert_eq!(
         rfc(r["latest"]["time"].as_str().unwrap()),
         pg_ts(&last_commit),
@@ -127,7 +126,10 @@ fn status_of_a_streamed_archive_with_two_backups() {
     let o = run_walagent(&["status", "--archive", &a], &[]);
     assert_eq!(o.status.code(), Some(0), "{}", stderr_of(&o));
     let text = String::from_utf8_lossy(&o.stdout);
-    assert!(text.contains(&s.backups[0]) && text.contains("OK:"), "{text}");
+    assert!(
+        text.contains(&s.backups[0]) && text.contains("OK:"),
+        "{text}"
+    );
     assert!(text.contains("recoverable on timeline 1: "), "{text}");
 
     // A deleted middle segment (between the two backups) cuts the older one off: exit 1.
@@ -158,7 +160,10 @@ fn status_of_a_streamed_archive_with_two_backups() {
     let o = run_walagent(&["status", "--archive", &a], &[]);
     assert_eq!(o.status.code(), Some(1));
     let text = String::from_utf8_lossy(&o.stdout);
-    assert!(text.contains(&victim[..24]) && text.contains("PROBLEM"), "{text}");
+    assert!(
+        text.contains(&victim[..24]) && text.contains("PROBLEM"),
+        "{text}"
+    );
     fs::rename(&moved, archive.join("wal").join(&victim)).unwrap();
 
     // An interrupted backup (objects, no backup.json): reported, not limiting.
@@ -219,7 +224,11 @@ fn status_on_s3() {
     s3.stop();
     let o = run_walagent(&["status", "--archive", &url], &env);
     assert_eq!(o.status.code(), Some(2), "{}", stderr_of(&o));
-    assert!(error_line(&o).starts_with("walagent: error: "), "{}", stderr_of(&o));
+    assert!(
+        error_line(&o).starts_with("walagent: error: "),
+        "{}",
+        stderr_of(&o)
+    );
 }
 
 #[test]
@@ -257,5 +266,9 @@ fn almost_valid_archives() {
     fs::write(bad.join("walagent.json"), "{").unwrap();
     let o = run_walagent(&["status", "--archive", bad.to_str().unwrap()], &[]);
     assert_eq!(o.status.code(), Some(2), "{}", stderr_of(&o));
-    assert!(error_line(&o).contains("walagent.json"), "{}", error_line(&o));
+    assert!(
+        error_line(&o).contains("walagent.json"),
+        "{}",
+        error_line(&o)
+    );
 }

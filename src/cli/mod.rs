@@ -156,15 +156,13 @@ pub enum Command {
     )]
     Restore(RestoreArgs),
     /// Show what the archive can restore: timelines, gaps, backups, the recoverable window.
-    #[command(
-        long_about = "Show what the archive can restore (read-only).\n\n\
+    #[command(long_about = "Show what the archive can restore (read-only).\n\n\
             Per timeline: first and last segment, begin and end LSN, gaps, a trailing .partial; the \
             timeline history; every backup (complete or incomplete) and how far its recovery reaches; the \
             recoverable window along the latest timeline (earliest and latest point, as LSN and time); and \
             problems, each naming the segment, history file or backup. Exit status: 0 when the newest \
             backup reaches the newest archived WAL and no problem limits recovery, 1 when a problem \
-            limits recovery, 2 when the archive cannot be read."
-    )]
+            limits recovery, 2 when the archive cannot be read.")]
     Status(StatusArgs),
     /// Delete backups beyond a retention policy, and the WAL no kept backup needs.
     #[command(

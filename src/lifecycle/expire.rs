@@ -287,7 +287,11 @@ pub fn render(r: &ExpireReport, location: &str) -> String {
     } else {
         out.push_str(&format!(
             "{} {} backup{} and {} WAL object{} ({}) from {location}\n",
-            if r.dry_run { "dry run: would free" } else { "freed" },
+            if r.dry_run {
+                "dry run: would free"
+            } else {
+                "freed"
+            },
             r.backups.len(),
             if r.backups.len() == 1 { "" } else { "s" },
             r.wal_objects.len(),
@@ -380,7 +384,9 @@ mod tests {
         let keys: Vec<String> = p.wal.iter().map(|f| f.key.clone()).collect();
         assert_eq!(
             keys,
-            (2..=5).map(|s| format!("wal/{}.zst", seg(1, s))).collect::<Vec<_>>()
+            (2..=5)
+                .map(|s| format!("wal/{}.zst", seg(1, s)))
+                .collect::<Vec<_>>()
         );
         // A second run over the result deletes nothing.
         let (o2, b2) = apply(&objs, &bs, &p);
@@ -428,9 +434,19 @@ mod tests {
     fn an_unusable_newest_backup_keeps_an_older_usable_one() {
         // C's WAL has a gap before its consistency point (segment 10 missing).
         let objs = listing(&[(1, 2..=9), (1, 11..=12)], &[], &[]);
-        let mut c = backup("C", 1, lsn("0/9000028"), lsn("0/A000100"), "2026-11-28T00:00:00Z");
+        let mut c = backup(
+            "C",
+            1,
+            lsn("0/9000028"),
+            lsn("0/A000100"),
+            "2026-11-28T00:00:00Z",
+        );
         c.end_timeline = tl(1);
-        let bs = vec![b_at("A", 1, 3), b_at("B", 1, 6), Listed::Complete(Box::new(c))];
+        let bs = vec![
+            b_at("A", 1, 3),
+            b_at("B", 1, 6),
+            Listed::Complete(Box::new(c)),
+        ];
         let inv = build(&objs, &BTreeMap::new(), &bs);
         let p = plan(&inv, RetentionPolicy::Full(1), now()).unwrap();
         assert_eq!(p.kept, vec!["B", "C"]);
@@ -544,8 +560,12 @@ mod tests {
                 assert_eq!(reach(&inv, id), reach(&inv2, id), "{}", ctx());
             }
             assert_eq!(
-                inv.window.as_ref().map(|w| (&w.latest.segment, w.latest.partial)),
-                inv2.window.as_ref().map(|w| (&w.latest.segment, w.latest.partial)),
+                inv.window
+                    .as_ref()
+                    .map(|w| (&w.latest.segment, w.latest.partial)),
+                inv2.window
+                    .as_ref()
+                    .map(|w| (&w.latest.segment, w.latest.partial)),
                 "{}",
                 ctx()
             );
@@ -558,7 +578,11 @@ mod tests {
             };
             assert_eq!(hk(&objs), hk(&o2));
             let p2 = plan(&inv2, policy, now()).unwrap();
-            assert!(p2.backups.is_empty() && p2.wal.is_empty(), "{}\n{p2:?}", ctx());
+            assert!(
+                p2.backups.is_empty() && p2.wal.is_empty(),
+                "{}\n{p2:?}",
+                ctx()
+            );
         }
     }
 }

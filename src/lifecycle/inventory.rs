@@ -215,8 +215,16 @@ struct Present {
 
 impl Present {
     fn last_on(&self, tli: Timeline, lo: u64, hi: u64) -> Option<(u64, bool)> {
-        let c = self.complete.range((tli, lo)..=(tli, hi)).next_back().map(|x| x.1);
-        let p = self.partial.range((tli, lo)..=(tli, hi)).next_back().map(|x| x.1);
+        let c = self
+            .complete
+            .range((tli, lo)..=(tli, hi))
+            .next_back()
+            .map(|x| x.1);
+        let p = self
+            .partial
+            .range((tli, lo)..=(tli, hi))
+            .next_back()
+            .map(|x| x.1);
         match (c, p) {
             (Some(c), Some(p)) if p > c => Some((p, true)),
             (Some(c), _) => Some((c, false)),
@@ -543,10 +551,8 @@ impl Inventory {
                 );
             }
         }
-        let line = timeline_line(&inp.histories, target);
-        let newest = line
-            .as_ref()
-            .and_then(|l| path_newest(l, &present, size));
+        let line = timeline_line(inp.histories, target);
+        let newest = line.as_ref().and_then(|l| path_newest(l, &present, size));
 
         for e in entries.iter_mut() {
             let Some(info) = &e.info else { continue };
@@ -718,9 +724,9 @@ impl Inventory {
     pub fn healthy(&self) -> bool {
         !self.problems.iter().any(|p| p.limits_recovery)
             && self.window.is_some()
-            && self.newest_complete().is_some_and(|e| {
-                matches!(&e.reach, Some(Ok(r)) if r.consistent && r.reaches_newest)
-            })
+            && self.newest_complete().is_some_and(
+                |e| matches!(&e.reach, Some(Ok(r)) if r.consistent && r.reaches_newest),
+            )
     }
 
     /// The newest complete backup, as restore orders them (end LSN, then id).
@@ -790,15 +796,14 @@ fn walk(
         }
     }
     let end_lsn = match end {
-        Some((id, true)) => inp
-            .partials
-            .get(&id)
-            .map_or(id.start_lsn(size), |c| c.end),
+        Some((id, true)) => inp.partials.get(&id).map_or(id.start_lsn(size), |c| c.end),
         Some((id, false)) => id.end_lsn(size),
         None => start_segment.start_lsn(size),
     };
     let consistent = match end {
-        Some((id, _)) => id.segno > consistency_seg || (id.segno == consistency_seg && end_lsn >= b.end_lsn),
+        Some((id, _)) => {
+            id.segno > consistency_seg || (id.segno == consistency_seg && end_lsn >= b.end_lsn)
+        }
         None => false,
     };
     // A cut before consistency is reported as the WAL not reaching consistency only when
@@ -1017,10 +1022,7 @@ pub(crate) mod tests {
             },
         ];
         let inv = build(&objs, &BTreeMap::new(), &bs);
-        assert_eq!(
-            objects(&inv),
-            vec!["backups/B/", "backups/C/backup.json"]
-        );
+        assert_eq!(objects(&inv), vec!["backups/B/", "backups/C/backup.json"]);
         assert!(inv.problems.iter().all(|p| !p.limits_recovery));
         assert!(inv.healthy());
         let inv = build(&objs, &BTreeMap::new(), &bs[1..]);
@@ -1055,7 +1057,10 @@ pub(crate) mod tests {
         let r = a.reach.as_ref().unwrap().as_ref().unwrap();
         assert_eq!(r.end_segment, Some(SegmentId::new(tl(2), 8)));
         assert!(r.reaches_newest && r.consistent);
-        assert_eq!(inv.timeline(tl(1)).unwrap().switched_at, Some(lsn("0/6000100")));
+        assert_eq!(
+            inv.timeline(tl(1)).unwrap().switched_at,
+            Some(lsn("0/6000100"))
+        );
         assert_eq!(
             inv.timeline(tl(2)).unwrap().parent,
             Some((tl(1), lsn("0/6000100")))
@@ -1064,7 +1069,9 @@ pub(crate) mod tests {
         let objs = listing(&[(1, 3..=4), (2, 6..=8)], &[], &[2]);
         let inv = build(&objs, &h, &bs);
         assert_eq!(objects(&inv), vec![seg(1, 5)]);
-        assert!(inv.problems[0].problem.contains("timeline 1 was left at 0/6000100"));
+        assert!(inv.problems[0]
+            .problem
+            .contains("timeline 1 was left at 0/6000100"));
         assert!(inv.problems[0].limits_recovery);
         // Without a backup on TL1: still reported, not limiting.
         let inv = build(&objs, &h, &bs[1..]);
@@ -1115,14 +1122,23 @@ pub(crate) mod tests {
         assert!(!inv.backups[1].usable() && inv.backups[0].usable());
         assert_eq!(inv.timelines[0].end_lsn(S16), Some(lsn("0/6000080")));
         let w = inv.window.unwrap();
-        assert_eq!((w.earliest.backup.as_str(), w.latest.backup.as_str()), ("A", "A"));
+        assert_eq!(
+            (w.earliest.backup.as_str(), w.latest.backup.as_str()),
+            ("A", "A")
+        );
         assert_eq!(w.latest.lsn, lsn("0/6000080"));
     }
 
     #[test]
     fn foreign_backups_are_not_used() {
         let objs = listing(&[(1, 3..=5)], &[], &[]);
-        let mut b = backup("A", 1, lsn("0/3000028"), lsn("0/3000100"), "2026-11-22T10:00:00Z");
+        let mut b = backup(
+            "A",
+            1,
+            lsn("0/3000028"),
+            lsn("0/3000100"),
+            "2026-11-22T10:00:00Z",
+        );
         b.system_identifier = "1".into();
         let bs = vec![Listed::Complete(Box::new(b))];
         let inv = build(&objs, &BTreeMap::new(), &bs);

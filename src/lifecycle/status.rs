@@ -321,7 +321,9 @@ pub async fn status(store: &dyn Store) -> Result<Status, StatusError> {
                 }
                 found = events
                     .iter()
-                    .filter(|e| matches!(e.kind, EventKind::Commit { .. } | EventKind::Abort { .. }))
+                    .filter(|e| {
+                        matches!(e.kind, EventKind::Commit { .. } | EventKind::Abort { .. })
+                    })
                     .filter(|e| e.lsn >= info.end_lsn)
                     .max_by_key(|e| e.lsn)
                     .map(|e| (e.lsn, e.kind.time_us()));
@@ -657,7 +659,10 @@ pub fn render(st: &Status) -> String {
                     i.timeline.to_string(),
                     i.start_lsn.to_string(),
                     i.end_lsn.to_string(),
-                    i.stop_time.get(..19).unwrap_or(&i.stop_time).replace('T', " "),
+                    i.stop_time
+                        .get(..19)
+                        .unwrap_or(&i.stop_time)
+                        .replace('T', " "),
                 ),
                 None => ("-".into(), "-".into(), "-".into(), "-".into()),
             };
