@@ -274,3 +274,37 @@ fn almost_valid_command_lines_and_archives() {
     assert_eq!(o.status.code(), Some(2), "{}", stderr_of(&o));
     assert!(!missing.exists());
 }
+
+#[test]
+fn expire_on_s3() {
+    let s3 = support::s3::S3Server::start();
+    let env = s3.env();
+    let url = s3.url("ex");
+    let s = lifecycle_scenario(&url, &env, 2);
+    let (_, before) = status_json(&url, &env);
+    let start1 = before["backups"][1]["wal_start_segment"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let o = run_walagent(
+        &["expire", "--archive", &url, "--retain-full", "1", "--json"],
+        &env,
+    );
+    assert_ok(&o);
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(strings(&v["deleted_backups"]), vec![s.backups[0].clone()]);
+    assert!(!s3
+        .object_path(&format!("ex/backups/{}", s.backups[0]))
+        .join("backup.json")
+        .exists());
+    let (code, st) = status_json(&url, &env);
+    assert_eq!(code, 0, "{st:#}");
+    assert_eq!(st["backups"].as_array().unwrap().len(), 1, "{st:#}");
+    assert_eq!(
+        st["timelines"][0]["first_segment"].as_str().unwrap(),
+        start1
+    );
+    let o = run_walagent(&["expire", "--archive", &url, "--retain-full", "1"], &env);
+    assert_ok(&o);
+    assert!(String::from_utf8_lossy(&o.stdout).contains("nothing to expire"));
+}

@@ -272,3 +272,107 @@ fn almost_valid_archives() {
         error_line(&o)
     );
 }
+
+/// A standby promoted while `walagent stream` archives from it: status follows timeline 2 from
+/// a timeline-1 backup; with the last timeline-1 segment before the switch gone, it reports
+/// timeline 1's end as missing.
+#[test]
+fn status_across_a_timeline_switch() {
+    use std::process::Stdio;
+    use std::time::Duration;
+    use support::{assert_ok, wait_output, wait_until, walagent, PgCluster};
+    let opts = support::lifecycle::lifecycle_opts;
+    let primary = PgCluster::start(opts());
+    let standby = primary.create_standby(opts());
+    standby.psql("SELECT pg_create_physical_replication_slot('archiver', true)");
+    let t = support::tempdir();
+    let archive = t.join("archive");
+    let a = archive.to_str().unwrap().to_string();
+    let agent = walagent()
+        .args([
+            "stream",
+            "--source",
+            &standby.repl_uri(),
+            "--archive",
+            &a,
+            "--slot",
+            "archiver",
+            "--status-interval",
+            "1",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    primary.psql("CREATE TABLE t (id int primary key)");
+    assert_ok(&run_walagent(
+        &[
+            "backup",
+            "--source",
+            &primary.repl_uri(),
+            "--archive",
+            &a,
+            "--checkpoint",
+            "fast",
+        ],
+        &[],
+    ));
+    primary.psql("INSERT INTO t VALUES (1)");
+    primary.switch_wal();
+    primary.psql("INSERT INTO t VALUES (2)");
+    primary.switch_wal();
+    let tl1_end = primary.current_lsn();
+    wait_until(
+        Duration::from_secs(60),
+        "the standby replays timeline 1",
+        || standby.psql(&format!("SELECT pg_last_wal_replay_lsn() >= '{tl1_end}'")) == "t",
+    );
+    primary.stop("fast");
+    standby.promote();
+    standby.psql("INSERT INTO t VALUES (3)");
+    standby.switch_wal();
+    let end = standby.current_lsn();
+    let last = standby.psql(&format!("SELECT pg_walfile_name('{end}'::pg_lsn - 1)"));
+    assert!(last.starts_with("00000002"), "{last}");
+    wait_until(Duration::from_secs(90), "timeline 2 archived", || {
+        archive.join("wal").join(format!("{last}.zst")).exists()
+    });
+    support::sigterm(&agent);
+    assert_ok(&wait_output(agent, Duration::from_secs(30)));
+
+    let (code, v) = status_json(&a, &[]);
+    assert_eq!(code, 0, "{v:#}");
+    let tls = v["timelines"].as_array().unwrap();
+    assert_eq!(tls.len(), 2, "{v:#}");
+    let sw = tls[1]["begins_at"].as_str().unwrap().to_string();
+    assert_eq!(tls[1]["parent"], 1);
+    assert_eq!(tls[0]["switched_at"].as_str().unwrap(), sw);
+    assert_eq!(tls[1]["last_segment"].as_str().unwrap(), last);
+    assert_eq!(tls[1]["history_file"], "wal/00000002.history");
+    assert_eq!(
+        v["history"][0]["entries"][0]["switch_lsn"]
+            .as_str()
+            .unwrap(),
+        sw
+    );
+    assert_eq!(v["recoverable"]["timeline"], 2);
+    assert_eq!(
+        v["backups"][0]["recovery"]["timelines"],
+        serde_json::json!([1, 2])
+    );
+    assert_eq!(v["backups"][0]["recovery"]["reaches_newest"], true, "{v:#}");
+
+    // Timeline 1's last segment before the switch point's segment goes missing.
+    let sw_seg = lsn(&sw) >> 20; // 1 MB segments
+    let victim = format!("00000001{:08X}{:08X}", 0, sw_seg - 1);
+    fs::remove_file(archive.join("wal").join(format!("{victim}.zst"))).unwrap();
+    let (code, v) = status_json(&a, &[]);
+    assert_eq!(code, 1, "{v:#}");
+    let ps = problems(&v);
+    assert_eq!(ps.len(), 1, "{v:#}");
+    assert_eq!(ps[0].0, victim);
+    assert!(
+        ps[0].1.contains(&format!("timeline 1 was left at {sw}")),
+        "{ps:?}"
+    );
+}

@@ -852,7 +852,7 @@ pub fn pg_time(us: i64) -> Option<String> {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::archive::catalog::{archive_key, info_key, TarArchive, FORMAT};
+    use crate::archive::catalog::{archive_key, TarArchive, FORMAT};
     use crate::wal::timeline::tl;
 
     pub const S16: SegmentSize = SegmentSize::DEFAULT;
@@ -1144,7 +1144,6 @@ pub(crate) mod tests {
         let inv = build(&objs, &BTreeMap::new(), &bs);
         assert!(matches!(&inv.backups[0].reach, Some(Err(w)) if w.contains("system 1")));
         assert!(!inv.healthy());
-        let _ = info_key("A");
     }
 
     #[test]
