@@ -243,6 +243,19 @@ fn almost_valid_archives() {
     assert!(v["system_identifier"].is_null());
     assert_eq!(problems(&v)[0].0, "backups/");
     assert!(v["recoverable"].is_null());
+    // Its own lock file and spool (a stream that never got to write walagent.json) keep it
+    // an empty archive.
+    fs::write(empty.join("walagent.lock"), "pid 1").unwrap();
+    fs::create_dir(empty.join("spool")).unwrap();
+    fs::write(empty.join("spool/walagent-spool.json"), "{}").unwrap();
+    let (code, v) = status_json(e, &[]);
+    assert_eq!(code, 1, "{v:#}");
+    let o = run_walagent(&["status", "--archive", e], &[]);
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("empty"),
+        "{}",
+        String::from_utf8_lossy(&o.stdout)
+    );
     // A directory that is not an archive: exit 2 with a hint, nothing written.
     let other = t.join("other");
     fs::create_dir(&other).unwrap();

@@ -136,11 +136,13 @@ pub fn plan(
             }
         }
         RetentionPolicy::Days(d) => {
-            let limit = now - chrono::Duration::days(i64::from(d));
+            // Beyond the calendar's range: keep everything.
+            let limit = chrono::TimeDelta::try_days(i64::from(d))
+                .and_then(|age| now.checked_sub_signed(age));
             for b in &complete {
                 let stop = b.info.as_ref().and_then(|i| parse_time(&i.stop_time));
                 // An unreadable stop time is kept: never delete what cannot be dated.
-                if stop.is_none_or(|t| t >= limit) {
+                if limit.is_none_or(|l| stop.is_none_or(|t| t >= l)) {
                     keep.insert(b.id.clone());
                 }
             }
@@ -425,6 +427,10 @@ mod tests {
         let p = plan(&inv, RetentionPolicy::Days(0), now()).unwrap();
         assert_eq!(p.kept, vec!["C"]);
         assert_eq!(p.cutoff, Some(SegmentId::new(tl(1), 9)));
+        for d in [365, u32::MAX] {
+            let p = plan(&inv, RetentionPolicy::Days(d), now()).unwrap();
+            assert!(p.backups.is_empty());
+        }
         let p = plan(&inv, RetentionPolicy::Days(365), now()).unwrap();
         assert!(p.backups.is_empty());
         assert_eq!(p.wal.len(), 1); // segment 2, below A

@@ -90,7 +90,13 @@ impl Listings {
 pub async fn load(store: &dyn Store) -> Result<Option<Listings>, StatusError> {
     let Some(meta) = ArchiveMeta::load(store).await? else {
         let any = store.list("").await?;
-        return match any.iter().map(|o| o.key.as_str()).min() {
+        // A local archive's own lock and spool (a stream that never got as far as writing
+        // walagent.json) do not make it foreign.
+        let foreign = any
+            .iter()
+            .map(|o| o.key.as_str())
+            .filter(|k| *k != crate::archive::lock::LOCK_FILE && !k.starts_with("spool/"));
+        return match foreign.min() {
             None => Ok(None),
             Some(k) => Err(StatusError::NotAnArchive {
                 location: store.location(),
