@@ -389,3 +389,187 @@ fn status_across_a_timeline_switch() {
         "{ps:?}"
     );
 }
+
+/// Differential check on random archives (no servers): for every complete backup, status's
+/// model and restore's planner agree on whether recovery to the end of the archive works and
+/// where its WAL ends (the cases where they differ by design are skipped: a `.partial` with
+/// later WAL after it, which status counts as a gap, and WAL that stops before the target
+/// timeline, which restore refuses for "to the end" while status still counts the backup as
+/// usable up to there).
+#[test]
+fn status_agrees_with_restore_planning() {
+    use std::collections::BTreeMap;
+    use walagent::archive::catalog::{BackupInfo, Listed};
+    use walagent::archive::index::{PartialContent, WalIndex};
+    use walagent::archive::ObjectInfo;
+    use walagent::lifecycle::inventory::{Inputs, Inventory};
+    use walagent::restore::plan::{check_chain, PlanOptions};
+    use walagent::restore::target::{RecoveryTarget, TargetTimeline};
+    use walagent::wal::synth::TestRng;
+    use walagent::wal::{Lsn, SegmentId, SegmentSize, Timeline, TimelineHistory};
+
+    let size = SegmentSize::DEFAULT;
+    let seg = 16u64 << 20;
+    let tl = |n: u32| Timeline::new(n).unwrap();
+    let mut rng = TestRng(0xd1ff_0000_0000_0042);
+    let mut compared = 0;
+    for round in 0..1500 {
+        let n = 6 + rng.below(14);
+        let switch_seg = 2 + rng.below(n - 2);
+        let two = rng.below(2) == 0;
+        let mut objs: Vec<ObjectInfo> = Vec::new();
+        let mut partials = BTreeMap::new();
+        let mut put = |t: u32, s: u64, partial: bool, objs: &mut Vec<ObjectInfo>| {
+            let id = SegmentId::new(tl(t), s);
+            objs.push(ObjectInfo {
+                key: format!(
+                    "wal/{}{}.zst",
+                    id.file_name(size),
+                    if partial { ".partial" } else { "" }
+                ),
+                size: 1,
+            });
+            if partial {
+                partials.insert(
+                    id,
+                    PartialContent {
+                        last_record: Some(Lsn(id.end_lsn(size).0 - 0x80)),
+                        end: Lsn(id.end_lsn(size).0 - 0x20),
+                    },
+                );
+            }
+        };
+        let tl1_end = if two { switch_seg } else { n };
+        for s in 1..tl1_end {
+            if rng.below(10) != 0 {
+                put(1, s, false, &mut objs);
+            } else if rng.below(2) == 0 {
+                put(1, s, true, &mut objs);
+            }
+        }
+        let mut histories = BTreeMap::new();
+        if two {
+            if rng.below(2) == 0 {
+                put(1, switch_seg, true, &mut objs);
+            }
+            for s in switch_seg..n {
+                if rng.below(10) != 0 {
+                    put(2, s, false, &mut objs);
+                }
+            }
+            if rng.below(2) == 0 {
+                put(2, n, true, &mut objs);
+            }
+            let sw = Lsn(switch_seg * seg + 0x100);
+            histories.insert(
+                tl(2),
+                TimelineHistory::parse(format!("1\t{sw}\tx\n").as_bytes()).unwrap(),
+            );
+            objs.push(ObjectInfo {
+                key: "wal/00000002.history".into(),
+                size: 1,
+            });
+        } else if rng.below(2) == 0 {
+            put(1, n, true, &mut objs);
+        }
+        let mut backups = Vec::new();
+        for i in 0..(1 + rng.below(4)) {
+            let s = 1 + rng.below(n - 1);
+            let t = if two && s > switch_seg { 2 } else { 1 };
+            let span = rng.below(2);
+            let (start, end) = (Lsn(s * seg + 0x28), Lsn((s + span) * seg + 0x100));
+            if two && t == 1 && end.0 > switch_seg * seg + 0x100 {
+                continue;
+            }
+            backups.push(BackupInfo {
+                format: 1,
+                id: format!("2026110{i}T000000Z"),
+                label: String::new(),
+                system_identifier: "7".into(),
+                server_version_num: 150000,
+                timeline: tl(t),
+                start_lsn: start,
+                end_lsn: end,
+                end_timeline: tl(t),
+                start_time: "2026-11-01T00:00:00Z".into(),
+                stop_time: "2026-11-01T00:00:01Z".into(),
+                wal_segment_size: seg,
+                compression: "zstd:1".into(),
+                data_bytes: 1,
+                stored_bytes: 1,
+                archives: vec![],
+                manifest_key: None,
+                wal_start_segment: String::new(),
+                wal_end_segment: String::new(),
+                source: String::new(),
+                walagent_version: String::new(),
+            });
+        }
+        let listed: Vec<Listed> = backups
+            .iter()
+            .map(|b| Listed::Complete(Box::new(b.clone())))
+            .collect();
+        let inv = Inventory::build(&Inputs {
+            seg_size: size,
+            system_identifier: 7,
+            wal_objects: &objs,
+            histories: &histories,
+            backups: &listed,
+            partials: &partials,
+        });
+        let mut index = WalIndex::from_objects(&objs, size);
+        for (t, h) in &histories {
+            index.add_history(*t, h.clone());
+        }
+        for (id, c) in &partials {
+            index.set_partial_content(*id, *c);
+        }
+        let popts = PlanOptions {
+            backup: None,
+            allow_partial: true,
+            located_stop: None,
+        };
+        for b in &backups {
+            let plan = check_chain(
+                &index,
+                b,
+                &RecoveryTarget::End,
+                TargetTimeline::Latest,
+                &popts,
+            );
+            let entry = inv.backups.iter().find(|e| e.id == b.id).unwrap();
+            let Some(Ok(r)) = &entry.reach else {
+                assert!(
+                    plan.is_err(),
+                    "round {round} {}: status says {:?}, plan {plan:?}",
+                    b.id,
+                    entry.reach
+                );
+                continue;
+            };
+            let last_step = r.path.last().unwrap().begin.segno(size);
+            let into_target = r.end_segment.is_some_and(|e| e.segno >= last_step);
+            let partial_with_more = r.cut_at.is_some_and(|c| index.has_partial(c));
+            if partial_with_more || !into_target {
+                continue;
+            }
+            compared += 1;
+            let ctx = || {
+                format!(
+                    "round {round} {}: status {r:?}\nplan {plan:?}\n{objs:?}",
+                    b.id
+                )
+            };
+            match &plan {
+                Ok(chain) => {
+                    assert!(r.consistent, "{}", ctx());
+                    assert_eq!(chain.segments.last().copied(), r.end_segment, "{}", ctx());
+                    assert_eq!(chain.ends_with_partial, r.ends_in_partial, "{}", ctx());
+                    assert_eq!(chain.wal_end, r.end_lsn, "{}", ctx());
+                }
+                Err(_) => assert!(!r.consistent || r.cut_at.is_some(), "{}", ctx()),
+            }
+        }
+    }
+    assert!(compared > 500, "only {compared} backups compared");
+}
