@@ -127,6 +127,10 @@ pub async fn load(store: &dyn Store) -> Result<Option<Listings>, StatusError> {
     }))
 }
 
+/// How many segments status reads back from the end of the WAL to find the newest commit (an
+/// idle server with `archive_timeout` fills many segments without one).
+pub const MAX_TIME_SCAN_SEGMENTS: u64 = 64;
+
 /// Reads and scans archived WAL objects for status.
 struct Scanner<'a> {
     store: &'a dyn Store,
@@ -135,9 +139,27 @@ struct Scanner<'a> {
     system_identifier: u64,
     scanned: Vec<String>,
     foreign: Vec<Problem>,
+    /// The last objects read (a partial is read for its end, then again for the time).
+    cache: Vec<(String, std::sync::Arc<Vec<u8>>)>,
 }
 
 impl Scanner<'_> {
+    async fn read(&mut self, key: &str) -> Result<Option<std::sync::Arc<Vec<u8>>>, StoreError> {
+        if let Some((_, b)) = self.cache.iter().find(|(k, _)| k == key) {
+            return Ok(Some(b.clone()));
+        }
+        let Some(b) = read_wal_object(self.store, key).await? else {
+            return Ok(None);
+        };
+        let b = std::sync::Arc::new(b);
+        self.scanned.push(key.to_string());
+        if self.cache.len() >= 2 {
+            self.cache.remove(0);
+        }
+        self.cache.push((key.to_string(), b.clone()));
+        Ok(Some(b))
+    }
+
     /// Scans `id` with `sc`; `None` when the object is gone or unreadable (then nothing is
     /// learned from it).
     async fn scan(
@@ -149,7 +171,7 @@ impl Scanner<'_> {
         let Some(key) = self.keys.get(&(id, partial)).cloned() else {
             return Ok(None);
         };
-        let bytes = match read_wal_object(self.store, &key).await {
+        let bytes = match self.read(&key).await {
             Ok(Some(b)) => b,
             Ok(None) => return Ok(None),
             Err(StoreError::Corrupt { key, detail }) => {
@@ -162,7 +184,6 @@ impl Scanner<'_> {
             }
             Err(e) => return Err(e.into()),
         };
-        self.scanned.push(key.clone());
         let start = id.start_lsn(self.size);
         let r = if partial {
             sc.scan_partial(start, &bytes)
@@ -275,6 +296,7 @@ pub async fn status(store: &dyn Store) -> Result<Status, StatusError> {
         system_identifier: meta.system_identifier,
         scanned: Vec::new(),
         foreign: Vec::new(),
+        cache: Vec::new(),
     };
     let mut partials = BTreeMap::new();
     for id in inv.trailing_partials() {
@@ -309,6 +331,7 @@ pub async fn status(store: &dyn Store) -> Result<Status, StatusError> {
             let id_at = |s: u64| SegmentId::new(timeline_for_segment(&r.path, s, size), s);
             let mut hi = last;
             let mut found: Option<(Lsn, i64)>;
+            let mut gave_up = false;
             let mut end_lsn: Option<Lsn> = None;
             loop {
                 let mut scanner = WalScanner::new(size);
@@ -336,6 +359,10 @@ pub async fn status(store: &dyn Store) -> Result<Status, StatusError> {
                 if found.is_some() || hi < first + 2 {
                     break;
                 }
+                if last - hi + 2 >= MAX_TIME_SCAN_SEGMENTS {
+                    gave_up = true;
+                    break;
+                }
                 hi -= 2;
             }
             let latest = inv.window.as_mut().map(|w| &mut w.latest);
@@ -349,6 +376,11 @@ pub async fn status(store: &dyn Store) -> Result<Status, StatusError> {
                     Some(t) => {
                         l.time = Some(t);
                         source = Some("commit");
+                    }
+                    // No commit in the last MAX_TIME_SCAN_SEGMENTS segments: unknown.
+                    None if gave_up => {
+                        l.time = None;
+                        source = Some("unknown");
                     }
                     None => {
                         l.time = Some(info.stop_time.clone());
@@ -729,4 +761,180 @@ pub fn render(st: &Status) -> String {
         "\nPROBLEM: recovery is limited (see above)\n"
     });
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::archive::catalog::{info_key, Listed};
+    use crate::archive::{LocalStore, PutMode};
+    use crate::lifecycle::inventory::tests::backup;
+    use crate::wal::synth::WalBuilder;
+    use bytes::Bytes;
+
+    const MB: u64 = 1 << 20;
+    const SYSID: u64 = 0x0123_4567_89AB_CDEF;
+    const T0: i64 = 848_646_900_000_000;
+
+    fn seg1m() -> SegmentSize {
+        SegmentSize::new(MB).unwrap()
+    }
+
+    fn commit(b: &mut WalBuilder, xid: u32, time_us: i64) -> Lsn {
+        let mut p = vec![255u8, 8];
+        p.extend_from_slice(&time_us.to_le_bytes());
+        b.push(1, 0x00, xid, &p)
+    }
+
+    /// Filler records up to `target` (within the segment, more than a header before a page end).
+    fn fill_until(b: &mut WalBuilder, target: u64) {
+        loop {
+            let mut pos = (b.position().0 + 7) & !7;
+            if pos.is_multiple_of(8192) {
+                pos += if pos.is_multiple_of(MB) { 40 } else { 24 };
+            }
+            if pos == target {
+                return;
+            }
+            let page_end = (pos / 8192 + 1) * 8192;
+            let len = if target < page_end {
+                target - pos - 24
+            } else {
+                (page_end - pos).saturating_sub(24)
+            };
+            b.push(10, 0, 1, &vec![3; len as usize]);
+        }
+    }
+
+    /// Segment 3 complete, segment 4 a `.partial` of `partial_len` bytes; a backup consistent
+    /// at 0/300100; commits at T0 (before consistency), T0+1s (crossing into the partial) and
+    /// T0+2s (in the partial). Returns the end of the last commit.
+    async fn archive(partial_len: usize, meta_sys: u64) -> (tempfile::TempDir, LocalStore, Lsn) {
+        let start = Lsn(3 * MB);
+        let mut b = WalBuilder::new(SYSID, seg1m(), 1, start);
+        commit(&mut b, 10, T0);
+        fill_until(&mut b, start.0 + MB - 16);
+        commit(&mut b, 11, T0 + 1_000_000);
+        commit(&mut b, 12, T0 + 2_000_000);
+        let end = b.position();
+        let bytes = b.into_bytes();
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::open(dir.path()).unwrap();
+        ArchiveMeta::new(meta_sys, seg1m(), 150000)
+            .save(&store)
+            .await
+            .unwrap();
+        let (s3, s4) = bytes.split_at(MB as usize);
+        for (k, d) in [
+            ("wal/000000010000000000000003", s3),
+            (
+                "wal/000000010000000000000004.partial",
+                &s4[..partial_len.min(s4.len())],
+            ),
+        ] {
+            store
+                .put_bytes(k, Bytes::copy_from_slice(d), PutMode::Replace)
+                .await
+                .unwrap();
+        }
+        let mut info = backup(
+            "20261122T101500Z",
+            1,
+            Lsn(3 * MB + 0x28),
+            Lsn(3 * MB + 0x100),
+            "2026-11-22T10:15:03Z",
+        );
+        info.wal_segment_size = MB;
+        info.system_identifier = meta_sys.to_string();
+        store
+            .put_bytes(
+                &info_key(&info.id),
+                Bytes::from(info.to_json()),
+                PutMode::Replace,
+            )
+            .await
+            .unwrap();
+        (dir, store, end)
+    }
+
+    #[tokio::test]
+    async fn the_latest_point_comes_from_the_partial_and_its_last_commit() {
+        let (_d, store, end) = archive(usize::MAX, SYSID).await;
+        let st = status(&store).await.unwrap();
+        assert_eq!(st.exit_code(), 0, "{:?}", st.inventory.problems);
+        let w = st.inventory.window.clone().unwrap();
+        assert!(w.latest.partial);
+        assert_eq!(w.latest.lsn, end);
+        assert_eq!(w.latest.time, pg_time(T0 + 2_000_000));
+        assert_eq!(st.latest_time_source, Some("commit"));
+        assert_eq!(w.earliest.time.as_deref(), Some("2026-11-22T10:15:03Z"));
+        let t = &st.inventory.timelines[0];
+        assert_eq!(t.end_lsn(seg1m()), Some(end));
+        // Only the partial and the segment before it were read, each once.
+        assert_eq!(
+            st.scanned,
+            vec![
+                "wal/000000010000000000000004.partial",
+                "wal/000000010000000000000003"
+            ]
+        );
+        let j = to_json(&st);
+        assert_eq!(j["recoverable"]["latest"]["lsn"], end.to_string());
+        assert_eq!(j["timelines"][0]["partial"]["end_lsn"], end.to_string());
+        assert_eq!(j["system_identifier"], SYSID.to_string());
+        assert!(render(&st).contains("OK:"));
+    }
+
+    #[tokio::test]
+    async fn a_partial_cut_before_the_last_commit() {
+        // The partial holds only 80 bytes of segment 4: commit 11 ends there, 12 does not.
+        let (_d, store, _) = archive(80, SYSID).await;
+        let st = status(&store).await.unwrap();
+        let w = st.inventory.window.clone().unwrap();
+        assert_eq!(w.latest.time, pg_time(T0 + 1_000_000));
+        assert!(w.latest.lsn.0 > 4 * MB && w.latest.lsn.0 <= 4 * MB + 80);
+    }
+
+    #[tokio::test]
+    async fn wal_of_another_system_is_a_problem() {
+        let (_d, store, _) = archive(usize::MAX, 42).await;
+        let st = status(&store).await.unwrap();
+        assert_eq!(st.exit_code(), 1);
+        assert!(
+            st.inventory
+                .problems
+                .iter()
+                .any(|p| p.object.ends_with(".partial") && p.problem.contains("system")),
+            "{:?}",
+            st.inventory.problems
+        );
+    }
+
+    #[tokio::test]
+    async fn expire_on_it_keeps_the_only_backup() {
+        let (_d, store, _) = archive(usize::MAX, SYSID).await;
+        let r = crate::lifecycle::expire::expire(
+            &store,
+            crate::lifecycle::expire::RetentionPolicy::Full(1),
+            false,
+        )
+        .await
+        .unwrap();
+        assert!(r.backups.is_empty() && r.wal_objects.is_empty(), "{r:?}");
+        assert!(matches!(
+            crate::archive::catalog::list(&store).await.unwrap()[..],
+            [Listed::Complete(_)]
+        ));
+    }
+
+    #[test]
+    fn columns_align() {
+        let t = columns(&[
+            vec!["A".into(), "BB".into(), "C".into()],
+            vec!["AAA".into(), "B".into(), "".into()],
+        ]);
+        assert_eq!(t, "  A    BB  C\n  AAA  B\n");
+        assert_eq!(human_bytes(1536), "1.5 KiB");
+        assert_eq!(human_bytes(10), "10 B");
+    }
 }
