@@ -606,6 +606,7 @@ impl Inventory {
                 false,
             );
         }
+        let mut cuts: BTreeMap<SegmentId, Vec<(String, Lsn)>> = BTreeMap::new();
         for e in &entries {
             let newest_one = newest_complete.as_ref().is_some_and(|n| n.0 == e.id);
             let obj = format!("backups/{}/", e.id);
@@ -630,14 +631,7 @@ impl Inventory {
                 ),
                 (BackupState::Complete, Some(Ok(r))) => {
                     if let Some(cut) = r.cut_at {
-                        add(
-                            cut.file_name(size),
-                            format!(
-                                "missing: a gap that cuts backup {} off from the later WAL (recovery from it stops at {})",
-                                e.id, r.end_lsn
-                            ),
-                            true,
-                        );
+                        cuts.entry(cut).or_default().push((e.id.clone(), r.end_lsn));
                     } else if !r.consistent {
                         add(
                             obj,
@@ -658,6 +652,19 @@ impl Inventory {
                 }
                 (BackupState::Complete, None) => {}
             }
+        }
+        for (cut, who) in &cuts {
+            let ids: Vec<&str> = who.iter().map(|w| w.0.as_str()).collect();
+            let stop = who.first().map_or(Lsn(0), |w| w.1);
+            add(
+                cut.file_name(size),
+                format!(
+                    "missing: a gap that cuts backup{} {} off from the later WAL (recovery stops at {stop})",
+                    if ids.len() == 1 { "" } else { "s" },
+                    ids.join(", ")
+                ),
+                true,
+            );
         }
         if newest_complete.is_none() {
             add(
