@@ -279,7 +279,8 @@ mod tests {
     #[tokio::test]
     async fn put_complete_tells_same_wal_from_a_conflict() {
         let (dir, store) = temp_store("put");
-        let wal = vec![3u8; 1000];
+        // Varied enough that zstd levels encode it differently.
+        let wal: Vec<u8> = (0u64..200_000).map(|i| (i * i % 251) as u8 ^ (i / 7) as u8).collect();
         let key = "wal/000000010000000000000005.zst";
         let body = compress::compress_bulk(&wal, 1).unwrap();
         let r = put_complete(
@@ -293,6 +294,7 @@ mod tests {
         assert_eq!(r, Stored::Put);
         // Another zstd level: different bytes, same WAL.
         let body9 = compress::compress_bulk(&wal, 9).unwrap();
+        assert_ne!(body9, body);
         let r = put_complete(&store, key, Body::Bytes(Bytes::from(body9)), Raw::Bytes(&wal))
             .await
             .unwrap();
@@ -301,7 +303,9 @@ mod tests {
         let raw_path = dir.join("raw");
         std::fs::write(&raw_path, &wal).unwrap();
         let z_path = dir.join("z");
-        std::fs::write(&z_path, compress::compress_bulk(&wal, 3).unwrap()).unwrap();
+        let body19 = compress::compress_bulk(&wal, 19).unwrap();
+        assert_ne!(body19, body);
+        std::fs::write(&z_path, body19).unwrap();
         let r = put_complete(&store, key, Body::File(&z_path), Raw::File(&raw_path))
             .await
             .unwrap();
