@@ -256,8 +256,8 @@ fn archive_command_stores_segments_and_backup_history_and_fills_a_gap() {
     assert!(!Path::new(&fresh).join("walagent.json").exists());
     // Cut short: the tail zeroed.
     let mut short = pg.read_wal_file(&names[0]);
-    let len = short.len();
-    short[len / 2..].fill(0);
+    let data_end = short.iter().rposition(|&b| b != 0).unwrap();
+    short[data_end / 2..].fill(0);
     let o = push_file(&fresh, &damaged_with(&scratch, &names[0], &short));
     assert_refused(&o, "not a complete segment");
     // Another segment's content under this name.
