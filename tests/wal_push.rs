@@ -345,6 +345,32 @@ fn wal_push_beside_a_running_stream() {
     wait_until(WAIT, "the stream archives the last segment too", || {
         archived_segments(Path::new(&a)).contains(&last)
     });
+    // The stream first, wal-push later (archiving paused, then resumed): every push finds the
+    // stream's object, with the same WAL.
+    pg.psql("ALTER SYSTEM SET archive_command = ''");
+    pg.reload();
+    let mut later = Vec::new();
+    for _ in 0..3 {
+        pg.generate_wal(1);
+        later.push(switch(&pg));
+    }
+    let last = later.last().unwrap().clone();
+    wait_until(WAIT, "the stream archives the segments", || {
+        archived_segments(Path::new(&a)).contains(&last)
+    });
+    pg.psql("ALTER SYSTEM RESET archive_command");
+    pg.reload();
+    wait_archived(&pg, &last);
+    let log = fs::read_to_string(pg.log_path()).unwrap();
+    for n in &later {
+        assert!(
+            log.contains(&format!("pg_wal/{n} is already archived as wal/{n}.zst")),
+            "{n}: {}",
+            pg.log_tail(30)
+        );
+    }
+    names.extend(later);
+
     // The stream's slot reaches the end: it archived everything without a conflict.
     let end = pg.psql("SELECT pg_current_wal_flush_lsn()");
     wait_until(WAIT, "the stream confirms the current position", || {
