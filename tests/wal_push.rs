@@ -185,10 +185,7 @@ fn archive_command_stores_segments_and_backup_history_and_fills_a_gap() {
     }
     assert_contiguous(&archived);
     let meta = fs::read_to_string(Path::new(&a).join("walagent.json")).unwrap();
-    assert!(
-        meta.contains(&pg.system_identifier().to_string()),
-        "{meta}"
-    );
+    assert!(meta.contains(&pg.system_identifier().to_string()), "{meta}");
 
     // A backup history file: pg_backup_stop waits until it is archived.
     pg.psql("SELECT pg_backup_start('wal-push test', true); SELECT lsn FROM pg_backup_stop(true)");
@@ -211,7 +208,11 @@ fn archive_command_stores_segments_and_backup_history_and_fills_a_gap() {
     let before = fs::read(&obj).unwrap();
     let o = push_by_hand(&pg, &a, &rel, &[]);
     assert_ok(&o);
-    assert!(stderr_of(&o).contains("already archived"), "{}", stderr_of(&o));
+    assert!(
+        stderr_of(&o).contains("already archived"),
+        "{}",
+        stderr_of(&o)
+    );
     assert_eq!(fs::read(&obj).unwrap(), before);
 
     // Different content under the name (here: garbage stored raw by someone else) is refused
@@ -228,7 +229,11 @@ fn archive_command_stores_segments_and_backup_history_and_fills_a_gap() {
     fs::remove_file(&raw).unwrap();
     let o = push_by_hand(&pg, &a, &rel, &[]);
     assert_ok(&o);
-    assert!(stderr_of(&o).contains(&format!("archived {rel} as wal/{n}.zst")), "{}", stderr_of(&o));
+    assert!(
+        stderr_of(&o).contains(&format!("archived {rel} as wal/{n}.zst")),
+        "{}",
+        stderr_of(&o)
+    );
     assert_eq!(fetch(&a, n, &[]), pg.read_wal_file(n));
     support::chown_postgres_tree(Path::new(&a));
 
@@ -276,7 +281,10 @@ fn archive_command_stores_segments_and_backup_history_and_fills_a_gap() {
     let listing = wal_names(&a);
     let o = push_file(&a, &file);
     let line = assert_refused(&o, "system");
-    assert!(line.contains(&other.system_identifier().to_string()), "{line}");
+    assert!(
+        line.contains(&other.system_identifier().to_string()),
+        "{line}"
+    );
     assert_eq!(wal_names(&a), listing);
     // ...while it goes into a new archive of its own.
     let o = push_file(&fresh, &file);
@@ -286,7 +294,10 @@ fn archive_command_stores_segments_and_backup_history_and_fills_a_gap() {
 }
 
 fn damaged_with(dir: &TestDir, name: &str, bytes: &[u8]) -> PathBuf {
-    let sub = dir.join(format!("v{}", bytes.len() ^ bytes[bytes.len() / 3] as usize));
+    let sub = dir.join(format!(
+        "v{}",
+        bytes.len() ^ bytes[bytes.len() / 3] as usize
+    ));
     let _ = fs::create_dir(&sub);
     let p = sub.join(name);
     fs::write(&p, bytes).unwrap();
@@ -428,11 +439,15 @@ fn history_and_partial_after_a_promotion() {
     standby.promote();
     let partial_key = format!("wal/{tail}.partial.zst");
     let tl2_first = format!("00000002{}", &tail[8..]);
-    wait_until(WAIT, "the new primary archives the history and the partial", || {
-        let names = wal_names(&a);
-        names.contains(&"00000002.history".to_string())
-            && names.contains(&format!("{tail}.partial.zst"))
-    });
+    wait_until(
+        WAIT,
+        "the new primary archives the history and the partial",
+        || {
+            let names = wal_names(&a);
+            names.contains(&"00000002.history".to_string())
+                && names.contains(&format!("{tail}.partial.zst"))
+        },
+    );
     let switched = switch(&standby);
     assert_eq!(switched, tl2_first);
     wait_archived(&standby, &switched);
@@ -448,14 +463,18 @@ fn history_and_partial_after_a_promotion() {
     assert!(file.starts_with(&stored));
     let seg_start = u64::from_str_radix(&tail[16..], 16).unwrap() << 20;
     let (hi, lo) = end.split_once('/').unwrap();
-    let end_lsn = (u64::from_str_radix(hi, 16).unwrap() << 32) | u64::from_str_radix(lo, 16).unwrap();
+    let end_lsn =
+        (u64::from_str_radix(hi, 16).unwrap() << 32) | u64::from_str_radix(lo, 16).unwrap();
     assert!(
         stored.len() as u64 >= end_lsn - seg_start,
         "{} bytes, end {end}",
         stored.len()
     );
     // The first segment of timeline 2 (with timeline 1's pages before the switch) is served.
-    assert_eq!(fetch(&a, &tl2_first, &[]), standby.read_wal_file(&tl2_first));
+    assert_eq!(
+        fetch(&a, &tl2_first, &[]),
+        standby.read_wal_file(&tl2_first)
+    );
 
     // Pushed again by hand: the same content, success.
     for rel in [
@@ -464,7 +483,11 @@ fn history_and_partial_after_a_promotion() {
     ] {
         let o = push_by_hand(&standby, &a, &rel, &[]);
         assert_ok(&o);
-        assert!(stderr_of(&o).contains("already archived"), "{}", stderr_of(&o));
+        assert!(
+            stderr_of(&o).contains("already archived"),
+            "{}",
+            stderr_of(&o)
+        );
     }
     // A history file that differs from the archived one is refused.
     let scratch = support::tempdir();
@@ -480,16 +503,28 @@ fn history_and_partial_after_a_promotion() {
     fs::write(&short, &cut).unwrap();
     let o = push_file(&a, &short);
     assert_ok(&o);
-    assert!(stderr_of(&o).contains("holds the same WAL and more"), "{}", stderr_of(&o));
+    assert!(
+        stderr_of(&o).contains("holds the same WAL and more"),
+        "{}",
+        stderr_of(&o)
+    );
     assert_eq!(
         unzstd(&fs::read(Path::new(&a).join(&partial_key)).unwrap()),
         stored
     );
     let half = stored.len() / 2 / 8192 * 8192;
-    fs::write(Path::new(&a).join(&partial_key), zstd::encode_all(&stored[..half], 1).unwrap()).unwrap();
+    fs::write(
+        Path::new(&a).join(&partial_key),
+        zstd::encode_all(&stored[..half], 1).unwrap(),
+    )
+    .unwrap();
     let o = push_by_hand(&standby, &a, &format!("pg_wal/{tail}.partial"), &[]);
     assert_ok(&o);
-    assert!(stderr_of(&o).contains("replacing a shorter partial"), "{}", stderr_of(&o));
+    assert!(
+        stderr_of(&o).contains("replacing a shorter partial"),
+        "{}",
+        stderr_of(&o)
+    );
     assert_eq!(
         unzstd(&fs::read(Path::new(&a).join(&partial_key)).unwrap()),
         stored
@@ -502,11 +537,7 @@ fn archive_command_into_s3() {
     let url = s3.url("db1");
     let t = support::tempdir();
     let env_file = t.join("walagent.env");
-    let text: String = s3
-        .env()
-        .iter()
-        .map(|(k, v)| format!("{k}={v}\n"))
-        .collect();
+    let text: String = s3.env().iter().map(|(k, v)| format!("{k}={v}\n")).collect();
     fs::write(&env_file, text).unwrap();
     fs::set_permissions(&env_file, fs::Permissions::from_mode(0o600)).unwrap();
     support::chown_postgres_tree(t.path());
@@ -527,13 +558,23 @@ fn archive_command_into_s3() {
     // Again by hand: already there.
     let o = push_by_hand(&pg, &url, &format!("pg_wal/{}", names[0]), &env);
     assert_ok(&o);
-    assert!(stderr_of(&o).contains("already archived"), "{}", stderr_of(&o));
+    assert!(
+        stderr_of(&o).contains("already archived"),
+        "{}",
+        stderr_of(&o)
+    );
     // A bucket that does not exist: refused with the bucket named.
-    let o = push_by_hand(&pg, "s3://no-such-bucket/x", &format!("pg_wal/{}", names[0]), &env);
+    let o = push_by_hand(
+        &pg,
+        "s3://no-such-bucket/x",
+        &format!("pg_wal/{}", names[0]),
+        &env,
+    );
     assert_eq!(o.status.code(), Some(1), "{}", stderr_of(&o));
     let line = error_line(&o);
     assert!(
-        line.starts_with("walagent: error: ") && line.contains("bucket \"no-such-bucket\" does not exist"),
+        line.starts_with("walagent: error: ")
+            && line.contains("bucket \"no-such-bucket\" does not exist"),
         "{line}"
     );
 }

@@ -280,7 +280,9 @@ mod tests {
     async fn put_complete_tells_same_wal_from_a_conflict() {
         let (dir, store) = temp_store("put");
         // Varied enough that zstd levels encode it differently.
-        let wal: Vec<u8> = (0u64..200_000).map(|i| (i * i % 251) as u8 ^ (i / 7) as u8).collect();
+        let wal: Vec<u8> = (0u64..200_000)
+            .map(|i| (i * i % 251) as u8 ^ (i / 7) as u8)
+            .collect();
         let key = "wal/000000010000000000000005.zst";
         let body = compress::compress_bulk(&wal, 1).unwrap();
         let r = put_complete(
@@ -295,9 +297,14 @@ mod tests {
         // Another zstd level: different bytes, same WAL.
         let body9 = compress::compress_bulk(&wal, 9).unwrap();
         assert_ne!(body9, body);
-        let r = put_complete(&store, key, Body::Bytes(Bytes::from(body9)), Raw::Bytes(&wal))
-            .await
-            .unwrap();
+        let r = put_complete(
+            &store,
+            key,
+            Body::Bytes(Bytes::from(body9)),
+            Raw::Bytes(&wal),
+        )
+        .await
+        .unwrap();
         assert_eq!(r, Stored::SameWal);
         // From files, as the archiver calls it.
         let raw_path = dir.join("raw");

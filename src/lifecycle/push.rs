@@ -64,11 +64,15 @@ pub enum WalFileName {
     History(Timeline),
     /// `<segment>.<offset>.backup`: the 24 hex digits of the backup's start segment (its
     /// timeline is the stop timeline) and the start's offset in that segment.
-    BackupHistory { segment: String, offset: u32 },
+    BackupHistory {
+        segment: String,
+        offset: u32,
+    },
 }
 
 fn is_upper_hex(s: &str) -> bool {
-    s.bytes().all(|b| b.is_ascii_digit() || (b'A'..=b'F').contains(&b))
+    s.bytes()
+        .all(|b| b.is_ascii_digit() || (b'A'..=b'F').contains(&b))
 }
 
 fn is_segment_name(s: &str) -> bool {
@@ -453,7 +457,8 @@ impl Ctx<'_> {
         let mut c = SegmentChecker::new(params, f.id.start_lsn(f.size));
         let what = "WAL segment";
         let (head, _) = bytes.split_at(valid.min(bytes.len()));
-        c.update(head).map_err(|e| self.bad(what, Detail::error(e)))?;
+        c.update(head)
+            .map_err(|e| self.bad(what, Detail::error(e)))?;
         c.update_zeros((bytes.len() - head.len()) as u64)
             .map_err(|e| self.bad(what, Detail::error(e)))?;
         let pages = c.timeline_pages().to_vec();
@@ -480,9 +485,7 @@ impl Ctx<'_> {
         {
             Some(b) => Some(b.to_vec()),
             None => {
-                let local = self
-                    .path
-                    .with_file_name(history_file_name(f.id.timeline));
+                let local = self.path.with_file_name(history_file_name(f.id.timeline));
                 tokio::fs::read(local).await.ok()
             }
         };
@@ -522,7 +525,8 @@ impl Ctx<'_> {
         let bytes = self.read(1 << 30, what).await?;
         let f = self.segment_file(&bytes, name)?;
         let start = f.id.start_lsn(f.size);
-        let scan = scan_segment(&bytes, start, f.size).map_err(|e| self.bad(what, Detail::error(e)))?;
+        let scan =
+            scan_segment(&bytes, start, f.size).map_err(|e| self.bad(what, Detail::error(e)))?;
         let end = match scan.end {
             ScanEnd::Invalid { at, .. } => at.0.saturating_sub(start.0) as usize,
             _ => bytes.len(),
@@ -724,7 +728,10 @@ fn newest_local_segment(dir: &Path) -> Option<SegmentFile> {
         let len = std::fs::metadata(&path).ok()?.len();
         let size = SegmentSize::new(len).ok()?;
         let mut first = vec![0u8; crate::wal::WAL_PAGE_SIZE as usize];
-        std::fs::File::open(&path).ok()?.read_exact(&mut first).ok()?;
+        std::fs::File::open(&path)
+            .ok()?
+            .read_exact(&mut first)
+            .ok()?;
         let (h, long) = PageHeader::parse(&first)?;
         let long = long?;
         let id = SegmentId::parse_file_name(&n, size)?;
