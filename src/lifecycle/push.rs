@@ -806,6 +806,247 @@ START TIME: 2026-12-01 17:00:00 UTC\nLABEL: x\nSTART TIMELINE: 1\n";
         assert!(backup_start_lsn(&[0xff, 0xfe]).is_err());
     }
 
+    use crate::wal::synth::WalBuilder;
+
+    const SYSID: u64 = 7_300_000_000_000_000_001;
+    const MB: u64 = 1 << 20;
+
+    fn seg1m() -> SegmentSize {
+        SegmentSize::new(MB).unwrap()
+    }
+
+    /// WAL of segment `segno` (1 MiB segments, timeline 1) with records up to about `upto`
+    /// bytes, zero-filled to the end of the page the last record ends on. Also returns where
+    /// the last record ends.
+    fn wal(sysid: u64, segno: u64, upto: usize) -> (Vec<u8>, u64) {
+        let mut b = WalBuilder::new(sysid, seg1m(), 1, Lsn(segno * MB));
+        let payload = vec![0x5Au8; 300];
+        let mut xid = 1000;
+        while b.bytes().len() < upto {
+            b.push(10, 0, xid, &payload);
+            xid += 1;
+        }
+        let end = b.position().0 - segno * MB;
+        let page_end = b.position().0.div_ceil(8192) * 8192;
+        b.zero_fill_to(Lsn(page_end));
+        (b.into_bytes(), end)
+    }
+
+    struct Scratch {
+        dir: PathBuf,
+        store: LocalStore,
+    }
+
+    impl Scratch {
+        fn new(tag: &str) -> Scratch {
+            let dir = std::env::temp_dir().join(format!(
+                "walagent-push-{tag}-{}-{:?}",
+                std::process::id(),
+                std::thread::current().id()
+            ));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(dir.join("pg_wal")).unwrap();
+            let store = LocalStore::open(&dir.join("archive")).unwrap();
+            Scratch { dir, store }
+        }
+
+        async fn push(&self, name: &str, bytes: &[u8]) -> Result<Pushed, PushError> {
+            let path = self.dir.join("pg_wal").join(name);
+            std::fs::write(&path, bytes).unwrap();
+            let kind = parse_name(name).unwrap();
+            push(&self.store, &path, &kind, Compression::DEFAULT).await
+        }
+
+        fn object(&self, key: &str) -> Option<Vec<u8>> {
+            let b = std::fs::read(self.dir.join("archive").join(key)).ok()?;
+            Some(if key.ends_with(".zst") {
+                zstd::stream::decode_all(&b[..]).unwrap()
+            } else {
+                b
+            })
+        }
+    }
+
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
+    /// A `.partial` in a recycled file: the old segment's pages after the last page written.
+    fn recycled_partial(upto: usize) -> (Vec<u8>, u64) {
+        let (new, end) = wal(SYSID, 5, upto);
+        let (mut file, _) = wal(SYSID, 2, MB as usize);
+        file.resize(MB as usize, 0);
+        file[..new.len()].copy_from_slice(&new);
+        (file, end)
+    }
+
+    #[tokio::test]
+    async fn a_partial_keeps_only_its_wal_and_never_shrinks() {
+        let s = Scratch::new("partial");
+        let name = "000000010000000000000005.partial";
+        let key = "wal/000000010000000000000005.partial.zst";
+        // A complete segment first: the archive's walagent.json comes from it.
+        let (mut seg4, _) = wal(SYSID, 4, 4000);
+        seg4.resize(MB as usize, 0);
+        let e = s.push("000000010000000000000004", &seg4).await.unwrap_err();
+        assert!(e.to_string().contains("not a complete segment"), "{e}");
+        assert!(s.object("walagent.json").is_none());
+
+        let (file, end) = recycled_partial(300_000);
+        let p = s.push(name, &file).await.unwrap();
+        assert_eq!(p, Pushed::Stored { key: key.into() });
+        let stored = s.object(key).unwrap();
+        assert!(stored.len() as u64 >= end && stored.len() < 300_000 + 8192 * 2);
+        assert!(file.starts_with(&stored));
+        assert!(stored[end as usize..].iter().all(|&b| b == 0));
+        assert!(s.object("walagent.json").is_some());
+
+        // Again: the same.
+        let p = s.push(name, &file).await.unwrap();
+        assert_eq!(p, Pushed::AlreadyArchived { key: key.into() });
+        // Less of the same WAL: the archived one is kept.
+        let (short, _) = recycled_partial(100_000);
+        let p = s.push(name, &short).await.unwrap();
+        assert_eq!(p, Pushed::ArchivedHoldsMore { key: key.into() });
+        assert_eq!(s.object(key).unwrap(), stored);
+        // More of it: replaces.
+        let (long, long_end) = recycled_partial(600_000);
+        let p = s.push(name, &long).await.unwrap();
+        assert_eq!(p, Pushed::Replaced { key: key.into() });
+        assert!(s.object(key).unwrap().len() as u64 >= long_end);
+        // A record whose CRC fails ends the WAL there, as in PostgreSQL's reading: only what
+        // comes before it counts, which the archive already holds.
+        let (mut other, _) = wal(SYSID, 5, 700_000);
+        other.resize(MB as usize, 0);
+        other[9000] ^= 1;
+        let before = s.object(key).unwrap();
+        let p = s.push(name, &other).await.unwrap();
+        assert_eq!(p, Pushed::ArchivedHoldsMore { key: key.into() });
+        assert_eq!(s.object(key).unwrap(), before);
+        // Other WAL under the name: refused, untouched.
+        let mut b = WalBuilder::new(SYSID, seg1m(), 1, Lsn(5 * MB));
+        while b.bytes().len() < 700_000 {
+            b.push(11, 0, 1, &[0x33u8; 280]);
+        }
+        let mut diff = b.into_bytes();
+        diff.resize(MB as usize, 0);
+        let e = s.push(name, &diff).await.unwrap_err();
+        assert!(
+            matches!(&e, PushError::Conflict { key: k, .. } if k == key),
+            "{e:?}"
+        );
+        assert_eq!(s.object(key).unwrap(), before);
+        // A complete segment of the name, then a partial that it holds: covered.
+        let mut b = WalBuilder::new(SYSID, seg1m(), 1, Lsn(6 * MB));
+        while b.position().0 < 7 * MB - 400 {
+            b.push(10, 0, 7, &[1u8; 100]);
+        }
+        b.push_switch();
+        let seg6 = b.into_bytes();
+        assert_eq!(seg6.len() as u64, MB);
+        let p = s.push("000000010000000000000006", &seg6).await.unwrap();
+        assert!(matches!(p, Pushed::Stored { .. }), "{p:?}");
+        let mut part6 = seg6[..200_000].to_vec();
+        part6.resize(MB as usize, 0);
+        let p = s
+            .push("000000010000000000000006.partial", &part6)
+            .await
+            .unwrap();
+        assert_eq!(
+            p,
+            Pushed::CoveredBySegment {
+                key: "wal/000000010000000000000006.zst".into()
+            }
+        );
+        // A segment of another cluster: refused by walagent.json.
+        let mut b = WalBuilder::new(SYSID + 1, seg1m(), 1, Lsn(7 * MB));
+        while b.position().0 < 8 * MB - 400 {
+            b.push(10, 0, 7, &[1u8; 100]);
+        }
+        b.push_switch();
+        let e = s
+            .push("000000010000000000000007", &b.into_bytes())
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                &e,
+                PushError::Meta {
+                    source: MetaError::SystemMismatch { .. },
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        assert!(s.object("wal/000000010000000000000007.zst").is_none());
+    }
+
+    #[tokio::test]
+    async fn history_and_backup_history_files() {
+        let s = Scratch::new("history");
+        // No walagent.json and no segment beside the file: nothing says whose it is.
+        let hist = b"1\t0/5000100\tno recovery target specified\n";
+        let e = s.push("00000002.history", hist).await.unwrap_err();
+        assert!(matches!(e, PushError::NoIdentity { .. }), "{e:?}");
+        // With a segment of the cluster in pg_wal, the archive takes the cluster's identity.
+        let mut b = WalBuilder::new(SYSID, seg1m(), 1, Lsn(5 * MB));
+        b.push(10, 0, 7, &[1u8; 100]);
+        let mut seg = b.into_bytes();
+        seg.resize(MB as usize, 0);
+        std::fs::write(s.dir.join("pg_wal/000000010000000000000005"), &seg).unwrap();
+        let p = s.push("00000002.history", hist).await.unwrap();
+        assert_eq!(
+            p,
+            Pushed::Stored {
+                key: "wal/00000002.history".into()
+            }
+        );
+        let meta = String::from_utf8(s.object("walagent.json").unwrap()).unwrap();
+        assert!(meta.contains(&SYSID.to_string()), "{meta}");
+        let p = s.push("00000002.history", hist).await.unwrap();
+        assert!(matches!(p, Pushed::AlreadyArchived { .. }), "{p:?}");
+        let e = s
+            .push("00000002.history", b"1\t0/6000000\tother\n")
+            .await
+            .unwrap_err();
+        assert!(matches!(e, PushError::Conflict { .. }), "{e:?}");
+        // Not a history file, or one whose parent is not older.
+        for bad in [&b"garbage"[..], b"", b"2\t0/5000000\tx\n"] {
+            let e = s.push("00000002.history", bad).await.unwrap_err();
+            assert!(matches!(e, PushError::BadFile { .. }), "{bad:?}: {e:?}");
+        }
+        assert_eq!(s.object("wal/00000002.history").unwrap(), hist);
+
+        let name = "000000010000000000000005.00000028.backup";
+        let content = b"START WAL LOCATION: 0/500028 (file 000000010000000000000005)\nLABEL: a\n";
+        let p = s.push(name, content).await.unwrap();
+        assert_eq!(
+            p,
+            Pushed::Stored {
+                key: format!("wal/{name}")
+            }
+        );
+        let p = s.push(name, content).await.unwrap();
+        assert!(matches!(p, Pushed::AlreadyArchived { .. }), "{p:?}");
+        let other = b"START WAL LOCATION: 0/500028 (file 000000010000000000000005)\nLABEL: b\n";
+        let p = s.push(name, other).await.unwrap();
+        assert!(
+            matches!(p, Pushed::KeptDifferentBackupHistory { .. }),
+            "{p:?}"
+        );
+        assert_eq!(s.object(&format!("wal/{name}")).unwrap(), content);
+        // The name and the content disagree.
+        let e = s
+            .push("000000010000000000000005.00000030.backup", content)
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("START WAL LOCATION"), "{e}");
+        // It is not WAL to the index.
+        assert_eq!(layout::parse_wal_key(&format!("wal/{name}"), seg1m()), None);
+    }
+
     #[test]
     fn every_failure_exits_1() {
         let e = PushError::BadName { path: "x".into() };
