@@ -143,6 +143,17 @@ pub async fn store_complete_segment(
             Err(StoreError::Conflict { key: found.key })
         };
     }
+    put_new_segment(store, name, raw, compression).await
+}
+
+/// The second half of [`store_complete_segment`], for a caller that already found neither
+/// encoding archived: compresses `raw` and puts it with [`put_complete`].
+pub async fn put_new_segment(
+    store: &dyn Store,
+    name: &str,
+    raw: Bytes,
+    compression: Compression,
+) -> Result<SegmentOutcome, StoreError> {
     let key = segment_key_by_name(name, compression.is_compressed(), false);
     let body = encode(raw.clone(), compression).await?;
     match put_complete(store, &key, Body::Bytes(body), Raw::Bytes(&raw)).await? {

@@ -494,9 +494,29 @@ impl Ctx<'_> {
             .map_err(|e| self.bad("WAL segment", Detail::error(e)))
     }
 
+    /// A complete segment. The archive is looked at first: when it already holds exactly these
+    /// bytes (the common case beside a running stream), they were checked when they were stored
+    /// and nothing is written, so the WAL check is skipped. Otherwise the file is checked before
+    /// anything else happens: a damaged file is reported as damaged (not as a conflict), and it
+    /// never creates `walagent.json`.
     async fn segment(&self, name: &str, compression: Compression) -> Result<Pushed, PushError> {
         let bytes = self.read(1 << 30, "WAL segment").await?;
         let f = self.segment_file(&bytes, name)?;
+        let meta = ArchiveMeta::load(self.store)
+            .await
+            .map_err(|e| self.meta_err(e))?;
+        if let Some(m) = &meta {
+            m.check_matches(f.system_identifier, f.size)
+                .map_err(|e| self.meta_err(e))?;
+        }
+        let archived = segment::find_archived(self.store, name, false)
+            .await
+            .map_err(|e| self.store_err(e))?;
+        if let Some(a) = &archived {
+            if a.content == bytes {
+                return Ok(Pushed::AlreadyArchived { key: a.key.clone() });
+            }
+        }
         let (complete, pages) = self.verify(&f, &bytes, bytes.len())?;
         if !complete {
             return Err(self.bad(
@@ -505,8 +525,13 @@ impl Ctx<'_> {
             ));
         }
         self.check_timelines(&f, &pages).await?;
-        self.meta_for(&f).await?;
-        match segment::store_complete_segment(self.store, name, Bytes::from(bytes), compression)
+        if let Some(a) = archived {
+            return Err(self.conflict(a.key));
+        }
+        if meta.is_none() {
+            self.meta_for(&f).await?;
+        }
+        match segment::put_new_segment(self.store, name, Bytes::from(bytes), compression)
             .await
             .map_err(|e| self.store_err(e))?
         {
