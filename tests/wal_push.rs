@@ -241,6 +241,16 @@ fn archive_command_stores_segments_and_backup_history_and_fills_a_gap() {
     let o = push_by_hand(&pg, &a, "pg_wal/0000000100000000000000EE", &[]);
     let line = assert_refused(&o, "cannot read pg_wal/0000000100000000000000EE");
     assert!(line.contains("%p"), "{line}");
+    // ...and no archive is created for it.
+    let nowhere = scratch_path("no-archive");
+    let o = push_by_hand(
+        &pg,
+        nowhere.to_str().unwrap(),
+        "pg_wal/0000000100000000000000EE",
+        &[],
+    );
+    assert_refused(&o, "cannot read");
+    assert!(!nowhere.exists());
     // %f instead of %p: the name alone, not found in the data directory.
     let o = push_by_hand(&pg, &a, n, &[]);
     assert_refused(&o, "cannot read");
@@ -291,6 +301,10 @@ fn archive_command_stores_segments_and_backup_history_and_fills_a_gap() {
     assert_ok(&o);
     assert_eq!(archived_segments(Path::new(&fresh)), vec![foreign.clone()]);
     assert_no_failures(&pg);
+}
+
+fn scratch_path(name: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("walagent-push-{name}-{}", std::process::id()))
 }
 
 fn damaged_with(dir: &TestDir, name: &str, bytes: &[u8]) -> PathBuf {

@@ -278,6 +278,14 @@ pub async fn run(opts: &PushOptions) -> Result<Pushed, PushError> {
     let kind = parse_name(name).ok_or_else(|| PushError::BadName {
         path: path_s.clone(),
     })?;
+    // Before the archive is opened (a local one is created when missing): a missing %p must
+    // not leave an empty archive behind.
+    if let Err(source) = tokio::fs::metadata(&opts.path).await {
+        return Err(PushError::Read {
+            path: path_s,
+            source,
+        });
+    }
     let store = open_store(&opts.archive).await?;
     push(store.as_ref(), &opts.path, &kind, opts.compression).await
 }
