@@ -56,9 +56,10 @@ EOF
 as_pg "$PG_BIN/pg_ctl" -D "$DIR/pgdata" -l "$DIR/sock/postgres.log" -w start >/dev/null
 psql() { as_pg "$PG_BIN/psql" -h "$DIR/sock" -p "$PORT" -U postgres -qAtX -v ON_ERROR_STOP=1 "$@"; }
 first=$(psql -c "SELECT pg_walfile_name(pg_current_wal_lsn())")
+start=$(psql -c "SELECT pg_current_wal_lsn()")
 psql -c "CREATE TABLE t (id bigint, v text)"
 psql -c "DO \$\$ BEGIN
-  WHILE pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0') < $(((NSEG + 2) * SEG_MB))::bigint * 1048576 LOOP
+  WHILE pg_wal_lsn_diff(pg_current_wal_lsn(), '$start') < $(((NSEG + 2) * SEG_MB))::bigint * 1048576 LOOP
     INSERT INTO t SELECT g, encode(sha512(g::text::bytea), 'hex') FROM generate_series(1, 5000) g;
     COMMIT;
   END LOOP; END \$\$"
@@ -68,34 +69,44 @@ mapfile -t SEGS < <(cd "$DIR/pgdata/pg_wal" && ls | grep -E '^[0-9A-F]{24}$' | s
 for s in "${SEGS[@]}"; do cp "$DIR/pgdata/pg_wal/$s" "$DIR/data/pg_wal/$s"; done
 log "${#SEGS[@]} segments from ${SEGS[0]}"
 
-# time_calls LABEL ARCHIVE: one wal-push per segment, serial; prints seconds.
+# time_calls ARCHIVE: one wal-push per segment, serial; prints wall seconds, and the CPU
+# seconds (user+sys) of the walagent processes to $DIR/cpu.
 time_calls() {
-  local t0 t1 s
+  local t0 t1 s c=0 u
   t0=$(date +%s.%N)
   for s in "${SEGS[@]}"; do
-    (cd "$DIR/data" && WALAGENT_LOG=warn "$WALAGENT" wal-push --archive "$2" "pg_wal/$s")
+    u=$( { cd "$DIR/data" && WALAGENT_LOG=warn /usr/bin/time -f '%U %S' "$WALAGENT" wal-push --archive "$1" "pg_wal/$s"; } 2>&1 | tail -1)
+    c=$(echo "$c + ${u% *} + ${u#* }" | bc)
   done
   t1=$(date +%s.%N)
+  echo "$c" >"$DIR/cpu"
   echo "$t1 - $t0" | bc
 }
 
-declare -a NEW AGAIN
+declare -a NEW AGAIN NEW_CPU AGAIN_CPU
 for r in $(seq 1 "$RUNS"); do
   rm -rf "$DIR/archive"
   wait_quiet
-  NEW+=("$(time_calls new "$DIR/archive")")
+  NEW+=("$(time_calls "$DIR/archive")")
+  NEW_CPU+=("$(cat "$DIR/cpu")")
   wait_quiet
-  AGAIN+=("$(time_calls again "$DIR/archive")")
+  AGAIN+=("$(time_calls "$DIR/archive")")
+  AGAIN_CPU+=("$(cat "$DIR/cpu")")
 done
 for s in "${SEGS[@]}"; do
-  "$WALAGENT" wal-fetch --archive "$DIR/archive" "$s" "$DIR/out" 2>/dev/null
+  "$WALAGENT" wal-fetch --archive "$DIR/archive" "$s" "$DIR/out" 2>/dev/null || die "wal-fetch $s failed"
   [[ $(sha256sum <"$DIR/out") == $(sha256sum <"$DIR/data/pg_wal/$s") ]] || die "$s differs"
 done
 n=${#SEGS[@]}
 for row in new again; do
-  if [[ $row == new ]]; then v=$(printf '%s\n' "${NEW[@]}" | median); else v=$(printf '%s\n' "${AGAIN[@]}" | median); fi
-  printf '%-6s %3d segments x %2d MB: %6.1f ms/call, %6.1f segments/s (median of %d runs: %s)\n' \
-    "$row" "$n" "$SEG_MB" "$(echo "$v * 1000 / $n" | bc -l)" "$(echo "$n / $v" | bc -l)" "$RUNS" \
-    "$(if [[ $row == new ]]; then echo "${NEW[*]}"; else echo "${AGAIN[*]}"; fi)"
+  if [[ $row == new ]]; then
+    v=$(printf '%s\n' "${NEW[@]}" | median); cpu=$(printf '%s\n' "${NEW_CPU[@]}" | median); all="${NEW[*]}"
+  else
+    v=$(printf '%s\n' "${AGAIN[@]}" | median); cpu=$(printf '%s\n' "${AGAIN_CPU[@]}" | median); all="${AGAIN[*]}"
+  fi
+  printf '%-6s %3d segments x %2d MB: %6.1f ms/call wall, %5.1f ms/call CPU, %6.1f segments/s (median of %d runs; wall s: %s)\n' \
+    "$row" "$n" "$SEG_MB" "$(echo "$v * 1000 / $n" | bc -l)" "$(echo "$cpu * 1000 / $n" | bc -l)" \
+    "$(echo "$n / $v" | bc -l)" "$RUNS" "$all"
 done
+log "load average: $(cut -d' ' -f1-3 /proc/loadavg)"
 du -sb "$DIR/archive/wal" | awk -v n="$n" -v mb="$SEG_MB" '{printf "archive: %d bytes for %d MB of WAL (%.2fx)\n", $1, n*mb, n*mb*1048576/$1}'
