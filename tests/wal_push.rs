@@ -484,6 +484,17 @@ fn history_and_partial_after_a_promotion() {
         "{} bytes, end {end}",
         stored.len()
     );
+    // wal-fetch --allow-partial serves it (padded), past its WAL check.
+    let out = support::tempdir();
+    let o = walagent()
+        .args(["wal-fetch", "--allow-partial", "--archive", &a, &tail])
+        .arg(out.join(&tail))
+        .output()
+        .unwrap();
+    assert_ok(&o);
+    let served = fs::read(out.join(&tail)).unwrap();
+    assert_eq!(served.len(), 1 << 20);
+    assert!(served.starts_with(&stored));
     // The first segment of timeline 2 (with timeline 1's pages before the switch) is served.
     assert_eq!(
         fetch(&a, &tl2_first, &[]),
