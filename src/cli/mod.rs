@@ -23,6 +23,7 @@ const TOP_EXAMPLES: &str = "Examples:
   walagent stream --source 'postgresql://replicator@db1/postgres' \\
       --archive /backup/wal --slot walagent --create-slot
   walagent wal-fetch --archive /backup/wal %f %p    (as restore_command)
+  walagent wal-push --archive /backup/wal %p        (as archive_command)
   walagent backup --source 'host=db1 user=replicator' \\
       --archive /backup/wal --checkpoint fast
   walagent restore --archive /backup/wal --pgdata /srv/pg/restored \\
@@ -175,6 +176,21 @@ pub enum Command {
             an order that leaves a consistent archive: an interrupted run is finished by running it again."
     )]
     Expire(ExpireArgs),
+    /// Store one WAL file PostgreSQL hands archive_command (%p) in the archive.
+    #[command(
+        long_about = "Store one file that PostgreSQL hands archive_command in the archive: a WAL segment, a \
+            timeline .history file, a <segment>.partial (the old timeline's last segment after a promotion) \
+            or a backup history file.\n\n\
+            Meant as PostgreSQL's archive_command:\n  \
+            archive_command = 'walagent wal-push --archive /backup/wal %p'\n\
+            The file is checked first (WAL pages and records, and the archive's walagent.json: the same \
+            cluster and segment size) and stored as walagent stream stores it (zstd, never overwriting). \
+            WAL that is already archived with the same content (by a running walagent stream, or an \
+            earlier push) is success; different content under the name is refused and nothing is \
+            overwritten. Exit status: 0 once the file is durable in the archive (PostgreSQL may then \
+            remove it), 1 on any failure (PostgreSQL logs the error line, keeps the file and retries)."
+    )]
+    WalPush(WalPushArgs),
 }
 
 #[derive(Debug, Args)]
@@ -552,6 +568,27 @@ pub struct WalFetchArgs {
     /// served; DEST is not touched).
     #[arg(long, hide = true)]
     pub prefetch_worker: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct WalPushArgs {
+    /// Archive: a directory (created when missing) or s3://BUCKET/PREFIX (same settings as for
+    /// stream).
+    #[arg(long, env = "WALAGENT_ARCHIVE", value_name = "PATH|s3://BUCKET/PREFIX")]
+    pub archive: String,
+
+    /// Compression of newly stored segments: zstd, zstd:LEVEL or none (as for stream).
+    #[arg(long, value_name = "METHOD", default_value = "zstd:1")]
+    pub compress: Compression,
+
+    /// Read AWS_* and WALAGENT_* settings from this file (KEY=VALUE lines, as for wal-fetch),
+    /// for a server whose OS user has none of them.
+    #[arg(long, value_name = "FILE")]
+    pub env_file: Option<PathBuf>,
+
+    /// The file (%p), e.g. pg_wal/000000010000000000000003, relative to the data directory.
+    #[arg(value_name = "PATH")]
+    pub path: PathBuf,
 }
 
 /// Sizes like `1GB`, `512MB`, `64kB` or a number of bytes.
