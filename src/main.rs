@@ -8,7 +8,10 @@ use tokio::sync::watch;
 
 use walagent::archive;
 use walagent::backup;
-use walagent::cli::{BackupArgs, BackupsArgs, Cli, Command, RestoreArgs, StreamArgs, WalFetchArgs};
+use walagent::cli::{
+    BackupArgs, BackupsArgs, Cli, Command, ConfigCommand, RestoreArgs, RunArgs, StreamArgs,
+    WalFetchArgs,
+};
 use walagent::protocol::conninfo::ConnInfo;
 use walagent::receive::{self, Finished};
 use walagent::restore::{fetch_cmd, wal_fetch};
@@ -34,11 +37,22 @@ fn main() -> ExitCode {
             return fail(&e.to_string(), None, wal_fetch::EXIT_FATAL as u8);
         }
     }
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .max_blocking_threads(8)
-        .build()
-    {
+    // `run` serves many clusters: worker threads, so that one cluster's synchronous file work
+    // (spool fsyncs) never holds up another's stream; more blocking threads for their archivers.
+    let builder = match cli.command {
+        Command::Run(_) => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
+            b.worker_threads(cpus.clamp(2, 4)).max_blocking_threads(64);
+            b
+        }
+        _ => {
+            let mut b = tokio::runtime::Builder::new_current_thread();
+            b.max_blocking_threads(8);
+            b
+        }
+    };
+    let runtime = match { builder }.enable_all().build() {
         Ok(r) => r,
         Err(e) => return fail(&format!("cannot start the async runtime: {e}"), None, 2),
     };
@@ -49,6 +63,8 @@ fn main() -> ExitCode {
         Command::Backups(args) => runtime.block_on(list_backups(args)),
         Command::SeedStandby(args) => runtime.block_on(seed_standby(args)),
         Command::Restore(args) => runtime.block_on(restore(args)),
+        Command::Run(args) => runtime.block_on(run_service(args)),
+        Command::Config(ConfigCommand::Check(args)) => config_check(&args.file),
     };
     // A stop cut short (stop timeout, second signal) leaves work behind on purpose: do not wait
     // for it (dropping a runtime waits for blocking tasks without limit).
@@ -295,5 +311,34 @@ async fn restore(args: RestoreArgs) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(e) => fail(&e.to_string(), e.hint(), 1),
+    }
+}
+
+async fn run_service(args: RunArgs) -> ExitCode {
+    use walagent::service::{config::Overrides, run};
+    // First: a SIGTERM while the clusters start must be a clean stop.
+    let signals = run::signals();
+    let overrides = Overrides {
+        metrics_addr: args.metrics_addr,
+        log_format: args.log_format,
+    };
+    match run::run(args.config, overrides, signals).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(&e.to_string(), e.hint(), e.exit_code()),
+    }
+}
+
+fn config_check(file: &std::path::Path) -> ExitCode {
+    use walagent::service::config::{Config, Overrides, LOG_FORMAT_ENV, METRICS_ADDR_ENV};
+    let overrides = Overrides {
+        metrics_addr: std::env::var(METRICS_ADDR_ENV).ok(),
+        log_format: std::env::var(LOG_FORMAT_ENV).ok(),
+    };
+    match Config::load(file, &overrides) {
+        Ok(c) => {
+            print!("{}", c.render());
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(&e.to_string(), e.hint(), 2),
     }
 }

@@ -431,11 +431,15 @@ impl ClusterConfig {
         let _ = writeln!(o, "ack = {}", q(ack_name(s.ack)));
         let _ = writeln!(o, "status_interval = {}", s.status_interval.as_secs());
         let remote = archive::is_remote(&self.archive);
-        let spool = s
-            .spool
-            .clone()
-            .unwrap_or_else(|| crate::receive::spool::default_dir(&self.archive, remote));
-        let _ = writeln!(o, "spool = {}", q(&spool.display().to_string()));
+        match &s.spool {
+            Some(sp) => {
+                let _ = writeln!(o, "spool = {}", q(&sp.display().to_string()));
+            }
+            None => {
+                let d = crate::receive::spool::default_dir(&self.archive, remote);
+                let _ = writeln!(o, "# spool: default, {}", d.display());
+            }
+        }
         let _ = writeln!(o, "spool_max_size = {}", s.spool_max_size);
         match s.partial_interval {
             Some(d) => {

@@ -1,0 +1,293 @@
+//! `walagent run` (many clusters from one config file) and `walagent config check`, against
+//! real PostgreSQL servers.
+
+mod support;
+
+use std::os::unix::net::UnixDatagram;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use support::{
+    archived_segments, error_line, run_walagent, sigterm, stderr_of, wait_output, wait_until,
+    walagent, PgCluster, PgOptions, TestDir, REPL_PASSWORD,
+};
+
+fn small_segments() -> PgOptions {
+    PgOptions {
+        wal_segment_size_mb: Some(1),
+        ..Default::default()
+    }
+}
+
+/// A `[cluster.NAME]` section for `pg`, its password in `pwfile`.
+fn cluster_section(name: &str, pg: &PgCluster, archive: &Path, pwfile: &Path, extra: &str) -> String {
+    format!(
+        "[cluster.{name}]\n\
+         source = \"postgresql://replicator@127.0.0.1:{}/postgres?sslmode=disable\"\n\
+         source_password_file = \"{}\"\n\
+         archive = \"{}\"\n\
+         {extra}\n",
+        pg.port(),
+        pwfile.display(),
+        archive.display()
+    )
+}
+
+const DEFAULTS: &str = "[defaults]\nslot = \"walagent_svc\"\ncreate_slot = true\ncheckpoint = \"fast\"\nstop_timeout = 20\n\n";
+
+/// Datagrams received on a test-owned NOTIFY_SOCKET.
+struct NotifySocket {
+    path: PathBuf,
+    got: Arc<Mutex<Vec<String>>>,
+}
+
+impl NotifySocket {
+    fn bind(dir: &Path) -> NotifySocket {
+        let path = dir.join("notify.sock");
+        let sock = UnixDatagram::bind(&path).unwrap();
+        sock.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+        let got = Arc::new(Mutex::new(Vec::new()));
+        let g = got.clone();
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; 4096];
+            loop {
+                match sock.recv(&mut buf) {
+                    Ok(n) => g
+                        .lock()
+                        .unwrap()
+                        .push(String::from_utf8_lossy(&buf[..n]).into_owned()),
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::TimedOut => {
+                        if Arc::strong_count(&g) == 1 {
+                            return;
+                        }
+                    }
+                    Err(_) => return,
+                }
+            }
+        });
+        NotifySocket { path, got }
+    }
+
+    fn has_line(&self, line: &str) -> bool {
+        self.got
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|m| m.lines().any(|l| l == line))
+    }
+
+    fn all(&self) -> String {
+        self.got.lock().unwrap().join("|")
+    }
+}
+
+fn backups(archive: &Path) -> usize {
+    std::fs::read_dir(archive.join("backups"))
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .filter(|e| e.path().join("backup.json").is_file())
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+/// Writes WAL and switches segments until `archive` holds more segments than `before`.
+fn wait_new_segment(pg: &PgCluster, archive: &Path, before: usize, what: &str) {
+    wait_until(Duration::from_secs(90), what, || {
+        pg.psql("CREATE TABLE IF NOT EXISTS t (x int); INSERT INTO t VALUES (1)");
+        pg.switch_wal();
+        std::thread::sleep(Duration::from_millis(300));
+        archived_segments(archive).len() > before
+    });
+}
+
+fn sighup(child: &Child) {
+    // SAFETY: kill(2) on a pid we own.
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGHUP);
+    }
+}
+
+fn log_of(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_default()
+}
+
+/// Two servers in one process: the second added by SIGHUP, both archived and backed up on
+/// schedule, a bad file on SIGHUP refused with the old one kept, one server stopped while the
+/// other keeps archiving, READY/STOPPING through NOTIFY_SOCKET, a clean stop.
+#[test]
+fn two_clusters_reload_backups_and_isolation() {
+    let pg1 = PgCluster::start(small_segments());
+    let pg2 = PgCluster::start(small_segments());
+    let dir = support::tempdir();
+    let a1 = dir.join("archive1");
+    let a2 = dir.join("archive2");
+    let pw = dir.join("pw");
+    std::fs::write(&pw, format!("{REPL_PASSWORD}\n")).unwrap();
+    let cfg = dir.join("walagent.toml");
+    let first = format!(
+        "{DEFAULTS}{}",
+        cluster_section("one", &pg1, &a1, &pw, "backup_every = \"8s\"\nretain_full = 3")
+    );
+    std::fs::write(&cfg, &first).unwrap();
+    let notify = NotifySocket::bind(dir.path());
+    let log = dir.join("walagent.log");
+    let mut child = walagent()
+        .args(["run", "--config", cfg.to_str().unwrap()])
+        .env("NOTIFY_SOCKET", &notify.path)
+        .env("WATCHDOG_USEC", "1000000")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let fail = |what: &str, log: &Path| -> ! {
+        panic!("{what}; log:\n{}", log_of(log));
+    };
+    if !support::wait_for(Duration::from_secs(30), || notify.has_line("READY=1")) {
+        fail("no READY=1", &log);
+    }
+    assert!(notify.all().contains("STATUS=1 clusters"), "{}", notify.all());
+    wait_new_segment(&pg1, &a1, 0, "cluster one archives");
+    // The watchdog is fed at half of WATCHDOG_USEC.
+    wait_until(Duration::from_secs(10), "WATCHDOG=1", || notify.has_line("WATCHDOG=1"));
+
+    // SIGHUP adds a second cluster; the first goes on untouched.
+    let second = format!(
+        "{first}{}",
+        cluster_section("two", &pg2, &a2, &pw, "backup_every = \"1h\"")
+    );
+    std::fs::write(&cfg, &second).unwrap();
+    sighup(&child);
+    wait_new_segment(&pg2, &a2, 0, "cluster two archives after SIGHUP");
+    assert!(
+        log_of(&log).contains("two started, none stopped, none restarted, 1 unchanged"),
+        "{}",
+        log_of(&log)
+    );
+
+    // Scheduled backups: two (or more) of one every 8 s, one of two at once (its archive has none).
+    wait_until(Duration::from_secs(120), "two backups of one and one of two", || {
+        backups(&a1) >= 2 && backups(&a2) >= 1
+    });
+
+    // A bad file is refused; the running clusters go on.
+    std::fs::write(&cfg, format!("{second}\nbogus_key = 1\n")).unwrap();
+    sighup(&child);
+    wait_until(Duration::from_secs(20), "reload refused in the log", || {
+        log_of(&log).contains("config refused, the running configuration stays")
+    });
+    assert!(log_of(&log).contains("unknown key \"bogus_key\""), "{}", log_of(&log));
+    assert!(child.try_wait().unwrap().is_none(), "walagent exited");
+    let n2 = archived_segments(&a2).len();
+    wait_new_segment(&pg2, &a2, n2, "cluster two archives after the refused reload");
+
+    // One server down; the other keeps archiving.
+    pg2.stop("fast");
+    std::thread::sleep(Duration::from_secs(2));
+    let n1 = archived_segments(&a1).len();
+    wait_new_segment(&pg1, &a1, n1, "cluster one archives while two's server is down");
+    let n1 = archived_segments(&a1).len();
+    wait_new_segment(&pg1, &a1, n1, "and again");
+
+    // The first cluster started once: not restarted by either reload.
+    let starts = log_of(&log)
+        .lines()
+        .filter(|l| l.contains("cluster starting") && l.contains("cluster{cluster=one}"))
+        .count();
+    assert_eq!(starts, 1, "{}", log_of(&log));
+
+    sigterm(&child);
+    let out = wait_output(child, Duration::from_secs(60));
+    assert!(out.status.success(), "{:?}\n{}", out.status, log_of(&log));
+    assert!(notify.has_line("STOPPING=1"), "{}", notify.all());
+    assert!(log_of(&log).contains("all clusters stopped cleanly"), "{}", log_of(&log));
+    // Nothing in the log shows the password.
+    assert!(!log_of(&log).contains(REPL_PASSWORD));
+}
+
+fn write(dir: &TestDir, name: &str, text: &str) -> String {
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    p.to_str().unwrap().to_string()
+}
+
+#[test]
+fn config_check_masks_and_reports_errors() {
+    let dir = support::tempdir();
+    let good = write(
+        &dir,
+        "good.toml",
+        "metrics_addr = \"127.0.0.1:9187\"\n\
+         [cluster.db1]\n\
+         source = \"postgresql://replicator:hunter2secret@db1/postgres\"\n\
+         archive = \"/backup/db1\"\n\
+         slot = \"walagent\"\n\
+         backup_at = \"01:30\"\n\
+         retain_days = 7\n\
+         [cluster.db2]\n\
+         source = \"host=db2 user=replicator\"\n\
+         source_password_env = \"DB2_PW\"\n\
+         archive = \"s3://bucket/db2\"\n\
+         slot = \"walagent\"\n",
+    );
+    let out = run_walagent(
+        &["config", "check", &good],
+        &[
+            ("DB2_PW".into(), "envsecret99".into()),
+            ("WALAGENT_LOG_FORMAT".into(), "json".into()),
+        ],
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    assert!(!stdout.contains("hunter2secret") && !stdout.contains("envsecret99"), "{stdout}");
+    assert!(stdout.contains("postgresql://replicator:********@db1/postgres"), "{stdout}");
+    assert!(stdout.contains("source_password_env = \"DB2_PW\""), "{stdout}");
+    assert!(stdout.contains("log_format = \"json\""), "env override: {stdout}");
+    assert!(stdout.contains("backup_at = \"01:30\""), "{stdout}");
+    assert!(stdout.contains("retain_days = 7"), "{stdout}");
+    // WALAGENT_CONFIG names the file too.
+    let out = run_walagent(
+        &["config", "check"],
+        &[("WALAGENT_CONFIG".into(), good.clone()), ("DB2_PW".into(), "x".into())],
+    );
+    assert!(out.status.success(), "{}", stderr_of(&out));
+
+    let base = "[cluster.db1]\nsource = \"host=db1\"\narchive = \"/b\"\nslot = \"s\"\n";
+    for (name, text, want) in [
+        (
+            "unknown.toml",
+            format!("{base}compresss = \"none\"\n"),
+            "line 5: unknown key \"compresss\" in [cluster.db1]; hint: ",
+        ),
+        (
+            "duration.toml",
+            format!("{base}backup_every = \"every day\"\n"),
+            "cluster \"db1\", key backup_every: invalid duration",
+        ),
+        (
+            "env.toml",
+            format!("{base}source_password_env = \"NOT_SET_ANYWHERE\"\n"),
+            "key source_password_env: environment variable \"NOT_SET_ANYWHERE\" is not set; hint: export",
+        ),
+    ] {
+        let f = write(&dir, name, &text);
+        let out = run_walagent(&["config", "check", &f], &[]);
+        assert_eq!(out.status.code(), Some(2), "{name}: {}", stderr_of(&out));
+        let line = error_line(&out);
+        assert!(line.starts_with("walagent: error: config file "), "{name}: {line}");
+        assert!(line.contains(want), "{name}: {line}");
+        assert_eq!(stderr_of(&out).trim().lines().count(), 1, "{name}: {}", stderr_of(&out));
+    }
+    let missing = dir.join("nope.toml");
+    for args in [
+        vec!["config", "check", missing.to_str().unwrap()],
+        vec!["run", "--config", missing.to_str().unwrap()],
+    ] {
+        let out = run_walagent(&args, &[]);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", stderr_of(&out));
+        let line = error_line(&out);
+        assert!(line.contains("cannot read config file") && line.contains("; hint: "), "{line}");
+    }
+}
