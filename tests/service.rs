@@ -22,7 +22,13 @@ fn small_segments() -> PgOptions {
 }
 
 /// A `[cluster.NAME]` section for `pg`, its password in `pwfile`.
-fn cluster_section(name: &str, pg: &PgCluster, archive: &Path, pwfile: &Path, extra: &str) -> String {
+fn cluster_section(
+    name: &str,
+    pg: &PgCluster,
+    archive: &Path,
+    pwfile: &Path,
+    extra: &str,
+) -> String {
     format!(
         "[cluster.{name}]\n\
          source = \"postgresql://replicator@127.0.0.1:{}/postgres?sslmode=disable\"\n\
@@ -47,7 +53,8 @@ impl NotifySocket {
     fn bind(dir: &Path) -> NotifySocket {
         let path = dir.join("notify.sock");
         let sock = UnixDatagram::bind(&path).unwrap();
-        sock.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+        sock.set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
         let got = Arc::new(Mutex::new(Vec::new()));
         let g = got.clone();
         std::thread::spawn(move || {
@@ -58,7 +65,10 @@ impl NotifySocket {
                         .lock()
                         .unwrap()
                         .push(String::from_utf8_lossy(&buf[..n]).into_owned()),
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::TimedOut => {
+                    Err(e)
+                        if e.kind() == std::io::ErrorKind::WouldBlock
+                            || e.kind() == std::io::ErrorKind::TimedOut =>
+                    {
                         if Arc::strong_count(&g) == 1 {
                             return;
                         }
@@ -127,9 +137,24 @@ fn two_clusters_reload_backups_and_isolation() {
     let pw = dir.join("pw");
     std::fs::write(&pw, format!("{REPL_PASSWORD}\n")).unwrap();
     let cfg = dir.join("walagent.toml");
+    // `bad` streams from a slot that does not exist: a fatal error, restarted with backoff,
+    // beside the others.
     let first = format!(
-        "{DEFAULTS}{}",
-        cluster_section("one", &pg1, &a1, &pw, "backup_every = \"8s\"\nretain_full = 3")
+        "{DEFAULTS}{}{}",
+        cluster_section(
+            "one",
+            &pg1,
+            &a1,
+            &pw,
+            "backup_every = \"8s\"\nretain_full = 3"
+        ),
+        cluster_section(
+            "bad",
+            &pg1,
+            &dir.join("archive3"),
+            &pw,
+            "slot = \"no_such_slot\"\ncreate_slot = false"
+        )
     );
     std::fs::write(&cfg, &first).unwrap();
     let notify = NotifySocket::bind(dir.path());
@@ -148,10 +173,16 @@ fn two_clusters_reload_backups_and_isolation() {
     if !support::wait_for(Duration::from_secs(30), || notify.has_line("READY=1")) {
         fail("no READY=1", &log);
     }
-    assert!(notify.all().contains("STATUS=1 clusters"), "{}", notify.all());
+    assert!(
+        notify.all().contains("STATUS=2 clusters"),
+        "{}",
+        notify.all()
+    );
     wait_new_segment(&pg1, &a1, 0, "cluster one archives");
     // The watchdog is fed at half of WATCHDOG_USEC.
-    wait_until(Duration::from_secs(10), "WATCHDOG=1", || notify.has_line("WATCHDOG=1"));
+    wait_until(Duration::from_secs(10), "WATCHDOG=1", || {
+        notify.has_line("WATCHDOG=1")
+    });
 
     // SIGHUP adds a second cluster; the first goes on untouched.
     let second = format!(
@@ -162,15 +193,17 @@ fn two_clusters_reload_backups_and_isolation() {
     sighup(&child);
     wait_new_segment(&pg2, &a2, 0, "cluster two archives after SIGHUP");
     assert!(
-        log_of(&log).contains("two started, none stopped, none restarted, 1 unchanged"),
+        log_of(&log).contains("two started, none stopped, none restarted, 2 unchanged"),
         "{}",
         log_of(&log)
     );
 
     // Scheduled backups: two (or more) of one every 8 s, one of two at once (its archive has none).
-    wait_until(Duration::from_secs(120), "two backups of one and one of two", || {
-        backups(&a1) >= 2 && backups(&a2) >= 1
-    });
+    wait_until(
+        Duration::from_secs(120),
+        "two backups of one and one of two",
+        || backups(&a1) >= 2 && backups(&a2) >= 1,
+    );
 
     // A bad file is refused; the running clusters go on.
     std::fs::write(&cfg, format!("{second}\nbogus_key = 1\n")).unwrap();
@@ -178,31 +211,114 @@ fn two_clusters_reload_backups_and_isolation() {
     wait_until(Duration::from_secs(20), "reload refused in the log", || {
         log_of(&log).contains("config refused, the running configuration stays")
     });
-    assert!(log_of(&log).contains("unknown key \"bogus_key\""), "{}", log_of(&log));
+    assert!(
+        log_of(&log).contains("unknown key \"bogus_key\""),
+        "{}",
+        log_of(&log)
+    );
     assert!(child.try_wait().unwrap().is_none(), "walagent exited");
     let n2 = archived_segments(&a2).len();
-    wait_new_segment(&pg2, &a2, n2, "cluster two archives after the refused reload");
+    wait_new_segment(
+        &pg2,
+        &a2,
+        n2,
+        "cluster two archives after the refused reload",
+    );
+
+    // A reload that removes one cluster and changes another: only those two are touched.
+    let failing = log_of(&log)
+        .lines()
+        .filter(|l| l.contains("cluster{cluster=bad}: stream failed"))
+        .count();
+    assert!(failing >= 2, "{}", log_of(&log));
+    let third = format!(
+        "{DEFAULTS}{}{}",
+        cluster_section(
+            "one",
+            &pg1,
+            &a1,
+            &pw,
+            "backup_every = \"8s\"\nretain_full = 3"
+        ),
+        cluster_section(
+            "two",
+            &pg2,
+            &a2,
+            &pw,
+            "backup_every = \"1h\"\nstop_timeout = 15"
+        )
+    );
+    std::fs::write(&cfg, &third).unwrap();
+    sighup(&child);
+    wait_until(
+        Duration::from_secs(20),
+        "the third configuration applied",
+        || log_of(&log).contains("none started, bad stopped, two restarted, 1 unchanged"),
+    );
+    let n2 = archived_segments(&a2).len();
+    wait_new_segment(&pg2, &a2, n2, "cluster two archives after its restart");
 
     // One server down; the other keeps archiving.
     pg2.stop("fast");
     std::thread::sleep(Duration::from_secs(2));
     let n1 = archived_segments(&a1).len();
-    wait_new_segment(&pg1, &a1, n1, "cluster one archives while two's server is down");
+    wait_new_segment(
+        &pg1,
+        &a1,
+        n1,
+        "cluster one archives while two's server is down",
+    );
     let n1 = archived_segments(&a1).len();
     wait_new_segment(&pg1, &a1, n1, "and again");
 
-    // The first cluster started once: not restarted by either reload.
+    // The failing cluster is gone: no new failures after it was stopped.
+    std::thread::sleep(Duration::from_secs(5));
+    let after = log_of(&log)
+        .lines()
+        .filter(|l| l.contains("cluster{cluster=bad}: stream failed"))
+        .count();
+    assert!(
+        after <= failing + 1,
+        "bad still restarting: {}",
+        log_of(&log)
+    );
+    let twos = log_of(&log)
+        .lines()
+        .filter(|l| l.contains("cluster starting") && l.contains("cluster{cluster=two}"))
+        .count();
+    assert_eq!(twos, 2, "{}", log_of(&log));
+
+    // The first cluster started once: not restarted by any reload.
     let starts = log_of(&log)
         .lines()
         .filter(|l| l.contains("cluster starting") && l.contains("cluster{cluster=one}"))
         .count();
     assert_eq!(starts, 1, "{}", log_of(&log));
 
+    // The failing cluster was retried with growing delays, and said so in STATUS=.
+    let l = log_of(&log);
+    assert!(
+        l.contains(
+            "cluster{cluster=bad}: stream failed: replication slot \"no_such_slot\" does not exist"
+        ) && l.contains("restarting in 2s")
+            && l.contains("restarting in 4s"),
+        "{l}"
+    );
+    assert!(
+        notify.all().contains("bad failed, restarting"),
+        "{}",
+        notify.all()
+    );
+
     sigterm(&child);
     let out = wait_output(child, Duration::from_secs(60));
     assert!(out.status.success(), "{:?}\n{}", out.status, log_of(&log));
     assert!(notify.has_line("STOPPING=1"), "{}", notify.all());
-    assert!(log_of(&log).contains("all clusters stopped cleanly"), "{}", log_of(&log));
+    assert!(
+        log_of(&log).contains("all clusters stopped cleanly"),
+        "{}",
+        log_of(&log)
+    );
     // Nothing in the log shows the password.
     assert!(!log_of(&log).contains(REPL_PASSWORD));
 }
@@ -241,16 +357,31 @@ fn config_check_masks_and_reports_errors() {
     );
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(out.status.success(), "{}", stderr_of(&out));
-    assert!(!stdout.contains("hunter2secret") && !stdout.contains("envsecret99"), "{stdout}");
-    assert!(stdout.contains("postgresql://replicator:********@db1/postgres"), "{stdout}");
-    assert!(stdout.contains("source_password_env = \"DB2_PW\""), "{stdout}");
-    assert!(stdout.contains("log_format = \"json\""), "env override: {stdout}");
+    assert!(
+        !stdout.contains("hunter2secret") && !stdout.contains("envsecret99"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("postgresql://replicator:********@db1/postgres"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("source_password_env = \"DB2_PW\""),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("log_format = \"json\""),
+        "env override: {stdout}"
+    );
     assert!(stdout.contains("backup_at = \"01:30\""), "{stdout}");
     assert!(stdout.contains("retain_days = 7"), "{stdout}");
     // WALAGENT_CONFIG names the file too.
     let out = run_walagent(
         &["config", "check"],
-        &[("WALAGENT_CONFIG".into(), good.clone()), ("DB2_PW".into(), "x".into())],
+        &[
+            ("WALAGENT_CONFIG".into(), good.clone()),
+            ("DB2_PW".into(), "x".into()),
+        ],
     );
     assert!(out.status.success(), "{}", stderr_of(&out));
 
@@ -288,6 +419,9 @@ fn config_check_masks_and_reports_errors() {
         let out = run_walagent(&args, &[]);
         assert_eq!(out.status.code(), Some(2), "{args:?}: {}", stderr_of(&out));
         let line = error_line(&out);
-        assert!(line.contains("cannot read config file") && line.contains("; hint: "), "{line}");
+        assert!(
+            line.contains("cannot read config file") && line.contains("; hint: "),
+            "{line}"
+        );
     }
 }

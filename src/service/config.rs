@@ -57,7 +57,10 @@ impl std::str::FromStr for LogFormat {
         match s {
             "text" => Ok(LogFormat::Text),
             "json" => Ok(LogFormat::Json),
-            _ => Err(format!("unknown log format {:?}: use json or text", short(s))),
+            _ => Err(format!(
+                "unknown log format {:?}: use json or text",
+                short(s)
+            )),
         }
     }
 }
@@ -350,9 +353,13 @@ impl Config {
         };
         let log_format = match overrides.log_format.clone().or(raw.log_format) {
             None => LogFormat::default(),
-            Some(s) => s
-                .parse()
-                .map_err(|m| top("log_format", m, Some("use log_format = \"json\" or \"text\"")))?,
+            Some(s) => s.parse().map_err(|m| {
+                top(
+                    "log_format",
+                    m,
+                    Some("use log_format = \"json\" or \"text\""),
+                )
+            })?,
         };
         if raw.cluster.is_empty() {
             return Err(ConfigError::NoClusters { path: p });
@@ -449,7 +456,11 @@ impl ClusterConfig {
                 let _ = writeln!(
                     o,
                     "# partial_interval: default ({})",
-                    if remote { "10 s for S3" } else { "only when stopping, for a directory" }
+                    if remote {
+                        "10 s for S3"
+                    } else {
+                        "only when stopping, for a directory"
+                    }
                 );
             }
         }
@@ -593,8 +604,7 @@ fn valid_cluster_name(name: &str) -> bool {
 fn valid_slot(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 63
-        && s
-            .bytes()
+        && s.bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
 }
 
@@ -602,7 +612,12 @@ fn valid_slot(s: &str) -> bool {
 pub fn parse_size(s: &str) -> Result<u64, String> {
     let t = s.trim();
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let bad = || format!("invalid size {:?}: use a number with kB, MB or GB", short(s));
+    let bad = || {
+        format!(
+            "invalid size {:?}: use a number with kB, MB or GB",
+            short(s)
+        )
+    };
     let n: u64 = t[..split].parse().map_err(|_| bad())?;
     let mult: u64 = match t[split..].trim().to_ascii_lowercase().as_str() {
         "" | "b" => 1,
@@ -686,7 +701,8 @@ fn resolve_cluster(
     let source = c
         .source
         .ok_or_else(|| missing("source", "\"host=db1 user=replicator\""))?;
-    let mut conninfo = ConnInfo::parse(&source).map_err(|e| err("source", e.to_string(), e.hint()))?;
+    let mut conninfo =
+        ConnInfo::parse(&source).map_err(|e| err("source", e.to_string(), e.hint()))?;
     let password_from = match (c.source_password_file, c.source_password_env) {
         (Some(_), Some(_)) => {
             return Err(err(
@@ -720,7 +736,9 @@ fn resolve_cluster(
                 err(
                     "source_password_env",
                     format!("environment variable {:?} is not set", short(&var)),
-                    Some(format!("export {var} in the service's environment (e.g. an EnvironmentFile)")),
+                    Some(format!(
+                        "export {var} in the service's environment (e.g. an EnvironmentFile)"
+                    )),
                 )
             })?;
             conninfo.password = Some(pw);
@@ -740,10 +758,19 @@ fn resolve_cluster(
             Some("slot names use only lower-case letters, digits and underscores, at most 63 characters".into()),
         ));
     }
-    let compression = |key: &'static str, v: Option<String>| -> Result<Option<Compression>, ConfigError> {
-        v.map(|s| s.parse::<Compression>().map_err(|e| err(key, e.to_string(), Some("use zstd, zstd:LEVEL or none".into()))))
+    let compression =
+        |key: &'static str, v: Option<String>| -> Result<Option<Compression>, ConfigError> {
+            v.map(|s| {
+                s.parse::<Compression>().map_err(|e| {
+                    err(
+                        key,
+                        e.to_string(),
+                        Some("use zstd, zstd:LEVEL or none".into()),
+                    )
+                })
+            })
             .transpose()
-    };
+        };
     let compress = compression("compress", c.compress)?.unwrap_or(Compression::DEFAULT);
     let backup_compress = compression("backup_compress", c.backup_compress)?.unwrap_or(compress);
     let secs = |key: &'static str, v: Option<Secs>| -> Result<Option<Duration>, ConfigError> {
@@ -851,8 +878,13 @@ fn resolve_cluster(
     };
     if retention.is_some() && schedule.is_none() {
         return Err(err(
-            if c.retain_full.is_some() { "retain_full" } else { "retain_days" },
-            "a retention policy is applied after each scheduled backup, but no schedule is set".into(),
+            if c.retain_full.is_some() {
+                "retain_full"
+            } else {
+                "retain_days"
+            },
+            "a retention policy is applied after each scheduled backup, but no schedule is set"
+                .into(),
             Some("add backup_every or backup_at, or run walagent expire yourself".into()),
         ));
     }
@@ -870,7 +902,10 @@ fn resolve_cluster(
 }
 
 /// Two clusters must not share an archive or a spool (each is locked by one stream).
-fn check_no_sharing(path: &str, clusters: &BTreeMap<String, ClusterConfig>) -> Result<(), ConfigError> {
+fn check_no_sharing(
+    path: &str,
+    clusters: &BTreeMap<String, ClusterConfig>,
+) -> Result<(), ConfigError> {
     let mut archives: BTreeMap<String, &str> = BTreeMap::new();
     let mut spools: BTreeMap<PathBuf, &str> = BTreeMap::new();
     for c in clusters.values() {
@@ -878,7 +913,11 @@ fn check_no_sharing(path: &str, clusters: &BTreeMap<String, ClusterConfig>) -> R
         let key = if remote {
             c.archive.trim_end_matches('/').to_string()
         } else {
-            Path::new(&c.archive).components().collect::<PathBuf>().display().to_string()
+            Path::new(&c.archive)
+                .components()
+                .collect::<PathBuf>()
+                .display()
+                .to_string()
         };
         if let Some(other) = archives.insert(key, &c.name) {
             return Err(ConfigError::Value {
@@ -886,7 +925,9 @@ fn check_no_sharing(path: &str, clusters: &BTreeMap<String, ClusterConfig>) -> R
                 cluster: c.name.clone(),
                 key: "archive",
                 message: format!("the same archive as cluster {other:?}"),
-                hint: Some("give each cluster its own archive (a directory or an S3 prefix)".into()),
+                hint: Some(
+                    "give each cluster its own archive (a directory or an S3 prefix)".into(),
+                ),
             });
         }
         let spool = c
@@ -914,7 +955,11 @@ fn check_no_sharing(path: &str, clusters: &BTreeMap<String, ClusterConfig>) -> R
 /// - `Every(d)`: `d` after the newest backup's end (now when there is none).
 /// - `DailyAt(t)`: the next `t` (UTC); but now when the newest backup ended before the most
 ///   recent `t` (a run missed while the service was down, or no backup at all).
-pub fn next_backup(schedule: Schedule, last_end: Option<SystemTime>, now: SystemTime) -> SystemTime {
+pub fn next_backup(
+    schedule: Schedule,
+    last_end: Option<SystemTime>,
+    now: SystemTime,
+) -> SystemTime {
     match schedule {
         Schedule::Every(d) => match last_end {
             None => now,
@@ -924,7 +969,11 @@ pub fn next_backup(schedule: Schedule, last_end: Option<SystemTime>, now: System
             let now_s = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
             let day = now_s - now_s % 86_400;
             let at = u64::from(minute) * 60;
-            let prev = if day + at <= now_s { day + at } else { (day + at).saturating_sub(86_400) };
+            let prev = if day + at <= now_s {
+                day + at
+            } else {
+                (day + at).saturating_sub(86_400)
+            };
             let prev_t = UNIX_EPOCH + Duration::from_secs(prev);
             match last_end {
                 Some(l) if l >= prev_t => UNIX_EPOCH + Duration::from_secs(prev + 86_400),
@@ -943,10 +992,16 @@ mod tests {
     }
 
     fn parse_env(text: &str, vars: &[(&str, &str)]) -> Result<Config, ConfigError> {
-        let vars: Vec<(String, String)> = vars.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect();
-        Config::parse(Path::new("/etc/walagent.toml"), text, &Overrides::default(), &move |k| {
-            vars.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone())
-        })
+        let vars: Vec<(String, String)> = vars
+            .iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect();
+        Config::parse(
+            Path::new("/etc/walagent.toml"),
+            text,
+            &Overrides::default(),
+            &move |k| vars.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone()),
+        )
     }
 
     const TWO: &str = r#"
@@ -987,7 +1042,10 @@ status_interval = 5
         assert_eq!(db1.backup.compress, Compression::Zstd { level: 3 });
         assert_eq!(db1.stream.stop_timeout, Duration::from_secs(30));
         assert_eq!(db1.stream.status_interval, Duration::from_secs(10));
-        assert_eq!(db1.schedule, Some(Schedule::Every(Duration::from_secs(86_400))));
+        assert_eq!(
+            db1.schedule,
+            Some(Schedule::Every(Duration::from_secs(86_400)))
+        );
         assert_eq!(db1.retention, Some(RetentionPolicy::Full(7)));
         assert_eq!(db1.password_from, PasswordFrom::Libpq);
         let db2 = &c.clusters["db2"];
@@ -1006,9 +1064,15 @@ status_interval = 5
         let c = parse_env(TWO, &[("DB2_PASSWORD", "s3cret")]).unwrap();
         let r = c.render();
         assert!(!r.contains("hunter2") && !r.contains("s3cret"), "{r}");
-        assert!(r.contains("postgresql://replicator:********@db1/postgres"), "{r}");
+        assert!(
+            r.contains("postgresql://replicator:********@db1/postgres"),
+            "{r}"
+        );
         assert!(r.contains("source_password_env = \"DB2_PASSWORD\""), "{r}");
-        assert!(r.contains("[cluster.db2]") && r.contains("backup_at = \"01:30\""), "{r}");
+        assert!(
+            r.contains("[cluster.db2]") && r.contains("backup_at = \"01:30\""),
+            "{r}"
+        );
         // The rendering is itself a config file (comments aside), to the same effect.
         let again = parse_env(&r, &[("DB2_PASSWORD", "s3cret")]).unwrap();
         assert_eq!(again.clusters["db2"], c.clusters["db2"]);
@@ -1029,7 +1093,11 @@ status_interval = 5
         assert!(!c.render().contains("pa ss"));
         std::fs::write(&f, "").unwrap();
         let e = parse(&text).unwrap_err();
-        assert!(e.to_string().contains("cluster \"a\", key source_password_file"), "{e}");
+        assert!(
+            e.to_string()
+                .contains("cluster \"a\", key source_password_file"),
+            "{e}"
+        );
         std::fs::remove_dir_all(&dir).unwrap();
         let e = parse(&text).unwrap_err();
         assert!(e.to_string().contains("cannot read"), "{e}");
@@ -1046,9 +1114,16 @@ status_interval = 5
         );
         assert!(e.hint().unwrap().contains("backup_every"));
         let e = parse("metrics = 1\n").unwrap_err();
-        assert_eq!(e.to_string(), "config file /etc/walagent.toml line 1: unknown key \"metrics\"");
+        assert_eq!(
+            e.to_string(),
+            "config file /etc/walagent.toml line 1: unknown key \"metrics\""
+        );
         let e = parse("[defaults]\nendpos = \"0/1\"\n").unwrap_err();
-        assert!(e.to_string().contains("line 2: unknown key \"endpos\" in [defaults]"), "{e}");
+        assert!(
+            e.to_string()
+                .contains("line 2: unknown key \"endpos\" in [defaults]"),
+            "{e}"
+        );
         let e = parse("[cluster.db1]\nslot = 3\n").unwrap_err();
         assert!(e.to_string().contains("line 2:"), "{e}");
         assert!(e.to_string().contains("[cluster.db1]"), "{e}");
@@ -1072,24 +1147,41 @@ status_interval = 5
             ("checkpoint = \"now\"", "checkpoint"),
             ("max_rate = \"1kB\"", "max_rate"),
             ("retain_full = 0", "retain_full"),
-            ("retain_full = 2\nretain_days = 3\nbackup_every = \"1h\"", "retain_full"),
+            (
+                "retain_full = 2\nretain_days = 3\nbackup_every = \"1h\"",
+                "retain_full",
+            ),
             ("retain_days = 3", "retain_days"),
-            ("backup_every = \"1h\"\nbackup_at = \"01:00\"", "backup_every"),
+            (
+                "backup_every = \"1h\"\nbackup_at = \"01:00\"",
+                "backup_every",
+            ),
             ("archive_workers = 0", "archive_workers"),
         ] {
             let e = parse(&format!("{base}{extra}\n")).unwrap_err();
             let s = e.to_string();
-            assert!(s.contains(&format!("cluster \"x\", key {key}:")), "{extra}: {s}");
+            assert!(
+                s.contains(&format!("cluster \"x\", key {key}:")),
+                "{extra}: {s}"
+            );
         }
-        let e = parse("[cluster.x]\nsource = \"host=h\"\narchive = \"/a\"\nslot = \"Bad-Slot\"\n").unwrap_err();
+        let e = parse("[cluster.x]\nsource = \"host=h\"\narchive = \"/a\"\nslot = \"Bad-Slot\"\n")
+            .unwrap_err();
         assert!(e.to_string().contains("key slot"), "{e}");
         let e = parse("[cluster.x]\narchive = \"/a\"\nslot = \"s\"\n").unwrap_err();
         assert!(e.to_string().contains("key source: missing"), "{e}");
-        let e = parse("[cluster.\"a b\"]\nsource = \"host=h\"\narchive = \"/a\"\nslot = \"s\"\n").unwrap_err();
+        let e = parse("[cluster.\"a b\"]\nsource = \"host=h\"\narchive = \"/a\"\nslot = \"s\"\n")
+            .unwrap_err();
         assert!(e.to_string().contains("invalid cluster name"), "{e}");
         let e = parse("log_format = \"xml\"\n[cluster.x]\nsource = \"host=h\"\narchive = \"/a\"\nslot = \"s\"\n").unwrap_err();
-        assert!(e.to_string().contains("log_format: unknown log format"), "{e}");
-        assert!(matches!(parse("log_format = \"text\"\n"), Err(ConfigError::NoClusters { .. })));
+        assert!(
+            e.to_string().contains("log_format: unknown log format"),
+            "{e}"
+        );
+        assert!(matches!(
+            parse("log_format = \"text\"\n"),
+            Err(ConfigError::NoClusters { .. })
+        ));
         // A conninfo error never quotes the string.
         let e = parse("[cluster.x]\nsource = \"host=h password=a b=secretword\"\narchive = \"/a\"\nslot = \"s\"\n");
         if let Err(e) = e {
@@ -1158,7 +1250,11 @@ status_interval = 5
         let every = Schedule::Every(Duration::from_secs(day));
         assert_eq!(next_backup(every, None, t(1000)), t(1000), "none yet: now");
         assert_eq!(next_backup(every, Some(t(500)), t(1000)), t(500 + day));
-        assert_eq!(next_backup(every, Some(t(0)), t(2 * day)), t(day), "overdue: in the past");
+        assert_eq!(
+            next_backup(every, Some(t(0)), t(2 * day)),
+            t(day),
+            "overdue: in the past"
+        );
     }
 
     #[test]
@@ -1168,16 +1264,28 @@ status_interval = 5
         let d0 = 20_000 * day; // some midnight UTC
         let slot = d0 + 5400;
         // Before today's slot, yesterday's backup done: today's slot.
-        assert_eq!(next_backup(at, Some(t(slot - day + 60)), t(d0 + 60)), t(slot));
+        assert_eq!(
+            next_backup(at, Some(t(slot - day + 60)), t(d0 + 60)),
+            t(slot)
+        );
         // After today's slot, today's backup done: tomorrow's.
-        assert_eq!(next_backup(at, Some(t(slot + 600)), t(slot + 3600)), t(slot + day));
+        assert_eq!(
+            next_backup(at, Some(t(slot + 600)), t(slot + 3600)),
+            t(slot + day)
+        );
         // Today's slot missed (the service was down): now.
-        assert_eq!(next_backup(at, Some(t(slot - day + 600)), t(slot + 3600)), t(slot + 3600));
+        assert_eq!(
+            next_backup(at, Some(t(slot - day + 600)), t(slot + 3600)),
+            t(slot + 3600)
+        );
         // No backup at all: now.
         assert_eq!(next_backup(at, None, t(d0 + 60)), t(d0 + 60));
         // Exactly at the slot with yesterday's done: now.
         assert_eq!(next_backup(at, Some(t(slot - day + 600)), t(slot)), t(slot));
         let midnight = Schedule::DailyAt(0);
-        assert_eq!(next_backup(midnight, Some(t(d0 + 1)), t(d0 + 100)), t(d0 + day));
+        assert_eq!(
+            next_backup(midnight, Some(t(d0 + 1)), t(d0 + 100)),
+            t(d0 + day)
+        );
     }
 }

@@ -50,7 +50,10 @@ impl Notifier {
     }
 
     pub fn stopping(&self, status: &str) {
-        self.send(&[NotifyState::Stopping, NotifyState::Status(&one_line(status))]);
+        self.send(&[
+            NotifyState::Stopping,
+            NotifyState::Status(&one_line(status)),
+        ]);
     }
 
     pub fn watchdog(&self) {

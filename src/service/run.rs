@@ -281,10 +281,14 @@ fn apply_reload(
     registry: &Arc<Registry>,
 ) {
     if old.metrics_addr != new.metrics_addr {
-        tracing::warn!("SIGHUP: metrics_addr changed; it takes effect at the next start of walagent run");
+        tracing::warn!(
+            "SIGHUP: metrics_addr changed; it takes effect at the next start of walagent run"
+        );
     }
     if old.log_format != new.log_format {
-        tracing::warn!("SIGHUP: log_format changed; it takes effect at the next start of walagent run");
+        tracing::warn!(
+            "SIGHUP: log_format changed; it takes effect at the next start of walagent run"
+        );
     }
     let mut started = Vec::new();
     let mut stopped = Vec::new();
@@ -495,7 +499,8 @@ async fn cluster_main(
         let stats = stats.clone();
         let state = state.clone();
         tokio::spawn(
-            scheduler(cfg, schedule, store, stats, cancel_rx, state).instrument(tracing::Span::current()),
+            scheduler(cfg, schedule, store, stats, cancel_rx, state)
+                .instrument(tracing::Span::current()),
         )
     });
     let opts = stream_options(&cfg, store, stats.stream.clone());
@@ -603,7 +608,9 @@ fn backup_options(cfg: &ClusterConfig) -> BackupOptions {
         checkpoint_fast: b.checkpoint_fast,
         max_rate_kbps: b.max_rate_kbps,
         compression: b.compress,
-        compress_threads: b.compress_threads.unwrap_or_else(|| cpus().clamp(1, 8) as u32),
+        compress_threads: b
+            .compress_threads
+            .unwrap_or_else(|| cpus().clamp(1, 8) as u32),
         label: b.label.clone(),
         progress: false,
     }
@@ -616,11 +623,17 @@ fn unix_secs(t: SystemTime) -> u64 {
 fn parse_time(s: &str) -> Option<SystemTime> {
     let t = chrono::DateTime::parse_from_rfc3339(s).ok()?;
     let secs = u64::try_from(t.timestamp()).ok()?;
-    Some(UNIX_EPOCH + Duration::from_secs(secs) + Duration::from_nanos(u64::from(t.timestamp_subsec_nanos())))
+    Some(
+        UNIX_EPOCH
+            + Duration::from_secs(secs)
+            + Duration::from_nanos(u64::from(t.timestamp_subsec_nanos())),
+    )
 }
 
 /// The ends of the oldest and the newest complete backups in the archive.
-async fn backup_window(store: &dyn Store) -> Result<(Option<SystemTime>, Option<SystemTime>), String> {
+async fn backup_window(
+    store: &dyn Store,
+) -> Result<(Option<SystemTime>, Option<SystemTime>), String> {
     let list = catalog::list(store).await.map_err(|e| e.to_string())?;
     let ends: Vec<SystemTime> = list
         .iter()
@@ -679,7 +692,10 @@ async fn scheduler(
         }
         let wait = due.duration_since(now).unwrap_or(Duration::ZERO);
         if !wait.is_zero() {
-            tracing::debug!("next backup in {}", humantime::format_duration(Duration::from_secs(wait.as_secs())));
+            tracing::debug!(
+                "next backup in {}",
+                humantime::format_duration(Duration::from_secs(wait.as_secs()))
+            );
         }
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
@@ -688,7 +704,8 @@ async fn scheduler(
         lock(&state).backing_up = true;
         tracing::info!("scheduled backup starting ({schedule})");
         let started = Instant::now();
-        let r = crate::backup::take::take(&backup_options(&cfg), store.clone(), cancel.clone()).await;
+        let r =
+            crate::backup::take::take(&backup_options(&cfg), store.clone(), cancel.clone()).await;
         lock(&state).backing_up = false;
         if *cancel.borrow() {
             return;
@@ -724,7 +741,9 @@ async fn scheduler(
                 }
             }
             Err(e) => {
-                let delay = retry.map_or(Duration::from_secs(60), |(_, d)| (d * 2).min(Duration::from_secs(3600)));
+                let delay = retry.map_or(Duration::from_secs(60), |(_, d)| {
+                    (d * 2).min(Duration::from_secs(3600))
+                });
                 tracing::error!(
                     "scheduled backup failed: {}; trying again in {}",
                     with_hint(&e.to_string(), e.hint()),
@@ -753,7 +772,9 @@ mod tests {
     #[test]
     fn backoff_grows_and_resets() {
         let mut b = Backoff::new();
-        let d: Vec<u64> = (0..8).map(|_| b.after_failure(Duration::ZERO).as_secs()).collect();
+        let d: Vec<u64> = (0..8)
+            .map(|_| b.after_failure(Duration::ZERO).as_secs())
+            .collect();
         assert_eq!(d, [2, 4, 8, 16, 32, 64, 120, 120]);
         assert_eq!(b.after_failure(Duration::from_secs(600)).as_secs(), 2);
     }
