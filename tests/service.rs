@@ -425,3 +425,97 @@ fn config_check_masks_and_reports_errors() {
         );
     }
 }
+
+/// CPU ticks (utime + stime) and resident/peak memory of a process, from /proc.
+fn proc_usage(pid: u32) -> (u64, u64, u64) {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name (which is in parentheses and may hold blanks).
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb = |key: &str| -> u64 {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    (ticks, kb("VmRSS:"), kb("VmHWM:"))
+}
+
+/// Idle footprint of `walagent run` with two clusters (two servers, local archives, no WAL
+/// traffic), against two `walagent stream` processes for the same servers. Prints figures for
+/// benches/README.md; asserts nothing about them.
+/// `cargo test --locked --test service idle_footprint -- --ignored --nocapture`
+#[test]
+#[ignore]
+fn idle_footprint() {
+    let secs: u64 = std::env::var("IDLE_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(60);
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let pg1 = PgCluster::start(small_segments());
+    let pg2 = PgCluster::start(small_segments());
+    let dir = support::tempdir();
+    let pw = dir.join("pw");
+    std::fs::write(&pw, REPL_PASSWORD).unwrap();
+    let (a1, a2) = (dir.join("a1"), dir.join("a2"));
+    let cfg = dir.join("walagent.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "{DEFAULTS}{}{}",
+            cluster_section("one", &pg1, &a1, &pw, ""),
+            cluster_section("two", &pg2, &a2, &pw, "")
+        ),
+    )
+    .unwrap();
+    let measure = |children: &[&Child], what: &str| {
+        std::thread::sleep(Duration::from_secs(5)); // connected, slots created
+        let before: Vec<_> = children.iter().map(|c| proc_usage(c.id())).collect();
+        std::thread::sleep(Duration::from_secs(secs));
+        let after: Vec<_> = children.iter().map(|c| proc_usage(c.id())).collect();
+        let ticks: u64 = after.iter().zip(&before).map(|(a, b)| a.0 - b.0).sum();
+        let rss: u64 = after.iter().map(|a| a.1).sum();
+        let hwm: u64 = after.iter().map(|a| a.2).sum();
+        println!(
+            "{what}: CPU {:.2} s in {secs} s idle ({:.3}% of one core), RSS {} kB, peak RSS {} kB",
+            ticks as f64 / hz,
+            ticks as f64 / hz / secs as f64 * 100.0,
+            rss,
+            hwm
+        );
+    };
+    let run = walagent()
+        .args(["run", "--config", cfg.to_str().unwrap()])
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_until(Duration::from_secs(30), "both archive", || {
+        pg1.switch_wal();
+        pg2.switch_wal();
+        !archived_segments(&a1).is_empty() && !archived_segments(&a2).is_empty()
+    });
+    measure(&[&run], "walagent run, 2 clusters");
+    sigterm(&run);
+    assert!(wait_output(run, Duration::from_secs(60)).status.success());
+    let stream = |pg: &PgCluster, a: &Path| {
+        support::stream_cmd(&pg.repl_uri(), a.to_str().unwrap(), "walagent_svc")
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let (s1, s2) = (stream(&pg1, &a1), stream(&pg2, &a2));
+    measure(&[&s1, &s2], "2 x walagent stream");
+    for s in [s1, s2] {
+        sigterm(&s);
+        assert!(wait_output(s, Duration::from_secs(60)).status.success());
+    }
+}

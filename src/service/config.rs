@@ -1059,6 +1059,24 @@ status_interval = 5
         assert_eq!(db2.retention, Some(RetentionPolicy::Days(14)));
     }
 
+    /// examples/walagent.toml is a valid config (its password file pointed at a real one).
+    #[test]
+    fn example_file_parses() {
+        let text = include_str!("../../examples/walagent.toml");
+        let pw = std::env::temp_dir().join(format!("walagent-example-pw-{}", std::process::id()));
+        std::fs::write(&pw, "x\n").unwrap();
+        let text = text.replace("/etc/walagent/orders.pw", pw.to_str().unwrap());
+        let c = parse_env(&text, &[("BILLING_PGPASSWORD", "y")]).unwrap();
+        std::fs::remove_file(&pw).unwrap();
+        assert_eq!(c.clusters.len(), 2);
+        assert_eq!(c.clusters["orders"].schedule, Some(Schedule::DailyAt(90)));
+        assert_eq!(
+            c.clusters["billing"].retention,
+            Some(RetentionPolicy::Days(14))
+        );
+        assert_eq!(c.clusters["billing"].stream.slot, "walagent");
+    }
+
     #[test]
     fn render_masks_secrets() {
         let c = parse_env(TWO, &[("DB2_PASSWORD", "s3cret")]).unwrap();

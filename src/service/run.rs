@@ -172,7 +172,10 @@ pub async fn run(
     notifier.ready(&last_status);
 
     let mut watchdog = notifier.watchdog_interval().map(tokio::time::interval);
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    // STATUS= follows changes within a second under systemd; otherwise the tick only retires
+    // removed clusters from the metrics and can be slow (fewer wake-ups when idle).
+    let mut tick =
+        tokio::time::interval(Duration::from_secs(if notifier.enabled() { 1 } else { 10 }));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut stop = signals.stop.clone();
     loop {
