@@ -519,3 +519,94 @@ fn idle_footprint() {
         assert!(wait_output(s, Duration::from_secs(60)).status.success());
     }
 }
+
+/// A bucket that goes away stalls only its own cluster: the local one on the same server keeps
+/// archiving. At SIGTERM the local cluster stops at once while the S3 one waits for its bucket
+/// (within its stop_timeout); a second SIGTERM ends it at once, exit 1 naming the cluster.
+#[test]
+fn bucket_outage_isolated_and_second_signal_stops_at_once() {
+    let s3 = support::s3::S3Server::start();
+    let pg = PgCluster::start(small_segments());
+    let dir = support::tempdir();
+    let local = dir.join("local");
+    let pw = dir.join("pw");
+    std::fs::write(&pw, REPL_PASSWORD).unwrap();
+    let cfg = dir.join("walagent.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "{DEFAULTS}{}{}",
+            cluster_section("local", &pg, &local, &pw, "slot = \"local_slot\""),
+            format!(
+                "[cluster.bucket]\nsource = \"{}\"\narchive = \"{}\"\nslot = \"bucket_slot\"\n\
+                 spool = \"{}\"\nstop_timeout = 120\npartial_interval = 1\nstatus_interval = 1\n",
+                pg.repl_uri(),
+                s3.url("svc"),
+                dir.join("spool").display()
+            )
+        ),
+    )
+    .unwrap();
+    let log = dir.join("walagent.log");
+    let child = walagent()
+        .args(["run", "--config", cfg.to_str().unwrap()])
+        .envs(s3.env())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let in_bucket = || {
+        std::fs::read_dir(s3.object_path("svc/wal"))
+            .map(|rd| rd.count())
+            .unwrap_or(0)
+    };
+    wait_new_segment(&pg, &local, 0, "the local cluster archives");
+    if !support::wait_for(Duration::from_secs(60), || {
+        pg.psql("INSERT INTO t VALUES (2)");
+        pg.switch_wal();
+        std::thread::sleep(Duration::from_millis(300));
+        in_bucket() > 0
+    }) {
+        panic!("the S3 cluster does not archive; log:\n{}", log_of(&log));
+    }
+
+    s3.stop();
+    pg.generate_wal(2);
+    let n = archived_segments(&local).len();
+    wait_new_segment(
+        &pg,
+        &local,
+        n,
+        "the local cluster archives while the bucket is away",
+    );
+    let n = archived_segments(&local).len();
+    wait_new_segment(&pg, &local, n, "and again");
+
+    sigterm(&child);
+    wait_until(Duration::from_secs(30), "the local cluster stopped", || {
+        log_of(&log).contains("cluster{cluster=local}: stream stopped")
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    let mut child = child;
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "walagent did not wait for the bucket: {}",
+        log_of(&log)
+    );
+    let second = std::time::Instant::now();
+    sigterm(&child);
+    let out = wait_output(child, Duration::from_secs(60));
+    assert!(
+        second.elapsed() < Duration::from_secs(30),
+        "the second signal did not stop at once"
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", log_of(&log));
+    let line = log_of(&log).lines().last().unwrap_or_default().to_string();
+    assert!(
+        line.starts_with(
+            "walagent: error: 1 of 2 clusters did not stop cleanly: bucket: stop took longer"
+        ) && line.contains("a second stop signal arrived")
+            && line.contains("; hint: nothing acknowledged is lost"),
+        "{line}"
+    );
+}
