@@ -535,15 +535,12 @@ fn bucket_outage_isolated_and_second_signal_stops_at_once() {
     std::fs::write(
         &cfg,
         format!(
-            "{DEFAULTS}{}{}",
+            "{DEFAULTS}{}[cluster.bucket]\nsource = \"{}\"\narchive = \"{}\"\nslot = \"bucket_slot\"\n\
+             spool = \"{}\"\nstop_timeout = 120\npartial_interval = 1\nstatus_interval = 1\n",
             cluster_section("local", &pg, &local, &pw, "slot = \"local_slot\""),
-            format!(
-                "[cluster.bucket]\nsource = \"{}\"\narchive = \"{}\"\nslot = \"bucket_slot\"\n\
-                 spool = \"{}\"\nstop_timeout = 120\npartial_interval = 1\nstatus_interval = 1\n",
-                pg.repl_uri(),
-                s3.url("svc"),
-                dir.join("spool").display()
-            )
+            pg.repl_uri(),
+            s3.url("svc"),
+            dir.join("spool").display()
         ),
     )
     .unwrap();

@@ -182,7 +182,7 @@ pub struct RunArgs {
     #[arg(long, env = "WALAGENT_CONFIG", value_name = "FILE")]
     pub config: PathBuf,
 
-    /// Serve metrics and health checks on HOST:PORT (overrides the file's metrics_addr; an
+    /// Serve metrics and health checks on IP:PORT (overrides the file's metrics_addr; an
     /// empty value turns them off).
     #[arg(long, env = "WALAGENT_METRICS_ADDR", value_name = "IP:PORT")]
     pub metrics_addr: Option<String>,

@@ -378,6 +378,23 @@ impl Config {
         })
     }
 
+    /// The log format `walagent run` will use, read before logging starts (and before the
+    /// file is fully loaded): the override, else the file's `log_format`; text when neither
+    /// says (a file that does not load fails right after, in [`Config::load`], with its error).
+    pub fn peek_log_format(path: &Path, overrides: &Overrides) -> LogFormat {
+        let from_file = || {
+            let text = std::fs::read_to_string(path).ok()?;
+            let raw: RawConfig = toml::from_str(&text).ok()?;
+            raw.log_format
+        };
+        overrides
+            .log_format
+            .clone()
+            .or_else(from_file)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_default()
+    }
+
     /// The effective settings for `walagent config check`: secrets masked, password files and
     /// variables shown by name.
     pub fn render(&self) -> String {
@@ -556,7 +573,8 @@ fn short(s: &str) -> String {
 fn syntax_error(path: &str, text: &str, e: &toml::de::Error) -> ConfigError {
     let line_no = e
         .span()
-        .map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1);
+        .and_then(|s| text.get(..s.start))
+        .map(|t| t.matches('\n').count() + 1);
     let first = e.message().lines().next().unwrap_or("").trim().to_string();
     let section = line_no.and_then(|n| section_of(text, n));
     let (message, unknown_key) = match first.strip_prefix("unknown field `") {
@@ -658,7 +676,8 @@ pub fn parse_daily_time(s: &str) -> Result<u32, String> {
         )
     };
     let (h, m) = s.trim().split_once(':').ok_or_else(bad)?;
-    if h.is_empty() || h.len() > 2 || m.len() != 2 {
+    let digits = |t: &str| t.bytes().all(|b| b.is_ascii_digit());
+    if h.is_empty() || h.len() > 2 || m.len() != 2 || !digits(h) || !digits(m) {
         return Err(bad());
     }
     let h: u32 = h.parse().map_err(|_| bad())?;
@@ -1240,6 +1259,30 @@ status_interval = 5
     }
 
     #[test]
+    fn log_format_before_loading() {
+        let dir = std::env::temp_dir().join(format!("walagent-peek-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("c.toml");
+        std::fs::write(
+            &f,
+            "log_format = \"json\"\n[cluster.a]\nsource_password_file = \"/nope\"\n",
+        )
+        .unwrap();
+        let none = Overrides::default();
+        assert_eq!(Config::peek_log_format(&f, &none), LogFormat::Json);
+        let text = Overrides {
+            log_format: Some("text".into()),
+            ..Default::default()
+        };
+        assert_eq!(Config::peek_log_format(&f, &text), LogFormat::Text);
+        assert_eq!(
+            Config::peek_log_format(&dir.join("missing"), &none),
+            LogFormat::Text
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
     fn durations_and_sizes() {
         assert_eq!(parse_duration("24h"), Ok(Duration::from_secs(86_400)));
         assert_eq!(parse_duration("1h 30m"), Ok(Duration::from_secs(5400)));
@@ -1249,7 +1292,9 @@ status_interval = 5
         assert_eq!(parse_daily_time("01:30"), Ok(90));
         assert_eq!(parse_daily_time("23:59"), Ok(1439));
         assert_eq!(parse_daily_time("0:00"), Ok(0));
-        for bad in ["24:00", "12:60", "1230", "12:3", ":30", "aa:bb", "-1:30"] {
+        for bad in [
+            "24:00", "12:60", "1230", "12:3", ":30", "aa:bb", "-1:30", "+1:30", "1:+3",
+        ] {
             assert!(parse_daily_time(bad).is_err(), "{bad}");
         }
         assert_eq!(parse_size("1GB"), Ok(1 << 30));

@@ -496,6 +496,16 @@ async fn cluster_main(
         }
     };
     let (cancel_tx, cancel_rx) = watch::channel(false);
+    // A stop cancels a running backup at once (an interrupted backup is never used), while the
+    // stream gets its stop_timeout.
+    let cancel_on_stop = {
+        let cancel_tx = cancel_tx.clone();
+        let mut stop = stop.clone();
+        tokio::spawn(async move {
+            let _ = stop.wait_for(|c| *c >= 1).await;
+            let _ = cancel_tx.send(true);
+        })
+    };
     let scheduler = cfg.schedule.map(|schedule| {
         let cfg = cfg.clone();
         let store = store.clone();
@@ -548,6 +558,7 @@ async fn cluster_main(
     };
     lock(&state).phase = Phase::Stopping;
     let _ = cancel_tx.send(true);
+    cancel_on_stop.abort();
     if let Some(s) = scheduler {
         let _ = s.await;
     }
