@@ -769,6 +769,16 @@ fn resolve_cluster(
         .archive
         .filter(|a| !a.is_empty())
         .ok_or_else(|| missing("archive", "\"/backup/db1\" or \"s3://bucket/db1\""))?;
+    if archive::is_remote(&archive) {
+        // Checked now: a location that cannot parse would only be retried at run time.
+        archive.parse::<archive::s3::S3Location>().map_err(|e| {
+            err(
+                "archive",
+                e.to_string(),
+                Some("write s3://BUCKET/PREFIX".into()),
+            )
+        })?;
+    }
     let slot = c.slot.ok_or_else(|| missing("slot", "\"walagent\""))?;
     if !valid_slot(&slot) {
         return Err(err(
@@ -1205,6 +1215,9 @@ status_interval = 5
         let e = parse("[cluster.x]\nsource = \"host=h\"\narchive = \"/a\"\nslot = \"Bad-Slot\"\n")
             .unwrap_err();
         assert!(e.to_string().contains("key slot"), "{e}");
+        let e = parse("[cluster.x]\nsource = \"host=h\"\narchive = \"s3:///p\"\nslot = \"s\"\n")
+            .unwrap_err();
+        assert!(e.to_string().contains("cluster \"x\", key archive:"), "{e}");
         let e = parse("[cluster.x]\narchive = \"/a\"\nslot = \"s\"\n").unwrap_err();
         assert!(e.to_string().contains("key source: missing"), "{e}");
         let e = parse("[cluster.\"a b\"]\nsource = \"host=h\"\narchive = \"/a\"\nslot = \"s\"\n")
