@@ -607,3 +607,58 @@ fn bucket_outage_isolated_and_second_signal_stops_at_once() {
         "{line}"
     );
 }
+
+/// A second `walagent run` with the same file finds every spool in use: it says so, retries with
+/// backoff without touching the archive, and takes over once the first one has stopped.
+#[test]
+fn second_instance_waits_and_takes_over() {
+    let pg = PgCluster::start(small_segments());
+    let dir = support::tempdir();
+    let archive = dir.join("archive");
+    let pw = dir.join("pw");
+    std::fs::write(&pw, REPL_PASSWORD).unwrap();
+    let cfg = dir.join("walagent.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "{DEFAULTS}{}",
+            cluster_section("only", &pg, &archive, &pw, "")
+        ),
+    )
+    .unwrap();
+    let spawn = |log: &Path| {
+        walagent()
+            .args(["run", "--config", cfg.to_str().unwrap()])
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(log).unwrap())
+            .spawn()
+            .unwrap()
+    };
+    let (log1, log2) = (dir.join("first.log"), dir.join("second.log"));
+    let first = spawn(&log1);
+    wait_new_segment(&pg, &archive, 0, "the first instance archives");
+    let second = spawn(&log2);
+    wait_until(
+        Duration::from_secs(30),
+        "the second one finds the spool in use",
+        || {
+            let l = log_of(&log2);
+            l.contains("is in use by another walagent") && l.contains("restarting in 2s")
+        },
+    );
+    sigterm(&first);
+    let out = wait_output(first, Duration::from_secs(60));
+    assert!(out.status.success(), "{}", log_of(&log1));
+    // Within the second one's backoff (2, 4, 8 s ...), it takes over.
+    let n = archived_segments(&archive).len();
+    wait_new_segment(
+        &pg,
+        &archive,
+        n,
+        "the second instance archives after the first stopped",
+    );
+    sigterm(&second);
+    let out = wait_output(second, Duration::from_secs(60));
+    assert!(out.status.success(), "{}", log_of(&log2));
+    support::assert_contiguous(&archived_segments(&archive));
+}
