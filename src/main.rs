@@ -63,6 +63,8 @@ fn main() -> ExitCode {
         Command::Backups(args) => runtime.block_on(list_backups(args)),
         Command::SeedStandby(args) => runtime.block_on(seed_standby(args)),
         Command::Restore(args) => runtime.block_on(restore(args)),
+        Command::Status(args) => runtime.block_on(status(args)),
+        Command::Expire(args) => runtime.block_on(expire(args)),
         Command::Run(args) => runtime.block_on(run_service(args)),
         Command::Config(ConfigCommand::Check(args)) => config_check(&args.file),
     };
@@ -311,6 +313,44 @@ async fn restore(args: RestoreArgs) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(e) => fail(&e.to_string(), e.hint(), 1),
+    }
+}
+
+async fn status(args: walagent::cli::StatusArgs) -> ExitCode {
+    use walagent::lifecycle::status;
+    let store = match archive::open(&args.archive, false).await {
+        Ok(s) => s,
+        Err(e) => return fail(&e.to_string(), e.hint(), 2),
+    };
+    match status::status(store.as_ref()).await {
+        Ok(st) => {
+            if args.json {
+                println!("{:#}", status::to_json(&st));
+            } else {
+                print!("{}", status::render(&st));
+            }
+            ExitCode::from(st.exit_code())
+        }
+        Err(e) => fail(&e.to_string(), e.hint(), 2),
+    }
+}
+
+async fn expire(args: walagent::cli::ExpireArgs) -> ExitCode {
+    use walagent::lifecycle::expire;
+    let store = match archive::open(&args.archive, false).await {
+        Ok(s) => s,
+        Err(e) => return fail(&e.to_string(), e.hint(), 2),
+    };
+    match expire::expire(store.as_ref(), args.policy(), args.dry_run).await {
+        Ok(r) => {
+            if args.json {
+                println!("{:#}", expire::to_json(&r));
+            } else {
+                print!("{}", expire::render(&r, &store.location()));
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(&e.to_string(), e.hint(), 2),
     }
 }
 

@@ -146,7 +146,7 @@ fn two_clusters_reload_backups_and_isolation() {
             &pg1,
             &a1,
             &pw,
-            "backup_every = \"8s\"\nretain_full = 3"
+            "backup_every = \"8s\"\nretain_full = 1"
         ),
         cluster_section(
             "bad",
@@ -198,12 +198,24 @@ fn two_clusters_reload_backups_and_isolation() {
         log_of(&log)
     );
 
-    // Scheduled backups: two (or more) of one every 8 s, one of two at once (its archive has none).
+    // Scheduled backups: one of each at once (their archives have none), then one's every 8 s,
+    // each followed by its retention (keep the newest 1): the first backup is expired.
     wait_until(
         Duration::from_secs(120),
-        "two backups of one and one of two",
-        || backups(&a1) >= 2 && backups(&a2) >= 1,
+        "backups of one and two, one's first expired",
+        || {
+            let l = log_of(&log);
+            let done = l
+                .lines()
+                .filter(|l| l.contains("cluster{cluster=one}: scheduled backup complete"))
+                .count();
+            let expired = l.lines().any(|l| {
+                l.contains("cluster{cluster=one}: retention") && l.contains(": 1 backups and")
+            });
+            done >= 2 && expired && backups(&a2) >= 1
+        },
     );
+    assert!((1..=2).contains(&backups(&a1)), "{}", log_of(&log));
 
     // A bad file is refused; the running clusters go on.
     std::fs::write(&cfg, format!("{second}\nbogus_key = 1\n")).unwrap();
@@ -238,7 +250,7 @@ fn two_clusters_reload_backups_and_isolation() {
             &pg1,
             &a1,
             &pw,
-            "backup_every = \"8s\"\nretain_full = 3"
+            "backup_every = \"8s\"\nretain_full = 1"
         ),
         cluster_section(
             "two",

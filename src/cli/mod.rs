@@ -155,6 +155,26 @@ pub enum Command {
         after_help = RESTORE_EXAMPLES
     )]
     Restore(RestoreArgs),
+    /// Show what the archive can restore: timelines, gaps, backups, the recoverable window.
+    #[command(long_about = "Show what the archive can restore (read-only).\n\n\
+            Per timeline: first and last segment, begin and end LSN, gaps, a trailing .partial; the \
+            timeline history; every backup (complete or incomplete) and how far its recovery reaches; the \
+            recoverable window along the latest timeline (earliest and latest point, as LSN and time); and \
+            problems, each naming the segment, history file or backup. Exit status: 0 when the newest \
+            backup reaches the newest archived WAL and no problem limits recovery, 1 when a problem \
+            limits recovery, 2 when the archive cannot be read.")]
+    Status(StatusArgs),
+    /// Delete backups beyond a retention policy, and the WAL no kept backup needs.
+    #[command(
+        long_about = "Delete backups beyond a retention policy, and the WAL no kept backup needs.\n\n\
+            --retain-full N keeps the newest N complete backups; --retain-days D keeps those that \
+            finished within the last D days. The newest complete backup and the newest one that can be \
+            restored are always kept, and so is every WAL segment from the oldest kept backup's start \
+            on (all timelines) and every history file. Incomplete backups are deleted only when older \
+            than the oldest kept one. Everything is planned before the first delete, and deletes run in \
+            an order that leaves a consistent archive: an interrupted run is finished by running it again."
+    )]
+    Expire(ExpireArgs),
     /// Run as a service: every cluster of a config file (streams, scheduled backups, retention).
     #[command(
         long_about = "Run as a service: stream, back up and expire every cluster declared in a TOML config file, \
@@ -205,6 +225,53 @@ pub struct ConfigCheckArgs {
     /// The TOML config file.
     #[arg(env = "WALAGENT_CONFIG", value_name = "FILE")]
     pub file: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// Archive: a directory or s3://BUCKET/PREFIX.
+    #[arg(long, env = "WALAGENT_ARCHIVE", value_name = "PATH|s3://BUCKET/PREFIX")]
+    pub archive: String,
+
+    /// JSON for scripts (documented in proto-notes/status-and-expire.md).
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("policy").required(true).args(["retain_full", "retain_days"])))]
+pub struct ExpireArgs {
+    /// Archive: a directory or s3://BUCKET/PREFIX.
+    #[arg(long, env = "WALAGENT_ARCHIVE", value_name = "PATH|s3://BUCKET/PREFIX")]
+    pub archive: String,
+
+    /// Keep the newest N complete backups (N >= 1).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..), conflicts_with = "retain_days")]
+    pub retain_full: Option<u32>,
+
+    /// Keep the backups that finished within the last D days (and always the newest one).
+    #[arg(long, value_name = "D", conflicts_with = "retain_full")]
+    pub retain_days: Option<u32>,
+
+    /// Print what would be deleted; delete nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+
+    /// JSON for scripts instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl ExpireArgs {
+    /// The policy (clap guarantees exactly one is given).
+    pub fn policy(&self) -> crate::lifecycle::expire::RetentionPolicy {
+        use crate::lifecycle::expire::RetentionPolicy;
+        match (self.retain_full, self.retain_days) {
+            (Some(n), _) => RetentionPolicy::Full(n),
+            (None, Some(d)) => RetentionPolicy::Days(d),
+            (None, None) => RetentionPolicy::Full(u32::MAX),
+        }
+    }
 }
 
 #[derive(Debug, Args)]

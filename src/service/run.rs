@@ -742,12 +742,22 @@ async fn scheduler(
                 );
                 if let Some(policy) = cfg.retention {
                     match expire::expire(store.as_ref(), policy, false).await {
-                        Ok(rep) => tracing::info!(
-                            "retention {policy:?}: {} backups and {} WAL objects expired",
-                            rep.backups.len(),
-                            rep.wal_objects.len()
+                        Ok(rep) => {
+                            tracing::info!(
+                                "retention {policy}: {} backups and {} WAL objects expired ({}), {} backups kept",
+                                rep.backups.len(),
+                                rep.wal_objects.len(),
+                                crate::backup::listing::human_bytes(rep.bytes),
+                                rep.kept.len()
+                            );
+                            for n in &rep.notes {
+                                tracing::info!("retention {policy}: {n}");
+                            }
+                        }
+                        Err(e) => tracing::error!(
+                            "retention {policy} failed: {}",
+                            with_hint(&e.to_string(), e.hint())
                         ),
-                        Err(e) => tracing::error!("retention {policy:?} failed: {e}"),
                     }
                 }
                 if let Ok((Some(oldest), _)) = backup_window(store.as_ref()).await {
