@@ -9,7 +9,8 @@ use tokio::sync::watch;
 use walagent::archive;
 use walagent::backup;
 use walagent::cli::{
-    BackupArgs, BackupsArgs, Cli, Command, RestoreArgs, StreamArgs, WalFetchArgs, WalPushArgs,
+    BackupArgs, BackupsArgs, Cli, Command, ConfigCommand, RestoreArgs, RunArgs, StreamArgs,
+    WalFetchArgs, WalPushArgs,
 };
 use walagent::protocol::conninfo::ConnInfo;
 use walagent::receive::{self, Finished};
@@ -44,11 +45,22 @@ fn main() -> ExitCode {
             return fail(&e.to_string(), None, code);
         }
     }
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .max_blocking_threads(8)
-        .build()
-    {
+    // `run` serves many clusters: worker threads, so that one cluster's synchronous file work
+    // (spool fsyncs) never holds up another's stream; more blocking threads for their archivers.
+    let builder = match cli.command {
+        Command::Run(_) => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
+            b.worker_threads(cpus.clamp(2, 4)).max_blocking_threads(64);
+            b
+        }
+        _ => {
+            let mut b = tokio::runtime::Builder::new_current_thread();
+            b.max_blocking_threads(8);
+            b
+        }
+    };
+    let runtime = match { builder }.enable_all().build() {
         Ok(r) => r,
         Err(e) => return fail(&format!("cannot start the async runtime: {e}"), None, 2),
     };
@@ -62,6 +74,8 @@ fn main() -> ExitCode {
         Command::Status(args) => runtime.block_on(status(args)),
         Command::Expire(args) => runtime.block_on(expire(args)),
         Command::WalPush(args) => runtime.block_on(wal_push(args)),
+        Command::Run(args) => runtime.block_on(run_service(args)),
+        Command::Config(ConfigCommand::Check(args)) => config_check(&args.file),
     };
     // A stop cut short (stop timeout, second signal) leaves work behind on purpose: do not wait
     // for it (dropping a runtime waits for blocking tasks without limit).
@@ -366,5 +380,34 @@ async fn wal_push(args: WalPushArgs) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(e) => fail(&e.to_string(), e.hint(), e.exit_code()),
+    }
+}
+
+async fn run_service(args: RunArgs) -> ExitCode {
+    use walagent::service::{config::Overrides, run};
+    // First: a SIGTERM while the clusters start must be a clean stop.
+    let signals = run::signals();
+    let overrides = Overrides {
+        metrics_addr: args.metrics_addr,
+        log_format: args.log_format,
+    };
+    match run::run(args.config, overrides, signals).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(&e.to_string(), e.hint(), e.exit_code()),
+    }
+}
+
+fn config_check(file: &std::path::Path) -> ExitCode {
+    use walagent::service::config::{Config, Overrides, LOG_FORMAT_ENV, METRICS_ADDR_ENV};
+    let overrides = Overrides {
+        metrics_addr: std::env::var(METRICS_ADDR_ENV).ok(),
+        log_format: std::env::var(LOG_FORMAT_ENV).ok(),
+    };
+    match Config::load(file, &overrides) {
+        Ok(c) => {
+            print!("{}", c.render());
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(&e.to_string(), e.hint(), 2),
     }
 }

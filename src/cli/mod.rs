@@ -191,6 +191,56 @@ pub enum Command {
             remove it), 1 on any failure (PostgreSQL logs the error line, keeps the file and retries)."
     )]
     WalPush(WalPushArgs),
+    /// Run as a service: every cluster of a config file (streams, scheduled backups, retention).
+    #[command(
+        long_about = "Run as a service: stream, back up and expire every cluster declared in a TOML config file, \
+            each independently (one failing server or bucket never stalls the others).\n\n\
+            SIGHUP reloads the file (clusters added, removed or changed are started, stopped or restarted; \
+            the others go on; a file that does not load is refused and the running one kept). SIGTERM or \
+            SIGINT stops every cluster within its stop_timeout (a second signal at once) and exits 0 when \
+            all stopped cleanly. Under systemd (Type=notify) it sends READY=1, STATUS=, WATCHDOG=1 and \
+            STOPPING=1. See README \"Running as a service\" and examples/walagent.toml.",
+        after_help = RUN_EXAMPLE
+    )]
+    Run(RunArgs),
+    /// Check a config file of `walagent run`.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+}
+
+const RUN_EXAMPLE: &str = "Example:
+  walagent config check /etc/walagent.toml
+  walagent run --config /etc/walagent.toml";
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// The TOML config file.
+    #[arg(long, env = "WALAGENT_CONFIG", value_name = "FILE")]
+    pub config: PathBuf,
+
+    /// Serve metrics and health checks on IP:PORT (overrides the file's metrics_addr; an
+    /// empty value turns them off).
+    #[arg(long, env = "WALAGENT_METRICS_ADDR", value_name = "IP:PORT")]
+    pub metrics_addr: Option<String>,
+
+    /// Log format, json or text (overrides the file's log_format).
+    #[arg(long, env = "WALAGENT_LOG_FORMAT", value_name = "json|text")]
+    pub log_format: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Parse and resolve a config file and print the effective settings, secrets masked
+    /// (exit 0 when it is usable, 2 when not). WALAGENT_METRICS_ADDR and WALAGENT_LOG_FORMAT
+    /// apply as for `walagent run`.
+    Check(ConfigCheckArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ConfigCheckArgs {
+    /// The TOML config file.
+    #[arg(env = "WALAGENT_CONFIG", value_name = "FILE")]
+    pub file: PathBuf,
 }
 
 #[derive(Debug, Args)]
