@@ -12,11 +12,12 @@ use super::{BackupArgs, CheckpointMode, RestoreArgs, SeedStandbyArgs, StreamArgs
 use crate::archive::{self, Store};
 use crate::backup::seed::SeedOptions;
 use crate::backup::take::BackupOptions;
-use crate::protocol::conninfo::ConnInfo;
+use crate::protocol::conninfo::{ConnInfo, ConnInfoError};
 use crate::receive::{self, AckMode, StreamOptions};
 use crate::restore::fetch_cmd::FetchCommand;
 use crate::restore::pitr::RestoreOptions;
 use crate::restore::prefetch::PrefetchConfig;
+use crate::restore::standby::{StandbyOptions, StandbySource};
 use crate::restore::target::{RecoveryTarget, TargetError};
 use crate::wal::lsn::ParseLsnError;
 
@@ -38,12 +39,16 @@ pub enum ArgError {
     TargetAction(#[source] TargetError),
     #[error("cannot find the walagent binary for restore_command: {0}")]
     WalagentPath(#[source] std::io::Error),
+    /// `restore --standby --source`; never quotes the string (it may hold a password).
+    #[error("--source: {0}")]
+    Source(#[source] ConnInfoError),
 }
 
 impl ArgError {
     pub fn hint(&self) -> Option<String> {
         match self {
             ArgError::WalagentPath(_) => Some("pass --walagent-path".into()),
+            ArgError::Source(e) => e.hint(),
             _ => None,
         }
     }
@@ -209,11 +214,43 @@ impl RestoreArgs {
         self.resolve_with(std::env::current_exe)
     }
 
+    /// `--standby`'s options: `--source` parsed (PG* variables and ~/.pgpass fill the gaps, as
+    /// for every connection), and whether the password is written in the string itself (only
+    /// then does it go into primary_conninfo: PGPASSWORD belongs to the shell running the
+    /// restore, ~/.pgpass is never copied).
+    pub fn standby_options(
+        &self,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Option<StandbyOptions>, ArgError> {
+        if !self.standby {
+            return Ok(None);
+        }
+        let source = match &self.source {
+            None => None,
+            Some(s) => {
+                let conninfo = ConnInfo::parse_with_env(s, env).map_err(ArgError::Source)?;
+                let without_env_password =
+                    ConnInfo::parse_with_env(s, &|k| (k != "PGPASSWORD").then(|| env(k)).flatten())
+                        .map_err(ArgError::Source)?;
+                Some(StandbySource {
+                    conninfo,
+                    password_in_source: without_env_password
+                        .password
+                        .is_some_and(|p| !p.is_empty()),
+                    slot: self.slot.clone(),
+                    create_slot: self.create_slot,
+                })
+            }
+        };
+        Ok(Some(StandbyOptions { source }))
+    }
+
     /// [`RestoreArgs::resolve`] with another way to find the running binary.
     pub fn resolve_with(
         &self,
         current_exe: impl FnOnce() -> std::io::Result<std::path::PathBuf>,
     ) -> Result<RestoreOptions, ArgError> {
+        let standby = self.standby_options(&|k| std::env::var(k).ok())?;
         let target = self.recovery_target()?;
         let timeline = self
             .target_timeline
@@ -236,6 +273,7 @@ impl RestoreArgs {
             walagent_path,
             dry_run: self.dry_run,
             progress: show_progress(self.no_progress),
+            standby,
         })
     }
 }

@@ -1,0 +1,381 @@
+//! `walagent restore --standby`: a standby seeded from the archive instead of from the primary
+//! (pgBackRest's `--type=standby`). The backup is chosen, unpacked and checked exactly as for a
+//! restore to the end of the archive ([`super::pitr`]); what differs is written here:
+//!
+//! - `standby.signal` instead of `recovery.signal`, `recovery_target_timeline = 'latest'`, no
+//!   recovery target;
+//! - with `--source`, `primary_conninfo` (the password only when `--source` itself holds one)
+//!   and, with `--slot`, `primary_slot_name`; without `--source` both are written empty, so a
+//!   `primary_conninfo` copied with the backup (a backup of a standby) cannot make the new
+//!   standby connect somewhere else.
+//!
+//! `--source` is checked before anything is written: IDENTIFY_SYSTEM must name the archive's
+//! system identifier (a standby of another cluster never starts), the primary must be on the
+//! timeline the archive's WAL leads to or a later one, and the slot must exist (or, with
+//! `--create-slot`, must not). The slot is created after planning, just before unpacking, so it
+//! keeps the primary's WAL from then on while the backup is unpacked; a restore that fails
+//! afterwards drops it again. See `proto-notes/restore.md` for the gap between the archive's
+//! end and the slot's `restart_lsn`.
+
+use crate::protocol::conninfo::ConnInfo;
+use crate::protocol::replication::SystemInfo;
+use crate::protocol::{Connection, ProtocolError};
+use crate::wal::{Lsn, SegmentSize, Timeline};
+
+/// What `--standby` asks for.
+#[derive(Debug, Clone, Default)]
+pub struct StandbyOptions {
+    /// The primary to stream from once the archive is replayed; `None`: a standby that only
+    /// follows the archive.
+    pub source: Option<StandbySource>,
+}
+
+/// `--source` and the slot options.
+#[derive(Debug, Clone)]
+pub struct StandbySource {
+    pub conninfo: ConnInfo,
+    /// The password was written in `--source` itself (not taken from PGPASSWORD): only then
+    /// does it go into `primary_conninfo`.
+    pub password_in_source: bool,
+    /// `primary_slot_name`.
+    pub slot: Option<String>,
+    /// Create the slot (physical, RESERVE_WAL) on the primary; it must not exist yet.
+    pub create_slot: bool,
+}
+
+impl StandbySource {
+    /// `primary_conninfo`: libpq keyword=value (values quoted as libpq reads them), without
+    /// application_name (the standby then shows up under its cluster_name, else
+    /// `walreceiver`, as after `pg_basebackup -R`), the password only when given in `--source`.
+    pub fn primary_conninfo(&self) -> String {
+        self.conninfo
+            .to_conninfo_string_with(self.password_in_source, None)
+    }
+}
+
+/// What the check of `--source` found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SourceCheck {
+    /// `display_safe` of the source (for output; never holds the password).
+    pub source: String,
+    pub system: SystemInfo,
+    pub slot: Option<SlotPlan>,
+}
+
+/// The slot the standby will use.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SlotPlan {
+    pub name: String,
+    /// To be created by the restore (`--create-slot`); the slot did not exist when checked.
+    pub create: bool,
+    /// Its `restart_lsn`: for an existing slot when checked, for a created one once created.
+    pub restart_lsn: Option<Lsn>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StandbyError {
+    #[error("--source {server}: {error}")]
+    Connect {
+        server: String,
+        #[source]
+        error: ProtocolError,
+    },
+    #[error("--source {server} is system {primary}, but the archive holds system {archive}: a standby of another cluster cannot start")]
+    ForeignPrimary {
+        server: String,
+        primary: u64,
+        archive: u64,
+    },
+    #[error("the archive's WAL leads to timeline {archive}, but --source {server} is on timeline {primary}: the standby would follow timeline {archive} and could never stream from it")]
+    TimelineAhead {
+        server: String,
+        archive: Timeline,
+        primary: Timeline,
+    },
+    #[error("replication slot {slot:?} already exists on {server}")]
+    SlotExists { slot: String, server: String },
+    #[error("replication slot {slot:?} does not exist on {server}")]
+    SlotMissing { slot: String, server: String },
+    #[error(
+        "replication slot {slot:?} on {server} is a {kind} slot, a standby needs a physical one"
+    )]
+    SlotNotPhysical {
+        slot: String,
+        server: String,
+        kind: String,
+    },
+}
+
+impl StandbyError {
+    pub fn hint(&self) -> Option<String> {
+        match self {
+            StandbyError::Connect { error, .. } => error.hint(),
+            StandbyError::ForeignPrimary { .. } => Some(
+                "give the primary whose WAL this archive holds as --source, or restore from that primary's archive"
+                    .into(),
+            ),
+            StandbyError::TimelineAhead { .. } => Some(
+                "the archive holds a newer timeline than the primary (a promoted standby?): use that server as --source"
+                    .into(),
+            ),
+            StandbyError::SlotExists { slot, .. } => Some(format!(
+                "use it without --create-slot if it belongs to no other client, or drop it first (SELECT pg_drop_replication_slot('{slot}')), or pick another --slot"
+            )),
+            StandbyError::SlotMissing { .. } => Some(
+                "add --create-slot, or create it with pg_create_physical_replication_slot()".into(),
+            ),
+            StandbyError::SlotNotPhysical { .. } => Some("pick another --slot".into()),
+        }
+    }
+}
+
+async fn connect(src: &StandbySource) -> Result<Connection, StandbyError> {
+    Connection::connect(&src.conninfo)
+        .await
+        .map_err(|error| StandbyError::Connect {
+            server: src.conninfo.display_safe(),
+            error,
+        })
+}
+
+/// Checks `--source` against the archive (system `archive_system`) and the slot options;
+/// writes nothing on the server.
+pub async fn check_source(
+    src: &StandbySource,
+    archive_system: u64,
+) -> Result<SourceCheck, StandbyError> {
+    let source = src.conninfo.display_safe();
+    let mut conn = connect(src).await?;
+    let res = check_on(&mut conn, src, &source, archive_system).await;
+    conn.close().await;
+    res
+}
+
+async fn check_on(
+    conn: &mut Connection,
+    src: &StandbySource,
+    source: &str,
+    archive_system: u64,
+) -> Result<SourceCheck, StandbyError> {
+    let err = |error| StandbyError::Connect {
+        server: source.to_string(),
+        error,
+    };
+    let system = conn.identify_system().await.map_err(err)?;
+    if system.system_identifier != archive_system {
+        return Err(StandbyError::ForeignPrimary {
+            server: source.to_string(),
+            primary: system.system_identifier,
+            archive: archive_system,
+        });
+    }
+    let slot = match &src.slot {
+        None => None,
+        Some(name) => {
+            let found = conn.read_replication_slot(name).await.map_err(err)?;
+            match (found, src.create_slot) {
+                (Some(_), true) => {
+                    return Err(StandbyError::SlotExists {
+                        slot: name.clone(),
+                        server: source.to_string(),
+                    })
+                }
+                (None, false) => {
+                    return Err(StandbyError::SlotMissing {
+                        slot: name.clone(),
+                        server: source.to_string(),
+                    })
+                }
+                (Some(info), false) if info.slot_type != "physical" => {
+                    return Err(StandbyError::SlotNotPhysical {
+                        slot: name.clone(),
+                        server: source.to_string(),
+                        kind: info.slot_type,
+                    })
+                }
+                (Some(info), false) => Some(SlotPlan {
+                    name: name.clone(),
+                    create: false,
+                    restart_lsn: info.restart_lsn,
+                }),
+                (None, true) => Some(SlotPlan {
+                    name: name.clone(),
+                    create: true,
+                    restart_lsn: None,
+                }),
+            }
+        }
+    };
+    Ok(SourceCheck {
+        source: source.to_string(),
+        system,
+        slot,
+    })
+}
+
+/// The standby follows `latest` from the backup: the timeline the archive's WAL leads to. A
+/// primary on an older timeline cannot serve it.
+pub fn check_timeline(check: &SourceCheck, archive: Timeline) -> Result<(), StandbyError> {
+    if archive > check.system.timeline {
+        return Err(StandbyError::TimelineAhead {
+            server: check.source.clone(),
+            archive,
+            primary: check.system.timeline,
+        });
+    }
+    Ok(())
+}
+
+/// Creates the physical slot (RESERVE_WAL) and returns its `restart_lsn`. A slot that appeared
+/// since the check is [`StandbyError::SlotExists`] (and left alone).
+pub async fn create_slot(src: &StandbySource, name: &str) -> Result<Option<Lsn>, StandbyError> {
+    let source = src.conninfo.display_safe();
+    let err = |error| StandbyError::Connect {
+        server: source.clone(),
+        error,
+    };
+    let mut conn = connect(src).await?;
+    let created = conn.create_physical_slot(name).await.map_err(err);
+    let res = match created {
+        Ok(true) => conn
+            .read_replication_slot(name)
+            .await
+            .map(|s| s.and_then(|s| s.restart_lsn))
+            .map_err(err),
+        Ok(false) => Err(StandbyError::SlotExists {
+            slot: name.to_string(),
+            server: source.clone(),
+        }),
+        Err(e) => Err(e),
+    };
+    conn.close().await;
+    res
+}
+
+/// Drops the slot this restore created, after a failure; a failure to drop is logged with
+/// what to do (the slot would keep WAL on the primary for ever).
+pub async fn drop_created_slot(src: &StandbySource, name: &str) {
+    let res = match connect(src).await {
+        Ok(mut conn) => {
+            let r = conn.drop_replication_slot(name).await;
+            conn.close().await;
+            r.map_err(|e| e.to_string())
+        }
+        Err(e) => Err(e.to_string()),
+    };
+    match res {
+        Ok(()) => tracing::info!(slot = %name, "dropped the replication slot this restore created"),
+        Err(e) => tracing::warn!(
+            slot = %name,
+            "could not drop the replication slot this restore created ({e}); drop it on the primary with SELECT pg_drop_replication_slot('{name}'), it keeps WAL there"
+        ),
+    }
+}
+
+/// When the standby must stream WAL the slot does not keep: the archive's WAL ends at
+/// `archive_end`, the standby then asks the primary from the start of that segment on, and
+/// the slot keeps the primary's WAL only from `restart_lsn` on. `None` when the slot covers it.
+pub fn slot_gap(archive_end: Lsn, restart_lsn: Lsn, size: SegmentSize) -> Option<String> {
+    let stream_from = Lsn(archive_end.segno(size) * u64::from(size.bytes()));
+    (restart_lsn > stream_from).then(|| {
+        format!(
+            "the archive's WAL ends at {archive_end} and the standby will stream from {stream_from} on, but the slot keeps the primary's WAL only from {restart_lsn}: WAL {stream_from}..{restart_lsn} must reach the archive (keep `walagent stream` running) or still be in the primary's pg_wal, else the standby waits at {archive_end}"
+        )
+    })
+}
+
+/// The settings a standby gets besides restore_command and recovery_target_timeline: the
+/// connection and slot, or both empty (overriding any copied with the backup).
+pub fn connection_settings(src: Option<&StandbySource>) -> Vec<(&'static str, String)> {
+    vec![
+        (
+            "primary_conninfo",
+            src.map(StandbySource::primary_conninfo).unwrap_or_default(),
+        ),
+        (
+            "primary_slot_name",
+            src.and_then(|s| s.slot.clone()).unwrap_or_default(),
+        ),
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn source(s: &str, password_in_source: bool, slot: Option<&str>) -> StandbySource {
+        StandbySource {
+            conninfo: ConnInfo::parse_with_env(s, &|_| None).unwrap(),
+            password_in_source,
+            slot: slot.map(str::to_string),
+            create_slot: false,
+        }
+    }
+
+    #[test]
+    fn primary_conninfo_has_the_password_only_when_given() {
+        let s = source(
+            "host=db1 port=5433 user=rep password='s3cr''t x' sslmode=require",
+            true,
+            Some("s1"),
+        );
+        let c = s.primary_conninfo();
+        assert!(c.contains(r"password='s3cr\'t x'"), "{c}");
+        assert!(c.contains("host=db1") && c.contains("port=5433") && c.contains("user=rep"));
+        assert!(c.contains("sslmode=require"), "{c}");
+        assert!(!c.contains("application_name"), "{c}");
+        let no = StandbySource {
+            password_in_source: false,
+            ..s.clone()
+        };
+        assert!(
+            !no.primary_conninfo().contains("password"),
+            "{}",
+            no.primary_conninfo()
+        );
+        assert_eq!(
+            connection_settings(Some(&s)),
+            vec![("primary_conninfo", c), ("primary_slot_name", "s1".into())]
+        );
+    }
+
+    #[test]
+    fn archive_only_standby_clears_copied_connection_settings() {
+        assert_eq!(
+            connection_settings(None),
+            vec![
+                ("primary_conninfo", String::new()),
+                ("primary_slot_name", String::new())
+            ]
+        );
+    }
+
+    #[test]
+    fn slot_gap_from_the_segment_start() {
+        let size = SegmentSize::new(1 << 20).unwrap();
+        // Archive ends inside segment 5; streaming starts at 0/500000.
+        let end = Lsn(0x50_0120);
+        assert_eq!(slot_gap(end, Lsn(0x50_0000), size), None);
+        assert_eq!(slot_gap(end, Lsn(0x40_0028), size), None);
+        let g = slot_gap(end, Lsn(0x60_0028), size).unwrap();
+        assert!(g.contains("0/500000..0/600028"), "{g}");
+    }
+
+    #[test]
+    fn timeline_check() {
+        let check = SourceCheck {
+            source: "host=x".into(),
+            system: SystemInfo {
+                system_identifier: 1,
+                timeline: Timeline::new(2).unwrap(),
+                xlogpos: Lsn(0),
+            },
+            slot: None,
+        };
+        assert!(check_timeline(&check, Timeline::new(1).unwrap()).is_ok());
+        assert!(check_timeline(&check, Timeline::new(2).unwrap()).is_ok());
+        let e = check_timeline(&check, Timeline::new(3).unwrap()).unwrap_err();
+        assert!(e.to_string().contains("timeline 3"), "{e}");
+        assert!(e.hint().is_some());
+    }
+}
