@@ -550,6 +550,76 @@ mod tests {
     }
 
     #[test]
+    fn standby_options() {
+        let parse = |extra: &[&str]| {
+            let mut argv = vec!["walagent", "restore", "--archive", "/a", "--pgdata", "/p"];
+            argv.extend_from_slice(extra);
+            Cli::try_parse_from(argv).map(|c| match c.command {
+                Command::Restore(a) => a,
+                c => panic!("{c:?}"),
+            })
+        };
+        let env = |k: &str| (k == "PGPASSWORD").then(|| "from-env".to_string());
+        assert!(restore_args(&[]).standby_options(&env).unwrap().is_none());
+        // Archive only.
+        let o = parse(&["--standby"]).unwrap().standby_options(&env).unwrap();
+        assert!(o.unwrap().source.is_none());
+        // The password in the string goes into primary_conninfo, PGPASSWORD does not.
+        let a = parse(&[
+            "--standby",
+            "--source",
+            "postgresql://rep:pw%27x@db1:5433/postgres",
+            "--slot",
+            "s1",
+            "--create-slot",
+        ])
+        .unwrap();
+        let src = a.standby_options(&env).unwrap().unwrap().source.unwrap();
+        assert!(src.password_in_source && src.create_slot);
+        assert_eq!(src.slot.as_deref(), Some("s1"));
+        assert!(src.primary_conninfo().contains(r"password='pw\'x'"));
+        let a = parse(&["--standby", "--source", "host=db1 user=rep"]).unwrap();
+        let src = a.standby_options(&env).unwrap().unwrap().source.unwrap();
+        assert_eq!(src.conninfo.password.as_deref(), Some("from-env"));
+        assert!(!src.password_in_source);
+        assert!(!src.primary_conninfo().contains("from-env"));
+        // A --source that does not parse names the flag, never the string.
+        let a = parse(&["--standby", "--source", "host=db1 password='secret"]).unwrap();
+        let e = a.standby_options(&env).unwrap_err();
+        assert!(e.to_string().starts_with("--source: "), "{e}");
+        assert!(!e.to_string().contains("secret"), "{e}");
+
+        // Refused combinations (usage errors).
+        for bad in [
+            &["--slot", "s1"][..],
+            &["--standby", "--slot", "s1"],
+            &["--standby", "--source", "host=x", "--create-slot"],
+            &["--source", "host=x"],
+            &["--standby", "--target-time", "2026-11-22 10:15:00+01"],
+            &["--standby", "--target-lsn", "0/5000000"],
+            &["--standby", "--target", "immediate"],
+            &["--standby", "--target-name", "x"],
+            &["--standby", "--target-xid", "1234"],
+            &["--standby", "--exclusive"],
+            &["--standby", "--target-timeline", "current"],
+            &["--standby", "--target-action", "pause"],
+        ] {
+            assert!(parse(bad).is_err(), "{bad:?}");
+        }
+        let e = parse(&["--standby", "--target-time", "2026-11-22 10:15:00+01"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--standby") && e.contains("--target-time"), "{e}");
+        // Defaults of the target flags do not conflict.
+        let o = parse(&["--standby"])
+            .unwrap()
+            .resolve_with(|| Ok("/w".into()))
+            .unwrap();
+        assert!(o.standby.is_some());
+        assert_eq!(o.target, RecoveryTarget::End);
+    }
+
+    #[test]
     fn wal_fetch_command() {
         let parse = |extra: &[&str]| {
             let mut argv = vec!["walagent", "wal-fetch", "--archive"];

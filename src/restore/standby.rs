@@ -315,7 +315,7 @@ mod tests {
     #[test]
     fn primary_conninfo_has_the_password_only_when_given() {
         let s = source(
-            "host=db1 port=5433 user=rep password='s3cr''t x' sslmode=require",
+            r"host=db1 port=5433 user=rep password='s3cr\'t x' sslmode=require",
             true,
             Some("s1"),
         );
