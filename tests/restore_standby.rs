@@ -12,8 +12,8 @@ use std::process::Output;
 use std::time::Duration;
 
 use support::{
-    assert_ok, error_line, stderr_of, wait_until, walagent_path_for_postgres, PgCluster,
-    PgOptions, REPL_PASSWORD,
+    assert_ok, error_line, stderr_of, wait_until, walagent_path_for_postgres, PgCluster, PgOptions,
+    REPL_PASSWORD,
 };
 
 const ARCHIVER_SLOT: &str = "archiver";
@@ -136,6 +136,8 @@ fn standby_replays_the_archive_then_streams_through_its_slot() {
     let out = String::from_utf8_lossy(&o.stdout).into_owned();
     assert!(
         out.contains("standby: replays the archive, then streams from host=127.0.0.1")
+            && !out.contains("application_name")
+            && out.contains("the newest complete backup")
             && out.contains("slot \"s1\" (created, keeping WAL from"),
         "{out}"
     );
@@ -196,12 +198,16 @@ fn standby_replays_the_archive_then_streams_through_its_slot() {
         sb.try_psql("SELECT count(*) FROM t").ok().as_deref() == Some("7")
     });
     pg.psql("INSERT INTO t VALUES (8)");
-    wait_until(Duration::from_secs(60), "row 8 streams to the standby", || {
-        sb.try_psql("SELECT count(*) FROM t WHERE id = 8")
-            .ok()
-            .as_deref()
-            == Some("1")
-    });
+    wait_until(
+        Duration::from_secs(60),
+        "row 8 streams to the standby",
+        || {
+            sb.try_psql("SELECT count(*) FROM t WHERE id = 8")
+                .ok()
+                .as_deref()
+                == Some("1")
+        },
+    );
     assert_eq!(ids(&sb), "1,2,3,4,5,6,7,8");
     assert_eq!(sb.psql("SELECT pg_is_in_recovery()"), "t");
     drop(sb);
@@ -223,9 +229,11 @@ fn standby_replays_the_archive_then_streams_through_its_slot() {
         "{auto}"
     );
     let sb2 = PgCluster::adopt(dir2.clone(), PgOptions::default(), 1);
-    wait_until(Duration::from_secs(60), "rows 1..6 from the archive", || {
-        sb2.try_psql("SELECT count(*) FROM t").ok().as_deref() == Some("6")
-    });
+    wait_until(
+        Duration::from_secs(60),
+        "rows 1..6 from the archive",
+        || sb2.try_psql("SELECT count(*) FROM t").ok().as_deref() == Some("6"),
+    );
     assert_eq!(ids(&sb2), "1,2,3,4,5,6");
     assert_eq!(sb2.psql("SELECT pg_is_in_recovery()"), "t");
     assert_eq!(sb2.psql("SELECT count(*) FROM pg_stat_wal_receiver"), "0");
@@ -319,7 +327,13 @@ fn standby_refusals_write_nothing() {
     let o = restore_standby(
         &archive,
         &target,
-        &["--source", &pg.repl_uri(), "--slot", "taken", "--create-slot"],
+        &[
+            "--source",
+            &pg.repl_uri(),
+            "--slot",
+            "taken",
+            "--create-slot",
+        ],
     );
     refused(
         &o,
@@ -372,7 +386,11 @@ fn standby_refusals_write_nothing() {
     // Usage errors (exit 2): --slot without --source, --create-slot without --slot, a target.
     let o = restore_standby(&archive, &target, &["--slot", "s1"]);
     refused(&o, 2, &["--source"]);
-    let o = restore_standby(&archive, &target, &["--source", &pg.repl_uri(), "--create-slot"]);
+    let o = restore_standby(
+        &archive,
+        &target,
+        &["--source", &pg.repl_uri(), "--create-slot"],
+    );
     refused(&o, 2, &["--slot"]);
     let o = restore_standby(&archive, &target, &["--target-lsn", "0/3000000"]);
     refused(&o, 2, &["--standby", "--target-lsn"]);

@@ -562,7 +562,10 @@ mod tests {
         let env = |k: &str| (k == "PGPASSWORD").then(|| "from-env".to_string());
         assert!(restore_args(&[]).standby_options(&env).unwrap().is_none());
         // Archive only.
-        let o = parse(&["--standby"]).unwrap().standby_options(&env).unwrap();
+        let o = parse(&["--standby"])
+            .unwrap()
+            .standby_options(&env)
+            .unwrap();
         assert!(o.unwrap().source.is_none());
         // The password in the string goes into primary_conninfo, PGPASSWORD does not.
         let a = parse(&[
@@ -609,7 +612,10 @@ mod tests {
         let e = parse(&["--standby", "--target-time", "2026-11-22 10:15:00+01"])
             .unwrap_err()
             .to_string();
-        assert!(e.contains("--standby") && e.contains("--target-time"), "{e}");
+        assert!(
+            e.contains("--standby") && e.contains("--target-time"),
+            "{e}"
+        );
         // Defaults of the target flags do not conflict.
         let o = parse(&["--standby"])
             .unwrap()

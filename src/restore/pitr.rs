@@ -611,6 +611,8 @@ pub fn describe_plan(p: &RestorePlan, opts: &RestoreOptions) -> String {
     if p.skipped.is_empty() {
         s.push_str(if opts.backup.is_some() {
             ", as requested"
+        } else if p.standby.is_some() {
+            ", the newest complete backup"
         } else {
             ", the newest that can reach the target"
         });

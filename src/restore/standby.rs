@@ -78,7 +78,7 @@ pub enum StandbyError {
     Connect {
         server: String,
         #[source]
-        error: ProtocolError,
+        error: Box<ProtocolError>,
     },
     #[error("--source {server} is system {primary}, but the archive holds system {archive}: a standby of another cluster cannot start")]
     ForeignPrimary {
@@ -133,9 +133,19 @@ async fn connect(src: &StandbySource) -> Result<Connection, StandbyError> {
     Connection::connect(&src.conninfo)
         .await
         .map_err(|error| StandbyError::Connect {
-            server: src.conninfo.display_safe(),
-            error,
+            server: describe_source(&src.conninfo),
+            error: Box::new(error),
         })
+}
+
+/// `display_safe` (never the password) without the application_name, which names only
+/// walagent's own connection, not the standby's.
+fn describe_source(c: &ConnInfo) -> String {
+    let mut s = c.display_safe();
+    if let Some(i) = s.find(" application_name=") {
+        s.truncate(i);
+    }
+    s
 }
 
 /// Checks `--source` against the archive (system `archive_system`) and the slot options;
@@ -144,7 +154,7 @@ pub async fn check_source(
     src: &StandbySource,
     archive_system: u64,
 ) -> Result<SourceCheck, StandbyError> {
-    let source = src.conninfo.display_safe();
+    let source = describe_source(&src.conninfo);
     let mut conn = connect(src).await?;
     let res = check_on(&mut conn, src, &source, archive_system).await;
     conn.close().await;
@@ -159,7 +169,7 @@ async fn check_on(
 ) -> Result<SourceCheck, StandbyError> {
     let err = |error| StandbyError::Connect {
         server: source.to_string(),
-        error,
+        error: Box::new(error),
     };
     let system = conn.identify_system().await.map_err(err)?;
     if system.system_identifier != archive_system {
@@ -229,10 +239,10 @@ pub fn check_timeline(check: &SourceCheck, archive: Timeline) -> Result<(), Stan
 /// Creates the physical slot (RESERVE_WAL) and returns its `restart_lsn`. A slot that appeared
 /// since the check is [`StandbyError::SlotExists`] (and left alone).
 pub async fn create_slot(src: &StandbySource, name: &str) -> Result<Option<Lsn>, StandbyError> {
-    let source = src.conninfo.display_safe();
+    let source = describe_source(&src.conninfo);
     let err = |error| StandbyError::Connect {
         server: source.clone(),
-        error,
+        error: Box::new(error),
     };
     let mut conn = connect(src).await?;
     let created = conn.create_physical_slot(name).await.map_err(err);
