@@ -383,6 +383,33 @@ fn standby_refusals_write_nothing() {
     assert!(String::from_utf8_lossy(&o.stdout).contains("slot \"later\" (would be created)"));
     assert!(!slot_exists(pg, "later") && !target.exists());
 
+    // The primary moved on past the archive's end and checkpointed: a slot created now keeps
+    // WAL only from that checkpoint, after where the standby will have to stream from. Warned.
+    pg.psql("SELECT pg_switch_wal()");
+    pg.psql("INSERT INTO t VALUES (100)");
+    pg.psql("SELECT pg_switch_wal()");
+    pg.psql("CHECKPOINT");
+    let gap_dir = t.join("gap");
+    let o = restore_standby(
+        &archive,
+        &gap_dir,
+        &[
+            "--source",
+            &pg.repl_uri(),
+            "--slot",
+            "late",
+            "--create-slot",
+        ],
+    );
+    assert_ok(&o);
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(
+        out.contains("note: the archive's WAL ends at")
+            && out.contains("must reach the archive (keep `walagent stream` running)"),
+        "{out}"
+    );
+    assert!(slot_exists(pg, "late"));
+
     // Usage errors (exit 2): --slot without --source, --create-slot without --slot, a target.
     let o = restore_standby(&archive, &target, &["--slot", "s1"]);
     refused(&o, 2, &["--source"]);
