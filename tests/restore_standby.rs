@@ -429,3 +429,51 @@ fn standby_refusals_write_nothing() {
     assert!(!String::from_utf8_lossy(&o.stderr).contains("wrong-secret-123"));
     assert!(!String::from_utf8_lossy(&o.stdout).contains("wrong-secret-123"));
 }
+
+/// A backup of a standby carries the standby's `primary_conninfo` (pg_basebackup -R wrote it):
+/// an archive-only standby made from it must not stream from that old primary.
+#[test]
+fn archive_only_standby_ignores_connection_settings_copied_with_the_backup() {
+    let primary = PgCluster::start(opts());
+    primary.psql("CREATE TABLE t (id int primary key)");
+    primary.psql("INSERT INTO t SELECT generate_series(1, 3)");
+    let standby = primary.create_standby(opts());
+    let lsn = primary.current_lsn();
+    wait_until(Duration::from_secs(60), "the standby replays", || {
+        standby.psql(&format!("SELECT pg_last_wal_replay_lsn() >= '{lsn}'")) == "t"
+    });
+    let t = support::tempdir();
+    let archive = t.join("archive");
+    assert_ok(&run(&[
+        "backup",
+        "--source",
+        &standby.repl_uri(),
+        "--archive",
+        archive.to_str().unwrap(),
+        "--checkpoint",
+        "fast",
+    ]));
+    support::chown_postgres_tree(&archive);
+    let dir = PgCluster::new_dir("standby");
+    let pgdata = dir.join("data");
+    assert_ok(&restore_standby(&archive, &pgdata, &[]));
+    let auto = fs::read_to_string(pgdata.join("postgresql.auto.conf")).unwrap();
+    let copied = auto
+        .find("primary_conninfo = 'user=")
+        .expect("the backup carries the standby's primary_conninfo");
+    let cleared = auto
+        .rfind("primary_conninfo = ''")
+        .unwrap_or_else(|| panic!("not cleared:\n{auto}"));
+    assert!(cleared > copied, "{auto}");
+    let sb = PgCluster::adopt(dir.clone(), PgOptions::default(), 1);
+    assert_eq!(ids(&sb), "1,2,3");
+    assert_eq!(sb.psql("SHOW primary_conninfo"), "");
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(sb.psql("SELECT count(*) FROM pg_stat_wal_receiver"), "0");
+    assert_eq!(sb.psql("SELECT pg_is_in_recovery()"), "t");
+    assert_eq!(
+        primary.psql("SELECT count(*) FROM pg_stat_replication"),
+        "1",
+        "only the original standby streams from the primary"
+    );
+}
