@@ -171,27 +171,6 @@ pub enum Command {
 #[derive(Debug, Args)]
 #[command(group(clap::ArgGroup::new("recovery_target").multiple(false).args(["target_time", "target_lsn", "target_xid", "target_name", "target"])))]
 pub struct RestoreArgs {
-    /// Seed a standby instead of recovering to a target: standby.signal, timeline latest, no
-    /// target; it replays the archive, then streams from --source (without --source it only
-    /// follows the archive). Not with --target-*, --exclusive.
-    #[arg(long, conflicts_with_all = ["target_time", "target_lsn", "target_xid", "target_name", "target", "exclusive", "target_timeline", "target_action"])]
-    pub standby: bool,
-
-    /// With --standby: the primary to stream from once the archive is replayed (libpq URI or
-    /// key=value), written as primary_conninfo; its system identifier must be the archive's.
-    #[arg(long, value_name = "CONNINFO", requires = "standby")]
-    pub source: Option<String>,
-
-    /// With --source: the physical replication slot the standby streams from (written as
-    /// primary_slot_name); it must exist unless --create-slot.
-    #[arg(long, value_name = "NAME", value_parser = parse_slot_name, requires = "source")]
-    pub slot: Option<String>,
-
-    /// Create --slot on the primary (physical, reserving WAL from now on); refused when it
-    /// exists already.
-    #[arg(long, requires = "slot")]
-    pub create_slot: bool,
-
     /// Archive: a directory or s3://BUCKET/PREFIX.
     #[arg(long, env = "WALAGENT_ARCHIVE", value_name = "PATH|s3://BUCKET/PREFIX")]
     pub archive: String,
@@ -232,6 +211,28 @@ pub struct RestoreArgs {
     /// What the server does at the target: promote (default; open for writes), pause, shutdown.
     #[arg(long, value_name = "ACTION", default_value = "promote")]
     pub target_action: String,
+
+    /// Seed a standby instead of recovering to a target: standby.signal, timeline latest, no
+    /// target; it replays the archive, then streams from --source (without --source it only
+    /// follows the archive). Not with --target-*, --exclusive.
+    #[arg(long, conflicts_with_all = ["target_time", "target_lsn", "target_xid", "target_name", "target", "exclusive", "target_timeline", "target_action"])]
+    pub standby: bool,
+
+    /// With --standby: the primary to stream from once the archive is replayed (libpq URI or
+    /// key=value), written as primary_conninfo; its system identifier must be the archive's.
+    #[arg(long, value_name = "CONNINFO", requires = "standby")]
+    pub source: Option<String>,
+
+    /// With --source: the physical replication slot the standby streams from (written as
+    /// primary_slot_name); it must exist unless --create-slot. Never the slot of `walagent
+    /// stream` (the standby would advance it past WAL not yet archived).
+    #[arg(long, value_name = "NAME", value_parser = parse_slot_name, requires = "source")]
+    pub slot: Option<String>,
+
+    /// Create --slot on the primary (physical; it keeps WAL from the primary's last checkpoint
+    /// on); refused when it exists already.
+    #[arg(long, requires = "slot")]
+    pub create_slot: bool,
 
     /// Restore this backup (an id from `walagent backups`) instead of choosing one.
     #[arg(long, value_name = "ID")]
