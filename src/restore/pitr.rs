@@ -696,7 +696,7 @@ pub async fn restore(
     };
     let mut plan = plan(opts, store.as_ref()).await?;
     if let Some(c) = &check {
-        standby::check_timeline(c, plan.chain.target_timeline)?;
+        standby::check_timeline(c, plan.chain.target_timeline, plan.chain.wal_end)?;
     }
     let manifest = prepare(opts, store.as_ref(), &plan).await?;
     if opts.dry_run {

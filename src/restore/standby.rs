@@ -20,7 +20,7 @@
 use crate::protocol::conninfo::ConnInfo;
 use crate::protocol::replication::SystemInfo;
 use crate::protocol::{Connection, ProtocolError};
-use crate::wal::{Lsn, SegmentSize, Timeline};
+use crate::wal::{Lsn, SegmentSize, Timeline, TimelineHistory};
 
 /// What `--standby` asks for.
 #[derive(Debug, Clone, Default)]
@@ -59,6 +59,8 @@ pub struct SourceCheck {
     /// `display_safe` of the source (for output; never holds the password).
     pub source: String,
     pub system: SystemInfo,
+    /// The history of the source's timeline (TIMELINE_HISTORY; `None` on timeline 1).
+    pub history: Option<TimelineHistory>,
     pub slot: Option<SlotPlan>,
 }
 
@@ -92,6 +94,26 @@ pub enum StandbyError {
         archive: Timeline,
         primary: Timeline,
     },
+    #[error("the archive's WAL follows timeline {archive}, which is not in the history of timeline {primary} that --source {server} is on; the standby could never stream from it")]
+    TimelineNotInHistory {
+        server: String,
+        archive: Timeline,
+        primary: Timeline,
+    },
+    #[error("the archive's WAL of timeline {archive} goes on to {archive_end}, past {switch} where --source {server} left that timeline for timeline {primary}: the standby would replay WAL the primary does not have")]
+    Diverged {
+        server: String,
+        archive: Timeline,
+        archive_end: Lsn,
+        switch: Lsn,
+        primary: Timeline,
+    },
+    #[error("--source {server}: its timeline history file: {error}")]
+    BadHistory {
+        server: String,
+        #[source]
+        error: crate::wal::history::HistoryError,
+    },
     #[error("replication slot {slot:?} already exists on {server}")]
     SlotExists { slot: String, server: String },
     #[error("replication slot {slot:?} does not exist on {server}")]
@@ -114,6 +136,10 @@ impl StandbyError {
                 "give the primary whose WAL this archive holds as --source, or restore from that primary's archive"
                     .into(),
             ),
+            StandbyError::TimelineNotInHistory { .. } | StandbyError::Diverged { .. } => Some(
+                "the archive and --source went separate ways after a failover: give the server the archive follows as --source, or start a new archive from the current primary".into(),
+            ),
+            StandbyError::BadHistory { .. } => None,
             StandbyError::TimelineAhead { .. } => Some(
                 "the archive holds a newer timeline than the primary (a promoted standby?): use that server as --source"
                     .into(),
@@ -179,6 +205,17 @@ async fn check_on(
             archive: archive_system,
         });
     }
+    let history = if system.timeline > Timeline::new(1).unwrap_or(system.timeline) {
+        let (_, raw) = conn.timeline_history(system.timeline).await.map_err(err)?;
+        Some(
+            TimelineHistory::parse(&raw).map_err(|error| StandbyError::BadHistory {
+                server: source.to_string(),
+                error,
+            })?,
+        )
+    } else {
+        None
+    };
     let slot = match &src.slot {
         None => None,
         Some(name) => {
@@ -219,18 +256,46 @@ async fn check_on(
     Ok(SourceCheck {
         source: source.to_string(),
         system,
+        history,
         slot,
     })
 }
 
-/// The standby follows `latest` from the backup: the timeline the archive's WAL leads to. A
-/// primary on an older timeline cannot serve it.
-pub fn check_timeline(check: &SourceCheck, archive: Timeline) -> Result<(), StandbyError> {
-    if archive > check.system.timeline {
+/// The standby follows `latest` from the backup: timeline `archive`, whose archived WAL ends
+/// at `archive_end`. The primary must be on that timeline, or on a later one whose history
+/// left `archive` at or after `archive_end`; otherwise the standby replays WAL the primary
+/// never had (or follows a timeline the primary never had) and can never stream from it.
+pub fn check_timeline(
+    check: &SourceCheck,
+    archive: Timeline,
+    archive_end: Lsn,
+) -> Result<(), StandbyError> {
+    let primary = check.system.timeline;
+    if archive == primary {
+        return Ok(());
+    }
+    let server = || check.source.clone();
+    if archive > primary {
         return Err(StandbyError::TimelineAhead {
-            server: check.source.clone(),
+            server: server(),
             archive,
-            primary: check.system.timeline,
+            primary,
+        });
+    }
+    let Some(switch) = check.history.as_ref().and_then(|h| h.switch_point(archive)) else {
+        return Err(StandbyError::TimelineNotInHistory {
+            server: server(),
+            archive,
+            primary,
+        });
+    };
+    if archive_end > switch {
+        return Err(StandbyError::Diverged {
+            server: server(),
+            archive,
+            archive_end,
+            switch,
+            primary,
         });
     }
     Ok(())
@@ -373,19 +438,43 @@ mod tests {
 
     #[test]
     fn timeline_check() {
+        let tl = |n| Timeline::new(n).unwrap();
+        // The primary is on timeline 3: 1 ended at 0/3000000, 2 at 0/5000000.
         let check = SourceCheck {
             source: "host=x".into(),
             system: SystemInfo {
                 system_identifier: 1,
-                timeline: Timeline::new(2).unwrap(),
-                xlogpos: Lsn(0),
+                timeline: tl(3),
+                xlogpos: Lsn(0x600_0000),
             },
+            history: Some(
+                TimelineHistory::parse(
+                    b"1\t0/3000000\tno recovery target specified\n2\t0/5000000\tx\n",
+                )
+                .unwrap(),
+            ),
             slot: None,
         };
-        assert!(check_timeline(&check, Timeline::new(1).unwrap()).is_ok());
-        assert!(check_timeline(&check, Timeline::new(2).unwrap()).is_ok());
-        let e = check_timeline(&check, Timeline::new(3).unwrap()).unwrap_err();
-        assert!(e.to_string().contains("timeline 3"), "{e}");
+        // Same timeline, or an ancestor the archive does not follow past its switch point.
+        assert!(check_timeline(&check, tl(3), Lsn(0x700_0000)).is_ok());
+        assert!(check_timeline(&check, tl(2), Lsn(0x500_0000)).is_ok());
+        assert!(check_timeline(&check, tl(1), Lsn(0x280_0000)).is_ok());
+        // The archive's timeline 2 runs past where the primary left it.
+        let e = check_timeline(&check, tl(2), Lsn(0x500_0100)).unwrap_err();
+        assert!(matches!(e, StandbyError::Diverged { .. }), "{e}");
+        assert!(e.to_string().contains("past 0/5000000"), "{e}");
+        // A timeline the primary never had, and one ahead of it.
+        let e = check_timeline(&check, tl(4), Lsn(0)).unwrap_err();
+        assert!(matches!(e, StandbyError::TimelineAhead { .. }), "{e}");
+        let no_history = SourceCheck {
+            history: None,
+            ..check.clone()
+        };
+        let e = check_timeline(&no_history, tl(2), Lsn(0)).unwrap_err();
+        assert!(
+            matches!(e, StandbyError::TimelineNotInHistory { .. }),
+            "{e}"
+        );
         assert!(e.hint().is_some());
     }
 }
