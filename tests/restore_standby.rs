@@ -477,3 +477,63 @@ fn archive_only_standby_ignores_connection_settings_copied_with_the_backup() {
         "only the original standby streams from the primary"
     );
 }
+
+/// After a failover: the archive holds timeline 1 of the old primary, the new primary (a
+/// promoted standby) runs timeline 2. A standby seeded from the archive with the new primary as
+/// --source replays timeline 1 from the archive, then follows timeline 2 by streaming.
+///
+/// The slot created on the new primary keeps WAL only from its last checkpoint (after the
+/// promotion), later than where the archive ends: the restore warns, and here the WAL in
+/// between is still in the new primary's pg_wal (wal_keep_size), so the standby streams it.
+/// (Without it the standby waits at the archive's end, "requested WAL segment ... has already
+/// been removed", until the archive has that WAL.)
+#[test]
+fn standby_of_a_promoted_primary_follows_its_new_timeline() {
+    let t = support::tempdir();
+    let archive = t.join("archive");
+    let s = scenario(&archive);
+    let old = &s.pg;
+    let new = old.create_standby(PgOptions {
+        extra_conf: vec!["wal_keep_size = 64MB".into()],
+        ..opts()
+    });
+    let lsn = old.current_lsn();
+    wait_until(Duration::from_secs(60), "the standby replays", || {
+        new.psql(&format!("SELECT pg_last_wal_replay_lsn() >= '{lsn}'")) == "t"
+    });
+    new.promote();
+    assert_eq!(new.timeline(), 2);
+    new.psql("INSERT INTO t VALUES (7)");
+
+    let dir = PgCluster::new_dir("standby");
+    let pgdata = dir.join("data");
+    let o = restore_standby(
+        &archive,
+        &pgdata,
+        &["--source", &new.repl_uri(), "--slot", "n1", "--create-slot"],
+    );
+    assert_ok(&o);
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(out.contains("timeline 2"), "{out}");
+    assert!(
+        out.contains("note: the archive's WAL ends at")
+            && out.contains("still be in the primary's pg_wal"),
+        "{out}"
+    );
+    let sb = PgCluster::adopt(dir.clone(), PgOptions::default(), 1);
+    wait_until(
+        Duration::from_secs(60),
+        "the standby streams timeline 2 from the new primary",
+        || {
+            sb.try_psql("SELECT status, received_tli, slot_name FROM pg_stat_wal_receiver")
+                .map(|s| s == "streaming|2|n1")
+                .unwrap_or(false)
+        },
+    );
+    new.psql("INSERT INTO t VALUES (8)");
+    wait_until(Duration::from_secs(60), "rows 1..8 on the standby", || {
+        sb.try_psql("SELECT count(*) FROM t").ok().as_deref() == Some("8")
+    });
+    assert_eq!(ids(&sb), "1,2,3,4,5,6,7,8");
+    assert_eq!(sb.psql("SELECT pg_is_in_recovery()"), "t");
+}
