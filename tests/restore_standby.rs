@@ -383,8 +383,10 @@ fn standby_refusals_write_nothing() {
     assert!(String::from_utf8_lossy(&o.stdout).contains("slot \"later\" (would be created)"));
     assert!(!slot_exists(pg, "later") && !target.exists());
 
-    // The primary moved on past the archive's end and checkpointed: a slot created now keeps
-    // WAL only from that checkpoint, after where the standby will have to stream from. Warned.
+    // The primary moved on past the archive's end and checkpointed: a slot created now would
+    // keep WAL only from that checkpoint, after where the standby will have to stream from (the
+    // archive's end; the archiver's slot still keeps it). The restore moves the new slot back
+    // to there.
     pg.psql("SELECT pg_switch_wal()");
     pg.psql("INSERT INTO t VALUES (100)");
     pg.psql("SELECT pg_switch_wal()");
@@ -403,12 +405,21 @@ fn standby_refusals_write_nothing() {
     );
     assert_ok(&o);
     let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(!out.contains("note:"), "{out}");
+    let restart = pg.psql("SELECT restart_lsn FROM pg_replication_slots WHERE slot_name = 'late'");
     assert!(
-        out.contains("note: the archive's WAL ends at")
-            && out.contains("must reach the archive (keep `walagent stream` running)"),
-        "{out}"
+        out.contains(&format!(
+            "slot \"late\" (created, keeping WAL from {restart})"
+        )),
+        "{restart}: {out}"
     );
-    assert!(slot_exists(pg, "late"));
+    assert_eq!(
+        pg.psql(&format!(
+            "SELECT '{restart}'::pg_lsn < redo_lsn FROM pg_control_checkpoint()"
+        )),
+        "t",
+        "the slot keeps WAL from before the primary's last checkpoint"
+    );
 
     // Usage errors (exit 2): --slot without --source, --create-slot without --slot, a target.
     let o = restore_standby(&archive, &target, &["--slot", "s1"]);
@@ -482,11 +493,11 @@ fn archive_only_standby_ignores_connection_settings_copied_with_the_backup() {
 /// promoted standby) runs timeline 2. A standby seeded from the archive with the new primary as
 /// --source replays timeline 1 from the archive, then follows timeline 2 by streaming.
 ///
-/// The slot created on the new primary keeps WAL only from its last checkpoint (after the
-/// promotion), later than where the archive ends: the restore warns, and here the WAL in
-/// between is still in the new primary's pg_wal (wal_keep_size), so the standby streams it.
-/// (Without it the standby waits at the archive's end, "requested WAL segment ... has already
-/// been removed", until the archive has that WAL.)
+/// A slot created on the new primary keeps WAL only from its last checkpoint (after the
+/// promotion), later than where the archive ends: the WAL in between is still in the new
+/// primary's pg_wal (wal_keep_size), so the restore moves the slot back to the archive's end.
+/// Once the new primary has recycled that WAL, a restore is refused: the standby could never
+/// catch up ("requested WAL segment ... has already been removed").
 #[test]
 fn standby_of_a_promoted_primary_follows_its_new_timeline() {
     let t = support::tempdir();
@@ -515,10 +526,11 @@ fn standby_of_a_promoted_primary_follows_its_new_timeline() {
     assert_ok(&o);
     let out = String::from_utf8_lossy(&o.stdout).into_owned();
     assert!(out.contains("timeline 2"), "{out}");
-    assert!(
-        out.contains("note: the archive's WAL ends at")
-            && out.contains("still be in the primary's pg_wal"),
-        "{out}"
+    assert!(!out.contains("note:"), "{out}");
+    assert_eq!(
+        new.psql("SELECT restart_lsn FROM pg_replication_slots WHERE slot_name = 'n1'"),
+        "0/C00000",
+        "the slot starts where the archive ends: {out}"
     );
     let sb = PgCluster::adopt(dir.clone(), PgOptions::default(), 1);
     wait_until(
@@ -536,4 +548,37 @@ fn standby_of_a_promoted_primary_follows_its_new_timeline() {
     });
     assert_eq!(ids(&sb), "1,2,3,4,5,6,7,8");
     assert_eq!(sb.psql("SELECT pg_is_in_recovery()"), "t");
+
+    // The new primary recycles the WAL after the archive's end (nothing keeps it any more:
+    // the standby's slot has moved on): a standby from this archive could never catch up.
+    new.psql("ALTER SYSTEM SET wal_keep_size = 0");
+    new.psql("SELECT pg_reload_conf()");
+    let lsn = new.current_lsn();
+    wait_until(Duration::from_secs(60), "the standby confirms", || {
+        new.psql(&format!(
+            "SELECT restart_lsn >= '{lsn}' FROM pg_replication_slots WHERE slot_name = 'n1'"
+        )) == "t"
+    });
+    new.psql("CREATE TABLE pad (v int)");
+    for _ in 0..3 {
+        new.psql("SELECT pg_switch_wal()");
+        new.psql("INSERT INTO pad VALUES (1)");
+    }
+    new.psql("CHECKPOINT");
+    let target = t.join("late");
+    let o = restore_standby(
+        &archive,
+        &target,
+        &["--source", &new.repl_uri(), "--slot", "n2", "--create-slot"],
+    );
+    assert_eq!(o.status.code(), Some(1), "{}", stderr_of(&o));
+    let line = error_line(&o);
+    assert!(
+        line.contains("cannot send WAL from 0/C00000 on timeline 1")
+            && line.contains("has already been removed")
+            && line.contains("hint: the archive does not reach far enough"),
+        "{line}"
+    );
+    assert!(!target.exists());
+    assert!(!slot_exists(&new, "n2"));
 }

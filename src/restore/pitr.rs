@@ -695,8 +695,18 @@ pub async fn restore(
         None => None,
     };
     let mut plan = plan(opts, store.as_ref()).await?;
-    if let Some(c) = &check {
+    // Where the standby will start streaming: the segment holding the archive's end, on the
+    // timeline of the chain's last segment.
+    let stream_from = standby::stream_start(plan.chain.wal_end, plan.chain.segment_size);
+    let stream_tli = plan
+        .chain
+        .segments
+        .last()
+        .map_or(plan.chain.target_timeline, |s| s.timeline);
+    if let (Some(src), Some(c)) = (source, &check) {
         standby::check_timeline(c, plan.chain.target_timeline, plan.chain.wal_end)?;
+        // The primary still has the WAL from there (else the standby could never catch up).
+        standby::check_primary_wal(src, stream_from, stream_tli, None).await?;
     }
     let manifest = prepare(opts, store.as_ref(), &plan).await?;
     if opts.dry_run {
@@ -714,6 +724,19 @@ pub async fn restore(
         if slot.create {
             slot.restart_lsn = standby::create_slot(src, &slot.name).await?;
             created = Some(slot.name.clone());
+            if slot.restart_lsn.is_some_and(|r| r > stream_from) {
+                // Reserved from the primary's last checkpoint, after where the standby starts:
+                // move it back to there (the WAL was there a moment ago).
+                match standby::check_primary_wal(src, stream_from, stream_tli, Some(&slot.name))
+                    .await
+                {
+                    Ok(r) => slot.restart_lsn = r.or(slot.restart_lsn),
+                    Err(e) => {
+                        standby::drop_created_slot(src, &slot.name).await;
+                        return Err(e.into());
+                    }
+                }
+            }
             if let Some(gap) = slot
                 .restart_lsn
                 .and_then(|r| standby::slot_gap(plan.chain.wal_end, r, plan.chain.segment_size))

@@ -17,9 +17,12 @@
 //! afterwards drops it again. See `proto-notes/restore.md` for the gap between the archive's
 //! end and the slot's `restart_lsn`.
 
+use std::time::Duration;
+
+use crate::protocol::codec::pg_now;
 use crate::protocol::conninfo::ConnInfo;
 use crate::protocol::replication::SystemInfo;
-use crate::protocol::{Connection, ProtocolError};
+use crate::protocol::{Connection, ProtocolError, StartOutcome, StatusUpdate, StreamEvent};
 use crate::wal::{Lsn, SegmentSize, Timeline, TimelineHistory};
 
 /// What `--standby` asks for.
@@ -114,6 +117,16 @@ pub enum StandbyError {
         #[source]
         error: crate::wal::history::HistoryError,
     },
+    /// START_REPLICATION where the standby will have to start streaming was refused (58P01:
+    /// the WAL is gone from the primary).
+    #[error("--source {server} cannot send WAL from {from} on timeline {timeline}, where the archive ends and the standby would start streaming: {error}")]
+    PrimaryLacksWal {
+        server: String,
+        from: Lsn,
+        timeline: Timeline,
+        #[source]
+        error: Box<ProtocolError>,
+    },
     #[error("replication slot {slot:?} already exists on {server}")]
     SlotExists { slot: String, server: String },
     #[error("replication slot {slot:?} does not exist on {server}")]
@@ -140,6 +153,9 @@ impl StandbyError {
                 "the archive and --source went separate ways after a failover: give the server the archive follows as --source, or start a new archive from the current primary".into(),
             ),
             StandbyError::BadHistory { .. } => None,
+            StandbyError::PrimaryLacksWal { .. } => Some(
+                "the archive does not reach far enough: take a new backup (walagent backup) or archive the missing WAL (walagent stream with its slot), then restore again".into(),
+            ),
             StandbyError::TimelineAhead { .. } => Some(
                 "the archive holds a newer timeline than the primary (a promoted standby?): use that server as --source"
                     .into(),
@@ -327,6 +343,125 @@ pub async fn create_slot(src: &StandbySource, name: &str) -> Result<Option<Lsn>,
     res
 }
 
+/// Where the standby will ask the primary for WAL: the start of the segment holding the
+/// archive's end `archive_end` (walreceiver always starts at a segment boundary).
+pub fn stream_start(archive_end: Lsn, size: SegmentSize) -> Lsn {
+    Lsn(archive_end.segno(size) * u64::from(size.bytes()))
+}
+
+/// Checks that the primary can still send WAL from `from` on `timeline` (START_REPLICATION
+/// there, stopped at once). With `slot` (one this restore created), the slot is used for it and
+/// confirmed at `from`, which moves its `restart_lsn` back to `from` (a physical slot takes
+/// the flush position a client reports), so it keeps exactly the WAL the standby will
+/// stream. Returns the slot's `restart_lsn` afterwards (None without a slot).
+pub async fn check_primary_wal(
+    src: &StandbySource,
+    from: Lsn,
+    timeline: Timeline,
+    slot: Option<&str>,
+) -> Result<Option<Lsn>, StandbyError> {
+    let server = describe_source(&src.conninfo);
+    let err = |error| StandbyError::Connect {
+        server: server.clone(),
+        error: Box::new(error),
+    };
+    let mut conn = connect(src).await?;
+    // The server reads the WAL only once streaming runs (a missing segment is an error in the
+    // stream, not in reply to START_REPLICATION): wait for the first data before stopping.
+    let started = match conn.start_replication(slot, from, timeline).await {
+        Ok(StartOutcome::Streaming) => first_wal(&mut conn, from).await.map(|()| true),
+        // `from` is exactly where `timeline` ended: nothing to send on it, the next one follows.
+        Ok(StartOutcome::TimelineEnded(_)) => Ok(false),
+        Err(e) => Err(e),
+    };
+    match started {
+        Ok(true) => {
+            if let Err(e) = stop_at(&mut conn, from, slot.is_some()).await {
+                tracing::debug!("ending the WAL check stream: {e}");
+            }
+        }
+        Ok(false) => {}
+        Err(error) if error.sqlstate() == Some("58P01") => {
+            conn.close().await;
+            return Err(StandbyError::PrimaryLacksWal {
+                server,
+                from,
+                timeline,
+                error: Box::new(error),
+            });
+        }
+        Err(e) => {
+            conn.close().await;
+            return Err(err(e));
+        }
+    }
+    let res = match slot {
+        None => Ok(None),
+        Some(name) => match connect(src).await {
+            Ok(mut c) => {
+                let r = c
+                    .read_replication_slot(name)
+                    .await
+                    .map(|s| s.and_then(|s| s.restart_lsn))
+                    .map_err(err);
+                c.close().await;
+                r
+            }
+            Err(e) => Err(e),
+        },
+    };
+    conn.close().await;
+    res
+}
+
+/// Waits (at most 30 s) until the stream started at `from` shows the server has that WAL: the
+/// first XLogData, or a keepalive saying it has nothing beyond `from` yet.
+async fn first_wal(conn: &mut Connection, from: Lsn) -> Result<(), ProtocolError> {
+    let work = async {
+        loop {
+            match conn.next_event().await? {
+                StreamEvent::XLogData { .. } | StreamEvent::End(_) => return Ok(()),
+                StreamEvent::Keepalive { wal_end, .. } if wal_end <= from => return Ok(()),
+                StreamEvent::Keepalive { .. } => {}
+            }
+        }
+    };
+    match tokio::time::timeout(Duration::from_secs(30), work).await {
+        Ok(r) => r,
+        Err(_) => {
+            tracing::debug!("no WAL from {from} within 30 s; assuming the server has it");
+            Ok(())
+        }
+    }
+}
+
+/// Confirms `from` (when `confirm`), then ends the stream (data still arriving is ignored);
+/// at most 30 s.
+async fn stop_at(conn: &mut Connection, from: Lsn, confirm: bool) -> Result<(), ProtocolError> {
+    let work = async {
+        if confirm {
+            conn.send_status(StatusUpdate {
+                write: from,
+                flush: from,
+                apply: from,
+                send_time: pg_now(),
+                reply_requested: false,
+            })
+            .await?;
+        }
+        conn.request_stop().await?;
+        loop {
+            if let StreamEvent::End(_) = conn.next_event().await? {
+                return Ok(());
+            }
+        }
+    };
+    match tokio::time::timeout(Duration::from_secs(30), work).await {
+        Ok(r) => r,
+        Err(_) => Ok(()),
+    }
+}
+
 /// Drops the slot this restore created, after a failure; a failure to drop is logged with
 /// what to do (the slot would keep WAL on the primary for ever).
 pub async fn drop_created_slot(src: &StandbySource, name: &str) {
@@ -351,7 +486,7 @@ pub async fn drop_created_slot(src: &StandbySource, name: &str) {
 /// `archive_end`, the standby then asks the primary from the start of that segment on, and
 /// the slot keeps the primary's WAL only from `restart_lsn` on. `None` when the slot covers it.
 pub fn slot_gap(archive_end: Lsn, restart_lsn: Lsn, size: SegmentSize) -> Option<String> {
-    let stream_from = Lsn(archive_end.segno(size) * u64::from(size.bytes()));
+    let stream_from = stream_start(archive_end, size);
     (restart_lsn > stream_from).then(|| {
         format!(
             "the archive's WAL ends at {archive_end} and the standby will stream from {stream_from} on, but the slot keeps the primary's WAL only from {restart_lsn}: WAL {stream_from}..{restart_lsn} must reach the archive (keep `walagent stream` running) or still be in the primary's pg_wal, else the standby waits at {archive_end}"
