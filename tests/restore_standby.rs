@@ -421,6 +421,26 @@ fn standby_refusals_write_nothing() {
         "the slot keeps WAL from before the primary's last checkpoint"
     );
 
+    // No slot, or one that reserves no WAL yet: restored, with a note.
+    let o = restore_standby(&archive, &t.join("noslot"), &["--source", &pg.repl_uri()]);
+    assert_ok(&o);
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(
+        out.contains("note: no --slot: nothing keeps the primary's WAL"),
+        "{out}"
+    );
+    let o = restore_standby(
+        &archive,
+        &t.join("taken"),
+        &["--source", &pg.repl_uri(), "--slot", "taken"],
+    );
+    assert_ok(&o);
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(
+        out.contains("note: slot \"taken\" reserves no WAL yet"),
+        "{out}"
+    );
+
     // Usage errors (exit 2): --slot without --source, --create-slot without --slot, a target.
     let o = restore_standby(&archive, &target, &["--slot", "s1"]);
     refused(&o, 2, &["--source"]);

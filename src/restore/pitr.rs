@@ -746,6 +746,19 @@ pub async fn restore(
             }
         }
     }
+    if let Some(c) = &check {
+        let note = match &c.slot {
+            Some(slot) => match slot.restart_lsn {
+                Some(r) => standby::slot_gap(plan.chain.wal_end, r, plan.chain.segment_size),
+                None => Some(standby::no_slot_note(stream_from, Some(&slot.name))),
+            },
+            None => Some(standby::no_slot_note(stream_from, None)),
+        };
+        if let (Some(n), false) = (note, created.is_some()) {
+            tracing::warn!("{n}");
+            plan.chain.warnings.push(n);
+        }
+    }
     plan.standby = opts.standby.as_ref().map(|_| check);
     let res = restore_planned(opts, store, plan, manifest, cancel).await;
     if let (Err(_), Some(src), Some(name)) = (&res, source, &created) {

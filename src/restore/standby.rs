@@ -366,6 +366,19 @@ pub async fn check_primary_wal(
         error: Box::new(error),
     };
     let mut conn = connect(src).await?;
+    // At or past the server's flush position nothing can be missing (and nothing would be
+    // sent to show it): no stream needed.
+    match conn.identify_system().await {
+        Ok(sys) if from >= sys.xlogpos => {
+            conn.close().await;
+            return Ok(None);
+        }
+        Ok(_) => {}
+        Err(e) => {
+            conn.close().await;
+            return Err(err(e));
+        }
+    }
     // The server reads the WAL only once streaming runs (a missing segment is an error in the
     // stream, not in reply to START_REPLICATION): wait for the first data before stopping.
     let started = match conn.start_replication(slot, from, timeline).await {
@@ -492,6 +505,18 @@ pub fn slot_gap(archive_end: Lsn, restart_lsn: Lsn, size: SegmentSize) -> Option
             "the archive's WAL ends at {archive_end} and the standby will stream from {stream_from} on, but the slot keeps the primary's WAL only from {restart_lsn}: WAL {stream_from}..{restart_lsn} must reach the archive (keep `walagent stream` running) or still be in the primary's pg_wal, else the standby waits at {archive_end}"
         )
     })
+}
+
+/// Without a slot (or with one that reserves no WAL yet) nothing keeps the primary's WAL from
+/// `from` until the standby connects.
+pub fn no_slot_note(from: Lsn, slot: Option<&str>) -> String {
+    let what = match slot {
+        Some(s) => format!("slot {s:?} reserves no WAL yet"),
+        None => "no --slot".to_string(),
+    };
+    format!(
+        "{what}: nothing keeps the primary's WAL from {from} on until the standby connects (only another slot, such as that of walagent stream, or wal_keep_size); start it soon, or use --slot NAME --create-slot"
+    )
 }
 
 /// The settings a standby gets besides restore_command and recovery_target_timeline: the
