@@ -21,8 +21,8 @@
 //!    exported variables. On any failure in 3-4, everything written is removed again.
 //!
 //! With `--standby` ([`super::standby`]) the plan is the one for the end of the archive; the
-//! `--source` is checked against the archive after the directory and before planning, the slot
-//! created just before step 3 (and dropped again when 3-4 fail), and step 4 writes
+//! `--source` is checked against the archive after the directory (and again against the plan),
+//! the slot created just before step 3 (and dropped again when 3-4 fail), and step 4 writes
 //! `standby.signal` and the primary's connection settings instead.
 
 use std::collections::HashMap;
@@ -68,7 +68,9 @@ pub struct RestoreOptions {
     pub walagent_path: PathBuf,
     pub dry_run: bool,
     pub progress: bool,
-    /// `--standby`: seed a standby (target: the end of the archive, timeline latest).
+    /// `--standby`: seed a standby. The caller leaves `target` at the end of the archive and
+    /// `timeline` at latest (the command line refuses others); the settings written ignore
+    /// both.
     pub standby: Option<StandbyOptions>,
 }
 
@@ -695,18 +697,18 @@ pub async fn restore(
         None => None,
     };
     let mut plan = plan(opts, store.as_ref()).await?;
-    // Where the standby will start streaming: the segment holding the archive's end, on the
-    // timeline of the chain's last segment.
-    let stream_from = standby::stream_start(plan.chain.wal_end, plan.chain.segment_size);
-    let stream_tli = plan
-        .chain
-        .segments
-        .last()
-        .map_or(plan.chain.target_timeline, |s| s.timeline);
+    let end = standby::ArchiveEnd {
+        wal_end: plan.chain.wal_end,
+        segment_size: plan.chain.segment_size,
+        target_timeline: plan.chain.target_timeline,
+        last_timeline: plan
+            .chain
+            .segments
+            .last()
+            .map_or(plan.chain.target_timeline, |s| s.timeline),
+    };
     if let (Some(src), Some(c)) = (source, &check) {
-        standby::check_timeline(c, plan.chain.target_timeline, plan.chain.wal_end)?;
-        // The primary still has the WAL from there (else the standby could never catch up).
-        standby::check_primary_wal(src, stream_from, stream_tli, None).await?;
+        standby::check_against_archive(src, c, &end).await?;
     }
     let manifest = prepare(opts, store.as_ref(), &plan).await?;
     if opts.dry_run {
@@ -720,41 +722,10 @@ pub async fn restore(
     }
     // The slot keeps the primary's WAL from now on, while the backup is unpacked.
     let mut created = None;
-    if let (Some(src), Some(slot)) = (source, check.as_mut().and_then(|c| c.slot.as_mut())) {
-        if slot.create {
-            slot.restart_lsn = standby::create_slot(src, &slot.name).await?;
-            created = Some(slot.name.clone());
-            if slot.restart_lsn.is_some_and(|r| r > stream_from) {
-                // Reserved from the primary's last checkpoint, after where the standby starts:
-                // move it back to there (the WAL was there a moment ago).
-                match standby::check_primary_wal(src, stream_from, stream_tli, Some(&slot.name))
-                    .await
-                {
-                    Ok(r) => slot.restart_lsn = r.or(slot.restart_lsn),
-                    Err(e) => {
-                        standby::drop_created_slot(src, &slot.name).await;
-                        return Err(e.into());
-                    }
-                }
-            }
-            if let Some(gap) = slot
-                .restart_lsn
-                .and_then(|r| standby::slot_gap(plan.chain.wal_end, r, plan.chain.segment_size))
-            {
-                tracing::warn!("{gap}");
-                plan.chain.warnings.push(gap);
-            }
-        }
-    }
-    if let Some(c) = &check {
-        let note = match &c.slot {
-            Some(slot) => match slot.restart_lsn {
-                Some(r) => standby::slot_gap(plan.chain.wal_end, r, plan.chain.segment_size),
-                None => Some(standby::no_slot_note(stream_from, Some(&slot.name))),
-            },
-            None => Some(standby::no_slot_note(stream_from, None)),
-        };
-        if let (Some(n), false) = (note, created.is_some()) {
+    if let (Some(src), Some(c)) = (source, check.as_mut()) {
+        let (slot, notes) = standby::prepare_slot(src, c, &end).await?;
+        created = slot;
+        for n in notes {
             tracing::warn!("{n}");
             plan.chain.warnings.push(n);
         }

@@ -9,13 +9,15 @@
 //!   `primary_conninfo` copied with the backup (a backup of a standby) cannot make the new
 //!   standby connect somewhere else.
 //!
-//! `--source` is checked before anything is written: IDENTIFY_SYSTEM must name the archive's
-//! system identifier (a standby of another cluster never starts), the primary must be on the
-//! timeline the archive's WAL leads to or a later one, and the slot must exist (or, with
-//! `--create-slot`, must not). The slot is created after planning, just before unpacking, so it
-//! keeps the primary's WAL from then on while the backup is unpacked; a restore that fails
-//! afterwards drops it again. See `proto-notes/restore.md` for the gap between the archive's
-//! end and the slot's `restart_lsn`.
+//! `--source` is checked before anything is written ([`check_source`] before planning,
+//! [`check_against_archive`] after it): IDENTIFY_SYSTEM must name the archive's system
+//! identifier (a standby of another cluster never starts), the primary's timeline history must
+//! contain the timeline the archive's WAL leads to, left no earlier than that WAL ends, the
+//! primary must still have the WAL from where the archive ends (a short START_REPLICATION
+//! there), and the slot must exist (or, with `--create-slot`, must not). The slot is created
+//! after planning, just before unpacking ([`prepare_slot`]), and moved back to where the
+//! standby will start streaming, so it keeps exactly the WAL the standby needs; a restore that
+//! fails afterwards drops it again. See `proto-notes/restore.md` ("--standby").
 
 use std::time::Duration;
 
@@ -473,6 +475,74 @@ async fn stop_at(conn: &mut Connection, from: Lsn, confirm: bool) -> Result<(), 
         Ok(r) => r,
         Err(_) => Ok(()),
     }
+}
+
+/// Where the archive's WAL along the restore's timeline path ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ArchiveEnd {
+    /// The end of the last complete record (of a final `.partial`) or of the last segment.
+    pub wal_end: Lsn,
+    pub segment_size: SegmentSize,
+    /// The timeline the standby follows (`latest` resolved).
+    pub target_timeline: Timeline,
+    /// The timeline of the last segment file.
+    pub last_timeline: Timeline,
+}
+
+impl ArchiveEnd {
+    /// Where the standby will start streaming.
+    pub fn stream_from(&self) -> Lsn {
+        stream_start(self.wal_end, self.segment_size)
+    }
+}
+
+/// After planning, before anything is written: the primary's timeline history fits the
+/// archive's ([`check_timeline`]) and it still has the WAL where the archive ends.
+pub async fn check_against_archive(
+    src: &StandbySource,
+    check: &SourceCheck,
+    end: &ArchiveEnd,
+) -> Result<(), StandbyError> {
+    check_timeline(check, end.target_timeline, end.wal_end)?;
+    check_primary_wal(src, end.stream_from(), end.last_timeline, None)
+        .await
+        .map(|_| ())
+}
+
+/// Just before unpacking: creates the slot (`--create-slot`) and moves it back to where the
+/// standby will start streaming when it reserved WAL only from later. Returns the name of the
+/// slot created (the caller drops it when the restore fails) and notes for the operator (WAL
+/// the standby will need that nothing keeps on the primary).
+pub async fn prepare_slot(
+    src: &StandbySource,
+    check: &mut SourceCheck,
+    end: &ArchiveEnd,
+) -> Result<(Option<String>, Vec<String>), StandbyError> {
+    let from = end.stream_from();
+    let Some(slot) = check.slot.as_mut() else {
+        return Ok((None, vec![no_slot_note(from, None)]));
+    };
+    let mut created = None;
+    if slot.create {
+        slot.restart_lsn = create_slot(src, &slot.name).await?;
+        created = Some(slot.name.clone());
+        if slot.restart_lsn.is_some_and(|r| r > from) {
+            // Reserved from the primary's last checkpoint, after where the standby starts:
+            // move it back to there (the WAL was there a moment ago).
+            match check_primary_wal(src, from, end.last_timeline, Some(&slot.name)).await {
+                Ok(r) => slot.restart_lsn = r.or(slot.restart_lsn),
+                Err(e) => {
+                    drop_created_slot(src, &slot.name).await;
+                    return Err(e);
+                }
+            }
+        }
+    }
+    let note = match slot.restart_lsn {
+        Some(r) => slot_gap(end.wal_end, r, end.segment_size),
+        None => Some(no_slot_note(from, Some(&slot.name))),
+    };
+    Ok((created, note.into_iter().collect()))
 }
 
 /// Drops the slot this restore created, after a failure; a failure to drop is logged with
