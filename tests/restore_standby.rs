@@ -29,6 +29,10 @@ fn run(args: &[&str]) -> Output {
     support::run_walagent(args, &[])
 }
 
+fn run_with(args: &[&str], env: &[(String, String)]) -> Output {
+    support::run_walagent(args, env)
+}
+
 /// Neither stdout nor stderr holds the replication password.
 fn assert_no_password(o: &Output) {
     for (what, text) in [
@@ -52,62 +56,82 @@ struct Scenario {
 }
 
 fn scenario(archive: &Path) -> Scenario {
+    let s = scenario_in(archive.to_str().unwrap(), &[]);
+    support::chown_postgres_tree(archive);
+    s
+}
+
+/// [`scenario`] into any archive (`env`: its settings, e.g. for S3).
+fn scenario_in(a: &str, env: &[(String, String)]) -> Scenario {
     let pg = PgCluster::start(opts());
     pg.psql(&format!(
         "SELECT pg_create_physical_replication_slot('{ARCHIVER_SLOT}', true)"
     ));
     pg.psql("CREATE TABLE t (id int primary key)");
     pg.psql("INSERT INTO t SELECT generate_series(1, 3)");
-    let a = archive.to_str().unwrap();
-    assert_ok(&run(&[
-        "backup",
-        "--source",
-        &pg.repl_uri(),
-        "--archive",
-        a,
-        "--checkpoint",
-        "fast",
-    ]));
+    assert_ok(&run_with(
+        &[
+            "backup",
+            "--source",
+            &pg.repl_uri(),
+            "--archive",
+            a,
+            "--checkpoint",
+            "fast",
+        ],
+        env,
+    ));
     for k in 4..=6 {
         pg.psql(&format!("INSERT INTO t VALUES ({k})"));
     }
     pg.psql("SELECT pg_switch_wal()");
     let endpos = pg.psql("SELECT pg_current_wal_flush_lsn()");
     let spool = support::tempdir();
-    let o = run(&[
-        "stream",
-        "--source",
-        &pg.repl_uri(),
-        "--archive",
-        a,
-        "--slot",
-        ARCHIVER_SLOT,
-        "--endpos",
-        &endpos,
-        "--no-loop",
-        "--spool",
-        spool.path().to_str().unwrap(),
-    ]);
+    let o = run_with(
+        &[
+            "stream",
+            "--source",
+            &pg.repl_uri(),
+            "--archive",
+            a,
+            "--slot",
+            ARCHIVER_SLOT,
+            "--endpos",
+            &endpos,
+            "--no-loop",
+            "--spool",
+            spool.path().to_str().unwrap(),
+        ],
+        env,
+    );
     assert_ok(&o);
-    support::chown_postgres_tree(archive);
     Scenario { pg, _spool: spool }
 }
 
 /// `walagent restore --standby --archive A --pgdata DIR --walagent-path W EXTRA...`
 fn restore_standby(archive: &Path, pgdata: &Path, extra: &[&str]) -> Output {
+    restore_standby_in(archive.to_str().unwrap(), &[], pgdata, extra)
+}
+
+fn restore_standby_in(
+    archive: &str,
+    env: &[(String, String)],
+    pgdata: &Path,
+    extra: &[&str],
+) -> Output {
     let wa = walagent_path_for_postgres();
     let mut args = vec![
         "restore",
         "--standby",
         "--archive",
-        archive.to_str().unwrap(),
+        archive,
         "--pgdata",
         pgdata.to_str().unwrap(),
         "--walagent-path",
         wa.to_str().unwrap(),
     ];
     args.extend_from_slice(extra);
-    let o = run(&args);
+    let o = run_with(&args, env);
     assert_no_password(&o);
     o
 }
@@ -601,4 +625,52 @@ fn standby_of_a_promoted_primary_follows_its_new_timeline() {
     );
     assert!(!target.exists());
     assert!(!slot_exists(&new, "n2"));
+}
+
+/// From an S3 archive: restore_command gets the AWS settings through the 0600 env file, the
+/// standby replays the archive from S3, then streams.
+#[test]
+fn standby_from_an_s3_archive() {
+    let s3 = support::s3::S3Server::start();
+    let env = s3.env();
+    let url = s3.url("standby");
+    let s = scenario_in(&url, &env);
+    let pg = &s.pg;
+    let dir = PgCluster::new_dir("standby");
+    let pgdata = dir.join("data");
+    let o = restore_standby_in(
+        &url,
+        &env,
+        &pgdata,
+        &["--source", &pg.repl_uri(), "--slot", "s1", "--create-slot"],
+    );
+    assert_ok(&o);
+    let auto = fs::read_to_string(pgdata.join("postgresql.auto.conf")).unwrap();
+    assert!(auto.contains("--env-file"), "{auto}");
+    assert!(!auto.contains(support::s3::SECRET_KEY), "{auto}");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        fs::metadata(pgdata.join("walagent-restore.env"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777,
+        0o600
+    );
+    let sb = PgCluster::adopt(dir.clone(), PgOptions::default(), 1);
+    wait_until(Duration::from_secs(60), "the standby streams", || {
+        sb.try_psql("SELECT status FROM pg_stat_wal_receiver")
+            .ok()
+            .as_deref()
+            == Some("streaming")
+    });
+    let log = fs::read_to_string(sb.log_path()).unwrap();
+    assert!(log.contains("restored log file"), "{log}");
+    pg.psql("INSERT INTO t VALUES (7)");
+    wait_until(
+        Duration::from_secs(60),
+        "row 7 streams to the standby",
+        || sb.try_psql("SELECT count(*) FROM t").ok().as_deref() == Some("7"),
+    );
+    assert_eq!(ids(&sb), "1,2,3,4,5,6,7");
 }
