@@ -8,7 +8,9 @@ use tokio::sync::watch;
 
 use walagent::archive;
 use walagent::backup;
-use walagent::cli::{BackupArgs, BackupsArgs, Cli, Command, RestoreArgs, StreamArgs, WalFetchArgs};
+use walagent::cli::{
+    BackupArgs, BackupsArgs, Cli, Command, RestoreArgs, StreamArgs, WalFetchArgs, WalPushArgs,
+};
 use walagent::protocol::conninfo::ConnInfo;
 use walagent::receive::{self, Finished};
 use walagent::restore::{fetch_cmd, wal_fetch};
@@ -27,11 +29,19 @@ fn main() -> ExitCode {
     if let Command::WalFetch(WalFetchArgs {
         env_file: Some(path),
         ..
+    })
+    | Command::WalPush(WalPushArgs {
+        env_file: Some(path),
+        ..
     }) = &cli.command
     {
         // Before any thread exists: set_var is only sound single-threaded.
         if let Err(e) = walagent::restore::envfile::load(path) {
-            return fail(&e.to_string(), None, wal_fetch::EXIT_FATAL as u8);
+            let code = match cli.command {
+                Command::WalPush(_) => 1,
+                _ => wal_fetch::EXIT_FATAL as u8,
+            };
+            return fail(&e.to_string(), None, code);
         }
     }
     let runtime = match tokio::runtime::Builder::new_current_thread()
@@ -49,6 +59,9 @@ fn main() -> ExitCode {
         Command::Backups(args) => runtime.block_on(list_backups(args)),
         Command::SeedStandby(args) => runtime.block_on(seed_standby(args)),
         Command::Restore(args) => runtime.block_on(restore(args)),
+        Command::Status(args) => runtime.block_on(status(args)),
+        Command::Expire(args) => runtime.block_on(expire(args)),
+        Command::WalPush(args) => runtime.block_on(wal_push(args)),
     };
     // A stop cut short (stop timeout, second signal) leaves work behind on purpose: do not wait
     // for it (dropping a runtime waits for blocking tasks without limit).
@@ -295,5 +308,63 @@ async fn restore(args: RestoreArgs) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(e) => fail(&e.to_string(), e.hint(), 1),
+    }
+}
+
+async fn status(args: walagent::cli::StatusArgs) -> ExitCode {
+    use walagent::lifecycle::status;
+    let store = match archive::open(&args.archive, false).await {
+        Ok(s) => s,
+        Err(e) => return fail(&e.to_string(), e.hint(), 2),
+    };
+    match status::status(store.as_ref()).await {
+        Ok(st) => {
+            if args.json {
+                println!("{:#}", status::to_json(&st));
+            } else {
+                print!("{}", status::render(&st));
+            }
+            ExitCode::from(st.exit_code())
+        }
+        Err(e) => fail(&e.to_string(), e.hint(), 2),
+    }
+}
+
+async fn expire(args: walagent::cli::ExpireArgs) -> ExitCode {
+    use walagent::lifecycle::expire;
+    let store = match archive::open(&args.archive, false).await {
+        Ok(s) => s,
+        Err(e) => return fail(&e.to_string(), e.hint(), 2),
+    };
+    match expire::expire(store.as_ref(), args.policy(), args.dry_run).await {
+        Ok(r) => {
+            if args.json {
+                println!("{:#}", expire::to_json(&r));
+            } else {
+                print!("{}", expire::render(&r, &store.location()));
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(&e.to_string(), e.hint(), 2),
+    }
+}
+
+async fn wal_push(args: WalPushArgs) -> ExitCode {
+    use walagent::lifecycle::push;
+    let opts = push::PushOptions {
+        archive: args.archive,
+        path: args.path,
+        compression: args.compress,
+    };
+    match push::run(&opts).await {
+        Ok(p @ push::Pushed::KeptDifferentBackupHistory { .. }) => {
+            tracing::warn!("{}", p.describe(&opts.path));
+            ExitCode::SUCCESS
+        }
+        Ok(p) => {
+            tracing::info!("{}", p.describe(&opts.path));
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(&e.to_string(), e.hint(), e.exit_code()),
     }
 }

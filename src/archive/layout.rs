@@ -7,6 +7,7 @@
 //! wal/000000010000000000000003            complete segment, stored raw (--compress none)
 //! wal/000000010000000000000004.partial.zst  last, incomplete segment of a timeline (or raw .partial)
 //! wal/00000002.history                    timeline history file, raw
+//! wal/000000010000000000000002.00000028.backup  backup history file (wal-push), raw
 //! ```
 //!
 //! See `proto-notes/archive-layout.md`.
@@ -45,6 +46,13 @@ pub fn segment_key_by_name(name: &str, compressed: bool, partial: bool) -> Strin
 /// `wal/XXXXXXXX.history`
 pub fn history_key(tli: Timeline) -> String {
     format!("{WAL_PREFIX}{}", history_file_name(tli))
+}
+
+/// `wal/<segment>.<offset>.backup`: a backup history file PostgreSQL's archive_command handed
+/// `walagent wal-push` (information only: recovery never asks for one). [`parse_wal_key`] does
+/// not recognise it, so the WAL index, restore and wal-fetch pass it by.
+pub fn backup_history_key(file_name: &str) -> String {
+    format!("{WAL_PREFIX}{file_name}")
 }
 
 /// What a key under [`WAL_PREFIX`] holds.

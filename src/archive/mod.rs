@@ -10,6 +10,7 @@ pub mod local;
 pub mod lock;
 pub mod meta;
 pub mod s3;
+pub mod segment;
 
 use std::path::Path;
 

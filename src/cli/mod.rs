@@ -23,6 +23,7 @@ const TOP_EXAMPLES: &str = "Examples:
   walagent stream --source 'postgresql://replicator@db1/postgres' \\
       --archive /backup/wal --slot walagent --create-slot
   walagent wal-fetch --archive /backup/wal %f %p    (as restore_command)
+  walagent wal-push --archive /backup/wal %p        (as archive_command)
   walagent backup --source 'host=db1 user=replicator' \\
       --archive /backup/wal --checkpoint fast
   walagent restore --archive /backup/wal --pgdata /srv/pg/restored \\
@@ -166,6 +167,88 @@ pub enum Command {
         after_help = RESTORE_EXAMPLES
     )]
     Restore(RestoreArgs),
+    /// Show what the archive can restore: timelines, gaps, backups, the recoverable window.
+    #[command(long_about = "Show what the archive can restore (read-only).\n\n\
+            Per timeline: first and last segment, begin and end LSN, gaps, a trailing .partial; the \
+            timeline history; every backup (complete or incomplete) and how far its recovery reaches; the \
+            recoverable window along the latest timeline (earliest and latest point, as LSN and time); and \
+            problems, each naming the segment, history file or backup. Exit status: 0 when the newest \
+            backup reaches the newest archived WAL and no problem limits recovery, 1 when a problem \
+            limits recovery, 2 when the archive cannot be read.")]
+    Status(StatusArgs),
+    /// Delete backups beyond a retention policy, and the WAL no kept backup needs.
+    #[command(
+        long_about = "Delete backups beyond a retention policy, and the WAL no kept backup needs.\n\n\
+            --retain-full N keeps the newest N complete backups; --retain-days D keeps those that \
+            finished within the last D days. The newest complete backup and the newest one that can be \
+            restored are always kept, and so is every WAL segment from the oldest kept backup's start \
+            on (all timelines) and every history file. Incomplete backups are deleted only when older \
+            than the oldest kept one. Everything is planned before the first delete, and deletes run in \
+            an order that leaves a consistent archive: an interrupted run is finished by running it again."
+    )]
+    Expire(ExpireArgs),
+    /// Store one WAL file PostgreSQL hands archive_command (%p) in the archive.
+    #[command(
+        long_about = "Store one file that PostgreSQL hands archive_command in the archive: a WAL segment, a \
+            timeline .history file, a <segment>.partial (the old timeline's last segment after a promotion) \
+            or a backup history file.\n\n\
+            Meant as PostgreSQL's archive_command:\n  \
+            archive_command = 'walagent wal-push --archive /backup/wal %p'\n\
+            The file is checked first (WAL pages and records, and the archive's walagent.json: the same \
+            cluster and segment size) and stored as walagent stream stores it (zstd, never overwriting). \
+            WAL that is already archived with the same content (by a running walagent stream, or an \
+            earlier push) is success; different content under the name is refused and nothing is \
+            overwritten. Exit status: 0 once the file is durable in the archive (PostgreSQL may then \
+            remove it), 1 on any failure (PostgreSQL logs the error line, keeps the file and retries)."
+    )]
+    WalPush(WalPushArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// Archive: a directory or s3://BUCKET/PREFIX.
+    #[arg(long, env = "WALAGENT_ARCHIVE", value_name = "PATH|s3://BUCKET/PREFIX")]
+    pub archive: String,
+
+    /// JSON for scripts (documented in proto-notes/status-and-expire.md).
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("policy").required(true).args(["retain_full", "retain_days"])))]
+pub struct ExpireArgs {
+    /// Archive: a directory or s3://BUCKET/PREFIX.
+    #[arg(long, env = "WALAGENT_ARCHIVE", value_name = "PATH|s3://BUCKET/PREFIX")]
+    pub archive: String,
+
+    /// Keep the newest N complete backups (N >= 1).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..), conflicts_with = "retain_days")]
+    pub retain_full: Option<u32>,
+
+    /// Keep the backups that finished within the last D days (and always the newest one).
+    #[arg(long, value_name = "D", conflicts_with = "retain_full")]
+    pub retain_days: Option<u32>,
+
+    /// Print what would be deleted; delete nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+
+    /// JSON for scripts instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl ExpireArgs {
+    /// The policy (clap guarantees exactly one is given).
+    pub fn policy(&self) -> crate::lifecycle::expire::RetentionPolicy {
+        use crate::lifecycle::expire::RetentionPolicy;
+        match (self.retain_full, self.retain_days) {
+            (Some(n), _) => RetentionPolicy::Full(n),
+            (None, Some(d)) => RetentionPolicy::Days(d),
+            (None, None) => RetentionPolicy::Full(u32::MAX),
+        }
+    }
 }
 
 #[derive(Debug, Args)]
@@ -518,6 +601,27 @@ pub struct WalFetchArgs {
     /// served; DEST is not touched).
     #[arg(long, hide = true)]
     pub prefetch_worker: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct WalPushArgs {
+    /// Archive: a directory (created when missing) or s3://BUCKET/PREFIX (same settings as for
+    /// stream).
+    #[arg(long, env = "WALAGENT_ARCHIVE", value_name = "PATH|s3://BUCKET/PREFIX")]
+    pub archive: String,
+
+    /// Compression of newly stored segments: zstd, zstd:LEVEL or none (as for stream).
+    #[arg(long, value_name = "METHOD", default_value = "zstd:1")]
+    pub compress: Compression,
+
+    /// Read AWS_* and WALAGENT_* settings from this file (KEY=VALUE lines, as for wal-fetch),
+    /// for a server whose OS user has none of them.
+    #[arg(long, value_name = "FILE")]
+    pub env_file: Option<PathBuf>,
+
+    /// The file (%p), e.g. pg_wal/000000010000000000000003, relative to the data directory.
+    #[arg(value_name = "PATH")]
+    pub path: PathBuf,
 }
 
 /// Sizes like `1GB`, `512MB`, `64kB` or a number of bytes.

@@ -4,6 +4,7 @@
 //! never imports `receive`, `backup` or `restore` (shared pure pieces live in `archive`).
 
 pub mod expire;
+pub mod inventory;
 pub mod push;
 pub mod status;
 pub mod verify;

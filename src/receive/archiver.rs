@@ -18,7 +18,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
-use crate::archive::{compress, layout, Compression, PutMode, Store, StoreError};
+use crate::archive::{compress, layout, segment, Compression, PutMode, Store, StoreError};
 use crate::wal::{Lsn, SegmentId, SegmentSize};
 
 /// One unit of work for the archiver.
@@ -275,16 +275,6 @@ async fn run(
     Ok(())
 }
 
-/// Whether the object already stored under `key` holds the same WAL as the spooled `path`.
-async fn same_as_archived(config: &ArchiverConfig, key: &str, path: &std::path::Path) -> bool {
-    let Ok(raw) = tokio::fs::read(path).await else {
-        return false;
-    };
-    crate::archive::same_wal_content(config.store.as_ref(), key, &raw)
-        .await
-        .unwrap_or(false)
-}
-
 /// Compresses one spooled file (streaming, on a blocking thread), stores it durably (retrying
 /// while the store is unavailable), and removes the spool copies.
 async fn archive_one(
@@ -325,18 +315,27 @@ async fn archive_one(
     };
     let mut delay = Duration::from_secs(1);
     loop {
-        match config.store.put_file(&key, &upload_src, mode).await {
+        let put = match mode {
+            PutMode::Replace => config.store.put_file(&key, &upload_src, mode).await,
+            PutMode::NoOverwrite => segment::put_complete(
+                config.store.as_ref(),
+                &key,
+                segment::Body::File(&upload_src),
+                segment::Raw::File(&path),
+            )
+            .await
+            .map(|s| {
+                if s == segment::Stored::SameWal {
+                    tracing::debug!(object = %key, "already archived with the same WAL (encoded differently)");
+                }
+            }),
+        };
+        match put {
             Ok(()) => break,
             Err(e) if e.is_transient() => {
                 tracing::warn!(object = %key, "archive unavailable, retrying in {delay:?}: {e}");
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(Duration::from_secs(30));
-            }
-            Err(StoreError::Conflict { .. })
-                if !partial && same_as_archived(&config, &key, &path).await =>
-            {
-                tracing::debug!(object = %key, "already archived with the same WAL (encoded differently)");
-                break;
             }
             Err(source) => return Err(ArchiverError::Store { name, source }),
         }

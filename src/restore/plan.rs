@@ -209,7 +209,9 @@ impl PlanError {
             PlanError::BadBackupInfo { .. } => {
                 "choose another backup with --backup; this one's backup.json is not usable".into()
             }
-            PlanError::TargetBeforeBackups { .. } => "choose a later target".into(),
+            PlanError::TargetBeforeBackups { .. } => {
+                "choose a later target (`walagent status` shows the recoverable window)".into()
+            }
             PlanError::BackupAfterTarget { .. } => {
                 "choose an older backup or a later target".into()
             }

@@ -64,6 +64,7 @@ mod archive;
 mod cluster;
 mod cmd;
 mod dirs;
+pub mod lifecycle;
 mod process;
 mod replication;
 mod roles;

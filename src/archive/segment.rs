@@ -1,0 +1,343 @@
+//! Storing one WAL file the way every writer stores it: complete segments never overwritten,
+//! identical WAL already there (in any encoding) taken as success, different WAL a
+//! [`StoreError::Conflict`]. `walagent stream`'s archiver (spooled files) and `walagent wal-push`
+//! (PostgreSQL's archive_command, a file in `pg_wal`) both go through [`put_complete`];
+//! `wal-push` also uses [`find_archived`], [`store_complete_segment`] and the `.partial` rule
+//! [`compare_partial`]. See `proto-notes/wal-push.md`.
+//!
+//! Checksums are the stores' (S3: `walagent-crc32` metadata and the CRC-32 header; zstd frames
+//! carry their content checksum); durability too (every put returns once the object is durable).
+
+use std::path::Path;
+
+use bytes::Bytes;
+
+use super::layout::segment_key_by_name;
+use super::{compress, read_wal_object, Compression, PutMode, Store, StoreError};
+
+/// What a put is made from.
+#[derive(Debug, Clone)]
+pub enum Body<'a> {
+    /// A local file (the store may move it: see [`Store::put_file`]).
+    File(&'a Path),
+    /// Bytes in memory.
+    Bytes(Bytes),
+}
+
+/// The raw (uncompressed) WAL an object holds, to compare with what is already archived.
+#[derive(Debug, Clone, Copy)]
+pub enum Raw<'a> {
+    File(&'a Path),
+    Bytes(&'a [u8]),
+}
+
+/// How a no-overwrite put ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stored {
+    /// The object is durable under its key (new, or byte-identical to what was there: the
+    /// stores do not tell these apart).
+    Put,
+    /// The key held the same WAL in another encoding (another zstd level, another writer);
+    /// nothing was written.
+    SameWal,
+}
+
+/// Puts a complete segment (or any WAL object that never changes) under `key` without
+/// overwriting. Different content already under the key is [`StoreError::Conflict`]; the same
+/// WAL once decompressed is [`Stored::SameWal`]. A transient failure while comparing is returned
+/// as such (the caller may retry); any other failure to read the stored object leaves the
+/// conflict standing.
+pub async fn put_complete(
+    store: &dyn Store,
+    key: &str,
+    body: Body<'_>,
+    raw: Raw<'_>,
+) -> Result<Stored, StoreError> {
+    let put = match body {
+        Body::File(p) => store.put_file(key, p, PutMode::NoOverwrite).await,
+        Body::Bytes(b) => store.put_bytes(key, b, PutMode::NoOverwrite).await,
+    };
+    match put {
+        Ok(()) => Ok(Stored::Put),
+        Err(conflict @ StoreError::Conflict { .. }) => {
+            let same = match raw {
+                Raw::Bytes(b) => super::same_wal_content(store, key, b).await,
+                Raw::File(p) => match tokio::fs::read(p).await {
+                    Ok(b) => super::same_wal_content(store, key, &b).await,
+                    Err(_) => Ok(false),
+                },
+            };
+            match same {
+                Ok(true) => Ok(Stored::SameWal),
+                Err(e) if e.is_transient() => Err(e),
+                Ok(false) | Err(_) => Err(conflict),
+            }
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// A WAL object already in the archive under one of a name's keys.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Archived {
+    pub key: String,
+    /// Its content, decompressed.
+    pub content: Vec<u8>,
+}
+
+/// The archived object for the segment file `name` (24 hex digits), complete or (`partial`) the
+/// `.partial`, in either encoding: `wal/<name>[.partial].zst` first, then the raw key, as
+/// wal-fetch looks them up. Two reads at most, no listing.
+pub async fn find_archived(
+    store: &dyn Store,
+    name: &str,
+    partial: bool,
+) -> Result<Option<Archived>, StoreError> {
+    for compressed in [true, false] {
+        let key = segment_key_by_name(name, compressed, partial);
+        if let Some(content) = read_wal_object(store, &key).await? {
+            return Ok(Some(Archived { key, content }));
+        }
+    }
+    Ok(None)
+}
+
+/// Encodes `raw` for `key`'s suffix (zstd when compressed) on a blocking thread.
+pub async fn encode(raw: Bytes, compression: Compression) -> Result<Bytes, StoreError> {
+    match compression {
+        Compression::None => Ok(raw),
+        Compression::Zstd { level } => tokio::task::spawn_blocking(move || {
+            compress::compress_bulk(&raw, level).map(Bytes::from)
+        })
+        .await
+        .map_err(|e| StoreError::io("compressing WAL", std::io::Error::other(e)))?
+        .map_err(|e| StoreError::io("compressing WAL", e)),
+    }
+}
+
+/// How a complete segment reached the archive ([`store_complete_segment`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SegmentOutcome {
+    /// Stored now under `key`.
+    Stored { key: String },
+    /// The archive already held the same WAL under `key` (the stream, an earlier push).
+    AlreadyArchived { key: String },
+}
+
+/// Stores the complete segment file `name` whose bytes `raw` the caller has verified: if either
+/// encoding of it is archived already, identical WAL is success and different WAL is
+/// [`StoreError::Conflict`] naming that key (never an overwrite, and never a second, different
+/// copy under the other encoding's key, which wal-fetch might serve instead); otherwise it is
+/// compressed and put with [`put_complete`] (a writer that got there meanwhile is handled the
+/// same way).
+pub async fn store_complete_segment(
+    store: &dyn Store,
+    name: &str,
+    raw: Bytes,
+    compression: Compression,
+) -> Result<SegmentOutcome, StoreError> {
+    if let Some(found) = find_archived(store, name, false).await? {
+        return if found.content == raw[..] {
+            Ok(SegmentOutcome::AlreadyArchived { key: found.key })
+        } else {
+            Err(StoreError::Conflict { key: found.key })
+        };
+    }
+    put_new_segment(store, name, raw, compression).await
+}
+
+/// The second half of [`store_complete_segment`], for a caller that already found neither
+/// encoding archived: compresses `raw` and puts it with [`put_complete`].
+pub async fn put_new_segment(
+    store: &dyn Store,
+    name: &str,
+    raw: Bytes,
+    compression: Compression,
+) -> Result<SegmentOutcome, StoreError> {
+    let key = segment_key_by_name(name, compression.is_compressed(), false);
+    let body = encode(raw.clone(), compression).await?;
+    match put_complete(store, &key, Body::Bytes(body), Raw::Bytes(&raw)).await? {
+        Stored::Put => Ok(SegmentOutcome::Stored { key }),
+        Stored::SameWal => Ok(SegmentOutcome::AlreadyArchived { key }),
+    }
+}
+
+/// What to do with a `.partial` segment's WAL `new` when the archive already holds `old` for
+/// the same segment (the `.partial` of `walagent stream` or an earlier push, or the complete
+/// segment). Both are the WAL of one timeline from the segment's start, each as far as its
+/// writer had it; WAL is append-only, so one must be a prefix of the other.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PartialCompare {
+    /// The same bytes.
+    Identical,
+    /// `old` holds all of `new` and more: keep it.
+    ArchivedHoldsMore,
+    /// `new` holds all of `old` and more: `old` may be replaced by `new`.
+    NewHoldsMore,
+    /// They differ within their common length: different WAL.
+    Different,
+}
+
+pub fn compare_partial(old: &[u8], new: &[u8]) -> PartialCompare {
+    let common = old.len().min(new.len());
+    if old.get(..common) != new.get(..common) {
+        return PartialCompare::Different;
+    }
+    match old.len().cmp(&new.len()) {
+        std::cmp::Ordering::Equal => PartialCompare::Identical,
+        std::cmp::Ordering::Greater => PartialCompare::ArchivedHoldsMore,
+        std::cmp::Ordering::Less => PartialCompare::NewHoldsMore,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::archive::LocalStore;
+
+    #[test]
+    fn partial_rules() {
+        use PartialCompare::*;
+        assert_eq!(compare_partial(b"abc", b"abc"), Identical);
+        assert_eq!(compare_partial(b"abcd", b"abc"), ArchivedHoldsMore);
+        assert_eq!(compare_partial(b"ab", b"abc"), NewHoldsMore);
+        assert_eq!(compare_partial(b"", b"abc"), NewHoldsMore);
+        assert_eq!(compare_partial(b"abd", b"abc"), Different);
+        assert_eq!(compare_partial(b"abdx", b"abc"), Different);
+        assert_eq!(compare_partial(b"xb", b"abc"), Different);
+    }
+
+    fn temp_store(tag: &str) -> (std::path::PathBuf, LocalStore) {
+        let dir = std::env::temp_dir().join(format!(
+            "walagent-segment-{tag}-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        let store = LocalStore::open(&dir).unwrap();
+        (dir, store)
+    }
+
+    #[tokio::test]
+    async fn complete_segments_are_never_overwritten() {
+        let (dir, store) = temp_store("complete");
+        let name = "000000010000000000000003";
+        let wal = Bytes::from(vec![7u8; 4096]);
+        let z = Compression::DEFAULT;
+        // New: stored compressed.
+        let o = store_complete_segment(&store, name, wal.clone(), z)
+            .await
+            .unwrap();
+        assert_eq!(
+            o,
+            SegmentOutcome::Stored {
+                key: format!("wal/{name}.zst")
+            }
+        );
+        // Again, and with another encoding: the same WAL is there.
+        for c in [z, Compression::None, Compression::Zstd { level: 5 }] {
+            let o = store_complete_segment(&store, name, wal.clone(), c)
+                .await
+                .unwrap();
+            assert_eq!(
+                o,
+                SegmentOutcome::AlreadyArchived {
+                    key: format!("wal/{name}.zst")
+                }
+            );
+        }
+        assert!(!dir.join("wal").join(name).exists());
+        // Different WAL: a conflict naming the key, the object untouched.
+        let other = Bytes::from(vec![8u8; 4096]);
+        for c in [z, Compression::None] {
+            let e = store_complete_segment(&store, name, other.clone(), c)
+                .await
+                .unwrap_err();
+            assert!(
+                matches!(&e, StoreError::Conflict { key } if key == &format!("wal/{name}.zst")),
+                "{e:?}"
+            );
+        }
+        let kept = read_wal_object(&store, &format!("wal/{name}.zst"))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(kept, wal[..]);
+
+        // A raw object of another writer counts too.
+        let name2 = "000000010000000000000004";
+        store
+            .put_bytes(&format!("wal/{name2}"), wal.clone(), PutMode::NoOverwrite)
+            .await
+            .unwrap();
+        let o = store_complete_segment(&store, name2, wal.clone(), z)
+            .await
+            .unwrap();
+        assert_eq!(
+            o,
+            SegmentOutcome::AlreadyArchived {
+                key: format!("wal/{name2}")
+            }
+        );
+        let e = store_complete_segment(&store, name2, other.clone(), z)
+            .await
+            .unwrap_err();
+        assert!(matches!(e, StoreError::Conflict { .. }), "{e:?}");
+        assert!(!dir.join("wal").join(format!("{name2}.zst")).exists());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn put_complete_tells_same_wal_from_a_conflict() {
+        let (dir, store) = temp_store("put");
+        // Varied enough that zstd levels encode it differently.
+        let wal: Vec<u8> = (0u64..200_000)
+            .map(|i| (i * i % 251) as u8 ^ (i / 7) as u8)
+            .collect();
+        let key = "wal/000000010000000000000005.zst";
+        let body = compress::compress_bulk(&wal, 1).unwrap();
+        let r = put_complete(
+            &store,
+            key,
+            Body::Bytes(Bytes::from(body.clone())),
+            Raw::Bytes(&wal),
+        )
+        .await
+        .unwrap();
+        assert_eq!(r, Stored::Put);
+        // Another zstd level: different bytes, same WAL.
+        let body9 = compress::compress_bulk(&wal, 9).unwrap();
+        assert_ne!(body9, body);
+        let r = put_complete(
+            &store,
+            key,
+            Body::Bytes(Bytes::from(body9)),
+            Raw::Bytes(&wal),
+        )
+        .await
+        .unwrap();
+        assert_eq!(r, Stored::SameWal);
+        // From files, as the archiver calls it.
+        let raw_path = dir.join("raw");
+        std::fs::write(&raw_path, &wal).unwrap();
+        let z_path = dir.join("z");
+        let body19 = compress::compress_bulk(&wal, 19).unwrap();
+        assert_ne!(body19, body);
+        std::fs::write(&z_path, body19).unwrap();
+        let r = put_complete(&store, key, Body::File(&z_path), Raw::File(&raw_path))
+            .await
+            .unwrap();
+        assert_eq!(r, Stored::SameWal);
+        let other = vec![4u8; 1000];
+        let e = put_complete(
+            &store,
+            key,
+            Body::Bytes(Bytes::from(compress::compress_bulk(&other, 1).unwrap())),
+            Raw::Bytes(&other),
+        )
+        .await
+        .unwrap_err();
+        assert!(matches!(e, StoreError::Conflict { .. }), "{e:?}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
