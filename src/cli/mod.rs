@@ -44,7 +44,10 @@ const RESTORE_EXAMPLES: &str = "Examples:
       --pgdata /var/lib/postgresql/15/main \\
       --target-time '2026-11-22 09:15:00+01'
   walagent restore --archive /backup/db1 --pgdata /srv/pg/restored \\
-      --target-name before_upgrade --target-action pause";
+      --target-name before_upgrade --target-action pause
+  walagent restore --standby --archive s3://backups/db1 \\
+      --pgdata /var/lib/postgresql/15/main \\
+      --source 'host=db1 user=replicator' --slot standby1 --create-slot";
 
 #[derive(Debug, Parser)]
 #[command(
@@ -152,7 +155,15 @@ pub enum Command {
             recovery.signal and, in postgresql.auto.conf, restore_command (walagent wal-fetch on the same \
             archive), the recovery target, recovery_target_action and recovery_target_timeline. \
             `pg_ctl start -D DIR` then replays exactly to the target.\n\n\
-            Without a target, recovery replays to the end of the archive.",
+            Without a target, recovery replays to the end of the archive.\n\n\
+            With --standby, a standby is seeded from the archive instead of loading the primary (like \
+            pgBackRest's --type=standby): the same backup choice and checks as without a target, but \
+            standby.signal, recovery_target_timeline = 'latest' and no target, so the server replays the \
+            archive and stays in recovery. With --source it then streams from that primary (written as \
+            primary_conninfo; the password only if --source holds one, as pg_basebackup -R does), using \
+            --slot as primary_slot_name (created with --create-slot, which refuses an existing slot). \
+            --source is checked first: its system identifier must be the archive's. Without --source \
+            the standby only follows the archive through restore_command.",
         after_help = RESTORE_EXAMPLES
     )]
     Restore(RestoreArgs),
@@ -333,6 +344,28 @@ pub struct RestoreArgs {
     /// What the server does at the target: promote (default; open for writes), pause, shutdown.
     #[arg(long, value_name = "ACTION", default_value = "promote")]
     pub target_action: String,
+
+    /// Seed a standby instead of recovering to a target: standby.signal, timeline latest, no
+    /// target; it replays the archive, then streams from --source (without --source it only
+    /// follows the archive). Not with --target-*, --exclusive.
+    #[arg(long, conflicts_with_all = ["target_time", "target_lsn", "target_xid", "target_name", "target", "exclusive", "target_timeline", "target_action"])]
+    pub standby: bool,
+
+    /// With --standby: the primary to stream from once the archive is replayed (libpq URI or
+    /// key=value), written as primary_conninfo; its system identifier must be the archive's.
+    #[arg(long, value_name = "CONNINFO", requires = "standby")]
+    pub source: Option<String>,
+
+    /// With --source: the physical replication slot the standby streams from (written as
+    /// primary_slot_name); it must exist unless --create-slot. Never the slot of `walagent
+    /// stream` (the standby would advance it past WAL not yet archived).
+    #[arg(long, value_name = "NAME", value_parser = parse_slot_name, requires = "source")]
+    pub slot: Option<String>,
+
+    /// Create --slot on the primary (physical; it keeps WAL from the primary's last checkpoint
+    /// on); refused when it exists already.
+    #[arg(long, requires = "slot")]
+    pub create_slot: bool,
 
     /// Restore this backup (an id from `walagent backups`) instead of choosing one.
     #[arg(long, value_name = "ID")]

@@ -12,11 +12,12 @@ use super::{BackupArgs, CheckpointMode, RestoreArgs, SeedStandbyArgs, StreamArgs
 use crate::archive::{self, Store};
 use crate::backup::seed::SeedOptions;
 use crate::backup::take::BackupOptions;
-use crate::protocol::conninfo::ConnInfo;
+use crate::protocol::conninfo::{ConnInfo, ConnInfoError};
 use crate::receive::{self, AckMode, StreamOptions};
 use crate::restore::fetch_cmd::FetchCommand;
 use crate::restore::pitr::RestoreOptions;
 use crate::restore::prefetch::PrefetchConfig;
+use crate::restore::standby::{StandbyOptions, StandbySource};
 use crate::restore::target::{RecoveryTarget, TargetError};
 use crate::wal::lsn::ParseLsnError;
 
@@ -38,12 +39,16 @@ pub enum ArgError {
     TargetAction(#[source] TargetError),
     #[error("cannot find the walagent binary for restore_command: {0}")]
     WalagentPath(#[source] std::io::Error),
+    /// `restore --standby --source`; never quotes the string (it may hold a password).
+    #[error("--source: {0}")]
+    Source(#[source] ConnInfoError),
 }
 
 impl ArgError {
     pub fn hint(&self) -> Option<String> {
         match self {
             ArgError::WalagentPath(_) => Some("pass --walagent-path".into()),
+            ArgError::Source(e) => e.hint(),
             _ => None,
         }
     }
@@ -209,11 +214,43 @@ impl RestoreArgs {
         self.resolve_with(std::env::current_exe)
     }
 
+    /// `--standby`'s options: `--source` parsed (PG* variables and ~/.pgpass fill the gaps, as
+    /// for every connection), and whether the password is written in the string itself (only
+    /// then does it go into primary_conninfo: PGPASSWORD belongs to the shell running the
+    /// restore, ~/.pgpass is never copied).
+    pub fn standby_options(
+        &self,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Option<StandbyOptions>, ArgError> {
+        if !self.standby {
+            return Ok(None);
+        }
+        let source = match &self.source {
+            None => None,
+            Some(s) => {
+                let conninfo = ConnInfo::parse_with_env(s, env).map_err(ArgError::Source)?;
+                let without_env_password =
+                    ConnInfo::parse_with_env(s, &|k| (k != "PGPASSWORD").then(|| env(k)).flatten())
+                        .map_err(ArgError::Source)?;
+                Some(StandbySource {
+                    conninfo,
+                    password_in_source: without_env_password
+                        .password
+                        .is_some_and(|p| !p.is_empty()),
+                    slot: self.slot.clone(),
+                    create_slot: self.create_slot,
+                })
+            }
+        };
+        Ok(Some(StandbyOptions { source }))
+    }
+
     /// [`RestoreArgs::resolve`] with another way to find the running binary.
     pub fn resolve_with(
         &self,
         current_exe: impl FnOnce() -> std::io::Result<std::path::PathBuf>,
     ) -> Result<RestoreOptions, ArgError> {
+        let standby = self.standby_options(&|k| std::env::var(k).ok())?;
         let target = self.recovery_target()?;
         let timeline = self
             .target_timeline
@@ -236,6 +273,7 @@ impl RestoreArgs {
             walagent_path,
             dry_run: self.dry_run,
             progress: show_progress(self.no_progress),
+            standby,
         })
     }
 }
@@ -509,6 +547,82 @@ mod tests {
                 .unwrap_err();
             assert!(e.to_string().starts_with(&format!("{flag}: ")), "{e}");
         }
+    }
+
+    #[test]
+    fn standby_options() {
+        let parse = |extra: &[&str]| {
+            let mut argv = vec!["walagent", "restore", "--archive", "/a", "--pgdata", "/p"];
+            argv.extend_from_slice(extra);
+            Cli::try_parse_from(argv).map(|c| match c.command {
+                Command::Restore(a) => a,
+                c => panic!("{c:?}"),
+            })
+        };
+        let env = |k: &str| (k == "PGPASSWORD").then(|| "from-env".to_string());
+        assert!(restore_args(&[]).standby_options(&env).unwrap().is_none());
+        // Archive only.
+        let o = parse(&["--standby"])
+            .unwrap()
+            .standby_options(&env)
+            .unwrap();
+        assert!(o.unwrap().source.is_none());
+        // The password in the string goes into primary_conninfo, PGPASSWORD does not.
+        let a = parse(&[
+            "--standby",
+            "--source",
+            "postgresql://rep:pw%27x@db1:5433/postgres",
+            "--slot",
+            "s1",
+            "--create-slot",
+        ])
+        .unwrap();
+        let src = a.standby_options(&env).unwrap().unwrap().source.unwrap();
+        assert!(src.password_in_source && src.create_slot);
+        assert_eq!(src.slot.as_deref(), Some("s1"));
+        assert!(src.primary_conninfo().contains(r"password='pw\'x'"));
+        let a = parse(&["--standby", "--source", "host=db1 user=rep"]).unwrap();
+        let src = a.standby_options(&env).unwrap().unwrap().source.unwrap();
+        assert_eq!(src.conninfo.password.as_deref(), Some("from-env"));
+        assert!(!src.password_in_source);
+        assert!(!src.primary_conninfo().contains("from-env"));
+        // A --source that does not parse names the flag, never the string.
+        let a = parse(&["--standby", "--source", "host=db1 password='secret"]).unwrap();
+        let e = a.standby_options(&env).unwrap_err();
+        assert!(e.to_string().starts_with("--source: "), "{e}");
+        assert!(!e.to_string().contains("secret"), "{e}");
+
+        // Refused combinations (usage errors).
+        for bad in [
+            &["--slot", "s1"][..],
+            &["--standby", "--slot", "s1"],
+            &["--standby", "--source", "host=x", "--create-slot"],
+            &["--source", "host=x"],
+            &["--standby", "--target-time", "2026-11-22 10:15:00+01"],
+            &["--standby", "--target-lsn", "0/5000000"],
+            &["--standby", "--target", "immediate"],
+            &["--standby", "--target-name", "x"],
+            &["--standby", "--target-xid", "1234"],
+            &["--standby", "--exclusive"],
+            &["--standby", "--target-timeline", "current"],
+            &["--standby", "--target-action", "pause"],
+        ] {
+            assert!(parse(bad).is_err(), "{bad:?}");
+        }
+        let e = parse(&["--standby", "--target-time", "2026-11-22 10:15:00+01"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("--standby") && e.contains("--target-time"),
+            "{e}"
+        );
+        // Defaults of the target flags do not conflict.
+        let o = parse(&["--standby"])
+            .unwrap()
+            .resolve_with(|| Ok("/w".into()))
+            .unwrap();
+        assert!(o.standby.is_some());
+        assert_eq!(o.target, RecoveryTarget::End);
     }
 
     #[test]

@@ -174,6 +174,13 @@ impl Connection {
         }
     }
 
+    /// DROP_REPLICATION_SLOT name (without WAIT: an active slot is an error, SQLSTATE 55006).
+    pub async fn drop_replication_slot(&mut self, name: &str) -> Result<(), ProtocolError> {
+        self.simple_query(&format!("DROP_REPLICATION_SLOT {}", quote_ident(name)))
+            .await
+            .map(|_| ())
+    }
+
     /// READ_REPLICATION_SLOT (PostgreSQL 15+). `None` when the slot does not exist.
     pub async fn read_replication_slot(
         &mut self,

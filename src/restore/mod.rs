@@ -6,5 +6,6 @@ pub mod fetch_cmd;
 pub mod pitr;
 pub mod plan;
 pub mod prefetch;
+pub mod standby;
 pub mod target;
 pub mod wal_fetch;

@@ -19,6 +19,11 @@
 //!    `restore_command` that runs `walagent wal-fetch` on the same archive. For S3 the AWS
 //!    settings go into a 0600 file beside them (`--env-file`), so the server's OS user needs no
 //!    exported variables. On any failure in 3-4, everything written is removed again.
+//!
+//! With `--standby` ([`super::standby`]) the plan is the one for the end of the archive; the
+//! `--source` is checked against the archive after the directory (and again against the plan),
+//! the slot created just before step 3 (and dropped again when 3-4 fail), and step 4 writes
+//! `standby.signal` and the primary's connection settings instead.
 
 use std::collections::HashMap;
 use std::fs;
@@ -31,6 +36,7 @@ use tokio::sync::{mpsc, watch};
 
 use super::envfile;
 use super::plan::{self, ChainCheck, PlanError, PlanOptions};
+use super::standby::{self, SourceCheck, StandbyError, StandbyOptions};
 use super::target::{
     describe_event, recovery_settings, RecoveryTarget, TargetAction, TargetTimeline,
 };
@@ -62,6 +68,10 @@ pub struct RestoreOptions {
     pub walagent_path: PathBuf,
     pub dry_run: bool,
     pub progress: bool,
+    /// `--standby`: seed a standby. The caller leaves `target` at the end of the archive and
+    /// `timeline` at latest (the command line refuses others); the settings written ignore
+    /// both.
+    pub standby: Option<StandbyOptions>,
 }
 
 #[derive(Debug, Clone)]
@@ -72,6 +82,8 @@ pub struct RestorePlan {
     pub skipped: Vec<(String, String)>,
     /// Where the scan located the stop (time, xid, name targets).
     pub located: Option<WalEvent>,
+    /// `--standby`: what the check of `--source` found (`None` inside: archive only).
+    pub standby: Option<Option<SourceCheck>>,
 }
 
 #[derive(Debug, Clone)]
@@ -93,6 +105,8 @@ pub enum RestoreError {
     },
     #[error("{0}")]
     Plan(#[from] PlanError),
+    #[error("{0}")]
+    Standby(#[from] StandbyError),
     #[error("{0}")]
     Store(#[from] StoreError),
     /// The archive's `walagent.json` cannot be read.
@@ -185,6 +199,7 @@ impl RestoreError {
     pub fn hint(&self) -> Option<String> {
         match self {
             RestoreError::Plan(e) => e.hint(),
+            RestoreError::Standby(e) => e.hint(),
             RestoreError::Vanished { .. } => Some("run the restore again".into()),
             RestoreError::Store(e) => e.hint(),
             RestoreError::Meta(e) => e.hint(),
@@ -456,13 +471,18 @@ pub async fn plan(opts: &RestoreOptions, store: &dyn Store) -> Result<RestorePla
     }
 }
 
-async fn plan_once(opts: &RestoreOptions, store: &dyn Store) -> Result<RestorePlan, RestoreError> {
-    let meta = ArchiveMeta::load(store)
+/// The archive's `walagent.json`; an archive without one is not a walagent archive.
+async fn load_meta(store: &dyn Store) -> Result<ArchiveMeta, RestoreError> {
+    ArchiveMeta::load(store)
         .await
         .map_err(RestoreError::Meta)?
         .ok_or_else(|| RestoreError::NotAnArchive {
             location: store.location(),
-        })?;
+        })
+}
+
+async fn plan_once(opts: &RestoreOptions, store: &dyn Store) -> Result<RestorePlan, RestoreError> {
+    let meta = load_meta(store).await?;
     let size = meta.wal_segment_size;
     let mut backups = Vec::new();
     for l in catalog::list(store).await? {
@@ -560,6 +580,7 @@ async fn plan_once(opts: &RestoreOptions, store: &dyn Store) -> Result<RestorePl
                 chain: c.chain,
                 skipped: Vec::new(),
                 located: None,
+                standby: None,
             });
         };
         let events = reader
@@ -579,6 +600,7 @@ async fn plan_once(opts: &RestoreOptions, store: &dyn Store) -> Result<RestorePl
             .collect(),
         chain: c.chain,
         located,
+        standby: None,
     })
 }
 
@@ -591,6 +613,8 @@ pub fn describe_plan(p: &RestorePlan, opts: &RestoreOptions) -> String {
     if p.skipped.is_empty() {
         s.push_str(if opts.backup.is_some() {
             ", as requested"
+        } else if p.standby.is_some() {
+            ", the newest complete backup"
         } else {
             ", the newest that can reach the target"
         });
@@ -601,6 +625,13 @@ pub fn describe_plan(p: &RestorePlan, opts: &RestoreOptions) -> String {
         }
     }
     s.push_str(&format!("\nWAL: {}", p.chain.summary()));
+    if let Some(check) = &p.standby {
+        s.push_str(&describe_standby(check.as_ref(), opts.dry_run));
+        for w in &p.chain.warnings {
+            s.push_str(&format!("\nnote: {w}"));
+        }
+        return s;
+    }
     s.push_str(&format!(
         "\ntarget: {}{}",
         opts.target,
@@ -623,15 +654,96 @@ pub fn describe_plan(p: &RestorePlan, opts: &RestoreOptions) -> String {
     s
 }
 
+/// The standby lines of [`describe_plan`]; the source only as `display_safe` shows it.
+fn describe_standby(check: Option<&SourceCheck>, dry_run: bool) -> String {
+    let Some(c) = check else {
+        return "\nstandby: replays the archive and keeps following it (standby.signal, no primary_conninfo)"
+            .into();
+    };
+    let mut s = format!(
+        "\nstandby: replays the archive, then streams from {} (system {}, timeline {}, at {})",
+        c.source, c.system.system_identifier, c.system.timeline, c.system.xlogpos
+    );
+    if let Some(slot) = &c.slot {
+        let state = match (slot.create, dry_run) {
+            (true, true) => "would be created".to_string(),
+            (true, false) => "created".to_string(),
+            (false, _) => "existing".to_string(),
+        };
+        s.push_str(&format!("; slot {:?} ({state}", slot.name));
+        if let Some(l) = slot.restart_lsn {
+            s.push_str(&format!(", keeping WAL from {l}"));
+        }
+        s.push(')');
+    }
+    s
+}
+
 // ---- restoring --------------------------------------------------------------------------------
 
 pub async fn restore(
     opts: &RestoreOptions,
     store: Arc<dyn Store>,
-    mut cancel: watch::Receiver<bool>,
+    cancel: watch::Receiver<bool>,
 ) -> Result<RestoreReport, RestoreError> {
     check_dir(&opts.pgdata, "data directory")?;
-    let plan = plan(opts, store.as_ref()).await?;
+    // --source before planning: a foreign primary or a wrong slot is refused first.
+    let source = opts.standby.as_ref().and_then(|s| s.source.as_ref());
+    let mut check = match source {
+        Some(src) => {
+            let meta = load_meta(store.as_ref()).await?;
+            Some(standby::check_source(src, meta.system_identifier).await?)
+        }
+        None => None,
+    };
+    let mut plan = plan(opts, store.as_ref()).await?;
+    let end = standby::ArchiveEnd {
+        wal_end: plan.chain.wal_end,
+        segment_size: plan.chain.segment_size,
+        target_timeline: plan.chain.target_timeline,
+        last_timeline: plan
+            .chain
+            .segments
+            .last()
+            .map_or(plan.chain.target_timeline, |s| s.timeline),
+    };
+    if let (Some(src), Some(c)) = (source, &check) {
+        standby::check_against_archive(src, c, &end).await?;
+    }
+    let manifest = prepare(opts, store.as_ref(), &plan).await?;
+    if opts.dry_run {
+        plan.standby = opts.standby.as_ref().map(|_| check);
+        return Ok(RestoreReport {
+            plan,
+            files: 0,
+            bytes: 0,
+            settings: Vec::new(),
+        });
+    }
+    // The slot keeps the primary's WAL from now on, while the backup is unpacked.
+    let mut created = None;
+    if let (Some(src), Some(c)) = (source, check.as_mut()) {
+        let (slot, notes) = standby::prepare_slot(src, c, &end).await?;
+        created = slot;
+        for n in notes {
+            tracing::warn!("{n}");
+            plan.chain.warnings.push(n);
+        }
+    }
+    plan.standby = opts.standby.as_ref().map(|_| check);
+    let res = restore_planned(opts, store, plan, manifest, cancel).await;
+    if let (Err(_), Some(src), Some(name)) = (&res, source, &created) {
+        standby::drop_created_slot(src, name).await;
+    }
+    res
+}
+
+/// Checks that need the plan (tablespace targets) and the backup's manifest; writes nothing.
+async fn prepare(
+    opts: &RestoreOptions,
+    store: &dyn Store,
+    plan: &RestorePlan,
+) -> Result<Option<(Bytes, BackupManifest)>, RestoreError> {
     for a in &plan.backup.archives {
         if let Some(loc) = &a.tablespace_location {
             check_dir(
@@ -640,7 +752,7 @@ pub async fn restore(
             )?;
         }
     }
-    let manifest = match &plan.backup.manifest_key {
+    Ok(match &plan.backup.manifest_key {
         Some(k) => {
             let raw = store
                 .get_bytes(k)
@@ -657,16 +769,16 @@ pub async fn restore(
             Some((raw, m))
         }
         None => None,
-    };
-    if opts.dry_run {
-        return Ok(RestoreReport {
-            plan,
-            files: 0,
-            bytes: 0,
-            settings: Vec::new(),
-        });
-    }
+    })
+}
 
+async fn restore_planned(
+    opts: &RestoreOptions,
+    store: Arc<dyn Store>,
+    plan: RestorePlan,
+    manifest: Option<(Bytes, BackupManifest)>,
+    mut cancel: watch::Receiver<bool>,
+) -> Result<RestoreReport, RestoreError> {
     // Removes everything written again unless kept.
     let mut unpacker = Unpacker::create(&opts.pgdata, opts.tablespace_mapping.clone())?;
     let (files, bytes, settings) =
@@ -753,28 +865,49 @@ async fn restore_into(
         cmd.push_str(" --allow-partial");
     }
     cmd.push_str(" %f %p");
-    let settings = recovery_settings(
-        &opts.target,
-        opts.inclusive,
-        opts.timeline,
-        opts.action,
-        &cmd,
-    );
-    append_auto_conf(
-        &pgdata,
-        &settings,
-        &format!(
-            "Written by walagent restore: backup {}, target {}",
-            plan.backup.id, opts.target
+    let (settings, header, signal, other) = match &opts.standby {
+        None => (
+            recovery_settings(
+                &opts.target,
+                opts.inclusive,
+                opts.timeline,
+                opts.action,
+                &cmd,
+            ),
+            format!(
+                "Written by walagent restore: backup {}, target {}",
+                plan.backup.id, opts.target
+            ),
+            // A backup of a standby carries standby.signal; this is a targeted recovery.
+            Signal::Recovery,
+            Signal::Standby,
         ),
-    )
-    .map_err(write("postgresql.auto.conf".into()))?;
+        Some(s) => {
+            // No target: replay everything, follow the newest timeline, then stream.
+            let mut settings = recovery_settings(
+                &RecoveryTarget::End,
+                true,
+                TargetTimeline::Latest,
+                TargetAction::Promote,
+                &cmd,
+            );
+            settings.extend(standby::connection_settings(s.source.as_ref()));
+            (
+                settings,
+                format!(
+                    "Written by walagent restore --standby: backup {}",
+                    plan.backup.id
+                ),
+                Signal::Standby,
+                Signal::Recovery,
+            )
+        }
+    };
+    append_auto_conf(&pgdata, &settings, &header).map_err(write("postgresql.auto.conf".into()))?;
     unpacker.chown(&pgdata.join("postgresql.auto.conf"));
-    // A backup of a standby carries standby.signal; this is a targeted recovery.
-    let _ = fs::remove_file(pgdata.join("standby.signal"));
-    let signal =
-        write_signal(&pgdata, Signal::Recovery).map_err(write("recovery.signal".into()))?;
-    unpacker.chown(&signal);
+    let _ = fs::remove_file(pgdata.join(other.file_name()));
+    let path = write_signal(&pgdata, signal).map_err(write(signal.file_name().into()))?;
+    unpacker.chown(&path);
     Ok((files, bytes, settings))
 }
 
