@@ -54,14 +54,11 @@ impl ArgError {
     }
 }
 
-/// CPUs this process may use; None when unknown.
-fn cpus() -> Option<usize> {
-    std::thread::available_parallelism().ok().map(|n| n.get())
-}
+use crate::receive::defaults::cpus;
 
-/// `--archive-workers` default: one per CPU, 1 to 4 (2 when the count is unknown).
+/// `--archive-workers` default (see `receive::defaults`).
 pub fn default_archive_workers(cpus: Option<usize>) -> usize {
-    cpus.map_or(2, |n| n.clamp(1, 4))
+    receive::defaults::archive_workers(cpus)
 }
 
 /// `--compress-threads` default: one per CPU, 1 to 8 (2 when the count is unknown).
@@ -69,26 +66,13 @@ pub fn default_compress_threads(cpus: Option<usize>) -> u32 {
     cpus.map_or(2, |n| n.clamp(1, 8) as u32)
 }
 
-/// `--partial-interval`: 10 s for an object store (what a lost host may lose), only when stopping
-/// for a local archive (whose spool is beside it); 0 means only when stopping.
+/// `--partial-interval` in seconds (see `receive::defaults::partial_interval`; 0: only when
+/// stopping).
 pub fn partial_interval(secs: Option<u64>, remote: bool) -> Option<Duration> {
-    match secs.unwrap_or(if remote { 10 } else { 0 }) {
-        0 => None,
-        secs => Some(Duration::from_secs(secs)),
-    }
+    receive::defaults::partial_interval(secs.map(Duration::from_secs), remote)
 }
 
-/// What a spool is bound to besides the cluster: a local archive's absolute path (canonical
-/// when it can be resolved), else the store's location (`s3://bucket/prefix`).
-pub fn archive_identity(store: &dyn Store) -> String {
-    match store.local_root() {
-        Some(root) => std::fs::canonicalize(&root)
-            .unwrap_or(root)
-            .display()
-            .to_string(),
-        None => store.location(),
-    }
-}
+pub use crate::receive::defaults::archive_identity;
 
 /// A progress bar only for a person watching: stderr is a terminal and CI is not set.
 pub fn show_progress(disabled: bool) -> bool {

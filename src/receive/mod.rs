@@ -16,6 +16,7 @@
 //! `proto-notes/durability.md`.
 
 pub mod archiver;
+pub mod defaults;
 pub mod flush;
 pub mod resume;
 pub mod spool;

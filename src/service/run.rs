@@ -574,19 +574,8 @@ fn stream_options(
 ) -> StreamOptions {
     let s = &cfg.stream;
     let remote = archive::is_remote(&cfg.archive);
-    let archive_identity = match store.local_root() {
-        Some(root) => std::fs::canonicalize(&root)
-            .unwrap_or(root)
-            .display()
-            .to_string(),
-        None => store.location(),
-    };
-    let partial_interval = match s.partial_interval {
-        Some(d) if d.is_zero() => None,
-        Some(d) => Some(d),
-        None if remote => Some(Duration::from_secs(10)),
-        None => None,
-    };
+    let archive_identity = receive::defaults::archive_identity(store.as_ref());
+    let partial_interval = receive::defaults::partial_interval(s.partial_interval, remote);
     StreamOptions {
         conninfo: cfg.conninfo.clone(),
         store,
@@ -604,7 +593,9 @@ fn stream_options(
         ack: s.ack,
         partial_interval,
         spool_max_bytes: s.spool_max_size,
-        archive_workers: s.archive_workers.unwrap_or_else(|| cpus().clamp(1, 4)),
+        archive_workers: s
+            .archive_workers
+            .unwrap_or_else(|| receive::defaults::archive_workers(receive::defaults::cpus())),
         archive_identity,
         stop_timeout: s.stop_timeout,
         stats,
