@@ -116,6 +116,8 @@ pub struct ArchiverConfig {
     pub queue: usize,
     /// Jobs compressed and stored at once.
     pub workers: usize,
+    /// Counts what is stored (segments, bytes, the archive's reachability) for metrics.
+    pub stats: Arc<super::stats::StreamStats>,
 }
 
 impl Archiver {
@@ -285,6 +287,10 @@ async fn same_as_archived(config: &ArchiverConfig, key: &str, path: &std::path::
         .unwrap_or(false)
 }
 
+fn file_len(path: &std::path::Path) -> u64 {
+    std::fs::metadata(path).map(|m| m.len()).unwrap_or(0)
+}
+
 /// Compresses one spooled file (streaming, on a blocking thread), stores it durably (retrying
 /// while the store is unavailable), and removes the spool copies.
 async fn archive_one(
@@ -323,11 +329,14 @@ async fn archive_one(
     } else {
         PutMode::NoOverwrite
     };
+    let sizes = (file_len(&path), file_len(&upload_src));
     let mut delay = Duration::from_secs(1);
     loop {
         match config.store.put_file(&key, &upload_src, mode).await {
             Ok(()) => break,
             Err(e) if e.is_transient() => {
+                config.stats.error("archive");
+                super::stats::StreamStats::set_flag(&config.stats.archive_reachable, false);
                 tracing::warn!(object = %key, "archive unavailable, retrying in {delay:?}: {e}");
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(Duration::from_secs(30));
@@ -341,6 +350,7 @@ async fn archive_one(
             Err(source) => return Err(ArchiverError::Store { name, source }),
         }
     }
+    config.stats.stored(sizes.0, sizes.1, !partial);
     for p in [&upload_src, &path] {
         match std::fs::remove_file(p) {
             Ok(()) => {}
