@@ -23,7 +23,7 @@ fn main() -> ExitCode {
             return ExitCode::from(code);
         }
     };
-    init_logging();
+    init_logging(cli.log_format);
     if let Command::WalFetch(WalFetchArgs {
         env_file: Some(path),
         ..
@@ -67,23 +67,28 @@ fn limit_heap_growth() {
     }
 }
 
-fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("WALAGENT_LOG")
-        .or_else(|_| tracing_subscriber::EnvFilter::try_from_default_env())
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(
-            std::env::var_os("NO_COLOR").is_none()
-                && std::io::IsTerminal::is_terminal(&std::io::stderr()),
-        )
-        .with_target(false)
-        .init();
+/// Whether `--log-format json` was given (the final error line is then JSON too).
+static JSON_LOGS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+fn init_logging(format: walagent::cli::LogFormat) {
+    use walagent::service::log::{self, Format};
+    let format = match format {
+        walagent::cli::LogFormat::Text => Format::Text,
+        walagent::cli::LogFormat::Json => Format::Json,
+    };
+    JSON_LOGS.store(format == Format::Json, std::sync::atomic::Ordering::Relaxed);
+    log::init(format);
 }
 
 /// Prints one line naming the cause (and the fix when known) and returns the exit code.
 fn fail(cause: &str, hint: Option<String>, code: u8) -> ExitCode {
+    if JSON_LOGS.load(std::sync::atomic::Ordering::Relaxed) {
+        eprintln!(
+            "{}",
+            walagent::service::log::error_line(cause, hint.as_deref())
+        );
+        return ExitCode::from(code);
+    }
     match hint {
         Some(h) => eprintln!("walagent: error: {cause}; hint: {h}"),
         None => eprintln!("walagent: error: {cause}"),
@@ -103,8 +108,26 @@ async fn stream(args: StreamArgs) -> ExitCode {
         Ok(s) => s,
         Err(e) => return fail(&e.to_string(), e.hint(), 2),
     };
-    let opts = args.resolve(conninfo, store);
+    // Bound before streaming starts, so that a busy port is reported at once.
+    let metrics = match args.metrics_addr {
+        Some(addr) => match walagent::service::metrics::bind(addr).await {
+            Ok(l) => Some(l),
+            Err(e) => return fail(&e.to_string(), e.hint(), 2),
+        },
+        None => None,
+    };
+    let mut opts = args.resolve(conninfo, store);
     tracing::info!(source = %opts.conninfo.display_safe(), archive = %opts.store.location(), slot = %opts.slot, "walagent stream");
+    let (_stop_metrics, metrics_stopped) = watch::channel(false);
+    if let Some(listener) = metrics {
+        let registry = std::sync::Arc::new(walagent::service::metrics::Registry::default());
+        opts.stats = registry.add_cluster("default").stream.clone();
+        tokio::spawn(walagent::service::metrics::serve_on(
+            listener,
+            registry,
+            metrics_stopped,
+        ));
+    }
     match receive::run(opts, signals).await {
         Ok(Finished::EndPos(lsn)) => {
             tracing::info!(%lsn, "stopped at --endpos");

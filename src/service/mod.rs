@@ -3,4 +3,5 @@
 //! systemd notify. Sits above the command modules and below `cli`.
 
 pub mod config;
+pub mod log;
 pub mod metrics;
