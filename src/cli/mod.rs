@@ -597,10 +597,7 @@ mod tests {
             Some(126)
         );
         // The global --log-format's value is not taken for the subcommand.
-        assert_eq!(
-            code(&["--log-format", "json", "wal-fetch", "x"]),
-            Some(126)
-        );
+        assert_eq!(code(&["--log-format", "json", "wal-fetch", "x"]), Some(126));
         assert_eq!(code(&["--log-format", "yaml", "stream"]), Some(2));
         // Other commands keep clap's usage error; help is success.
         assert_eq!(code(&["stream", "--bogus"]), Some(2));

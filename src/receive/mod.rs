@@ -772,7 +772,10 @@ impl Receiver {
         let stats = &self.opts.stats;
         StreamStats::set(&stats.archived_lsn, archived.0);
         let received = StreamStats::get(&stats.received_lsn);
-        StreamStats::set(&stats.spool_bytes, received.saturating_sub(p.archived_upto.0));
+        StreamStats::set(
+            &stats.spool_bytes,
+            received.saturating_sub(p.archived_upto.0),
+        );
     }
 
     /// Streams on this connection until the run is finished (`Some`), the server goes away

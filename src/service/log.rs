@@ -72,13 +72,17 @@ pub fn error_line(cause: &str, hint: Option<&str>) -> String {
     line("ERROR", DEFAULT_CLUSTER, cause, fields, "walagent")
 }
 
-fn line(level: &str, cluster: &str, message: &str, fields: Map<String, Value>, target: &str) -> String {
+fn line(
+    level: &str,
+    cluster: &str,
+    message: &str,
+    fields: Map<String, Value>,
+    target: &str,
+) -> String {
     let mut o = Map::new();
     o.insert(
         "timestamp".into(),
-        Value::String(
-            chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
-        ),
+        Value::String(chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true)),
     );
     o.insert("level".into(), Value::String(level.to_string()));
     o.insert("cluster".into(), Value::String(cluster.to_string()));
@@ -201,7 +205,13 @@ where
         writeln!(
             writer,
             "{}",
-            line(meta.level().as_str(), &cluster, &message, v.0, meta.target())
+            line(
+                meta.level().as_str(),
+                &cluster,
+                &message,
+                v.0,
+                meta.target()
+            )
         )
     }
 }

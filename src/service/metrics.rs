@@ -47,7 +47,8 @@ pub struct ClusterStats {
 impl ClusterStats {
     /// Ready: streaming, and the archive answered the last time it was used.
     pub fn is_ready(&self) -> bool {
-        StreamStats::flag(&self.stream.streaming) && StreamStats::flag(&self.stream.archive_reachable)
+        StreamStats::flag(&self.stream.streaming)
+            && StreamStats::flag(&self.stream.archive_reachable)
     }
 
     /// Why the cluster is not ready (`None`: it is).
@@ -102,7 +103,10 @@ impl Registry {
         }
         let not: Vec<String> = clusters
             .iter()
-            .filter_map(|c| c.not_ready_because().map(|why| format!("{}: {why}", c.name)))
+            .filter_map(|c| {
+                c.not_ready_because()
+                    .map(|why| format!("{}: {why}", c.name))
+            })
             .collect();
         if not.is_empty() {
             Ok(())
@@ -251,7 +255,10 @@ impl Collector for ClusterCollector {
             }
             kinds.sort_unstable();
             for k in kinds {
-                let n = counted.iter().find(|(ck, _)| *ck == k).map_or(0, |(_, n)| *n);
+                let n = counted
+                    .iter()
+                    .find(|(ck, _)| *ck == k)
+                    .map_or(0, |(_, n)| *n);
                 errors.push((
                     vec![("cluster", c.name.clone()), ("kind", k.to_string())],
                     n,
@@ -469,8 +476,11 @@ mod tests {
 
     /// `NAME{LABELS} VALUE` lines of the rendered text.
     fn value(text: &str, series: &str) -> Option<String> {
-        text.lines()
-            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ').map(str::to_string))
+        text.lines().find_map(|l| {
+            l.strip_prefix(series)?
+                .strip_prefix(' ')
+                .map(str::to_string)
+        })
     }
 
     #[test]
@@ -493,12 +503,24 @@ mod tests {
             ("walagent_last_archived_timestamp_seconds", "gauge"),
             ("walagent_last_backup_timestamp_seconds", "gauge"),
             ("walagent_last_backup_duration_seconds", "gauge"),
-            ("walagent_recoverable_window_start_timestamp_seconds", "gauge"),
+            (
+                "walagent_recoverable_window_start_timestamp_seconds",
+                "gauge",
+            ),
         ] {
-            assert!(t.contains(&format!("# TYPE {name} {kind}\n")), "{name}:\n{t}");
-            assert!(t.contains(&format!("\n{name}{{cluster=\"main\"")), "{name}:\n{t}");
+            assert!(
+                t.contains(&format!("# TYPE {name} {kind}\n")),
+                "{name}:\n{t}"
+            );
+            assert!(
+                t.contains(&format!("\n{name}{{cluster=\"main\"")),
+                "{name}:\n{t}"
+            );
         }
-        assert_eq!(value(&t, "walagent_lag_bytes{cluster=\"main\"}").as_deref(), Some("256"));
+        assert_eq!(
+            value(&t, "walagent_lag_bytes{cluster=\"main\"}").as_deref(),
+            Some("256")
+        );
         assert_eq!(
             value(&t, "walagent_flushed_lsn{cluster=\"main\"}").as_deref(),
             Some("50331648")
@@ -508,14 +530,25 @@ mod tests {
             Some("2")
         );
         assert_eq!(
-            value(&t, "walagent_last_backup_duration_seconds{cluster=\"main\"}").as_deref(),
+            value(
+                &t,
+                "walagent_last_backup_duration_seconds{cluster=\"main\"}"
+            )
+            .as_deref(),
             Some("1.5")
         );
         let errors = |kind: &str| {
-            value(&t, &format!("walagent_errors_total{{cluster=\"main\",kind=\"{kind}\"}}"))
+            value(
+                &t,
+                &format!("walagent_errors_total{{cluster=\"main\",kind=\"{kind}\"}}"),
+            )
         };
         assert_eq!(errors("connection").as_deref(), Some("1"));
-        assert_eq!(errors("archive").as_deref(), Some("0"), "known kinds start at 0");
+        assert_eq!(
+            errors("archive").as_deref(),
+            Some("0"),
+            "known kinds start at 0"
+        );
         assert_eq!(errors("odd").as_deref(), Some("1"), "other kinds are kept");
     }
 
@@ -533,7 +566,10 @@ mod tests {
         assert!(t.contains("cluster=\"other\""), "{t}");
         r.remove_cluster("other");
         let t = render(&r);
-        assert!(t.contains("# TYPE walagent_up gauge"), "descriptors stay: {t}");
+        assert!(
+            t.contains("# TYPE walagent_up gauge"),
+            "descriptors stay: {t}"
+        );
         assert!(!t.contains("cluster="), "{t}");
     }
 
@@ -542,7 +578,10 @@ mod tests {
         let r = Arc::new(Registry::default());
         r.add_cluster("we\"ird\\name\n");
         let t = render(&r);
-        assert!(t.contains(r#"walagent_up{cluster="we\"ird\\name\n"} 0"#), "{t}");
+        assert!(
+            t.contains(r#"walagent_up{cluster="we\"ird\\name\n"} 0"#),
+            "{t}"
+        );
     }
 
     #[test]
