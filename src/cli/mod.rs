@@ -462,7 +462,7 @@ pub struct StreamArgs {
     pub stop_timeout: u64,
 
     /// Serve Prometheus metrics at /metrics and health checks at /healthz and /readyz on this
-    /// address (IP:PORT, e.g. 127.0.0.1:9187, or 0.0.0.0:9187 in a container); the cluster is
+    /// address (IP:PORT, e.g. 127.0.0.1:9790, or 0.0.0.0:9790 in a container); the cluster is
     /// labelled cluster="default".
     #[arg(long, env = "WALAGENT_METRICS_ADDR", value_name = "IP:PORT")]
     pub metrics_addr: Option<std::net::SocketAddr>,

@@ -851,7 +851,9 @@ impl Receiver {
                     Event::XLogData { wal_start, data }
                 }
                 StreamEvent::Keepalive { wal_end, reply_requested } => {
-                    StreamStats::set(&self.opts.stats.server_lsn, wal_end.0);
+                    // A keepalive's wal_end is what was sent, which lags the flush position
+                    // an XLogData reported while catching up: never lower the gauge with it.
+                    self.opts.stats.server_lsn.fetch_max(wal_end.0, std::sync::atomic::Ordering::Relaxed);
                     Event::Keepalive { wal_end, reply_requested }
                 }
                 StreamEvent::End(StreamEnd::Timeline(sw)) => Event::TimelineEnded(sw),

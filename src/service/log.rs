@@ -72,6 +72,7 @@ pub fn error_line(cause: &str, hint: Option<&str>) -> String {
     line("ERROR", DEFAULT_CLUSTER, cause, fields, "walagent")
 }
 
+/// One JSON object, keys in a fixed order (timestamp first, as people read them).
 fn line(
     level: &str,
     cluster: &str,
@@ -79,17 +80,17 @@ fn line(
     fields: Map<String, Value>,
     target: &str,
 ) -> String {
-    let mut o = Map::new();
-    o.insert(
-        "timestamp".into(),
-        Value::String(chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true)),
-    );
-    o.insert("level".into(), Value::String(level.to_string()));
-    o.insert("cluster".into(), Value::String(cluster.to_string()));
-    o.insert("message".into(), Value::String(message.to_string()));
-    o.insert("fields".into(), Value::Object(fields));
-    o.insert("target".into(), Value::String(target.to_string()));
-    Value::Object(o).to_string()
+    let s = |v: &str| Value::String(v.to_string()).to_string();
+    let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+    format!(
+        "{{\"timestamp\":{},\"level\":{},\"cluster\":{},\"message\":{},\"fields\":{},\"target\":{}}}",
+        s(&now),
+        s(level),
+        s(cluster),
+        s(message),
+        Value::Object(fields),
+        s(target)
+    )
 }
 
 /// A span's `cluster` field, kept in the span's extensions by [`ClusterLayer`].
@@ -261,6 +262,7 @@ mod tests {
             tracing::warn!(file = %"a \"b\"\n", "set aside: {}", "why");
         });
         assert_eq!(lines.len(), 2);
+        assert!(lines[0].to_string().contains("\"cluster\""));
         let a = &lines[0];
         assert_eq!(a["level"], "INFO");
         assert_eq!(a["cluster"], "default");
@@ -278,7 +280,9 @@ mod tests {
 
     #[test]
     fn the_final_error_is_a_json_line_too() {
-        let v: Value = serde_json::from_str(&error_line("it broke", Some("fix it"))).unwrap();
+        let l = error_line("it broke", Some("fix it"));
+        assert!(l.starts_with("{\"timestamp\":\""), "timestamp first: {l}");
+        let v: Value = serde_json::from_str(&l).unwrap();
         assert_eq!(v["level"], "ERROR");
         assert_eq!(v["message"], "it broke");
         assert_eq!(v["fields"]["hint"], "fix it");
