@@ -495,3 +495,80 @@ fn s3_credentials_come_from_web_identity() {
     assert!(req.contains("test-web-identity-token"), "{req}");
     assert!(req.contains("walagent-test"), "{req}");
 }
+
+/// The server goes away and comes back: `walagent_up` and /readyz follow, the reconnects and
+/// connection errors are counted, and the positions carry on from where they were.
+#[test]
+fn a_server_restart_shows_in_up_readyz_and_the_counters() {
+    let pg = pg();
+    let archive = support::tempdir();
+    let port = support::free_port();
+    let mut c = support::stream_cmd(&pg.repl_uri(), &archive.path().display().to_string(), SLOT);
+    c.args(["--status-interval", "1"])
+        .args(["--metrics-addr", &format!("127.0.0.1:{port}")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let agent = Agent(Some(c.spawn().unwrap()));
+    support::wait_until(Duration::from_secs(60), "/readyz 200", || {
+        get(port, "/readyz").is_some_and(|(s, _)| s == 200)
+    });
+    pg.generate_wal(2);
+    pg.switch_wal();
+    support::wait_until(Duration::from_secs(60), "two segments archived", || {
+        metric(&scrape(port), "walagent_segments_archived_total") >= 2
+    });
+    let before = scrape(port);
+    assert_eq!(metric(&before, "walagent_reconnects_total"), 0);
+
+    pg.stop("fast");
+    let mut body = String::new();
+    support::wait_until(
+        Duration::from_secs(60),
+        "/readyz 503 while the server is down",
+        || match get(port, "/readyz") {
+            Some((503, b)) => {
+                body = b;
+                true
+            }
+            _ => false,
+        },
+    );
+    assert!(body.contains("default: not streaming"), "{body}");
+    let down = scrape(port);
+    assert_eq!(metric(&down, "walagent_up"), 0);
+    assert_eq!(get(port, "/healthz").map(|r| r.0), Some(200));
+    // What is archived stays reported while the server is away.
+    assert!(metric(&down, "walagent_archived_lsn") >= metric(&before, "walagent_archived_lsn"));
+
+    // The reconnect attempts are refused while the server is down.
+    let connection_errors = |m: &HashMap<String, f64>| {
+        *m.get("walagent_errors_total{cluster=\"default\",kind=\"connection\"}")
+            .unwrap()
+    };
+    support::wait_until(
+        Duration::from_secs(30),
+        "a refused reconnect counted",
+        || connection_errors(&scrape(port)) >= 1.0,
+    );
+    pg.start_again();
+    support::wait_until(
+        Duration::from_secs(90),
+        "/readyz 200 after the restart",
+        || get(port, "/readyz").is_some_and(|(s, _)| s == 200),
+    );
+    let after = scrape(port);
+    assert_eq!(metric(&after, "walagent_up"), 1);
+    assert!(
+        metric(&after, "walagent_reconnects_total") >= 2,
+        "{after:?}"
+    );
+    pg.generate_wal(1);
+    pg.switch_wal();
+    support::wait_until(Duration::from_secs(60), "archiving goes on", || {
+        let m = scrape(port);
+        metric(&m, "walagent_segments_archived_total")
+            > metric(&before, "walagent_segments_archived_total")
+            && Some(metric(&m, "walagent_flushed_lsn")) == server_flush(&pg)
+    });
+    assert_ok(&agent.stop());
+}
