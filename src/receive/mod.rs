@@ -483,7 +483,12 @@ async fn finish(
         .map(|r| r.state.position())
         .unwrap_or_default();
     if let Some(r) = receiver {
-        r.archiver.finish().await?;
+        let stats = r.opts.stats.clone();
+        let p = r.archiver.finish().await?;
+        // What the last uploads added (no event reaches the state machine after them).
+        stats
+            .archived_lsn
+            .fetch_max(p.archived_upto.0, std::sync::atomic::Ordering::Relaxed);
     }
     Ok(how(pos))
 }
