@@ -35,6 +35,10 @@ RUN apt-get update \
 FROM scratch
 COPY --from=build /rootfs/ /
 ENV HOME=/var/lib/walagent
+# Numeric, so that Kubernetes' runAsNonRoot can check it without reading /etc/passwd.
 USER 10001:10001
 WORKDIR /var/lib/walagent
+# The metrics and health port used in the README's examples (--metrics-addr / metrics_addr;
+# nothing listens unless one of them is set): /metrics, /healthz, /readyz.
+EXPOSE 9790
 ENTRYPOINT ["/usr/local/bin/walagent"]

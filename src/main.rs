@@ -26,7 +26,7 @@ fn main() -> ExitCode {
             return ExitCode::from(code);
         }
     };
-    init_logging();
+    init_logging(log_format(&cli));
     if let Command::WalFetch(WalFetchArgs {
         env_file: Some(path),
         ..
@@ -74,7 +74,7 @@ fn main() -> ExitCode {
         Command::Status(args) => runtime.block_on(status(args)),
         Command::Expire(args) => runtime.block_on(expire(args)),
         Command::WalPush(args) => runtime.block_on(wal_push(args)),
-        Command::Run(args) => runtime.block_on(run_service(args)),
+        Command::Run(args) => runtime.block_on(run_service(args, cli.log_format)),
         Command::Config(ConfigCommand::Check(args)) => config_check(&args.file),
     };
     // A stop cut short (stop timeout, second signal) leaves work behind on purpose: do not wait
@@ -94,23 +94,44 @@ fn limit_heap_growth() {
     }
 }
 
-fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("WALAGENT_LOG")
-        .or_else(|_| tracing_subscriber::EnvFilter::try_from_default_env())
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(
-            std::env::var_os("NO_COLOR").is_none()
-                && std::io::IsTerminal::is_terminal(&std::io::stderr()),
-        )
-        .with_target(false)
-        .init();
+/// Whether `--log-format json` was given (the final error line is then JSON too).
+static JSON_LOGS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// `--log-format` (or WALAGENT_LOG_FORMAT), else for `run` the config file's `log_format`
+/// (read before logging starts; a file that does not load fails right after with its error),
+/// else text.
+fn log_format(cli: &Cli) -> walagent::service::log::Format {
+    use walagent::cli::LogFormat;
+    use walagent::service::config::{Config, LogFormat as FileFormat, Overrides};
+    use walagent::service::log::Format;
+    match (cli.log_format, &cli.command) {
+        (Some(LogFormat::Json), _) => Format::Json,
+        (Some(LogFormat::Text), _) => Format::Text,
+        (None, Command::Run(args)) => {
+            match Config::peek_log_format(&args.config, &Overrides::default()) {
+                FileFormat::Json => Format::Json,
+                FileFormat::Text => Format::Text,
+            }
+        }
+        (None, _) => Format::Text,
+    }
+}
+
+fn init_logging(format: walagent::service::log::Format) {
+    use walagent::service::log::{self, Format};
+    JSON_LOGS.store(format == Format::Json, std::sync::atomic::Ordering::Relaxed);
+    log::init(format);
 }
 
 /// Prints one line naming the cause (and the fix when known) and returns the exit code.
 fn fail(cause: &str, hint: Option<String>, code: u8) -> ExitCode {
+    if JSON_LOGS.load(std::sync::atomic::Ordering::Relaxed) {
+        eprintln!(
+            "{}",
+            walagent::service::log::error_line(cause, hint.as_deref())
+        );
+        return ExitCode::from(code);
+    }
     match hint {
         Some(h) => eprintln!("walagent: error: {cause}; hint: {h}"),
         None => eprintln!("walagent: error: {cause}"),
@@ -130,8 +151,26 @@ async fn stream(args: StreamArgs) -> ExitCode {
         Ok(s) => s,
         Err(e) => return fail(&e.to_string(), e.hint(), 2),
     };
-    let opts = args.resolve(conninfo, store);
+    // Bound before streaming starts, so that a busy port is reported at once.
+    let metrics = match args.metrics_addr {
+        Some(addr) => match walagent::service::metrics::bind(addr).await {
+            Ok(l) => Some(l),
+            Err(e) => return fail(&e.to_string(), e.hint(), 2),
+        },
+        None => None,
+    };
+    let mut opts = args.resolve(conninfo, store);
     tracing::info!(source = %opts.conninfo.display_safe(), archive = %opts.store.location(), slot = %opts.slot, "walagent stream");
+    let (_stop_metrics, metrics_stopped) = watch::channel(false);
+    if let Some(listener) = metrics {
+        let registry = std::sync::Arc::new(walagent::service::metrics::Registry::default());
+        opts.stats = registry.add_cluster("default").stream.clone();
+        tokio::spawn(walagent::service::metrics::serve_on(
+            listener,
+            registry,
+            metrics_stopped,
+        ));
+    }
     match receive::run(opts, signals).await {
         Ok(Finished::EndPos(lsn)) => {
             tracing::info!(%lsn, "stopped at --endpos");
@@ -383,13 +422,13 @@ async fn wal_push(args: WalPushArgs) -> ExitCode {
     }
 }
 
-async fn run_service(args: RunArgs) -> ExitCode {
+async fn run_service(args: RunArgs, log_format: Option<walagent::cli::LogFormat>) -> ExitCode {
     use walagent::service::{config::Overrides, run};
     // First: a SIGTERM while the clusters start must be a clean stop.
     let signals = run::signals();
     let overrides = Overrides {
         metrics_addr: args.metrics_addr,
-        log_format: args.log_format,
+        log_format: log_format.map(|f| f.as_str().to_string()),
     };
     match run::run(args.config, overrides, signals).await {
         Ok(()) => ExitCode::SUCCESS,

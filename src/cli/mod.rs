@@ -63,6 +63,28 @@ const RESTORE_EXAMPLES: &str = "Examples:
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
+
+    /// Log lines on stderr: text, or json (one object a line: timestamp, level, cluster, message,
+    /// fields), for log collectors [default: text; for `run`, the config file's log_format].
+    #[arg(long, global = true, env = "WALAGENT_LOG_FORMAT", value_enum)]
+    pub log_format: Option<LogFormat>,
+}
+
+/// `--log-format`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+impl LogFormat {
+    /// As the config file spells it (`service::config`'s `log_format`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LogFormat::Text => "text",
+            LogFormat::Json => "json",
+        }
+    }
 }
 
 /// The exit code for a command line clap could not parse (or `--help`/`--version`, which exit
@@ -79,12 +101,14 @@ where
     if code == 0 {
         return 0;
     }
-    // The subcommand is the first argument after the program name that is not an option
-    // (`Cli` has no options of its own that take a value).
-    let sub = args
-        .into_iter()
-        .skip(1)
-        .find(|a| !a.as_ref().to_string_lossy().starts_with('-'));
+    // The subcommand is the first argument after the program name that is not an option (nor
+    // the value of `--log-format`, the one global option that takes one).
+    let mut after_option = false;
+    let sub = args.into_iter().skip(1).find(|a| {
+        let a = a.as_ref().to_string_lossy();
+        let value = std::mem::replace(&mut after_option, a == "--log-format");
+        !value && !a.starts_with('-')
+    });
     if sub.is_some_and(|a| a.as_ref() == "wal-fetch") {
         crate::restore::wal_fetch::EXIT_FATAL as u8
     } else {
@@ -233,10 +257,6 @@ pub struct RunArgs {
     /// empty value turns them off).
     #[arg(long, env = "WALAGENT_METRICS_ADDR", value_name = "IP:PORT")]
     pub metrics_addr: Option<String>,
-
-    /// Log format, json or text (overrides the file's log_format).
-    #[arg(long, env = "WALAGENT_LOG_FORMAT", value_name = "json|text")]
-    pub log_format: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -606,6 +626,12 @@ pub struct StreamArgs {
     /// the slot keeps it on the server). Below Kubernetes' default 30 s grace period.
     #[arg(long, value_name = "SECS", default_value_t = 20)]
     pub stop_timeout: u64,
+
+    /// Serve Prometheus metrics at /metrics and health checks at /healthz and /readyz on this
+    /// address (IP:PORT, e.g. 127.0.0.1:9790, or 0.0.0.0:9790 in a container); the cluster is
+    /// labelled cluster="default".
+    #[arg(long, env = "WALAGENT_METRICS_ADDR", value_name = "IP:PORT")]
+    pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
 #[derive(Debug, Args)]
@@ -757,6 +783,9 @@ mod tests {
             ]),
             Some(126)
         );
+        // The global --log-format's value is not taken for the subcommand.
+        assert_eq!(code(&["--log-format", "json", "wal-fetch", "x"]), Some(126));
+        assert_eq!(code(&["--log-format", "yaml", "stream"]), Some(2));
         // Other commands keep clap's usage error; help is success.
         assert_eq!(code(&["stream", "--bogus"]), Some(2));
         assert_eq!(code(&["no-such-command"]), Some(2));

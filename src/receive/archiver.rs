@@ -116,6 +116,8 @@ pub struct ArchiverConfig {
     pub queue: usize,
     /// Jobs compressed and stored at once.
     pub workers: usize,
+    /// Counts what is stored (segments, bytes, the archive's reachability) for metrics.
+    pub stats: Arc<super::stats::StreamStats>,
 }
 
 impl Archiver {
@@ -127,7 +129,7 @@ impl Archiver {
             snapshot: None,
             done: 0,
         });
-        let task = tokio::spawn(run(config, rx, ptx));
+        let task = tokio::spawn(tracing::Instrument::in_current_span(run(config, rx, ptx)));
         Archiver {
             tx,
             progress,
@@ -266,13 +268,19 @@ async fn run(
             job = rx.recv(), if !closed && inflight.len() < config.workers.max(1) => match job {
                 Some(job) => {
                     seq += 1;
-                    inflight.push_back(tokio::spawn(archive_one(config.clone(), job, seq)));
+                    inflight.push_back(tokio::spawn(tracing::Instrument::in_current_span(
+                        archive_one(config.clone(), job, seq),
+                    )));
                 }
                 None => closed = true,
             },
         }
     }
     Ok(())
+}
+
+fn file_len(path: &std::path::Path) -> u64 {
+    std::fs::metadata(path).map(|m| m.len()).unwrap_or(0)
 }
 
 /// Compresses one spooled file (streaming, on a blocking thread), stores it durably (retrying
@@ -313,6 +321,7 @@ async fn archive_one(
     } else {
         PutMode::NoOverwrite
     };
+    let sizes = (file_len(&path), file_len(&upload_src));
     let mut delay = Duration::from_secs(1);
     loop {
         let put = match mode {
@@ -333,6 +342,8 @@ async fn archive_one(
         match put {
             Ok(()) => break,
             Err(e) if e.is_transient() => {
+                config.stats.error("archive");
+                super::stats::StreamStats::set_flag(&config.stats.archive_reachable, false);
                 tracing::warn!(object = %key, "archive unavailable, retrying in {delay:?}: {e}");
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(Duration::from_secs(30));
@@ -340,6 +351,7 @@ async fn archive_one(
             Err(source) => return Err(ArchiverError::Store { name, source }),
         }
     }
+    config.stats.stored(sizes.0, sizes.1, !partial);
     for p in [&upload_src, &path] {
         match std::fs::remove_file(p) {
             Ok(()) => {}

@@ -38,6 +38,7 @@ use archiver::{Archiver, ArchiverConfig, ArchiverError, Job};
 use resume::ResumeInput;
 use spool::{PartialSegment, Spool, SpoolIdentity};
 use state::{Action, ArchiveView, Event, Exit, StreamState};
+use stats::StreamStats;
 
 /// Everything `walagent stream` was asked to do.
 #[derive(Clone)]
@@ -225,6 +226,29 @@ impl ReceiveError {
         }
     }
 
+    /// A short stable label for the `walagent_errors_total{kind}` metric.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ReceiveError::Protocol(_) | ReceiveError::OutOfOrder { .. } => "connection",
+            ReceiveError::Verify(_) => "wal",
+            ReceiveError::Archiver(ArchiverError::Compress { .. }) => "spool",
+            ReceiveError::Archiver(_) | ReceiveError::Store { .. } | ReceiveError::Meta(_) => {
+                "archive"
+            }
+            ReceiveError::Spool { .. }
+            | ReceiveError::SpoolBinding(_)
+            | ReceiveError::Lock(_)
+            | ReceiveError::StopTimedOut { .. } => "spool",
+            ReceiveError::SlotInvalidated { .. }
+            | ReceiveError::SlotMissing { .. }
+            | ReceiveError::SlotNotPhysical { .. } => "slot",
+            ReceiveError::ServerTooOld { .. }
+            | ReceiveError::TimelineAhead { .. }
+            | ReceiveError::BadSwitch { .. }
+            | ReceiveError::SystemChanged { .. } => "server",
+        }
+    }
+
     /// Errors a reconnect may cure.
     fn is_transient(&self) -> bool {
         match self {
@@ -260,6 +284,7 @@ struct Receiver {
     permit: Option<tokio::sync::mpsc::OwnedPermit<Job>>,
     /// Counter for the temp names of partial uploads.
     snapshot_seq: u64,
+    seg_size: SegmentSize,
 }
 
 /// Runs `walagent stream` until endpos, a signal, or (with `--no-loop`) a disconnect.
@@ -346,6 +371,7 @@ async fn run_until_stopped(
                 match r {
                     Ok(mut r) => {
                         let out = r.stream_loop(&mut conn, &mut backoff).await;
+                        StreamStats::set_flag(&opts.stats.streaming, false);
                         receiver = Some(r);
                         out
                     }
@@ -354,6 +380,9 @@ async fn run_until_stopped(
             }
             Err(e) => Err(e),
         };
+        if let Err(e) = &result {
+            count_error(&opts.stats, e);
+        }
         match result {
             Ok(Some(done)) => return finish(receiver, |_| done).await,
             Ok(None) if opts.no_loop => return finish(receiver, Finished::Disconnected).await,
@@ -380,6 +409,7 @@ async fn run_until_stopped(
             }
         }
         let delay = backoff.next_delay();
+        StreamStats::add(&opts.stats.reconnects, 1);
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
             _ = wait_true(&mut shutdown) => return finish(receiver, Finished::Signal).await,
@@ -454,9 +484,23 @@ async fn finish(
         .map(|r| r.state.position())
         .unwrap_or_default();
     if let Some(r) = receiver {
-        r.archiver.finish().await?;
+        let stats = r.opts.stats.clone();
+        let p = r.archiver.finish().await?;
+        // What the last uploads added (no event reaches the state machine after them).
+        stats
+            .archived_lsn
+            .fetch_max(p.archived_upto.0, std::sync::atomic::Ordering::Relaxed);
     }
     Ok(how(pos))
+}
+
+/// Counts an error for the metrics; an archive error also marks the archive unreachable.
+fn count_error(stats: &StreamStats, e: &ReceiveError) {
+    let kind = e.kind();
+    stats.error(kind);
+    if kind == "archive" {
+        StreamStats::set_flag(&stats.archive_reachable, false);
+    }
 }
 
 async fn wait_true(rx: &mut watch::Receiver<u32>) {
@@ -534,6 +578,7 @@ impl Receiver {
             server.version,
         )
         .await?;
+        StreamStats::set_flag(&opts.stats.archive_reachable, true);
         let slot_created = Self::ensure_slot(opts, conn).await?;
         let spool = bind_spool(opts, &server)?;
         let findings = find_resume_input(opts, conn, &server, &spool).await?;
@@ -572,6 +617,7 @@ impl Receiver {
             partial: None,
             permit: None,
             snapshot_seq: 0,
+            seg_size: server.seg_size,
         };
         receiver
             .queue_leftovers(&plan, &findings.partial_lens, server.seg_size)
@@ -715,7 +761,27 @@ impl Receiver {
     /// Hands one event to the state machine (with the archiver's progress refreshed first).
     fn handle(&mut self, event: Event) -> Result<(), ReceiveError> {
         self.observe();
+        self.publish_stats();
         self.state.handle(event)
+    }
+
+    /// The archived position and what the spool holds, for metrics (once per event).
+    fn publish_stats(&self) {
+        let p = self.archiver.progress();
+        let archived = match p.snapshot {
+            // The newest `.partial` continues the complete segments: the archive reaches its end.
+            Some((id, end)) if id.start_lsn(self.seg_size) == p.archived_upto => {
+                end.max(p.archived_upto)
+            }
+            _ => p.archived_upto,
+        };
+        let stats = &self.opts.stats;
+        StreamStats::set(&stats.archived_lsn, archived.0);
+        let received = StreamStats::get(&stats.received_lsn);
+        StreamStats::set(
+            &stats.spool_bytes,
+            received.saturating_sub(p.archived_upto.0),
+        );
     }
 
     /// Streams on this connection until the run is finished (`Some`), the server goes away
@@ -742,6 +808,7 @@ impl Receiver {
                                 self.handle(Event::TimelineEnded(sw))?
                             }
                             StartOutcome::Streaming => {
+                                StreamStats::set_flag(&self.opts.stats.streaming, true);
                                 self.partial = None;
                                 timers = Some(Timers::new(&self.opts).await);
                                 self.handle(Event::Started)?;
@@ -783,8 +850,16 @@ impl Receiver {
         let accepts_stop = self.state.accepts_stop();
         Ok(Some(tokio::select! {
             ev = conn.next_event() => match ev? {
-                StreamEvent::XLogData { wal_start, data, .. } => Event::XLogData { wal_start, data },
+                StreamEvent::XLogData { wal_start, wal_end, data } => {
+                    let stats = &self.opts.stats;
+                    StreamStats::set(&stats.received_lsn, wal_start.0 + data.len() as u64);
+                    StreamStats::set(&stats.server_lsn, wal_end.0);
+                    Event::XLogData { wal_start, data }
+                }
                 StreamEvent::Keepalive { wal_end, reply_requested } => {
+                    // A keepalive's wal_end is what was sent, which lags the flush position
+                    // an XLogData reported while catching up: never lower the gauge with it.
+                    self.opts.stats.server_lsn.fetch_max(wal_end.0, std::sync::atomic::Ordering::Relaxed);
                     Event::Keepalive { wal_end, reply_requested }
                 }
                 StreamEvent::End(StreamEnd::Timeline(sw)) => Event::TimelineEnded(sw),
@@ -875,7 +950,9 @@ impl Receiver {
             Action::DrainArchiver => {
                 self.archiver.drain().await?;
             }
-            Action::SendStatus { write, flush } => send_status(conn, write, flush).await?,
+            Action::SendStatus { write, flush } => {
+                send_status(conn, &self.opts.stats, write, flush).await?
+            }
             Action::RequestStop => conn.request_stop().await?,
             Action::ArchiveHistories { upto } => self.archive_histories(conn, upto).await?,
             Action::StartReplication { .. } | Action::Exit(_) => {
@@ -904,7 +981,7 @@ impl Receiver {
                     }
                     self.observe();
                     let (write, flush) = self.state.status_now();
-                    send_status(conn, write, flush).await?;
+                    send_status(conn, &self.opts.stats, write, flush).await?;
                 }
             }
         };
@@ -943,7 +1020,12 @@ impl Timers {
     }
 }
 
-async fn send_status(conn: &mut Connection, write: Lsn, flush: Lsn) -> Result<(), ReceiveError> {
+async fn send_status(
+    conn: &mut Connection,
+    stats: &StreamStats,
+    write: Lsn,
+    flush: Lsn,
+) -> Result<(), ReceiveError> {
     conn.send_status(StatusUpdate {
         write,
         flush,
@@ -952,6 +1034,7 @@ async fn send_status(conn: &mut Connection, write: Lsn, flush: Lsn) -> Result<()
         reply_requested: false,
     })
     .await?;
+    StreamStats::set(&stats.flushed_lsn, flush.0);
     tracing::trace!(%write, %flush, "status sent");
     Ok(())
 }
@@ -1170,6 +1253,7 @@ fn start_archiver(
             spool_dir: spool.dir().to_path_buf(),
             queue,
             workers: opts.archive_workers,
+            stats: opts.stats.clone(),
         },
         initial,
     )

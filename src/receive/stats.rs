@@ -45,6 +45,34 @@ impl StreamStats {
         v.fetch_add(x, Ordering::Relaxed);
     }
 
+    pub fn flag(v: &AtomicBool) -> bool {
+        v.load(Ordering::Relaxed)
+    }
+
+    pub fn set_flag(v: &AtomicBool, x: bool) {
+        v.store(x, Ordering::Relaxed);
+    }
+
+    /// Seconds since the Unix epoch, for the `*_unix` fields.
+    pub fn now_unix() -> u64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0)
+    }
+
+    /// One WAL object stored in the archive: `raw` bytes of WAL as `stored` bytes (after
+    /// compression); `segment` for a complete segment (not a `.partial`).
+    pub fn stored(&self, raw: u64, stored: u64, segment: bool) {
+        if segment {
+            Self::add(&self.segments_archived, 1);
+        }
+        Self::add(&self.wal_bytes, raw);
+        Self::add(&self.stored_bytes, stored);
+        Self::set(&self.last_archived_unix, Self::now_unix());
+        Self::set_flag(&self.archive_reachable, true);
+    }
+
     /// Counts one error of `kind` (a short stable label: `connection`, `archive`, `wal`, ...).
     pub fn error(&self, kind: &'static str) {
         let mut e = self.errors.lock().unwrap_or_else(|p| p.into_inner());
@@ -54,11 +82,38 @@ impl StreamStats {
         }
     }
 
-    /// Errors counted so far, by kind.
+    /// Errors counted so far, by kind (in the order first seen).
     pub fn errors(&self) -> Vec<(&'static str, u64)> {
         self.errors
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_are_counted_by_kind() {
+        let s = StreamStats::default();
+        assert!(s.errors().is_empty());
+        s.error("archive");
+        s.error("connection");
+        s.error("archive");
+        assert_eq!(s.errors(), vec![("archive", 2), ("connection", 1)]);
+    }
+
+    #[test]
+    fn a_stored_object_counts_and_marks_the_archive_reachable() {
+        let s = StreamStats::default();
+        s.stored(16 << 20, 1000, true);
+        s.stored(8192, 100, false);
+        assert_eq!(StreamStats::get(&s.segments_archived), 1);
+        assert_eq!(StreamStats::get(&s.wal_bytes), (16 << 20) + 8192);
+        assert_eq!(StreamStats::get(&s.stored_bytes), 1100);
+        assert!(StreamStats::flag(&s.archive_reachable));
+        assert!(StreamStats::get(&s.last_archived_unix) > 1_600_000_000);
     }
 }

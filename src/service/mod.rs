@@ -6,6 +6,7 @@
 //! [`notify`] talks to systemd; [`metrics`] serves the figures.
 
 pub mod config;
+pub mod log;
 pub mod metrics;
 pub mod notify;
 pub mod run;
