@@ -637,6 +637,7 @@ impl Store for S3Store {
                 out.push(ObjectInfo {
                     key: rel.to_string(),
                     size: o.size().unwrap_or(0).max(0) as u64,
+                    etag: o.e_tag().map(str::to_string),
                 });
             }
             match (page.is_truncated(), page.next_continuation_token) {

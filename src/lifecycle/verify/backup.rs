@@ -1,0 +1,395 @@
+//! One complete backup checked against its `backup_manifest`, without writing anything: each
+//! tar object is streamed from the store (`Store::open_reader`, whose end-of-stream check is the
+//! stored CRC-32), decompressed and parsed on a blocking thread (`datadir::tar`'s push parser),
+//! and every regular file's size and checksum (the manifest's algorithm) compared as it streams
+//! by. Memory stays bounded by a few chunks whatever the backup's size.
+
+use std::collections::{HashMap, HashSet};
+use std::io::{self, Read, Write};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use sha2::Digest;
+use tokio::sync::mpsc;
+
+use super::Problem;
+use crate::archive::catalog::{BackupInfo, TarArchive};
+use crate::archive::compress::{decompress_stream, is_corrupt};
+use crate::archive::{Store, StoreError};
+use crate::datadir::manifest::{BackupManifest, ChecksumAlgorithm, ManifestFile};
+use crate::datadir::progress::Progress;
+use crate::datadir::tar::{EntryKind, TarEvent, TarParser};
+
+/// What checking one backup found and cost.
+#[derive(Debug, Default)]
+pub struct BackupOutcome {
+    pub problems: Vec<Problem>,
+    /// Stored bytes read (tar objects and manifest).
+    pub stored_bytes: u64,
+    /// Tar bytes after decompression.
+    pub tar_bytes: u64,
+    pub objects_read: u64,
+}
+
+enum Hasher {
+    None,
+    Crc32c(u32),
+    Sha224(sha2::Sha224),
+    Sha256(sha2::Sha256),
+    Sha384(sha2::Sha384),
+    Sha512(sha2::Sha512),
+}
+
+impl Hasher {
+    fn new(a: ChecksumAlgorithm) -> Hasher {
+        match a {
+            ChecksumAlgorithm::None => Hasher::None,
+            ChecksumAlgorithm::Crc32c => Hasher::Crc32c(0),
+            ChecksumAlgorithm::Sha224 => Hasher::Sha224(Default::default()),
+            ChecksumAlgorithm::Sha256 => Hasher::Sha256(Default::default()),
+            ChecksumAlgorithm::Sha384 => Hasher::Sha384(Default::default()),
+            ChecksumAlgorithm::Sha512 => Hasher::Sha512(Default::default()),
+        }
+    }
+
+    fn update(&mut self, d: &[u8]) {
+        match self {
+            Hasher::None => {}
+            Hasher::Crc32c(c) => *c = crc32c::crc32c_append(*c, d),
+            Hasher::Sha224(h) => h.update(d),
+            Hasher::Sha256(h) => h.update(d),
+            Hasher::Sha384(h) => h.update(d),
+            Hasher::Sha512(h) => h.update(d),
+        }
+    }
+
+    /// The raw checksum in the manifest's byte order.
+    fn finish(self) -> Vec<u8> {
+        match self {
+            Hasher::None => Vec::new(),
+            Hasher::Crc32c(c) => c.to_le_bytes().to_vec(),
+            Hasher::Sha224(h) => h.finalize().to_vec(),
+            Hasher::Sha256(h) => h.finalize().to_vec(),
+            Hasher::Sha384(h) => h.finalize().to_vec(),
+            Hasher::Sha512(h) => h.finalize().to_vec(),
+        }
+    }
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// Reads the chunks the async side sends.
+struct ChannelReader {
+    rx: mpsc::Receiver<Bytes>,
+    cur: Bytes,
+}
+
+impl Read for ChannelReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        while self.cur.is_empty() {
+            match self.rx.blocking_recv() {
+                Some(b) => self.cur = b,
+                None => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.cur.len());
+        buf[..n].copy_from_slice(&self.cur[..n]);
+        let _ = self.cur.split_to(n);
+        Ok(n)
+    }
+}
+
+/// The tar stream's consumer: parses it and checks files against the manifest.
+struct TarCheck {
+    parser: TarParser,
+    events: Vec<TarEvent>,
+    /// Manifest path prefix of this archive's entries (`pg_tblspc/<oid>/` for a tablespace).
+    prefix: String,
+    manifest: Arc<HashMap<String, ManifestFile>>,
+    /// The regular file being read: its manifest path, hasher and size.
+    cur: Option<(String, Option<Hasher>, u64)>,
+    seen: Vec<String>,
+    /// File mismatches, one line each.
+    mismatches: Vec<String>,
+    /// A tar error: the stream cannot be read further.
+    failed: Option<String>,
+    tar_bytes: u64,
+}
+
+impl TarCheck {
+    fn handle(&mut self) {
+        for ev in self.events.drain(..) {
+            match ev {
+                TarEvent::Entry { meta, .. } => {
+                    self.cur = matches!(meta.kind, EntryKind::File).then(|| {
+                        let path = format!("{}{}", self.prefix, meta.path);
+                        let h = self.manifest.get(&path).map(|f| Hasher::new(f.algorithm));
+                        (path, h, 0)
+                    });
+                }
+                TarEvent::Data(d) => {
+                    if let Some((_, h, size)) = &mut self.cur {
+                        if let Some(h) = h {
+                            h.update(&d);
+                        }
+                        *size += d.len() as u64;
+                    }
+                }
+                TarEvent::EntryEnd { .. } => {
+                    if let Some((path, h, size)) = self.cur.take() {
+                        if let (Some(h), Some(want)) = (h, self.manifest.get(&path)) {
+                            if size != want.size {
+                                self.mismatches.push(format!(
+                                    "file {path} has {size} bytes, the backup manifest says {}",
+                                    want.size
+                                ));
+                            } else {
+                                let got = h.finish();
+                                if got != want.checksum {
+                                    self.mismatches.push(format!(
+                                        "file {path} fails its manifest checksum ({} {}, expected {})",
+                                        want.algorithm,
+                                        hex(&got),
+                                        hex(&want.checksum)
+                                    ));
+                                }
+                            }
+                        }
+                        self.seen.push(path);
+                    }
+                }
+                TarEvent::Trailer(_) => {}
+            }
+        }
+    }
+}
+
+impl Write for TarCheck {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if let Some(f) = &self.failed {
+            return Err(io::Error::other(f.clone()));
+        }
+        self.tar_bytes += buf.len() as u64;
+        let mut events = std::mem::take(&mut self.events);
+        let r = self.parser.feed(Bytes::copy_from_slice(buf), &mut events);
+        self.events = events;
+        self.handle();
+        match r {
+            Ok(()) => Ok(buf.len()),
+            Err(e) => {
+                self.failed = Some(format!("is not a valid tar archive: {e}"));
+                Err(io::Error::other(e))
+            }
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The verdict on one tar object's content.
+struct TarResult {
+    /// None: the content checked out (file mismatches are in `mismatches`).
+    broken: Option<String>,
+    mismatches: Vec<String>,
+    seen: Vec<String>,
+    tar_bytes: u64,
+}
+
+fn check_tar_blocking(
+    rx: mpsc::Receiver<Bytes>,
+    compressed: bool,
+    prefix: String,
+    manifest: Arc<HashMap<String, ManifestFile>>,
+) -> TarResult {
+    let mut w = TarCheck {
+        parser: TarParser::new(),
+        events: Vec::new(),
+        prefix,
+        manifest,
+        cur: None,
+        seen: Vec::new(),
+        mismatches: Vec::new(),
+        failed: None,
+        tar_bytes: 0,
+    };
+    let reader = ChannelReader {
+        rx,
+        cur: Bytes::new(),
+    };
+    let r = decompress_stream(reader, &mut w, compressed);
+    let broken = match r {
+        _ if w.failed.is_some() => w.failed.take(),
+        Err(e) if is_corrupt(&e) => Some(format!("does not decompress: {e}")),
+        Err(e) => Some(format!("cannot be read: {e}")),
+        Ok(_) => {
+            let mut ev = Vec::new();
+            w.parser
+                .finish(&mut ev)
+                .err()
+                .map(|e| format!("is not a complete tar archive: {e}"))
+        }
+    };
+    TarResult {
+        broken,
+        mismatches: w.mismatches,
+        seen: w.seen,
+        tar_bytes: w.tar_bytes,
+    }
+}
+
+/// Streams one tar object through [`check_tar_blocking`]. `Ok(Err(problem))` when the object is
+/// missing or its stored checksum fails; `Err` when the store cannot be read.
+async fn check_tar(
+    store: &dyn Store,
+    a: &TarArchive,
+    manifest: Arc<HashMap<String, ManifestFile>>,
+    progress: &Progress,
+    out: &mut BackupOutcome,
+) -> Result<Result<TarResult, String>, StoreError> {
+    let mut reader = match store.open_reader(&a.key).await {
+        Ok(Some(r)) => r,
+        Ok(None) => return Ok(Err("missing: backup.json lists it".into())),
+        Err(StoreError::Corrupt { detail, .. }) => return Ok(Err(detail)),
+        Err(e) => return Err(e),
+    };
+    out.objects_read += 1;
+    let prefix = a
+        .tablespace_oid
+        .map_or(String::new(), |oid| format!("pg_tblspc/{oid}/"));
+    let compressed = a.key.ends_with(".zst");
+    let (tx, rx) = mpsc::channel::<Bytes>(4);
+    let worker =
+        tokio::task::spawn_blocking(move || check_tar_blocking(rx, compressed, prefix, manifest));
+    let mut tx = Some(tx);
+    let mut stored_error = None;
+    loop {
+        match reader.next_chunk().await {
+            Ok(Some(chunk)) => {
+                out.stored_bytes += chunk.len() as u64;
+                progress.add(chunk.len() as u64);
+                // When the checker stopped (bad content), keep reading: the stored checksum
+                // at the end says whether the object itself is damaged.
+                if let Some(t) = &tx {
+                    if t.send(chunk).await.is_err() {
+                        tx = None;
+                    }
+                }
+            }
+            Ok(None) => break,
+            Err(StoreError::Corrupt { detail, .. }) => {
+                stored_error = Some(detail);
+                break;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    drop(tx);
+    let res = worker
+        .await
+        .map_err(|e| StoreError::io(format!("checking {}", a.key), io::Error::other(e)))?;
+    if let Some(d) = stored_error {
+        return Ok(Err(format!("damaged: {d}")));
+    }
+    Ok(Ok(res))
+}
+
+/// Checks backup `info`'s manifest and tar objects.
+pub async fn check_backup(
+    store: &dyn Store,
+    info: &BackupInfo,
+    progress: &Progress,
+) -> Result<BackupOutcome, StoreError> {
+    let mut out = BackupOutcome::default();
+    let problem = |object: &str, p: String| Problem {
+        object: object.to_string(),
+        problem: p,
+    };
+    let mut manifest_ok = false;
+    let mut files: HashMap<String, ManifestFile> = HashMap::new();
+    if let Some(mkey) = &info.manifest_key {
+        match store.get_bytes(mkey).await {
+            Ok(Some(raw)) => {
+                out.objects_read += 1;
+                out.stored_bytes += raw.len() as u64;
+                progress.add(raw.len() as u64);
+                match BackupManifest::parse(&raw) {
+                    Ok(m) => {
+                        match m.system_identifier {
+                            Some(s) if Some(s) != info.system_identifier_u64() => {
+                                out.problems.push(problem(
+                                    mkey,
+                                    format!(
+                                        "names system {s}, backup.json system {}",
+                                        info.system_identifier
+                                    ),
+                                ));
+                            }
+                            _ => manifest_ok = true,
+                        }
+                        files = m.files.into_iter().map(|f| (f.path_lossy(), f)).collect();
+                    }
+                    Err(e) => out.problems.push(problem(mkey, format!("damaged: {e}"))),
+                }
+            }
+            Ok(None) => out
+                .problems
+                .push(problem(mkey, "missing: backup.json lists it".into())),
+            Err(StoreError::Corrupt { detail, .. }) => {
+                out.problems.push(problem(mkey, format!("damaged: {detail}")))
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    let files = Arc::new(files);
+    let mut seen: HashSet<String> = HashSet::new();
+    let mut all_read = true;
+    for a in &info.archives {
+        match check_tar(store, a, files.clone(), progress, &mut out).await? {
+            Err(p) => {
+                all_read = false;
+                out.problems.push(problem(&a.key, p));
+            }
+            Ok(r) => {
+                out.tar_bytes += r.tar_bytes;
+                if let Some(b) = r.broken {
+                    all_read = false;
+                    out.problems.push(problem(&a.key, b));
+                    continue;
+                }
+                for m in r.mismatches {
+                    out.problems.push(problem(&a.key, m));
+                }
+                if r.tar_bytes != a.tar_bytes {
+                    out.problems.push(problem(
+                        &a.key,
+                        format!(
+                            "holds {} tar bytes, backup.json says {}",
+                            r.tar_bytes, a.tar_bytes
+                        ),
+                    ));
+                }
+                seen.extend(r.seen);
+            }
+        }
+    }
+    // Files the manifest lists that no archive held (only when every archive could be read:
+    // a damaged one is reported once, not with each of its files).
+    if manifest_ok && all_read {
+        let mut missing: Vec<&String> = files.keys().filter(|p| !seen.contains(*p)).collect();
+        missing.sort();
+        if let (Some(first), Some(mkey)) = (missing.first(), &info.manifest_key) {
+            out.problems.push(problem(
+                mkey,
+                format!(
+                    "lists {} file(s) that none of the backup's archives holds, first {first}",
+                    missing.len()
+                ),
+            ));
+        }
+    }
+    Ok(out)
+}
