@@ -49,6 +49,7 @@ fn main() -> ExitCode {
         Command::Backups(args) => runtime.block_on(list_backups(args)),
         Command::SeedStandby(args) => runtime.block_on(seed_standby(args)),
         Command::Restore(args) => runtime.block_on(restore(args)),
+        Command::Verify(args) => runtime.block_on(verify(args)),
     };
     // A stop cut short (stop timeout, second signal) leaves work behind on purpose: do not wait
     // for it (dropping a runtime waits for blocking tasks without limit).
@@ -242,6 +243,33 @@ async fn list_backups(args: BackupsArgs) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(e) => fail(&e.to_string(), e.hint(), 1),
+    }
+}
+
+async fn verify(args: walagent::cli::VerifyArgs) -> ExitCode {
+    use walagent::lifecycle::verify;
+    let store = match archive::open(&args.archive, false).await {
+        Ok(s) => s,
+        Err(e) => return fail(&e.to_string(), e.hint(), 2),
+    };
+    let opts = verify::VerifyOptions {
+        full: args.full,
+        progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+    };
+    match verify::verify(store, opts).await {
+        Ok(r) => {
+            if args.json {
+                print!("{}", r.to_json());
+            } else {
+                print!("{}", r.render_text());
+            }
+            if r.ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            }
+        }
+        Err(e) => fail(&e.to_string(), e.hint(), 2),
     }
 }
 
