@@ -278,7 +278,10 @@ fn s3_archive_verifies_clean_incrementally_and_finds_a_flipped_byte() {
     let o = run_env(&["verify", "--archive", &url], &env);
     assert_eq!(o.status.code(), Some(2));
     let err = support::error_line(&o);
-    assert!(err.starts_with("walagent: error: ") && err.contains("hint: "), "{err}");
+    assert!(
+        err.starts_with("walagent: error: ") && err.contains("check the endpoint"),
+        "{err}"
+    );
 }
 
 // ---- synthetic archives ------------------------------------------------------------------------
