@@ -385,3 +385,101 @@ async fn not_an_archive_is_an_error() {
     assert!(err.contains("not a walagent archive") && err.contains("hint: "), "{err}");
     assert!(!t.join("empty/verify.json").exists());
 }
+
+/// Timeline 1 in segments 1-2 and the start of 3; timeline 2 from `switch` (inside segment 3)
+/// on, through segment 4, as a promoted standby writes it. Returns the four segments and the
+/// switch point.
+fn synth_promoted() -> (Vec<Vec<u8>>, Lsn) {
+    let s = u64::from(seg1m().bytes());
+    let mut b = WalBuilder::new(SYS, seg1m(), 1, Lsn(s));
+    let mut i = 0u32;
+    while b.position().0 < 3 * s + s / 2 {
+        b.push(10, 0, i, &vec![i as u8; [100usize, 3000, 9000][i as usize % 3]]);
+        i += 1;
+    }
+    let switch = b.position();
+    b.set_timeline(2);
+    while (b.bytes().len() as u64) < 4 * s + 100 {
+        b.push(10, 0, i, &vec![i as u8; [200usize, 5000][i as usize % 2]]);
+        i += 1;
+    }
+    let v = b.into_bytes();
+    (
+        v.chunks(s as usize).take(4).map(|c| c.to_vec()).collect(),
+        switch,
+    )
+}
+
+async fn put(store: &LocalStore, key: &str, data: Vec<u8>) {
+    store
+        .put_bytes(key, Bytes::from(data), PutMode::Replace)
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn timeline_switches_must_be_where_the_history_file_says() {
+    let t = support::tempdir();
+    let dir = t.join("a");
+    let (segs, switch) = synth_promoted();
+    let store = LocalStore::open(&dir).unwrap();
+    ArchiveMeta::new(SYS, seg1m(), 150000).save(&store).await.unwrap();
+    put(&store, "wal/000000010000000000000001", segs[0].clone()).await;
+    put(&store, "wal/000000010000000000000002", segs[1].clone()).await;
+    put(&store, "wal/000000020000000000000003", segs[2].clone()).await;
+    put(&store, "wal/000000020000000000000004", segs[3].clone()).await;
+    let a = dir.to_str().unwrap().to_string();
+    let run = |extra: &'static [&'static str]| {
+        let a = a.clone();
+        tokio::task::spawn_blocking(move || verify(&a, extra, &[]))
+    };
+
+    // Without the history file, timeline 2 cannot be followed.
+    let (code, v) = run(&[]).await.unwrap();
+    assert_eq!(code, 1, "{v:#}");
+    assert!(
+        problem_objects(&v).contains("wal/00000002.history"),
+        "{v:#}"
+    );
+
+    // With the right history: clean (segment 3 of timeline 1 is not needed past the switch).
+    put(
+        &store,
+        "wal/00000002.history",
+        format!("1\t{switch}\tno recovery target specified\n").into_bytes(),
+    )
+    .await;
+    let (code, v) = run(&["--full"]).await.unwrap();
+    assert_eq!(code, 0, "{v:#}");
+    assert_eq!(count(&v, "history_files"), 1);
+
+    // A history file that puts the switch a segment early: the first segment of timeline 2 is
+    // then missing and segment 3 holds timeline 1 pages after the switch point.
+    put(
+        &store,
+        "wal/00000002.history",
+        format!("1\t0/{:X}\tno recovery target specified\n", 2 * (1 << 20) + 0x1000).into_bytes(),
+    )
+    .await;
+    let (code, v) = run(&[]).await.unwrap();
+    assert_eq!(code, 1, "{v:#}");
+    let objs = problem_objects(&v);
+    assert!(objs.contains("wal/000000020000000000000002"), "{v:#}");
+    assert!(objs.contains("wal/000000020000000000000003"), "{v:#}");
+
+    // A history file that puts the switch later than the WAL does: segment 3's timeline 2
+    // pages start before it.
+    put(
+        &store,
+        "wal/00000002.history",
+        format!("1\t{}\tno recovery target specified\n", Lsn(switch.0 + 3 * 8192)).into_bytes(),
+    )
+    .await;
+    let (code, v) = run(&[]).await.unwrap();
+    assert_eq!(code, 1, "{v:#}");
+    assert_eq!(
+        problem_objects(&v),
+        ["wal/000000020000000000000003".to_string()].into_iter().collect(),
+        "{v:#}"
+    );
+}

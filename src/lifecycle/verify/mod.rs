@@ -394,6 +394,7 @@ pub async fn verify(
 
     // History files: small; read unless the watermark holds their verified text.
     let mut histories: BTreeMap<Timeline, TimelineHistory> = BTreeMap::new();
+    let mut history_sums: BTreeMap<Timeline, String> = BTreeMap::new();
     let mut segments: Vec<(ObjectInfo, SegmentId, bool, bool)> = Vec::new();
     for o in &wal_objects {
         match parse_wal_key(&o.key, seg) {
@@ -434,9 +435,11 @@ pub async fn verify(
                                     etag: etag.clone(),
                                     wal: None,
                                     text: Some(t),
+                                    history: None,
                                 },
                             );
                         }
+                        history_sums.insert(tli, watermark::sha256_hex(&h.to_bytes()));
                         histories.insert(tli, h);
                     }
                     Err(e) => problems.push(Problem {
@@ -490,10 +493,14 @@ pub async fn verify(
             .insert(o.key.clone(), o.clone());
     }
 
+    // A segment verified earlier, with the same history file of its timeline.
+    let known_seg = |o: &ObjectInfo, tli: Timeline| -> Option<&Entry> {
+        known(o).filter(|e| e.wal.is_some() && e.history.as_ref() == history_sums.get(&tli))
+    };
     // What to read, for the progress bar's total.
     let mut to_read_bytes: u64 = segments
         .iter()
-        .filter(|s| opts.full || known(&s.0).and_then(|e| e.wal).is_none())
+        .filter(|s| opts.full || known_seg(&s.0, s.1.timeline).is_none())
         .map(|s| s.0.size)
         .sum();
     let mut infos: Vec<(BackupInfo, bool)> = Vec::new();
@@ -561,6 +568,7 @@ pub async fn verify(
                     etag: etag.clone(),
                     wal: None,
                     text: Some(t),
+                    history: None,
                 },
             );
         }
@@ -609,16 +617,13 @@ pub async fn verify(
                 counts.wal_segments += 1;
             }
             if !opts.full {
-                if let Some(sum) = known(o).and_then(|e| e.wal) {
-                    counts.objects_skipped += 1;
-                    new.objects.insert(o.key.clone(), known(o).cloned().unwrap_or(Entry {
-                        size: o.size,
-                        etag: String::new(),
-                        wal: Some(sum),
-                        text: None,
-                    }));
-                    insert(&mut wal, *id, *partial, o.key.clone(), SegState::Ok(sum));
-                    continue;
+                if let Some(e) = known_seg(o, id.timeline) {
+                    if let Some(sum) = e.wal {
+                        counts.objects_skipped += 1;
+                        new.objects.insert(o.key.clone(), e.clone());
+                        insert(&mut wal, *id, *partial, o.key.clone(), SegState::Ok(sum));
+                        continue;
+                    }
                 }
             }
             let path = Path {
@@ -672,6 +677,7 @@ pub async fn verify(
                             etag: etag.clone(),
                             wal: Some(sum),
                             text: None,
+                            history: history_sums.get(&id.timeline).cloned(),
                         },
                     );
                 }

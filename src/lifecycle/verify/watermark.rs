@@ -46,6 +46,11 @@ pub struct Entry {
     /// be read again.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub text: Option<String>,
+    /// For WAL segments: the SHA-256 of the timeline's history file the segment was checked
+    /// with (page timelines and the switch point depend on it); a segment checked with another
+    /// history (or none) is checked again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub history: Option<String>,
 }
 
 impl Entry {
@@ -74,13 +79,17 @@ struct File {
     body: Body,
 }
 
-fn digest(body: &Body) -> String {
-    // Serializing this struct cannot fail (string keys, plain values).
-    let compact = serde_json::to_vec(body).unwrap_or_default();
-    Sha256::digest(&compact)
+/// Lower-case hex SHA-256.
+pub fn sha256_hex(data: &[u8]) -> String {
+    Sha256::digest(data)
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect()
+}
+
+fn digest(body: &Body) -> String {
+    // Serializing this struct cannot fail (string keys, plain values).
+    sha256_hex(&serde_json::to_vec(body).unwrap_or_default())
 }
 
 impl Body {
@@ -140,6 +149,7 @@ mod tests {
                 etag: "\"abc\"".into(),
                 wal: None,
                 text: Some("1\t0/3000000\tx\n".into()),
+                history: None,
             },
         );
         b
@@ -167,6 +177,7 @@ mod tests {
             etag: "m".into(),
             wal: None,
             text: None,
+            history: None,
         };
         let mut o = ObjectInfo {
             key: "k".into(),
