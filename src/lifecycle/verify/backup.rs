@@ -393,3 +393,162 @@ pub async fn check_backup(
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::archive::catalog::{archive_key, manifest_key};
+    use crate::archive::{LocalStore, PutMode};
+
+    fn tar_of(files: &[(&str, &[u8])]) -> Vec<u8> {
+        let mut b = tar::Builder::new(Vec::new());
+        for (path, data) in files {
+            let mut h = tar::Header::new_ustar();
+            h.set_size(data.len() as u64);
+            h.set_mode(0o600);
+            h.set_entry_type(tar::EntryType::Regular);
+            h.set_mtime(1_700_000_000);
+            b.append_data(&mut h, path, &data[..]).unwrap();
+        }
+        b.into_inner().unwrap()
+    }
+
+    /// A version-1 manifest listing `files` with CRC-32C (or SHA-256) checksums.
+    fn manifest_of(files: &[(&str, &[u8])], sha: bool) -> Vec<u8> {
+        let entries: Vec<String> = files
+            .iter()
+            .map(|(p, d)| {
+                let (alg, sum) = if sha {
+                    ("SHA256", hex(&sha2::Sha256::digest(d)))
+                } else {
+                    ("CRC32C", hex(&crc32c::crc32c(d).to_le_bytes()))
+                };
+                format!(
+                    "{{ \"Path\": \"{p}\", \"Size\": {}, \"Last-Modified\": \"2026-11-22 06:06:05 GMT\", \"Checksum-Algorithm\": \"{alg}\", \"Checksum\": \"{sum}\" }}",
+                    d.len()
+                )
+            })
+            .collect();
+        let body = format!(
+            "{{ \"PostgreSQL-Backup-Manifest-Version\": 1,\n\"Files\": [\n{}\n],\n\"WAL-Ranges\": [\n{{ \"Timeline\": 1, \"Start-LSN\": \"0/2000028\", \"End-LSN\": \"0/2000100\" }}\n],\n",
+            entries.join(",\n")
+        );
+        let sum = crate::datadir::manifest::manifest_checksum_of(
+            format!("{body}\"Manifest-Checksum\": \"x\"}}\n").as_bytes(),
+        )
+        .unwrap();
+        format!("{body}\"Manifest-Checksum\": \"{sum}\"}}\n").into_bytes()
+    }
+
+    async fn backup_with(
+        store: &LocalStore,
+        tar_files: &[(&str, &[u8])],
+        manifest_files: &[(&str, &[u8])],
+        sha: bool,
+    ) -> BackupInfo {
+        let mut info = sample();
+        let tar = tar_of(tar_files);
+        let compressed = crate::archive::compress::compress_bulk(&tar, 1).unwrap();
+        let key = archive_key(&info.id, "base.tar", true);
+        let mut w = store.create_writer(&key).await.unwrap();
+        // In pieces, as a backup writes it.
+        for c in compressed.chunks(777) {
+            w.write(Bytes::copy_from_slice(c)).await.unwrap();
+        }
+        w.finish().await.unwrap();
+        store
+            .put_bytes(
+                &manifest_key(&info.id),
+                Bytes::from(manifest_of(manifest_files, sha)),
+                PutMode::Replace,
+            )
+            .await
+            .unwrap();
+        info.archives[0].key = key;
+        info.archives[0].tar_bytes = tar.len() as u64;
+        info
+    }
+
+    fn sample() -> BackupInfo {
+        let id = "20261122T101500Z";
+        BackupInfo {
+            format: crate::archive::catalog::FORMAT,
+            id: id.into(),
+            label: "walagent base backup".into(),
+            system_identifier: "7311234567890123456".into(),
+            server_version_num: 150018,
+            timeline: crate::wal::timeline::tl(1),
+            start_lsn: crate::wal::Lsn(0x0300_0028),
+            end_lsn: crate::wal::Lsn(0x0300_0100),
+            end_timeline: crate::wal::timeline::tl(1),
+            start_time: "2026-11-22T10:15:00.123456Z".into(),
+            stop_time: "2026-11-22T10:15:03.000001Z".into(),
+            wal_segment_size: 16 << 20,
+            compression: "zstd:1".into(),
+            data_bytes: 0,
+            stored_bytes: 0,
+            archives: vec![TarArchive {
+                name: "base.tar".into(),
+                key: String::new(),
+                tablespace_oid: None,
+                tablespace_location: None,
+                tar_bytes: 0,
+                stored_bytes: 0,
+            }],
+            manifest_key: Some(manifest_key(id)),
+            wal_start_segment: "000000010000000000000003".into(),
+            wal_end_segment: "000000010000000000000003".into(),
+            source: "host=127.0.0.1".into(),
+            walagent_version: "0.1.0".into(),
+        }
+    }
+
+    const FILES: &[(&str, &[u8])] = &[("PG_VERSION", b"15\n"), ("global/pg_control", &[7u8; 9000])];
+
+    #[tokio::test]
+    async fn files_are_checked_against_the_manifest() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::open(dir.path()).unwrap();
+        let off = Progress::with_total(false, 0);
+        for sha in [false, true] {
+            let info = backup_with(&store, FILES, FILES, sha).await;
+            let out = check_backup(&store, &info, &off).await.unwrap();
+            assert!(out.problems.is_empty(), "{:?}", out.problems);
+            assert_eq!(out.objects_read, 2);
+            assert_eq!(out.tar_bytes, info.archives[0].tar_bytes);
+        }
+
+        // A file whose content differs from what the manifest says (stored checksum intact).
+        let mut changed = FILES.to_vec();
+        changed[1] = ("global/pg_control", &[8u8; 9000]);
+        let info = backup_with(&store, &changed, FILES, false).await;
+        let out = check_backup(&store, &info, &off).await.unwrap();
+        assert_eq!(out.problems.len(), 1, "{:?}", out.problems);
+        assert_eq!(out.problems[0].object, info.archives[0].key);
+        assert!(
+            out.problems[0].problem.contains("global/pg_control fails its manifest checksum"),
+            "{:?}",
+            out.problems
+        );
+
+        // A file the manifest lists that no archive holds; a short file.
+        let info = backup_with(&store, &FILES[..1], FILES, true).await;
+        let out = check_backup(&store, &info, &off).await.unwrap();
+        assert_eq!(out.problems.len(), 1, "{:?}", out.problems);
+        assert!(out.problems[0].problem.contains("global/pg_control"), "{:?}", out.problems);
+        let mut short = FILES.to_vec();
+        short[1] = ("global/pg_control", &[7u8; 8999]);
+        let info = backup_with(&store, &short, FILES, false).await;
+        let out = check_backup(&store, &info, &off).await.unwrap();
+        assert!(out.problems[0].problem.contains("8999 bytes"), "{:?}", out.problems);
+
+        // A missing tar object and a missing manifest.
+        let info = backup_with(&store, FILES, FILES, false).await;
+        store.delete(&info.archives[0].key).await.unwrap();
+        store.delete(&manifest_key(&info.id)).await.unwrap();
+        let out = check_backup(&store, &info, &off).await.unwrap();
+        let objs: Vec<&str> = out.problems.iter().map(|p| p.object.as_str()).collect();
+        assert_eq!(objs.len(), 2, "{:?}", out.problems);
+        assert!(out.problems.iter().all(|p| p.problem.starts_with("missing")));
+    }
+}
