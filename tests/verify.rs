@@ -155,7 +155,10 @@ fn local_archive_verifies_clean_then_incrementally_then_names_exactly_the_damage
     assert!(count(&v, "backup_bytes_checked") > 0);
     assert_eq!(v["watermark"]["written"], true);
     let wm = archive.join("verify.json");
-    assert_eq!(fs::metadata(&wm).unwrap().permissions().mode() & 0o777, 0o600);
+    assert_eq!(
+        fs::metadata(&wm).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
 
     // Unchanged: a second run reads nothing (the listing is all it costs).
     let (code, v) = verify(a, &[], &[]);
@@ -202,7 +205,10 @@ fn local_archive_verifies_clean_then_incrementally_then_names_exactly_the_damage
     let deleted = format!("wal/{}", free[2]);
     flip_byte(&archive.join(&flipped), 0.5);
     fs::remove_file(archive.join(format!("{deleted}.zst"))).unwrap();
-    let tar_key = ranges[0].2["archives"][0]["key"].as_str().unwrap().to_string();
+    let tar_key = ranges[0].2["archives"][0]["key"]
+        .as_str()
+        .unwrap()
+        .to_string();
     flip_byte(&archive.join(&tar_key), 0.3);
     let expected: BTreeSet<String> = [flipped.clone(), deleted.clone(), tar_key.clone()]
         .into_iter()
@@ -305,12 +311,18 @@ fn synth_wal(n: u64, layout: usize) -> Vec<Vec<u8>> {
         i += 1;
     }
     let v = b.into_bytes();
-    v.chunks(s as usize).take(n as usize).map(|c| c.to_vec()).collect()
+    v.chunks(s as usize)
+        .take(n as usize)
+        .map(|c| c.to_vec())
+        .collect()
 }
 
 async fn synth_archive(dir: &Path, segs: &[Vec<u8>]) -> LocalStore {
     let store = LocalStore::open(dir).unwrap();
-    ArchiveMeta::new(SYS, seg1m(), 150000).save(&store).await.unwrap();
+    ArchiveMeta::new(SYS, seg1m(), 150000)
+        .save(&store)
+        .await
+        .unwrap();
     for (i, s) in segs.iter().enumerate() {
         store
             .put_bytes(
@@ -360,10 +372,11 @@ async fn a_segment_spliced_in_from_other_wal_is_caught() {
     let objs = problem_objects(&v);
     assert!(objs.contains("wal/000000010000000000000003"), "{v:#}");
     assert!(
-        v["problems"].as_array().unwrap().iter().all(|p| p["problem"]
-            .as_str()
+        v["problems"]
+            .as_array()
             .unwrap()
-            .contains("continue")),
+            .iter()
+            .all(|p| p["problem"].as_str().unwrap().contains("continue")),
         "{v:#}"
     );
 }
@@ -383,7 +396,10 @@ async fn not_an_archive_is_an_error() {
     .unwrap();
     assert_eq!(o.status.code(), Some(2));
     let err = support::error_line(&o);
-    assert!(err.contains("not a walagent archive") && err.contains("hint: "), "{err}");
+    assert!(
+        err.contains("not a walagent archive") && err.contains("hint: "),
+        "{err}"
+    );
     assert!(!t.join("empty/verify.json").exists());
 }
 
@@ -395,7 +411,12 @@ fn synth_promoted() -> (Vec<Vec<u8>>, Lsn) {
     let mut b = WalBuilder::new(SYS, seg1m(), 1, Lsn(s));
     let mut i = 0u32;
     while b.position().0 < 3 * s + s / 2 {
-        b.push(10, 0, i, &vec![i as u8; [100usize, 3000, 9000][i as usize % 3]]);
+        b.push(
+            10,
+            0,
+            i,
+            &vec![i as u8; [100usize, 3000, 9000][i as usize % 3]],
+        );
         i += 1;
     }
     let switch = b.position();
@@ -424,7 +445,10 @@ async fn timeline_switches_must_be_where_the_history_file_says() {
     let dir = t.join("a");
     let (segs, switch) = synth_promoted();
     let store = LocalStore::open(&dir).unwrap();
-    ArchiveMeta::new(SYS, seg1m(), 150000).save(&store).await.unwrap();
+    ArchiveMeta::new(SYS, seg1m(), 150000)
+        .save(&store)
+        .await
+        .unwrap();
     put(&store, "wal/000000010000000000000001", segs[0].clone()).await;
     put(&store, "wal/000000010000000000000002", segs[1].clone()).await;
     put(&store, "wal/000000020000000000000003", segs[2].clone()).await;
@@ -459,7 +483,11 @@ async fn timeline_switches_must_be_where_the_history_file_says() {
     put(
         &store,
         "wal/00000002.history",
-        format!("1\t0/{:X}\tno recovery target specified\n", 2 * (1 << 20) + 0x1000).into_bytes(),
+        format!(
+            "1\t0/{:X}\tno recovery target specified\n",
+            2 * (1 << 20) + 0x1000
+        )
+        .into_bytes(),
     )
     .await;
     let (code, v) = run(&[]).await.unwrap();
@@ -474,14 +502,20 @@ async fn timeline_switches_must_be_where_the_history_file_says() {
     put(
         &store,
         "wal/00000002.history",
-        format!("1\t{}\tno recovery target specified\n", Lsn(switch.0 + 3 * 8192)).into_bytes(),
+        format!(
+            "1\t{}\tno recovery target specified\n",
+            Lsn(switch.0 + 3 * 8192)
+        )
+        .into_bytes(),
     )
     .await;
     let (code, v) = run(&[]).await.unwrap();
     assert_eq!(code, 1, "{v:#}");
     assert_eq!(
         problem_objects(&v),
-        ["wal/000000020000000000000003".to_string()].into_iter().collect(),
+        ["wal/000000020000000000000003".to_string()]
+            .into_iter()
+            .collect(),
         "{v:#}"
     );
 }

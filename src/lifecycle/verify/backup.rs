@@ -338,9 +338,9 @@ pub async fn check_backup(
             Ok(None) => out
                 .problems
                 .push(problem(mkey, "missing: backup.json lists it".into())),
-            Err(StoreError::Corrupt { detail, .. }) => {
-                out.problems.push(problem(mkey, format!("damaged: {detail}")))
-            }
+            Err(StoreError::Corrupt { detail, .. }) => out
+                .problems
+                .push(problem(mkey, format!("damaged: {detail}"))),
             Err(e) => return Err(e),
         }
     }
@@ -526,7 +526,9 @@ mod tests {
         assert_eq!(out.problems.len(), 1, "{:?}", out.problems);
         assert_eq!(out.problems[0].object, info.archives[0].key);
         assert!(
-            out.problems[0].problem.contains("global/pg_control fails its manifest checksum"),
+            out.problems[0]
+                .problem
+                .contains("global/pg_control fails its manifest checksum"),
             "{:?}",
             out.problems
         );
@@ -535,12 +537,20 @@ mod tests {
         let info = backup_with(&store, &FILES[..1], FILES, true).await;
         let out = check_backup(&store, &info, &off).await.unwrap();
         assert_eq!(out.problems.len(), 1, "{:?}", out.problems);
-        assert!(out.problems[0].problem.contains("global/pg_control"), "{:?}", out.problems);
+        assert!(
+            out.problems[0].problem.contains("global/pg_control"),
+            "{:?}",
+            out.problems
+        );
         let mut short = FILES.to_vec();
         short[1] = ("global/pg_control", &[7u8; 8999]);
         let info = backup_with(&store, &short, FILES, false).await;
         let out = check_backup(&store, &info, &off).await.unwrap();
-        assert!(out.problems[0].problem.contains("8999 bytes"), "{:?}", out.problems);
+        assert!(
+            out.problems[0].problem.contains("8999 bytes"),
+            "{:?}",
+            out.problems
+        );
 
         // A missing tar object and a missing manifest.
         let info = backup_with(&store, FILES, FILES, false).await;
@@ -549,6 +559,9 @@ mod tests {
         let out = check_backup(&store, &info, &off).await.unwrap();
         let objs: Vec<&str> = out.problems.iter().map(|p| p.object.as_str()).collect();
         assert_eq!(objs.len(), 2, "{:?}", out.problems);
-        assert!(out.problems.iter().all(|p| p.problem.starts_with("missing")));
+        assert!(out
+            .problems
+            .iter()
+            .all(|p| p.problem.starts_with("missing")));
     }
 }

@@ -233,7 +233,9 @@ fn check_chains(
         };
         let (begin, _) = path.begin();
         let own = |m: &BTreeMap<(Timeline, u64), (String, SegState)>| -> Vec<u64> {
-            m.range((tli, 0)..=(tli, u64::MAX)).map(|(k, _)| k.1).collect()
+            m.range((tli, 0)..=(tli, u64::MAX))
+                .map(|(k, _)| k.1)
+                .collect()
         };
         let mut own_segs = own(&wal.complete);
         own_segs.extend(own(&wal.partial));
@@ -268,10 +270,11 @@ fn check_chains(
         for k in lo..=hi {
             let owner = path.owner(k);
             let id = (owner, k);
-            let found = wal
-                .complete
-                .get(&id)
-                .or_else(|| (k == hi && owner == tli).then(|| wal.partial.get(&id)).flatten());
+            let found = wal.complete.get(&id).or_else(|| {
+                (k == hi && owner == tli)
+                    .then(|| wal.partial.get(&id))
+                    .flatten()
+            });
             let Some((key, state)) = found else {
                 gap_start.get_or_insert(k);
                 prev = None;
@@ -342,11 +345,12 @@ pub async fn verify(
     opts: VerifyOptions,
 ) -> Result<VerifyReport, VerifyError> {
     let location = store.location();
-    let meta = ArchiveMeta::load(store.as_ref())
-        .await?
-        .ok_or_else(|| VerifyError::NotAnArchive {
-            archive: location.clone(),
-        })?;
+    let meta =
+        ArchiveMeta::load(store.as_ref())
+            .await?
+            .ok_or_else(|| VerifyError::NotAnArchive {
+                archive: location.clone(),
+            })?;
     let seg = meta.wal_segment_size;
     let sysid = meta.system_identifier;
     let mut wm = WatermarkUse {
@@ -364,22 +368,27 @@ pub async fn verify(
                     body
                 }
                 Err(why) => {
-                    tracing::warn!(watermark = WATERMARK_KEY, "ignoring the verify watermark ({why}); checking everything");
+                    tracing::warn!(
+                        watermark = WATERMARK_KEY,
+                        "ignoring the verify watermark ({why}); checking everything"
+                    );
                     wm.ignored = Some(why);
                     Body::default()
                 }
             },
             Err(StoreError::Corrupt { detail, .. }) => {
-                tracing::warn!(watermark = WATERMARK_KEY, "ignoring the verify watermark ({detail}); checking everything");
+                tracing::warn!(
+                    watermark = WATERMARK_KEY,
+                    "ignoring the verify watermark ({detail}); checking everything"
+                );
                 wm.ignored = Some(detail);
                 Body::default()
             }
             Err(e) => return Err(e.into()),
         }
     };
-    let known = |o: &ObjectInfo| -> Option<&Entry> {
-        old.objects.get(&o.key).filter(|e| e.matches(o))
-    };
+    let known =
+        |o: &ObjectInfo| -> Option<&Entry> { old.objects.get(&o.key).filter(|e| e.matches(o)) };
     let mut new = Body {
         system_identifier: sysid.to_string(),
         wal_segment_size: u64::from(seg.bytes()),
@@ -456,7 +465,7 @@ pub async fn verify(
             None => counts.foreign_objects += 1,
         }
     }
-    segments.sort_by(|a, b| (a.1.timeline, a.1.segno, a.2).cmp(&(b.1.timeline, b.1.segno, b.2)));
+    segments.sort_by_key(|a| (a.1.timeline, a.1.segno, a.2));
 
     // Timelines with segments but no history file.
     let seg_timelines: BTreeSet<Timeline> = segments.iter().map(|s| s.1.timeline).collect();
@@ -575,7 +584,10 @@ pub async fn verify(
         let markers = backup_markers(&info, l);
         let unchanged = !opts.full
             && markers.is_some()
-            && old.backups.get(id).is_some_and(|m| Some(m) == markers.as_ref());
+            && old
+                .backups
+                .get(id)
+                .is_some_and(|m| Some(m) == markers.as_ref());
         if !unchanged {
             to_read_bytes += info
                 .archives
@@ -643,16 +655,25 @@ pub async fn verify(
             let store = store.clone();
             let (o, id, partial, compressed) = (o.clone(), *id, *partial, *compressed);
             tasks.spawn(async move {
-                let res = read_and_check(store.as_ref(), &o.key, compressed, partial, params, start, history, branch).await;
+                let res = read_and_check(
+                    store.as_ref(),
+                    &o.key,
+                    compressed,
+                    partial,
+                    params,
+                    start,
+                    history,
+                    branch,
+                )
+                .await;
                 (o, id, partial, res)
             });
         }
         let Some(done) = tasks.join_next().await else {
             break;
         };
-        let (o, id, partial, res) = done.map_err(|e| {
-            StoreError::io("checking WAL segments", std::io::Error::other(e))
-        })?;
+        let (o, id, partial, res) =
+            done.map_err(|e| StoreError::io("checking WAL segments", std::io::Error::other(e)))?;
         progress.add(o.size);
         match res? {
             Checked::Gone => {}
@@ -692,7 +713,8 @@ pub async fn verify(
         let l = &backups[&info.id];
         check_backup_wal(info, &wal, &histories, seg, &mut problems);
         if *unchanged {
-            counts.objects_skipped += (info.archives.len() + usize::from(info.manifest_key.is_some())) as u64;
+            counts.objects_skipped +=
+                (info.archives.len() + usize::from(info.manifest_key.is_some())) as u64;
             if let Some(m) = old.backups.get(&info.id) {
                 new.backups.insert(info.id.clone(), m.clone());
             }
@@ -719,7 +741,9 @@ pub async fn verify(
             .await
         {
             Ok(()) => wm.written = true,
-            Err(e) => tracing::warn!(error = %e, "cannot store the verify watermark {WATERMARK_KEY}; the next run checks everything again"),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot store the verify watermark {WATERMARK_KEY}; the next run checks everything again")
+            }
         }
     }
 
@@ -847,7 +871,8 @@ async fn read_and_check(
     let key = key.to_string();
     tokio::task::spawn_blocking(move || {
         let mut out = Vec::with_capacity(params.segment_size.bytes() as usize);
-        if let Err(e) = crate::archive::compress::decompress_stream(&stored[..], &mut out, compressed)
+        if let Err(e) =
+            crate::archive::compress::decompress_stream(&stored[..], &mut out, compressed)
         {
             return Checked::Bad(format!("damaged: does not decompress: {e}"));
         }

@@ -304,7 +304,9 @@ mod tests {
         let s = u64::from(seg().bytes());
         w.chunks(s as usize)
             .enumerate()
-            .map(|(i, c)| check_segment(params(1), Lsn(s * (i as u64 + 1)), c, false, None, None).unwrap())
+            .map(|(i, c)| {
+                check_segment(params(1), Lsn(s * (i as u64 + 1)), c, false, None, None).unwrap()
+            })
             .collect()
     }
 

@@ -109,7 +109,10 @@ impl Body {
     pub fn parse(bytes: &[u8], system_identifier: u64, seg_size: u64) -> Result<Body, String> {
         let f: File = serde_json::from_slice(bytes).map_err(|e| format!("not readable: {e}"))?;
         if f.format != FORMAT {
-            return Err(format!("format {} (this walagent reads {FORMAT})", f.format));
+            return Err(format!(
+                "format {} (this walagent reads {FORMAT})",
+                f.format
+            ));
         }
         if digest(&f.body) != f.body_sha256 {
             return Err("its checksum does not match its content".into());
@@ -161,10 +164,16 @@ mod tests {
         let j = b.to_json();
         assert_eq!(Body::parse(&j, 42, 1 << 24).unwrap(), b);
         assert!(Body::parse(&j, 43, 1 << 24).unwrap_err().contains("system"));
-        assert!(Body::parse(&j, 42, 1 << 20).unwrap_err().contains("segments"));
-        assert!(Body::parse(b"{", 42, 1 << 24).unwrap_err().contains("not readable"));
+        assert!(Body::parse(&j, 42, 1 << 20)
+            .unwrap_err()
+            .contains("segments"));
+        assert!(Body::parse(b"{", 42, 1 << 24)
+            .unwrap_err()
+            .contains("not readable"));
         // A changed value that still parses is caught by the checksum.
-        let t = String::from_utf8(j).unwrap().replace("\"size\":40", "\"size\":41");
+        let t = String::from_utf8(j)
+            .unwrap()
+            .replace("\"size\":40", "\"size\":41");
         assert!(Body::parse(t.as_bytes(), 42, 1 << 24)
             .unwrap_err()
             .contains("checksum"));
