@@ -125,6 +125,26 @@ fn flip_byte(path: &Path, at_fraction: f64) {
     fs::write(path, b).unwrap();
 }
 
+/// Every file under `dir` with its size and modification time.
+fn snapshot(dir: &Path) -> Vec<(String, (u64, std::time::SystemTime))> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in fs::read_dir(&d).unwrap() {
+            let e = e.unwrap();
+            let md = e.metadata().unwrap();
+            if md.is_dir() {
+                stack.push(e.path());
+            } else {
+                let rel = e.path().strip_prefix(dir).unwrap().display().to_string();
+                out.push((rel, (md.len(), md.modified().unwrap())));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
 /// Segments neither needed by a backup nor first or last of the timeline.
 fn free_segments(names: &[String], ranges: &[(String, String, Value)]) -> Vec<String> {
     names[1..names.len() - 1]
@@ -144,8 +164,13 @@ fn local_archive_verifies_clean_then_incrementally_then_names_exactly_the_damage
     let names = archived_segments(&archive);
     assert!(names.len() >= 10, "{names:?}");
 
-    // A healthy archive: exit 0, everything read, the watermark written (0600).
+    // A healthy archive: exit 0, everything read, the watermark written (0600), nothing else
+    // touched.
+    let before = snapshot(&archive);
     let (code, v) = verify(a, &[], &[]);
+    let mut after = snapshot(&archive);
+    after.retain(|(k, _)| k != "verify.json");
+    assert_eq!(before, after, "verify changed the archive");
     assert_eq!(code, 0, "{v:#}");
     assert_eq!(v["problems"].as_array().unwrap().len(), 0, "{v:#}");
     assert_eq!(count(&v, "backups"), 2);
@@ -340,8 +365,19 @@ async fn synth_archive(dir: &Path, segs: &[Vec<u8>]) -> LocalStore {
 async fn a_segment_spliced_in_from_other_wal_is_caught() {
     let t = support::tempdir();
     let dir = t.join("a");
-    let good = synth_wal(5, 0);
+    let mut good = synth_wal(6, 0);
+    // The sixth as the timeline's trailing .partial: only its first 300 kB arrived.
+    let mut last = good.pop().unwrap();
+    last.truncate(300_000);
     let store = synth_archive(&dir, &good).await;
+    store
+        .put_bytes(
+            "wal/000000010000000000000006.partial",
+            Bytes::from(last),
+            PutMode::Replace,
+        )
+        .await
+        .unwrap();
     let a = dir.to_str().unwrap().to_string();
     let (code, v) = tokio::task::spawn_blocking({
         let a = a.clone();
@@ -350,6 +386,7 @@ async fn a_segment_spliced_in_from_other_wal_is_caught() {
     .await
     .unwrap();
     assert_eq!(code, 0, "{v:#}");
+    assert_eq!(count(&v, "partial_segments"), 1, "{v:#}");
 
     // Segment 3 from WAL with other record boundaries (valid by itself: same system, timeline
     // and page addresses) replaces the real one.
