@@ -710,7 +710,9 @@ pub async fn verify(
 
     // Backups.
     for (info, unchanged) in &infos {
-        let l = &backups[&info.id];
+        let Some(l) = backups.get(&info.id) else {
+            continue;
+        };
         check_backup_wal(info, &wal, &histories, seg, &mut problems);
         if *unchanged {
             counts.objects_skipped +=
