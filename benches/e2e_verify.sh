@@ -66,6 +66,7 @@ stream() {
 
 log "generating ${WAL_MB} MiB of WAL with a base backup in the middle"
 gen $((WAL_MB / 2))
+stream
 "$WALAGENT" backup --source "$URI" --archive "$ARCHIVE" --checkpoint fast >/dev/null 2>"$DIR/backup.log"
 gen $((WAL_MB / 2))
 stream
@@ -85,11 +86,12 @@ print(wall, round(user + sys_, 2), rss, c["objects_read"], c["wal_bytes_checked"
 EOF
 }
 
-printf 'kind\trun\twall_s\tchecked_MiB\tMiB/s\tstored_MiB_read\tobjects_read\tcpu_s\tpeak_rss_MB\tproblems\n'
+printf 'kind\trun\twall_s\twal_MiB\tbackup_MiB\tchecked_MiB/s\tstored_MiB_read\tobjects_read\tcpu_s\tpeak_rss_MB\tproblems\n'
 line() { # kind run result...
   local kind=$1 i=$2 wall=$3 cpu=$4 rss=$5 n=$6 wb=$7 bb=$8 br=$9 p=${10}
   local mib; mib=$(awk -v a="$wb" -v b="$bb" 'BEGIN{printf "%.0f", (a+b)/1048576}')
-  printf '%s\t%s\t%s\t%s\t%s\t%.0f\t%s\t%s\t%.1f\t%s\n' "$kind" "$i" "$wall" "$mib" \
+  printf '%s\t%s\t%s\t%.0f\t%.0f\t%s\t%.0f\t%s\t%s\t%.1f\t%s\n' "$kind" "$i" "$wall" \
+    "$(awk -v b="$wb" 'BEGIN{print b/1048576}')" "$(awk -v b="$bb" 'BEGIN{print b/1048576}')" \
     "$(awk -v m="$mib" -v w="$wall" 'BEGIN{printf "%.0f", (w > 0 ? m/w : 0)}')" \
     "$(awk -v b="$br" 'BEGIN{print b/1048576}')" "$n" "$cpu" "$(awk -v k="$rss" 'BEGIN{print k/1024}')" "$p"
 }
