@@ -556,3 +556,58 @@ async fn timeline_switches_must_be_where_the_history_file_says() {
         "{v:#}"
     );
 }
+
+/// A real promotion: walagent streams from a standby that is promoted; the archive then holds
+/// timeline 1 (ending in a .partial), the history file and timeline 2, and verifies clean.
+#[test]
+fn an_archive_across_a_real_promotion_verifies_clean() {
+    use std::process::Stdio;
+    use std::time::Duration;
+    let primary = PgCluster::start(small_segments());
+    let standby = primary.create_standby(small_segments());
+    standby.psql(&format!(
+        "SELECT pg_create_physical_replication_slot('{SLOT}', true)"
+    ));
+    let t = support::tempdir();
+    let archive = t.join("archive");
+    let a = archive.to_str().unwrap().to_string();
+    let agent = support::stream_cmd(&standby.repl_uri(), &a, SLOT)
+        .args(["--status-interval", "1"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    primary.generate_wal(3);
+    primary.switch_wal();
+    let lsn = primary.current_lsn();
+    support::wait_until(Duration::from_secs(60), "standby replays", || {
+        standby.psql(&format!("SELECT pg_last_wal_replay_lsn() >= '{lsn}'")) == "t"
+    });
+    support::wait_until(Duration::from_secs(60), "timeline 1 archived", || {
+        archived_segments(&archive).len() >= 3
+    });
+    primary.stop("fast");
+    standby.promote();
+    standby.generate_wal(3);
+    standby.switch_wal();
+    let end = standby.current_lsn();
+    let last = standby.psql(&format!("SELECT pg_walfile_name('{end}'::pg_lsn - 1)"));
+    support::wait_until(Duration::from_secs(90), "timeline 2 archived", || {
+        archived_segments(&archive).contains(&last)
+    });
+    support::sigterm(&agent);
+    assert_ok(&support::wait_output(agent, Duration::from_secs(30)));
+
+    let (code, v) = verify(&a, &[], &[]);
+    assert_eq!(code, 0, "{v:#}");
+    assert_eq!(count(&v, "history_files"), 1, "{v:#}");
+    assert!(count(&v, "partial_segments") >= 1, "{v:#}");
+    // Timeline 2's segments, checked against the history file: deleting that file is reported.
+    fs::remove_file(archive.join("wal/00000002.history")).unwrap();
+    let (code, v) = verify(&a, &[], &[]);
+    assert_eq!(code, 1, "{v:#}");
+    assert!(
+        problem_objects(&v).contains("wal/00000002.history"),
+        "{v:#}"
+    );
+}
