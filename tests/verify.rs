@@ -241,7 +241,6 @@ fn local_archive_verifies_clean_then_incrementally_then_names_exactly_the_damage
 
     for extra in [&[][..], &[][..], &["--full"][..]] {
         let (code, v) = verify(a, extra, &[]);
-        eprintln!("{}", v["problems"]);
         assert_eq!(code, 1, "{v:#}");
         assert_eq!(problem_objects(&v), expected, "{v:#}");
         assert_eq!(v["problems"].as_array().unwrap().len(), 3, "{v:#}");
@@ -528,7 +527,6 @@ async fn timeline_switches_must_be_where_the_history_file_says() {
     )
     .await;
     let (code, v) = run(&[]).await.unwrap();
-    eprintln!("{}", v["problems"]);
     assert_eq!(code, 1, "{v:#}");
     let objs = problem_objects(&v);
     assert!(objs.contains("wal/000000020000000000000002"), "{v:#}");
