@@ -76,6 +76,7 @@ fn main() -> ExitCode {
         Command::WalPush(args) => runtime.block_on(wal_push(args)),
         Command::Run(args) => runtime.block_on(run_service(args, cli.log_format)),
         Command::Config(ConfigCommand::Check(args)) => config_check(&args.file),
+        Command::Verify(args) => runtime.block_on(verify(args)),
     };
     // A stop cut short (stop timeout, second signal) leaves work behind on purpose: do not wait
     // for it (dropping a runtime waits for blocking tasks without limit).
@@ -308,6 +309,33 @@ async fn list_backups(args: BackupsArgs) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(e) => fail(&e.to_string(), e.hint(), 1),
+    }
+}
+
+async fn verify(args: walagent::cli::VerifyArgs) -> ExitCode {
+    use walagent::lifecycle::verify;
+    let store = match archive::open(&args.archive, false).await {
+        Ok(s) => s,
+        Err(e) => return fail(&e.to_string(), e.hint(), 2),
+    };
+    let opts = verify::VerifyOptions {
+        full: args.full,
+        progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+    };
+    match verify::verify(store, opts).await {
+        Ok(r) => {
+            if args.json {
+                print!("{}", r.to_json());
+            } else {
+                print!("{}", r.render_text());
+            }
+            if r.ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            }
+        }
+        Err(e) => fail(&e.to_string(), e.hint(), 2),
     }
 }
 

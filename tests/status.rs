@@ -428,6 +428,7 @@ fn status_agrees_with_restore_planning() {
                     if partial { ".partial" } else { "" }
                 ),
                 size: 1,
+                etag: None,
             });
             if partial {
                 partials.insert(
@@ -468,6 +469,7 @@ fn status_agrees_with_restore_planning() {
             objs.push(ObjectInfo {
                 key: "wal/00000002.history".into(),
                 size: 1,
+                etag: None,
             });
         } else if rng.below(2) == 0 {
             put(1, n, true, &mut objs);

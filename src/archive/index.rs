@@ -161,7 +161,11 @@ mod tests {
     const S16: SegmentSize = SegmentSize::DEFAULT;
 
     fn obj(key: String) -> ObjectInfo {
-        ObjectInfo { key, size: 1 }
+        ObjectInfo {
+            key,
+            size: 1,
+            etag: None,
+        }
     }
 
     #[test]

@@ -683,6 +683,7 @@ fn walk(dir: &Path, base: &str, prefix: &str, out: &mut Vec<ObjectInfo>) -> Resu
             Ok(md) if md.is_file() => out.push(ObjectInfo {
                 key,
                 size: md.len(),
+                etag: Some(local_marker(&md)),
             }),
             Ok(_) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
@@ -690,6 +691,13 @@ fn walk(dir: &Path, base: &str, prefix: &str, out: &mut Vec<ObjectInfo>) -> Resu
         }
     }
     Ok(())
+}
+
+/// The local store's change marker: modification time in nanoseconds and inode. Every put
+/// renames a new file into place, so a replaced object gets a new inode.
+fn local_marker(md: &fs::Metadata) -> String {
+    use std::os::unix::fs::MetadataExt;
+    format!("{}.{:09}-{}", md.mtime(), md.mtime_nsec(), md.ino())
 }
 
 // ---- streaming objects ------------------------------------------------------------------------
@@ -1475,13 +1483,15 @@ mod tests {
         );
         assert_eq!(mode(&side), 0o600);
         // Listings show only the object.
+        let listed = store.list("backups/").await.unwrap();
         assert_eq!(
-            store.list("backups/").await.unwrap(),
-            vec![ObjectInfo {
-                key: key.into(),
-                size: 11
-            }]
+            listed
+                .iter()
+                .map(|o| (o.key.as_str(), o.size))
+                .collect::<Vec<_>>(),
+            vec![(key, 11)]
         );
+        assert!(listed[0].etag.is_some());
         assert_eq!(read_all(&store, key).await.unwrap(), b"hello world");
         assert_eq!(
             &store.get_bytes(key).await.unwrap().unwrap()[..],

@@ -36,6 +36,9 @@ pub struct ObjectInfo {
     /// Key relative to the archive root, e.g. `wal/000000010000000000000003.zst`.
     pub key: String,
     pub size: u64,
+    /// What changes when the object is replaced, for change detection (`walagent verify`): the
+    /// S3 ETag; for the local store the modification time (ns) and inode. `None` when unknown.
+    pub etag: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]

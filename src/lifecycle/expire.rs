@@ -502,6 +502,7 @@ mod tests {
                         if partial { ".partial" } else { "" }
                     ),
                     size: 1 + s,
+                    etag: None,
                 });
             };
             let tl1_end = if two { switch_seg } else { n };
@@ -530,6 +531,7 @@ mod tests {
                 objs.push(ObjectInfo {
                     key: format!("wal/{}", crate::wal::history_file_name(tl(t))),
                     size: 30,
+                    etag: None,
                 });
             }
             let mut bs = Vec::new();

@@ -885,6 +885,7 @@ pub(crate) mod tests {
                 v.push(ObjectInfo {
                     key: format!("wal/{}.zst", seg(*t, s)),
                     size: 100,
+                    etag: None,
                 });
             }
         }
@@ -892,17 +893,20 @@ pub(crate) mod tests {
             v.push(ObjectInfo {
                 key: format!("wal/{}.partial.zst", seg(*t, *s)),
                 size: 10,
+                etag: None,
             });
         }
         for t in hist {
             v.push(ObjectInfo {
                 key: format!("wal/{}", history_file_name(tl(*t))),
                 size: 40,
+                etag: None,
             });
         }
         v.push(ObjectInfo {
             key: "wal/stray.txt".into(),
             size: 1,
+            etag: None,
         });
         v
     }

@@ -1056,7 +1056,11 @@ mod tests {
     }
 
     fn obj(key: String) -> ObjectInfo {
-        ObjectInfo { key, size: 1 }
+        ObjectInfo {
+            key,
+            size: 1,
+            etag: None,
+        }
     }
 
     /// `wal/` keys for segments `segs` of timeline `tli` (compressed), plus partials.

@@ -637,6 +637,12 @@ impl Store for S3Store {
                 out.push(ObjectInfo {
                     key: rel.to_string(),
                     size: o.size().unwrap_or(0).max(0) as u64,
+                    // The ETag; stores whose listings leave it out (s3s-fs) give at least the
+                    // modification time.
+                    etag: o.e_tag().map(str::to_string).or_else(|| {
+                        o.last_modified()
+                            .map(|t| format!("mtime:{}.{:09}", t.secs(), t.subsec_nanos()))
+                    }),
                 });
             }
             match (page.is_truncated(), page.next_continuation_token) {

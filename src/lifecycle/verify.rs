@@ -1,1 +1,0 @@
-//! `walagent verify` (work in progress).
