@@ -84,11 +84,11 @@ impl LocalStore {
                 root: root.to_path_buf(),
             }),
             Ok(_) => Err(StoreError::io(
-                format!("archive path {} is not a directory", root.display()),
+                format!("{} is not a directory", root.display()),
                 io::Error::new(io::ErrorKind::InvalidInput, "check --archive"),
             )),
             Err(e) => Err(StoreError::io(
-                format!("cannot open archive {} (check --archive)", root.display()),
+                format!("{} (check --archive)", root.display()),
                 e,
             )),
         }

@@ -258,8 +258,8 @@ pub enum OpenError {
     /// The S3 settings are wrong, or the bucket could not be reached or listed.
     #[error("{0}")]
     S3(#[source] StoreError),
-    /// The local directory could not be created or opened.
-    #[error("cannot open archive {spec}: {source}")]
+    /// The local directory could not be created or opened (the cause names the path).
+    #[error("cannot open archive: {source}")]
     Local {
         spec: String,
         #[source]
@@ -273,6 +273,14 @@ impl OpenError {
     pub fn hint(&self) -> Option<String> {
         match self {
             OpenError::Location(_) => None,
+            OpenError::Local {
+                source: StoreError::Io { source, .. },
+                ..
+            } if source.kind() == std::io::ErrorKind::NotFound => Some(
+                "--archive must name an existing archive directory (walagent stream, backup and \
+                 wal-push create one)"
+                    .into(),
+            ),
             OpenError::S3(e) | OpenError::Local { source: e, .. } => match e {
                 StoreError::Io { .. } => None,
                 e => e.hint(),
@@ -332,12 +340,11 @@ mod tests {
             .and_then(|s| s.downcast_ref::<std::io::Error>())
             .unwrap();
         assert_eq!(io.kind(), std::io::ErrorKind::NotFound);
-        assert!(
-            e.to_string()
-                .starts_with(&format!("cannot open archive {spec}: ")),
-            "{e}"
+        assert_eq!(
+            e.to_string(),
+            format!("cannot open archive: {spec} (check --archive): No such file or directory (os error 2)"),
         );
-        assert_eq!(e.hint(), None);
+        assert!(e.hint().unwrap().contains("existing archive directory"));
         // A reader leaves a missing directory missing; a writer creates it.
         assert!(!missing.exists());
         let store = open(spec, true).await.unwrap();

@@ -211,6 +211,20 @@ pub enum Command {
             an order that leaves a consistent archive: an interrupted run is finished by running it again."
     )]
     Expire(ExpireArgs),
+    /// Check every object of the archive: checksums, WAL records and continuity, backups.
+    #[command(
+        long_about = "Check every object of the archive, reading it: stored checksums, decompression, every WAL \
+            page header and record CRC, that each segment continues the one before it on its timeline (xl_prev \
+            across segment boundaries, timeline switches where the history files say), segments missing between \
+            a timeline's first and last, each complete backup's files against its backup_manifest, and that the \
+            WAL each backup needs is there.\n\n\
+            Incremental: the watermark object verify.json in the archive records what verified clean, so the \
+            next run reads only new or changed objects (size or ETag / modification time); --full reads \
+            everything. verify.json is the only object verify writes.\n\n\
+            Exit status: 0 when no problem was found, 1 when objects are damaged or missing (each is named), \
+            2 when the archive could not be read."
+    )]
+    Verify(VerifyArgs),
     /// Store one WAL file PostgreSQL hands archive_command (%p) in the archive.
     #[command(
         long_about = "Store one file that PostgreSQL hands archive_command in the archive: a WAL segment, a \
@@ -241,20 +255,6 @@ pub enum Command {
     /// Check a config file of `walagent run`.
     #[command(subcommand)]
     Config(ConfigCommand),
-    /// Check every object of the archive: checksums, WAL records and continuity, backups.
-    #[command(
-        long_about = "Check every object of the archive, reading it: stored checksums, decompression, every WAL \
-            page header and record CRC, that each segment continues the one before it on its timeline (xl_prev \
-            across segment boundaries, timeline switches where the history files say), segments missing between \
-            a timeline's first and last, each complete backup's files against its backup_manifest, and that the \
-            WAL each backup needs is there.\n\n\
-            Incremental: the watermark object verify.json in the archive records what verified clean, so the \
-            next run reads only new or changed objects (size or ETag / modification time); --full reads \
-            everything. verify.json is the only object verify writes.\n\n\
-            Exit status: 0 when no problem was found, 1 when objects are damaged or missing (each is named), \
-            2 when the archive could not be read."
-    )]
-    Verify(VerifyArgs),
 }
 
 const RUN_EXAMPLE: &str = "Example:
