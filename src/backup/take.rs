@@ -42,8 +42,8 @@ use crate::wal::{
     history_file_name, parse_history_file_name, Lsn, SegmentId, SegmentSize, Timeline,
 };
 
-/// Bytes handed to the compressor / uploader at a time.
-const CHUNK: usize = 1 << 20;
+// Bytes handed to the compressor / uploader at a time, the queue depths between the stages and
+// the zstd job size come from the memory plan (`archive::memory`, `--memory-limit`).
 
 #[derive(Debug, Clone)]
 pub struct BackupOptions {
@@ -435,6 +435,8 @@ struct ArchiveSink {
     /// Inside an entry that is not forwarded (a WAL file).
     skipping: bool,
     pending: BytesMut,
+    /// Bytes forwarded at a time.
+    chunk: usize,
     tar_bytes: u64,
     tx: Option<mpsc::Sender<Bytes>>,
     compressor: Option<std::thread::JoinHandle<io::Result<()>>>,
@@ -453,12 +455,14 @@ impl ArchiveSink {
         compression: Compression,
         threads: u32,
     ) -> Result<ArchiveSink, BackupError> {
-        let (up_tx, mut up_rx) = mpsc::channel::<Bytes>(4);
+        let plan = crate::archive::memory::plan();
+        let depth = plan.backup_queue.max(1);
+        let (up_tx, mut up_rx) = mpsc::channel::<Bytes>(depth);
         let (input_tx, compressor) = match compression {
             Compression::None => (up_tx, None),
             Compression::Zstd { level } => {
-                let (in_tx, in_rx) = mpsc::channel::<Bytes>(4);
-                let h = spawn_compressor(level, threads, in_rx, up_tx).map_err(|source| {
+                let (in_tx, in_rx) = mpsc::channel::<Bytes>(depth);
+                let h = spawn_compressor(level, threads, &plan, in_rx, up_tx).map_err(|source| {
                     BackupError::Compress {
                         name: name.clone(),
                         source,
@@ -492,6 +496,7 @@ impl ArchiveSink {
             events: Vec::new(),
             skipping: false,
             pending: BytesMut::new(),
+            chunk: plan.backup_chunk.max(1),
             tar_bytes: 0,
             tx: Some(input_tx),
             compressor,
@@ -553,7 +558,7 @@ impl ArchiveSink {
         }
         self.tar_bytes += b.len() as u64;
         self.pending.extend_from_slice(&b);
-        if self.pending.len() >= CHUNK {
+        if self.pending.len() >= self.chunk {
             self.send_pending().await?;
         }
         Ok(())
@@ -672,18 +677,22 @@ impl ArchiveSink {
 }
 
 /// A zstd encoder on its own thread (with `threads` zstd workers): Bytes in, compressed chunks
-/// of about [`CHUNK`] bytes out.
+/// of about the plan's chunk size out.
 fn spawn_compressor(
     level: i32,
     threads: u32,
+    plan: &crate::archive::memory::MemoryPlan,
     mut input: mpsc::Receiver<Bytes>,
     output: mpsc::Sender<Bytes>,
 ) -> io::Result<std::thread::JoinHandle<io::Result<()>>> {
+    let chunk = plan.backup_chunk.max(1);
+    let job = plan.backup_zstd_job;
     std::thread::Builder::new()
         .name("walagent-zstd".into())
         .spawn(move || {
             let sink = ChunkSender {
-                buf: Vec::with_capacity(CHUNK),
+                buf: Vec::with_capacity(chunk),
+                chunk,
                 tx: output,
             };
             let mut enc = zstd::stream::write::Encoder::new(sink, level)?;
@@ -691,7 +700,7 @@ fn spawn_compressor(
             if threads > 1 {
                 enc.multithread(threads)?;
                 // Smaller jobs than zstd's default (4 x window) keep the workers' buffers small.
-                enc.set_parameter(zstd::stream::raw::CParameter::JobSize(1 << 20))?;
+                enc.set_parameter(zstd::stream::raw::CParameter::JobSize(job))?;
             }
             while let Some(b) = input.blocking_recv() {
                 enc.write_all(&b)?;
@@ -704,6 +713,7 @@ fn spawn_compressor(
 
 struct ChunkSender {
     buf: Vec<u8>,
+    chunk: usize,
     tx: mpsc::Sender<Bytes>,
 }
 
@@ -712,7 +722,7 @@ impl ChunkSender {
         if self.buf.is_empty() {
             return Ok(());
         }
-        let chunk = std::mem::replace(&mut self.buf, Vec::with_capacity(CHUNK));
+        let chunk = std::mem::replace(&mut self.buf, Vec::with_capacity(self.chunk));
         self.tx
             .blocking_send(Bytes::from(chunk))
             .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "the upload stopped"))
@@ -722,7 +732,7 @@ impl ChunkSender {
 impl Write for ChunkSender {
     fn write(&mut self, b: &[u8]) -> io::Result<usize> {
         self.buf.extend_from_slice(b);
-        if self.buf.len() >= CHUNK {
+        if self.buf.len() >= self.chunk {
             self.send()?;
         }
         Ok(b.len())
