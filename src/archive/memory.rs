@@ -148,8 +148,11 @@ mod tests {
             assert!((1..=MAX_PARTS_IN_FLIGHT).contains(&p.stream_parts_in_flight));
             assert!(p.backup_zstd_workers != 1 && p.backup_zstd_workers <= 2);
             if let Some(q) = prev {
-                // More memory never means smaller pipelines.
-                assert!(p.stream_parts_in_flight >= q.stream_parts_in_flight, "{mib}");
+                // More memory never means smaller pipelines (except one part in flight fewer
+                // where the zstd workers start to fit).
+                if p.backup_zstd_workers == q.backup_zstd_workers {
+                    assert!(p.stream_parts_in_flight >= q.stream_parts_in_flight, "{mib}");
+                }
                 assert!(p.backup_zstd_workers >= q.backup_zstd_workers, "{mib}");
                 assert!(p.backup_queue >= q.backup_queue, "{mib}");
                 assert!(p.backup_buffers() >= q.backup_buffers(), "{mib}");
