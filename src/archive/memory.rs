@@ -151,7 +151,10 @@ mod tests {
                 // More memory never means smaller pipelines (except one part in flight fewer
                 // where the zstd workers start to fit).
                 if p.backup_zstd_workers == q.backup_zstd_workers {
-                    assert!(p.stream_parts_in_flight >= q.stream_parts_in_flight, "{mib}");
+                    assert!(
+                        p.stream_parts_in_flight >= q.stream_parts_in_flight,
+                        "{mib}"
+                    );
                 }
                 assert!(p.backup_zstd_workers >= q.backup_zstd_workers, "{mib}");
                 assert!(p.backup_queue >= q.backup_queue, "{mib}");

@@ -37,7 +37,7 @@ use crate::protocol::basebackup::{BackupCopyMessage, BackupStreamDecoder, BaseBa
 use crate::protocol::conninfo::ConnInfo;
 use crate::protocol::replication::BackupEvent;
 use crate::protocol::ProtocolError;
-use crate::wal::verify::{check_segment, VerifyParams};
+use crate::wal::verify::{check_segment, SegmentChecker, VerifyParams};
 use crate::wal::{
     history_file_name, parse_history_file_name, Lsn, SegmentId, SegmentSize, Timeline,
 };
@@ -197,6 +197,7 @@ pub async fn take(
             params,
             compression: opts.compression,
             entry: None,
+            streamed: None,
             archived: 0,
         },
     };
@@ -462,12 +463,13 @@ impl ArchiveSink {
             Compression::None => (up_tx, None),
             Compression::Zstd { level } => {
                 let (in_tx, in_rx) = mpsc::channel::<Bytes>(depth);
-                let h = spawn_compressor(level, threads, &plan, in_rx, up_tx).map_err(|source| {
-                    BackupError::Compress {
-                        name: name.clone(),
-                        source,
-                    }
-                })?;
+                let h =
+                    spawn_compressor(level, threads, &plan, in_rx, up_tx).map_err(|source| {
+                        BackupError::Compress {
+                            name: name.clone(),
+                            source,
+                        }
+                    })?;
                 (in_tx, Some(h))
             }
         };
@@ -751,8 +753,89 @@ struct WalTee {
     params: VerifyParams,
     compression: Compression,
     entry: Option<(String, BytesMut)>,
+    /// A segment checked and compressed as its bytes go by (zstd), never held whole.
+    streamed: Option<StreamedSegment>,
     /// WAL files archived from the tar.
     archived: usize,
+}
+
+/// One WAL segment of the tar on its way: checked and compressed piece by piece, so only its
+/// compressed form is in memory (the raw segment is recovered by decompressing it in the rare
+/// case of a conflicting object).
+struct StreamedSegment {
+    name: String,
+    id: SegmentId,
+    checker: SegmentChecker,
+    bad: Option<crate::wal::verify::VerifyError>,
+    enc: Option<zstd::stream::write::Encoder<'static, Vec<u8>>>,
+    enc_err: Option<io::Error>,
+}
+
+impl StreamedSegment {
+    fn start(
+        name: &str,
+        id: SegmentId,
+        params: VerifyParams,
+        seg_size: SegmentSize,
+        size: u64,
+        level: i32,
+    ) -> io::Result<StreamedSegment> {
+        let params = VerifyParams {
+            timeline: id.timeline,
+            ..params
+        };
+        let mut enc = zstd::stream::write::Encoder::new(Vec::new(), level)?;
+        enc.include_checksum(true)?;
+        enc.include_contentsize(true)?;
+        enc.set_pledged_src_size(Some(size))?;
+        Ok(StreamedSegment {
+            name: name.to_string(),
+            id,
+            checker: SegmentChecker::new(params, id.start_lsn(seg_size)),
+            bad: None,
+            enc: Some(enc),
+            enc_err: None,
+        })
+    }
+
+    fn data(&mut self, d: &[u8]) {
+        if self.bad.is_none() {
+            if let Err(e) = self.checker.update(d) {
+                self.bad = Some(e);
+            }
+        }
+        if self.bad.is_some() || self.enc_err.is_some() {
+            return;
+        }
+        if let Some(enc) = &mut self.enc {
+            if let Err(e) = enc.write_all(d) {
+                self.enc_err = Some(e);
+            }
+        }
+    }
+
+    /// The check's verdict and the compressed segment.
+    fn finish(self) -> Result<(crate::wal::verify::SegmentCheck, Bytes), BackupError> {
+        let name = self.name;
+        let check = match self.bad {
+            Some(e) => Err(e),
+            None => self.checker.finish(),
+        }
+        .map_err(|e| BackupError::BadWal {
+            name: name.clone(),
+            source: Box::new(e),
+        })?;
+        let body = match (self.enc_err, self.enc) {
+            (Some(e), _) => Err(e),
+            (None, Some(enc)) => enc.finish(),
+            (None, None) => Err(io::Error::other("no encoder")),
+        }
+        .map_err(|source| BackupError::Compress {
+            name: name.clone(),
+            source,
+        })?;
+        Ok((check, Bytes::from(body)))
+    }
 }
 
 impl WalTee {
@@ -762,17 +845,45 @@ impl WalTee {
     }
 
     fn begin(&mut self, name: &str, size: u64) {
-        let cap = size.min(u64::from(self.params.segment_size.bytes())) as usize;
+        let seg_size = self.params.segment_size;
+        if let (Compression::Zstd { level }, Some(id)) =
+            (self.compression, SegmentId::parse_file_name(name, seg_size))
+        {
+            match StreamedSegment::start(name, id, self.params, seg_size, size, level) {
+                Ok(s) => {
+                    self.streamed = Some(s);
+                    return;
+                }
+                Err(e) => tracing::debug!(
+                    name,
+                    "zstd encoder not available ({e}); buffering the segment"
+                ),
+            }
+        }
+        let cap = size.min(u64::from(seg_size.bytes())) as usize;
         self.entry = Some((name.to_string(), BytesMut::with_capacity(cap)));
     }
 
     fn data(&mut self, d: &[u8]) {
-        if let Some((_, buf)) = &mut self.entry {
+        if let Some(s) = &mut self.streamed {
+            s.data(d);
+        } else if let Some((_, buf)) = &mut self.entry {
             buf.extend_from_slice(d);
         }
     }
 
     async fn end(&mut self) -> Result<(), BackupError> {
+        if let Some(s) = self.streamed.take() {
+            let id = s.id;
+            let (check, body) = s.finish()?;
+            let key = layout::segment_key(
+                id,
+                self.params.segment_size,
+                self.compression,
+                !check.complete,
+            );
+            return self.store_segment(key, body, None, check.complete).await;
+        }
         let Some((name, buf)) = self.entry.take() else {
             return Ok(());
         };
@@ -819,22 +930,59 @@ impl WalTee {
             source,
         })?;
         let key = layout::segment_key(id, seg_size, self.compression, !check.complete);
-        match self.store.put_bytes(&key, body, PutMode::NoOverwrite).await {
+        self.store_segment(key, body, Some(buf), check.complete)
+            .await
+    }
+
+    /// Stores a checked segment `body` (no overwrite); `raw` is its WAL when at hand, else the
+    /// body is decompressed to compare it with a conflicting object.
+    async fn store_segment(
+        &mut self,
+        key: String,
+        body: Bytes,
+        raw: Option<Bytes>,
+        complete: bool,
+    ) -> Result<(), BackupError> {
+        match self
+            .store
+            .put_bytes(&key, body.clone(), PutMode::NoOverwrite)
+            .await
+        {
             Ok(()) => {}
-            // `walagent stream` got there first, maybe with another encoding of the same WAL.
             Err(StoreError::Conflict { .. })
-                if crate::archive::same_wal_content(self.store.as_ref(), &key, &buf).await? => {}
+                if {
+                    let raw = match raw {
+                        Some(r) => r,
+                        None => decompress_body(&key, body).await?,
+                    };
+                    // `walagent stream` got there first, maybe with another encoding of the
+                    // same WAL.
+                    crate::archive::same_wal_content(self.store.as_ref(), &key, &raw).await?
+                } => {}
             // A partial that a running `walagent stream` stored with a different tail is fine:
             // the complete segment will follow from the stream.
-            Err(StoreError::Conflict { .. }) if !check.complete => {
+            Err(StoreError::Conflict { .. }) if !complete => {
                 tracing::warn!(%key, "a different partial segment is already archived; kept it");
             }
             Err(e) => return Err(e.into()),
         }
-        tracing::debug!(%key, complete = check.complete, "WAL from the backup archived");
+        tracing::debug!(%key, complete, "WAL from the backup archived");
         self.archived += 1;
         Ok(())
     }
+}
+
+/// The WAL of a compressed segment body this backup produced.
+async fn decompress_body(key: &str, body: Bytes) -> Result<Bytes, BackupError> {
+    let name = key.rsplit('/').next().unwrap_or(key).to_string();
+    let res = tokio::task::spawn_blocking(move || {
+        let mut out = Vec::with_capacity(body.len().saturating_mul(3));
+        crate::archive::compress::decompress_stream(&body[..], &mut out, true).map(|_| out)
+    })
+    .await
+    .map_err(BackupError::Worker)?;
+    res.map(Bytes::from)
+        .map_err(|source| BackupError::Compress { name, source })
 }
 
 #[cfg(test)]

@@ -179,7 +179,11 @@ impl BackupArgs {
 
 /// zstd workers of a backup: `--compress-threads` when given, else the CPU count's default
 /// capped by the memory plan (0: compression on the compressor's own thread).
-pub fn backup_compress_threads(explicit: Option<u32>, plan: &MemoryPlan, cpus: Option<usize>) -> u32 {
+pub fn backup_compress_threads(
+    explicit: Option<u32>,
+    plan: &MemoryPlan,
+    cpus: Option<usize>,
+) -> u32 {
     explicit.unwrap_or_else(|| {
         let n = default_compress_threads(cpus).min(plan.backup_zstd_workers);
         if n > 1 {
@@ -368,7 +372,14 @@ mod tests {
     }
 
     fn backup_args(extra: &[&str]) -> BackupArgs {
-        let mut argv = vec!["walagent", "backup", "--source", "host=db1", "--archive", "/a"];
+        let mut argv = vec![
+            "walagent",
+            "backup",
+            "--source",
+            "host=db1",
+            "--archive",
+            "/a",
+        ];
         argv.extend_from_slice(extra);
         match Cli::try_parse_from(argv).unwrap().command {
             Command::Backup(a) => a,
@@ -391,7 +402,16 @@ mod tests {
             26 * MIB
         );
         for bad in ["25MB", "0", "lots"] {
-            let argv = ["walagent", "backup", "--source", "h", "--archive", "/a", "--memory-limit", bad];
+            let argv = [
+                "walagent",
+                "backup",
+                "--source",
+                "h",
+                "--archive",
+                "/a",
+                "--memory-limit",
+                bad,
+            ];
             let err = Cli::try_parse_from(argv).unwrap_err().to_string();
             assert!(err.contains("--memory-limit"), "{bad}: {err}");
         }
@@ -409,7 +429,8 @@ mod tests {
         assert_eq!(backup_compress_threads(None, &default, Some(1)), 0);
         // An explicit --compress-threads wins over the plan.
         assert_eq!(backup_compress_threads(Some(6), &small, Some(8)), 6);
-        let opts = backup_args(&["--memory-limit", "26MB"]).resolve_with(conninfo(), &small, Some(4));
+        let opts =
+            backup_args(&["--memory-limit", "26MB"]).resolve_with(conninfo(), &small, Some(4));
         assert_eq!(opts.compress_threads, 0);
     }
 
