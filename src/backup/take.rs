@@ -988,6 +988,110 @@ async fn decompress_body(key: &str, body: Bytes) -> Result<Bytes, BackupError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const FIXTURE_SYSID: u64 = 7710843067740758272;
+
+    fn fixture(name: &str) -> Vec<u8> {
+        let path = format!(
+            "{}/tests/fixtures/wal/{name}.zst",
+            env!("CARGO_MANIFEST_DIR")
+        );
+        zstd::stream::decode_all(&std::fs::read(path).unwrap()[..]).unwrap()
+    }
+
+    fn tee(store: Arc<dyn Store>) -> WalTee {
+        WalTee {
+            store,
+            params: VerifyParams {
+                system_identifier: FIXTURE_SYSID,
+                segment_size: SegmentSize::new(1 << 20).unwrap(),
+                timeline: tl(1),
+            },
+            compression: Compression::Zstd { level: 1 },
+            entry: None,
+            streamed: None,
+            archived: 0,
+        }
+    }
+
+    async fn pass(t: &mut WalTee, name: &str, wal: &[u8]) -> Result<(), BackupError> {
+        t.begin(name, wal.len() as u64);
+        assert!(
+            t.streamed.is_some() && t.entry.is_none(),
+            "zstd segments stream"
+        );
+        for piece in wal.chunks(77_777) {
+            t.data(piece);
+        }
+        t.end().await
+    }
+
+    /// A segment of the tar is checked and compressed piece by piece; what is stored holds the
+    /// same WAL; the same WAL already stored with another encoding is no conflict (the body is
+    /// decompressed to compare), other bytes under its name are; bad WAL is refused.
+    #[tokio::test]
+    async fn tar_wal_streams_through_check_and_zstd() {
+        let dir = std::env::temp_dir().join(format!("walagent-take-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let store: Arc<dyn Store> = Arc::new(crate::archive::LocalStore::open(&dir).unwrap());
+        let name = "000000010000000000000009";
+        let wal = fixture(name);
+        let mut t = tee(store.clone());
+        pass(&mut t, name, &wal).await.unwrap();
+        assert_eq!(t.archived, 1);
+        let keys: Vec<String> = store
+            .list("wal/")
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|o| o.key)
+            .collect();
+        assert_eq!(keys.len(), 1, "{keys:?}");
+        let stored = crate::archive::read_wal_object(store.as_ref(), &keys[0])
+            .await
+            .unwrap();
+        assert_eq!(stored.as_deref(), Some(&wal[..]));
+        // The same WAL at another level under that name: fine.
+        store.delete(&keys[0]).await.unwrap();
+        let other = crate::archive::compress::compress_bulk(&wal, 9).unwrap();
+        store
+            .put_bytes(&keys[0], Bytes::from(other), PutMode::NoOverwrite)
+            .await
+            .unwrap();
+        pass(&mut t, name, &wal).await.unwrap();
+        assert_eq!(t.archived, 2);
+        // Other WAL under that name: a conflict.
+        store.delete(&keys[0]).await.unwrap();
+        let foreign =
+            crate::archive::compress::compress_bulk(&fixture("00000001000000000000000A"), 1)
+                .unwrap();
+        store
+            .put_bytes(&keys[0], Bytes::from(foreign), PutMode::NoOverwrite)
+            .await
+            .unwrap();
+        let err = pass(&mut t, name, &wal).await.unwrap_err();
+        assert!(
+            matches!(err, BackupError::Store(StoreError::Conflict { .. })),
+            "{err:?}"
+        );
+        // A flipped byte in a record: refused before anything is stored.
+        let mut bad = wal.clone();
+        bad[30_000] ^= 0x40;
+        let err = pass(&mut tee(store.clone()), "00000001000000000000000A", &bad)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, BackupError::BadWal { .. }), "{err:?}");
+        // A short segment too.
+        let err = pass(
+            &mut tee(store.clone()),
+            "00000001000000000000000B",
+            &wal[..1 << 19],
+        )
+        .await
+        .unwrap_err();
+        assert!(matches!(err, BackupError::BadWal { .. }), "{err:?}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
     use crate::wal::timeline::tl;
 
     #[test]
