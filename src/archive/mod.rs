@@ -8,6 +8,7 @@ pub mod index;
 pub mod layout;
 pub mod local;
 pub mod lock;
+pub mod memory;
 pub mod meta;
 pub mod s3;
 pub mod segment;

@@ -37,13 +37,13 @@ use crate::protocol::basebackup::{BackupCopyMessage, BackupStreamDecoder, BaseBa
 use crate::protocol::conninfo::ConnInfo;
 use crate::protocol::replication::BackupEvent;
 use crate::protocol::ProtocolError;
-use crate::wal::verify::{check_segment, VerifyParams};
+use crate::wal::verify::{check_segment, SegmentChecker, VerifyParams};
 use crate::wal::{
     history_file_name, parse_history_file_name, Lsn, SegmentId, SegmentSize, Timeline,
 };
 
-/// Bytes handed to the compressor / uploader at a time.
-const CHUNK: usize = 1 << 20;
+// Bytes handed to the compressor / uploader at a time, the queue depths between the stages and
+// the zstd job size come from the memory plan (`archive::memory`, `--memory-limit`).
 
 #[derive(Debug, Clone)]
 pub struct BackupOptions {
@@ -197,6 +197,7 @@ pub async fn take(
             params,
             compression: opts.compression,
             entry: None,
+            streamed: None,
             archived: 0,
         },
     };
@@ -435,6 +436,8 @@ struct ArchiveSink {
     /// Inside an entry that is not forwarded (a WAL file).
     skipping: bool,
     pending: BytesMut,
+    /// Bytes forwarded at a time.
+    chunk: usize,
     tar_bytes: u64,
     tx: Option<mpsc::Sender<Bytes>>,
     compressor: Option<std::thread::JoinHandle<io::Result<()>>>,
@@ -453,17 +456,20 @@ impl ArchiveSink {
         compression: Compression,
         threads: u32,
     ) -> Result<ArchiveSink, BackupError> {
-        let (up_tx, mut up_rx) = mpsc::channel::<Bytes>(4);
+        let plan = crate::archive::memory::plan();
+        let depth = plan.backup_queue.max(1);
+        let (up_tx, mut up_rx) = mpsc::channel::<Bytes>(depth);
         let (input_tx, compressor) = match compression {
             Compression::None => (up_tx, None),
             Compression::Zstd { level } => {
-                let (in_tx, in_rx) = mpsc::channel::<Bytes>(4);
-                let h = spawn_compressor(level, threads, in_rx, up_tx).map_err(|source| {
-                    BackupError::Compress {
-                        name: name.clone(),
-                        source,
-                    }
-                })?;
+                let (in_tx, in_rx) = mpsc::channel::<Bytes>(depth);
+                let h =
+                    spawn_compressor(level, threads, &plan, in_rx, up_tx).map_err(|source| {
+                        BackupError::Compress {
+                            name: name.clone(),
+                            source,
+                        }
+                    })?;
                 (in_tx, Some(h))
             }
         };
@@ -492,6 +498,7 @@ impl ArchiveSink {
             events: Vec::new(),
             skipping: false,
             pending: BytesMut::new(),
+            chunk: plan.backup_chunk.max(1),
             tar_bytes: 0,
             tx: Some(input_tx),
             compressor,
@@ -553,7 +560,7 @@ impl ArchiveSink {
         }
         self.tar_bytes += b.len() as u64;
         self.pending.extend_from_slice(&b);
-        if self.pending.len() >= CHUNK {
+        if self.pending.len() >= self.chunk {
             self.send_pending().await?;
         }
         Ok(())
@@ -672,18 +679,22 @@ impl ArchiveSink {
 }
 
 /// A zstd encoder on its own thread (with `threads` zstd workers): Bytes in, compressed chunks
-/// of about [`CHUNK`] bytes out.
+/// of about the plan's chunk size out.
 fn spawn_compressor(
     level: i32,
     threads: u32,
+    plan: &crate::archive::memory::MemoryPlan,
     mut input: mpsc::Receiver<Bytes>,
     output: mpsc::Sender<Bytes>,
 ) -> io::Result<std::thread::JoinHandle<io::Result<()>>> {
+    let chunk = plan.backup_chunk.max(1);
+    let job = plan.backup_zstd_job;
     std::thread::Builder::new()
         .name("walagent-zstd".into())
         .spawn(move || {
             let sink = ChunkSender {
-                buf: Vec::with_capacity(CHUNK),
+                buf: Vec::with_capacity(chunk),
+                chunk,
                 tx: output,
             };
             let mut enc = zstd::stream::write::Encoder::new(sink, level)?;
@@ -691,7 +702,7 @@ fn spawn_compressor(
             if threads > 1 {
                 enc.multithread(threads)?;
                 // Smaller jobs than zstd's default (4 x window) keep the workers' buffers small.
-                enc.set_parameter(zstd::stream::raw::CParameter::JobSize(1 << 20))?;
+                enc.set_parameter(zstd::stream::raw::CParameter::JobSize(job))?;
             }
             while let Some(b) = input.blocking_recv() {
                 enc.write_all(&b)?;
@@ -704,6 +715,7 @@ fn spawn_compressor(
 
 struct ChunkSender {
     buf: Vec<u8>,
+    chunk: usize,
     tx: mpsc::Sender<Bytes>,
 }
 
@@ -712,7 +724,7 @@ impl ChunkSender {
         if self.buf.is_empty() {
             return Ok(());
         }
-        let chunk = std::mem::replace(&mut self.buf, Vec::with_capacity(CHUNK));
+        let chunk = std::mem::replace(&mut self.buf, Vec::with_capacity(self.chunk));
         self.tx
             .blocking_send(Bytes::from(chunk))
             .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "the upload stopped"))
@@ -722,7 +734,7 @@ impl ChunkSender {
 impl Write for ChunkSender {
     fn write(&mut self, b: &[u8]) -> io::Result<usize> {
         self.buf.extend_from_slice(b);
-        if self.buf.len() >= CHUNK {
+        if self.buf.len() >= self.chunk {
             self.send()?;
         }
         Ok(b.len())
@@ -741,8 +753,89 @@ struct WalTee {
     params: VerifyParams,
     compression: Compression,
     entry: Option<(String, BytesMut)>,
+    /// A segment checked and compressed as its bytes go by (zstd), never held whole.
+    streamed: Option<StreamedSegment>,
     /// WAL files archived from the tar.
     archived: usize,
+}
+
+/// One WAL segment of the tar on its way: checked and compressed piece by piece, so only its
+/// compressed form is in memory (the raw segment is recovered by decompressing it in the rare
+/// case of a conflicting object).
+struct StreamedSegment {
+    name: String,
+    id: SegmentId,
+    checker: SegmentChecker,
+    bad: Option<crate::wal::verify::VerifyError>,
+    enc: Option<zstd::stream::write::Encoder<'static, Vec<u8>>>,
+    enc_err: Option<io::Error>,
+}
+
+impl StreamedSegment {
+    fn start(
+        name: &str,
+        id: SegmentId,
+        params: VerifyParams,
+        seg_size: SegmentSize,
+        size: u64,
+        level: i32,
+    ) -> io::Result<StreamedSegment> {
+        let params = VerifyParams {
+            timeline: id.timeline,
+            ..params
+        };
+        let mut enc = zstd::stream::write::Encoder::new(Vec::new(), level)?;
+        enc.include_checksum(true)?;
+        enc.include_contentsize(true)?;
+        enc.set_pledged_src_size(Some(size))?;
+        Ok(StreamedSegment {
+            name: name.to_string(),
+            id,
+            checker: SegmentChecker::new(params, id.start_lsn(seg_size)),
+            bad: None,
+            enc: Some(enc),
+            enc_err: None,
+        })
+    }
+
+    fn data(&mut self, d: &[u8]) {
+        if self.bad.is_none() {
+            if let Err(e) = self.checker.update(d) {
+                self.bad = Some(e);
+            }
+        }
+        if self.bad.is_some() || self.enc_err.is_some() {
+            return;
+        }
+        if let Some(enc) = &mut self.enc {
+            if let Err(e) = enc.write_all(d) {
+                self.enc_err = Some(e);
+            }
+        }
+    }
+
+    /// The check's verdict and the compressed segment.
+    fn finish(self) -> Result<(crate::wal::verify::SegmentCheck, Bytes), BackupError> {
+        let name = self.name;
+        let check = match self.bad {
+            Some(e) => Err(e),
+            None => self.checker.finish(),
+        }
+        .map_err(|e| BackupError::BadWal {
+            name: name.clone(),
+            source: Box::new(e),
+        })?;
+        let body = match (self.enc_err, self.enc) {
+            (Some(e), _) => Err(e),
+            (None, Some(enc)) => enc.finish(),
+            (None, None) => Err(io::Error::other("no encoder")),
+        }
+        .map_err(|source| BackupError::Compress {
+            name: name.clone(),
+            source,
+        })?;
+        Ok((check, Bytes::from(body)))
+    }
 }
 
 impl WalTee {
@@ -752,17 +845,45 @@ impl WalTee {
     }
 
     fn begin(&mut self, name: &str, size: u64) {
-        let cap = size.min(u64::from(self.params.segment_size.bytes())) as usize;
+        let seg_size = self.params.segment_size;
+        if let (Compression::Zstd { level }, Some(id)) =
+            (self.compression, SegmentId::parse_file_name(name, seg_size))
+        {
+            match StreamedSegment::start(name, id, self.params, seg_size, size, level) {
+                Ok(s) => {
+                    self.streamed = Some(s);
+                    return;
+                }
+                Err(e) => tracing::debug!(
+                    name,
+                    "zstd encoder not available ({e}); buffering the segment"
+                ),
+            }
+        }
+        let cap = size.min(u64::from(seg_size.bytes())) as usize;
         self.entry = Some((name.to_string(), BytesMut::with_capacity(cap)));
     }
 
     fn data(&mut self, d: &[u8]) {
-        if let Some((_, buf)) = &mut self.entry {
+        if let Some(s) = &mut self.streamed {
+            s.data(d);
+        } else if let Some((_, buf)) = &mut self.entry {
             buf.extend_from_slice(d);
         }
     }
 
     async fn end(&mut self) -> Result<(), BackupError> {
+        if let Some(s) = self.streamed.take() {
+            let id = s.id;
+            let (check, body) = s.finish()?;
+            let key = layout::segment_key(
+                id,
+                self.params.segment_size,
+                self.compression,
+                !check.complete,
+            );
+            return self.store_segment(key, body, None, check.complete).await;
+        }
         let Some((name, buf)) = self.entry.take() else {
             return Ok(());
         };
@@ -809,27 +930,168 @@ impl WalTee {
             source,
         })?;
         let key = layout::segment_key(id, seg_size, self.compression, !check.complete);
-        match self.store.put_bytes(&key, body, PutMode::NoOverwrite).await {
+        self.store_segment(key, body, Some(buf), check.complete)
+            .await
+    }
+
+    /// Stores a checked segment `body` (no overwrite); `raw` is its WAL when at hand, else the
+    /// body is decompressed to compare it with a conflicting object.
+    async fn store_segment(
+        &mut self,
+        key: String,
+        body: Bytes,
+        raw: Option<Bytes>,
+        complete: bool,
+    ) -> Result<(), BackupError> {
+        match self
+            .store
+            .put_bytes(&key, body.clone(), PutMode::NoOverwrite)
+            .await
+        {
             Ok(()) => {}
-            // `walagent stream` got there first, maybe with another encoding of the same WAL.
             Err(StoreError::Conflict { .. })
-                if crate::archive::same_wal_content(self.store.as_ref(), &key, &buf).await? => {}
+                if {
+                    let raw = match raw {
+                        Some(r) => r,
+                        None => decompress_body(&key, body).await?,
+                    };
+                    // `walagent stream` got there first, maybe with another encoding of the
+                    // same WAL.
+                    crate::archive::same_wal_content(self.store.as_ref(), &key, &raw).await?
+                } => {}
             // A partial that a running `walagent stream` stored with a different tail is fine:
             // the complete segment will follow from the stream.
-            Err(StoreError::Conflict { .. }) if !check.complete => {
+            Err(StoreError::Conflict { .. }) if !complete => {
                 tracing::warn!(%key, "a different partial segment is already archived; kept it");
             }
             Err(e) => return Err(e.into()),
         }
-        tracing::debug!(%key, complete = check.complete, "WAL from the backup archived");
+        tracing::debug!(%key, complete, "WAL from the backup archived");
         self.archived += 1;
         Ok(())
     }
 }
 
+/// The WAL of a compressed segment body this backup produced.
+async fn decompress_body(key: &str, body: Bytes) -> Result<Bytes, BackupError> {
+    let name = key.rsplit('/').next().unwrap_or(key).to_string();
+    let res = tokio::task::spawn_blocking(move || {
+        let mut out = Vec::with_capacity(body.len().saturating_mul(3));
+        crate::archive::compress::decompress_stream(&body[..], &mut out, true).map(|_| out)
+    })
+    .await
+    .map_err(BackupError::Worker)?;
+    res.map(Bytes::from)
+        .map_err(|source| BackupError::Compress { name, source })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const FIXTURE_SYSID: u64 = 7710843067740758272;
+
+    fn fixture(name: &str) -> Vec<u8> {
+        let path = format!(
+            "{}/tests/fixtures/wal/{name}.zst",
+            env!("CARGO_MANIFEST_DIR")
+        );
+        zstd::stream::decode_all(&std::fs::read(path).unwrap()[..]).unwrap()
+    }
+
+    fn tee(store: Arc<dyn Store>) -> WalTee {
+        WalTee {
+            store,
+            params: VerifyParams {
+                system_identifier: FIXTURE_SYSID,
+                segment_size: SegmentSize::new(1 << 20).unwrap(),
+                timeline: tl(1),
+            },
+            compression: Compression::Zstd { level: 1 },
+            entry: None,
+            streamed: None,
+            archived: 0,
+        }
+    }
+
+    async fn pass(t: &mut WalTee, name: &str, wal: &[u8]) -> Result<(), BackupError> {
+        t.begin(name, wal.len() as u64);
+        assert!(
+            t.streamed.is_some() && t.entry.is_none(),
+            "zstd segments stream"
+        );
+        for piece in wal.chunks(77_777) {
+            t.data(piece);
+        }
+        t.end().await
+    }
+
+    /// A segment of the tar is checked and compressed piece by piece; what is stored holds the
+    /// same WAL; the same WAL already stored with another encoding is no conflict (the body is
+    /// decompressed to compare), other bytes under its name are; bad WAL is refused.
+    #[tokio::test]
+    async fn tar_wal_streams_through_check_and_zstd() {
+        let dir = std::env::temp_dir().join(format!("walagent-take-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let store: Arc<dyn Store> = Arc::new(crate::archive::LocalStore::open(&dir).unwrap());
+        let name = "000000010000000000000009";
+        let wal = fixture(name);
+        let mut t = tee(store.clone());
+        pass(&mut t, name, &wal).await.unwrap();
+        assert_eq!(t.archived, 1);
+        let keys: Vec<String> = store
+            .list("wal/")
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|o| o.key)
+            .collect();
+        assert_eq!(keys.len(), 1, "{keys:?}");
+        let stored = crate::archive::read_wal_object(store.as_ref(), &keys[0])
+            .await
+            .unwrap();
+        assert_eq!(stored.as_deref(), Some(&wal[..]));
+        // The same WAL at another level under that name: fine.
+        store.delete(&keys[0]).await.unwrap();
+        let other = crate::archive::compress::compress_bulk(&wal, 9).unwrap();
+        store
+            .put_bytes(&keys[0], Bytes::from(other), PutMode::NoOverwrite)
+            .await
+            .unwrap();
+        pass(&mut t, name, &wal).await.unwrap();
+        assert_eq!(t.archived, 2);
+        // Other WAL under that name: a conflict.
+        store.delete(&keys[0]).await.unwrap();
+        let foreign =
+            crate::archive::compress::compress_bulk(&fixture("00000001000000000000000A"), 1)
+                .unwrap();
+        store
+            .put_bytes(&keys[0], Bytes::from(foreign), PutMode::NoOverwrite)
+            .await
+            .unwrap();
+        let err = pass(&mut t, name, &wal).await.unwrap_err();
+        assert!(
+            matches!(err, BackupError::Store(StoreError::Conflict { .. })),
+            "{err:?}"
+        );
+        // A flipped byte in a record: refused before anything is stored.
+        let mut bad = wal.clone();
+        bad[30_000] ^= 0x40;
+        let err = pass(&mut tee(store.clone()), "00000001000000000000000A", &bad)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, BackupError::BadWal { .. }), "{err:?}");
+        // A short segment too.
+        let err = pass(
+            &mut tee(store.clone()),
+            "00000001000000000000000B",
+            &wal[..1 << 19],
+        )
+        .await
+        .unwrap_err();
+        assert!(matches!(err, BackupError::BadWal { .. }), "{err:?}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
     use crate::wal::timeline::tl;
 
     #[test]

@@ -361,6 +361,11 @@ pub struct RestoreArgs {
     #[arg(long, value_name = "DIR")]
     pub pgdata: PathBuf,
 
+    /// Peak memory (resident set) to plan the pipelines for, e.g. 32MB (the default) or 128MB:
+    /// sets S3 part sizes, parts in flight, buffers and zstd workers (at least 26MB).
+    #[arg(long, value_name = "SIZE", default_value = "32MB", value_parser = parse_memory_limit)]
+    pub memory_limit: u64,
+
     /// Stop at this time, with a zone: RFC 3339 (2026-11-22T09:15:00Z) or PostgreSQL's form
     /// (2026-11-22 10:15:00+01).
     #[arg(long, value_name = "TS")]
@@ -474,9 +479,15 @@ pub struct BackupArgs {
     #[arg(long, value_name = "METHOD", default_value = "zstd:1")]
     pub compress: Compression,
 
-    /// zstd worker threads (default: number of CPUs, at most 8).
+    /// zstd worker threads (default: number of CPUs, at most 8, and as many as --memory-limit
+    /// allows).
     #[arg(long, value_name = "N")]
     pub compress_threads: Option<u32>,
+
+    /// Peak memory (resident set) to plan the pipelines for, e.g. 32MB (the default) or 128MB:
+    /// sets S3 part sizes, parts in flight, buffers and zstd workers (at least 26MB).
+    #[arg(long, value_name = "SIZE", default_value = "32MB", value_parser = parse_memory_limit)]
+    pub memory_limit: u64,
 
     /// Backup label recorded by the server (default: walagent <id>).
     #[arg(long, value_name = "TEXT")]
@@ -635,6 +646,11 @@ pub struct StreamArgs {
     #[arg(long, value_name = "SIZE", default_value = "1GB", value_parser = parse_size)]
     pub spool_max_size: u64,
 
+    /// Peak memory (resident set) to plan the pipelines for, e.g. 32MB (the default) or 128MB:
+    /// sets S3 part sizes, parts in flight, buffers and zstd workers (at least 26MB).
+    #[arg(long, value_name = "SIZE", default_value = "32MB", value_parser = parse_memory_limit)]
+    pub memory_limit: u64,
+
     /// What the flush position reported to the server means: `archived` (durable in the
     /// archive) or `fsync` (fsynced in the local spool; faster to advance, weaker).
     /// --synchronous implies fsync.
@@ -750,6 +766,19 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     };
     n.checked_mul(mult)
         .ok_or_else(|| format!("size {s:?} is too large"))
+}
+
+/// `--memory-limit`: a size ([`parse_size`]) of at least the smallest workable budget.
+pub fn parse_memory_limit(s: &str) -> Result<u64, String> {
+    let n = parse_size(s)?;
+    let min = crate::archive::memory::MIN_LIMIT;
+    if n < min {
+        return Err(format!(
+            "memory limit {s:?} is below the smallest workable budget, {}MB",
+            min >> 20
+        ));
+    }
+    Ok(n)
 }
 
 fn parse_slot_name(s: &str) -> Result<String, String> {

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::{BackupArgs, CheckpointMode, RestoreArgs, SeedStandbyArgs, StreamArgs, WalFetchArgs};
+use crate::archive::memory::{self, MemoryPlan};
 use crate::archive::{self, Store};
 use crate::backup::seed::SeedOptions;
 use crate::backup::take::BackupOptions;
@@ -88,6 +89,7 @@ impl StreamArgs {
         if self.spool.is_none() && archive::is_remote(&self.archive) {
             receive::spool::warn_legacy_default(Path::new("walagent-spool"));
         }
+        memory::install(MemoryPlan::for_limit(self.memory_limit));
         self.resolve_with(conninfo, store, cpus())
     }
 
@@ -133,19 +135,47 @@ impl StreamArgs {
 }
 
 impl BackupArgs {
+    /// The backup's options; installs the memory plan of `--memory-limit` for the pipeline.
     pub fn resolve(self, conninfo: ConnInfo) -> BackupOptions {
+        let plan = MemoryPlan::for_limit(self.memory_limit);
+        memory::install(plan);
+        self.resolve_with(conninfo, &plan, cpus())
+    }
+
+    /// [`BackupArgs::resolve`] for a given plan and CPU count, installing nothing.
+    pub fn resolve_with(
+        self,
+        conninfo: ConnInfo,
+        plan: &MemoryPlan,
+        cpus: Option<usize>,
+    ) -> BackupOptions {
         BackupOptions {
             conninfo,
             checkpoint_fast: self.checkpoint == CheckpointMode::Fast,
             max_rate_kbps: self.max_rate,
             compression: self.compress,
-            compress_threads: self
-                .compress_threads
-                .unwrap_or_else(|| default_compress_threads(cpus())),
+            compress_threads: backup_compress_threads(self.compress_threads, plan, cpus),
             label: self.label,
             progress: show_progress(self.no_progress),
         }
     }
+}
+
+/// zstd workers of a backup: `--compress-threads` when given, else the CPU count's default
+/// capped by the memory plan (0: compression on the compressor's own thread).
+pub fn backup_compress_threads(
+    explicit: Option<u32>,
+    plan: &MemoryPlan,
+    cpus: Option<usize>,
+) -> u32 {
+    explicit.unwrap_or_else(|| {
+        let n = default_compress_threads(cpus).min(plan.backup_zstd_workers);
+        if n > 1 {
+            n
+        } else {
+            0
+        }
+    })
 }
 
 impl SeedStandbyArgs {
@@ -195,6 +225,9 @@ impl RestoreArgs {
 
     /// The restore's options; the walagent binary for restore_command defaults to this one.
     pub fn resolve(&self) -> Result<RestoreOptions, ArgError> {
+        // Restore's pipeline (GET body -> zstd -> tar -> files) has fixed buffers below the
+        // smallest budget; the plan is installed for the S3 store all the same.
+        memory::install(MemoryPlan::for_limit(self.memory_limit));
         self.resolve_with(std::env::current_exe)
     }
 
@@ -320,6 +353,69 @@ mod tests {
 
     fn conninfo() -> ConnInfo {
         ConnInfo::parse("host=db1 user=r").unwrap()
+    }
+
+    fn backup_args(extra: &[&str]) -> BackupArgs {
+        let mut argv = vec![
+            "walagent",
+            "backup",
+            "--source",
+            "host=db1",
+            "--archive",
+            "/a",
+        ];
+        argv.extend_from_slice(extra);
+        match Cli::try_parse_from(argv).unwrap().command {
+            Command::Backup(a) => a,
+            c => panic!("{c:?}"),
+        }
+    }
+
+    #[test]
+    fn memory_limit_defaults_and_bounds() {
+        const MIB: u64 = 1 << 20;
+        assert_eq!(stream_args("/a", &[]).memory_limit, 32 * MIB);
+        assert_eq!(backup_args(&[]).memory_limit, 32 * MIB);
+        assert_eq!(restore_args(&[]).memory_limit, 32 * MIB);
+        assert_eq!(
+            backup_args(&["--memory-limit", "128MB"]).memory_limit,
+            128 * MIB
+        );
+        assert_eq!(
+            restore_args(&["--memory-limit", "26MB"]).memory_limit,
+            26 * MIB
+        );
+        for bad in ["25MB", "0", "lots"] {
+            let argv = [
+                "walagent",
+                "backup",
+                "--source",
+                "h",
+                "--archive",
+                "/a",
+                "--memory-limit",
+                bad,
+            ];
+            let err = Cli::try_parse_from(argv).unwrap_err().to_string();
+            assert!(err.contains("--memory-limit"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn memory_plan_caps_backup_zstd_workers() {
+        let small = MemoryPlan::for_limit(26 << 20);
+        let default = MemoryPlan::for_limit(32 << 20);
+        // 26MB: no room for zstd workers; compression on the compressor's thread.
+        assert_eq!(backup_compress_threads(None, &small, Some(8)), 0);
+        // 32MB: two workers on any machine with two CPUs or more, one CPU: none.
+        assert_eq!(backup_compress_threads(None, &default, Some(8)), 2);
+        assert_eq!(backup_compress_threads(None, &default, Some(2)), 2);
+        assert_eq!(backup_compress_threads(None, &default, Some(1)), 0);
+        // An explicit --compress-threads wins over the plan.
+        assert_eq!(backup_compress_threads(Some(6), &small, Some(8)), 6);
+        let opts =
+            backup_args(&["--memory-limit", "26MB"]).resolve_with(conninfo(), &small, Some(4));
+        assert_eq!(opts.compress_threads, 0);
     }
 
     fn temp_archive(name: &str) -> std::path::PathBuf {

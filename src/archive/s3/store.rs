@@ -15,14 +15,14 @@ use aws_sdk_s3::config::{
     Credentials, Region, RequestChecksumCalculation, ResponseChecksumValidation,
 };
 use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
-use aws_sdk_s3::primitives::ByteStream;
+use aws_sdk_s3::primitives::{ByteStream, Length};
 use aws_sdk_s3::types::ChecksumMode;
 use aws_sdk_s3::Client;
 use aws_smithy_http_client::tls::{self, rustls_provider::CryptoMode};
 use bytes::Bytes;
 use tokio::io::AsyncWriteExt;
 
-use super::checksum::{b64_crc, content_type_for, decode_b64_crc, meta_crc};
+use super::checksum::{b64_crc, content_type_for, decode_b64_crc, file_crc, meta_crc};
 use super::error::{is_code, is_not_implemented, is_precondition_failed, status_of};
 use super::location::S3Location;
 use super::settings::{
@@ -90,6 +90,15 @@ fn system_roots_usable() -> Result<(), String> {
 pub(super) struct Existing {
     pub(super) size: u64,
     pub(super) crc: Option<u32>,
+}
+
+/// Read buffer of a PutObject body streamed from a file.
+const FILE_BODY_BUFFER: usize = 64 * 1024;
+
+/// The body of a single PutObject.
+enum Body<'a> {
+    Mem(Bytes),
+    File(&'a Path),
 }
 
 /// Where a download goes: memory, or a file created (0600) once the object is known to exist.
@@ -491,13 +500,38 @@ impl S3Store {
     ) -> Result<(), StoreError> {
         validate_key(key)?;
         let size = data.len() as u64;
+        let crc = crc32fast::hash(&data);
+        self.put_object(key, Body::Mem(data), size, crc, mode).await
+    }
+
+    /// One PutObject whose body streams from the file `src` of `size` bytes and CRC-32 `crc`
+    /// (read again for every attempt), so the object is never held in memory.
+    pub(super) async fn put_single_file(
+        &self,
+        key: &str,
+        src: &Path,
+        size: u64,
+        crc: u32,
+        mode: PutMode,
+    ) -> Result<(), StoreError> {
+        validate_key(key)?;
+        self.put_object(key, Body::File(src), size, crc, mode).await
+    }
+
+    async fn put_object(
+        &self,
+        key: &str,
+        body: Body<'_>,
+        size: u64,
+        crc: u32,
+        mode: PutMode,
+    ) -> Result<(), StoreError> {
         if size > MAX_PART {
             return Err(StoreError::Remote {
                 context: format!("S3 PutObject {}", self.url(Some(key))),
                 detail: format!("{size} bytes is more than a single PUT may carry (5 GiB)"),
             });
         }
-        let crc = crc32fast::hash(&data);
         loop {
             let conditional =
                 mode == PutMode::NoOverwrite && self.conditional_writes.load(Ordering::Relaxed);
@@ -506,6 +540,23 @@ impl S3Store {
                     return self.same_as_existing(key, &existing, size, crc).await;
                 }
             }
+            let stream = match &body {
+                Body::Mem(data) => ByteStream::from(data.clone()),
+                // A sized body read from the file as it is sent (the SDK opens it again for a
+                // retry); the CRC-32 header and metadata come from the pass that computed `crc`.
+                Body::File(src) => ByteStream::read_from()
+                    .path(src)
+                    .buffer_size(FILE_BODY_BUFFER)
+                    .length(Length::Exact(size))
+                    .build()
+                    .await
+                    .map_err(|e| {
+                        StoreError::io(
+                            format!("cannot read {} to archive it as {key}", src.display()),
+                            io::Error::other(e),
+                        )
+                    })?,
+            };
             let mut req = self
                 .client
                 .put_object()
@@ -514,8 +565,9 @@ impl S3Store {
                 .content_length(size as i64)
                 .metadata(META_CRC32, format!("{crc:08x}"))
                 .content_type(content_type_for(key))
-                .body(ByteStream::from(data.clone()));
+                .body(stream);
             if self.send_checksums {
+                // Set by us, the SDK neither computes one nor switches to aws-chunked encoding.
                 req = req.checksum_crc32(b64_crc(crc));
             }
             if conditional {
@@ -570,8 +622,10 @@ impl Store for S3Store {
         if size > self.opts.multipart_threshold {
             return self.put_multipart(key, src, size, mode).await;
         }
-        let data = tokio::fs::read(src).await.map_err(read_err)?;
-        self.put_single(key, Bytes::from(data), mode).await
+        // Streamed from the file (never held whole in memory): one pass for the CRC-32 that
+        // goes into the headers, one as the body.
+        let crc = file_crc(src).await.map_err(read_err)?;
+        self.put_single_file(key, src, size, crc, mode).await
     }
 
     async fn put_bytes(&self, key: &str, data: Bytes, mode: PutMode) -> Result<(), StoreError> {
@@ -682,6 +736,7 @@ impl Store for S3Store {
             in_flight: tokio::task::JoinSet::new(),
             total: 0,
             whole: crc32fast::Hasher::new(),
+            plan: crate::archive::memory::plan(),
         }))
     }
 

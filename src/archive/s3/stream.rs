@@ -14,13 +14,11 @@ use super::checksum::{b64_crc, content_type_for, copy_source};
 use super::error::error_chain;
 use super::store::S3Store;
 use super::{MAX_PART, META_CRC32, MIB, MIN_PART};
+use crate::archive::memory::MemoryPlan;
 use crate::archive::{ObjectReader, ObjectWriter, PutMode, StoreError};
 
-/// Largest first part size of a streamed object.
+/// Largest first part size of a streamed object (the memory plan picks 5 to 8 MiB).
 pub(super) const STREAM_PART_BASE: u64 = 8 * MIB;
-
-/// Part uploads of one streamed object in flight at once.
-pub(super) const STREAM_PARTS_IN_FLIGHT: usize = 4;
 
 /// Part size for the `n`-th part (1-based) of a streamed object: the base part size (at least
 /// 5 MiB) for the first 2,000 parts, doubling every 2,000 after, so an object of unknown size can
@@ -31,7 +29,10 @@ pub(super) fn stream_part_size(base: u64, n: u32) -> u64 {
 }
 
 /// A streamed upload: a single PutObject when the whole object fits in one part, else a
-/// multipart upload with up to [`STREAM_PARTS_IN_FLIGHT`] parts going up at once.
+/// multipart upload with up to [`MemoryPlan::stream_parts_in_flight`] parts going up at once
+/// while the next one fills (the plan also sets the part size: see `proto-notes/memory.md`).
+///
+/// [`MemoryPlan::stream_parts_in_flight`]: crate::archive::memory::MemoryPlan::stream_parts_in_flight
 ///
 /// Integrity of a multipart stream (the whole-object CRC-32 is only known at the end):
 /// - unless requests are `when_required`, the upload is created with checksum type
@@ -54,13 +55,20 @@ pub(super) struct S3Writer {
     pub(super) total: u64,
     /// CRC-32 of everything written so far, in order.
     pub(super) whole: crc32fast::Hasher,
+    /// Part size and parts in flight.
+    pub(super) plan: MemoryPlan,
 }
 
 impl S3Writer {
     pub(super) fn current_part_size(&self) -> usize {
-        // Streams start with parts of at most 8 MiB: with 4 in flight that bounds the memory
-        // a backup upload holds to about 40 MiB.
-        let base = self.store.opts.part_size.min(STREAM_PART_BASE);
+        // Parts of the memory plan's size (at most 8 MiB): with its parts in flight plus the one
+        // filling, that bounds the memory an upload holds.
+        let base = self
+            .store
+            .opts
+            .part_size
+            .min(self.plan.stream_part_size)
+            .min(STREAM_PART_BASE);
         stream_part_size(base, self.next_part as u32) as usize
     }
 
@@ -90,7 +98,7 @@ impl S3Writer {
 
     pub(super) async fn send_part(&mut self, data: Bytes) -> Result<(), StoreError> {
         let upload_id = self.start_upload().await?;
-        while self.in_flight.len() >= STREAM_PARTS_IN_FLIGHT {
+        while self.in_flight.len() >= self.plan.stream_parts_in_flight.max(1) {
             self.reap_one().await?;
         }
         let number = self.next_part;
@@ -182,18 +190,27 @@ impl ObjectWriter for S3Writer {
     async fn write(&mut self, data: Bytes) -> Result<(), StoreError> {
         self.total += data.len() as u64;
         self.whole.update(&data);
-        self.buf.extend_from_slice(&data);
-        loop {
+        let mut rest = &data[..];
+        while !rest.is_empty() {
             let size = self.current_part_size();
+            if self.buf.is_empty() {
+                // Exactly one part's allocation: a part in flight never shares (or doubles)
+                // the buffer of the next.
+                self.buf = bytes::BytesMut::with_capacity(size);
+            }
+            let take = (size - self.buf.len()).min(rest.len());
+            self.buf.extend_from_slice(&rest[..take]);
+            rest = &rest[take..];
             if self.buf.len() < size {
                 return Ok(());
             }
-            let part = self.buf.split_to(size).freeze();
+            let part = std::mem::take(&mut self.buf).freeze();
             if let Err(e) = self.send_part(part).await {
                 self.abort_upload().await;
                 return Err(e);
             }
         }
+        Ok(())
     }
 
     async fn finish(mut self: Box<Self>) -> Result<u64, StoreError> {
