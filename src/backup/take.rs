@@ -145,6 +145,15 @@ impl BackupError {
     }
 }
 
+/// The temporary slot of one backup: unique per process and per backup, so two backups that
+/// one process (`walagent run`, two clusters on one server) takes at once never collide.
+/// At most 63 bytes (NAMEDATALEN - 1), lower-case letters, digits and `_`.
+fn temporary_slot_name(pid: u32) -> String {
+    static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("walagent_backup_{pid}_{n}")
+}
+
 /// Takes a base backup into `store`; returns what `backup.json` records. `cancel` turning true
 /// stops the backup and discards what was uploaded.
 pub async fn take(
@@ -156,7 +165,7 @@ pub async fn take(
     let sys = conn.identify_system().await?;
     let seg_size = conn.wal_segment_size().await?;
     ArchiveMeta::ensure(store.as_ref(), sys.system_identifier, seg_size, version).await?;
-    let slot = format!("walagent_backup_{}", std::process::id());
+    let slot = temporary_slot_name(std::process::id());
     conn.create_temporary_slot(&slot).await?;
 
     let start_time = SystemTime::now();
@@ -987,6 +996,21 @@ async fn decompress_body(key: &str, body: Bytes) -> Result<Bytes, BackupError> {
 
 #[cfg(test)]
 mod tests {
+    use super::temporary_slot_name;
+
+    #[test]
+    fn temporary_slot_names_differ_within_a_process() {
+        let a = temporary_slot_name(u32::MAX);
+        let b = temporary_slot_name(u32::MAX);
+        assert_ne!(a, b);
+        for name in [a, b] {
+            assert!(name.len() <= 63, "{name}");
+            assert!(name
+                .bytes()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'_'));
+        }
+    }
+
     use super::*;
 
     const FIXTURE_SYSID: u64 = 7710843067740758272;
