@@ -1169,6 +1169,7 @@ fn start_archiver(
             spool_dir: spool.dir().to_path_buf(),
             queue,
             workers: opts.archive_workers,
+            defer_compression: true,
         },
         initial,
     )
