@@ -246,6 +246,11 @@ impl Gate {
         self.touch();
     }
 
+    /// Jobs queued or running now.
+    pub fn busy(&self) -> usize {
+        self.busy.load(Ordering::Acquire)
+    }
+
     /// No job for at least `quiet`.
     pub fn is_quiet(&self, quiet: Duration) -> bool {
         let now = self.epoch.elapsed().as_millis() as u64;

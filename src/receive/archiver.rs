@@ -6,9 +6,10 @@
 //! (published on a watch channel) is always the end of a contiguous prefix of complete segments
 //! durable in the archive. That bounds the flush position the receiver may report.
 //!
-//! Deferred compression (local archives, `zstd:N`): a complete segment is stored raw the moment
-//! it is complete (`wal/X`: an fsync and a rename, the spool being on the archive's filesystem)
-//! and counts as archived at once; the background compactor ([`crate::archive::compact`]) turns
+//! Deferred compression (local archives, `zstd:N`): a complete segment that finds other jobs
+//! queued or running (the archiver is behind: a catch-up) is stored raw (`wal/X`: an fsync and a
+//! rename, the spool being on the archive's filesystem) and counts as archived at once; a
+//! segment that finds the archiver idle is compressed as before. The background compactor ([`crate::archive::compact`]) turns
 //! it into `wal/X.zst` while no archiving job is queued or running, so compression never holds
 //! back a catch-up. Partial snapshots and timeline-final partials are compressed as before.
 //! See `proto-notes/durability.md`.
@@ -182,7 +183,8 @@ impl Archiver {
             Some((g, c, h)) => (Some(g), Some(c), Some(h)),
             None => (None, None, None),
         };
-        let task = tokio::spawn(run(config, rx, ptx, gate.clone(), compactor));
+        let defer = gate.clone().zip(compactor);
+        let task = tokio::spawn(run(config, rx, ptx, gate.clone(), defer));
         Archiver {
             tx,
             progress,
@@ -289,7 +291,7 @@ async fn run(
     mut rx: mpsc::Receiver<Job>,
     progress: watch::Sender<Progress>,
     gate: Option<Arc<Gate>>,
-    compactor: Option<Compactor>,
+    defer: Option<(Arc<Gate>, Compactor)>,
 ) -> Result<(), ArchiverError> {
     let config = Arc::new(config);
     let mut inflight: VecDeque<JoinHandle<Result<Done, ArchiverError>>> = VecDeque::new();
@@ -331,7 +333,7 @@ async fn run(
             job = rx.recv(), if !closed && inflight.len() < config.workers.max(1) => match job {
                 Some(job) => {
                     seq += 1;
-                    inflight.push_back(tokio::spawn(archive_one(config.clone(), compactor.clone(), job, seq)));
+                    inflight.push_back(tokio::spawn(archive_one(config.clone(), defer.clone(), job, seq)));
                 }
                 None => closed = true,
             },
@@ -344,13 +346,16 @@ async fn run(
 /// while the store is unavailable), and removes the spool copies.
 async fn archive_one(
     config: Arc<ArchiverConfig>,
-    compactor: Option<Compactor>,
+    defer: Option<(Arc<Gate>, Compactor)>,
     job: Job,
     seq: u64,
 ) -> Result<Done, ArchiverError> {
-    if let (Some(c), Job::Segment { id, path }) = (&compactor, &job) {
-        if let Some(done) = store_raw(&config, c, *id, path).await? {
-            return Ok(done);
+    if let (Some((gate, c)), Job::Segment { id, path }) = (&defer, &job) {
+        // Behind (this job is not alone): store it raw, compress it later.
+        if gate.busy() > 1 {
+            if let Some(done) = store_raw(&config, c, *id, path).await? {
+                return Ok(done);
+            }
         }
     }
     let (id, path, partial, done) = match job {
