@@ -180,9 +180,8 @@ fn raw_and_paired_segments_are_served_and_compacted_after_a_restart() {
     }
     std::fs::write(archive.path().join("wal/NOT-A-SEGMENT"), b"keep me").unwrap();
     assert_serves(archive.path(), &truth, "raw and paired");
-    // status reads the mixed archive.
-    let o = run(&["status", "--archive", archive.path().to_str().unwrap()]);
-    assert!(o.status.success(), "status: {}", stderr_of(&o));
+    // status reads the mixed archive as it reads the compacted one.
+    let mut mixed = status_json(archive.path());
 
     // A new start compacts them all while idle, and serves the same WAL throughout.
     let a = archive.path().to_str().unwrap().to_string();
@@ -201,6 +200,27 @@ fn raw_and_paired_segments_are_served_and_compacted_after_a_restart() {
     for name in truth.keys() {
         assert!(files.contains(&format!("{name}.zst")), "{name}: {files:?}");
     }
+    let mut compacted = status_json(archive.path());
+    // The same segments, fewer bytes (bytes on disk count both objects of a pair).
+    for st in [&mut mixed, &mut compacted] {
+        for t in st["timelines"].as_array_mut().unwrap() {
+            t.as_object_mut().unwrap().remove("bytes");
+        }
+    }
+    for field in ["timelines", "newest_wal", "problems"] {
+        assert_eq!(mixed[field], compacted[field], "status {field}");
+    }
+    let problems = compacted["problems"].to_string();
+    assert!(
+        truth.keys().all(|n| !problems.contains(n.as_str())),
+        "{problems}"
+    );
+}
+
+fn status_json(archive: &Path) -> serde_json::Value {
+    let o = run(&["status", "--json", "--archive", archive.to_str().unwrap()]);
+    serde_json::from_slice(&o.stdout)
+        .unwrap_or_else(|e| panic!("status --json: {e}: {}", stderr_of(&o)))
 }
 
 #[test]
