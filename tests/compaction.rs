@@ -12,14 +12,21 @@ use std::process::{Child, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use support::{
-    archived_segments, assert_contiguous, assert_ok, sigterm, stderr_of, stream_cmd, wait_output,
-    walagent, PgCluster, PgOptions,
+    archived_segments, assert_contiguous, assert_ok, sigterm, stderr_of, wait_output, walagent,
+    PgCluster, PgOptions,
 };
 
 const SLOT: &str = "walagent_compact";
 
+/// walagent with its defaults (tests/support asks for inline compression).
+fn walagent_deferred() -> std::process::Command {
+    let mut c = walagent();
+    c.env_remove("WALAGENT_COMPRESS_INLINE");
+    c
+}
+
 fn run(args: &[&str]) -> Output {
-    let child = walagent()
+    let child = walagent_deferred()
         .args(args)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -73,7 +80,16 @@ fn assert_serves(archive: &Path, truth: &BTreeMap<String, Vec<u8>>, when: &str) 
 }
 
 fn spawn_stream(source: &str, archive: &str, extra: &[&str]) -> Child {
-    stream_cmd(source, archive, SLOT)
+    walagent_deferred()
+        .args([
+            "stream",
+            "--source",
+            source,
+            "--archive",
+            archive,
+            "--slot",
+            SLOT,
+        ])
         .args(extra)
         .env("RUST_LOG", "walagent=debug")
         .stdout(Stdio::null())
@@ -103,7 +119,7 @@ fn make_raw(archive: &Path, name: &str, content: &[u8], pair: bool) {
 
 /// Streams `mb` MiB of WAL (1 MiB segments) into a new archive up to an end position, checks it
 /// against pg_wal and returns the segments' content.
-fn catch_up(pg: &PgCluster, archive: &Path, mb: u32) -> BTreeMap<String, Vec<u8>> {
+fn catch_up(pg: &PgCluster, archive: &Path, mb: u32, extra: &[&str]) -> BTreeMap<String, Vec<u8>> {
     pg.psql(&format!(
         "SELECT pg_create_physical_replication_slot('{SLOT}', true)"
     ));
@@ -111,10 +127,11 @@ fn catch_up(pg: &PgCluster, archive: &Path, mb: u32) -> BTreeMap<String, Vec<u8>
     pg.switch_wal();
     let end = pg.current_lsn();
     let a = archive.to_str().unwrap();
-    let out = run(&[
+    let uri = pg.repl_uri();
+    let mut args = vec![
         "stream",
         "--source",
-        &pg.repl_uri(),
+        &uri,
         "--archive",
         a,
         "--slot",
@@ -122,7 +139,9 @@ fn catch_up(pg: &PgCluster, archive: &Path, mb: u32) -> BTreeMap<String, Vec<u8>
         "--endpos",
         &end,
         "--no-loop",
-    ]);
+    ];
+    args.extend_from_slice(extra);
+    let out = run(&args);
     assert_ok(&out);
     let names = archived_segments(archive);
     assert!(names.len() >= mb as usize, "{names:?}");
@@ -167,7 +186,7 @@ fn raw_and_paired_segments_are_served_and_compacted_after_a_restart() {
         ..Default::default()
     });
     let archive = support::tempdir();
-    let truth = catch_up(&pg, archive.path(), 12);
+    let truth = catch_up(&pg, archive.path(), 12, &[]);
     // The states an interrupted run leaves: raw only, raw + .zst (the stream's own level or
     // another), and a stray file that is no segment.
     let names: Vec<&String> = truth.keys().collect();
@@ -230,7 +249,7 @@ fn sigkill_in_the_middle_of_compaction_leaves_a_valid_archive() {
         ..Default::default()
     });
     let archive = support::tempdir();
-    let truth = catch_up(&pg, archive.path(), 24);
+    let truth = catch_up(&pg, archive.path(), 24, &[]);
     let a = archive.path().to_str().unwrap().to_string();
     // Kill at different moments of compaction (it starts after 1 s of idle archiving).
     for (round, delay_ms) in [1050u64, 1150, 1300, 1500, 1800].into_iter().enumerate() {
@@ -261,4 +280,22 @@ fn sigkill_in_the_middle_of_compaction_leaves_a_valid_archive() {
         files.iter().all(|f| !f.starts_with('.')),
         "no temp file left: {files:?}"
     );
+}
+
+#[test]
+fn compress_inline_never_stores_raw() {
+    let pg = PgCluster::start(PgOptions {
+        wal_segment_size_mb: Some(1),
+        ..Default::default()
+    });
+    let archive = support::tempdir();
+    let truth = catch_up(&pg, archive.path(), 12, &["--compress-inline"]);
+    assert!(
+        raw_segments(archive.path()).is_empty(),
+        "{:?}",
+        wal_files(archive.path())
+    );
+    for name in truth.keys() {
+        assert!(archive.path().join(format!("wal/{name}.zst")).is_file());
+    }
 }

@@ -50,6 +50,8 @@ pub struct StreamOptions {
     pub no_loop: bool,
     pub synchronous: bool,
     pub compression: Compression,
+    /// Never store a segment raw to compress it later (see `archiver`).
+    pub compress_inline: bool,
     pub status_interval: Duration,
     /// What the flush position reported to the server means.
     pub ack: AckMode,
@@ -1169,7 +1171,7 @@ fn start_archiver(
             spool_dir: spool.dir().to_path_buf(),
             queue,
             workers: opts.archive_workers,
-            defer_compression: true,
+            defer_compression: !opts.compress_inline,
         },
         initial,
     )
