@@ -252,7 +252,7 @@ fn sigkill_in_the_middle_of_compaction_leaves_a_valid_archive() {
     let truth = catch_up(&pg, archive.path(), 24, &[]);
     let a = archive.path().to_str().unwrap().to_string();
     // Kill at different moments of compaction (it starts after 1 s of idle archiving).
-    for (round, delay_ms) in [1050u64, 1150, 1300, 1500, 1800].into_iter().enumerate() {
+    for (round, delay_ms) in [1050u64, 1300, 1600, 2000, 2500].into_iter().enumerate() {
         for name in truth.keys() {
             make_raw(archive.path(), name, &truth[name], round % 2 == 0);
         }
