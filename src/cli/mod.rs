@@ -491,7 +491,8 @@ pub struct StreamArgs {
 
     /// Compress every segment before it counts as archived, also while catching up (a local
     /// archive then never holds raw segments from this agent).
-    #[arg(long, env = "WALAGENT_COMPRESS_INLINE")]
+    /// Env WALAGENT_COMPRESS_INLINE: 0/false/no/off or empty: off, anything else: on.
+    #[arg(long, env = "WALAGENT_COMPRESS_INLINE", value_parser = clap::builder::FalseyValueParser::new())]
     pub compress_inline: bool,
 
     /// Seconds between status updates to the server.
