@@ -271,6 +271,9 @@ fn sigkill_in_the_middle_of_compaction_leaves_a_valid_archive() {
     // The next start finishes the job, removes the dead process's temp files, serves the same.
     let mut child = spawn_stream(&pg.repl_uri(), &a, &[]);
     wait_compacted(archive.path(), &mut child);
+    // Up and streaming (its signal handling installed) before it is asked to stop, even when
+    // the last round left nothing to compact.
+    std::thread::sleep(Duration::from_millis(2000));
     sigterm(&child);
     let out = wait_output(child, Duration::from_secs(60));
     assert!(out.status.success(), "{}", stderr_of(&out));
