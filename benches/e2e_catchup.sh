@@ -7,7 +7,11 @@
 #        default target/release/walagent, built if missing), WALAGENT_ARGS (extra stream flags),
 #        BENCH_LOAD_MODE (insert|setlogged|pgbench; default insert: hex payload, compresses ~2x),
 #        BENCH_BASELINE (a second walagent binary, e.g. the previous commit's: run as tool
-#        `baseline` in the same rotation, for before/after figures on the same WAL).
+#        `baseline` in the same rotation, for before/after figures on the same WAL),
+#        BENCH_IDLE_S (30: after each walagent run, `walagent stream` is started again on the same
+#        archive and slot without --endpos and left idle this long, then stopped with SIGTERM; the
+#        archive's bytes then are `bytes_idle`, its CPU `idle_cpu_s`: the deferred compression of
+#        segments stored raw during the catch-up. 0 skips it).
 # Runs alternate (pg_receivewal, walagent, [baseline,] pg_receivewal, ...), each waits for a quiet machine and
 # writes into an empty directory. Output: one TSV line per run and a summary with medians.
 # Works as root (PostgreSQL then runs as the `postgres` OS user) and as a normal user.
@@ -93,18 +97,33 @@ measure() { # tool run -> prints "tool run wall_s cpu_s rss_kb bytes_out"
   fi
   read -r wall user sys rss <"$tf"
   local size; size=$(du -sb "$out" | cut -f1)
-  echo "$tool $i $wall $(awk -v u="$user" -v s="$sys" 'BEGIN{printf "%.2f", u+s}') $rss $size"
+  local idle_size=$size idle_cpu=0 idle_s=${BENCH_IDLE_S:-30}
+  if [[ $tool != pg_receivewal && $idle_s != 0 ]]; then
+    # The agent keeps running, idle (no new WAL): what the archive holds after idle_s seconds.
+    # shellcheck disable=SC2086
+    /usr/bin/time -f "%e %U %S %M" -o "$tf.idle" "$bin" stream --source "$URI" --archive "$out" \
+      --slot "$slot" ${WALAGENT_ARGS:-} 2>"$DIR/log_${tool}_${i}_idle" &
+    local tpid=$!
+    sleep "$idle_s"
+    idle_size=$(du -sb "$out" | cut -f1)
+    pkill -TERM -P "$tpid" || true
+    wait "$tpid" || true
+    read -r _ iu is _ <"$tf.idle"
+    idle_cpu=$(awk -v u="$iu" -v s="$is" 'BEGIN{printf "%.2f", u+s}')
+  fi
+  echo "$tool $i $wall $(awk -v u="$user" -v s="$sys" 'BEGIN{printf "%.2f", u+s}') $rss $size $idle_size $idle_cpu"
   rm -rf "$out"
 }
 
-printf 'tool\trun\twall_s\tMiB/s\tcpu_s\tpeak_rss_MB\tbytes_on_disk\n'
+printf 'tool\trun\twall_s\tMiB/s\tcpu_s\tcpu_s/GiB\tpeak_rss_MB\tbytes_on_disk\tbytes_idle\tidle_cpu_s\n'
 results=()
 for i in $(seq 1 "$RUNS"); do
   for tool in "${TOOLS[@]}"; do
-    read -r t r wall cpu rss size < <(measure "$tool" "$i")
+    read -r t r wall cpu rss size isize icpu < <(measure "$tool" "$i")
     mibs=$(awk -v b="$BYTES" -v w="$wall" 'BEGIN{printf "%.0f", b/1048576/w}')
-    printf '%s\t%s\t%s\t%s\t%s\t%.1f\t%s\n' "$t" "$r" "$wall" "$mibs" "$cpu" "$(awk -v k="$rss" 'BEGIN{print k/1024}')" "$size"
-    results+=("$t $wall $cpu $rss")
+    cpg=$(awk -v b="$BYTES" -v c="$cpu" 'BEGIN{printf "%.2f", c/(b/1073741824)}')
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%.1f\t%s\t%s\t%s\n' "$t" "$r" "$wall" "$mibs" "$cpu" "$cpg" "$(awk -v k="$rss" 'BEGIN{print k/1024}')" "$size" "$isize" "$icpu"
+    results+=("$t $wall $cpu $rss $isize $icpu")
   done
 done
 
@@ -112,12 +131,20 @@ for tool in "${TOOLS[@]}"; do
   w=$(printf '%s\n' "${results[@]}" | awk -v t="$tool" '$1==t{print $2}' | median)
   c=$(printf '%s\n' "${results[@]}" | awk -v t="$tool" '$1==t{print $3}' | median)
   m=$(printf '%s\n' "${results[@]}" | awk -v t="$tool" '$1==t{print $4}' | median)
-  printf '# %s: median wall %.2f s (%.0f MiB/s), CPU %.2f s, peak RSS %.1f MB\n' "$tool" "$w" \
-    "$(awk -v b="$BYTES" -v w="$w" 'BEGIN{print b/1048576/w}')" "$c" "$(awk -v k="$m" 'BEGIN{print k/1024}')"
+  sz=$(printf '%s\n' "${results[@]}" | awk -v t="$tool" '$1==t{print $5}' | median)
+  ic=$(printf '%s\n' "${results[@]}" | awk -v t="$tool" '$1==t{print $6}' | median)
+  printf '# %s: median wall %.2f s (%.0f MiB/s), CPU %.2f s (%.2f per GiB; +%.2f s idle), peak RSS %.1f MB, bytes after idle %s\n' "$tool" "$w" \
+    "$(awk -v b="$BYTES" -v w="$w" 'BEGIN{print b/1048576/w}')" "$c" "$(awk -v b="$BYTES" -v c="$c" 'BEGIN{print c/(b/1073741824)}')" \
+    "$ic" "$(awk -v k="$m" 'BEGIN{print k/1024}')" "$sz"
   eval "med_${tool}=$w"
+  eval "size_${tool}=$sz"
 done
 # shellcheck disable=SC2154
 printf '# speed ratio walagent/pg_receivewal (median wall): %.2f\n' "$(awk -v a="$med_pg_receivewal" -v b="$med_walagent" 'BEGIN{print a/b}')"
+# shellcheck disable=SC2154
+printf '# wall walagent/pg_receivewal: %.2f; bytes after idle walagent/pg_receivewal: %.2f\n' \
+  "$(awk -v a="$med_pg_receivewal" -v b="$med_walagent" 'BEGIN{print b/a}')" \
+  "$(awk -v a="$size_pg_receivewal" -v b="$size_walagent" 'BEGIN{print b/a}')"
 if [[ -n ${BENCH_BASELINE:-} ]]; then
   printf '# speed ratio walagent/baseline (median wall): %.2f\n' "$(awk -v a="$med_baseline" -v b="$med_walagent" 'BEGIN{print a/b}')"
 fi

@@ -306,7 +306,29 @@ impl LocalStore {
         Ok(out)
     }
 
-    fn delete_blocking(&self, key: &str) -> Result<(), StoreError> {
+    /// Puts a new object under `key` whose content `fill` writes: into a temp file beside the
+    /// target (removed on failure; a crash leaves one [`LocalStore::open`] removes), fsynced,
+    /// renamed into place without overwriting, the directory fsynced. An existing object with
+    /// other content is [`StoreError::Conflict`] (identical content: Ok). Compaction uses it.
+    pub(crate) fn put_new_with(
+        &self,
+        key: &str,
+        fill: impl FnOnce(&mut File) -> io::Result<()>,
+    ) -> Result<(), StoreError> {
+        let path = self.path_of(key)?;
+        let dir = self.ensure_parent(&path)?;
+        let mut tmp = TempFile::create(&path)?;
+        let res = (|| {
+            fill(&mut tmp.file).map_err(|e| write_err(&tmp.path, e))?;
+            crate::fsutil::sync_file(&tmp.file).map_err(|e| write_err(&tmp.path, e))?;
+            install(&tmp.path, &path, key, PutMode::NoOverwrite)
+        })();
+        drop(tmp); // removes the temp unless it was renamed into place
+        res?;
+        fsync_dir(&dir)
+    }
+
+    pub(crate) fn delete_blocking(&self, key: &str) -> Result<(), StoreError> {
         let path = self.path_of(key)?;
         remove_sidecar(&path)?;
         match fs::remove_file(&path) {

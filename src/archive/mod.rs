@@ -3,6 +3,7 @@
 //! layout ([`layout`]) shared by every backend, and zstd compression ([`compress`]).
 
 pub mod catalog;
+pub mod compact;
 pub mod compress;
 pub mod index;
 pub mod layout;

@@ -626,9 +626,17 @@ pub struct StreamArgs {
     #[arg(long)]
     pub synchronous: bool,
 
-    /// Compression of archived segments: zstd, zstd:LEVEL (e.g. zstd:3) or none.
+    /// Compression of archived segments: zstd, zstd:LEVEL (e.g. zstd:3) or none. With a local
+    /// archive, segments received while archiving is behind (a catch-up) are stored raw at once
+    /// and compressed to LEVEL in the background once archiving is idle.
     #[arg(long, value_name = "METHOD", default_value = "zstd:1")]
     pub compress: Compression,
+
+    /// Compress every segment before it counts as archived, also while catching up (a local
+    /// archive then never holds raw segments from this agent).
+    /// Env WALAGENT_COMPRESS_INLINE: 0/false/no/off or empty: off, anything else: on.
+    #[arg(long, env = "WALAGENT_COMPRESS_INLINE", value_parser = clap::builder::FalseyValueParser::new())]
+    pub compress_inline: bool,
 
     /// Seconds between status updates to the server.
     #[arg(long, value_name = "SECS", default_value_t = 10)]

@@ -115,6 +115,7 @@ impl StreamArgs {
             no_loop: self.no_loop,
             synchronous: self.synchronous,
             compression: self.compress,
+            compress_inline: self.compress_inline,
             status_interval: Duration::from_secs(self.status_interval.max(1)),
             // A synchronous standby's flush must mean on disk now, not once archived.
             ack: if self.synchronous {

@@ -6,6 +6,14 @@
 //! (published on a watch channel) is always the end of a contiguous prefix of complete segments
 //! durable in the archive. That bounds the flush position the receiver may report.
 //!
+//! Deferred compression (local archives, `zstd:N`): a complete segment that finds other jobs
+//! queued or running (the archiver is behind: a catch-up) is stored raw (`wal/X`: an fsync and a
+//! rename, the spool being on the archive's filesystem) and counts as archived at once; a
+//! segment that finds the archiver idle is compressed as before. The background compactor ([`crate::archive::compact`]) turns
+//! it into `wal/X.zst` while no archiving job is queued or running, so compression never holds
+//! back a catch-up. Partial snapshots and timeline-final partials are compressed as before.
+//! See `proto-notes/durability.md`.
+//!
 //! A store that is unavailable (network down, HTTP 5xx) is retried with backoff for as long as
 //! it takes; meanwhile the queue fills, the receiver stops reading, and the replication slot holds
 //! the WAL on the server. Any other store error stops the archiver.
@@ -18,6 +26,8 @@ use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
+use crate::archive::compact::{self, Compactor, CompactorConfig, Gate};
+use crate::archive::local::LocalStore;
 use crate::archive::{compress, layout, segment, Compression, PutMode, Store, StoreError};
 use crate::wal::{Lsn, SegmentId, SegmentSize};
 
@@ -104,7 +114,22 @@ pub struct Archiver {
     /// returned once and later calls get [`ArchiverError::Stopped`] instead of polling the
     /// finished handle again.
     task: Option<JoinHandle<Result<(), ArchiverError>>>,
+    /// Tells the compactor when archiving is busy (None without deferred compression).
+    gate: Option<Arc<Gate>>,
+    /// The background compactor, aborted when the archiver goes (never waited for).
+    _compactor: Option<AbortOnDrop>,
 }
+
+struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// How long archiving must have been idle before the compactor compresses a segment.
+const COMPACT_QUIET: Duration = Duration::from_secs(1);
 
 /// Where the archiver does its work.
 pub struct ArchiverConfig {
@@ -118,6 +143,9 @@ pub struct ArchiverConfig {
     pub workers: usize,
     /// Counts what is stored (segments, bytes, the archive's reachability) for metrics.
     pub stats: Arc<super::stats::StreamStats>,
+    /// Store complete segments raw and compress them later in the background (only used with
+    /// zstd and a local store).
+    pub defer_compression: bool,
 }
 
 impl Archiver {
@@ -129,12 +157,49 @@ impl Archiver {
             snapshot: None,
             done: 0,
         });
-        let task = tokio::spawn(tracing::Instrument::in_current_span(run(config, rx, ptx)));
+        let deferred = match (config.compression, config.store.local_root()) {
+            (Compression::Zstd { level }, Some(root)) if config.defer_compression => {
+                match LocalStore::open_existing(&root) {
+                    Ok(store) => {
+                        let gate = Arc::new(Gate::default());
+                        let (c, handle) = compact::spawn(
+                            CompactorConfig {
+                                store,
+                                seg_size: config.seg_size,
+                                level,
+                                quiet: COMPACT_QUIET,
+                            },
+                            gate.clone(),
+                        );
+                        Some((gate, c, AbortOnDrop(handle)))
+                    }
+                    Err(e) => {
+                        tracing::warn!("compressing segments as they come: {e}");
+                        None
+                    }
+                }
+            }
+            _ => None,
+        };
+        let (gate, compactor, handle) = match deferred {
+            Some((g, c, h)) => (Some(g), Some(c), Some(h)),
+            None => (None, None, None),
+        };
+        let defer = gate.clone().zip(compactor);
+        let task = tokio::spawn(tracing::Instrument::in_current_span(run(
+            config,
+            rx,
+            ptx,
+            gate.clone(),
+            defer,
+        )));
         Archiver {
             tx,
             progress,
             submitted: 0,
             task: Some(task),
+            gate,
+            _compactor: handle,
         }
     }
 
@@ -162,6 +227,9 @@ impl Archiver {
     /// Queues a job in a slot obtained from [`Archiver::reserve`].
     pub fn send(&mut self, permit: mpsc::OwnedPermit<Job>, job: Job) {
         self.submitted += 1;
+        if let Some(g) = &self.gate {
+            g.begin();
+        }
         permit.send(job);
     }
 
@@ -230,6 +298,8 @@ async fn run(
     config: ArchiverConfig,
     mut rx: mpsc::Receiver<Job>,
     progress: watch::Sender<Progress>,
+    gate: Option<Arc<Gate>>,
+    defer: Option<(Arc<Gate>, Compactor)>,
 ) -> Result<(), ArchiverError> {
     let config = Arc::new(config);
     let mut inflight: VecDeque<JoinHandle<Result<Done, ArchiverError>>> = VecDeque::new();
@@ -242,6 +312,9 @@ async fn run(
             biased;
             r = async { inflight.front_mut().expect("guarded by the precondition").await }, if !inflight.is_empty() => {
                 inflight.pop_front();
+                if let Some(g) = &gate {
+                    g.end();
+                }
                 match r.map_err(|source| ArchiverError::Crashed { source })?? {
                     Done::Segment(id) => {
                         if snapshotted.remove(&id) {
@@ -269,7 +342,7 @@ async fn run(
                 Some(job) => {
                     seq += 1;
                     inflight.push_back(tokio::spawn(tracing::Instrument::in_current_span(
-                        archive_one(config.clone(), job, seq),
+                        archive_one(config.clone(), defer.clone(), job, seq),
                     )));
                 }
                 None => closed = true,
@@ -287,9 +360,18 @@ fn file_len(path: &std::path::Path) -> u64 {
 /// while the store is unavailable), and removes the spool copies.
 async fn archive_one(
     config: Arc<ArchiverConfig>,
+    defer: Option<(Arc<Gate>, Compactor)>,
     job: Job,
     seq: u64,
 ) -> Result<Done, ArchiverError> {
+    if let (Some((gate, c)), Job::Segment { id, path }) = (&defer, &job) {
+        // Behind (this job is not alone): store it raw, compress it later.
+        if gate.busy() > 1 {
+            if let Some(done) = store_raw(&config, c, *id, path).await? {
+                return Ok(done);
+            }
+        }
+    }
     let (id, path, partial, done) = match job {
         Job::Segment { id, path } => (id, path, false, Done::Segment(id)),
         Job::FinalPartial { id, path } => (id, path, true, Done::FinalPartial),
@@ -363,4 +445,55 @@ async fn archive_one(
     }
     tracing::debug!(object = %key, ms = started.elapsed().as_millis() as u64, "archived");
     Ok(done)
+}
+
+/// Deferred compression: stores the complete segment raw (`wal/X`) and hands it to the
+/// compactor. `None` when `wal/X.zst` is already there (a re-stream after a restart): then the
+/// segment goes the usual way, compressed and compared with what is archived, so there is never
+/// a second, different copy under the other key.
+async fn store_raw(
+    config: &ArchiverConfig,
+    compactor: &Compactor,
+    id: SegmentId,
+    path: &std::path::Path,
+) -> Result<Option<Done>, ArchiverError> {
+    let zst_key = layout::segment_key(id, config.seg_size, config.compression, false);
+    let raw_key = layout::segment_key(id, config.seg_size, Compression::None, false);
+    let name = raw_key.rsplit('/').next().unwrap_or(&raw_key).to_string();
+    if let Some(root) = config.store.local_root() {
+        if std::fs::symlink_metadata(root.join(&zst_key)).is_ok() {
+            return Ok(None);
+        }
+    }
+    let started = std::time::Instant::now();
+    let mut delay = Duration::from_secs(1);
+    loop {
+        let put = segment::put_complete(
+            config.store.as_ref(),
+            &raw_key,
+            segment::Body::File(path),
+            segment::Raw::File(path),
+        )
+        .await;
+        match put {
+            Ok(_) => break,
+            Err(e) if e.is_transient() => {
+                tracing::warn!(object = %raw_key, "archive unavailable, retrying in {delay:?}: {e}");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(30));
+            }
+            Err(source) => return Err(ArchiverError::Store { name, source }),
+        }
+    }
+    // The local store moved the file into place; a copy (other filesystem) leaves it here.
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "could not remove spooled file")
+        }
+    }
+    compactor.stored_raw(id);
+    tracing::debug!(object = %raw_key, ms = started.elapsed().as_millis() as u64, "archived raw");
+    Ok(Some(Done::Segment(id)))
 }

@@ -52,6 +52,8 @@ pub struct StreamOptions {
     pub no_loop: bool,
     pub synchronous: bool,
     pub compression: Compression,
+    /// Never store a segment raw to compress it later (see `archiver`).
+    pub compress_inline: bool,
     pub status_interval: Duration,
     /// What the flush position reported to the server means.
     pub ack: AckMode,
@@ -1254,6 +1256,7 @@ fn start_archiver(
             queue,
             workers: opts.archive_workers,
             stats: opts.stats.clone(),
+            defer_compression: !opts.compress_inline,
         },
         initial,
     )

@@ -154,6 +154,7 @@ struct RawCluster {
     create_slot: Option<bool>,
     synchronous: Option<bool>,
     compress: Option<String>,
+    compress_inline: Option<bool>,
     status_interval: Option<Secs>,
     spool: Option<PathBuf>,
     spool_max_size: Option<Size>,
@@ -205,6 +206,7 @@ impl RawCluster {
             create_slot,
             synchronous,
             compress,
+            compress_inline,
             status_interval,
             spool,
             spool_max_size,
@@ -252,6 +254,8 @@ pub struct StreamSettings {
     pub create_slot: bool,
     pub synchronous: bool,
     pub compress: Compression,
+    /// Compress every segment before it counts as archived (`--compress-inline`).
+    pub compress_inline: bool,
     pub status_interval: Duration,
     pub spool: Option<PathBuf>,
     pub spool_max_size: u64,
@@ -452,6 +456,7 @@ impl ClusterConfig {
         let _ = writeln!(o, "create_slot = {}", s.create_slot);
         let _ = writeln!(o, "synchronous = {}", s.synchronous);
         let _ = writeln!(o, "compress = {}", q(&s.compress.to_string()));
+        let _ = writeln!(o, "compress_inline = {}", s.compress_inline);
         let _ = writeln!(o, "ack = {}", q(ack_name(s.ack)));
         let _ = writeln!(o, "status_interval = {}", s.status_interval.as_secs());
         let remote = archive::is_remote(&self.archive);
@@ -828,6 +833,7 @@ fn resolve_cluster(
         create_slot: c.create_slot.unwrap_or(false),
         synchronous,
         compress,
+        compress_inline: c.compress_inline.unwrap_or(false),
         status_interval,
         spool: c.spool,
         spool_max_size: size("spool_max_size", c.spool_max_size)?.unwrap_or(1 << 30),

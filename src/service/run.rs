@@ -589,6 +589,7 @@ fn stream_options(
         no_loop: false,
         synchronous: s.synchronous,
         compression: s.compress,
+        compress_inline: s.compress_inline,
         status_interval: s.status_interval,
         ack: s.ack,
         partial_interval,

@@ -21,6 +21,8 @@ pub fn archived_segments(archive: &Path) -> Vec<String> {
         })
         .unwrap_or_default();
     v.sort();
+    // A segment being compacted is there raw and as .zst for a moment.
+    v.dedup();
     v
 }
 

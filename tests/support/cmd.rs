@@ -20,6 +20,12 @@ pub fn walagent() -> Command {
         c.env("RUST_LOG", "walagent=debug");
     }
     c.env("NO_COLOR", "1");
+    // Most tests look for `wal/<seg>.zst` right after a catch-up: compress inline unless the
+    // environment says otherwise (WALAGENT_COMPRESS_INLINE=0 runs them with deferred
+    // compression; tests/compaction.rs removes it).
+    if std::env::var_os("WALAGENT_COMPRESS_INLINE").is_none() {
+        c.env("WALAGENT_COMPRESS_INLINE", "1");
+    }
     c
 }
 
