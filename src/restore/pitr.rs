@@ -1089,8 +1089,16 @@ async fn extract_object(
     res
 }
 
+/// Decompressed pieces in flight between the decompressing and the unpacking thread.
+const DECODED_IN_FLIGHT: usize = 4;
+/// Size of one decompressed piece.
+const DECODED_PIECE: usize = 1 << 20;
+
+/// Decompresses (when `compressed`) and unpacks one object. A compressed object is decompressed
+/// on a second thread, so that zstd and the file writes overlap as `zstd -dc | tar -x` does;
+/// that thread is scoped, it has ended when this returns.
 fn unpack(
-    input: ChannelReader,
+    mut input: ChannelReader,
     compressed: bool,
     mut feeder: ArchiveUnpack,
     key: &str,
@@ -1100,28 +1108,73 @@ fn unpack(
         key: key.to_string(),
         source,
     };
-    let mut src: Box<dyn Read> = if compressed {
-        Box::new(zstd::stream::read::Decoder::new(input).map_err(unreadable)?)
-    } else {
-        Box::new(input)
-    };
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = match src.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(unreadable(e)),
-        };
+    let mut feed = |data: Bytes| -> Result<(), RestoreError> {
         let content = feeder
-            .feed(Bytes::copy_from_slice(&buf[..n]))
+            .feed(data)
             .map_err(|e| RestoreError::from_unpack(key, e))?;
         progress.add(content);
+        Ok(())
+    };
+    if compressed {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<io::Result<Bytes>>(DECODED_IN_FLIGHT);
+        std::thread::scope(|s| {
+            s.spawn(move || decode(input, &tx));
+            // Returning early drops `rx`: the decoder's next send fails and it stops.
+            for piece in rx {
+                feed(piece.map_err(unreadable)?)?;
+            }
+            Ok::<(), RestoreError>(())
+        })?;
+    } else {
+        // The downloaded chunks are the tar stream: fed as they are, without a copy.
+        loop {
+            if input.cur.is_empty() {
+                match input.rx.blocking_recv() {
+                    Some(Ok(b)) => input.cur = b,
+                    Some(Err(DownloadFailed)) => {
+                        return Err(unreadable(io::Error::other("the download failed")))
+                    }
+                    None => break,
+                }
+            }
+            feed(std::mem::take(&mut input.cur))?;
+        }
     }
     let stats = feeder
         .finish()
         .map_err(|e| RestoreError::from_unpack(key, e))?;
     Ok((stats.files, stats.bytes))
+}
+
+/// The decompressing thread: zstd pieces of [`DECODED_PIECE`] bytes into `tx`, then its end
+/// (by dropping `tx`), or the error that stopped it. Stops when the receiver is gone.
+fn decode(input: ChannelReader, tx: &std::sync::mpsc::SyncSender<io::Result<Bytes>>) {
+    let mut dec = match zstd::stream::read::Decoder::new(input) {
+        Ok(d) => d,
+        Err(e) => {
+            let _ = tx.send(Err(e));
+            return;
+        }
+    };
+    // Reused once the unpacker has dropped the pieces it was given (BytesMut::reserve).
+    let mut buf = bytes::BytesMut::with_capacity(DECODED_PIECE * 2);
+    loop {
+        buf.resize(DECODED_PIECE, 0);
+        let n = match dec.read(&mut buf) {
+            Ok(0) => return,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                let _ = tx.send(Err(e));
+                return;
+            }
+        };
+        buf.truncate(n);
+        if tx.send(Ok(buf.split().freeze())).is_err() {
+            return;
+        }
+        buf.reserve(DECODED_PIECE);
+    }
 }
 
 #[cfg(test)]
