@@ -8,6 +8,15 @@
 # `pgbackrest archive-get` (synchronous, and --archive-async, its own prefetch) on the same segments
 # pushed into a pgBackRest repository on the same s3s-fs.
 #
+# (3) The floor of (1): the same local backup untarred by `zstd -dc | tar -x` (no walagent, no
+# manifest checks, no fsync; its restore_s), then, not timed, the same WAL copied uncompressed
+# into its pg_wal (from the backup's start segment to the last one), then `pg_ctl start` without
+# a signal file: crash recovery from backup_label through pg_wal, no restore_command, until
+# pg_is_in_recovery() is false (its replay_s; total_s = restore_s + replay_s). Rows
+# `floor` in the restore table, alternating with walagent's rows on the same data
+# (BENCH_RESTORE_MODES="floor s3 local"); with BENCH_WALAGENT_BASE=BIN also rows `s3-base` and
+# `local-base` restored (and replayed) by another walagent binary, to compare two builds.
+#
 # Usage: benches/e2e_restore.sh [DATA_MB] [WAL_MB] [RUNS]   (defaults: 1024 MiB of pgbench data,
 #        1024 MiB of WAL, 3 runs of each row)
 # Needs: PostgreSQL 15 server binaries and pgbench (PG_BIN), s3s-fs (`cargo install s3s-fs --version
@@ -21,7 +30,9 @@
 #        BENCH_LOAD_MODE (insert|pgbench; default insert: INSERTs of a hex payload that compresses
 #        about 2x, as in e2e_catchup.sh; pgbench: `pgbench -T 5` rounds of TPC-B until WAL_MB),
 #        BENCH_PREFETCH (the prefetch depth of the fetch rows, default 8 = wal-fetch's S3 default),
-#        BENCH_RESTORE_MODES (default "s3 local"), BENCH_PGBR (1; 0 skips the pgBackRest rows),
+#        BENCH_RESTORE_MODES (default "floor s3 local"; also s3-base, local-base), BENCH_JOBS
+#        (`walagent restore --jobs`, default unset), BENCH_WALAGENT_BASE (binary of the -base rows),
+#        BENCH_FETCH (1; 0 skips the fetch rows), BENCH_PGBR (1; 0 skips the pgBackRest rows),
 #        PGBR_COMPRESS_LEVEL (zst level of the pgBackRest repo, default 1 = walagent's default),
 #        PG_BIN, S3S_FS, PGBACKREST, STUNNEL, WALAGENT (binary; default target/release/walagent,
 #        built if missing; copied into BENCH_DIR when the postgres user cannot run it).
@@ -57,7 +68,9 @@ TLS_PORT=${BENCH_TLS_PORT:-5497}
 PG_BIN=${PG_BIN:-/usr/lib/postgresql/15/bin}
 MODE=${BENCH_LOAD_MODE:-insert}
 PREFETCH=${BENCH_PREFETCH:-8}
-RESTORE_MODES=${BENCH_RESTORE_MODES:-s3 local}
+RESTORE_MODES=${BENCH_RESTORE_MODES:-floor s3 local}
+WALAGENT_BASE=${BENCH_WALAGENT_BASE:-}
+JOBS_ARGS=(); [[ -n ${BENCH_JOBS:-} ]] && JOBS_ARGS=(--jobs "$BENCH_JOBS")
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 WALAGENT=${WALAGENT:-$ROOT/target/release/walagent}
 S3S_FS=${S3S_FS:-$(command -v s3s-fs || echo /usr/local/bin/s3s-fs)}
@@ -89,7 +102,16 @@ if [[ $(id -u) == 0 ]]; then
   id postgres >/dev/null 2>&1 || die "running as root needs a postgres OS user to run PostgreSQL"
   command -v runuser >/dev/null || die "runuser not found"
 fi
+for m in $RESTORE_MODES; do
+  case $m in
+    floor) command -v zstd >/dev/null && command -v tar >/dev/null || die "the floor rows need zstd and tar" ;;
+    s3|local) ;;
+    s3-base|local-base) [[ -x $WALAGENT_BASE ]] || die "mode $m needs BENCH_WALAGENT_BASE=BIN" ;;
+    *) die "unknown mode $m in BENCH_RESTORE_MODES (floor, s3, local, s3-base, local-base)" ;;
+  esac
+done
 HAVE_PGBR=1
+((${BENCH_FETCH:-1})) || BENCH_PGBR=0
 if [[ ${BENCH_PGBR:-1} != 1 ]]; then HAVE_PGBR=0; log "BENCH_PGBR=0: pgBackRest rows skipped"
 else
   for t in "$PGBACKREST" "$STUNNEL" openssl; do
@@ -115,6 +137,10 @@ if ! as_pg test -x "$WALAGENT"; then
   mkdir -p "$DIR/bin"; cp "$WALAGENT" "$DIR/bin/walagent"; chmod 755 "$DIR/bin" "$DIR/bin/walagent"
   WALAGENT=$DIR/bin/walagent
   log "postgres cannot run the walagent binary where it is: using a copy, $WALAGENT"
+fi
+if [[ -n $WALAGENT_BASE ]] && ! as_pg test -x "$WALAGENT_BASE"; then
+  mkdir -p "$DIR/bin"; cp "$WALAGENT_BASE" "$DIR/bin/walagent-base"; chmod 755 "$DIR/bin" "$DIR/bin/walagent-base"
+  WALAGENT_BASE=$DIR/bin/walagent-base
 fi
 PGDATA=$DIR/data
 RDATA=$DIR/restored
@@ -263,6 +289,10 @@ for s in "${SEGS[@]}"; do
   [[ -f $S3_ROOT/$BUCKET/arch/wal/$s.zst ]] || die "segment $s missing in the S3 archive"
 done
 cp "$PGDATA/pg_wal/$LAST" "$DIR/ref_last"
+# The floor's inputs: the local backup's objects, and the source's segments up to LAST (the slot
+# `hold` kept them all since before the backups).
+FLOOR_BACKUP=$(ls -d "$LOCAL_ARCHIVE"/backups/*/ | sort | tail -1)
+[[ -f $FLOOR_BACKUP/base.tar.zst ]] || die "no base.tar.zst in $FLOOR_BACKUP"
 as_pg "$PG_BIN/pg_ctl" -D "$PGDATA" -m fast stop >/dev/null; PG_STARTED=0
 LOCAL_BYTES=$(du -sb "$LOCAL_ARCHIVE" | cut -f1)
 S3_BYTES=$(du -sb "$S3_ROOT/$BUCKET/arch" | cut -f1)
@@ -348,21 +378,58 @@ diff_s() { awk -v a="$1" -v b="$2" 'BEGIN{printf "%.2f", b-a}'; }
 
 
 # ---------------------------------------------------------------- (1) restore + replay
+# The floor's restore step: untar the local backup (no checks, no fsync) and put the WAL in pg_wal.
+cat >"$DIR/floor-restore.sh" <<'EOF'
+#!/usr/bin/env bash
+set -euo pipefail
+phase=$1 backup=$2 rdata=$3 srcwal=$4 last=$5
+if [[ $phase == untar ]]; then
+  mkdir -m 700 "$rdata"
+  for t in "$backup"/*.tar.zst; do
+    [[ $(basename "$t") == base.tar.zst ]] || { echo "floor: tablespace objects are not handled" >&2; exit 1; }
+    zstd -q -dc "$t" | tar -x -C "$rdata"
+  done
+  exit 0
+fi
+first=$(sed -n 's/^START WAL LOCATION: .*(file \([0-9A-F]\{24\}\)).*/\1/p' "$rdata/backup_label")
+[[ -n $first ]] || { echo "floor: no start segment in backup_label" >&2; exit 1; }
+mkdir -p -m 700 "$rdata/pg_wal"
+for f in "$srcwal"/[0-9A-F]*; do
+  s=$(basename "$f")
+  if [[ ${#s} == 24 && ! $s < $first && ! $s > $last ]]; then cp "$f" "$rdata/pg_wal/$s"; fi
+done
+rm -f "$rdata/recovery.signal" "$rdata/standby.signal"
+EOF
+chmod 755 "$DIR/floor-restore.sh"
+
 measure_restore() { # mode run -> "restore_s replay_s total_s restore_cpu rss busy srv check load"
-  local mode=$1 i=$2 archive tf=$DIR/time_restore_${1}_$2 t0 t1 t2 b0 b1 s0 s1 load st got check
+  local mode=$1 i=$2 archive bin=$WALAGENT tf=$DIR/time_restore_${1}_$2 t0 t1 t2 b0 b1 s0 s1 load st got check
   case $mode in
-    s3) archive=$S3_ARCHIVE ;;
-    local) archive=$LOCAL_ARCHIVE ;;
-    *) die "unknown mode $mode in BENCH_RESTORE_MODES (s3, local)" ;;
+    s3|s3-base) archive=$S3_ARCHIVE ;;
+    local|local-base) archive=$LOCAL_ARCHIVE ;;
+    floor) ;;
+    *) die "unknown mode $mode in BENCH_RESTORE_MODES" ;;
   esac
+  [[ $mode == *-base ]] && bin=$WALAGENT_BASE
   stop_workers; rm -rf "$RDATA"
   sync; wait_quiet
   load=$(loadavg)
   log "restore $mode run $i: load average $load"
   b0=$(busy_ticks); s0=$(srv_ticks); t0=$(now)
-  /usr/bin/time -f "%e %U %S %M" -o "$tf" "$WALAGENT" restore --archive "$archive" --pgdata "$RDATA" \
-    --walagent-path "$WALAGENT" --no-progress >"$DIR/restore_${mode}_$i.log" 2>&1 \
-    || { tail -5 "$DIR/restore_${mode}_$i.log" >&2; die "walagent restore ($mode) failed"; }
+  if [[ $mode == floor ]]; then
+    as_pg /usr/bin/time -f "%e %U %S %M" -o "$tf" "$DIR/floor-restore.sh" untar "$FLOOR_BACKUP" "$RDATA" \
+      "$PGDATA/pg_wal" "$LAST" >"$DIR/restore_${mode}_$i.log" 2>&1 \
+      || { tail -5 "$DIR/restore_${mode}_$i.log" >&2; die "the floor's untar failed"; }
+    t1=$(now)
+    # not timed: the WAL is "already in pg_wal"
+    as_pg "$DIR/floor-restore.sh" wal "$FLOOR_BACKUP" "$RDATA" "$PGDATA/pg_wal" "$LAST" \
+      >>"$DIR/restore_${mode}_$i.log" 2>&1 || { tail -5 "$DIR/restore_${mode}_$i.log" >&2; die "the floor's WAL copy failed"; }
+    t0=$(awk -v a="$t0" -v b="$t1" -v c="$(now)" 'BEGIN{printf "%.9f", a + (c - b)}')
+  else
+    /usr/bin/time -f "%e %U %S %M" -o "$tf" "$bin" restore --archive "$archive" --pgdata "$RDATA" \
+      --walagent-path "$bin" --no-progress "${JOBS_ARGS[@]}" >"$DIR/restore_${mode}_$i.log" 2>&1 \
+      || { tail -5 "$DIR/restore_${mode}_$i.log" >&2; die "walagent restore ($mode) failed"; }
+  fi
   t1=$(now)
   as_pg "$PG_BIN/pg_ctl" -D "$RDATA" -l "$DIR/restored_${mode}_$i.log" -w -t 3600 -o "-p $RPORT" start >/dev/null \
     || { tail -20 "$DIR/restored_${mode}_$i.log" >&2; die "the restored server ($mode) did not start"; }
@@ -401,6 +468,7 @@ for i in $(seq 1 "$RUNS"); do
   done
 done
 
+((${BENCH_FETCH:-1})) || log "BENCH_FETCH=0: fetch rows skipped"
 # ---------------------------------------------------------------- (2) restore_command loops
 # What recovery does: restore_command for X, X+1, ... one process each, %p = pg_wal/RECOVERYXLOG,
 # the file consumed (deleted) before the next call. The last segment is kept for the check.
@@ -424,6 +492,7 @@ EOF
 chmod 755 "$DIR/fetch-loop.sh"
 
 FETCH_TOOLS=(walagent_prefetch walagent_serial)
+((${BENCH_FETCH:-1})) || FETCH_TOOLS=()
 ((HAVE_PGBR)) && FETCH_TOOLS+=(pgbackrest_sync pgbackrest_async)
 
 measure_fetch() { # tool run -> "wall busy srv check load"
@@ -468,6 +537,15 @@ for mode in $RESTORE_MODES; do
 done
 [[ " $RESTORE_MODES " == *" s3 "* && " $RESTORE_MODES " == *" local "* ]] && printf '# restore total time S3 / local: %.2f\n' \
   "$(awk -v a="$(med r_s3/total)" -v b="$(med r_local/total)" 'BEGIN{print a/b}')"
+if [[ " $RESTORE_MODES " == *" floor "* ]]; then
+  for mode in $RESTORE_MODES; do
+    [[ $mode == floor ]] && continue
+    printf '# %s / floor: total %.2fx, restore step %.2fx, replay %.2fx\n' "$mode" \
+      "$(awk -v a="$(med "r_$mode/total")" -v b="$(med r_floor/total)" 'BEGIN{print a/b}')" \
+      "$(awk -v a="$(med "r_$mode/restore")" -v b="$(med r_floor/restore)" 'BEGIN{print a/b}')" \
+      "$(awk -v a="$(med "r_$mode/replay")" -v b="$(med r_floor/replay)" 'BEGIN{print a/b}')"
+  done
+fi
 for tool in "${FETCH_TOOLS[@]}"; do
   w=$(med "f_$tool")
   label=$tool
@@ -481,12 +559,12 @@ for tool in "${FETCH_TOOLS[@]}"; do
     "$(awk -v n="$NSEG" -v w="$w" 'BEGIN{print n/w}')" "$(awk -v n="$NSEG" -v w="$w" 'BEGIN{print n*16/w}')"
 done
 fratio() { awk -v a="$(med "f_$2")" -v b="$(med "f_$1")" 'BEGIN{printf "%.2f", a/b}'; } # speed of $1 / speed of $2
-printf '# fetch speed ratio walagent prefetch %s / serial: %s\n' "$PREFETCH" "$(fratio walagent_prefetch walagent_serial)"
+((${#FETCH_TOOLS[@]})) && printf '# fetch speed ratio walagent prefetch %s / serial: %s\n' "$PREFETCH" "$(fratio walagent_prefetch walagent_serial)"
 if ((HAVE_PGBR)); then
   printf '# fetch speed ratio walagent prefetch / pgbackrest archive-get: %s; / pgbackrest async archive-get: %s\n' \
     "$(fratio walagent_prefetch pgbackrest_sync)" "$(fratio walagent_prefetch pgbackrest_async)"
   printf '# fetch speed ratio walagent serial / pgbackrest archive-get (both one GET per call): %s\n' \
     "$(fratio walagent_serial pgbackrest_sync)"
 else
-  echo "# pgBackRest rows skipped (pgbackrest, stunnel or openssl missing, or BENCH_PGBR=0)"
+  echo "# pgBackRest rows skipped (pgbackrest, stunnel or openssl missing, or BENCH_PGBR=0 or BENCH_FETCH=0)"
 fi

@@ -438,6 +438,11 @@ pub struct RestoreArgs {
     #[arg(long)]
     pub dry_run: bool,
 
+    /// Download and unpack up to N of the backup's tar objects (base.tar, one per tablespace)
+    /// at once (default: the number of CPUs, at most the number of objects).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub jobs: Option<u16>,
+
     /// No progress bar, even on a terminal.
     #[arg(long)]
     pub no_progress: bool,

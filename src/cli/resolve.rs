@@ -291,6 +291,7 @@ impl RestoreArgs {
             walagent_path,
             dry_run: self.dry_run,
             progress: show_progress(self.no_progress),
+            jobs: self.jobs.map(usize::from),
             standby,
         })
     }

@@ -11,10 +11,12 @@
 //!    point and whose WAL chain along the timeline path is unbroken. Any gap is reported by
 //!    segment name, a target the archive does not reach says how far it reaches; DIR is
 //!    untouched.
-//! 3. Restore: stream each tar object out of the store, decompress and unpack it on a blocking
-//!    thread while the next chunk downloads, checking every file's size and CRC-32C against the
-//!    backup manifest as it is written. Tablespaces first, then the main directory (whose
-//!    `pg_tblspc` links point at them).
+//! 3. Restore: prepare every target (tablespace directories first, then the main directory,
+//!    whose `pg_tblspc` links point at them), then stream the tar objects out of the store,
+//!    up to `--jobs` at once (default: the CPUs), each decompressed and unpacked on its own
+//!    blocking thread while its next chunk downloads, checking every file's size and CRC-32C
+//!    against the backup manifest as it is written. The first failure stops the others, and
+//!    nothing is removed before every thread has stopped writing.
 //! 4. Write `recovery.signal` and the recovery settings into `postgresql.auto.conf`, with a
 //!    `restore_command` that runs `walagent wal-fetch` on the same archive. For S3 the AWS
 //!    settings go into a 0600 file beside them (`--env-file`), so the server's OS user needs no
@@ -68,6 +70,9 @@ pub struct RestoreOptions {
     pub walagent_path: PathBuf,
     pub dry_run: bool,
     pub progress: bool,
+    /// `--jobs`: how many tar objects download and unpack at once (`None`: the number of CPUs,
+    /// at most the number of objects).
+    pub jobs: Option<usize>,
     /// `--standby`: seed a standby. The caller leaves `target` at the end of the archive and
     /// `timeline` at latest (the command line refuses others); the settings written ignore
     /// both.
@@ -809,27 +814,30 @@ async fn restore_into(
         unpacker.expect_manifest(m);
     }
     let progress = Arc::new(Progress::with_total(opts.progress, plan.backup.data_bytes));
-    // Tablespaces first, then the main directory, whose links point at them.
+    // Every target is prepared before anything is written: the tablespace directories first,
+    // then the main archive's extractor, which registers them, so that its `pg_tblspc/<oid>`
+    // links are accepted and it never writes through them (see datadir::unpack). Once all are
+    // prepared, the objects can be filled in any order, several at once: each extractor writes
+    // only under its own root, and the manifest checks are shared.
     let mut archives: Vec<&catalog::TarArchive> = plan.backup.archives.iter().collect();
     archives.sort_by_key(|a| a.tablespace_oid.is_none());
-    let (mut files, mut bytes) = (0u64, 0u64);
-    for a in archives {
+    let mut work = Vec::with_capacity(archives.len());
+    for a in &archives {
         let feeder = match (a.tablespace_oid, &a.tablespace_location) {
             (Some(oid), Some(loc)) => unpacker.tablespace(oid, Path::new(loc))?,
             _ => unpacker.main_archive(),
         };
-        let (f, b) = extract_object(
-            store.clone(),
-            &a.key,
-            a.key.ends_with(".zst"),
-            feeder,
-            progress.clone(),
-            cancel,
-        )
-        .await?;
-        files += f;
-        bytes += b;
+        work.push((a.key.clone(), a.stored_bytes, feeder));
     }
+    // The largest first: the restore ends when the last object does.
+    work.sort_by_key(|(_, stored, _)| std::cmp::Reverse(*stored));
+    let jobs = restore_jobs(opts.jobs, work.len());
+    tracing::debug!(
+        objects = work.len(),
+        jobs,
+        "restoring the backup's tar objects"
+    );
+    let (files, bytes) = extract_all(store, work, jobs, &progress, cancel).await?;
     progress.finish();
     unpacker.finish_checks().map_err(RestoreError::Mismatch)?;
 
@@ -911,6 +919,82 @@ async fn restore_into(
     Ok((files, bytes, settings))
 }
 
+/// How many objects to fill at once: `--jobs`, or the number of CPUs; never more than the
+/// objects, at least one.
+fn restore_jobs(requested: Option<usize>, objects: usize) -> usize {
+    let n = requested.unwrap_or_else(|| {
+        std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+    });
+    n.min(objects).max(1)
+}
+
+/// Fills the objects, at most `jobs` at once (each streams its object through a bounded
+/// channel, so memory grows with `jobs`, not with the objects' sizes). The first failure (or a
+/// cancel) stops the others, and this returns only once every extraction thread has ended, so
+/// that the caller's [`Unpacker`] removes a directory nothing writes into any more.
+async fn extract_all(
+    store: &Arc<dyn Store>,
+    work: Vec<(String, u64, ArchiveUnpack)>,
+    jobs: usize,
+    progress: &Arc<Progress>,
+    cancel: &mut watch::Receiver<bool>,
+) -> Result<(u64, u64), RestoreError> {
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut pending = work.into_iter();
+    let mut running = tokio::task::JoinSet::new();
+    let mut failed: Option<RestoreError> = None;
+    let mut cancel_seen = false;
+    let (mut files, mut bytes) = (0u64, 0u64);
+    loop {
+        while failed.is_none() && running.len() < jobs {
+            let Some((key, _, feeder)) = pending.next() else {
+                break;
+            };
+            let compressed = key.ends_with(".zst");
+            running.spawn(extract_object(
+                store.clone(),
+                key,
+                compressed,
+                feeder,
+                progress.clone(),
+                stop_rx.clone(),
+            ));
+        }
+        let done = tokio::select! {
+            biased;
+            _ = cancel.changed(), if !cancel_seen => {
+                cancel_seen = true;
+                failed.get_or_insert(RestoreError::Cancelled);
+                let _ = stop_tx.send(true);
+                continue;
+            }
+            d = running.join_next() => d,
+        };
+        let res = match done {
+            None => break,
+            Some(Ok(r)) => r,
+            Some(Err(e)) => Err(RestoreError::Worker(e)),
+        };
+        match res {
+            Ok((f, b)) => {
+                files += f;
+                bytes += b;
+            }
+            Err(e) => {
+                // The first failure is the one reported; the others stop (as cancelled).
+                if failed.is_none() {
+                    failed = Some(e);
+                    let _ = stop_tx.send(true);
+                }
+            }
+        }
+    }
+    match failed {
+        Some(e) => Err(e),
+        None => Ok((files, bytes)),
+    }
+}
+
 /// Chunks of one stored object; `Err` when the download failed (the caller returns that
 /// error itself, the reader only stops).
 type Chunk = Result<Bytes, DownloadFailed>;
@@ -942,22 +1026,23 @@ impl Read for ChannelReader {
 }
 
 /// Downloads `key` and unpacks it with `feeder` on a blocking thread; returns (files, bytes).
+/// `cancel` is set when the restore is cancelled or another object failed.
 async fn extract_object(
     store: Arc<dyn Store>,
-    key: &str,
+    key: String,
     compressed: bool,
     feeder: ArchiveUnpack,
     progress: Arc<Progress>,
-    cancel: &mut watch::Receiver<bool>,
+    mut cancel: watch::Receiver<bool>,
 ) -> Result<(u64, u64), RestoreError> {
-    let mut reader = store
-        .open_reader(key)
-        .await?
-        .ok_or_else(|| RestoreError::ObjectMissing {
-            key: key.to_string(),
-        })?;
+    let opened = tokio::select! {
+        biased;
+        _ = cancel.changed() => return Err(RestoreError::Cancelled),
+        r = store.open_reader(&key) => r,
+    };
+    let mut reader = opened?.ok_or_else(|| RestoreError::ObjectMissing { key: key.clone() })?;
     let (tx, rx) = mpsc::channel::<Chunk>(8);
-    let key_owned = key.to_string();
+    let key_owned = key.clone();
     let worker = tokio::task::spawn_blocking(move || {
         unpack(
             ChannelReader {
@@ -1004,8 +1089,16 @@ async fn extract_object(
     res
 }
 
+/// Decompressed pieces in flight between the decompressing and the unpacking thread.
+const DECODED_IN_FLIGHT: usize = 4;
+/// Size of one decompressed piece.
+const DECODED_PIECE: usize = 1 << 20;
+
+/// Decompresses (when `compressed`) and unpacks one object. A compressed object is decompressed
+/// on a second thread, so that zstd and the file writes overlap as `zstd -dc | tar -x` does;
+/// that thread is scoped, it has ended when this returns.
 fn unpack(
-    input: ChannelReader,
+    mut input: ChannelReader,
     compressed: bool,
     mut feeder: ArchiveUnpack,
     key: &str,
@@ -1015,28 +1108,73 @@ fn unpack(
         key: key.to_string(),
         source,
     };
-    let mut src: Box<dyn Read> = if compressed {
-        Box::new(zstd::stream::read::Decoder::new(input).map_err(unreadable)?)
-    } else {
-        Box::new(input)
-    };
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = match src.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(unreadable(e)),
-        };
+    let mut feed = |data: Bytes| -> Result<(), RestoreError> {
         let content = feeder
-            .feed(Bytes::copy_from_slice(&buf[..n]))
+            .feed(data)
             .map_err(|e| RestoreError::from_unpack(key, e))?;
         progress.add(content);
+        Ok(())
+    };
+    if compressed {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<io::Result<Bytes>>(DECODED_IN_FLIGHT);
+        std::thread::scope(|s| {
+            s.spawn(move || decode(input, &tx));
+            // Returning early drops `rx`: the decoder's next send fails and it stops.
+            for piece in rx {
+                feed(piece.map_err(unreadable)?)?;
+            }
+            Ok::<(), RestoreError>(())
+        })?;
+    } else {
+        // The downloaded chunks are the tar stream: fed as they are, without a copy.
+        loop {
+            if input.cur.is_empty() {
+                match input.rx.blocking_recv() {
+                    Some(Ok(b)) => input.cur = b,
+                    Some(Err(DownloadFailed)) => {
+                        return Err(unreadable(io::Error::other("the download failed")))
+                    }
+                    None => break,
+                }
+            }
+            feed(std::mem::take(&mut input.cur))?;
+        }
     }
     let stats = feeder
         .finish()
         .map_err(|e| RestoreError::from_unpack(key, e))?;
     Ok((stats.files, stats.bytes))
+}
+
+/// The decompressing thread: zstd pieces of [`DECODED_PIECE`] bytes into `tx`, then its end
+/// (by dropping `tx`), or the error that stopped it. Stops when the receiver is gone.
+fn decode(input: ChannelReader, tx: &std::sync::mpsc::SyncSender<io::Result<Bytes>>) {
+    let mut dec = match zstd::stream::read::Decoder::new(input) {
+        Ok(d) => d,
+        Err(e) => {
+            let _ = tx.send(Err(e));
+            return;
+        }
+    };
+    // Reused once the unpacker has dropped the pieces it was given (BytesMut::reserve).
+    let mut buf = bytes::BytesMut::with_capacity(DECODED_PIECE * 2);
+    loop {
+        buf.resize(DECODED_PIECE, 0);
+        let n = match dec.read(&mut buf) {
+            Ok(0) => return,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                let _ = tx.send(Err(e));
+                return;
+            }
+        };
+        buf.truncate(n);
+        if tx.send(Ok(buf.split().freeze())).is_err() {
+            return;
+        }
+        buf.reserve(DECODED_PIECE);
+    }
 }
 
 #[cfg(test)]
