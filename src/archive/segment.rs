@@ -87,13 +87,16 @@ pub struct Archived {
 
 /// The archived object for the segment file `name` (24 hex digits), complete or (`partial`) the
 /// `.partial`, in either encoding: `wal/<name>[.partial].zst` first, then the raw key, as
-/// wal-fetch looks them up. Two reads at most, no listing.
+/// wal-fetch looks them up (and `.zst` once more). Three reads at most, no listing.
 pub async fn find_archived(
     store: &dyn Store,
     name: &str,
     partial: bool,
 ) -> Result<Option<Archived>, StoreError> {
-    for compressed in [true, false] {
+    // `.zst`, raw, then `.zst` again: compaction (`archive::compact`) writes `X.zst` before it
+    // removes `X`, so a segment being compacted between the first two looks is found by the
+    // third; two looks alone could miss both and call an archived segment missing.
+    for compressed in [true, false, true] {
         let key = segment_key_by_name(name, compressed, partial);
         if let Some(content) = read_wal_object(store, &key).await? {
             return Ok(Some(Archived { key, content }));
