@@ -388,9 +388,11 @@ fn source_keys(name: &str) -> [String; 2] {
     ]
 }
 
-/// Whether `<cached>.src` names an object of the local archive at `root` that still has the
-/// identity recorded, and no object that `wal_fetch` would prefer (the `.zst` one, for a record
-/// of the raw one) has appeared since.
+/// Whether `<cached>.src` names the object of the local archive at `root` that `wal_fetch` would
+/// read now, with the identity recorded: a replaced or rewritten object, or a preferred one (the
+/// `.zst` object, for a record of the raw one) that has appeared since, means no. An object that
+/// is gone altogether (expired, or moved away while a restore runs) leaves nothing the cached
+/// copy could differ from, and the copy passed the WAL check when it was made: it is served.
 fn source_still_current(cached: &Path, root: &Path) -> bool {
     let Ok(text) = fs::read_to_string(source_path(cached)) else {
         return false;
@@ -402,13 +404,14 @@ fn source_still_current(cached: &Path, root: &Path) -> bool {
         return false;
     };
     let keys = source_keys(name);
-    let Some(pos) = keys.iter().position(|k| *k == key) else {
-        return false;
-    };
-    if keys[..pos].iter().any(|k| root.join(k).exists()) {
+    if !keys.contains(&key) {
         return false;
     }
-    ObjectIdentity::of(&root.join(&key)) == Some(recorded)
+    let mut now = keys.iter().map(|k| (k, root.join(k)));
+    match now.find(|(_, p)| fs::symlink_metadata(p).is_ok()) {
+        None => true,
+        Some((k, p)) => *k == key && ObjectIdentity::of(&p) == Some(recorded),
+    }
 }
 
 /// --prefetch-dir on another filesystem than DEST: copy into a temp file next to DEST, rename.
@@ -1176,7 +1179,7 @@ mod tests {
     fn defaults() {
         assert_eq!(default_depth("s3://b/p"), DEFAULT_S3_DEPTH);
         assert_eq!(default_depth("S3://b"), DEFAULT_S3_DEPTH);
-        assert_eq!(default_depth("/backup/wal"), 0);
+        assert_eq!(default_depth("/backup/wal"), DEFAULT_DEPTH);
         assert_eq!(
             default_dir(Path::new("pg_wal/RECOVERYXLOG")),
             PathBuf::from("pg_wal/.walagent-prefetch")
@@ -1333,11 +1336,56 @@ mod tests {
         touch(&cache, p.name(), 1000);
         assert!(!p.serve(&dest).await);
         assert!(!cache.join(p.name()).exists());
-        // a hit
+        // a local archive's segment without its record of the object: not served, removed
         fs::write(cache.join(p.name()), vec![7u8; 1 << 20]).unwrap();
+        assert!(!p.serve(&dest).await);
+        assert!(!cache.join(p.name()).exists());
+        // a hit: the object it was made from is gone (nothing it could differ from)
+        fs::write(cache.join(p.name()), vec![7u8; 1 << 20]).unwrap();
+        let key = format!("wal/{}.zst", p.name());
+        let src = cache.join(format!("{}.src", p.name()));
+        let id = ObjectIdentity {
+            dev: 1,
+            ino: 2,
+            size: 3,
+            mtime_ns: 4,
+            ctime_ns: 5,
+        };
+        fs::write(&src, id.record(&key)).unwrap();
         assert!(p.serve(&dest).await);
         assert_eq!(fs::read(&dest).unwrap(), vec![7u8; 1 << 20]);
-        assert!(!cache.join(p.name()).exists());
+        assert!(!cache.join(p.name()).exists() && !src.exists());
+        // an archive that has the object: served while it is the one recorded
+        let arch = pg_wal.join("arch");
+        fs::create_dir_all(arch.join("wal")).unwrap();
+        let cfg2 = PrefetchConfig::new(arch.to_str().unwrap(), &dest, Some(2), None, None);
+        let p2 = Prefetcher::for_request(&cfg2, p.name()).unwrap();
+        let obj = arch.join(&key);
+        fs::write(&obj, b"zstd bytes").unwrap();
+        let now = ObjectIdentity::of(&obj).unwrap();
+        fs::write(cache.join(p.name()), vec![9u8; 1 << 20]).unwrap();
+        fs::write(&src, now.record(&key)).unwrap();
+        assert!(p2.serve(&dest).await);
+        assert_eq!(fs::read(&dest).unwrap(), vec![9u8; 1 << 20]);
+        // ... and not once it was replaced, or a .zst appeared beside a recorded raw object
+        fs::write(cache.join(p.name()), vec![9u8; 1 << 20]).unwrap();
+        fs::write(&src, now.record(&key)).unwrap();
+        fs::write(arch.join("new"), b"zstd bytes").unwrap();
+        fs::rename(arch.join("new"), &obj).unwrap();
+        assert!(!p2.serve(&dest).await);
+        assert!(!cache.join(p.name()).exists() && !src.exists());
+        let raw = format!("wal/{}", p.name());
+        fs::write(arch.join(&raw), vec![1u8; 1 << 20]).unwrap();
+        fs::write(cache.join(p.name()), vec![9u8; 1 << 20]).unwrap();
+        fs::write(&src, ObjectIdentity::of(&arch.join(&raw)).unwrap().record(&raw)).unwrap();
+        assert!(!p2.serve(&dest).await);
+        assert!(ObjectIdentity::parse_record("wal/x 1 2 3 4").is_none());
+        assert!(ObjectIdentity::parse_record("wal/x 1 2 3 4 5 6").is_none());
+        assert_eq!(
+            ObjectIdentity::parse_record(&id.record("wal/x")),
+            Some(("wal/x".to_string(), id))
+        );
+        fs::write(cache.join(ARCHIVE_FILE), "/arch\n").unwrap();
         // filled from another archive: emptied, not served
         fs::write(cache.join(ARCHIVE_FILE), "/other\n").unwrap();
         fs::write(cache.join(p.name()), vec![8u8; 1 << 20]).unwrap();
