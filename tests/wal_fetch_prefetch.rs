@@ -261,6 +261,17 @@ fn cached_segments(cache: &Path) -> Vec<String> {
         .collect()
 }
 
+/// What the worker writes beside a segment it cached from a local archive: the object it was
+/// made from and that object's identity. This one names `wal/<name>.zst` with a made-up identity,
+/// which is only served while the archive has no object for `name` (planted segments below).
+fn write_source_record(cache: &Path, name: &str) {
+    fs::write(
+        cache.join(format!("{name}.src")),
+        format!("wal/{name}.zst 0 0 0 0 0\n"),
+    )
+    .unwrap();
+}
+
 /// A pid that is certainly not running.
 fn dead_pid() -> i32 {
     let mut c = std::process::Command::new("true").spawn().unwrap();
@@ -524,6 +535,7 @@ fn cleanup_removes_old_segments_stale_markers_and_caps_the_cache() {
     // Served from the cache (a copy of X planted under the timeline-2 name): timeline 1 goes.
     stop_prefetch_worker(&cache);
     fs::write(cache.join(&tli2), w.expected(x)).unwrap();
+    write_source_record(&cache, &tli2);
     let o = w.fetch(&tli2, &["--prefetch", "2"]);
     assert_ok(&o);
     assert!(served_from_cache(&o));
@@ -560,6 +572,7 @@ fn waits_for_a_download_in_progress_and_ignores_dead_markers() {
     assert!(!w.dest().exists());
     let tmp = cache.join(format!(".walagent-fetch.{x}.{}.tmp", std::process::id()));
     fs::write(&tmp, w.expected(x)).unwrap();
+    write_source_record(&cache, x);
     fs::rename(&tmp, cache.join(x)).unwrap();
     fs::remove_file(&marker).unwrap();
     let o = wait_output(child, Duration::from_secs(60));
