@@ -695,15 +695,26 @@ fn local_cached_segment_is_not_served_once_its_object_changed() {
     let o = w.fetch(&segs[3], &["--prefetch", "3"]);
     assert_eq!(o.status.code(), Some(126), "{}", stderr_of(&o));
     assert!(!served_from_cache(&o));
-    assert!(stderr_of(&o).contains("fails the WAL check"), "{}", stderr_of(&o));
+    assert!(
+        stderr_of(&o).contains("fails the WAL check"),
+        "{}",
+        stderr_of(&o)
+    );
     assert_eq!(fs::read(w.dest()).unwrap(), b"earlier");
-    assert!(!w.cache().join(&segs[3]).exists(), "the stale copy is removed");
+    assert!(
+        !w.cache().join(&segs[3]).exists(),
+        "the stale copy is removed"
+    );
 
     // A record that does not parse, or names another object, is no record.
     stop_prefetch_worker(&w.cache());
     support::wait_until(WAIT, "segs[4] cached", || w.cache().join(&segs[4]).exists());
     stop_prefetch_worker(&w.cache());
-    fs::write(w.cache().join(format!("{}.src", segs[4])), "wal/x.zst 1 2 3 4 5\n").unwrap();
+    fs::write(
+        w.cache().join(format!("{}.src", segs[4])),
+        "wal/x.zst 1 2 3 4 5\n",
+    )
+    .unwrap();
     let o = w.fetch(&segs[4], &["--prefetch", "3"]);
     assert_ok(&o);
     assert!(!served_from_cache(&o));

@@ -217,7 +217,8 @@ impl Prefetcher {
         }
         let cached = dir.join(&self.name);
         let marker = marker_path(dir, &self.name);
-        let local_root = (!archive::is_remote(&self.cfg.archive)).then(|| Path::new(&self.cfg.archive));
+        let local_root =
+            (!archive::is_remote(&self.cfg.archive)).then(|| Path::new(&self.cfg.archive));
         let deadline = Instant::now() + WAIT_IN_PROGRESS;
         let mut waited = false;
         loop {
@@ -680,7 +681,8 @@ fn purge_segments(dir: &Path) {
         for e in rd.flatten() {
             let n = e.file_name().to_string_lossy().into_owned();
             if is_segment_file_name(&n)
-                || n.strip_suffix(SOURCE_SUFFIX).is_some_and(is_segment_file_name)
+                || n.strip_suffix(SOURCE_SUFFIX)
+                    .is_some_and(is_segment_file_name)
             {
                 let _ = fs::remove_file(e.path());
             }
@@ -968,11 +970,21 @@ async fn download(
             io::Error::other("not cached; the request reads it from the archive"),
         );
     };
-    if let Err(e) = write_small_file(dir, &format!("{name}{SOURCE_SUFFIX}"), &id.record(&outcome.key)) {
-        return fail(format!("cannot write {}", source_path(&target).display()), e);
+    if let Err(e) = write_small_file(
+        dir,
+        &format!("{name}{SOURCE_SUFFIX}"),
+        &id.record(&outcome.key),
+    ) {
+        return fail(
+            format!("cannot write {}", source_path(&target).display()),
+            e,
+        );
     }
     if let Err(e) = fs::rename(&stage, &target) {
-        return fail(format!("cannot rename {} to {}", stage.display(), target.display()), e);
+        return fail(
+            format!("cannot rename {} to {}", stage.display(), target.display()),
+            e,
+        );
     }
     Ok(())
 }
@@ -1377,7 +1389,11 @@ mod tests {
         let raw = format!("wal/{}", p.name());
         fs::write(arch.join(&raw), vec![1u8; 1 << 20]).unwrap();
         fs::write(cache.join(p.name()), vec![9u8; 1 << 20]).unwrap();
-        fs::write(&src, ObjectIdentity::of(&arch.join(&raw)).unwrap().record(&raw)).unwrap();
+        fs::write(
+            &src,
+            ObjectIdentity::of(&arch.join(&raw)).unwrap().record(&raw),
+        )
+        .unwrap();
         assert!(!p2.serve(&dest).await);
         assert!(ObjectIdentity::parse_record("wal/x 1 2 3 4").is_none());
         assert!(ObjectIdentity::parse_record("wal/x 1 2 3 4 5 6").is_none());
