@@ -501,20 +501,41 @@ async fn stream_to_file(
     });
     let mut store_err = None;
     let mut decoder_gone = false;
+    // HTTP bodies come in pieces of a few KiB: handed over one by one, each would wake the
+    // decoder thread (and feed zstd and the WAL check tiny buffers). Batches of 1 MiB instead.
+    let mut batch = bytes::BytesMut::new();
     loop {
-        match reader.next_chunk().await {
-            Ok(Some(chunk)) => {
-                // Once the decoder has stopped (it failed), the rest is still read for the
-                // object's own check, which names the cause better.
-                if !decoder_gone && tx.send(chunk).await.is_err() {
-                    decoder_gone = true;
-                }
-            }
-            Ok(None) => break,
+        let (chunk, end) = match reader.next_chunk().await {
+            Ok(Some(chunk)) => (Some(chunk), false),
+            Ok(None) => (None, true),
             Err(e) => {
                 store_err = Some(e);
-                break;
+                (None, true)
             }
+        };
+        if let Some(c) = chunk {
+            if batch.is_empty() && c.len() >= STREAM_BATCH {
+                // Large enough already: no copy.
+                if !decoder_gone && tx.send(c).await.is_err() {
+                    decoder_gone = true;
+                }
+                continue;
+            }
+            if batch.is_empty() {
+                batch.reserve(STREAM_BATCH + c.len());
+            }
+            batch.extend_from_slice(&c);
+        }
+        if !batch.is_empty() && (end || batch.len() >= STREAM_BATCH) {
+            let full = std::mem::take(&mut batch).freeze();
+            // Once the decoder has stopped (it failed), the rest is still read for the
+            // object's own check, which names the cause better.
+            if !decoder_gone && tx.send(full).await.is_err() {
+                decoder_gone = true;
+            }
+        }
+        if end {
+            break;
         }
     }
     drop(tx);
@@ -526,6 +547,9 @@ async fn stream_to_file(
     }
     res
 }
+
+/// What [`stream_to_file`] hands to the decoder thread at once.
+const STREAM_BATCH: usize = 1 << 20;
 
 /// A blocking [`Read`] over the chunks [`stream_to_file`] receives; the end of the channel is the
 /// end of the object.
