@@ -95,6 +95,14 @@ impl FetchError {
                     .to_string(),
             ),
             FetchError::Open(e) => e.hint(),
+            // Since wal-fetch makes no bucket check before its GETs, a misconfiguration (an
+            // untrusted certificate, bad credentials) shows up here and keeps its fix. The
+            // store's generic I/O hint (free space of the archive and spool) does not fit a read.
+            FetchError::Store(e) | FetchError::Meta(MetaError::Store(e)) => match e {
+                StoreError::Io { .. } => None,
+                e => e.hint(),
+            },
+            FetchError::Meta(e) => e.hint(),
             _ => None,
         }
     }
