@@ -499,7 +499,7 @@ async fn stream_to_file(
     key: String,
     archive: String,
 ) -> Result<Finished, FetchError> {
-    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(32);
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(STREAM_QUEUE);
     let task = tokio::task::spawn_blocking(move || {
         let input = ChannelReader {
             rx,
@@ -558,6 +558,9 @@ async fn stream_to_file(
 
 /// What [`stream_to_file`] hands to the decoder thread at once.
 const STREAM_BATCH: usize = 1 << 20;
+/// Batches queued for the decoder thread at most (bounds the memory of a download to a few MiB
+/// when the decoder is slower than the network or disk).
+const STREAM_QUEUE: usize = 3;
 
 /// A blocking [`Read`] over the chunks [`stream_to_file`] receives; the end of the channel is the
 /// end of the object.
