@@ -228,6 +228,8 @@ impl World {
             .into_iter()
             .filter(|n| {
                 !is_segment_name(n)
+                    // a local archive's record of the object a cached segment was made from
+                    && !n.strip_suffix(".src").is_some_and(is_segment_name)
                     && ![".archive", ".served", ".worker.lock", "prefetch.log"]
                         .contains(&n.as_str())
             })
@@ -257,6 +259,17 @@ fn cached_segments(cache: &Path) -> Vec<String> {
         .into_iter()
         .filter(|n| is_segment_name(n))
         .collect()
+}
+
+/// What the worker writes beside a segment it cached from a local archive: the object it was
+/// made from and that object's identity. This one names `wal/<name>.zst` with a made-up identity,
+/// which is only served while the archive has no object for `name` (planted segments below).
+fn write_source_record(cache: &Path, name: &str) {
+    fs::write(
+        cache.join(format!("{name}.src")),
+        format!("wal/{name}.zst 0 0 0 0 0\n"),
+    )
+    .unwrap();
 }
 
 /// A pid that is certainly not running.
@@ -522,6 +535,7 @@ fn cleanup_removes_old_segments_stale_markers_and_caps_the_cache() {
     // Served from the cache (a copy of X planted under the timeline-2 name): timeline 1 goes.
     stop_prefetch_worker(&cache);
     fs::write(cache.join(&tli2), w.expected(x)).unwrap();
+    write_source_record(&cache, &tli2);
     let o = w.fetch(&tli2, &["--prefetch", "2"]);
     assert_ok(&o);
     assert!(served_from_cache(&o));
@@ -558,6 +572,7 @@ fn waits_for_a_download_in_progress_and_ignores_dead_markers() {
     assert!(!w.dest().exists());
     let tmp = cache.join(format!(".walagent-fetch.{x}.{}.tmp", std::process::id()));
     fs::write(&tmp, w.expected(x)).unwrap();
+    write_source_record(&cache, x);
     fs::rename(&tmp, cache.join(x)).unwrap();
     fs::remove_file(&marker).unwrap();
     let o = wait_output(child, Duration::from_secs(60));
@@ -582,33 +597,195 @@ fn waits_for_a_download_in_progress_and_ignores_dead_markers() {
     assert!(!marker.exists(), "stale marker left");
 }
 
-/// A local archive prefetches nothing unless asked; --prefetch-dir puts the cache elsewhere
-/// (possibly on another filesystem: then serving copies instead of renaming).
+/// A local archive prefetches by default too (8 ahead), `--prefetch 0` turns it off; --prefetch-dir
+/// puts the cache elsewhere (possibly on another filesystem: then serving copies instead of
+/// renaming).
 #[test]
-fn local_default_is_off_and_prefetch_dir_is_honoured() {
+fn local_default_prefetches_and_prefetch_dir_is_honoured() {
     let w = World::new();
-    let o = w.fetch(&w.segs[0], &[]);
+    let o = w.fetch(&w.segs[0], &["--prefetch", "0"]);
     assert_ok(&o);
-    let o = w.fetch(&w.segs[1], &["--prefetch", "0"]);
+    w.assert_dest_is(&w.segs[0]);
+    assert_eq!(names_in(&w.pg_wal()), vec!["RECOVERYXLOG".to_string()]);
+
+    let o = w.fetch(&w.segs[1], &[]);
     assert_ok(&o);
     w.assert_dest_is(&w.segs[1]);
-    assert_eq!(names_in(&w.pg_wal()), vec!["RECOVERYXLOG".to_string()]);
+    let ahead = (w.segs.len() - 2).min(8);
+    support::wait_until(WAIT, "8 segments prefetched by default", || {
+        w.cached() == w.segs[2..2 + ahead].to_vec() && w.cache_debris().is_empty()
+    });
+    let o = w.fetch(&w.segs[2], &[]);
+    assert_ok(&o);
+    assert!(served_from_cache(&o), "{}", stderr_of(&o));
+    w.assert_dest_is(&w.segs[2]);
+    stop_prefetch_worker(&w.cache());
 
     let elsewhere = tempfile::tempdir().unwrap();
     let cache = elsewhere.path().join("cache");
     let c = cache.to_str().unwrap();
-    let o = w.fetch(&w.segs[2], &["--prefetch", "2", "--prefetch-dir", c]);
-    assert_ok(&o);
-    support::wait_until(WAIT, "prefetch into --prefetch-dir", || {
-        cached_segments(&cache) == w.segs[3..5].to_vec()
-    });
-    w.remove_from_archive(&w.segs[3]);
     let o = w.fetch(&w.segs[3], &["--prefetch", "2", "--prefetch-dir", c]);
     assert_ok(&o);
+    support::wait_until(WAIT, "prefetch into --prefetch-dir", || {
+        cached_segments(&cache) == w.segs[4..6].to_vec()
+    });
+    w.remove_from_archive(&w.segs[4]);
+    let o = w.fetch(&w.segs[4], &["--prefetch", "2", "--prefetch-dir", c]);
+    assert_ok(&o);
     assert!(served_from_cache(&o));
-    w.assert_dest_is(&w.segs[3]);
-    assert_eq!(names_in(&w.pg_wal()), vec!["RECOVERYXLOG".to_string()]);
+    w.assert_dest_is(&w.segs[4]);
+    assert!(!cache.join(format!("{}.src", w.segs[4])).exists());
     stop_prefetch_worker(&cache);
+}
+
+/// Replaces the local archive object of `name` with the bytes of `with` (a new file renamed over
+/// it, as a writer would).
+fn replace_object(w: &World, name: &str, with: &str) {
+    let wal = w.objects.join("wal");
+    let tmp = wal.join(".replace.tmp");
+    fs::copy(wal.join(format!("{with}.zst")), &tmp).unwrap();
+    fs::rename(&tmp, wal.join(format!("{name}.zst"))).unwrap();
+    // Checksum sidecars (if any) must not refuse the new bytes for the wrong reason.
+    let _ = fs::remove_file(wal.join(format!(".{name}.zst.sfv")));
+    if let Ok(t) = fs::read_to_string(wal.join(format!(".{with}.zst.sfv"))) {
+        fs::write(
+            wal.join(format!(".{name}.zst.sfv")),
+            t.replace(&format!("{with}.zst"), &format!("{name}.zst")),
+        )
+        .unwrap();
+    }
+}
+
+/// A segment cached from a local archive is only served while the archive object it was made
+/// from is unchanged: after the object is replaced (by the same bytes under a new inode, or by
+/// another segment's WAL) the call reads the archive itself, and a wrong object fails the WAL
+/// check (exit 126, DEST as it was) instead of being masked by the good cached copy.
+#[test]
+fn local_cached_segment_is_not_served_once_its_object_changed() {
+    let w = World::new();
+    let segs = &w.segs;
+    let o = w.fetch(&segs[0], &["--prefetch", "3"]);
+    assert_ok(&o);
+    support::wait_until(WAIT, "3 prefetched segments", || {
+        w.cached() == segs[1..4].to_vec() && w.cache_debris().is_empty()
+    });
+    stop_prefetch_worker(&w.cache());
+    for s in &segs[1..4] {
+        assert!(w.cache().join(format!("{s}.src")).exists(), "{s}.src");
+    }
+
+    // Same bytes, new file: not served from the cache, but the right WAL from the archive.
+    replace_object(&w, &segs[1], &segs[1]);
+    let o = w.fetch(&segs[1], &["--prefetch", "0"]);
+    assert_ok(&o);
+    w.fetch(&segs[1], &["--prefetch", "3"]);
+    let o = w.fetch(&segs[1], &["--prefetch", "3"]);
+    assert_ok(&o);
+    w.assert_dest_is(&segs[1]);
+    stop_prefetch_worker(&w.cache());
+
+    // Another segment's WAL under segs[3]'s name while segs[3] is cached (the worker is stopped,
+    // so nothing re-downloads it): refused from the archive, never served from the cache.
+    support::wait_until(WAIT, "segs[3] cached", || w.cache().join(&segs[3]).exists());
+    stop_prefetch_worker(&w.cache());
+    replace_object(&w, &segs[3], &segs[5]);
+    let o = w.fetch(&segs[2], &["--prefetch", "0"]);
+    assert_ok(&o);
+    fs::write(w.dest(), b"earlier").unwrap();
+    let o = w.fetch(&segs[3], &["--prefetch", "3"]);
+    assert_eq!(o.status.code(), Some(126), "{}", stderr_of(&o));
+    assert!(!served_from_cache(&o));
+    assert!(
+        stderr_of(&o).contains("fails the WAL check"),
+        "{}",
+        stderr_of(&o)
+    );
+    assert_eq!(fs::read(w.dest()).unwrap(), b"earlier");
+    assert!(
+        !w.cache().join(&segs[3]).exists(),
+        "the stale copy is removed"
+    );
+
+    // A record that does not parse, or names another object, is no record.
+    stop_prefetch_worker(&w.cache());
+    support::wait_until(WAIT, "segs[4] cached", || w.cache().join(&segs[4]).exists());
+    stop_prefetch_worker(&w.cache());
+    fs::write(
+        w.cache().join(format!("{}.src", segs[4])),
+        "wal/x.zst 1 2 3 4 5\n",
+    )
+    .unwrap();
+    let o = w.fetch(&segs[4], &["--prefetch", "3"]);
+    assert_ok(&o);
+    assert!(!served_from_cache(&o));
+    w.assert_dest_is(&segs[4]);
+}
+
+/// A second restore into the same pg_wal (the cache left behind by the first, its worker gone):
+/// it starts over at an earlier segment, the left-over segments of the unchanged archive are
+/// served, and every DEST is pg_wal's segment.
+#[test]
+fn second_restore_with_the_same_cache_dir() {
+    let w = World::new();
+    let segs = &w.segs;
+    for s in &segs[..3] {
+        assert_ok(&w.fetch(s, &["--prefetch", "4"]));
+    }
+    support::wait_until(WAIT, "the window after the first restore", || {
+        w.cached() == segs[3..7].to_vec()
+    });
+    stop_prefetch_worker(&w.cache());
+    fs::remove_file(w.dest()).unwrap();
+    let mut from_cache = 0;
+    for s in segs.iter() {
+        let o = w.fetch(s, &["--prefetch", "4"]);
+        assert_ok(&o);
+        w.assert_dest_is(s);
+        from_cache += usize::from(served_from_cache(&o));
+    }
+    assert!(from_cache > 0, "nothing served from the cache");
+    assert!(!w.log().contains(" error: "), "prefetch.log:\n{}", w.log());
+}
+
+/// The cache on a full filesystem (a 3 MB tmpfs; needs root to mount it, skipped otherwise):
+/// downloads that do not fit fail in the worker only, and every call still places the right
+/// segment.
+#[test]
+fn cache_on_a_full_disk_never_fails_a_call() {
+    let w = World::new();
+    let segs = &w.segs;
+    let small = tempfile::tempdir().unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=3m,mode=0700", "tmpfs"])
+        .arg(small.path())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !mounted {
+        eprintln!("skipped: cannot mount a tmpfs (not root?)");
+        return;
+    }
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            stop_prefetch_worker(&self.0.join("cache"));
+            let _ = std::process::Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let guard = Unmount(small.path().to_path_buf());
+    let cache = guard.0.join("cache");
+    let c = cache.to_str().unwrap();
+    for s in segs.iter() {
+        let o = w.fetch(s, &["--prefetch", "8", "--prefetch-dir", c]);
+        assert_ok(&o);
+        w.assert_dest_is(s);
+    }
+    // The worker noticed (its downloads failed for want of space), PostgreSQL did not.
+    let log = fs::read_to_string(cache.join("prefetch.log")).unwrap_or_default();
+    assert!(
+        log.contains("No space left") || cached_segments(&cache).len() <= 3,
+        "prefetch.log:\n{log}"
+    );
 }
 
 /// An s3:// archive prefetches by default (8 ahead); the background worker gets the AWS settings

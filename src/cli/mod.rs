@@ -712,8 +712,8 @@ pub struct WalFetchArgs {
     pub dest: PathBuf,
 
     /// Segments to download ahead of WALFILE, in parallel and in the background, so that the
-    /// next calls are served from a local cache by a rename (default: 8 for s3:// archives,
-    /// 0 = off for a directory). Only plain segment names use it, never history or .partial.
+    /// next calls are served from a local cache by a rename (default: 8; 0 = off). Only plain
+    /// segment names use it, never history or .partial.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(0..=256))]
     pub prefetch: Option<u32>,
 

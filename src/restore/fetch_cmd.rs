@@ -3,8 +3,10 @@
 //! decides where it comes from and what happens after it.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
-use crate::archive;
+use crate::archive::s3::{S3Location, S3Options, S3Store};
+use crate::archive::{self, Store};
 use crate::restore::prefetch::{self, PrefetchConfig, Prefetcher};
 use crate::restore::wal_fetch::{self, FetchError};
 
@@ -39,11 +41,26 @@ pub async fn run(cmd: &FetchCommand) -> Result<(), FetchError> {
         }
     }
     // Not "not found": an unreachable archive must stop recovery, not end it.
-    let store = archive::open(&cmd.archive, false).await?;
+    let store = open_for_fetch(&cmd.archive).await?;
     let outcome =
         wal_fetch::fetch(store.as_ref(), &cmd.walfile, &cmd.dest, cmd.allow_partial).await?;
     if let (Some(c), false) = (&cache, outcome.from_partial) {
         c.after_serve(&cmd.dest);
     }
     Ok(())
+}
+
+/// Opens the archive for reading like [`archive::open`], but without its S3 reachability check
+/// (a ListObjectsV2 before anything else): wal-fetch's own GETs report the same failures (no such
+/// bucket, access denied, unreachable) with the same exit status, 126, and a cold call saves
+/// one round trip. A missing bucket is never "not found" (see `S3Store::open_stream`).
+pub async fn open_for_fetch(spec: &str) -> Result<Arc<dyn Store>, archive::OpenError> {
+    if !archive::is_remote(spec) {
+        return archive::open(spec, false).await;
+    }
+    let location: S3Location = spec.parse()?;
+    let store = S3Store::open(location, S3Options::default())
+        .await
+        .map_err(archive::OpenError::S3)?;
+    Ok(Arc::new(store))
 }

@@ -52,16 +52,19 @@ use std::time::{Duration, Instant, SystemTime};
 use async_trait::async_trait;
 use bytes::Bytes;
 
-use crate::archive::layout::META_KEY;
+use crate::archive::layout::{segment_key_by_name, META_KEY};
 use crate::archive::meta::rfc3339_utc;
 use crate::archive::meta::MetaError;
 use crate::archive::{self, ArchiveMeta, ObjectInfo, PutMode, Store, StoreError};
 use crate::restore::wal_fetch::{self, FetchError};
 use crate::wal::{SegmentId, SegmentSize, Timeline};
 
-/// `--prefetch` default for `s3://` archives (a local directory gets 0: a rename-free copy is
-/// already as fast as the cache would be).
-pub const DEFAULT_S3_DEPTH: u32 = 8;
+/// `--prefetch` default, for `s3://` archives and local directories alike: decompressing and
+/// checking a 16 MB segment costs a serial call more than its process start, so a local archive
+/// gains from the head start too.
+pub const DEFAULT_DEPTH: u32 = 8;
+/// The former name of [`DEFAULT_DEPTH`].
+pub const DEFAULT_S3_DEPTH: u32 = DEFAULT_DEPTH;
 /// Downloads at once by default: `min(N, DEFAULT_JOBS)`.
 pub const DEFAULT_JOBS: u32 = 4;
 /// Name of the default cache directory, inside DEST's directory (pg_wal).
@@ -85,6 +88,9 @@ const SERVED_FILE: &str = ".served";
 const ARCHIVE_FILE: &str = ".archive";
 const LOCK_FILE: &str = ".worker.lock";
 const MARKER_SUFFIX: &str = ".inprogress";
+/// `<segment>.src`: for a local archive, which object a cached segment was made from and that
+/// object's identity then (see [`ObjectIdentity`]).
+const SOURCE_SUFFIX: &str = ".src";
 
 /// Prefetch settings of one `wal-fetch` call.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -119,13 +125,9 @@ impl PrefetchConfig {
     }
 }
 
-/// [`DEFAULT_S3_DEPTH`] for `s3://` archives, 0 for local directories.
-pub fn default_depth(archive: &str) -> u32 {
-    if archive::is_remote(archive) {
-        DEFAULT_S3_DEPTH
-    } else {
-        0
-    }
+/// [`DEFAULT_DEPTH`] for every archive (`s3://` or a local directory).
+pub fn default_depth(_archive: &str) -> u32 {
+    DEFAULT_DEPTH
 }
 
 /// `<DEST's directory>/.walagent-prefetch`: inside pg_wal, on DEST's filesystem.
@@ -215,10 +217,12 @@ impl Prefetcher {
         }
         let cached = dir.join(&self.name);
         let marker = marker_path(dir, &self.name);
+        let local_root =
+            (!archive::is_remote(&self.cfg.archive)).then(|| Path::new(&self.cfg.archive));
         let deadline = Instant::now() + WAIT_IN_PROGRESS;
         let mut waited = false;
         loop {
-            match take_cached(&cached, dest) {
+            match take_cached(&cached, dest, local_root) {
                 Ok(true) => {
                     tracing::debug!(segment = %self.name, waited, "served from the prefetch cache");
                     return true;
@@ -247,7 +251,7 @@ impl Prefetcher {
                         let _ = fs::remove_file(&marker);
                     }
                     // The download may have finished between the two looks.
-                    return matches!(take_cached(&cached, dest), Ok(true));
+                    return matches!(take_cached(&cached, dest, local_root), Ok(true));
                 }
             }
         }
@@ -280,18 +284,32 @@ impl Prefetcher {
 }
 
 /// Renames the cached file to `dest`. Ok(false) when there is no cached file. A file whose size
-/// is no valid segment size is removed (never served).
-fn take_cached(cached: &Path, dest: &Path) -> io::Result<bool> {
+/// is no valid segment size is removed (never served). With `local_root` (a local archive), the
+/// file is only served when `<cached>.src` says it was made from an object that is still there
+/// unchanged (same file, size, mtime and ctime); otherwise it is removed and the call is a miss.
+fn take_cached(cached: &Path, dest: &Path, local_root: Option<&Path>) -> io::Result<bool> {
     match fs::symlink_metadata(cached) {
         Ok(m) if m.is_file() && SegmentSize::new(m.len()).is_ok() => {}
         Ok(_) => {
             let _ = fs::remove_file(cached);
+            let _ = fs::remove_file(source_path(cached));
             return Ok(false);
         }
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
         Err(e) => return Err(e),
     }
-    match fs::rename(cached, dest) {
+    if let Some(root) = local_root {
+        if !source_still_current(cached, root) {
+            tracing::debug!(
+                cached = %cached.display(),
+                "the archive object of this cached segment changed (or its record is missing); not serving it"
+            );
+            let _ = fs::remove_file(cached);
+            let _ = fs::remove_file(source_path(cached));
+            return Ok(false);
+        }
+    }
+    let served = match fs::rename(cached, dest) {
         Ok(()) => Ok(true),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false), // taken by a concurrent call
         Err(e) if e.raw_os_error() == Some(libc::EXDEV) => copy_then_rename(cached, dest),
@@ -303,6 +321,97 @@ fn take_cached(cached: &Path, dest: &Path) -> io::Result<bool> {
                 dest.display()
             ),
         )),
+    };
+    if matches!(served, Ok(true)) {
+        let _ = fs::remove_file(source_path(cached));
+    }
+    served
+}
+
+/// `<cache>/<segment>.src` for `<cache>/<segment>`.
+fn source_path(cached: &Path) -> PathBuf {
+    let mut p = cached.as_os_str().to_owned();
+    p.push(SOURCE_SUFFIX);
+    PathBuf::from(p)
+}
+
+/// What identifies one version of a local archive object: a replaced object (a new file renamed
+/// over it) has another inode and ctime, one rewritten in place another mtime/ctime or size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct ObjectIdentity {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime_ns: i128,
+    ctime_ns: i128,
+}
+
+impl ObjectIdentity {
+    fn of(path: &Path) -> Option<ObjectIdentity> {
+        use std::os::unix::fs::MetadataExt;
+        let m = fs::metadata(path).ok()?;
+        Some(ObjectIdentity {
+            dev: m.dev(),
+            ino: m.ino(),
+            size: m.size(),
+            mtime_ns: i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()),
+            ctime_ns: i128::from(m.ctime()) * 1_000_000_000 + i128::from(m.ctime_nsec()),
+        })
+    }
+
+    /// `<key> <dev> <ino> <size> <mtime_ns> <ctime_ns>`
+    fn record(&self, key: &str) -> String {
+        format!(
+            "{key} {} {} {} {} {}\n",
+            self.dev, self.ino, self.size, self.mtime_ns, self.ctime_ns
+        )
+    }
+
+    fn parse_record(text: &str) -> Option<(String, ObjectIdentity)> {
+        let mut it = text.trim_end_matches('\n').split(' ');
+        let key = it.next()?.to_string();
+        let id = ObjectIdentity {
+            dev: it.next()?.parse().ok()?,
+            ino: it.next()?.parse().ok()?,
+            size: it.next()?.parse().ok()?,
+            mtime_ns: it.next()?.parse().ok()?,
+            ctime_ns: it.next()?.parse().ok()?,
+        };
+        it.next().is_none().then_some((key, id))
+    }
+}
+
+/// The archive keys a segment may come from (what `wal_fetch::fetch` tries, in order).
+fn source_keys(name: &str) -> [String; 2] {
+    [
+        segment_key_by_name(name, true, false),
+        segment_key_by_name(name, false, false),
+    ]
+}
+
+/// Whether `<cached>.src` names the object of the local archive at `root` that `wal_fetch` would
+/// read now, with the identity recorded: a replaced or rewritten object, or a preferred one (the
+/// `.zst` object, for a record of the raw one) that has appeared since, means no. An object that
+/// is gone altogether (expired, or moved away while a restore runs) leaves nothing the cached
+/// copy could differ from, and the copy passed the WAL check when it was made: it is served.
+fn source_still_current(cached: &Path, root: &Path) -> bool {
+    let Ok(text) = fs::read_to_string(source_path(cached)) else {
+        return false;
+    };
+    let Some((key, recorded)) = ObjectIdentity::parse_record(&text) else {
+        return false;
+    };
+    let Some(name) = cached.file_name().and_then(|n| n.to_str()) else {
+        return false;
+    };
+    let keys = source_keys(name);
+    if !keys.contains(&key) {
+        return false;
+    }
+    let mut now = keys.iter().map(|k| (k, root.join(k)));
+    match now.find(|(_, p)| fs::symlink_metadata(p).is_ok()) {
+        None => true,
+        Some((k, p)) => *k == key && ObjectIdentity::of(&p) == Some(recorded),
     }
 }
 
@@ -570,7 +679,11 @@ fn purge_segments(dir: &Path) {
     let _ = fs::remove_file(dir.join(SERVED_FILE));
     if let Ok(rd) = fs::read_dir(dir) {
         for e in rd.flatten() {
-            if is_segment_file_name(&e.file_name().to_string_lossy()) {
+            let n = e.file_name().to_string_lossy().into_owned();
+            if is_segment_file_name(&n)
+                || n.strip_suffix(SOURCE_SUFFIX)
+                    .is_some_and(is_segment_file_name)
+            {
                 let _ = fs::remove_file(e.path());
             }
         }
@@ -595,6 +708,8 @@ pub fn cleanup(dir: &Path, served: &str, depth: u32) -> Vec<String> {
     let mut removed = Vec::new();
     let mut kept = Vec::new();
     let mut in_flight = 0usize;
+    let mut sources = Vec::new();
+    let mut live = HashSet::new();
     for e in rd.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
         if is_segment_file_name(&name) {
@@ -612,10 +727,18 @@ pub fn cleanup(dir: &Path, served: &str, depth: u32) -> Vec<String> {
                     MarkerState::Stale => {
                         let _ = fs::remove_file(e.path());
                     }
-                    MarkerState::Alive(_) => in_flight += 1,
+                    MarkerState::Alive(_) => {
+                        in_flight += 1;
+                        live.insert(seg.to_string());
+                    }
                     MarkerState::Absent => {}
                 }
             }
+        } else if let Some(seg) = name
+            .strip_suffix(SOURCE_SUFFIX)
+            .filter(|s| is_segment_file_name(s))
+        {
+            sources.push(seg.to_string());
         } else if name.starts_with('.') && name.ends_with(".tmp") {
             if let Some(pid) = temp_file_pid(&name) {
                 if !pid_alive(pid) {
@@ -631,9 +754,18 @@ pub fn cleanup(dir: &Path, served: &str, depth: u32) -> Vec<String> {
         ka.cmp(&kb)
     });
     let cap = (depth as usize + 2).saturating_sub(in_flight);
-    for name in kept.into_iter().skip(cap) {
-        if fs::remove_file(dir.join(&name)).is_ok() {
+    let mut keep: HashSet<String> = HashSet::new();
+    for (i, name) in kept.into_iter().enumerate() {
+        if i < cap {
+            keep.insert(name);
+        } else if fs::remove_file(dir.join(&name)).is_ok() {
             removed.push(name);
+        }
+    }
+    // A `.src` record goes with its segment (one being downloaded writes it before the rename).
+    for seg in sources {
+        if !keep.contains(&seg) && !live.contains(&seg) {
+            let _ = fs::remove_file(dir.join(format!("{seg}{SOURCE_SUFFIX}")));
         }
     }
     removed
@@ -793,6 +925,70 @@ enum WorkerError {
     BadStart { start: String, size: SegmentSize },
 }
 
+/// Downloads segment `name` into the cache `dir` with [`wal_fetch::fetch`] (the full WAL check).
+/// From a local archive (`root`) the segment first lands under a temp name; it gets its final
+/// name only after `<name>.src` recorded the identity of the object it was made from, and only
+/// when that object did not change while it was read, so that the foreground can tell that the
+/// object is still the same when it serves the file.
+async fn download(
+    store: &dyn Store,
+    name: &str,
+    dir: &Path,
+    root: Option<&Path>,
+) -> Result<(), FetchError> {
+    let target = dir.join(name);
+    let Some(root) = root else {
+        return wal_fetch::fetch(store, name, &target, false)
+            .await
+            .map(|_| ());
+    };
+    let keys = source_keys(name);
+    let before = [
+        ObjectIdentity::of(&root.join(&keys[0])),
+        ObjectIdentity::of(&root.join(&keys[1])),
+    ];
+    let stage = dir.join(format!(".stage.{name}.{}.tmp", std::process::id()));
+    let fail = |context: String, e: io::Error| {
+        let _ = fs::remove_file(&stage);
+        let _ = fs::remove_file(source_path(&target));
+        Err(FetchError::Io { context, source: e })
+    };
+    let outcome = match wal_fetch::fetch(store, name, &stage, false).await {
+        Ok(o) => o,
+        Err(e) => {
+            let _ = fs::remove_file(&stage);
+            return Err(e);
+        }
+    };
+    let unchanged = keys.iter().position(|k| *k == outcome.key).and_then(|i| {
+        let now = ObjectIdentity::of(&root.join(&outcome.key))?;
+        (before[i] == Some(now) && before[..i].iter().all(Option::is_none)).then_some(now)
+    });
+    let Some(id) = unchanged else {
+        return fail(
+            format!("archive object {} changed while it was read", outcome.key),
+            io::Error::other("not cached; the request reads it from the archive"),
+        );
+    };
+    if let Err(e) = write_small_file(
+        dir,
+        &format!("{name}{SOURCE_SUFFIX}"),
+        &id.record(&outcome.key),
+    ) {
+        return fail(
+            format!("cannot write {}", source_path(&target).display()),
+            e,
+        );
+    }
+    if let Err(e) = fs::rename(&stage, &target) {
+        return fail(
+            format!("cannot rename {} to {}", stage.display(), target.display()),
+            e,
+        );
+    }
+    Ok(())
+}
+
 async fn worker(cfg: &PrefetchConfig, start: &str, log: &WorkerLog) -> Result<String, WorkerError> {
     let dir = &cfg.dir;
     let store = archive::open(&cfg.archive, false).await?;
@@ -820,6 +1016,7 @@ async fn worker(cfg: &PrefetchConfig, start: &str, log: &WorkerLog) -> Result<St
         cfg.jobs
     ));
 
+    let local_root = (!archive::is_remote(&cfg.archive)).then(|| PathBuf::from(&cfg.archive));
     let mut w = Window::new(start_id);
     let mut served_text = String::new();
     let mut last_move = Instant::now();
@@ -867,8 +1064,7 @@ async fn worker(cfg: &PrefetchConfig, start: &str, log: &WorkerLog) -> Result<St
                 if SegmentId::parse_file_name(&name, size) != Some(id) {
                     break; // beyond the last possible segment
                 }
-                let target = dir.join(&name);
-                if target.exists() {
+                if dir.join(&name).exists() {
                     continue;
                 }
                 let Some(marker) = Marker::create(dir, &name) else {
@@ -878,10 +1074,9 @@ async fn worker(cfg: &PrefetchConfig, start: &str, log: &WorkerLog) -> Result<St
                 cleanup(dir, &w.pos.file_name(size), cfg.depth);
                 inflight_segnos.insert(segno);
                 let store = store.clone();
+                let (dir, root) = (dir.clone(), local_root.clone());
                 inflight.spawn(async move {
-                    let r = wal_fetch::fetch(store.as_ref(), &name, &target, false)
-                        .await
-                        .map(|_| ());
+                    let r = download(store.as_ref(), &name, &dir, root.as_deref()).await;
                     drop(marker); // after the rename: a waiting request sees the file first
                     (segno, name, r)
                 });
@@ -996,7 +1191,7 @@ mod tests {
     fn defaults() {
         assert_eq!(default_depth("s3://b/p"), DEFAULT_S3_DEPTH);
         assert_eq!(default_depth("S3://b"), DEFAULT_S3_DEPTH);
-        assert_eq!(default_depth("/backup/wal"), 0);
+        assert_eq!(default_depth("/backup/wal"), DEFAULT_DEPTH);
         assert_eq!(
             default_dir(Path::new("pg_wal/RECOVERYXLOG")),
             PathBuf::from("pg_wal/.walagent-prefetch")
@@ -1153,11 +1348,60 @@ mod tests {
         touch(&cache, p.name(), 1000);
         assert!(!p.serve(&dest).await);
         assert!(!cache.join(p.name()).exists());
-        // a hit
+        // a local archive's segment without its record of the object: not served, removed
         fs::write(cache.join(p.name()), vec![7u8; 1 << 20]).unwrap();
+        assert!(!p.serve(&dest).await);
+        assert!(!cache.join(p.name()).exists());
+        // a hit: the object it was made from is gone (nothing it could differ from)
+        fs::write(cache.join(p.name()), vec![7u8; 1 << 20]).unwrap();
+        let key = format!("wal/{}.zst", p.name());
+        let src = cache.join(format!("{}.src", p.name()));
+        let id = ObjectIdentity {
+            dev: 1,
+            ino: 2,
+            size: 3,
+            mtime_ns: 4,
+            ctime_ns: 5,
+        };
+        fs::write(&src, id.record(&key)).unwrap();
         assert!(p.serve(&dest).await);
         assert_eq!(fs::read(&dest).unwrap(), vec![7u8; 1 << 20]);
-        assert!(!cache.join(p.name()).exists());
+        assert!(!cache.join(p.name()).exists() && !src.exists());
+        // an archive that has the object: served while it is the one recorded
+        let arch = pg_wal.join("arch");
+        fs::create_dir_all(arch.join("wal")).unwrap();
+        let cfg2 = PrefetchConfig::new(arch.to_str().unwrap(), &dest, Some(2), None, None);
+        let p2 = Prefetcher::for_request(&cfg2, p.name()).unwrap();
+        let obj = arch.join(&key);
+        fs::write(&obj, b"zstd bytes").unwrap();
+        let now = ObjectIdentity::of(&obj).unwrap();
+        fs::write(cache.join(p.name()), vec![9u8; 1 << 20]).unwrap();
+        fs::write(&src, now.record(&key)).unwrap();
+        assert!(p2.serve(&dest).await);
+        assert_eq!(fs::read(&dest).unwrap(), vec![9u8; 1 << 20]);
+        // ... and not once it was replaced, or a .zst appeared beside a recorded raw object
+        fs::write(cache.join(p.name()), vec![9u8; 1 << 20]).unwrap();
+        fs::write(&src, now.record(&key)).unwrap();
+        fs::write(arch.join("new"), b"zstd bytes").unwrap();
+        fs::rename(arch.join("new"), &obj).unwrap();
+        assert!(!p2.serve(&dest).await);
+        assert!(!cache.join(p.name()).exists() && !src.exists());
+        let raw = format!("wal/{}", p.name());
+        fs::write(arch.join(&raw), vec![1u8; 1 << 20]).unwrap();
+        fs::write(cache.join(p.name()), vec![9u8; 1 << 20]).unwrap();
+        fs::write(
+            &src,
+            ObjectIdentity::of(&arch.join(&raw)).unwrap().record(&raw),
+        )
+        .unwrap();
+        assert!(!p2.serve(&dest).await);
+        assert!(ObjectIdentity::parse_record("wal/x 1 2 3 4").is_none());
+        assert!(ObjectIdentity::parse_record("wal/x 1 2 3 4 5 6").is_none());
+        assert_eq!(
+            ObjectIdentity::parse_record(&id.record("wal/x")),
+            Some(("wal/x".to_string(), id))
+        );
+        fs::write(cache.join(ARCHIVE_FILE), "/arch\n").unwrap();
         // filled from another archive: emptied, not served
         fs::write(cache.join(ARCHIVE_FILE), "/other\n").unwrap();
         fs::write(cache.join(p.name()), vec![8u8; 1 << 20]).unwrap();

@@ -16,14 +16,16 @@
 //! makes PostgreSQL stop recovery rather than end it early (see [`EXIT_FATAL`]).
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, BufReader, Write};
+use std::io::{self, Read, Write};
+
+use bytes::Bytes;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::archive::compress::{create_private, decompress_stream, is_corrupt};
 use crate::archive::layout::{history_key, segment_key_by_name, META_KEY};
 use crate::archive::meta::MetaError;
-use crate::archive::{ArchiveMeta, Detail, OpenError, Store, StoreError};
+use crate::archive::{ArchiveMeta, Detail, ObjectReader, OpenError, Store, StoreError};
 use crate::wal::verify::{check_page_timelines, SegmentChecker, VerifyError, VerifyParams};
 use crate::wal::{parse_history_file_name, Lsn, SegmentId, Timeline, TimelineHistory};
 
@@ -93,6 +95,14 @@ impl FetchError {
                     .to_string(),
             ),
             FetchError::Open(e) => e.hint(),
+            // Since wal-fetch makes no bucket check before its GETs, a misconfiguration (an
+            // untrusted certificate, bad credentials) shows up here and keeps its fix. The
+            // store's generic I/O hint (free space of the archive and spool) does not fit a read.
+            FetchError::Store(e) | FetchError::Meta(MetaError::Store(e)) => match e {
+                StoreError::Io { .. } => None,
+                e => e.hint(),
+            },
+            FetchError::Meta(e) => e.hint(),
             _ => None,
         }
     }
@@ -182,6 +192,7 @@ pub async fn fetch(
         name: name.to_string(),
         archive: archive.clone(),
     };
+    let mut opened: Option<(String, Option<Box<dyn ObjectReader>>)> = None;
     let (candidates, expect) = match parse_request(name)? {
         Request::BackupHistory => return Err(not_found()),
         Request::History(tli) => (
@@ -196,11 +207,16 @@ pub async fn fetch(
             name: seg_name,
             partial,
         } => {
-            let meta = ArchiveMeta::load(store)
-                .await?
-                .ok_or_else(|| FetchError::NoMeta {
-                    archive: archive.clone(),
-                })?;
+            // walagent.json and the first candidate at once: the two requests overlap, so a cold
+            // call waits for one round trip instead of two. The object is only read once
+            // walagent.json said what it must be (the reader is dropped on any error).
+            let first_key = segment_key_by_name(&seg_name, true, partial);
+            let (meta, first) =
+                tokio::join!(ArchiveMeta::load(store), store.open_reader(&first_key));
+            let meta = meta?.ok_or_else(|| FetchError::NoMeta {
+                archive: archive.clone(),
+            })?;
+            opened = Some((first_key, first?));
             let size = meta.wal_segment_size;
             let Some(id) = SegmentId::parse_file_name(&seg_name, size) else {
                 return Err(FetchError::BadName(name.to_string()));
@@ -242,39 +258,45 @@ pub async fn fetch(
     };
     let pid = std::process::id();
     let out = TempGuard::new(dir.join(format!(".walagent-fetch.{name}.{pid}.tmp")));
-    let download = TempGuard::new(dir.join(format!(".walagent-fetch.{name}.{pid}.zst.tmp")));
 
     for cand in candidates {
-        let target = if cand.compressed { &download.0 } else { &out.0 };
-        let found = store.get_to_file(&cand.key, target).await?;
-        if !found {
-            // A backend may have created the file anyway.
-            let _ = fs::remove_file(target);
-            continue;
-        }
-        let (src, dst) = (download.0.clone(), out.0.clone());
         let (key, archive2) = (cand.key.clone(), archive.clone());
-        let compressed = cand.compressed;
         let partial = cand.partial;
         let exp = expect.clone();
-        let finished = tokio::task::spawn_blocking(move || {
-            finish_file(
-                &src,
-                &dst,
-                compressed,
-                partial,
-                exp.as_ref(),
-                &key,
-                &archive2,
-            )
-        })
-        .await
-        .map_err(|e| FetchError::io("wal-fetch I/O task failed", io::Error::other(e)))??;
+        let finished = if cand.compressed {
+            // Streamed: the object's bytes go through zstd and the WAL check straight into DEST's
+            // temp file, with no compressed copy on disk.
+            let reader = match opened.take() {
+                Some((k, r)) if k == cand.key => r,
+                _ => store.open_reader(&cand.key).await?,
+            };
+            let Some(reader) = reader else { continue };
+            stream_to_file(reader, out.0.clone(), partial, exp, key, archive2).await?
+        } else {
+            let found = store.get_to_file(&cand.key, &out.0).await?;
+            if !found {
+                // A backend may have created the file anyway.
+                let _ = fs::remove_file(&out.0);
+                continue;
+            }
+            let dst = out.0.clone();
+            tokio::task::spawn_blocking(move || {
+                finish_file(
+                    None::<io::Empty>,
+                    &dst,
+                    partial,
+                    exp.as_ref(),
+                    &key,
+                    &archive2,
+                )
+            })
+            .await
+            .map_err(|e| FetchError::io("wal-fetch I/O task failed", io::Error::other(e)))??
+        };
         if let Some(exp) = &expect {
             check_timelines(store, exp, &finished.timelines, &cand.key).await?;
         }
         let bytes = finished.bytes;
-        download.remove();
         fs::rename(&out.0, dest).map_err(|e| {
             FetchError::io(
                 format!("cannot rename {} to {}", out.0.display(), dest.display()),
@@ -344,15 +366,15 @@ impl<W: Write> Write for CheckingWriter<'_, W> {
     }
 }
 
-/// Turns what was downloaded into the final content of `dst`: decompresses `src` into `dst` when
-/// `compressed` (otherwise `dst` already holds the bytes), checks the size of segments, pads
-/// partial segments with zeros, and for segments (`expect`) checks the WAL: page headers against
-/// the name and walagent.json, record CRCs, and for a complete (not `.partial`) segment that it
-/// holds WAL up to its end. The timelines of its pages are left to [`check_timelines`].
-fn finish_file(
-    src: &Path,
+/// Turns what was read into the final content of `dst`: decompresses `input` into `dst` when it
+/// is given (a zstd object; otherwise `dst` already holds the raw bytes), checks the size of
+/// segments, pads partial segments with zeros, and for segments (`expect`) checks the WAL: page
+/// headers against the name and walagent.json, record CRCs, and for a complete (not `.partial`)
+/// segment that it holds WAL up to its end. The timelines of its pages are left to
+/// [`check_timelines`].
+fn finish_file<R: Read>(
+    input: Option<R>,
     dst: &Path,
-    compressed: bool,
     partial: bool,
     expect: Option<&Expect>,
     key: &str,
@@ -367,16 +389,14 @@ fn finish_file(
         checker: SegmentChecker::new(e.params, e.start),
         failed: None,
     });
-    let mut len = if compressed {
-        let input = File::open(src)
-            .map_err(|e| FetchError::io(format!("cannot open downloaded {}", src.display()), e))?;
+    let mut len = if let Some(input) = input {
         let output = create_private(dst)
             .map_err(|e| FetchError::io(format!("cannot create {}", dst.display()), e))?;
         let mut w = CheckingWriter {
             inner: io::BufWriter::with_capacity(1 << 20, output),
             check: check.as_mut(),
         };
-        let n = match decompress_stream(BufReader::with_capacity(1 << 20, input), &mut w, true) {
+        let n = match decompress_stream(input, &mut w, true) {
             Ok(n) => n,
             Err(e) if is_corrupt(&e) => return Err(corrupt(Detail::error(e))),
             Err(e) => {
@@ -467,6 +487,103 @@ fn finish_file(
     })
 }
 
+/// Reads a zstd object from `reader` and hands its bytes, as they arrive, to [`finish_file`] on a
+/// blocking thread (decompression, the WAL check and the write of `dst` overlap with the
+/// download). The object's own end checks (its CRC-32, its length) come last, from the reader; a
+/// failing one wins over what zstd said about the same bytes, since it names the cause.
+async fn stream_to_file(
+    mut reader: Box<dyn ObjectReader>,
+    dst: PathBuf,
+    partial: bool,
+    exp: Option<Expect>,
+    key: String,
+    archive: String,
+) -> Result<Finished, FetchError> {
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(STREAM_QUEUE);
+    let task = tokio::task::spawn_blocking(move || {
+        let input = ChannelReader {
+            rx,
+            cur: Bytes::new(),
+        };
+        finish_file(Some(input), &dst, partial, exp.as_ref(), &key, &archive)
+    });
+    let mut store_err = None;
+    let mut decoder_gone = false;
+    // HTTP bodies come in pieces of a few KiB: handed over one by one, each would wake the
+    // decoder thread (and feed zstd and the WAL check tiny buffers). Batches of 1 MiB instead.
+    let mut batch = bytes::BytesMut::new();
+    loop {
+        let (chunk, end) = match reader.next_chunk().await {
+            Ok(Some(chunk)) => (Some(chunk), false),
+            Ok(None) => (None, true),
+            Err(e) => {
+                store_err = Some(e);
+                (None, true)
+            }
+        };
+        if let Some(c) = chunk {
+            if batch.is_empty() && c.len() >= STREAM_BATCH {
+                // Large enough already: no copy.
+                if !decoder_gone && tx.send(c).await.is_err() {
+                    decoder_gone = true;
+                }
+                continue;
+            }
+            if batch.is_empty() {
+                batch.reserve(STREAM_BATCH + c.len());
+            }
+            batch.extend_from_slice(&c);
+        }
+        if !batch.is_empty() && (end || batch.len() >= STREAM_BATCH) {
+            let full = std::mem::take(&mut batch).freeze();
+            // Once the decoder has stopped (it failed), the rest is still read for the
+            // object's own check, which names the cause better.
+            if !decoder_gone && tx.send(full).await.is_err() {
+                decoder_gone = true;
+            }
+        }
+        if end {
+            break;
+        }
+    }
+    drop(tx);
+    let res = task
+        .await
+        .map_err(|e| FetchError::io("wal-fetch I/O task failed", io::Error::other(e)))?;
+    if let Some(e) = store_err {
+        return Err(FetchError::Store(e));
+    }
+    res
+}
+
+/// What [`stream_to_file`] hands to the decoder thread at once.
+const STREAM_BATCH: usize = 1 << 20;
+/// Batches queued for the decoder thread at most (bounds the memory of a download to a few MiB
+/// when the decoder is slower than the network or disk).
+const STREAM_QUEUE: usize = 3;
+
+/// A blocking [`Read`] over the chunks [`stream_to_file`] receives; the end of the channel is the
+/// end of the object.
+struct ChannelReader {
+    rx: tokio::sync::mpsc::Receiver<Bytes>,
+    cur: Bytes,
+}
+
+impl Read for ChannelReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        while self.cur.is_empty() {
+            match self.rx.blocking_recv() {
+                Some(b) => self.cur = b,
+                None => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.cur.len());
+        buf[..n].copy_from_slice(&self.cur[..n]);
+        bytes::Buf::advance(&mut self.cur, n);
+        Ok(n)
+    }
+}
+
 impl Expect {
     /// The segment file name asked for.
     fn name(&self) -> String {
@@ -477,7 +594,6 @@ impl Expect {
 
 /// Shows the `len` bytes of the file `path` to the check.
 fn check_file(path: &Path, len: u64, check: &mut Check) -> Result<(), FetchError> {
-    use std::io::Read;
     let mut f = File::open(path)
         .map_err(|e| FetchError::io(format!("cannot open {}", path.display()), e))?;
     let mut buf = vec![0u8; (1 << 20).min(len.max(1)) as usize];
