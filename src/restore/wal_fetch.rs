@@ -223,7 +223,10 @@ pub async fn fetch(
             };
             let mut c = Vec::new();
             if !partial {
-                for compressed in [true, false] {
+                // `.zst`, raw, `.zst` again: compaction writes `X.zst` before it removes `X`, so a
+                // segment compacted between the first two looks is found by the third (two looks
+                // alone could call it missing, and "missing" ends recovery early).
+                for compressed in [true, false, true] {
                     c.push(Candidate {
                         key: segment_key_by_name(&seg_name, compressed, false),
                         compressed,
@@ -792,6 +795,90 @@ mod tests {
         assert_eq!(o.key, format!("wal/{SEG}.zst"));
         assert!(fs::read(f.dest()).unwrap() == z);
         assert_eq!(f.leftovers(), vec!["RECOVERYXLOG"]);
+    }
+
+    /// A local store that compacts `wal/SEG` (raw -> `.zst`, as `archive::compact` does: the
+    /// `.zst` first, then the raw removed) at the moment the raw key is first looked at, after
+    /// the `.zst` key was already found missing.
+    struct CompactsOnRawLook {
+        inner: LocalStore,
+        done: AtomicBool,
+    }
+
+    impl CompactsOnRawLook {
+        async fn maybe_compact(&self, key: &str) {
+            if key == format!("wal/{SEG}") && !self.done.swap(true, Ordering::SeqCst) {
+                let raw = self.inner.get_bytes(key).await.unwrap().unwrap();
+                let z = compress_bulk(&raw, 1).unwrap();
+                self.inner
+                    .put_bytes(
+                        &format!("wal/{SEG}.zst"),
+                        Bytes::from(z),
+                        PutMode::NoOverwrite,
+                    )
+                    .await
+                    .unwrap();
+                self.inner.delete(key).await.unwrap();
+            }
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl Store for CompactsOnRawLook {
+        fn location(&self) -> String {
+            self.inner.location()
+        }
+        async fn put_file(&self, key: &str, src: &Path, mode: PutMode) -> Result<(), StoreError> {
+            self.inner.put_file(key, src, mode).await
+        }
+        async fn put_bytes(&self, key: &str, data: Bytes, mode: PutMode) -> Result<(), StoreError> {
+            self.inner.put_bytes(key, data, mode).await
+        }
+        async fn get_bytes(&self, key: &str) -> Result<Option<Bytes>, StoreError> {
+            self.maybe_compact(key).await;
+            self.inner.get_bytes(key).await
+        }
+        async fn get_to_file(&self, key: &str, dest: &Path) -> Result<bool, StoreError> {
+            self.maybe_compact(key).await;
+            self.inner.get_to_file(key, dest).await
+        }
+        async fn list(&self, prefix: &str) -> Result<Vec<crate::archive::ObjectInfo>, StoreError> {
+            self.inner.list(prefix).await
+        }
+        async fn delete(&self, key: &str) -> Result<(), StoreError> {
+            self.inner.delete(key).await
+        }
+        async fn create_writer(
+            &self,
+            key: &str,
+        ) -> Result<Box<dyn crate::archive::ObjectWriter>, StoreError> {
+            self.inner.create_writer(key).await
+        }
+        async fn open_reader(
+            &self,
+            key: &str,
+        ) -> Result<Option<Box<dyn ObjectReader>>, StoreError> {
+            self.maybe_compact(key).await;
+            self.inner.open_reader(key).await
+        }
+    }
+
+    #[tokio::test]
+    async fn a_segment_compacted_between_the_looks_is_found() {
+        let f = fixture(true).await;
+        let raw = segment_bytes(2);
+        f.put(&format!("wal/{SEG}"), raw.clone()).await;
+        let store = CompactsOnRawLook {
+            inner: f.store.clone(),
+            done: AtomicBool::new(false),
+        };
+        let o = fetch(&store, SEG, &f.dest(), false).await.unwrap();
+        assert!(
+            store.done.load(Ordering::SeqCst),
+            "the raw key was never looked at"
+        );
+        assert_eq!(o.key, format!("wal/{SEG}.zst"));
+        assert!(fs::read(f.dest()).unwrap() == raw);
     }
 
     #[tokio::test]
