@@ -723,11 +723,17 @@ mod tests {
             "pg_wal/RECOVERYXLOG",
         ]);
         assert_eq!(c.walfile, "000000010000000000000003");
-        assert_eq!(c.prefetch.depth, crate::restore::prefetch::DEFAULT_S3_DEPTH);
+        assert_eq!(c.prefetch.depth, crate::restore::prefetch::DEFAULT_DEPTH);
         assert_eq!(c.prefetch.dir, Path::new("pg_wal/.walagent-prefetch"));
         assert!(!c.worker && !c.allow_partial);
         let c = parse(&["/a", "--allow-partial", "00000002.history", "x"]);
-        assert_eq!(c.prefetch.depth, 0, "local: prefetch off");
+        assert_eq!(
+            c.prefetch.depth,
+            crate::restore::prefetch::DEFAULT_DEPTH,
+            "a local archive prefetches too"
+        );
         assert!(c.allow_partial);
+        let c = parse(&["/a", "--prefetch", "0", "00000002.history", "x"]);
+        assert_eq!(c.prefetch.depth, 0);
     }
 }

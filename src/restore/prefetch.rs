@@ -63,8 +63,6 @@ use crate::wal::{SegmentId, SegmentSize, Timeline};
 /// checking a 16 MB segment costs a serial call more than its process start, so a local archive
 /// gains from the head start too.
 pub const DEFAULT_DEPTH: u32 = 8;
-/// The former name of [`DEFAULT_DEPTH`].
-pub const DEFAULT_S3_DEPTH: u32 = DEFAULT_DEPTH;
 /// Downloads at once by default: `min(N, DEFAULT_JOBS)`.
 pub const DEFAULT_JOBS: u32 = 4;
 /// Name of the default cache directory, inside DEST's directory (pg_wal).
@@ -1189,8 +1187,8 @@ mod tests {
 
     #[test]
     fn defaults() {
-        assert_eq!(default_depth("s3://b/p"), DEFAULT_S3_DEPTH);
-        assert_eq!(default_depth("S3://b"), DEFAULT_S3_DEPTH);
+        assert_eq!(default_depth("s3://b/p"), DEFAULT_DEPTH);
+        assert_eq!(default_depth("S3://b"), DEFAULT_DEPTH);
         assert_eq!(default_depth("/backup/wal"), DEFAULT_DEPTH);
         assert_eq!(
             default_dir(Path::new("pg_wal/RECOVERYXLOG")),
