@@ -70,7 +70,11 @@ echo "==> walagent stream --endpos $END"
 
 echo "==> the archive"
 ls -l "$ARCHIVE/wal"
-SEG=$(ls "$ARCHIVE/wal" | grep -E '^[0-9A-F]{24}\.zst$' | tail -1); SEG=${SEG%.zst}
+# A complete segment: wal/X.zst, or raw wal/X while deferred compression has not reached it yet.
+SEG=$(ls "$ARCHIVE/wal" | grep -E '^[0-9A-F]{24}(\.zst)?$' | sed 's/\.zst$//' | sort -u | tail -1)
+if [[ -z $SEG ]]; then
+  echo "==> no complete segment in $ARCHIVE/wal" >&2; exit 1
+fi
 "$WALAGENT" wal-fetch --archive "$ARCHIVE" "$SEG" "$WORK/$SEG"
 if cmp -s "$WORK/$SEG" "$WORK/data/pg_wal/$SEG"; then
   echo "==> wal-fetch $SEG: identical to the server's pg_wal/$SEG"
