@@ -280,7 +280,8 @@ LAST=${SEGS[NSEG-1]}
 log "WAL $START..$END ($WAL_BYTES bytes): $NSEG segments ${SEGS[0]}..$LAST; check: $CHECK_SQL = $CHECK_REF"
 
 log "walagent stream --endpos $END --no-loop into both archives"
-as_pg "$WALAGENT" stream --source "$URI" --archive "$LOCAL_ARCHIVE" --slot to_local --endpos "$END" \
+# Inline compression: the rows below expect wal/X.zst (deferred compression would leave raw ones).
+as_pg env WALAGENT_COMPRESS_INLINE=1 "$WALAGENT" stream --source "$URI" --archive "$LOCAL_ARCHIVE" --slot to_local --endpos "$END" \
   --no-loop >"$DIR/stream-local.log" 2>&1 || { tail -5 "$DIR/stream-local.log" >&2; die "walagent stream (local) failed"; }
 as_pg "$WALAGENT" stream --source "$URI" --archive "$S3_ARCHIVE" --spool "$DIR/spool-s3" --slot to_s3 \
   --endpos "$END" --no-loop >"$DIR/stream-s3.log" 2>&1 || { tail -5 "$DIR/stream-s3.log" >&2; die "walagent stream (S3) failed"; }

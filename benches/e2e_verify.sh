@@ -60,7 +60,8 @@ gen() { # MiB of WAL
 stream() {
   q "SELECT pg_switch_wal()" >/dev/null
   local end; end=$(q "SELECT pg_current_wal_flush_lsn()")
-  "$WALAGENT" stream --source "$URI" --archive "$ARCHIVE" --slot verify_bench --endpos "$end" \
+  # Inline compression: verify reads the archive as a long-running stream leaves it (.zst).
+  WALAGENT_COMPRESS_INLINE=1 "$WALAGENT" stream --source "$URI" --archive "$ARCHIVE" --slot verify_bench --endpos "$end" \
     --no-loop 2>"$DIR/stream.log"
 }
 

@@ -155,7 +155,8 @@ export AWS_ACCESS_KEY_ID=$S3_KEY AWS_SECRET_ACCESS_KEY=$S3_SECRET AWS_REGION=us-
 
 # ---------------------------------------------------------------- the archives
 log "archiving up to $END into $DIR/archive and s3://$BUCKET/wal"
-"$WALAGENT" stream --source "$URI" --archive "$DIR/archive" --slot to_local --endpos "$END" \
+# Inline compression: the fetch rows read .zst segments (deferred compression would leave raw ones).
+WALAGENT_COMPRESS_INLINE=1 "$WALAGENT" stream --source "$URI" --archive "$DIR/archive" --slot to_local --endpos "$END" \
   --no-loop 2>"$DIR/stream-local.log" || { tail -5 "$DIR/stream-local.log" >&2; die "stream to the local archive failed"; }
 "$WALAGENT" stream --source "$URI" --archive "s3://$BUCKET/wal" --spool "$DIR/spool-s3" --slot to_s3 \
   --endpos "$END" --no-loop 2>"$DIR/stream-s3.log" || { tail -5 "$DIR/stream-s3.log" >&2; die "stream to S3 failed"; }
