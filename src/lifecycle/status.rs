@@ -780,42 +780,16 @@ mod tests {
         SegmentSize::new(MB).unwrap()
     }
 
-    fn commit(b: &mut WalBuilder, xid: u32, time_us: i64) -> Lsn {
-        let mut p = vec![255u8, 8];
-        p.extend_from_slice(&time_us.to_le_bytes());
-        b.push(1, 0x00, xid, &p)
-    }
-
-    /// Filler records up to `target` (within the segment, more than a header before a page end).
-    fn fill_until(b: &mut WalBuilder, target: u64) {
-        loop {
-            let mut pos = (b.position().0 + 7) & !7;
-            if pos.is_multiple_of(8192) {
-                pos += if pos.is_multiple_of(MB) { 40 } else { 24 };
-            }
-            if pos == target {
-                return;
-            }
-            let page_end = (pos / 8192 + 1) * 8192;
-            let len = if target < page_end {
-                target - pos - 24
-            } else {
-                (page_end - pos).saturating_sub(24)
-            };
-            b.push(10, 0, 1, &vec![3; len as usize]);
-        }
-    }
-
     /// Segment 3 complete, segment 4 a `.partial` of `partial_len` bytes; a backup consistent
     /// at 0/300100; commits at T0 (before consistency), T0+1s (crossing into the partial) and
     /// T0+2s (in the partial). Returns the end of the last commit.
     async fn archive(partial_len: usize, meta_sys: u64) -> (tempfile::TempDir, LocalStore, Lsn) {
         let start = Lsn(3 * MB);
         let mut b = WalBuilder::new(SYSID, seg1m(), 1, start);
-        commit(&mut b, 10, T0);
-        fill_until(&mut b, start.0 + MB - 16);
-        commit(&mut b, 11, T0 + 1_000_000);
-        commit(&mut b, 12, T0 + 2_000_000);
+        b.push_commit(10, T0);
+        b.fill_until(start.0 + MB - 16);
+        b.push_commit(11, T0 + 1_000_000);
+        b.push_commit(12, T0 + 2_000_000);
         let end = b.position();
         let bytes = b.into_bytes();
         let dir = tempfile::tempdir().unwrap();

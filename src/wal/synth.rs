@@ -203,6 +203,40 @@ impl WalBuilder {
         Some(at)
     }
 
+    /// Pushes a commit record (RM_XACT, XLOG_XACT_COMMIT) of `xid` at `time_us` (microseconds
+    /// since 2000-01-01, as PostgreSQL's TimestampTz).
+    pub fn push_commit(&mut self, xid: u32, time_us: i64) -> Lsn {
+        let mut p = vec![255u8, 8];
+        p.extend_from_slice(&time_us.to_le_bytes());
+        self.push(1, 0x00, xid, &p)
+    }
+
+    /// Pushes filler records (RM_HEAP) so that the next record starts exactly at `target`
+    /// (within the current segment, at least a record header before a page end).
+    pub fn fill_until(&mut self, target: u64) {
+        loop {
+            let mut pos = (self.position().0 + 7) & !7;
+            if pos.is_multiple_of(PAGE) {
+                pos += if pos.is_multiple_of(self.seg_size) {
+                    40
+                } else {
+                    24
+                };
+            }
+            if pos == target {
+                return;
+            }
+            assert!(pos < target, "overshot {} > {}", Lsn(pos), Lsn(target));
+            let page_end = (pos / PAGE + 1) * PAGE;
+            let len = if target < page_end {
+                target - pos - 24
+            } else {
+                (page_end - pos).saturating_sub(24)
+            };
+            self.push(10, 0, 1, &vec![3; len as usize]);
+        }
+    }
+
     /// Pads with zero bytes (no page headers) up to `end`, like the unwritten tail of a
     /// pre-zeroed file.
     pub fn zero_fill_to(&mut self, end: Lsn) {

@@ -920,28 +920,6 @@ mod tests {
         assert!(s.fully_scanned());
     }
 
-    /// Pushes filler so that the next record starts at `target` (within the current segment,
-    /// at least 24 bytes before a page end).
-    fn fill_until(b: &mut WalBuilder, target: u64) {
-        loop {
-            let mut pos = (b.position().0 + 7) & !7;
-            if pos.is_multiple_of(PAGE as u64) {
-                pos += if pos.is_multiple_of(MB) { 40 } else { 24 };
-            }
-            if pos == target {
-                return;
-            }
-            assert!(pos < target);
-            let page_end = (pos / PAGE as u64 + 1) * PAGE as u64;
-            let len = if target < page_end {
-                target - pos - 24
-            } else {
-                (page_end - pos).saturating_sub(24)
-            };
-            b.push(10, 0, 1, &vec![3; len as usize]);
-        }
-    }
-
     #[test]
     fn records_split_across_pages_and_segments() {
         // A commit whose header is split across a page boundary (starts at 8184), and one that
@@ -949,10 +927,10 @@ mod tests {
         let start = lsn("0/300000");
         let mut b = WalBuilder::new(SYSID, seg1m(), 1, start);
         b.push(10, 0, 1, &[0; 10]);
-        fill_until(&mut b, start.0 + 3 * PAGE as u64 + 8184);
+        b.fill_until(start.0 + 3 * PAGE as u64 + 8184);
         let split = push_commit(&mut b, 800, T0);
         assert_eq!(split.0 % PAGE as u64, 8184);
-        fill_until(&mut b, start.0 + MB - 16);
+        b.fill_until(start.0 + MB - 16);
         let cross = push_commit(&mut b, 801, T0 + 7);
         assert!(
             cross.0 < start.0 + MB && b.position().0 > start.0 + MB,
@@ -1373,7 +1351,7 @@ mod tests {
         // A record going on past the page boundary where the bytes end: cut there.
         let mut b = WalBuilder::new(SYSID, seg1m(), 1, start);
         push_commit(&mut b, 30, T0);
-        fill_until(&mut b, start.0 + PAGE as u64 - 16);
+        b.fill_until(start.0 + PAGE as u64 - 16);
         let cross = push_commit(&mut b, 31, T0 + 1);
         assert!(b.position().0 > first_page_end);
         let s = partial_of(b.bytes(), start, PAGE);
@@ -1423,7 +1401,7 @@ mod tests {
         // After a segment whose last record goes on into the (empty) partial: that record is
         // cut off, and the scanner carries nothing further.
         let mut b = WalBuilder::new(SYSID, seg1m(), 1, start);
-        fill_until(&mut b, start.0 + MB - 16);
+        b.fill_until(start.0 + MB - 16);
         let cross = push_commit(&mut b, 40, T0);
         let bytes = b.bytes().to_vec();
         let next = Lsn(start.0 + MB);
@@ -1491,7 +1469,7 @@ mod tests {
         let switch_point = b.position();
         let tl1 = b.bytes().to_vec();
         b.set_timeline(2);
-        fill_until(&mut b, start.0 + 2 * PAGE as u64 + 64);
+        b.fill_until(start.0 + 2 * PAGE as u64 + 64);
         let c3 = push_commit(&mut b, 52, T0 + 3);
         b.push_switch();
         let tl2 = b.bytes().to_vec();
