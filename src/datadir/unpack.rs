@@ -349,11 +349,11 @@ impl ArchiveUnpack {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// A tar with the given regular files (path, content).
-    fn tar_of(files: &[(&str, &[u8])]) -> Vec<u8> {
+    pub(crate) fn tar_of(files: &[(&str, &[u8])]) -> Vec<u8> {
         let mut b = tar::Builder::new(Vec::new());
         for (path, data) in files {
             let mut h = tar::Header::new_ustar();

@@ -399,19 +399,7 @@ mod tests {
     use super::*;
     use crate::archive::catalog::{archive_key, manifest_key};
     use crate::archive::{LocalStore, PutMode};
-
-    fn tar_of(files: &[(&str, &[u8])]) -> Vec<u8> {
-        let mut b = tar::Builder::new(Vec::new());
-        for (path, data) in files {
-            let mut h = tar::Header::new_ustar();
-            h.set_size(data.len() as u64);
-            h.set_mode(0o600);
-            h.set_entry_type(tar::EntryType::Regular);
-            h.set_mtime(1_700_000_000);
-            b.append_data(&mut h, path, &data[..]).unwrap();
-        }
-        b.into_inner().unwrap()
-    }
+    use crate::datadir::unpack::tests::tar_of;
 
     /// A version-1 manifest listing `files` with CRC-32C (or SHA-256) checksums.
     fn manifest_of(files: &[(&str, &[u8])], sha: bool) -> Vec<u8> {
