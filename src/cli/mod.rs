@@ -758,27 +758,10 @@ pub struct WalPushArgs {
     pub path: PathBuf,
 }
 
-/// Sizes like `1GB`, `512MB`, `64kB` or a number of bytes.
+/// Sizes like `1GB`, `512MB`, `64kB` or a number of bytes: the config file's rule
+/// (`service::config::parse_size`), so a flag and a key take the same values.
 pub fn parse_size(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let n: u64 = t[..split]
-        .parse()
-        .map_err(|_| format!("invalid size {s:?}: use a number with kB, MB or GB"))?;
-    let mult = match t[split..].trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1,
-        "k" | "kb" => 1 << 10,
-        "m" | "mb" => 1 << 20,
-        "g" | "gb" => 1 << 30,
-        "t" | "tb" => 1 << 40,
-        _ => {
-            return Err(format!(
-                "invalid size {s:?}: use a number with kB, MB or GB"
-            ))
-        }
-    };
-    n.checked_mul(mult)
-        .ok_or_else(|| format!("size {s:?} is too large"))
+    crate::service::config::parse_size(s)
 }
 
 /// `--memory-limit`: a size ([`parse_size`]) of at least the smallest workable budget.
