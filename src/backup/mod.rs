@@ -9,6 +9,7 @@
 //! A backup taken with `WAL false` needs the WAL between the manifest's `WAL-Ranges` start and end
 //! LSNs from walagent's archive before it can be restored. See `proto-notes/base-backup.md`.
 
+pub mod defaults;
 pub mod listing;
 pub mod seed;
 pub mod take;

@@ -62,9 +62,9 @@ pub fn default_archive_workers(cpus: Option<usize>) -> usize {
     receive::defaults::archive_workers(cpus)
 }
 
-/// `--compress-threads` default: one per CPU, 1 to 8 (2 when the count is unknown).
+/// `--compress-threads` default (see `backup::defaults`).
 pub fn default_compress_threads(cpus: Option<usize>) -> u32 {
-    cpus.map_or(2, |n| n.clamp(1, 8) as u32)
+    crate::backup::defaults::compress_threads(cpus)
 }
 
 /// `--partial-interval` in seconds (see `receive::defaults::partial_interval`; 0: only when
@@ -162,22 +162,7 @@ impl BackupArgs {
     }
 }
 
-/// zstd workers of a backup: `--compress-threads` when given, else the CPU count's default
-/// capped by the memory plan (0: compression on the compressor's own thread).
-pub fn backup_compress_threads(
-    explicit: Option<u32>,
-    plan: &MemoryPlan,
-    cpus: Option<usize>,
-) -> u32 {
-    explicit.unwrap_or_else(|| {
-        let n = default_compress_threads(cpus).min(plan.backup_zstd_workers);
-        if n > 1 {
-            n
-        } else {
-            0
-        }
-    })
-}
+pub use crate::backup::defaults::backup_compress_threads;
 
 impl SeedStandbyArgs {
     pub fn resolve(&self, conninfo: ConnInfo) -> SeedOptions {
@@ -405,16 +390,8 @@ mod tests {
 
     #[test]
     fn memory_plan_caps_backup_zstd_workers() {
+        // The rules themselves: backup::defaults' tests. Here: `--memory-limit` reaches them.
         let small = MemoryPlan::for_limit(26 << 20);
-        let default = MemoryPlan::for_limit(32 << 20);
-        // 26MB: no room for zstd workers; compression on the compressor's thread.
-        assert_eq!(backup_compress_threads(None, &small, Some(8)), 0);
-        // 32MB: two workers on any machine with two CPUs or more, one CPU: none.
-        assert_eq!(backup_compress_threads(None, &default, Some(8)), 2);
-        assert_eq!(backup_compress_threads(None, &default, Some(2)), 2);
-        assert_eq!(backup_compress_threads(None, &default, Some(1)), 0);
-        // An explicit --compress-threads wins over the plan.
-        assert_eq!(backup_compress_threads(Some(6), &small, Some(8)), 6);
         let opts =
             backup_args(&["--memory-limit", "26MB"]).resolve_with(conninfo(), &small, Some(4));
         assert_eq!(opts.compress_threads, 0);
@@ -538,10 +515,6 @@ mod tests {
         assert_eq!(default_archive_workers(Some(1)), 1);
         assert_eq!(default_archive_workers(Some(3)), 3);
         assert_eq!(default_archive_workers(Some(64)), 4);
-        assert_eq!(default_compress_threads(None), 2);
-        assert_eq!(default_compress_threads(Some(0)), 1);
-        assert_eq!(default_compress_threads(Some(6)), 6);
-        assert_eq!(default_compress_threads(Some(64)), 8);
         assert_eq!(partial_interval(None, true), Some(Duration::from_secs(10)));
         assert_eq!(partial_interval(None, false), None);
         assert_eq!(partial_interval(Some(0), true), None);

@@ -603,10 +603,6 @@ fn stream_options(
     }
 }
 
-fn cpus() -> usize {
-    std::thread::available_parallelism().map_or(2, |n| n.get())
-}
-
 fn backup_options(cfg: &ClusterConfig) -> BackupOptions {
     let b = &cfg.backup;
     BackupOptions {
@@ -614,9 +610,12 @@ fn backup_options(cfg: &ClusterConfig) -> BackupOptions {
         checkpoint_fast: b.checkpoint_fast,
         max_rate_kbps: b.max_rate_kbps,
         compression: b.compress,
-        compress_threads: b
-            .compress_threads
-            .unwrap_or_else(|| cpus().clamp(1, 8) as u32),
+        // The same default as `walagent backup`: the CPUs, capped by the memory plan.
+        compress_threads: crate::backup::defaults::backup_compress_threads(
+            b.compress_threads,
+            &crate::archive::memory::plan(),
+            receive::defaults::cpus(),
+        ),
         label: b.label.clone(),
         progress: false,
     }
