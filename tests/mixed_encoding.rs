@@ -122,7 +122,8 @@ impl World {
         }
     }
 
-    fn backup(&self) {
+    /// `walagent backup` (which archives the WAL the backup needs itself).
+    fn backup(&mut self) {
         assert_ok(&run_deferred(&[
             "backup",
             "--source",
@@ -132,6 +133,11 @@ impl World {
             "--checkpoint",
             "fast",
         ]));
+        let added: Vec<String> = support::archived_segments(&self.archive())
+            .into_iter()
+            .filter(|n| !self.expected.contains_key(n))
+            .collect();
+        self.remember(&added);
     }
 
     /// Inserts row `id` and returns the insert LSN just after its commit.
