@@ -348,6 +348,43 @@ fn a_mixed_archive_serves_restores_verifies_expires_and_is_compacted_by_the_next
     );
     assert!(v["counts"]["wal_bytes_checked"].as_u64().unwrap() >= names.len() as u64 * (1 << 20));
 
+    // A flipped byte in a raw segment of the zstd archive (nothing but the WAL itself tells):
+    // verify names exactly that object, wal-fetch refuses it (126); put back, all is sound.
+    let victim = raw3[raw3.len() / 2].clone();
+    let obj = support::sole_segment_object(&archive, &victim);
+    assert_eq!(
+        support::wal_key(&obj),
+        format!("wal/{victim}"),
+        "a raw object"
+    );
+    let good = fs::read(&obj).unwrap();
+    support::damage_archived_segment(&archive, &victim);
+    assert_ne!(fs::read(&obj).unwrap(), good);
+    let (code, v) = w.verify(&[]);
+    assert_eq!(code, 1, "{v:#}");
+    let problems: Vec<String> = v["problems"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["object"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(problems, vec![format!("wal/{victim}")], "{v:#}");
+    let fetched = w.dir.join("damaged");
+    let o = run_deferred(&[
+        "wal-fetch",
+        "--archive",
+        &a,
+        "--prefetch",
+        "0",
+        &victim,
+        fetched.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(126), "{}", stderr_of(&o));
+    assert!(!fetched.exists());
+    support::replace_file(&obj, &good);
+    let (code, v) = w.verify(&[]);
+    assert_eq!(code, 0, "{v:#}");
+
     // wal-fetch: byte-identical to pg_wal, directly and through the prefetch cache.
     w.assert_fetch_identical(false);
     w.assert_fetch_identical(true);

@@ -85,11 +85,9 @@ pub fn try_archived_segment_path(archive: &Path, name: &str) -> Option<PathBuf> 
     let wal = archive.join("wal");
     let zst = wal.join(format!("{name}.zst"));
     let raw = wal.join(name);
-    let found = [&zst, &raw, &zst]
+    [zst.clone(), raw, zst]
         .into_iter()
         .find(|p| p.symlink_metadata().is_ok())
-        .cloned();
-    found
 }
 
 /// [`try_archived_segment_path`], panicking when the archive does not have `name`.
