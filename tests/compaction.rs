@@ -18,7 +18,8 @@ use support::{
 
 const SLOT: &str = "walagent_compact";
 
-/// walagent with its defaults (tests/support asks for inline compression).
+/// walagent with its defaults (deferred compression), whatever the environment says (a run
+/// with WALAGENT_COMPRESS_INLINE=1 must not turn this file's subject off).
 fn walagent_deferred() -> std::process::Command {
     let mut c = walagent();
     c.env_remove("WALAGENT_COMPRESS_INLINE");

@@ -292,18 +292,16 @@ fn restore_errors_leave_the_directory_untouched() {
         serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap()[0].clone()
     };
     let first = info["wal_start_segment"].as_str().unwrap().to_string();
-    let mut segs: Vec<String> = fs::read_dir(archive.join("wal"))
-        .unwrap()
-        .map(|e| e.unwrap().file_name().into_string().unwrap())
-        .filter(|n| n.ends_with(".zst") && !n.contains("partial") && n[..24] > *first)
+    // (Complete segments, `.zst` or raw: the catch-up may have left some uncompressed.)
+    let segs: Vec<String> = support::archived_segments(&archive)
+        .into_iter()
+        .filter(|n| *n > first)
         .collect();
-    segs.sort();
     let victim = segs[0].clone();
-    let moved = t.join("moved-away");
-    fs::rename(archive.join("wal").join(&victim), &moved).unwrap();
+    let moved = support::set_segment_aside(&archive, &victim, &t.join("moved-away"));
     let o = run(&["restore", "--archive", &a, "--pgdata", &tgt]);
-    untouched(&o, &victim[..24]);
-    fs::rename(&moved, archive.join("wal").join(&victim)).unwrap();
+    untouched(&o, &victim);
+    moved.put_back();
 
     // A corrupt backup object: detected while unpacking; what was written is removed again.
     let key = info["archives"][0]["key"].as_str().unwrap();
@@ -467,7 +465,7 @@ fn restore_across_a_timeline_switch() {
     let last = standby.psql(&format!("SELECT pg_walfile_name('{end}'::pg_lsn - 1)"));
     assert!(last.starts_with("00000002"), "{last}");
     wait_until(Duration::from_secs(90), "timeline 2 archived", || {
-        archive.join("wal").join(format!("{last}.zst")).exists()
+        support::is_archived(&archive, &last)
     });
     support::sigterm(&agent);
     assert_ok(&wait_output(agent, Duration::from_secs(30)));
@@ -715,7 +713,7 @@ fn restore_to_time_xid_and_name_when_the_archive_ends_in_a_partial() {
         wal.join(format!("{}.partial.zst", s.segment)).exists(),
         "the clean stop leaves the partial"
     );
-    assert!(!wal.join(format!("{}.zst", s.segment)).exists());
+    assert!(!support::is_archived(&archive, &s.segment));
     support::chown_postgres_tree(&archive);
     let (ts4, xid5) = (&s.rows[3].0, &s.rows[4].1);
 

@@ -135,36 +135,30 @@ fn status_of_a_streamed_archive_with_two_backups() {
     // A deleted middle segment (between the two backups) cuts the older one off: exit 1.
     let first_b1 = bs[1]["wal_start_segment"].as_str().unwrap().to_string();
     let first_b0 = bs[0]["wal_start_segment"].as_str().unwrap().to_string();
-    let mut segs: Vec<String> = fs::read_dir(archive.join("wal"))
-        .unwrap()
-        .map(|e| e.unwrap().file_name().into_string().unwrap())
-        .filter(|n| n.len() == 28 && n.ends_with(".zst"))
-        .filter(|n| n[..24] > *first_b0 && n[..24] < *first_b1)
+    // (Complete segments, `.zst` or raw: the catch-up may have left some uncompressed.)
+    let segs: Vec<String> = support::archived_segments(&archive)
+        .into_iter()
+        .filter(|n| *n > first_b0 && *n < first_b1)
         .collect();
-    segs.sort();
     let victim = segs[segs.len() / 2].clone();
-    let moved = t.join("moved");
-    fs::rename(archive.join("wal").join(&victim), &moved).unwrap();
+    let moved = support::set_segment_aside(&archive, &victim, &t.join("moved"));
     let (code, v) = status_json(&a, &[]);
     assert_eq!(code, 1, "{v:#}");
     let ps = problems(&v);
     assert_eq!(ps.len(), 1, "{v:#}");
-    assert_eq!(ps[0].0, victim[..24]);
+    assert_eq!(ps[0].0, victim);
     assert!(ps[0].1.contains(bs[0]["id"].as_str().unwrap()), "{ps:?}");
     let gaps = v["timelines"][0]["gaps"].as_array().unwrap();
     assert_eq!(gaps.len(), 1);
-    assert_eq!(gaps[0]["from"].as_str().unwrap(), &victim[..24]);
+    assert_eq!(gaps[0]["from"].as_str().unwrap(), &victim);
     assert_eq!(gaps[0]["segments"], 1);
     // The window still runs to the end from the newer backup.
     assert_eq!(v["recoverable"]["latest"]["backup"], bs[1]["id"]);
     let o = run_walagent(&["status", "--archive", &a], &[]);
     assert_eq!(o.status.code(), Some(1));
     let text = String::from_utf8_lossy(&o.stdout);
-    assert!(
-        text.contains(&victim[..24]) && text.contains("PROBLEM"),
-        "{text}"
-    );
-    fs::rename(&moved, archive.join("wal").join(&victim)).unwrap();
+    assert!(text.contains(&victim) && text.contains("PROBLEM"), "{text}");
+    moved.put_back();
 
     // An interrupted backup (objects, no backup.json): reported, not limiting.
     let b1 = bs[1]["id"].as_str().unwrap().to_string();
@@ -348,7 +342,7 @@ fn status_across_a_timeline_switch() {
     let last = standby.psql(&format!("SELECT pg_walfile_name('{end}'::pg_lsn - 1)"));
     assert!(last.starts_with("00000002"), "{last}");
     wait_until(Duration::from_secs(90), "timeline 2 archived", || {
-        archive.join("wal").join(format!("{last}.zst")).exists()
+        support::is_archived(&archive, &last)
     });
     support::sigterm(&agent);
     assert_ok(&wait_output(agent, Duration::from_secs(30)));
@@ -378,7 +372,7 @@ fn status_across_a_timeline_switch() {
     // Timeline 1's last segment before the switch point's segment goes missing.
     let sw_seg = lsn(&sw) >> 20; // 1 MB segments
     let victim = format!("00000001{:08X}{:08X}", 0, sw_seg - 1);
-    fs::remove_file(archive.join("wal").join(format!("{victim}.zst"))).unwrap();
+    support::remove_archived_segment(&archive, &victim);
     let (code, v) = status_json(&a, &[]);
     assert_eq!(code, 1, "{v:#}");
     let ps = problems(&v);

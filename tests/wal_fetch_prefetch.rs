@@ -185,9 +185,10 @@ impl World {
     fn expected(&self, name: &str) -> Vec<u8> {
         fs::read(source().dir.join("expected").join(name)).unwrap()
     }
-    /// Removes a segment from the archive (to prove that a later call did not read it there).
+    /// Removes a segment from the archive (to prove that a later call did not read it there):
+    /// every object of it, `.zst` or raw (the catch-up may have left it uncompressed).
     fn remove_from_archive(&self, name: &str) {
-        fs::remove_file(self.objects.join("wal").join(format!("{name}.zst"))).unwrap();
+        support::remove_archived_segment(&self.objects, name);
     }
     fn fetch_cmd(&self, name: &str, dest: &Path, extra: &[&str]) -> std::process::Command {
         let mut c = walagent();
@@ -638,22 +639,21 @@ fn local_default_prefetches_and_prefetch_dir_is_honoured() {
     stop_prefetch_worker(&cache);
 }
 
-/// Replaces the local archive object of `name` with the bytes of `with` (a new file renamed over
-/// it, as a writer would).
+/// Replaces the local archive object of `name` with the WAL of `with` (a new file renamed over
+/// it, as a writer would). The object is the one readers read (`.zst` or raw: the catch-up may
+/// have left segments uncompressed), and the WAL goes in in that object's encoding; `name ==
+/// with` copies the object's own bytes.
 fn replace_object(w: &World, name: &str, with: &str) {
-    let wal = w.objects.join("wal");
-    let tmp = wal.join(".replace.tmp");
-    fs::copy(wal.join(format!("{with}.zst")), &tmp).unwrap();
-    fs::rename(&tmp, wal.join(format!("{name}.zst"))).unwrap();
-    // Checksum sidecars (if any) must not refuse the new bytes for the wrong reason.
-    let _ = fs::remove_file(wal.join(format!(".{name}.zst.sfv")));
-    if let Ok(t) = fs::read_to_string(wal.join(format!(".{with}.zst.sfv"))) {
-        fs::write(
-            wal.join(format!(".{name}.zst.sfv")),
-            t.replace(&format!("{with}.zst"), &format!("{name}.zst")),
-        )
-        .unwrap();
-    }
+    let obj = support::sole_segment_object(&w.objects, name);
+    let bytes = if name == with {
+        fs::read(&obj).unwrap()
+    } else {
+        support::encode_like(&obj, &support::read_archived_segment(&w.objects, with))
+    };
+    support::replace_file(&obj, &bytes);
+    // A checksum sidecar (if any) must not refuse the new bytes for the wrong reason.
+    let file = obj.file_name().unwrap().to_string_lossy().into_owned();
+    let _ = fs::remove_file(obj.with_file_name(format!(".{file}.sfv")));
 }
 
 /// A segment cached from a local archive is only served while the archive object it was made

@@ -3,8 +3,9 @@
 //! DEST, on a local archive and on S3, directly and through the prefetch cache.
 //!
 //! Two real archives of one PostgreSQL 15 cluster (1 MB segments; `walagent stream --endpos
-//! --no-loop`, one zstd-compressed, one `--compress none`), each ending in a `.partial`, and an
-//! archive of a second cluster are built once per test process; each test works on copies.
+//! --no-loop`, one zstd-compressed inline so every segment is `.zst`, one `--compress none`),
+//! each ending in a `.partial`, and an archive of a second cluster (inline zstd too) are built
+//! once per test process; each test works on copies.
 
 mod support;
 
@@ -45,7 +46,12 @@ fn opts() -> PgOptions {
     }
 }
 
-fn stream(pg: &PgCluster, archive: &Path, slot: &str, end: &str, extra: &[&str]) {
+/// `walagent stream --endpos END --no-loop` into `archive`. With `inline`, every complete
+/// segment is compressed before it counts (`--compress-inline`): this file contrasts the two
+/// encodings, so its zstd archives must hold `wal/<seg>.zst` for every segment (the default,
+/// deferred compression, would leave some raw after a catch-up; tests/mixed_encoding.rs covers
+/// that).
+fn stream(pg: &PgCluster, archive: &Path, slot: &str, end: &str, extra: &[&str], inline: bool) {
     let uri = pg.repl_uri();
     let mut args = vec![
         "stream",
@@ -60,7 +66,8 @@ fn stream(pg: &PgCluster, archive: &Path, slot: &str, end: &str, extra: &[&str])
         "--no-loop",
     ];
     args.extend_from_slice(extra);
-    let out = run_walagent(&args, &[]);
+    let env: Vec<(String, String)> = inline.then(support::inline_env).into_iter().collect();
+    let out = run_walagent(&args, &env);
     assert!(out.status.success(), "stream: {}", stderr_of(&out));
 }
 
@@ -80,16 +87,22 @@ fn source() -> &'static Source {
         a.psql("CREATE TABLE after_switch AS SELECT g, repeat('x', 200) FROM generate_series(1, 300) g");
         let end = a.current_lsn();
         let partial = a.walfile_name(&end);
-        stream(&a, &dir.join("zst"), "verify_zst", &end, &[]);
+        stream(&a, &dir.join("zst"), "verify_zst", &end, &[], true);
         stream(
             &a,
             &dir.join("raw"),
             "verify_raw",
             &end,
             &["--compress", "none"],
+            false,
         );
         let segments = archived_segments(&dir.join("zst"));
         assert!(segments.len() >= 6, "{segments:?}");
+        assert_eq!(
+            support::zst_segments(&dir.join("zst")),
+            segments,
+            "every segment of the inline zstd archive is .zst"
+        );
         assert_eq!(archived_segments(&dir.join("raw")), segments);
         assert!(
             dir.join("zst/wal")
@@ -114,9 +127,10 @@ fn source() -> &'static Source {
         b.generate_wal(3);
         b.switch_wal();
         let end = b.current_lsn();
-        stream(&b, &dir.join("other"), "verify_other", &end, &[]);
+        stream(&b, &dir.join("other"), "verify_other", &end, &[], true);
         let other = archived_segments(&dir.join("other"));
         assert!(!other.is_empty());
+        assert_eq!(support::zst_segments(&dir.join("other")), other);
         Source {
             dir,
             segments,

@@ -388,8 +388,10 @@ fn wal_push_beside_a_running_stream() {
     wait_archived(&pg, &last);
     let log = fs::read_to_string(pg.log_path()).unwrap();
     for n in &later {
+        // As `wal/<n>.zst`, or as raw `wal/<n>` if the stream stored it raw (deferred
+        // compression) and has not compacted it yet.
         assert!(
-            log.contains(&format!("pg_wal/{n} is already archived as wal/{n}.zst")),
+            log.contains(&format!("pg_wal/{n} is already archived as wal/{n}")),
             "{n}: {}",
             pg.log_tail(30)
         );
@@ -403,6 +405,9 @@ fn wal_push_beside_a_running_stream() {
             "SELECT coalesce(flush_lsn >= '{end}', false) FROM pg_stat_replication WHERE application_name = 'walagent'"
         )) == "t"
     });
+    // Whatever the stream stored raw is compacted before it stops (a stop may cut a compaction
+    // step short and leave both objects, which the check below would count as two encodings).
+    support::wait_for_compaction(Path::new(&a), Duration::from_secs(60));
     sigterm(&stream);
     let out = wait_output(
         std::mem::replace(&mut stream, Command::new("true").spawn().unwrap()),

@@ -466,6 +466,7 @@ async fn store_raw(
         }
     }
     let started = std::time::Instant::now();
+    let len = file_len(path);
     let mut delay = Duration::from_secs(1);
     loop {
         let put = segment::put_complete(
@@ -478,6 +479,9 @@ async fn store_raw(
         match put {
             Ok(_) => break,
             Err(e) if e.is_transient() => {
+                // Counted and flagged like any archiving error (metrics, /readyz).
+                config.stats.error("archive");
+                super::stats::StreamStats::set_flag(&config.stats.archive_reachable, false);
                 tracing::warn!(object = %raw_key, "archive unavailable, retrying in {delay:?}: {e}");
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(Duration::from_secs(30));
@@ -485,6 +489,9 @@ async fn store_raw(
             Err(source) => return Err(ArchiverError::Store { name, source }),
         }
     }
+    // A segment stored raw is archived like any other (walagent_segments_archived_total, the
+    // byte counters, the last-archived time); its bytes are stored uncompressed for now.
+    config.stats.stored(len, len, true);
     // The local store moved the file into place; a copy (other filesystem) leaves it here.
     match std::fs::remove_file(path) {
         Ok(()) => {}

@@ -20,13 +20,26 @@ pub fn walagent() -> Command {
         c.env("RUST_LOG", "walagent=debug");
     }
     c.env("NO_COLOR", "1");
-    // Most tests look for `wal/<seg>.zst` right after a catch-up: compress inline unless the
-    // environment says otherwise (WALAGENT_COMPRESS_INLINE=0 runs them with deferred
-    // compression; tests/compaction.rs removes it).
-    if std::env::var_os("WALAGENT_COMPRESS_INLINE").is_none() {
-        c.env("WALAGENT_COMPRESS_INLINE", "1");
-    }
+    // Compression runs in walagent's default mode (deferred for a local zstd archive: a
+    // complete segment may stay raw `wal/<seg>` for a while; see tests/support/archive.rs for
+    // the helpers that accept either form). A test that needs the inline path asks for it
+    // with [`compress_inline`] / [`INLINE`].
     c
+}
+
+/// The environment that turns deferred compression off (`--compress-inline`): every complete
+/// segment of a local zstd archive is `wal/<seg>.zst` as soon as it counts as archived.
+pub const INLINE: (&str, &str) = ("WALAGENT_COMPRESS_INLINE", "1");
+
+/// [`INLINE`] as a `run_walagent` environment entry.
+pub fn inline_env() -> (String, String) {
+    (INLINE.0.to_string(), INLINE.1.to_string())
+}
+
+/// Makes `c` compress inline (see [`INLINE`]); for a test that exercises the inline path itself
+/// or needs every segment as `.zst` (say so at the call).
+pub fn compress_inline(c: &mut Command) -> &mut Command {
+    c.env(INLINE.0, INLINE.1)
 }
 
 /// Runs walagent with `args` and extra environment `env` to completion (3 minutes at most) and

@@ -53,7 +53,7 @@
 //! - `WALAGENT_KEEP_TEST_DIRS`: keep cluster and temp directories (servers are still stopped).
 //!
 //! # Modules
-//! [`archive`] (segment names in a local archive), [`cluster`] (PgCluster, options), [`replication`] (pg_stat_replication rows), [`template`]
+//! [`archive`] (segment names in a local archive, the object(s) holding a segment raw or `.zst`), [`cluster`] (PgCluster, options), [`replication`] (pg_stat_replication rows), [`template`]
 //! (initdb template, system identifiers, TLS, pg_hba), [`roles`], [`cmd`] (walagent, psql,
 //! PostgreSQL tools, running walagent), [`dirs`] (test root, temp dirs, ownership), [`process`]
 //! (/proc, process trees), [`wait`] (polling), [`tmpfs`], [`s3`] (the s3s-fs server),
@@ -78,11 +78,18 @@ mod wait;
 // Every name stays reachable as `support::NAME`; each test file uses only some of them.
 #[allow(unused_imports)]
 pub use self::{
-    archive::{archived_segments, assert_contiguous, is_segment_name},
+    archive::{
+        archived_segment_path, archived_segments, assert_contiguous, damage_archived_segment,
+        encode_like, is_archived, is_segment_name, raw_segments, read_archived_segment,
+        read_wal_object, remove_archived_segment, replace_file, replace_segment_wal,
+        segment_objects, set_segment_aside, sole_segment_object, try_archived_segment_path,
+        wait_for_compaction, wal_key, zst_segments, SetAside,
+    },
     cluster::{free_port, PgCluster, PgOptions, WalRange},
     cmd::{
-        assert_ok, error_line, is_root, pg_bin, psql_conninfo, run_command, run_walagent, sigterm,
-        stderr_of, stream_cmd, wait_output, walagent, walagent_path_for_postgres,
+        assert_ok, compress_inline, error_line, inline_env, is_root, pg_bin, psql_conninfo,
+        run_command, run_walagent, sigterm, stderr_of, stream_cmd, wait_output, walagent,
+        walagent_path_for_postgres, INLINE,
     },
     dirs::{chown_postgres_path, chown_postgres_tree, tempdir, TestDir},
     process::{pid_alive, stop_prefetch_worker},
