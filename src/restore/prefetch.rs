@@ -824,6 +824,10 @@ impl Store for MetaCachedStore {
     fn location(&self) -> String {
         self.inner.location()
     }
+    fn local_root(&self) -> Option<PathBuf> {
+        // wal_fetch reads a local archive's objects as plain files (its fast path).
+        self.inner.local_root()
+    }
     async fn put_file(&self, key: &str, src: &Path, mode: PutMode) -> Result<(), StoreError> {
         self.inner.put_file(key, src, mode).await
     }
