@@ -308,8 +308,8 @@ fn take_cached(cached: &Path, dest: &Path, local_root: Option<&Path>) -> io::Res
     // since (a foreign or stale file renamed or copied over it) is not served.
     let foreign = record
         .as_ref()
-        .and_then(|r| r.file)
-        .is_some_and(|f| f != CachedFileIdentity::of_meta(&meta));
+        .and_then(|r| r.file.as_ref())
+        .is_some_and(|f| *f != CachedFileIdentity::of_meta(&meta));
     let current = match local_root {
         Some(root) => record
             .as_ref()
@@ -390,12 +390,16 @@ impl ObjectIdentity {
 
 /// What identifies the cached file the worker landed: a file renamed or copied over it since has
 /// another inode or mtime. (Not ctime: the rename into place changes it.)
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 struct CachedFileIdentity {
     dev: u64,
     ino: u64,
     size: u64,
     mtime_ns: i128,
+    /// The kernel's boot id when it was made: nothing in the cache is fsynced, so after a host
+    /// crash a file may hold other bytes than it was written with; files of an earlier boot are
+    /// never served.
+    boot: String,
 }
 
 impl CachedFileIdentity {
@@ -406,15 +410,30 @@ impl CachedFileIdentity {
             ino: m.ino(),
             size: m.size(),
             mtime_ns: i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()),
+            boot: boot_id(),
         }
     }
 }
 
+/// `/proc/sys/kernel/random/boot_id` (a UUID, new at every boot), or `-` when it cannot be read.
+fn boot_id() -> String {
+    fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| is_boot_id(s))
+        .unwrap_or_else(|| "-".to_string())
+}
+
+fn is_boot_id(s: &str) -> bool {
+    s == "-" || (!s.is_empty() && s.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-'))
+}
+
 /// `<segment>.src`, written by the worker before the segment gets its name:
-/// `<key> <dev> <ino> <size> <mtime_ns> <ctime_ns>[ <dev> <ino> <size> <mtime_ns>]`, the archive
-/// object it was made from (local archives; `-` and zeros for S3) and that object's identity,
-/// then the identity of the cached file itself (since 2026-12-01, fourth session; a record
-/// without it is from an older worker, and only its object is checked).
+/// `<key> <dev> <ino> <size> <mtime_ns> <ctime_ns>[ <dev> <ino> <size> <mtime_ns> <boot_id>]`, the
+/// archive object it was made from (local archives; `-` and zeros for S3) and that object's
+/// identity, then the identity of the cached file itself and the boot it was made in (since
+/// 2026-12-01, fourth session; a record without it is from an older worker, and only its object
+/// is checked).
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct SourceRecord {
     key: String,
@@ -433,14 +452,22 @@ impl SourceRecord {
             self.key, o.dev, o.ino, o.size, o.mtime_ns, o.ctime_ns
         );
         if let Some(f) = &self.file {
-            line.push_str(&format!(" {} {} {} {}", f.dev, f.ino, f.size, f.mtime_ns));
+            line.push_str(&format!(
+                " {} {} {} {} {}",
+                f.dev, f.ino, f.size, f.mtime_ns, f.boot
+            ));
         }
         line.push('\n');
         line
     }
 
     fn parse(text: &str) -> Option<SourceRecord> {
-        let fields: Vec<&str> = text.trim_end_matches('\n').split(' ').collect();
+        let mut fields: Vec<&str> = text.trim_end_matches('\n').split(' ').collect();
+        let boot = match fields.len() {
+            6 => None,
+            11 => fields.pop().filter(|b| is_boot_id(b)).map(str::to_string),
+            _ => return None,
+        };
         let (key, nums) = fields.split_first()?;
         let nums: Vec<i128> = nums.iter().map(|f| f.parse().ok()).collect::<Option<_>>()?;
         let u = |i: usize| nums.get(i).and_then(|&v| u64::try_from(v).ok());
@@ -451,13 +478,14 @@ impl SourceRecord {
             mtime_ns: *nums.get(3)?,
             ctime_ns: *nums.get(4)?,
         };
-        let file = match nums.len() {
-            5 => None,
-            9 => Some(CachedFileIdentity {
+        let file = match (nums.len(), boot) {
+            (5, None) => None,
+            (9, Some(boot)) => Some(CachedFileIdentity {
                 dev: u(5)?,
                 ino: u(6)?,
                 size: u(7)?,
                 mtime_ns: *nums.get(8)?,
+                boot,
             }),
             _ => return None,
         };
@@ -1501,7 +1529,8 @@ mod tests {
         assert!(!p2.serve(&dest).await);
         assert!(SourceRecord::parse("wal/x 1 2 3 4").is_none());
         assert!(SourceRecord::parse("wal/x 1 2 3 4 5 6").is_none());
-        assert!(SourceRecord::parse("wal/x 1 2 3 4 5 6 7 8 9 10").is_none());
+        assert!(SourceRecord::parse("wal/x 1 2 3 4 5 6 7 8 9").is_none());
+        assert!(SourceRecord::parse("wal/x 1 2 3 4 5 6 7 8 9 nothex!").is_none());
         assert!(SourceRecord::parse("wal/x -1 2 3 4 5").is_none());
         let with_file = SourceRecord {
             key: "wal/x".to_string(),
@@ -1511,6 +1540,7 @@ mod tests {
                 ino: 7,
                 size: 8,
                 mtime_ns: -9,
+                boot: "0f1e-2d3c".to_string(),
             }),
         };
         assert_eq!(
@@ -1562,6 +1592,17 @@ mod tests {
         }
         fs::write(&src, r.format()).unwrap();
         assert!(!p3.serve(&dest).await);
+        // ... and made in an earlier boot (not fsynced: after a host crash it may be torn)
+        fs::write(cache.join(p.name()), vec![5u8; 1 << 20]).unwrap();
+        record_file(&cache.join(p.name()));
+        let mut r = SourceRecord::parse(&fs::read_to_string(&src).unwrap()).unwrap();
+        assert_eq!(r.file.as_ref().map(|f| f.boot.clone()), Some(boot_id()));
+        if let Some(f) = r.file.as_mut() {
+            f.boot = "0123-4567".to_string();
+        }
+        fs::write(&src, r.format()).unwrap();
+        assert!(!p3.serve(&dest).await);
+        assert!(!cache.join(p.name()).exists());
         // an S3 cache file without any record (an older worker's): served as before
         fs::write(cache.join(p.name()), vec![4u8; 1 << 20]).unwrap();
         assert!(p3.serve(&dest).await);
