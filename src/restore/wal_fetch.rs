@@ -619,20 +619,32 @@ struct ChannelReader {
 }
 
 impl Read for ChannelReader {
+    /// Fills `buf` from the pieces at hand (several HTTP pieces of a few KiB each make one read,
+    /// so zstd gets large inputs); waits for the next batch only when it has nothing yet.
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        while self.cur.is_empty() {
-            if let Some(b) = self.batch.next() {
-                self.cur = b;
-                continue;
+        let mut n = 0;
+        while n < buf.len() {
+            if self.cur.is_empty() {
+                if let Some(b) = self.batch.next() {
+                    self.cur = b;
+                    continue;
+                }
+                if n > 0 {
+                    break;
+                }
+                match self.rx.blocking_recv() {
+                    Some(b) => {
+                        self.batch = b.into_iter();
+                        continue;
+                    }
+                    None => break,
+                }
             }
-            match self.rx.blocking_recv() {
-                Some(b) => self.batch = b.into_iter(),
-                None => return Ok(0),
-            }
+            let k = (buf.len() - n).min(self.cur.len());
+            buf[n..n + k].copy_from_slice(&self.cur[..k]);
+            bytes::Buf::advance(&mut self.cur, k);
+            n += k;
         }
-        let n = buf.len().min(self.cur.len());
-        buf[..n].copy_from_slice(&self.cur[..n]);
-        bytes::Buf::advance(&mut self.cur, n);
         Ok(n)
     }
 }
@@ -807,6 +819,33 @@ mod tests {
             v.sort();
             v
         }
+    }
+
+    #[test]
+    fn channel_reader_fills_reads_from_many_pieces() {
+        let (tx, rx) = tokio::sync::mpsc::channel::<Vec<Bytes>>(4);
+        tx.try_send(vec![
+            Bytes::from_static(b"abc"),
+            Bytes::from_static(b"defgh"),
+        ])
+        .unwrap();
+        tx.try_send(vec![Bytes::from_static(b"ij")]).unwrap();
+        drop(tx);
+        let mut r = ChannelReader {
+            rx,
+            batch: Vec::new().into_iter(),
+            cur: Bytes::new(),
+        };
+        let mut buf = [0u8; 16];
+        // One read takes the whole batch at hand, and does not wait for the next one.
+        assert_eq!(r.read(&mut buf).unwrap(), 8);
+        assert_eq!(&buf[..8], b"abcdefgh");
+        let mut small = [0u8; 1];
+        assert_eq!(r.read(&mut small).unwrap(), 1);
+        assert_eq!(&small, b"i");
+        assert_eq!(r.read(&mut buf).unwrap(), 1);
+        assert_eq!(&buf[..1], b"j");
+        assert_eq!(r.read(&mut buf).unwrap(), 0);
     }
 
     #[tokio::test]
