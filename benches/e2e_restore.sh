@@ -493,12 +493,16 @@ EOF
 chmod 755 "$DIR/fetch-loop.sh"
 
 FETCH_TOOLS=(walagent_prefetch walagent_serial)
+# With BENCH_WALAGENT_BASE: the serial loop of that binary too (one cold call per segment, A/B).
+[[ -n $WALAGENT_BASE ]] && FETCH_TOOLS+=(walagent_serial_base)
 ((${BENCH_FETCH:-1})) || FETCH_TOOLS=()
 ((HAVE_PGBR)) && FETCH_TOOLS+=(pgbackrest_sync pgbackrest_async)
 
 measure_fetch() { # tool run -> "wall busy srv check load"
   local tool=$1 i=$2 p=$PREFETCH t0 t1 b0 b1 s0 s1 load check
-  [[ $tool == walagent_serial ]] && p=0
+  local bin=$WALAGENT
+  [[ $tool == walagent_serial* ]] && p=0
+  [[ $tool == *_base ]] && bin=$WALAGENT_BASE
   stop_workers; pgbr_wait 60 || die "a pgBackRest process is still running"
   rm -rf "$FAKEPG/pg_wal" "$DIR/pgbr-spool"/*; mkdir -p "$FAKEPG/pg_wal"
   [[ $(id -u) == 0 ]] && chown postgres: "$FAKEPG/pg_wal"
@@ -506,7 +510,7 @@ measure_fetch() { # tool run -> "wall busy srv check load"
   load=$(loadavg)
   log "fetch $tool run $i: load average $load"
   b0=$(busy_ticks); s0=$(srv_ticks); t0=$(now)
-  as_pg "$DIR/fetch-loop.sh" "$tool" "$WALAGENT" "$S3_ARCHIVE" "$p" "$FAKEPG" "$PGBACKREST" "$DIR/pgbackrest.conf" \
+  as_pg "$DIR/fetch-loop.sh" "$tool" "$bin" "$S3_ARCHIVE" "$p" "$FAKEPG" "$PGBACKREST" "$DIR/pgbackrest.conf" \
     "$STANZA" "${SEGS[@]}" >"$DIR/fetch_${tool}_$i.log" 2>&1 \
     || { tail -5 "$DIR/fetch_${tool}_$i.log" >&2; die "fetch loop $tool run $i failed"; }
   t1=$(now); b1=$(busy_ticks); s1=$(srv_ticks)
@@ -553,6 +557,7 @@ for tool in "${FETCH_TOOLS[@]}"; do
   case $tool in
     walagent_prefetch) label="walagent wal-fetch --prefetch $PREFETCH" ;;
     walagent_serial) label="walagent wal-fetch --prefetch 0" ;;
+    walagent_serial_base) label="walagent (BENCH_WALAGENT_BASE) wal-fetch --prefetch 0" ;;
     pgbackrest_sync) label="pgbackrest archive-get" ;;
     pgbackrest_async) label="pgbackrest archive-get --archive-async --process-max=2" ;;
   esac
@@ -566,6 +571,8 @@ if ((HAVE_PGBR)); then
     "$(fratio walagent_prefetch pgbackrest_sync)" "$(fratio walagent_prefetch pgbackrest_async)"
   printf '# fetch speed ratio walagent serial / pgbackrest archive-get (both one GET per call): %s\n' \
     "$(fratio walagent_serial pgbackrest_sync)"
+  [[ -n $WALAGENT_BASE ]] && printf '# fetch speed ratio walagent (BENCH_WALAGENT_BASE) serial / pgbackrest archive-get: %s\n' \
+    "$(fratio walagent_serial_base pgbackrest_sync)"
 else
   echo "# pgBackRest rows skipped (pgbackrest, stunnel or openssl missing, or BENCH_PGBR=0 or BENCH_FETCH=0)"
 fi

@@ -864,3 +864,133 @@ fn s3_outage_serves_the_cache_and_fails_uncached_segments_loudly() {
     });
     assert!(!w.dest().exists() || fs::read(w.dest()).unwrap() == w.expected(&segs[3]));
 }
+
+// ---------------------------------------------------------------------------------------------
+// 2026-12-01, fourth session: serving by rename, the cached file's own identity, the local
+// archive read as plain files
+// ---------------------------------------------------------------------------------------------
+
+fn inode(p: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    fs::symlink_metadata(p).unwrap().ino()
+}
+
+/// A prefetched segment is served by a rename (DEST is the very file the worker made: no copy,
+/// no second pass) and is byte for byte pg_wal's segment, from a local archive and from S3.
+#[test]
+fn a_cache_hit_is_the_workers_file_renamed_and_the_servers_bytes() {
+    let s3 = S3Server::start();
+    for w in [World::new(), World::on_s3(&s3)] {
+        let segs = &w.segs;
+        assert_ok(&w.fetch(&segs[0], &["--prefetch", "3"]));
+        support::wait_until(WAIT, "3 prefetched segments", || {
+            w.cached() == segs[1..4].to_vec() && w.cache_debris().is_empty()
+        });
+        for name in &segs[1..4] {
+            let ino = inode(&w.cache().join(name));
+            let o = w.fetch(name, &["--prefetch", "3"]);
+            assert_ok(&o);
+            assert!(served_from_cache(&o), "{}", stderr_of(&o));
+            assert_eq!(inode(&w.dest()), ino, "{name} was copied, not renamed");
+            w.assert_dest_is(name);
+        }
+        stop_prefetch_worker(&w.cache());
+    }
+}
+
+/// A file put under a cached segment's name after the worker made it (here: the next segment's
+/// WAL, a valid segment of the same size, renamed over it) is not served: the call reads the
+/// archive, and the file and its record are gone. Local archive and S3 alike.
+#[test]
+fn a_cached_segment_replaced_by_another_file_is_not_served() {
+    let s3 = S3Server::start();
+    for w in [World::new(), World::on_s3(&s3)] {
+        let segs = &w.segs;
+        assert_ok(&w.fetch(&segs[0], &["--prefetch", "3"]));
+        support::wait_until(WAIT, "3 prefetched segments", || {
+            w.cached() == segs[1..4].to_vec() && w.cache_debris().is_empty()
+        });
+        stop_prefetch_worker(&w.cache());
+        let x = &segs[1];
+        let cached = w.cache().join(x);
+        assert!(
+            w.cache().join(format!("{x}.src")).exists(),
+            "no record of {x}"
+        );
+        let foreign = w.cache().join("foreign");
+        fs::write(&foreign, w.expected(&segs[2])).unwrap();
+        fs::rename(&foreign, &cached).unwrap();
+        let o = w.fetch(x, &["--prefetch", "3"]);
+        assert_ok(&o);
+        assert!(!served_from_cache(&o), "{}", stderr_of(&o));
+        w.assert_dest_is(x);
+        stop_prefetch_worker(&w.cache());
+        // Rewritten in place (same inode) with other bytes: not served either.
+        let y = &segs[2];
+        let cached = w.cache().join(y);
+        support::wait_until(WAIT, "the record of the next segment", || {
+            w.cache().join(format!("{y}.src")).exists() && cached.exists()
+        });
+        stop_prefetch_worker(&w.cache());
+        std::thread::sleep(Duration::from_millis(20)); // a later mtime on coarse clocks
+        fs::write(&cached, w.expected(&segs[3])).unwrap();
+        let o = w.fetch(y, &["--prefetch", "3"]);
+        assert_ok(&o);
+        assert!(!served_from_cache(&o), "{}", stderr_of(&o));
+        w.assert_dest_is(y);
+        stop_prefetch_worker(&w.cache());
+    }
+}
+
+/// A cache on another filesystem than DEST (tmpfs /dev/shm against the test directory): served
+/// by a copy into a temp file beside DEST and a rename, with the same bytes.
+#[test]
+fn a_cache_on_another_filesystem_is_copied_not_renamed() {
+    use std::os::unix::fs::MetadataExt;
+    let shm = Path::new("/dev/shm");
+    let w = World::new();
+    if !shm.is_dir() || fs::metadata(shm).unwrap().dev() == fs::metadata(w.pg_wal()).unwrap().dev()
+    {
+        eprintln!("skipped: /dev/shm is not another filesystem here");
+        return;
+    }
+    let other = tempfile::tempdir_in(shm).unwrap();
+    let cache = other.path().join("cache");
+    let c = cache.to_str().unwrap();
+    let segs = &w.segs;
+    assert_ok(&w.fetch(&segs[0], &["--prefetch", "2", "--prefetch-dir", c]));
+    support::wait_until(WAIT, "prefetch into /dev/shm", || {
+        cached_segments(&cache) == segs[1..3].to_vec()
+    });
+    let o = w.fetch(&segs[1], &["--prefetch", "2", "--prefetch-dir", c]);
+    assert_ok(&o);
+    assert!(served_from_cache(&o), "{}", stderr_of(&o));
+    w.assert_dest_is(&segs[1]);
+    assert!(!cache.join(&segs[1]).exists());
+    assert!(
+        names_in(&w.pg_wal()) == vec!["RECOVERYXLOG".to_string()],
+        "temp files left beside DEST: {:?}",
+        names_in(&w.pg_wal())
+    );
+    stop_prefetch_worker(&cache);
+}
+
+/// A local archive's `.zst` object is read as a plain file, except when it carries a CRC-32
+/// sidecar (`.<name>.sfv`, as streamed objects do): then the store's reader reads it and checks
+/// the CRC, so a wrong one fails the call (126) and a right one serves the segment.
+#[test]
+fn a_local_object_with_a_crc_sidecar_is_checked_against_it() {
+    let w = World::new();
+    let x = &w.segs[2];
+    let obj = w.objects.join("wal").join(format!("{x}.zst"));
+    let sidecar = w.objects.join("wal").join(format!(".{x}.zst.sfv"));
+    let crc = crc32fast::hash(&fs::read(&obj).unwrap());
+    fs::write(&sidecar, format!("{x}.zst {:08X}\n", crc ^ 1)).unwrap();
+    let o = w.fetch(x, &["--prefetch", "0"]);
+    assert_eq!(o.status.code(), Some(126), "{}", stderr_of(&o));
+    assert!(!w.dest().exists());
+    fs::write(&sidecar, format!("{x}.zst {crc:08X}\n")).unwrap();
+    let o = w.fetch(x, &["--prefetch", "0"]);
+    assert_ok(&o);
+    w.assert_dest_is(x);
+}

@@ -835,7 +835,7 @@ impl ObjectReader for LocalReader {
 /// Streamed objects (base backups) get a sidecar `.<name>.sfv` beside them: the object's CRC-32
 /// (IEEE, as on S3) in SFV format, one line `<name> <CRC as 8 hex digits>`, which `cksfv -f` and
 /// `rhash -c` check. Like temp files it starts with '.', so listings never show it.
-fn sidecar_path(target: &Path) -> PathBuf {
+pub(crate) fn sidecar_path(target: &Path) -> PathBuf {
     let name = target
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())

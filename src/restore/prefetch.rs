@@ -74,8 +74,13 @@ pub const WAIT_IN_PROGRESS: Duration = Duration::from_secs(60);
 pub const IDLE_EXIT: Duration = Duration::from_secs(60);
 /// The worker gives up after this many failed downloads in a row (not counting "not found").
 const MAX_CONSECUTIVE_ERRORS: u32 = 3;
-/// How often the worker looks at `.served` and a waiting request at the cache.
+/// How often the worker looks at `.served`.
 const POLL: Duration = Duration::from_millis(20);
+/// How often a request waiting for a download in progress looks at the cache. With no replay
+/// time between calls the worker is just in time, so every call waits: at 20 ms (as before
+/// 2026-12-01, fourth session) that cost 10 ms per segment on average, at 16 MB segments up to a
+/// third of a cache hit's whole time. A look is a stat and a small read (a few microseconds).
+const WAIT_POLL: Duration = Duration::from_millis(2);
 /// `prefetch.log` is started afresh beyond this size (the old one is kept as `prefetch.log.old`).
 const LOG_MAX_BYTES: u64 = 256 << 10;
 /// Marker files without a readable pid are treated as stale after this long.
@@ -242,7 +247,7 @@ impl Prefetcher {
                         return false;
                     }
                     waited = true;
-                    tokio::time::sleep(POLL).await;
+                    tokio::time::sleep(WAIT_POLL).await;
                 }
                 state => {
                     if state == MarkerState::Stale {
@@ -286,8 +291,8 @@ impl Prefetcher {
 /// file is only served when `<cached>.src` says it was made from an object that is still there
 /// unchanged (same file, size, mtime and ctime); otherwise it is removed and the call is a miss.
 fn take_cached(cached: &Path, dest: &Path, local_root: Option<&Path>) -> io::Result<bool> {
-    match fs::symlink_metadata(cached) {
-        Ok(m) if m.is_file() && SegmentSize::new(m.len()).is_ok() => {}
+    let meta = match fs::symlink_metadata(cached) {
+        Ok(m) if m.is_file() && SegmentSize::new(m.len()).is_ok() => m,
         Ok(_) => {
             let _ = fs::remove_file(cached);
             let _ = fs::remove_file(source_path(cached));
@@ -295,17 +300,31 @@ fn take_cached(cached: &Path, dest: &Path, local_root: Option<&Path>) -> io::Res
         }
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
         Err(e) => return Err(e),
-    }
-    if let Some(root) = local_root {
-        if !source_still_current(cached, root) {
-            tracing::debug!(
-                cached = %cached.display(),
-                "the archive object of this cached segment changed (or its record is missing); not serving it"
-            );
-            let _ = fs::remove_file(cached);
-            let _ = fs::remove_file(source_path(cached));
-            return Ok(false);
-        }
+    };
+    let record = fs::read_to_string(source_path(cached))
+        .ok()
+        .and_then(|t| SourceRecord::parse(&t));
+    // The worker records the identity of the file it landed: another file put under the name
+    // since (a foreign or stale file renamed or copied over it) is not served.
+    let foreign = record
+        .as_ref()
+        .and_then(|r| r.file.as_ref())
+        .is_some_and(|f| *f != CachedFileIdentity::of_meta(&meta));
+    let current = match local_root {
+        Some(root) => record
+            .as_ref()
+            .is_some_and(|r| source_still_current(cached, root, r)),
+        None => true,
+    };
+    if foreign || !current {
+        tracing::debug!(
+            cached = %cached.display(),
+            foreign,
+            "the cached segment is not the file the worker made, or its archive object changed (or its record is missing); not serving it"
+        );
+        let _ = fs::remove_file(cached);
+        let _ = fs::remove_file(source_path(cached));
+        return Ok(false);
     }
     let served = match fs::rename(cached, dest) {
         Ok(()) => Ok(true),
@@ -345,6 +364,17 @@ struct ObjectIdentity {
 }
 
 impl ObjectIdentity {
+    /// A record without the cached file's identity, as workers before 2026-12-01 wrote it.
+    #[cfg(test)]
+    fn record(&self, key: &str) -> String {
+        SourceRecord {
+            key: key.to_string(),
+            object: *self,
+            file: None,
+        }
+        .format()
+    }
+
     fn of(path: &Path) -> Option<ObjectIdentity> {
         use std::os::unix::fs::MetadataExt;
         let m = fs::metadata(path).ok()?;
@@ -356,26 +386,114 @@ impl ObjectIdentity {
             ctime_ns: i128::from(m.ctime()) * 1_000_000_000 + i128::from(m.ctime_nsec()),
         })
     }
+}
 
-    /// `<key> <dev> <ino> <size> <mtime_ns> <ctime_ns>`
-    fn record(&self, key: &str) -> String {
-        format!(
-            "{key} {} {} {} {} {}\n",
-            self.dev, self.ino, self.size, self.mtime_ns, self.ctime_ns
-        )
+/// What identifies the cached file the worker landed: a file renamed or copied over it since has
+/// another inode or mtime. (Not ctime: the rename into place changes it.)
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct CachedFileIdentity {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime_ns: i128,
+    /// The kernel's boot id when it was made: nothing in the cache is fsynced, so after a host
+    /// crash a file may hold other bytes than it was written with; files of an earlier boot are
+    /// never served.
+    boot: String,
+}
+
+impl CachedFileIdentity {
+    fn of_meta(m: &fs::Metadata) -> CachedFileIdentity {
+        use std::os::unix::fs::MetadataExt;
+        CachedFileIdentity {
+            dev: m.dev(),
+            ino: m.ino(),
+            size: m.size(),
+            mtime_ns: i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()),
+            boot: boot_id(),
+        }
+    }
+}
+
+/// `/proc/sys/kernel/random/boot_id` (a UUID, new at every boot), or `-` when it cannot be read.
+fn boot_id() -> String {
+    fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| is_boot_id(s))
+        .unwrap_or_else(|| "-".to_string())
+}
+
+fn is_boot_id(s: &str) -> bool {
+    s == "-" || (!s.is_empty() && s.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-'))
+}
+
+/// `<segment>.src`, written by the worker before the segment gets its name:
+/// `<key> <dev> <ino> <size> <mtime_ns> <ctime_ns>[ <dev> <ino> <size> <mtime_ns> <boot_id>]`, the
+/// archive object it was made from (local archives; `-` and zeros for S3) and that object's
+/// identity, then the identity of the cached file itself and the boot it was made in (since
+/// 2026-12-01, fourth session; a record without it is from an older worker, and only its object
+/// is checked).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct SourceRecord {
+    key: String,
+    object: ObjectIdentity,
+    file: Option<CachedFileIdentity>,
+}
+
+/// The key field of a record made from an object store (no local object to check).
+const NO_LOCAL_OBJECT: &str = "-";
+
+impl SourceRecord {
+    fn format(&self) -> String {
+        let o = &self.object;
+        let mut line = format!(
+            "{} {} {} {} {} {}",
+            self.key, o.dev, o.ino, o.size, o.mtime_ns, o.ctime_ns
+        );
+        if let Some(f) = &self.file {
+            line.push_str(&format!(
+                " {} {} {} {} {}",
+                f.dev, f.ino, f.size, f.mtime_ns, f.boot
+            ));
+        }
+        line.push('\n');
+        line
     }
 
-    fn parse_record(text: &str) -> Option<(String, ObjectIdentity)> {
-        let mut it = text.trim_end_matches('\n').split(' ');
-        let key = it.next()?.to_string();
-        let id = ObjectIdentity {
-            dev: it.next()?.parse().ok()?,
-            ino: it.next()?.parse().ok()?,
-            size: it.next()?.parse().ok()?,
-            mtime_ns: it.next()?.parse().ok()?,
-            ctime_ns: it.next()?.parse().ok()?,
+    fn parse(text: &str) -> Option<SourceRecord> {
+        let mut fields: Vec<&str> = text.trim_end_matches('\n').split(' ').collect();
+        let boot = match fields.len() {
+            6 => None,
+            11 => fields.pop().filter(|b| is_boot_id(b)).map(str::to_string),
+            _ => return None,
         };
-        it.next().is_none().then_some((key, id))
+        let (key, nums) = fields.split_first()?;
+        let nums: Vec<i128> = nums.iter().map(|f| f.parse().ok()).collect::<Option<_>>()?;
+        let u = |i: usize| nums.get(i).and_then(|&v| u64::try_from(v).ok());
+        let object = ObjectIdentity {
+            dev: u(0)?,
+            ino: u(1)?,
+            size: u(2)?,
+            mtime_ns: *nums.get(3)?,
+            ctime_ns: *nums.get(4)?,
+        };
+        let file = match (nums.len(), boot) {
+            (5, None) => None,
+            (9, Some(boot)) => Some(CachedFileIdentity {
+                dev: u(5)?,
+                ino: u(6)?,
+                size: u(7)?,
+                mtime_ns: *nums.get(8)?,
+                boot,
+            }),
+            _ => return None,
+        };
+        Some(SourceRecord {
+            key: key.to_string(),
+            object,
+            file,
+        })
     }
 }
 
@@ -392,24 +510,18 @@ fn source_keys(name: &str) -> [String; 2] {
 /// `.zst` object, for a record of the raw one) that has appeared since, means no. An object that
 /// is gone altogether (expired, or moved away while a restore runs) leaves nothing the cached
 /// copy could differ from, and the copy passed the WAL check when it was made: it is served.
-fn source_still_current(cached: &Path, root: &Path) -> bool {
-    let Ok(text) = fs::read_to_string(source_path(cached)) else {
-        return false;
-    };
-    let Some((key, recorded)) = ObjectIdentity::parse_record(&text) else {
-        return false;
-    };
+fn source_still_current(cached: &Path, root: &Path, record: &SourceRecord) -> bool {
     let Some(name) = cached.file_name().and_then(|n| n.to_str()) else {
         return false;
     };
     let keys = source_keys(name);
-    if !keys.contains(&key) {
+    if !keys.contains(&record.key) {
         return false;
     }
     let mut now = keys.iter().map(|k| (k, root.join(k)));
     match now.find(|(_, p)| fs::symlink_metadata(p).is_ok()) {
         None => true,
-        Some((k, p)) => *k == key && ObjectIdentity::of(&p) == Some(recorded),
+        Some((k, p)) => *k == record.key && ObjectIdentity::of(&p) == Some(record.object),
     }
 }
 
@@ -824,6 +936,10 @@ impl Store for MetaCachedStore {
     fn location(&self) -> String {
         self.inner.location()
     }
+    fn local_root(&self) -> Option<PathBuf> {
+        // wal_fetch reads a local archive's objects as plain files (its fast path).
+        self.inner.local_root()
+    }
     async fn put_file(&self, key: &str, src: &Path, mode: PutMode) -> Result<(), StoreError> {
         self.inner.put_file(key, src, mode).await
     }
@@ -924,10 +1040,11 @@ enum WorkerError {
 }
 
 /// Downloads segment `name` into the cache `dir` with [`wal_fetch::fetch`] (the full WAL check).
-/// From a local archive (`root`) the segment first lands under a temp name; it gets its final
-/// name only after `<name>.src` recorded the identity of the object it was made from, and only
-/// when that object did not change while it was read, so that the foreground can tell that the
-/// object is still the same when it serves the file.
+/// The segment first lands under a temp name; it gets its final name only after `<name>.src`
+/// recorded the identity of that file (so that the foreground serves only the file made here,
+/// never one put under the name since) and, from a local archive (`root`), of the object it was
+/// made from, and only when that object did not change while it was read (so that the
+/// foreground can tell that the object is still the same when it serves the file).
 async fn download(
     store: &dyn Store,
     name: &str,
@@ -935,16 +1052,13 @@ async fn download(
     root: Option<&Path>,
 ) -> Result<(), FetchError> {
     let target = dir.join(name);
-    let Some(root) = root else {
-        return wal_fetch::fetch(store, name, &target, false)
-            .await
-            .map(|_| ());
-    };
     let keys = source_keys(name);
-    let before = [
-        ObjectIdentity::of(&root.join(&keys[0])),
-        ObjectIdentity::of(&root.join(&keys[1])),
-    ];
+    let before = root.map(|root| {
+        [
+            ObjectIdentity::of(&root.join(&keys[0])),
+            ObjectIdentity::of(&root.join(&keys[1])),
+        ]
+    });
     let stage = dir.join(format!(".stage.{name}.{}.tmp", std::process::id()));
     let fail = |context: String, e: io::Error| {
         let _ = fs::remove_file(&stage);
@@ -958,21 +1072,41 @@ async fn download(
             return Err(e);
         }
     };
-    let unchanged = keys.iter().position(|k| *k == outcome.key).and_then(|i| {
-        let now = ObjectIdentity::of(&root.join(&outcome.key))?;
-        (before[i] == Some(now) && before[..i].iter().all(Option::is_none)).then_some(now)
-    });
-    let Some(id) = unchanged else {
-        return fail(
-            format!("archive object {} changed while it was read", outcome.key),
-            io::Error::other("not cached; the request reads it from the archive"),
-        );
+    let (key, object) = match (root, before) {
+        (Some(root), Some(before)) => {
+            let unchanged = keys.iter().position(|k| *k == outcome.key).and_then(|i| {
+                let now = ObjectIdentity::of(&root.join(&outcome.key))?;
+                (before[i] == Some(now) && before[..i].iter().all(Option::is_none)).then_some(now)
+            });
+            let Some(id) = unchanged else {
+                return fail(
+                    format!("archive object {} changed while it was read", outcome.key),
+                    io::Error::other("not cached; the request reads it from the archive"),
+                );
+            };
+            (outcome.key.clone(), id)
+        }
+        _ => (
+            NO_LOCAL_OBJECT.to_string(),
+            ObjectIdentity {
+                dev: 0,
+                ino: 0,
+                size: 0,
+                mtime_ns: 0,
+                ctime_ns: 0,
+            },
+        ),
     };
-    if let Err(e) = write_small_file(
-        dir,
-        &format!("{name}{SOURCE_SUFFIX}"),
-        &id.record(&outcome.key),
-    ) {
+    let file = match fs::symlink_metadata(&stage) {
+        Ok(m) => CachedFileIdentity::of_meta(&m),
+        Err(e) => return fail(format!("cannot stat {}", stage.display()), e),
+    };
+    let record = SourceRecord {
+        key,
+        object,
+        file: Some(file),
+    };
+    if let Err(e) = write_small_file(dir, &format!("{name}{SOURCE_SUFFIX}"), &record.format()) {
         return fail(
             format!("cannot write {}", source_path(&target).display()),
             e,
@@ -1393,12 +1527,86 @@ mod tests {
         )
         .unwrap();
         assert!(!p2.serve(&dest).await);
-        assert!(ObjectIdentity::parse_record("wal/x 1 2 3 4").is_none());
-        assert!(ObjectIdentity::parse_record("wal/x 1 2 3 4 5 6").is_none());
+        assert!(SourceRecord::parse("wal/x 1 2 3 4").is_none());
+        assert!(SourceRecord::parse("wal/x 1 2 3 4 5 6").is_none());
+        assert!(SourceRecord::parse("wal/x 1 2 3 4 5 6 7 8 9").is_none());
+        assert!(SourceRecord::parse("wal/x 1 2 3 4 5 6 7 8 9 nothex!").is_none());
+        assert!(SourceRecord::parse("wal/x -1 2 3 4 5").is_none());
+        let with_file = SourceRecord {
+            key: "wal/x".to_string(),
+            object: id,
+            file: Some(CachedFileIdentity {
+                dev: 6,
+                ino: 7,
+                size: 8,
+                mtime_ns: -9,
+                boot: "0f1e-2d3c".to_string(),
+            }),
+        };
         assert_eq!(
-            ObjectIdentity::parse_record(&id.record("wal/x")),
-            Some(("wal/x".to_string(), id))
+            SourceRecord::parse(&with_file.format()),
+            Some(with_file.clone())
         );
+        assert_eq!(
+            SourceRecord::parse(&id.record("wal/x")),
+            Some(SourceRecord {
+                file: None,
+                ..with_file
+            })
+        );
+        // The identity of the cached file itself: served while it is the file recorded, not
+        // once another file took its name (S3: no object to check).
+        let cfg3 = PrefetchConfig::new("s3://b/p", &dest, Some(2), None, None);
+        let p3 = Prefetcher::for_request(&cfg3, p.name()).unwrap();
+        let record_file = |cached: &Path| {
+            let m = fs::symlink_metadata(cached).unwrap();
+            let r = SourceRecord {
+                key: NO_LOCAL_OBJECT.to_string(),
+                object: id,
+                file: Some(CachedFileIdentity::of_meta(&m)),
+            };
+            fs::write(source_path(cached), r.format()).unwrap();
+        };
+        let _ = fs::remove_file(cache.join(ARCHIVE_FILE));
+        fs::write(cache.join(p.name()), vec![5u8; 1 << 20]).unwrap();
+        record_file(&cache.join(p.name()));
+        assert!(p3.serve(&dest).await);
+        assert_eq!(fs::read(&dest).unwrap(), vec![5u8; 1 << 20]);
+        assert!(!src.exists());
+        fs::write(cache.join(p.name()), vec![5u8; 1 << 20]).unwrap();
+        record_file(&cache.join(p.name()));
+        fs::write(cache.join("foreign"), vec![6u8; 1 << 20]).unwrap();
+        fs::rename(cache.join("foreign"), cache.join(p.name())).unwrap();
+        assert!(!p3.serve(&dest).await);
+        assert!(!cache.join(p.name()).exists() && !src.exists());
+        assert_eq!(fs::read(&dest).unwrap(), vec![5u8; 1 << 20]);
+        // ... and rewritten in place (same inode, new mtime)
+        fs::write(cache.join(p.name()), vec![5u8; 1 << 20]).unwrap();
+        let mut r = SourceRecord::parse(&{
+            record_file(&cache.join(p.name()));
+            fs::read_to_string(&src).unwrap()
+        })
+        .unwrap();
+        if let Some(f) = r.file.as_mut() {
+            f.mtime_ns -= 1;
+        }
+        fs::write(&src, r.format()).unwrap();
+        assert!(!p3.serve(&dest).await);
+        // ... and made in an earlier boot (not fsynced: after a host crash it may be torn)
+        fs::write(cache.join(p.name()), vec![5u8; 1 << 20]).unwrap();
+        record_file(&cache.join(p.name()));
+        let mut r = SourceRecord::parse(&fs::read_to_string(&src).unwrap()).unwrap();
+        assert_eq!(r.file.as_ref().map(|f| f.boot.clone()), Some(boot_id()));
+        if let Some(f) = r.file.as_mut() {
+            f.boot = "0123-4567".to_string();
+        }
+        fs::write(&src, r.format()).unwrap();
+        assert!(!p3.serve(&dest).await);
+        assert!(!cache.join(p.name()).exists());
+        // an S3 cache file without any record (an older worker's): served as before
+        fs::write(cache.join(p.name()), vec![4u8; 1 << 20]).unwrap();
+        assert!(p3.serve(&dest).await);
+        assert_eq!(fs::read(&dest).unwrap(), vec![4u8; 1 << 20]);
         fs::write(cache.join(ARCHIVE_FILE), "/arch\n").unwrap();
         // filled from another archive: emptied, not served
         fs::write(cache.join(ARCHIVE_FILE), "/other\n").unwrap();

@@ -193,6 +193,7 @@ pub async fn fetch(
         archive: archive.clone(),
     };
     let mut opened: Option<(String, Option<Box<dyn ObjectReader>>)> = None;
+    let local_root = store.local_root();
     let (candidates, expect) = match parse_request(name)? {
         Request::BackupHistory => return Err(not_found()),
         Request::History(tli) => (
@@ -210,13 +211,20 @@ pub async fn fetch(
             // walagent.json and the first candidate at once: the two requests overlap, so a cold
             // call waits for one round trip instead of two. The object is only read once
             // walagent.json said what it must be (the reader is dropped on any error).
+            // A local archive's objects are read in the decoder thread instead (below).
             let first_key = segment_key_by_name(&seg_name, true, partial);
-            let (meta, first) =
-                tokio::join!(ArchiveMeta::load(store), store.open_reader(&first_key));
-            let meta = meta?.ok_or_else(|| FetchError::NoMeta {
+            let meta = if local_root.is_some() {
+                ArchiveMeta::load(store).await?
+            } else {
+                let (meta, first) =
+                    tokio::join!(ArchiveMeta::load(store), store.open_reader(&first_key));
+                let meta = meta?;
+                opened = Some((first_key, first?));
+                meta
+            };
+            let meta = meta.ok_or_else(|| FetchError::NoMeta {
                 archive: archive.clone(),
             })?;
-            opened = Some((first_key, first?));
             let size = meta.wal_segment_size;
             let Some(id) = SegmentId::parse_file_name(&seg_name, size) else {
                 return Err(FetchError::BadName(name.to_string()));
@@ -266,7 +274,35 @@ pub async fn fetch(
         let (key, archive2) = (cand.key.clone(), archive.clone());
         let partial = cand.partial;
         let exp = expect.clone();
-        let finished = if cand.compressed {
+        let direct = match (&local_root, cand.compressed) {
+            (Some(root), true) => plain_local_object(root, &cand.key),
+            _ => None,
+        };
+        let finished = if let Some(path) = direct {
+            // A local archive's `.zst` object: read by the decoder thread itself, with no async
+            // reads and no hand-over (each 1 MiB piece would be read on a blocking thread,
+            // copied into a fresh buffer and copied again by the decoder).
+            let dst = out.0.clone();
+            let found = tokio::task::spawn_blocking(move || {
+                let file = match File::open(&path) {
+                    Ok(f) => f,
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+                    Err(e) => {
+                        return Err(FetchError::io(
+                            format!("cannot open archive object {}", path.display()),
+                            e,
+                        ))
+                    }
+                };
+                finish_file(Some(file), &dst, partial, exp.as_ref(), &key, &archive2).map(Some)
+            })
+            .await
+            .map_err(|e| FetchError::io("wal-fetch I/O task failed", io::Error::other(e)))??;
+            match found {
+                Some(f) => f,
+                None => continue,
+            }
+        } else if cand.compressed {
             // Streamed: the object's bytes go through zstd and the WAL check straight into DEST's
             // temp file, with no compressed copy on disk.
             let reader = match opened.take() {
@@ -314,6 +350,17 @@ pub async fn fetch(
         });
     }
     Err(not_found())
+}
+
+/// The file of the local archive object `key` under `root`, when it can be read as a plain file:
+/// not when it carries a CRC-32 sidecar (streamed objects), which only the store's reader checks.
+fn plain_local_object(root: &Path, key: &str) -> Option<PathBuf> {
+    let path = root.join(key);
+    let sidecar = crate::archive::local::sidecar_path(&path);
+    match fs::symlink_metadata(&sidecar) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Some(path),
+        _ => None,
+    }
 }
 
 /// What a segment request must turn out to be.
@@ -502,10 +549,11 @@ async fn stream_to_file(
     key: String,
     archive: String,
 ) -> Result<Finished, FetchError> {
-    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(STREAM_QUEUE);
+    let (tx, rx) = tokio::sync::mpsc::channel::<Vec<Bytes>>(STREAM_QUEUE);
     let task = tokio::task::spawn_blocking(move || {
         let input = ChannelReader {
             rx,
+            batch: Vec::new().into_iter(),
             cur: Bytes::new(),
         };
         finish_file(Some(input), &dst, partial, exp.as_ref(), &key, &archive)
@@ -513,8 +561,10 @@ async fn stream_to_file(
     let mut store_err = None;
     let mut decoder_gone = false;
     // HTTP bodies come in pieces of a few KiB: handed over one by one, each would wake the
-    // decoder thread (and feed zstd and the WAL check tiny buffers). Batches of 1 MiB instead.
-    let mut batch = bytes::BytesMut::new();
+    // decoder thread. They go in batches of about 1 MiB instead, as a list of the pieces
+    // themselves: no copy and no fresh 1 MiB buffer (and its page faults) per batch.
+    let mut batch: Vec<Bytes> = Vec::new();
+    let mut batch_len = 0usize;
     loop {
         let (chunk, end) = match reader.next_chunk().await {
             Ok(Some(chunk)) => (Some(chunk), false),
@@ -525,20 +575,14 @@ async fn stream_to_file(
             }
         };
         if let Some(c) = chunk {
-            if batch.is_empty() && c.len() >= STREAM_BATCH {
-                // Large enough already: no copy.
-                if !decoder_gone && tx.send(c).await.is_err() {
-                    decoder_gone = true;
-                }
-                continue;
+            if !c.is_empty() {
+                batch_len += c.len();
+                batch.push(c);
             }
-            if batch.is_empty() {
-                batch.reserve(STREAM_BATCH + c.len());
-            }
-            batch.extend_from_slice(&c);
         }
-        if !batch.is_empty() && (end || batch.len() >= STREAM_BATCH) {
-            let full = std::mem::take(&mut batch).freeze();
+        if !batch.is_empty() && (end || batch_len >= STREAM_BATCH) {
+            let full = std::mem::take(&mut batch);
+            batch_len = 0;
             // Once the decoder has stopped (it failed), the rest is still read for the
             // object's own check, which names the cause better.
             if !decoder_gone && tx.send(full).await.is_err() {
@@ -568,21 +612,39 @@ const STREAM_QUEUE: usize = 3;
 /// A blocking [`Read`] over the chunks [`stream_to_file`] receives; the end of the channel is the
 /// end of the object.
 struct ChannelReader {
-    rx: tokio::sync::mpsc::Receiver<Bytes>,
+    rx: tokio::sync::mpsc::Receiver<Vec<Bytes>>,
+    /// The rest of the batch being read.
+    batch: std::vec::IntoIter<Bytes>,
     cur: Bytes,
 }
 
 impl Read for ChannelReader {
+    /// Fills `buf` from the pieces at hand (several HTTP pieces of a few KiB each make one read,
+    /// so zstd gets large inputs); waits for the next batch only when it has nothing yet.
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        while self.cur.is_empty() {
-            match self.rx.blocking_recv() {
-                Some(b) => self.cur = b,
-                None => return Ok(0),
+        let mut n = 0;
+        while n < buf.len() {
+            if self.cur.is_empty() {
+                if let Some(b) = self.batch.next() {
+                    self.cur = b;
+                    continue;
+                }
+                if n > 0 {
+                    break;
+                }
+                match self.rx.blocking_recv() {
+                    Some(b) => {
+                        self.batch = b.into_iter();
+                        continue;
+                    }
+                    None => break,
+                }
             }
+            let k = (buf.len() - n).min(self.cur.len());
+            buf[n..n + k].copy_from_slice(&self.cur[..k]);
+            bytes::Buf::advance(&mut self.cur, k);
+            n += k;
         }
-        let n = buf.len().min(self.cur.len());
-        buf[..n].copy_from_slice(&self.cur[..n]);
-        bytes::Buf::advance(&mut self.cur, n);
         Ok(n)
     }
 }
@@ -757,6 +819,33 @@ mod tests {
             v.sort();
             v
         }
+    }
+
+    #[test]
+    fn channel_reader_fills_reads_from_many_pieces() {
+        let (tx, rx) = tokio::sync::mpsc::channel::<Vec<Bytes>>(4);
+        tx.try_send(vec![
+            Bytes::from_static(b"abc"),
+            Bytes::from_static(b"defgh"),
+        ])
+        .unwrap();
+        tx.try_send(vec![Bytes::from_static(b"ij")]).unwrap();
+        drop(tx);
+        let mut r = ChannelReader {
+            rx,
+            batch: Vec::new().into_iter(),
+            cur: Bytes::new(),
+        };
+        let mut buf = [0u8; 16];
+        // One read takes the whole batch at hand, and does not wait for the next one.
+        assert_eq!(r.read(&mut buf).unwrap(), 8);
+        assert_eq!(&buf[..8], b"abcdefgh");
+        let mut small = [0u8; 1];
+        assert_eq!(r.read(&mut small).unwrap(), 1);
+        assert_eq!(&small, b"i");
+        assert_eq!(r.read(&mut buf).unwrap(), 1);
+        assert_eq!(&buf[..1], b"j");
+        assert_eq!(r.read(&mut buf).unwrap(), 0);
     }
 
     #[tokio::test]
