@@ -983,6 +983,18 @@ fn a_local_object_with_a_crc_sidecar_is_checked_against_it() {
     let w = World::new();
     let x = &w.segs[2];
     let obj = w.objects.join("wal").join(format!("{x}.zst"));
+    // The source archive runs deferred compression: the segment may still be raw there. This
+    // test is about a `.zst` object, so make it one (as the compactor would).
+    let held = support::sole_segment_object(&w.objects, x);
+    if held != obj {
+        walagent::archive::compress::compress_file(
+            &held,
+            &obj,
+            walagent::archive::Compression::Zstd { level: 1 },
+        )
+        .unwrap();
+        fs::remove_file(&held).unwrap();
+    }
     let sidecar = w.objects.join("wal").join(format!(".{x}.zst.sfv"));
     let crc = crc32fast::hash(&fs::read(&obj).unwrap());
     fs::write(&sidecar, format!("{x}.zst {:08X}\n", crc ^ 1)).unwrap();
