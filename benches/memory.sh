@@ -166,7 +166,7 @@ for kind in $ARCHIVES; do
     --endpos "$END" --no-loop "${XA_STREAM[@]}"
 done
 
-# ---- wal-push: one complete segment into an empty archive
+# ---- wal-push: one complete segment into an empty archive (walagent.json made by it)
 PUSH_SEG=$(q "SELECT pg_walfile_name(pg_lsn '$MID')")
 cp "$PGDATA/pg_wal/$PUSH_SEG" "$DIR/$PUSH_SEG"
 for kind in $ARCHIVES; do
@@ -175,8 +175,8 @@ for kind in $ARCHIVES; do
   measure wal-push "$kind" -- "$WALAGENT" wal-push --archive "$A" "$DIR/$PUSH_SEG"
 done
 
-# ---- wal-fetch: FETCH_N segments from the restore point on, one call each, prefetch on
-mapfile -t FETCH_SEGS < <(q "SELECT pg_walfile_name(pg_lsn '$MID' + g * $SEG::numeric) FROM generate_series(0, $((FETCH_N - 1))) g")
+# ---- wal-fetch: the FETCH_N segments before END (all archived), one call each, prefetch on
+mapfile -t FETCH_SEGS < <(q "SELECT pg_walfile_name(pg_lsn '$END' - g * $SEG::numeric) FROM generate_series($FETCH_N, 1, -1) g")
 sample_workers() { # max VmHWM (KiB) of this run's prefetch workers, into $1, until killed
   local max=0 p v
   while :; do
