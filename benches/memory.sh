@@ -8,7 +8,8 @@
 #        BENCH_S3_PORT (5498), BENCH_RUN_S (seconds `run` stays up, 20), BENCH_FETCH_N (segments
 #        fetched one call each, 12), BENCH_ARCHIVES ("local s3"), BENCH_LIMIT_MB (32, the column
 #        the table compares with), WALAGENT_ARGS_BACKUP / _RESTORE / _STREAM (extra flags, e.g.
-#        "--memory-limit 26MB"), PG_BIN, S3S_FS, BENCH_QUIET_TRIES (2).
+#        "--memory-limit 26MB"), PG_BIN, S3S_FS, BENCH_QUIET_TRIES (2), BENCH_BASELINE (another
+#        binary: then also an A/B of backup and restore, BENCH_AB_RUNS rounds (3), alternating).
 # Sequence (per archive kind): backup, WAL_MB of WAL (hex inserts, ~2x with zstd), stream
 # --endpos (a catch-up of all of it from a slot made before the backup), wal-push of one segment
 # into an empty archive, wal-fetch of BENCH_FETCH_N segments one call each (prefetch on, the
@@ -16,10 +17,10 @@
 # 50 ms, its own row), status, backups, verify, verify --full, restore --target-lsn (a point in
 # the middle of the WAL; no replay), restore --standby, expire --retain-full 1, `run` with one
 # cluster for BENCH_RUN_S s with 64 MiB of WAL in the middle; seed-standby once (no archive).
-# Peak RSS is /usr/bin/time's maximum resident set (%M, KiB), shown in MB of 10^6 bytes as the
-# other tables (the limit column is --memory-limit's 32MB = 32 MiB = 33.55 MB; "over" is against
-# 32 MB of 10^6 bytes, which is stricter). Output: a TSV table (command, archive, wall s,
-# peak RSS MB, limit MB, verdict), then the load average.
+# Peak RSS is /usr/bin/time's maximum resident set (%M, KiB) / 1024, "MB" as in the other
+# tables and in --memory-limit (32MB = 32 MiB). verdict: OVER at or above the limit, close
+# within 2 MB of it. Output: the load average, then a TSV table (command, archive, wall s,
+# peak RSS MB, limit MB, verdict).
 set -euo pipefail
 
 DATA_MB=${1:-256}
@@ -133,7 +134,7 @@ measure() {
 }
 add_row() { # name kind wall kib
   local mb verdict
-  mb=$(awk -v k="$4" 'BEGIN{printf "%.1f", k*1024/1e6}')
+  mb=$(awk -v k="$4" 'BEGIN{printf "%.1f", k/1024}')
   verdict=$(awk -v m="$mb" -v l="$LIMIT_MB" 'BEGIN{print (m >= l ? "OVER" : (m >= l - 2 ? "close" : "ok"))}')
   ROWS+=("$1	$2	$3	$mb	$LIMIT_MB	$verdict")
   log "$1 ($2): ${3}s, $mb MB"
@@ -163,7 +164,7 @@ for kind in $ARCHIVES; do
   A=$(archive_of "$kind" wal)
   wait_quiet
   measure stream "$kind" -- "$WALAGENT" stream --source "$URI" --archive "$A" --slot "mem_$kind" \
-    --endpos "$END" --no-loop "${XA_STREAM[@]}"
+    --spool "$DIR/spool_$kind" --endpos "$END" --no-loop "${XA_STREAM[@]}"
 done
 
 # ---- wal-push: one complete segment into an empty archive (walagent.json made by it)
@@ -255,6 +256,7 @@ source = "$URI"
 archive = "$A"
 slot = "mem_run_$kind"
 create_slot = true
+spool = "$DIR/spool_run_$kind"
 EOF
   /usr/bin/time -f "%e %M" -o "$DIR/run.time" "$WALAGENT" run --config "$DIR/run_$kind.toml" \
     >"$DIR/run_$kind.log" 2>&1 &
@@ -274,7 +276,47 @@ EOF
   fi
 done
 
+# ---- optional A/B of the pipelines the budget sizes: BENCH_BASELINE=BIN, BENCH_AB_RUNS rounds of
+# backup and restore (local, S3), the two binaries alternating; wall time and peak RSS medians.
+AB=()
+if [[ -n ${BENCH_BASELINE:-} ]]; then
+  BASE_BIN=$(realpath "$BENCH_BASELINE")
+  for i in $(seq 1 "${BENCH_AB_RUNS:-3}"); do
+    for kind in $ARCHIVES; do
+      for who in new base; do
+        bin=$WALAGENT; [[ $who == base ]] && bin=$BASE_BIN
+        A=$(archive_of "$kind" "ab_${who}_$i")
+        wait_quiet
+        /usr/bin/time -f "%e %M" -o "$DIR/ab.time" "$bin" backup --source "$URI" --archive "$A" \
+          --checkpoint fast --no-progress "${XA_BACKUP[@]}" >/dev/null 2>"$DIR/ab.err" || die "A/B backup: $(tail -2 "$DIR/ab.err")"
+        read -r w k < <(tail -1 "$DIR/ab.time"); AB+=("backup $kind $who $w $k")
+        wait_quiet
+        /usr/bin/time -f "%e %M" -o "$DIR/ab.time" "$bin" restore --archive "$A" --pgdata "$DIR/ab_restored" \
+          --target immediate --no-progress "${XA_RESTORE[@]}" >/dev/null 2>"$DIR/ab.err" || die "A/B restore: $(tail -2 "$DIR/ab.err")"
+        read -r w k < <(tail -1 "$DIR/ab.time"); AB+=("restore $kind $who $w $k")
+        rm -rf "$DIR/ab_restored"
+        if [[ $kind == local ]]; then rm -rf "$A"; else rm -rf "${S3_ROOT:?}/bench/ab_${who}_$i"; fi
+      done
+    done
+  done
+fi
+
 printf '# %s, %s MiB data, %s MiB WAL, load average %s\n' "$WALAGENT" "$DATA_MB" "$WAL_MB" \
   "$(cut -d' ' -f1-3 /proc/loadavg)"
 printf 'command\tarchive\twall_s\tpeak_rss_MB\tlimit_MB\tverdict\n'
 printf '%s\n' "${ROWS[@]}"
+if ((${#AB[@]})); then
+  printf '\n# A/B against %s, %s rounds, medians\n' "$BASE_BIN" "${BENCH_AB_RUNS:-3}"
+  printf 'command\tarchive\tnew_wall_s\tbase_wall_s\tnew/base\tnew_rss_MB\tbase_rss_MB\n'
+  for c in backup restore; do
+    for kind in $ARCHIVES; do
+      nw=$(printf '%s\n' "${AB[@]}" | awk -v c=$c -v k=$kind '$1==c && $2==k && $3=="new"{print $4}' | median)
+      bw=$(printf '%s\n' "${AB[@]}" | awk -v c=$c -v k=$kind '$1==c && $2==k && $3=="base"{print $4}' | median)
+      nr=$(printf '%s\n' "${AB[@]}" | awk -v c=$c -v k=$kind '$1==c && $2==k && $3=="new"{print $5}' | median)
+      br=$(printf '%s\n' "${AB[@]}" | awk -v c=$c -v k=$kind '$1==c && $2==k && $3=="base"{print $5}' | median)
+      printf '%s\t%s\t%s\t%s\t%s\t%.1f\t%.1f\n' "$c" "$kind" "$nw" "$bw" "$(awk -v a="$nw" -v b="$bw" 'BEGIN{printf "%.2f", a/b}')" \
+        "$(awk -v k="$nr" 'BEGIN{print k/1024}')" "$(awk -v k="$br" 'BEGIN{print k/1024}')"
+    done
+  done
+  printf '# load average at the end: %s\n' "$(cut -d' ' -f1-3 /proc/loadavg)"
+fi

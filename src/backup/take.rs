@@ -29,6 +29,7 @@ use tokio::task::JoinHandle;
 
 use crate::archive::catalog::{self, BackupInfo, TarArchive};
 use crate::archive::meta::rfc3339_micros;
+use crate::archive::memory::ArchiveKind;
 use crate::archive::{layout, ArchiveMeta, Compression, PutMode, Store, StoreError};
 use crate::datadir::manifest::{BackupManifest, ManifestError};
 use crate::datadir::progress::Progress;
@@ -387,7 +388,11 @@ impl Run<'_> {
                     catalog::archive_key(&self.id, &name, self.opts.compression.is_compressed());
                 tracing::debug!(%name, %key, "archive starts");
                 let writer = self.store.create_writer(&key).await?;
+                // The budget's plan for this archive's kind (an S3 command's fixed share is
+                // larger): stage queues, chunk size; the S3 writer takes its parts from it too.
+                let plan = crate::archive::memory::plan_for(ArchiveKind::of(&self.store.location()));
                 self.current = Some(ArchiveSink::start(
+                    &plan,
                     name,
                     key,
                     oid,
@@ -457,6 +462,7 @@ struct ArchiveSink {
 
 impl ArchiveSink {
     fn start(
+        plan: &crate::archive::memory::MemoryPlan,
         name: String,
         key: String,
         oid: Option<u32>,
@@ -465,7 +471,6 @@ impl ArchiveSink {
         compression: Compression,
         threads: u32,
     ) -> Result<ArchiveSink, BackupError> {
-        let plan = crate::archive::memory::plan();
         let depth = plan.backup_queue.max(1);
         let (up_tx, mut up_rx) = mpsc::channel::<Bytes>(depth);
         let (input_tx, compressor) = match compression {
@@ -473,7 +478,7 @@ impl ArchiveSink {
             Compression::Zstd { level } => {
                 let (in_tx, in_rx) = mpsc::channel::<Bytes>(depth);
                 let h =
-                    spawn_compressor(level, threads, &plan, in_rx, up_tx).map_err(|source| {
+                    spawn_compressor(level, threads, plan, in_rx, up_tx).map_err(|source| {
                         BackupError::Compress {
                             name: name.clone(),
                             source,
