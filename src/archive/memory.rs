@@ -312,7 +312,10 @@ mod tests {
                 let need = kind.baseline() + p.backup_buffers();
                 assert!(need <= p.limit, "{kind:?} {mib} MiB: {p:?} needs {need}");
                 let need = kind.baseline() + p.restore_buffers();
-                assert!(need <= p.limit, "{kind:?} {mib} MiB: {p:?} restore needs {need}");
+                assert!(
+                    need <= p.limit,
+                    "{kind:?} {mib} MiB: {p:?} restore needs {need}"
+                );
                 assert!((MIN_PART..=MAX_STREAM_PART).contains(&p.stream_part_size));
                 assert!(p.stream_parts_in_flight <= MAX_PARTS_IN_FLIGHT);
                 assert!(p.backup_zstd_workers != 1 && p.backup_zstd_workers <= 2);
@@ -360,17 +363,26 @@ mod tests {
         assert_eq!(min, MemoryPlan::for_archive(0, S3));
         assert_eq!(min.stream_parts_in_flight, 0);
         assert_eq!(min.backup_zstd_workers, 0);
-        assert_eq!((min.backup_chunk, min.backup_queue), (256 * KIB as usize, 1));
+        assert_eq!(
+            (min.backup_chunk, min.backup_queue),
+            (256 * KIB as usize, 1)
+        );
         // 32MB on S3: one 5 MiB part (uploaded while the pipeline waits), 512 KiB stages, no
         // zstd workers: the S3 baseline leaves room for nothing more.
         let d = MemoryPlan::for_archive(32 * MIB, S3);
-        assert_eq!((d.stream_part_size, d.stream_parts_in_flight), (MIN_PART, 0));
+        assert_eq!(
+            (d.stream_part_size, d.stream_parts_in_flight),
+            (MIN_PART, 0)
+        );
         assert_eq!(d.backup_zstd_workers, 0);
         assert_eq!((d.backup_chunk, d.backup_queue), (512 * KIB as usize, 2));
         assert_eq!(d.restore_jobs, 1);
         // 32MB locally: 512 KiB stages and two zstd workers, as before; two restore jobs.
         // 26MB locally: no room for the workers.
-        assert_eq!(MemoryPlan::for_archive(MIN_LIMIT, Local).backup_zstd_workers, 0);
+        assert_eq!(
+            MemoryPlan::for_archive(MIN_LIMIT, Local).backup_zstd_workers,
+            0
+        );
         let d = MemoryPlan::for_archive(32 * MIB, Local);
         assert_eq!(d.backup_zstd_workers, 2);
         assert_eq!((d.backup_chunk, d.backup_queue), (512 * KIB as usize, 2));

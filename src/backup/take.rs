@@ -28,8 +28,8 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 use crate::archive::catalog::{self, BackupInfo, TarArchive};
-use crate::archive::meta::rfc3339_micros;
 use crate::archive::memory::ArchiveKind;
+use crate::archive::meta::rfc3339_micros;
 use crate::archive::{layout, ArchiveMeta, Compression, PutMode, Store, StoreError};
 use crate::datadir::manifest::{BackupManifest, ManifestError};
 use crate::datadir::progress::Progress;
@@ -390,7 +390,8 @@ impl Run<'_> {
                 let writer = self.store.create_writer(&key).await?;
                 // The budget's plan for this archive's kind (an S3 command's fixed share is
                 // larger): stage queues, chunk size; the S3 writer takes its parts from it too.
-                let plan = crate::archive::memory::plan_for(ArchiveKind::of(&self.store.location()));
+                let plan =
+                    crate::archive::memory::plan_for(ArchiveKind::of(&self.store.location()));
                 self.current = Some(ArchiveSink::start(
                     &plan,
                     name,
@@ -461,6 +462,8 @@ struct ArchiveSink {
 }
 
 impl ArchiveSink {
+    // The plan is its own argument: the sink's sizes, decided by the caller per store kind.
+    #[allow(clippy::too_many_arguments)]
     fn start(
         plan: &crate::archive::memory::MemoryPlan,
         name: String,
@@ -477,13 +480,12 @@ impl ArchiveSink {
             Compression::None => (up_tx, None),
             Compression::Zstd { level } => {
                 let (in_tx, in_rx) = mpsc::channel::<Bytes>(depth);
-                let h =
-                    spawn_compressor(level, threads, plan, in_rx, up_tx).map_err(|source| {
-                        BackupError::Compress {
-                            name: name.clone(),
-                            source,
-                        }
-                    })?;
+                let h = spawn_compressor(level, threads, plan, in_rx, up_tx).map_err(|source| {
+                    BackupError::Compress {
+                        name: name.clone(),
+                        source,
+                    }
+                })?;
                 (in_tx, Some(h))
             }
         };
@@ -1050,12 +1052,13 @@ impl WalTee {
             }
             Err(StoreError::Conflict { .. }) => {
                 let path = file.0.clone();
-                let body = tokio::fs::read(&path).await.map_err(|source| {
-                    BackupError::Compress {
-                        name: key.rsplit('/').next().unwrap_or(&key).to_string(),
-                        source,
-                    }
-                })?;
+                let body =
+                    tokio::fs::read(&path)
+                        .await
+                        .map_err(|source| BackupError::Compress {
+                            name: key.rsplit('/').next().unwrap_or(&key).to_string(),
+                            source,
+                        })?;
                 drop(file);
                 // The same comparison as for a body in memory (its put conflicts again).
                 self.store_segment(key, Bytes::from(body), None, complete)

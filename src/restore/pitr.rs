@@ -44,8 +44,8 @@ use super::target::{
 };
 use crate::archive::catalog::{self, BackupInfo, Listed};
 use crate::archive::index::{PartialContent, WalIndex};
-use crate::archive::meta::MetaError;
 use crate::archive::memory::{ArchiveKind, MemoryPlan};
+use crate::archive::meta::MetaError;
 use crate::archive::{layout, read_wal_object, ArchiveMeta, ObjectInfo, Store, StoreError};
 use crate::datadir::extract::{check_target_dir, map_tablespace, ExtractError};
 use crate::datadir::manifest::{BackupManifest, ManifestError};
@@ -1168,8 +1168,7 @@ fn unpack(
         Ok(())
     };
     if compressed {
-        let (tx, rx) =
-            std::sync::mpsc::sync_channel::<io::Result<Bytes>>(sizes.pieces_in_flight);
+        let (tx, rx) = std::sync::mpsc::sync_channel::<io::Result<Bytes>>(sizes.pieces_in_flight);
         std::thread::scope(|s| {
             s.spawn(move || decode(input, sizes.piece, &tx));
             // Returning early drops `rx`: the decoder's next send fails and it stops.
@@ -1201,11 +1200,7 @@ fn unpack(
 
 /// The decompressing thread: zstd pieces of `piece` bytes into `tx`, then its end (by dropping
 /// `tx`), or the error that stopped it. Stops when the receiver is gone.
-fn decode(
-    input: ChannelReader,
-    piece: usize,
-    tx: &std::sync::mpsc::SyncSender<io::Result<Bytes>>,
-) {
+fn decode(input: ChannelReader, piece: usize, tx: &std::sync::mpsc::SyncSender<io::Result<Bytes>>) {
     let mut dec = match zstd::stream::read::Decoder::new(input) {
         Ok(d) => d,
         Err(e) => {
