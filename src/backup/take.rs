@@ -28,6 +28,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 use crate::archive::catalog::{self, BackupInfo, TarArchive};
+use crate::archive::memory::ArchiveKind;
 use crate::archive::meta::rfc3339_micros;
 use crate::archive::{layout, ArchiveMeta, Compression, PutMode, Store, StoreError};
 use crate::datadir::manifest::{BackupManifest, ManifestError};
@@ -387,7 +388,12 @@ impl Run<'_> {
                     catalog::archive_key(&self.id, &name, self.opts.compression.is_compressed());
                 tracing::debug!(%name, %key, "archive starts");
                 let writer = self.store.create_writer(&key).await?;
+                // The budget's plan for this archive's kind (an S3 command's fixed share is
+                // larger): stage queues, chunk size; the S3 writer takes its parts from it too.
+                let plan =
+                    crate::archive::memory::plan_for(ArchiveKind::of(&self.store.location()));
                 self.current = Some(ArchiveSink::start(
+                    &plan,
                     name,
                     key,
                     oid,
@@ -456,7 +462,10 @@ struct ArchiveSink {
 }
 
 impl ArchiveSink {
+    // The plan is its own argument: the sink's sizes, decided by the caller per store kind.
+    #[allow(clippy::too_many_arguments)]
     fn start(
+        plan: &crate::archive::memory::MemoryPlan,
         name: String,
         key: String,
         oid: Option<u32>,
@@ -465,20 +474,18 @@ impl ArchiveSink {
         compression: Compression,
         threads: u32,
     ) -> Result<ArchiveSink, BackupError> {
-        let plan = crate::archive::memory::plan();
         let depth = plan.backup_queue.max(1);
         let (up_tx, mut up_rx) = mpsc::channel::<Bytes>(depth);
         let (input_tx, compressor) = match compression {
             Compression::None => (up_tx, None),
             Compression::Zstd { level } => {
                 let (in_tx, in_rx) = mpsc::channel::<Bytes>(depth);
-                let h =
-                    spawn_compressor(level, threads, &plan, in_rx, up_tx).map_err(|source| {
-                        BackupError::Compress {
-                            name: name.clone(),
-                            source,
-                        }
-                    })?;
+                let h = spawn_compressor(level, threads, plan, in_rx, up_tx).map_err(|source| {
+                    BackupError::Compress {
+                        name: name.clone(),
+                        source,
+                    }
+                })?;
                 (in_tx, Some(h))
             }
         };
@@ -769,15 +776,74 @@ struct WalTee {
 }
 
 /// One WAL segment of the tar on its way: checked and compressed piece by piece, so only its
-/// compressed form is in memory (the raw segment is recovered by decompressing it in the rare
-/// case of a conflicting object).
+/// compressed form is kept (the raw segment is recovered by decompressing it in the rare case
+/// of a conflicting object). For an object store the compressed form goes to a temp file and is
+/// sent from there (`Store::put_file`, streamed): held in memory it would be up to half a
+/// segment beside the S3 part being filled, more than the 32MB plan has room for on S3.
 struct StreamedSegment {
     name: String,
     id: SegmentId,
     checker: SegmentChecker,
     bad: Option<crate::wal::verify::VerifyError>,
-    enc: Option<zstd::stream::write::Encoder<'static, Vec<u8>>>,
+    enc: Option<zstd::stream::write::Encoder<'static, SegmentSink>>,
     enc_err: Option<io::Error>,
+}
+
+/// Where a streamed segment's compressed bytes go.
+enum SegmentSink {
+    Memory(Vec<u8>),
+    File(std::fs::File, SpooledBody),
+}
+
+impl Write for SegmentSink {
+    fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+        match self {
+            SegmentSink::Memory(v) => v.write(b),
+            SegmentSink::File(f, _) => f.write(b),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            SegmentSink::Memory(_) => Ok(()),
+            SegmentSink::File(f, _) => f.flush(),
+        }
+    }
+}
+
+impl SegmentSink {
+    /// A 0600 temp file in the system's temp directory (`TMPDIR`), removed when the
+    /// [`SpooledBody`] is dropped.
+    fn temp_file() -> io::Result<SegmentSink> {
+        use std::os::unix::fs::OpenOptionsExt;
+        static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = N.fetch_add(1, Ordering::Relaxed);
+        let path = std::env::temp_dir().join(format!(
+            ".walagent-backup-wal-{}-{n}.zst.tmp",
+            std::process::id()
+        ));
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)?;
+        Ok(SegmentSink::File(f, SpooledBody(path)))
+    }
+}
+
+/// A compressed segment in a temp file; the file is removed on drop.
+struct SpooledBody(std::path::PathBuf);
+
+impl Drop for SpooledBody {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// A compressed segment ready to be stored.
+enum SegmentBody {
+    Memory(Bytes),
+    File(SpooledBody),
 }
 
 impl StreamedSegment {
@@ -788,12 +854,21 @@ impl StreamedSegment {
         seg_size: SegmentSize,
         size: u64,
         level: i32,
+        spool: bool,
     ) -> io::Result<StreamedSegment> {
         let params = VerifyParams {
             timeline: id.timeline,
             ..params
         };
-        let mut enc = zstd::stream::write::Encoder::new(Vec::new(), level)?;
+        let sink = if spool {
+            SegmentSink::temp_file().unwrap_or_else(|e| {
+                tracing::debug!(name, "no temp file for the segment ({e}); kept in memory");
+                SegmentSink::Memory(Vec::new())
+            })
+        } else {
+            SegmentSink::Memory(Vec::new())
+        };
+        let mut enc = zstd::stream::write::Encoder::new(sink, level)?;
         enc.include_checksum(true)?;
         enc.include_contentsize(true)?;
         enc.set_pledged_src_size(Some(size))?;
@@ -824,7 +899,7 @@ impl StreamedSegment {
     }
 
     /// The check's verdict and the compressed segment.
-    fn finish(self) -> Result<(crate::wal::verify::SegmentCheck, Bytes), BackupError> {
+    fn finish(self) -> Result<(crate::wal::verify::SegmentCheck, SegmentBody), BackupError> {
         let name = self.name;
         let check = match self.bad {
             Some(e) => Err(e),
@@ -836,14 +911,20 @@ impl StreamedSegment {
         })?;
         let body = match (self.enc_err, self.enc) {
             (Some(e), _) => Err(e),
-            (None, Some(enc)) => enc.finish(),
+            (None, Some(enc)) => enc.finish().and_then(|sink| match sink {
+                SegmentSink::Memory(v) => Ok(SegmentBody::Memory(Bytes::from(v))),
+                SegmentSink::File(mut f, body) => {
+                    f.flush()?;
+                    Ok(SegmentBody::File(body))
+                }
+            }),
             (None, None) => Err(io::Error::other("no encoder")),
         }
         .map_err(|source| BackupError::Compress {
             name: name.clone(),
             source,
         })?;
-        Ok((check, Bytes::from(body)))
+        Ok((check, body))
     }
 }
 
@@ -858,7 +939,10 @@ impl WalTee {
         if let (Compression::Zstd { level }, Some(id)) =
             (self.compression, SegmentId::parse_file_name(name, seg_size))
         {
-            match StreamedSegment::start(name, id, self.params, seg_size, size, level) {
+            // An object store gets the compressed segment from a temp file (see
+            // StreamedSegment); a local archive's put is a file write of the bytes in memory.
+            let spool = self.store.local_root().is_none();
+            match StreamedSegment::start(name, id, self.params, seg_size, size, level, spool) {
                 Ok(s) => {
                     self.streamed = Some(s);
                     return;
@@ -891,7 +975,12 @@ impl WalTee {
                 self.compression,
                 !check.complete,
             );
-            return self.store_segment(key, body, None, check.complete).await;
+            return match body {
+                SegmentBody::Memory(body) => {
+                    self.store_segment(key, body, None, check.complete).await
+                }
+                SegmentBody::File(file) => self.store_spooled(key, file, check.complete).await,
+            };
         }
         let Some((name, buf)) = self.entry.take() else {
             return Ok(());
@@ -941,6 +1030,42 @@ impl WalTee {
         let key = layout::segment_key(id, seg_size, self.compression, !check.complete);
         self.store_segment(key, body, Some(buf), check.complete)
             .await
+    }
+
+    /// [`WalTee::store_segment`] for a compressed segment in a temp file: sent from the file;
+    /// only on a conflict is it read back (to compare its WAL with the stored object's).
+    async fn store_spooled(
+        &mut self,
+        key: String,
+        file: SpooledBody,
+        complete: bool,
+    ) -> Result<(), BackupError> {
+        match self
+            .store
+            .put_file(&key, &file.0, PutMode::NoOverwrite)
+            .await
+        {
+            Ok(()) => {
+                tracing::debug!(%key, complete, "WAL from the backup archived");
+                self.archived += 1;
+                Ok(())
+            }
+            Err(StoreError::Conflict { .. }) => {
+                let path = file.0.clone();
+                let body =
+                    tokio::fs::read(&path)
+                        .await
+                        .map_err(|source| BackupError::Compress {
+                            name: key.rsplit('/').next().unwrap_or(&key).to_string(),
+                            source,
+                        })?;
+                drop(file);
+                // The same comparison as for a body in memory (its put conflicts again).
+                self.store_segment(key, Bytes::from(body), None, complete)
+                    .await
+            }
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// Stores a checked segment `body` (no overwrite); `raw` is its WAL when at hand, else the

@@ -138,7 +138,8 @@ impl StreamArgs {
 impl BackupArgs {
     /// The backup's options; installs the memory plan of `--memory-limit` for the pipeline.
     pub fn resolve(self, conninfo: ConnInfo) -> BackupOptions {
-        let plan = MemoryPlan::for_limit(self.memory_limit);
+        let plan =
+            MemoryPlan::for_archive(self.memory_limit, memory::ArchiveKind::of(&self.archive));
         memory::install(plan);
         self.resolve_with(conninfo, &plan, cpus())
     }
@@ -211,8 +212,8 @@ impl RestoreArgs {
 
     /// The restore's options; the walagent binary for restore_command defaults to this one.
     pub fn resolve(&self) -> Result<RestoreOptions, ArgError> {
-        // Restore's pipeline (GET body -> zstd -> tar -> files) has fixed buffers below the
-        // smallest budget; the plan is installed for the S3 store all the same.
+        // Restore's pipeline (GET body -> zstd -> tar -> files) takes its queues and its
+        // number of jobs from the plan (`restore::pitr`).
         memory::install(MemoryPlan::for_limit(self.memory_limit));
         self.resolve_with(std::env::current_exe)
     }

@@ -44,6 +44,7 @@ use super::target::{
 };
 use crate::archive::catalog::{self, BackupInfo, Listed};
 use crate::archive::index::{PartialContent, WalIndex};
+use crate::archive::memory::{ArchiveKind, MemoryPlan};
 use crate::archive::meta::MetaError;
 use crate::archive::{layout, read_wal_object, ArchiveMeta, ObjectInfo, Store, StoreError};
 use crate::datadir::extract::{check_target_dir, map_tablespace, ExtractError};
@@ -831,13 +832,17 @@ async fn restore_into(
     }
     // The largest first: the restore ends when the last object does.
     work.sort_by_key(|(_, stored, _)| std::cmp::Reverse(*stored));
-    let jobs = restore_jobs(opts.jobs, work.len());
+    // The budget (`--memory-limit`) for this archive's kind: each job's queues, and how many
+    // jobs fit unless `--jobs` says.
+    let mem = crate::archive::memory::plan_for(ArchiveKind::of(&opts.archive));
+    let jobs = restore_jobs(opts.jobs, work.len(), &mem);
     tracing::debug!(
         objects = work.len(),
         jobs,
         "restoring the backup's tar objects"
     );
-    let (files, bytes) = extract_all(store, work, jobs, &progress, cancel).await?;
+    let sizes = JobSizes::of(&mem);
+    let (files, bytes) = extract_all(store, work, jobs, sizes, &progress, cancel).await?;
     progress.finish();
     unpacker.finish_checks().map_err(RestoreError::Mismatch)?;
 
@@ -919,14 +924,43 @@ async fn restore_into(
     Ok((files, bytes, settings))
 }
 
-/// How many objects to fill at once: `--jobs`, or the number of CPUs; never more than the
-/// objects, at least one.
-fn restore_jobs(requested: Option<usize>, objects: usize) -> usize {
+/// How many objects to fill at once: `--jobs`, or the number of CPUs capped by the memory
+/// plan (an explicit `--jobs` wins, as `--compress-threads` does for a backup); never more
+/// than the objects, at least one.
+fn restore_jobs(requested: Option<usize>, objects: usize, mem: &MemoryPlan) -> usize {
     let n = requested.unwrap_or_else(|| {
-        std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+        mem.cap_restore_jobs(
+            std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get),
+        )
     });
     n.min(objects).max(1)
 }
+
+/// A restore job's queue sizes, from the memory plan (`MemoryPlan::restore_job_bytes`).
+#[derive(Debug, Clone, Copy)]
+struct JobSizes {
+    /// Downloaded pieces queued before the decoder.
+    queue: usize,
+    /// Decompressed piece size.
+    piece: usize,
+    /// Decompressed pieces queued before the unpacker.
+    pieces_in_flight: usize,
+}
+
+impl JobSizes {
+    fn of(mem: &MemoryPlan) -> JobSizes {
+        JobSizes {
+            queue: mem.restore_queue.max(1),
+            piece: mem.restore_piece.max(4096),
+            pieces_in_flight: mem.restore_pieces_in_flight.max(1),
+        }
+    }
+}
+
+/// Small download pieces (an S3 body arrives in frames of a few KiB) are joined up to this
+/// size before they go to the decoder thread: one wakeup per piece, and the queue's bound in
+/// pieces is a bound in bytes (a local archive's reads are 1 MiB already).
+const DOWNLOAD_PIECE: usize = 256 << 10;
 
 /// Fills the objects, at most `jobs` at once (each streams its object through a bounded
 /// channel, so memory grows with `jobs`, not with the objects' sizes). The first failure (or a
@@ -936,6 +970,7 @@ async fn extract_all(
     store: &Arc<dyn Store>,
     work: Vec<(String, u64, ArchiveUnpack)>,
     jobs: usize,
+    sizes: JobSizes,
     progress: &Arc<Progress>,
     cancel: &mut watch::Receiver<bool>,
 ) -> Result<(u64, u64), RestoreError> {
@@ -956,6 +991,7 @@ async fn extract_all(
                 key,
                 compressed,
                 feeder,
+                sizes,
                 progress.clone(),
                 stop_rx.clone(),
             ));
@@ -1032,6 +1068,7 @@ async fn extract_object(
     key: String,
     compressed: bool,
     feeder: ArchiveUnpack,
+    sizes: JobSizes,
     progress: Arc<Progress>,
     mut cancel: watch::Receiver<bool>,
 ) -> Result<(u64, u64), RestoreError> {
@@ -1041,7 +1078,7 @@ async fn extract_object(
         r = store.open_reader(&key) => r,
     };
     let mut reader = opened?.ok_or_else(|| RestoreError::ObjectMissing { key: key.clone() })?;
-    let (tx, rx) = mpsc::channel::<Chunk>(8);
+    let (tx, rx) = mpsc::channel::<Chunk>(sizes.queue);
     let key_owned = key.clone();
     let worker = tokio::task::spawn_blocking(move || {
         unpack(
@@ -1051,11 +1088,13 @@ async fn extract_object(
             },
             compressed,
             feeder,
+            sizes,
             &key_owned,
             &progress,
         )
     });
     let mut download_err = None;
+    let mut joined = bytes::BytesMut::new();
     loop {
         let next = tokio::select! {
             biased;
@@ -1068,11 +1107,28 @@ async fn extract_object(
         };
         match next {
             Ok(Some(c)) => {
-                if tx.send(Ok(c)).await.is_err() {
+                let piece = if joined.is_empty() && c.len() >= DOWNLOAD_PIECE {
+                    c
+                } else {
+                    if joined.is_empty() {
+                        joined.reserve(DOWNLOAD_PIECE);
+                    }
+                    joined.extend_from_slice(&c);
+                    if joined.len() < DOWNLOAD_PIECE {
+                        continue;
+                    }
+                    joined.split().freeze()
+                };
+                if tx.send(Ok(piece)).await.is_err() {
                     break; // the worker stopped; its error says why
                 }
             }
-            Ok(None) => break,
+            Ok(None) => {
+                if !joined.is_empty() {
+                    let _ = tx.send(Ok(joined.split().freeze())).await;
+                }
+                break;
+            }
             Err(e) => {
                 // Stops the worker; the download error itself is what is returned.
                 let _ = tx.send(Err(DownloadFailed)).await;
@@ -1089,11 +1145,6 @@ async fn extract_object(
     res
 }
 
-/// Decompressed pieces in flight between the decompressing and the unpacking thread.
-const DECODED_IN_FLIGHT: usize = 4;
-/// Size of one decompressed piece.
-const DECODED_PIECE: usize = 1 << 20;
-
 /// Decompresses (when `compressed`) and unpacks one object. A compressed object is decompressed
 /// on a second thread, so that zstd and the file writes overlap as `zstd -dc | tar -x` does;
 /// that thread is scoped, it has ended when this returns.
@@ -1101,6 +1152,7 @@ fn unpack(
     mut input: ChannelReader,
     compressed: bool,
     mut feeder: ArchiveUnpack,
+    sizes: JobSizes,
     key: &str,
     progress: &Progress,
 ) -> Result<(u64, u64), RestoreError> {
@@ -1116,9 +1168,9 @@ fn unpack(
         Ok(())
     };
     if compressed {
-        let (tx, rx) = std::sync::mpsc::sync_channel::<io::Result<Bytes>>(DECODED_IN_FLIGHT);
+        let (tx, rx) = std::sync::mpsc::sync_channel::<io::Result<Bytes>>(sizes.pieces_in_flight);
         std::thread::scope(|s| {
-            s.spawn(move || decode(input, &tx));
+            s.spawn(move || decode(input, sizes.piece, &tx));
             // Returning early drops `rx`: the decoder's next send fails and it stops.
             for piece in rx {
                 feed(piece.map_err(unreadable)?)?;
@@ -1146,9 +1198,9 @@ fn unpack(
     Ok((stats.files, stats.bytes))
 }
 
-/// The decompressing thread: zstd pieces of [`DECODED_PIECE`] bytes into `tx`, then its end
-/// (by dropping `tx`), or the error that stopped it. Stops when the receiver is gone.
-fn decode(input: ChannelReader, tx: &std::sync::mpsc::SyncSender<io::Result<Bytes>>) {
+/// The decompressing thread: zstd pieces of `piece` bytes into `tx`, then its end (by dropping
+/// `tx`), or the error that stopped it. Stops when the receiver is gone.
+fn decode(input: ChannelReader, piece: usize, tx: &std::sync::mpsc::SyncSender<io::Result<Bytes>>) {
     let mut dec = match zstd::stream::read::Decoder::new(input) {
         Ok(d) => d,
         Err(e) => {
@@ -1157,9 +1209,9 @@ fn decode(input: ChannelReader, tx: &std::sync::mpsc::SyncSender<io::Result<Byte
         }
     };
     // Reused once the unpacker has dropped the pieces it was given (BytesMut::reserve).
-    let mut buf = bytes::BytesMut::with_capacity(DECODED_PIECE * 2);
+    let mut buf = bytes::BytesMut::with_capacity(piece * 2);
     loop {
-        buf.resize(DECODED_PIECE, 0);
+        buf.resize(piece, 0);
         let n = match dec.read(&mut buf) {
             Ok(0) => return,
             Ok(n) => n,
@@ -1173,7 +1225,7 @@ fn decode(input: ChannelReader, tx: &std::sync::mpsc::SyncSender<io::Result<Byte
         if tx.send(Ok(buf.split().freeze())).is_err() {
             return;
         }
-        buf.reserve(DECODED_PIECE);
+        buf.reserve(piece);
     }
 }
 

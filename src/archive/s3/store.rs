@@ -736,7 +736,7 @@ impl Store for S3Store {
             in_flight: tokio::task::JoinSet::new(),
             total: 0,
             whole: crc32fast::Hasher::new(),
-            plan: crate::archive::memory::plan(),
+            plan: crate::archive::memory::plan_for(crate::archive::memory::ArchiveKind::S3),
         }))
     }
 

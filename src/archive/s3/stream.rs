@@ -30,7 +30,8 @@ pub(super) fn stream_part_size(base: u64, n: u32) -> u64 {
 
 /// A streamed upload: a single PutObject when the whole object fits in one part, else a
 /// multipart upload with up to [`MemoryPlan::stream_parts_in_flight`] parts going up at once
-/// while the next one fills (the plan also sets the part size: see `proto-notes/memory.md`).
+/// while the next one fills, or (0 in flight) each part uploaded while the writer waits (the
+/// plan also sets the part size: see `proto-notes/memory.md`).
 ///
 /// [`MemoryPlan::stream_parts_in_flight`]: crate::archive::memory::MemoryPlan::stream_parts_in_flight
 ///
@@ -98,7 +99,19 @@ impl S3Writer {
 
     pub(super) async fn send_part(&mut self, data: Bytes) -> Result<(), StoreError> {
         let upload_id = self.start_upload().await?;
-        while self.in_flight.len() >= self.plan.stream_parts_in_flight.max(1) {
+        if self.plan.stream_parts_in_flight == 0 {
+            // The plan has no room for a part in flight beside the one filling: upload this
+            // one while the writer waits (one part's buffer in all).
+            let number = self.next_part;
+            self.next_part += 1;
+            let part = self
+                .store
+                .upload_part(&self.key, &self.object_key, &upload_id, number, data)
+                .await?;
+            self.parts.push(part);
+            return Ok(());
+        }
+        while self.in_flight.len() >= self.plan.stream_parts_in_flight {
             self.reap_one().await?;
         }
         let number = self.next_part;
