@@ -613,7 +613,9 @@ fn backup_options(cfg: &ClusterConfig) -> BackupOptions {
         // The same default as `walagent backup`: the CPUs, capped by the memory plan.
         compress_threads: crate::backup::defaults::backup_compress_threads(
             b.compress_threads,
-            &crate::archive::memory::plan(),
+            &crate::archive::memory::plan_for(crate::archive::memory::ArchiveKind::of(
+                &cfg.archive,
+            )),
             receive::defaults::cpus(),
         ),
         label: b.label.clone(),
