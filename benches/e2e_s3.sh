@@ -15,7 +15,10 @@
 #        WALAGENT (binary; default target/release/walagent, built if missing), WALAGENT_ARGS (extra
 #        stream flags, e.g. "--compress zstd:3"), PGBR_ARGS (extra archive-push flags, e.g.
 #        "--compress-level=1"; pgBackRest's zst default level is 3, walagent's is 1),
-#        BENCH_LOAD_MODE (insert|setlogged|pgbench; default insert: hex payload, compresses ~2x).
+#        BENCH_LOAD_MODE (insert|setlogged|pgbench; default insert: hex payload, compresses ~2x),
+#        BENCH_BASELINE (a second walagent binary, e.g. main's release build: run as tool `baseline`
+#        in the same rotation, same flags; the summary then gives walagent/baseline ratios),
+#        BENCH_SKIP_PGBR=1 (only walagent and the baseline, for a quick A/B).
 # Runs alternate (pgbackrest, walagent, pgbackrest, ...); each waits for a quiet machine, prints the
 # load average and writes into an empty bucket prefix. Throughput is computed over the complete
 # segments both tools archive (NSEG x 16 MiB). CPU columns:
@@ -125,7 +128,12 @@ URI="postgresql://postgres@127.0.0.1:$PORT/postgres?sslmode=disable"
 q "SELECT pg_create_physical_replication_slot('hold', true)" >/dev/null
 for i in $(seq 1 "$RUNS"); do
   q "SELECT pg_create_physical_replication_slot('agent_$i', true)" >/dev/null
+  [[ -n ${BENCH_BASELINE:-} ]] && q "SELECT pg_create_physical_replication_slot('baseline_$i', true)" >/dev/null
 done
+TOOLS=()
+[[ ${BENCH_SKIP_PGBR:-0} == 1 ]] || TOOLS+=(pgbackrest)
+TOOLS+=(walagent)
+[[ -n ${BENCH_BASELINE:-} ]] && TOOLS+=(baseline)
 
 log "generating ${WAL_MB} MiB of WAL ($MODE)"
 START=$(q "SELECT pg_current_wal_insert_lsn()")
@@ -297,12 +305,14 @@ measure() { # tool run -> "tool run wall cpu_client busy s3srv rss bytes objects
       client=$(awk -v b=$((b1 - b0)) -v s=$((s1 - s0)) -v t="$TCK" 'BEGIN{printf "%.2f", (b-s)/t}'); rss=NA
     fi
   else
-    prefix=walagent-$i
+    local bin=$WALAGENT slot=agent_$i
+    [[ $tool == baseline ]] && bin=$BENCH_BASELINE slot=baseline_$i
+    prefix=$tool-$i
     rm -rf "$DIR/spool_$i"; mkdir -p "$DIR/spool_$i"
     b0=$(busy_ticks); s0=$(proc_ticks "$S3_PID" "$TLS_PID")
     # shellcheck disable=SC2086
-    /usr/bin/time -f "%e %U %S %M" -o "$tf" "$WALAGENT" stream --source "$URI" --archive "s3://$BUCKET/$prefix" \
-      --slot "agent_$i" --endpos "$END" --no-loop --spool "$DIR/spool_$i" ${WALAGENT_ARGS:-} \
+    /usr/bin/time -f "%e %U %S %M" -o "$tf" "$bin" stream --source "$URI" --archive "s3://$BUCKET/$prefix" \
+      --slot "$slot" --endpos "$END" --no-loop --spool "$DIR/spool_$i" ${WALAGENT_ARGS:-} \
       >"$DIR/log_${tool}_$i" 2>&1 || { cat "$tf" "$DIR/log_${tool}_$i" >&2; die "walagent run $i failed"; }
     b1=$(busy_ticks); s1=$(proc_ticks "$S3_PID" "$TLS_PID")
     read -r wall user sys rss <"$tf"
@@ -318,10 +328,11 @@ $(awk -v s=$((s1 - s0)) -v t="$TCK" 'BEGIN{printf "%.2f", s/t}') $rss $stats $lo
 
 log "pgbackrest client CPU: $PGBR_CPU"
 log "walagent: $WALAGENT ($("$WALAGENT" --version 2>/dev/null || echo '?')); $("$PGBACKREST" version)"
+[[ -n ${BENCH_BASELINE:-} ]] && log "baseline: $BENCH_BASELINE"
 printf 'tool\trun\twall_s\tMiB/s\tclient_cpu_s\tbusy_cpu_s\ts3srv_cpu_s\tpeak_rss_MB\tbucket_bytes\tobjects\tratio\tloadavg\n'
 results=()
 for i in $(seq 1 "$RUNS"); do
-  for tool in pgbackrest walagent; do
+  for tool in "${TOOLS[@]}"; do
     [[ $tool == pgbackrest ]] && pgbr_setup "$i"
     read -r t r wall cpu busy srv rss bytes objs load < <(measure "$tool" "$i")
     mibs=$(awk -v b="$SEG_BYTES" -v w="$wall" 'BEGIN{printf "%.0f", b/1048576/w}')
@@ -334,7 +345,7 @@ done
 
 col() { printf '%s\n' "${results[@]}" | awk -v t="$1" -v c="$2" '$1==t{print $c}' | median; }
 echo "# $NSEG segments ($SEG_BYTES bytes; WAL $START..$END = $WAL_BYTES bytes), $RUNS runs each"
-for tool in pgbackrest walagent; do
+for tool in "${TOOLS[@]}"; do
   w=$(col "$tool" 2); c=$(col "$tool" 3); b=$(col "$tool" 4); s=$(col "$tool" 5); by=$(col "$tool" 7)
   rss=$(col "$tool" 6); [[ $rss == NA ]] || rss=$(awk -v k="$rss" 'BEGIN{printf "%.1f MB", k/1024}')
   printf '# %s: median wall %.2f s (%.0f MiB/s), client CPU %.2f s, busy CPU %.2f s, s3s-fs+stunnel CPU %.2f s, peak RSS %s, bucket %s B\n' \
@@ -342,4 +353,11 @@ for tool in pgbackrest walagent; do
   eval "med_${tool}=$w"
 done
 # shellcheck disable=SC2154
-printf '# throughput ratio walagent/pgbackrest (median wall): %.2f\n' "$(awk -v a="$med_pgbackrest" -v b="$med_walagent" 'BEGIN{print a/b}')"
+[[ -n ${med_pgbackrest:-} ]] &&
+  printf '# throughput ratio walagent/pgbackrest (median wall): %.2f\n' "$(awk -v a="$med_pgbackrest" -v b="$med_walagent" 'BEGIN{print a/b}')"
+if [[ -n ${BENCH_BASELINE:-} ]]; then
+  # shellcheck disable=SC2154
+  printf '# walagent/baseline: speed %.2f (median wall), client CPU %.2f (median)\n' \
+    "$(awk -v a="$med_baseline" -v b="$med_walagent" 'BEGIN{print a/b}')" \
+    "$(awk -v a="$(col walagent 3)" -v b="$(col baseline 3)" 'BEGIN{print b ? a/b : 0}')"
+fi

@@ -69,25 +69,81 @@ pub(super) fn copy_source(bucket: &str, object_key: &str) -> String {
     out
 }
 
-pub(super) async fn file_crc(path: &Path) -> io::Result<u32> {
+/// What one read of a file to upload yields: its CRC-32 and, when asked for, the lower-case hex
+/// SHA-256 that SigV4 then signs as the payload hash.
+pub(super) struct FileDigests {
+    pub(super) crc: u32,
+    pub(super) sha256: Option<String>,
+}
+
+/// One pass over `path`: the CRC-32 (IEEE) and, with `sha256`, the SHA-256 of its bytes.
+pub(super) async fn file_digests(path: &Path, sha256: bool) -> io::Result<FileDigests> {
     let path = path.to_path_buf();
-    let res = tokio::task::spawn_blocking(move || -> io::Result<u32> {
+    let res = tokio::task::spawn_blocking(move || -> io::Result<FileDigests> {
+        use sha2::Digest as _;
         use std::io::Read;
         let mut f = std::fs::File::open(&path)?;
         let mut h = crc32fast::Hasher::new();
+        let mut sha = sha256.then(sha2::Sha256::new);
         let mut buf = vec![0u8; 1 << 20];
         loop {
-            let n = f.read(&mut buf)?;
-            if n == 0 {
-                return Ok(h.finalize());
+            let n = match f.read(&mut buf) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            let Some(chunk) = buf.get(..n) else {
+                return Err(io::Error::other("read returned more than its buffer"));
+            };
+            if chunk.is_empty() {
+                return Ok(FileDigests {
+                    crc: h.finalize(),
+                    sha256: sha.map(|s| hex_lower(&s.finalize())),
+                });
             }
-            h.update(&buf[..n]);
+            h.update(chunk);
+            if let Some(s) = &mut sha {
+                s.update(chunk);
+            }
         }
     })
     .await;
     match res {
         Ok(r) => r,
         Err(e) => Err(io::Error::other(format!("checksum task failed: {e}"))),
+    }
+}
+
+fn hex_lower(bytes: &[u8]) -> String {
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        out.push_str(&format!("{b:02x}"));
+    }
+    out
+}
+
+/// Makes SigV4 sign `0` (a lower-case hex SHA-256 of the body) as the payload hash
+/// (`x-amz-content-sha256`), instead of `UNSIGNED-PAYLOAD`, which the SDK uses for any body not
+/// in memory (a file). The server then rejects a body that does not hash to it.
+#[derive(Debug)]
+pub(super) struct SignedPayload(pub(super) String);
+
+impl aws_sdk_s3::config::Intercept for SignedPayload {
+    fn name(&self) -> &'static str {
+        "walagent-signed-payload"
+    }
+
+    fn modify_before_signing(
+        &self,
+        _ctx: &mut aws_sdk_s3::config::interceptors::BeforeTransmitInterceptorContextMut<'_>,
+        _rc: &aws_sdk_s3::config::RuntimeComponents,
+        cfg: &mut aws_sdk_s3::config::ConfigBag,
+    ) -> Result<(), aws_sdk_s3::error::BoxError> {
+        cfg.interceptor_state()
+            .store_put(aws_runtime::auth::PayloadSigningOverride::Precomputed(
+                self.0.clone(),
+            ));
+        Ok(())
     }
 }
 
@@ -111,6 +167,32 @@ mod tests {
         assert_eq!(meta_crc(Some(&m)), Some(Ok(c)));
         m.insert("Walagent-CRC32".to_string(), "xyz".to_string());
         assert_eq!(meta_crc(Some(&m)), Some(Err("xyz".to_string())));
+    }
+
+    #[tokio::test]
+    async fn file_digests_in_one_pass() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("f");
+        std::fs::write(&p, b"123456789").unwrap();
+        let d = file_digests(&p, false).await.unwrap();
+        assert_eq!(d.crc, 0xcbf4_3926);
+        assert!(d.sha256.is_none());
+        let d = file_digests(&p, true).await.unwrap();
+        assert_eq!(d.crc, 0xcbf4_3926);
+        assert_eq!(
+            d.sha256.as_deref(),
+            Some("15e2b0d3c33891ebb0f1ef609ec419420c20e320ce94c65fbc8c3312448eb225")
+        );
+        std::fs::write(&p, b"").unwrap();
+        let d = file_digests(&p, true).await.unwrap();
+        assert_eq!(d.crc, 0);
+        assert_eq!(
+            d.sha256.as_deref(),
+            Some("e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855")
+        );
+        assert!(file_digests(&dir.path().join("absent"), true)
+            .await
+            .is_err());
     }
 
     #[test]

@@ -9,7 +9,7 @@ use aws_sdk_s3::types::{ChecksumAlgorithm, ChecksumType, CompletedMultipartUploa
 use bytes::Bytes;
 use tokio::io::AsyncReadExt;
 
-use super::checksum::{b64_crc, content_type_for, file_crc};
+use super::checksum::{b64_crc, content_type_for, file_digests};
 use super::error::{is_not_implemented, is_precondition_failed};
 use super::store::S3Store;
 use super::{MAX_PART, MAX_PARTS, META_CRC32};
@@ -33,7 +33,8 @@ impl S3Store {
             )
         };
         // Pass 1: the whole-object CRC-32 (it goes into the metadata, which is set at creation).
-        let crc = file_crc(src).await.map_err(read_err)?;
+        // Parts go up from memory, so SigV4 signs their SHA-256 in either checksum mode.
+        let crc = file_digests(src, false).await.map_err(read_err)?.crc;
         if mode == PutMode::NoOverwrite {
             if let Some(existing) = self.head(key).await? {
                 return self.same_as_existing(key, &existing, size, crc).await;

@@ -22,7 +22,9 @@ use aws_smithy_http_client::tls::{self, rustls_provider::CryptoMode};
 use bytes::Bytes;
 use tokio::io::AsyncWriteExt;
 
-use super::checksum::{b64_crc, content_type_for, decode_b64_crc, file_crc, meta_crc};
+use super::checksum::{
+    b64_crc, content_type_for, decode_b64_crc, file_digests, meta_crc, SignedPayload,
+};
 use super::error::{is_code, is_not_implemented, is_precondition_failed, status_of};
 use super::location::S3Location;
 use super::settings::{
@@ -98,7 +100,9 @@ const FILE_BODY_BUFFER: usize = 64 * 1024;
 /// The body of a single PutObject.
 enum Body<'a> {
     Mem(Bytes),
-    File(&'a Path),
+    /// A file, with the hex SHA-256 SigV4 signs as its payload hash (None: `UNSIGNED-PAYLOAD`,
+    /// only when the `x-amz-checksum-crc32` header covers the body).
+    File(&'a Path, Option<String>),
 }
 
 /// Where a download goes: memory, or a file created (0600) once the object is known to exist.
@@ -505,17 +509,21 @@ impl S3Store {
     }
 
     /// One PutObject whose body streams from the file `src` of `size` bytes and CRC-32 `crc`
-    /// (read again for every attempt), so the object is never held in memory.
+    /// (read again for every attempt), so the object is never held in memory. `sha256` (hex) is
+    /// signed as the payload hash; it is required when no checksum header is sent
+    /// (`when_required`), since the body is otherwise sent as `UNSIGNED-PAYLOAD`.
     pub(super) async fn put_single_file(
         &self,
         key: &str,
         src: &Path,
         size: u64,
         crc: u32,
+        sha256: Option<String>,
         mode: PutMode,
     ) -> Result<(), StoreError> {
         validate_key(key)?;
-        self.put_object(key, Body::File(src), size, crc, mode).await
+        self.put_object(key, Body::File(src, sha256), size, crc, mode)
+            .await
     }
 
     async fn put_object(
@@ -544,7 +552,7 @@ impl S3Store {
                 Body::Mem(data) => ByteStream::from(data.clone()),
                 // A sized body read from the file as it is sent (the SDK opens it again for a
                 // retry); the CRC-32 header and metadata come from the pass that computed `crc`.
-                Body::File(src) => ByteStream::read_from()
+                Body::File(src, _) => ByteStream::read_from()
                     .path(src)
                     .buffer_size(FILE_BODY_BUFFER)
                     .length(Length::Exact(size))
@@ -573,12 +581,11 @@ impl S3Store {
             if conditional {
                 req = req.if_none_match("*");
             }
-            match req
-                .customize()
-                .config_override(self.upload_config(size))
-                .send()
-                .await
-            {
+            let mut op = req.customize().config_override(self.upload_config(size));
+            if let Body::File(_, Some(sha)) = &body {
+                op = op.interceptor(SignedPayload(sha.clone()));
+            }
+            match op.send().await {
                 Ok(_) => return Ok(()),
                 Err(e) if conditional && is_precondition_failed(&e) => {
                     return self.compare_existing(key, size, crc).await
@@ -623,9 +630,13 @@ impl Store for S3Store {
             return self.put_multipart(key, src, size, mode).await;
         }
         // Streamed from the file (never held whole in memory): one pass for the CRC-32 that
-        // goes into the headers, one as the body.
-        let crc = file_crc(src).await.map_err(read_err)?;
-        self.put_single_file(key, src, size, crc, mode).await
+        // goes into the headers (and, without a checksum header, the SHA-256 SigV4 signs, so
+        // the server still checks the body), one as the body.
+        let d = file_digests(src, !self.send_checksums)
+            .await
+            .map_err(read_err)?;
+        self.put_single_file(key, src, size, d.crc, d.sha256, mode)
+            .await
     }
 
     async fn put_bytes(&self, key: &str, data: Bytes, mode: PutMode) -> Result<(), StoreError> {
