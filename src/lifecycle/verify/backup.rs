@@ -81,9 +81,9 @@ fn hex(b: &[u8]) -> String {
 }
 
 /// Reads the chunks the async side sends (also the WAL segment check's input).
-pub(super) struct ChannelReader {
-    pub(super) rx: mpsc::Receiver<Bytes>,
-    pub(super) cur: Bytes,
+pub(crate) struct ChannelReader {
+    pub(crate) rx: mpsc::Receiver<Bytes>,
+    pub(crate) cur: Bytes,
 }
 
 impl Read for ChannelReader {

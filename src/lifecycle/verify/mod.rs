@@ -883,8 +883,7 @@ async fn read_and_check(
             check: segment::SegmentCheck::new(params, start, partial),
             raw: 0,
         };
-        if let Err(e) = crate::archive::compress::decompress_stream(input, &mut sink, compressed)
-        {
+        if let Err(e) = crate::archive::compress::decompress_stream(input, &mut sink, compressed) {
             return Checked::Bad(format!("damaged: does not decompress: {e}"));
         }
         let raw = sink.raw;
@@ -923,7 +922,7 @@ async fn read_and_check(
 }
 
 /// Stored chunks queued for one segment's checker at most.
-const SEGMENT_QUEUE: usize = 4;
+const SEGMENT_QUEUE: usize = 1;
 
 /// The decompressed bytes of a segment, into its check.
 struct CheckSink {

@@ -239,8 +239,7 @@ impl SegmentCheck {
         let (last_start, tail_rem, tail_open) = if let Some(rec) = in_progress {
             // Its header was complete when one more header than records was seen.
             let tot = (obs.headers == obs.records + 1).then_some(obs.last_tot_len);
-            let rem =
-                tot.and_then(|t| u64::from(t).checked_sub(payload_between(rec.0, seg_end)));
+            let rem = tot.and_then(|t| u64::from(t).checked_sub(payload_between(rec.0, seg_end)));
             (Some(rec), rem.and_then(|r| u32::try_from(r).ok()), true)
         } else if zeros_ok && r.skipping() {
             // No record begins here: the one continued from before goes on past the end.
@@ -453,6 +452,40 @@ mod tests {
         let first = check_segment(params(1), Lsn(s), &v[..s as usize], false, None, None).unwrap();
         assert!(!first.tail_open);
         assert_eq!(first.last_start, Some(sw));
+    }
+
+    #[test]
+    fn fed_in_pieces_it_finds_what_it_finds_whole() {
+        let s = u64::from(seg().bytes());
+        let w = wal(3, SYS, 0);
+        let mut b = WalBuilder::new(SYS, seg(), 1, Lsn(s));
+        for i in 0..50 {
+            b.push(10, 0, i, &[0u8; 3000]);
+        }
+        let mut zero_rich = b.into_bytes();
+        zero_rich.resize(s as usize, 0);
+        let mut damaged = w[..s as usize].to_vec();
+        damaged[70_000] ^= 1;
+        let cases: Vec<(Vec<u8>, bool)> = vec![
+            (w[s as usize..2 * s as usize].to_vec(), false),
+            (zero_rich.clone(), true),
+            (zero_rich.clone(), false),
+            (zero_rich[..10_000].to_vec(), true),
+            (damaged, false),
+            (vec![0u8; 5000], true),
+            ([w[..s as usize].to_vec(), vec![1u8; 9]].concat(), false),
+        ];
+        for (i, (bytes, partial)) in cases.iter().enumerate() {
+            let start = Lsn(s * (1 + u64::from(i == 0)));
+            let whole = check_segment(params(1), start, bytes, *partial, None, None);
+            for piece in [1usize, 777, 8192, 1 << 16] {
+                let mut c = SegmentCheck::new(params(1), start, *partial);
+                for p in bytes.chunks(piece) {
+                    c.update(p);
+                }
+                assert_eq!(c.finish(None, None), whole, "case {i}, pieces of {piece}");
+            }
+        }
     }
 
     #[test]
