@@ -1077,7 +1077,7 @@ mod tests {
         let next = Lsn(start.0 + MB);
         for piece in [1usize, 1000, 8192, 1 << 20] {
             let (mut whole, mut fed) = (WalScanner::new(seg1m()), WalScanner::new(seg1m()));
-            let mut run = |sc: &mut WalScanner, at: Lsn, data: &[u8], partial: bool| {
+            let run = |sc: &mut WalScanner, at: Lsn, data: &[u8], partial: bool| {
                 let mut f = sc.begin_feed(at).unwrap();
                 for p in data.chunks(piece) {
                     f.feed(p);
