@@ -50,7 +50,8 @@ pub struct Status {
     /// Where the latest reachable time came from: `commit` (a commit/abort record scanned) or
     /// `backup_stop` (no commit after the newest backup's consistency point was found).
     pub latest_time_source: Option<&'static str>,
-    /// Objects read to learn the end of the WAL (for the curious, and to keep reads in check).
+    /// Objects read to learn the end of the WAL, each named once (for the curious, and to keep
+    /// reads in check).
     pub scanned: Vec<String>,
 }
 
