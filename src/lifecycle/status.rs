@@ -4,15 +4,18 @@
 //! or as stable JSON (`proto-notes/status-and-expire.md`).
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
+use bytes::Bytes;
 use serde_json::{json, Value};
 
 use super::inventory::{pg_time, timeline_for_segment, BackupState, Inputs, Inventory, Problem};
+use super::verify::backup::ChannelReader;
 use crate::archive::catalog::{self, Listed};
 use crate::archive::index::PartialContent;
 use crate::archive::meta::MetaError;
-use crate::archive::{layout, read_wal_object, ArchiveMeta, Store, StoreError};
-use crate::wal::xact::{EventKind, SegmentScan, WalScanner};
+use crate::archive::{compress, layout, ArchiveMeta, Store, StoreError};
+use crate::wal::xact::{EventKind, ScanError, ScanFeed, SegmentScan, WalScanner};
 use crate::wal::{history_file_name, Lsn, SegmentId, SegmentSize, Timeline, TimelineHistory};
 
 #[derive(Debug, thiserror::Error)]
@@ -47,7 +50,8 @@ pub struct Status {
     /// Where the latest reachable time came from: `commit` (a commit/abort record scanned) or
     /// `backup_stop` (no commit after the newest backup's consistency point was found).
     pub latest_time_source: Option<&'static str>,
-    /// Objects read to learn the end of the WAL (for the curious, and to keep reads in check).
+    /// Objects read to learn the end of the WAL, each named once (for the curious, and to keep
+    /// reads in check).
     pub scanned: Vec<String>,
 }
 
@@ -139,25 +143,125 @@ struct Scanner<'a> {
     system_identifier: u64,
     scanned: Vec<String>,
     foreign: Vec<Problem>,
-    /// The last objects read (a partial is read for its end, then again for the time).
-    cache: Vec<(String, std::sync::Arc<Vec<u8>>)>,
+    /// The stored bytes of the last objects read, when small (a partial is read for its end,
+    /// then again for the time); larger ones are streamed from the store again.
+    cache: Vec<(String, Arc<Vec<Bytes>>)>,
+}
+
+/// Stored objects up to this size are kept for a second scan ([`Scanner::cache`]).
+const CACHE_MAX: usize = 1 << 20;
+/// Stored chunks queued for the scanning thread at most.
+const SCAN_QUEUE: usize = 1;
+
+/// The decompressed bytes of a segment, into its scan.
+struct FeedSink<'a>(&'a mut ScanFeed);
+
+impl std::io::Write for FeedSink<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.feed(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 impl Scanner<'_> {
-    async fn read(&mut self, key: &str) -> Result<Option<std::sync::Arc<Vec<u8>>>, StoreError> {
-        if let Some((_, b)) = self.cache.iter().find(|(k, _)| k == key) {
-            return Ok(Some(b.clone()));
-        }
-        let Some(b) = read_wal_object(self.store, key).await? else {
-            return Ok(None);
+    /// Streams the object `key` through zstd (`.zst` keys) into `sc`'s scan of the segment at
+    /// `start`, a few chunks at a time: `None` when the object is absent; an unreadable object
+    /// (stored checksum, zstd) is [`StoreError::Corrupt`].
+    async fn read_scan(
+        &mut self,
+        sc: &mut WalScanner,
+        key: &str,
+        start: Lsn,
+        partial: bool,
+    ) -> Result<Option<Result<SegmentScan, ScanError>>, StoreError> {
+        let cached = self
+            .cache
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, c)| c.clone());
+        let mut reader = match cached {
+            Some(_) => None,
+            None => match self.store.open_reader(key).await? {
+                Some(r) => Some(r),
+                None => return Ok(None),
+            },
         };
-        let b = std::sync::Arc::new(b);
-        self.scanned.push(key.to_string());
-        if self.cache.len() >= 2 {
-            self.cache.remove(0);
+        if !self.scanned.iter().any(|k| k == key) {
+            self.scanned.push(key.to_string());
         }
-        self.cache.push((key.to_string(), b.clone()));
-        Ok(Some(b))
+        let mut feed = match sc.begin_feed(start) {
+            Ok(f) => f,
+            Err(e) => return Ok(Some(Err(e))),
+        };
+        let compressed = key.ends_with(layout::ZSTD_SUFFIX);
+        let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(SCAN_QUEUE);
+        let worker = tokio::task::spawn_blocking(move || {
+            let input = ChannelReader {
+                rx,
+                cur: Bytes::new(),
+            };
+            let r = compress::decompress_stream(input, FeedSink(&mut feed), compressed);
+            (feed, r)
+        });
+        let mut kept: Option<Vec<Bytes>> = Some(Vec::new());
+        let mut kept_len = 0usize;
+        let mut stored_error = None;
+        // A send fails once the scan stopped (the receiver is gone); a stored object is still
+        // read to its end for its stored checksum.
+        match (&mut reader, &cached) {
+            (_, Some(chunks)) => {
+                for c in chunks.iter() {
+                    if tx.send(c.clone()).await.is_err() {
+                        break;
+                    }
+                }
+                kept = None;
+            }
+            (Some(r), None) => loop {
+                match r.next_chunk().await {
+                    Ok(Some(c)) => {
+                        kept_len += c.len();
+                        if kept_len > CACHE_MAX {
+                            kept = None;
+                        }
+                        if let Some(k) = &mut kept {
+                            k.push(c.clone());
+                        }
+                        let _ = tx.send(c).await;
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        stored_error = Some(e);
+                        break;
+                    }
+                }
+            },
+            (None, None) => {}
+        }
+        drop(tx);
+        let (feed, r) = worker
+            .await
+            .map_err(|e| StoreError::io(format!("reading {key}"), std::io::Error::other(e)))?;
+        if let Some(e) = stored_error {
+            return Err(e);
+        }
+        if let Err(e) = r {
+            return Err(StoreError::Corrupt {
+                key: key.to_string(),
+                detail: e.to_string(),
+            });
+        }
+        if let Some(k) = kept {
+            if self.cache.len() >= 2 {
+                self.cache.remove(0);
+            }
+            self.cache.push((key.to_string(), Arc::new(k)));
+        }
+        Ok(Some(sc.finish_feed(feed, partial)))
     }
 
     /// Scans `id` with `sc`; `None` when the object is gone or unreadable (then nothing is
@@ -171,8 +275,9 @@ impl Scanner<'_> {
         let Some(key) = self.keys.get(&(id, partial)).cloned() else {
             return Ok(None);
         };
-        let bytes = match self.read(&key).await {
-            Ok(Some(b)) => b,
+        let start = id.start_lsn(self.size);
+        let r = match self.read_scan(sc, &key, start, partial).await {
+            Ok(Some(r)) => r,
             Ok(None) => return Ok(None),
             Err(StoreError::Corrupt { key, detail }) => {
                 self.foreign.push(Problem {
@@ -183,12 +288,6 @@ impl Scanner<'_> {
                 return Ok(None);
             }
             Err(e) => return Err(e.into()),
-        };
-        let start = id.start_lsn(self.size);
-        let r = if partial {
-            sc.scan_partial(start, &bytes)
-        } else {
-            sc.scan(start, &bytes)
         };
         match r {
             Ok(s) => {

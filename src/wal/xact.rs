@@ -286,25 +286,84 @@ impl WalScanner {
     /// `partial`: `bytes` may stop anywhere (a `.partial`'s content); running out of them ends
     /// the scan with [`ScanEnd::PartialEnd`]. Otherwise `bytes` is a whole segment.
     fn run(&mut self, seg_start: Lsn, bytes: &[u8], partial: bool) -> SegmentScan {
-        let mut reader = match self.reader.take() {
+        let mut feed = self.begin_at(seg_start);
+        feed.feed(bytes);
+        self.end_at(feed, partial)
+    }
+
+    /// Starts scanning the segment starting at `seg_start` from bytes given in pieces
+    /// ([`ScanFeed::feed`]), so the segment is never held whole; [`WalScanner::finish_feed`]
+    /// ends it with the same result [`WalScanner::scan`] (or, for a `.partial`,
+    /// [`WalScanner::scan_partial`]) gives for all the bytes at once.
+    pub fn begin_feed(&mut self, seg_start: Lsn) -> Result<ScanFeed, ScanError> {
+        self.check_start(seg_start)?;
+        Ok(self.begin_at(seg_start))
+    }
+
+    /// Ends the scan `feed` began; `partial` as for [`WalScanner::scan_partial`]. A wrong
+    /// length is the same error the whole-bytes scans give (and ends the chain).
+    pub fn finish_feed(&mut self, feed: ScanFeed, partial: bool) -> Result<SegmentScan, ScanError> {
+        let size = u64::from(self.seg_size.bytes());
+        let (lsn, found) = (feed.seg_start, feed.len);
+        if partial && found > size {
+            self.reset();
+            return Err(ScanError::PartialTooLong {
+                lsn,
+                size: self.seg_size,
+                found,
+            });
+        }
+        if !partial && found != size {
+            self.reset();
+            return Err(ScanError::SegmentLength {
+                lsn,
+                expected: size,
+                found,
+            });
+        }
+        let out = self.end_at(feed, partial);
+        if partial {
+            self.reset();
+        }
+        Ok(out)
+    }
+
+    fn begin_at(&mut self, seg_start: Lsn) -> ScanFeed {
+        let reader = match self.reader.take() {
             Some(r) if self.next_seg == Some(seg_start.0) => r,
             _ => WalReader::lenient(self.seg_size, seg_start),
         };
-        let mut sink = ScanSink {
-            out: SegmentScan {
-                start: seg_start,
-                events: Vec::new(),
-                records: 0,
-                last_record: None,
-                last_record_end: None,
-                end: ScanEnd::SegmentEnd { continued: None },
-                undecoded: Vec::new(),
-                system_identifier: None,
-                server_major: None,
+        ScanFeed {
+            seg_start,
+            reader,
+            sink: ScanSink {
+                out: SegmentScan {
+                    start: seg_start,
+                    events: Vec::new(),
+                    records: 0,
+                    last_record: None,
+                    last_record_end: None,
+                    end: ScanEnd::SegmentEnd { continued: None },
+                    undecoded: Vec::new(),
+                    system_identifier: None,
+                    server_major: None,
+                },
+                switch: None,
             },
-            switch: None,
-        };
-        let fed = reader.feed(bytes, &mut sink);
+            fed: Ok(()),
+            len: 0,
+            limit: u64::from(self.seg_size.bytes()),
+        }
+    }
+
+    fn end_at(&mut self, feed: ScanFeed, partial: bool) -> SegmentScan {
+        let ScanFeed {
+            seg_start,
+            reader,
+            sink,
+            fed,
+            ..
+        } = feed;
         let end = match (fed, sink.switch) {
             // The rest of the switch's segment was skipped unread.
             (_, Some(at)) => ScanEnd::Switch { at },
@@ -334,6 +393,29 @@ impl WalScanner {
         let mut out = sink.out;
         out.end = end;
         out
+    }
+}
+
+/// One segment being scanned from pieces of its bytes; see [`WalScanner::begin_feed`].
+pub struct ScanFeed {
+    seg_start: Lsn,
+    reader: WalReader,
+    sink: ScanSink,
+    /// The first failure; nothing is fed after it.
+    fed: Result<(), super::VerifyError>,
+    /// Bytes given so far.
+    len: u64,
+    /// A segment's size: bytes past it are counted, not fed.
+    limit: u64,
+}
+
+impl ScanFeed {
+    /// The next piece of the segment's bytes.
+    pub fn feed(&mut self, data: &[u8]) {
+        self.len += data.len() as u64;
+        if self.fed.is_ok() && self.len <= self.limit {
+            self.fed = self.reader.feed(data, &mut self.sink);
+        }
     }
 }
 
@@ -976,6 +1058,52 @@ mod tests {
         // A gap resets the chain: scanning segment 2 again starts afresh.
         let again = sc.scan(Lsn(start.0 + MB), s2).unwrap();
         assert_eq!(again, c);
+    }
+
+    #[test]
+    fn fed_in_pieces_a_scan_finds_what_it_finds_whole() {
+        let start = lsn("0/300000");
+        let mut b = WalBuilder::new(SYSID, seg1m(), 1, start);
+        b.push(10, 0, 1, &[0; 10]);
+        b.fill_until(start.0 + 3 * PAGE as u64 + 8184);
+        push_commit(&mut b, 800, T0);
+        b.fill_until(start.0 + MB - 16);
+        push_commit(&mut b, 801, T0 + 7);
+        push_commit(&mut b, 802, T0 + 8);
+        b.push_switch();
+        let bytes = b.bytes();
+        let (s1, s2) = bytes.split_at(MB as usize);
+        let s2 = &s2[..s2.len().min(MB as usize)];
+        let next = Lsn(start.0 + MB);
+        for piece in [1usize, 1000, 8192, 1 << 20] {
+            let (mut whole, mut fed) = (WalScanner::new(seg1m()), WalScanner::new(seg1m()));
+            let run = |sc: &mut WalScanner, at: Lsn, data: &[u8], partial: bool| {
+                let mut f = sc.begin_feed(at).unwrap();
+                for p in data.chunks(piece) {
+                    f.feed(p);
+                }
+                sc.finish_feed(f, partial)
+            };
+            assert_eq!(run(&mut fed, start, s1, false), whole.scan(start, s1));
+            assert_eq!(
+                run(&mut fed, next, &s2[..5000], true),
+                whole.scan_partial(next, &s2[..5000])
+            );
+            assert_eq!(run(&mut fed, start, s1, false), whole.scan(start, s1));
+            let mut full = s2.to_vec();
+            full.resize(MB as usize, 0);
+            assert_eq!(run(&mut fed, next, &full, false), whole.scan(next, &full));
+            // Wrong lengths are the same errors.
+            assert_eq!(
+                run(&mut fed, start, &s1[..100], false),
+                whole.scan(start, &s1[..100])
+            );
+            let long = [s1, &[0u8; 3]].concat();
+            assert_eq!(
+                run(&mut fed, start, &long, true),
+                whole.scan_partial(start, &long)
+            );
+        }
     }
 
     #[test]

@@ -80,10 +80,10 @@ fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
-/// Reads the chunks the async side sends.
-struct ChannelReader {
-    rx: mpsc::Receiver<Bytes>,
-    cur: Bytes,
+/// Reads the chunks the async side sends (also the WAL segment check's input).
+pub(crate) struct ChannelReader {
+    pub(crate) rx: mpsc::Receiver<Bytes>,
+    pub(crate) cur: Bytes,
 }
 
 impl Read for ChannelReader {

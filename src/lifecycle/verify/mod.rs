@@ -851,6 +851,9 @@ enum Checked {
     Gone,
 }
 
+/// Streams one segment object from the store through zstd into a [`segment::SegmentCheck`] on a
+/// blocking thread: a few chunks in flight, never the whole segment. When the check stopped
+/// early the rest is still read, so the stored checksum at the end can name a damaged object.
 #[allow(clippy::too_many_arguments)]
 async fn read_and_check(
     store: &dyn Store,
@@ -862,30 +865,81 @@ async fn read_and_check(
     history: Option<TimelineHistory>,
     branch: Option<(Timeline, Lsn)>,
 ) -> Result<Checked, StoreError> {
-    let stored = match store.get_bytes(key).await {
-        Ok(Some(b)) => b,
+    let mut reader = match store.open_reader(key).await {
+        Ok(Some(r)) => r,
         Ok(None) => return Ok(Checked::Gone),
         Err(StoreError::Corrupt { detail, .. }) => {
             return Ok(Checked::Bad(format!("damaged: {detail}")))
         }
         Err(e) => return Err(e),
     };
-    let key = key.to_string();
-    tokio::task::spawn_blocking(move || {
-        let mut out = Vec::with_capacity(params.segment_size.bytes() as usize);
-        if let Err(e) =
-            crate::archive::compress::decompress_stream(&stored[..], &mut out, compressed)
-        {
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(SEGMENT_QUEUE);
+    let worker = tokio::task::spawn_blocking(move || {
+        let input = backup::ChannelReader {
+            rx,
+            cur: Bytes::new(),
+        };
+        let mut sink = CheckSink {
+            check: segment::SegmentCheck::new(params, start, partial),
+            raw: 0,
+        };
+        if let Err(e) = crate::archive::compress::decompress_stream(input, &mut sink, compressed) {
             return Checked::Bad(format!("damaged: does not decompress: {e}"));
         }
-        let raw = out.len() as u64;
-        match segment::check_segment(params, start, &out, partial, history.as_ref(), branch) {
+        let raw = sink.raw;
+        match sink.check.finish(history.as_ref(), branch) {
             Ok(s) => Checked::Good(s, raw),
             Err(e) => Checked::Bad(format!("damaged: {e}")),
         }
-    })
-    .await
-    .map_err(|e| StoreError::io(format!("checking {key}"), std::io::Error::other(e)))
+    });
+    let mut tx = Some(tx);
+    let mut stored_error = None;
+    loop {
+        match reader.next_chunk().await {
+            Ok(Some(chunk)) => {
+                if let Some(t) = &tx {
+                    if t.send(chunk).await.is_err() {
+                        tx = None;
+                    }
+                }
+            }
+            Ok(None) => break,
+            Err(StoreError::Corrupt { detail, .. }) => {
+                stored_error = Some(detail);
+                break;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    drop(tx);
+    let res = worker
+        .await
+        .map_err(|e| StoreError::io(format!("checking {key}"), std::io::Error::other(e)))?;
+    if let Some(d) = stored_error {
+        return Ok(Checked::Bad(format!("damaged: {d}")));
+    }
+    Ok(res)
+}
+
+/// Stored chunks queued for one segment's checker at most.
+const SEGMENT_QUEUE: usize = 1;
+
+/// The decompressed bytes of a segment, into its check.
+struct CheckSink {
+    check: segment::SegmentCheck,
+    raw: u64,
+}
+
+impl std::io::Write for CheckSink {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.raw += buf.len() as u64;
+        self.check.update(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 #[cfg(test)]

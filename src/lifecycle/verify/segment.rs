@@ -93,18 +93,8 @@ fn payload_between(from: u64, end: u64) -> u64 {
     (end - from).saturating_sub(later_pages * SIZE_OF_SHORT_PHD as u64)
 }
 
-/// Length of `buf` without its trailing zero bytes.
-fn len_without_zero_tail(buf: &[u8]) -> usize {
-    buf.iter().rposition(|&b| b != 0).map_or(0, |p| p + 1)
-}
-
-/// Checks one whole, decompressed segment of timeline `params.timeline` starting at `start`.
-/// `partial`: a `.partial` object, which may be shorter than a segment and whose zero tail is
-/// the end of its data; a complete segment must hold valid WAL to its end. `history` is the
-/// timeline's history file (needed when pages of an older timeline show up); `branch` the
-/// parent timeline and switch point when the switch point lies inside this segment (after its
-/// first byte). Errors are one
-/// line for the report.
+/// Checks one whole, decompressed segment of timeline `params.timeline` starting at `start`
+/// ([`SegmentCheck`] fed all of `bytes` at once).
 pub fn check_segment(
     params: VerifyParams,
     start: Lsn,
@@ -113,83 +103,163 @@ pub fn check_segment(
     history: Option<&TimelineHistory>,
     branch: Option<(Timeline, Lsn)>,
 ) -> Result<SegSummary, String> {
-    let seg = u64::from(params.segment_size.bytes());
-    let len = bytes.len() as u64;
-    if len > seg || (!partial && len != seg) {
-        return Err(format!(
-            "holds {len} bytes once decompressed, a segment has {seg}"
-        ));
+    let mut c = SegmentCheck::new(params, start, partial);
+    c.update(bytes);
+    c.finish(history, branch)
+}
+
+/// The check of one segment as its decompressed bytes stream by, in pieces of any size: only
+/// the reader's state and a count of held-back zero bytes are kept, never the segment.
+/// `partial`: a `.partial` object, which may be shorter than a segment and whose zero tail is
+/// the end of its data; a complete segment must hold valid WAL to its end. The first failure is
+/// kept and the bytes after it are still counted, so a wrong length is reported as such.
+pub struct SegmentCheck {
+    params: VerifyParams,
+    start: Lsn,
+    partial: bool,
+    reader: WalReader,
+    obs: Observe,
+    /// Bytes seen so far.
+    len: u64,
+    /// Zero bytes at the end of what was seen, not yet fed (they may be the zero tail).
+    zeros: u64,
+    failed: Option<String>,
+}
+
+impl SegmentCheck {
+    pub fn new(params: VerifyParams, start: Lsn, partial: bool) -> Self {
+        let mut reader = WalReader::strict(params, start);
+        reader.track_timelines();
+        SegmentCheck {
+            params,
+            start,
+            partial,
+            reader,
+            obs: Observe {
+                seg_start: start.0,
+                ..Default::default()
+            },
+            len: 0,
+            zeros: 0,
+            failed: None,
+        }
     }
-    let data = &bytes[..len_without_zero_tail(bytes)];
-    let data_end = Lsn(start.0 + data.len() as u64);
-    if data.is_empty() {
-        return Err("holds only zero bytes".into());
+
+    fn seg(&self) -> u64 {
+        u64::from(self.params.segment_size.bytes())
     }
-    let mut r = WalReader::strict(params, start);
-    r.track_timelines();
-    let mut obs = Observe {
-        seg_start: start.0,
-        ..Default::default()
-    };
-    r.feed(data, &mut obs).map_err(|e| e.to_string())?;
-    // The zeros after the data complete the segment only where a stream could carry them
-    // (record padding, the fill after an XLOG_SWITCH record).
-    let zeros = seg - data.len() as u64;
-    let zero_page = [0u8; WAL_PAGE_SIZE as usize];
-    let mut left = zeros;
-    let mut zeros_ok = true;
-    while left > 0 {
-        let k = left.min(PAGE) as usize;
-        if let Err(e) = r.feed(&zero_page[..k], &mut obs) {
-            if !partial {
+
+    /// Feeds `n` zero bytes, a page at a time.
+    fn feed_zeros(&mut self, mut n: u64) -> Result<(), String> {
+        let zero_page = [0u8; WAL_PAGE_SIZE as usize];
+        while n > 0 {
+            let k = n.min(PAGE) as usize;
+            self.reader
+                .feed(&zero_page[..k], &mut self.obs)
+                .map_err(|e| e.to_string())?;
+            n -= k as u64;
+        }
+        Ok(())
+    }
+
+    /// The next piece of the decompressed segment.
+    pub fn update(&mut self, data: &[u8]) {
+        self.len += data.len() as u64;
+        if self.failed.is_some() || self.len > self.seg() {
+            return;
+        }
+        let Some(last) = data.iter().rposition(|&b| b != 0) else {
+            self.zeros += data.len() as u64;
+            return;
+        };
+        let held = std::mem::take(&mut self.zeros);
+        let r = self.feed_zeros(held).and_then(|()| {
+            self.reader
+                .feed(&data[..=last], &mut self.obs)
+                .map_err(|e| e.to_string())
+        });
+        if let Err(e) = r {
+            self.failed = Some(e);
+        }
+        self.zeros = (data.len() - last - 1) as u64;
+    }
+
+    /// The verdict once every byte was fed. `history` is the timeline's history file (needed
+    /// when pages of an older timeline show up); `branch` the parent timeline and switch point
+    /// when the switch point lies inside this segment (after its first byte). Errors are one
+    /// line for the report.
+    pub fn finish(
+        mut self,
+        history: Option<&TimelineHistory>,
+        branch: Option<(Timeline, Lsn)>,
+    ) -> Result<SegSummary, String> {
+        let seg = self.seg();
+        let (len, partial, start) = (self.len, self.partial, self.start);
+        if len > seg || (!partial && len != seg) {
+            return Err(format!(
+                "holds {len} bytes once decompressed, a segment has {seg}"
+            ));
+        }
+        let data_len = len - self.zeros;
+        let data_end = Lsn(start.0 + data_len);
+        if data_len == 0 {
+            return Err("holds only zero bytes".into());
+        }
+        if let Some(e) = self.failed.take() {
+            return Err(e);
+        }
+        // The zeros after the data complete the segment only where a stream could carry them
+        // (record padding, the fill after an XLOG_SWITCH record).
+        let zeros_ok = match self.feed_zeros(seg - data_len) {
+            Ok(()) => true,
+            Err(e) if !partial => {
                 return Err(format!(
                     "valid WAL ends at {data_end}, the rest of the segment is zero bytes ({e})"
-                ));
+                ))
             }
-            zeros_ok = false;
-            break;
+            Err(_) => false,
+        };
+        let (r, obs) = (&self.reader, &self.obs);
+        check_page_timelines(self.params.timeline, r.timeline_pages(), history)
+            .map_err(|e| e.to_string())?;
+        if let Some((parent, switch)) = branch {
+            check_switch_segment(r.timeline_pages(), parent, switch)?;
         }
-        left -= k as u64;
+        let head = obs
+            .head
+            .ok_or_else(|| "has no page header at its start".to_string())?;
+        let contrecord = head.info & XLP_FIRST_IS_CONTRECORD != 0;
+        let head_rem = contrecord.then_some(head.rem_len);
+        let in_progress = if zeros_ok {
+            r.record_in_progress()
+        } else {
+            None
+        };
+        let seg_end = start.0 + seg;
+        let (last_start, tail_rem, tail_open) = if let Some(rec) = in_progress {
+            // Its header was complete when one more header than records was seen.
+            let tot = (obs.headers == obs.records + 1).then_some(obs.last_tot_len);
+            let rem = tot.and_then(|t| u64::from(t).checked_sub(payload_between(rec.0, seg_end)));
+            (Some(rec), rem.and_then(|r| u32::try_from(r).ok()), true)
+        } else if zeros_ok && r.skipping() {
+            // No record begins here: the one continued from before goes on past the end.
+            let payload = payload_between(start.0 + SIZE_OF_LONG_PHD as u64, seg_end);
+            let rem = head_rem.and_then(|h| u64::from(h).checked_sub(payload));
+            (None, rem.and_then(|r| u32::try_from(r).ok()), true)
+        } else {
+            (obs.last_complete, Some(0), false)
+        };
+        Ok(SegSummary {
+            magic: head.magic,
+            head_rem,
+            head_overwrite: head.info & XLP_FIRST_IS_OVERWRITE_CONTRECORD != 0,
+            first_prev: obs.first_prev,
+            last_start: if obs.headers == 0 { None } else { last_start },
+            tail_rem,
+            tail_open,
+            data_end,
+        })
     }
-    check_page_timelines(params.timeline, r.timeline_pages(), history)
-        .map_err(|e| e.to_string())?;
-    if let Some((parent, switch)) = branch {
-        check_switch_segment(r.timeline_pages(), parent, switch)?;
-    }
-    let head = obs
-        .head
-        .ok_or_else(|| "has no page header at its start".to_string())?;
-    let contrecord = head.info & XLP_FIRST_IS_CONTRECORD != 0;
-    let head_rem = contrecord.then_some(head.rem_len);
-    let in_progress = if zeros_ok {
-        r.record_in_progress()
-    } else {
-        None
-    };
-    let seg_end = start.0 + seg;
-    let (last_start, tail_rem, tail_open) = if let Some(rec) = in_progress {
-        // Its header was complete when one more header than records was seen.
-        let tot = (obs.headers == obs.records + 1).then_some(obs.last_tot_len);
-        let rem = tot.and_then(|t| u64::from(t).checked_sub(payload_between(rec.0, seg_end)));
-        (Some(rec), rem.and_then(|r| u32::try_from(r).ok()), true)
-    } else if zeros_ok && r.skipping() {
-        // No record begins here: the one continued from before goes on past the end.
-        let payload = payload_between(start.0 + SIZE_OF_LONG_PHD as u64, seg_end);
-        let rem = head_rem.and_then(|h| u64::from(h).checked_sub(payload));
-        (None, rem.and_then(|r| u32::try_from(r).ok()), true)
-    } else {
-        (obs.last_complete, Some(0), false)
-    };
-    Ok(SegSummary {
-        magic: head.magic,
-        head_rem,
-        head_overwrite: head.info & XLP_FIRST_IS_OVERWRITE_CONTRECORD != 0,
-        first_prev: obs.first_prev,
-        last_start: if obs.headers == 0 { None } else { last_start },
-        tail_rem,
-        tail_open,
-        data_end,
-    })
 }
 
 /// Does `next` continue `prev` (the segment before it on the timeline's path)? `carried` is the
@@ -382,6 +452,40 @@ mod tests {
         let first = check_segment(params(1), Lsn(s), &v[..s as usize], false, None, None).unwrap();
         assert!(!first.tail_open);
         assert_eq!(first.last_start, Some(sw));
+    }
+
+    #[test]
+    fn fed_in_pieces_it_finds_what_it_finds_whole() {
+        let s = u64::from(seg().bytes());
+        let w = wal(3, SYS, 0);
+        let mut b = WalBuilder::new(SYS, seg(), 1, Lsn(s));
+        for i in 0..50 {
+            b.push(10, 0, i, &[0u8; 3000]);
+        }
+        let mut zero_rich = b.into_bytes();
+        zero_rich.resize(s as usize, 0);
+        let mut damaged = w[..s as usize].to_vec();
+        damaged[70_000] ^= 1;
+        let cases: Vec<(Vec<u8>, bool)> = vec![
+            (w[s as usize..2 * s as usize].to_vec(), false),
+            (zero_rich.clone(), true),
+            (zero_rich.clone(), false),
+            (zero_rich[..10_000].to_vec(), true),
+            (damaged, false),
+            (vec![0u8; 5000], true),
+            ([w[..s as usize].to_vec(), vec![1u8; 9]].concat(), false),
+        ];
+        for (i, (bytes, partial)) in cases.iter().enumerate() {
+            let start = Lsn(s * (1 + u64::from(i == 0)));
+            let whole = check_segment(params(1), start, bytes, *partial, None, None);
+            for piece in [1usize, 777, 8192, 1 << 16] {
+                let mut c = SegmentCheck::new(params(1), start, *partial);
+                for p in bytes.chunks(piece) {
+                    c.update(p);
+                }
+                assert_eq!(c.finish(None, None), whole, "case {i}, pieces of {piece}");
+            }
+        }
     }
 
     #[test]
