@@ -45,9 +45,10 @@ const RESTORE_CHUNK: u64 = MIB;
 /// unpacker's file writes (1 MiB).
 const RESTORE_JOB_FIXED: u64 = 2 * MIB;
 
-/// What one prefetch download holds: the compressed batches queued for its decoder thread (see
-/// `restore::wal_fetch`), zstd's buffers and window, the output buffer (measured: 4 downloads
-/// from S3 at ~9.5 MiB each with 3 MiB batches queued; ~5 MiB with 1 MiB).
+/// What one prefetch download holds, as planned: the compressed batches between the download and
+/// its decoder thread (`restore::wal_fetch`), zstd's buffers and window, the output buffer.
+/// Measured from S3 (`benches/memory.sh`, worker peak minus [`BASELINE_S3`]): ~9 MiB each with
+/// 1 MiB batches and 3 queued, ~8 MiB with 1 queued; see benches/README.md 14.4.
 pub const PREFETCH_DOWNLOAD: u64 = 5 * MIB;
 
 /// Which kind of archive a pipeline writes to or reads from: the fixed share differs.
