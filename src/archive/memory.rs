@@ -45,6 +45,12 @@ const RESTORE_CHUNK: u64 = MIB;
 /// unpacker's file writes (1 MiB).
 const RESTORE_JOB_FIXED: u64 = 2 * MIB;
 
+/// What one prefetch download holds, as planned: the compressed batches between the download and
+/// its decoder thread (`restore::wal_fetch`), zstd's buffers and window, the output buffer.
+/// Measured from S3 (`benches/memory.sh`, worker peak minus [`BASELINE_S3`]): ~9 MiB each with
+/// 1 MiB batches and 3 queued, ~8 MiB with 1 queued; see benches/README.md 14.4.
+pub const PREFETCH_DOWNLOAD: u64 = 5 * MIB;
+
 /// Which kind of archive a pipeline writes to or reads from: the fixed share differs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ArchiveKind {
@@ -123,6 +129,9 @@ pub struct MemoryPlan {
     pub restore_pieces_in_flight: usize,
     /// Most tar objects a restore fills at once (`--jobs` is capped by it).
     pub restore_jobs: usize,
+    /// Most segment downloads the wal-fetch prefetch worker runs at once (`--prefetch-jobs` is
+    /// capped by it): [`PREFETCH_DOWNLOAD`] each, 1 to 8.
+    pub prefetch_downloads: usize,
 }
 
 impl MemoryPlan {
@@ -193,6 +202,7 @@ impl MemoryPlan {
         };
         let job = restore_job_bytes(restore_queue, restore_piece, restore_pieces_in_flight);
         let restore_jobs = ((budget / job) as usize).clamp(1, 8);
+        let prefetch_downloads = ((budget / PREFETCH_DOWNLOAD) as usize).clamp(1, 8);
         MemoryPlan {
             limit,
             kind,
@@ -206,6 +216,7 @@ impl MemoryPlan {
             restore_piece,
             restore_pieces_in_flight,
             restore_jobs,
+            prefetch_downloads,
         }
     }
 
@@ -308,7 +319,19 @@ mod tests {
             assert!(kind.baseline() + p.restore_buffers() <= p.limit, "{p:?}");
             assert!(p.stream_part_size >= MIN_PART);
             assert!(p.restore_jobs >= 1);
+            assert!(
+                kind.baseline() + PREFETCH_DOWNLOAD * p.prefetch_downloads as u64 <= p.limit,
+                "{p:?}"
+            );
         }
+        assert_eq!(
+            MemoryPlan::for_archive(DEFAULT_LIMIT, ArchiveKind::S3).prefetch_downloads,
+            2
+        );
+        assert_eq!(
+            MemoryPlan::for_archive(DEFAULT_LIMIT, ArchiveKind::Local).prefetch_downloads,
+            4
+        );
         assert_eq!(MemoryPlan::default(), plan());
     }
 
@@ -340,6 +363,12 @@ mod tests {
                 assert!(p.backup_zstd_workers != 1 && p.backup_zstd_workers <= 2);
                 assert!(p.backup_chunk >= 256 * KIB as usize && p.backup_chunk <= MIB as usize);
                 assert!((1..=8).contains(&p.restore_jobs));
+                assert!((1..=8).contains(&p.prefetch_downloads));
+                let prefetch = kind.baseline() + PREFETCH_DOWNLOAD * p.prefetch_downloads as u64;
+                assert!(
+                    prefetch <= p.limit,
+                    "{kind:?} {mib} MiB: {p:?} prefetch needs {prefetch}"
+                );
                 if kind == ArchiveKind::Local {
                     assert_eq!(p.upload_buffers(), 0);
                 }
@@ -358,6 +387,7 @@ mod tests {
                     assert!(p.backup_chunk >= q.backup_chunk, "{mib}");
                     assert!(p.backup_buffers() >= q.backup_buffers(), "{kind:?} {mib}");
                     assert!(p.restore_jobs >= q.restore_jobs, "{mib}");
+                    assert!(p.prefetch_downloads >= q.prefetch_downloads, "{mib}");
                 }
                 prev = Some(p);
             }
@@ -372,6 +402,7 @@ mod tests {
             assert!(s.backup_zstd_workers <= l.backup_zstd_workers, "{mib}");
             assert!(s.backup_chunk <= l.backup_chunk, "{mib}");
             assert!(s.restore_jobs <= l.restore_jobs, "{mib}");
+            assert!(s.prefetch_downloads <= l.prefetch_downloads, "{mib}");
         }
     }
 

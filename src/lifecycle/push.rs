@@ -28,7 +28,7 @@ use bytes::Bytes;
 
 use crate::archive::layout::{self, history_key, segment_key_by_name, META_KEY};
 use crate::archive::meta::MetaError;
-use crate::archive::segment::{self, compare_partial, PartialCompare, SegmentOutcome};
+use crate::archive::segment::{self, compare_partial, PartialCompare};
 use crate::archive::{
     self, ArchiveMeta, Compression, Detail, LocalStore, OpenError, PutMode, Store, StoreError,
 };
@@ -380,14 +380,13 @@ impl Ctx<'_> {
     }
 
     /// Size, name and long page header of a segment file (complete or `.partial`).
-    fn segment_file(&self, bytes: &[u8], name: &str) -> Result<SegmentFile, PushError> {
+    fn segment_file(&self, bytes: &[u8], len: u64, name: &str) -> Result<SegmentFile, PushError> {
         let what = "WAL segment";
-        let size = SegmentSize::new(bytes.len() as u64).map_err(|_| {
+        let size = SegmentSize::new(len).map_err(|_| {
             self.bad(
                 what,
                 format!(
-                    "{} bytes is not a WAL segment size (a power of two from 1 MiB to 1 GiB)",
-                    bytes.len()
+                    "{len} bytes is not a WAL segment size (a power of two from 1 MiB to 1 GiB)"
                 ),
             )
         })?;
@@ -406,13 +405,12 @@ impl Ctx<'_> {
                 ))
             }
         };
-        if u64::from(long.seg_size) != bytes.len() as u64 {
+        if u64::from(long.seg_size) != len {
             return Err(self.bad(
                 what,
                 format!(
-                    "its long page header says {} byte segments but the file has {} bytes",
+                    "its long page header says {} byte segments but the file has {len} bytes",
                     long.seg_size,
-                    bytes.len()
                 ),
             ));
         }
@@ -508,8 +506,13 @@ impl Ctx<'_> {
     /// anything else happens: a damaged file is reported as damaged (not as a conflict), and it
     /// never creates `walagent.json`.
     async fn segment(&self, name: &str, compression: Compression) -> Result<Pushed, PushError> {
-        let bytes = self.read(1 << 30, "WAL segment").await?;
-        let f = self.segment_file(&bytes, name)?;
+        // Never the whole segment in memory: its first page and length, then the file in
+        // pieces (compared with what is archived, then checked and compressed into a 0600 temp
+        // file in one pass, which the store takes with put_file). See benches/README.md 14.4.
+        let what = "WAL segment";
+        let (head, len) = self.head(1 << 30, what).await?;
+        let f = self.segment_file(&head, len, name)?;
+        drop(head);
         let meta = ArchiveMeta::load(self.store)
             .await
             .map_err(|e| self.meta_err(e))?;
@@ -520,32 +523,161 @@ impl Ctx<'_> {
         let archived = segment::find_archived(self.store, name, false)
             .await
             .map_err(|e| self.store_err(e))?;
-        if let Some(a) = &archived {
-            if a.content == bytes {
-                return Ok(Pushed::AlreadyArchived { key: a.key.clone() });
+        let archived_key = match archived {
+            Some(a) => {
+                if self.file_equals(a.content, len).await? {
+                    return Ok(Pushed::AlreadyArchived { key: a.key });
+                }
+                Some(a.key)
             }
-        }
-        let (complete, pages) = self.verify(&f, &bytes, bytes.len())?;
+            None => None,
+        };
+        let tmp = PushTemp::new(name);
+        // Encoded only when it may be stored.
+        let out = archived_key.is_none().then_some(tmp.path.as_path());
+        let (complete, pages) = self.check_and_encode(&f, len, out, compression).await?;
         if !complete {
             return Err(self.bad(
-                "WAL segment",
+                what,
                 "its WAL stops before the segment's end and zeros follow: not a complete segment (a file cut short?)",
             ));
         }
         self.check_timelines(&f, &pages).await?;
-        if let Some(a) = archived {
-            return Err(self.conflict(a.key));
+        if let Some(key) = archived_key {
+            return Err(self.conflict(key));
         }
         if meta.is_none() {
             self.meta_for(&f).await?;
         }
-        match segment::put_new_segment(self.store, name, Bytes::from(bytes), compression)
-            .await
-            .map_err(|e| self.store_err(e))?
+        let key = segment_key_by_name(name, compression.is_compressed(), false);
+        match segment::put_complete(
+            self.store,
+            &key,
+            segment::Body::File(&tmp.path),
+            segment::Raw::File(self.path),
+        )
+        .await
+        .map_err(|e| self.store_err(e))?
         {
-            SegmentOutcome::Stored { key } => Ok(Pushed::Stored { key }),
-            SegmentOutcome::AlreadyArchived { key } => Ok(Pushed::AlreadyArchived { key }),
+            segment::Stored::Put => Ok(Pushed::Stored { key }),
+            segment::Stored::SameWal => Ok(Pushed::AlreadyArchived { key }),
         }
+    }
+
+    /// The file's first page (or all of it when shorter) and its length, after the checks of
+    /// [`read`](Self::read).
+    async fn head(&self, limit: u64, what: &'static str) -> Result<(Vec<u8>, u64), PushError> {
+        let md = tokio::fs::metadata(self.path)
+            .await
+            .map_err(|e| self.read_err(e))?;
+        if !md.is_file() {
+            return Err(self.bad(what, "it is not a regular file"));
+        }
+        if md.len() > limit {
+            return Err(self.bad(
+                what,
+                format!("{} bytes is more than such a file holds", md.len()),
+            ));
+        }
+        let path = self.path.to_path_buf();
+        let head = tokio::task::spawn_blocking(move || -> io::Result<Vec<u8>> {
+            use std::io::Read;
+            let mut head = Vec::with_capacity(HEAD_BYTES);
+            std::fs::File::open(&path)?
+                .take(HEAD_BYTES as u64)
+                .read_to_end(&mut head)?;
+            Ok(head)
+        })
+        .await
+        .map_err(|e| self.read_err(io::Error::other(e)))?
+        .map_err(|e| self.read_err(e))?;
+        Ok((head, md.len()))
+    }
+
+    fn read_err(&self, source: io::Error) -> PushError {
+        PushError::Read {
+            path: self.path_s.clone(),
+            source,
+        }
+    }
+
+    /// Whether the file (of `len` bytes) holds exactly `archived`, read in pieces.
+    async fn file_equals(&self, archived: Vec<u8>, len: u64) -> Result<bool, PushError> {
+        if archived.len() as u64 != len {
+            return Ok(false);
+        }
+        let path = self.path.to_path_buf();
+        tokio::task::spawn_blocking(move || -> io::Result<bool> {
+            let mut file = std::fs::File::open(&path)?;
+            let mut buf = vec![0u8; PIECE];
+            let mut at = 0usize;
+            loop {
+                let n = read_some(&mut file, &mut buf)?;
+                if n == 0 {
+                    return Ok(at == archived.len());
+                }
+                let end = at + n;
+                if archived.get(at..end) != buf.get(..n) {
+                    return Ok(false);
+                }
+                at = end;
+            }
+        })
+        .await
+        .map_err(|e| self.read_err(io::Error::other(e)))?
+        .map_err(|e| self.read_err(e))
+    }
+
+    /// One pass over the complete segment file of `len` bytes: checked with the stream's
+    /// verifier piece by piece, and (when `out` is given) encoded into `out` (a new 0600 file)
+    /// at the same time. Returns what [`verify`](Self::verify) returns.
+    async fn check_and_encode(
+        &self,
+        f: &SegmentFile,
+        len: u64,
+        out: Option<&Path>,
+        compression: Compression,
+    ) -> Result<(bool, Vec<(Timeline, Lsn)>), PushError> {
+        let params = VerifyParams {
+            system_identifier: f.system_identifier,
+            segment_size: f.size,
+            timeline: f.id.timeline,
+        };
+        let checker = SegmentChecker::new(params, f.id.start_lsn(f.size));
+        let (src, dst) = (self.path.to_path_buf(), out.map(Path::to_path_buf));
+        let what = "WAL segment";
+        let (pass, checker) = tokio::task::spawn_blocking(move || {
+            let mut reader = CheckingReader {
+                file: None,
+                checker,
+                wal_error: None,
+                read: 0,
+            };
+            let pass = encode_pass(&src, len, &mut reader, dst.as_deref(), compression);
+            (pass.map(|()| reader.read), reader)
+        })
+        .await
+        .map_err(|e| self.read_err(io::Error::other(e)))?;
+        if let Some(e) = checker.wal_error {
+            return Err(self.bad(what, Detail::error(e)));
+        }
+        match pass {
+            Ok(read) if read == len => {}
+            Ok(read) => {
+                return Err(self.bad(
+                    what,
+                    format!("the file changed while it was read ({read} bytes, {len} before)"),
+                ))
+            }
+            Err(PassError::Read(e)) => return Err(self.read_err(e)),
+            Err(PassError::Write(e)) => {
+                return Err(self.store_err(StoreError::io("compressing WAL", e)))
+            }
+        }
+        let c = checker.checker;
+        let pages = c.timeline_pages().to_vec();
+        let check = c.finish().map_err(|e| self.bad(what, Detail::error(e)))?;
+        Ok((check.complete, pages))
     }
 
     /// A `.partial` from PostgreSQL is the whole segment file: valid WAL of the old timeline up
@@ -556,7 +688,7 @@ impl Ctx<'_> {
     async fn partial(&self, name: &str, compression: Compression) -> Result<Pushed, PushError> {
         let what = "partial WAL segment";
         let bytes = self.read(1 << 30, what).await?;
-        let f = self.segment_file(&bytes, name)?;
+        let f = self.segment_file(&bytes, bytes.len() as u64, name)?;
         let start = f.id.start_lsn(f.size);
         let scan =
             scan_segment(&bytes, start, f.size).map_err(|e| self.bad(what, Detail::error(e)))?;
@@ -736,6 +868,143 @@ impl Ctx<'_> {
 }
 
 /// `START WAL LOCATION: X/Y (file NAME)` of a backup history file.
+/// How much of a segment file [`Ctx::head`] reads: one WAL page (the long page header).
+const HEAD_BYTES: usize = 8192;
+
+/// The pieces a segment file is read in.
+const PIECE: usize = 1 << 20;
+
+fn read_some(r: &mut impl io::Read, buf: &mut [u8]) -> io::Result<usize> {
+    loop {
+        match r.read(buf) {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            other => return other,
+        }
+    }
+}
+
+/// A temp file beside nothing PostgreSQL or walagent reads (the system temp directory), 0600,
+/// removed when dropped (the local store may have moved it into the archive already).
+struct PushTemp {
+    path: PathBuf,
+}
+
+impl PushTemp {
+    fn new(name: &str) -> PushTemp {
+        let seq = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        PushTemp {
+            path: std::env::temp_dir().join(format!(
+                "walagent-push-{name}.{}.{seq}.tmp",
+                std::process::id()
+            )),
+        }
+    }
+}
+
+impl Drop for PushTemp {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+enum PassError {
+    Read(io::Error),
+    Write(io::Error),
+}
+
+/// Reads the segment file and gives every piece to the checker on its way; a WAL error stops
+/// the reading (kept in `wal_error`).
+struct CheckingReader {
+    file: Option<std::fs::File>,
+    checker: SegmentChecker,
+    wal_error: Option<crate::wal::verify::VerifyError>,
+    read: u64,
+}
+
+impl io::Read for CheckingReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let Some(file) = self.file.as_mut() else {
+            return Ok(0);
+        };
+        let n = file.read(buf)?;
+        let piece = buf.get(..n).unwrap_or_default();
+        if let Err(e) = self.checker.update(piece) {
+            self.wal_error = Some(e);
+            return Err(io::Error::other("the WAL check failed"));
+        }
+        self.read += n as u64;
+        Ok(n)
+    }
+}
+
+/// Opens `src` into `reader` and streams it through it: into `dst` (zstd or as is) or, without
+/// `dst`, nowhere (only checked).
+fn encode_pass(
+    src: &Path,
+    len: u64,
+    reader: &mut CheckingReader,
+    dst: Option<&Path>,
+    compression: Compression,
+) -> Result<(), PassError> {
+    reader.file = Some(std::fs::File::open(src).map_err(PassError::Read)?);
+    // Read errors (and the WAL check's stop) come out of the reader; tell them from the
+    // output's by whether the reader recorded them.
+    let mut read_error = None;
+    let result = {
+        let mut r = ErrKeeper {
+            inner: reader,
+            err: &mut read_error,
+        };
+        match dst {
+            None => io::copy(&mut r, &mut io::sink()).map(|_| ()),
+            Some(dst) => {
+                let mut out = archive::compress::create_private(dst).map_err(PassError::Write)?;
+                match compression {
+                    Compression::None => io::copy(&mut r, &mut out).map(|_| ()),
+                    Compression::Zstd { level } => {
+                        archive::compress::compress_streaming(&mut r, len, &mut out, level)
+                            .map(|_| ())
+                    }
+                }
+            }
+        }
+    };
+    match (result, read_error) {
+        (Ok(()), _) => Ok(()),
+        (Err(_), Some(e)) => Err(PassError::Read(e)),
+        // The reader stopped for the WAL check: reported from `wal_error`.
+        (Err(_), None) if reader.wal_error.is_some() => Ok(()),
+        // zstd's "source size differs from the pledged" is the file changing under us.
+        (Err(e), None) if reader.read != len => Err(PassError::Read(e)),
+        (Err(e), None) => Err(PassError::Write(e)),
+    }
+}
+
+/// Keeps the reader's own I/O error aside.
+struct ErrKeeper<'a> {
+    inner: &'a mut CheckingReader,
+    err: &'a mut Option<io::Error>,
+}
+
+impl io::Read for ErrKeeper<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        loop {
+            match self.inner.read(buf) {
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if self.inner.wal_error.is_none() => {
+                    let kind = e.kind();
+                    *self.err = Some(e);
+                    return Err(io::Error::new(kind, "reading the segment failed"));
+                }
+                other => return other,
+            }
+        }
+    }
+}
+
 fn backup_start_lsn(content: &[u8]) -> Result<Lsn, Detail> {
     let text = std::str::from_utf8(content).map_err(|_| Detail::from("it is not text"))?;
     let line = text

@@ -1141,11 +1141,15 @@ async fn worker(cfg: &PrefetchConfig, start: &str, log: &WorkerLog) -> Result<St
         inner: store,
         meta: meta_bytes,
     });
+    // Each download holds a few MiB (archive::memory::PREFETCH_DOWNLOAD): the memory plan of
+    // the archive's kind caps how many run at once.
+    let plan =
+        crate::archive::memory::plan_for(crate::archive::memory::ArchiveKind::of(&cfg.archive));
+    let jobs = (cfg.jobs as usize).min(plan.prefetch_downloads).max(1);
     log.info(&format!(
-        "prefetching {} segments after {start} from {} ({} at once)",
+        "prefetching {} segments after {start} from {} ({jobs} at once)",
         cfg.depth,
         store.location(),
-        cfg.jobs
     ));
 
     let local_root = (!archive::is_remote(&cfg.archive)).then(|| PathBuf::from(&cfg.archive));
@@ -1182,7 +1186,7 @@ async fn worker(cfg: &PrefetchConfig, start: &str, log: &WorkerLog) -> Result<St
             let first = w.pos.segno + 1;
             let last = w.pos.segno.saturating_add(u64::from(cfg.depth));
             for segno in first..=last {
-                if inflight.len() >= cfg.jobs as usize {
+                if inflight.len() >= jobs {
                     break;
                 }
                 if w.end.is_some_and(|e| segno >= e) {

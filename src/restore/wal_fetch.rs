@@ -603,11 +603,13 @@ async fn stream_to_file(
     res
 }
 
-/// What [`stream_to_file`] hands to the decoder thread at once.
-const STREAM_BATCH: usize = 1 << 20;
+/// What [`stream_to_file`] hands to the decoder thread at once (256 KiB: with a batch filling, one
+/// queued and one being decoded, each download holds three; see `PREFETCH_DOWNLOAD`).
+const STREAM_BATCH: usize = 1 << 18;
 /// Batches queued for the decoder thread at most (bounds the memory of a download to a few MiB
-/// when the decoder is slower than the network or disk).
-const STREAM_QUEUE: usize = 3;
+/// when the decoder is slower than the network or disk; with several prefetch downloads at once
+/// each queued MiB counts several times: `archive::memory::PREFETCH_DOWNLOAD`).
+const STREAM_QUEUE: usize = 1;
 
 /// A blocking [`Read`] over the chunks [`stream_to_file`] receives; the end of the channel is the
 /// end of the object.
