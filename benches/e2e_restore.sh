@@ -571,8 +571,10 @@ if ((HAVE_PGBR)); then
     "$(fratio walagent_prefetch pgbackrest_sync)" "$(fratio walagent_prefetch pgbackrest_async)"
   printf '# fetch speed ratio walagent serial / pgbackrest archive-get (both one GET per call): %s\n' \
     "$(fratio walagent_serial pgbackrest_sync)"
-  [[ -n $WALAGENT_BASE ]] && printf '# fetch speed ratio walagent (BENCH_WALAGENT_BASE) serial / pgbackrest archive-get: %s\n' \
-    "$(fratio walagent_serial_base pgbackrest_sync)"
+  if [[ -n $WALAGENT_BASE ]]; then
+    printf '# fetch speed ratio walagent (BENCH_WALAGENT_BASE) serial / pgbackrest archive-get: %s\n' \
+      "$(fratio walagent_serial_base pgbackrest_sync)"
+  fi
 else
   echo "# pgBackRest rows skipped (pgbackrest, stunnel or openssl missing, or BENCH_PGBR=0 or BENCH_FETCH=0)"
 fi
