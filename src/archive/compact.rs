@@ -116,13 +116,19 @@ pub fn compact_segment(
 /// Whether the zstd file `zst` decompresses to exactly the bytes of `raw`. A corrupt zstd stream
 /// is `false`; read errors pass through.
 pub fn same_decompressed(zst: &std::path::Path, raw: &std::path::Path) -> io::Result<bool> {
-    let src = File::open(zst)?;
+    same_content(File::open(zst)?, true, raw)
+}
+
+/// Whether `src` (zstd when `compressed`, else raw bytes) holds exactly the bytes of the file
+/// `raw`, read in pieces (nothing is held whole). A corrupt zstd stream is `false`; read errors
+/// pass through.
+pub fn same_content(src: impl Read, compressed: bool, raw: &std::path::Path) -> io::Result<bool> {
     let mut cmp = CompareWriter {
         other: File::open(raw)?,
         buf: Vec::new(),
         same: true,
     };
-    match compress::decompress_stream(src, &mut cmp, true) {
+    match compress::decompress_stream(src, &mut cmp, compressed) {
         Ok(_) => {}
         Err(e) if compress::is_corrupt(&e) => return Ok(false),
         Err(e) if e.kind() == io::ErrorKind::Other && !cmp.same => return Ok(false),

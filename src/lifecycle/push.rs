@@ -520,16 +520,13 @@ impl Ctx<'_> {
             m.check_matches(f.system_identifier, f.size)
                 .map_err(|e| self.meta_err(e))?;
         }
-        let archived = segment::find_archived(self.store, name, false)
+        // Streamed: neither the archived object nor the file is held whole.
+        let archived = segment::compare_archived_file(self.store, name, false, self.path)
             .await
             .map_err(|e| self.store_err(e))?;
         let archived_key = match archived {
-            Some(a) => {
-                if self.file_equals(a.content, len).await? {
-                    return Ok(Pushed::AlreadyArchived { key: a.key });
-                }
-                Some(a.key)
-            }
+            Some((key, true)) => return Ok(Pushed::AlreadyArchived { key }),
+            Some((key, false)) => Some(key),
             None => None,
         };
         let tmp = PushTemp::new(name);
@@ -599,33 +596,6 @@ impl Ctx<'_> {
             path: self.path_s.clone(),
             source,
         }
-    }
-
-    /// Whether the file (of `len` bytes) holds exactly `archived`, read in pieces.
-    async fn file_equals(&self, archived: Vec<u8>, len: u64) -> Result<bool, PushError> {
-        if archived.len() as u64 != len {
-            return Ok(false);
-        }
-        let path = self.path.to_path_buf();
-        tokio::task::spawn_blocking(move || -> io::Result<bool> {
-            let mut file = std::fs::File::open(&path)?;
-            let mut buf = vec![0u8; PIECE];
-            let mut at = 0usize;
-            loop {
-                let n = read_some(&mut file, &mut buf)?;
-                if n == 0 {
-                    return Ok(at == archived.len());
-                }
-                let end = at + n;
-                if archived.get(at..end) != buf.get(..n) {
-                    return Ok(false);
-                }
-                at = end;
-            }
-        })
-        .await
-        .map_err(|e| self.read_err(io::Error::other(e)))?
-        .map_err(|e| self.read_err(e))
     }
 
     /// One pass over the complete segment file of `len` bytes: checked with the stream's
@@ -867,21 +837,8 @@ impl Ctx<'_> {
     }
 }
 
-/// `START WAL LOCATION: X/Y (file NAME)` of a backup history file.
 /// How much of a segment file [`Ctx::head`] reads: one WAL page (the long page header).
 const HEAD_BYTES: usize = 8192;
-
-/// The pieces a segment file is read in.
-const PIECE: usize = 1 << 20;
-
-fn read_some(r: &mut impl io::Read, buf: &mut [u8]) -> io::Result<usize> {
-    loop {
-        match r.read(buf) {
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            other => return other,
-        }
-    }
-}
 
 /// A temp file beside nothing PostgreSQL or walagent reads (the system temp directory), 0600,
 /// removed when dropped (the local store may have moved it into the archive already).
@@ -1005,6 +962,7 @@ impl io::Read for ErrKeeper<'_> {
     }
 }
 
+/// `START WAL LOCATION: X/Y (file NAME)` of a backup history file.
 fn backup_start_lsn(content: &[u8]) -> Result<Lsn, Detail> {
     let text = std::str::from_utf8(content).map_err(|_| Detail::from("it is not text"))?;
     let line = text
