@@ -362,11 +362,17 @@ impl Ctx<'_> {
     }
 
     async fn read(&self, limit: u64, what: &'static str) -> Result<Vec<u8>, PushError> {
-        let read_err = |source| PushError::Read {
-            path: self.path_s.clone(),
-            source,
-        };
-        let md = tokio::fs::metadata(self.path).await.map_err(read_err)?;
+        self.file_len(limit, what).await?;
+        tokio::fs::read(self.path)
+            .await
+            .map_err(|e| self.read_err(e))
+    }
+
+    /// The file's length, once it is known to be a regular file of at most `limit` bytes.
+    async fn file_len(&self, limit: u64, what: &'static str) -> Result<u64, PushError> {
+        let md = tokio::fs::metadata(self.path)
+            .await
+            .map_err(|e| self.read_err(e))?;
         if !md.is_file() {
             return Err(self.bad(what, "it is not a regular file"));
         }
@@ -376,7 +382,7 @@ impl Ctx<'_> {
                 format!("{} bytes is more than such a file holds", md.len()),
             ));
         }
-        tokio::fs::read(self.path).await.map_err(read_err)
+        Ok(md.len())
     }
 
     /// Size, name and long page header of a segment file (complete or `.partial`).
@@ -564,18 +570,7 @@ impl Ctx<'_> {
     /// The file's first page (or all of it when shorter) and its length, after the checks of
     /// [`read`](Self::read).
     async fn head(&self, limit: u64, what: &'static str) -> Result<(Vec<u8>, u64), PushError> {
-        let md = tokio::fs::metadata(self.path)
-            .await
-            .map_err(|e| self.read_err(e))?;
-        if !md.is_file() {
-            return Err(self.bad(what, "it is not a regular file"));
-        }
-        if md.len() > limit {
-            return Err(self.bad(
-                what,
-                format!("{} bytes is more than such a file holds", md.len()),
-            ));
-        }
+        let len = self.file_len(limit, what).await?;
         let path = self.path.to_path_buf();
         let head = tokio::task::spawn_blocking(move || -> io::Result<Vec<u8>> {
             use std::io::Read;
@@ -588,7 +583,7 @@ impl Ctx<'_> {
         .await
         .map_err(|e| self.read_err(io::Error::other(e)))?
         .map_err(|e| self.read_err(e))?;
-        Ok((head, md.len()))
+        Ok((head, len))
     }
 
     fn read_err(&self, source: io::Error) -> PushError {

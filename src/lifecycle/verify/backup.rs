@@ -241,6 +241,34 @@ fn check_tar_blocking(
     }
 }
 
+/// Sends every piece of `reader` to a checker on a blocking thread through `tx` (`seen` counts
+/// each piece's bytes). When the checker stops early (bad content) the object is still read to
+/// its end, so that the stored checksum there says whether the object itself is damaged.
+/// `Some(detail)` when it is (the store's `Corrupt`); `tx` is dropped before returning, so the
+/// checker sees the end of its input.
+pub(crate) async fn pump(
+    reader: &mut dyn crate::archive::ObjectReader,
+    tx: mpsc::Sender<Bytes>,
+    mut seen: impl FnMut(u64),
+) -> Result<Option<String>, StoreError> {
+    let mut tx = Some(tx);
+    loop {
+        match reader.next_chunk().await {
+            Ok(Some(chunk)) => {
+                seen(chunk.len() as u64);
+                if let Some(t) = &tx {
+                    if t.send(chunk).await.is_err() {
+                        tx = None;
+                    }
+                }
+            }
+            Ok(None) => return Ok(None),
+            Err(StoreError::Corrupt { detail, .. }) => return Ok(Some(detail)),
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 /// Streams one tar object through [`check_tar_blocking`]. `Ok(Err(problem))` when the object is
 /// missing or its stored checksum fails; `Err` when the store cannot be read.
 async fn check_tar(
@@ -264,30 +292,11 @@ async fn check_tar(
     let (tx, rx) = mpsc::channel::<Bytes>(4);
     let worker =
         tokio::task::spawn_blocking(move || check_tar_blocking(rx, compressed, prefix, manifest));
-    let mut tx = Some(tx);
-    let mut stored_error = None;
-    loop {
-        match reader.next_chunk().await {
-            Ok(Some(chunk)) => {
-                out.stored_bytes += chunk.len() as u64;
-                progress.add(chunk.len() as u64);
-                // When the checker stopped (bad content), keep reading: the stored checksum
-                // at the end says whether the object itself is damaged.
-                if let Some(t) = &tx {
-                    if t.send(chunk).await.is_err() {
-                        tx = None;
-                    }
-                }
-            }
-            Ok(None) => break,
-            Err(StoreError::Corrupt { detail, .. }) => {
-                stored_error = Some(detail);
-                break;
-            }
-            Err(e) => return Err(e),
-        }
-    }
-    drop(tx);
+    let stored_error = pump(reader.as_mut(), tx, |n| {
+        out.stored_bytes += n;
+        progress.add(n);
+    })
+    .await?;
     let res = worker
         .await
         .map_err(|e| StoreError::io(format!("checking {}", a.key), io::Error::other(e)))?;

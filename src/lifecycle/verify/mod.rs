@@ -892,26 +892,7 @@ async fn read_and_check(
             Err(e) => Checked::Bad(format!("damaged: {e}")),
         }
     });
-    let mut tx = Some(tx);
-    let mut stored_error = None;
-    loop {
-        match reader.next_chunk().await {
-            Ok(Some(chunk)) => {
-                if let Some(t) = &tx {
-                    if t.send(chunk).await.is_err() {
-                        tx = None;
-                    }
-                }
-            }
-            Ok(None) => break,
-            Err(StoreError::Corrupt { detail, .. }) => {
-                stored_error = Some(detail);
-                break;
-            }
-            Err(e) => return Err(e),
-        }
-    }
-    drop(tx);
+    let stored_error = backup::pump(reader.as_mut(), tx, |_| {}).await?;
     let res = worker
         .await
         .map_err(|e| StoreError::io(format!("checking {key}"), std::io::Error::other(e)))?;
