@@ -110,7 +110,7 @@ pub struct PrefetchConfig {
 
 impl PrefetchConfig {
     /// Settings from the command line: `depth` defaults to [`default_depth`], `dir` to
-    /// [`default_dir`], `jobs` to `min(depth, DEFAULT_JOBS)`.
+    /// [`default_dir`], `jobs` to `min(depth, DEFAULT_JOBS, the memory plan's downloads)`.
     pub fn new(
         archive: &str,
         dest: &Path,
@@ -122,7 +122,17 @@ impl PrefetchConfig {
         PrefetchConfig {
             archive: archive.to_string(),
             depth,
-            jobs: jobs.unwrap_or(DEFAULT_JOBS).clamp(1, depth.max(1)),
+            // The default is capped by the memory plan of the archive's kind (each download
+            // holds a few MiB: archive::memory::PREFETCH_DOWNLOAD); an explicit
+            // `--prefetch-jobs` wins, as `--jobs` and `--compress-threads` do.
+            jobs: jobs
+                .unwrap_or_else(|| {
+                    let plan = crate::archive::memory::plan_for(
+                        crate::archive::memory::ArchiveKind::of(archive),
+                    );
+                    DEFAULT_JOBS.min(u32::try_from(plan.prefetch_downloads).unwrap_or(u32::MAX))
+                })
+                .clamp(1, depth.max(1)),
             dir: dir.unwrap_or_else(|| default_dir(dest)),
         }
     }
@@ -1141,11 +1151,8 @@ async fn worker(cfg: &PrefetchConfig, start: &str, log: &WorkerLog) -> Result<St
         inner: store,
         meta: meta_bytes,
     });
-    // Each download holds a few MiB (archive::memory::PREFETCH_DOWNLOAD): the memory plan of
-    // the archive's kind caps how many run at once.
-    let plan =
-        crate::archive::memory::plan_for(crate::archive::memory::ArchiveKind::of(&cfg.archive));
-    let jobs = (cfg.jobs as usize).min(plan.prefetch_downloads).max(1);
+    // How many at once was decided with the defaults (`PrefetchConfig::new`, the memory plan).
+    let jobs = (cfg.jobs as usize).max(1);
     log.info(&format!(
         "prefetching {} segments after {start} from {} ({jobs} at once)",
         cfg.depth,
@@ -1336,9 +1343,15 @@ mod tests {
             default_dir(Path::new("RECOVERYXLOG")),
             PathBuf::from(".walagent-prefetch")
         );
+        // S3 at the default 32MB plan: 2 downloads at once (the worker ran 2 before too; the
+        // cap now sits with the defaults), a local archive 4; an explicit value wins.
         let c = PrefetchConfig::new("s3://b/p", Path::new("/x/pg_wal/D"), None, None, None);
-        assert_eq!((c.depth, c.jobs), (8, 4));
+        assert_eq!((c.depth, c.jobs), (8, 2));
         assert_eq!(c.dir, PathBuf::from("/x/pg_wal/.walagent-prefetch"));
+        let c = PrefetchConfig::new("/a", Path::new("D"), None, None, None);
+        assert_eq!((c.depth, c.jobs), (8, 4));
+        let c = PrefetchConfig::new("s3://b/p", Path::new("D"), None, None, Some(4));
+        assert_eq!(c.jobs, 4);
         let c = PrefetchConfig::new("/a", Path::new("D"), Some(2), Some("/c".into()), None);
         assert_eq!((c.depth, c.jobs, c.dir), (2, 2, PathBuf::from("/c")));
         let c = PrefetchConfig::new("/a", Path::new("D"), Some(16), None, Some(9));
