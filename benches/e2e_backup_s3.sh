@@ -81,23 +81,9 @@ mkdir -p "$S3_ROOT/$BUCKET" "$DIR/pgbr-lock" "$DIR/pgbr-log" "$DIR/pgbr-spool"
 "$S3S_FS" --host 127.0.0.1 --port "$S3_PORT" --access-key "$S3_KEY" --secret-key "$S3_SECRET" \
   "$S3_ROOT" >"$DIR/s3s-fs.log" 2>&1 </dev/null &
 S3_PID=$!
-openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj /CN=127.0.0.1 -addext subjectAltName=IP:127.0.0.1 \
-  -keyout "$DIR/tls.key" -out "$DIR/tls.crt" 2>/dev/null
-cat >"$DIR/stunnel.conf" <<EOF
-foreground = yes
-pid =
-output = $DIR/stunnel.log
-[s3]
-accept = 127.0.0.1:$TLS_PORT
-connect = 127.0.0.1:$S3_PORT
-cert = $DIR/tls.crt
-key = $DIR/tls.key
-EOF
-"$STUNNEL" "$DIR/stunnel.conf" >>"$DIR/stunnel.log" 2>&1 </dev/null &
-TLS_PID=$!
-for _ in $(seq 1 100); do port_open "$S3_PORT" && port_open "$TLS_PORT" && break; sleep 0.1; done
+start_stunnel "$DIR" "$TLS_PORT" "$S3_PORT"
+for _ in $(seq 1 100); do port_open "$S3_PORT" && break; sleep 0.1; done
 port_open "$S3_PORT" || { cat "$DIR/s3s-fs.log" >&2; die "s3s-fs did not start"; }
-port_open "$TLS_PORT" || { cat "$DIR/stunnel.log" >&2; die "stunnel did not start"; }
 export AWS_ACCESS_KEY_ID=$S3_KEY AWS_SECRET_ACCESS_KEY=$S3_SECRET AWS_REGION=us-east-1 \
   AWS_ENDPOINT_URL=http://127.0.0.1:$S3_PORT AWS_S3_FORCE_PATH_STYLE=true AWS_EC2_METADATA_DISABLED=true
 

@@ -307,22 +307,7 @@ chmod 700 "$FAKEPG"
 [[ $(id -u) == 0 ]] && chown -R postgres: "$FAKEPG" "$DIR/pgbr-lock" "$DIR/pgbr-log" "$DIR/pgbr-spool"
 
 if ((HAVE_PGBR)); then
-  openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj /CN=127.0.0.1 -addext subjectAltName=IP:127.0.0.1 \
-    -keyout "$DIR/tls.key" -out "$DIR/tls.crt" 2>/dev/null
-  cat >"$DIR/stunnel.conf" <<EOF
-foreground = yes
-pid =
-output = $DIR/stunnel.log
-[s3]
-accept = 127.0.0.1:$TLS_PORT
-connect = 127.0.0.1:$S3_PORT
-cert = $DIR/tls.crt
-key = $DIR/tls.key
-EOF
-  "$STUNNEL" "$DIR/stunnel.conf" >>"$DIR/stunnel.log" 2>&1 </dev/null &
-  TLS_PID=$!
-  for _ in $(seq 1 100); do port_open "$TLS_PORT" && break; sleep 0.1; done
-  port_open "$TLS_PORT" || { cat "$DIR/stunnel.log" >&2; die "stunnel did not start"; }
+  start_stunnel "$DIR" "$TLS_PORT" "$S3_PORT"
   cat >"$DIR/pgbackrest.conf" <<EOF
 [global]
 repo1-type=s3

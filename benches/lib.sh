@@ -44,3 +44,27 @@ EOF
   echo "host replication all 127.0.0.1/32 trust" >>"$pgdata/pg_hba.conf"
   as_pg "$PG_BIN/pg_ctl" -D "$pgdata" -l "$sock/postgres.log" -w start >/dev/null
 }
+
+# start_stunnel DIR ACCEPT_PORT CONNECT_PORT: TLS on 127.0.0.1:ACCEPT_PORT in front of the plain
+# HTTP server on CONNECT_PORT (pgBackRest speaks only HTTPS to S3), with a fresh self-signed
+# certificate for IP:127.0.0.1 in DIR; sets TLS_PID and waits until the port answers. Uses
+# $STUNNEL (the scripts find stunnel4 or stunnel).
+start_stunnel() {
+  local dir=$1 accept=$2 connect=$3
+  openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj /CN=127.0.0.1 -addext subjectAltName=IP:127.0.0.1 \
+    -keyout "$dir/tls.key" -out "$dir/tls.crt" 2>/dev/null
+  cat >"$dir/stunnel.conf" <<CONF
+foreground = yes
+pid =
+output = $dir/stunnel.log
+[s3]
+accept = 127.0.0.1:$accept
+connect = 127.0.0.1:$connect
+cert = $dir/tls.crt
+key = $dir/tls.key
+CONF
+  "$STUNNEL" "$dir/stunnel.conf" >>"$dir/stunnel.log" 2>&1 </dev/null &
+  TLS_PID=$!
+  for _ in $(seq 1 100); do port_open "$accept" && break; sleep 0.1; done
+  port_open "$accept" || { cat "$dir/stunnel.log" >&2; die "stunnel did not start"; }
+}
