@@ -1,7 +1,9 @@
 //! Compression of archived WAL: zstd frames (with content checksum and content size) or none.
 //!
-//! The format is plain zstd, so `zstd -d 000000010000000000000003.zst` restores a segment without
-//! walagent. See `proto-notes/archive-layout.md`.
+//! A compressed segment is a size header (a zstd skippable frame holding the content length) and
+//! frames of [`FRAME`] bytes ([`compress_streaming`]); older objects are one frame. The format is
+//! plain zstd, so `zstd -d 000000010000000000000003.zst` restores a segment without walagent. See
+//! `proto-notes/archive-layout.md`, "Compression".
 
 use std::fmt;
 use std::fs::{File, OpenOptions};
@@ -17,7 +19,7 @@ use zstd::stream::raw::{CParameter, Decoder as RawDecoder, InBuffer, Operation, 
 pub enum Compression {
     /// Stored as is (`wal/<name>`).
     None,
-    /// One zstd frame per object (`wal/<name>.zst`). `level` may be negative (faster, larger).
+    /// zstd (`wal/<name>.zst`; frames of [`FRAME`] bytes). `level` may be negative (faster, larger).
     Zstd { level: i32 },
 }
 
@@ -118,14 +120,9 @@ fn with_path(e: io::Error, what: &str, path: &Path) -> io::Error {
 }
 
 /// Compresses the file `src` into the new file `dst` (created with mode 0600, truncated if it
-/// exists). `dst` is not fsynced: the store does that when it takes the file. zstd frames carry
-/// the content checksum and the content size. Returns the number of bytes written to `dst`.
-///
-/// Always streams (1 MiB reads into the zstd encoder, size pledged up front). Measured on a real
-/// 16 MiB PostgreSQL 15 segment, file to file: streaming is as fast as or faster than reading the
-/// whole file and compressing it with `zstd::bulk` (the whole-buffer compressor is ~20% faster in
-/// memory, but filling and faulting in a fresh 16 MiB buffer costs that back), and it needs ~1 MiB
-/// of buffers instead of two segment-sized ones. See `benches/compress.rs`.
+/// exists). `dst` is not fsynced: the store does that when it takes the file. The output is
+/// [`compress_streaming`]'s: a size header, then zstd frames of [`FRAME`] bytes each, every frame
+/// with its content checksum and content size. Returns the number of bytes written to `dst`.
 pub fn compress_file(src: &Path, dst: &Path, c: Compression) -> io::Result<u64> {
     let mut input = File::open(src).map_err(|e| with_path(e, "cannot open", src))?;
     let len = input
@@ -151,51 +148,114 @@ pub fn compress_bulk(data: &[u8], level: i32) -> io::Result<Vec<u8>> {
     c.compress(data)
 }
 
-/// Streams `input` (whose length is `len`) through a zstd encoder into `output`; returns the bytes
-/// written. The frame records `len` as its content size, so `input` must yield exactly `len`
-/// bytes (zstd reports an error otherwise).
+/// Content bytes per zstd frame written by [`compress_streaming`].
+///
+/// Why frames of 1 MiB and not one frame per object: zstd's streaming encoder copies its input
+/// into a window buffer and, once that wraps, compresses in its slower "extDict" mode; a frame
+/// compressed in one call from a contiguous buffer skips both. On a 16 MiB segment of the benches'
+/// WAL, 1 MiB frames took 0.81x the CPU of the streaming encoder (median of 11 alternating runs)
+/// at the same ratio (the level-1 window is 512 KiB, so few matches cross a frame boundary), and
+/// need 1 MiB in and about 1 MiB out, where one-shot compression of the whole segment needs the
+/// segment in memory. See `proto-notes/archive-layout.md`, "Compression".
+pub const FRAME: usize = 1 << 20;
+
+/// The skippable-frame magic number of walagent's size header (zstd reserves
+/// 0x184D2A50..=0x184D2A5F for skippable frames, which every zstd decoder skips).
+const SIZE_HEADER_MAGIC: u32 = 0x184D_2A57;
+/// The size header's payload: 8 bytes of tag, then the content length (u64, little-endian).
+const SIZE_HEADER_TAG: &[u8; 8] = b"walagent";
+/// Length of the whole size header: magic, payload length, payload.
+const SIZE_HEADER_LEN: usize = 4 + 4 + 16;
+
+/// The size header written before the frames: a zstd skippable frame holding the content length,
+/// so that an object cut exactly at a frame boundary (which is itself valid zstd) is still found
+/// short by [`decompress_stream`]. zstd's own tools skip it (`zstd -d` works as before).
+fn size_header(len: u64) -> [u8; SIZE_HEADER_LEN] {
+    let mut h = [0u8; SIZE_HEADER_LEN];
+    h[..4].copy_from_slice(&SIZE_HEADER_MAGIC.to_le_bytes());
+    h[4..8].copy_from_slice(&16u32.to_le_bytes());
+    h[8..16].copy_from_slice(SIZE_HEADER_TAG);
+    h[16..].copy_from_slice(&len.to_le_bytes());
+    h
+}
+
+/// The content length in a size header at the start of `head` (at least [`SIZE_HEADER_LEN`]
+/// bytes, or the whole object when it is shorter); `None` when the object does not start with one
+/// (a single frame, as written before frames of [`FRAME`] bytes, or by `walagent backup`).
+fn parse_size_header(head: &[u8]) -> Option<u64> {
+    let h: &[u8; SIZE_HEADER_LEN] = head.get(..SIZE_HEADER_LEN)?.try_into().ok()?;
+    if h[..4] != SIZE_HEADER_MAGIC.to_le_bytes()
+        || h[4..8] != 16u32.to_le_bytes()
+        || h[8..16] != SIZE_HEADER_TAG[..]
+    {
+        return None;
+    }
+    let mut n = [0u8; 8];
+    n.copy_from_slice(&h[16..]);
+    Some(u64::from_le_bytes(n))
+}
+
+/// Compresses `input` (whose length is `len`) into `output`; returns the bytes written.
+///
+/// Format: a size header (a zstd skippable frame holding `len`), then one zstd frame per
+/// [`FRAME`] bytes of input (the last one shorter; one empty frame when `len` is 0), each
+/// compressed in one call with content checksum and content size. Plain zstd: any decoder
+/// concatenates the frames. `input` must yield exactly `len` bytes (an error otherwise: the file
+/// changed while it was compressed).
 pub fn compress_streaming(
     input: &mut impl Read,
     len: u64,
     output: &mut impl Write,
     level: i32,
 ) -> io::Result<u64> {
-    let mut counting = CountingWriter {
-        inner: output,
-        n: 0,
-    };
-    let mut enc = zstd::stream::write::Encoder::new(&mut counting, level)?;
-    enc.include_checksum(true)?;
-    enc.include_contentsize(true)?;
-    enc.set_pledged_src_size(Some(len))?;
-    let mut buf = vec![0u8; IO_BUF];
+    let mut c = zstd::bulk::Compressor::new(level)?;
+    c.set_parameter(CParameter::ChecksumFlag(true))?;
+    c.set_parameter(CParameter::ContentSizeFlag(true))?;
+    output.write_all(&size_header(len))?;
+    let mut written = SIZE_HEADER_LEN as u64;
+    let mut buf = vec![0u8; FRAME];
+    let mut out = vec![0u8; zstd::zstd_safe::compress_bound(FRAME)];
+    let mut total: u64 = 0;
     loop {
-        let n = match input.read(&mut buf) {
+        let n = read_full(input, &mut buf)?;
+        total += n as u64;
+        if total > len {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("the source grew while it was compressed (more than {len} bytes)"),
+            ));
+        }
+        if n == 0 && total > 0 {
+            break;
+        }
+        let z = c.compress_to_buffer(&buf[..n], &mut out[..])?;
+        output.write_all(&out[..z])?;
+        written += z as u64;
+        if n < FRAME {
+            break;
+        }
+    }
+    if total != len {
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            format!("the source shrank while it was compressed ({total} of {len} bytes)"),
+        ));
+    }
+    Ok(written)
+}
+
+/// Reads until `buf` is full or the end of `input`; returns the bytes read.
+fn read_full(input: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
+    let mut got = 0;
+    while got < buf.len() {
+        match input.read(&mut buf[got..]) {
             Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return Err(e),
-        };
-        enc.write_all(&buf[..n])?;
+        }
     }
-    enc.finish()?;
-    Ok(counting.n)
-}
-
-struct CountingWriter<W> {
-    inner: W,
-    n: u64,
-}
-
-impl<W: Write> Write for CountingWriter<W> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let n = self.inner.write(buf)?;
-        self.n += n as u64;
-        Ok(n)
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        self.inner.flush()
-    }
+    Ok(got)
 }
 
 /// The error inside the `InvalidData` [`io::Error`] that [`decompress_stream`] returns for a
@@ -216,8 +276,10 @@ fn corrupt(msg: String) -> io::Error {
 }
 
 /// Decompresses (or, when `compressed` is false, copies) `src` into `dst`, returning the number of
-/// bytes written. Concatenated zstd frames are accepted. A corrupt zstd stream (bad data, checksum
-/// or content-size mismatch) or a truncated/empty one is an `InvalidData` error for which
+/// bytes written. Concatenated zstd frames are accepted (one frame per object, as written before
+/// frames of [`FRAME`] bytes and by `walagent backup`, or [`compress_streaming`]'s size header and
+/// frames). A corrupt zstd stream (bad data, checksum or content-size mismatch, a total that is
+/// not its size header's) or a truncated/empty one is an `InvalidData` error for which
 /// [`is_corrupt`] is true; read and write errors pass through unchanged.
 pub fn decompress_stream(
     mut src: impl Read,
@@ -232,6 +294,8 @@ pub fn decompress_stream(
     let mut outbuf = vec![0u8; IO_BUF];
     let mut total_in: u64 = 0;
     let mut total_out: u64 = 0;
+    // The object's first bytes, to find a size header (see `size_header`).
+    let mut head: Vec<u8> = Vec::with_capacity(SIZE_HEADER_LEN);
     // zstd's hint: 0 right after a frame ended, non-zero inside a frame (or before the first).
     let mut hint: usize = 1;
     loop {
@@ -242,6 +306,10 @@ pub fn decompress_stream(
             Err(e) => return Err(e),
         };
         total_in += n as u64;
+        if head.len() < SIZE_HEADER_LEN {
+            let take = (SIZE_HEADER_LEN - head.len()).min(n);
+            head.extend_from_slice(&inbuf[..take]);
+        }
         let mut input = InBuffer::around(&inbuf[..n]);
         loop {
             let mut output = OutBuffer::around(&mut outbuf[..]);
@@ -276,6 +344,14 @@ pub fn decompress_stream(
         return Err(corrupt(format!(
             "zstd stream is truncated: it ends inside a frame after {total_in} compressed bytes"
         )));
+    }
+    // Frames of `FRAME` bytes: an object cut at a frame boundary is valid zstd, only shorter.
+    if let Some(declared) = parse_size_header(&head) {
+        if declared != total_out {
+            return Err(corrupt(format!(
+                "zstd stream holds {total_out} bytes but its size header says {declared} (truncated object?)"
+            )));
+        }
     }
     Ok(total_out)
 }
@@ -365,12 +441,9 @@ mod tests {
             assert!(out == data);
             if c.is_compressed() {
                 assert!(n < data.len() as u64 * 6 / 10, "ratio {n}");
-                // Frame header carries the content size; the frame has a checksum.
                 let bytes = std::fs::read(&dst).unwrap();
-                assert_eq!(
-                    zstd::zstd_safe::get_frame_content_size(&bytes).unwrap(),
-                    Some(data.len() as u64)
-                );
+                assert_eq!(parse_size_header(&bytes), Some(data.len() as u64));
+                assert_eq!(frame_sizes(&bytes), vec![FRAME as u64; 3]);
             }
         }
     }
@@ -381,16 +454,129 @@ mod tests {
         let mut out = Vec::new();
         let n = compress_streaming(&mut &data[..], data.len() as u64, &mut out, 1).unwrap();
         assert_eq!(n, out.len() as u64);
-        assert_eq!(
-            zstd::zstd_safe::get_frame_content_size(&out).unwrap(),
-            Some(data.len() as u64)
-        );
+        assert_eq!(frame_sizes(&out), vec![data.len() as u64]);
         let mut back = Vec::new();
         decompress_stream(&out[..], &mut back, true).unwrap();
         assert!(back == data);
         // A source that is not the pledged length (file changed while compressing) is an error.
         assert!(compress_streaming(&mut &data[..1000], 2000, &mut Vec::new(), 1).is_err());
         assert!(compress_streaming(&mut &data[..3000], 2000, &mut Vec::new(), 1).is_err());
+    }
+
+    /// The content sizes of the zstd frames after the size header (each frame must declare one).
+    fn frame_sizes(z: &[u8]) -> Vec<u64> {
+        assert!(parse_size_header(z).is_some(), "no size header");
+        let mut rest = &z[SIZE_HEADER_LEN..];
+        let mut sizes = Vec::new();
+        while !rest.is_empty() {
+            let n = zstd::zstd_safe::find_frame_compressed_size(rest).unwrap();
+            let size = zstd::zstd_safe::get_frame_content_size(&rest[..n]).unwrap();
+            sizes.push(size.expect("every frame records its content size"));
+            rest = &rest[n..];
+        }
+        sizes
+    }
+
+    /// Offsets (in the compressed bytes) where a frame ends, the size header's end included.
+    fn frame_ends(z: &[u8]) -> Vec<usize> {
+        let mut ends = vec![SIZE_HEADER_LEN];
+        let mut at = SIZE_HEADER_LEN;
+        while at < z.len() {
+            at += zstd::zstd_safe::find_frame_compressed_size(&z[at..]).unwrap();
+            ends.push(at);
+        }
+        ends
+    }
+
+    /// A reader that hands out at most `step` bytes per call.
+    struct Trickle<'a> {
+        data: &'a [u8],
+        step: usize,
+    }
+    impl Read for Trickle<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            let n = self.step.min(buf.len()).min(self.data.len());
+            buf[..n].copy_from_slice(&self.data[..n]);
+            self.data = &self.data[n..];
+            Ok(n)
+        }
+    }
+
+    #[test]
+    fn frames_of_one_mib_round_trip_with_any_decoder() {
+        for len in [0, 1, 1000, FRAME - 1, FRAME, FRAME + 1, 3 * FRAME + 5] {
+            let data = wal_like(len);
+            let mut z = Vec::new();
+            let n = compress_streaming(&mut &data[..], len as u64, &mut z, 1).unwrap();
+            assert_eq!(n, z.len() as u64);
+            assert_eq!(parse_size_header(&z), Some(len as u64), "{len}");
+            let want: Vec<u64> = if len == 0 {
+                vec![0]
+            } else {
+                data.chunks(FRAME).map(|c| c.len() as u64).collect()
+            };
+            assert_eq!(frame_sizes(&z), want, "{len}");
+            // walagent's decoder, also when the object arrives in tiny pieces.
+            for step in [1, 7, 64 << 10, usize::MAX] {
+                let mut back = Vec::new();
+                let got = decompress_stream(Trickle { data: &z, step }, &mut back, true).unwrap();
+                assert_eq!(got, len as u64, "{len} step {step}");
+                assert!(back == data, "{len} step {step}");
+            }
+            // Any zstd decoder (the zstd tool uses the same library): the header is skipped.
+            assert!(zstd::stream::decode_all(&z[..]).unwrap() == data, "{len}");
+        }
+    }
+
+    #[test]
+    fn an_object_cut_at_a_frame_boundary_is_corrupt() {
+        let data = wal_like(3 * FRAME + 5);
+        let mut z = Vec::new();
+        compress_streaming(&mut &data[..], data.len() as u64, &mut z, 1).unwrap();
+        let ends = frame_ends(&z);
+        assert_eq!(ends.len(), 5);
+        // Every cut short of the end, at a frame boundary (valid zstd, only shorter) or inside
+        // the header or a frame, is corrupt; the whole object is not.
+        let mut cuts: Vec<usize> = ends[..ends.len() - 1].to_vec();
+        cuts.extend([
+            1,
+            4,
+            8,
+            SIZE_HEADER_LEN - 1,
+            SIZE_HEADER_LEN + 3,
+            z.len() - 1,
+        ]);
+        for cut in cuts {
+            let e = decompress_stream(&z[..cut], io::sink(), true).unwrap_err();
+            assert!(is_corrupt(&e), "cut {cut}: {e}");
+        }
+        let e = decompress_stream(&z[..ends[2]], io::sink(), true).unwrap_err();
+        assert!(e.to_string().contains("size header says"), "{e}");
+        // A frame appended to a whole object: the total no longer matches the header.
+        let mut longer = z.clone();
+        longer.extend_from_slice(&compress_bulk(b"more", 1).unwrap());
+        let e = decompress_stream(&longer[..], io::sink(), true).unwrap_err();
+        assert!(is_corrupt(&e), "{e}");
+        // A size header that lies is corrupt either way.
+        let mut lie = z.clone();
+        lie[16] ^= 1;
+        let e = decompress_stream(&lie[..], io::sink(), true).unwrap_err();
+        assert!(is_corrupt(&e), "{e}");
+        assert_eq!(
+            decompress_stream(&z[..], io::sink(), true).unwrap(),
+            data.len() as u64
+        );
+    }
+
+    #[test]
+    fn the_old_single_frame_objects_still_read() {
+        // Written before frames of FRAME bytes (and by `walagent backup`): one frame, no header.
+        let data = wal_like(2 * FRAME + 3);
+        let z = compress_bulk(&data, 1).unwrap();
+        assert_eq!(parse_size_header(&z), None);
+        let mut back = Vec::new();
+        decompress_stream(&z[..], &mut back, true).unwrap();
+        assert!(back == data);
     }
 
     #[test]

@@ -46,7 +46,7 @@ pub enum FetchError {
     NoMeta { archive: String },
     #[error("{0}")]
     Meta(#[from] MetaError),
-    #[error("archive object {key} in {archive} is corrupt ({detail}); restore it from another copy of the archive or remove it")]
+    #[error("archive object {key} in {archive} is corrupt ({detail})")]
     Corrupt {
         key: String,
         archive: String,
@@ -90,6 +90,10 @@ impl FetchError {
     /// What to do about it, for the `hint:` part of the error line.
     pub fn hint(&self) -> Option<String> {
         match self {
+            FetchError::Corrupt { .. } => Some(
+                "the object does not decompress to a whole segment (damaged or cut short) and is not served; restore it from another copy of the archive (or remove it to let recovery end before it)"
+                    .to_string(),
+            ),
             FetchError::WrongWal { .. } => Some(
                 "the object holds other WAL than its name says, or damaged WAL, and is not served so that recovery stops here instead of replaying it; restore the object from another copy of the archive (or remove it to let recovery end before it)"
                     .to_string(),
@@ -1030,6 +1034,12 @@ mod tests {
         assert_eq!(e.exit_code(), EXIT_FATAL);
         assert!(
             e.to_string().contains("is corrupt") && !e.to_string().contains('\n'),
+            "{e}"
+        );
+        // The fix goes in the hint, not in the cause (`walagent: error: CAUSE; hint: FIX`).
+        assert!(
+            e.hint().is_some_and(|h| h.contains("another copy"))
+                && !e.to_string().contains("restore it"),
             "{e}"
         );
         // The decoder's error is kept as the cause.
