@@ -7,10 +7,11 @@
 //!
 //! Groups:
 //! - `compress/<input>/bulk/L`: `zstd::bulk` on a warm in-memory buffer, levels -1, 1, 3;
-//! - `compress/<input>/stream/1`: the streaming encoder on the same buffer;
-//! - `compress_file/<input>/L`: the real `compress_file` (streaming), file to file (page cache),
-//!   levels -1, 1, and `compress_file/<input>/whole-bulk/1`: the alternative it does not take
-//!   (read the whole file, `zstd::bulk`, write), which is no faster file to file;
+//! - `compress/<input>/stream/1`: `compress_streaming` (a size header and 1 MiB frames, each
+//!   compressed in one call) on the same buffer, and `compress/<input>/encoder/1`: what it
+//!   replaced, zstd's streaming encoder fed 1 MiB at a time (one frame);
+//! - `compress_file/<input>/L`: the real `compress_file`, file to file (page cache), levels -1,
+//!   1, and `compress_file/<input>/whole-bulk/1`: read the whole file, `zstd::bulk`, write;
 //! - `decompress/<input>/L`: `decompress_stream` from memory into a sink.
 
 use std::hint::black_box;
@@ -82,6 +83,26 @@ fn bench(c: &mut Criterion) {
                 |b, d| b.iter(|| compress_bulk(black_box(d), level).expect("compress")),
             );
         }
+        // What compress_streaming replaced (session 5): zstd's streaming encoder, one frame,
+        // fed 1 MiB at a time.
+        g.bench_with_input(
+            BenchmarkId::new(format!("{name}/encoder"), 1),
+            data,
+            |b, d| {
+                b.iter(|| {
+                    let mut out = Vec::with_capacity(d.len());
+                    let mut enc = zstd::stream::write::Encoder::new(&mut out, 1).expect("encoder");
+                    enc.include_checksum(true).expect("checksum");
+                    enc.set_pledged_src_size(Some(d.len() as u64))
+                        .expect("size");
+                    for piece in d.chunks(1 << 20) {
+                        std::io::Write::write_all(&mut enc, piece).expect("compress");
+                    }
+                    enc.finish().expect("finish");
+                    out
+                })
+            },
+        );
         g.bench_with_input(
             BenchmarkId::new(format!("{name}/stream"), 1),
             data,
