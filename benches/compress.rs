@@ -10,6 +10,9 @@
 //! - `compress/<input>/stream/1`: `compress_streaming` (a size header and 1 MiB frames, each
 //!   compressed in one call) on the same buffer, and `compress/<input>/encoder/1`: what it
 //!   replaced, zstd's streaming encoder fed 1 MiB at a time (one frame);
+//! - `compress_many/N-segments/{stream,encoder}/1`: the same two over up to 16 different
+//!   segments per iteration, when `WALAGENT_BENCH_WAL_DIR` names a directory of 16 MiB segments
+//!   (a pg_wal): the cache-cold case the archiver and the compactor see;
 //! - `compress_file/<input>/L`: the real `compress_file`, file to file (page cache), levels -1,
 //!   1, and `compress_file/<input>/whole-bulk/1`: read the whole file, `zstd::bulk`, write;
 //! - `decompress/<input>/L`: `decompress_stream` from memory into a sink.
@@ -56,6 +59,40 @@ fn inputs() -> Vec<(String, Vec<u8>)> {
     v
 }
 
+/// zstd's streaming encoder fed 1 MiB at a time, one frame: what `compress_streaming` was
+/// before frames of 1 MiB.
+fn encoder(d: &[u8], level: i32) -> Vec<u8> {
+    let mut out = Vec::with_capacity(d.len());
+    let mut enc = zstd::stream::write::Encoder::new(&mut out, level).expect("encoder");
+    enc.include_checksum(true).expect("checksum");
+    enc.set_pledged_src_size(Some(d.len() as u64))
+        .expect("size");
+    for piece in d.chunks(1 << 20) {
+        std::io::Write::write_all(&mut enc, piece).expect("compress");
+    }
+    enc.finish().expect("finish");
+    out
+}
+
+/// Up to 16 segment files of `WALAGENT_BENCH_WAL_DIR` (e.g. a pg_wal), in name order.
+fn many_segments() -> Option<Vec<Vec<u8>>> {
+    let dir = std::env::var("WALAGENT_BENCH_WAL_DIR").ok()?;
+    let mut names: Vec<_> = std::fs::read_dir(&dir)
+        .map_err(|e| eprintln!("cannot read WALAGENT_BENCH_WAL_DIR={dir}: {e}"))
+        .ok()?
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().len() == 24 && e.metadata().is_ok_and(|m| m.len() == 16 << 20))
+        .map(|e| e.path())
+        .collect();
+    names.sort();
+    let v: Vec<Vec<u8>> = names
+        .iter()
+        .take(16)
+        .filter_map(|p| std::fs::read(p).ok())
+        .collect();
+    (!v.is_empty()).then_some(v)
+}
+
 fn bench(c: &mut Criterion) {
     let inputs = inputs();
     let dir = tempfile::tempdir().expect("temp dir for compress_file");
@@ -88,20 +125,7 @@ fn bench(c: &mut Criterion) {
         g.bench_with_input(
             BenchmarkId::new(format!("{name}/encoder"), 1),
             data,
-            |b, d| {
-                b.iter(|| {
-                    let mut out = Vec::with_capacity(d.len());
-                    let mut enc = zstd::stream::write::Encoder::new(&mut out, 1).expect("encoder");
-                    enc.include_checksum(true).expect("checksum");
-                    enc.set_pledged_src_size(Some(d.len() as u64))
-                        .expect("size");
-                    for piece in d.chunks(1 << 20) {
-                        std::io::Write::write_all(&mut enc, piece).expect("compress");
-                    }
-                    enc.finish().expect("finish");
-                    out
-                })
-            },
+            |b, d| b.iter(|| encoder(d, 1)),
         );
         g.bench_with_input(
             BenchmarkId::new(format!("{name}/stream"), 1),
@@ -116,6 +140,34 @@ fn bench(c: &mut Criterion) {
         );
     }
     g.finish();
+
+    // Many different segments per iteration (the cache-cold case of the archiver and the
+    // compactor, which never see a segment twice): the first 16 files of WALAGENT_BENCH_WAL_DIR.
+    if let Some(many) = many_segments() {
+        let total: usize = many.iter().map(Vec::len).sum();
+        let mut g = c.benchmark_group("compress_many");
+        g.sample_size(10).measurement_time(Duration::from_secs(8));
+        g.throughput(Throughput::Bytes(total as u64));
+        g.bench_function(
+            BenchmarkId::new(format!("{}-segments/stream", many.len()), 1),
+            |b| {
+                b.iter(|| {
+                    many.iter()
+                        .map(|d| {
+                            let mut out = Vec::with_capacity(d.len());
+                            compress_streaming(&mut &d[..], d.len() as u64, &mut out, 1)
+                                .expect("compress")
+                        })
+                        .sum::<u64>()
+                })
+            },
+        );
+        g.bench_function(
+            BenchmarkId::new(format!("{}-segments/encoder", many.len()), 1),
+            |b| b.iter(|| many.iter().map(|d| encoder(d, 1).len()).sum::<usize>()),
+        );
+        g.finish();
+    }
 
     let mut g = c.benchmark_group("compress_file");
     g.sample_size(10).measurement_time(Duration::from_secs(4));
