@@ -1091,7 +1091,12 @@ impl WalTee {
                     };
                     // `walagent stream` got there first, maybe with another encoding of the
                     // same WAL.
-                    crate::archive::same_wal_content(self.store.as_ref(), &key, &raw).await?
+                    crate::archive::same_wal_content(
+                        self.store.as_ref(),
+                        &key,
+                        crate::archive::segment::Raw::Bytes(raw),
+                    )
+                    .await?
                 } => {}
             // A partial that a running `walagent stream` stored with a different tail is fine:
             // the complete segment will follow from the stream.
