@@ -381,15 +381,24 @@ mod tests {
             let a = same_wal_content(store, key, Raw::Bytes(Bytes::copy_from_slice(new))).await;
             std::fs::write(file, new).unwrap();
             let b = same_wal_content(store, key, Raw::File(file)).await;
-            match (a, b) {
-                (Ok(a), Ok(b)) => {
-                    assert_eq!(a, b, "{key}: bytes and file disagree");
+            // The new WAL as the writer's own zstd body, in two frames.
+            let half = new.len() / 2;
+            let body = [
+                compress::compress_bulk(&new[..half], 2).unwrap(),
+                compress::compress_bulk(&new[half..], 2).unwrap(),
+            ]
+            .concat();
+            let c = same_wal_content(store, key, Raw::Zstd(Bytes::from(body))).await;
+            match (a, b, c) {
+                (Ok(a), Ok(b), Ok(c)) => {
+                    assert_eq!((a, a), (b, c), "{key}: bytes, file and zstd body disagree");
                     Some(a)
                 }
                 (
                     Err(StoreError::Corrupt { key: k1, .. }),
                     Err(StoreError::Corrupt { key: k2, .. }),
-                ) if k1 == key && k2 == key => None,
+                    Err(StoreError::Corrupt { key: k3, .. }),
+                ) if [&k1, &k2, &k3].iter().all(|k| *k == key) => None,
                 other => panic!("{key}: {other:?}"),
             }
         }
@@ -469,6 +478,20 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(same(&store, &raw_key, &wal, &file).await, Some(false));
+        // A new zstd body that does not decode is an error of its own, never blamed on the
+        // archived object (which is fine here) and never "the same".
+        store
+            .put_bytes(&zst_key, Bytes::from(z.clone()), PutMode::Replace)
+            .await
+            .unwrap();
+        assert_eq!(same(&store, &zst_key, &wal, &file).await, Some(true));
+        for bad in [z[..z.len() / 2].to_vec(), b"not zstd".to_vec()] {
+            let e = same_wal_content(&store, &zst_key, Raw::Zstd(Bytes::from(bad)))
+                .await
+                .unwrap_err();
+            assert!(matches!(e, StoreError::Io { .. }), "{e:?}");
+            assert!(e.to_string().contains("does not decompress"), "{e}");
+        }
         // A new WAL file that cannot be read is an error, not "the same".
         let e = same_wal_content(&store, &raw_key, segment::Raw::File(&dir.join("missing")))
             .await

@@ -25,12 +25,17 @@ pub enum Body<'a> {
     Bytes(Bytes),
 }
 
-/// The raw (uncompressed) WAL an object holds, to compare with what is already archived (in
-/// pieces: a file is read as it is compared).
+/// The WAL an object holds, to compare with what is already archived (in pieces: a file is read
+/// as it is compared, a zstd body decompressed as it is compared).
 #[derive(Debug, Clone)]
 pub enum Raw<'a> {
+    /// A file of the raw WAL.
     File(&'a Path),
+    /// The raw WAL in memory.
     Bytes(Bytes),
+    /// The WAL as a zstd body in memory (the writer's own output, e.g. a backup's compressed
+    /// segment): decompressed on its own thread while it is compared, never whole.
+    Zstd(Bytes),
 }
 
 /// How a no-overwrite put ended.
@@ -189,6 +194,11 @@ pub(super) async fn same_wal_as(
             let open = move || std::fs::File::open(file);
             compare_object(store, key, compressed, open, true, what).await?
         }
+        Raw::Zstd(body) => {
+            let what = format!("comparing archive object {key} with the compressed WAL to archive");
+            let open = move || DecompressingReader::start(body);
+            compare_object(store, key, compressed, open, true, what).await?
+        }
     };
     match compared {
         None | Some(Compared::Different) => Ok(false),
@@ -197,6 +207,75 @@ pub(super) async fn same_wal_as(
             key: key.to_string(),
             detail: e.to_string(),
         }),
+    }
+}
+
+/// A `std::io::Read` of the WAL a zstd body holds: [`compress::decompress_stream`] runs on a
+/// thread of its own and hands its output over in pieces (a bounded channel: the decoder's
+/// buffers and two pieces of up to 1 MiB at once, never the whole WAL). A body that does not
+/// decode fails the read at that point with the decoder's error. Dropping the reader early
+/// stops the thread at its next piece.
+struct DecompressingReader {
+    rx: std::sync::mpsc::Receiver<Vec<u8>>,
+    piece: Vec<u8>,
+    at: usize,
+    thread: Option<std::thread::JoinHandle<std::io::Result<u64>>>,
+}
+
+impl DecompressingReader {
+    fn start(body: Bytes) -> std::io::Result<Self> {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(1);
+        let thread = std::thread::Builder::new()
+            .name("walagent-zstd-compare".into())
+            .spawn(move || compress::decompress_stream(&body[..], PieceSender(tx), true))?;
+        Ok(DecompressingReader {
+            rx,
+            piece: Vec::new(),
+            at: 0,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl std::io::Read for DecompressingReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        while self.at >= self.piece.len() {
+            match self.rx.recv() {
+                Ok(p) => (self.piece, self.at) = (p, 0),
+                Err(_) => {
+                    // The decoder is done: its end, or its error.
+                    return match self.thread.take().map(std::thread::JoinHandle::join) {
+                        None | Some(Ok(Ok(_))) => Ok(0),
+                        // Not the decoder's "corrupt" error as such: that would blame the
+                        // archived object the WAL is compared with.
+                        Some(Ok(Err(e))) => Err(std::io::Error::other(format!(
+                            "the WAL to archive does not decompress: {e}"
+                        ))),
+                        Some(Err(_)) => Err(std::io::Error::other("the zstd thread panicked")),
+                    };
+                }
+            }
+        }
+        let n = buf.len().min(self.piece.len() - self.at);
+        buf[..n].copy_from_slice(&self.piece[self.at..self.at + n]);
+        self.at += n;
+        Ok(n)
+    }
+}
+
+/// The decoder's output side of [`DecompressingReader`]; fails once the reader is gone.
+struct PieceSender(std::sync::mpsc::SyncSender<Vec<u8>>);
+
+impl std::io::Write for PieceSender {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .send(data.to_vec())
+            .map_err(|_| std::io::Error::other("comparison stopped"))?;
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 
