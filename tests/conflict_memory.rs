@@ -58,7 +58,7 @@ impl Archive {
     }
 
     /// The objects of complete segment `name` as (file name, bytes).
-    fn segment_objects(&self, name: &str) -> Vec<(String, Vec<u8>)> {
+    fn segment_objects(&self, name: &str) -> Objects {
         [format!("{name}.zst"), name.to_string()]
             .into_iter()
             .filter_map(|f| std::fs::read(self.object(&f)).ok().map(|b| (f, b)))
@@ -94,6 +94,9 @@ fn stop_stream(stream: Child) {
     );
 }
 
+/// A segment's objects as (file name, bytes).
+type Objects = Vec<(String, Vec<u8>)>;
+
 /// What to do to the stream's objects before the backup sends its WAL.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Tamper {
@@ -112,7 +115,7 @@ fn backup_beside_stream(
     pg: &PgCluster,
     archive: &Archive,
     tamper: Tamper,
-) -> (Output, Vec<String>, Vec<Vec<(String, Vec<u8>)>>) {
+) -> (Output, Vec<String>, Vec<Objects>) {
     // Enough data that the backup at 2MB/s lasts long past the WAL below.
     pg.psql(
         "CREATE TABLE IF NOT EXISTS pad (id int, t text); \
@@ -172,7 +175,7 @@ fn backup_beside_stream(
 
 /// Every segment's objects are what they were before the backup's end: the stream's `.zst`
 /// only (no raw copy, no overwrite).
-fn assert_unchanged(archive: &Archive, names: &[String], before: &[Vec<(String, Vec<u8>)>]) {
+fn assert_unchanged(archive: &Archive, names: &[String], before: &[Objects]) {
     for (n, b) in names.iter().zip(before) {
         assert_eq!(
             b.len(),
