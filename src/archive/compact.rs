@@ -180,6 +180,9 @@ pub fn compare_content(
     }
 }
 
+/// Most bytes [`CompareWriter`] compares at once (its buffer for the other side's bytes).
+const COMPARE_STEP: usize = 256 * 1024;
+
 /// [`CompareWriter`]'s "stop here" error.
 #[derive(Debug, thiserror::Error)]
 #[error("content differs")]
@@ -204,6 +207,8 @@ impl<R: Read> Write for CompareWriter<R> {
                 Err(io::Error::other(Differs))
             };
         }
+        // In steps of at most COMPARE_STEP (a partial write: the caller writes the rest).
+        let data = &data[..data.len().min(COMPARE_STEP)];
         self.buf.resize(data.len(), 0);
         let mut got = 0;
         while got < data.len() {

@@ -212,7 +212,7 @@ pub(super) async fn same_wal_as(
 
 /// A `std::io::Read` of the WAL a zstd body holds: [`compress::decompress_stream`] runs on a
 /// thread of its own and hands its output over in pieces (a bounded channel: the decoder's
-/// buffers and two pieces of up to 1 MiB at once, never the whole WAL). A body that does not
+/// buffers and two pieces of up to 256 KiB at once, never the whole WAL). A body that does not
 /// decode fails the read at that point with the decoder's error. Dropping the reader early
 /// stops the thread at its next piece.
 struct DecompressingReader {
@@ -266,12 +266,18 @@ impl std::io::Read for DecompressingReader {
 /// The decoder's output side of [`DecompressingReader`]; fails once the reader is gone.
 struct PieceSender(std::sync::mpsc::SyncSender<Vec<u8>>);
 
+/// Most bytes [`PieceSender`] hands over at once (the decoder writes up to 1 MiB; with one piece
+/// queued and one being compared, smaller pieces hold less).
+const PIECE: usize = 256 * 1024;
+
 impl std::io::Write for PieceSender {
     fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        // A partial write: the decoder's write_all hands over the rest.
+        let piece = &data[..data.len().min(PIECE)];
         self.0
-            .send(data.to_vec())
+            .send(piece.to_vec())
             .map_err(|_| std::io::Error::other("comparison stopped"))?;
-        Ok(data.len())
+        Ok(piece.len())
     }
 
     fn flush(&mut self) -> std::io::Result<()> {
