@@ -831,6 +831,44 @@ fn s3_archive_prefetches_by_default_and_serves_from_the_cache() {
     assert!(!dir.exists());
 }
 
+/// `--memory-limit` reaches the detached worker: from S3, 2 downloads at once at the default
+/// 32MB, 4 at 64MB (its command line carries the limit); the segments are served either way.
+#[test]
+fn s3_prefetch_downloads_follow_the_memory_limit() {
+    let s3 = S3Server::start();
+    let w = World::on_s3(&s3);
+    let segs = &w.segs;
+    for (limit, dir, at_once) in [(None, "cache-32", 2), (Some("64MB"), "cache-64", 4)] {
+        let cache = w.dir.join(dir);
+        let mut extra = vec!["--prefetch-dir", cache.to_str().unwrap()];
+        if let Some(l) = limit {
+            extra.extend(["--memory-limit", l]);
+        }
+        assert_ok(&w.fetch(&segs[0], &extra));
+        w.assert_dest_is(&segs[0]);
+        support::wait_until(WAIT, "8 prefetched segments", || {
+            cached_segments(&cache) == segs[1..9].to_vec()
+        });
+        let log = fs::read_to_string(cache.join("prefetch.log")).unwrap_or_default();
+        assert!(
+            log.contains(&format!("({at_once} at once)")) && !log.contains(" error: "),
+            "{limit:?}: {log}"
+        );
+        let pid = fs::read_to_string(cache.join(".worker.lock")).unwrap();
+        let cmdline = fs::read(format!("/proc/{}/cmdline", pid.trim())).unwrap_or_default();
+        let want = format!(
+            "--memory-limit\0{}\0",
+            limit.map_or(32u64 << 20, |_| 64 << 20)
+        );
+        assert!(
+            String::from_utf8_lossy(&cmdline).contains(&want),
+            "{:?}",
+            String::from_utf8_lossy(&cmdline)
+        );
+        stop_prefetch_worker(&cache);
+    }
+}
+
 /// S3 goes away during recovery: what is cached is still served, the worker fails quietly (into
 /// prefetch.log only), and an uncached segment fails the call with exit 126 and one line.
 #[test]

@@ -123,38 +123,92 @@ pub fn same_decompressed(zst: &std::path::Path, raw: &std::path::Path) -> io::Re
 /// `raw`, read in pieces (nothing is held whole). A corrupt zstd stream is `false`; read errors
 /// pass through.
 pub fn same_content(src: impl Read, compressed: bool, raw: &std::path::Path) -> io::Result<bool> {
+    let other = File::open(raw)?;
+    Ok(matches!(
+        compare_content(src, compressed, other, false)?,
+        Compared::Same
+    ))
+}
+
+/// How content decompressed from a stream compared with other bytes ([`compare_content`]).
+#[derive(Debug)]
+pub enum Compared {
+    /// Exactly the same bytes, and the same length.
+    Same,
+    /// Different bytes, or one is longer.
+    Different,
+    /// The zstd stream does not decode (bad data, checksum, truncated or empty): the error of
+    /// [`compress::decompress_stream`], for which [`compress::is_corrupt`] is true.
+    Corrupt(io::Error),
+}
+
+/// Compares what `src` holds (zstd when `compressed`, else raw bytes) with the bytes `other`
+/// reads, both in pieces (nothing is held whole). At the first difference it stops, unless
+/// `to_end`: then the rest of `src` is decoded and dropped, so a corrupt stream is told as
+/// [`Compared::Corrupt`] wherever the damage is (as reading it whole would). Read errors of
+/// either side pass through.
+pub fn compare_content(
+    src: impl Read,
+    compressed: bool,
+    other: impl Read,
+    to_end: bool,
+) -> io::Result<Compared> {
     let mut cmp = CompareWriter {
-        other: File::open(raw)?,
+        other,
         buf: Vec::new(),
         same: true,
+        to_end,
     };
     match compress::decompress_stream(src, &mut cmp, compressed) {
         Ok(_) => {}
-        Err(e) if compress::is_corrupt(&e) => return Ok(false),
-        Err(e) if e.kind() == io::ErrorKind::Other && !cmp.same => return Ok(false),
+        Err(e) if compress::is_corrupt(&e) => return Ok(Compared::Corrupt(e)),
+        Err(e) if e.get_ref().is_some_and(|i| i.is::<Differs>()) => return Ok(Compared::Different),
         Err(e) => return Err(e),
     }
     if !cmp.same {
-        return Ok(false);
+        return Ok(Compared::Different);
     }
-    // The raw file must end where the decompressed stream ended.
+    // The other side must end where the decompressed stream ended.
     let mut one = [0u8; 1];
-    Ok(cmp.other.read(&mut one)? == 0)
+    loop {
+        match cmp.other.read(&mut one) {
+            Ok(0) => return Ok(Compared::Same),
+            Ok(_) => return Ok(Compared::Different),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
 }
 
-/// A writer that compares what it is given with the next bytes of `other`; it fails the write
-/// at the first difference (so the decompression stops early).
-struct CompareWriter {
-    other: File,
+/// Most bytes [`CompareWriter`] compares at once (its buffer for the other side's bytes).
+const COMPARE_STEP: usize = 256 * 1024;
+
+/// [`CompareWriter`]'s "stop here" error.
+#[derive(Debug, thiserror::Error)]
+#[error("content differs")]
+struct Differs;
+
+/// A writer that compares what it is given with the next bytes of `other`; at the first
+/// difference it fails the write (so the decompression stops early), or, `to_end`, takes the
+/// rest without looking.
+struct CompareWriter<R> {
+    other: R,
     buf: Vec<u8>,
     same: bool,
+    to_end: bool,
 }
 
-impl Write for CompareWriter {
+impl<R: Read> Write for CompareWriter<R> {
     fn write(&mut self, data: &[u8]) -> io::Result<usize> {
         if !self.same {
-            return Err(io::Error::other("content differs"));
+            return if self.to_end {
+                Ok(data.len())
+            } else {
+                Err(io::Error::other(Differs))
+            };
         }
+        // In steps of at most COMPARE_STEP (a partial write: the caller writes the rest).
+        let data = &data[..data.len().min(COMPARE_STEP)];
         self.buf.resize(data.len(), 0);
         let mut got = 0;
         while got < data.len() {
@@ -167,7 +221,9 @@ impl Write for CompareWriter {
         }
         if got != data.len() || self.buf[..] != *data {
             self.same = false;
-            return Err(io::Error::other("content differs"));
+            // Nothing more is read from `other`: the buffer is not needed any more.
+            self.buf = Vec::new();
+            return self.write(data);
         }
         Ok(data.len())
     }

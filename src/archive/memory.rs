@@ -45,11 +45,27 @@ const RESTORE_CHUNK: u64 = MIB;
 /// unpacker's file writes (1 MiB).
 const RESTORE_JOB_FIXED: u64 = 2 * MIB;
 
-/// What one prefetch download holds, as planned: the compressed batches between the download and
-/// its decoder thread (`restore::wal_fetch`), zstd's buffers and window, the output buffer.
-/// Measured from S3 (`benches/memory.sh`, worker peak minus [`BASELINE_S3`]): ~9 MiB each with
-/// 1 MiB batches and 3 queued, ~8 MiB with 1 queued; see benches/README.md 14.4.
+/// What one prefetch download holds, as planned, with the smallest batches
+/// ([`MIN_PREFETCH_BATCH`]): the compressed batches between the download and its decoder thread
+/// (`restore::wal_fetch`: one filling, one queued, one being decoded), zstd's buffers and window,
+/// the output buffer. Measured from S3 (`benches/memory.sh`, worker peak minus [`BASELINE_S3`]):
+/// ~9 MiB each with 1 MiB batches and 3 queued, ~8 MiB with 1 queued; see benches/README.md 14.4.
+/// Larger batches add 3 times their growth: [`prefetch_download_bytes`].
 pub const PREFETCH_DOWNLOAD: u64 = 5 * MIB;
+/// The smallest batch a download hands to its decoder thread (the 32MB plans use it).
+pub const MIN_PREFETCH_BATCH: usize = 256 * 1024;
+/// The largest batch (beyond it, fewer wake-ups of the decoder thread gain nothing).
+const MAX_PREFETCH_BATCH: usize = MIB as usize;
+/// Batches a download holds at once: one filling, one queued, one being decoded.
+const PREFETCH_BATCHES_HELD: u64 = 3;
+/// Most prefetch downloads a plan allows.
+const MAX_PREFETCH_DOWNLOADS: usize = 8;
+
+/// What one prefetch download holds with batches of `batch` bytes: [`PREFETCH_DOWNLOAD`] plus
+/// the batches' growth over [`MIN_PREFETCH_BATCH`].
+pub fn prefetch_download_bytes(batch: usize) -> u64 {
+    PREFETCH_DOWNLOAD + PREFETCH_BATCHES_HELD * (batch.saturating_sub(MIN_PREFETCH_BATCH) as u64)
+}
 
 /// Which kind of archive a pipeline writes to or reads from: the fixed share differs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -129,9 +145,11 @@ pub struct MemoryPlan {
     pub restore_pieces_in_flight: usize,
     /// Most tar objects a restore fills at once (`--jobs` is capped by it).
     pub restore_jobs: usize,
-    /// Most segment downloads the wal-fetch prefetch worker runs at once (`--prefetch-jobs` is
-    /// capped by it): [`PREFETCH_DOWNLOAD`] each, 1 to 8.
+    /// Most segment downloads the wal-fetch prefetch worker runs at once by default (an
+    /// explicit `--prefetch-jobs` wins): [`prefetch_download_bytes`] each, 1 to 8.
     pub prefetch_downloads: usize,
+    /// Bytes a wal-fetch download hands to its decoder thread at once (256 KiB to 1 MiB).
+    pub prefetch_batch: usize,
 }
 
 impl MemoryPlan {
@@ -202,7 +220,18 @@ impl MemoryPlan {
         };
         let job = restore_job_bytes(restore_queue, restore_piece, restore_pieces_in_flight);
         let restore_jobs = ((budget / job) as usize).clamp(1, 8);
-        let prefetch_downloads = ((budget / PREFETCH_DOWNLOAD) as usize).clamp(1, 8);
+        // Downloads first, at the smallest batches; larger batches only once the downloads are
+        // at their most (until then another download gains more than a larger batch).
+        let prefetch_downloads =
+            ((budget / PREFETCH_DOWNLOAD) as usize).clamp(1, MAX_PREFETCH_DOWNLOADS);
+        let prefetch_batch = if prefetch_downloads < MAX_PREFETCH_DOWNLOADS {
+            MIN_PREFETCH_BATCH
+        } else {
+            [MAX_PREFETCH_BATCH, MAX_PREFETCH_BATCH / 2]
+                .into_iter()
+                .find(|&b| prefetch_downloads as u64 * prefetch_download_bytes(b) <= budget)
+                .unwrap_or(MIN_PREFETCH_BATCH)
+        };
         MemoryPlan {
             limit,
             kind,
@@ -217,6 +246,7 @@ impl MemoryPlan {
             restore_pieces_in_flight,
             restore_jobs,
             prefetch_downloads,
+            prefetch_batch,
         }
     }
 
@@ -243,6 +273,12 @@ impl MemoryPlan {
                     }
             }
         }
+    }
+
+    /// Upper bound of the bytes the prefetch worker's downloads hold at this plan's count and
+    /// batch size.
+    pub fn prefetch_buffers(&self) -> u64 {
+        prefetch_download_bytes(self.prefetch_batch) * self.prefetch_downloads as u64
     }
 
     /// Bytes one restore job holds: see [`restore_job_bytes`].
@@ -319,10 +355,8 @@ mod tests {
             assert!(kind.baseline() + p.restore_buffers() <= p.limit, "{p:?}");
             assert!(p.stream_part_size >= MIN_PART);
             assert!(p.restore_jobs >= 1);
-            assert!(
-                kind.baseline() + PREFETCH_DOWNLOAD * p.prefetch_downloads as u64 <= p.limit,
-                "{p:?}"
-            );
+            assert!(kind.baseline() + p.prefetch_buffers() <= p.limit, "{p:?}");
+            assert_eq!(p.prefetch_batch, MIN_PREFETCH_BATCH);
         }
         assert_eq!(
             MemoryPlan::for_archive(DEFAULT_LIMIT, ArchiveKind::S3).prefetch_downloads,
@@ -364,7 +398,11 @@ mod tests {
                 assert!(p.backup_chunk >= 256 * KIB as usize && p.backup_chunk <= MIB as usize);
                 assert!((1..=8).contains(&p.restore_jobs));
                 assert!((1..=8).contains(&p.prefetch_downloads));
-                let prefetch = kind.baseline() + PREFETCH_DOWNLOAD * p.prefetch_downloads as u64;
+                let prefetch = kind.baseline() + p.prefetch_buffers();
+                assert!(
+                    (MIN_PREFETCH_BATCH..=MAX_PREFETCH_BATCH).contains(&p.prefetch_batch),
+                    "{mib}"
+                );
                 assert!(
                     prefetch <= p.limit,
                     "{kind:?} {mib} MiB: {p:?} prefetch needs {prefetch}"
@@ -388,6 +426,7 @@ mod tests {
                     assert!(p.backup_buffers() >= q.backup_buffers(), "{kind:?} {mib}");
                     assert!(p.restore_jobs >= q.restore_jobs, "{mib}");
                     assert!(p.prefetch_downloads >= q.prefetch_downloads, "{mib}");
+                    assert!(p.prefetch_batch >= q.prefetch_batch, "{mib}");
                 }
                 prev = Some(p);
             }
@@ -403,6 +442,7 @@ mod tests {
             assert!(s.backup_chunk <= l.backup_chunk, "{mib}");
             assert!(s.restore_jobs <= l.restore_jobs, "{mib}");
             assert!(s.prefetch_downloads <= l.prefetch_downloads, "{mib}");
+            assert!(s.prefetch_batch <= l.prefetch_batch, "{mib}");
         }
     }
 
@@ -453,6 +493,33 @@ mod tests {
         );
         assert_eq!(big.backup_queue, 4);
         assert_eq!(big.backup_chunk, MIB as usize);
+    }
+
+    #[test]
+    fn prefetch_known_points() {
+        use ArchiveKind::{Local, S3};
+        let at = |mib: u64, kind| {
+            let p = MemoryPlan::for_archive(mib * MIB, kind);
+            (p.prefetch_downloads, p.prefetch_batch / KIB as usize)
+        };
+        // 32MB: 2 downloads on S3, 4 locally, the smallest batches (as measured).
+        assert_eq!(at(32, S3), (2, 256));
+        assert_eq!(at(32, Local), (4, 256));
+        // 64MB: 8 on S3 (44 MiB left: no room for larger batches), 8 with 512 KiB locally.
+        assert_eq!(at(64, S3), (8, 256));
+        assert_eq!(at(64, Local), (8, 512));
+        // 1 MiB batches once 8 downloads fit with them (58 MiB beside the baseline).
+        assert_eq!(at(78, S3), (8, 1024));
+        assert_eq!(at(77, S3), (8, 512));
+        assert_eq!(at(128, Local), (8, 1024));
+        assert_eq!(
+            prefetch_download_bytes(MIN_PREFETCH_BATCH),
+            PREFETCH_DOWNLOAD
+        );
+        assert_eq!(
+            prefetch_download_bytes(MIB as usize),
+            PREFETCH_DOWNLOAD + 9 * MIB / 4
+        );
     }
 
     #[test]

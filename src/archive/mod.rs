@@ -236,13 +236,17 @@ pub async fn read_wal_object(store: &dyn Store, key: &str) -> Result<Option<Vec<
 /// After a no-overwrite put of a WAL object failed with [`StoreError::Conflict`]: whether the
 /// stored object holds the same WAL once decompressed. Two writers may encode identical WAL
 /// differently (another zstd level, `walagent backup` beside `walagent stream`); only different
-/// content is a real conflict.
+/// content is a real conflict. Streamed: the object is read, decompressed (`.zst` keys) and
+/// compared with `raw` (bytes or a file, read as it goes) in pieces on a blocking thread, so
+/// neither the stored object nor its WAL is held whole. An absent object, different content or
+/// another length is `false`; a zstd stream that does not decode is [`StoreError::Corrupt`]
+/// (wherever the damage is, also after a difference); the store's own failures pass through.
 pub async fn same_wal_content(
     store: &dyn Store,
     key: &str,
-    raw: &[u8],
+    raw: segment::Raw<'_>,
 ) -> Result<bool, StoreError> {
-    Ok(read_wal_object(store, key).await?.is_some_and(|c| c == raw))
+    segment::same_wal_as(store, key, raw).await
 }
 
 /// Is this `--archive` value an object-store URL rather than a directory?
@@ -351,6 +355,148 @@ mod tests {
         assert!(!missing.exists());
         let store = open(spec, true).await.unwrap();
         assert!(missing.is_dir() && store.local_root().is_some());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// The streamed comparison after a conflict, for each encoding and for the new WAL in memory
+    /// and in a file: the same WAL (another zstd level, several frames) is the same; different
+    /// bytes, a longer or shorter object, or nothing stored are not; a `.zst` that does not
+    /// decode is `Corrupt` (as when it was read whole), also truncated and also when its
+    /// decodable start already differs. 3 MiB crosses the pieces of every stage.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn same_wal_content_streams() {
+        use segment::Raw;
+        let dir = std::env::temp_dir().join(format!("walagent-samewal-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let store = LocalStore::open(&dir.join("archive")).unwrap();
+        let wal: Vec<u8> = (0..3u32 << 20)
+            .map(|i| (i % 251) as u8 ^ (i >> 13) as u8)
+            .collect();
+        let file = dir.join("new-wal");
+        std::fs::write(&file, &wal).unwrap();
+        let name = "000000010000000000000007";
+        let zst_key = format!("wal/{name}.zst");
+        let raw_key = format!("wal/{name}");
+        async fn same(store: &LocalStore, key: &str, new: &[u8], file: &Path) -> Option<bool> {
+            let a = same_wal_content(store, key, Raw::Bytes(Bytes::copy_from_slice(new))).await;
+            std::fs::write(file, new).unwrap();
+            let b = same_wal_content(store, key, Raw::File(file)).await;
+            // The new WAL as the writer's own zstd body, in two frames.
+            let half = new.len() / 2;
+            let body = [
+                compress::compress_bulk(&new[..half], 2).unwrap(),
+                compress::compress_bulk(&new[half..], 2).unwrap(),
+            ]
+            .concat();
+            let c = same_wal_content(store, key, Raw::Zstd(Bytes::from(body))).await;
+            match (a, b, c) {
+                (Ok(a), Ok(b), Ok(c)) => {
+                    assert_eq!((a, a), (b, c), "{key}: bytes, file and zstd body disagree");
+                    Some(a)
+                }
+                (
+                    Err(StoreError::Corrupt { key: k1, .. }),
+                    Err(StoreError::Corrupt { key: k2, .. }),
+                    Err(StoreError::Corrupt { key: k3, .. }),
+                ) if [&k1, &k2, &k3].iter().all(|k| *k == key) => None,
+                other => panic!("{key}: {other:?}"),
+            }
+        }
+        // Nothing stored.
+        assert_eq!(same(&store, &zst_key, &wal, &file).await, Some(false));
+        assert_eq!(same(&store, &raw_key, &wal, &file).await, Some(false));
+        let mut other = wal.clone();
+        other[(2 << 20) + 9] ^= 0x40;
+        let longer = [&wal[..], b"x"].concat();
+        let shorter = wal[..wal.len() - 1].to_vec();
+        let two_frames = [
+            compress::compress_bulk(&wal[..1 << 20], 3).unwrap(),
+            compress::compress_bulk(&wal[1 << 20..], 3).unwrap(),
+        ]
+        .concat();
+        for (key, body) in [
+            (&zst_key, compress::compress_bulk(&wal, 1).unwrap()),
+            (&zst_key, compress::compress_bulk(&wal, 19).unwrap()),
+            (&zst_key, two_frames),
+            (&raw_key, wal.clone()),
+        ] {
+            store
+                .put_bytes(key, Bytes::from(body), PutMode::Replace)
+                .await
+                .unwrap();
+            assert_eq!(same(&store, key, &wal, &file).await, Some(true), "{key}");
+            for (tag, new) in [
+                ("different", &other),
+                ("longer", &longer),
+                ("shorter", &shorter),
+            ] {
+                assert_eq!(
+                    same(&store, key, new, &file).await,
+                    Some(false),
+                    "{key} {tag}"
+                );
+            }
+            assert_eq!(
+                same(&store, key, b"", &file).await,
+                Some(false),
+                "{key} empty"
+            );
+            store.delete(key).await.unwrap();
+        }
+        // Stored objects that are not the new WAL's encoding: shorter or longer WAL, and
+        // `.zst` objects that do not decode.
+        let z = compress::compress_bulk(&wal, 1).unwrap();
+        let mut flipped = z.clone();
+        let at = flipped.len() - 100;
+        flipped[at] ^= 0xff;
+        for (body, expect) in [
+            (compress::compress_bulk(&shorter, 1).unwrap(), Some(false)),
+            (compress::compress_bulk(&longer, 1).unwrap(), Some(false)),
+            (z[..z.len() / 2].to_vec(), None),
+            (z[..z.len() - 1].to_vec(), None),
+            (flipped, None),
+            (b"not zstd at all".to_vec(), None),
+            (Vec::new(), None),
+        ] {
+            store
+                .put_bytes(&zst_key, Bytes::from(body), PutMode::Replace)
+                .await
+                .unwrap();
+            assert_eq!(same(&store, &zst_key, &wal, &file).await, expect);
+            // Damage is found even when the start already differs.
+            if expect.is_none() {
+                assert_eq!(same(&store, &zst_key, &other[..7], &file).await, None);
+            }
+        }
+        // A raw object is compared byte for byte: any bytes are just "not the same".
+        store
+            .put_bytes(
+                &raw_key,
+                Bytes::from_static(b"not zstd at all"),
+                PutMode::Replace,
+            )
+            .await
+            .unwrap();
+        assert_eq!(same(&store, &raw_key, &wal, &file).await, Some(false));
+        // A new zstd body that does not decode is an error of its own, never blamed on the
+        // archived object (which is fine here) and never "the same".
+        store
+            .put_bytes(&zst_key, Bytes::from(z.clone()), PutMode::Replace)
+            .await
+            .unwrap();
+        assert_eq!(same(&store, &zst_key, &wal, &file).await, Some(true));
+        for bad in [z[..z.len() / 2].to_vec(), b"not zstd".to_vec()] {
+            let e = same_wal_content(&store, &zst_key, Raw::Zstd(Bytes::from(bad)))
+                .await
+                .unwrap_err();
+            assert!(matches!(e, StoreError::Io { .. }), "{e:?}");
+            assert!(e.to_string().contains("does not decompress"), "{e}");
+        }
+        // A new WAL file that cannot be read is an error, not "the same".
+        let e = same_wal_content(&store, &raw_key, segment::Raw::File(&dir.join("missing")))
+            .await
+            .unwrap_err();
+        assert!(matches!(e, StoreError::Io { .. }), "{e:?}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -12,6 +12,7 @@ use std::path::Path;
 
 use bytes::Bytes;
 
+use super::compact::{compare_content, Compared};
 use super::layout::segment_key_by_name;
 use super::{compress, read_wal_object, Compression, PutMode, Store, StoreError};
 
@@ -24,11 +25,17 @@ pub enum Body<'a> {
     Bytes(Bytes),
 }
 
-/// The raw (uncompressed) WAL an object holds, to compare with what is already archived.
-#[derive(Debug, Clone, Copy)]
+/// The WAL an object holds, to compare with what is already archived (in pieces: a file is read
+/// as it is compared, a zstd body decompressed as it is compared).
+#[derive(Debug, Clone)]
 pub enum Raw<'a> {
+    /// A file of the raw WAL.
     File(&'a Path),
-    Bytes(&'a [u8]),
+    /// The raw WAL in memory.
+    Bytes(Bytes),
+    /// The WAL as a zstd body in memory (the writer's own output, e.g. a backup's compressed
+    /// segment): decompressed on its own thread while it is compared, never whole.
+    Zstd(Bytes),
 }
 
 /// How a no-overwrite put ended.
@@ -60,14 +67,9 @@ pub async fn put_complete(
     match put {
         Ok(()) => Ok(Stored::Put),
         Err(conflict @ StoreError::Conflict { .. }) => {
-            let same = match raw {
-                Raw::Bytes(b) => super::same_wal_content(store, key, b).await,
-                Raw::File(p) => match tokio::fs::read(p).await {
-                    Ok(b) => super::same_wal_content(store, key, &b).await,
-                    Err(_) => Ok(false),
-                },
-            };
-            match same {
+            // A raw file that cannot be read leaves the conflict standing, as any other
+            // non-transient failure to compare.
+            match super::same_wal_content(store, key, raw).await {
                 Ok(true) => Ok(Stored::SameWal),
                 Err(e) if e.is_transient() => Err(e),
                 Ok(false) | Err(_) => Err(conflict),
@@ -119,43 +121,194 @@ pub async fn compare_archived_file(
 ) -> Result<Option<(String, bool)>, StoreError> {
     for compressed in [true, false, true] {
         let key = segment_key_by_name(name, compressed, partial);
-        let Some(reader) = store.open_reader(&key).await? else {
+        let what = format!("comparing archive object {key} with {}", raw.display());
+        let file = raw.to_path_buf();
+        let open = move || std::fs::File::open(file);
+        let Some(c) = compare_object(store, &key, compressed, open, false, what).await? else {
             continue;
         };
-        let handle = tokio::runtime::Handle::current();
-        let raw = raw.to_path_buf();
-        let what = format!("comparing archive object {key} with {}", raw.display());
-        let same = tokio::task::spawn_blocking(move || {
-            let src = BlockingObjectReader {
-                reader,
-                handle,
-                chunk: Bytes::new(),
-            };
-            super::compact::same_content(src, compressed, &raw)
-        })
-        .await
-        .map_err(|e| StoreError::io(what.clone(), std::io::Error::other(e)))?
-        .map_err(|e| StoreError::io(what, e))?;
-        return Ok(Some((key, same)));
+        return Ok(Some((key, matches!(c, Compared::Same))));
     }
     Ok(None)
 }
 
+/// Compares the stored object `key` (zstd when `compressed`) with what `open_other` opens, both
+/// in pieces on a blocking thread: the object is pulled piece by piece from the store
+/// ([`BlockingObjectReader`]) through the decompressor into [`compact::compare_content`] (see
+/// there for `to_end`). `None` when the object is absent. A failure of the store while reading
+/// is returned as the store reported it (a transient one stays transient); a failure to open or
+/// read the other side, or of the blocking thread, is [`StoreError::Io`] with `what`.
+async fn compare_object<R, F>(
+    store: &dyn Store,
+    key: &str,
+    compressed: bool,
+    open_other: F,
+    to_end: bool,
+    what: String,
+) -> Result<Option<Compared>, StoreError>
+where
+    R: std::io::Read,
+    F: FnOnce() -> std::io::Result<R> + Send + 'static,
+{
+    let Some(reader) = store.open_reader(key).await? else {
+        return Ok(None);
+    };
+    let handle = tokio::runtime::Handle::current();
+    let (res, failed) = tokio::task::spawn_blocking(move || {
+        let mut src = BlockingObjectReader {
+            reader,
+            handle,
+            chunk: Bytes::new(),
+            failed: None,
+        };
+        let res =
+            open_other().and_then(|other| compare_content(&mut src, compressed, other, to_end));
+        (res, src.failed)
+    })
+    .await
+    .map_err(|e| StoreError::io(what.clone(), std::io::Error::other(e)))?;
+    if let Some(e) = failed {
+        return Err(e);
+    }
+    res.map(Some).map_err(|e| StoreError::io(what, e))
+}
+
+/// Whether the stored WAL object `key` holds exactly the WAL `raw` once decompressed (`.zst`
+/// keys), read, decompressed and compared in pieces ([`compare_object`]): see
+/// [`super::same_wal_content`].
+pub(super) async fn same_wal_as(
+    store: &dyn Store,
+    key: &str,
+    raw: Raw<'_>,
+) -> Result<bool, StoreError> {
+    let compressed = key.ends_with(super::layout::ZSTD_SUFFIX);
+    let compared = match raw {
+        Raw::Bytes(b) => {
+            let what = format!("comparing archive object {key} with the WAL to archive");
+            let open = move || Ok(std::io::Cursor::new(b));
+            compare_object(store, key, compressed, open, true, what).await?
+        }
+        Raw::File(p) => {
+            let what = format!("comparing archive object {key} with {}", p.display());
+            let file = p.to_path_buf();
+            let open = move || std::fs::File::open(file);
+            compare_object(store, key, compressed, open, true, what).await?
+        }
+        Raw::Zstd(body) => {
+            let what = format!("comparing archive object {key} with the compressed WAL to archive");
+            let open = move || DecompressingReader::start(body);
+            compare_object(store, key, compressed, open, true, what).await?
+        }
+    };
+    match compared {
+        None | Some(Compared::Different) => Ok(false),
+        Some(Compared::Same) => Ok(true),
+        Some(Compared::Corrupt(e)) => Err(StoreError::Corrupt {
+            key: key.to_string(),
+            detail: e.to_string(),
+        }),
+    }
+}
+
+/// A `std::io::Read` of the WAL a zstd body holds: [`compress::decompress_stream`] runs on a
+/// thread of its own and hands its output over in pieces (a bounded channel: the decoder's
+/// buffers and two pieces of up to 256 KiB at once, never the whole WAL). A body that does not
+/// decode fails the read at that point with the decoder's error. Dropping the reader early
+/// stops the thread at its next piece.
+struct DecompressingReader {
+    rx: std::sync::mpsc::Receiver<Vec<u8>>,
+    piece: Vec<u8>,
+    at: usize,
+    thread: Option<std::thread::JoinHandle<std::io::Result<u64>>>,
+}
+
+impl DecompressingReader {
+    fn start(body: Bytes) -> std::io::Result<Self> {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(1);
+        let thread = std::thread::Builder::new()
+            .name("walagent-zstd-compare".into())
+            .spawn(move || compress::decompress_stream(&body[..], PieceSender(tx), true))?;
+        Ok(DecompressingReader {
+            rx,
+            piece: Vec::new(),
+            at: 0,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl std::io::Read for DecompressingReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        while self.at >= self.piece.len() {
+            match self.rx.recv() {
+                Ok(p) => (self.piece, self.at) = (p, 0),
+                Err(_) => {
+                    // The decoder is done: its end, or its error.
+                    return match self.thread.take().map(std::thread::JoinHandle::join) {
+                        None | Some(Ok(Ok(_))) => Ok(0),
+                        // Not the decoder's "corrupt" error as such: that would blame the
+                        // archived object the WAL is compared with.
+                        Some(Ok(Err(e))) => Err(std::io::Error::other(format!(
+                            "the WAL to archive does not decompress: {e}"
+                        ))),
+                        Some(Err(_)) => Err(std::io::Error::other("the zstd thread panicked")),
+                    };
+                }
+            }
+        }
+        let n = buf.len().min(self.piece.len() - self.at);
+        buf[..n].copy_from_slice(&self.piece[self.at..self.at + n]);
+        self.at += n;
+        Ok(n)
+    }
+}
+
+/// The decoder's output side of [`DecompressingReader`]; fails once the reader is gone.
+struct PieceSender(std::sync::mpsc::SyncSender<Vec<u8>>);
+
+/// Most bytes [`PieceSender`] hands over at once (the decoder writes up to 1 MiB; with one piece
+/// queued and one being compared, smaller pieces hold less).
+const PIECE: usize = 256 * 1024;
+
+impl std::io::Write for PieceSender {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        // A partial write: the decoder's write_all hands over the rest.
+        let piece = &data[..data.len().min(PIECE)];
+        self.0
+            .send(piece.to_vec())
+            .map_err(|_| std::io::Error::other("comparison stopped"))?;
+        Ok(piece.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 /// `std::io::Read` over an [`ObjectReader`](super::ObjectReader), for a blocking thread: each
-/// piece is awaited on the runtime's handle.
+/// piece is awaited on the runtime's handle. A failure of the store is kept in `failed` (the
+/// read fails with its message), for the caller to return as the store reported it.
 struct BlockingObjectReader {
     reader: Box<dyn super::ObjectReader>,
     handle: tokio::runtime::Handle,
     chunk: Bytes,
+    failed: Option<StoreError>,
 }
 
 impl std::io::Read for BlockingObjectReader {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         while self.chunk.is_empty() {
+            if let Some(e) = &self.failed {
+                return Err(std::io::Error::other(e.to_string()));
+            }
             match self.handle.block_on(self.reader.next_chunk()) {
                 Ok(Some(c)) => self.chunk = c,
                 Ok(None) => return Ok(0),
-                Err(e) => return Err(std::io::Error::other(e)),
+                Err(e) => {
+                    let err = std::io::Error::other(e.to_string());
+                    self.failed = Some(e);
+                    return Err(err);
+                }
             }
         }
         let n = buf.len().min(self.chunk.len());
@@ -219,7 +372,7 @@ pub async fn put_new_segment(
 ) -> Result<SegmentOutcome, StoreError> {
     let key = segment_key_by_name(name, compression.is_compressed(), false);
     let body = encode(raw.clone(), compression).await?;
-    match put_complete(store, &key, Body::Bytes(body), Raw::Bytes(&raw)).await? {
+    match put_complete(store, &key, Body::Bytes(body), Raw::Bytes(raw)).await? {
         Stored::Put => Ok(SegmentOutcome::Stored { key }),
         Stored::SameWal => Ok(SegmentOutcome::AlreadyArchived { key }),
     }
@@ -433,7 +586,7 @@ mod tests {
             &store,
             key,
             Body::Bytes(Bytes::from(body.clone())),
-            Raw::Bytes(&wal),
+            Raw::Bytes(Bytes::from(wal.clone())),
         )
         .await
         .unwrap();
@@ -445,7 +598,7 @@ mod tests {
             &store,
             key,
             Body::Bytes(Bytes::from(body9)),
-            Raw::Bytes(&wal),
+            Raw::Bytes(Bytes::from(wal.clone())),
         )
         .await
         .unwrap();
@@ -466,7 +619,7 @@ mod tests {
             &store,
             key,
             Body::Bytes(Bytes::from(compress::compress_bulk(&other, 1).unwrap())),
-            Raw::Bytes(&other),
+            Raw::Bytes(Bytes::from(other.clone())),
         )
         .await
         .unwrap_err();

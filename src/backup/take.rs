@@ -1085,13 +1085,14 @@ impl WalTee {
             Ok(()) => {}
             Err(StoreError::Conflict { .. })
                 if {
+                    // The body is decompressed as it is compared, never whole.
                     let raw = match raw {
-                        Some(r) => r,
-                        None => decompress_body(&key, body).await?,
+                        Some(r) => crate::archive::segment::Raw::Bytes(r),
+                        None => crate::archive::segment::Raw::Zstd(body),
                     };
                     // `walagent stream` got there first, maybe with another encoding of the
                     // same WAL.
-                    crate::archive::same_wal_content(self.store.as_ref(), &key, &raw).await?
+                    crate::archive::same_wal_content(self.store.as_ref(), &key, raw).await?
                 } => {}
             // A partial that a running `walagent stream` stored with a different tail is fine:
             // the complete segment will follow from the stream.
@@ -1104,19 +1105,6 @@ impl WalTee {
         self.archived += 1;
         Ok(())
     }
-}
-
-/// The WAL of a compressed segment body this backup produced.
-async fn decompress_body(key: &str, body: Bytes) -> Result<Bytes, BackupError> {
-    let name = key.rsplit('/').next().unwrap_or(key).to_string();
-    let res = tokio::task::spawn_blocking(move || {
-        let mut out = Vec::with_capacity(body.len().saturating_mul(3));
-        crate::archive::compress::decompress_stream(&body[..], &mut out, true).map(|_| out)
-    })
-    .await
-    .map_err(BackupError::Worker)?;
-    res.map(Bytes::from)
-        .map_err(|source| BackupError::Compress { name, source })
 }
 
 #[cfg(test)]

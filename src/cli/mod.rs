@@ -722,9 +722,15 @@ pub struct WalFetchArgs {
     #[arg(long, value_name = "DIR")]
     pub prefetch_dir: Option<PathBuf>,
 
-    /// Prefetch downloads at once (default: N, at most 4).
+    /// Prefetch downloads at once (default: N, at most 4, and as many as --memory-limit allows).
     #[arg(long, value_name = "J", hide = true, value_parser = clap::value_parser!(u32).range(1..=64))]
     pub prefetch_jobs: Option<u32>,
+
+    /// Peak memory (resident set) to plan the pipelines for, e.g. 32MB (the default) or 128MB:
+    /// sets the prefetch downloads at once and their buffers (at least 26MB). Applies to the
+    /// call and to the background prefetch worker it starts.
+    #[arg(long, value_name = "SIZE", default_value = "32MB", value_parser = parse_memory_limit)]
+    pub memory_limit: u64,
 
     /// Read AWS_* and WALAGENT_* settings from this file (KEY=VALUE lines; written 0600 by
     /// `walagent restore` so that restore_command works for the server's OS user).

@@ -284,13 +284,22 @@ impl RestoreArgs {
 }
 
 impl WalFetchArgs {
+    /// The call's settings; installs the memory plan of `--memory-limit` (the downloads' batch
+    /// sizes follow it, in the call and in the worker it starts).
     pub fn resolve(self) -> FetchCommand {
+        memory::install(MemoryPlan::for_limit(self.memory_limit));
+        self.into_command()
+    }
+
+    /// [`WalFetchArgs::resolve`] without installing the plan.
+    pub fn into_command(self) -> FetchCommand {
         let prefetch = PrefetchConfig::new(
             &self.archive,
             &self.dest,
             self.prefetch,
             self.prefetch_dir,
             self.prefetch_jobs,
+            self.memory_limit,
         );
         FetchCommand {
             archive: self.archive,
@@ -687,7 +696,7 @@ mod tests {
             let mut argv = vec!["walagent", "wal-fetch", "--archive"];
             argv.extend_from_slice(extra);
             match Cli::try_parse_from(argv).unwrap().command {
-                Command::WalFetch(a) => a.resolve(),
+                Command::WalFetch(a) => a.into_command(),
                 c => panic!("{c:?}"),
             }
         };
@@ -709,5 +718,98 @@ mod tests {
         assert!(c.allow_partial);
         let c = parse(&["/a", "--prefetch", "0", "00000002.history", "x"]);
         assert_eq!(c.prefetch.depth, 0);
+
+        // --memory-limit: 32MB by default; it reaches the prefetch settings (more downloads at
+        // once from S3 at 64MB); --prefetch-jobs still wins.
+        const MIB: u64 = 1 << 20;
+        let seg = "000000010000000000000003";
+        let c = parse(&["s3://b/p", seg, "x"]);
+        assert_eq!((c.prefetch.memory_limit, c.prefetch.jobs), (32 * MIB, 2));
+        let c = parse(&["s3://b/p", "--memory-limit", "64MB", seg, "x"]);
+        assert_eq!(c.prefetch.memory_limit, 64 * MIB);
+        assert!(c.prefetch.jobs > 2, "{:?}", c.prefetch);
+        let c = parse(&[
+            "s3://b/p",
+            "--memory-limit",
+            "1GB",
+            "--prefetch-jobs",
+            "1",
+            seg,
+            "x",
+        ]);
+        assert_eq!((c.prefetch.memory_limit, c.prefetch.jobs), (1 << 30, 1));
+    }
+
+    /// The worker's command line parses back to the call's prefetch settings, the memory
+    /// limit among them.
+    #[test]
+    fn the_prefetch_worker_gets_the_calls_settings() {
+        use crate::restore::prefetch::{worker_command, PrefetchConfig};
+        for limit in [32u64 << 20, 64 << 20, 1 << 30] {
+            let cfg = PrefetchConfig::new(
+                "s3://b/p",
+                Path::new("D"),
+                None,
+                Some("/c".into()),
+                None,
+                limit,
+            );
+            let cmd = worker_command(
+                "walagent".into(),
+                &cfg,
+                "000000010000000000000003",
+                Path::new("D"),
+            );
+            let argv = std::iter::once(std::ffi::OsString::from("walagent"))
+                .chain(cmd.get_args().map(|a| a.to_os_string()));
+            let Command::WalFetch(a) = Cli::try_parse_from(argv).unwrap().command else {
+                panic!("not wal-fetch")
+            };
+            assert!(a.prefetch_worker);
+            assert_eq!(a.into_command().prefetch, cfg);
+        }
+    }
+
+    #[test]
+    fn wal_fetch_memory_limit_below_the_minimum_is_refused() {
+        for bad in ["25MB", "0", "lots"] {
+            let argv = [
+                "walagent",
+                "wal-fetch",
+                "--archive",
+                "/a",
+                "--memory-limit",
+                bad,
+                "x",
+                "y",
+            ];
+            let err = Cli::try_parse_from(argv).unwrap_err();
+            let msg = err.to_string();
+            let first = msg.lines().next().unwrap_or_default();
+            assert!(
+                first.starts_with("error: invalid value") && first.contains("--memory-limit"),
+                "{bad}: {msg}"
+            );
+            // As restore_command: an argument error stops recovery (126), never "not found".
+            assert_eq!(crate::cli::parse_error_exit_code(argv, &err), 126);
+        }
+        let argv = [
+            "walagent",
+            "wal-fetch",
+            "--archive",
+            "/a",
+            "--memory-limit",
+            "20MB",
+            "x",
+            "y",
+        ];
+        let msg = Cli::try_parse_from(argv).unwrap_err().to_string();
+        assert!(
+            msg.lines()
+                .next()
+                .unwrap_or_default()
+                .contains("is below the smallest workable budget, 26MB"),
+            "{msg}"
+        );
     }
 }

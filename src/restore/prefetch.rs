@@ -106,34 +106,39 @@ pub struct PrefetchConfig {
     pub jobs: u32,
     /// The cache directory.
     pub dir: PathBuf,
+    /// The `--memory-limit` (bytes) the downloads are planned for (passed on to the worker, whose
+    /// batch sizes follow its plan).
+    pub memory_limit: u64,
 }
 
 impl PrefetchConfig {
     /// Settings from the command line: `depth` defaults to [`default_depth`], `dir` to
-    /// [`default_dir`], `jobs` to `min(depth, DEFAULT_JOBS, the memory plan's downloads)`.
+    /// [`default_dir`], `jobs` to `min(depth, DEFAULT_JOBS, the downloads of the memory plan for
+    /// memory_limit and the archive's kind)`.
     pub fn new(
         archive: &str,
         dest: &Path,
         depth: Option<u32>,
         dir: Option<PathBuf>,
         jobs: Option<u32>,
+        memory_limit: u64,
     ) -> Self {
+        use crate::archive::memory::{ArchiveKind, MemoryPlan};
         let depth = depth.unwrap_or_else(|| default_depth(archive));
         PrefetchConfig {
             archive: archive.to_string(),
             depth,
             // The default is capped by the memory plan of the archive's kind (each download
-            // holds a few MiB: archive::memory::PREFETCH_DOWNLOAD); an explicit
+            // holds a few MiB: archive::memory::prefetch_download_bytes); an explicit
             // `--prefetch-jobs` wins, as `--jobs` and `--compress-threads` do.
             jobs: jobs
                 .unwrap_or_else(|| {
-                    let plan = crate::archive::memory::plan_for(
-                        crate::archive::memory::ArchiveKind::of(archive),
-                    );
+                    let plan = MemoryPlan::for_archive(memory_limit, ArchiveKind::of(archive));
                     DEFAULT_JOBS.min(u32::try_from(plan.prefetch_downloads).unwrap_or(u32::MAX))
                 })
                 .clamp(1, depth.max(1)),
             dir: dir.unwrap_or_else(|| default_dir(dest)),
+            memory_limit,
         }
     }
 }
@@ -731,25 +736,7 @@ fn worker_running(dir: &Path) -> bool {
 /// Starts `<this executable> wal-fetch --prefetch-worker ...` in a new session, stdio on
 /// /dev/null, environment inherited (AWS_* settings), not waited for.
 fn spawn_worker(cfg: &PrefetchConfig, name: &str, dest: &Path) -> io::Result<u32> {
-    let exe = std::env::current_exe()?;
-    let dir = fs::canonicalize(&cfg.dir).unwrap_or_else(|_| cfg.dir.clone());
-    let mut cmd = Command::new(exe);
-    cmd.arg("wal-fetch")
-        .arg("--archive")
-        .arg(&cfg.archive)
-        .arg("--prefetch")
-        .arg(cfg.depth.to_string())
-        .arg("--prefetch-jobs")
-        .arg(cfg.jobs.to_string())
-        .arg("--prefetch-dir")
-        .arg(&dir)
-        .arg("--prefetch-worker")
-        .arg("--")
-        .arg(name)
-        .arg(dest)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
+    let mut cmd = worker_command(std::env::current_exe()?, cfg, name, dest);
     // SAFETY: setsid is async-signal-safe; nothing else runs between fork and exec.
     unsafe {
         cmd.pre_exec(|| {
@@ -761,6 +748,32 @@ fn spawn_worker(cfg: &PrefetchConfig, name: &str, dest: &Path) -> io::Result<u32
     }
     let child = cmd.spawn()?;
     Ok(child.id())
+}
+
+/// The worker's command line (`exe` and its arguments; stdio on /dev/null): the call's archive, depth, downloads at once (decided here, with
+/// the defaults), cache directory and `--memory-limit` (its batch sizes follow that plan).
+pub fn worker_command(exe: PathBuf, cfg: &PrefetchConfig, name: &str, dest: &Path) -> Command {
+    let dir = fs::canonicalize(&cfg.dir).unwrap_or_else(|_| cfg.dir.clone());
+    let mut cmd = Command::new(exe);
+    cmd.arg("wal-fetch")
+        .arg("--archive")
+        .arg(&cfg.archive)
+        .arg("--prefetch")
+        .arg(cfg.depth.to_string())
+        .arg("--prefetch-jobs")
+        .arg(cfg.jobs.to_string())
+        .arg("--prefetch-dir")
+        .arg(&dir)
+        .arg("--memory-limit")
+        .arg(cfg.memory_limit.to_string())
+        .arg("--prefetch-worker")
+        .arg("--")
+        .arg(name)
+        .arg(dest)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    cmd
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1293,6 +1306,9 @@ async fn worker(cfg: &PrefetchConfig, start: &str, log: &WorkerLog) -> Result<St
 mod tests {
     use super::*;
 
+    /// The default `--memory-limit`.
+    const MB32: u64 = crate::archive::memory::DEFAULT_LIMIT;
+
     fn touch(dir: &Path, name: &str, len: usize) {
         fs::write(dir.join(name), vec![0u8; len]).unwrap();
     }
@@ -1345,17 +1361,61 @@ mod tests {
         );
         // S3 at the default 32MB plan: 2 downloads at once (the worker ran 2 before too; the
         // cap now sits with the defaults), a local archive 4; an explicit value wins.
-        let c = PrefetchConfig::new("s3://b/p", Path::new("/x/pg_wal/D"), None, None, None);
+        let c = PrefetchConfig::new("s3://b/p", Path::new("/x/pg_wal/D"), None, None, None, MB32);
         assert_eq!((c.depth, c.jobs), (8, 2));
         assert_eq!(c.dir, PathBuf::from("/x/pg_wal/.walagent-prefetch"));
-        let c = PrefetchConfig::new("/a", Path::new("D"), None, None, None);
+        let c = PrefetchConfig::new("/a", Path::new("D"), None, None, None, MB32);
         assert_eq!((c.depth, c.jobs), (8, 4));
-        let c = PrefetchConfig::new("s3://b/p", Path::new("D"), None, None, Some(4));
+        let c = PrefetchConfig::new("s3://b/p", Path::new("D"), None, None, Some(4), MB32);
         assert_eq!(c.jobs, 4);
-        let c = PrefetchConfig::new("/a", Path::new("D"), Some(2), Some("/c".into()), None);
+        let c = PrefetchConfig::new("/a", Path::new("D"), Some(2), Some("/c".into()), None, MB32);
         assert_eq!((c.depth, c.jobs, c.dir), (2, 2, PathBuf::from("/c")));
-        let c = PrefetchConfig::new("/a", Path::new("D"), Some(16), None, Some(9));
+        let c = PrefetchConfig::new("/a", Path::new("D"), Some(16), None, Some(9), MB32);
         assert_eq!(c.jobs, 9);
+    }
+
+    #[test]
+    fn downloads_follow_the_memory_limit() {
+        const MIB: u64 = 1 << 20;
+        let jobs = |archive: &str, limit: u64, jobs: Option<u32>| {
+            let c = PrefetchConfig::new(archive, Path::new("D"), None, None, jobs, limit);
+            assert_eq!(c.memory_limit, limit);
+            c.jobs
+        };
+        // S3: 2 at once at 32MB (the S3 baseline leaves 12 MiB), 3 at 36MB, the default cap
+        // (4) from 40MB; below the S3 minimum the smallest plan (1).
+        assert_eq!(jobs("s3://b/p", 32 * MIB, None), 2);
+        assert_eq!(jobs("s3://b/p", 36 * MIB, None), 3);
+        assert!(jobs("s3://b/p", 64 * MIB, None) > jobs("s3://b/p", 32 * MIB, None));
+        assert_eq!(jobs("s3://b/p", 64 * MIB, None), DEFAULT_JOBS);
+        assert_eq!(jobs("s3://b/p", 26 * MIB, None), 1);
+        // A local archive: the default cap already at 32MB, 2 at the minimum.
+        assert_eq!(jobs("/a", 32 * MIB, None), DEFAULT_JOBS);
+        assert_eq!(jobs("/a", 26 * MIB, None), 2);
+        // An explicit --prefetch-jobs wins over the plan (within --prefetch).
+        assert_eq!(jobs("s3://b/p", 26 * MIB, Some(6)), 6);
+        assert_eq!(jobs("s3://b/p", 256 * MIB, Some(1)), 1);
+    }
+
+    /// The worker gets the call's `--memory-limit` (and parses it back: `cli::resolve`'s tests).
+    #[test]
+    fn the_worker_gets_the_memory_limit() {
+        for limit in [MB32, 64 << 20] {
+            let cfg = PrefetchConfig::new("s3://b/p", Path::new("D"), None, None, None, limit);
+            let cmd = worker_command(
+                "walagent".into(),
+                &cfg,
+                "000000010000000000000003",
+                Path::new("D"),
+            );
+            let args: Vec<String> = cmd
+                .get_args()
+                .map(|a| a.to_string_lossy().into_owned())
+                .collect();
+            let at = args.iter().position(|a| a == "--memory-limit").unwrap();
+            assert_eq!(args.get(at + 1), Some(&limit.to_string()), "{args:?}");
+            assert!(at < args.iter().position(|a| a == "--").unwrap());
+        }
     }
 
     #[test]
@@ -1485,7 +1545,7 @@ mod tests {
         let t = tempfile::tempdir().unwrap();
         let pg_wal = t.path();
         let dest = pg_wal.join("RECOVERYXLOG");
-        let cfg = PrefetchConfig::new("/arch", &dest, Some(2), None, None);
+        let cfg = PrefetchConfig::new("/arch", &dest, Some(2), None, None, MB32);
         let p = Prefetcher::for_request(&cfg, "00000001000000000000000a").unwrap();
         assert_eq!(p.name(), "00000001000000000000000A");
         assert!(Prefetcher::for_request(&cfg, "00000001.history").is_none());
@@ -1519,7 +1579,7 @@ mod tests {
         // an archive that has the object: served while it is the one recorded
         let arch = pg_wal.join("arch");
         fs::create_dir_all(arch.join("wal")).unwrap();
-        let cfg2 = PrefetchConfig::new(arch.to_str().unwrap(), &dest, Some(2), None, None);
+        let cfg2 = PrefetchConfig::new(arch.to_str().unwrap(), &dest, Some(2), None, None, MB32);
         let p2 = Prefetcher::for_request(&cfg2, p.name()).unwrap();
         let obj = arch.join(&key);
         fs::write(&obj, b"zstd bytes").unwrap();
@@ -1573,7 +1633,7 @@ mod tests {
         );
         // The identity of the cached file itself: served while it is the file recorded, not
         // once another file took its name (S3: no object to check).
-        let cfg3 = PrefetchConfig::new("s3://b/p", &dest, Some(2), None, None);
+        let cfg3 = PrefetchConfig::new("s3://b/p", &dest, Some(2), None, None, MB32);
         let p3 = Prefetcher::for_request(&cfg3, p.name()).unwrap();
         let record_file = |cached: &Path| {
             let m = fs::symlink_metadata(cached).unwrap();
@@ -1631,7 +1691,7 @@ mod tests {
         assert!(!p.serve(&dest).await);
         assert!(!cache.join(p.name()).exists());
         // off
-        let off = PrefetchConfig::new("/arch", &dest, Some(0), None, None);
+        let off = PrefetchConfig::new("/arch", &dest, Some(0), None, None, MB32);
         assert!(Prefetcher::for_request(&off, "00000001000000000000000A").is_none());
     }
 }

@@ -553,6 +553,7 @@ async fn stream_to_file(
     key: String,
     archive: String,
 ) -> Result<Finished, FetchError> {
+    let batch_size = stream_batch(&archive);
     let (tx, rx) = tokio::sync::mpsc::channel::<Vec<Bytes>>(STREAM_QUEUE);
     let task = tokio::task::spawn_blocking(move || {
         let input = ChannelReader {
@@ -584,7 +585,7 @@ async fn stream_to_file(
                 batch.push(c);
             }
         }
-        if !batch.is_empty() && (end || batch_len >= STREAM_BATCH) {
+        if !batch.is_empty() && (end || batch_len >= batch_size) {
             let full = std::mem::take(&mut batch);
             batch_len = 0;
             // Once the decoder has stopped (it failed), the rest is still read for the
@@ -607,9 +608,13 @@ async fn stream_to_file(
     res
 }
 
-/// What [`stream_to_file`] hands to the decoder thread at once (256 KiB: with a batch filling, one
-/// queued and one being decoded, each download holds three; see `PREFETCH_DOWNLOAD`).
-const STREAM_BATCH: usize = 1 << 18;
+/// What [`stream_to_file`] hands to the decoder thread at once: the memory plan's batch for the
+/// archive's kind (`--memory-limit`; 256 KiB at 32MB: with a batch filling, one queued and one
+/// being decoded, each download holds three; see `archive::memory::prefetch_download_bytes`).
+fn stream_batch(archive: &str) -> usize {
+    use crate::archive::memory;
+    memory::plan_for(memory::ArchiveKind::of(archive)).prefetch_batch
+}
 /// Batches queued for the decoder thread at most (bounds the memory of a download to a few MiB
 /// when the decoder is slower than the network or disk; with several prefetch downloads at once
 /// each queued MiB counts several times: `archive::memory::PREFETCH_DOWNLOAD`).
