@@ -175,6 +175,18 @@ fn backup_beside_stream(
 
 /// Every segment's objects are what they were before the backup's end: the stream's `.zst`
 /// only (no raw copy, no overwrite).
+/// The backup met the stream's objects holding the same WAL: success, no conflict, and the
+/// stream's objects are as they were.
+fn assert_same_wal_accepted(out: &Output, archive: &Archive, names: &[String], before: &[Objects]) {
+    assert_ok(out);
+    assert!(
+        !stderr_of(out).contains("different content"),
+        "{}",
+        stderr_of(out)
+    );
+    assert_unchanged(archive, names, before);
+}
+
 fn assert_unchanged(archive: &Archive, names: &[String], before: &[Objects]) {
     for (n, b) in names.iter().zip(before) {
         assert_eq!(
@@ -207,13 +219,7 @@ fn backup_beside_a_stream_compares_the_streams_other_level_in_a_local_archive() 
 
     // The same WAL at another level: the backup succeeds and keeps the stream's objects.
     let (out, names, before) = backup_beside_stream(&pg, &archive, Tamper::None);
-    assert_ok(&out);
-    assert!(
-        !stderr_of(&out).contains("different content"),
-        "{}",
-        stderr_of(&out)
-    );
-    assert_unchanged(&archive, &names, &before);
+    assert_same_wal_accepted(&out, &archive, &names, &before);
     for n in &names {
         // The WAL is the server's (decompressed, the stream's level-19 object).
         let got = support::read_archived_segment(&dir.join("archive"), n);
@@ -266,12 +272,6 @@ fn backup_beside_a_stream_compares_the_streams_other_level_on_s3() {
     };
     let stream = start_stream(&pg, &archive, &dir.join("spool"));
     let (out, names, before) = backup_beside_stream(&pg, &archive, Tamper::None);
-    assert_ok(&out);
-    assert!(
-        !stderr_of(&out).contains("different content"),
-        "{}",
-        stderr_of(&out)
-    );
-    assert_unchanged(&archive, &names, &before);
+    assert_same_wal_accepted(&out, &archive, &names, &before);
     stop_stream(stream);
 }

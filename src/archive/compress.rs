@@ -247,8 +247,8 @@ pub fn compress_streaming(
     Ok(written)
 }
 
-/// Reads until `buf` is full or the end of `input`; returns the bytes read.
-fn read_full(input: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
+/// Reads until `buf` is full or the end of `input`; returns the bytes read (short only at EOF).
+pub(crate) fn read_full(input: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
     let mut got = 0;
     while got < buf.len() {
         match input.read(&mut buf[got..]) {

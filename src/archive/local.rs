@@ -7,7 +7,7 @@
 
 use std::collections::HashSet;
 use std::fs::{self, DirBuilder, File, OpenOptions};
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -16,7 +16,7 @@ use std::sync::{Mutex, OnceLock};
 use async_trait::async_trait;
 use bytes::Bytes;
 
-use super::compress::create_private;
+use super::compress::{create_private, read_full};
 use super::layout::{validate_key, WAL_PREFIX};
 use super::{ObjectInfo, ObjectReader, ObjectWriter, PutMode, Store, StoreError};
 
@@ -589,20 +589,6 @@ fn rename_noreplace(_from: &Path, _to: &Path) -> io::Result<()> {
         io::ErrorKind::Unsupported,
         "no atomic no-replace rename on this platform",
     ))
-}
-
-/// Fills `buf` as far as the reader allows; returns the count (short only at EOF).
-fn read_full(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
-    let mut n = 0;
-    while n < buf.len() {
-        match r.read(&mut buf[n..]) {
-            Ok(0) => break,
-            Ok(k) => n += k,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(n)
 }
 
 /// Streams both files and compares them chunk by chunk.
