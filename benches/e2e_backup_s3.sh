@@ -52,13 +52,7 @@ if [[ ! -x $WALAGENT ]]; then
   (cd "$ROOT" && cargo build --release --locked --quiet)
 fi
 
-# Only ever remove a folder this script created (marker file).
-if [[ -e $DIR ]]; then
-  [[ -f $DIR/.e2e_backup_s3_bench || -z $(ls -A "$DIR") ]] || die "$DIR exists and was not made by this script"
-  rm -rf "$DIR"
-fi
-mkdir -p "$DIR"; touch "$DIR/.e2e_backup_s3_bench"
-[[ $(id -u) == 0 ]] && chown postgres: "$DIR"
+fresh_bench_dir "$DIR" .e2e_backup_s3_bench
 PGDATA=$DIR/data
 S3_ROOT=$DIR/s3
 CONF=$DIR/pgbackrest.conf

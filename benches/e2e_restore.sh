@@ -125,13 +125,7 @@ if [[ ! -x $WALAGENT ]]; then
   (cd "$ROOT" && cargo build --release --locked --quiet)
 fi
 
-# Only ever remove a folder this script created (marker file), never an arbitrary BENCH_DIR.
-if [[ -e $DIR ]]; then
-  [[ -f $DIR/.e2e_restore_bench || -z $(ls -A "$DIR") ]] || die "$DIR exists and was not made by this script"
-  rm -rf "$DIR"
-fi
-mkdir -p "$DIR"; touch "$DIR/.e2e_restore_bench"
-[[ $(id -u) == 0 ]] && chown postgres: "$DIR"
+fresh_bench_dir "$DIR" .e2e_restore_bench
 # restore_command runs as the server's OS user: it needs a walagent binary it can execute.
 if ! as_pg test -x "$WALAGENT"; then
   mkdir -p "$DIR/bin"; cp "$WALAGENT" "$DIR/bin/walagent"; chmod 755 "$DIR/bin" "$DIR/bin/walagent"

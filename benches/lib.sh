@@ -8,6 +8,18 @@ die() { log "ERROR: $*"; exit 1; }
 # Runs a command as the `postgres` OS user when we are root (initdb and postgres refuse root).
 as_pg() { if [[ $(id -u) == 0 ]]; then (cd / && runuser -u postgres -- "$@"); else "$@"; fi; }
 
+# Makes DIR anew for a script whose marker file is DIR/MARKER: only ever removes a folder that
+# script created (or an empty one), never an arbitrary BENCH_DIR; owned by `postgres` as root.
+fresh_bench_dir() {
+  local dir=$1 marker=$2
+  if [[ -e $dir ]]; then
+    [[ -f $dir/$marker || -z $(ls -A "$dir") ]] || die "$dir exists and was not made by this script"
+    rm -rf "$dir"
+  fi
+  mkdir -p "$dir"; touch "$dir/$marker"
+  if [[ $(id -u) == 0 ]]; then chown postgres: "$dir"; fi
+}
+
 port_open() { (echo >"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
 # Median of numbers separated by spaces or newlines on stdin.

@@ -54,12 +54,7 @@ if [[ ! -x $WALAGENT ]]; then
 fi
 WALAGENT=$(realpath "$WALAGENT")
 
-if [[ -e $DIR ]]; then
-  [[ -f $DIR/.memory_bench || -z $(ls -A "$DIR") ]] || die "$DIR exists and was not made by this script"
-  rm -rf "$DIR"
-fi
-mkdir -p "$DIR"; touch "$DIR/.memory_bench"
-[[ $(id -u) == 0 ]] && chown postgres: "$DIR"
+fresh_bench_dir "$DIR" .memory_bench
 PGDATA=$DIR/data
 S3_ROOT=$DIR/s3
 S3_PID='' PG_STARTED=0 SAMPLER=''

@@ -67,13 +67,7 @@ if [[ ! -x $WALAGENT ]]; then
   (cd "$ROOT" && cargo build --release --locked --quiet)
 fi
 
-# Only ever remove a folder this script created (marker file).
-if [[ -e $DIR ]]; then
-  [[ -f $DIR/.wal_fetch_bench || -z $(ls -A "$DIR") ]] || die "$DIR exists and was not made by this script"
-  rm -rf "$DIR"
-fi
-mkdir -p "$DIR"; touch "$DIR/.wal_fetch_bench"
-[[ $(id -u) == 0 ]] && chown postgres: "$DIR"
+fresh_bench_dir "$DIR" .wal_fetch_bench
 PGDATA=$DIR/data
 S3_ROOT=$DIR/s3
 S3_PID='' PG_STARTED=0
